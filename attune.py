@@ -133,10 +133,6 @@ class ServerError(ApiError):
     exit_code = 6
 
 
-class RefreshRejected(Exception):
-    """Internal: the server refused a refresh token (400/401/403/422)."""
-
-
 def session_expired(profile):
     return AuthRequired("Session for profile '%s' has expired; run: attune auth login --profile %s"
                         % (profile, profile))
@@ -236,9 +232,9 @@ def secret_key(key):
 
 
 def redact(value):
-    """A copy of JSON-shaped data with every token/password/secret field masked."""
+    """A copy of JSON-shaped data with every token/password/secret string masked."""
     if isinstance(value, dict):
-        return {k: ("***" if secret_key(k) and v is not None else redact(v)) for k, v in value.items()}
+        return {k: ("***" if secret_key(k) and isinstance(v, str) else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
@@ -1047,14 +1043,15 @@ class Session:
             if stored.invalidated_at or not stored.refresh_usable(now):
                 raise session_expired(name)
             store.check_writable()
-            try:
-                pair = self._post_refresh(stored)
-            except RefreshRejected as rejected:
+            pair = self._post_refresh(stored)
+            if pair is None:  # rejected; an unlocked writer may have stored new tokens meanwhile
                 again = self.stored_credentials()
-                if again.access and not again.same_tokens(stored):
+                if again.access and again.access != stored.access:
                     self.creds = again
                     return
-                self.ctx.log("refresh token rejected: %s" % rejected)
+                if again.refresh and again.refresh != stored.refresh:
+                    pair = self._post_refresh(again)
+            if pair is None:
                 store.modify_locked(lambda doc: self._mark_invalidated(doc, now))
                 raise session_expired(name)
             store.modify_locked(lambda doc: self._store_pair(doc, pair))
@@ -1081,19 +1078,21 @@ class Session:
         c = self.creds
         if not c.refresh_usable(self.ctx.now()):
             raise self.expired_error()
-        try:
-            pair = self._post_refresh(c)
-        except RefreshRejected as e:
-            raise AuthRequired("the refresh token in ATTUNE_REFRESH_TOKEN was rejected: %s" % e)
+        pair = self._post_refresh(c)
+        if pair is None:
+            raise AuthRequired("the refresh token in ATTUNE_REFRESH_TOKEN was rejected by the server")
         self.creds = Credentials(pair["auth_token"], pair["refresh_token"], pair["auth_token_expires_at"],
                                  pair["refresh_token_expires_at"], c.source, c.origin)
 
     def _post_refresh(self, creds):
+        """POST /auth/refresh: the new tokens, or None when the server rejects the refresh
+        token (400/401/403/422). Network and 5xx failures raise and change nothing."""
         sent_at = self.ctx.now()
         body = json.dumps({"refresh_token": creds.refresh}).encode("utf-8")
         resp = self.transport.request("POST", self.url("/auth/refresh"), body)
         if resp.status in (400, 401, 403, 422):
-            raise RefreshRejected(error_message(resp))
+            self.ctx.log("refresh token rejected: %s" % error_message(resp))
+            return None
         if not resp.ok:
             raise api_error(resp)
         try:
@@ -1589,9 +1588,12 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
 
     def table():
         ctx.success("Successfully logged in as %s" % (username or "token user"))
-        ctx.info("Profile '%s' at %s; token %s" % (
-            target, url, "lifetime unknown" if expires_at is None else
-            "expires in %s (%d seconds)" % (format_duration(expires_in), expires_in)))
+        if expires_in is None:
+            lifetime = "lifetime unknown"
+        else:
+            lifetime = "expires in " + format_duration(expires_in)
+            lifetime += " (%d seconds)" % expires_in if expires_in >= 60 else ""
+        ctx.info("Profile '%s' at %s; token %s" % (target, url, lifetime))
     ctx.emit(result, table)
 
 
@@ -2112,7 +2114,9 @@ def main(argv=None, environ=None, clock=None):
     try:
         args = build_parser().parse_args(argv)
         ctx = Context(args, env, clock)
-        return args.func(ctx, args) or 0
+        code = args.func(ctx, args) or 0
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
+        return code
     except AttuneError as e:
         sys.stdout.flush()
         write_text(sys.stderr, "attune: error: %s\n" % e)

@@ -6,6 +6,7 @@
     python3 test_attune.py serve [--port N] [--access-ttl S] [--refresh-mode M]
                                              the embedded sandbox (user admin, password admin)
     python3 test_attune.py demo              scripted walk-through against the sandbox (make demo)
+    python3 test_attune.py interpreters      the interpreters test-all and lint use
 
 Stdlib unittest only. Most tests call attune.main(argv) in process against a
 FakeAttune on 127.0.0.1:0; the ProcessTests run attune.py as real processes
@@ -639,8 +640,8 @@ class AttuneTestCase(unittest.TestCase):
         result = self.run_cli(*argv, **kwargs)
         self.assertEqual(result.code, code, result)
         self.assertNotIn("Traceback", result.err)
-        if code:
-            self.assertTrue(result.err.startswith("attune: ") or "usage:" in result.err, result)
+        if result.err:  # errors have one format; `auth status` reports on stdout instead
+            self.assertTrue(result.err.startswith(("attune: ", "usage: ")), result)
         return result
 
     # -- the credential file -------------------------------------------------
@@ -853,10 +854,10 @@ class MessageTests(unittest.TestCase):
             self.assertEqual(attune.api_error(self.response(status, "{}")).exit_code, code, status)
 
     def test_redaction(self):
-        body = {"login": "a", "password": "p", "data": [{"access_token": "t", "refresh_token": "r",
-                                                          "expires_in": 5, "token_type": "Bearer"}]}
+        body = {"login": "a", "password": "p", "can_change_password": True, "refresh_token": None,
+                "data": [{"access_token": "t", "refresh_token": "r", "expires_in": 5, "token_type": "Bearer"}]}
         self.assertEqual(attune.redact(body), {
-            "login": "a", "password": "***",
+            "login": "a", "password": "***", "can_change_password": True, "refresh_token": None,
             "data": [{"access_token": "***", "refresh_token": "***", "expires_in": 5,
                       "token_type": "***"}]})
 
@@ -1301,5 +1302,1024 @@ class PrecedenceTests(AttuneTestCase):
         self.assertIn("Login:", self.ok("auth", "whoami", "--output", "table").out)
 
 
+
+# === Tests: token lifecycle ==================================================
+
+def session_for(test, *argv, env=None):
+    """A Session built the way main() builds one, for tests below the command level."""
+    args = attune.build_parser().parse_args(list(argv) + ["auth", "whoami"])
+    return attune.Session(attune.Context(args, test.environ(env)))
+
+
+class TokenLifecycleTests(AttuneTestCase):
+    def refreshes(self):
+        return self.server.count("POST", "/auth/refresh")
+
+    def test_a_valid_token_costs_one_request(self):
+        self.seed()
+        self.ok("auth", "whoami")
+        self.assertEqual(self.server.log(), ["GET /auth/me"])
+
+    def test_a_known_expired_token_costs_two_requests(self):
+        old = self.seed(access_left=-100)
+        self.ok("auth", "whoami")
+        self.assertEqual(self.server.log(), ["POST /auth/refresh", "GET /auth/me"])
+        refresh_call = self.server.requests[0]
+        self.assertEqual(refresh_call.json(), {"refresh_token": old["refresh_token"]})
+        self.assertNotIn("Authorization", refresh_call.headers)
+        new = self.profile()
+        self.assertNotEqual(new["auth_token"], old["auth_token"])
+        self.assertEqual(self.server.requests[1].token, new["auth_token"])
+        self.assertIsNone(new["invalidated_at"])
+
+    def test_a_revoked_token_costs_three_requests(self):
+        old = self.seed()
+        self.server.revoked.add(old["auth_token"])
+        self.ok("auth", "whoami")
+        self.assertEqual(self.server.log(), ["GET /auth/me", "POST /auth/refresh", "GET /auth/me"])
+        self.assertEqual(self.server.requests[2].token, self.profile()["auth_token"])
+
+    def test_proactive_refresh_at_ten_percent_of_the_lifetime(self):
+        self.seed(access_left=3000, access_ttl=3600)  # margin 300 s
+        start = time.time()
+        self.ok("auth", "whoami", clock=lambda: start + 2695)  # 305 s left
+        self.assertEqual(self.refreshes(), 0)
+        self.ok("auth", "whoami", clock=lambda: start + 2705)  # 295 s left
+        self.assertEqual(self.refreshes(), 1)
+
+    def test_the_margin_is_at_least_30_seconds(self):
+        self.seed(access_left=100, access_ttl=100)
+        start = time.time()
+        self.ok("auth", "whoami", clock=lambda: start + 65)  # 35 s left
+        self.assertEqual(self.refreshes(), 0)
+        self.ok("auth", "whoami", clock=lambda: start + 75)  # 25 s left
+        self.assertEqual(self.refreshes(), 1)
+
+    def test_access_expiry_is_send_time_plus_expires_in_whatever_the_server_clock(self):
+        self.server.clock_offset = -7200  # the server's clock is two hours behind
+        before = time.time()
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url,
+                stdin=PASSWORD + "\n")
+        stored = self.profile()
+        self.assertLess(attune.jwt_expiry(stored["auth_token"]), before)  # by the JWT: long expired
+        self.assertGreaterEqual(stored["auth_token_expires_at"], int(before) + 3600 - 1)
+        self.assertLessEqual(stored["auth_token_expires_at"], time.time() + 3600)
+        self.ok("auth", "whoami")
+        self.assertEqual(self.refreshes(), 0)
+
+    def test_refresh_token_expiry_is_receipt_time_plus_its_lifetime(self):
+        self.server.clock_offset = 50000  # the server's clock is far ahead
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url,
+                stdin=PASSWORD + "\n")
+        expires = self.profile()["refresh_token_expires_at"]
+        self.assertAlmostEqual(expires, time.time() + 7 * 86400, delta=5)
+
+    def test_hand_seeded_tokens_use_the_jwt_exp(self):
+        self.seed(access_left=3000, store_expiry=False)
+        self.ok("auth", "whoami")
+        self.assertEqual(self.refreshes(), 0)
+        self.seed(access_left=-100, store_expiry=False)
+        self.ok("auth", "whoami")
+        self.assertEqual(self.refreshes(), 1)
+
+    def test_an_opaque_token_has_unknown_expiry_and_relies_on_the_401(self):
+        self.seed(store_expiry=False, auth_token="opaque-access-token")
+        self.extra_secrets = {"opaque-access-token"}
+        self.ok("auth", "whoami")
+        self.assertEqual(self.server.log(), ["GET /auth/me", "POST /auth/refresh", "GET /auth/me"])
+
+    def test_transient_refresh_failure_keeps_a_token_that_is_still_valid(self):
+        self.seed(access_left=200)  # inside the 300 s margin, but 200 s is plenty
+        self.server.fail("/auth/refresh", status=503, body={"error": "busy", "code": "X"})
+        before = self.snapshot()
+        result = self.ok("-v", "auth", "whoami")
+        self.assertIn("refresh failed", result.err)
+        self.assertEqual(self.server.log(), ["POST /auth/refresh", "GET /auth/me"])
+        self.assertEqual(self.snapshot()[0], before[0])
+
+    def test_transient_refresh_failure_with_little_left_exits_6_and_keeps_tokens(self):
+        self.seed(access_left=20)
+        self.server.fail("/auth/refresh", status=503, body={"error": "busy", "code": "X"})
+        before = self.snapshot()
+        self.fails(6, "auth", "whoami")
+        self.assertEqual(self.snapshot()[0], before[0])
+
+    def test_refresh_network_failure_exits_5_and_keeps_tokens(self):
+        self.seed(access_left=-100)
+        self.server.fail("/auth/refresh", drop=True)
+        before = self.snapshot()
+        self.fails(5, "auth", "whoami")
+        self.assertEqual(self.snapshot()[0], before[0])
+
+    def test_a_rejected_refresh_invalidates_the_session(self):
+        self.seed(access_left=-100)
+        self.server.fail("/auth/refresh", status=401,
+                         body={"error": "Invalid or expired refresh token", "code": "UNAUTHORIZED"})
+        result = self.fails(4, "auth", "whoami")
+        self.assertIn("Session for profile 'default' has expired; run: attune auth login --profile default",
+                      result.err)
+        self.assertAlmostEqual(self.profile()["invalidated_at"], time.time(), delta=5)
+        seen = self.server.count()
+        result = self.fails(4, "auth", "whoami")  # later runs fail at once, without network
+        self.assertIn("Session for profile 'default' has expired", result.err)
+        self.assertEqual(self.server.count(), seen)
+        self.fails(4, "auth", "status", "--offline")
+
+    def test_an_invalidated_profile_with_a_live_access_token_still_works(self):
+        self.seed(access_left=3000, invalidated_at=int(time.time()) - 10)
+        self.ok("auth", "whoami")
+        self.assertEqual(self.server.log(), ["GET /auth/me"])
+
+    def test_a_rejected_refresh_retries_with_a_refresh_token_stored_meanwhile(self):
+        self.seed(access_left=-100)
+        newer = self.server.mint("admin", "refresh")
+        self.server.fail("/auth/refresh", status=401, delay=0.3,
+                         body={"error": "Invalid or expired refresh token", "code": "UNAUTHORIZED"})
+
+        def unlocked_writer():  # another process that does not honour the lock
+            time.sleep(0.1)
+            doc = self.read_doc()
+            doc["profiles"]["default"]["refresh_token"] = newer
+            tmp = self.config + ".other"
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.config)
+
+        writer = threading.Thread(target=unlocked_writer)
+        writer.start()
+        self.ok("auth", "whoami")
+        writer.join()
+        refreshes = [r.json()["refresh_token"] for r in self.server.requests if r.path == "/auth/refresh"]
+        self.assertEqual(refreshes[1:], [newer])
+        self.assertIsNone(self.profile()["invalidated_at"])
+
+    def test_a_known_expired_refresh_token_is_never_sent(self):
+        self.seed(access_left=-100, refresh_left=-10)
+        result = self.fails(4, "auth", "whoami")
+        self.assertIn("Session for profile 'default' has expired", result.err)
+        self.assertEqual(self.server.count(), 0)
+
+    def test_403_is_never_a_refresh_trigger(self):
+        self.seed()
+        self.server.fail("/auth/me", status=403, body={"error": "Identity is frozen", "code": "FORBIDDEN"})
+        result = self.fails(1, "auth", "whoami")
+        self.assertIn("API error (403 Forbidden): Identity is frozen", result.err)
+        self.assertEqual(self.server.log(), ["GET /auth/me"])
+
+    def test_a_second_401_exits_4(self):
+        self.seed()
+        self.server.fail("/auth/me", status=401, times=2, body={"error": "Unauthorized", "code": "UNAUTHORIZED"})
+        result = self.fails(4, "auth", "whoami")
+        self.assertIn("rejected the refreshed token", result.err)
+        self.assertEqual(self.server.log(), ["GET /auth/me", "POST /auth/refresh", "GET /auth/me"])
+
+    def test_the_retry_after_a_401_sends_the_same_bytes(self):
+        old = self.seed()
+        self.server.revoked.add(old["auth_token"])
+        session = session_for(self)
+        resp = session.request("POST", "/packs", {"ref": "new", "label": "Ünï", "version": "1.0.0"})
+        self.assertEqual(resp.status, 201)
+        posts = [r for r in self.server.requests if r.path == "/api/v1/packs"]
+        self.assertEqual(len(posts), 2)
+        self.assertEqual(posts[0].body, posts[1].body)
+        self.assertEqual((posts[0].token, posts[1].token), (old["auth_token"], self.profile()["auth_token"]))
+
+    def test_compare_and_refresh_uses_a_token_another_process_stored(self):
+        self.seed(access_left=-100)
+        session = session_for(self)
+        other = self.seed(access_left=3000)  # "another process" refreshed meanwhile
+        session.refresh()
+        self.assertEqual(self.refreshes(), 0)
+        self.assertEqual(session.creds.access, other["auth_token"])
+
+    def test_at_most_one_proactive_refresh_per_run(self):
+        self.server.access_ttl = 20  # shorter than the 30 s minimum margin: always due
+        self.seed(access_left=20, access_ttl=20)
+        session = session_for(self)
+        session.token()
+        session.token()
+        self.assertEqual(self.refreshes(), 1)
+
+    def test_a_garbage_refresh_answer_leaves_the_tokens_alone(self):
+        self.seed(access_left=-100)
+        self.server.fail("/auth/refresh", status=200, body=b"<html>surprise</html>")
+        before = self.snapshot()
+        result = self.fails(1, "auth", "whoami")
+        self.assertIn("not understood", result.err)
+        self.assertEqual(self.snapshot()[0], before[0])
+
+    def test_a_server_without_refresh_rotation_keeps_the_old_refresh_token(self):
+        old = self.seed(access_left=-100)
+        access = self.server.mint("admin")
+        self.server.fail("/auth/refresh", status=200, body={"data": {
+            "access_token": access, "token_type": "Bearer", "expires_in": 3600}})
+        self.ok("auth", "whoami")
+        self.assertEqual((self.profile()["auth_token"], self.profile()["refresh_token"]),
+                         (access, old["refresh_token"]))
+
+    def test_single_use_server_rejects_a_reused_refresh_token(self):
+        self.server.refresh_mode = "single-use"
+        old = self.seed(access_left=-100)
+        self.ok("auth", "whoami")
+        doc = self.read_doc()
+        doc["profiles"]["default"].update(old)  # put the used pair back
+        self.write_doc(doc)
+        self.fails(4, "auth", "whoami")
+        self.assertEqual(self.refreshes(), 2)
+
+
+# === Tests: HTTP =============================================================
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpTests(AttuneTestCase):
+    def test_user_agent_and_accept(self):
+        self.seed()
+        self.ok("auth", "whoami")
+        headers = self.server.requests[0].headers
+        self.assertEqual(headers["User-Agent"], "attune.py/%s python/%d.%d"
+                         % ((attune.__version__,) + tuple(sys.version_info[:2])))
+        self.assertEqual(headers["Accept"], "application/json")
+
+    def test_a_read_timeout_exits_5(self):
+        self.seed()
+        self.server.fail("/auth/me", delay=2, status=200, body={})
+        result = self.fails(5, "auth", "whoami", env={"ATTUNE_TIMEOUT": "0.3"})
+        self.assertIn("no answer from", result.err)
+        self.assertIn("ATTUNE_TIMEOUT", result.err)
+
+    def test_connection_refused_exits_5(self):
+        token = self.server.mint("admin")
+        url = "http://127.0.0.1:%d" % free_port()
+        result = self.fails(5, "auth", "whoami", env={"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": url})
+        self.assertIn("connection refused", result.err)
+
+    def test_bad_timeout_setting_is_a_usage_error(self):
+        self.fails(2, "auth", "status", env={"ATTUNE_TIMEOUT": "soon"})
+
+    def test_get_is_retried_on_503_and_dropped_connections(self):
+        self.seed()
+        self.server.fail("/auth/me", status=503, body={"error": "busy", "code": "RETRYABLE_DATABASE_ERROR"})
+        self.server.fail("/auth/me", drop=True)
+        self.ok("auth", "whoami")
+        self.assertEqual(self.server.count("GET", "/auth/me"), 3)
+
+    def test_server_errors_after_the_retries_exit_6(self):
+        self.seed()
+        self.server.fail("/auth/me", status=502, times=None, headers={"Content-Type": "text/html"},
+                         body="<html><body><h1>502 Bad Gateway</h1></body></html>")
+        result = self.fails(6, "auth", "whoami")
+        self.assertIn("API error (502 Bad Gateway): <html><body><h1>502 Bad Gateway</h1>", result.err)
+        self.assertEqual(self.server.count("GET", "/auth/me"), 3)
+
+    def test_post_is_never_retried(self):
+        self.seed()
+        self.server.fail("/api/v1/packs", status=503, times=None, body={"error": "busy", "code": "X"})
+        resp = session_for(self).request("POST", "/packs", {"ref": "x", "label": "X", "version": "1"})
+        self.assertEqual(resp.status, 503)
+        self.assertEqual(self.server.count("POST", "/api/v1/packs"), 1)
+
+    def test_error_messages_from_both_shapes(self):
+        self.seed()
+        self.server.fail("/auth/me", status=404, body={"error": "Identity not found", "code": "NOT_FOUND"})
+        self.assertIn("API error (404 Not Found): Identity not found", self.fails(1, "auth", "whoami").err)
+        session = session_for(self)
+        resp = session.transport.request("GET", session.url("/packs"), token="bogus")
+        self.assertEqual(attune.error_message(resp), "Invalid authentication token")
+
+    def test_a_same_origin_redirect_keeps_the_token(self):
+        token = self.seed()["auth_token"]
+        self.server.fail("/auth/me", status=307, headers={"Location": "/auth/me?moved=1"})
+        self.ok("auth", "whoami")
+        self.assertEqual([r.token for r in self.server.requests], [token, token])
+        self.assertEqual(self.server.requests[1].target, "/auth/me?moved=1")
+
+    def test_a_redirect_to_another_origin_is_refused(self):
+        other = FakeAttune().start()
+        self.addCleanup(other.stop)
+        self.seed()
+        self.server.fail("/auth/me", status=302, headers={"Location": other.url + "/auth/me"})
+        result = self.fails(1, "auth", "whoami")
+        self.assertIn("redirect to another origin", result.err)
+        self.assertEqual(other.count(), 0)
+
+    def tls_server(self):
+        server = FakeAttune(tls=True).start()
+        self.addCleanup(server.stop)
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write(TEST_CA_PEM)
+        return server, ca
+
+    def test_an_https_to_http_redirect_is_refused(self):
+        tls, ca = self.tls_server()
+        self.seed(api_url=tls.url)
+        tls.fail("/auth/me", status=302, headers={"Location": self.server.url + "/auth/me"})
+        result = self.fails(1, "--ca-bundle", ca, "auth", "whoami")
+        self.assertIn("from https to http", result.err)
+        self.assertEqual(self.server.count(), 0)
+
+    def test_an_untrusted_certificate_exits_5_suggesting_ca_bundle(self):
+        tls, _ = self.tls_server()
+        self.seed(api_url=tls.url)
+        result = self.fails(5, "auth", "whoami")
+        self.assertIn("not trusted", result.err)
+        self.assertIn("--ca-bundle", result.err)
+
+    def test_a_ca_bundle_from_flag_environment_or_profile_is_trusted(self):
+        tls, ca = self.tls_server()
+        self.seed(api_url=tls.url)
+        self.ok("--ca-bundle", ca, "auth", "whoami")
+        self.ok("auth", "whoami", env={"ATTUNE_CA_BUNDLE": ca})
+        self.ok("config", "set", "ca_bundle", ca)
+        self.ok("auth", "whoami")
+        self.assertEqual(tls.count("GET", "/auth/me"), 3)
+        missing = self.fails(3, "--ca-bundle", os.path.join(self.tmp, "nope.pem"), "auth", "whoami")
+        self.assertIn("cannot load CA bundle", missing.err)
+
+    def test_insecure_connects_and_warns(self):
+        tls, _ = self.tls_server()
+        self.seed(api_url=tls.url)
+        result = self.ok("--insecure", "auth", "whoami")
+        self.assertIn("--insecure", result.err)
+
+    def test_proxies_come_from_the_environment(self):
+        token = self.server.mint("admin")
+        env = {"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": "http://attune.invalid:8080",
+               "HTTP_PROXY": self.server.url}
+        self.ok("auth", "whoami", env=env)
+        self.assertEqual(self.server.requests[-1].target, "http://attune.invalid:8080/auth/me")
+        self.assertEqual(self.server.requests[-1].token, token)
+        env["NO_PROXY"] = "localhost,.invalid"
+        self.assertIn("cannot resolve", self.fails(5, "auth", "whoami", env=env).err)
+
+    def test_verbose_logs_redact_the_authorization_header_and_token_fields(self):
+        self.seed(access_left=-100)
+        result = self.ok("-v", "auth", "whoami")
+        self.assertIn("> POST %s/auth/refresh" % self.server.url, result.err)
+        self.assertIn('{"refresh_token": "***"}', result.err)
+        self.assertIn('"access_token": "***"', result.err)
+        self.assertIn("> Authorization: Bearer ***", result.err)
+        self.assertIn("< 200 OK", result.err)
+
+
+# === Tests: auth commands ====================================================
+
+class AuthCommandTests(AttuneTestCase):
+    def login(self, *extra, stdin=PASSWORD + "\n", env=None):
+        return self.run_cli("auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url,
+                            *extra, stdin=stdin, env=env)
+
+    def test_login_reads_settings_then_logs_in_and_stores_the_session(self):
+        before = time.time()
+        result = self.login()
+        self.assertEqual(result.code, 0, result)
+        lines = result.out.splitlines()
+        self.assertEqual(lines[0], "✓ Successfully logged in as admin")
+        self.assertRegex(lines[1], r"^ℹ Profile 'default' at http://127\.0\.0\.1:\d+; token expires in "
+                                   r"(1h|59m 5\ds) \((3600|359\d) seconds\)$")
+        self.assertEqual(self.server.log(), ["GET /auth/settings", "POST /auth/login"])
+        self.assertEqual(self.server.requests[1].json(), {"login": "admin", "password": PASSWORD})
+        doc = self.read_doc()
+        self.assertEqual(doc["current_profile"], "default")
+        stored = doc["profiles"]["default"]
+        self.assertEqual((stored["api_url"], stored["username"], stored["auth_method"]),
+                         (self.server.url, "admin", "password"))
+        self.assertIn(stored["auth_token"], self.server.issued)
+        self.assertIn(stored["refresh_token"], self.server.issued)
+        self.assertGreaterEqual(stored["auth_token_expires_at"], int(before) + 3600)
+        self.assertIsNone(stored["invalidated_at"])
+
+    def test_login_json_never_holds_tokens(self):
+        result = self.login("-j")
+        data = result.json()
+        self.assertEqual(sorted(data), ["api_url", "expires_at", "expires_in", "profile", "username"])
+        self.assertEqual((data["profile"], data["username"]), ("default", "admin"))
+        self.assertIn(data["expires_in"], (3599, 3600))
+
+    def test_the_first_profile_created_becomes_current(self):
+        self.assertEqual(self.login("--save-profile", "prod").code, 0)
+        self.assertEqual(self.login("--save-profile", "dev").code, 0)
+        doc = self.read_doc()
+        self.assertEqual(doc["current_profile"], "prod")
+        self.assertEqual(sorted(doc["profiles"]), ["dev", "prod"])
+
+    def test_login_to_a_named_profile_creates_it(self):
+        self.assertEqual(self.run_cli("-p", "new", "auth", "login", "-u", "admin", "--password-stdin",
+                                      "--url", self.server.url, stdin=PASSWORD).code, 0)
+        self.assertIn("new", self.read_doc()["profiles"])
+
+    def test_login_uses_ldap_when_local_passwords_are_off(self):
+        self.server.settings.update(local_password_enabled=False, ldap_enabled=True)
+        self.ok("auth", "login", "-u", "ldapuser", "--password-stdin", "--url", self.server.url,
+                stdin="ldap-pass\n")
+        self.assertEqual(self.server.log(), ["GET /auth/settings", "POST /auth/ldap/login"])
+        self.assertEqual(self.profile()["auth_method"], "ldap")
+
+    def test_login_falls_back_to_local_login_when_settings_fail(self):
+        self.server.fail("/auth/settings", status=500, body={"error": "boom", "code": "INTERNAL_SERVER_ERROR"})
+        self.assertEqual(self.login().code, 0)
+        self.assertEqual(self.server.log(), ["GET /auth/settings", "POST /auth/login"])
+
+    def test_wrong_password_exits_4_with_the_server_message(self):
+        result = self.login(stdin="wrong-password\n")
+        self.assertEqual(result.code, 4, result)
+        self.assertIn("Invalid login or password", result.err)
+        self.assertFalse(os.path.exists(self.config))
+        self.extra_secrets = {"wrong-password"}
+        self.assert_no_leak(result)
+
+    def test_password_sources(self):
+        base = ("auth", "login", "-u", "admin", "--url", self.server.url)
+        self.ok(*base, env={"ATTUNE_PASSWORD": PASSWORD})
+        result = self.ok(*(base + ("--password", PASSWORD)))
+        self.assertIn("process list", result.err)
+        result = self.fails(2, *base)
+        self.assertIn("--password-stdin", result.err)
+        self.assertIn("ATTUNE_PASSWORD", result.err)
+        self.fails(2, *(base + ("--password-stdin", "--password", PASSWORD)), stdin=PASSWORD)
+        self.fails(2, *(base + ("--password-stdin",)), stdin="")
+
+    def test_username_defaults_to_the_stored_one(self):
+        self.assertEqual(self.login().code, 0)
+        self.ok("auth", "login", "--password-stdin", stdin=PASSWORD)
+        self.assertEqual(self.server.requests[-1].json()["login"], "admin")
+        result = self.fails(2, "auth", "login", "--save-profile", "fresh", "--password-stdin", stdin=PASSWORD)
+        self.assertIn("-u/--username", result.err)
+
+    def test_login_warns_when_an_environment_token_takes_precedence(self):
+        result = self.login(env={"ATTUNE_API_TOKEN": "x"})
+        self.assertIn("ATTUNE_API_TOKEN is set and takes precedence", result.err)
+
+    def test_token_login(self):
+        self.ok("auth", "token-login", "--token-stdin", "--url", self.server.url, stdin="attune_it_testtoken\n")
+        self.assertEqual(self.server.requests[-1].json(), {"token": "attune_it_testtoken"})
+        self.assertEqual((self.profile()["auth_method"], self.profile()["username"]), ("token", "admin"))
+        result = self.fails(4, "auth", "token-login", "--token-stdin", stdin="attune_it_wrong\n")
+        self.assertIn("Invalid token", result.err)
+        self.assertIn("process list", self.ok("auth", "token-login", "--token", "attune_it_testtoken").err)
+        self.fails(2, "auth", "token-login")
+
+    def test_logout_forgets_tokens_and_keeps_the_rest(self):
+        self.seed(team_note="keep")
+        result = self.ok("auth", "logout")
+        self.assertEqual(result.out, "✓ Successfully logged out (profile 'default')\n")
+        stored = self.profile()
+        for key in attune.TOKEN_KEYS:
+            self.assertNotIn(key, stored)
+        self.assertEqual((stored["api_url"], stored["team_note"]), (self.server.url, "keep"))
+        self.assertEqual(self.server.count(), 0)
+        self.assertEqual(self.ok("auth", "logout", "-j").json()["message"], "Successfully logged out")
+
+    def test_logout_all(self):
+        self.seed("a")
+        self.seed("b")
+        self.ok("auth", "logout", "--all")
+        self.assertFalse(any("auth_token" in p for p in self.read_doc()["profiles"].values()))
+
+    def test_logout_without_a_file_creates_nothing(self):
+        self.ok("auth", "logout")
+        self.assertFalse(os.path.exists(os.path.dirname(self.config)))
+
+    def test_whoami(self):
+        self.seed()
+        out = self.ok("auth", "whoami").out
+        self.assertEqual(out.splitlines(), [
+            "Current Identity", "────────────────", "Login:         admin",
+            "Display Name:  Administrator", "ID:            1", "API Host:      " + self.server.url])
+        data = self.ok("auth", "whoami", "-j").json()
+        self.assertEqual((data["id"], data["login"], data["display_name"]), (1, "admin", "Administrator"))
+
+    def test_whoami_when_not_logged_in_exits_4_without_network(self):
+        result = self.fails(4, "auth", "whoami", env={"ATTUNE_API_URL": self.server.url})
+        self.assertEqual(result.err, "attune: error: Not logged in. Use 'attune auth login'\n")
+        self.assertEqual(self.server.count(), 0)
+
+    def test_status_offline_and_online(self):
+        self.seed()
+        offline = self.ok("auth", "status", "--offline")
+        self.assertEqual(self.server.count(), 0)
+        self.assertIn("Profile: default (current)", offline.out)
+        self.assertIn("Token source:   credential file, profile 'default'", offline.out)
+        self.assertRegex(offline.out, r"Access token:\s+expires in 4\dm")
+        self.assertRegex(offline.out, r"Refresh token:\s+expires in 5d 23h")
+        self.assertIn("Status:         logged in", offline.out)
+        online = self.ok("auth", "status")
+        self.assertIn("Server:         ok, logged in as admin", online.out)
+        self.assertEqual(self.server.log(), ["GET /auth/me"])
+
+    def test_status_exit_codes(self):
+        self.fails(4, "auth", "status", env={"ATTUNE_API_URL": self.server.url})
+        self.seed(access_left=-100)
+        self.ok("auth", "status", "--offline")  # a usable refresh token is enough
+        self.ok("auth", "status")
+        self.assertEqual(self.server.log(), ["POST /auth/refresh", "GET /auth/me"])
+        self.fails(5, "auth", "status", "--api-url", "http://127.0.0.1:%d" % free_port())
+        self.seed(access_left=-100, invalidated_at=int(time.time()))
+        self.fails(4, "auth", "status", "--offline")
+        self.seed(access_left=-100, refresh_left=-1)
+        self.fails(4, "auth", "status")
+
+    def test_status_all_covers_every_profile(self):
+        self.seed("a")
+        self.seed("b", access_left=-100, refresh_left=-1, current=False)
+        result = self.fails(4, "auth", "status", "--all", "--offline", "-j")
+        data = {s["profile"]: s for s in result.json()}
+        self.assertEqual(sorted(data), ["a", "b"])  # the implicit default has nothing to report
+        self.assertEqual([data[n]["logged_in"] for n in ("a", "b")], [True, False])
+        self.assertTrue(data["a"]["current"])
+
+    def test_status_json_says_where_values_came_from(self):
+        self.seed()
+        data = self.ok("auth", "status", "-j", "--offline", env={"ATTUNE_API_URL": self.server.url}).json()
+        self.assertEqual((data["api_url_source"], data["token_source"], data["token_origin"]),
+                         ("env", "file", "default"))
+        self.assertGreater(data["access_token_expires_in"], 2900)
+
+    def test_refresh_prints_the_new_lifetime(self):
+        old = self.seed()
+        result = self.ok("auth", "refresh")
+        self.assertEqual(result.out.splitlines()[0], "✓ Token refreshed successfully")
+        self.assertRegex(result.out.splitlines()[1], r"^ℹ New token expires in 3(600|599) seconds$")
+        self.assertNotEqual(self.profile()["refresh_token"], old["refresh_token"])
+        self.assertEqual(self.server.log(), ["POST /auth/refresh"])
+
+    def test_refresh_without_a_refresh_token_exits_4(self):
+        self.seed(refresh_token=None)
+        self.assertIn("no refresh token", self.fails(4, "auth", "refresh").err)
+
+    def test_token_formats(self):
+        token = self.seed()["auth_token"]
+        run = lambda *a: self.ok("auth", "token", *a, secrets_ok=True)  # noqa: E731
+        self.assertEqual(run().out, token + "\n")
+        self.assertEqual(run("--format", "header").out, "Authorization: Bearer %s\n" % token)
+        self.assertEqual(run("--format", "env").out,
+                         "export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n" % (self.server.url, token))
+        data = run("--format", "json").json()
+        self.assertEqual(sorted(data), ["api_url", "api_url_source", "expires_at", "expires_in", "profile",
+                                        "profile_source", "source", "source_detail", "token"])
+        self.assertEqual((data["token"], data["profile"], data["api_url"], data["source"]),
+                         (token, "default", self.server.url, "file"))
+        self.assertEqual(run("-j").json()["token"], token)
+        self.assertEqual(self.server.count(), 0)
+
+    def test_token_env_format_is_shell_quoted(self):
+        token = self.server.mint("admin")
+        url = "http://127.0.0.1:1/it's here"
+        out = self.ok("auth", "token", "--format", "env", env={"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": url},
+                      secrets_ok=True).out
+        shell = subprocess.Popen(["sh", "-c", 'eval "$(cat)"; printf "%s|%s" "$ATTUNE_API_URL" "$ATTUNE_API_TOKEN"'],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(shell.communicate(out)[0], url + "|" + token)
+
+    def test_token_min_ttl_refreshes_first(self):
+        self.seed(access_left=3000)
+        result = self.ok("auth", "token", "--min-ttl", "3500", secrets_ok=True)
+        self.assertEqual(self.server.log(), ["POST /auth/refresh"])
+        self.assertEqual(result.out, self.profile()["auth_token"] + "\n")
+        self.ok("auth", "token", "--min-ttl", "600", secrets_ok=True)
+        self.assertEqual(self.server.count(), 1)
+
+    def test_token_prints_nothing_unless_it_succeeds(self):
+        result = self.fails(4, "auth", "token", env={"ATTUNE_API_URL": self.server.url})
+        self.assertEqual(result.out, "")
+        self.seed(access_left=-100)
+        self.server.fail("/auth/refresh", status=401, body={"error": "Invalid", "code": "UNAUTHORIZED"})
+        self.assertEqual(self.fails(4, "auth", "token").out, "")
+
+    def test_token_min_ttl_that_cannot_be_met_exits_4(self):
+        token = self.server.mint("admin", ttl=600)
+        result = self.fails(4, "auth", "token", "--min-ttl", "900",
+                            env={"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": self.server.url})
+        self.assertIn("less than --min-ttl", result.err)
+        self.assertEqual(result.out, "")
+
+
+# === Tests: config commands ==================================================
+
+class ConfigCommandTests(AttuneTestCase):
+    def test_profiles_lifecycle(self):
+        result = self.ok("config", "add-profile", "staging", "--api-url", "https://staging.example.com/",
+                         "--description", "Staging environment")
+        self.assertEqual(result.out, "✓ Profile 'staging' added\n")
+        self.assertEqual(self.profile("staging"),
+                         {"api_url": "https://staging.example.com", "description": "Staging environment"})
+        table = self.ok("config", "profiles").out.splitlines()
+        self.assertRegex(table[2], r"^\*\s+default\s+http://localhost:8080")
+        self.assertRegex(table[3], r"^\s+staging\s+https://staging\.example\.com\s+Staging environment$")
+        self.assertEqual(self.ok("config", "use", "staging").out, "✓ Switched to profile 'staging'\n")
+        self.assertEqual(self.ok("config", "current").out, "staging\n")
+        self.assertEqual(self.ok("config", "current", "-p", "default").out, "default\n")
+        shown = self.ok("config", "show-profile", "staging").out
+        self.assertIn("API URL:", shown)
+        self.assertIn("https://staging.example.com", shown)
+        result = self.fails(1, "config", "remove-profile", "staging")
+        self.assertIn("Cannot remove active profile 'staging'", result.err)
+        self.ok("config", "use", "default")
+        self.assertEqual(self.ok("config", "remove-profile", "staging").out, "✓ Profile 'staging' removed\n")
+        self.fails(1, "config", "remove-profile", "default")
+        self.fails(3, "config", "use", "nope")
+        self.fails(3, "config", "remove-profile", "nope")
+        self.fails(3, "config", "show-profile", "nope")
+
+    def test_add_profile_updates_and_keeps_tokens(self):
+        self.seed()
+        result = self.ok("config", "add-profile", "default", "--api-url", "http://new.invalid", "-j")
+        self.assertEqual(result.json()["auth_token"], "***")
+        self.assertEqual(self.profile()["api_url"], "http://new.invalid")
+        self.assertIn("auth_token", self.profile())
+        self.fails(2, "config", "add-profile", "x")
+        self.fails(2, "config", "add-profile", "x", "--api-url", "ftp://x")
+
+    def test_get_and_set(self):
+        self.ok("config", "set", "api_url", "http://x.invalid")
+        self.assertEqual(self.ok("config", "get", "api_url").out, "http://x.invalid\n")
+        self.ok("config", "set", "output_format", "yaml")
+        self.assertEqual(self.ok("config", "get", "format", "--output", "table").out, "yaml\n")
+        self.assertEqual(self.read_doc()["format"], "yaml")
+        self.assertIn("format must be one of", self.fails(2, "config", "set", "format", "xml").err)
+        self.fails(3, "config", "set", "profile", "nope")
+        self.ok("config", "add-profile", "p", "--api-url", "http://p.invalid")
+        self.ok("config", "set", "current_profile", "p")
+        self.assertEqual(self.read_doc()["current_profile"], "p")
+        self.ok("config", "set", "description", "hello")
+        self.assertEqual(self.ok("config", "get", "description", "-j").json(),
+                         {"key": "description", "value": "hello"})
+        self.ok("config", "set", "description", "")
+        self.assertNotIn("description", self.profile("p"))
+        self.assertIn("unknown key", self.fails(2, "config", "get", "colour").err)
+        self.fails(2, "config", "set", "api_url", "not-a-url")
+
+    def test_list_and_show_profile_mask_tokens(self):
+        self.seed()
+        data = self.ok("config", "list", "-j").json()
+        self.assertEqual((data["auth_token"], data["refresh_token"], data["api_url"]),
+                         ("***", "***", self.server.url))
+        self.assertIn("auth_token", self.ok("config", "list").out)
+        shown = self.ok("config", "show-profile", "default", "-j").json()
+        self.assertEqual((shown["auth_token"], shown["refresh_token"]), ("***", "***"))
+        self.assertIn("Auth Token:", self.ok("config", "show-profile", "default").out)
+
+    def test_path(self):
+        self.assertEqual(self.ok("config", "path").out, self.config + "\n")
+        self.assertEqual(self.ok("config", "path", "-j").json()["source"], "env")
+
+
+# === Tests: output and encodings =============================================
+
+class OutputTests(AttuneTestCase):
+    def test_json_is_pretty_printed_with_two_spaces(self):
+        self.seed()
+        out = self.ok("auth", "whoami", "-j").out
+        self.assertTrue(out.startswith('{\n  "id": 1,\n  "login": "admin",'), out)
+
+    def test_table_fits_the_terminal_width(self):
+        self.seed()
+        self.ok("config", "add-profile", "wide", "--api-url", "http://x.invalid", "--description", "d" * 200)
+        for line in self.ok("config", "profiles", env={"COLUMNS": "60"}).out.splitlines():
+            self.assertLessEqual(len(line), 60)
+
+    def test_ascii_stdout_gets_plain_symbols(self):
+        result = self.run_process("config", "use", "default", env={"PYTHONIOENCODING": "ascii"})
+        self.assertEqual((result.code, result.out), (0, "OK Switched to profile 'default'\n"), result)
+
+    def test_lang_c_with_non_ascii_data_never_crashes(self):
+        self.seed(user="zoe")
+        env = {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": None, "PYTHONUTF8": None}
+        table = self.run_process("auth", "whoami", env=env)
+        self.assertEqual(table.code, 0, table)
+        self.assertIn("Zo", table.out)
+        as_json = self.run_process("auth", "whoami", "-j", env=env)
+        self.assertEqual(json.loads(as_json.out)["display_name"], "Zoë Ørsted")
+        as_yaml = self.run_process("auth", "whoami", "-y", env=env)
+        self.assertEqual(as_yaml.code, 0, as_yaml)
+        self.assertIn("display_name:", as_yaml.out)
+
+    @unittest.skipUnless(POSIX, "pipes")
+    def test_a_closed_stdout_is_quiet(self):
+        self.seed()
+        for i in range(30):
+            self.ok("config", "add-profile", "p%02d" % i, "--api-url", "http://p.invalid")
+        p = self.spawn("config", "profiles")
+        p.stdout.close()
+        err = p.stderr.read()
+        self.assertEqual((p.wait(), err), (0, ""))
+
+
+# === Tests: exit codes and real processes ====================================
+
+class ExitCodeTests(AttuneTestCase):
+    def test_every_exit_code(self):
+        self.assertEqual(self.run_cli("config", "path").code, 0)
+        self.seed()
+        self.server.fail("/auth/me", status=404, body={"error": "gone", "code": "NOT_FOUND"})
+        self.assertEqual(self.run_cli("auth", "whoami").code, 1)
+        self.assertEqual(self.run_cli("auth", "frobnicate").code, 2)
+        self.assertEqual(self.run_cli("-p", "nope", "auth", "whoami").code, 3)
+        self.assertEqual(self.run_cli("auth", "whoami", env={"ATTUNE_CONFIG": self.config + ".none",
+                                                             "ATTUNE_API_URL": self.server.url}).code, 4)
+        self.assertEqual(self.run_cli("auth", "whoami", "--api-url", "http://127.0.0.1:%d" % free_port()).code, 5)
+        self.server.fail("/auth/me", status=503, times=None, body={"error": "down", "code": "X"})
+        self.assertEqual(self.run_cli("auth", "whoami").code, 6)
+
+    def test_help_and_version(self):
+        result = self.ok("--help")
+        for code, meaning in attune.EXIT_CODES:
+            self.assertIn("%-4d %s" % (code, meaning), result.out)
+        for name, _ in attune.ENVIRONMENT:
+            self.assertIn(name, result.out)
+        self.assertEqual(self.ok("--version").out, "attune.py %s (python %d.%d)\n"
+                         % ((attune.__version__,) + tuple(sys.version_info[:2])))
+        self.assertIn("--password-stdin", self.ok("auth", "login", "--help").out)
+
+
+class ProcessTests(AttuneTestCase):
+    """Real processes, for what only real processes show: locks, signals, kills."""
+    server_options = {"refresh_mode": "single-use"}
+
+    def test_32_processes_with_an_expired_token_refresh_exactly_once(self):
+        self.seed(access_left=-100)
+        procs = [self.spawn("auth", "whoami", "-j") for _ in range(32)]
+        results = [(p.communicate(timeout=120), p.returncode) for p in procs]
+        for (out, err), code in results:
+            self.assertEqual(code, 0, err)
+            self.assertEqual(json.loads(out)["login"], "admin")
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 1)
+        self.assertEqual(self.server.count("GET", "/auth/me"), 32)
+        self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
+        self.assertIsNone(self.read_doc()["profiles"]["default"]["invalidated_at"])
+
+    def test_request_counts_valid_expired_revoked(self):
+        self.seed()
+        self.assertEqual(self.run_process("auth", "whoami").code, 0)
+        self.assertEqual(self.server.count(), 1)
+        self.seed(access_left=-100)
+        self.assertEqual(self.run_process("auth", "whoami").code, 0)
+        self.assertEqual(self.server.count(), 3)
+        self.server.revoked.add(self.profile()["auth_token"])
+        self.assertEqual(self.run_process("auth", "whoami").code, 0)
+        self.assertEqual(self.server.count(), 6)
+        self.assertEqual(self.server.log()[3:], ["GET /auth/me", "POST /auth/refresh", "GET /auth/me"])
+
+    def test_a_writer_killed_mid_write_never_leaves_a_corrupt_file(self):
+        writer = ("import os, sys, attune\n"
+                  "store = attune.CredentialStore(sys.argv[1], print, print)\n"
+                  "blob = 'x' * 300000\n"
+                  "for i in range(100000):\n"
+                  "    store.modify(lambda d: d['profiles'].__setitem__('p', {'api_url': 'http://x', 'n': i,"
+                  " 'blob': blob}))\n")
+        self.seed()
+        rng = random.Random(7)
+        for _ in range(12):
+            p = subprocess.Popen([sys.executable, "-c", writer, self.config], cwd=HERE,
+                                 stdout=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.05, 0.4))
+            p.kill()
+            p.wait()
+            doc = self.read_doc()  # parses
+            self.assertIn("default", doc["profiles"])
+        self.assertEqual(self.run_process("auth", "whoami").code, 0)
+
+    @unittest.skipUnless(POSIX, "signals")
+    def test_sigint_during_a_refresh_exits_130_releases_the_lock_and_keeps_the_file(self):
+        self.seed(access_left=-100)
+        before = self.snapshot()
+        self.server.fail("/auth/refresh", delay=5)
+        p = self.spawn("auth", "whoami")
+        deadline = time.monotonic() + 30
+        while self.server.count("POST", "/auth/refresh") == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 130, err)
+        self.assertIn("interrupted", err)
+        self.assertNotIn("Traceback", err)
+        import fcntl
+        with open(self.config + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+        self.assertEqual(self.snapshot()[0], before[0])
+
+    def test_exit_codes_of_real_processes(self):
+        self.assertEqual(self.run_process("nonsense").code, 2)
+        self.assertEqual(self.run_process("-p", "nope", "auth", "status").code, 3)
+        self.assertEqual(self.run_process("auth", "whoami", env={"ATTUNE_API_URL": self.server.url}).code, 4)
+        self.assertEqual(self.run_process("config", "path").code, 0)
+
+    def test_auth_token_with_a_fresh_token_does_not_import_the_http_stack(self):
+        token = self.seed()["auth_token"]
+        probe = ("import sys\n"
+                 "before = set(sys.modules)  # site hooks may import things before us\n"
+                 "import attune\n"
+                 "code = attune.main(['auth', 'token'])\n"
+                 "heavy = [m for m in ('urllib', 'urllib.request', 'http', 'http.client', 'ssl', 'email',"
+                 " 'socket') if m in sys.modules and m not in before]\n"
+                 "print('imported:', ' '.join(heavy))\n"
+                 "sys.exit(code)\n")
+        p = subprocess.Popen([sys.executable, "-c", probe], cwd=HERE, env=self.process_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        out, err = p.communicate(timeout=60)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(out, token + "\nimported: \n")
+
+
+class GuardTests(unittest.TestCase):
+    STDLIB = {"argparse", "binascii", "errno", "fcntl", "getpass", "http", "ipaddress", "json", "msvcrt",
+              "os", "shlex", "socket", "ssl", "sys", "tempfile", "time", "urllib"}
+
+    def source(self):
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            return f.read()
+
+    def test_attune_imports_only_the_standard_library(self):
+        import ast
+        imported = set()
+        for node in ast.walk(ast.parse(self.source())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
+        self.assertLessEqual(imported, self.STDLIB)
+        names = getattr(sys, "stdlib_module_names", None)
+        if names:
+            self.assertLessEqual(imported, set(names) | {"msvcrt", "fcntl"})
+
+    def test_the_python_3_6_grammar_is_enough(self):
+        import ast
+        try:
+            ast.parse(self.source(), feature_version=(3, 6))
+        except TypeError:  # feature_version is 3.8+; older interpreters compile it for real
+            compile(self.source(), ATTUNE_PY, "exec")
+
+    def test_importing_attune_does_nothing(self):
+        p = subprocess.Popen([sys.executable, "-c", "import attune"], cwd=HERE, env={"PATH": "/usr/bin:/bin"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(p.communicate(timeout=60), (b"", b""))
+
+
+class SandboxTests(unittest.TestCase):
+    def test_serve_runs_the_sandbox(self):
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--port", "0"],
+                             stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(p.wait)
+        self.addCleanup(p.terminate)
+        url = re.search(r"http://\S+", p.stdout.readline()).group(0)
+        from urllib.request import urlopen
+        with urlopen(url + "/health", timeout=10) as r:
+            self.assertEqual(json.loads(r.read().decode()), {"status": "ok"})
+        tmp = tempfile.mkdtemp(prefix="attune-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        env = {"HOME": tmp, "ATTUNE_CONFIG": os.path.join(tmp, "c.json"), "PATH": "/usr/bin:/bin"}
+        login = subprocess.Popen([sys.executable, ATTUNE_PY, "auth", "login", "-u", "admin", "--password-stdin",
+                                  "--url", url], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.assertIn("Successfully logged in as admin", login.communicate("admin\n", timeout=60)[0])
+        self.assertEqual(login.returncode, 0)
+
+
+# === Sandbox, demo, test-all =================================================
+
+def serve(argv):
+    """The embedded sandbox: a FakeAttune in the foreground until interrupted."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="test_attune.py serve", description="Run the Attune sandbox.")
+    parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--access-ttl", type=int, default=3600, help="access token lifetime, seconds")
+    parser.add_argument("--refresh-ttl", type=int, default=7 * 86400, help="refresh token lifetime")
+    parser.add_argument("--refresh-mode", choices=("reusable", "single-use"), default="reusable")
+    args = parser.parse_args(argv)
+    fake = FakeAttune(access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl,
+                      refresh_mode=args.refresh_mode, admin_password="admin").start(args.port)
+    print("Attune sandbox listening on %s (user admin, password admin); Ctrl-C stops it" % fake.url, flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+    return 0
+
+
+def demo():
+    """Start the sandbox, walk through login, whoami, expiry, automatic refresh and logout, stop."""
+    import shlex
+    access_ttl = 35  # the refresh margin is at least 30 s, so a refresh is due after ~5 s
+    fake = FakeAttune(access_ttl=access_ttl, admin_password="admin").start()
+    tmp = tempfile.mkdtemp(prefix="attune-demo-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE_")}
+    env.update(ATTUNE_CONFIG=os.path.join(tmp, "credentials.json"), PYTHONIOENCODING="utf-8")
+    steps = [
+        ("Log in; the password comes from stdin, as in a script",
+         ["auth", "login", "-u", "admin", "--password-stdin", "--url", fake.url], "admin\n", 0),
+        ("Who am I?", ["auth", "whoami"], None, 0),
+        ("The sandbox issues %d-second access tokens" % access_ttl, ["auth", "status"], None, 0),
+        ("The credential file (mode 0600) and its profiles", ["config", "profiles"], None, 0),
+        (None, 6, None, None),
+        ("The token is now inside its refresh margin: -v shows the automatic refresh",
+         ["-v", "auth", "whoami"], None, 0),
+        ("A fresh access token again", ["auth", "status", "--offline"], None, 0),
+        ("Log out: the stored tokens are forgotten (the server keeps no session)",
+         ["auth", "logout"], None, 0),
+        ("Now whoami needs a login, and says so with exit code 4", ["auth", "whoami"], None, 4),
+    ]
+    failures = 0
+    try:
+        print("Attune sandbox running at %s (user admin, password admin)" % fake.url)
+        print("Credential file: %s" % env["ATTUNE_CONFIG"])
+        for title, argv, stdin, expected in steps:
+            if title is None:
+                print("\n# waiting %d s for the access token to near its expiry ..." % argv, flush=True)
+                time.sleep(argv)
+                continue
+            print("\n# %s\n$ %sattune %s" % (title, "echo admin | " if stdin else "",
+                                            " ".join(shlex.quote(a) for a in argv)), flush=True)
+            p = subprocess.Popen([sys.executable, ATTUNE_PY] + argv, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+            out = p.communicate(stdin or "")[0]
+            sys.stdout.write(out)
+            if p.returncode:
+                print("(exit code %d)" % p.returncode)
+            failures += p.returncode != expected
+        print("\nThe sandbox saw %d requests: %s" % (fake.count(), ", ".join(fake.log())))
+    finally:
+        fake.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("demo %s" % ("finished" if not failures else "FAILED (%d unexpected exit codes)" % failures))
+    return 1 if failures else 0
+
+
+def find_interpreters():
+    """[(label, path)]: each CPython 3.6-3.13 that pyenv has (newest patch), then pypy3."""
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    try:
+        root = subprocess.check_output(["pyenv", "root"], universal_newlines=True,
+                                       stderr=subprocess.DEVNULL).strip() or root
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    best = {}
+    versions = os.path.join(root, "versions")
+    for name in (os.listdir(versions) if os.path.isdir(versions) else []):
+        match = re.match(r"^3\.(\d+)\.(\d+)$", name)
+        path = os.path.join(versions, name, "bin", "python3")
+        if match and 6 <= int(match.group(1)) <= 13 and os.access(path, os.X_OK):
+            minor, patch = int(match.group(1)), int(match.group(2))
+            if patch >= best.get(minor, (-1, None))[0]:
+                best[minor] = (patch, path)
+    found = [("CPython 3.%d" % minor, best[minor][1]) for minor in sorted(best)]
+    pypy = shutil.which("pypy3")
+    if pypy:
+        found.append(("PyPy 3", pypy))
+    return found or [("python3", sys.executable)]
+
+
+def run_suite():
+    """Run this file's tests; the last line is machine-readable for test-all."""
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    print("RESULT passed=%d failed=%d skipped=%d" % (result.testsRun - failed - skipped, failed, skipped))
+    return 1 if failed else 0
+
+
+def test_all():
+    """The suite on every interpreter, one line each, then 'N passed, N failed'."""
+    passed = failed = 0
+    for label, python in find_interpreters():
+        started = time.monotonic()
+        try:
+            p = subprocess.Popen([python, os.path.abspath(__file__), "run-suite"], cwd=HERE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+            out = p.communicate(timeout=1800)[0]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out = "could not run %s: %s" % (python, e)
+        match = re.search(r"^RESULT passed=(\d+) failed=(\d+) skipped=(\d+)$", out, re.M)
+        counts = [int(n) for n in match.groups()] if match else [0, 1, 0]
+        passed, failed = passed + counts[0], failed + counts[1]
+        print("%-12s %4d passed, %d failed, %d skipped  (%.0f s, %s)"
+              % (label, counts[0], counts[1], counts[2], time.monotonic() - started, python), flush=True)
+        if counts[1]:
+            print(out[-6000:], flush=True)
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    unittest.main()
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command == "serve":
+        sys.exit(serve(sys.argv[2:]))
+    elif command == "demo":
+        sys.exit(demo())
+    elif command == "test-all":
+        sys.exit(test_all())
+    elif command == "run-suite":
+        sys.exit(run_suite())
+    elif command == "interpreters":
+        print("\n".join(path for _, path in find_interpreters()))
+    else:
+        unittest.main()

@@ -21,7 +21,7 @@ lint:
 	@set -e; for py in $$($(PYTHON) test_attune.py interpreters); do \
 	  $$py -c 'import sys; [compile(open(f, encoding="utf-8").read(), f, "exec") for f in sys.argv[1:]]' \
 	    attune.py test_attune.py && echo "compiles with $$py"; done
-	@if command -v ruff >/dev/null 2>&1; then ruff check --line-length 120 attune.py test_attune.py; \
+	@if command -v ruff >/dev/null 2>&1; then ruff check --isolated --target-version py37 --line-length 120 --select E,F,W,B --ignore B904 attune.py test_attune.py; \
 	  else echo "ruff not installed: skipped"; fi
 	@if command -v vermin >/dev/null 2>&1; then vermin -t=3.6- --no-tips --violations attune.py; \
 	  else echo "vermin not installed: skipped"; fi

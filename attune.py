@@ -1527,7 +1527,7 @@ def ask(ctx, prompt):
 
 def adopt_first_profile(doc, name):
     """The first profile ever created becomes the current one."""
-    if doc.get("current_profile") is None:
+    if doc.get("current_profile") is None and set(doc["profiles"]) <= {name}:
         doc["current_profile"] = name
 
 

@@ -1033,6 +1033,31 @@ class CredentialFileTests(AttuneTestCase):
         with open(target) as f:
             self.assertIn("auth_token", json.load(f)["profiles"]["default"])
 
+    def test_windows_rename_is_retried_while_a_reader_holds_the_file(self):
+        real_replace, calls = os.replace, []
+
+        def busy_twice(src, dst):
+            calls.append(dst)
+            if len(calls) <= 2:
+                raise PermissionError(errno.EACCES, "Access is denied")
+            real_replace(src, dst)
+
+        with mock.patch.object(attune, "WINDOWS", True), mock.patch("os.replace", busy_twice):
+            self.login()
+        self.assertEqual(len(calls), 3)
+        self.assertIn("auth_token", self.profile())
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.config))),
+                         ["credentials.json", "credentials.json.lock"])
+
+    def test_a_failed_write_leaves_no_temp_file(self):
+        self.login()
+        with mock.patch("os.replace", side_effect=OSError(errno.EIO, "I/O error")):
+            result = self.fails(3, "config", "set", "description", "x")
+        self.assertIn("cannot write credential file", result.err)
+        self.assertIn("--config", result.err)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.config))),
+                         ["credentials.json", "credentials.json.lock"])
+
     def test_config_flag_creates_missing_directories(self):
         path = os.path.join(self.tmp, "new", "dir", "c.json")
         self.ok("--config", path, "config", "add-profile", "p", "--api-url", "http://x.invalid")
@@ -1750,6 +1775,32 @@ class AuthCommandTests(AttuneTestCase):
         self.assertEqual(self.server.requests[-1].json()["login"], "admin")
         result = self.fails(2, "auth", "login", "--save-profile", "fresh", "--password-stdin", stdin=PASSWORD)
         self.assertIn("-u/--username", result.err)
+
+    @unittest.skipUnless(POSIX, "pseudo-terminals")
+    def test_prompts_for_username_and_password_on_a_terminal(self):
+        import pty
+        master, slave = pty.openpty()
+        # a new session has no controlling terminal, so getpass falls back to our pty
+        p = subprocess.Popen([sys.executable, ATTUNE_PY, "auth", "login", "--url", self.server.url],
+                             env=self.process_env(), stdin=slave, stderr=slave, stdout=subprocess.PIPE,
+                             start_new_session=True, universal_newlines=True)
+        os.close(slave)
+        seen = b""
+        for prompt, answer in ((b"Username: ", b"admin\n"), (b"Password: ", PASSWORD.encode() + b"\n")):
+            while prompt not in seen:
+                seen += os.read(master, 1024)
+            os.write(master, answer)
+        out = p.communicate(timeout=60)[0]
+        os.close(master)
+        self.assertEqual(p.returncode, 0)
+        self.assertIn("Successfully logged in as admin", out)
+        self.assertEqual(self.server.requests[-1].json(), {"login": "admin", "password": PASSWORD})
+
+    def test_a_login_into_a_new_profile_keeps_an_existing_default_current(self):
+        self.ok("config", "set", "description", "local")  # the file now holds 'default'
+        self.assertEqual(self.login("--save-profile", "prod").code, 0)
+        self.assertIsNone(self.read_doc().get("current_profile"))
+        self.assertEqual(self.ok("config", "current").out, "default\n")
 
     def test_login_warns_when_an_environment_token_takes_precedence(self):
         result = self.login(env={"ATTUNE_API_TOKEN": "x"})

@@ -65,7 +65,6 @@ RETRY_STATUSES = (502, 503, 504)
 OUTPUT_FORMATS = ("table", "json", "yaml")
 TOKEN_KEYS = ("auth_token", "refresh_token", "auth_token_expires_at",
               "refresh_token_expires_at", "invalidated_at")
-SUCCESS_STATUSES = ("completed", "succeeded")
 
 EXIT_CODES = (
     (0, "success"),
@@ -240,16 +239,18 @@ def redact(value):
     return value
 
 
-def env_number(env, name, default):
+def env_seconds(env, name, default, positive=False):
+    """A number of seconds from the environment; a bad value is a usage error."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise UsageError("%s must be a number of seconds, not %r" % (name, raw))
+        value = float("nan")
+    if not (value > 0 if positive else value >= 0) or value == float("inf"):
+        raise UsageError("%s must be a %snumber of seconds, not %r"
+                         % (name, "positive " if positive else "", raw))
     return value
 
 
@@ -1291,10 +1292,10 @@ class Context:
         self.stdout, self.stderr, self.stdin = sys.stdout, sys.stderr, sys.stdin
         self.clock = clock or time.time
         self.verbose = getattr(args, "verbose", 0) or 0
-        self.timeout = env_number(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT)
+        self.timeout = env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, positive=True)
         self.config_path, self.config_source = credential_path(args, env)
         self.store = CredentialStore(self.config_path, self.warn, self.log,
-                                     env_number(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
+                                     env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
                                      " ".join(["attune"] + getattr(args, "command_path", [])))
         self._profile = None
         self._warned = set()
@@ -1954,7 +1955,7 @@ def cmd_config_show_profile(ctx, args):
 
 def cmd_config_remove_profile(ctx, args):
     name = args.name
-    if ctx.store.profile(name) is None:
+    if name not in ctx.store.profiles():  # a malformed entry can still be removed
         ctx.require_profile(name)
     current = ctx.store.current_profile() or DEFAULT_PROFILE
     if name == current:

@@ -1021,7 +1021,10 @@ class CredentialFileTests(AttuneTestCase):
         doc["profiles"]["broken"] = "not an object"
         self.write_doc(doc)
         self.ok("auth", "whoami")
-        self.fails(3, "-p", "broken", "auth", "whoami")
+        result = self.fails(3, "-p", "broken", "auth", "whoami")
+        self.assertIn("attune config remove-profile broken", result.err)
+        self.ok("config", "remove-profile", "broken")  # the advice works
+        self.assertNotIn("broken", self.read_doc()["profiles"])
 
     def test_symlinked_file_target_is_updated_and_link_survives(self):
         target = os.path.join(self.tmp, "real", "creds.json")
@@ -1583,8 +1586,12 @@ class HttpTests(AttuneTestCase):
         result = self.fails(5, "auth", "whoami", env={"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": url})
         self.assertIn("connection refused", result.err)
 
-    def test_bad_timeout_setting_is_a_usage_error(self):
-        self.fails(2, "auth", "status", env={"ATTUNE_TIMEOUT": "soon"})
+    def test_bad_timeout_settings_are_usage_errors(self):
+        for name, value in (("ATTUNE_TIMEOUT", "soon"), ("ATTUNE_TIMEOUT", "0"), ("ATTUNE_TIMEOUT", "nan"),
+                            ("ATTUNE_LOCK_TIMEOUT", "-1"), ("ATTUNE_LOCK_TIMEOUT", "inf")):
+            self.assertIn(name, self.fails(2, "auth", "status", env={name: value}).err)
+        self.seed()
+        self.ok("config", "set", "description", "x", env={"ATTUNE_LOCK_TIMEOUT": "0"})
 
     def test_get_is_retried_on_503_and_dropped_connections(self):
         self.seed()

@@ -1827,7 +1827,7 @@ def cmd_config_list(ctx, args):
         data[key] = profile.get(key)
     data["auth_token"] = masked(profile, "auth_token")
     data["refresh_token"] = masked(profile, "refresh_token")
-    ctx.emit(data, lambda: ctx.pairs([(k, "" if v is None else v) for k, v in data.items()],
+    ctx.emit(data, lambda: ctx.pairs([(k, "(not set)" if v is None else v) for k, v in data.items()],
                                      "Configuration"))
 
 
@@ -1849,6 +1849,8 @@ def cmd_config_get(ctx, args):
 
 def cmd_config_set(ctx, args):
     key, value = config_key(args.key), args.value
+    if key == "format":
+        value = value.lower()
     if key == "format" and value not in OUTPUT_FORMATS:
         raise UsageError("format must be one of: %s" % ", ".join(OUTPUT_FORMATS))
     if key == "profile":

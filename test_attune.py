@@ -1996,7 +1996,7 @@ class ConfigCommandTests(AttuneTestCase):
     def test_get_and_set(self):
         self.ok("config", "set", "api_url", "http://x.invalid")
         self.assertEqual(self.ok("config", "get", "api_url").out, "http://x.invalid\n")
-        self.ok("config", "set", "output_format", "yaml")
+        self.ok("config", "set", "output_format", "YAML")
         self.assertEqual(self.ok("config", "get", "format", "--output", "table").out, "yaml\n")
         self.assertEqual(self.read_doc()["format"], "yaml")
         self.assertIn("format must be one of", self.fails(2, "config", "set", "format", "xml").err)
@@ -2017,7 +2017,9 @@ class ConfigCommandTests(AttuneTestCase):
         data = self.ok("config", "list", "-j").json()
         self.assertEqual((data["auth_token"], data["refresh_token"], data["api_url"]),
                          ("***", "***", self.server.url))
-        self.assertIn("auth_token", self.ok("config", "list").out)
+        listed = self.ok("config", "list").out
+        self.assertRegex(listed, r"auth_token:\s+\*\*\*\n")
+        self.assertRegex(listed, r"ca_bundle:\s+\(not set\)\n")
         shown = self.ok("config", "show-profile", "default", "-j").json()
         self.assertEqual((shown["auth_token"], shown["refresh_token"]), ("***", "***"))
         self.assertIn("Auth Token:", self.ok("config", "show-profile", "default").out)

@@ -226,8 +226,9 @@ def describe_expiry(expires_at, now):
 
 
 def secret_key(key):
+    """Fields masked in -v logs: tokens, passwords, secrets and key values."""
     key = str(key).lower()
-    return "token" in key or "password" in key or "secret" in key
+    return "token" in key or "password" in key or "secret" in key or key == "value"
 
 
 def redact(value):
@@ -642,11 +643,14 @@ def proxy_for(url, env):
 
 
 class Response:
-    def __init__(self, status, reason, headers, body):
+    """A finished exchange; for a streamed 2xx answer, `stream` is the open body to read."""
+
+    def __init__(self, status, reason, headers, body, stream=None):
         self.status = status
         self.reason = reason or ""
         self.headers = headers
         self.body = body
+        self.stream = stream
 
     @property
     def ok(self):
@@ -713,14 +717,16 @@ class Transport:
         self.ctx = ctx
         self._openers = {}
 
-    def request(self, method, url, body=None, token=None, content_type="application/json"):
+    def request(self, method, url, body=None, token=None, content_type="application/json",
+                stream=False):
         """Send one request (retrying GETs on refused/reset connections and 502/503/504);
-        return a Response for any status, raise NetworkError when there is none."""
+        return a Response for any status, raise NetworkError when there is none.
+        With stream=True a 2xx body is left open in Response.stream for the caller."""
         delays = RETRY_DELAYS if method in ("GET", "HEAD") else ()
         for attempt in range(len(delays) + 1):
             last = attempt == len(delays)
             try:
-                resp = self._send(method, url, body, token, content_type)
+                resp = self._send(method, url, body, token, content_type, stream)
             except NetworkError as e:
                 if last or not e.retryable:
                     raise
@@ -731,13 +737,13 @@ class Transport:
                 self.ctx.log("%d %s; retrying in %gs" % (resp.status, resp.reason, delays[attempt]))
             time.sleep(delays[attempt])
 
-    def _send(self, method, url, body, token, content_type):
+    def _send(self, method, url, body, token, content_type, stream):
         import urllib.request
         import urllib.error
         import http.client
         req = urllib.request.Request(url, data=body, method=method)
         req.add_header("User-Agent", user_agent())
-        req.add_header("Accept", "application/json")
+        req.add_header("Accept", "text/event-stream" if stream else "application/json")
         if body is not None:
             req.add_header("Content-Type", content_type)
         if token:
@@ -751,8 +757,12 @@ class Transport:
             log(">   %s" % describe_body(body))
         started = time.monotonic()
         try:
-            with self._opener(url).open(req, timeout=self.ctx.timeout) as r:
-                resp = Response(r.getcode(), r.reason, r.headers, r.read())
+            r = self._opener(url).open(req, timeout=self.ctx.timeout)
+            if stream:
+                resp = Response(r.getcode(), r.reason, r.headers, b"", stream=r)
+            else:
+                with r:
+                    resp = Response(r.getcode(), r.reason, r.headers, r.read())
         except urllib.error.HTTPError as e:
             try:
                 data = e.read()
@@ -1107,14 +1117,14 @@ class Session:
 
     # -- requests --------------------------------------------------------------
     def request(self, method, path, body=None, query=None, auth=True, raw_body=None,
-                content_type="application/json"):
+                content_type="application/json", stream=False):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
         the same bytes. A second 401 means authentication is required (exit 4)."""
         url = self.url(path, query)
         data = raw_body if raw_body is not None else (
             None if body is None else json.dumps(body).encode("utf-8"))
         token = self.token() if auth and self.creds.access else None
-        resp = self.transport.request(method, url, data, token, content_type)
+        resp = self.transport.request(method, url, data, token, content_type, stream)
         if resp.status != 401 or not token:
             if resp.status == 401 and auth:
                 raise not_logged_in()
@@ -1125,7 +1135,7 @@ class Session:
         self._reactive_done = True
         self.ctx.log("401 from the server; refreshing and retrying once")
         self.refresh()
-        resp = self.transport.request(method, url, data, self.creds.access, content_type)
+        resp = self.transport.request(method, url, data, self.creds.access, content_type, stream)
         if resp.status == 401:
             raise AuthRequired("the server rejected the refreshed token too (%s); run: attune auth "
                                "login --profile %s" % (error_message(resp), self.profile))
@@ -1275,7 +1285,7 @@ def render_pairs(pairs, width=None):
     for key, value in pairs:
         text = value if isinstance(value, str) else cell_text(value)
         first, *rest = text.split("\n") if text else [""]
-        lines.append((key + ":").ljust(keywidth + 3) + first)
+        lines.append((key + ":" if key else "").ljust(keywidth + 3) + first)
         lines.extend(" " * (keywidth + 3) + line for line in rest)
     return "\n".join(lines)
 
@@ -1300,6 +1310,7 @@ class Context:
         self._profile = None
         self._warned = set()
         self._ssl = None
+        self._printed = False
         if getattr(args, "insecure", False):
             self.warn("--insecure: TLS certificates are not verified; anyone on the network "
                       "path can read your tokens")
@@ -1316,6 +1327,10 @@ class Context:
     def log(self, message):
         if self.verbose:
             write_text(self.stderr, "attune: %s\n" % message)
+
+    def note(self, message):
+        """Something worth knowing that is neither a result nor a problem (stderr)."""
+        write_text(self.stderr, "attune: %s\n" % message)
 
     # -- output ----------------------------------------------------------------
     @property
@@ -1353,6 +1368,7 @@ class Context:
             self.stdout.write(dump(data, ascii_only=True) + "\n")
 
     def out(self, text=""):
+        self._printed = True
         write_text(self.stdout, text + "\n")
 
     def success(self, message):
@@ -1365,14 +1381,20 @@ class Context:
 
     def table(self, columns, rows, empty=None):
         if not rows and empty:
-            self.out(empty)
+            self.info(empty)
         else:
             self.out(render_table(columns, rows, self.terminal_width()))
 
+    def section(self, title):
+        """A blank line (unless this is the first output), the title and a rule under it."""
+        if self._printed:
+            self.out()
+        self.out(title)
+        self.out("─" * len(title))
+
     def pairs(self, pairs, title=None):
         if title:
-            self.out(title)
-            self.out("─" * len(title))
+            self.section(title)
         self.out(render_pairs(pairs))
 
     def terminal_width(self):
@@ -1968,6 +1990,1279 @@ def cmd_config_remove_profile(ctx, args):
     ctx.emit({"removed": name}, lambda: ctx.success("Profile '%s' removed" % name))
 
 
+# === Resource helpers ========================================================
+# Shared by the resource commands below: lists and pages, JSON-ish arguments,
+# confirmations, timestamps and the small pieces of table layout they repeat.
+
+TERMINAL_STATUSES = ("completed", "succeeded", "failed", "canceled", "cancelled", "timeout",
+                     "timed_out", "abandoned")
+SUCCESS_STATUSES = ("completed", "succeeded")
+ALL_PAGE_SIZE = 100  # the biggest page the server hands out
+KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
+
+
+def path_segment(value):
+    from urllib.parse import quote
+    return quote(str(value), safe="")
+
+
+def list_items(body):
+    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an array."""
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict):
+        for key in ("items", "data"):
+            if isinstance(body.get(key), list):
+                return body[key]
+    raise ApiError("the server's answer is not a list: %s"
+                   % snippet(json.dumps(body).encode("utf-8"), 100))
+
+
+def fetch_list(session, path, query=None, size_param="page_size", every_page=False):
+    """GET a paginated list: (items, pagination of the last page read). every_page walks
+    has_next from page 1 with the biggest pages the server allows."""
+    query = dict(query or {})
+    items, page = [], 1
+    while True:
+        if every_page:
+            query.update({"page": page, size_param: ALL_PAGE_SIZE})
+        body = session.call("GET", path, query=query)
+        chunk = list_items(body)
+        items.extend(chunk)
+        pagination = body.get("pagination") if isinstance(body, dict) else None
+        more = isinstance(pagination, dict) and pagination.get("has_next") is True
+        if not (every_page and more and chunk):
+            return items, pagination
+        page += 1
+
+
+def note_partial(ctx, pagination, shown, noun):
+    """Say on stderr when a list holds only its first page."""
+    if isinstance(pagination, dict) and pagination.get("has_next") is True:
+        total = pagination.get("total_items")
+        ctx.note("showing the first %d%s %s; add --all for every page"
+                 % (shown, " of %d" % total if isinstance(total, int) else "", noun))
+
+
+def json_or_string(text):
+    """A value given on the command line: JSON when it parses, else the string itself."""
+    def no_constants(name):
+        raise ValueError(name)  # NaN and Infinity are not JSON the server accepts
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except ValueError:
+        return text
+
+
+def parse_json_arg(text, flag):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UsageError("%s is not valid JSON: %s" % (flag, e))
+
+
+def parse_bool(text):
+    """argparse type for true/false flags (--enabled B)."""
+    import argparse
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
+
+
+def positive_int(text):
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError("expected a positive whole number, not %r" % text)
+    return value
+
+
+def split_list(text):
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def parse_param_pairs(pairs):
+    params = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError("Invalid parameter format: '%s'. Expected key=value" % pair)
+        params[key] = json_or_string(value)
+    return params
+
+
+def execution_parameters(args, base=None):
+    """--params-json replaces everything; --param k=v pairs go on top of base."""
+    if args.params_json is not None and args.param:
+        raise UsageError("use either --param or --params-json, not both")
+    if args.params_json is not None:
+        params = parse_json_arg(args.params_json, "--params-json")
+        if not isinstance(params, dict):
+            raise UsageError("--params-json must be a JSON object")
+        return params
+    params = dict(base or {})
+    params.update(parse_param_pairs(args.param))
+    return params
+
+
+def execute_body(args, action_ref, parameters):
+    """The POST /executions/execute body, optional fields only when given."""
+    body = {"action_ref": action_ref, "parameters": parameters}
+    for flag in ("worker_selector", "worker_tolerations", "worker_affinity"):
+        value = getattr(args, flag)
+        if value is not None:
+            body[flag] = parse_json_arg(value, "--" + flag.replace("_", "-"))
+    if args.execution_timeout is not None:
+        body["timeout_seconds"] = args.execution_timeout
+    return body
+
+
+def confirm(ctx, args, what, cancelled="Delete cancelled"):
+    """Go ahead with a destructive command? --yes, or 'y' typed on a terminal; without
+    a terminal and without --yes it is a usage error."""
+    if getattr(args, "yes", False):
+        return True
+    if not can_prompt(ctx):
+        raise UsageError("refusing to %s without confirmation (no terminal to ask on); add --yes" % what)
+    if (ask(ctx, "Are you sure you want to %s? [y/N] " % what) or "").lower() in ("y", "yes"):
+        return True
+    ctx.info(cancelled)
+    return False
+
+
+def delete_resource(ctx, args, what, path, success, json_message, cancelled="Delete cancelled"):
+    """Confirm, DELETE, accept any 2xx with or without a body."""
+    if not confirm(ctx, args, what, cancelled):
+        return
+    resp = ctx.session().request("DELETE", path)
+    if not resp.ok:
+        raise api_error(resp)
+    ctx.emit({"message": json_message}, lambda: ctx.success(success))
+
+
+def format_timestamp(value):
+    """'2026-11-24T12:00:00.123Z' as '2026-11-24 12:00:00' (UTC); anything else as is."""
+    if not isinstance(value, str):
+        return "" if value is None else str(value)
+    if len(value) >= 19 and value[10] == "T":
+        return value[:10] + " " + value[11:19]
+    return value
+
+
+def or_none(value, missing="None"):
+    return missing if value is None or value == "" else value
+
+
+def label_from_ref(ref):
+    """'my_pack-name' -> 'My Pack Name', as the Rust CLI derives a pack label."""
+    words = ref.replace("-", "_").replace(".", "_").split("_")
+    return " ".join(w[:1].upper() + w[1:] for w in words if w)
+
+
+def schema_rows(schema):
+    """Rows (name, type, required, default, description) of a parameter schema, in the
+    flat form packs use ({"name": {"type": ...}}) or as a JSON Schema object."""
+    if not isinstance(schema, dict):
+        return []
+    required = set()
+    properties = schema
+    if isinstance(schema.get("properties"), dict):
+        properties = schema["properties"]
+        required = set(schema.get("required") or ())
+    rows = []
+    for name, spec in properties.items():
+        spec = spec if isinstance(spec, dict) else {"type": spec}
+        default = spec.get("default")
+        rows.append([name, spec.get("type"), name in required or spec.get("required") is True,
+                     default if default is None or isinstance(default, str) else json.dumps(default),
+                     spec.get("description")])
+    return rows
+
+
+def show_schema(ctx, title, schema):
+    if schema in (None, {}, []):
+        return
+    ctx.section(title)
+    rows = schema_rows(schema)
+    if rows and all(isinstance(v, dict) for v in (schema.get("properties") or schema).values()):
+        ctx.table(["Name", "Type", "Required", "Default", "Description"], rows)
+    else:
+        ctx.out(to_json(schema))
+
+
+def show_json_section(ctx, title, value):
+    if value is not None:
+        ctx.section(title)
+        ctx.out(to_json(value))
+
+
+def show_list_section(ctx, title, values):
+    if values:
+        ctx.section(title)
+        for value in values:
+            ctx.out("  • %s" % cell_text(value))
+
+
+def get_object(session, path, query=None):
+    """GET a single resource: the object inside its {"data": ...} envelope."""
+    data = envelope_data(session.call("GET", path, query=query))
+    if not isinstance(data, dict):
+        raise ApiError("the server's answer is not an object: %s" % snippet(json.dumps(data).encode(), 100))
+    return data
+
+
+def send_object(session, method, path, body=None):
+    data = envelope_data(session.call(method, path, body))
+    return data if isinstance(data, dict) else {}
+
+
+# === Waiting for executions and reading log streams ==========================
+
+class Progress:
+    """One self-overwriting status line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, ctx):
+        try:
+            self.enabled = ctx.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.enabled = False
+        self.stream = ctx.stderr
+        self.width = 0
+
+    def show(self, text):
+        if self.enabled:
+            write_text(self.stream, "\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def wait_for_execution(ctx, session, execution_id, timeout):
+    """Poll GET /executions/{id} with a growing interval (up to 2 s) until the status is
+    terminal; the execution object, or exit 1 when the timeout passes first."""
+    started = time.monotonic()
+    deadline = started + timeout
+    delay = 0.2
+    progress = Progress(ctx)
+    try:
+        while True:
+            execution = get_object(session, "/executions/%d" % execution_id)
+            status = str(execution.get("status") or "")
+            if status.lower() in TERMINAL_STATUSES:
+                return execution
+            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?",
+                                                       time.monotonic() - started))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AttuneError("timed out after %gs waiting for execution %d (status '%s')"
+                                  % (timeout, execution_id, status))
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.5, 2.0)
+    finally:
+        progress.clear()
+
+
+def show_finished_execution(ctx, execution):
+    """'Execution N completed', its details, stdout and result; exit 1 unless it succeeded."""
+    status = str(execution.get("status") or "")
+
+    def table():
+        result = execution.get("result")
+        stdout = result.get("stdout") if isinstance(result, dict) else None
+        ctx.success("Execution %s completed" % execution.get("id"))
+        ctx.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                   ("Status", status), ("Created", format_timestamp(execution.get("created"))),
+                   ("Updated", format_timestamp(execution.get("updated")))], "Execution Details")
+        if isinstance(stdout, str):
+            ctx.section("Stdout")
+            ctx.out(stdout.rstrip("\n"))
+            result = {k: v for k, v in result.items() if k != "stdout"}
+        show_json_section(ctx, "Result", result)
+
+    ctx.emit(execution, table)
+    if status.lower() not in SUCCESS_STATUSES:
+        raise AttuneError("execution finished with status '%s'" % status)
+
+
+def sse_events(stream):
+    """(event, data, id) for each server-sent event; comments come as ('comment', text, None).
+    Ends at the end of the stream; a dropped connection raises OSError or HTTPException."""
+    event, data, event_id = None, [], None
+    while True:
+        raw = stream.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data or event:
+                yield event or "message", "\n".join(data), event_id
+            event, data, event_id = None, [], None
+        elif line.startswith(":"):
+            yield "comment", line[1:].strip(), None
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+            elif field == "id":
+                event_id = value
+
+
+def read_log_stream(ctx, session, execution_id, name, follow, write):
+    """Read /executions/{id}/logs/{name}/stream, passing content to write(text).
+    Without follow: the catch-up only. With follow: until the 'done' event,
+    reconnecting from the last byte offset when the connection drops (a 401 on
+    reconnect refreshes the token, as every request does). Returns the offset."""
+    import http.client
+    path = "/executions/%d/logs/%s/stream" % (execution_id, name)
+    offset, drops = 0, 0
+    while True:
+        resp = session.request("GET", path, query={"offset": offset} if offset else None, stream=True)
+        if not resp.ok:
+            raise api_error(resp)
+        events = sse_events(resp.stream)
+        try:
+            while True:
+                try:  # only reading the stream counts as a drop; a failing write() is not one
+                    event, data, event_id = next(events)
+                except StopIteration:
+                    break
+                except (OSError, http.client.HTTPException) as e:
+                    ctx.log("log stream interrupted: %s" % e.__class__.__name__)
+                    break
+                if event in ("content", "append"):
+                    write(data)
+                    if event_id and event_id.isdigit():
+                        offset = int(event_id)
+                    drops = 0
+                elif event == "done":
+                    return offset
+                elif event == "error":
+                    raise ApiError("the log stream failed: %s" % data)
+                elif not follow and (data == "initial-catchup-complete" or (
+                        event == "waiting" and data == "Waiting for log output")):
+                    return offset
+        finally:
+            resp.stream.close()
+        drops += 1
+        if drops > 5:
+            raise NetworkError("the log stream of execution %d keeps dropping (at byte %d)"
+                               % (execution_id, offset))
+        ctx.log("log stream ended before 'done'; reconnecting from byte %d" % offset)
+        time.sleep(min(0.2 * drops, 2.0))
+
+
+# === Commands: packs =========================================================
+
+def pack_report(ctx, result, verb):
+    """The answer of install, register and upload: {pack, test_result?, tests_skipped}."""
+    pack = result.get("pack") if isinstance(result.get("pack"), dict) else {}
+
+    def table():
+        ctx.success("Pack '%s' %s successfully" % (pack.get("ref"), verb))
+        ctx.info("  Version: %s" % pack.get("version"))
+        ctx.info("  ID: %s" % pack.get("id"))
+        tests = result.get("test_result")
+        if result.get("tests_skipped"):
+            ctx.info("  ⚠ Tests were skipped")
+        elif isinstance(tests, dict):
+            if tests.get("status") == "passed":
+                ctx.success("All tests passed")
+            elif tests.get("status") == "failed":
+                ctx.out("✗ Some tests failed")
+            summary = tests.get("summary") if isinstance(tests.get("summary"), dict) else {}
+            if isinstance(summary.get("passed"), int) and isinstance(summary.get("total"), int):
+                ctx.info("  Tests: %d/%d passed" % (summary["passed"], summary["total"]))
+
+    ctx.emit(result, table)
+
+
+def cmd_pack_list(ctx, args):
+    packs, pagination = fetch_list(ctx.session(), "/packs", every_page=args.all)
+    if args.name:
+        packs = [p for p in packs if args.name in str(p.get("ref", ""))]
+    ctx.emit(packs, lambda: ctx.table(
+        ["Ref", "Version", "Description"],
+        [[p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)] for p in packs],
+        empty="No packs found"))
+    note_partial(ctx, pagination, len(packs), "packs")
+
+
+def cmd_pack_show(ctx, args):
+    pack = get_object(ctx.session(), "/packs/" + path_segment(args.ref))
+    meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
+
+    def table():
+        ctx.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
+                   ("Author", pack.get("author") or meta.get("author") or "Unknown"),
+                   ("Description", or_none(pack.get("description"))),
+                   ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
+                   ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0),
+                   ("Created", format_timestamp(pack.get("created"))),
+                   ("Updated", format_timestamp(pack.get("updated")))], "Pack: %s" % pack.get("label"))
+        show_list_section(ctx, "Runtime Dependencies", pack.get("runtime_deps"))
+        show_list_section(ctx, "Pack Dependencies", pack.get("dependencies"))
+
+    ctx.emit(pack, table)
+
+
+def cmd_pack_create(ctx, args):
+    if not args.ref:
+        raise UsageError("Pack ref is required. Provide --ref <value>.")
+    body = {"ref": args.ref, "label": args.label or label_from_ref(args.ref)}
+    if args.description is not None:
+        body["description"] = args.description
+    body.update(version=args.pack_version, tags=split_list(args.tags))
+    pack = send_object(ctx.session(), "POST", "/packs", body)
+    ctx.emit(pack, lambda: ctx.success("Pack '%s' created successfully (id: %s)"
+                                       % (pack.get("ref"), pack.get("id"))))
+
+
+def pack_source_kind(source, no_registry):
+    lowered = source.lower()
+    if lowered.startswith(("git@", "git://", "ssh://")) or lowered.endswith(".git"):
+        return "git repository"
+    if lowered.startswith(("http://", "https://")):
+        return "archive URL" if lowered.endswith((".tar.gz", ".tgz", ".zip")) else "URL"
+    if os.path.exists(source) or source.startswith(("/", "./", "../")):
+        return "local path"
+    return "path or URL" if no_registry else "registry"
+
+
+def cmd_pack_install(ctx, args):
+    body = {"source": args.source, "ref_spec": args.ref_spec, "force": args.force,
+            "skip_tests": args.skip_tests or args.skip_deps, "skip_deps": args.skip_deps,
+            "no_registry": args.no_registry}
+    ctx.info("Installing pack from: %s (%s)" % (args.source, pack_source_kind(args.source, args.no_registry)))
+    if args.skip_deps:
+        ctx.info("⚠ Dependency validation will be skipped")
+    pack_report(ctx, send_object(ctx.session(), "POST", "/packs/install", body), "installed")
+
+
+def cmd_pack_register(ctx, args):
+    if not args.path.startswith(("/opt/attune/", "/app/", "/packs")):
+        ctx.warn("'%s' looks like a local path; a server in a container may not see it. "
+                 "Use 'attune pack upload %s' to send the pack itself" % (args.path, args.path))
+    ctx.info("Registering pack from: %s" % args.path)
+    body = {"path": args.path, "force": args.force, "skip_tests": args.skip_tests}
+    pack_report(ctx, send_object(ctx.session(), "POST", "/packs/register", body), "registered")
+
+
+def pack_ref_from_yaml(text):
+    """The top-level 'ref:' of a pack.yaml (a one-line lookup; no YAML parser needed)."""
+    for line in text.splitlines():
+        if line.startswith("ref:"):
+            return line[4:].split("#")[0].strip().strip("'\"") or None
+    return None
+
+
+def pack_archive(path):
+    """(tar.gz bytes, pack ref) for a pack directory (packed in memory, .git and
+    symlinks left out) or an existing .tar.gz file."""
+    import io
+    import tarfile
+    if os.path.isdir(path):
+        manifest = os.path.join(path, "pack.yaml")
+        if not os.path.isfile(manifest):
+            raise UsageError("No pack.yaml found in: %s" % path)
+        with open(manifest, encoding="utf-8", errors="replace") as f:
+            ref = pack_ref_from_yaml(f.read()) or os.path.basename(os.path.abspath(path))
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if d != ".git" and not os.path.islink(os.path.join(root, d)))
+                for name in sorted(files):
+                    full = os.path.join(root, name)
+                    if not os.path.islink(full):
+                        tar.add(full, arcname=os.path.relpath(full, path), recursive=False)
+        return buffer.getvalue(), ref
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(b"\x1f\x8b"):
+            raise UsageError("%s is neither a pack directory nor a .tar.gz archive" % path)
+        ref = None
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+                for member in tar.getmembers():
+                    if os.path.basename(member.name) == "pack.yaml" and member.name.count("/") <= 1:
+                        ref = pack_ref_from_yaml(tar.extractfile(member).read().decode("utf-8", "replace"))
+                        break
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UsageError("cannot read archive %s: %s" % (path, e))
+        return data, ref or os.path.basename(path).split(".")[0]
+    raise UsageError("Path does not exist: %s" % path)
+
+
+def multipart_body(fields, file_field, filename, content, content_type):
+    """(body, Content-Type) of a multipart/form-data request with text fields and one file."""
+    boundary = "attune-py-" + binascii.hexlify(os.urandom(12)).decode("ascii")
+    parts = []
+    for name, value in fields:
+        parts.append(('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                      % (boundary, name, value)).encode("utf-8"))
+    parts.append(('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                  'Content-Type: %s\r\n\r\n' % (boundary, file_field, filename, content_type)).encode("utf-8"))
+    parts.append(content + ("\r\n--%s--\r\n" % boundary).encode("ascii"))
+    return b"".join(parts), "multipart/form-data; boundary=" + boundary
+
+
+def cmd_pack_upload(ctx, args):
+    archive, ref = pack_archive(args.path)
+    ctx.info("Uploading pack '%s' from: %s" % (ref, args.path))
+    ctx.info("Archive ready (%d KB), uploading..." % (len(archive) // 1024))
+    fields = [(name, "true") for name in ("force", "skip_tests") if getattr(args, name)]
+    body, content_type = multipart_body(fields, "pack", ref + ".tar.gz", archive, "application/gzip")
+    resp = ctx.session().request("POST", "/packs/upload", raw_body=body, content_type=content_type)
+    if not resp.ok:
+        raise api_error(resp)
+    result = envelope_data(resp.json())
+    pack_report(ctx, result if isinstance(result, dict) else {}, "uploaded and registered")
+
+
+def cmd_pack_update(ctx, args):
+    body = {}
+    if args.label is not None:
+        body["label"] = args.label
+    if args.description is not None:  # a patch: an empty value clears it
+        body["description"] = {"op": "set", "value": args.description} if args.description else {"op": "clear"}
+    if args.pack_version is not None:
+        body["version"] = args.pack_version
+    if not body:
+        raise UsageError("At least one field must be provided to update")
+    pack = send_object(ctx.session(), "PUT", "/packs/" + path_segment(args.ref), body)
+
+    def table():
+        ctx.success("Pack '%s' updated successfully" % pack.get("ref"))
+        ctx.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
+                   ("Description", or_none(pack.get("description"))),
+                   ("Updated", format_timestamp(pack.get("updated")))])
+
+    ctx.emit(pack, table)
+
+
+def cmd_pack_uninstall(ctx, args):
+    delete_resource(ctx, args, "uninstall pack '%s'" % args.ref, "/packs/" + path_segment(args.ref),
+                    "Pack '%s' uninstalled successfully" % args.ref, "Pack uninstalled successfully",
+                    "Uninstall cancelled")
+
+
+# === Commands: actions =======================================================
+
+def runtime_text(item, is_workflow=None):
+    if item.get("workflow_def") is not None if is_workflow is None else is_workflow:
+        return "Workflow"
+    ref, constraint = item.get("runtime_ref"), item.get("runtime_version_constraint")
+    if ref:
+        return "%s (%s)" % (ref, constraint) if constraint else ref
+    return "(unknown) (%s)" % constraint if constraint else "none"
+
+
+def action_pairs(action, entry_label="Entry Point"):
+    return [("Reference", action.get("ref")), ("Pack", action.get("pack_ref")), ("Label", action.get("label")),
+            ("Description", or_none(action.get("description"))), (entry_label, action.get("entrypoint")),
+            ("Runtime", runtime_text(action)), ("Enabled", action.get("enabled"))]
+
+
+def cmd_action_list(ctx, args):
+    path = "/packs/%s/actions" % path_segment(args.pack) if args.pack else "/actions"
+    actions, pagination = fetch_list(ctx.session(), path, every_page=args.all)
+    if args.name:
+        actions = [a for a in actions if args.name in str(a.get("ref", ""))]
+    ctx.emit(actions, lambda: ctx.table(
+        ["Ref", "Label", "Runtime", "Enabled", "Description"],
+        [[a.get("ref"), a.get("label"), runtime_text(a), a.get("enabled"), clip(a.get("description") or "", 40)]
+         for a in actions], empty="No actions found"))
+    note_partial(ctx, pagination, len(actions), "actions")
+
+
+def cmd_action_show(ctx, args):
+    action = get_object(ctx.session(), "/actions/" + path_segment(args.ref))
+
+    def table():
+        ctx.pairs(action_pairs(action) + [("Created", format_timestamp(action.get("created"))),
+                                          ("Updated", format_timestamp(action.get("updated")))],
+                  "Action: %s" % action.get("ref"))
+        show_schema(ctx, "Parameters Schema", action.get("param_schema"))
+
+    ctx.emit(action, table)
+
+
+def cmd_action_search(ctx, args):
+    query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
+             "page_size": max(1, min(args.limit, ALL_PAGE_SIZE)), "page": 1}
+    hits, _ = fetch_list(ctx.session(), "/actions/search", query)
+    ctx.emit(hits, lambda: ctx.table(
+        ["Ref", "Pack", "Label", "Runtime", "MCP", "Description"],
+        [[h.get("ref"), h.get("pack_ref"), h.get("label"), runtime_text(h, bool(h.get("is_workflow"))),
+          "yes" if h.get("accesses_mcp") else "", clip(h.get("description") or "", 50)] for h in hits],
+        empty="No actions matched the search query"))
+
+
+def cmd_action_toggle(ctx, args, enabled):
+    action = send_object(ctx.session(), "PUT", "/actions/" + path_segment(args.ref), {"enabled": enabled})
+
+    def table():
+        ctx.success("Action '%s' updated successfully" % action.get("ref"))
+        ctx.pairs(action_pairs(action, "Entrypoint") + [("Updated", format_timestamp(action.get("updated")))])
+
+    ctx.emit(action, table)
+
+
+def cmd_action_enable(ctx, args):
+    cmd_action_toggle(ctx, args, True)
+
+
+def cmd_action_disable(ctx, args):
+    cmd_action_toggle(ctx, args, False)
+
+
+def cmd_action_delete(ctx, args):
+    delete_resource(ctx, args, "delete action '%s'" % args.ref, "/actions/" + path_segment(args.ref),
+                    "Action '%s' deleted successfully" % args.ref, "Action deleted successfully")
+
+
+def start_execution(ctx, args, body, started_message, extra_pairs=()):
+    """POST /executions/execute; print it, or with --watch wait and print the outcome."""
+    if args.timeout is not None and not args.watch:
+        raise UsageError("--timeout only applies with --watch")
+    session = ctx.session()
+    execution = send_object(session, "POST", "/executions/execute", body)
+    if not args.watch:
+        def table():
+            ctx.success(started_message % execution.get("id"))
+            ctx.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                       ("Status", execution.get("status"))] + list(extra_pairs))
+        ctx.emit(execution, table)
+        return
+    ctx.info("Waiting for execution %s to complete..." % execution.get("id"))
+    timeout = args.timeout if args.timeout is not None else 300
+    show_finished_execution(ctx, wait_for_execution(ctx, session, int(execution["id"]), timeout))
+
+
+def cmd_action_execute(ctx, args):
+    body = execute_body(args, args.ref, execution_parameters(args))
+    ctx.info("Executing action: %s" % args.ref)
+    start_execution(ctx, args, body, "Execution %s started")
+
+
+# === Commands: executions ====================================================
+
+def matches_ref(actual, pattern):
+    """Exact match, or 'pack.*' for every ref in a pack."""
+    if pattern is None:
+        return True
+    if not actual:
+        return False
+    if pattern.endswith(".*"):
+        return len(pattern) > 2 and actual.startswith(pattern[:-1])
+    return actual == pattern
+
+
+def execution_matches(execution, args, statuses, result_text):
+    """The Rust CLI's client-side filters: wildcards, several statuses, result text."""
+    if args.top_level_only and execution.get("parent") is not None:
+        return False
+    action = execution.get("action_ref") or ""
+    if args.pack and not action.startswith(args.pack + "."):
+        return False
+    if not (matches_ref(action, args.action) and matches_ref(execution.get("rule_ref"), args.rule)
+            and matches_ref(execution.get("trigger_ref"), args.trigger)):
+        return False
+    if args.trace_tag is not None and execution.get("trace_tag") != args.trace_tag:
+        return False
+    if statuses and str(execution.get("status") or "").lower() not in statuses:
+        return False
+    if result_text is not None and "result" in execution:
+        return result_text in json.dumps(execution.get("result")).lower()
+    return True
+
+
+def cmd_execution_list(ctx, args):
+    statuses = [s.strip().lower() for s in args.status or () if s.strip()]
+    result_text = args.result.lower() if args.result else None
+    query = {"per_page": args.limit, "pack_name": args.pack, "action_ref": args.action,
+             "rule_ref": args.rule, "trigger_ref": args.trigger, "trace_tag": args.trace_tag,
+             "status": statuses[0] if len(statuses) == 1 else None, "result_contains": args.result,
+             "top_level_only": "true" if args.top_level_only else None}
+    found, pagination = fetch_list(ctx.session(), "/executions", query, "per_page", args.all)
+    rows = [e for e in found if execution_matches(e, args, statuses, result_text)]
+    rows.sort(key=lambda e: (str(e.get("created") or ""), e.get("id") or 0), reverse=True)
+    if not args.all:
+        rows = rows[:args.limit]
+
+    def table():
+        ctx.table(["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"],
+                  [[e.get("id"), e.get("action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
+                    e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))]
+                   for e in rows], empty="No executions found")
+
+    ctx.emit(rows, table)
+    note_partial(ctx, pagination, len(rows), "executions")
+
+
+def format_timeout_seconds(seconds):
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
+        return "Not configured"
+    hours, minutes, rest = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    human = ("%dh %dm" % (hours, minutes) if hours else
+             "%dm %ds" % (minutes, rest) if minutes else "%ds" % rest)
+    return "%s (%ds)" % (human, seconds)
+
+
+def cmd_execution_show(ctx, args):
+    execution = get_object(ctx.session(), "/executions/%d" % args.id)
+
+    def table():
+        ctx.pairs([("ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                   ("Status", execution.get("status")), ("Trace Tag", or_none(execution.get("trace_tag"))),
+                   ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
+                   ("Parent ID", or_none(execution.get("parent"))),
+                   ("Enforcement ID", or_none(execution.get("enforcement"))),
+                   ("Executor ID", or_none(execution.get("executor"))),
+                   ("Created", format_timestamp(execution.get("created"))),
+                   ("Updated", format_timestamp(execution.get("updated")))], "Execution: %s" % execution.get("id"))
+        show_json_section(ctx, "Configuration", execution.get("config"))
+        show_json_section(ctx, "Result", execution.get("result"))
+
+    ctx.emit(execution, table)
+
+
+def cmd_execution_result(ctx, args):
+    execution = get_object(ctx.session(), "/executions/%d" % args.id)
+    if execution.get("result") is None:
+        raise AttuneError("Execution %d has no result yet" % args.id)
+    fmt = args.format or ("yaml" if ctx.output == "yaml" else "json")
+    ctx.write_document(to_yaml if fmt == "yaml" else to_json, execution["result"])
+
+
+def cmd_execution_cancel(ctx, args):
+    if not confirm(ctx, args, "cancel execution %d" % args.id, "Cancellation aborted"):
+        return
+    execution = send_object(ctx.session(), "POST", "/executions/%d/cancel" % args.id, {})
+    ctx.emit(execution, lambda: ctx.success("Execution %d cancelled" % args.id))
+
+
+def cmd_execution_watch(ctx, args):
+    ctx.info("Observing execution %d..." % args.id)
+    show_finished_execution(ctx, wait_for_execution(ctx, ctx.session(), args.id, args.timeout))
+
+
+def cmd_execution_logs(ctx, args):
+    name = "stderr" if args.stderr else "stdout"
+    chunks = []
+    table = ctx.output == "table"
+
+    def write(text):
+        if table:
+            write_text(ctx.stdout, text)
+            ctx.stdout.flush()
+        else:
+            chunks.append(text)
+
+    offset = read_log_stream(ctx, ctx.session(), args.id, name, args.follow, write)
+    if not table:
+        ctx.emit({"execution_id": args.id, "stream": name, "content": "".join(chunks), "offset": offset})
+
+
+def secret_marker_paths(value, path=""):
+    """JSON pointers of every redacted secret marker ({"$attune_secret": true, ...}) in value."""
+    if isinstance(value, dict):
+        if value.get("$attune_secret") is True:
+            return [path or "/"]
+        found = []
+        for key, child in value.items():
+            found += secret_marker_paths(child, "%s/%s" % (path, str(key).replace("~", "~0").replace("/", "~1")))
+        return sorted(found)
+    if isinstance(value, list):
+        return sorted(p for i, child in enumerate(value) for p in secret_marker_paths(child, "%s/%d" % (path, i)))
+    return []
+
+
+def cmd_execution_rerun(ctx, args):
+    original = get_object(ctx.session(), "/executions/%d" % args.id)
+    action_ref = original.get("action_ref")
+    if not action_ref:
+        raise AttuneError("Execution %d has no action_ref (may have been triggered by a deleted action)"
+                          % args.id)
+    config = original.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise AttuneError("Original execution config is not a JSON object (got %s); cannot rerun"
+                          % type(config).__name__)
+    parameters = execution_parameters(args, config)
+    markers = secret_marker_paths(parameters)
+    if markers:
+        raise UsageError("rerun parameters still contain redacted secrets at %s; give each a new value "
+                         "with --param before rerunning" % ", ".join(markers))
+    ctx.info("Rerunning execution %d (action: %s)" % (args.id, action_ref))
+    start_execution(ctx, args, execute_body(args, action_ref, parameters),
+                    "Execution %%s started (rerun of %d)" % args.id, [("Rerun of", args.id)])
+
+
+# === Commands: rules =========================================================
+
+def rule_pairs(rule):
+    return [("Ref", rule.get("ref")), ("Pack", rule.get("pack_ref")), ("Label", rule.get("label")),
+            ("Description", or_none(rule.get("description"))), ("Trigger", rule.get("trigger_ref")),
+            ("Action", rule.get("action_ref")), ("Enabled", rule.get("enabled")),
+            ("Trace Tag Template", or_none(rule.get("trace_tag_template")))]
+
+
+def rule_fields(args):
+    """The optional fields shared by rule create and update, as the server names them."""
+    body = {}
+    if args.description is not None:
+        body["description"] = args.description
+    for flag in ("conditions", "action_params", "trigger_params"):
+        value = getattr(args, flag)
+        if value is not None:
+            body[flag] = parse_json_arg(value, "--" + flag.replace("_", "-"))
+    if args.enabled is not None:
+        body["enabled"] = args.enabled
+    return body
+
+
+def cmd_rule_list(ctx, args):
+    query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
+    rules, pagination = fetch_list(ctx.session(), "/rules", query, every_page=args.all)
+    ctx.emit(rules, lambda: ctx.table(
+        ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
+        [[r.get("ref"), r.get("pack_ref"), r.get("label"), r.get("trigger_ref"), r.get("action_ref"),
+          r.get("enabled")] for r in rules], empty="No rules found"))
+    note_partial(ctx, pagination, len(rules), "rules")
+
+
+def cmd_rule_show(ctx, args):
+    rule = get_object(ctx.session(), "/rules/" + path_segment(args.ref))
+
+    def table():
+        ctx.pairs(rule_pairs(rule) + [("Created", format_timestamp(rule.get("created"))),
+                                      ("Updated", format_timestamp(rule.get("updated")))],
+                  "Rule: %s" % rule.get("ref"))
+        show_json_section(ctx, "Conditions", rule.get("conditions"))
+        show_json_section(ctx, "Action Parameters", rule.get("action_params"))
+        show_json_section(ctx, "Trigger Parameters", rule.get("trigger_params"))
+
+    ctx.emit(rule, table)
+
+
+def cmd_rule_create(ctx, args):
+    body = {"ref": args.ref, "pack_ref": args.pack, "label": args.label, "trigger_ref": args.trigger,
+            "action_ref": args.action}
+    body.update(rule_fields(args))
+    rule = send_object(ctx.session(), "POST", "/rules", body)
+
+    def table():
+        ctx.success("Rule '%s' created successfully" % rule.get("ref"))
+        ctx.info("ID: %s" % rule.get("id"))
+        ctx.info("Enabled: %s" % str(rule.get("enabled")).lower())
+
+    ctx.emit(rule, table)
+
+
+def cmd_rule_update(ctx, args):
+    body = rule_fields(args)
+    if args.label is not None:
+        body["label"] = args.label
+    if not body:
+        raise UsageError("At least one field must be provided to update")
+    rule = send_object(ctx.session(), "PUT", "/rules/" + path_segment(args.ref), body)
+
+    def table():
+        ctx.success("Rule '%s' updated successfully" % rule.get("ref"))
+        ctx.pairs(rule_pairs(rule) + [("Updated", format_timestamp(rule.get("updated")))])
+
+    ctx.emit(rule, table)
+
+
+def cmd_rule_toggle(ctx, args, verb):
+    # the server's routes; the Rust CLI's PATCH /rules/{ref} has no route
+    rule = send_object(ctx.session(), "POST", "/rules/%s/%s" % (path_segment(args.ref), verb[:-1]))
+    ctx.emit(rule, lambda: ctx.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
+
+
+def cmd_rule_enable(ctx, args):
+    cmd_rule_toggle(ctx, args, "enabled")
+
+
+def cmd_rule_disable(ctx, args):
+    cmd_rule_toggle(ctx, args, "disabled")
+
+
+def cmd_rule_delete(ctx, args):
+    delete_resource(ctx, args, "delete rule '%s'" % args.ref, "/rules/" + path_segment(args.ref),
+                    "Rule '%s' deleted successfully" % args.ref, "Rule deleted successfully",
+                    "Deletion cancelled")
+
+
+# === Commands: triggers and sensors ==========================================
+
+def list_pack_scoped(ctx, args, kind, columns, row, empty):
+    """trigger/sensor list: /packs/{p}/<kind> for one pack (the server ignores ?pack=)."""
+    path = "/packs/%s/%s" % (path_segment(args.pack), kind) if args.pack else "/" + kind
+    items, pagination = fetch_list(ctx.session(), path, every_page=args.all)
+    ctx.emit(items, lambda: ctx.table(columns, [row(i) for i in items], empty=empty))
+    note_partial(ctx, pagination, len(items), kind)
+
+
+def toggle_resource(ctx, kind, ref, enabled):
+    """POST /<kind>s/{ref}/enable|disable and report it the way triggers and sensors do."""
+    verb = "enabled" if enabled else "disabled"
+    item = send_object(ctx.session(), "POST", "/%ss/%s/%s" % (kind, path_segment(ref), verb[:-1]), {})
+
+    def table():
+        ctx.success("%s '%s' %s successfully" % (kind.title(), item.get("ref") or ref, verb))
+        ctx.pairs([("Ref", item.get("ref")), ("Enabled", item.get("enabled")),
+                   ("Updated", format_timestamp(item.get("updated")))])
+
+    ctx.emit(item, table)
+
+
+def cmd_trigger_list(ctx, args):
+    list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
+                     lambda t: [t.get("ref"), t.get("pack_ref") or "", t.get("label"), t.get("enabled"),
+                                t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)],
+                     "No triggers found")
+
+
+def cmd_trigger_show(ctx, args):
+    trigger = get_object(ctx.session(), "/triggers/" + path_segment(args.ref))
+
+    def table():
+        allowed = trigger.get("reference_allowed_pack_refs") or []
+        ctx.pairs([("Ref", trigger.get("ref")), ("Pack", or_none(trigger.get("pack_ref"))),
+                   ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
+                   ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
+                   ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
+                   ("Allowed Caller Packs", ", ".join(allowed) or "None"),
+                   ("Created", format_timestamp(trigger.get("created"))),
+                   ("Updated", format_timestamp(trigger.get("updated")))], "Trigger: %s" % trigger.get("ref"))
+        if trigger.get("webhook_key"):
+            ctx.section("Webhook")
+            ctx.info("Key: %s" % trigger["webhook_key"])
+        show_json_section(ctx, "Parameter Schema", trigger.get("param_schema"))
+        show_json_section(ctx, "Output Schema", trigger.get("out_schema"))
+
+    ctx.emit(trigger, table)
+
+
+def cmd_trigger_enable(ctx, args):
+    toggle_resource(ctx, "trigger", args.ref, True)
+
+
+def cmd_trigger_disable(ctx, args):
+    toggle_resource(ctx, "trigger", args.ref, False)
+
+
+def cmd_trigger_delete(ctx, args):
+    delete_resource(ctx, args, "delete trigger '%s'" % args.ref, "/triggers/" + path_segment(args.ref),
+                    "Trigger '%s' deleted successfully" % args.ref, "Trigger deleted successfully")
+
+
+def sensor_trigger(sensor):
+    return sensor.get("trigger_ref") or ", ".join(sensor.get("trigger_types") or ())
+
+
+def cmd_sensor_list(ctx, args):
+    list_pack_scoped(ctx, args, "sensors", ["Ref", "Pack", "Label", "Trigger", "Enabled", "Description"],
+                     lambda s: [s.get("ref"), s.get("pack_ref") or "", s.get("label"), sensor_trigger(s),
+                                s.get("enabled"), clip(s.get("description") or "", 50)],
+                     "No sensors found")
+
+
+def cmd_sensor_show(ctx, args):
+    sensor = get_object(ctx.session(), "/sensors/" + path_segment(args.ref))
+    ctx.emit(sensor, lambda: ctx.pairs(
+        [("Ref", sensor.get("ref")), ("Pack", or_none(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
+         ("Description", or_none(sensor.get("description"))), ("Trigger", or_none(sensor_trigger(sensor))),
+         ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
+         ("Runtime", or_none(sensor.get("runtime_ref"))), ("Enabled", sensor.get("enabled")),
+         ("Created", format_timestamp(sensor.get("created"))),
+         ("Updated", format_timestamp(sensor.get("updated")))], "Sensor: %s" % sensor.get("ref")))
+
+
+def cmd_sensor_enable(ctx, args):
+    toggle_resource(ctx, "sensor", args.ref, True)
+
+
+def cmd_sensor_disable(ctx, args):
+    toggle_resource(ctx, "sensor", args.ref, False)
+
+
+# === Commands: keys ==========================================================
+
+def key_owner(key):
+    """'pack: core', 'identity: 7', or just 'system' when there is no owner."""
+    kind = str(key.get("owner_type") or "")
+    owner = {"pack": key.get("owner_pack_ref"), "action": key.get("owner_action_ref"),
+             "sensor": key.get("owner_sensor_ref")}.get(kind.lower()) or key.get("owner")
+    return "%s: %s" % (kind, owner) if owner not in (None, "", "-") else kind
+
+
+def canonical_hash(value):
+    import hashlib
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def key_value(ctx, args):
+    """The value of --value or --value-stdin, parsed as JSON when it parses; None if neither."""
+    if args.value is not None and args.value_stdin:
+        raise UsageError("give the value either with --value or on stdin (--value-stdin), not both")
+    if args.value_stdin:
+        text = ctx.stdin.read()
+        text = text[:-1] if text.endswith("\n") else text
+    elif args.value is not None:
+        text = args.value
+        if getattr(args, "encrypt", False) or getattr(args, "encrypted", False):
+            ctx.warn("--value exposes the secret in the process list; prefer --value-stdin")
+    else:
+        return None
+    return json_or_string(text)
+
+
+def key_pairs(key, last=("Created", "created")):
+    return [("Reference", key.get("ref")), ("Name", key.get("name")), ("Owner", key_owner(key)),
+            ("Encrypted", key.get("encrypted")), (last[0], format_timestamp(key.get(last[1])))]
+
+
+def cmd_key_list(ctx, args):
+    query = {"page": 1, "per_page": 50, "owner_type": args.owner_type, "owner": args.owner}
+    keys, pagination = fetch_list(ctx.session(), "/keys", query, "per_page", args.all)
+    ctx.emit(keys, lambda: ctx.table(
+        ["Ref", "Name", "Owner", "Encrypted", "Created"],
+        [[k.get("ref"), k.get("name"), key_owner(k), k.get("encrypted"), format_timestamp(k.get("created"))]
+         for k in keys], empty="No keys found"))
+    note_partial(ctx, pagination, len(keys), "keys")
+
+
+def cmd_key_show(ctx, args):
+    key = get_object(ctx.session(), "/keys/" + path_segment(args.ref),
+                     {"decrypt": "true"} if args.decrypt else None)
+    value = key.get("value")
+    shown = dict(key)
+    if not args.decrypt:  # never show a value the user did not ask to reveal
+        shown["value"] = "[REDACTED]" if value is None else canonical_hash(value)
+
+    def table():
+        pairs = [("Reference", key.get("ref")), ("Name", key.get("name")), ("Owner", key_owner(key))]
+        for label, field in (("Owner Pack", "owner_pack_ref"), ("Owner Action", "owner_action_ref"),
+                             ("Owner Sensor", "owner_sensor_ref")):
+            if key.get(field):
+                pairs.append((label, key[field]))
+        pairs.append(("Encrypted", key.get("encrypted")))
+        if args.decrypt:
+            pairs.append(("Value", value if isinstance(value, str) else to_json(value)))
+        elif value is None:
+            pairs.append(("Value", "[REDACTED]"))
+        else:
+            pairs.append(("Value (SHA-256 of canonical JSON)", shown["value"]))
+        if not args.decrypt:
+            pairs.append(("", "(use --decrypt / -d to reveal the actual value)"))
+        pairs += [("Created", format_timestamp(key.get("created"))), ("Updated", format_timestamp(key.get("updated")))]
+        ctx.pairs(pairs, "Key: %s" % key.get("ref"))
+
+    ctx.emit(shown, table)
+
+
+def cmd_key_create(ctx, args):
+    if args.owner_type not in KEY_OWNER_TYPES:
+        raise UsageError("Invalid owner type '%s'. Must be one of: %s" % (args.owner_type, ", ".join(KEY_OWNER_TYPES)))
+    value = key_value(ctx, args)
+    if value is None:
+        raise UsageError("a value is needed: --value V or --value-stdin")
+    body = {"ref": args.ref, "owner_type": args.owner_type}
+    if args.owner is not None:
+        body["owner"] = args.owner
+    body.update(name=args.name, value=value, encrypted=args.encrypt)
+    key = send_object(ctx.session(), "POST", "/keys", body)
+    key.pop("value", None)  # not echoed back, even in JSON
+
+    def table():
+        ctx.success("Key '%s' created successfully" % key.get("ref"))
+        ctx.pairs(key_pairs(key))
+
+    ctx.emit(key, table)
+
+
+def cmd_key_update(ctx, args):
+    body = {}
+    if args.name is not None:
+        body["name"] = args.name
+    value = key_value(ctx, args)
+    if value is not None:
+        body["value"] = value
+    if args.encrypted is not None:
+        body["encrypted"] = args.encrypted
+    if not body:
+        raise UsageError("At least one field must be provided to update (--name, --value, or --encrypted)")
+    key = send_object(ctx.session(), "PUT", "/keys/" + path_segment(args.ref), body)
+    key.pop("value", None)
+
+    def table():
+        ctx.success("Key '%s' updated successfully" % key.get("ref"))
+        ctx.pairs(key_pairs(key, ("Updated", "updated")))
+
+    ctx.emit(key, table)
+
+
+def cmd_key_delete(ctx, args):
+    message = "Key '%s' deleted successfully" % args.ref
+    delete_resource(ctx, args, "delete key '%s'" % args.ref, "/keys/" + path_segment(args.ref),
+                    message, message, "Deletion cancelled")
+
+
+# === Commands: workflows =====================================================
+
+def cmd_workflow_list(ctx, args):
+    query = {"pack_ref": args.pack, "tags": args.tags, "search": args.search}
+    workflows, pagination = fetch_list(ctx.session(), "/workflows", query, every_page=args.all)
+
+    def table():
+        ctx.table(["Reference", "Pack", "Label", "Version", "Tags"],
+                  [[w.get("ref"), w.get("pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
+                    clip(", ".join(w.get("tags") or ()), 25) or "-"] for w in workflows],
+                  empty="No workflows found")
+        if workflows:
+            ctx.info("%d workflow(s) found" % len(workflows))
+
+    ctx.emit(workflows, table)
+    note_partial(ctx, pagination, len(workflows), "workflows")
+
+
+def task_transitions(task):
+    targets = sum(len(t.get("do") or ()) for t in task.get("next") or () if isinstance(t, dict))
+    return "%d target(s)" % targets if targets else "terminal"
+
+
+def cmd_workflow_show(ctx, args):
+    workflow = get_object(ctx.session(), "/workflows/" + path_segment(args.ref))
+
+    def table():
+        ctx.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
+                   ("Label", workflow.get("label")), ("Description", workflow.get("description") or "-"),
+                   ("Version", workflow.get("version")), ("Tags", ", ".join(workflow.get("tags") or ()) or "none"),
+                   ("Created", format_timestamp(workflow.get("created"))),
+                   ("Updated", format_timestamp(workflow.get("updated")))], "Workflow: %s" % workflow.get("ref"))
+        for title, field in (("Parameters", "param_schema"), ("Output Schema", "out_schema")):
+            if isinstance(workflow.get(field), dict) and workflow[field]:
+                ctx.section(title)
+                ctx.out(to_yaml(workflow[field]))
+        definition = workflow.get("definition")
+        tasks = definition.get("tasks") if isinstance(definition, dict) else None
+        if isinstance(tasks, list):
+            ctx.section("Tasks")
+            ctx.table(["#", "Name", "Action", "Transitions"],
+                      [[i, t.get("name") or "?", clip(str(t.get("action") or "-"), 35), task_transitions(t)]
+                       for i, t in enumerate((t for t in tasks if isinstance(t, dict)), start=1)])
+
+    ctx.emit(workflow, table)
+
+
+def cmd_workflow_delete(ctx, args):
+    delete_resource(ctx, args, "delete workflow '%s'" % args.ref, "/workflows/" + path_segment(args.ref),
+                    "Workflow '%s' deleted successfully" % args.ref, "Workflow '%s' deleted" % args.ref)
+
+
+# === Commands: api and health ================================================
+
+def api_body(ctx, args):
+    """The raw bytes of --data (JSON text, @FILE or - for stdin), or None."""
+    if args.data is None:
+        return None
+    if args.data == "-":
+        text = ctx.stdin.read()
+    elif args.data.startswith("@"):
+        try:
+            with open(args.data[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError("cannot read %s: %s" % (args.data[1:], e.strerror or e))
+    else:
+        text = args.data
+    return text.encode("utf-8")
+
+
+def cmd_api(ctx, args):
+    method = args.method.upper()
+    fields = parse_param_pairs(args.field)
+    raw = api_body(ctx, args)
+    query = None
+    if fields and method in ("GET", "HEAD", "DELETE"):
+        query = fields
+    elif fields:
+        merged = parse_json_arg(raw.decode("utf-8"), "--data") if raw is not None else {}
+        if not isinstance(merged, dict):
+            raise UsageError("--field needs --data to be a JSON object")
+        merged.update(fields)
+        raw = json.dumps(merged).encode("utf-8")
+    session = ctx.session()
+    if args.paginate:
+        if method != "GET":
+            raise UsageError("--paginate works with GET")
+        size = "per_page" if any(k == "per_page" for k in (query or {})) else "page_size"
+        items, _ = fetch_list(session, args.path, query, size, every_page=True)
+        ctx.emit(items, lambda: ctx.write_document(to_json, items))
+        return
+    resp = session.request(method, args.path, query=query, raw_body=raw)
+    try:
+        body = resp.json()
+    except ApiError:
+        body = resp.body.decode("utf-8", "replace")
+    if not resp.ok:
+        write_text(ctx.stderr, (body if isinstance(body, str) else to_json(body)).rstrip("\n") + "\n")
+        error = api_error(resp)
+        error.args = ("HTTP %d %s" % (resp.status, resp.reason),)
+        raise error
+    if isinstance(body, str):
+        write_text(ctx.stdout, body)
+    elif body is not None:
+        ctx.emit(body, lambda: ctx.write_document(to_json, body))
+
+
+def cmd_health(ctx, args):
+    session = ctx.session(use_env=False)
+    started = time.monotonic()
+    delay, announced = 0.5, False
+    while True:
+        try:
+            resp = session.request("GET", "/health", auth=False)
+            if resp.ok:
+                break
+            error = api_error(resp)
+        except NetworkError as e:
+            error = e
+        if args.wait is None:
+            raise error
+        if time.monotonic() - started >= args.wait:
+            raise NetworkError("%s did not become healthy within %gs: %s" % (session.api_url, args.wait, error))
+        if not announced:
+            announced = True
+            ctx.note("waiting up to %gs for %s/health ..." % (args.wait, session.api_url))
+        time.sleep(min(delay, max(0.0, args.wait - (time.monotonic() - started))))
+        delay = min(delay * 1.5, 5.0)
+    try:
+        health = resp.json()
+    except ApiError:
+        health = None
+    health = health if isinstance(health, dict) else {"status": "ok"}
+    ctx.emit(health, lambda: ctx.success("Server at %s is healthy (status: %s)"
+                                         % (session.api_url, health.get("status"))))
+
+
 # === Argument parser =========================================================
 
 def add_global_args(parser, top):
@@ -2086,6 +3381,234 @@ def add_config_commands(commands):
     p.add_argument("name")
 
 
+def add_all_flag(p):
+    p.add_argument("--all", action="store_true", help="follow every page of the list (has_next)")
+
+
+def add_yes_flag(p):
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def add_ref(p, what):
+    p.add_argument("ref", metavar="REF", help="%s reference" % what)
+
+
+def add_execution_id(p):
+    p.add_argument("id", metavar="ID", type=int, help="execution id (a whole number)")
+
+
+def add_execute_args(p, with_ref=True):
+    """The options of action execute, run and execution rerun."""
+    if with_ref:
+        add_ref(p, "action (pack.action)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter; the value is parsed as JSON when it parses (repeatable)")
+    p.add_argument("--params-json", metavar="JSON", help="all parameters as one JSON object")
+    p.add_argument("--worker-selector", metavar="JSON", help="worker label selector (JSON object)")
+    p.add_argument("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)")
+    p.add_argument("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)")
+    p.add_argument("--execution-timeout", type=positive_int, metavar="SECONDS",
+                   help="timeout the server enforces on the execution")
+    p.add_argument("-w", "--watch", action="store_true", help="wait for the execution to finish")
+    p.add_argument("--timeout", type=positive_int, metavar="SECONDS",
+                   help="with --watch: stop waiting after this long (default 300)")
+
+
+def add_pack_commands(commands):
+    pack = commands.group("pack", "list, show, create, install, register, upload, update and uninstall packs")
+    p = pack.add("list", "list installed packs", cmd_pack_list)
+    p.add_argument("-n", "--name", help="only packs whose ref contains this")
+    add_all_flag(p)
+    add_ref(pack.add("show", "show one pack", cmd_pack_show), "pack")
+    p = pack.add("create", "create an empty pack", cmd_pack_create)
+    p.add_argument("-r", "--ref", help="unique pack ref (required)")
+    p.add_argument("-l", "--label", help="label (default: the ref, title-cased)")
+    p.add_argument("-d", "--description")
+    p.add_argument("--pack-version", default="0.1.0", metavar="VERSION", help="version (default 0.1.0)")
+    p.add_argument("--tags", metavar="A,B", help="comma-separated tags")
+    p = pack.add("install", "install a pack from a registry, git, a URL or a path", cmd_pack_install)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("-r", "--ref-spec", help="git branch, tag or commit")
+    p.add_argument("-f", "--force", action="store_true", help="reinstall if it exists")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the pack's tests")
+    p.add_argument("--skip-deps", action="store_true", help="skip dependency validation (implies --skip-tests)")
+    p.add_argument("--no-registry", action="store_true", help="treat SOURCE as a URL or path")
+    for name, func, help_text in (
+            ("register", cmd_pack_register, "register a pack from a path the server can see"),
+            ("upload", cmd_pack_upload, "upload a pack directory or .tar.gz and register it")):
+        p = pack.add(name, help_text, func)
+        p.add_argument("path", metavar="PATH")
+        p.add_argument("-f", "--force", action="store_true", help="replace a pack with the same ref")
+        p.add_argument("--skip-tests", action="store_true", help="do not run the pack's tests")
+    p = pack.add("update", "change a pack's label, description or version", cmd_pack_update)
+    add_ref(p, "pack")
+    p.add_argument("--label")
+    p.add_argument("--description", help="new description (an empty one clears it)")
+    p.add_argument("--pack-version", metavar="VERSION")
+    p = pack.add("uninstall", "uninstall a pack", cmd_pack_uninstall)
+    add_ref(p, "pack")
+    add_yes_flag(p)
+
+
+def add_action_commands(commands):
+    action = commands.group("action", "list, show, search, execute, enable, disable and delete actions")
+    p = action.add("list", "list actions", cmd_action_list)
+    p.add_argument("--pack", help="only this pack's actions")
+    p.add_argument("-n", "--name", help="only actions whose ref contains this")
+    add_all_flag(p)
+    add_ref(action.add("show", "show one action and its parameters", cmd_action_show), "action")
+    p = action.add("search", "search actions by keywords", cmd_action_search)
+    p.add_argument("query", metavar="QUERY", nargs="?", help="keywords, all of which must match")
+    p.add_argument("--pack", action="append", metavar="P", help="only in this pack (repeatable)")
+    p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
+    add_execute_args(action.add("execute", "run an action", cmd_action_execute))
+    add_ref(action.add("enable", "enable an action", cmd_action_enable), "action")
+    add_ref(action.add("disable", "disable an action", cmd_action_disable), "action")
+    p = action.add("delete", "delete an action", cmd_action_delete)
+    add_ref(p, "action")
+    add_yes_flag(p)
+    add_execute_args(commands.add("run", "run an action (same as action execute)", cmd_action_execute))
+
+
+def add_execution_commands(commands):
+    execution = commands.group("execution", "list, show, watch, cancel and rerun executions, read logs")
+    p = execution.add("list", "list executions, newest first", cmd_execution_list)
+    p.add_argument("--pack", help="only actions of this pack")
+    p.add_argument("-a", "--action", help="action ref, or pack.* for a whole pack")
+    p.add_argument("--rule", help="rule ref, or pack.*")
+    p.add_argument("--trigger", help="trigger ref, or pack.*")
+    p.add_argument("-s", "--status", action="append", help="only this status (repeatable)")
+    p.add_argument("-r", "--result", metavar="TEXT", help="result contains this text (any case)")
+    p.add_argument("--trace-tag", help="exact trace tag")
+    p.add_argument("--top-level-only", action="store_true", help="leave out child executions")
+    p.add_argument("-l", "--limit", type=positive_int, default=50, help="at most this many (default 50)")
+    add_all_flag(p)
+    add_execution_id(execution.add("show", "show one execution", cmd_execution_show))
+    p = execution.add("result", "print an execution's result", cmd_execution_result)
+    add_execution_id(p)
+    p.add_argument("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml")
+    p = execution.add("cancel", "cancel an execution", cmd_execution_cancel)
+    add_execution_id(p)
+    add_yes_flag(p)
+    p = execution.add("watch", "wait for an execution to finish", cmd_execution_watch)
+    add_execution_id(p)
+    p.add_argument("--timeout", type=positive_int, default=300, metavar="SECONDS",
+                   help="stop waiting after this long (default 300)")
+    p = execution.add("logs", "print an execution's stdout (or stderr)", cmd_execution_logs)
+    add_execution_id(p)
+    p.add_argument("--stderr", action="store_true", help="the stderr stream instead of stdout")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the execution ends")
+    p = execution.add("rerun", "run an execution again, with changed parameters if you like",
+                      cmd_execution_rerun)
+    add_execution_id(p)
+    add_execute_args(p, with_ref=False)
+
+
+def add_rule_options(p):
+    p.add_argument("--description")
+    p.add_argument("--conditions", metavar="JSON", help="match conditions (JSON)")
+    p.add_argument("--action-params", metavar="JSON", help="action parameters (JSON object)")
+    p.add_argument("--trigger-params", metavar="JSON", help="trigger parameters (JSON object)")
+    p.add_argument("--enabled", type=parse_bool, metavar="BOOL", help="true or false")
+
+
+def add_rule_commands(commands):
+    rule = commands.group("rule", "list, show, create, update, enable, disable and delete rules")
+    p = rule.add("list", "list rules", cmd_rule_list)
+    p.add_argument("--pack", help="only this pack's rules")
+    p.add_argument("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled")
+    add_all_flag(p)
+    add_ref(rule.add("show", "show one rule", cmd_rule_show), "rule")
+    p = rule.add("create", "create a rule linking a trigger to an action", cmd_rule_create)
+    for flag, help_text in (("--ref", "rule ref (pack.name)"), ("--pack", "pack ref"), ("--label", "label"),
+                            ("--trigger", "trigger ref"), ("--action", "action ref")):
+        p.add_argument(flag, required=True, help=help_text)
+    add_rule_options(p)
+    p = rule.add("update", "change a rule", cmd_rule_update)
+    add_ref(p, "rule")
+    p.add_argument("--label")
+    add_rule_options(p)
+    add_ref(rule.add("enable", "enable a rule", cmd_rule_enable), "rule")
+    add_ref(rule.add("disable", "disable a rule", cmd_rule_disable), "rule")
+    p = rule.add("delete", "delete a rule", cmd_rule_delete)
+    add_ref(p, "rule")
+    add_yes_flag(p)
+
+
+def add_trigger_and_sensor_commands(commands):
+    trigger = commands.group("trigger", "list, show, enable, disable and delete triggers")
+    sensor = commands.group("sensor", "list, show, enable and disable sensors")
+    for group, kind, funcs in ((trigger, "trigger", (cmd_trigger_list, cmd_trigger_show, cmd_trigger_enable,
+                                                     cmd_trigger_disable)),
+                               (sensor, "sensor", (cmd_sensor_list, cmd_sensor_show, cmd_sensor_enable,
+                                                   cmd_sensor_disable))):
+        p = group.add("list", "list %ss" % kind, funcs[0])
+        p.add_argument("--pack", help="only this pack's %ss" % kind)
+        add_all_flag(p)
+        for verb, func in zip(("show", "enable", "disable"), funcs[1:]):
+            add_ref(group.add(verb, "%s a %s" % (verb, kind), func), kind)
+    p = trigger.add("delete", "delete a trigger", cmd_trigger_delete)
+    add_ref(p, "trigger")
+    add_yes_flag(p)
+
+
+def add_key_value_args(p):
+    p.add_argument("--value", help="the value; parsed as JSON when it parses (visible in the process list)")
+    p.add_argument("--value-stdin", action="store_true", help="read the value from stdin")
+
+
+def add_key_commands(commands):
+    key = commands.group("key", "list, show, create, update and delete keys (secrets)")
+    p = key.add("list", "list keys (never their values)", cmd_key_list)
+    p.add_argument("--owner-type", choices=KEY_OWNER_TYPES)
+    p.add_argument("--owner", help="owner identifier")
+    add_all_flag(p)
+    p = key.add("show", "show one key; its value only with --decrypt", cmd_key_show)
+    add_ref(p, "key")
+    p.add_argument("-d", "--decrypt", action="store_true", help="ask the server to decrypt and show the value")
+    p = key.add("create", "create a key", cmd_key_create)
+    p.add_argument("--ref", required=True, help="unique key ref")
+    p.add_argument("--name", required=True, help="human-readable name")
+    add_key_value_args(p)
+    p.add_argument("-e", "--encrypt", action="store_true", help="store the value encrypted")
+    p.add_argument("--owner-type", default="system", help="system (default), identity, pack, action or sensor")
+    p.add_argument("--owner", help="owner identifier")
+    p = key.add("update", "change a key's name, value or encryption", cmd_key_update)
+    add_ref(p, "key")
+    p.add_argument("--name")
+    add_key_value_args(p)
+    p.add_argument("--encrypted", type=parse_bool, metavar="BOOL", help="true or false")
+    p = key.add("delete", "delete a key", cmd_key_delete)
+    add_ref(p, "key")
+    add_yes_flag(p)
+
+
+def add_workflow_commands(commands):
+    workflow = commands.group("workflow", "list, show and delete workflows")
+    p = workflow.add("list", "list workflows", cmd_workflow_list)
+    p.add_argument("--pack", help="only this pack's workflows")
+    p.add_argument("--tags", metavar="A,B", help="only workflows with these tags")
+    p.add_argument("--search", help="text in the label or description")
+    add_all_flag(p)
+    add_ref(workflow.add("show", "show a workflow and its tasks", cmd_workflow_show), "workflow")
+    p = workflow.add("delete", "delete a workflow", cmd_workflow_delete)
+    add_ref(p, "workflow")
+    add_yes_flag(p)
+
+
+def add_api_and_health_commands(commands):
+    p = commands.add("api", "call any API endpoint with the same auth, refresh and retry", cmd_api)
+    p.add_argument("method", metavar="METHOD", help="GET, POST, PUT, PATCH, DELETE, ...")
+    p.add_argument("path", metavar="PATH", help="/packs (gets /api/v1 in front), /auth/..., /health")
+    p.add_argument("-F", "--field", action="append", metavar="KEY=VALUE",
+                   help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses")
+    p.add_argument("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin")
+    p.add_argument("--paginate", action="store_true", help="GET every page and print all items")
+    p = commands.add("health", "check that the server answers GET /health", cmd_health)
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="keep trying until the server is healthy or this long has passed (exit 5)")
+
+
 def build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -2096,6 +3619,14 @@ def build_parser():
     commands = Commands(parser, [])
     add_auth_commands(commands)
     add_config_commands(commands)
+    add_pack_commands(commands)
+    add_action_commands(commands)
+    add_execution_commands(commands)
+    add_rule_commands(commands)
+    add_trigger_and_sensor_commands(commands)
+    add_key_commands(commands)
+    add_workflow_commands(commands)
+    add_api_and_health_commands(commands)
     return parser
 
 

@@ -37,7 +37,7 @@ import threading
 import time
 import unittest
 from unittest import mock
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTUNE_PY = os.path.join(HERE, "attune.py")
@@ -140,12 +140,8 @@ class FakeAttune:
             "local_password_visible_by_default": True, "oidc_enabled": False,
             "oidc_visible_by_default": False, "ldap_enabled": False, "ldap_visible_by_default": False,
             "self_registration_enabled": False}
-        self.packs = {}
-        for i, (ref, label, description) in enumerate([
-                ("core", "Core", "Core actions, triggers and sensors"),
-                ("linux", "Linux", "Actions for Linux hosts"),
-                ("examples", "Examples", "Example workflows and rules")], start=1):
-            self.packs[ref] = self.new_pack(i, ref, label, description)
+        self.packs, self.uploads = {}, []
+        self.seed_resources()
         self.httpd = None
         self._tmp = None
 
@@ -267,7 +263,7 @@ class FakeAttune:
                     if problem:  # the auth extractor's nested shape
                         return 401, {"error": {"code": 401, "message": problem}}
                     req.claims = claims
-                return getattr(self, name)(req, **match.groupdict())
+                return getattr(self, name)(req, **{k: unquote(v) for k, v in match.groupdict().items()})
         if any(re.match(p + "$", req.path) for _, p, _ in ROUTES):
             return api_error(405, "Method not allowed", "METHOD_NOT_ALLOWED")
         return api_error(404, "Not found", "NOT_FOUND")
@@ -336,55 +332,574 @@ class FakeAttune:
             "effective_permissions": [{"resource": "packs", "actions": ["read", "create"]}],
             "assigned_permission_set_refs": ["core.admin"]})
 
+    # -- resources -----------------------------------------------------------
+    # A small in-memory Attune: packs, actions, executions (statuses advance one
+    # step per GET; logs grow while a client tails them), rules, triggers,
+    # sensors, keys and workflows. Lists are paginated as the real server does.
+
+    def stamp(self):
+        now = self.now()
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % (int(now * 1e6) % 1000000)
+
+    def new_id(self):
+        with self.lock:
+            self.last_id += 1
+            return self.last_id
+
     def new_pack(self, pack_id, ref, label, description=None, version="1.0.0", tags=()):
-        stamp = "2026-11-01T12:00:00Z"
         return {"id": pack_id, "ref": ref, "label": label, "description": description,
                 "version": version, "tags": list(tags), "is_standard": ref == "core",
-                "created": stamp, "updated": stamp}
+                "created": SEED_STAMP, "updated": SEED_STAMP}
 
-    def paginate(self, req, items, size_param="page_size"):
-        page = max(1, int(req.query.get("page", ["1"])[0]))
-        size = min(100, max(1, int(req.query.get(size_param, ["50"])[0])))
+    def seed_resources(self):
+        self.last_id = 100
+        self.actions, self.executions, self.plans = {}, {}, {}
+        self.rules, self.triggers, self.sensors, self.keys, self.workflows = {}, {}, {}, {}, {}
+        self.log_drops = {}
+        for i, (ref, label, description) in enumerate([
+                ("core", "Core", "Core actions, triggers and sensors"),
+                ("linux", "Linux", "Actions for Linux hosts"),
+                ("examples", "Examples", "Example workflows and rules")], start=1):
+            self.packs[ref] = self.new_pack(i, ref, label, description)
+        echo_schema = {"message": {"type": "string", "required": True, "description": "Text to print"},
+                       "count": {"type": "integer", "default": 1}}
+        for ref, runtime, description, schema, workflow in (
+                ("core.echo", "core.python", "Print a message", echo_schema, None),
+                ("core.sleep", "core.shell", "Sleep for a while", {"seconds": {"type": "integer"}}, None),
+                ("core.fail", "core.shell", "Always fails", {}, None),
+                ("core.noisy", "core.shell", "Prints ten lines", {}, None),
+                ("linux.uptime", "core.shell", "Show the uptime", None, None),
+                ("examples.deploy", None, "Build, test and notify", {"env": {"type": "string"}}, 7)):
+            pack = ref.split(".")[0]
+            self.actions[ref] = {
+                "id": len(self.actions) + 1, "ref": ref, "pack": self.packs[pack]["id"], "pack_ref": pack,
+                "label": ref.split(".")[1].title(), "description": description,
+                "entrypoint": ref.split(".")[1] + ".py", "runtime": 1 if runtime else None,
+                "runtime_ref": runtime, "runtime_version_constraint": ">=3.9" if runtime == "core.python" else None,
+                "enabled": True, "accesses_mcp": False, "reference_visibility": "public",
+                "workflow_def": workflow, "timeout_seconds": None, "param_schema": schema, "out_schema": None,
+                "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
+        for ref, label, webhook in (("core.timer", "Timer", None), ("core.webhook", "Webhook", "wh_test_key"),
+                                    ("linux.file_watch", "File watch", None)):
+            self.triggers[ref] = {
+                "id": len(self.triggers) + 1, "ref": ref, "pack_ref": ref.split(".")[0], "label": label,
+                "description": label + " trigger", "enabled": True, "webhook_enabled": webhook is not None,
+                "webhook_key": webhook, "reference_visibility": "public", "reference_allowed_pack_refs": None,
+                "param_schema": {"interval": {"type": "integer"}} if ref == "core.timer" else None,
+                "out_schema": None, "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
+        for ref, trigger in (("core.timer_sensor", "core.timer"), ("linux.file_watch_sensor", "linux.file_watch")):
+            self.sensors[ref] = {
+                "id": len(self.sensors) + 1, "ref": ref, "pack_ref": ref.split(".")[0], "label": ref.split(".")[1],
+                "description": "Fires %s" % trigger, "enabled": True, "entrypoint": "sensor.py",
+                "runtime_ref": "core.python", "trigger_ref": trigger, "created": SEED_STAMP, "updated": SEED_STAMP}
+        for ref, trigger, action, enabled in (("examples.on_timer", "core.timer", "core.echo", True),
+                                              ("linux.on_file", "linux.file_watch", "linux.uptime", False)):
+            self.rules[ref] = self.new_rule(len(self.rules) + 1, {
+                "ref": ref, "pack_ref": ref.split(".")[0], "label": ref.split(".")[1], "trigger_ref": trigger,
+                "action_ref": action, "enabled": enabled, "conditions": {"all": []},
+                "action_params": {"message": "tick"}, "trigger_params": {"interval": 60}})
+        for ref, name, value, encrypted, owner_type, extra in (
+                ("region", "Region", "eu-west-1", False, "system", {}),
+                ("db_credentials", "Database", {"user": "svc", "pass": "hunter2"}, True, "system", {}),
+                ("linux_token", "Linux token", "tok-linux", True, "pack",
+                 {"owner": "2", "owner_pack": 2, "owner_pack_ref": "linux"})):
+            self.keys[ref] = dict({"id": len(self.keys) + 1, "ref": ref, "name": name, "value": value,
+                                   "encrypted": encrypted, "owner_type": owner_type, "owner": None,
+                                   "created": SEED_STAMP, "updated": SEED_STAMP}, **extra)
+        self.workflows["examples.deploy"] = {
+            "id": 7, "ref": "examples.deploy", "pack": 3, "pack_ref": "examples", "label": "Deploy",
+            "description": "Build, test and notify", "version": "1.2.0", "tags": ["ci", "deploy"],
+            "param_schema": {"env": {"type": "string", "default": "staging"}}, "out_schema": None,
+            "definition": {"version": "1.2.0", "tasks": [
+                {"name": "build", "action": "core.echo", "next": [{"when": "{{ succeeded() }}", "do": ["test", "lint"]}]},
+                {"name": "test", "action": "core.echo", "next": [{"do": ["notify"]}]},
+                {"name": "lint", "action": "core.echo", "next": [{"do": ["notify"]}]},
+                {"name": "notify", "action": "core.echo"}]},
+            "created": SEED_STAMP, "updated": SEED_STAMP}
+
+    def new_rule(self, rule_id, fields):
+        rule = {"id": rule_id, "ref": None, "pack": None, "pack_ref": None, "label": None, "description": None,
+                "trigger": None, "trigger_ref": None, "action": None, "action_ref": None, "enabled": True,
+                "conditions": {}, "action_params": {}, "trigger_params": {}, "trace_tag_template": None,
+                "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
+        rule.update(fields)
+        pack = self.packs.get(rule["pack_ref"])
+        rule["pack"] = pack["id"] if pack else None
+        return rule
+
+    def paginate(self, req, items, size_param="page_size", totals=True):
+        def number(name, default):
+            try:
+                return int(req.query.get(name, [default])[0])
+            except ValueError:
+                return None
+        page, size = number("page", 1), number(size_param, 50)
+        if page is None or size is None:
+            return 400, "Failed to deserialize query string: invalid digit found in string"
+        page, size = max(1, page), min(100, max(1, size))
         total = len(items)
         pages = max(1, (total + size - 1) // size)
-        chunk = items[(page - 1) * size:page * size]
-        return 200, {"items": chunk, "pagination": {
-            "page": page, "page_size": size, "total_items": total, "total_pages": pages,
-            "has_previous": page > 1, "has_next": page < pages}}
+        pagination = {"page": page, "page_size": size, "total_items": total, "total_pages": pages,
+                      "has_previous": page > 1, "has_next": page < pages}
+        if not totals:
+            del pagination["total_items"], pagination["total_pages"]
+        return 200, {"items": items[(page - 1) * size:page * size], "pagination": pagination}
 
-    def packs_list(self, req):
+    def listed(self, req, collection, pack=None, fields=None):
+        items = sorted(collection.values(), key=lambda item: item["id"])
+        if pack is not None:
+            if pack not in self.packs:
+                return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
+            items = [item for item in items if item.get("pack_ref") == pack]
+        if fields:
+            items = [{k: item.get(k) for k in fields} for item in items]
+        return self.paginate(req, items)
+
+    def lookup(self, collection, ref, label):
+        item = collection.get(ref)
+        if item is None:
+            return None, api_error(404, "%s '%s' not found" % (label, ref), "NOT_FOUND")
+        return item, None
+
+    def removed(self, collection, ref, label):
         with self.lock:
-            return self.paginate(req, sorted(self.packs.values(), key=lambda p: p["id"]))
+            if collection.pop(ref, None) is None:
+                return api_error(404, "%s '%s' not found" % (label, ref), "NOT_FOUND")
+        return 200, {"success": True, "message": "%s '%s' deleted successfully" % (label, ref)}
+
+    def toggled(self, collection, ref, label, enabled):
+        item, error = self.lookup(collection, ref, label)
+        if error:
+            return error
+        item.update(enabled=enabled, updated=self.stamp())
+        return 200, envelope(item, "%s %s successfully" % (label, "enabled" if enabled else "disabled"))
+
+    # packs
+    def packs_list(self, req):
+        return self.listed(req, self.packs)
 
     def packs_show(self, req, ref):
-        with self.lock:
-            pack = self.packs.get(ref)
-            if not pack:
-                return api_error(404, "Pack '%s' not found" % ref, "NOT_FOUND")
-            detail = dict(pack, conf_schema={}, config={}, meta={}, dependencies=[], runtime_deps=[],
-                          action_count=0, trigger_count=0, rule_count=0, sensor_count=0)
-            return 200, envelope(detail)
+        pack, error = self.lookup(self.packs, ref, "Pack")
+        if error:
+            return error
+        count = lambda items: sum(1 for i in items.values() if i.get("pack_ref") == ref)  # noqa: E731
+        return 200, envelope(dict(pack, conf_schema={}, config={}, meta={"author": "Attune team"},
+                                  dependencies=["core"] if ref != "core" else [], runtime_deps=[],
+                                  action_count=count(self.actions), trigger_count=count(self.triggers),
+                                  rule_count=count(self.rules), sensor_count=count(self.sensors)))
 
     def packs_create(self, req):
         body = req.json() or {}
         missing = [k for k in ("ref", "label", "version") if not body.get(k)]
         if missing:
-            return api_error(422, "Validation failed: %s required" % ", ".join(missing),
-                             "VALIDATION_ERROR")
+            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
         with self.lock:
             if body["ref"] in self.packs:
                 return api_error(409, "Pack with ref '%s' already exists" % body["ref"], "CONFLICT")
-            pack = self.new_pack(len(self.packs) + 1, body["ref"], body["label"],
-                                 body.get("description"), body["version"], body.get("tags") or ())
+            pack = self.new_pack(self.new_id(), body["ref"], body["label"], body.get("description"),
+                                 body["version"], body.get("tags") or ())
             self.packs[pack["ref"]] = pack
-            return 201, envelope(pack)
+        return 201, envelope(pack)
+
+    def packs_update(self, req, ref):
+        pack, error = self.lookup(self.packs, ref, "Pack")
+        if error:
+            return error
+        body = req.json() or {}
+        description = body.get("description")
+        if description is not None:
+            if not isinstance(description, dict) or description.get("op") not in ("set", "clear"):
+                return api_error(422, "description must be a patch {op, value}", "VALIDATION_ERROR")
+            pack["description"] = description.get("value") if description["op"] == "set" else None
+        for field in ("label", "version", "tags"):
+            if field in body:
+                pack[field] = body[field]
+        pack["updated"] = self.stamp()
+        return 200, envelope(pack, "Pack updated successfully")
 
     def packs_delete(self, req, ref):
-        with self.lock:
-            if self.packs.pop(ref, None) is None:
-                return api_error(404, "Pack '%s' not found" % ref, "NOT_FOUND")
-        return 200, {"success": True, "message": "Pack '%s' deleted successfully" % ref}
+        return self.removed(self.packs, ref, "Pack")
 
+    def installed(self, ref, status, skipped):
+        with self.lock:
+            pack = self.packs.get(ref) or self.new_pack(self.new_id(), ref, ref.title())
+            self.packs[ref] = pack
+        tests = None if skipped else {"status": "passed", "summary": {"passed": 3, "total": 3}}
+        return status, envelope({"pack": pack, "test_result": tests, "tests_skipped": skipped})
+
+    def packs_install(self, req):
+        body = req.json() or {}
+        if not body.get("source"):
+            return api_error(422, "Validation failed: source is required", "VALIDATION_ERROR")
+        ref = re.sub(r"(\.git|\.tar\.gz)$", "", body["source"].rstrip("/").split("/")[-1]) or "pack"
+        if ref in self.packs and not body.get("force"):
+            return api_error(409, "Pack '%s' is already installed" % ref, "CONFLICT")
+        return self.installed(ref, 201, bool(body.get("skip_tests")))
+
+    def packs_register(self, req):
+        body = req.json() or {}
+        if not body.get("path"):
+            return api_error(422, "Validation failed: path is required", "VALIDATION_ERROR")
+        return self.installed(os.path.basename(body["path"].rstrip("/")), 201, bool(body.get("skip_tests")))
+
+    def packs_upload(self, req):
+        fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
+        if "pack" not in files:
+            return api_error(400, "Missing 'pack' file field", "BAD_REQUEST")
+        import tarfile
+        try:
+            with tarfile.open(fileobj=io.BytesIO(files["pack"][2]), mode="r:gz") as tar:
+                names = tar.getnames()
+                manifest = tar.extractfile("pack.yaml").read().decode()
+        except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+            return api_error(400, "Invalid pack archive: %s" % e, "BAD_REQUEST")
+        self.uploads.append({"fields": fields, "filename": files["pack"][0], "content_type": files["pack"][1],
+                             "names": names})
+        ref = re.search(r"^ref:\s*(\S+)", manifest, re.M).group(1)
+        return self.installed(ref, 200, fields.get("skip_tests") == "true")
+
+    # actions
+    def actions_list(self, req):
+        return self.listed(req, self.actions)
+
+    def pack_actions(self, req, pack):
+        return self.listed(req, self.actions, pack)
+
+    def actions_search(self, req):
+        words = (req.query.get("q", [""])[0]).lower().split()
+        packs = [p for p in req.query.get("packs", [""])[0].split(",") if p]
+        hits = []
+        for action in sorted(self.actions.values(), key=lambda a: a["id"]):
+            text = " ".join(str(action.get(k) or "") for k in ("ref", "label", "description", "pack_ref")).lower()
+            if all(w in text for w in words) and (not packs or action["pack_ref"] in packs):
+                hits.append({"ref": action["ref"], "pack_ref": action["pack_ref"], "label": action["label"],
+                             "description": action["description"], "runtime_ref": action["runtime_ref"],
+                             "is_workflow": action["workflow_def"] is not None, "accesses_mcp": False})
+        return self.paginate(req, hits)
+
+    def actions_show(self, req, ref):
+        action, error = self.lookup(self.actions, ref, "Action")
+        return error or (200, envelope(action))
+
+    def actions_update(self, req, ref):
+        action, error = self.lookup(self.actions, ref, "Action")
+        if error:
+            return error
+        body = req.json() or {}
+        for field in ("label", "description", "entrypoint", "enabled"):
+            if field in body:
+                action[field] = body[field]
+        action["updated"] = self.stamp()
+        return 200, envelope(action)
+
+    def actions_delete(self, req, ref):
+        return self.removed(self.actions, ref, "Action")
+
+    # executions
+    def executions_execute(self, req):
+        body = req.json()
+        if not isinstance(body, dict) or not body.get("action_ref"):
+            return api_error(422, "Validation failed: action_ref is required", "VALIDATION_ERROR")
+        action = self.actions.get(body["action_ref"])
+        if action is None:
+            return api_error(404, "Action '%s' not found" % body["action_ref"], "NOT_FOUND")
+        if not action["enabled"]:
+            return api_error(400, "Action '%s' is disabled" % action["ref"], "BAD_REQUEST")
+        parameters = body.get("parameters", {})
+        timeout = body.get("timeout_seconds")
+        if not isinstance(parameters, dict) or (timeout is not None and not (isinstance(timeout, int) and timeout > 0)):
+            return api_error(422, "Validation failed: parameters must be an object, timeout_seconds > 0",
+                             "VALIDATION_ERROR")
+        execution = self.new_execution(action, parameters, timeout)
+        return 201, envelope(execution)
+
+    def new_execution(self, action, parameters, timeout=None, **fields):
+        eid = self.new_id()
+        stamp = self.stamp()
+        execution = {"id": eid, "action": action["id"], "action_ref": action["ref"], "config": parameters,
+                     "parent": None, "enforcement": None, "executor": None, "worker": None,
+                     "status": "requested", "result": None, "trace_tag": None, "timeout_seconds": timeout,
+                     "started_at": None, "workflow_task": None, "original_execution": None,
+                     "rule_ref": None, "trigger_ref": None, "created": stamp, "updated": stamp}
+        execution.update(fields)
+        statuses, result, stdout, stderr = ["scheduled", "running", "completed"], {"exit_code": 0}, [], []
+        if action["ref"] == "core.echo":
+            stdout = [str(parameters.get("message", "")) + "\n"]
+            result = {"stdout": stdout[0], "exit_code": 0}
+        elif action["ref"] == "core.fail":
+            statuses[-1], result, stderr = "failed", {"error": "boom", "exit_code": 1}, ["boom\n"]
+        elif action["ref"] == "core.sleep":
+            statuses = ["scheduled", "running"]
+        elif action["ref"] == "core.noisy":
+            stdout = ["line %d\n" % n for n in range(1, 11)]
+        with self.lock:
+            self.executions[eid] = execution
+            self.plans[eid] = {"statuses": statuses, "result": result, "pending": {"stdout": stdout, "stderr": stderr},
+                               "logs": {"stdout": b"", "stderr": b""}}
+        return execution
+
+    def advance(self, eid):
+        """One step of an execution's life; at the end its result and all its output."""
+        with self.lock:
+            execution, plan = self.executions[eid], self.plans[eid]
+            if not plan["statuses"] or execution["status"] in TERMINAL:
+                return
+            execution["status"] = plan["statuses"].pop(0)
+            execution["updated"] = self.stamp()
+            if execution["status"] == "running":
+                execution["started_at"] = execution["updated"]
+            if execution["status"] in TERMINAL:
+                execution["result"] = plan["result"]
+                for name, chunks in plan["pending"].items():
+                    plan["logs"][name] += "".join(chunks).encode()
+                    del chunks[:]
+
+    def execution(self, eid):
+        execution = self.executions.get(int(eid))
+        if execution is None:
+            return None, api_error(404, "Execution with ID %s not found" % eid, "NOT_FOUND")
+        return execution, None
+
+    def executions_show(self, req, eid):
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        self.advance(execution["id"])
+        return 200, envelope(execution)
+
+    def executions_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = []
+        for e in sorted(self.executions.values(), key=lambda e: (e["created"], e["id"]), reverse=True):
+            action = q.get("action_ref")
+            if action and not (e["action_ref"] == action or (action.endswith(".*") and
+                                                             e["action_ref"].startswith(action[:-1]))):
+                continue
+            if q.get("pack_name") and not e["action_ref"].startswith(q["pack_name"] + "."):
+                continue
+            if any(q.get(k) and e.get(k) != q[k] for k in ("status", "rule_ref", "trigger_ref", "trace_tag")):
+                continue
+            if q.get("top_level_only") == "true" and e["parent"] is not None:
+                continue
+            if q.get("result_contains") and q["result_contains"].lower() not in json.dumps(e["result"]).lower():
+                continue
+            rows.append({k: e[k] for k in EXECUTION_SUMMARY_FIELDS})
+        return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
+
+    def executions_cancel(self, req, eid):
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        if execution["status"] in TERMINAL:
+            return api_error(409, "Execution %s cannot be cancelled (status: %s)" % (eid, execution["status"]),
+                             "CONFLICT")
+        execution["status"] = "canceling" if execution["status"] == "running" else "cancelled"
+        self.plans[execution["id"]]["statuses"] = ["cancelled"]
+        return 200, envelope(execution)
+
+    def executions_log_stream(self, req, eid, stream):
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        if stream not in ("stdout", "stderr"):
+            return api_error(400, "Unsupported log stream '%s'. Expected 'stdout' or 'stderr'." % stream,
+                             "BAD_REQUEST")
+        offset = int(req.query.get("offset", ["0"])[0])
+        return 200, EventStream(self.log_events(execution["id"], stream, offset))
+
+    def log_events(self, eid, stream, offset):
+        """The server's log stream: catch-up in 'content' events, a comment, then 'append'
+        events while the execution runs, then 'done'. log_drops[eid] = n closes the
+        connection after n content/append events, once."""
+        plan, sent = self.plans[eid], 0
+        drop_after = self.log_drops.pop(eid, None)
+        log = plan["logs"][stream]
+        yield sse_event("waiting", "Log file found" if log else "Waiting for log output")
+        while offset < len(log):
+            chunk = log[offset:offset + 8]
+            offset += len(chunk)
+            yield sse_event("content", chunk.decode("utf-8", "replace"), offset)
+            sent += 1
+            if sent == drop_after:
+                return
+        yield ": initial-catchup-complete\n\n"
+        idle = 0
+        while True:
+            time.sleep(0.01)
+            with self.lock:
+                pending = plan["pending"][stream]
+                chunk = pending.pop(0).encode() if pending else None
+                if chunk:
+                    plan["logs"][stream] += chunk
+                log = plan["logs"][stream]
+            if offset < len(log):
+                chunk = log[offset:]
+                offset = len(log)
+                yield sse_event("append", chunk.decode("utf-8", "replace"), offset)
+                sent, idle = sent + 1, 0
+                if sent == drop_after:
+                    return
+            elif self.executions[eid]["status"] in TERMINAL and not plan["pending"][stream]:
+                idle += 1
+                if idle >= 2:
+                    yield sse_event("done", "Execution complete")
+                    return
+                yield sse_event("waiting", "Waiting for log output")
+            else:
+                self.advance(eid)
+
+    # rules
+    def rules_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rules = [r for r in sorted(self.rules.values(), key=lambda r: r["id"])
+                 if all(not q.get(k) or r.get(k) == q[k] for k in ("pack_ref", "action_ref", "trigger_ref"))
+                 and (q.get("enabled") is None or str(r["enabled"]).lower() == q["enabled"])]
+        return self.paginate(req, rules)
+
+    def rules_show(self, req, ref):
+        rule, error = self.lookup(self.rules, ref, "Rule")
+        return error or (200, envelope(rule))
+
+    def rules_create(self, req):
+        body = req.json() or {}
+        missing = [k for k in ("ref", "pack_ref", "label", "trigger_ref", "action_ref") if not body.get(k)]
+        if missing:
+            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
+        if body["ref"] in self.rules:
+            return api_error(409, "Rule with ref '%s' already exists" % body["ref"], "CONFLICT")
+        for collection, field, label in ((self.packs, "pack_ref", "Pack"), (self.triggers, "trigger_ref", "Trigger"),
+                                         (self.actions, "action_ref", "Action")):
+            if body[field] not in collection:
+                return api_error(404, "%s '%s' not found" % (label, body[field]), "NOT_FOUND")
+        rule = self.new_rule(self.new_id(), {k: v for k, v in body.items() if k in RULE_FIELDS})
+        self.rules[rule["ref"]] = rule
+        return 201, envelope(rule)
+
+    def rules_update(self, req, ref):
+        rule, error = self.lookup(self.rules, ref, "Rule")
+        if error:
+            return error
+        rule.update({k: v for k, v in (req.json() or {}).items() if k in RULE_FIELDS and k != "ref"})
+        rule["updated"] = self.stamp()
+        return 200, envelope(rule, "Rule updated successfully")
+
+    def rules_enable(self, req, ref):
+        return self.toggled(self.rules, ref, "Rule", True)
+
+    def rules_disable(self, req, ref):
+        return self.toggled(self.rules, ref, "Rule", False)
+
+    def rules_delete(self, req, ref):
+        return self.removed(self.rules, ref, "Rule")
+
+    # triggers and sensors
+    def triggers_list(self, req):
+        return self.listed(req, self.triggers)
+
+    def pack_triggers(self, req, pack):
+        return self.listed(req, self.triggers, pack)
+
+    def triggers_show(self, req, ref):
+        trigger, error = self.lookup(self.triggers, ref, "Trigger")
+        return error or (200, envelope(trigger))
+
+    def triggers_enable(self, req, ref):
+        return self.toggled(self.triggers, ref, "Trigger", True)
+
+    def triggers_disable(self, req, ref):
+        return self.toggled(self.triggers, ref, "Trigger", False)
+
+    def triggers_delete(self, req, ref):
+        return self.removed(self.triggers, ref, "Trigger")
+
+    def sensors_list(self, req):
+        return self.listed(req, self.sensors)
+
+    def pack_sensors(self, req, pack):
+        return self.listed(req, self.sensors, pack)
+
+    def sensors_show(self, req, ref):
+        sensor, error = self.lookup(self.sensors, ref, "Sensor")
+        return error or (200, envelope(sensor))
+
+    def sensors_enable(self, req, ref):
+        return self.toggled(self.sensors, ref, "Sensor", True)
+
+    def sensors_disable(self, req, ref):
+        return self.toggled(self.sensors, ref, "Sensor", False)
+
+    # keys: an encrypted value is null unless ?decrypt=true
+    def key_view(self, key, decrypt=False):
+        view = dict(key)
+        if key["encrypted"] and not decrypt:
+            view["value"] = None
+        return view
+
+    def keys_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        keys = [{k: key.get(k) for k in ("id", "ref", "owner_type", "owner", "name", "encrypted", "created")}
+                for key in sorted(self.keys.values(), key=lambda key: key["id"])
+                if all(not q.get(k) or key.get(k) == q[k] for k in ("owner_type", "owner"))]
+        return self.paginate(req, keys, "per_page")
+
+    def keys_show(self, req, ref):
+        key, error = self.lookup(self.keys, ref, "Key")
+        return error or (200, envelope(self.key_view(key, req.query.get("decrypt") == ["true"])))
+
+    def keys_create(self, req):
+        body = req.json() or {}
+        missing = [k for k in ("ref", "name", "owner_type") if not body.get(k)] + (
+            ["value"] if "value" not in body else [])
+        if missing:
+            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
+        if body["ref"] in self.keys:
+            return api_error(409, "Key with ref '%s' already exists" % body["ref"], "CONFLICT")
+        stamp = self.stamp()
+        key = {"id": self.new_id(), "ref": body["ref"], "name": body["name"], "value": body["value"],
+               "encrypted": bool(body.get("encrypted")), "owner_type": body["owner_type"],
+               "owner": body.get("owner"), "created": stamp, "updated": stamp}
+        self.keys[key["ref"]] = key
+        return 201, envelope(self.key_view(key))
+
+    def keys_update(self, req, ref):
+        key, error = self.lookup(self.keys, ref, "Key")
+        if error:
+            return error
+        key.update({k: v for k, v in (req.json() or {}).items() if k in ("name", "value", "encrypted")})
+        key["updated"] = self.stamp()
+        return 200, envelope(self.key_view(key), "Key updated successfully")
+
+    def keys_delete(self, req, ref):
+        return self.removed(self.keys, ref, "Key")
+
+    # workflows
+    def workflows_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        tags = set(t for t in q.get("tags", "").split(",") if t)
+        search = q.get("search", "").lower()
+        found = [{k: w[k] for k in ("id", "ref", "pack_ref", "label", "description", "version", "tags",
+                                    "created", "updated")}
+                 for w in sorted(self.workflows.values(), key=lambda w: w["id"])
+                 if (not q.get("pack_ref") or w["pack_ref"] == q["pack_ref"]) and tags <= set(w["tags"])
+                 and search in (w["label"] + " " + (w["description"] or "")).lower()]
+        return self.paginate(req, found)
+
+    def workflows_show(self, req, ref):
+        workflow, error = self.lookup(self.workflows, ref, "Workflow")
+        return error or (200, envelope(workflow))
+
+    def workflows_delete(self, req, ref):
+        return self.removed(self.workflows, ref, "Workflow")
+
+
+SEED_STAMP = "2026-11-01T12:00:00.000000Z"
+TERMINAL = ("completed", "failed", "cancelled", "timeout", "abandoned")
+EXECUTION_SUMMARY_FIELDS = ("id", "action_ref", "status", "parent", "enforcement", "rule_ref", "trigger_ref",
+                            "trace_tag", "timeout_seconds", "started_at", "workflow_task", "original_execution",
+                            "created", "updated")
+RULE_FIELDS = ("ref", "pack_ref", "label", "description", "trigger_ref", "action_ref", "conditions",
+               "action_params", "trigger_params", "enabled")
+REF = r"(?P<ref>[^/]+)"
 
 ROUTES = [
     ("GET", r"/health", "health"),
@@ -396,9 +911,80 @@ ROUTES = [
     ("GET", r"/auth/me", "auth_me"),
     ("GET", r"/api/v1/packs", "packs_list"),
     ("POST", r"/api/v1/packs", "packs_create"),
-    ("GET", r"/api/v1/packs/(?P<ref>[^/]+)", "packs_show"),
-    ("DELETE", r"/api/v1/packs/(?P<ref>[^/]+)", "packs_delete"),
+    ("POST", r"/api/v1/packs/install", "packs_install"),
+    ("POST", r"/api/v1/packs/register", "packs_register"),
+    ("POST", r"/api/v1/packs/upload", "packs_upload"),
+    ("GET", r"/api/v1/packs/(?P<pack>[^/]+)/actions", "pack_actions"),
+    ("GET", r"/api/v1/packs/(?P<pack>[^/]+)/triggers", "pack_triggers"),
+    ("GET", r"/api/v1/packs/(?P<pack>[^/]+)/sensors", "pack_sensors"),
+    ("GET", r"/api/v1/packs/" + REF, "packs_show"),
+    ("PUT", r"/api/v1/packs/" + REF, "packs_update"),
+    ("DELETE", r"/api/v1/packs/" + REF, "packs_delete"),
+    ("GET", r"/api/v1/actions", "actions_list"),
+    ("GET", r"/api/v1/actions/search", "actions_search"),
+    ("GET", r"/api/v1/actions/" + REF, "actions_show"),
+    ("PUT", r"/api/v1/actions/" + REF, "actions_update"),
+    ("DELETE", r"/api/v1/actions/" + REF, "actions_delete"),
+    ("POST", r"/api/v1/executions/execute", "executions_execute"),
+    ("GET", r"/api/v1/executions", "executions_list"),
+    ("GET", r"/api/v1/executions/(?P<eid>\d+)", "executions_show"),
+    ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
+    ("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream", "executions_log_stream"),
+    ("GET", r"/api/v1/rules", "rules_list"),
+    ("POST", r"/api/v1/rules", "rules_create"),
+    ("GET", r"/api/v1/rules/" + REF, "rules_show"),
+    ("PUT", r"/api/v1/rules/" + REF, "rules_update"),
+    ("DELETE", r"/api/v1/rules/" + REF, "rules_delete"),
+    ("POST", r"/api/v1/rules/%s/enable" % REF, "rules_enable"),
+    ("POST", r"/api/v1/rules/%s/disable" % REF, "rules_disable"),
+    ("GET", r"/api/v1/triggers", "triggers_list"),
+    ("GET", r"/api/v1/triggers/" + REF, "triggers_show"),
+    ("DELETE", r"/api/v1/triggers/" + REF, "triggers_delete"),
+    ("POST", r"/api/v1/triggers/%s/enable" % REF, "triggers_enable"),
+    ("POST", r"/api/v1/triggers/%s/disable" % REF, "triggers_disable"),
+    ("GET", r"/api/v1/sensors", "sensors_list"),
+    ("GET", r"/api/v1/sensors/" + REF, "sensors_show"),
+    ("POST", r"/api/v1/sensors/%s/enable" % REF, "sensors_enable"),
+    ("POST", r"/api/v1/sensors/%s/disable" % REF, "sensors_disable"),
+    ("GET", r"/api/v1/keys", "keys_list"),
+    ("POST", r"/api/v1/keys", "keys_create"),
+    ("GET", r"/api/v1/keys/" + REF, "keys_show"),
+    ("PUT", r"/api/v1/keys/" + REF, "keys_update"),
+    ("DELETE", r"/api/v1/keys/" + REF, "keys_delete"),
+    ("GET", r"/api/v1/workflows", "workflows_list"),
+    ("GET", r"/api/v1/workflows/" + REF, "workflows_show"),
+    ("DELETE", r"/api/v1/workflows/" + REF, "workflows_delete"),
 ]
+
+
+class EventStream:
+    """A text/event-stream answer: the handler writes each chunk as the generator yields it."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+
+def sse_event(event, data, event_id=None):
+    lines = ["event: %s" % event] + (["id: %s" % event_id] if event_id is not None else [])
+    lines += ["data: %s" % line for line in data.split("\n")]
+    return "\n".join(lines) + "\n\n"
+
+
+def parse_multipart(body, content_type):
+    """({field: text}, {field: (filename, content type, bytes)}) of a multipart/form-data body."""
+    boundary = content_type.partition("boundary=")[2].strip('"').encode()
+    fields, files = {}, {}
+    for part in body.split(b"--" + boundary)[1:-1]:
+        head, _, data = part.partition(b"\r\n\r\n")
+        head = head.decode("utf-8", "replace")
+        name = re.search(r'name="([^"]*)"', head).group(1)
+        filename = re.search(r'filename="([^"]*)"', head)
+        ctype = re.search(r"Content-Type:\s*(\S+)", head, re.I)
+        if filename:
+            files[name] = (filename.group(1), ctype.group(1) if ctype else None, data[:-2])
+        else:
+            fields[name] = data[:-2].decode("utf-8")
+    return fields, files
 
 
 class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -432,6 +1018,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_any
 
     def reply(self, status, body, headers=None, truncate=False):
+        if isinstance(body, EventStream):
+            return self.stream(body)
         if body is None:
             data = b""
         elif isinstance(body, bytes):
@@ -455,6 +1043,20 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             pass
         if truncate:
             self.close_connection = True
+
+    def stream(self, events):
+        """Server-sent events, flushed one by one; the body ends when the connection closes."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            for chunk in events.chunks:
+                self.wfile.write(chunk.encode("utf-8"))
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
 
 
 # Test PKI for the TLS tests: a CA and a leaf for 127.0.0.1/localhost, valid 2020-2120.
@@ -1093,6 +1695,7 @@ class LockTests(AttuneTestCase):
         if doc is not None:
             argv += [self.config, json.dumps(doc)]
         holder = subprocess.Popen(argv, stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(holder.stdout.close)
         self.addCleanup(holder.wait)
         self.addCleanup(holder.kill)
         self.assertEqual(holder.stdout.readline().strip(), "locked")
@@ -2187,8 +2790,8 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "errno", "fcntl", "getpass", "http", "ipaddress", "json", "msvcrt",
-              "os", "shlex", "socket", "ssl", "sys", "tempfile", "time", "urllib"}
+    STDLIB = {"argparse", "binascii", "errno", "fcntl", "getpass", "hashlib", "http", "io", "ipaddress", "json",
+              "msvcrt", "os", "shlex", "socket", "ssl", "sys", "tarfile", "tempfile", "time", "urllib"}
 
     def source(self):
         with open(ATTUNE_PY, encoding="utf-8") as f:

@@ -2087,13 +2087,14 @@ def split_list(text):
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def parse_param_pairs(pairs):
+def parse_param_pairs(pairs, parse=json_or_string):
+    """KEY=VALUE arguments as a dict; values parsed as JSON when they parse (by default)."""
     params = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError("Invalid parameter format: '%s'. Expected key=value" % pair)
-        params[key] = json_or_string(value)
+        params[key] = parse(value)
     return params
 
 
@@ -3198,10 +3199,11 @@ def api_body(ctx, args):
 
 def cmd_api(ctx, args):
     method = args.method.upper()
-    fields = parse_param_pairs(args.field)
+    in_query = method in ("GET", "HEAD", "DELETE")  # query values stay the text typed
+    fields = parse_param_pairs(args.field, str if in_query else json_or_string)
     raw = api_body(ctx, args)
     query = None
-    if fields and method in ("GET", "HEAD", "DELETE"):
+    if fields and in_query:
         query = fields
     elif fields:
         merged = parse_json_arg(raw.decode("utf-8"), "--data") if raw is not None else {}

@@ -411,7 +411,8 @@ class FakeAttune:
             "description": "Build, test and notify", "version": "1.2.0", "tags": ["ci", "deploy"],
             "param_schema": {"env": {"type": "string", "default": "staging"}}, "out_schema": None,
             "definition": {"version": "1.2.0", "tasks": [
-                {"name": "build", "action": "core.echo", "next": [{"when": "{{ succeeded() }}", "do": ["test", "lint"]}]},
+                {"name": "build", "action": "core.echo",
+                 "next": [{"when": "{{ succeeded() }}", "do": ["test", "lint"]}]},
                 {"name": "test", "action": "core.echo", "next": [{"do": ["notify"]}]},
                 {"name": "lint", "action": "core.echo", "next": [{"do": ["notify"]}]},
                 {"name": "notify", "action": "core.echo"}]},
@@ -705,14 +706,16 @@ class FakeAttune:
             return api_error(400, "Unsupported log stream '%s'. Expected 'stdout' or 'stderr'." % stream,
                              "BAD_REQUEST")
         offset = int(req.query.get("offset", ["0"])[0])
-        return 200, EventStream(self.log_events(execution["id"], stream, offset))
+        return 200, EventStream(self.log_events(execution["id"], stream, offset, req.token))
 
-    def log_events(self, eid, stream, offset):
+    def log_events(self, eid, stream, offset, token):
         """The server's log stream: catch-up in 'content' events, a comment, then 'append'
-        events while the execution runs, then 'done'. log_drops[eid] = n closes the
-        connection after n content/append events, once."""
+        events while the execution runs, then 'done'. log_drops[eid] = (n, revoke) closes
+        the connection after n content/append events, once, revoking the token if asked."""
         plan, sent = self.plans[eid], 0
-        drop_after = self.log_drops.pop(eid, None)
+        drop_after, revoke = self.log_drops.pop(eid, (None, False))
+        if revoke:
+            self.revoked.add(token)
         log = plan["logs"][stream]
         yield sse_event("waiting", "Log file found" if log else "Waiting for log output")
         while offset < len(log):
@@ -2843,6 +2846,795 @@ class SandboxTests(unittest.TestCase):
         self.assertEqual(login.returncode, 0)
 
 
+# === Tests: resource commands ================================================
+
+class ResourceTestCase(AttuneTestCase):
+    """Logged in; each test checks the exact requests a command sends."""
+
+    def setUp(self):
+        super().setUp()
+        self.seed()
+
+    def targets(self):
+        return ["%s %s" % (r.method, r.target) for r in self.server.requests]
+
+    def sent(self, method, path):
+        matching = [r for r in self.server.requests if r.method == method and r.path == path]
+        self.assertEqual(len(matching), 1, self.targets())
+        return matching[0]
+
+    def lines(self, *argv, **kwargs):
+        return self.ok(*argv, **kwargs).out.splitlines()
+
+    def execute(self, action, *params):
+        argv = ["run", action, "-j"]
+        for param in params:
+            argv += ["--param", param]
+        return self.ok(*argv).json()["id"]
+
+
+class PackCommandTests(ResourceTestCase):
+    def test_list_table_and_json(self):
+        self.assertEqual(self.lines("pack", "list"), [
+            "Ref       Version  Description", "────────  ───────  ──────────────────────────────────",
+            "core      1.0.0    Core actions, triggers and sensors", "linux     1.0.0    Actions for Linux hosts",
+            "examples  1.0.0    Example workflows and rules"])
+        self.assertEqual(self.targets(), ["GET /api/v1/packs"])
+        packs = self.ok("pack", "list", "-j").json()
+        self.assertEqual([p["ref"] for p in packs], ["core", "linux", "examples"])
+        self.assertEqual(packs[0], self.server.packs["core"])
+        self.assertTrue(self.ok("pack", "list", "-y").out.startswith("- id: 1\n  ref: core\n"))
+
+    def test_list_filters_by_name_and_says_when_empty(self):
+        self.assertEqual([p["ref"] for p in self.ok("pack", "list", "--name", "li", "-j").json()], ["linux"])
+        self.server.packs.clear()
+        self.assertEqual(self.ok("pack", "list").out, "ℹ No packs found\n")
+        self.assertEqual(self.ok("pack", "list", "-j").json(), [])
+
+    def test_list_all_follows_every_page(self):
+        for i in range(230):
+            ref = "p%03d" % i
+            self.server.packs[ref] = self.server.new_pack(1000 + i, ref, ref)
+        first = self.ok("pack", "list", "-j")
+        self.assertEqual(len(first.json()), 50)
+        self.assertIn("showing the first 50 of 233 packs; add --all for every page", first.err)
+        del self.server.requests[:]
+        every = self.ok("pack", "list", "--all", "-j").json()
+        self.assertEqual(len(every), 233)
+        self.assertEqual(len({p["ref"] for p in every}), 233)
+        self.assertEqual(self.targets(), ["GET /api/v1/packs?page=%d&page_size=100" % n for n in (1, 2, 3)])
+
+    def test_show(self):
+        out = self.ok("pack", "show", "linux").out
+        self.assertEqual(out.splitlines()[:4], ["Pack: Linux", "───────────", "Ref:          linux",
+                                                "Label:        Linux"])
+        for row in ("Author:       Attune team", "Actions:      1", "Rules:        1", "Sensors:      1",
+                    "Created:      2026-11-01 12:00:00", "Pack Dependencies", "  • core"):
+            self.assertIn(row, out)
+        self.assertEqual(self.ok("pack", "show", "linux", "-j").json()["action_count"], 1)
+        self.assertEqual(self.targets(), ["GET /api/v1/packs/linux"] * 2)
+        error = self.fails(1, "pack", "show", "nope")
+        self.assertEqual(error.err, "attune: error: API error (404 Not Found): Pack 'nope' not found\n")
+
+    def test_create(self):
+        out = self.ok("pack", "create", "--ref", "my_pack-x").out
+        pack = self.server.packs["my_pack-x"]
+        self.assertEqual(out, "✓ Pack 'my_pack-x' created successfully (id: %d)\n" % pack["id"])
+        self.assertEqual(self.sent("POST", "/api/v1/packs").body,
+                         b'{"ref": "my_pack-x", "label": "My Pack X", "version": "0.1.0", "tags": []}')
+        data = self.ok("pack", "create", "-r", "other", "-l", "Other", "-d", "desc", "--pack-version", "2.0.0",
+                       "--tags", "a, b", "-j").json()
+        self.assertEqual(self.server.requests[-1].json(), {"ref": "other", "label": "Other", "description": "desc",
+                                                          "version": "2.0.0", "tags": ["a", "b"]})
+        self.assertEqual(data["ref"], "other")
+
+    def test_create_errors(self):
+        result = self.fails(2, "pack", "create", "--label", "x")
+        self.assertIn("Pack ref is required", result.err)
+        self.assertEqual(self.server.count(), 0)
+        result = self.fails(1, "pack", "create", "--ref", "core")
+        self.assertIn("API error (409 Conflict): Pack with ref 'core' already exists", result.err)
+
+    def test_install(self):
+        result = self.ok("pack", "install", "https://github.com/org/slack.git")
+        self.assertEqual(self.sent("POST", "/api/v1/packs/install").json(), {
+            "source": "https://github.com/org/slack.git", "ref_spec": None, "force": False, "skip_tests": False,
+            "skip_deps": False, "no_registry": False})
+        self.assertEqual(result.out.splitlines(), [
+            "ℹ Installing pack from: https://github.com/org/slack.git (git repository)",
+            "✓ Pack 'slack' installed successfully", "ℹ   Version: 1.0.0",
+            "ℹ   ID: %d" % self.server.packs["slack"]["id"], "✓ All tests passed", "ℹ   Tests: 3/3 passed"])
+        result = self.ok("pack", "install", "slack", "-r", "v1.2", "--force", "--skip-deps", "--no-registry")
+        self.assertEqual(self.server.requests[-1].json(), {
+            "source": "slack", "ref_spec": "v1.2", "force": True, "skip_tests": True, "skip_deps": True,
+            "no_registry": True})
+        self.assertIn("⚠ Tests were skipped", result.out)
+        data = self.ok("pack", "install", "slack", "--force", "-j").json()
+        self.assertEqual(data["pack"]["ref"], "slack")
+
+    def test_register(self):
+        result = self.ok("pack", "register", "/opt/attune/packs/monitoring", "--force", "--skip-tests")
+        self.assertEqual(self.sent("POST", "/api/v1/packs/register").json(),
+                         {"path": "/opt/attune/packs/monitoring", "force": True, "skip_tests": True})
+        self.assertIn("✓ Pack 'monitoring' registered successfully", result.out)
+        self.assertEqual(result.err, "")
+        local = self.ok("pack", "register", "./mypack")
+        self.assertIn("attune pack upload ./mypack", local.err)
+
+    def make_pack_dir(self):
+        root = os.path.join(self.tmp, "mypack")
+        for name, text in (("pack.yaml", "ref: mypack  # the ref\nversion: 1.0.0\n"),
+                           ("actions/hello.py", "print('hi')\n"), (".git/config", "[core]\n")):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            with open(os.path.join(root, name), "w") as f:
+                f.write(text)
+        return root
+
+    def test_upload_a_directory(self):
+        root = self.make_pack_dir()
+        result = self.ok("pack", "upload", root)
+        upload = self.server.uploads[0]
+        self.assertEqual((upload["filename"], upload["content_type"], upload["fields"]),
+                         ("mypack.tar.gz", "application/gzip", {}))
+        self.assertEqual(sorted(upload["names"]), ["actions/hello.py", "pack.yaml"])
+        self.assertIn("ℹ Uploading pack 'mypack' from: %s" % root, result.out)
+        self.assertIn("✓ Pack 'mypack' uploaded and registered successfully", result.out)
+        self.assertTrue(self.server.requests[-1].headers["Content-Type"].startswith("multipart/form-data; boundary="))
+        self.ok("pack", "upload", root, "--force", "--skip-tests")
+        self.assertEqual(self.server.uploads[1]["fields"], {"force": "true", "skip_tests": "true"})
+
+    def test_upload_an_archive_and_bad_paths(self):
+        import tarfile
+        archive = os.path.join(self.tmp, "bundle.tar.gz")
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(os.path.join(self.make_pack_dir(), "pack.yaml"), arcname="pack.yaml")
+        self.ok("pack", "upload", archive)
+        self.assertEqual(self.server.uploads[0]["filename"], "mypack.tar.gz")
+        self.assertIn("Path does not exist", self.fails(2, "pack", "upload", os.path.join(self.tmp, "nope")).err)
+        os.makedirs(os.path.join(self.tmp, "empty"))
+        self.assertIn("No pack.yaml found", self.fails(2, "pack", "upload", os.path.join(self.tmp, "empty")).err)
+        plain = os.path.join(self.tmp, "plain.txt")
+        with open(plain, "w") as f:
+            f.write("x")
+        self.fails(2, "pack", "upload", plain)
+        self.assertEqual(len(self.server.uploads), 1)
+
+    def test_update(self):
+        result = self.ok("pack", "update", "linux", "--label", "Linux hosts", "--description", "new",
+                         "--pack-version", "2.0.0")
+        self.assertEqual(self.sent("PUT", "/api/v1/packs/linux").json(), {
+            "label": "Linux hosts", "description": {"op": "set", "value": "new"}, "version": "2.0.0"})
+        self.assertIn("✓ Pack 'linux' updated successfully", result.out)
+        self.assertIn("Version:      2.0.0", result.out)
+        self.ok("pack", "update", "linux", "--description", "")
+        self.assertEqual(self.server.requests[-1].json(), {"description": {"op": "clear"}})
+        self.assertIsNone(self.server.packs["linux"]["description"])
+        self.assertIn("At least one field", self.fails(2, "pack", "update", "linux").err)
+
+    def test_uninstall(self):
+        self.assertEqual(self.ok("pack", "uninstall", "linux", "--yes").out,
+                         "✓ Pack 'linux' uninstalled successfully\n")
+        self.assertEqual(self.targets(), ["DELETE /api/v1/packs/linux"])
+        self.assertEqual(self.ok("pack", "uninstall", "examples", "--yes", "-j").json(),
+                         {"message": "Pack uninstalled successfully"})
+        self.fails(1, "pack", "uninstall", "linux", "--yes")
+
+
+class ActionCommandTests(ResourceTestCase):
+    def test_list(self):
+        lines = self.lines("action", "list")
+        self.assertEqual(lines[0], "Ref              Label   Runtime              Enabled  Description")
+        self.assertEqual(lines[2], "core.echo        Echo    core.python (>=3.9)  ✓        Print a message")
+        self.assertIn("examples.deploy  Deploy  Workflow             ✓        Build, test and notify", lines)
+        self.ok("action", "list", "--pack", "linux")
+        self.assertEqual(self.targets(), ["GET /api/v1/actions", "GET /api/v1/packs/linux/actions"])
+        self.assertEqual([a["ref"] for a in self.ok("action", "list", "-n", "echo", "-j").json()], ["core.echo"])
+        self.assertIn("Pack 'nope' not found", self.fails(1, "action", "list", "--pack", "nope").err)
+
+    def test_show_with_parameter_schema(self):
+        out = self.ok("action", "show", "core.echo").out
+        self.assertIn("Entry Point:  echo.py", out)
+        self.assertIn("\nParameters Schema\n─────────────────\nName     Type     Required  Default  Description\n", out)
+        self.assertIn("message  string   ✓                  Text to print", out)
+        self.assertEqual(self.ok("action", "show", "core.echo", "-j").json()["param_schema"]["count"]["default"], 1)
+
+    def test_search(self):
+        result = self.ok("action", "search", "print message", "--pack", "core", "--pack", "linux", "--limit", "5")
+        self.assertEqual(self.targets(), ["GET /api/v1/actions/search?q=print+message&packs=core%2Clinux"
+                                          "&page_size=5&page=1"])
+        self.assertIn("core.echo  core  Echo   core.python", result.out)
+        self.assertEqual(self.ok("action", "search", "nothing-like-this").out,
+                         "ℹ No actions matched the search query\n")
+        self.ok("action", "search")
+        self.assertEqual(self.server.requests[-1].target, "/api/v1/actions/search?page_size=50&page=1")
+
+    def test_enable_disable_delete(self):
+        result = self.ok("action", "disable", "core.echo")
+        self.assertEqual(self.sent("PUT", "/api/v1/actions/core.echo").json(), {"enabled": False})
+        self.assertIn("✓ Action 'core.echo' updated successfully", result.out)
+        self.assertIn("Enabled:      ✗", result.out)
+        self.assertTrue(self.ok("action", "enable", "core.echo", "-j").json()["enabled"])
+        self.assertEqual(self.ok("action", "delete", "core.echo", "--yes").out,
+                         "✓ Action 'core.echo' deleted successfully\n")
+        self.assertNotIn("core.echo", self.server.actions)
+
+    def test_execute(self):
+        result = self.ok("action", "execute", "core.echo", "--param", "message=hi there", "--param", "count=3",
+                         "--param", 'obj={"a": 1}', "--param", "flag=true", "--param", "text=not json",
+                         "--param", "eq=a=b", "--param", "nan=NaN")
+        execution = self.server.executions[max(self.server.executions)]
+        self.assertEqual(self.sent("POST", "/api/v1/executions/execute").json(), {
+            "action_ref": "core.echo", "parameters": {
+                "message": "hi there", "count": 3, "obj": {"a": 1}, "flag": True, "text": "not json",
+                "eq": "a=b", "nan": "NaN"}})
+        self.assertEqual(result.out.splitlines(), [
+            "ℹ Executing action: core.echo", "✓ Execution %d started" % execution["id"],
+            "Execution ID:  %d" % execution["id"], "Action:        core.echo", "Status:        requested"])
+        data = self.ok("run", "core.echo", "--params-json", '{"message": "x"}', "--execution-timeout", "30",
+                       "--worker-selector", '{"pool": "gpu"}', "-j").json()
+        self.assertEqual(self.server.requests[-1].json(), {
+            "action_ref": "core.echo", "parameters": {"message": "x"}, "worker_selector": {"pool": "gpu"},
+            "timeout_seconds": 30})
+        self.assertEqual((data["status"], data["action_ref"]), ("requested", "core.echo"))
+
+    def test_execute_usage_errors(self):
+        cases = {("--param", "novalue"): "Invalid parameter format: 'novalue'. Expected key=value",
+                 ("--param", "=x"): "Invalid parameter format: '=x'",
+                 ("--params-json", "{oops"): "--params-json is not valid JSON",
+                 ("--params-json", "[1]"): "--params-json must be a JSON object",
+                 ("--params-json", "{}", "--param", "a=1"): "not both",
+                 ("--worker-affinity", "nope"): "--worker-affinity is not valid JSON",
+                 ("--timeout", "5"): "--timeout only applies with --watch",
+                 ("--execution-timeout", "0"): "positive"}
+        for extra, message in cases.items():
+            with self.subTest(extra):
+                self.assertIn(message, self.fails(2, "action", "execute", "core.echo", *extra).err)
+        self.assertEqual(self.server.count("POST", "/api/v1/executions/execute"), 0)
+
+    def test_execute_server_errors(self):
+        self.assertIn("API error (404 Not Found): Action 'nope.x' not found", self.fails(1, "run", "nope.x").err)
+        self.server.actions["core.echo"]["enabled"] = False
+        self.assertIn("Action 'core.echo' is disabled", self.fails(1, "run", "core.echo").err)
+
+    def test_execute_watch_success(self):
+        result = self.ok("run", "core.echo", "--param", "message=hello", "--watch")
+        eid = max(self.server.executions)
+        out = result.out
+        self.assertIn("ℹ Waiting for execution %d to complete..." % eid, out)
+        self.assertIn("✓ Execution %d completed\n\nExecution Details\n" % eid, out)
+        self.assertIn("Status:        completed", out)
+        self.assertIn("\nStdout\n──────\nhello\n", out)
+        self.assertIn('\nResult\n──────\n{\n  "exit_code": 0\n}\n', out)
+        polls = [t for t in self.targets() if t == "GET /api/v1/executions/%d" % eid]
+        self.assertEqual(len(polls), 3)  # requested -> scheduled -> running -> completed
+
+    def test_execute_watch_failure_and_json(self):
+        result = self.fails(1, "run", "core.fail", "-w")
+        self.assertIn("Status:        failed", result.out)
+        self.assertIn("attune: error: execution finished with status 'failed'", result.err)
+        result = self.fails(1, "run", "core.fail", "-w", "-j")
+        self.assertEqual(result.json()["status"], "failed")
+        self.assertEqual(self.ok("run", "core.echo", "--param", "message=x", "-w", "-j").json()["result"],
+                         {"stdout": "x\n", "exit_code": 0})
+
+    def test_execute_watch_timeout(self):
+        started = time.monotonic()
+        result = self.fails(1, "run", "core.sleep", "--watch", "--timeout", "1")
+        self.assertIn("timed out after 1s waiting for execution", result.err)
+        self.assertIn("status 'running'", result.err)
+        self.assertLess(time.monotonic() - started, 10)
+
+
+class ExecutionCommandTests(ResourceTestCase):
+    def test_list_sends_the_filters_the_server_knows(self):
+        self.ok("execution", "list", "--pack", "core", "-a", "core.*", "--rule", "r.x", "--trigger", "t.y",
+                "--trace-tag", "tag", "-s", "Running", "-r", "boom", "--top-level-only", "-l", "25")
+        self.assertEqual(self.targets(), [
+            "GET /api/v1/executions?per_page=25&pack_name=core&action_ref=core.%2A&rule_ref=r.x"
+            "&trigger_ref=t.y&trace_tag=tag&status=running&result_contains=boom&top_level_only=true"])
+        self.ok("execution", "list")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/executions?per_page=50")
+
+    def test_list_filters_several_statuses_and_sorts_newest_first(self):
+        ok, bad = self.execute("core.echo", "message=a"), self.execute("core.fail")
+        self.ok("execution", "watch", str(ok), "-j")
+        self.fails(1, "execution", "watch", str(bad), "-j")
+        running = self.execute("core.sleep")
+        rows = self.ok("execution", "list", "-s", "completed", "-s", "FAILED", "-j").json()
+        self.assertEqual([r["id"] for r in rows], [bad, ok])
+        self.assertNotIn("status=", self.server.requests[-1].target)
+        table = self.lines("execution", "list")
+        self.assertEqual(table[0], "ID   Action      Trace Tag  Rule  Trigger  Status     Created")
+        self.assertTrue(table[2].startswith("%d  core.sleep  -          -     -        requested" % running))
+        self.assertEqual(len(self.ok("execution", "list", "-l", "2", "-j").json()), 2)
+
+    def test_list_wildcards_on_the_client_side(self):
+        self.execute("core.echo", "message=a")
+        self.execute("linux.uptime")
+        self.server.fail("/api/v1/executions", status=200, body={"items": [
+            dict(self.server.executions[e]) for e in sorted(self.server.executions)]})
+        self.assertEqual([r["action_ref"] for r in self.ok("execution", "list", "-a", "linux.*", "-j").json()],
+                         ["linux.uptime"])
+
+    def test_list_all_pages_and_empty(self):
+        self.assertEqual(self.ok("execution", "list").out, "ℹ No executions found\n")
+        for _ in range(120):
+            self.server.new_execution(self.server.actions["core.echo"], {})
+        del self.server.requests[:]
+        self.assertEqual(len(self.ok("execution", "list", "--all", "-j").json()), 120)
+        self.assertEqual(self.targets(), ["GET /api/v1/executions?per_page=100&page=1",
+                                          "GET /api/v1/executions?per_page=100&page=2"])
+
+    def test_show(self):
+        eid = self.execute("core.echo", "message=hi")
+        self.server.executions[eid]["timeout_seconds"] = 90
+        out = self.ok("execution", "show", str(eid)).out
+        self.assertTrue(out.startswith("Execution: %d\n" % eid))
+        for row in ("Action:          core.echo", "Timeout:         1m 30s (90s)", "Parent ID:       None",
+                    "Trace Tag:       None", '\nConfiguration\n─────────────\n{\n  "message": "hi"\n}'):
+            self.assertIn(row, out)
+        self.assertEqual(self.ok("execution", "show", str(eid), "-j").json()["config"], {"message": "hi"})
+        self.assertIn("Execution with ID 999 not found", self.fails(1, "execution", "show", "999").err)
+        self.assertIn("invalid int value: 'abc'", self.fails(2, "execution", "show", "abc").err)
+
+    def test_result(self):
+        eid = self.execute("core.echo", "message=hi")
+        self.assertIn("Execution %d has no result yet" % eid, self.fails(1, "execution", "result", str(eid)).err)
+        self.ok("execution", "watch", str(eid), "-j")
+        self.assertEqual(self.ok("execution", "result", str(eid)).out,
+                         '{\n  "stdout": "hi\\n",\n  "exit_code": 0\n}\n')
+        self.assertEqual(self.ok("execution", "result", str(eid), "-f", "yaml").out,
+                         'stdout: "hi\\n"\nexit_code: 0\n')
+        self.assertEqual(self.ok("execution", "result", str(eid), "-y").out, 'stdout: "hi\\n"\nexit_code: 0\n')
+
+    def test_cancel(self):
+        eid = self.execute("core.sleep")
+        self.assertEqual(self.ok("execution", "cancel", str(eid), "--yes").out, "✓ Execution %d cancelled\n" % eid)
+        self.assertEqual(self.sent("POST", "/api/v1/executions/%d/cancel" % eid).json(), {})
+        self.assertEqual(self.server.executions[eid]["status"], "cancelled")
+        result = self.fails(1, "execution", "cancel", str(eid), "--yes")
+        self.assertIn("API error (409 Conflict)", result.err)
+
+    def test_watch(self):
+        eid = self.execute("core.echo", "message=hi")
+        result = self.ok("execution", "watch", str(eid))
+        self.assertTrue(result.out.startswith("ℹ Observing execution %d...\n✓ Execution %d completed" % (eid, eid)))
+        bad = self.execute("core.fail")
+        self.assertIn("execution finished with status 'failed'", self.fails(1, "execution", "watch", str(bad)).err)
+        slow = self.execute("core.sleep")
+        self.assertIn("timed out after 1s", self.fails(1, "execution", "watch", str(slow), "--timeout", "1").err)
+
+    def test_watch_accepts_the_rust_clis_success_words(self):
+        eid = self.execute("core.sleep")
+        self.server.executions[eid]["status"] = "succeeded"
+        self.server.plans[eid]["statuses"] = []
+        self.ok("execution", "watch", str(eid))
+
+    def test_logs_catch_up(self):
+        eid = self.execute("core.noisy")
+        self.ok("execution", "watch", str(eid), "-j")
+        out = self.ok("execution", "logs", str(eid)).out
+        self.assertEqual(out, "".join("line %d\n" % n for n in range(1, 11)))
+        self.assertEqual(self.targets()[-1], "GET /api/v1/executions/%d/logs/stdout/stream" % eid)
+        self.assertEqual(self.server.requests[-1].headers["Accept"], "text/event-stream")
+        bad = self.execute("core.fail")
+        self.fails(1, "execution", "watch", str(bad))
+        self.assertEqual(self.ok("execution", "logs", str(bad), "--stderr").out, "boom\n")
+        self.assertEqual(self.ok("execution", "logs", str(bad)).out, "")
+        data = self.ok("execution", "logs", str(eid), "-j").json()
+        self.assertEqual(data, {"execution_id": eid, "stream": "stdout", "offset": 71,
+                                "content": "".join("line %d\n" % n for n in range(1, 11))})
+        self.assertIn("Execution with ID 999 not found", self.fails(1, "execution", "logs", "999").err)
+
+    def test_logs_follow_until_done(self):
+        eid = self.execute("core.noisy")
+        out = self.ok("execution", "logs", str(eid), "--follow").out
+        self.assertEqual(out, "".join("line %d\n" % n for n in range(1, 11)))
+        self.assertEqual(self.server.executions[eid]["status"], "completed")
+
+    def test_logs_follow_reconnects_from_the_last_offset(self):
+        eid = self.execute("core.noisy")
+        self.server.log_drops[eid] = (3, False)
+        out = self.ok("execution", "logs", str(eid), "-f").out
+        self.assertEqual(out, "".join("line %d\n" % n for n in range(1, 11)))
+        streams = [t for t in self.targets() if "/logs/" in t]
+        self.assertEqual(streams, ["GET /api/v1/executions/%d/logs/stdout/stream" % eid,
+                                   "GET /api/v1/executions/%d/logs/stdout/stream?offset=21" % eid])
+
+    def test_logs_reconnect_refreshes_the_token_after_a_401(self):
+        eid = self.execute("core.noisy")
+        self.server.log_drops[eid] = (2, True)  # drop, and revoke the token the stream used
+        out = self.ok("execution", "logs", str(eid), "-f").out
+        self.assertEqual(out, "".join("line %d\n" % n for n in range(1, 11)))
+        tail = [t for t in self.targets() if "/logs/" in t or "refresh" in t]
+        self.assertEqual(tail, ["GET /api/v1/executions/%d/logs/stdout/stream" % eid,
+                                "GET /api/v1/executions/%d/logs/stdout/stream?offset=14" % eid,
+                                "POST /auth/refresh",
+                                "GET /api/v1/executions/%d/logs/stdout/stream?offset=14" % eid])
+
+    def test_rerun_merges_parameters(self):
+        eid = self.execute("core.echo", "message=a", "count=2")
+        result = self.ok("execution", "rerun", str(eid), "--param", "count=5")
+        new = max(self.server.executions)
+        self.assertEqual(self.server.requests[-1].json(),
+                         {"action_ref": "core.echo", "parameters": {"message": "a", "count": 5}})
+        self.assertIn("ℹ Rerunning execution %d (action: core.echo)" % eid, result.out)
+        self.assertIn("✓ Execution %d started (rerun of %d)" % (new, eid), result.out)
+        self.assertIn("Rerun of:      %d" % eid, result.out)
+        self.ok("execution", "rerun", str(eid), "--params-json", '{"message": "b"}')
+        self.assertEqual(self.server.requests[-1].json()["parameters"], {"message": "b"})
+        self.assertEqual(self.ok("execution", "rerun", str(eid), "-w", "-j").json()["status"], "completed")
+
+    def test_rerun_refuses_redacted_secrets_before_posting(self):
+        eid = self.execute("core.echo", "message=a")
+        marker = {"$attune_secret": True, "redacted": True}
+        self.server.executions[eid]["config"] = {"password": marker, "nested": [{"token": marker}], "plain": 1}
+        posts = self.server.count("POST", "/api/v1/executions/execute")
+        result = self.fails(2, "execution", "rerun", str(eid))
+        self.assertIn("redacted secrets at /nested/0/token, /password", result.err)
+        self.assertEqual(self.server.count("POST", "/api/v1/executions/execute"), posts)
+        self.ok("execution", "rerun", str(eid), "--param", "password=new", "--param", 'nested=[{"token": "t"}]')
+        self.assertEqual(self.server.requests[-1].json()["parameters"],
+                         {"password": "new", "nested": [{"token": "t"}], "plain": 1})
+
+
+class RuleCommandTests(ResourceTestCase):
+    def test_list(self):
+        self.assertEqual(self.lines("rule", "list")[2],
+                         "examples.on_timer  examples  on_timer  core.timer        core.echo     ✓")
+        self.ok("rule", "list", "--pack", "linux", "--enabled", "false")
+        self.assertEqual(self.targets(), ["GET /api/v1/rules", "GET /api/v1/rules?pack_ref=linux&enabled=false"])
+        self.assertEqual([r["ref"] for r in self.ok("rule", "list", "-e", "yes", "-j").json()], ["examples.on_timer"])
+        self.fails(2, "rule", "list", "--enabled", "maybe")
+        self.server.rules.clear()
+        self.assertEqual(self.ok("rule", "list").out, "ℹ No rules found\n")
+
+    def test_list_accepts_a_data_array(self):
+        rule = self.server.rules["linux.on_file"]
+        self.server.fail("/api/v1/rules", status=200, body={"data": [rule]})
+        self.assertEqual(self.ok("rule", "list", "-j").json(), [rule])
+
+    def test_show(self):
+        out = self.ok("rule", "show", "examples.on_timer").out
+        for text in ("Rule: examples.on_timer", "Trigger:             core.timer", "Trace Tag Template:  None",
+                     '\nConditions\n──────────\n{\n  "all": []\n}', '\nAction Parameters\n',
+                     '\nTrigger Parameters\n──────────────────\n{\n  "interval": 60\n}'):
+            self.assertIn(text, out)
+
+    def test_create(self):
+        result = self.ok("rule", "create", "--ref", "examples.on_hook", "--pack", "examples", "--label", "On hook",
+                         "--trigger", "core.webhook", "--action", "core.echo", "--description", "d",
+                         "--conditions", '{"any": []}', "--action-params", '{"message": "{{ event.body }}"}',
+                         "--trigger-params", "{}", "--enabled", "false")
+        self.assertEqual(self.sent("POST", "/api/v1/rules").json(), {
+            "ref": "examples.on_hook", "pack_ref": "examples", "label": "On hook", "trigger_ref": "core.webhook",
+            "action_ref": "core.echo", "description": "d", "conditions": {"any": []},
+            "action_params": {"message": "{{ event.body }}"}, "trigger_params": {}, "enabled": False})
+        rule = self.server.rules["examples.on_hook"]
+        self.assertEqual(result.out.splitlines(), ["✓ Rule 'examples.on_hook' created successfully",
+                                                   "ℹ ID: %d" % rule["id"], "ℹ Enabled: false"])
+        self.assertIn("the following arguments are required", self.fails(2, "rule", "create", "--ref", "x").err)
+        bad = self.fails(2, "rule", "create", "--ref", "a.b", "--pack", "examples", "--label", "l", "--trigger",
+                         "core.timer", "--action", "core.echo", "--conditions", "{nope")
+        self.assertIn("--conditions is not valid JSON", bad.err)
+        self.assertIn("Trigger 'no.trigger' not found", self.fails(
+            1, "rule", "create", "--ref", "a.b", "--pack", "examples", "--label", "l", "--trigger", "no.trigger",
+            "--action", "core.echo").err)
+
+    def test_update(self):
+        result = self.ok("rule", "update", "linux.on_file", "--label", "New", "--enabled", "true",
+                         "--action-params", '{"x": 1}')
+        self.assertEqual(self.sent("PUT", "/api/v1/rules/linux.on_file").json(),
+                         {"action_params": {"x": 1}, "enabled": True, "label": "New"})
+        self.assertIn("✓ Rule 'linux.on_file' updated successfully", result.out)
+        self.assertIn("Label:               New", result.out)
+        self.assertIn("At least one field", self.fails(2, "rule", "update", "linux.on_file").err)
+
+    def test_enable_disable_use_the_servers_routes(self):
+        self.assertEqual(self.ok("rule", "disable", "examples.on_timer").out,
+                         "✓ Rule 'examples.on_timer' disabled\n")
+        request = self.sent("POST", "/api/v1/rules/examples.on_timer/disable")
+        self.assertEqual(request.body, b"")
+        self.assertFalse(self.server.rules["examples.on_timer"]["enabled"])
+        self.assertTrue(self.ok("rule", "enable", "examples.on_timer", "-j").json()["enabled"])
+        self.assertEqual(self.server.count("PATCH"), 0)
+
+    def test_delete(self):
+        self.assertEqual(self.ok("rule", "delete", "linux.on_file", "--yes").out,
+                         "✓ Rule 'linux.on_file' deleted successfully\n")
+        self.assertEqual(self.targets(), ["DELETE /api/v1/rules/linux.on_file"])
+
+
+class TriggerAndSensorCommandTests(ResourceTestCase):
+    def test_trigger_list_show_toggle_delete(self):
+        lines = self.lines("trigger", "list")
+        self.assertEqual(lines[0], "Ref               Pack   Label       Enabled  Visibility  Description")
+        self.assertEqual(len(self.ok("trigger", "list", "--pack", "core", "-j").json()), 2)
+        self.assertEqual(self.targets(), ["GET /api/v1/triggers", "GET /api/v1/packs/core/triggers"])
+        out = self.ok("trigger", "show", "core.webhook").out
+        self.assertIn("Webhook Enabled:          ✓", out)
+        self.assertIn("\nWebhook\n───────\nℹ Key: wh_test_key\n", out)
+        result = self.ok("trigger", "disable", "core.timer")
+        self.assertEqual(self.sent("POST", "/api/v1/triggers/core.timer/disable").json(), {})
+        self.assertIn("✓ Trigger 'core.timer' disabled successfully", result.out)
+        self.assertTrue(self.ok("trigger", "enable", "core.timer", "-j").json()["enabled"])
+        self.assertEqual(self.ok("trigger", "delete", "core.timer", "--yes", "-j").json(),
+                         {"message": "Trigger deleted successfully"})
+        self.server.triggers.clear()
+        self.assertEqual(self.ok("trigger", "list").out, "ℹ No triggers found\n")
+
+    def test_sensor_list_show_toggle(self):
+        self.assertIn("core.timer_sensor        core   timer_sensor       core.timer        ✓",
+                      self.ok("sensor", "list").out)
+        self.assertEqual([s["ref"] for s in self.ok("sensor", "list", "--pack", "linux", "-j").json()],
+                         ["linux.file_watch_sensor"])
+        self.assertIn("GET /api/v1/packs/linux/sensors", self.targets())
+        self.assertIn("Entry Point:  sensor.py", self.ok("sensor", "show", "core.timer_sensor").out)
+        self.assertIn("✓ Sensor 'core.timer_sensor' disabled successfully",
+                      self.ok("sensor", "disable", "core.timer_sensor").out)
+        self.assertEqual(self.sent("POST", "/api/v1/sensors/core.timer_sensor/disable").json(), {})
+        self.ok("sensor", "enable", "core.timer_sensor")
+        self.assertTrue(self.server.sensors["core.timer_sensor"]["enabled"])
+
+
+class KeyCommandTests(ResourceTestCase):
+    extra_secrets = {"hunter2", "s3cr3t-value"}
+
+    def test_list(self):
+        lines = self.lines("key", "list")
+        self.assertEqual(lines[0], "Ref             Name         Owner    Encrypted  Created")
+        self.assertIn("linux_token     Linux token  pack: 2  ✓          2026-11-01 12:00:00", lines)
+        self.ok("key", "list", "--owner-type", "pack", "--owner", "2")
+        self.assertEqual(self.targets(), ["GET /api/v1/keys?page=1&per_page=50",
+                                          "GET /api/v1/keys?page=1&per_page=50&owner_type=pack&owner=2"])
+        self.ok("key", "list", "--all")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/keys?page=1&per_page=100")
+
+    def test_show_never_asks_the_server_to_decrypt(self):
+        out = self.ok("key", "show", "db_credentials").out
+        self.assertEqual(self.targets(), ["GET /api/v1/keys/db_credentials"])
+        self.assertIn("Value:      [REDACTED]", out)
+        self.assertIn("(use --decrypt / -d to reveal the actual value)", out)
+        plain = self.ok("key", "show", "region").out
+        self.assertNotIn("eu-west-1", plain)
+        self.assertIn("Value (SHA-256 of canonical JSON):  sha256:" + hashlib.sha256(b'"eu-west-1"').hexdigest(),
+                      plain)
+        data = self.ok("key", "show", "region", "-j").json()
+        self.assertTrue(data["value"].startswith("sha256:"))
+        self.assertEqual(self.ok("key", "show", "db_credentials", "-j").json()["value"], "[REDACTED]")
+
+    def test_show_decrypt(self):
+        out = self.ok("key", "show", "db_credentials", "--decrypt", secrets_ok=True).out
+        self.assertEqual(self.targets(), ["GET /api/v1/keys/db_credentials?decrypt=true"])
+        self.assertIn('Value:      {\n              "user": "svc",\n              "pass": "hunter2"\n            }',
+                      out)
+        self.assertEqual(self.ok("key", "show", "region", "-d", "-j").json()["value"], "eu-west-1")
+
+    def test_refs_are_encoded_in_paths(self):
+        self.server.keys["a b/c"] = dict(self.server.keys["region"], ref="a b/c")
+        self.ok("key", "show", "a b/c")
+        self.assertEqual(self.server.requests[-1].target, "/api/v1/keys/a%20b%2Fc")
+
+    def test_create(self):
+        result = self.ok("key", "create", "--ref", "api", "--name", "API", "--value", '{"user": "a"}', "-e")
+        self.assertEqual(self.sent("POST", "/api/v1/keys").json(), {
+            "ref": "api", "owner_type": "system", "name": "API", "value": {"user": "a"}, "encrypted": True})
+        self.assertIn("process list", result.err)
+        self.assertIn("✓ Key 'api' created successfully", result.out)
+        self.assertIn("Owner:      system", result.out)
+        self.ok("key", "create", "--ref", "stdin", "--name", "S", "--value-stdin", "--owner-type", "identity",
+                "--owner", "7", stdin="s3cr3t-value\n")
+        self.assertEqual(self.server.requests[-1].json(), {
+            "ref": "stdin", "owner_type": "identity", "owner": "7", "name": "S", "value": "s3cr3t-value",
+            "encrypted": False})
+        data = self.ok("key", "create", "--ref", "num", "--name", "N", "--value", "42", "-j").json()
+        self.assertEqual((self.server.keys["num"]["value"], "value" in data), (42, False))
+
+    def test_create_usage_errors(self):
+        base = ("key", "create", "--ref", "k", "--name", "K")
+        self.assertIn("Invalid owner type 'team'", self.fails(2, *(base + ("--value", "1", "--owner-type", "team"))).err)
+        self.assertIn("a value is needed", self.fails(2, *base).err)
+        self.fails(2, *(base + ("--value", "1", "--value-stdin")), stdin="2")
+        self.assertIn("Key with ref 'region' already exists",
+                      self.fails(1, "key", "create", "--ref", "region", "--name", "R", "--value", "x").err)
+
+    def test_update_and_delete(self):
+        result = self.ok("key", "update", "region", "--name", "Region!", "--value", "us-east-1", "--encrypted", "true")
+        self.assertEqual(self.sent("PUT", "/api/v1/keys/region").json(),
+                         {"name": "Region!", "value": "us-east-1", "encrypted": True})
+        self.assertIn("✓ Key 'region' updated successfully", result.out)
+        self.assertNotIn("us-east-1", result.out)
+        self.assertIn("(--name, --value, or --encrypted)", self.fails(2, "key", "update", "region").err)
+        self.assertEqual(self.ok("key", "delete", "region", "--yes", "-j").json(),
+                         {"message": "Key 'region' deleted successfully"})
+        self.assertEqual(self.targets()[-1], "DELETE /api/v1/keys/region")
+
+
+class WorkflowCommandTests(ResourceTestCase):
+    def test_list(self):
+        self.assertEqual(self.lines("workflow", "list"), [
+            "Reference        Pack      Label   Version  Tags", "───────────────  ────────  ──────  ───────  ──────────",
+            "examples.deploy  examples  Deploy  1.2.0    ci, deploy", "ℹ 1 workflow(s) found"])
+        self.ok("workflow", "list", "--pack", "examples", "--tags", "ci", "--search", "dep")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/workflows?pack_ref=examples&tags=ci&search=dep")
+        self.assertEqual(self.ok("workflow", "list", "--tags", "nope").out, "ℹ No workflows found\n")
+
+    def test_show(self):
+        out = self.ok("workflow", "show", "examples.deploy").out
+        self.assertIn("Tags:         ci, deploy", out)
+        self.assertIn("\nParameters\n──────────\nenv:\n  type: string\n  default: staging\n", out)
+        self.assertIn("1  build   core.echo  2 target(s)", out)
+        self.assertIn("4  notify  core.echo  terminal", out)
+        self.assertEqual(self.ok("workflow", "show", "examples.deploy", "-j").json()["version"], "1.2.0")
+
+    def test_delete_accepts_any_2xx(self):
+        self.server.fail("/api/v1/workflows/examples.deploy", method="DELETE", status=204)
+        self.assertEqual(self.ok("workflow", "delete", "examples.deploy", "--yes").out,
+                         "✓ Workflow 'examples.deploy' deleted successfully\n")
+        self.assertEqual(self.ok("workflow", "delete", "examples.deploy", "--yes", "-j").json(),
+                         {"message": "Workflow 'examples.deploy' deleted"})
+
+
+class OutputFormTests(ResourceTestCase):
+    def test_show_commands_print_the_api_object_in_json_and_yaml(self):
+        server = self.server
+        cases = ((("rule", "show", "examples.on_timer"), server.rules["examples.on_timer"]),
+                 (("trigger", "show", "core.timer"), server.triggers["core.timer"]),
+                 (("sensor", "show", "core.timer_sensor"), server.sensors["core.timer_sensor"]),
+                 (("action", "show", "core.echo"), server.actions["core.echo"]),
+                 (("workflow", "show", "examples.deploy"), server.workflows["examples.deploy"]))
+        for argv, expected in cases:
+            with self.subTest(argv):
+                self.assertEqual(self.ok(*(argv + ("-j",))).json(), expected)
+                self.assertEqual(self.ok(*(argv + ("-y",))).out, attune.to_yaml(expected) + "\n")
+
+    def test_lists_print_arrays(self):
+        for argv, collection in ((("rule", "list"), self.server.rules), (("trigger", "list"), self.server.triggers),
+                                 (("sensor", "list"), self.server.sensors), (("action", "list"), self.server.actions)):
+            with self.subTest(argv):
+                self.assertEqual(self.ok(*(argv + ("-j",))).json(),
+                                 sorted(collection.values(), key=lambda item: item["id"]))
+
+    @unittest.skipUnless(POSIX, "pseudo-terminals")
+    def test_waiting_shows_progress_on_a_terminal_stderr_only(self):
+        import pty
+        master, slave = pty.openpty()
+        p = subprocess.Popen([sys.executable, ATTUNE_PY, "run", "core.echo", "--param", "message=hi", "-w"],
+                             env=self.process_env(), stdin=subprocess.DEVNULL, stderr=slave,
+                             stdout=subprocess.PIPE, universal_newlines=True)
+        os.close(slave)
+        out = p.communicate(timeout=60)[0]
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(master)
+        self.assertEqual(p.returncode, 0)
+        self.assertRegex(seen.decode(), r"\rExecution \d+: (requested|scheduled|running) \(\d+s\)")
+        self.assertNotIn("Execution %d: " % max(self.server.executions), out)
+        piped = self.run_cli("run", "core.echo", "--param", "message=hi", "-w")
+        self.assertEqual(piped.err, "")
+
+
+class ConfirmationTests(ResourceTestCase):
+    DESTRUCTIVE = (("pack", "uninstall", "linux"), ("action", "delete", "core.echo"),
+                   ("rule", "delete", "linux.on_file"), ("trigger", "delete", "core.timer"),
+                   ("key", "delete", "region"), ("workflow", "delete", "examples.deploy"),
+                   ("execution", "cancel", "1"))
+
+    def test_without_a_terminal_and_without_yes_exit_2(self):
+        for argv in self.DESTRUCTIVE:
+            with self.subTest(argv):
+                for extra in ((), ("-j",)):
+                    result = self.fails(2, *(argv + extra))
+                    self.assertIn("add --yes", result.err)
+        self.assertEqual(self.server.count(), 0)
+
+    @unittest.skipUnless(POSIX, "pseudo-terminals")
+    def test_on_a_terminal_it_asks(self):
+        import pty
+        for answer, deleted in ((b"n\n", False), (b"y\n", True)):
+            master, slave = pty.openpty()
+            p = subprocess.Popen([sys.executable, ATTUNE_PY, "rule", "delete", "linux.on_file"],
+                                 env=self.process_env(), stdin=slave, stderr=slave, stdout=subprocess.PIPE,
+                                 start_new_session=True, universal_newlines=True)
+            os.close(slave)
+            seen = b""
+            while b"[y/N]" not in seen:
+                seen += os.read(master, 1024)
+            self.assertIn(b"Are you sure you want to delete rule 'linux.on_file'?", seen)
+            os.write(master, answer)
+            out = p.communicate(timeout=60)[0]
+            os.close(master)
+            self.assertEqual(p.returncode, 0)
+            self.assertEqual("linux.on_file" not in self.server.rules, deleted)
+            self.assertIn("deleted successfully" if deleted else "Deletion cancelled", out)
+
+
+class ApiCommandTests(ResourceTestCase):
+    def test_get_prints_the_body(self):
+        out = self.ok("api", "GET", "/packs").out
+        self.assertEqual(json.loads(out)["items"][0]["ref"], "core")
+        self.assertTrue(out.startswith('{\n  "items": [\n'))
+        self.ok("api", "get", "packs/core")
+        self.ok("api", "GET", "/auth/me")
+        self.ok("api", "GET", "/health")
+        self.ok("api", "GET", "/api/v1/rules", "-F", "enabled=true")
+        self.assertEqual(self.targets(), ["GET /api/v1/packs", "GET /api/v1/packs/core", "GET /auth/me",
+                                          "GET /health", "GET /api/v1/rules?enabled=true"])
+        self.assertTrue(self.ok("api", "GET", "/packs/core", "-y").out.startswith("data:\n  id: 1\n"))
+
+    def test_fields_and_data_make_the_body(self):
+        self.ok("api", "POST", "/packs", "-F", "ref=x1", "-F", "label=X", "-F", "version=1.0.0", "-F", "tags=[\"a\"]")
+        self.assertEqual(self.server.requests[-1].json(), {"ref": "x1", "label": "X", "version": "1.0.0",
+                                                          "tags": ["a"]})
+        self.ok("api", "POST", "/packs", "--data", '{"ref": "x2", "label": "X", "version": "1"}')
+        body_file = os.path.join(self.tmp, "body.json")
+        with open(body_file, "w") as f:
+            f.write('{"ref": "x3", "label": "X", "version": "1"}')
+        self.ok("api", "POST", "/packs", "--data", "@" + body_file)
+        self.ok("api", "POST", "/packs", "--data", "-", "-F", "label=Y",
+                stdin='{"ref": "x4", "label": "X", "version": "1"}')
+        self.assertEqual(self.server.packs["x4"]["label"], "Y")
+        self.assertTrue(all(ref in self.server.packs for ref in ("x1", "x2", "x3")))
+        self.fails(2, "api", "POST", "/packs", "--data", "@" + os.path.join(self.tmp, "missing.json"))
+
+    def test_paginate(self):
+        for i in range(130):
+            self.server.packs["p%03d" % i] = self.server.new_pack(500 + i, "p%03d" % i, "P")
+        items = self.ok("api", "GET", "/packs", "--paginate").json()
+        self.assertEqual(len(items), 133)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/packs?page=2&page_size=100")
+
+    def test_errors_print_the_body_and_exit_with_the_matching_code(self):
+        result = self.run_cli("api", "GET", "/packs/nope")
+        self.assertEqual(result.code, 1)
+        self.assertTrue(result.err.startswith('{\n  "error": "Pack \'nope\' not found"'), result)
+        self.assertIn("attune: error: HTTP 404 Not Found", result.err)
+        self.assertEqual(result.out, "")
+        self.server.fail("/api/v1/packs", status=503, times=None, body={"error": "down", "code": "X"})
+        self.assertEqual(self.run_cli("api", "GET", "/packs").code, 6)
+        self.server.fail("/api/v1/rules", status=401, times=2, body={"error": {"code": 401, "message": "nope"}})
+        self.assertEqual(self.run_cli("api", "GET", "/rules").code, 4)
+
+    def test_refresh_and_retry_work_as_everywhere(self):
+        self.seed(access_left=-100)
+        self.ok("api", "DELETE", "/packs/linux")
+        self.assertEqual(self.targets(), ["POST /auth/refresh", "DELETE /api/v1/packs/linux"])
+
+
+class HealthCommandTests(AttuneTestCase):
+    def test_healthy(self):
+        env = {"ATTUNE_API_URL": self.server.url}
+        self.assertEqual(self.ok("health", env=env).out,
+                         "✓ Server at %s is healthy (status: ok)\n" % self.server.url)
+        self.assertEqual(self.ok("health", "-j", env=env).json(), {"status": "ok"})
+        self.assertNotIn("Authorization", self.server.requests[0].headers)
+
+    def test_unreachable_and_unhealthy(self):
+        self.fails(5, "health", "--api-url", "http://127.0.0.1:%d" % free_port())
+        self.server.fail("/health", status=503, times=None, body={"status": "error"})
+        self.fails(6, "health", "--api-url", self.server.url)
+        started = time.monotonic()
+        result = self.fails(5, "health", "--api-url", self.server.url, "--wait", "1")
+        self.assertIn("did not become healthy within 1s", result.err)
+        self.assertLess(time.monotonic() - started, 10)
+
+    def test_wait_for_a_server_that_starts_late(self):
+        port = free_port()
+        late = FakeAttune()
+        threading.Timer(2.5, late.start, args=(port,)).start()  # later than the GET retries
+        self.addCleanup(late.stop)
+        result = self.ok("health", "--api-url", "http://127.0.0.1:%d" % port, "--wait", "30")
+        self.assertIn("waiting up to 30s", result.err)
+        self.assertIn("is healthy", result.out)
+
+
 # === Sandbox, demo, test-all =================================================
 
 def serve(argv):
@@ -2882,9 +3674,11 @@ def demo():
         ("Who am I?", ["auth", "whoami"], None, 0),
         ("The sandbox issues %d-second access tokens" % access_ttl, ["auth", "status"], None, 0),
         ("The credential file (mode 0600) and its profiles", ["config", "profiles"], None, 0),
+        ("Run an action and wait for it", ["run", "core.echo", "--param", "message=Hello from attune.py",
+                                           "--watch"], None, 0),
         (None, 6, None, None),
         ("The token is now inside its refresh margin: -v shows the automatic refresh",
-         ["-v", "auth", "whoami"], None, 0),
+         ["-v", "pack", "list"], None, 0),
         ("A fresh access token again", ["auth", "status", "--offline"], None, 0),
         ("Log out: the stored tokens are forgotten (the server keeps no session)",
          ["auth", "logout"], None, 0),

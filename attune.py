@@ -3180,6 +3180,16 @@ def cmd_workflow_delete(ctx, args):
 
 # === Commands: api and health ================================================
 
+PER_PAGE_LISTS = ("/executions", "/keys", "/events", "/enforcements", "/audit-events", "/artifacts")
+
+
+def page_size_param(path):
+    """The page-size query parameter of a list endpoint: most say page_size, a few per_page."""
+    path = path.split("?")[0]
+    path = path[len("/api/v1"):] if path.startswith("/api/v1") else path
+    return "per_page" if path.startswith(PER_PAGE_LISTS) else "page_size"
+
+
 def api_body(ctx, args):
     """The raw bytes of --data (JSON text, @FILE or - for stdin), or None."""
     if args.data is None:
@@ -3215,8 +3225,7 @@ def cmd_api(ctx, args):
     if args.paginate:
         if method != "GET":
             raise UsageError("--paginate works with GET")
-        size = "per_page" if any(k == "per_page" for k in (query or {})) else "page_size"
-        items, _ = fetch_list(session, args.path, query, size, every_page=True)
+        items, _ = fetch_list(session, args.path, query, page_size_param(args.path), every_page=True)
         ctx.emit(items, lambda: ctx.write_document(to_json, items))
         return
     resp = session.request(method, args.path, query=query, raw_body=raw)
@@ -3226,9 +3235,7 @@ def cmd_api(ctx, args):
         body = resp.body.decode("utf-8", "replace")
     if not resp.ok:
         write_text(ctx.stderr, (body if isinstance(body, str) else to_json(body)).rstrip("\n") + "\n")
-        error = api_error(resp)
-        error.args = ("HTTP %d %s" % (resp.status, resp.reason),)
-        raise error
+        raise type(api_error(resp))("HTTP %d %s" % (resp.status, resp.reason))
     if isinstance(body, str):
         write_text(ctx.stdout, body)
     elif body is not None:
@@ -3236,7 +3243,7 @@ def cmd_api(ctx, args):
 
 
 def cmd_health(ctx, args):
-    session = ctx.session(use_env=False)
+    session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
     started = time.monotonic()
     delay, announced = 0.5, False
     while True:

@@ -3432,7 +3432,8 @@ class KeyCommandTests(ResourceTestCase):
 
     def test_create_usage_errors(self):
         base = ("key", "create", "--ref", "k", "--name", "K")
-        self.assertIn("Invalid owner type 'team'", self.fails(2, *(base + ("--value", "1", "--owner-type", "team"))).err)
+        bad_owner = self.fails(2, *(base + ("--value", "1", "--owner-type", "team")))
+        self.assertIn("Invalid owner type 'team'", bad_owner.err)
         self.assertIn("a value is needed", self.fails(2, *base).err)
         self.fails(2, *(base + ("--value", "1", "--value-stdin")), stdin="2")
         self.assertIn("Key with ref 'region' already exists",
@@ -3453,7 +3454,8 @@ class KeyCommandTests(ResourceTestCase):
 class WorkflowCommandTests(ResourceTestCase):
     def test_list(self):
         self.assertEqual(self.lines("workflow", "list"), [
-            "Reference        Pack      Label   Version  Tags", "───────────────  ────────  ──────  ───────  ──────────",
+            "Reference        Pack      Label   Version  Tags",
+            "───────────────  ────────  ──────  ───────  ──────────",
             "examples.deploy  examples  Deploy  1.2.0    ci, deploy", "ℹ 1 workflow(s) found"])
         self.ok("workflow", "list", "--pack", "examples", "--tags", "ci", "--search", "dep")
         self.assertEqual(self.targets()[-1], "GET /api/v1/workflows?pack_ref=examples&tags=ci&search=dep")
@@ -3590,6 +3592,10 @@ class ApiCommandTests(ResourceTestCase):
         items = self.ok("api", "GET", "/packs", "--paginate").json()
         self.assertEqual(len(items), 133)
         self.assertEqual(self.targets()[-1], "GET /api/v1/packs?page=2&page_size=100")
+        for _ in range(3):
+            self.server.new_execution(self.server.actions["core.echo"], {})
+        self.assertEqual(len(self.ok("api", "GET", "/api/v1/executions", "--paginate").json()), 3)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/executions?page=1&per_page=100")
 
     def test_errors_print_the_body_and_exit_with_the_matching_code(self):
         result = self.run_cli("api", "GET", "/packs/nope")

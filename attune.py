@@ -74,6 +74,8 @@ EXIT_CODES = (
     (4, "authentication required: not logged in, session expired or revoked, second 401"),
     (5, "network or TLS error"),
     (6, "server error (5xx) after retries"),
+    (126, "auth exec: the command cannot be run"),
+    (127, "auth exec: the command was not found"),
     (130, "interrupted"),
 )
 
@@ -113,11 +115,17 @@ class AuthRequired(AttuneError):
 
 
 class NetworkError(AttuneError):
+    """kind: 'refused', 'dns' and 'reset' may heal by themselves (retryable); 'timeout',
+    'tls' and 'other' do not."""
     exit_code = 5
 
-    def __init__(self, message, retryable=False):
+    def __init__(self, message, kind="other"):
         AttuneError.__init__(self, message)
-        self.retryable = retryable
+        self.kind = kind
+
+    @property
+    def retryable(self):
+        return self.kind in ("refused", "dns", "reset")
 
 
 class ApiError(AttuneError):
@@ -130,6 +138,14 @@ class ApiError(AttuneError):
 
 class ServerError(ApiError):
     exit_code = 6
+
+
+class ExitWith(AttuneError):
+    """An error with its own exit code (auth exec: 126, 127)."""
+
+    def __init__(self, message, exit_code):
+        AttuneError.__init__(self, message)
+        self.exit_code = exit_code
 
 
 def session_expired(profile):
@@ -354,7 +370,7 @@ class CredentialStore:
                 with open(self.path, "rb") as f:
                     raw = f.read()
                     st = os.fstat(f.fileno())
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # no file, or no home to hold one
                 self.exists = False
                 return empty_document()
             except OSError as e:
@@ -719,23 +735,43 @@ class Transport:
 
     def request(self, method, url, body=None, token=None, content_type="application/json",
                 stream=False):
-        """Send one request (retrying GETs on refused/reset connections and 502/503/504);
-        return a Response for any status, raise NetworkError when there is none.
-        With stream=True a 2xx body is left open in Response.stream for the caller."""
-        delays = RETRY_DELAYS if method in ("GET", "HEAD") else ()
-        for attempt in range(len(delays) + 1):
-            last = attempt == len(delays)
+        """Send one request and return a Response for any status; NetworkError when there is
+        none. GETs are retried twice on refused/reset connections and 502/503/504; with
+        --wait-for-server every request is retried until the deadline while the server is
+        not up yet. With stream=True a 2xx body is left open in Response.stream."""
+        attempt = 0
+        while True:
             try:
                 resp = self._send(method, url, body, token, content_type, stream)
-            except NetworkError as e:
-                if last or not e.retryable:
-                    raise
-                self.ctx.log("%s; retrying in %gs" % (e, delays[attempt]))
-            else:
-                if last or resp.status not in RETRY_STATUSES:
+                if resp.status not in RETRY_STATUSES:
                     return resp
-                self.ctx.log("%d %s; retrying in %gs" % (resp.status, resp.reason, delays[attempt]))
-            time.sleep(delays[attempt])
+                failure = "%d %s" % (resp.status, resp.reason)
+            except NetworkError as e:
+                resp, failure = None, e
+            delay = self.retry_delay(method, url, attempt, failure)
+            if delay is None:
+                if resp is None:
+                    raise failure
+                return resp
+            self.ctx.log("%s; retrying in %.2gs" % (failure, delay))
+            time.sleep(delay)
+            attempt += 1
+
+    def retry_delay(self, method, url, attempt, failure):
+        """Seconds to wait before trying again, or None to give up."""
+        idempotent = method in ("GET", "HEAD")
+        network = isinstance(failure, NetworkError)
+        deadline = self.ctx.wait_deadline
+        if deadline is not None:  # the server may still be starting: refused, DNS, 502-504
+            left = deadline - time.monotonic()
+            if left <= 0 or (network and failure.kind not in ("refused", "dns") and
+                             not (idempotent and failure.retryable)):
+                return None
+            self.ctx.announce_wait(url)
+            return min(0.25 * 1.6 ** attempt, 5.0, left)
+        if not idempotent or attempt >= len(RETRY_DELAYS) or (network and not failure.retryable):
+            return None
+        return RETRY_DELAYS[attempt]
 
     def _send(self, method, url, body, token, content_type, stream):
         import urllib.request
@@ -831,23 +867,44 @@ def network_error(url, exc, timeout):
         text = str(reason)
         if "CERTIFICATE_VERIFY_FAILED" in text or type(reason).__name__ == "SSLCertVerificationError":
             return NetworkError("TLS certificate of %s is not trusted (%s); if it uses a private CA, "
-                                "pass --ca-bundle FILE or set ATTUNE_CA_BUNDLE" % (where, text))
-        return NetworkError("TLS error talking to %s: %s" % (where, text))
+                                "pass --ca-bundle FILE or set ATTUNE_CA_BUNDLE" % (where, text), "tls")
+        return NetworkError("TLS error talking to %s: %s" % (where, text), "tls")
     if isinstance(reason, ssl.CertificateError):  # Python 3.6: hostname mismatch
-        return NetworkError("TLS certificate of %s does not match: %s" % (where, reason))
+        return NetworkError("TLS certificate of %s does not match: %s" % (where, reason), "tls")
     if isinstance(reason, (socket.timeout,)) or "timed out" in str(reason):
         return NetworkError("no answer from %s within %gs (set ATTUNE_TIMEOUT to wait longer)"
-                            % (where, timeout))
+                            % (where, timeout), "timeout")
     if isinstance(reason, socket.gaierror):
-        return NetworkError("cannot resolve host of %s: %s" % (where, reason), retryable=True)
+        return NetworkError("cannot resolve host of %s: %s" % (where, reason), "dns")
     if isinstance(reason, ConnectionRefusedError):
         return NetworkError("cannot connect to %s: connection refused (is the server running?)"
-                            % where, retryable=True)
+                            % where, "refused")
     if isinstance(reason, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)) or \
             type(reason).__name__ in ("RemoteDisconnected", "IncompleteRead", "BadStatusLine"):
         return NetworkError("connection to %s was closed unexpectedly (%s)"
-                            % (where, type(reason).__name__), retryable=True)
+                            % (where, type(reason).__name__), "reset")
     return NetworkError("cannot talk to %s: %s" % (where, getattr(reason, "strerror", None) or reason))
+
+
+def wait_for_health(ctx, session, deadline):
+    """GET /health until it answers 2xx (the transport already retries refused, DNS and
+    502-504 until the deadline); NetworkError (exit 5) when the deadline passes first."""
+    delay = 0.25
+    while True:
+        try:
+            resp = session.transport.request("GET", session.url("/health"))
+            if resp.ok:
+                return resp
+            error = api_error(resp)
+        except NetworkError as e:
+            error = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NetworkError("%s did not become healthy within %gs: %s"
+                               % (session.api_url, ctx.wait_seconds, error))
+        ctx.announce_wait(session.api_url)
+        time.sleep(min(delay, left))
+        delay = min(delay * 1.6, 5.0)
 
 
 # === Session: tokens and refresh =============================================
@@ -1120,6 +1177,7 @@ class Session:
                 content_type="application/json", stream=False):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
         the same bytes. A second 401 means authentication is required (exit 4)."""
+        self.ctx.wait_until_ready(self)
         url = self.url(path, query)
         data = raw_body if raw_body is not None else (
             None if body is None else json.dumps(body).encode("utf-8"))
@@ -1311,6 +1369,10 @@ class Context:
         self._warned = set()
         self._ssl = None
         self._printed = False
+        wait = getattr(args, "wait_for_server", None)
+        self.wait_seconds = wait
+        self.wait_deadline = None if wait is None else time.monotonic() + wait
+        self._ready = set()  # API URLs whose /health answered, with --wait-for-server
         if getattr(args, "insecure", False):
             self.warn("--insecure: TLS certificates are not verified; anyone on the network "
                       "path can read your tokens")
@@ -1331,6 +1393,18 @@ class Context:
     def note(self, message):
         """Something worth knowing that is neither a result nor a problem (stderr)."""
         write_text(self.stderr, "attune: %s\n" % message)
+
+    def announce_wait(self, url):
+        """The one progress line of --wait-for-server."""
+        if not self._ready and "wait" not in self._warned:
+            self._warned.add("wait")
+            self.note("waiting up to %gs for %s://%s:%s to come up ..." % ((self.wait_seconds,) + origin(url)))
+
+    def wait_until_ready(self, session):
+        """With --wait-for-server: before the first request to a server, wait for /health."""
+        if self.wait_deadline is not None and session.api_url not in self._ready:
+            wait_for_health(self, session, self.wait_deadline)
+            self._ready.add(session.api_url)
 
     # -- output ----------------------------------------------------------------
     @property
@@ -1601,16 +1675,21 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
 
     ctx.store.modify(save)
     expires_at = pair["auth_token_expires_at"]
-    expires_in = None if expires_at is None else max(0, int(expires_at - ctx.now()))
     for name in ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN", "ATTUNE_TOKEN_FILE"):
         if ctx.env.get(name) and not getattr(ctx.args, "profile", None):
             ctx.warn("%s is set and takes precedence over the stored token" % name)
             break
+    report_login(ctx, target, url, username, expires_at, already=False)
+
+
+def report_login(ctx, target, url, username, expires_at, already):
+    expires_in = None if expires_at is None else max(0, int(expires_at - ctx.now()))
     result = {"profile": target, "api_url": url, "username": username,
-              "expires_at": expires_at, "expires_in": expires_in}
+              "expires_at": expires_at, "expires_in": expires_in, "already_logged_in": already}
 
     def table():
-        ctx.success("Successfully logged in as %s" % (username or "token user"))
+        ctx.success("%s as %s" % ("Already logged in" if already else "Successfully logged in",
+                                  username or "token user"))
         if expires_in is None:
             lifetime = "lifetime unknown"
         else:
@@ -1620,9 +1699,32 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     ctx.emit(result, table)
 
 
+def usable_login(ctx, args, target, url, stored):
+    """For --if-needed: the stored session of target when it is for this URL and user and
+    usable as it is (after a refresh if one is due); None when a login is needed."""
+    if str(stored.get("api_url") or "").rstrip("/") != url:
+        return None
+    if args.username and stored.get("username") != args.username:
+        return None
+    session = ctx.session(profile=target, api_url=url, use_env=False)
+    if not session.creds.access:
+        return None
+    try:
+        session.token()
+    except AuthRequired as e:
+        ctx.log("stored session not usable (%s); logging in" % e)
+        return None
+    return session
+
+
 def cmd_auth_login(ctx, args):
     target, url = login_target(ctx, args)
     stored = ctx.store.profile(target) or {}
+    if args.if_needed:
+        session = usable_login(ctx, args, target, url, stored)
+        if session is not None:
+            report_login(ctx, target, url, stored.get("username"), session.creds.access_expires_at, already=True)
+            return
     username = args.username or stored.get("username") or ask(ctx, "Username: ")
     if not username:
         raise UsageError("a username is needed: use -u/--username")
@@ -1810,6 +1912,36 @@ def cmd_auth_token(ctx, args):
         ctx.write_document(to_yaml if fmt == "yaml" else to_json, doc)
 
 
+def cmd_auth_exec(ctx, args):
+    """Run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN in its environment
+    (never on its argv, never on disk). On POSIX the command replaces this process, so
+    signals reach it directly and its exit code is ours."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("auth exec needs a command: attune auth exec [--min-ttl S] -- COMMAND [ARGS...]")
+    session = ctx.session()
+    token = session.token(min_ttl=args.min_ttl)
+    env = dict(ctx.env)
+    env.update(ATTUNE_API_URL=session.api_url, ATTUNE_API_TOKEN=token)
+    env.pop("ATTUNE_AUTH_TOKEN", None)
+    ctx.stdout.flush()
+    ctx.stderr.flush()
+    try:
+        if not WINDOWS:
+            os.execvpe(command[0], command, env)
+        import subprocess  # Windows has no exec that keeps the exit code
+        child = subprocess.Popen(command, env=env)
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # the console sends Ctrl-C to the child too
+                continue
+    except FileNotFoundError:
+        raise ExitWith("command not found: %s" % command[0], 127)
+    except OSError as e:
+        raise ExitWith("cannot run %s: %s" % (command[0], e.strerror or e), 126)
+
+
 # === Commands: config ========================================================
 
 CONFIG_ALIASES = {"output_format": "format", "default_output_format": "format",
@@ -1907,6 +2039,9 @@ def cmd_config_profiles(ctx, args):
     current = ctx.store.current_profile() or DEFAULT_PROFILE
     profiles = dict(ctx.store.profiles())
     profiles.setdefault(DEFAULT_PROFILE, {"api_url": DEFAULT_API_URL})
+    if args.names:  # for shell completion and scripts
+        ctx.stdout.write("".join(name + "\n" for name in sorted(profiles)))
+        return
     rows = []
     for name in sorted(profiles):
         profile = profiles[name] if isinstance(profiles[name], dict) else {}
@@ -3244,25 +3379,13 @@ def cmd_api(ctx, args):
 
 def cmd_health(ctx, args):
     session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
-    started = time.monotonic()
-    delay, announced = 0.5, False
-    while True:
-        try:
-            resp = session.request("GET", "/health", auth=False)
-            if resp.ok:
-                break
-            error = api_error(resp)
-        except NetworkError as e:
-            error = e
-        if args.wait is None:
-            raise error
-        if time.monotonic() - started >= args.wait:
-            raise NetworkError("%s did not become healthy within %gs: %s" % (session.api_url, args.wait, error))
-        if not announced:
-            announced = True
-            ctx.note("waiting up to %gs for %s/health ..." % (args.wait, session.api_url))
-        time.sleep(min(delay, max(0.0, args.wait - (time.monotonic() - started))))
-        delay = min(delay * 1.5, 5.0)
+    if args.wait is not None:
+        ctx.wait_seconds = args.wait
+        resp = wait_for_health(ctx, session, time.monotonic() + args.wait)
+    else:
+        resp = session.request("GET", "/health", auth=False)
+        if not resp.ok:
+            raise api_error(resp)
     try:
         health = resp.json()
     except ApiError:
@@ -3270,6 +3393,354 @@ def cmd_health(ctx, args):
     health = health if isinstance(health, dict) else {"status": "ok"}
     ctx.emit(health, lambda: ctx.success("Server at %s is healthy (status: %s)"
                                          % (session.api_url, health.get("status"))))
+
+
+# === Commands: doctor and completion =========================================
+
+def masked_url(url):
+    """A proxy URL with any password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return "%s%s%s:***@%s" % (scheme, sep, credentials.split(":")[0], host)
+
+
+def probe_lock_from_child(lock_path):
+    """Try the lock from another process: 'refused' is what a working lock answers."""
+    import subprocess
+    code = ("import runpy, sys\n"
+            "names = runpy.run_path(sys.argv[1], run_name='attune_lock_probe')\n"
+            "lock = names['FileLock'](sys.argv[2], 0.0, 'attune lock probe', lambda m: None, lambda m: None)\n"
+            "print('acquired' if lock.acquire() else 'refused')\n"
+            "lock.release()\n")
+    try:
+        out = subprocess.check_output([sys.executable, "-c", code, os.path.abspath(__file__), lock_path],
+                                      stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "the probe failed: %s" % e
+    lines = out.strip().splitlines()
+    return lines[-1] if lines else "no answer"
+
+
+class Doctor:
+    """auth doctor: one report of everything that decides whether attune.py will work here.
+    Local problems exit 3, an unreachable server 5; --repair fixes what it safely can."""
+
+    def __init__(self, ctx, repair):
+        self.ctx, self.repair = ctx, repair
+        self.report, self.problems, self.notes = {}, [], []
+        self.unreachable = False
+
+    def run(self):
+        self.check_file()
+        session = self.check_profile()
+        self.check_lock()
+        if session is not None:
+            self.check_network(session)
+            self.check_server(session)
+            self.check_token(session)
+        code = 3 if self.problems else 5 if self.unreachable else 0
+        self.report.update(problems=self.problems, notes=self.notes, exit_code=code)
+        return code
+
+    def check_file(self):
+        ctx = self.ctx
+        info = {"path": ctx.config_path, "source": ctx.config_source, "exists": False}
+        self.report["credential_file"] = info
+        try:
+            st = os.stat(ctx.config_path)
+        except (FileNotFoundError, NotADirectoryError):
+            self.notes.append("no credential file yet; there is one implicit profile, 'default'")
+            return
+        except OSError as e:
+            self.problems.append("cannot inspect %s: %s" % (ctx.config_path, e.strerror or e))
+            return
+        info.update(exists=True, mode="%03o" % (st.st_mode & 0o777), owner_uid=st.st_uid)
+        if not WINDOWS and st.st_mode & 0o077:
+            if self.repair:
+                os.chmod(ctx.config_path, 0o600)
+                info["mode"] = "600"
+                self.notes.append("repaired: mode of %s set to 600" % ctx.config_path)
+            else:
+                self.problems.append("%s is accessible by other users (mode %03o); run: chmod 600 %s"
+                                     % (ctx.config_path, st.st_mode & 0o777, ctx.config_path))
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            self.problems.append("%s is owned by uid %d, not by you (uid %d)"
+                                 % (ctx.config_path, st.st_uid, os.geteuid()))
+        ctx.store._checked_safety = True  # reported here; no second warning from the store
+        try:
+            doc = ctx.store.load()
+            info.update(parses=True, version=doc.get("version", FILE_VERSION), profiles=sorted(doc["profiles"]))
+        except ConfigError as e:
+            info.update(parses=False, error=str(e))
+            if self.repair:
+                info["moved_aside_to"] = self.move_aside()
+                info["parses"] = True
+                self.notes.append("repaired: the corrupt file was moved to %s and a fresh one started"
+                                  % info["moved_aside_to"])
+            else:
+                self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.config_path)
+
+    def move_aside(self):
+        store = self.ctx.store
+        real = os.path.realpath(store.path)
+        aside = "%s.corrupt-%s" % (real, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        with store.lock():
+            os.rename(real, aside)
+            store.modify_locked(lambda doc: None)
+        return aside
+
+    def check_profile(self):
+        ctx = self.ctx
+        try:
+            name, source = ctx.profile_source
+            url, url_source = ctx.api_url_for(name)
+            session = ctx.session(profile=name)
+        except ConfigError as e:
+            self.problems.append(str(e))
+            return None
+        creds = session.creds
+        self.report["profile"] = {"name": name, "source": source, "api_url": session.api_url,
+                                  "api_url_source": url_source, "token_source": creds.source if creds.access else None,
+                                  "token_origin": creds.origin if creds.access else None}
+        return session
+
+    def check_lock(self):
+        lock_path = os.path.realpath(self.ctx.config_path) + ".lock"
+        info = {"path": lock_path}
+        self.report["lock"] = info
+        if not os.path.isdir(os.path.dirname(lock_path)):
+            info["status"] = "not checked: %s does not exist yet" % os.path.dirname(lock_path)
+            return
+        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.log, self.ctx.log)
+        if not lock.acquire():
+            info["status"] = "not available (the file system refuses locks, or another process holds it)"
+            self.notes.append("the credential lock is not available; attune.py goes on without it (still safe)")
+            lock.release()
+            return
+        try:
+            info["method"] = "msvcrt" if fcntl is None else ("flock", "lockf")[lock._method]
+            outcome = probe_lock_from_child(lock_path)
+        finally:
+            lock.release()
+        if outcome == "refused":
+            info["status"] = "works: another process was refused while it was held"
+        else:
+            info["status"] = "another process got the lock while it was held (%s)" % outcome
+            self.problems.append("the credential lock %s does not keep other processes out (%s)" % (lock_path, outcome))
+
+    def check_network(self, session):
+        ctx = self.ctx
+        proxy = proxy_for(session.api_url, ctx.env)
+        bundle, bundle_source = ctx.ca_bundle()
+        info = {"proxy": masked_url(proxy) if proxy else None,
+                "no_proxy": ctx.env.get("no_proxy") or ctx.env.get("NO_PROXY") or None,
+                "ca_bundle": bundle, "ca_bundle_source": bundle_source,
+                "insecure": bool(getattr(ctx.args, "insecure", False))}
+        self.report["network"] = info
+        if session.api_url.startswith("https:") or bundle:
+            try:
+                ctx.ssl_context()
+            except ConfigError as e:
+                self.problems.append(str(e))
+
+    def check_server(self, session):
+        info = {"reachable": False}
+        self.report["server"] = info
+        sent = time.time()
+        try:
+            resp = session.transport.request("GET", session.url("/health"))
+        except (NetworkError, ConfigError) as e:
+            info["error"] = str(e)
+            self.unreachable = isinstance(e, NetworkError)
+            if not self.unreachable:
+                self.problems.append(str(e))
+            return
+        received = time.time()
+        info.update(reachable=True, health_status=resp.status)
+        if not resp.ok:
+            info["error"] = str(api_error(resp))
+        date = resp.headers.get("Date") if resp.headers is not None else None
+        if date:
+            from email.utils import parsedate_tz, mktime_tz
+            parsed = parsedate_tz(date)
+            if parsed:
+                skew = mktime_tz(parsed) - (sent + received) / 2
+                info["clock_skew_seconds"] = int(round(skew))
+                if abs(skew) > 60:
+                    self.notes.append("this clock and the server's differ by %s; tokens attune.py received itself "
+                                      "are not affected, tokens from the environment are judged by their JWT exp"
+                                      % format_duration(abs(skew)))
+
+    def check_token(self, session):
+        creds, now = session.creds, self.ctx.now()
+        claims = jwt_claims(creds.access) or {}
+        info = {"source": creds.source if creds.access else None, "issued_at": epoch(claims.get("iat"))}
+        info.update(token_times(creds, now))
+        info.update(invalidated_at=creds.invalidated_at, usable=offline_usable(creds, now))
+        self.report["token"] = info
+        if not creds.access:
+            self.notes.append("not logged in; run: attune auth login")
+        elif not info["usable"]:
+            self.notes.append("the session needs a new login; run: attune auth login --profile %s" % session.profile)
+
+    def print_table(self):
+        ctx, report = self.ctx, self.report
+        now = ctx.now()
+        when = lambda at: "-" if at is None else describe_expiry(at, now)  # noqa: E731
+        profile = report.get("profile")
+        if profile:
+            ctx.pairs([("Profile", "%s (from %s)" % (profile["name"], profile["source"])),
+                       ("API URL", "%s (from %s)" % (profile["api_url"], profile["api_url_source"])),
+                       ("Token", describe_source(profile["token_source"], profile["token_origin"]))], "Profile")
+        info = report["credential_file"]
+        pairs = [("Path", "%s (from %s)" % (info["path"], info["source"])), ("Exists", info["exists"])]
+        if info["exists"]:
+            pairs += [("Mode", info.get("mode")), ("Owner uid", info.get("owner_uid")),
+                      ("Parses", info.get("parses") if not info.get("error") else info["error"])]
+        ctx.pairs(pairs, "Credential file")
+        lock = report["lock"]
+        ctx.pairs([("Path", lock["path"]), ("Status", lock["status"])] +
+                  ([("Method", lock["method"])] if lock.get("method") else []), "Lock")
+        network = report.get("network")
+        if network:
+            ctx.pairs([("Proxy", network["proxy"] or "none"), ("NO_PROXY", network["no_proxy"] or "-"),
+                       ("CA bundle", "%s (from %s)" % (network["ca_bundle"], network["ca_bundle_source"])
+                        if network["ca_bundle"] else "system trust store only"),
+                       ("Verify TLS", not network["insecure"])], "Network")
+        server = report.get("server")
+        if server:
+            pairs = [("Reachable", server["reachable"] if "error" not in server else server["error"])]
+            if "clock_skew_seconds" in server:
+                pairs.append(("Clock skew", "%+d s (server minus this machine)" % server["clock_skew_seconds"]))
+            ctx.pairs(pairs, "Server")
+        token = report.get("token")
+        if token:
+            ctx.pairs([("Source", token["source"] or "none"),
+                       ("Issued", "-" if token["issued_at"] is None else format_time(token["issued_at"])),
+                       ("Access token", when(token["access_token_expires_at"])),
+                       ("Refresh token", when(token["refresh_token_expires_at"])),
+                       ("Usable", token["usable"])], "Token")
+        ctx.section("Summary")
+        for note in self.notes:
+            ctx.out("ℹ " + note)
+        for problem in self.problems:
+            ctx.out("✗ " + problem)
+        if self.unreachable:
+            ctx.out("✗ the server is unreachable: %s" % server["error"])
+        if not self.problems and not self.unreachable:
+            ctx.out("✓ no problems found")
+
+
+def cmd_auth_doctor(ctx, args):
+    doctor = Doctor(ctx, args.repair)
+    code = doctor.run()
+    ctx.emit(doctor.report, doctor.print_table)
+    return code
+
+
+def command_tree(parser, path=()):
+    """(path, options, value options, subcommands) for the parser and each subparser below it."""
+    import argparse
+    options, takes_value, children = [], [], {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            children.update(action.choices)
+        elif action.option_strings and action.help != argparse.SUPPRESS:
+            options.extend(action.option_strings)
+            if action.nargs != 0:
+                takes_value.extend(action.option_strings)
+    yield path, options, takes_value, list(children)
+    for name, child in children.items():
+        for item in command_tree(child, path + (name,)):
+            yield item
+
+
+FILE_OPTIONS = ("--config", "--ca-bundle", "--data")
+
+
+def completion_bash(tree):
+    children = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(c)) for p, _, _, c in tree if c)
+    options = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(o)) for p, o, _, _ in tree)
+    takes_value = sorted(set(v for _, _, values, _ in tree for v in values))
+    return """# bash completion for attune (attune.py %(version)s): eval "$(attune completion bash)"
+_attune_children() {
+    case "$1" in
+%(children)s    esac
+}
+_attune_options() {
+    case "$1" in
+%(options)s    esac
+}
+_attune() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" path="" word i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${COMP_WORDS[i]}"
+        case " $(_attune_children "$path") " in *" $word "*) path="${path:+$path }$word" ;; esac
+    done
+    case "$prev" in
+        -p|--profile) COMPREPLY=($(compgen -W "$(attune config profiles --names 2>/dev/null)" -- "$cur")); return ;;
+        --output) COMPREPLY=($(compgen -W "table json yaml" -- "$cur")); return ;;
+        %(files)s) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        %(values)s) COMPREPLY=(); return ;;
+    esac
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$(_attune_options "$path")" -- "$cur"))
+    else
+        COMPREPLY=($(compgen -W "$(_attune_children "$path")" -- "$cur"))
+    fi
+}
+complete -o default -F _attune attune attune.py
+""" % {"version": __version__, "children": children, "options": options, "files": "|".join(FILE_OPTIONS),
+       "values": "|".join(v for v in takes_value if v not in FILE_OPTIONS + ("-p", "--profile", "--output"))}
+
+
+def completion_fish(tree):
+    lines = ["# fish completion for attune (attune.py %s): attune completion fish | source" % __version__,
+             "function __attune_children",
+             "    switch \"$argv[1]\""]
+    for path, _, _, children in tree:
+        if children:
+            lines += ["        case '%s'" % " ".join(path), "            printf '%%s\\n' %s" % " ".join(children)]
+    lines += ["    end", "end",
+              "function __attune_path",
+              "    set -l path ''",
+              "    for word in (commandline -opc)[2..-1]",
+              "        if contains -- $word (__attune_children \"$path\")",
+              "            set path (string trim -- \"$path $word\")",
+              "        end",
+              "    end",
+              "    echo $path",
+              "end",
+              "function __attune_at  # fish expands no (command) inside quotes, so compare here",
+              "    set -l path (__attune_path)",
+              "    test \"$path\" = \"$argv[1]\"",
+              "end",
+              "complete -c attune -f",
+              "complete -c attune -a '(__attune_children (__attune_path))'",
+              "complete -c attune -s p -l profile -x -a '(attune config profiles --names 2>/dev/null)'",
+              "complete -c attune -l output -x -a 'table json yaml'"]
+    for path, options, takes_value, _ in tree:
+        for option in options:
+            if option in ("-p", "--profile", "--output"):
+                continue
+            flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
+            kind = " -r -F" if option in FILE_OPTIONS else " -x" if option in takes_value else ""
+            lines.append("complete -c attune -n '__attune_at \"%s\"' %s%s" % (" ".join(path), flag, kind))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_completion(ctx, args):
+    tree = list(command_tree(build_parser()))
+    if args.shell == "fish":
+        script = completion_fish(tree)
+    else:
+        script = completion_bash(tree)
+        if args.shell == "zsh":
+            script = ("#compdef attune\n# zsh completion for attune: eval \"$(attune completion zsh)\"\n"
+                      "autoload -U +X bashcompinit && bashcompinit\n") + script
+    ctx.stdout.write(script)
 
 
 # === Argument parser =========================================================
@@ -3297,6 +3768,9 @@ def add_global_args(parser, top):
                        help="PEM file of extra CA certificates to trust")
     group.add_argument("--insecure", action="store_true", default=default(False),
                        help="do not verify TLS certificates (warns on every run)")
+    group.add_argument("--wait-for-server", type=float, metavar="SECONDS", default=default(None),
+                       help="retry until the server is up (refused, DNS, 502-504, /health) or this "
+                            "long has passed (exit 5)")
     group.add_argument("--version", action="version",
                        version="attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2])))
 
@@ -3333,6 +3807,7 @@ class Commands:
 
 
 def add_auth_commands(commands):
+    import argparse
     auth = commands.group("auth", "log in and out, inspect and print tokens")
     p = auth.add("login", "log in with a username and password", cmd_auth_login, creates_profile=True)
     p.add_argument("-u", "--username", help="login name (default: the profile's stored username)")
@@ -3340,6 +3815,8 @@ def add_auth_commands(commands):
     p.add_argument("--password", metavar="P", help="password (visible in the process list: avoid)")
     p.add_argument("--url", help="API URL to log in to (stored in the profile)")
     p.add_argument("--save-profile", metavar="NAME", help="store the session in this profile")
+    p.add_argument("--if-needed", action="store_true",
+                   help="do nothing (exit 0) when the profile already holds a usable session")
 
     p = auth.add("token-login", "log in with an integration token", cmd_auth_token_login,
                  creates_profile=True)
@@ -3359,6 +3836,15 @@ def add_auth_commands(commands):
 
     auth.add("refresh", "refresh the access token now", cmd_auth_refresh)
 
+    p = auth.add("doctor", "check everything attune.py depends on here, offline too", cmd_auth_doctor)
+    p.add_argument("--repair", action="store_true",
+                   help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one")
+
+    p = auth.add("exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN", cmd_auth_exec)
+    p.add_argument("--min-ttl", type=int, default=0, metavar="SECONDS",
+                   help="refresh first unless the token has at least this long left")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
     p = auth.add("token", "print the access token that would be used", cmd_auth_token)
     p.add_argument("--min-ttl", type=int, default=0, metavar="SECONDS",
                    help="refresh first unless the token has at least this long left")
@@ -3375,7 +3861,8 @@ def add_config_commands(commands):
     p.add_argument("key", help="one of: " + ", ".join(CONFIG_KEYS))
     p.add_argument("value")
     config.add("path", "print the credential file path", cmd_config_path)
-    config.add("profiles", "list profiles, current marked", cmd_config_profiles)
+    p = config.add("profiles", "list profiles, current marked", cmd_config_profiles)
+    p.add_argument("--names", action="store_true", help="just the names, one per line")
     config.add("current", "print the profile in effect", cmd_config_current)
     p = config.add("use", "make a profile the current one", cmd_config_use)
     p.add_argument("name")
@@ -3613,9 +4100,12 @@ def add_api_and_health_commands(commands):
                    help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses")
     p.add_argument("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin")
     p.add_argument("--paginate", action="store_true", help="GET every page and print all items")
+    p = commands.add("completion", "print a shell completion script", cmd_completion)
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
     p = commands.add("health", "check that the server answers GET /health", cmd_health)
     p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="keep trying until the server is healthy or this long has passed (exit 5)")
+                   help="keep trying until the server is healthy or this long has passed (exit 5); "
+                        "the same as --wait-for-server")
 
 
 def build_parser():

@@ -1001,6 +1001,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def date_time_string(self, timestamp=None):
+        """The Date header follows the fake's clock, skew included."""
+        from email.utils import formatdate
+        return formatdate(self.server.fake.now() if timestamp is None else timestamp, usegmt=True)
+
     def do_any(self):
         fake = self.server.fake
         length = int(self.headers.get("Content-Length") or 0)
@@ -2071,7 +2076,9 @@ class TokenLifecycleTests(AttuneTestCase):
                          body={"error": "Invalid or expired refresh token", "code": "UNAUTHORIZED"})
 
         def unlocked_writer():  # another process that does not honour the lock
-            time.sleep(0.1)
+            deadline = time.monotonic() + 30
+            while not self.server.count("POST", "/auth/refresh") and time.monotonic() < deadline:
+                time.sleep(0.005)  # write while the first refresh is in flight
             doc = self.read_doc()
             doc["profiles"]["default"]["refresh_token"] = newer
             tmp = self.config + ".other"
@@ -2335,7 +2342,9 @@ class AuthCommandTests(AttuneTestCase):
     def test_login_json_never_holds_tokens(self):
         result = self.login("-j")
         data = result.json()
-        self.assertEqual(sorted(data), ["api_url", "expires_at", "expires_in", "profile", "username"])
+        self.assertEqual(sorted(data), ["already_logged_in", "api_url", "expires_at", "expires_in", "profile",
+                                        "username"])
+        self.assertFalse(data["already_logged_in"])
         self.assertEqual((data["profile"], data["username"]), ("default", "admin"))
         self.assertIn(data["expires_in"], (3599, 3600))
 
@@ -2793,8 +2802,9 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "errno", "fcntl", "getpass", "hashlib", "http", "io", "ipaddress", "json",
-              "msvcrt", "os", "shlex", "socket", "ssl", "sys", "tarfile", "tempfile", "time", "urllib"}
+    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io", "ipaddress", "json",
+              "msvcrt", "os", "shlex", "socket", "ssl", "subprocess", "sys", "tarfile", "tempfile", "time",
+              "urllib"}
 
     def source(self):
         with open(ATTUNE_PY, encoding="utf-8") as f:
@@ -3639,6 +3649,395 @@ class HealthCommandTests(AttuneTestCase):
         result = self.ok("health", "--api-url", "http://127.0.0.1:%d" % port, "--wait", "30")
         self.assertIn("waiting up to 30s", result.err)
         self.assertIn("is healthy", result.out)
+
+
+# === Tests: bootstrap scripts ================================================
+
+class LoginIfNeededTests(AttuneTestCase):
+    def login(self, *extra, **kwargs):
+        return self.run_cli("auth", "login", "--if-needed", "--url", self.server.url, *extra, **kwargs)
+
+    def test_a_usable_session_needs_nothing_not_even_a_password(self):
+        self.seed()
+        result = self.login()
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual(result.out.splitlines()[0], "✓ Already logged in as admin")
+        self.assertEqual(self.server.count(), 0)
+        data = self.login("-j").json()
+        self.assertTrue(data["already_logged_in"])
+        self.assertEqual(data["profile"], "default")
+
+    def test_a_due_refresh_is_done_instead_of_a_login(self):
+        self.seed(access_left=-100)
+        self.assertEqual(self.login().code, 0)
+        self.assertEqual(self.server.log(), ["POST /auth/refresh"])
+
+    def test_logs_in_when_needed_and_only_once(self):
+        env = {"ATTUNE_PASSWORD": PASSWORD}
+        first = self.login("-u", "admin", env=env)
+        self.assertIn("Successfully logged in as admin", first.out)
+        second = self.login("-u", "admin", env=env)
+        self.assertIn("Already logged in as admin", second.out)
+        self.assertEqual(self.server.count("POST", "/auth/login"), 1)
+
+    def test_an_expired_session_logs_in_again(self):
+        self.seed(access_left=-100)
+        self.server.fail("/auth/refresh", status=401, body={"error": "Invalid or expired refresh token",
+                                                            "code": "UNAUTHORIZED"})
+        result = self.login(env={"ATTUNE_PASSWORD": PASSWORD})
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual(self.server.log(), ["POST /auth/refresh", "GET /auth/settings", "POST /auth/login"])
+        self.assertIsNone(self.profile()["invalidated_at"])
+
+    def test_another_url_or_user_is_a_new_login(self):
+        self.seed()
+        self.assertEqual(self.run_cli("auth", "login", "--if-needed", "--url", self.server.url + "/",
+                                      "-u", "zoe", "--password-stdin", stdin="zoe-pass").code, 0)
+        self.assertEqual(self.server.count("POST", "/auth/login"), 1)
+        self.assertEqual(self.profile()["username"], "zoe")
+        self.assertEqual(self.run_cli("auth", "login", "--if-needed", "--url", "http://127.0.0.1:%d" % free_port(),
+                                      env={"ATTUNE_PASSWORD": PASSWORD}).code, 5)
+
+
+class WaitForServerTests(AttuneTestCase):
+    def test_a_server_that_starts_late(self):
+        port = free_port()
+        p = self.spawn("--wait-for-server", "30", "auth", "login", "-u", "admin", "--password-stdin",
+                       "--url", "http://127.0.0.1:%d" % port, stdin=subprocess.PIPE)
+        late = FakeAttune(admin_password=PASSWORD)
+        self.addCleanup(late.stop)
+        threading.Timer(1.5, late.start, args=(port,)).start()
+        out, err = p.communicate(PASSWORD + "\n", timeout=60)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertIn("Successfully logged in as admin", out)
+        self.assertEqual(err, "attune: waiting up to 30s for http://127.0.0.1:%d to come up ...\n" % port)
+        self.assertEqual(late.log()[:2], ["GET /health", "GET /auth/settings"])
+
+    def test_the_deadline_exits_5(self):
+        started = time.monotonic()
+        result = self.fails(5, "--wait-for-server", "1", "health", "--api-url", "http://127.0.0.1:%d" % free_port())
+        self.assertIn("did not become healthy within 1s", result.err)
+        self.assertLess(time.monotonic() - started, 15)
+        self.fails(5, "auth", "whoami", "--wait-for-server", "0.5",
+                   env={"ATTUNE_API_URL": "http://attune.invalid", "ATTUNE_API_TOKEN": self.server.mint("admin")})
+
+    def test_a_failing_health_and_502_503_504_are_waited_out(self):
+        self.seed()
+        self.server.fail("/health", status=503, times=3, body={"status": "error"})
+        self.server.fail("/auth/me", status=502, times=2, body="<html>bad gateway</html>")
+        self.ok("--wait-for-server", "20", "auth", "whoami")
+        self.assertEqual(self.server.log(), ["GET /health"] * 4 + ["GET /auth/me"] * 3)
+
+    def test_posts_are_retried_only_while_waiting(self):
+        self.server.fail("/auth/login", status=504, times=None, body="gateway timeout")
+        self.fails(6, "auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url,
+                   stdin=PASSWORD)
+        self.assertEqual(self.server.count("POST", "/auth/login"), 1)
+        self.server.faults[:] = []
+        self.server.fail("/auth/login", status=503, times=2, body={"error": "starting", "code": "X"})
+        self.ok("--wait-for-server", "20", "auth", "login", "-u", "admin", "--password-stdin", "--url",
+                self.server.url, stdin=PASSWORD)
+        self.assertEqual(self.server.count("POST", "/auth/login"), 4)
+
+
+@unittest.skipUnless(POSIX, "exec and signals")
+class AuthExecTests(AttuneTestCase):
+    CHILD = ("import os, sys\n"
+             "print(os.environ.get('ATTUNE_API_URL'))\n"
+             "print(os.environ.get('ATTUNE_API_TOKEN'))\n"
+             "print(' '.join(sys.argv[1:]))\n"
+             "sys.exit(int(sys.argv[1]))\n")
+
+    def test_the_child_gets_url_and_token_in_its_environment_only(self):
+        token = self.seed()["auth_token"]
+        before = self.snapshot()
+        result = self.run_process("auth", "exec", "--", sys.executable, "-c", self.CHILD, "7", "x", secrets_ok=True)
+        self.assertEqual(result.code, 7, result)
+        self.assertEqual(result.out.splitlines(), [self.server.url, token, "7 x"])
+        self.assertEqual(self.snapshot(), before)
+
+    def test_min_ttl_refreshes_first(self):
+        self.seed(access_left=3000)
+        result = self.run_process("auth", "exec", "--min-ttl", "3500", "--", sys.executable, "-c", self.CHILD, "0",
+                                  secrets_ok=True)
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual(self.server.log(), ["POST /auth/refresh"])
+        self.assertEqual(result.out.splitlines()[1], self.profile()["auth_token"])
+
+    def test_signals_reach_the_child(self):
+        self.seed()
+        child = ("import signal, sys, time\n"
+                 "signal.signal(signal.SIGTERM, lambda *a: sys.exit(9))\n"
+                 "print('ready', flush=True)\n"
+                 "time.sleep(60)\n")
+        p = self.spawn("auth", "exec", "--", sys.executable, "-c", child)
+        self.assertEqual(p.stdout.readline().strip(), "ready")
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+        self.assertEqual(p.returncode, 9)
+
+    def test_no_token_no_child(self):
+        marker = os.path.join(self.tmp, "ran")
+        result = self.run_process("auth", "exec", "--", "touch", marker, env={"ATTUNE_API_URL": self.server.url})
+        self.assertEqual(result.code, 4, result)
+        self.assertFalse(os.path.exists(marker))
+
+    def test_usage_and_missing_commands(self):
+        self.seed()
+        self.assertEqual(self.run_process("auth", "exec").code, 2)
+        self.assertEqual(self.run_process("auth", "exec", "--").code, 2)
+        result = self.run_process("auth", "exec", "--", "no-such-command-xyz")
+        self.assertEqual(result.code, 127, result)
+        self.assertIn("command not found: no-such-command-xyz", result.err)
+        plain = os.path.join(self.tmp, "plain.txt")
+        with open(plain, "w") as f:
+            f.write("x")
+        self.assertEqual(self.run_process("auth", "exec", "--", plain).code, 126)
+
+    def test_environment_tokens_pass_through_without_touching_disk(self):
+        token = self.server.mint("admin")
+        result = self.run_process("auth", "exec", "--", sys.executable, "-c", self.CHILD, "0",
+                                  env={"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": self.server.url},
+                                  secrets_ok=True)
+        self.assertEqual(result.out.splitlines()[:2], [self.server.url, token])
+        self.assertFalse(os.path.exists(os.path.dirname(self.config)))
+
+
+class HomeDirectoryTests(AttuneTestCase):
+    def env_token(self, home, **extra):
+        env = {"HOME": home, "ATTUNE_CONFIG": None, "ATTUNE_API_URL": self.server.url,
+               "ATTUNE_API_TOKEN": self.server.mint("admin")}
+        env.update(extra)
+        return env
+
+    def test_a_missing_home_works_with_an_environment_token(self):
+        home = os.path.join(self.tmp, "no", "such", "home")
+        for argv in (("auth", "whoami"), ("pack", "list"), ("auth", "status"), ("config", "list")):
+            self.ok(*argv, env=self.env_token(home))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "no")))
+
+    def test_a_home_that_is_not_a_directory(self):
+        env = self.env_token("/dev/null")
+        self.ok("auth", "whoami", env=env)
+        self.ok("auth", "token", env=env, secrets_ok=True)
+        result = self.fails(3, "config", "set", "description", "x", env=env)
+        self.assertIn("cannot write credential file /dev/null/.config/attune/credentials.json", result.err)
+        self.assertIn("--config FILE or ATTUNE_CONFIG", result.err)
+
+    @unittest.skipUnless(POSIX, "permissions")
+    def test_a_read_only_home(self):
+        home = os.path.join(self.tmp, "ro-home")
+        os.makedirs(home)
+        script = os.path.join(self.tmp, "attune.py")
+        shutil.copy(ATTUNE_PY, script)
+        os.chmod(self.tmp, 0o755)
+        env = self.process_env(self.env_token(home))
+        python, preexec = sys.executable, None
+        if IS_ROOT:  # root ignores permission bits: run as nobody with the world-readable system python
+            python = "/usr/bin/python3"
+            if not os.path.exists(python):
+                self.skipTest("needs /usr/bin/python3 to run as nobody")
+
+            def preexec():
+                os.setgid(65534)
+                os.setuid(65534)
+        else:
+            os.chmod(home, 0o555)
+            self.addCleanup(os.chmod, home, 0o755)
+
+        def run(*argv):
+            p = subprocess.Popen([python, script] + list(argv), env=env, preexec_fn=preexec,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+            out, err = p.communicate(timeout=60)
+            return Result(p.returncode, out, err)
+
+        whoami = run("auth", "whoami")
+        self.assertEqual(whoami.code, 0, whoami)
+        refused = run("config", "add-profile", "p", "--api-url", "http://x.invalid")
+        self.assertEqual(refused.code, 3, refused)
+        self.assertIn("cannot write credential file %s/.config/attune/credentials.json: Permission denied"
+                      % home, refused.err)
+        self.assertEqual(os.listdir(home), [])
+
+
+class DoctorTests(AttuneTestCase):
+    def doctor(self, *extra, **kwargs):
+        result = self.run_cli("auth", "doctor", "-j", *extra, **kwargs)
+        self.assertNotIn("Traceback", result.err)
+        return result, json.loads(result.out)
+
+    def test_all_well(self):
+        self.seed()
+        before = self.snapshot()
+        result, report = self.doctor()
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual((report["profile"]["name"], report["profile"]["source"], report["profile"]["api_url_source"]),
+                         ("default", "file", "file"))
+        self.assertEqual((report["credential_file"]["mode"], report["credential_file"]["parses"]), ("600", True))
+        self.assertEqual(report["lock"]["status"], "works: another process was refused while it was held")
+        self.assertTrue(report["server"]["reachable"])
+        self.assertLessEqual(abs(report["server"]["clock_skew_seconds"]), 2)
+        self.assertTrue(report["token"]["usable"])
+        self.assertEqual(report["token"]["issued_at"], attune.jwt_claims(self.profile()["auth_token"])["iat"])
+        self.assertEqual(report["problems"], [])
+        self.assertEqual(self.snapshot()[0], before[0])
+        table = self.ok("auth", "doctor").out
+        for heading in ("Profile", "Credential file", "Lock", "Network", "Server", "Token", "Summary"):
+            self.assertIn("\n%s\n%s\n" % (heading, "─" * len(heading)), "\n" + table)
+        self.assertIn("✓ no problems found", table)
+
+    def test_unreachable_server_exits_5_and_reports_the_rest(self):
+        self.seed(api_url="http://127.0.0.1:%d" % free_port())
+        result, report = self.doctor()
+        self.assertEqual(result.code, 5, result)
+        self.assertFalse(report["server"]["reachable"])
+        self.assertIn("connection refused", report["server"]["error"])
+        self.assertTrue(report["token"]["usable"])
+
+    def test_corrupt_file_and_repair(self):
+        os.makedirs(os.path.dirname(self.config))
+        with open(self.config, "w") as f:
+            f.write('{"profiles": ')
+        os.chmod(self.config, 0o600)
+        env = {"ATTUNE_API_URL": self.server.url}
+        result, report = self.doctor(env=env)
+        self.assertEqual(result.code, 3, result)
+        self.assertFalse(report["credential_file"]["parses"])
+        self.assertIn("run: attune auth doctor --repair", " ".join(report["problems"]))
+        result, report = self.doctor("--repair", env=env)
+        self.assertEqual(result.code, 0, result)
+        aside = report["credential_file"]["moved_aside_to"]
+        self.assertRegex(aside, re.escape(self.config) + r"\.corrupt-\d{8}T\d{6}Z$")
+        with open(aside) as f:
+            self.assertEqual(f.read(), '{"profiles": ')
+        self.assertEqual(self.read_doc(), {"version": 1, "profiles": {}})
+        self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
+
+    def test_open_permissions_and_repair(self):
+        self.seed()
+        os.chmod(self.config, 0o644)
+        result, report = self.doctor()
+        self.assertEqual(result.code, 3)
+        self.assertIn("run: chmod 600 %s" % self.config, report["problems"][0])
+        result, report = self.doctor("--repair")
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
+
+    def test_clock_skew_proxy_and_ca_bundle(self):
+        self.seed()
+        self.server.clock_offset = -300
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write(TEST_CA_PEM)
+        env = {"HTTP_PROXY": "http://user:proxy-pass@proxy.invalid:3128", "NO_PROXY": "127.0.0.1,10.0.0.0/8",
+               "ATTUNE_CA_BUNDLE": ca}
+        self.extra_secrets = {"proxy-pass"}
+        result, report = self.doctor(env=env)
+        self.assertEqual(result.code, 0, result)
+        self.assertAlmostEqual(report["server"]["clock_skew_seconds"], -300, delta=3)
+        self.assertTrue(any("differ by 5m" in note for note in report["notes"]), report["notes"])
+        self.assertEqual(report["network"]["proxy"], None)  # loopback is never proxied
+        self.assertEqual((report["network"]["ca_bundle"], report["network"]["ca_bundle_source"]), (ca, "env"))
+        self.seed(api_url="http://attune.invalid")
+        result, report = self.doctor(env=env)
+        self.assertEqual(report["network"]["proxy"], "http://user:***@proxy.invalid:3128")
+        self.assertEqual(report["network"]["no_proxy"], "127.0.0.1,10.0.0.0/8")
+        self.assertEqual(result.code, 5)
+
+    @unittest.skipUnless(POSIX, "fcntl")
+    def test_a_lock_that_keeps_nobody_out_is_a_problem(self):
+        self.seed()
+
+        class FakeFlock:  # "succeeds" without locking anything, like a broken network file system
+            LOCK_EX, LOCK_NB, LOCK_UN = 2, 4, 8
+
+            @staticmethod
+            def flock(fd, op):
+                pass
+
+            lockf = flock
+
+        with mock.patch.object(attune, "fcntl", FakeFlock):
+            result, report = self.doctor()
+        self.assertEqual(result.code, 3, result)
+        self.assertIn("does not keep other processes out", report["problems"][0])
+
+    def test_not_logged_in_is_a_note(self):
+        result, report = self.doctor(env={"ATTUNE_API_URL": self.server.url})
+        self.assertEqual(result.code, 0, result)
+        self.assertIn("not logged in; run: attune auth login", report["notes"])
+        self.assertIn("no credential file yet", " ".join(report["notes"]))
+        self.assertFalse(os.path.exists(os.path.dirname(self.config)))
+
+
+class CompletionTests(AttuneTestCase):
+    def script(self, shell):
+        return self.ok("completion", shell).out
+
+    def complete_in_bash(self, words):
+        """COMPREPLY for the words, from the generated script in a real bash."""
+        bindir = os.path.join(self.tmp, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        with open(os.path.join(bindir, "attune"), "w") as f:
+            f.write('#!/bin/sh\nexec "%s" "%s" "$@"\n' % (sys.executable, ATTUNE_PY))
+        os.chmod(os.path.join(bindir, "attune"), 0o755)
+        driver = ('source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _attune; '
+                  'printf "%s\\n" "${COMPREPLY[@]}"')
+        script = os.path.join(self.tmp, "completion.bash")
+        with open(script, "w") as f:
+            f.write(self.script("bash"))
+        env = self.process_env({"PATH": bindir + os.pathsep + os.environ.get("PATH", "")})
+        out = subprocess.check_output(["bash", "-c", driver, "bash", script] + list(words), env=env,
+                                      universal_newlines=True)
+        return out.split()
+
+    @unittest.skipUnless(shutil.which("bash"), "bash")
+    def test_bash_completes_commands_options_and_profiles(self):
+        self.seed("prod")
+        self.seed("staging", current=False)
+        self.assertEqual(self.complete_in_bash(["attune", ""])[:3], ["auth", "config", "pack"])
+        self.assertEqual(self.complete_in_bash(["attune", "auth", "lo"]), ["login", "logout"])
+        self.assertEqual(self.complete_in_bash(["attune", "auth", "login", "--pass"]),
+                         ["--password-stdin", "--password"])
+        self.assertEqual(self.complete_in_bash(["attune", "-p", ""]), ["default", "prod", "staging"])
+        self.assertEqual(self.complete_in_bash(["attune", "-p", "prod", "execution", "li"]), ["list"])
+        self.assertIn("--top-level-only", self.complete_in_bash(["attune", "execution", "list", "--"]))
+        self.assertEqual(self.complete_in_bash(["attune", "--output", ""]), ["table", "json", "yaml"])
+
+    def test_completion_never_creates_the_credential_file(self):
+        self.script("bash")
+        self.assertEqual(self.ok("config", "profiles", "--names").out, "default\n")
+        self.assertFalse(os.path.exists(os.path.dirname(self.config)))
+
+    def test_every_command_and_option_is_in_the_scripts(self):
+        bash, fish = self.script("bash"), self.script("fish")
+        for _path, options, _, children in attune.command_tree(attune.build_parser()):
+            for child in children:
+                self.assertIn(child, bash)
+                self.assertIn(child, fish)
+            for option in options:
+                self.assertIn(option, bash)
+        self.assertTrue(self.script("zsh").startswith("#compdef attune\n"))
+
+    def test_shells_accept_the_scripts(self):
+        for shell, check in (("bash", ["bash", "-n"]), ("zsh", ["zsh", "-n"]), ("fish", ["fish", "-n"])):
+            if not shutil.which(check[0]):
+                continue
+            path = os.path.join(self.tmp, "completion." + shell)
+            with open(path, "w") as f:
+                f.write(self.script(shell))
+            self.assertEqual(subprocess.call(check + [path]), 0, shell)
+
+    @unittest.skipUnless(shutil.which("fish"), "fish")
+    def test_fish_completes_options_of_the_command_at_hand(self):
+        self.seed("prod")
+        path = os.path.join(self.tmp, "completion.fish")
+        with open(path, "w") as f:
+            f.write(self.script("fish"))
+        env = self.process_env({"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")})
+        out = subprocess.check_output(["fish", "-c", "source %s; complete -C 'attune auth login --pass'" % path],
+                                      env=env, universal_newlines=True)
+        self.assertEqual(sorted(out.split()), ["--password", "--password-stdin"])
 
 
 # === Sandbox, demo, test-all =================================================

@@ -2802,7 +2802,8 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io", "ipaddress", "json",
+    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io", "ipaddress",
+              "json",
               "msvcrt", "os", "shlex", "socket", "ssl", "subprocess", "sys", "tarfile", "tempfile", "time",
               "urllib"}
 

@@ -274,7 +274,8 @@ def env_seconds(env, name, default, positive=False):
 # === Credential file =========================================================
 
 def credential_path(args, env):
-    """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default')."""
+    """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
+    or (None, 'none') when there is no home directory to keep it in."""
     if getattr(args, "config", None):
         return os.path.abspath(os.path.expanduser(args.config)), "flag"
     if env.get("ATTUNE_CONFIG"):
@@ -285,6 +286,8 @@ def credential_path(args, env):
     if os.path.isabs(xdg):
         return os.path.join(xdg, "attune", "credentials.json"), "env"
     home = env.get("HOME") or os.path.expanduser("~")
+    if not os.path.isabs(home):  # no HOME and no password-database entry: no place at all
+        return None, "none"
     return os.path.join(home, ".config", "attune", "credentials.json"), "default"
 
 
@@ -335,6 +338,27 @@ def write_atomic(path, data):
             pass
 
 
+STALE_TEMP_AGE = 600  # seconds; a writer killed mid-write leaves its temp file behind
+
+
+def remove_stale_temp_files(path):
+    """Remove temp files of writers that died before their rename (SIGKILL, power loss).
+    Only old ones: a live writer that gave up waiting for the lock may be mid-write."""
+    directory, prefix = os.path.dirname(path), "." + os.path.basename(path) + "."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    cutoff = time.time() - STALE_TEMP_AGE
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                if os.lstat(os.path.join(directory, name)).st_mtime < cutoff:
+                    os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
 def empty_document():
     return {"version": FILE_VERSION, "profiles": {}}
 
@@ -365,6 +389,8 @@ class CredentialStore:
         return self.load()
 
     def _read(self):
+        if self.path is None:
+            return empty_document()
         for attempt in (1, 2):
             try:
                 with open(self.path, "rb") as f:
@@ -446,6 +472,9 @@ class CredentialStore:
                               % (self.path, version))
 
     def lock(self):
+        if self.path is None:
+            raise ConfigError("there is no place for the credential file: HOME is not set; "
+                              "choose one with --config FILE or ATTUNE_CONFIG")
         real = os.path.realpath(self.path)
         try:
             make_private_dirs(os.path.dirname(real))
@@ -460,17 +489,21 @@ class CredentialStore:
 
     def modify_locked(self, change):
         """The same, for a caller that already holds the lock (or gave up waiting for it)."""
+        if self.path is None:
+            self.lock()  # raises: there is no place to write
         self.reload()
         self.check_writable()
         doc = self._doc
         result = change(doc)
         doc.setdefault("version", FILE_VERSION)
         data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+        real = os.path.realpath(self.path)
         try:
-            write_atomic(os.path.realpath(self.path), data)
+            write_atomic(real, data)
         except OSError as e:
             raise self._write_error(e)
         self.exists = True
+        remove_stale_temp_files(real)
         return result
 
     def _write_error(self, e):
@@ -708,6 +741,9 @@ def error_message(resp):
 def api_error(resp):
     """The AttuneError for a non-2xx response, with the exit code design.md section 7 gives it."""
     message = "API error (%d %s): %s" % (resp.status, resp.reason, error_message(resp))
+    retry_after = resp.headers.get("Retry-After") if resp.status == 429 and resp.headers is not None else None
+    if retry_after:
+        message += " (the server asks to retry after %s s)" % retry_after
     if resp.status == 401:
         return AuthRequired(message)
     if resp.status >= 500:
@@ -1001,6 +1037,15 @@ def envelope_data(body):
     return body
 
 
+def unwrap(resp):
+    """The object in a 2xx {"data": {...}} answer; a clear ApiError for anything else."""
+    body = resp.json()
+    if isinstance(body, dict) and isinstance(body.get("data"), dict):
+        return body["data"]
+    what = "an empty body" if body is None else "no \"data\" object: %s" % snippet(resp.body, 100)
+    raise ApiError("the server answered %d %s with %s" % (resp.status, resp.reason, what), resp.status)
+
+
 class Session:
     """One profile's connection to the server: which token to send, and when and how
     to renew it. At most one proactive and one reactive refresh per run."""
@@ -1205,6 +1250,13 @@ class Session:
         if not resp.ok:
             raise api_error(resp)
         return resp.json()
+
+    def fetch(self, method, path, body=None, query=None):
+        """request() for one resource: the object of its {"data": ...} answer."""
+        resp = self.request(method, path, body, query)
+        if not resp.ok:
+            raise api_error(resp)
+        return unwrap(resp)
 
 
 # === Output ==================================================================
@@ -1767,7 +1819,7 @@ def cmd_auth_whoami(ctx, args):
     session = ctx.session()
     if not session.creds.access:
         raise not_logged_in()
-    me = envelope_data(session.call("GET", "/auth/me")) or {}
+    me = session.fetch("GET", "/auth/me")
     ctx.emit(me, lambda: ctx.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
                                     ("ID", me.get("id")), ("API Host", session.api_url)],
                                    "Current Identity"))
@@ -1802,7 +1854,7 @@ def profile_status(ctx, name, offline, use_env):
     server = None
     if not offline and session.creds.access:
         try:
-            me = envelope_data(session.call("GET", "/auth/me")) or {}
+            me = session.fetch("GET", "/auth/me")
             server, code = {"reachable": True, "login": me.get("login")}, 0
         except AttuneError as e:
             server = {"reachable": not isinstance(e, NetworkError), "error": str(e)}
@@ -2031,6 +2083,8 @@ def cmd_config_set(ctx, args):
 
 
 def cmd_config_path(ctx, args):
+    if ctx.config_path is None:
+        ctx.store.lock()  # raises: there is no place for the file
     ctx.emit({"path": ctx.config_path, "source": ctx.config_source, "exists": ctx.store.exists
               or os.path.exists(ctx.config_path)}, lambda: ctx.out(ctx.config_path))
 
@@ -2345,19 +2399,6 @@ def show_list_section(ctx, title, values):
             ctx.out("  • %s" % cell_text(value))
 
 
-def get_object(session, path, query=None):
-    """GET a single resource: the object inside its {"data": ...} envelope."""
-    data = envelope_data(session.call("GET", path, query=query))
-    if not isinstance(data, dict):
-        raise ApiError("the server's answer is not an object: %s" % snippet(json.dumps(data).encode(), 100))
-    return data
-
-
-def send_object(session, method, path, body=None):
-    data = envelope_data(session.call(method, path, body))
-    return data if isinstance(data, dict) else {}
-
-
 # === Waiting for executions and reading log streams ==========================
 
 class Progress:
@@ -2393,7 +2434,7 @@ def wait_for_execution(ctx, session, execution_id, timeout):
     progress = Progress(ctx)
     try:
         while True:
-            execution = get_object(session, "/executions/%d" % execution_id)
+            execution = session.fetch("GET", "/executions/%d" % execution_id)
             status = str(execution.get("status") or "")
             if status.lower() in TERMINAL_STATUSES:
                 return execution
@@ -2538,7 +2579,7 @@ def cmd_pack_list(ctx, args):
 
 
 def cmd_pack_show(ctx, args):
-    pack = get_object(ctx.session(), "/packs/" + path_segment(args.ref))
+    pack = ctx.session().fetch("GET", "/packs/" + path_segment(args.ref))
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
 
     def table():
@@ -2562,7 +2603,7 @@ def cmd_pack_create(ctx, args):
     if args.description is not None:
         body["description"] = args.description
     body.update(version=args.pack_version, tags=split_list(args.tags))
-    pack = send_object(ctx.session(), "POST", "/packs", body)
+    pack = ctx.session().fetch("POST", "/packs", body)
     ctx.emit(pack, lambda: ctx.success("Pack '%s' created successfully (id: %s)"
                                        % (pack.get("ref"), pack.get("id"))))
 
@@ -2585,7 +2626,7 @@ def cmd_pack_install(ctx, args):
     ctx.info("Installing pack from: %s (%s)" % (args.source, pack_source_kind(args.source, args.no_registry)))
     if args.skip_deps:
         ctx.info("⚠ Dependency validation will be skipped")
-    pack_report(ctx, send_object(ctx.session(), "POST", "/packs/install", body), "installed")
+    pack_report(ctx, ctx.session().fetch("POST", "/packs/install", body), "installed")
 
 
 def cmd_pack_register(ctx, args):
@@ -2594,7 +2635,7 @@ def cmd_pack_register(ctx, args):
                  "Use 'attune pack upload %s' to send the pack itself" % (args.path, args.path))
     ctx.info("Registering pack from: %s" % args.path)
     body = {"path": args.path, "force": args.force, "skip_tests": args.skip_tests}
-    pack_report(ctx, send_object(ctx.session(), "POST", "/packs/register", body), "registered")
+    pack_report(ctx, ctx.session().fetch("POST", "/packs/register", body), "registered")
 
 
 def pack_ref_from_yaml(text):
@@ -2665,8 +2706,7 @@ def cmd_pack_upload(ctx, args):
     resp = ctx.session().request("POST", "/packs/upload", raw_body=body, content_type=content_type)
     if not resp.ok:
         raise api_error(resp)
-    result = envelope_data(resp.json())
-    pack_report(ctx, result if isinstance(result, dict) else {}, "uploaded and registered")
+    pack_report(ctx, unwrap(resp), "uploaded and registered")
 
 
 def cmd_pack_update(ctx, args):
@@ -2679,7 +2719,7 @@ def cmd_pack_update(ctx, args):
         body["version"] = args.pack_version
     if not body:
         raise UsageError("At least one field must be provided to update")
-    pack = send_object(ctx.session(), "PUT", "/packs/" + path_segment(args.ref), body)
+    pack = ctx.session().fetch("PUT", "/packs/" + path_segment(args.ref), body)
 
     def table():
         ctx.success("Pack '%s' updated successfully" % pack.get("ref"))
@@ -2726,7 +2766,7 @@ def cmd_action_list(ctx, args):
 
 
 def cmd_action_show(ctx, args):
-    action = get_object(ctx.session(), "/actions/" + path_segment(args.ref))
+    action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
     def table():
         ctx.pairs(action_pairs(action) + [("Created", format_timestamp(action.get("created"))),
@@ -2749,7 +2789,7 @@ def cmd_action_search(ctx, args):
 
 
 def cmd_action_toggle(ctx, args, enabled):
-    action = send_object(ctx.session(), "PUT", "/actions/" + path_segment(args.ref), {"enabled": enabled})
+    action = ctx.session().fetch("PUT", "/actions/" + path_segment(args.ref), {"enabled": enabled})
 
     def table():
         ctx.success("Action '%s' updated successfully" % action.get("ref"))
@@ -2776,7 +2816,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     if args.timeout is not None and not args.watch:
         raise UsageError("--timeout only applies with --watch")
     session = ctx.session()
-    execution = send_object(session, "POST", "/executions/execute", body)
+    execution = session.fetch("POST", "/executions/execute", body)
     if not args.watch:
         def table():
             ctx.success(started_message % execution.get("id"))
@@ -2860,7 +2900,7 @@ def format_timeout_seconds(seconds):
 
 
 def cmd_execution_show(ctx, args):
-    execution = get_object(ctx.session(), "/executions/%d" % args.id)
+    execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
 
     def table():
         ctx.pairs([("ID", execution.get("id")), ("Action", execution.get("action_ref")),
@@ -2878,7 +2918,7 @@ def cmd_execution_show(ctx, args):
 
 
 def cmd_execution_result(ctx, args):
-    execution = get_object(ctx.session(), "/executions/%d" % args.id)
+    execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
     if execution.get("result") is None:
         raise AttuneError("Execution %d has no result yet" % args.id)
     fmt = args.format or ("yaml" if ctx.output == "yaml" else "json")
@@ -2888,7 +2928,7 @@ def cmd_execution_result(ctx, args):
 def cmd_execution_cancel(ctx, args):
     if not confirm(ctx, args, "cancel execution %d" % args.id, "Cancellation aborted"):
         return
-    execution = send_object(ctx.session(), "POST", "/executions/%d/cancel" % args.id, {})
+    execution = ctx.session().fetch("POST", "/executions/%d/cancel" % args.id, {})
     ctx.emit(execution, lambda: ctx.success("Execution %d cancelled" % args.id))
 
 
@@ -2929,7 +2969,7 @@ def secret_marker_paths(value, path=""):
 
 
 def cmd_execution_rerun(ctx, args):
-    original = get_object(ctx.session(), "/executions/%d" % args.id)
+    original = ctx.session().fetch("GET", "/executions/%d" % args.id)
     action_ref = original.get("action_ref")
     if not action_ref:
         raise AttuneError("Execution %d has no action_ref (may have been triggered by a deleted action)"
@@ -2982,7 +3022,7 @@ def cmd_rule_list(ctx, args):
 
 
 def cmd_rule_show(ctx, args):
-    rule = get_object(ctx.session(), "/rules/" + path_segment(args.ref))
+    rule = ctx.session().fetch("GET", "/rules/" + path_segment(args.ref))
 
     def table():
         ctx.pairs(rule_pairs(rule) + [("Created", format_timestamp(rule.get("created"))),
@@ -2999,7 +3039,7 @@ def cmd_rule_create(ctx, args):
     body = {"ref": args.ref, "pack_ref": args.pack, "label": args.label, "trigger_ref": args.trigger,
             "action_ref": args.action}
     body.update(rule_fields(args))
-    rule = send_object(ctx.session(), "POST", "/rules", body)
+    rule = ctx.session().fetch("POST", "/rules", body)
 
     def table():
         ctx.success("Rule '%s' created successfully" % rule.get("ref"))
@@ -3015,7 +3055,7 @@ def cmd_rule_update(ctx, args):
         body["label"] = args.label
     if not body:
         raise UsageError("At least one field must be provided to update")
-    rule = send_object(ctx.session(), "PUT", "/rules/" + path_segment(args.ref), body)
+    rule = ctx.session().fetch("PUT", "/rules/" + path_segment(args.ref), body)
 
     def table():
         ctx.success("Rule '%s' updated successfully" % rule.get("ref"))
@@ -3026,7 +3066,7 @@ def cmd_rule_update(ctx, args):
 
 def cmd_rule_toggle(ctx, args, verb):
     # the server's routes; the Rust CLI's PATCH /rules/{ref} has no route
-    rule = send_object(ctx.session(), "POST", "/rules/%s/%s" % (path_segment(args.ref), verb[:-1]))
+    rule = ctx.session().fetch("POST", "/rules/%s/%s" % (path_segment(args.ref), verb[:-1]))
     ctx.emit(rule, lambda: ctx.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
 
 
@@ -3057,7 +3097,7 @@ def list_pack_scoped(ctx, args, kind, columns, row, empty):
 def toggle_resource(ctx, kind, ref, enabled):
     """POST /<kind>s/{ref}/enable|disable and report it the way triggers and sensors do."""
     verb = "enabled" if enabled else "disabled"
-    item = send_object(ctx.session(), "POST", "/%ss/%s/%s" % (kind, path_segment(ref), verb[:-1]), {})
+    item = ctx.session().fetch("POST", "/%ss/%s/%s" % (kind, path_segment(ref), verb[:-1]), {})
 
     def table():
         ctx.success("%s '%s' %s successfully" % (kind.title(), item.get("ref") or ref, verb))
@@ -3075,7 +3115,7 @@ def cmd_trigger_list(ctx, args):
 
 
 def cmd_trigger_show(ctx, args):
-    trigger = get_object(ctx.session(), "/triggers/" + path_segment(args.ref))
+    trigger = ctx.session().fetch("GET", "/triggers/" + path_segment(args.ref))
 
     def table():
         allowed = trigger.get("reference_allowed_pack_refs") or []
@@ -3120,7 +3160,7 @@ def cmd_sensor_list(ctx, args):
 
 
 def cmd_sensor_show(ctx, args):
-    sensor = get_object(ctx.session(), "/sensors/" + path_segment(args.ref))
+    sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
     ctx.emit(sensor, lambda: ctx.pairs(
         [("Ref", sensor.get("ref")), ("Pack", or_none(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
          ("Description", or_none(sensor.get("description"))), ("Trigger", or_none(sensor_trigger(sensor))),
@@ -3186,8 +3226,8 @@ def cmd_key_list(ctx, args):
 
 
 def cmd_key_show(ctx, args):
-    key = get_object(ctx.session(), "/keys/" + path_segment(args.ref),
-                     {"decrypt": "true"} if args.decrypt else None)
+    key = ctx.session().fetch("GET", "/keys/" + path_segment(args.ref),
+                              query={"decrypt": "true"} if args.decrypt else None)
     value = key.get("value")
     shown = dict(key)
     if not args.decrypt:  # never show a value the user did not ask to reveal
@@ -3224,7 +3264,7 @@ def cmd_key_create(ctx, args):
     if args.owner is not None:
         body["owner"] = args.owner
     body.update(name=args.name, value=value, encrypted=args.encrypt)
-    key = send_object(ctx.session(), "POST", "/keys", body)
+    key = ctx.session().fetch("POST", "/keys", body)
     key.pop("value", None)  # not echoed back, even in JSON
 
     def table():
@@ -3245,7 +3285,7 @@ def cmd_key_update(ctx, args):
         body["encrypted"] = args.encrypted
     if not body:
         raise UsageError("At least one field must be provided to update (--name, --value, or --encrypted)")
-    key = send_object(ctx.session(), "PUT", "/keys/" + path_segment(args.ref), body)
+    key = ctx.session().fetch("PUT", "/keys/" + path_segment(args.ref), body)
     key.pop("value", None)
 
     def table():
@@ -3285,7 +3325,7 @@ def task_transitions(task):
 
 
 def cmd_workflow_show(ctx, args):
-    workflow = get_object(ctx.session(), "/workflows/" + path_segment(args.ref))
+    workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
     def table():
         ctx.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
@@ -3448,6 +3488,10 @@ class Doctor:
         ctx = self.ctx
         info = {"path": ctx.config_path, "source": ctx.config_source, "exists": False}
         self.report["credential_file"] = info
+        if ctx.config_path is None:
+            self.notes.append("HOME is not set, so there is no credential file: tokens must come from the "
+                              "environment, or choose a file with --config FILE or ATTUNE_CONFIG")
+            return
         try:
             st = os.stat(ctx.config_path)
         except (FileNotFoundError, NotADirectoryError):
@@ -3507,6 +3551,9 @@ class Doctor:
         return session
 
     def check_lock(self):
+        if self.ctx.config_path is None:
+            self.report["lock"] = {"path": None, "status": "not checked: there is no credential file"}
+            return
         lock_path = os.path.realpath(self.ctx.config_path) + ".lock"
         info = {"path": lock_path}
         self.report["lock"] = info
@@ -3595,13 +3642,13 @@ class Doctor:
                        ("API URL", "%s (from %s)" % (profile["api_url"], profile["api_url_source"])),
                        ("Token", describe_source(profile["token_source"], profile["token_origin"]))], "Profile")
         info = report["credential_file"]
-        pairs = [("Path", "%s (from %s)" % (info["path"], info["source"])), ("Exists", info["exists"])]
+        pairs = [("Path", "%s (from %s)" % (info["path"] or "none", info["source"])), ("Exists", info["exists"])]
         if info["exists"]:
             pairs += [("Mode", info.get("mode")), ("Owner uid", info.get("owner_uid")),
                       ("Parses", info.get("parses") if not info.get("error") else info["error"])]
         ctx.pairs(pairs, "Credential file")
         lock = report["lock"]
-        ctx.pairs([("Path", lock["path"]), ("Status", lock["status"])] +
+        ctx.pairs([("Path", lock["path"] or "-"), ("Status", lock["status"])] +
                   ([("Method", lock["method"])] if lock.get("method") else []), "Lock")
         network = report.get("network")
         if network:

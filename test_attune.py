@@ -130,6 +130,8 @@ class FakeAttune:
         self.lock = threading.RLock()
         self.requests, self.faults, self.issued = [], [], []
         self.revoked, self.used_refresh = set(), set()
+        self.received = set()  # every secret a client sent: passwords, tokens
+        self.opaque = {}  # non-JWT access tokens the server accepts: token -> login
         self.nonce = 0
         self.users = {"admin": {"id": 1, "password": admin_password, "display_name": "Administrator"},
                       "zoe": {"id": 3, "password": "zoe-pass", "display_name": "Zoë Ørsted"}}
@@ -211,9 +213,10 @@ class FakeAttune:
             return ["%s %s" % (r.method, r.path) for r in self.requests]
 
     def secrets(self):
-        """Every token and password this server handed out or knows: none may leak."""
+        """Every token and password this server handed out, knows or received: none may leak."""
         with self.lock:
-            found = set(self.issued) | set(self.integration_tokens)
+            found = set(self.issued) | set(self.integration_tokens) | set(self.opaque)
+            found |= {s for s in self.received if len(s) >= 8}
         for users in (self.users, self.ldap_users):
             found |= {u["password"] for u in users.values()}
         return found
@@ -246,6 +249,8 @@ class FakeAttune:
         """(claims, None) or (None, message) for the request's access token."""
         if req.token is None:
             return None, "Missing authentication token"
+        if req.token in self.opaque:
+            return {"sub": "1", "login": self.opaque[req.token], "token_type": "access"}, None
         claims, problem = verify_jwt(req.token, self.now())
         if problem == "expired":
             return None, "Authentication token expired"
@@ -277,6 +282,8 @@ class FakeAttune:
     def password_login(self, req, users):
         body = req.json() or {}
         login, password = body.get("login"), body.get("password")
+        if isinstance(password, str):
+            self.received.add(password)
         if not isinstance(login, str) or not login or not isinstance(password, str) or not password:
             return api_error(422, "Validation failed: login and password are required", "VALIDATION_ERROR")
         user = users.get(login)
@@ -294,6 +301,8 @@ class FakeAttune:
 
     def auth_token_login(self, req):
         token = (req.json() or {}).get("token")
+        if isinstance(token, str):
+            self.received.add(token)
         login = self.integration_tokens.get(token)
         if not login:
             return api_error(401, "Invalid token", "UNAUTHORIZED")
@@ -304,6 +313,8 @@ class FakeAttune:
         if not isinstance(body, dict) or "refresh_token" not in body:
             return api_error(401, "Missing refresh token", "UNAUTHORIZED")
         token = body["refresh_token"]
+        if isinstance(token, str):
+            self.received.add(token)
         if not token:
             return api_error(422, "Invalid refresh token request: refresh_token is empty",
                              "VALIDATION_ERROR")
@@ -1012,6 +1023,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         req = Seen(self.command, self.path, dict(self.headers.items()), self.rfile.read(length))
         with fake.lock:
             fake.requests.append(req)
+            if req.token:
+                fake.received.add(req.token)
         fault = fake.take_fault(req)
         if fault:
             time.sleep(fault["delay"])
@@ -3804,6 +3817,37 @@ class AuthExecTests(AttuneTestCase):
         self.assertFalse(os.path.exists(os.path.dirname(self.config)))
 
 
+def run_unprivileged(test, argv, env):
+    """Run attune.py where file permissions bind: as nobody (with the world-readable system
+    python and a copy of attune.py in test.tmp) when the tests run as root."""
+    script = os.path.join(test.tmp, "attune.py")
+    if not os.path.exists(script):
+        shutil.copy(ATTUNE_PY, script)
+    os.chmod(test.tmp, 0o755)
+    python, preexec = sys.executable, None
+    if IS_ROOT:
+        python = "/usr/bin/python3"
+        if not os.path.exists(python):
+            test.skipTest("needs /usr/bin/python3 to run as nobody")
+
+        def preexec():
+            os.setgid(65534)
+            os.setuid(65534)
+    p = subprocess.Popen([python, script] + list(argv), env=env, preexec_fn=preexec,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = p.communicate(timeout=60)
+    result = Result(p.returncode, out, err)
+    test.assert_no_leak(result)
+    return result
+
+
+def give_to_nobody(*paths):
+    """Hand paths to the unprivileged user of run_unprivileged (only needed as root)."""
+    if IS_ROOT:
+        for path in paths:
+            os.chown(path, 65534, 65534)
+
+
 class HomeDirectoryTests(AttuneTestCase):
     def env_token(self, home, **extra):
         env = {"HOME": home, "ATTUNE_CONFIG": None, "ATTUNE_API_URL": self.server.url,
@@ -3829,28 +3873,13 @@ class HomeDirectoryTests(AttuneTestCase):
     def test_a_read_only_home(self):
         home = os.path.join(self.tmp, "ro-home")
         os.makedirs(home)
-        script = os.path.join(self.tmp, "attune.py")
-        shutil.copy(ATTUNE_PY, script)
-        os.chmod(self.tmp, 0o755)
-        env = self.process_env(self.env_token(home))
-        python, preexec = sys.executable, None
-        if IS_ROOT:  # root ignores permission bits: run as nobody with the world-readable system python
-            python = "/usr/bin/python3"
-            if not os.path.exists(python):
-                self.skipTest("needs /usr/bin/python3 to run as nobody")
-
-            def preexec():
-                os.setgid(65534)
-                os.setuid(65534)
-        else:
+        if not IS_ROOT:
             os.chmod(home, 0o555)
             self.addCleanup(os.chmod, home, 0o755)
+        env = self.process_env(self.env_token(home))
 
         def run(*argv):
-            p = subprocess.Popen([python, script] + list(argv), env=env, preexec_fn=preexec,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-            out, err = p.communicate(timeout=60)
-            return Result(p.returncode, out, err)
+            return run_unprivileged(self, argv, env)
 
         whoami = run("auth", "whoami")
         self.assertEqual(whoami.code, 0, whoami)
@@ -4039,6 +4068,284 @@ class CompletionTests(AttuneTestCase):
         out = subprocess.check_output(["fish", "-c", "source %s; complete -C 'attune auth login --pass'" % path],
                                       env=env, universal_newlines=True)
         self.assertEqual(sorted(out.split()), ["--password", "--password-stdin"])
+
+
+
+# === Tests: hardening ========================================================
+# Faults, load and hostile input: each shows the right exit code, one clear error
+# line on stderr, no traceback, and the credential file unchanged unless the
+# command was meant to change it.
+
+class HardeningTests(AttuneTestCase):
+    def assert_clean_failure(self, code, *argv, unchanged=True, **kwargs):
+        """Run a command that must fail cleanly; its one error line."""
+        before = self.snapshot()[0] if unchanged and os.path.exists(self.config) else None
+        result = self.fails(code, *argv, **kwargs)
+        lines = result.err.splitlines()
+        errors = [line for line in lines if line.startswith("attune: error: ")]
+        self.assertEqual(len(errors), 1, result)
+        self.assertEqual([line for line in lines if not line.startswith("attune: ")], [], result)
+        if before is not None:
+            self.assertEqual(self.snapshot()[0], before)
+        return errors[0]
+
+    # 1. broken credential files
+    def test_broken_credential_files(self):
+        rng = random.Random(5)
+        cases = {"empty": b"", "truncated": b'{"version": 1, "profiles": {"a": {"api_url": "http://x"',
+                 "array": b"[1, 2]", "profiles of the wrong type": b'{"profiles": "none"}',
+                 "invalid UTF-8": b'{"profiles": {"\xc3\x28": {}}}',
+                 "10 MB of random bytes": bytes(rng.getrandbits(8) for _ in range(1 << 16)) * 160,
+                 "10 MB of text": b"x" * (10 << 20)}
+        os.makedirs(os.path.dirname(self.config))
+        for name, data in cases.items():
+            with self.subTest(name):
+                with open(self.config, "wb") as f:
+                    f.write(data)
+                os.chmod(self.config, 0o600)
+                for argv in (("auth", "whoami"), ("config", "set", "description", "x"), ("auth", "token")):
+                    line = self.assert_clean_failure(3, *argv)
+                    self.assertIn(self.config, line)
+                    self.assertIn("move it aside", line)
+
+    def test_a_profile_without_api_url(self):
+        self.seed("good")
+        doc = self.read_doc()
+        doc["profiles"]["bad"] = {"auth_token": "x"}
+        self.write_doc(doc)
+        line = self.assert_clean_failure(3, "-p", "bad", "auth", "whoami")
+        self.assertIn("profile 'bad' in %s has no api_url; run: attune config set api_url URL" % self.config, line)
+        self.ok("-p", "good", "auth", "whoami")  # the sound profile still works
+
+    def test_version_99_is_read_and_never_rewritten(self):
+        self.seed(access_left=-100)
+        doc = self.read_doc()
+        doc["version"] = 99
+        self.write_doc(doc)
+        self.ok("auth", "status", "--offline")
+        line = self.assert_clean_failure(3, "auth", "whoami")  # the refresh would have to write
+        self.assertIn("written by a newer attune.py (version 99)", line)
+        self.assertEqual(self.server.count(), 0)
+
+    # 2. permissions and paths
+    @unittest.skipUnless(POSIX, "permissions")
+    def test_a_directory_that_is_not_writable(self):
+        self.seed()
+        directory = os.path.dirname(self.config)
+        give_to_nobody(directory, self.config)
+        os.chmod(directory, 0o500)
+        self.addCleanup(os.chmod, directory, 0o700)
+        env = self.process_env()
+        reads = run_unprivileged(self, ["auth", "whoami"], env)
+        self.assertEqual(reads.code, 0, reads)
+        before = self.snapshot()[0]
+        writes = run_unprivileged(self, ["config", "set", "description", "x"], env)
+        self.assertEqual(writes.code, 3, writes)
+        self.assertIn("cannot write credential file %s" % self.config, writes.err)
+        self.assertIn("--config FILE or ATTUNE_CONFIG", writes.err)
+        self.assertNotIn("Traceback", writes.err)
+        self.assertEqual(self.snapshot()[0], before)
+
+    def test_no_home_at_all(self):
+        env = {"HOME": None, "ATTUNE_CONFIG": None, "ATTUNE_API_URL": self.server.url,
+               "ATTUNE_API_TOKEN": self.server.mint("admin")}
+        with mock.patch("os.path.expanduser", lambda path: path):  # no HOME, no password entry
+            self.ok("auth", "whoami", env=env)
+            self.ok("auth", "status", env=env)
+            line = self.assert_clean_failure(3, "config", "set", "description", "x", env=env)
+            self.assertIn("HOME is not set; choose one with --config FILE or ATTUNE_CONFIG", line)
+            report = json.loads(self.run_cli("auth", "doctor", "-j", env=env).out)
+            self.assertIn("HOME is not set", " ".join(report["notes"]))
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    @unittest.skipUnless(IS_ROOT and os.path.exists("/usr/bin/python3"), "runs as nobody, whose home is absent")
+    def test_no_home_variable_in_a_real_process(self):
+        env = self.process_env({"HOME": None, "ATTUNE_CONFIG": None, "ATTUNE_API_URL": self.server.url,
+                                "ATTUNE_API_TOKEN": self.server.mint("admin")})
+        self.assertEqual(run_unprivileged(self, ["auth", "whoami"], env).code, 0)
+        refused = run_unprivileged(self, ["config", "set", "description", "x"], env)
+        self.assertEqual(refused.code, 3, refused)
+        self.assertIn("--config FILE or ATTUNE_CONFIG", refused.err)
+
+    # 3. atomicity
+    def test_stale_temp_files_are_ignored_then_cleaned(self):
+        self.seed()
+        directory = os.path.dirname(self.config)
+        old = os.path.join(directory, ".credentials.json.dead1234.tmp")
+        fresh = os.path.join(directory, ".credentials.json.live5678.tmp")
+        for path in (old, fresh):
+            with open(path, "w") as f:
+                f.write('{"half": ')
+        os.utime(old, (time.time() - 3600, time.time() - 3600))
+        self.ok("auth", "whoami")  # reads ignore them
+        self.ok("config", "set", "description", "x")  # a write removes the old one only
+        self.assertFalse(os.path.exists(old))
+        self.assertTrue(os.path.exists(fresh))
+
+    @unittest.skipUnless(POSIX, "SIGKILL")
+    def test_200_writers_killed_at_random_moments(self):
+        writer = ("import os, sys, attune\n"
+                  "store = attune.CredentialStore(sys.argv[1], print, print, 60.0)\n"
+                  "blob = 'x' * 200000\n"
+                  "n = 0\n"
+                  "while True:\n"
+                  "    n += 1\n"
+                  "    store.modify(lambda d: d['profiles'].__setitem__('w%s' % sys.argv[2],"
+                  " {'api_url': 'http://x', 'n': n, 'blob': blob}))\n")
+        self.seed()
+        rng = random.Random(11)
+        kills = 0
+        for _ in range(25):
+            writers = [subprocess.Popen([sys.executable, "-c", writer, self.config, str(i)], cwd=HERE,
+                                        stdout=subprocess.DEVNULL) for i in range(8)]
+            for p in writers:
+                time.sleep(rng.uniform(0.0, 0.06))
+                p.kill()
+            for p in writers:
+                p.wait()
+            kills += len(writers)
+            doc = self.read_doc()  # parses, after every round
+            self.assertIn("auth_token", doc["profiles"]["default"])
+            self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
+        self.assertEqual(kills, 200)
+        for name in os.listdir(os.path.dirname(self.config)):  # leftovers are only temp files
+            self.assertTrue(name in ("credentials.json", "credentials.json.lock") or name.endswith(".tmp"), name)
+            if name.endswith(".tmp"):
+                os.utime(os.path.join(os.path.dirname(self.config), name), (0, 0))
+        self.ok("config", "set", "description", "after")
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.config))),
+                         ["credentials.json", "credentials.json.lock"])
+
+    # 5. server faults
+    def test_server_answers_that_make_no_sense(self):
+        self.seed()
+        faults = {"HTML 502": (dict(status=502, times=None, body="<html><h1>502 Bad Gateway</h1></html>",
+                                    headers={"Content-Type": "text/html"}), 6, "502 Bad Gateway"),
+                  "invalid JSON with 200": (dict(status=200, body=b'{"data": {"id": 1'), 1, "body that is not JSON"),
+                  "200 without data": (dict(status=200, body={"id": 1, "login": "admin"}), 1, 'no "data" object'),
+                  "empty 200": (dict(status=200, body=None), 1, "with an empty body"),
+                  "204": (dict(status=204), 1, "204 No Content with an empty body"),
+                  "reset mid-body": (dict(status=200, times=None, body={"data": {}}, truncate=True), 5,
+                                     "closed unexpectedly"),
+                  "429": (dict(status=429, body={"error": "Rate limit exceeded", "code": "TOO_MANY_REQUESTS"},
+                               headers={"Retry-After": "30"}), 1, "Rate limit exceeded (the server asks to retry "
+                                                                  "after 30 s)")}
+        for name, (fault, code, text) in faults.items():
+            with self.subTest(name):
+                self.server.faults[:] = []
+                self.server.fail("/auth/me", **fault)
+                self.assertIn(text, self.assert_clean_failure(code, "auth", "whoami"))
+
+    def test_401_on_every_request(self):
+        self.seed()
+        self.server.fail("/auth/me", status=401, times=None, body={"error": "Unauthorized", "code": "UNAUTHORIZED"})
+        line = self.assert_clean_failure(4, "auth", "whoami", unchanged=False)  # the refresh was stored
+        self.assertIn("rejected the refreshed token", line)
+        self.assertEqual(self.server.log(), ["GET /auth/me", "POST /auth/refresh", "GET /auth/me"])
+
+    def test_refresh_answers_with_tokens_that_are_not_jwts(self):
+        self.seed(access_left=-100)
+        self.server.opaque["opaque-access-1"] = "admin"
+        self.server.fail("/auth/refresh", status=200, body={"data": {
+            "access_token": "opaque-access-1", "refresh_token": "opaque-refresh-1", "expires_in": 3600}})
+        self.ok("auth", "whoami")
+        stored = self.profile()
+        self.assertEqual((stored["auth_token"], stored["refresh_token"]), ("opaque-access-1", "opaque-refresh-1"))
+        self.assertAlmostEqual(stored["auth_token_expires_at"], time.time() + 3600, delta=5)
+        self.assertIsNone(stored["refresh_token_expires_at"])  # not a JWT: unknown
+        self.server.opaque["opaque-access-2"] = "admin"
+        self.server.revoked.add("opaque-access-1")
+        self.server.opaque.pop("opaque-access-1")
+        self.server.fail("/auth/refresh", status=200, body={"data": {
+            "access_token": "opaque-access-2", "refresh_token": "opaque-refresh-2"}})  # no expires_in either
+        self.ok("auth", "whoami")
+        self.assertIsNone(self.profile()["auth_token_expires_at"])
+        self.ok("auth", "whoami")  # unknown expiry: just send it
+        self.assertRegex(self.ok("auth", "status", "--offline").out, r"Access token:\s+unknown expiry")
+
+    # 6. JWTs that are not quite JWTs
+    def test_malformed_jwts_never_crash(self):
+        def token(payload):
+            return "eyJhbGciOiJIUzI1NiJ9." + payload + ".c2ln"
+        cases = {"missing exp": token(b64url(b'{"iat": 1, "login": "admin"}')),
+                 "exp as a string": token(b64url(b'{"exp": "soon"}')),
+                 "not base64": token("!!!!@@@@"), "not JSON": token(b64url(b"<xml/>")),
+                 "two parts": "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjF9", "100 KB": token("A" * 100000)}
+        self.extra_secrets = set(cases.values())
+        for name, access in cases.items():
+            with self.subTest(name):
+                self.seed(store_expiry=False, auth_token=access)
+                status = self.ok("auth", "status", "--offline")
+                self.assertRegex(status.out, r"Access token:\s+unknown expiry")
+                self.assertEqual(self.ok("auth", "token", secrets_ok=True).out, access + "\n")
+                if len(access) > 65536:  # servers refuse such a header line (431): a clean error
+                    self.assertIn("431", self.assert_clean_failure(1, "auth", "whoami"))
+                    continue
+                self.ok("auth", "whoami")  # the server says 401; refresh and retry
+                env = {"ATTUNE_API_TOKEN": access}
+                self.assertEqual(self.ok("auth", "token", env=env, secrets_ok=True).out, access + "\n")
+                self.assertIn("has expired or was rejected", self.assert_clean_failure(4, "auth", "whoami", env=env))
+
+    # 8. a lock held by a hung process
+    @unittest.skipUnless(POSIX, "fcntl")
+    def test_a_hung_lock_holder_does_not_lose_its_update(self):
+        self.seed("a", access_left=-100)
+        self.seed("b", current=False)
+        doc = self.read_doc()
+        doc["profiles"]["b"]["description"] = "written by the hung process"
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, self.config + ".lock", "60", self.config,
+                                   json.dumps(doc)], stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(holder.stdout.close)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline().strip(), "locked")
+        result = self.ok("-p", "a", "auth", "whoami", env={"ATTUNE_LOCK_TIMEOUT": "0.3"})
+        self.assertIn("gave up waiting 0.3s for the lock", result.err)
+        self.assertIn("held by pid %d (attune auth login)" % holder.pid, result.err)
+        after = self.read_doc()
+        self.assertEqual(after["profiles"]["b"]["description"], "written by the hung process")
+        self.assertNotEqual(after["profiles"]["a"]["auth_token"], doc["profiles"]["a"]["auth_token"])
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 1)
+
+
+class LoadTests(AttuneTestCase):
+    """64 processes a round, 5 rounds, 3 profiles in one file against a single-use server."""
+    server_options = {"refresh_mode": "single-use"}
+
+    @unittest.skipUnless(POSIX, "many processes")
+    def test_logins_refreshes_and_logouts_at_once(self):
+        self.seed("logins")
+        self.seed("logouts", current=False)
+        doc = self.read_doc()
+        doc["team"] = {"keep": True}
+        self.write_doc(doc)
+        for round_number in range(5):
+            refresh_token = self.seed("refreshes", access_left=-100, current=False)["refresh_token"]
+            self.seed("logouts", current=False)
+            refreshes = self.server.count("POST", "/auth/refresh")
+            kinds = ["login", "refresh", "logout"] * 22
+            procs = []
+            for kind in kinds[:64]:
+                if kind == "login":
+                    procs.append(self.spawn("-p", "logins", "auth", "login", "-u", "admin", "--password-stdin",
+                                            stdin=subprocess.PIPE))
+                elif kind == "refresh":
+                    procs.append(self.spawn("-p", "refreshes", "auth", "whoami"))
+                else:
+                    procs.append(self.spawn("-p", "logouts", "auth", "logout"))
+            for p, kind in zip(procs, kinds):
+                out, err = p.communicate(PASSWORD + "\n" if kind == "login" else None, timeout=120)
+                self.assertEqual(p.returncode, 0, (kind, err))
+                self.assert_no_leak(Result(p.returncode, out, err))
+            after = self.read_doc()
+            self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
+            self.assertEqual(after["team"], {"keep": True}, round_number)
+            self.assertEqual(self.server.count("POST", "/auth/refresh") - refreshes, 1, round_number)
+            refreshed = after["profiles"]["refreshes"]
+            self.assertNotEqual(refreshed["refresh_token"], refresh_token)
+            self.assertIn(refreshed["refresh_token"], self.server.issued)
+            self.assertIn(after["profiles"]["logins"]["auth_token"], self.server.issued)
+            self.assertNotIn("auth_token", after["profiles"]["logouts"])
 
 
 # === Sandbox, demo, test-all =================================================

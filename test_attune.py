@@ -4132,6 +4132,8 @@ class HardeningTests(AttuneTestCase):
     def test_a_directory_that_is_not_writable(self):
         self.seed()
         directory = os.path.dirname(self.config)
+        for parent in (self.env["HOME"], os.path.dirname(directory)):
+            os.chmod(parent, 0o755)  # Python 3.6's makedirs made them 0700 too
         give_to_nobody(directory, self.config)
         os.chmod(directory, 0o500)
         self.addCleanup(os.chmod, directory, 0o700)

@@ -3853,9 +3853,8 @@ class Commands:
         return Commands(self.add(name, help), self.path + [name])
 
 
-def add_auth_commands(commands):
+def add_auth_commands(auth):
     import argparse
-    auth = commands.group("auth", "log in and out, inspect and print tokens")
     p = auth.add("login", "log in with a username and password", cmd_auth_login, creates_profile=True)
     p.add_argument("-u", "--username", help="login name (default: the profile's stored username)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -3899,8 +3898,7 @@ def add_auth_commands(commands):
                    help="raw (default), json, env (shell exports) or header")
 
 
-def add_config_commands(commands):
-    config = commands.group("config", "manage profiles and settings in the credential file")
+def add_config_commands(config):
     config.add("list", "show the settings in effect (tokens masked)", cmd_config_list)
     p = config.add("get", "print one setting", cmd_config_get)
     p.add_argument("key", help="one of: " + ", ".join(CONFIG_KEYS))
@@ -3957,8 +3955,7 @@ def add_execute_args(p, with_ref=True):
                    help="with --watch: stop waiting after this long (default 300)")
 
 
-def add_pack_commands(commands):
-    pack = commands.group("pack", "list, show, create, install, register, upload, update and uninstall packs")
+def add_pack_commands(pack):
     p = pack.add("list", "list installed packs", cmd_pack_list)
     p.add_argument("-n", "--name", help="only packs whose ref contains this")
     add_all_flag(p)
@@ -3993,8 +3990,7 @@ def add_pack_commands(commands):
     add_yes_flag(p)
 
 
-def add_action_commands(commands):
-    action = commands.group("action", "list, show, search, execute, enable, disable and delete actions")
+def add_action_commands(action):
     p = action.add("list", "list actions", cmd_action_list)
     p.add_argument("--pack", help="only this pack's actions")
     p.add_argument("-n", "--name", help="only actions whose ref contains this")
@@ -4010,11 +4006,9 @@ def add_action_commands(commands):
     p = action.add("delete", "delete an action", cmd_action_delete)
     add_ref(p, "action")
     add_yes_flag(p)
-    add_execute_args(commands.add("run", "run an action (same as action execute)", cmd_action_execute))
 
 
-def add_execution_commands(commands):
-    execution = commands.group("execution", "list, show, watch, cancel and rerun executions, read logs")
+def add_execution_commands(execution):
     p = execution.add("list", "list executions, newest first", cmd_execution_list)
     p.add_argument("--pack", help="only actions of this pack")
     p.add_argument("-a", "--action", help="action ref, or pack.* for a whole pack")
@@ -4055,8 +4049,7 @@ def add_rule_options(p):
     p.add_argument("--enabled", type=parse_bool, metavar="BOOL", help="true or false")
 
 
-def add_rule_commands(commands):
-    rule = commands.group("rule", "list, show, create, update, enable, disable and delete rules")
+def add_rule_commands(rule):
     p = rule.add("list", "list rules", cmd_rule_list)
     p.add_argument("--pack", help="only this pack's rules")
     p.add_argument("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled")
@@ -4078,21 +4071,26 @@ def add_rule_commands(commands):
     add_yes_flag(p)
 
 
-def add_trigger_and_sensor_commands(commands):
-    trigger = commands.group("trigger", "list, show, enable, disable and delete triggers")
-    sensor = commands.group("sensor", "list, show, enable and disable sensors")
-    for group, kind, funcs in ((trigger, "trigger", (cmd_trigger_list, cmd_trigger_show, cmd_trigger_enable,
-                                                     cmd_trigger_disable)),
-                               (sensor, "sensor", (cmd_sensor_list, cmd_sensor_show, cmd_sensor_enable,
-                                                   cmd_sensor_disable))):
-        p = group.add("list", "list %ss" % kind, funcs[0])
-        p.add_argument("--pack", help="only this pack's %ss" % kind)
-        add_all_flag(p)
-        for verb, func in zip(("show", "enable", "disable"), funcs[1:]):
-            add_ref(group.add(verb, "%s a %s" % (verb, kind), func), kind)
+def add_listing_commands(group, kind, funcs):
+    """list [--pack] [--all], show, enable and disable: what triggers and sensors share."""
+    p = group.add("list", "list %ss" % kind, funcs[0])
+    p.add_argument("--pack", help="only this pack's %ss" % kind)
+    add_all_flag(p)
+    for verb, func in zip(("show", "enable", "disable"), funcs[1:]):
+        add_ref(group.add(verb, "%s a %s" % (verb, kind), func), kind)
+
+
+def add_trigger_commands(trigger):
+    add_listing_commands(trigger, "trigger", (cmd_trigger_list, cmd_trigger_show, cmd_trigger_enable,
+                                              cmd_trigger_disable))
     p = trigger.add("delete", "delete a trigger", cmd_trigger_delete)
     add_ref(p, "trigger")
     add_yes_flag(p)
+
+
+def add_sensor_commands(sensor):
+    add_listing_commands(sensor, "sensor", (cmd_sensor_list, cmd_sensor_show, cmd_sensor_enable,
+                                            cmd_sensor_disable))
 
 
 def add_key_value_args(p):
@@ -4100,8 +4098,7 @@ def add_key_value_args(p):
     p.add_argument("--value-stdin", action="store_true", help="read the value from stdin")
 
 
-def add_key_commands(commands):
-    key = commands.group("key", "list, show, create, update and delete keys (secrets)")
+def add_key_commands(key):
     p = key.add("list", "list keys (never their values)", cmd_key_list)
     p.add_argument("--owner-type", choices=KEY_OWNER_TYPES)
     p.add_argument("--owner", help="owner identifier")
@@ -4126,8 +4123,7 @@ def add_key_commands(commands):
     add_yes_flag(p)
 
 
-def add_workflow_commands(commands):
-    workflow = commands.group("workflow", "list, show and delete workflows")
+def add_workflow_commands(workflow):
     p = workflow.add("list", "list workflows", cmd_workflow_list)
     p.add_argument("--pack", help="only this pack's workflows")
     p.add_argument("--tags", metavar="A,B", help="only workflows with these tags")
@@ -4139,23 +4135,65 @@ def add_workflow_commands(commands):
     add_yes_flag(p)
 
 
-def add_api_and_health_commands(commands):
-    p = commands.add("api", "call any API endpoint with the same auth, refresh and retry", cmd_api)
+def add_api_args(p):
     p.add_argument("method", metavar="METHOD", help="GET, POST, PUT, PATCH, DELETE, ...")
     p.add_argument("path", metavar="PATH", help="/packs (gets /api/v1 in front), /auth/..., /health")
     p.add_argument("-F", "--field", action="append", metavar="KEY=VALUE",
                    help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses")
     p.add_argument("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin")
     p.add_argument("--paginate", action="store_true", help="GET every page and print all items")
-    p = commands.add("completion", "print a shell completion script", cmd_completion)
+
+
+def add_completion_args(p):
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
-    p = commands.add("health", "check that the server answers GET /health", cmd_health)
+
+
+def add_health_args(p):
     p.add_argument("--wait", type=float, metavar="SECONDS",
                    help="keep trying until the server is healthy or this long has passed (exit 5); "
                         "the same as --wait-for-server")
 
 
-def build_parser():
+# Top-level commands: (name, help, function, define). A group has no function and
+# define(group) adds its subcommands; a command has one and define(parser) its arguments.
+COMMAND_TABLE = (
+    ("auth", "log in and out, inspect and print tokens", None, add_auth_commands),
+    ("config", "manage profiles and settings in the credential file", None, add_config_commands),
+    ("pack", "list, show, create, install, register, upload, update and uninstall packs", None,
+     add_pack_commands),
+    ("action", "list, show, search, execute, enable, disable and delete actions", None, add_action_commands),
+    ("run", "run an action (same as action execute)", cmd_action_execute, add_execute_args),
+    ("execution", "list, show, watch, cancel and rerun executions, read logs", None, add_execution_commands),
+    ("rule", "list, show, create, update, enable, disable and delete rules", None, add_rule_commands),
+    ("trigger", "list, show, enable, disable and delete triggers", None, add_trigger_commands),
+    ("sensor", "list, show, enable and disable sensors", None, add_sensor_commands),
+    ("key", "list, show, create, update and delete keys (secrets)", None, add_key_commands),
+    ("workflow", "list, show and delete workflows", None, add_workflow_commands),
+    ("api", "call any API endpoint with the same auth, refresh and retry", cmd_api, add_api_args),
+    ("completion", "print a shell completion script", cmd_completion, add_completion_args),
+    ("health", "check that the server answers GET /health", cmd_health, add_health_args),
+)
+GLOBAL_VALUE_OPTIONS = ("-p", "--profile", "--api-url", "--config", "--output", "--ca-bundle", "--wait-for-server")
+
+
+def requested_command(argv):
+    """The top-level command argv names: its first word that is not an option or the
+    value of a global option."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return None
+        if word in GLOBAL_VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv=None):
+    """The argument parser. Given argv, only the command it names is built in full and
+    the others are stubs that carry just their help: building all of them would cost
+    more than the rest of a quick command."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="attune", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -4163,16 +4201,14 @@ def build_parser():
         epilog=help_epilog())
     add_global_args(parser, top=True)
     commands = Commands(parser, [])
-    add_auth_commands(commands)
-    add_config_commands(commands)
-    add_pack_commands(commands)
-    add_action_commands(commands)
-    add_execution_commands(commands)
-    add_rule_commands(commands)
-    add_trigger_and_sensor_commands(commands)
-    add_key_commands(commands)
-    add_workflow_commands(commands)
-    add_api_and_health_commands(commands)
+    wanted = None if argv is None else requested_command(argv)
+    for name, help_text, func, define in COMMAND_TABLE:
+        if argv is not None and name != wanted:
+            commands.sub.add_parser(name, help=help_text, add_help=False)
+        elif func is None:
+            define(commands.group(name, help_text))
+        else:
+            define(commands.add(name, help_text, func))
     return parser
 
 
@@ -4192,7 +4228,7 @@ def main(argv=None, environ=None, clock=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     env = os.environ if environ is None else environ
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         ctx = Context(args, env, clock)
         code = args.func(ctx, args) or 0
         sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below

@@ -10,12 +10,322 @@ this stays correct when many copies of the script run at the same moment: every
 write is a read-modify-write under a lock file, and every refresh goes through
 one compare-and-refresh function.
 
-Table of contents: grep -n '^# ===' attune.py
+The file has two parts: a short start-up section, then the program itself, kept
+as text in PROGRAM (the start-up section says why). Table of contents:
+grep -n '^# ===' attune.py
 """
 
+import os
+import sys
+
+# === Start-up ================================================================
+# Python compiles a whole script before it runs its first line, and compiling all
+# of attune.py takes several times as long as the interpreter's own start-up (60 ms
+# against 17 ms for Debian's python3). So the code is kept below as text, in two
+# parts, each compiled once into a private cache, as Python caches imported modules:
+# START answers the hottest paths (`auth token` with a fresh token, `--version`,
+# `--help`) without the program; PROGRAM is everything else. Whatever START is not
+# sure of, the program decides, and both give the same answer (test_attune.py
+# checks that). This section only loads them.
+
+__version__ = "0.1.0"
+
+
+def cache_file(env, name):
+    """(path, stamp) of cache file `name` for this script and interpreter, or None when
+    there is no private place for it (no home)."""
+    if os.name == "nt":
+        base = env.get("LOCALAPPDATA")
+        if not base:
+            return None
+        base = os.path.join(base, "attune", "cache")
+    else:
+        xdg, home = env.get("XDG_CACHE_HOME", ""), env.get("HOME", "")
+        if os.path.isabs(xdg):
+            base = os.path.join(xdg, "attune")
+        elif os.path.isabs(home) and os.path.isdir(home):
+            base = os.path.join(home, ".cache", "attune")
+        else:
+            return None
+    import zlib
+    source = os.path.realpath(__file__)
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None
+    tag = sys.implementation.cache_tag
+    stamp = "attune.py %s %s %d %d" % (__version__, tag, st.st_size, st.st_mtime_ns)
+    name = "%s-%s-%08x.bin" % (name, tag, zlib.adler32(source.encode("utf-8")))
+    return os.path.join(base, name), stamp.encode("ascii")
+
+
+def private(st):
+    """Ours and not writable by others: only then is cached bytecode run."""
+    return os.name == "nt" or (st.st_uid == os.geteuid() and not st.st_mode & 0o022)
+
+
+def read_cached(path, stamp):
+    """The payload of a cache file when it is private and its stamp is this script's."""
+    try:
+        if not private(os.lstat(os.path.dirname(path))):
+            return None
+        with open(path, "rb") as f:
+            if not private(os.fstat(f.fileno())):
+                return None
+            data = f.read()
+    except OSError:
+        return None
+    head, _, payload = data.partition(b"\n")
+    return payload if head == stamp else None
+
+
+def write_cached(path, stamp, payload):
+    """Write a cache file atomically; a cache that cannot be written is no error."""
+    if sys.dont_write_bytecode:
+        return
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(stamp + b"\n" + payload)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def load(namespace, name, env=None):
+    """Run the part `name` ("START" or "PROGRAM") in namespace (this module's globals),
+    compiled from the cache when env gives one and it is fresh. Line numbers in
+    tracebacks are the file's."""
+    import marshal
+    cache = cache_file(env, name.lower()) if env is not None else None
+    payload = read_cached(*cache) if cache else None
+    code = None
+    if payload is not None:
+        try:
+            code = marshal.loads(payload)
+        except (ValueError, EOFError, TypeError):
+            code = None
+    if code is None:
+        line = namespace[name + "_LINE"]
+        code = compile("\n" * (line - 1) + namespace[name], __file__, "exec")
+        if cache:
+            write_cached(cache[0], cache[1], marshal.dumps(code))
+    exec(code, namespace)
+
+
+START_LINE = sys._getframe().f_lineno + 1  # the line START starts on
+START = r'''
+# === Fast paths ==============================================================
+# Answered without the program. Each function returns None (or False) whenever the
+# program could answer differently, for example with a warning.
+
+def fast_json(text):
+    """json.loads without importing json.decoder, whose regular expressions cost more
+    than all of `auth token`; None when the text is not JSON (the program will say so)."""
+    try:
+        try:
+            from _json import make_scanner  # CPython's C scanner
+        except ImportError:
+            import json
+            return json.loads(text)
+
+        class Context:
+            strict, object_hook, object_pairs_hook, memo = True, None, None, {}
+            parse_float, parse_int = float, int
+
+            @staticmethod
+            def parse_constant(name):
+                raise ValueError(name)
+
+        start = len(text) - len(text.lstrip())
+        value, end = make_scanner(Context)(text, start)
+        return value if not text[end:].strip() else None
+    except (ValueError, TypeError, StopIteration, RecursionError):
+        return None
+
+
+def fast_epoch(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return int(value) if -1e11 < value < 1e11 else None
+
+
+def fast_claims(token):
+    import binascii
+    try:
+        part = token.split(".")[1].replace("-", "+").replace("_", "/")
+        claims = fast_json(binascii.a2b_base64(part + "=" * (-len(part) % 4)).decode("utf-8"))
+    except (IndexError, ValueError, UnicodeError, binascii.Error):
+        return {}
+    return claims if isinstance(claims, dict) and token.count(".") == 2 else {}
+
+
+def fast_token_args(argv):
+    """The options of `auth token` when argv uses only simple ones; None otherwise."""
+    values = {"-p": "profile", "--profile": "profile", "--config": "config", "--api-url": "api_url",
+              "--output": "output", "--format": "format", "--min-ttl": "min_ttl"}
+    flags = {"-j": "json", "--json": "json", "-y": "yaml", "--yaml": "yaml"}
+    opts, words, outputs = {}, [], set()
+    argv = list(argv)
+    while argv:
+        word = argv.pop(0)
+        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if name in values and (eq or argv):
+            if name in ("--format", "--min-ttl") and words != ["auth", "token"]:
+                return None  # options of `token` only, after it
+            opts[values[name]] = value if eq else argv.pop(0)
+        elif word in flags:
+            outputs.add(flags[word])
+        elif word.startswith("-"):
+            return None
+        else:
+            words.append(word)
+    if "output" in opts:
+        outputs.add(opts["output"])
+    if words != ["auth", "token"] or len(outputs) > 1 or outputs - {"table"}:
+        return None
+    if opts.get("format") not in (None, "raw", "header", "env") or not opts.get("min_ttl", "0").isdigit():
+        return None
+    opts["min_ttl"] = int(opts.get("min_ttl", "0"))
+    return opts
+
+
+def fast_credential_path(opts, env):
+    if opts.get("config"):
+        return os.path.abspath(os.path.expanduser(opts["config"]))
+    if env.get("ATTUNE_CONFIG"):
+        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"]))
+    if os.name == "nt" and env.get("APPDATA"):
+        return os.path.join(env["APPDATA"], "attune", "credentials.json")
+    if os.path.isabs(env.get("XDG_CONFIG_HOME", "")):
+        return os.path.join(env["XDG_CONFIG_HOME"], "attune", "credentials.json")
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".config", "attune", "credentials.json") if os.path.isabs(home) else None
+
+
+def fast_read_profile(opts, env):
+    """(profile dict or None) of the profile in effect, or False when the program must look."""
+    path = fast_credential_path(opts, env)
+    doc = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                raw = f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            raw = None
+        except OSError:
+            return False
+        if raw is not None:
+            if os.name != "nt" and (st.st_mode & 0o077 or st.st_uid != os.geteuid()):
+                return False  # the program warns about it
+            try:
+                doc = fast_json((raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).decode("utf-8"))
+            except UnicodeError:
+                return False
+            if not isinstance(doc, dict) or not isinstance(doc.get("profiles", {}), dict) \
+                    or doc.get("format") not in (None, "table") \
+                    or not isinstance(doc.get("current_profile", ""), (str, type(None))):
+                return False
+    name = opts.get("profile") or env.get("ATTUNE_PROFILE") or doc.get("current_profile") or "default"
+    profile = doc.get("profiles", {}).get(name)
+    if profile is None and name != "default" or profile is not None and not isinstance(profile, dict):
+        return False
+    return profile
+
+
+def fast_auth_token(argv, env, now):
+    """The output of `auth token` when a fresh token is at hand, else None."""
+    opts = fast_token_args(argv)
+    if opts is None or env.get("ATTUNE_TIMEOUT") or env.get("ATTUNE_LOCK_TIMEOUT"):
+        return None
+    profile = fast_read_profile(opts, env)
+    if profile is False:
+        return None
+    profile = profile or {}
+    token, expires_at = None, None
+    if not opts.get("profile"):
+        token = env.get("ATTUNE_API_TOKEN") or env.get("ATTUNE_AUTH_TOKEN")
+        if not token and env.get("ATTUNE_TOKEN_FILE"):
+            try:
+                with open(env["ATTUNE_TOKEN_FILE"], "r", encoding="utf-8") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeError):
+                return None
+    if token:
+        expires_at = fast_epoch(fast_claims(token).get("exp"))
+    else:
+        token = profile.get("auth_token")
+        if not isinstance(token, str) or not token:
+            return None
+        stored = profile.get("auth_token_expires_at")
+        expires_at = fast_epoch(stored) if stored is not None else fast_epoch(fast_claims(token).get("exp"))
+    if expires_at is not None:
+        claims = fast_claims(token)
+        iat, exp = fast_epoch(claims.get("iat")), fast_epoch(claims.get("exp"))
+        lifetime = exp - iat if iat is not None and exp is not None and exp > iat else 0
+        margin = max(30, min(300, lifetime // 10))
+        if expires_at - now < max(margin, opts["min_ttl"]):
+            return None  # a refresh is due: the program does that
+    if opts.get("format") == "raw" or not opts.get("format"):
+        return token + "\n"
+    if opts["format"] == "header":
+        return "Authorization: Bearer %s\n" % token
+    url = opts.get("api_url") or env.get("ATTUNE_API_URL") or profile.get("api_url", "http://localhost:8080")
+    if not isinstance(url, str) or not url:
+        return None
+    return "export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n" % (shell_quote(url.rstrip("/")),
+                                                                      shell_quote(token))
+
+
+def shell_quote(text):
+    """shlex.quote, without importing shlex (and re)."""
+    safe = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-"
+    if text and all(c in safe for c in text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def fast_main(argv, env, now):
+    """The exit code of a command answered here, or None for the program to run."""
+    if argv == ["--version"]:
+        output = "attune.py %s (python %d.%d)\n" % ((__version__,) + tuple(sys.version_info[:2]))
+    elif argv in (["--help"], ["-h"]):
+        cache = cache_file(env, "help-%d" % help_width())
+        output = read_cached(*cache) if cache else None
+        output = output.decode("utf-8") if output is not None else None
+    else:
+        output = fast_auth_token(argv, env, now)
+    if output is None:
+        return None
+    try:
+        sys.stdout.write(output)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return None  # let the program report it its usual way
+    return 0
+
+
+def help_width():
+    """The width shutil.get_terminal_size() would report: COLUMNS, the terminal, or 80."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+'''
+
+PROGRAM_LINE = sys._getframe().f_lineno + 1  # the line PROGRAM starts on
+PROGRAM = r'''
 import binascii
 import errno
-import json
 import os
 import sys
 import time
@@ -23,17 +333,46 @@ import time
 # === Compatibility ===========================================================
 # Each shim says why it exists, so it can go when the floor rises.
 
-try:  # POSIX advisory locks
-    import fcntl
-except ImportError:  # Windows has msvcrt instead
-    fcntl = None
 
-try:  # Windows byte-range locks
-    import msvcrt
-except ImportError:  # POSIX
-    msvcrt = None
+class LazyModule:
+    """A module imported on first use: json pulls in the regular-expression engine,
+    which costs more than --help or a token print needs in all."""
+
+    def __init__(self, name, load=None):
+        self.name = name
+        self.load = load or (lambda: __import__(name))
+
+    def __getattr__(self, attr):
+        module = self.load()
+        globals()[self.name] = module  # later uses go straight to the module
+        return getattr(module, attr)
+
+
+def load_argparse():
+    """argparse, imported without gettext and locale: it only asks gettext to translate
+    its messages, attune.py has no translations, and the two cost more than a parse."""
+    if "argparse" not in sys.modules and "gettext" not in sys.modules:
+        stand_in = type(sys)("gettext")
+        stand_in.gettext = lambda message: message
+        stand_in.ngettext = lambda singular, plural, n: singular if n == 1 else plural
+        sys.modules["gettext"] = stand_in
+        try:
+            import argparse
+        finally:
+            del sys.modules["gettext"]  # anyone else importing gettext gets the real one
+    import argparse
+    return argparse
+
+
+json = LazyModule("json")
+argparse = LazyModule("argparse", load_argparse)
 
 WINDOWS = os.name == "nt"
+
+# Locks: fcntl on POSIX, msvcrt on Windows, imported when first used (most commands
+# never lock); None means "not on this platform".
+fcntl = None if WINDOWS else LazyModule("fcntl")
+msvcrt = LazyModule("msvcrt") if WINDOWS else None
 
 
 def replace_file(src, dst):
@@ -50,8 +389,6 @@ def replace_file(src, dst):
 
 
 # === Constants ===============================================================
-
-__version__ = "0.1.0"
 
 DEFAULT_API_URL = "http://localhost:8080"
 DEFAULT_PROFILE = "default"
@@ -174,13 +511,22 @@ def b64url_decode(text):
     return binascii.a2b_base64(text + "=" * (-len(text) % 4))
 
 
+def json_loads(text):
+    """json.loads through the start-up section's fast_json (no json.decoder, no re);
+    json.loads itself only when there is an error to explain."""
+    value = fast_json(text)
+    if value is None and text.strip() != "null":
+        return json.loads(text)  # raises ValueError saying what is wrong
+    return value
+
+
 def jwt_claims(token):
     """The payload of a JWT as a dict, or None for anything malformed. No signature check:
     the client only wants to know when the token expires."""
     if not isinstance(token, str) or token.count(".") != 2:
         return None
     try:
-        claims = json.loads(b64url_decode(token.split(".")[1]).decode("utf-8"))
+        claims = json_loads(b64url_decode(token.split(".")[1]).decode("utf-8"))
     except (ValueError, UnicodeError, binascii.Error, RecursionError):
         return None
     return claims if isinstance(claims, dict) else None
@@ -414,7 +760,7 @@ class CredentialStore:
 
     def _parse(self, raw):
         try:
-            doc = json.loads(raw.decode("utf-8-sig"))
+            doc = json_loads(raw[3:].decode("utf-8") if raw.startswith(b"\xef\xbb\xbf") else raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError("not UTF-8: %s" % e.reason)
         except RecursionError:
@@ -471,7 +817,9 @@ class CredentialStore:
                               "not rewriting it. Upgrade attune.py, or use --config FILE for another file"
                               % (self.path, version))
 
-    def lock(self):
+    def lock(self, done_waiting=None):
+        """The lock around a read-modify-write. done_waiting, checked while another
+        process holds it, ends the wait early when it says the wait is pointless."""
         if self.path is None:
             raise ConfigError("there is no place for the credential file: HOME is not set; "
                               "choose one with --config FILE or ATTUNE_CONFIG")
@@ -480,7 +828,7 @@ class CredentialStore:
             make_private_dirs(os.path.dirname(real))
         except OSError as e:
             raise self._write_error(e)
-        return FileLock(real + ".lock", self.lock_timeout, self.command, self.warn, self.log)
+        return FileLock(real + ".lock", self.lock_timeout, self.command, self.warn, self.log, done_waiting)
 
     def modify(self, change):
         """Read-modify-write under the lock; change(doc) edits the freshly read document."""
@@ -525,12 +873,13 @@ class FileLock:
     passes, work goes on unlocked: atomic writes and compare-and-refresh keep that
     safe, the lock only saves refresh calls and lost updates."""
 
-    def __init__(self, path, timeout, command, warn, log):
+    def __init__(self, path, timeout, command, warn, log, done_waiting=None):
         self.path = path
         self.timeout = timeout
         self.command = command
         self.warn = warn
         self.log = log
+        self.done_waiting = done_waiting
         self.fd = None
         self.held = False
         self._method = 0  # POSIX: 0 flock, 1 lockf, 2 none works here
@@ -559,6 +908,8 @@ class FileLock:
                 return True
             if state is None:
                 self.log("the file system refuses locks on %s; continuing without the lock" % self.path)
+                return False
+            if self.done_waiting is not None and self.done_waiting():
                 return False
             now = time.monotonic()
             if now >= deadline:
@@ -710,7 +1061,7 @@ class Response:
         if not self.body.strip():
             return None
         try:
-            return json.loads(self.body.decode("utf-8"))
+            return json_loads(self.body.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError("the server answered %d %s with a body that is not JSON: %s"
                            % (self.status, self.reason, snippet(self.body)), self.status)
@@ -724,7 +1075,7 @@ def snippet(body, limit=200):
 def error_message(resp):
     """The server's message from either error shape; otherwise the start of the raw body."""
     try:
-        body = json.loads(resp.body.decode("utf-8"))
+        body = json_loads(resp.body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         body = None
     if isinstance(body, dict):
@@ -1144,7 +1495,14 @@ class Session:
         """Compare-and-refresh: under the lock, re-read the profile; if another process
         already changed the tokens, use theirs; otherwise POST /auth/refresh and store."""
         store, started, name = self.ctx.store, self.creds, self.profile
-        with store.lock():
+
+        def refreshed_meanwhile():  # a lock-free look: writes are atomic renames
+            return not self.stored_credentials().same_tokens(started)
+
+        # while another process holds the lock (most likely refreshing these very tokens),
+        # stop waiting as soon as the file shows its new tokens: 50 waiters then go on at
+        # once instead of taking the lock one after another only to learn that
+        with store.lock(refreshed_meanwhile):
             stored = self.stored_credentials()
             if not stored.same_tokens(started):
                 if not stored.access:
@@ -1261,8 +1619,12 @@ class Session:
 
 # === Output ==================================================================
 
-ASCII_FALLBACK = (("✓", "OK"), ("✗", "x"), ("ℹ", "i"), ("⚠", "!"), ("…", "..."), ("•", "*"),
-                  ("─", "-"))
+# The symbols of table output, written as escapes: one non-ASCII character in the program
+# text would store all of it at two bytes a character, and every start-up would pay for that.
+CHECK, CROSS, INFO, CAUTION = "\u2713", "\u2717", "\u2139", "\u26a0"
+ELLIPSIS, BULLET, RULE = "\u2026", "\u2022", "\u2500"
+ASCII_FALLBACK = ((CHECK, "OK"), (CROSS, "x"), (INFO, "i"), (CAUTION, "!"), (ELLIPSIS, "..."), (BULLET, "*"),
+                  (RULE, "-"))
 
 
 def write_text(stream, text):
@@ -1350,7 +1712,7 @@ def cell_text(value):
     if value is None:
         return ""
     if value is True or value is False:
-        return "✓" if value else "✗"
+        return CHECK if value else CROSS
     if isinstance(value, (list, tuple)):
         return ", ".join(cell_text(v) for v in value)
     if isinstance(value, dict):
@@ -1371,16 +1733,16 @@ def fit_widths(widths, limit):
 
 
 def clip(text, width):
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+    return text if len(text) <= width else text[:max(width - 1, 0)] + ELLIPSIS
 
 
 def render_table(columns, rows, width=None):
-    """Aligned columns under a header and a rule; cut with '…' to fit width."""
+    """Aligned columns under a header and a rule; cut with an ellipsis to fit width."""
     cells = [[cell_text(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(columns)]
     if width:
         widths = fit_widths(widths, width)
-    rule = ["─" * w for w in widths]
+    rule = [RULE * w for w in widths]
     lines = []
     for row in [list(columns), rule] + cells:
         parts = [clip(text, w).ljust(w) for text, w in zip(row, widths)]
@@ -1499,11 +1861,11 @@ class Context:
 
     def success(self, message):
         if self.output == "table":
-            self.out("✓ " + message)
+            self.out(CHECK + " " + message)
 
     def info(self, message):
         if self.output == "table":
-            self.out("ℹ " + message)
+            self.out(INFO + " " + message)
 
     def table(self, columns, rows, empty=None):
         if not rows and empty:
@@ -1516,7 +1878,7 @@ class Context:
         if self._printed:
             self.out()
         self.out(title)
-        self.out("─" * len(title))
+        self.out(RULE * len(title))
 
     def pairs(self, pairs, title=None):
         if title:
@@ -2252,7 +2614,6 @@ def parse_json_arg(text, flag):
 
 def parse_bool(text):
     """argparse type for true/false flags (--enabled B)."""
-    import argparse
     value = text.strip().lower()
     if value in ("true", "yes", "1", "on"):
         return True
@@ -2262,7 +2623,6 @@ def parse_bool(text):
 
 
 def positive_int(text):
-    import argparse
     try:
         value = int(text)
     except ValueError:
@@ -2396,7 +2756,7 @@ def show_list_section(ctx, title, values):
     if values:
         ctx.section(title)
         for value in values:
-            ctx.out("  • %s" % cell_text(value))
+            ctx.out("  %s %s" % (BULLET, cell_text(value)))
 
 
 # === Waiting for executions and reading log streams ==========================
@@ -2554,12 +2914,12 @@ def pack_report(ctx, result, verb):
         ctx.info("  ID: %s" % pack.get("id"))
         tests = result.get("test_result")
         if result.get("tests_skipped"):
-            ctx.info("  ⚠ Tests were skipped")
+            ctx.info("  %s Tests were skipped" % CAUTION)
         elif isinstance(tests, dict):
             if tests.get("status") == "passed":
                 ctx.success("All tests passed")
             elif tests.get("status") == "failed":
-                ctx.out("✗ Some tests failed")
+                ctx.out(CROSS + " Some tests failed")
             summary = tests.get("summary") if isinstance(tests.get("summary"), dict) else {}
             if isinstance(summary.get("passed"), int) and isinstance(summary.get("total"), int):
                 ctx.info("  Tests: %d/%d passed" % (summary["passed"], summary["total"]))
@@ -2625,7 +2985,7 @@ def cmd_pack_install(ctx, args):
             "no_registry": args.no_registry}
     ctx.info("Installing pack from: %s (%s)" % (args.source, pack_source_kind(args.source, args.no_registry)))
     if args.skip_deps:
-        ctx.info("⚠ Dependency validation will be skipped")
+        ctx.info(CAUTION + " Dependency validation will be skipped")
     pack_report(ctx, ctx.session().fetch("POST", "/packs/install", body), "installed")
 
 
@@ -3671,13 +4031,13 @@ class Doctor:
                        ("Usable", token["usable"])], "Token")
         ctx.section("Summary")
         for note in self.notes:
-            ctx.out("ℹ " + note)
+            ctx.out(INFO + " " + note)
         for problem in self.problems:
-            ctx.out("✗ " + problem)
+            ctx.out(CROSS + " " + problem)
         if self.unreachable:
-            ctx.out("✗ the server is unreachable: %s" % server["error"])
+            ctx.out(CROSS + " the server is unreachable: %s" % server["error"])
         if not self.problems and not self.unreachable:
-            ctx.out("✓ no problems found")
+            ctx.out(CHECK + " no problems found")
 
 
 def cmd_auth_doctor(ctx, args):
@@ -3689,7 +4049,6 @@ def cmd_auth_doctor(ctx, args):
 
 def command_tree(parser, path=()):
     """(path, options, value options, subcommands) for the parser and each subparser below it."""
-    import argparse
     options, takes_value, children = [], [], {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -3795,8 +4154,6 @@ def cmd_completion(ctx, args):
 def add_global_args(parser, top):
     """Global options, accepted before or after the subcommand. Below the top level
     their defaults are SUPPRESS, so a value given earlier is not overwritten."""
-    import argparse
-
     def default(value):
         return value if top else argparse.SUPPRESS
 
@@ -3822,6 +4179,20 @@ def add_global_args(parser, top):
                        version="attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2])))
 
 
+def subcommand_parents():
+    """The global options of every subcommand, defined once: argparse shares a parent's
+    actions with each child instead of building twelve new ones for every subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_global_args(parent, top=False)
+    return [parent]
+
+
+def help_formatter(prog):
+    """argparse's help layout, told the width itself: asking shutil.get_terminal_size()
+    would import shutil, bz2 and lzma for nothing."""
+    return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
+
+
 def help_epilog():
     lines = ["exit codes:"]
     lines += ["  %-4d %s" % pair for pair in EXIT_CODES]
@@ -3830,31 +4201,49 @@ def help_epilog():
     return "\n".join(lines)
 
 
+class Unused:
+    """Stands in for the parser of a command argv does not name: takes its definition, builds nothing."""
+
+    def add_argument(self, *args, **kwargs):
+        pass
+
+    set_defaults = add_argument
+
+
 class Commands:
     """Adds subcommands that all take the global options and remember their path,
-    so the lock file can say 'attune auth login' without any argument values."""
+    so the lock file can say 'attune auth login' without any argument values.
+    With `wanted`, only that subcommand is built; the others are stubs."""
 
-    def __init__(self, parser, path):
+    def __init__(self, parser, path, wanted=None, parents=None):
         self.path = path
+        self.wanted = wanted
+        self.parents = parents if parents is not None else subcommand_parents()
         self.sub = parser.add_subparsers(dest="_".join(["cmd"] + path), metavar="COMMAND")
         self.sub.required = True  # add_subparsers(required=) is 3.7+
 
     def add(self, name, help, func=None, **defaults):
-        import argparse
+        if self.wanted is not None and name != self.wanted:
+            self.stub(name, help)
+            return Unused()
         p = self.sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_global_args(p, top=False)
+                                formatter_class=help_formatter, parents=self.parents)
         p.set_defaults(command_path=self.path + [name], **defaults)
         if func is not None:
             p.set_defaults(func=func)
         return p
 
-    def group(self, name, help):
-        return Commands(self.add(name, help), self.path + [name])
+    def group(self, name, help, wanted=None):
+        return Commands(self.add(name, help), self.path + [name], wanted, self.parents)
+
+    def stub(self, name, help):
+        """A command argv does not name: listed in help and choices, with no parser behind
+        it (argparse only builds one when the command is chosen, and it is not)."""
+        self.sub._choices_actions.append(self.sub._ChoicesPseudoAction(name, (), help))
+        self.sub.choices[name] = None
 
 
 def add_auth_commands(auth):
-    import argparse
     p = auth.add("login", "log in with a username and password", cmd_auth_login, creates_profile=True)
     p.add_argument("-u", "--username", help="login name (default: the profile's stored username)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -4177,42 +4566,52 @@ GLOBAL_VALUE_OPTIONS = ("-p", "--profile", "--api-url", "--config", "--output", 
 
 
 def requested_command(argv):
-    """The top-level command argv names: its first word that is not an option or the
-    value of a global option."""
-    words = iter(argv)
+    """(command, subcommand) argv names: its first two words that are not options or
+    values of global options; None where there is none."""
+    found, words = [], iter(argv)
     for word in words:
-        if word == "--":
-            return None
+        if word == "--" or len(found) == 2:
+            break
         if word in GLOBAL_VALUE_OPTIONS:
             next(words, None)
         elif not word.startswith("-"):
-            return word
-    return None
+            found.append(word)
+    return tuple(found + [None, None])[:2]
 
 
 def build_parser(argv=None):
     """The argument parser. Given argv, only the command it names is built in full and
     the others are stubs that carry just their help: building all of them would cost
     more than the rest of a quick command."""
-    import argparse
     parser = argparse.ArgumentParser(
-        prog="attune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="attune", formatter_class=help_formatter,
         description="Command-line client for the Attune automation platform.",
         epilog=help_epilog())
     add_global_args(parser, top=True)
     commands = Commands(parser, [])
-    wanted = None if argv is None else requested_command(argv)
+    wanted, subcommand = (None, None) if argv is None else requested_command(argv)
     for name, help_text, func, define in COMMAND_TABLE:
         if argv is not None and name != wanted:
-            commands.sub.add_parser(name, help=help_text, add_help=False)
+            commands.stub(name, help_text)
         elif func is None:
-            define(commands.group(name, help_text))
+            define(commands.group(name, help_text, subcommand))
         else:
             define(commands.add(name, help_text, func))
     return parser
 
 
 # === Main ====================================================================
+
+def print_top_level_help(argv):
+    """`attune --help`, kept in the program cache for the start-up section to print."""
+    text = build_parser(argv).format_help()
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    cache = cache_file(os.environ, "help-%d" % help_width()) if __name__ == "__main__" else None
+    if cache:
+        write_cached(cache[0], cache[1], text.encode("utf-8"))
+    return 0
+
 
 def silence_stdout():
     """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
@@ -4228,6 +4627,8 @@ def main(argv=None, environ=None, clock=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     env = os.environ if environ is None else environ
     try:
+        if argv in (["--help"], ["-h"]) and environ is None:
+            return print_top_level_help(argv)
         args = build_parser(argv).parse_args(argv)
         ctx = Context(args, env, clock)
         code = args.func(ctx, args) or 0
@@ -4243,7 +4644,16 @@ def main(argv=None, environ=None, clock=None):
     except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
         silence_stdout()
         return 0
-
+'''
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import time
+    load(globals(), "START", os.environ)
+    exit_code = fast_main(sys.argv[1:], os.environ, time.time())
+    if exit_code is None:
+        load(globals(), "PROGRAM", os.environ)
+        exit_code = main()
+    sys.exit(exit_code)
+else:
+    load(globals(), "START")
+    load(globals(), "PROGRAM")

@@ -7,6 +7,7 @@
                                              the embedded sandbox (user admin, password admin)
     python3 test_attune.py demo              scripted walk-through against the sandbox (make demo)
     python3 test_attune.py interpreters      the interpreters test-all and lint use
+    python3 test_attune.py flat              attune.py with START and PROGRAM inlined (make lint)
 
 Stdlib unittest only. Most tests call attune.main(argv) in process against a
 FakeAttune on 127.0.0.1:0; the ProcessTests run attune.py as real processes
@@ -1004,6 +1005,9 @@ def parse_multipart(body, content_type):
 class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True  # http.server.ThreadingHTTPServer is 3.7+
     allow_reuse_address = True
+    # socketserver listens with a backlog of 5: 30 clients connecting at once (after a
+    # shared refresh) would overflow it, and each dropped SYN costs its client a second
+    request_queue_size = 128
 
 
 class FakeHandler(http.server.BaseHTTPRequestHandler):
@@ -1603,7 +1607,8 @@ class CredentialFileTests(AttuneTestCase):
 
     def test_a_parse_failure_is_retried_once(self):
         self.seed()
-        good = open(self.config, "rb").read()
+        with open(self.config, "rb") as f:
+            good = f.read()
         with open(self.config, "wb") as f:
             f.write(good[:20])
 
@@ -2530,7 +2535,7 @@ class AuthCommandTests(AttuneTestCase):
         old = self.seed()
         result = self.ok("auth", "refresh")
         self.assertEqual(result.out.splitlines()[0], "✓ Token refreshed successfully")
-        self.assertRegex(result.out.splitlines()[1], r"^ℹ New token expires in 3(600|599) seconds$")
+        self.assertRegex(result.out.splitlines()[1], r"^ℹ New token expires in 3(600|59\d) seconds$")
         self.assertNotEqual(self.profile()["refresh_token"], old["refresh_token"])
         self.assertEqual(self.server.log(), ["POST /auth/refresh"])
 
@@ -2694,7 +2699,8 @@ class OutputTests(AttuneTestCase):
             self.ok("config", "add-profile", "p%02d" % i, "--api-url", "http://p.invalid")
         p = self.spawn("config", "profiles")
         p.stdout.close()
-        err = p.stderr.read()
+        with p.stderr:
+            err = p.stderr.read()
         self.assertEqual((p.wait(), err), (0, ""))
 
 
@@ -2815,8 +2821,8 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io", "ipaddress",
-              "json",
+    STDLIB = {"_json", "argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
+              "ipaddress", "json", "marshal", "zlib",
               "msvcrt", "os", "shlex", "socket", "ssl", "subprocess", "sys", "tarfile", "tempfile", "time",
               "urllib"}
 
@@ -2824,10 +2830,14 @@ class GuardTests(unittest.TestCase):
         with open(ATTUNE_PY, encoding="utf-8") as f:
             return f.read()
 
+    def sources(self):
+        """The start-up section and the two parts kept as text, START and PROGRAM."""
+        return [self.source(), attune.START, attune.PROGRAM]
+
     def test_attune_imports_only_the_standard_library(self):
         import ast
         imported = set()
-        for node in ast.walk(ast.parse(self.source())):
+        for node in (n for source in self.sources() for n in ast.walk(ast.parse(source))):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom):
@@ -2839,10 +2849,24 @@ class GuardTests(unittest.TestCase):
 
     def test_the_python_3_6_grammar_is_enough(self):
         import ast
-        try:
-            ast.parse(self.source(), feature_version=(3, 6))
-        except TypeError:  # feature_version is 3.8+; older interpreters compile it for real
-            compile(self.source(), ATTUNE_PY, "exec")
+        for source in self.sources():
+            try:
+                ast.parse(source, feature_version=(3, 6))
+            except TypeError:  # feature_version is 3.8+; older interpreters compile it for real
+                compile(source, ATTUNE_PY, "exec")
+
+    def test_line_numbers_of_the_program_are_the_files(self):
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for function in (attune.cache_file, attune.fast_auth_token, attune.help_width, attune.format_duration,
+                         attune.main, attune.Session.refresh):
+            line = function.__code__.co_firstlineno
+            self.assertTrue(lines[line - 1].lstrip().startswith("def " + function.__name__), function)
+
+    def test_the_program_text_is_ascii(self):
+        # Non-ASCII would make a part a wide str: four bytes a character in every process.
+        for text in (attune.START, attune.PROGRAM):
+            self.assertEqual(sorted(set(c for c in text if ord(c) > 127)), [])
 
     def test_importing_attune_does_nothing(self):
         p = subprocess.Popen([sys.executable, "-c", "import attune"], cwd=HERE, env={"PATH": "/usr/bin:/bin"},
@@ -2854,6 +2878,7 @@ class SandboxTests(unittest.TestCase):
     def test_serve_runs_the_sandbox(self):
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--port", "0"],
                              stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(p.stdout.close)
         self.addCleanup(p.wait)
         self.addCleanup(p.terminate)
         url = re.search(r"http://\S+", p.stdout.readline()).group(0)
@@ -4350,6 +4375,230 @@ class LoadTests(AttuneTestCase):
             self.assertNotIn("auth_token", after["profiles"]["logouts"])
 
 
+
+# === Tests: start-up =========================================================
+
+class FastPathTests(AttuneTestCase):
+    """`auth token` and `--version` are answered by the start-up section without the
+    program; whenever it answers, it must answer exactly as the program does."""
+
+    def both(self, *argv, env=None, clock=None):
+        now = clock or time.time()
+        fast = attune.fast_auth_token(list(argv), self.environ(env), now)
+        full = self.run_cli(*argv, env=env, clock=lambda: now, secrets_ok=True)
+        if fast is not None:
+            self.assertEqual((full.code, full.out, full.err), (0, fast, ""), argv)
+        return fast
+
+    def test_answers_what_the_program_answers(self):
+        self.seed("other", current=False)
+        self.seed()
+        token_file = os.path.join(self.tmp, "token")
+        with open(token_file, "w") as f:
+            f.write(self.server.mint("admin") + "\n")
+        answered = [
+            ("auth", "token"), ("auth", "token", "--format", "raw"), ("auth", "token", "--format=header"),
+            ("auth", "token", "--format", "env"), ("-p", "other", "auth", "token"), ("auth", "token", "-p", "other"),
+            ("--profile=other", "auth", "token"), ("auth", "token", "--min-ttl", "600"), ("--output", "table", "auth",
+                                                                                            "token"),
+            ("--config", self.config, "auth", "token"), ("auth", "token", "--format", "env", "--api-url", "http://x/")]
+        for argv in answered:
+            with self.subTest(argv):
+                self.assertIsNotNone(self.both(*argv), argv)
+        for env in ({"ATTUNE_API_TOKEN": self.server.mint("admin")}, {"ATTUNE_AUTH_TOKEN": self.server.mint("admin")},
+                    {"ATTUNE_TOKEN_FILE": token_file}, {"ATTUNE_PROFILE": "other"},
+                    {"ATTUNE_API_URL": "http://127.0.0.1:1/it's"}):
+            with self.subTest(env):
+                self.assertIsNotNone(self.both("auth", "token", "--format", "env", env=env))
+
+    def test_leaves_everything_else_to_the_program(self):
+        self.seed(access_left=200)  # inside the 300 s margin
+        self.seed("fresh", current=False)
+        for argv in (("auth", "token"), ("-p", "fresh", "auth", "token", "-j"), ("-p", "fresh", "-v", "auth", "token"),
+                     ("-p", "fresh", "auth", "token", "--format", "json"), ("-p", "fresh", "auth", "token", "-y"),
+                     ("-p", "fresh", "--format", "raw", "auth", "token"), ("-p", "nope", "auth", "token"),
+                     ("-p", "fresh", "auth", "token", "--min-ttl", "9999"), ("-p", "fresh", "auth", "token", "extra"),
+                     ("-p", "fresh", "auth", "status"), ("-p", "fresh", "--insecure", "auth", "token")):
+            with self.subTest(argv):
+                self.assertIsNone(self.both(*argv), argv)
+        self.assertIsNone(self.both("-p", "fresh", "auth", "token", env={"ATTUNE_TIMEOUT": "x"}))
+        os.chmod(self.config, 0o644)  # the program warns about that
+        self.assertIsNone(self.both("-p", "fresh", "auth", "token"))
+        os.chmod(self.config, 0o600)
+        self.ok("config", "set", "format", "json")
+        self.assertIsNone(self.both("-p", "fresh", "auth", "token"))
+
+    def test_unknown_expiry_is_answered_like_the_program(self):
+        self.seed(store_expiry=False, auth_token="opaque-token-value")
+        self.extra_secrets = {"opaque-token-value"}
+        self.assertEqual(self.both("auth", "token"), "opaque-token-value\n")
+
+    def test_fast_json(self):
+        for text in ('{"a": [1, 2.5, true, null, "é"]}', "[]", '  {"x": {}}  ', '"s"'):
+            self.assertEqual(attune.fast_json(text), json.loads(text))
+        for text in ("", "{", '{"a": 1} x', "NaN", "[1,]", '{"a": NaN}'):
+            self.assertIsNone(attune.fast_json(text), text)
+
+    def test_shell_quote_is_shlex_quote(self):
+        import shlex
+        for text in ("", "plain", "a b", "it's", "http://x:1/p?q=1&r", "$(rm -rf)", "ü", "a\\nb"):
+            self.assertEqual(attune.shell_quote(text), shlex.quote(text), text)
+
+    def test_version(self):
+        result = self.run_process("--version")
+        self.assertEqual(result.out, "attune.py %s (python %d.%d)\n"
+                         % ((attune.__version__,) + tuple(sys.version_info[:2])))
+        self.assertEqual(result.out, self.ok("--version").out)
+
+    @unittest.skipUnless(sys.version_info >= (3, 7) and sys.implementation.name == "cpython", "-X importtime")
+    def test_auth_token_imports_no_http_stack_and_no_parser(self):
+        token = self.seed()["auth_token"]
+        env = self.process_env()
+        # -S keeps site hooks of this machine (a .pth importing certifi and urllib) out of the picture
+        p = subprocess.Popen([sys.executable, "-S", "-X", "importtime", ATTUNE_PY, "auth", "token"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        out, err = p.communicate(timeout=60)
+        self.assertEqual((p.returncode, out), (0, token + "\n"), err)
+        imported = {line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+        self.assertTrue(imported, err)
+        for module in ("urllib", "urllib.request", "http", "http.client", "ssl", "email", "socket", "argparse",
+                       "json.decoder", "re", "shlex"):
+            self.assertNotIn(module, imported)
+
+
+class ProgramCacheTests(AttuneTestCase):
+    """START and PROGRAM are compiled once into a private cache, used only when fresh
+    and trusted; so is the top-level help."""
+
+    def setUp(self):
+        super().setUp()
+        os.makedirs(self.env["HOME"])
+        self.script = os.path.join(self.tmp, "attune.py")
+        shutil.copy(ATTUNE_PY, self.script)
+        self.cache_dir = os.path.join(self.env["HOME"], ".cache", "attune")
+
+    def run_copy(self, *argv, env=None):
+        environ = self.process_env(env)
+        environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        environ.update(env or {})
+        p = subprocess.Popen([sys.executable, self.script] + list(argv), env=environ, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True)
+        out, err = p.communicate(timeout=60)
+        return Result(p.returncode, out, err)
+
+    def cache_files(self):
+        return sorted(os.listdir(self.cache_dir)) if os.path.isdir(self.cache_dir) else []
+
+    def plant(self, marker):
+        """Replace the cached program by one that only prints marker."""
+        (name,) = [name for name in self.cache_files() if name.startswith("program-")]
+        path = os.path.join(self.cache_dir, name)
+        with open(path, "rb") as f:
+            stamp = f.read().partition(b"\n")[0]
+        import marshal
+        with open(path, "wb") as f:
+            f.write(stamp + b"\n" + marshal.dumps(compile("def main():\n    print(%r)\n" % marker, "x", "exec")))
+        return path
+
+    def test_written_privately_then_used(self):
+        self.assertEqual(self.run_copy("config", "path").code, 0)
+        names = self.cache_files()
+        self.assertEqual([name.split("-")[0] for name in names], ["program", "start"])
+        for name in names:
+            self.assertRegex(name, r"^[a-z]+-%s-[0-9a-f]{8}\.bin$" % re.escape(sys.implementation.cache_tag))
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cache_dir, name)).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.cache_dir).st_mode), 0o700)
+        self.plant("from the cache")
+        self.assertEqual(self.run_copy("config", "path").out, "from the cache\n")
+
+    def test_a_changed_script_is_compiled_again(self):
+        self.run_copy("config", "path")
+        self.plant("stale")
+        with open(self.script, "a") as f:
+            f.write("\n")
+        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
+
+    @unittest.skipUnless(POSIX, "permissions")
+    def test_a_cache_others_can_write_is_not_trusted(self):
+        self.run_copy("config", "path")
+        path = self.plant("planted")
+        for target in (path, self.cache_dir):
+            os.chmod(target, 0o666 if target == path else 0o777)
+            self.assertEqual(self.run_copy("config", "path").out, self.config + "\n", target)
+            os.chmod(target, 0o600 if target == path else 0o700)
+
+    def test_nothing_is_written_when_bytecode_is_off_or_there_is_no_home(self):
+        self.run_copy("config", "path", env={"PYTHONDONTWRITEBYTECODE": "1"})
+        self.assertEqual(self.cache_files(), [])
+        missing = os.path.join(self.tmp, "no-home")
+        self.assertEqual(self.run_copy("config", "path", env={"HOME": missing, "ATTUNE_CONFIG": self.config}).code, 0)
+        self.assertFalse(os.path.exists(missing))
+
+    def test_the_fast_path_never_loads_the_program(self):
+        token = self.seed()["auth_token"]
+        for _ in range(2):  # compiled, then from the cache
+            result = self.run_copy("auth", "token")
+            self.assertEqual(result.out, token + "\n")
+            self.assertEqual([name.split("-")[0] for name in self.cache_files()], ["start"])
+
+    def test_a_damaged_cache_is_compiled_again(self):
+        self.run_copy("config", "path")
+        for name in self.cache_files():
+            path = os.path.join(self.cache_dir, name)
+            with open(path, "rb") as f:
+                stamp = f.read().partition(b"\n")[0]
+            with open(path, "wb") as f:
+                f.write(stamp + b"\n\xff not marshal data")
+        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
+
+    def test_the_help_is_kept_for_each_width(self):
+        first = self.run_copy("--help", env={"COLUMNS": "100"})
+        help_file = [name for name in self.cache_files() if name.startswith("help-100-")]
+        self.assertEqual(len(help_file), 1)
+        self.plant("program ran")
+        self.assertEqual(self.run_copy("--help", env={"COLUMNS": "100"}).out, first.out)  # from the help cache
+        self.assertEqual(self.run_copy("-h", env={"COLUMNS": "100"}).out, first.out)
+        self.assertEqual(self.run_copy("--help", env={"COLUMNS": "90"}).out, "program ran\n")
+        os.unlink(os.path.join(self.cache_dir, help_file[0]))
+        self.assertEqual(self.run_copy("--help", env={"COLUMNS": "100"}).out, "program ran\n")
+
+    def test_importing_attune_never_touches_a_cache(self):
+        code = "import sys; sys.path.insert(0, %r); import attune; print(attune.main.__name__)" % self.tmp
+        p = subprocess.Popen([sys.executable, "-c", code], env=self.process_env(), stdout=subprocess.PIPE,
+                             universal_newlines=True)
+        self.assertEqual(p.communicate(timeout=60)[0], "main\n")
+        self.assertEqual(self.cache_files(), [])
+
+
+class ParserTests(unittest.TestCase):
+    def subcommands(self, parser):
+        import argparse
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return sub.choices
+
+    def test_only_the_requested_command_is_built(self):
+        for argv, name, leaf in ((["pack", "list"], "pack", "list"),
+                                 (["-p", "auth", "--config", "x", "rule", "show", "r"], "rule", "show"),
+                                 (["--output=json", "run", "x"], "run", "x"),
+                                 (["--wait-for-server", "3", "health"], "health", None)):
+            choices = self.subcommands(attune.build_parser(argv))
+            self.assertEqual(attune.requested_command(argv), (name, leaf))
+            self.assertEqual([n for n, p in choices.items() if p is not None], [name], argv)
+            if name in ("pack", "rule"):
+                leaves = self.subcommands(choices[name])
+                self.assertEqual([n for n, p in leaves.items() if p is not None], [leaf])
+                self.assertGreater(len(leaves), 5)  # the others are there, as stubs
+        self.assertTrue(all(p is not None for p in self.subcommands(attune.build_parser()).values()))
+        self.assertEqual(attune.requested_command(["--help"]), (None, None))
+        self.assertIn("invalid choice: 'lst'", self.run_help_error(["pack", "lst"]))
+
+    def run_help_error(self, argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
+            attune.build_parser(argv).parse_args(argv)
+        return err.getvalue()
+
+
 # === Sandbox, demo, test-all =================================================
 
 def serve(argv):
@@ -4425,6 +4674,18 @@ def demo():
     return 1 if failures else 0
 
 
+def flat_source():
+    """attune.py with the text of START and PROGRAM as plain code on the same lines,
+    for linters, which cannot see inside a string."""
+    with open(ATTUNE_PY, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for part in ("START", "PROGRAM"):
+        start = lines.index(part + " = r\'\'\'")
+        end = lines.index("\'\'\'", start)
+        lines[start], lines[end] = part + " = None  # its text follows, inlined", ""
+    return "\n".join(lines)
+
+
 def find_interpreters():
     """[(label, path)]: each CPython 3.6-3.13 that pyenv has (newest patch), then pypy3."""
     root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
@@ -4493,5 +4754,7 @@ if __name__ == "__main__":
         sys.exit(run_suite())
     elif command == "interpreters":
         print("\n".join(path for _, path in find_interpreters()))
+    elif command == "flat":
+        sys.stdout.write(flat_source())
     else:
         unittest.main()

@@ -3,13 +3,14 @@ PYTHON ?= python3
 PREFIX ?= /usr/local
 RUFF = ruff check --isolated --target-version py37 --line-length 120 --select E,F,W,B --ignore B904
 
-.PHONY: help test test-all lint demo install
+.PHONY: help test test-all lint bench demo install
 
 help:
 	@echo "make demo       start the embedded Attune sandbox and walk through login, refresh, logout"
 	@echo "make test       run the test suite with $(PYTHON)"
 	@echo "make test-all   run the test suite on every CPython 3.6-3.13 from pyenv and on pypy3"
 	@echo "make lint       compile on every interpreter; ruff and vermin too when installed"
+	@echo "make bench      measure start-up, memory and concurrent refresh against their targets"
 	@echo "make install    copy attune.py to $(PREFIX)/bin/attune"
 
 test:
@@ -31,6 +32,9 @@ lint:
 	@if command -v vermin >/dev/null 2>&1; then flat=$$(mktemp --suffix .py) && \
 	  $(PYTHON) test_attune.py flat > $$flat && vermin -t=3.6- --no-tips --violations $$flat; \
 	  status=$$?; rm -f $$flat; exit $$status; else echo "vermin not installed: skipped"; fi
+
+bench:
+	$(PYTHON) test_attune.py bench
 
 demo:
 	$(PYTHON) test_attune.py demo

@@ -8,6 +8,7 @@
     python3 test_attune.py demo              scripted walk-through against the sandbox (make demo)
     python3 test_attune.py interpreters      the interpreters test-all and lint use
     python3 test_attune.py flat              attune.py with START and PROGRAM inlined (make lint)
+    python3 test_attune.py bench [--runs N]  the start-up and refresh figures (make bench)
 
 Stdlib unittest only. Most tests call attune.main(argv) in process against a
 FakeAttune on 127.0.0.1:0; the ProcessTests run attune.py as real processes
@@ -4674,6 +4675,165 @@ def demo():
     return 1 if failures else 0
 
 
+ONE_LINER = ("import sys, urllib.request\n"
+             "request = urllib.request.Request(sys.argv[1] + '/api/v1/packs', "
+             "headers={'Authorization': 'Bearer ' + sys.argv[2]})\n"
+             "sys.stdout.write(urllib.request.urlopen(request).read().decode())\n")
+
+
+# Runs a script (or nothing) and reports the process's own peak RSS (VmHWM) at exit.
+# rusage would not do: its ru_maxrss keeps the high-water mark of the parent's memory
+# that a forked child holds until it execs, which here is the whole benchmark.
+PEAK_WRAPPER = ("import atexit, sys\n"
+                "def report():\n"
+                "    with open('/proc/self/status') as f:\n"
+                "        sys.stderr.write(''.join(l for l in f if l.startswith('VmHWM:')))\n"
+                "atexit.register(report)\n"
+                "sys.argv = sys.argv[1:]\n"
+                "if sys.argv:\n"
+                "    path = sys.argv[0]\n"
+                "    code = compile(open(path).read(), path, 'exec')\n"
+                "    exec(code, {'__name__': '__main__', '__file__': path, '__builtins__': __builtins__})\n")
+
+
+def run_timed(argv, env):
+    """Seconds one process takes."""
+    started = time.perf_counter()
+    status = subprocess.call(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if status:
+        raise SystemExit("bench: %s failed (status %d)" % (" ".join(argv[1:3]), status))
+    return time.perf_counter() - started
+
+
+def peak_kb(argv, env):
+    """Peak RSS in KB of `python script args...` (argv just [python]: of the bare interpreter)."""
+    p = subprocess.Popen([argv[0], "-c", PEAK_WRAPPER] + argv[1:], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, universal_newlines=True)
+    err = p.communicate()[1]
+    return int(re.search(r"VmHWM:\s+(\d+)", err).group(1))
+
+
+def side_by_side(measure, first, second, runs):
+    """Medians of measure(first) and measure(second), taken alternately."""
+    import statistics
+    samples = ([], [])
+    for _ in range(runs):
+        samples[0].append(measure(first))
+        samples[1].append(measure(second))
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def bench_profile(server, config, left, revoke=False):
+    """Store a session whose access token has `left` seconds left; its access token."""
+    now = int(time.time())
+    profile = {"api_url": server.url, "auth_token": server.mint("admin", ttl=3600, iat=now + left - 3600),
+               "refresh_token": server.mint("admin", "refresh"), "auth_token_expires_at": now + left,
+               "refresh_token_expires_at": now + 86400, "username": "admin", "invalidated_at": None}
+    if revoke:
+        server.revoked.add(profile["auth_token"])
+    os.makedirs(os.path.dirname(config), mode=0o700, exist_ok=True)
+    with open(config, "w") as f:
+        json.dump({"version": 1, "current_profile": "default", "profiles": {"default": profile}}, f)
+    os.chmod(config, 0o600)
+    return profile["auth_token"]
+
+
+def bench_batch(python, server, env, expired):
+    """Wall time of 32 `auth whoami` processes started together, the refreshes they
+    caused, and how many failed."""
+    bench_profile(server, env["ATTUNE_CONFIG"], -100 if expired else 3000)
+    before = server.count("POST", "/auth/refresh")
+    started = time.perf_counter()
+    procs = [subprocess.Popen([python, ATTUNE_PY, "auth", "whoami"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(32)]
+    failed = sum(1 for p in procs if p.wait())
+    elapsed = time.perf_counter() - started
+    return elapsed, server.count("POST", "/auth/refresh") - before, failed
+
+
+def bench(argv):
+    """make bench: each figure a ratio of medians, measured side by side in one run."""
+    import argparse
+    import platform
+    import statistics
+    parser = argparse.ArgumentParser(prog="test_attune.py bench")
+    parser.add_argument("--runs", type=int, default=21, help="runs of each command (at least 20)")
+    args = parser.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="attune-bench-")
+    home = os.path.join(tmp, "home")
+    os.makedirs(home)
+    server = FakeAttune(refresh_mode="single-use").start()
+    config = os.path.join(home, ".config", "attune", "credentials.json")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "LANG": "C.UTF-8",
+           "ATTUNE_CONFIG": config}
+    pythons = [("Debian python3", "/usr/bin/python3")] if os.path.exists("/usr/bin/python3") else []
+    if not pythons or os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3"):
+        pythons.append(("python %d.%d (%s)" % (sys.version_info[:2] + (sys.executable,)), sys.executable))
+    failures = 0
+    try:
+        print("machine: %s, %d cores, %s; %d runs of each, alternating" % (
+            platform.platform(), os.cpu_count() or 0, platform.processor() or platform.machine(), args.runs))
+        for label, python in pythons:
+            token = bench_profile(server, config, 3000)
+            attune_cmd = [python, ATTUNE_PY]
+            for warm in (["auth", "token"], ["--help"], ["--version"], ["pack", "list"]):
+                run_timed(attune_cmd + warm, env)  # fills the program and help caches
+            bare = [python, "-c", "pass"]
+            pairs = (("auth token (fresh token) vs python -c pass", attune_cmd + ["auth", "token"], bare, 1.5),
+                     ("--help vs python -c pass", attune_cmd + ["--help"], bare, 2.0),
+                     ("--version vs python -c pass", attune_cmd + ["--version"], bare, 2.0),
+                     ("pack list vs a bare urllib GET", attune_cmd + ["pack", "list"],
+                      [python, "-c", ONE_LINER, server.url, token], 1.2))
+            print("\n%s: %s" % (label, python))
+            figures = []
+            for name, first, second, target in pairs:
+                a, b = side_by_side(lambda argv: run_timed(argv, env), first, second, args.runs)
+                figures.append((name, a * 1000, b * 1000, "ms", target))
+            if os.path.exists("/proc/self/status"):
+                a, b = side_by_side(lambda argv: peak_kb(argv, env), attune_cmd + ["auth", "token"], [python],
+                                    args.runs)
+                figures.append(("peak memory of auth token vs python -c pass", a / 1024.0, b / 1024.0, "MB", 1.3))
+            else:
+                print("  (peak memory is measured on Linux only)")
+            for figure, a, b, unit, limit in figures:
+                ratio = a / b
+                ok = ratio <= limit
+                failures += not ok
+                print("  %-46s %7.1f %s / %7.1f %s = %.2fx  (target <= %.1fx) %s"
+                      % (figure, a, unit, b, unit, ratio, limit, "ok" if ok else "MISSED"))
+        python = pythons[0][1]
+        fresh, expired = [], []
+        for _ in range(args.runs):
+            fresh.append(bench_batch(python, server, env, expired=False))
+            expired.append(bench_batch(python, server, env, expired=True))
+        failed = sum(r[2] for r in fresh + expired)
+        ratio = statistics.median(r[0] for r in expired) / statistics.median(r[0] for r in fresh)
+        once = all(r[1] == 1 for r in expired) and all(r[1] == 0 for r in fresh)
+        ok = ratio <= 1.3 and once and not failed
+        failures += not ok
+        print("\n32 processes at once (%s):" % pythons[0][0])
+        print("  expired token vs fresh token, wall time            %.0f ms / %.0f ms = %.2fx  (target <= 1.3x) %s"
+              % (statistics.median(r[0] for r in expired) * 1000, statistics.median(r[0] for r in fresh) * 1000,
+                 ratio, "ok" if ok else "MISSED"))
+        print("  refreshes per batch with an expired token: %s; failed commands: %d"
+              % (sorted(set(r[1] for r in expired)), failed))
+        counts = []
+        for left, revoke in ((3000, False), (-100, False), (3000, True)):
+            bench_profile(server, config, left, revoke)
+            before = server.count()
+            run_timed([python, ATTUNE_PY, "auth", "whoami"], env)
+            counts.append(server.count() - before)
+        ok = counts == [1, 2, 3]
+        failures += not ok
+        print("  requests for a valid, a known-expired and a revoked token: %s  (target [1, 2, 3]) %s"
+              % (counts, "ok" if ok else "MISSED"))
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n%d of the figures missed their target" % failures if failures else "\nall figures within target")
+    return 1 if failures else 0
+
+
 def flat_source():
     """attune.py with the text of START and PROGRAM as plain code on the same lines,
     for linters, which cannot see inside a string."""
@@ -4752,6 +4912,8 @@ if __name__ == "__main__":
         sys.exit(test_all())
     elif command == "run-suite":
         sys.exit(run_suite())
+    elif command == "bench":
+        sys.exit(bench(sys.argv[2:]))
     elif command == "interpreters":
         print("\n".join(path for _, path in find_interpreters()))
     elif command == "flat":

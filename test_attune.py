@@ -4757,8 +4757,10 @@ def bench(argv):
     import platform
     import statistics
     parser = argparse.ArgumentParser(prog="test_attune.py bench")
-    parser.add_argument("--runs", type=int, default=21, help="runs of each command (at least 20)")
+    parser.add_argument("--runs", type=int, default=31, help="runs of each command (at least 20)")
     args = parser.parse_args(argv)
+    if args.runs < 20:
+        parser.error("--runs: a median needs at least 20 runs")
     tmp = tempfile.mkdtemp(prefix="attune-bench-")
     home = os.path.join(tmp, "home")
     os.makedirs(home)

@@ -127,21 +127,21 @@ START = r'''
 def fast_json(text):
     """json.loads without importing json.decoder, whose regular expressions cost more
     than all of `auth token`; None when the text is not JSON (the program will say so)."""
+    def parse_constant(name):
+        raise ValueError(name)  # NaN and Infinity are not JSON
+
     try:
         try:
             from _json import make_scanner  # CPython's C scanner
-        except ImportError:
+        except ImportError:  # PyPy
             import json
-            return json.loads(text)
+            return json.loads(text, parse_constant=parse_constant)
 
         class Context:
             strict, object_hook, object_pairs_hook, memo = True, None, None, {}
             parse_float, parse_int = float, int
 
-            @staticmethod
-            def parse_constant(name):
-                raise ValueError(name)
-
+        Context.parse_constant = staticmethod(parse_constant)
         start = len(text) - len(text.lstrip())
         value, end = make_scanner(Context)(text, start)
         return value if not text[end:].strip() else None

@@ -4437,7 +4437,7 @@ class FastPathTests(AttuneTestCase):
     def test_fast_json(self):
         for text in ('{"a": [1, 2.5, true, null, "é"]}', "[]", '  {"x": {}}  ', '"s"'):
             self.assertEqual(attune.fast_json(text), json.loads(text))
-        for text in ("", "{", '{"a": 1} x', "NaN", "[1,]", '{"a": NaN}'):
+        for text in ("", "{", '{"a": 1} x', "NaN", "[1,]", '{"a": NaN}', "[Infinity]", "-Infinity"):
             self.assertIsNone(attune.fast_json(text), text)
 
     def test_shell_quote_is_shlex_quote(self):

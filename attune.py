@@ -4237,10 +4237,22 @@ class Commands:
         return Commands(self.add(name, help), self.path + [name], wanted, self.parents)
 
     def stub(self, name, help):
-        """A command argv does not name: listed in help and choices, with no parser behind
-        it (argparse only builds one when the command is chosen, and it is not)."""
+        """A command argv does not name: listed in help and choices, with a Stub for its
+        parser."""
         self.sub._choices_actions.append(self.sub._ChoicesPseudoAction(name, (), help))
-        self.sub.choices[name] = None
+        self.sub.choices[name] = Stub()
+
+
+class NotBuilt(Exception):
+    """argparse chose a command that was not built: argv names it in a way
+    requested_command() does not follow (an abbreviated option, say)."""
+
+
+class Stub:
+    """The parser of a command that was not built, in its group's choices."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        raise NotBuilt()
 
 
 def add_auth_commands(auth):
@@ -4602,6 +4614,15 @@ def build_parser(argv=None):
 
 # === Main ====================================================================
 
+def parse_args(argv):
+    """argv parsed by the parser of the command it names, or by the whole tree when
+    that guess was wrong."""
+    try:
+        return build_parser(argv).parse_args(argv)
+    except NotBuilt:
+        return build_parser().parse_args(argv)
+
+
 def print_top_level_help(argv):
     """`attune --help`, kept in the program cache for the start-up section to print."""
     text = build_parser(argv).format_help()
@@ -4629,7 +4650,7 @@ def main(argv=None, environ=None, clock=None):
     try:
         if argv in (["--help"], ["-h"]) and environ is None:
             return print_top_level_help(argv)
-        args = build_parser(argv).parse_args(argv)
+        args = parse_args(argv)
         ctx = Context(args, env, clock)
         code = args.func(ctx, args) or 0
         sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below

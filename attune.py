@@ -124,24 +124,26 @@ START = r'''
 # Answered without the program. Each function returns None (or False) whenever the
 # program could answer differently, for example with a warning.
 
+def no_constants(name):
+    """parse_constant for json.loads: NaN and Infinity are not JSON, whatever Python allows."""
+    raise ValueError("%s is not valid JSON" % name)
+
+
 def fast_json(text):
     """json.loads without importing json.decoder, whose regular expressions cost more
     than all of `auth token`; None when the text is not JSON (the program will say so)."""
-    def parse_constant(name):
-        raise ValueError(name)  # NaN and Infinity are not JSON
-
     try:
         try:
             from _json import make_scanner  # CPython's C scanner
         except ImportError:  # PyPy
             import json
-            return json.loads(text, parse_constant=parse_constant)
+            return json.loads(text, parse_constant=no_constants)
 
         class Context:
             strict, object_hook, object_pairs_hook, memo = True, None, None, {}
             parse_float, parse_int = float, int
+            parse_constant = staticmethod(no_constants)
 
-        Context.parse_constant = staticmethod(parse_constant)
         start = len(text) - len(text.lstrip())
         value, end = make_scanner(Context)(text, start)
         return value if not text[end:].strip() else None
@@ -516,7 +518,7 @@ def json_loads(text):
     json.loads itself only when there is an error to explain."""
     value = fast_json(text)
     if value is None and text.strip() != "null":
-        return json.loads(text)  # raises ValueError saying what is wrong
+        return json.loads(text, parse_constant=no_constants)  # raises ValueError saying what is wrong
     return value
 
 
@@ -2597,8 +2599,6 @@ def note_partial(ctx, pagination, shown, noun):
 
 def json_or_string(text):
     """A value given on the command line: JSON when it parses, else the string itself."""
-    def no_constants(name):
-        raise ValueError(name)  # NaN and Infinity are not JSON the server accepts
     try:
         return json.loads(text, parse_constant=no_constants)
     except ValueError:
@@ -2607,7 +2607,7 @@ def json_or_string(text):
 
 def parse_json_arg(text, flag):
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=no_constants)
     except ValueError as e:
         raise UsageError("%s is not valid JSON: %s" % (flag, e))
 

@@ -1593,7 +1593,8 @@ class CredentialFileTests(AttuneTestCase):
     def test_corrupt_files_exit_3_naming_the_file(self):
         cases = {"empty": b"", "truncated": b'{"version": 1, "profiles": {', "array": b"[]",
                  "profiles wrong type": b'{"profiles": []}', "invalid utf-8": b'{"a": "\xff"}',
-                 "version not int": b'{"version": "1"}', "garbage": os.urandom(4096)}
+                 "version not int": b'{"version": "1"}', "garbage": os.urandom(4096),
+                 "NaN, which Python would accept": b'{"version": 1, "profiles": {"a": {"api_url": "x", "t": NaN}}}'}
         os.makedirs(os.path.dirname(self.config))
         for name, data in cases.items():
             with self.subTest(name):
@@ -3132,6 +3133,7 @@ class ActionCommandTests(ResourceTestCase):
                  ("--param", "=x"): "Invalid parameter format: '=x'",
                  ("--params-json", "{oops"): "--params-json is not valid JSON",
                  ("--params-json", "[1]"): "--params-json must be a JSON object",
+                 ("--params-json", '{"a": NaN}'): "--params-json is not valid JSON: NaN is not valid JSON",
                  ("--params-json", "{}", "--param", "a=1"): "not both",
                  ("--worker-affinity", "nope"): "--worker-affinity is not valid JSON",
                  ("--timeout", "5"): "--timeout only applies with --watch",

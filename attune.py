@@ -29,12 +29,13 @@ import sys
 # checks that). This section only loads them.
 
 __version__ = "0.1.0"
+WINDOWS = os.name == "nt"
 
 
 def cache_file(env, name):
     """(path, stamp) of cache file `name` for this script and interpreter, or None when
     there is no private place for it (no home)."""
-    if os.name == "nt":
+    if WINDOWS:
         base = env.get("LOCALAPPDATA")
         if not base:
             return None
@@ -61,7 +62,7 @@ def cache_file(env, name):
 
 def private(st):
     """Ours and not writable by others: only then is cached bytecode run."""
-    return os.name == "nt" or (st.st_uid == os.geteuid() and not st.st_mode & 0o022)
+    return WINDOWS or (st.st_uid == os.geteuid() and not st.st_mode & 0o022)
 
 
 def read_cached(path, stamp):
@@ -151,20 +152,73 @@ def fast_json(text):
         return None
 
 
-def fast_epoch(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+# Time, JWT and path helpers live here, defined once: the program uses them too.
+
+MARGIN_MIN, MARGIN_MAX = 30, 300  # proactive refresh margin bounds, seconds
+
+
+def epoch(value):
+    """A stored time or JWT claim as integer epoch seconds, or None when it is not a sane number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return int(value) if -1e11 < value < 1e11 else None
+    if value != value or not -1e11 < value < 1e11:  # NaN or absurd
+        return None
+    return int(value)
 
 
-def fast_claims(token):
-    import binascii
+def jwt_claims(token):
+    """The payload of a JWT as a dict, or None for anything malformed. No signature check:
+    the client only wants to know when the token expires."""
+    import binascii  # built in: no file to find
+    if not isinstance(token, str) or token.count(".") != 2:
+        return None
+    part = token.split(".")[1].replace("-", "+").replace("_", "/")  # base64url, padding restored
     try:
-        part = token.split(".")[1].replace("-", "+").replace("_", "/")
         claims = fast_json(binascii.a2b_base64(part + "=" * (-len(part) % 4)).decode("utf-8"))
-    except (IndexError, ValueError, UnicodeError, binascii.Error):
-        return {}
-    return claims if isinstance(claims, dict) and token.count(".") == 2 else {}
+    except (ValueError, UnicodeError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def jwt_expiry(token):
+    claims = jwt_claims(token)
+    return epoch(claims.get("exp")) if claims else None
+
+
+def jwt_lifetime(token):
+    """exp - iat of a JWT in seconds, or None."""
+    claims = jwt_claims(token)
+    if not claims:
+        return None
+    iat, exp = epoch(claims.get("iat")), epoch(claims.get("exp"))
+    if iat is None or exp is None or exp <= iat:
+        return None
+    return exp - iat
+
+
+def refresh_margin(lifetime):
+    """Refresh this long before expiry: 10% of the lifetime, kept within 30 s .. 300 s."""
+    if not lifetime:
+        return MARGIN_MIN
+    return max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10))
+
+
+def credential_path(config, env):
+    """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
+    or (None, 'none') when there is no home directory to keep it in."""
+    if config:
+        return os.path.abspath(os.path.expanduser(config)), "flag"
+    if env.get("ATTUNE_CONFIG"):
+        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"])), "env"
+    if WINDOWS and env.get("APPDATA"):
+        return os.path.join(env["APPDATA"], "attune", "credentials.json"), "default"
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "attune", "credentials.json"), "env"
+    home = env.get("HOME") or os.path.expanduser("~")
+    if not os.path.isabs(home):  # no HOME and no password-database entry: no place at all
+        return None, "none"
+    return os.path.join(home, ".config", "attune", "credentials.json"), "default"
 
 
 def fast_token_args(argv):
@@ -197,22 +251,9 @@ def fast_token_args(argv):
     return opts
 
 
-def fast_credential_path(opts, env):
-    if opts.get("config"):
-        return os.path.abspath(os.path.expanduser(opts["config"]))
-    if env.get("ATTUNE_CONFIG"):
-        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"]))
-    if os.name == "nt" and env.get("APPDATA"):
-        return os.path.join(env["APPDATA"], "attune", "credentials.json")
-    if os.path.isabs(env.get("XDG_CONFIG_HOME", "")):
-        return os.path.join(env["XDG_CONFIG_HOME"], "attune", "credentials.json")
-    home = env.get("HOME") or os.path.expanduser("~")
-    return os.path.join(home, ".config", "attune", "credentials.json") if os.path.isabs(home) else None
-
-
 def fast_read_profile(opts, env):
     """(profile dict or None) of the profile in effect, or False when the program must look."""
-    path = fast_credential_path(opts, env)
+    path = credential_path(opts.get("config"), env)[0]
     doc = {}
     if path is not None:
         try:
@@ -224,7 +265,7 @@ def fast_read_profile(opts, env):
         except OSError:
             return False
         if raw is not None:
-            if os.name != "nt" and (st.st_mode & 0o077 or st.st_uid != os.geteuid()):
+            if not WINDOWS and (st.st_mode & 0o077 or st.st_uid != os.geteuid()):
                 return False  # the program warns about it
             try:
                 doc = fast_json((raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).decode("utf-8"))
@@ -260,19 +301,15 @@ def fast_auth_token(argv, env, now):
             except (OSError, UnicodeError):
                 return None
     if token:
-        expires_at = fast_epoch(fast_claims(token).get("exp"))
+        expires_at = jwt_expiry(token)
     else:
         token = profile.get("auth_token")
         if not isinstance(token, str) or not token:
             return None
         stored = profile.get("auth_token_expires_at")
-        expires_at = fast_epoch(stored) if stored is not None else fast_epoch(fast_claims(token).get("exp"))
+        expires_at = epoch(stored) if stored is not None else jwt_expiry(token)
     if expires_at is not None:
-        claims = fast_claims(token)
-        iat, exp = fast_epoch(claims.get("iat")), fast_epoch(claims.get("exp"))
-        lifetime = exp - iat if iat is not None and exp is not None and exp > iat else 0
-        margin = max(30, min(300, lifetime // 10))
-        if expires_at - now < max(margin, opts["min_ttl"]):
+        if expires_at - now < max(refresh_margin(jwt_lifetime(token)), opts["min_ttl"]):
             return None  # a refresh is due: the program does that
     if opts.get("format") == "raw" or not opts.get("format"):
         return token + "\n"
@@ -369,8 +406,6 @@ def load_argparse():
 json = LazyModule("json")
 argparse = LazyModule("argparse", load_argparse)
 
-WINDOWS = os.name == "nt"
-
 # Locks: fcntl on POSIX, msvcrt on Windows, imported when first used (most commands
 # never lock); None means "not on this platform".
 fcntl = None if WINDOWS else LazyModule("fcntl")
@@ -397,7 +432,6 @@ DEFAULT_PROFILE = "default"
 FILE_VERSION = 1                 # credential file schema this script writes
 LOCK_TIMEOUT = 30.0              # seconds; ATTUNE_LOCK_TIMEOUT
 HTTP_TIMEOUT = 60.0              # seconds; ATTUNE_TIMEOUT
-MARGIN_MIN, MARGIN_MAX = 30, 300  # proactive refresh margin bounds, seconds
 STILL_USABLE = 30                # an old token with more left survives a failed refresh
 RETRY_DELAYS = (0.25, 0.75)      # idempotent requests: two retries
 RETRY_STATUSES = (502, 503, 504)
@@ -496,22 +530,9 @@ def not_logged_in():
     return AuthRequired("Not logged in. Use 'attune auth login'")
 
 
-# === Helpers: time, base64url, JWT ===========================================
-
-def epoch(value):
-    """A stored time or JWT claim as integer epoch seconds, or None when it is not a sane number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if value != value or not -1e11 < value < 1e11:  # NaN or absurd
-        return None
-    return int(value)
-
-
-def b64url_decode(text):
-    """Decode base64url with the padding restored (binascii avoids importing base64)."""
-    text = text.replace("-", "+").replace("_", "/")
-    return binascii.a2b_base64(text + "=" * (-len(text) % 4))
-
+# === Helpers: JSON and time ================================================
+# epoch(), jwt_claims(), jwt_expiry(), jwt_lifetime() and refresh_margin() are in the
+# start-up section.
 
 def json_loads(text):
     """json.loads through the start-up section's fast_json (no json.decoder, no re);
@@ -520,41 +541,6 @@ def json_loads(text):
     if value is None and text.strip() != "null":
         return json.loads(text, parse_constant=no_constants)  # raises ValueError saying what is wrong
     return value
-
-
-def jwt_claims(token):
-    """The payload of a JWT as a dict, or None for anything malformed. No signature check:
-    the client only wants to know when the token expires."""
-    if not isinstance(token, str) or token.count(".") != 2:
-        return None
-    try:
-        claims = json_loads(b64url_decode(token.split(".")[1]).decode("utf-8"))
-    except (ValueError, UnicodeError, binascii.Error, RecursionError):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def jwt_expiry(token):
-    claims = jwt_claims(token)
-    return epoch(claims.get("exp")) if claims else None
-
-
-def jwt_lifetime(token):
-    """exp - iat of a JWT in seconds, or None."""
-    claims = jwt_claims(token)
-    if not claims:
-        return None
-    iat, exp = epoch(claims.get("iat")), epoch(claims.get("exp"))
-    if iat is None or exp is None or exp <= iat:
-        return None
-    return exp - iat
-
-
-def refresh_margin(lifetime):
-    """Refresh this long before expiry: 10% of the lifetime, kept within 30 s .. 300 s."""
-    if not lifetime:
-        return MARGIN_MIN
-    return max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10))
 
 
 DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
@@ -620,24 +606,6 @@ def env_seconds(env, name, default, positive=False):
 
 
 # === Credential file =========================================================
-
-def credential_path(args, env):
-    """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
-    or (None, 'none') when there is no home directory to keep it in."""
-    if getattr(args, "config", None):
-        return os.path.abspath(os.path.expanduser(args.config)), "flag"
-    if env.get("ATTUNE_CONFIG"):
-        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"])), "env"
-    if WINDOWS and env.get("APPDATA"):
-        return os.path.join(env["APPDATA"], "attune", "credentials.json"), "default"
-    xdg = env.get("XDG_CONFIG_HOME", "")
-    if os.path.isabs(xdg):
-        return os.path.join(xdg, "attune", "credentials.json"), "env"
-    home = env.get("HOME") or os.path.expanduser("~")
-    if not os.path.isabs(home):  # no HOME and no password-database entry: no place at all
-        return None, "none"
-    return os.path.join(home, ".config", "attune", "credentials.json"), "default"
-
 
 def make_private_dirs(directory):
     """Create missing directories with mode 0700; an existing one is never chmod-ed."""
@@ -1777,7 +1745,7 @@ class Context:
         self.clock = clock or time.time
         self.verbose = getattr(args, "verbose", 0) or 0
         self.timeout = env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, positive=True)
-        self.config_path, self.config_source = credential_path(args, env)
+        self.config_path, self.config_source = credential_path(getattr(args, "config", None), env)
         self.store = CredentialStore(self.config_path, self.warn, self.log,
                                      env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
                                      " ".join(["attune"] + getattr(args, "command_path", [])))
@@ -2314,9 +2282,8 @@ def cmd_auth_token(ctx, args):
     elif fmt == "header":
         ctx.stdout.write("Authorization: Bearer %s\n" % token)
     elif fmt == "env":
-        from shlex import quote
         ctx.stdout.write("export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n"
-                         % (quote(session.api_url), quote(token)))
+                         % (shell_quote(session.api_url), shell_quote(token)))
     else:
         profile, profile_source = ctx.profile_source
         url_source = ctx.api_url_for(profile)[1]

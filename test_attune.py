@@ -1492,7 +1492,7 @@ class MessageTests(unittest.TestCase):
 
 class PathTests(unittest.TestCase):
     def path(self, env, config=None):
-        return attune.credential_path(mock.Mock(config=config), env)
+        return attune.credential_path(config, env)
 
     def test_precedence(self):
         env = {"ATTUNE_CONFIG": "/e/c.json", "XDG_CONFIG_HOME": "/xdg", "HOME": "/home/u"}

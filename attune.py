@@ -2556,6 +2556,13 @@ def fetch_list(session, path, query=None, size_param="page_size", every_page=Fal
         page += 1
 
 
+def emit_list(ctx, items, pagination, noun, columns, row):
+    """A list command's output: the array in JSON and YAML, else a table of row(item)
+    ("No <noun> found" when empty); then a note when more pages remain."""
+    ctx.emit(items, lambda: ctx.table(columns, [row(i) for i in items], empty="No %s found" % noun))
+    note_partial(ctx, pagination, len(items), noun)
+
+
 def note_partial(ctx, pagination, shown, noun):
     """Say on stderr when a list holds only its first page."""
     if isinstance(pagination, dict) and pagination.get("has_next") is True:
@@ -2672,6 +2679,11 @@ def format_timestamp(value):
     return value
 
 
+def timestamps(obj):
+    """The Created and Updated rows of a show table."""
+    return [("Created", format_timestamp(obj.get("created"))), ("Updated", format_timestamp(obj.get("updated")))]
+
+
 def or_none(value, missing="None"):
     return missing if value is None or value == "" else value
 
@@ -2786,8 +2798,7 @@ def show_finished_execution(ctx, execution):
         stdout = result.get("stdout") if isinstance(result, dict) else None
         ctx.success("Execution %s completed" % execution.get("id"))
         ctx.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                   ("Status", status), ("Created", format_timestamp(execution.get("created"))),
-                   ("Updated", format_timestamp(execution.get("updated")))], "Execution Details")
+                   ("Status", status)] + timestamps(execution), "Execution Details")
         if isinstance(stdout, str):
             ctx.section("Stdout")
             ctx.out(stdout.rstrip("\n"))
@@ -2898,11 +2909,8 @@ def cmd_pack_list(ctx, args):
     packs, pagination = fetch_list(ctx.session(), "/packs", every_page=args.all)
     if args.name:
         packs = [p for p in packs if args.name in str(p.get("ref", ""))]
-    ctx.emit(packs, lambda: ctx.table(
-        ["Ref", "Version", "Description"],
-        [[p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)] for p in packs],
-        empty="No packs found"))
-    note_partial(ctx, pagination, len(packs), "packs")
+    emit_list(ctx, packs, pagination, "packs", ["Ref", "Version", "Description"],
+              lambda p: [p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)])
 
 
 def cmd_pack_show(ctx, args):
@@ -2914,9 +2922,8 @@ def cmd_pack_show(ctx, args):
                    ("Author", pack.get("author") or meta.get("author") or "Unknown"),
                    ("Description", or_none(pack.get("description"))),
                    ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
-                   ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0),
-                   ("Created", format_timestamp(pack.get("created"))),
-                   ("Updated", format_timestamp(pack.get("updated")))], "Pack: %s" % pack.get("label"))
+                   ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0)]
+                  + timestamps(pack), "Pack: %s" % pack.get("label"))
         show_list_section(ctx, "Runtime Dependencies", pack.get("runtime_deps"))
         show_list_section(ctx, "Pack Dependencies", pack.get("dependencies"))
 
@@ -3085,20 +3092,16 @@ def cmd_action_list(ctx, args):
     actions, pagination = fetch_list(ctx.session(), path, every_page=args.all)
     if args.name:
         actions = [a for a in actions if args.name in str(a.get("ref", ""))]
-    ctx.emit(actions, lambda: ctx.table(
-        ["Ref", "Label", "Runtime", "Enabled", "Description"],
-        [[a.get("ref"), a.get("label"), runtime_text(a), a.get("enabled"), clip(a.get("description") or "", 40)]
-         for a in actions], empty="No actions found"))
-    note_partial(ctx, pagination, len(actions), "actions")
+    emit_list(ctx, actions, pagination, "actions", ["Ref", "Label", "Runtime", "Enabled", "Description"],
+              lambda a: [a.get("ref"), a.get("label"), runtime_text(a), a.get("enabled"),
+                         clip(a.get("description") or "", 40)])
 
 
 def cmd_action_show(ctx, args):
     action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
     def table():
-        ctx.pairs(action_pairs(action) + [("Created", format_timestamp(action.get("created"))),
-                                          ("Updated", format_timestamp(action.get("updated")))],
-                  "Action: %s" % action.get("ref"))
+        ctx.pairs(action_pairs(action) + timestamps(action), "Action: %s" % action.get("ref"))
         show_schema(ctx, "Parameters Schema", action.get("param_schema"))
 
     ctx.emit(action, table)
@@ -3206,15 +3209,10 @@ def cmd_execution_list(ctx, args):
     rows.sort(key=lambda e: (str(e.get("created") or ""), e.get("id") or 0), reverse=True)
     if not args.all:
         rows = rows[:args.limit]
-
-    def table():
-        ctx.table(["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"],
-                  [[e.get("id"), e.get("action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
-                    e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))]
-                   for e in rows], empty="No executions found")
-
-    ctx.emit(rows, table)
-    note_partial(ctx, pagination, len(rows), "executions")
+    columns = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"]
+    emit_list(ctx, rows, pagination, "executions", columns,
+              lambda e: [e.get("id"), e.get("action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
+                         e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))])
 
 
 def format_timeout_seconds(seconds):
@@ -3235,9 +3233,8 @@ def cmd_execution_show(ctx, args):
                    ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
                    ("Parent ID", or_none(execution.get("parent"))),
                    ("Enforcement ID", or_none(execution.get("enforcement"))),
-                   ("Executor ID", or_none(execution.get("executor"))),
-                   ("Created", format_timestamp(execution.get("created"))),
-                   ("Updated", format_timestamp(execution.get("updated")))], "Execution: %s" % execution.get("id"))
+                   ("Executor ID", or_none(execution.get("executor")))]
+                  + timestamps(execution), "Execution: %s" % execution.get("id"))
         show_json_section(ctx, "Configuration", execution.get("config"))
         show_json_section(ctx, "Result", execution.get("result"))
 
@@ -3341,20 +3338,16 @@ def rule_fields(args):
 def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
     rules, pagination = fetch_list(ctx.session(), "/rules", query, every_page=args.all)
-    ctx.emit(rules, lambda: ctx.table(
-        ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
-        [[r.get("ref"), r.get("pack_ref"), r.get("label"), r.get("trigger_ref"), r.get("action_ref"),
-          r.get("enabled")] for r in rules], empty="No rules found"))
-    note_partial(ctx, pagination, len(rules), "rules")
+    emit_list(ctx, rules, pagination, "rules", ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
+              lambda r: [r.get("ref"), r.get("pack_ref"), r.get("label"), r.get("trigger_ref"), r.get("action_ref"),
+                         r.get("enabled")])
 
 
 def cmd_rule_show(ctx, args):
     rule = ctx.session().fetch("GET", "/rules/" + path_segment(args.ref))
 
     def table():
-        ctx.pairs(rule_pairs(rule) + [("Created", format_timestamp(rule.get("created"))),
-                                      ("Updated", format_timestamp(rule.get("updated")))],
-                  "Rule: %s" % rule.get("ref"))
+        ctx.pairs(rule_pairs(rule) + timestamps(rule), "Rule: %s" % rule.get("ref"))
         show_json_section(ctx, "Conditions", rule.get("conditions"))
         show_json_section(ctx, "Action Parameters", rule.get("action_params"))
         show_json_section(ctx, "Trigger Parameters", rule.get("trigger_params"))
@@ -3413,12 +3406,11 @@ def cmd_rule_delete(ctx, args):
 
 # === Commands: triggers and sensors ==========================================
 
-def list_pack_scoped(ctx, args, kind, columns, row, empty):
+def list_pack_scoped(ctx, args, kind, columns, row):
     """trigger/sensor list: /packs/{p}/<kind> for one pack (the server ignores ?pack=)."""
     path = "/packs/%s/%s" % (path_segment(args.pack), kind) if args.pack else "/" + kind
     items, pagination = fetch_list(ctx.session(), path, every_page=args.all)
-    ctx.emit(items, lambda: ctx.table(columns, [row(i) for i in items], empty=empty))
-    note_partial(ctx, pagination, len(items), kind)
+    emit_list(ctx, items, pagination, kind, columns, row)
 
 
 def toggle_resource(ctx, kind, ref, enabled):
@@ -3437,8 +3429,7 @@ def toggle_resource(ctx, kind, ref, enabled):
 def cmd_trigger_list(ctx, args):
     list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
                      lambda t: [t.get("ref"), t.get("pack_ref") or "", t.get("label"), t.get("enabled"),
-                                t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)],
-                     "No triggers found")
+                                t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)])
 
 
 def cmd_trigger_show(ctx, args):
@@ -3450,9 +3441,8 @@ def cmd_trigger_show(ctx, args):
                    ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
                    ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
                    ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
-                   ("Allowed Caller Packs", ", ".join(allowed) or "None"),
-                   ("Created", format_timestamp(trigger.get("created"))),
-                   ("Updated", format_timestamp(trigger.get("updated")))], "Trigger: %s" % trigger.get("ref"))
+                   ("Allowed Caller Packs", ", ".join(allowed) or "None")]
+                  + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
         if trigger.get("webhook_key"):
             ctx.section("Webhook")
             ctx.info("Key: %s" % trigger["webhook_key"])
@@ -3482,8 +3472,7 @@ def sensor_trigger(sensor):
 def cmd_sensor_list(ctx, args):
     list_pack_scoped(ctx, args, "sensors", ["Ref", "Pack", "Label", "Trigger", "Enabled", "Description"],
                      lambda s: [s.get("ref"), s.get("pack_ref") or "", s.get("label"), sensor_trigger(s),
-                                s.get("enabled"), clip(s.get("description") or "", 50)],
-                     "No sensors found")
+                                s.get("enabled"), clip(s.get("description") or "", 50)])
 
 
 def cmd_sensor_show(ctx, args):
@@ -3492,9 +3481,8 @@ def cmd_sensor_show(ctx, args):
         [("Ref", sensor.get("ref")), ("Pack", or_none(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
          ("Description", or_none(sensor.get("description"))), ("Trigger", or_none(sensor_trigger(sensor))),
          ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
-         ("Runtime", or_none(sensor.get("runtime_ref"))), ("Enabled", sensor.get("enabled")),
-         ("Created", format_timestamp(sensor.get("created"))),
-         ("Updated", format_timestamp(sensor.get("updated")))], "Sensor: %s" % sensor.get("ref")))
+         ("Runtime", or_none(sensor.get("runtime_ref"))), ("Enabled", sensor.get("enabled"))]
+        + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
 
 
 def cmd_sensor_enable(ctx, args):
@@ -3545,11 +3533,9 @@ def key_pairs(key, last=("Created", "created")):
 def cmd_key_list(ctx, args):
     query = {"page": 1, "per_page": 50, "owner_type": args.owner_type, "owner": args.owner}
     keys, pagination = fetch_list(ctx.session(), "/keys", query, "per_page", args.all)
-    ctx.emit(keys, lambda: ctx.table(
-        ["Ref", "Name", "Owner", "Encrypted", "Created"],
-        [[k.get("ref"), k.get("name"), key_owner(k), k.get("encrypted"), format_timestamp(k.get("created"))]
-         for k in keys], empty="No keys found"))
-    note_partial(ctx, pagination, len(keys), "keys")
+    emit_list(ctx, keys, pagination, "keys", ["Ref", "Name", "Owner", "Encrypted", "Created"],
+              lambda k: [k.get("ref"), k.get("name"), key_owner(k), k.get("encrypted"),
+                         format_timestamp(k.get("created"))])
 
 
 def cmd_key_show(ctx, args):
@@ -3575,7 +3561,7 @@ def cmd_key_show(ctx, args):
             pairs.append(("Value (SHA-256 of canonical JSON)", shown["value"]))
         if not args.decrypt:
             pairs.append(("", "(use --decrypt / -d to reveal the actual value)"))
-        pairs += [("Created", format_timestamp(key.get("created"))), ("Updated", format_timestamp(key.get("updated")))]
+        pairs += timestamps(key)
         ctx.pairs(pairs, "Key: %s" % key.get("ref"))
 
     ctx.emit(shown, table)
@@ -3657,9 +3643,8 @@ def cmd_workflow_show(ctx, args):
     def table():
         ctx.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
                    ("Label", workflow.get("label")), ("Description", workflow.get("description") or "-"),
-                   ("Version", workflow.get("version")), ("Tags", ", ".join(workflow.get("tags") or ()) or "none"),
-                   ("Created", format_timestamp(workflow.get("created"))),
-                   ("Updated", format_timestamp(workflow.get("updated")))], "Workflow: %s" % workflow.get("ref"))
+                   ("Version", workflow.get("version")), ("Tags", ", ".join(workflow.get("tags") or ()) or "none")]
+                  + timestamps(workflow), "Workflow: %s" % workflow.get("ref"))
         for title, field in (("Parameters", "param_schema"), ("Output Schema", "out_schema")):
             if isinstance(workflow.get(field), dict) and workflow[field]:
                 ctx.section(title)

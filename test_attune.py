@@ -4530,6 +4530,25 @@ class ProgramCacheTests(AttuneTestCase):
             self.assertEqual(self.run_copy("config", "path").out, self.config + "\n", target)
             os.chmod(target, 0o600 if target == path else 0o700)
 
+    @unittest.skipUnless(POSIX and hasattr(os, "geteuid") and os.geteuid() == 0, "chown needs root")
+    def test_a_cache_another_user_owns_is_not_trusted(self):
+        self.run_copy("config", "path")
+        path = self.plant("planted")
+        os.chown(path, 65534, 65534)
+        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
+        os.chown(path, 0, 0)
+        os.chown(self.cache_dir, 65534, 65534)
+        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
+
+    def test_xdg_cache_home_is_honoured(self):
+        xdg = os.path.join(self.tmp, "xdg-cache")
+        self.assertEqual(self.run_copy("config", "path", env={"XDG_CACHE_HOME": xdg}).code, 0)
+        self.assertEqual([name.split("-")[0] for name in sorted(os.listdir(os.path.join(xdg, "attune")))],
+                         ["program", "start"])
+        self.assertEqual(self.cache_files(), [])
+        self.run_copy("config", "path", env={"XDG_CACHE_HOME": "relative/ignored"})
+        self.assertEqual([name.split("-")[0] for name in self.cache_files()], ["program", "start"])
+
     def test_nothing_is_written_when_bytecode_is_off_or_there_is_no_home(self):
         self.run_copy("config", "path", env={"PYTHONDONTWRITEBYTECODE": "1"})
         self.assertEqual(self.cache_files(), [])

@@ -10,404 +10,44 @@ this stays correct when many copies of the script run at the same moment: every
 write is a read-modify-write under a lock file, and every refresh goes through
 one compare-and-refresh function.
 
-The file has two parts: a short start-up section, then the program itself, kept
-as text in PROGRAM (the start-up section says why). Table of contents:
-grep -n '^# ===' attune.py
+Start-up is kept short by importing late: `auth token` with a fresh token, `--help`
+and `--version` import nothing beyond os and sys (no json, re, argparse or urllib).
+Table of contents: grep -n '^# ===' attune.py
 """
 
-import os
-import sys
-
-# === Start-up ================================================================
-# Python compiles a whole script before it runs its first line, and compiling all
-# of attune.py takes several times as long as the interpreter's own start-up (60 ms
-# against 17 ms for Debian's python3). So the code is kept below as text, in two
-# parts, each compiled once into a private cache, as Python caches imported modules:
-# START answers the hottest paths (`auth token` with a fresh token, `--version`,
-# `--help`) without the program; PROGRAM is everything else. Whatever START is not
-# sure of, the program decides, and both give the same answer (test_attune.py
-# checks that). This section only loads them.
-
-__version__ = "0.1.0"
-WINDOWS = os.name == "nt"
-
-
-def cache_file(env, name):
-    """(path, stamp) of cache file `name` for this script and interpreter, or None when
-    there is no private place for it (no home)."""
-    if WINDOWS:
-        base = env.get("LOCALAPPDATA")
-        if not base:
-            return None
-        base = os.path.join(base, "attune", "cache")
-    else:
-        xdg, home = env.get("XDG_CACHE_HOME", ""), env.get("HOME", "")
-        if os.path.isabs(xdg):
-            base = os.path.join(xdg, "attune")
-        elif os.path.isabs(home) and os.path.isdir(home):
-            base = os.path.join(home, ".cache", "attune")
-        else:
-            return None
-    import zlib
-    source = os.path.realpath(__file__)
-    try:
-        st = os.stat(source)
-    except OSError:
-        return None
-    tag = sys.implementation.cache_tag
-    stamp = "attune.py %s %s %d %d" % (__version__, tag, st.st_size, st.st_mtime_ns)
-    name = "%s-%s-%08x.bin" % (name, tag, zlib.adler32(source.encode("utf-8")))
-    return os.path.join(base, name), stamp.encode("ascii")
-
-
-def private(st):
-    """Ours and not writable by others: only then is cached bytecode run."""
-    return WINDOWS or (st.st_uid == os.geteuid() and not st.st_mode & 0o022)
-
-
-def read_cached(path, stamp):
-    """The payload of a cache file when it is private and its stamp is this script's."""
-    try:
-        if not private(os.lstat(os.path.dirname(path))):
-            return None
-        with open(path, "rb") as f:
-            if not private(os.fstat(f.fileno())):
-                return None
-            data = f.read()
-    except OSError:
-        return None
-    head, _, payload = data.partition(b"\n")
-    return payload if head == stamp else None
-
-
-def write_cached(path, stamp, payload):
-    """Write a cache file atomically; a cache that cannot be written is no error."""
-    if sys.dont_write_bytecode:
-        return
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    try:
-        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(stamp + b"\n" + payload)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
-def load(namespace, name, env=None):
-    """Run the part `name` ("START" or "PROGRAM") in namespace (this module's globals),
-    compiled from the cache when env gives one and it is fresh. Line numbers in
-    tracebacks are the file's."""
-    import marshal
-    cache = cache_file(env, name.lower()) if env is not None else None
-    payload = read_cached(*cache) if cache else None
-    code = None
-    if payload is not None:
-        try:
-            code = marshal.loads(payload)
-        except (ValueError, EOFError, TypeError):
-            code = None
-    if code is None:
-        line = namespace[name + "_LINE"]
-        code = compile("\n" * (line - 1) + namespace[name], __file__, "exec")
-        if cache:
-            write_cached(cache[0], cache[1], marshal.dumps(code))
-    exec(code, namespace)
-
-
-START_LINE = sys._getframe().f_lineno + 1  # the line START starts on
-START = r'''
-# === Fast paths ==============================================================
-# Answered without the program. Each function returns None (or False) whenever the
-# program could answer differently, for example with a warning.
-
-def no_constants(name):
-    """parse_constant for json.loads: NaN and Infinity are not JSON, whatever Python allows."""
-    raise ValueError("%s is not valid JSON" % name)
-
-
-def fast_json(text):
-    """json.loads without importing json.decoder, whose regular expressions cost more
-    than all of `auth token`; None when the text is not JSON (the program will say so)."""
-    try:
-        try:
-            from _json import make_scanner  # CPython's C scanner
-        except ImportError:  # PyPy
-            import json
-            return json.loads(text, parse_constant=no_constants)
-
-        class Context:
-            strict, object_hook, object_pairs_hook, memo = True, None, None, {}
-            parse_float, parse_int = float, int
-            parse_constant = staticmethod(no_constants)
-
-        start = len(text) - len(text.lstrip())
-        value, end = make_scanner(Context)(text, start)
-        return value if not text[end:].strip() else None
-    except (ValueError, TypeError, StopIteration, RecursionError):
-        return None
-
-
-# Time, JWT and path helpers live here, defined once: the program uses them too.
-
-MARGIN_MIN, MARGIN_MAX = 30, 300  # proactive refresh margin bounds, seconds
-
-
-def epoch(value):
-    """A stored time or JWT claim as integer epoch seconds, or None when it is not a sane number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if value != value or not -1e11 < value < 1e11:  # NaN or absurd
-        return None
-    return int(value)
-
-
-def jwt_claims(token):
-    """The payload of a JWT as a dict, or None for anything malformed. No signature check:
-    the client only wants to know when the token expires."""
-    import binascii  # built in: no file to find
-    if not isinstance(token, str) or token.count(".") != 2:
-        return None
-    part = token.split(".")[1].replace("-", "+").replace("_", "/")  # base64url, padding restored
-    try:
-        claims = fast_json(binascii.a2b_base64(part + "=" * (-len(part) % 4)).decode("utf-8"))
-    except (ValueError, UnicodeError, binascii.Error):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def jwt_expiry(token):
-    claims = jwt_claims(token)
-    return epoch(claims.get("exp")) if claims else None
-
-
-def jwt_lifetime(token):
-    """exp - iat of a JWT in seconds, or None."""
-    claims = jwt_claims(token)
-    if not claims:
-        return None
-    iat, exp = epoch(claims.get("iat")), epoch(claims.get("exp"))
-    if iat is None or exp is None or exp <= iat:
-        return None
-    return exp - iat
-
-
-def refresh_margin(lifetime):
-    """Refresh this long before expiry: 10% of the lifetime, kept within 30 s .. 300 s."""
-    if not lifetime:
-        return MARGIN_MIN
-    return max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10))
-
-
-def credential_path(config, env):
-    """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
-    or (None, 'none') when there is no home directory to keep it in."""
-    if config:
-        return os.path.abspath(os.path.expanduser(config)), "flag"
-    if env.get("ATTUNE_CONFIG"):
-        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"])), "env"
-    if WINDOWS and env.get("APPDATA"):
-        return os.path.join(env["APPDATA"], "attune", "credentials.json"), "default"
-    xdg = env.get("XDG_CONFIG_HOME", "")
-    if os.path.isabs(xdg):
-        return os.path.join(xdg, "attune", "credentials.json"), "env"
-    home = env.get("HOME") or os.path.expanduser("~")
-    if not os.path.isabs(home):  # no HOME and no password-database entry: no place at all
-        return None, "none"
-    return os.path.join(home, ".config", "attune", "credentials.json"), "default"
-
-
-def fast_token_args(argv):
-    """The options of `auth token` when argv uses only simple ones; None otherwise."""
-    values = {"-p": "profile", "--profile": "profile", "--config": "config", "--api-url": "api_url",
-              "--output": "output", "--format": "format", "--min-ttl": "min_ttl"}
-    flags = {"-j": "json", "--json": "json", "-y": "yaml", "--yaml": "yaml"}
-    opts, words, outputs = {}, [], set()
-    argv = list(argv)
-    while argv:
-        word = argv.pop(0)
-        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
-        if name in values and (eq or argv):
-            if name in ("--format", "--min-ttl") and words != ["auth", "token"]:
-                return None  # options of `token` only, after it
-            opts[values[name]] = value if eq else argv.pop(0)
-        elif word in flags:
-            outputs.add(flags[word])
-        elif word.startswith("-"):
-            return None
-        else:
-            words.append(word)
-    if "output" in opts:
-        outputs.add(opts["output"])
-    if words != ["auth", "token"] or len(outputs) > 1 or outputs - {"table"}:
-        return None
-    if opts.get("format") not in (None, "raw", "header", "env") or not opts.get("min_ttl", "0").isdigit():
-        return None
-    opts["min_ttl"] = int(opts.get("min_ttl", "0"))
-    return opts
-
-
-def fast_read_profile(opts, env):
-    """(profile dict or None) of the profile in effect, or False when the program must look."""
-    path = credential_path(opts.get("config"), env)[0]
-    doc = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                raw = f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            raw = None
-        except OSError:
-            return False
-        if raw is not None:
-            if not WINDOWS and (st.st_mode & 0o077 or st.st_uid != os.geteuid()):
-                return False  # the program warns about it
-            try:
-                doc = fast_json((raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).decode("utf-8"))
-            except UnicodeError:
-                return False
-            if not isinstance(doc, dict) or not isinstance(doc.get("profiles", {}), dict) \
-                    or doc.get("format") not in (None, "table") \
-                    or not isinstance(doc.get("current_profile", ""), (str, type(None))):
-                return False
-    name = opts.get("profile") or env.get("ATTUNE_PROFILE") or doc.get("current_profile") or "default"
-    profile = doc.get("profiles", {}).get(name)
-    if profile is None and name != "default" or profile is not None and not isinstance(profile, dict):
-        return False
-    return profile
-
-
-def fast_auth_token(argv, env, now):
-    """The output of `auth token` when a fresh token is at hand, else None."""
-    opts = fast_token_args(argv)
-    if opts is None or env.get("ATTUNE_TIMEOUT") or env.get("ATTUNE_LOCK_TIMEOUT"):
-        return None
-    profile = fast_read_profile(opts, env)
-    if profile is False:
-        return None
-    profile = profile or {}
-    token, expires_at = None, None
-    if not opts.get("profile"):
-        token = env.get("ATTUNE_API_TOKEN") or env.get("ATTUNE_AUTH_TOKEN")
-        if not token and env.get("ATTUNE_TOKEN_FILE"):
-            try:
-                with open(env["ATTUNE_TOKEN_FILE"], "r", encoding="utf-8") as f:
-                    token = f.read().strip()
-            except (OSError, UnicodeError):
-                return None
-    if token:
-        expires_at = jwt_expiry(token)
-    else:
-        token = profile.get("auth_token")
-        if not isinstance(token, str) or not token:
-            return None
-        stored = profile.get("auth_token_expires_at")
-        expires_at = epoch(stored) if stored is not None else jwt_expiry(token)
-    if expires_at is not None:
-        if expires_at - now < max(refresh_margin(jwt_lifetime(token)), opts["min_ttl"]):
-            return None  # a refresh is due: the program does that
-    if opts.get("format") == "raw" or not opts.get("format"):
-        return token + "\n"
-    if opts["format"] == "header":
-        return "Authorization: Bearer %s\n" % token
-    url = opts.get("api_url") or env.get("ATTUNE_API_URL") or profile.get("api_url", "http://localhost:8080")
-    if not isinstance(url, str) or not url:
-        return None
-    return "export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n" % (shell_quote(url.rstrip("/")),
-                                                                      shell_quote(token))
-
-
-def shell_quote(text):
-    """shlex.quote, without importing shlex (and re)."""
-    safe = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-"
-    if text and all(c in safe for c in text):
-        return text
-    return "'" + text.replace("'", "'\"'\"'") + "'"
-
-
-def fast_main(argv, env, now):
-    """The exit code of a command answered here, or None for the program to run."""
-    if argv == ["--version"]:
-        output = "attune.py %s (python %d.%d)\n" % ((__version__,) + tuple(sys.version_info[:2]))
-    elif argv in (["--help"], ["-h"]):
-        cache = cache_file(env, "help-%d" % help_width())
-        output = read_cached(*cache) if cache else None
-        output = output.decode("utf-8") if output is not None else None
-    else:
-        output = fast_auth_token(argv, env, now)
-    if output is None:
-        return None
-    try:
-        sys.stdout.write(output)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        return None  # let the program report it its usual way
-    return 0
-
-
-def help_width():
-    """The width shutil.get_terminal_size() would report: COLUMNS, the terminal, or 80."""
-    columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit() and int(columns) > 0:
-        return int(columns)
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns
-    except (AttributeError, ValueError, OSError):
-        return 80
-'''
-
-PROGRAM_LINE = sys._getframe().f_lineno + 1  # the line PROGRAM starts on
-PROGRAM = r'''
 import binascii
 import errno
 import os
 import sys
 import time
 
+__version__ = "0.1.0"
+
 # === Compatibility ===========================================================
 # Each shim says why it exists, so it can go when the floor rises.
 
 
-class LazyModule:
-    """A module imported on first use: json pulls in the regular-expression engine,
-    which costs more than --help or a token print needs in all."""
+WINDOWS = os.name == "nt"
 
-    def __init__(self, name, load=None):
+
+class LazyModule:
+    """A module imported on first use. json and argparse import the regular-expression
+    engine, which costs more than all of `auth token` with a fresh token; most
+    commands never lock, so fcntl waits too."""
+
+    def __init__(self, name):
         self.name = name
-        self.load = load or (lambda: __import__(name))
 
     def __getattr__(self, attr):
-        module = self.load()
+        module = __import__(self.name)
         globals()[self.name] = module  # later uses go straight to the module
         return getattr(module, attr)
 
 
-def load_argparse():
-    """argparse, imported without gettext and locale: it only asks gettext to translate
-    its messages, attune.py has no translations, and the two cost more than a parse."""
-    if "argparse" not in sys.modules and "gettext" not in sys.modules:
-        stand_in = type(sys)("gettext")
-        stand_in.gettext = lambda message: message
-        stand_in.ngettext = lambda singular, plural, n: singular if n == 1 else plural
-        sys.modules["gettext"] = stand_in
-        try:
-            import argparse
-        finally:
-            del sys.modules["gettext"]  # anyone else importing gettext gets the real one
-    import argparse
-    return argparse
-
-
 json = LazyModule("json")
-argparse = LazyModule("argparse", load_argparse)
+argparse = LazyModule("argparse")
 
-# Locks: fcntl on POSIX, msvcrt on Windows, imported when first used (most commands
-# never lock); None means "not on this platform".
+# Locks: fcntl on POSIX, msvcrt on Windows; None means "not on this platform".
 fcntl = None if WINDOWS else LazyModule("fcntl")
 msvcrt = LazyModule("msvcrt") if WINDOWS else None
 
@@ -530,17 +170,156 @@ def not_logged_in():
     return AuthRequired("Not logged in. Use 'attune auth login'")
 
 
-# === Helpers: JSON and time ================================================
-# epoch(), jwt_claims(), jwt_expiry(), jwt_lifetime() and refresh_margin() are in the
-# start-up section.
+# === Helpers: JSON, time and JWT =============================================
+
+def refuse_constant(name):
+    """parse_constant for json.loads: NaN and Infinity are not JSON, whatever Python allows."""
+    raise ValueError("%s is not valid JSON" % name)
+
 
 def json_loads(text):
-    """json.loads through the start-up section's fast_json (no json.decoder, no re);
-    json.loads itself only when there is an error to explain."""
-    value = fast_json(text)
-    if value is None and text.strip() != "null":
-        return json.loads(text, parse_constant=no_constants)  # raises ValueError saying what is wrong
+    """Strict JSON through the C parser: for server answers and JSON given on the command
+    line, where its speed matters and json's import cost is paid anyway (urllib)."""
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+# parse_json reads the credential file and JWT payloads, on every run: the json module
+# would import the regular-expression engine, which costs more than the whole of
+# `auth token` with a fresh token. It accepts exactly what json_loads accepts (RFC 8259
+# with Python's handling of duplicate keys and lone surrogates); test_attune.py checks
+# the two against each other.
+JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+JSON_SPACE = " \t\n\r"
+JSON_NUMBER = frozenset("0123456789+-.eE")
+JSON_DEPTH = 200  # two frames a level: well inside the recursion limit
+
+
+def parse_json(text):
+    """The value of a JSON document; ValueError saying where it is wrong."""
+    value, end = json_value(text, json_space(text, 0), 0)
+    end = json_space(text, end)
+    if end != len(text):
+        raise json_error(text, end, "extra data")
     return value
+
+
+def json_error(text, pos, what):
+    line = text.count("\n", 0, pos) + 1
+    column = pos - text.rfind("\n", 0, pos)
+    return ValueError("%s: line %d column %d (char %d)" % (what, line, column, pos))
+
+
+def json_space(text, pos):
+    while pos < len(text) and text[pos] in JSON_SPACE:
+        pos += 1
+    return pos
+
+
+def json_value(text, pos, depth):
+    """(value, end) of the JSON value starting at pos."""
+    char = text[pos:pos + 1]
+    if char == '"':
+        return json_string(text, pos + 1)
+    if char == "{" or char == "[":
+        if depth >= JSON_DEPTH:
+            raise json_error(text, pos, "nested too deeply")
+        return json_container(text, pos, depth + 1)
+    for word, value in (("true", True), ("false", False), ("null", None)):
+        if text.startswith(word, pos):
+            return value, pos + len(word)
+    end = pos
+    while end < len(text) and text[end] in JSON_NUMBER:
+        end += 1
+    number = text[pos:end]
+    if not json_number_ok(number):
+        raise json_error(text, pos, "expecting value")
+    return (int(number) if number.lstrip("-").isdigit() else float(number)), end
+
+
+def json_number_ok(number):
+    """-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?"""
+    mantissa, e, exponent = number.replace("E", "e").partition("e")
+    whole, dot, fraction = (mantissa[1:] if mantissa.startswith("-") else mantissa).partition(".")
+    if exponent[:1] in ("+", "-"):
+        exponent = exponent[1:]
+    return (whole.isdigit() and (whole == "0" or whole[0] != "0") and
+            (not dot or fraction.isdigit()) and (not e or exponent.isdigit()))
+
+
+def json_container(text, pos, depth):
+    """(dict or list, end) of the object or array whose bracket is at pos."""
+    is_object = text[pos] == "{"
+    close = "}" if is_object else "]"
+    result = {} if is_object else []
+    pos = json_space(text, pos + 1)
+    if text[pos:pos + 1] == close:
+        return result, pos + 1
+    while True:
+        if is_object:
+            if text[pos:pos + 1] != '"':
+                raise json_error(text, pos, "expecting property name enclosed in double quotes")
+            key, pos = json_string(text, pos + 1)
+            pos = json_space(text, pos)
+            if text[pos:pos + 1] != ":":
+                raise json_error(text, pos, "expecting ':' delimiter")
+            value, pos = json_value(text, json_space(text, pos + 1), depth)
+            result[key] = value
+        else:
+            value, pos = json_value(text, pos, depth)
+            result.append(value)
+        pos = json_space(text, pos)
+        char = text[pos:pos + 1]
+        if char == close:
+            return result, pos + 1
+        if char != ",":
+            raise json_error(text, pos, "expecting ',' delimiter")
+        pos = json_space(text, pos + 1)
+
+
+def json_string(text, pos):
+    """(string, end) of the string whose opening quote is just before pos."""
+    start, parts = pos - 1, []
+    while True:
+        end = text.find('"', pos)
+        if end < 0:
+            raise json_error(text, start, "unterminated string")
+        chunk = text[pos:end]
+        escape = chunk.find("\\")
+        plain = chunk if escape < 0 else chunk[:escape]
+        if plain and min(plain) < " ":
+            bad = next(i for i, c in enumerate(plain) if c < " ")
+            raise json_error(text, pos + bad, "invalid control character")
+        parts.append(plain)
+        if escape < 0:
+            return "".join(parts), end + 1
+        pos += escape + 1
+        code = text[pos:pos + 1]
+        if code == "u":
+            char, pos = json_unicode(text, pos + 1)
+            parts.append(char)
+        elif code in JSON_ESCAPES and code:
+            parts.append(JSON_ESCAPES[code])
+            pos += 1
+        else:
+            raise json_error(text, pos - 1, "invalid \\escape")
+
+
+def json_unicode(text, pos):
+    """(character, end) of the 4 hex digits at pos (a surrogate pair when one follows)."""
+    code = json_hex4(text, pos)
+    pos += 4
+    if 0xd800 <= code < 0xdc00 and text.startswith("\\u", pos):
+        low = json_hex4(text, pos + 2)
+        if 0xdc00 <= low < 0xe000:
+            return chr(0x10000 + ((code - 0xd800) << 10) + (low - 0xdc00)), pos + 6
+    return chr(code), pos
+
+
+def json_hex4(text, pos):
+    digits = text[pos:pos + 4]
+    if len(digits) != 4 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        raise json_error(text, pos - 2, "invalid \\uXXXX escape")
+    return int(digits, 16)
 
 
 DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
@@ -564,6 +343,57 @@ def format_duration(seconds):
 
 def format_time(when):
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
+# Expiry, as design.md section 5 defines it: the one place that decides what a stored
+# time means, when a token is due for refresh and whether it is still usable.
+
+MARGIN_MIN, MARGIN_MAX = 30, 300  # proactive refresh margin bounds, seconds
+
+
+def epoch(value):
+    """A stored time or JWT claim as integer epoch seconds, or None when it is not a sane number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or not -1e11 < value < 1e11:  # NaN or absurd
+        return None
+    return int(value)
+
+
+def jwt_claims(token):
+    """The payload of a JWT as a dict, or None for anything malformed. No signature check:
+    the client only wants to know when the token expires."""
+    if not isinstance(token, str) or token.count(".") != 2:
+        return None
+    part = token.split(".")[1].replace("-", "+").replace("_", "/")  # base64url, padding restored
+    try:
+        claims = parse_json(binascii.a2b_base64(part + "=" * (-len(part) % 4)).decode("utf-8"))
+    except (ValueError, UnicodeError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def jwt_expiry(token):
+    claims = jwt_claims(token)
+    return epoch(claims.get("exp")) if claims else None
+
+
+def jwt_lifetime(token):
+    """exp - iat of a JWT in seconds, or None."""
+    claims = jwt_claims(token)
+    if not claims:
+        return None
+    iat, exp = epoch(claims.get("iat")), epoch(claims.get("exp"))
+    if iat is None or exp is None or exp <= iat:
+        return None
+    return exp - iat
+
+
+def refresh_margin(lifetime):
+    """Refresh this long before expiry: 10% of the lifetime, kept within 30 s .. 300 s."""
+    if not lifetime:
+        return MARGIN_MIN
+    return max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10))
 
 
 def describe_expiry(expires_at, now):
@@ -606,6 +436,24 @@ def env_seconds(env, name, default, positive=False):
 
 
 # === Credential file =========================================================
+
+def credential_path(config, env):
+    """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
+    or (None, 'none') when there is no home directory to keep it in."""
+    if config:
+        return os.path.abspath(os.path.expanduser(config)), "flag"
+    if env.get("ATTUNE_CONFIG"):
+        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"])), "env"
+    if WINDOWS and env.get("APPDATA"):
+        return os.path.join(env["APPDATA"], "attune", "credentials.json"), "default"
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "attune", "credentials.json"), "env"
+    home = env.get("HOME") or os.path.expanduser("~")
+    if not os.path.isabs(home):  # no HOME and no password-database entry: no place at all
+        return None, "none"
+    return os.path.join(home, ".config", "attune", "credentials.json"), "default"
+
 
 def make_private_dirs(directory):
     """Create missing directories with mode 0700; an existing one is never chmod-ed."""
@@ -730,11 +578,9 @@ class CredentialStore:
 
     def _parse(self, raw):
         try:
-            doc = json_loads(raw[3:].decode("utf-8") if raw.startswith(b"\xef\xbb\xbf") else raw.decode("utf-8"))
+            doc = parse_json(raw[3:].decode("utf-8") if raw.startswith(b"\xef\xbb\xbf") else raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError("not UTF-8: %s" % e.reason)
-        except RecursionError:
-            raise ValueError("nested too deeply")
         if not isinstance(doc, dict):
             raise ValueError("the top level is not a JSON object")
         version = doc.get("version", FILE_VERSION)
@@ -1589,8 +1435,7 @@ class Session:
 
 # === Output ==================================================================
 
-# The symbols of table output, written as escapes: one non-ASCII character in the program
-# text would store all of it at two bytes a character, and every start-up would pay for that.
+# The symbols of table output; write_text() swaps them for ASCII where the terminal lacks them.
 CHECK, CROSS, INFO, CAUTION = "\u2713", "\u2717", "\u2139", "\u26a0"
 ELLIPSIS, BULLET, RULE = "\u2026", "\u2022", "\u2500"
 ASCII_FALLBACK = ((CHECK, "OK"), (CROSS, "x"), (INFO, "i"), (CAUTION, "!"), (ELLIPSIS, "..."), (BULLET, "*"),
@@ -1607,6 +1452,25 @@ def write_text(stream, text):
             text = text.replace(symbol, plain)
         encoding = getattr(stream, "encoding", None) or "ascii"
         stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+def shell_quote(text):
+    """shlex.quote, without importing shlex (and re)."""
+    safe = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-"
+    if text and all(c in safe for c in text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def terminal_columns(stream, env):
+    """The width of the terminal stream writes to; else COLUMNS; else None."""
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        pass
+    columns = env.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
 
 
 def to_json(data, ascii_only=False):
@@ -1856,13 +1720,7 @@ class Context:
         self.out(render_pairs(pairs))
 
     def terminal_width(self):
-        try:
-            if self.stdout.isatty():
-                return os.get_terminal_size(self.stdout.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            pass
-        columns = self.env.get("COLUMNS", "")
-        return int(columns) if columns.isdigit() and int(columns) > 0 else None
+        return terminal_columns(self.stdout, self.env)
 
     # -- profile, URL, tokens --------------------------------------------------
     @property
@@ -2004,7 +1862,88 @@ def ask(ctx, prompt):
     return ctx.stdin.readline().strip() or None
 
 
+# === Command declarations ====================================================
+# Each command's function is declared right above it, with its flags:
+#     @command("pack list", "list installed packs", arg("-n", "--name", help=...), ALL)
+# build_parser() turns the declarations into argparse parsers, only for the command
+# argv names; command_tree() reads them for shell completion; top_help() for --help.
+
+REMAINDER = "..."  # argparse.REMAINDER, named without importing argparse
+TOP_LEVEL = []     # names of groups and top-level commands, in the order of --help
+GROUP_HELP = {}    # group name -> help
+COMMANDS = []      # Command, in declaration order
+
+
+class Command:
+    def __init__(self, path, help, func, arguments, defaults):
+        self.path = path            # ("pack", "list")
+        self.help = help
+        self.func = func
+        self.arguments = arguments  # arg() tuples: (flags, options)
+        self.defaults = defaults    # extra attributes of the parsed arguments
+
+
+def group(name, help):
+    """Declare a command group ('pack'); its commands are declared with command()."""
+    TOP_LEVEL.append(name)
+    GROUP_HELP[name] = help
+
+
+def command(path, help, *arguments, **defaults):
+    """Declare the decorated function as the command path ('pack list' or 'run')."""
+    def register(func):
+        words = tuple(path.split())
+        if len(words) == 1:
+            TOP_LEVEL.append(words[0])
+        COMMANDS.append(Command(words, help, func, arguments, defaults))
+        return func
+    return register
+
+
+def arg(*flags, **options):
+    """One argument of a command, as argparse's add_argument takes it."""
+    return flags, options
+
+
+def parse_bool(text):
+    """argparse type for true/false flags (--enabled B)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError("expected a positive whole number, not %r" % text)
+    return value
+
+
+def ref(what):
+    return arg("ref", metavar="REF", help="%s reference" % what)
+
+
+ALL = arg("--all", action="store_true", help="follow every page of the list (has_next)")
+YES = arg("--yes", action="store_true", help="do not ask for confirmation")
+EXECUTION_ID = arg("id", metavar="ID", type=int, help="execution id (a whole number)")
+
+
 # === Commands: auth ==========================================================
+
+group("auth", "log in and out, inspect and print tokens")
+
+LOGIN_URL = arg("--url", help="API URL to log in to (stored in the profile)")
+SAVE_PROFILE = arg("--save-profile", metavar="NAME", help="store the session in this profile")
+MIN_TTL = arg("--min-ttl", type=int, default=0, metavar="SECONDS",
+              help="refresh first unless the token has at least this long left")
+TOKEN_FORMATS = ("raw", "json", "env", "header")
+
 
 def adopt_first_profile(doc, name):
     """The first profile ever created becomes the current one."""
@@ -2101,6 +2040,14 @@ def usable_login(ctx, args, target, url, stored):
     return session
 
 
+@command("auth login", "log in with a username and password",
+         arg("-u", "--username", help="login name (default: the profile's stored username)"),
+         arg("--password-stdin", action="store_true", help="read the password from stdin"),
+         arg("--password", metavar="P", help="password (visible in the process list: avoid)"),
+         LOGIN_URL, SAVE_PROFILE,
+         arg("--if-needed", action="store_true",
+             help="do nothing (exit 0) when the profile already holds a usable session"),
+         creates_profile=True)
 def cmd_auth_login(ctx, args):
     target, url = login_target(ctx, args)
     stored = ctx.store.profile(target) or {}
@@ -2120,6 +2067,10 @@ def cmd_auth_login(ctx, args):
                  method, username)
 
 
+@command("auth token-login", "log in with an integration token",
+         arg("--token-stdin", action="store_true", help="read the token from stdin"),
+         arg("--token", metavar="T", help="integration token (visible in the process list)"),
+         LOGIN_URL, SAVE_PROFILE, creates_profile=True)
 def cmd_auth_token_login(ctx, args):
     target, url = login_target(ctx, args)
     token = read_secret(ctx, "integration token", args.token_stdin, args.token, None, "--token")
@@ -2127,6 +2078,8 @@ def cmd_auth_token_login(ctx, args):
     finish_login(ctx, session, target, url, "/auth/token-login", {"token": token}, "token")
 
 
+@command("auth logout", "forget the stored tokens (the server keeps no session)",
+         arg("--all", action="store_true", help="log out of every profile"))
 def cmd_auth_logout(ctx, args):
     names = sorted(ctx.store.profiles()) if args.all else [ctx.profile]
 
@@ -2147,6 +2100,7 @@ def cmd_auth_logout(ctx, args):
                  " of all profiles" if args.all else " (profile '%s')" % names[0])))
 
 
+@command("auth whoami", "show the identity the server sees")
 def cmd_auth_whoami(ctx, args):
     session = ctx.session()
     if not session.creds.access:
@@ -2227,6 +2181,9 @@ def status_pairs(status, now):
     return pairs
 
 
+@command("auth status", "show each profile's login state; exit 0 only when usable",
+         arg("--offline", action="store_true", help="do not contact the server"),
+         arg("--all", action="store_true", help="every profile in the credential file"))
 def cmd_auth_status(ctx, args):
     names = sorted(set(ctx.store.profiles()) | {ctx.profile}) if args.all else [ctx.profile]
     results, code = [], 0
@@ -2248,6 +2205,7 @@ def cmd_auth_status(ctx, args):
     return code
 
 
+@command("auth refresh", "refresh the access token now")
 def cmd_auth_refresh(ctx, args):
     session = ctx.session()
     if not session.creds.access and not session.creds.refresh:
@@ -2268,6 +2226,8 @@ def cmd_auth_refresh(ctx, args):
               "expires_at": expires_at, "expires_in": expires_in}, table)
 
 
+@command("auth token", "print the access token that would be used",
+         MIN_TTL, arg("--format", choices=TOKEN_FORMATS, help="raw (default), json, env (shell exports) or header"))
 def cmd_auth_token(ctx, args):
     session = ctx.session()
     token = session.token(min_ttl=args.min_ttl)
@@ -2295,6 +2255,8 @@ def cmd_auth_token(ctx, args):
         ctx.write_document(to_yaml if fmt == "yaml" else to_json, doc)
 
 
+@command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
+         MIN_TTL, arg("command", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]"))
 def cmd_auth_exec(ctx, args):
     """Run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN in its environment
     (never on its argv, never on disk). On POSIX the command replaces this process, so
@@ -2327,6 +2289,9 @@ def cmd_auth_exec(ctx, args):
 
 # === Commands: config ========================================================
 
+group("config", "manage profiles and settings in the credential file")
+
+
 CONFIG_ALIASES = {"output_format": "format", "default_output_format": "format",
                   "current_profile": "profile"}
 CONFIG_KEYS = ("api_url", "format", "profile", "description", "ca_bundle")
@@ -2354,6 +2319,7 @@ def profile_view(name, profile):
     return view
 
 
+@command("config list", "show the settings in effect (tokens masked)")
 def cmd_config_list(ctx, args):
     name = ctx.profile
     profile = ctx.store.profile(name) or {}
@@ -2378,12 +2344,15 @@ def config_value(ctx, key):
     return (ctx.store.profile(ctx.profile) or {}).get(key)
 
 
+@command("config get", "print one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)))
 def cmd_config_get(ctx, args):
     key = config_key(args.key)
     value = config_value(ctx, key)
     ctx.emit({"key": key, "value": value}, lambda: ctx.out("" if value is None else str(value)))
 
 
+@command("config set", "change one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)),
+         arg("value"))
 def cmd_config_set(ctx, args):
     key, value = config_key(args.key), args.value
     if key == "format":
@@ -2413,6 +2382,7 @@ def cmd_config_set(ctx, args):
     ctx.emit({"key": key, "value": value}, lambda: ctx.success("Set %s = %s" % (key, value)))
 
 
+@command("config path", "print the credential file path")
 def cmd_config_path(ctx, args):
     if ctx.config_path is None:
         ctx.store.lock()  # raises: there is no place for the file
@@ -2420,6 +2390,8 @@ def cmd_config_path(ctx, args):
               or os.path.exists(ctx.config_path)}, lambda: ctx.out(ctx.config_path))
 
 
+@command("config profiles", "list profiles, current marked",
+         arg("--names", action="store_true", help="just the names, one per line"))
 def cmd_config_profiles(ctx, args):
     current = ctx.store.current_profile() or DEFAULT_PROFILE
     profiles = dict(ctx.store.profiles())
@@ -2439,11 +2411,13 @@ def cmd_config_profiles(ctx, args):
          for r in rows]))
 
 
+@command("config current", "print the profile in effect")
 def cmd_config_current(ctx, args):
     name, source = ctx.profile_source
     ctx.emit({"profile": name, "source": source}, lambda: ctx.out(name))
 
 
+@command("config use", "make a profile the current one", arg("name"))
 def cmd_config_use(ctx, args):
     ctx.require_profile(args.name)
 
@@ -2457,6 +2431,9 @@ def cmd_config_use(ctx, args):
              lambda: ctx.success("Switched to profile '%s'" % args.name))
 
 
+# --api-url (required here) and --ca-bundle are the global options of the same names
+@command("config add-profile", "add a profile, or update its settings (--api-url URL "
+         "[--description D] [--ca-bundle FILE])", arg("name"), arg("--description"))
 def cmd_config_add_profile(ctx, args):
     if not args.api_url:
         raise UsageError("config add-profile needs --api-url URL")
@@ -2477,6 +2454,7 @@ def cmd_config_add_profile(ctx, args):
     ctx.emit(view, lambda: ctx.success("Profile '%s' %s" % (args.name, "updated" if existed else "added")))
 
 
+@command("config show-profile", "show one profile (tokens masked)", arg("name"))
 def cmd_config_show_profile(ctx, args):
     ctx.require_profile(args.name)
     profile = ctx.store.profile(args.name) or {"api_url": DEFAULT_API_URL}
@@ -2497,6 +2475,7 @@ def cmd_config_show_profile(ctx, args):
     ctx.emit(view, table)
 
 
+@command("config remove-profile", "remove a profile (not the current one)", arg("name"))
 def cmd_config_remove_profile(ctx, args):
     name = args.name
     if name not in ctx.store.profiles():  # a malformed entry can still be removed
@@ -2574,36 +2553,16 @@ def note_partial(ctx, pagination, shown, noun):
 def json_or_string(text):
     """A value given on the command line: JSON when it parses, else the string itself."""
     try:
-        return json.loads(text, parse_constant=no_constants)
+        return json_loads(text)
     except ValueError:
         return text
 
 
 def parse_json_arg(text, flag):
     try:
-        return json.loads(text, parse_constant=no_constants)
+        return json_loads(text)
     except ValueError as e:
         raise UsageError("%s is not valid JSON: %s" % (flag, e))
-
-
-def parse_bool(text):
-    """argparse type for true/false flags (--enabled B)."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "1", "on"):
-        return True
-    if value in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError("expected a positive whole number, not %r" % text)
-    return value
 
 
 def split_list(text):
@@ -2882,6 +2841,13 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
 
 # === Commands: packs =========================================================
 
+group("pack", "list, show, create, install, register, upload, update and uninstall packs")
+
+SKIP_TESTS = arg("--skip-tests", action="store_true", help="do not run the pack's tests")
+PACK_PATH_ARGS = (arg("path", metavar="PATH"),
+                  arg("-f", "--force", action="store_true", help="replace a pack with the same ref"), SKIP_TESTS)
+
+
 def pack_report(ctx, result, verb):
     """The answer of install, register and upload: {pack, test_result?, tests_skipped}."""
     pack = result.get("pack") if isinstance(result.get("pack"), dict) else {}
@@ -2905,6 +2871,8 @@ def pack_report(ctx, result, verb):
     ctx.emit(result, table)
 
 
+@command("pack list", "list installed packs",
+         arg("-n", "--name", help="only packs whose ref contains this"), ALL)
 def cmd_pack_list(ctx, args):
     packs, pagination = fetch_list(ctx.session(), "/packs", every_page=args.all)
     if args.name:
@@ -2913,6 +2881,7 @@ def cmd_pack_list(ctx, args):
               lambda p: [p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)])
 
 
+@command("pack show", "show one pack", ref("pack"))
 def cmd_pack_show(ctx, args):
     pack = ctx.session().fetch("GET", "/packs/" + path_segment(args.ref))
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
@@ -2930,6 +2899,12 @@ def cmd_pack_show(ctx, args):
     ctx.emit(pack, table)
 
 
+@command("pack create", "create an empty pack",
+         arg("-r", "--ref", help="unique pack ref (required)"),
+         arg("-l", "--label", help="label (default: the ref, title-cased)"),
+         arg("-d", "--description"),
+         arg("--pack-version", default="0.1.0", metavar="VERSION", help="version (default 0.1.0)"),
+         arg("--tags", metavar="A,B", help="comma-separated tags"))
 def cmd_pack_create(ctx, args):
     if not args.ref:
         raise UsageError("Pack ref is required. Provide --ref <value>.")
@@ -2953,6 +2928,13 @@ def pack_source_kind(source, no_registry):
     return "path or URL" if no_registry else "registry"
 
 
+@command("pack install", "install a pack from a registry, git, a URL or a path",
+         arg("source", metavar="SOURCE"),
+         arg("-r", "--ref-spec", help="git branch, tag or commit"),
+         arg("-f", "--force", action="store_true", help="reinstall if it exists"),
+         SKIP_TESTS,
+         arg("--skip-deps", action="store_true", help="skip dependency validation (implies --skip-tests)"),
+         arg("--no-registry", action="store_true", help="treat SOURCE as a URL or path"))
 def cmd_pack_install(ctx, args):
     body = {"source": args.source, "ref_spec": args.ref_spec, "force": args.force,
             "skip_tests": args.skip_tests or args.skip_deps, "skip_deps": args.skip_deps,
@@ -2963,6 +2945,7 @@ def cmd_pack_install(ctx, args):
     pack_report(ctx, ctx.session().fetch("POST", "/packs/install", body), "installed")
 
 
+@command("pack register", "register a pack from a path the server can see", *PACK_PATH_ARGS)
 def cmd_pack_register(ctx, args):
     if not args.path.startswith(("/opt/attune/", "/app/", "/packs")):
         ctx.warn("'%s' looks like a local path; a server in a container may not see it. "
@@ -3031,6 +3014,7 @@ def multipart_body(fields, file_field, filename, content, content_type):
     return b"".join(parts), "multipart/form-data; boundary=" + boundary
 
 
+@command("pack upload", "upload a pack directory or .tar.gz and register it", *PACK_PATH_ARGS)
 def cmd_pack_upload(ctx, args):
     archive, ref = pack_archive(args.path)
     ctx.info("Uploading pack '%s' from: %s" % (ref, args.path))
@@ -3043,6 +3027,9 @@ def cmd_pack_upload(ctx, args):
     pack_report(ctx, unwrap(resp), "uploaded and registered")
 
 
+@command("pack update", "change a pack's label, description or version", ref("pack"),
+         arg("--label"), arg("--description", help="new description (an empty one clears it)"),
+         arg("--pack-version", metavar="VERSION"))
 def cmd_pack_update(ctx, args):
     body = {}
     if args.label is not None:
@@ -3064,6 +3051,7 @@ def cmd_pack_update(ctx, args):
     ctx.emit(pack, table)
 
 
+@command("pack uninstall", "uninstall a pack", ref("pack"), YES)
 def cmd_pack_uninstall(ctx, args):
     delete_resource(ctx, args, "uninstall pack '%s'" % args.ref, "/packs/" + path_segment(args.ref),
                     "Pack '%s' uninstalled successfully" % args.ref, "Pack uninstalled successfully",
@@ -3071,6 +3059,23 @@ def cmd_pack_uninstall(ctx, args):
 
 
 # === Commands: actions =======================================================
+
+group("action", "list, show, search, execute, enable, disable and delete actions")
+
+# the options of action execute, run and execution rerun
+EXECUTE_ARGS = (
+    arg("--param", action="append", default=[], metavar="KEY=VALUE",
+        help="a parameter; the value is parsed as JSON when it parses (repeatable)"),
+    arg("--params-json", metavar="JSON", help="all parameters as one JSON object"),
+    arg("--worker-selector", metavar="JSON", help="worker label selector (JSON object)"),
+    arg("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)"),
+    arg("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)"),
+    arg("--execution-timeout", type=positive_int, metavar="SECONDS",
+        help="timeout the server enforces on the execution"),
+    arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
+    arg("--timeout", type=positive_int, metavar="SECONDS",
+        help="with --watch: stop waiting after this long (default 300)"))
+
 
 def runtime_text(item, is_workflow=None):
     if item.get("workflow_def") is not None if is_workflow is None else is_workflow:
@@ -3087,6 +3092,8 @@ def action_pairs(action, entry_label="Entry Point"):
             ("Runtime", runtime_text(action)), ("Enabled", action.get("enabled"))]
 
 
+@command("action list", "list actions", arg("--pack", help="only this pack's actions"),
+         arg("-n", "--name", help="only actions whose ref contains this"), ALL)
 def cmd_action_list(ctx, args):
     path = "/packs/%s/actions" % path_segment(args.pack) if args.pack else "/actions"
     actions, pagination = fetch_list(ctx.session(), path, every_page=args.all)
@@ -3097,6 +3104,7 @@ def cmd_action_list(ctx, args):
                          clip(a.get("description") or "", 40)])
 
 
+@command("action show", "show one action and its parameters", ref("action"))
 def cmd_action_show(ctx, args):
     action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
@@ -3107,6 +3115,10 @@ def cmd_action_show(ctx, args):
     ctx.emit(action, table)
 
 
+@command("action search", "search actions by keywords",
+         arg("query", metavar="QUERY", nargs="?", help="keywords, all of which must match"),
+         arg("--pack", action="append", metavar="P", help="only in this pack (repeatable)"),
+         arg("--limit", type=positive_int, default=50, help="at most this many (default 50)"))
 def cmd_action_search(ctx, args):
     query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
              "page_size": max(1, min(args.limit, ALL_PAGE_SIZE)), "page": 1}
@@ -3128,14 +3140,17 @@ def cmd_action_toggle(ctx, args, enabled):
     ctx.emit(action, table)
 
 
+@command("action enable", "enable an action", ref("action"))
 def cmd_action_enable(ctx, args):
     cmd_action_toggle(ctx, args, True)
 
 
+@command("action disable", "disable an action", ref("action"))
 def cmd_action_disable(ctx, args):
     cmd_action_toggle(ctx, args, False)
 
 
+@command("action delete", "delete an action", ref("action"), YES)
 def cmd_action_delete(ctx, args):
     delete_resource(ctx, args, "delete action '%s'" % args.ref, "/actions/" + path_segment(args.ref),
                     "Action '%s' deleted successfully" % args.ref, "Action deleted successfully")
@@ -3159,6 +3174,8 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     show_finished_execution(ctx, wait_for_execution(ctx, session, int(execution["id"]), timeout))
 
 
+@command("action execute", "run an action", ref("action (pack.action)"), *EXECUTE_ARGS)
+@command("run", "run an action (same as action execute)", ref("action (pack.action)"), *EXECUTE_ARGS)
 def cmd_action_execute(ctx, args):
     body = execute_body(args, args.ref, execution_parameters(args))
     ctx.info("Executing action: %s" % args.ref)
@@ -3166,6 +3183,9 @@ def cmd_action_execute(ctx, args):
 
 
 # === Commands: executions ====================================================
+
+group("execution", "list, show, watch, cancel and rerun executions, read logs")
+
 
 def matches_ref(actual, pattern):
     """Exact match, or 'pack.*' for every ref in a pack."""
@@ -3197,6 +3217,16 @@ def execution_matches(execution, args, statuses, result_text):
     return True
 
 
+@command("execution list", "list executions, newest first",
+         arg("--pack", help="only actions of this pack"),
+         arg("-a", "--action", help="action ref, or pack.* for a whole pack"),
+         arg("--rule", help="rule ref, or pack.*"),
+         arg("--trigger", help="trigger ref, or pack.*"),
+         arg("-s", "--status", action="append", help="only this status (repeatable)"),
+         arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
+         arg("--trace-tag", help="exact trace tag"),
+         arg("--top-level-only", action="store_true", help="leave out child executions"),
+         arg("-l", "--limit", type=positive_int, default=50, help="at most this many (default 50)"), ALL)
 def cmd_execution_list(ctx, args):
     statuses = [s.strip().lower() for s in args.status or () if s.strip()]
     result_text = args.result.lower() if args.result else None
@@ -3224,6 +3254,7 @@ def format_timeout_seconds(seconds):
     return "%s (%ds)" % (human, seconds)
 
 
+@command("execution show", "show one execution", EXECUTION_ID)
 def cmd_execution_show(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
 
@@ -3241,6 +3272,8 @@ def cmd_execution_show(ctx, args):
     ctx.emit(execution, table)
 
 
+@command("execution result", "print an execution's result", EXECUTION_ID,
+         arg("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml"))
 def cmd_execution_result(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
     if execution.get("result") is None:
@@ -3249,6 +3282,7 @@ def cmd_execution_result(ctx, args):
     ctx.write_document(to_yaml if fmt == "yaml" else to_json, execution["result"])
 
 
+@command("execution cancel", "cancel an execution", EXECUTION_ID, YES)
 def cmd_execution_cancel(ctx, args):
     if not confirm(ctx, args, "cancel execution %d" % args.id, "Cancellation aborted"):
         return
@@ -3256,11 +3290,17 @@ def cmd_execution_cancel(ctx, args):
     ctx.emit(execution, lambda: ctx.success("Execution %d cancelled" % args.id))
 
 
+@command("execution watch", "wait for an execution to finish", EXECUTION_ID,
+         arg("--timeout", type=positive_int, default=300, metavar="SECONDS",
+             help="stop waiting after this long (default 300)"))
 def cmd_execution_watch(ctx, args):
     ctx.info("Observing execution %d..." % args.id)
     show_finished_execution(ctx, wait_for_execution(ctx, ctx.session(), args.id, args.timeout))
 
 
+@command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
+         arg("--stderr", action="store_true", help="the stderr stream instead of stdout"),
+         arg("-f", "--follow", action="store_true", help="keep printing until the execution ends"))
 def cmd_execution_logs(ctx, args):
     name = "stderr" if args.stderr else "stdout"
     chunks = []
@@ -3292,6 +3332,8 @@ def secret_marker_paths(value, path=""):
     return []
 
 
+@command("execution rerun", "run an execution again, with changed parameters if you like",
+         EXECUTION_ID, *EXECUTE_ARGS)
 def cmd_execution_rerun(ctx, args):
     original = ctx.session().fetch("GET", "/executions/%d" % args.id)
     action_ref = original.get("action_ref")
@@ -3314,6 +3356,16 @@ def cmd_execution_rerun(ctx, args):
 
 # === Commands: rules =========================================================
 
+group("rule", "list, show, create, update, enable, disable and delete rules")
+
+RULE_OPTIONS = (
+    arg("--description"),
+    arg("--conditions", metavar="JSON", help="match conditions (JSON)"),
+    arg("--action-params", metavar="JSON", help="action parameters (JSON object)"),
+    arg("--trigger-params", metavar="JSON", help="trigger parameters (JSON object)"),
+    arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"))
+
+
 def rule_pairs(rule):
     return [("Ref", rule.get("ref")), ("Pack", rule.get("pack_ref")), ("Label", rule.get("label")),
             ("Description", or_none(rule.get("description"))), ("Trigger", rule.get("trigger_ref")),
@@ -3335,6 +3387,8 @@ def rule_fields(args):
     return body
 
 
+@command("rule list", "list rules", arg("--pack", help="only this pack's rules"),
+         arg("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled"), ALL)
 def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
     rules, pagination = fetch_list(ctx.session(), "/rules", query, every_page=args.all)
@@ -3343,6 +3397,7 @@ def cmd_rule_list(ctx, args):
                          r.get("enabled")])
 
 
+@command("rule show", "show one rule", ref("rule"))
 def cmd_rule_show(ctx, args):
     rule = ctx.session().fetch("GET", "/rules/" + path_segment(args.ref))
 
@@ -3355,6 +3410,12 @@ def cmd_rule_show(ctx, args):
     ctx.emit(rule, table)
 
 
+@command("rule create", "create a rule linking a trigger to an action",
+         arg("--ref", required=True, help="rule ref (pack.name)"),
+         arg("--pack", required=True, help="pack ref"),
+         arg("--label", required=True, help="label"),
+         arg("--trigger", required=True, help="trigger ref"),
+         arg("--action", required=True, help="action ref"), *RULE_OPTIONS)
 def cmd_rule_create(ctx, args):
     body = {"ref": args.ref, "pack_ref": args.pack, "label": args.label, "trigger_ref": args.trigger,
             "action_ref": args.action}
@@ -3369,6 +3430,7 @@ def cmd_rule_create(ctx, args):
     ctx.emit(rule, table)
 
 
+@command("rule update", "change a rule", ref("rule"), arg("--label"), *RULE_OPTIONS)
 def cmd_rule_update(ctx, args):
     body = rule_fields(args)
     if args.label is not None:
@@ -3390,14 +3452,17 @@ def cmd_rule_toggle(ctx, args, verb):
     ctx.emit(rule, lambda: ctx.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
 
 
+@command("rule enable", "enable a rule", ref("rule"))
 def cmd_rule_enable(ctx, args):
     cmd_rule_toggle(ctx, args, "enabled")
 
 
+@command("rule disable", "disable a rule", ref("rule"))
 def cmd_rule_disable(ctx, args):
     cmd_rule_toggle(ctx, args, "disabled")
 
 
+@command("rule delete", "delete a rule", ref("rule"), YES)
 def cmd_rule_delete(ctx, args):
     delete_resource(ctx, args, "delete rule '%s'" % args.ref, "/rules/" + path_segment(args.ref),
                     "Rule '%s' deleted successfully" % args.ref, "Rule deleted successfully",
@@ -3405,6 +3470,10 @@ def cmd_rule_delete(ctx, args):
 
 
 # === Commands: triggers and sensors ==========================================
+
+group("trigger", "list, show, enable, disable and delete triggers")
+group("sensor", "list, show, enable and disable sensors")
+
 
 def list_pack_scoped(ctx, args, kind, columns, row):
     """trigger/sensor list: /packs/{p}/<kind> for one pack (the server ignores ?pack=)."""
@@ -3426,12 +3495,14 @@ def toggle_resource(ctx, kind, ref, enabled):
     ctx.emit(item, table)
 
 
+@command("trigger list", "list triggers", arg("--pack", help="only this pack's triggers"), ALL)
 def cmd_trigger_list(ctx, args):
     list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
                      lambda t: [t.get("ref"), t.get("pack_ref") or "", t.get("label"), t.get("enabled"),
                                 t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)])
 
 
+@command("trigger show", "show a trigger", ref("trigger"))
 def cmd_trigger_show(ctx, args):
     trigger = ctx.session().fetch("GET", "/triggers/" + path_segment(args.ref))
 
@@ -3452,14 +3523,17 @@ def cmd_trigger_show(ctx, args):
     ctx.emit(trigger, table)
 
 
+@command("trigger enable", "enable a trigger", ref("trigger"))
 def cmd_trigger_enable(ctx, args):
     toggle_resource(ctx, "trigger", args.ref, True)
 
 
+@command("trigger disable", "disable a trigger", ref("trigger"))
 def cmd_trigger_disable(ctx, args):
     toggle_resource(ctx, "trigger", args.ref, False)
 
 
+@command("trigger delete", "delete a trigger", ref("trigger"), YES)
 def cmd_trigger_delete(ctx, args):
     delete_resource(ctx, args, "delete trigger '%s'" % args.ref, "/triggers/" + path_segment(args.ref),
                     "Trigger '%s' deleted successfully" % args.ref, "Trigger deleted successfully")
@@ -3469,12 +3543,14 @@ def sensor_trigger(sensor):
     return sensor.get("trigger_ref") or ", ".join(sensor.get("trigger_types") or ())
 
 
+@command("sensor list", "list sensors", arg("--pack", help="only this pack's sensors"), ALL)
 def cmd_sensor_list(ctx, args):
     list_pack_scoped(ctx, args, "sensors", ["Ref", "Pack", "Label", "Trigger", "Enabled", "Description"],
                      lambda s: [s.get("ref"), s.get("pack_ref") or "", s.get("label"), sensor_trigger(s),
                                 s.get("enabled"), clip(s.get("description") or "", 50)])
 
 
+@command("sensor show", "show a sensor", ref("sensor"))
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
     ctx.emit(sensor, lambda: ctx.pairs(
@@ -3485,15 +3561,24 @@ def cmd_sensor_show(ctx, args):
         + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
 
 
+@command("sensor enable", "enable a sensor", ref("sensor"))
 def cmd_sensor_enable(ctx, args):
     toggle_resource(ctx, "sensor", args.ref, True)
 
 
+@command("sensor disable", "disable a sensor", ref("sensor"))
 def cmd_sensor_disable(ctx, args):
     toggle_resource(ctx, "sensor", args.ref, False)
 
 
 # === Commands: keys ==========================================================
+
+group("key", "list, show, create, update and delete keys (secrets)")
+
+KEY_VALUE_ARGS = (
+    arg("--value", help="the value; parsed as JSON when it parses (visible in the process list)"),
+    arg("--value-stdin", action="store_true", help="read the value from stdin"))
+
 
 def key_owner(key):
     """'pack: core', 'identity: 7', or just 'system' when there is no owner."""
@@ -3530,6 +3615,8 @@ def key_pairs(key, last=("Created", "created")):
             ("Encrypted", key.get("encrypted")), (last[0], format_timestamp(key.get(last[1])))]
 
 
+@command("key list", "list keys (never their values)", arg("--owner-type", choices=KEY_OWNER_TYPES),
+         arg("--owner", help="owner identifier"), ALL)
 def cmd_key_list(ctx, args):
     query = {"page": 1, "per_page": 50, "owner_type": args.owner_type, "owner": args.owner}
     keys, pagination = fetch_list(ctx.session(), "/keys", query, "per_page", args.all)
@@ -3538,6 +3625,8 @@ def cmd_key_list(ctx, args):
                          format_timestamp(k.get("created"))])
 
 
+@command("key show", "show one key; its value only with --decrypt", ref("key"),
+         arg("-d", "--decrypt", action="store_true", help="ask the server to decrypt and show the value"))
 def cmd_key_show(ctx, args):
     key = ctx.session().fetch("GET", "/keys/" + path_segment(args.ref),
                               query={"decrypt": "true"} if args.decrypt else None)
@@ -3567,6 +3656,11 @@ def cmd_key_show(ctx, args):
     ctx.emit(shown, table)
 
 
+@command("key create", "create a key", arg("--ref", required=True, help="unique key ref"),
+         arg("--name", required=True, help="human-readable name"), *KEY_VALUE_ARGS,
+         arg("-e", "--encrypt", action="store_true", help="store the value encrypted"),
+         arg("--owner-type", default="system", help="system (default), identity, pack, action or sensor"),
+         arg("--owner", help="owner identifier"))
 def cmd_key_create(ctx, args):
     if args.owner_type not in KEY_OWNER_TYPES:
         raise UsageError("Invalid owner type '%s'. Must be one of: %s" % (args.owner_type, ", ".join(KEY_OWNER_TYPES)))
@@ -3587,6 +3681,8 @@ def cmd_key_create(ctx, args):
     ctx.emit(key, table)
 
 
+@command("key update", "change a key's name, value or encryption", ref("key"), arg("--name"),
+         *KEY_VALUE_ARGS, arg("--encrypted", type=parse_bool, metavar="BOOL", help="true or false"))
 def cmd_key_update(ctx, args):
     body = {}
     if args.name is not None:
@@ -3608,6 +3704,7 @@ def cmd_key_update(ctx, args):
     ctx.emit(key, table)
 
 
+@command("key delete", "delete a key", ref("key"), YES)
 def cmd_key_delete(ctx, args):
     message = "Key '%s' deleted successfully" % args.ref
     delete_resource(ctx, args, "delete key '%s'" % args.ref, "/keys/" + path_segment(args.ref),
@@ -3616,6 +3713,12 @@ def cmd_key_delete(ctx, args):
 
 # === Commands: workflows =====================================================
 
+group("workflow", "list, show and delete workflows")
+
+
+@command("workflow list", "list workflows", arg("--pack", help="only this pack's workflows"),
+         arg("--tags", metavar="A,B", help="only workflows with these tags"),
+         arg("--search", help="text in the label or description"), ALL)
 def cmd_workflow_list(ctx, args):
     query = {"pack_ref": args.pack, "tags": args.tags, "search": args.search}
     workflows, pagination = fetch_list(ctx.session(), "/workflows", query, every_page=args.all)
@@ -3637,6 +3740,7 @@ def task_transitions(task):
     return "%d target(s)" % targets if targets else "terminal"
 
 
+@command("workflow show", "show a workflow and its tasks", ref("workflow"))
 def cmd_workflow_show(ctx, args):
     workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
@@ -3660,6 +3764,7 @@ def cmd_workflow_show(ctx, args):
     ctx.emit(workflow, table)
 
 
+@command("workflow delete", "delete a workflow", ref("workflow"), YES)
 def cmd_workflow_delete(ctx, args):
     delete_resource(ctx, args, "delete workflow '%s'" % args.ref, "/workflows/" + path_segment(args.ref),
                     "Workflow '%s' deleted successfully" % args.ref, "Workflow '%s' deleted" % args.ref)
@@ -3694,6 +3799,13 @@ def api_body(ctx, args):
     return text.encode("utf-8")
 
 
+@command("api", "call any API endpoint with the same auth, refresh and retry",
+         arg("method", metavar="METHOD", help="GET, POST, PUT, PATCH, DELETE, ..."),
+         arg("path", metavar="PATH", help="/packs (gets /api/v1 in front), /auth/..., /health"),
+         arg("-F", "--field", action="append", metavar="KEY=VALUE",
+             help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses"),
+         arg("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin"),
+         arg("--paginate", action="store_true", help="GET every page and print all items"))
 def cmd_api(ctx, args):
     method = args.method.upper()
     in_query = method in ("GET", "HEAD", "DELETE")  # query values stay the text typed
@@ -3729,6 +3841,10 @@ def cmd_api(ctx, args):
         ctx.emit(body, lambda: ctx.write_document(to_json, body))
 
 
+@command("health", "check that the server answers GET /health",
+         arg("--wait", type=float, metavar="SECONDS",
+             help="keep trying until the server is healthy or this long has passed (exit 5); "
+                  "the same as --wait-for-server"))
 def cmd_health(ctx, args):
     session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
     if args.wait is not None:
@@ -3992,27 +4108,14 @@ class Doctor:
             ctx.out(CHECK + " no problems found")
 
 
+@command("auth doctor", "check everything attune.py depends on here, offline too",
+         arg("--repair", action="store_true",
+             help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one"))
 def cmd_auth_doctor(ctx, args):
     doctor = Doctor(ctx, args.repair)
     code = doctor.run()
     ctx.emit(doctor.report, doctor.print_table)
     return code
-
-
-def command_tree(parser, path=()):
-    """(path, options, value options, subcommands) for the parser and each subparser below it."""
-    options, takes_value, children = [], [], {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            children.update(action.choices)
-        elif action.option_strings and action.help != argparse.SUPPRESS:
-            options.extend(action.option_strings)
-            if action.nargs != 0:
-                takes_value.extend(action.option_strings)
-    yield path, options, takes_value, list(children)
-    for name, child in children.items():
-        for item in command_tree(child, path + (name,)):
-            yield item
 
 
 FILE_OPTIONS = ("--config", "--ca-bundle", "--data")
@@ -4089,8 +4192,9 @@ def completion_fish(tree):
     return "\n".join(lines) + "\n"
 
 
+@command("completion", "print a shell completion script", arg("shell", choices=("bash", "zsh", "fish")))
 def cmd_completion(ctx, args):
-    tree = list(command_tree(build_parser()))
+    tree = list(command_tree())
     if args.shell == "fish":
         script = completion_fish(tree)
     else:
@@ -4103,40 +4207,193 @@ def cmd_completion(ctx, args):
 
 # === Argument parser =========================================================
 
+GLOBAL_OPTIONS = (
+    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
+    arg("--api-url", metavar="URL", help="API URL for this run"),
+    arg("--config", metavar="FILE", help="credential file"),
+    arg("--output", choices=OUTPUT_FORMATS, help="output format (default: table)"),
+    arg("-j", "--json", action="store_true", help="JSON output"),
+    arg("-y", "--yaml", action="store_true", help="YAML output"),
+    arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
+    arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
+    arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
+    arg("--wait-for-server", type=float, metavar="SECONDS",
+        help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
+)
+FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
+
+
+def option_dest(flags, options):
+    """The attribute argparse stores an argument in: --ref-spec -> ref_spec."""
+    if "dest" in options:
+        return options["dest"]
+    names = [f for f in flags if f.startswith("--")] or list(flags)
+    return names[0].lstrip("-").replace("-", "_")
+
+
+def option_default(options):
+    if "default" in options:
+        return options["default"]
+    return {"store_true": False, "count": 0}.get(options.get("action"))
+
+
+def option_names(arguments):
+    """(every option string, the ones that take a value) of some arg() declarations."""
+    names, takes_value = [], []
+    for flags, options in arguments:
+        if flags[0].startswith("-"):
+            names.extend(flags)
+            if options.get("action") not in FLAG_ACTIONS:
+                takes_value.extend(flags)
+    return names, takes_value
+
+
+GLOBAL_VALUE_OPTIONS = tuple(option_names(GLOBAL_OPTIONS)[1])
+
+
+def version_text():
+    return "attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
+
+
+def help_width():
+    return terminal_columns(sys.stdout, os.environ) or 80
+
+
+def wrap(text, width, indent):
+    """text in lines of at most width characters, each after indent spaces (textwrap imports re)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width - indent:
+            lines.append(line)
+            line = word
+        else:
+            line = line + " " + word if line else word
+    return ("\n" + " " * indent).join(lines + [line])
+
+
+def help_rows(rows, width):
+    """argparse's two-column layout: the name, then its help from column 24 on, wrapped."""
+    lines = []
+    for name, text in rows:
+        if len(name) <= 20:
+            lines.append("  %-22s%s" % (name, wrap(text, width, 24)))
+        else:
+            lines.append("  %s\n%s%s" % (name, " " * 24, wrap(text, width, 24)))
+    return lines
+
+
+def top_help(width):
+    """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
+    commands = [(name, GROUP_HELP.get(name) or find_command((name,)).help) for name in TOP_LEVEL]
+    options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
+    for flags, spec in GLOBAL_OPTIONS:
+        value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
+            spec.get("metavar") or "{%s}" % ",".join(spec["choices"]))
+        options.append((", ".join(flag + value for flag in flags), spec["help"]))
+    lines = ["usage: attune [-h] [--version] [global options] COMMAND ...", "",
+             "Command-line client for the Attune automation platform.", "", "commands:"]
+    lines += help_rows(commands, width)
+    lines += ["", "global options (before or after the command):"] + help_rows(options, width)
+    lines += ["", "exit codes:"] + ["  %-4d %s" % pair for pair in EXIT_CODES]
+    lines += ["", "environment:"] + ["  %-22s %s" % pair for pair in ENVIRONMENT]
+    lines += ["", "Run 'attune COMMAND --help' for a command's own options."]
+    return "\n".join(lines) + "\n"
+
+
+def find_command(path):
+    for cmd in COMMANDS:
+        if cmd.path == path:
+            return cmd
+    return None
+
+
+def children(path):
+    """(name, help, Command or None) of what stands below path: the top level or a group."""
+    if not path:
+        return [(name, GROUP_HELP.get(name) or find_command((name,)).help, find_command((name,)))
+                for name in TOP_LEVEL]
+    return [(cmd.path[-1], cmd.help, cmd) for cmd in COMMANDS if cmd.path[:-1] == path]
+
+
+def command_tree():
+    """(path, options, value options, subcommands) of the top level, each group and each
+    command: what the completion scripts offer."""
+    names, takes_value = option_names(GLOBAL_OPTIONS)
+    common = ["-h", "--help"] + names + ["--version"]
+    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
+        yield path, common, takes_value, [name for name, _, _ in children(path)]
+    for cmd in COMMANDS:
+        own, own_values = option_names(cmd.arguments)
+        yield cmd.path, common + own, takes_value + own_values, []
+
+
+class Namespace:
+    """What argparse.Namespace holds, for quick_args(), which does without argparse."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+QUICK_COMMANDS = (("auth", "token"),)
+
+
+def quick_args(argv):
+    """The arguments argparse would make of argv when it names one of QUICK_COMMANDS
+    with only options spelled out in full; None for anything else, which argparse
+    parses. It reads the same declarations: `auth token` then starts without
+    importing argparse and re, which cost more than the rest of the command."""
+    options = {}
+
+    def learn(arguments, values):
+        for flags, spec in arguments:
+            values[option_dest(flags, spec)] = option_default(spec)
+            options.update((flag, (option_dest(flags, spec), spec)) for flag in flags)
+
+    values, words, argv = {}, [], list(argv)
+    learn(GLOBAL_OPTIONS, values)
+    while argv:
+        word = argv.pop(0)
+        if not word.startswith("-"):
+            words.append(word)
+            cmd = find_command(tuple(words)) if len(words) == 2 else None
+            if len(words) == 2 and (cmd is None or cmd.path not in QUICK_COMMANDS):
+                return None
+            if cmd is not None:
+                learn(cmd.arguments, values)
+            continue
+        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if name not in options:
+            return None  # -h, --version, an abbreviation, --, a short option with its value
+        dest, spec = options[name]
+        if spec.get("action") == "store_true" and not eq:
+            values[dest] = True
+            continue
+        if spec.get("action") is not None or spec.get("type", int) is not int:
+            return None
+        if not eq:
+            if not argv or argv[0].startswith("-"):
+                return None
+            value = argv.pop(0)
+        if "type" in spec:
+            if not value.isdigit():
+                return None
+            value = int(value)
+        if value not in spec.get("choices", (value,)):
+            return None
+        values[dest] = value
+    if len(words) != 2:
+        return None
+    values["cmd"], values["cmd_" + cmd.path[0]] = cmd.path  # the dest of each level's subparsers
+    return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
+
+
 def add_global_args(parser, top):
-    """Global options, accepted before or after the subcommand. Below the top level
-    their defaults are SUPPRESS, so a value given earlier is not overwritten."""
-    def default(value):
-        return value if top else argparse.SUPPRESS
-
+    """Global options, accepted before or after the command. Below the top level their
+    defaults are SUPPRESS, so a value given earlier is not overwritten."""
     group = parser.add_argument_group("global options")
-    group.add_argument("-p", "--profile", metavar="NAME", default=default(None),
-                       help="profile to use for this run (never changes the current profile)")
-    group.add_argument("--api-url", metavar="URL", default=default(None), help="API URL for this run")
-    group.add_argument("--config", metavar="FILE", default=default(None), help="credential file")
-    group.add_argument("--output", choices=OUTPUT_FORMATS, default=default(None),
-                       help="output format (default: table)")
-    group.add_argument("-j", "--json", action="store_true", default=default(False), help="JSON output")
-    group.add_argument("-y", "--yaml", action="store_true", default=default(False), help="YAML output")
-    group.add_argument("-v", "--verbose", action="count", default=default(0),
-                       help="log HTTP requests and token decisions on stderr (secrets redacted)")
-    group.add_argument("--ca-bundle", metavar="FILE", default=default(None),
-                       help="PEM file of extra CA certificates to trust")
-    group.add_argument("--insecure", action="store_true", default=default(False),
-                       help="do not verify TLS certificates (warns on every run)")
-    group.add_argument("--wait-for-server", type=float, metavar="SECONDS", default=default(None),
-                       help="retry until the server is up (refused, DNS, 502-504, /health) or this "
-                            "long has passed (exit 5)")
-    group.add_argument("--version", action="version",
-                       version="attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2])))
-
-
-def subcommand_parents():
-    """The global options of every subcommand, defined once: argparse shares a parent's
-    actions with each child instead of building twelve new ones for every subcommand."""
-    parent = argparse.ArgumentParser(add_help=False)
-    add_global_args(parent, top=False)
-    return [parent]
+    for flags, spec in GLOBAL_OPTIONS:
+        group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
+    group.add_argument("--version", action="version", version=version_text())
 
 
 def help_formatter(prog):
@@ -4145,445 +4402,59 @@ def help_formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
 
 
-def help_epilog():
-    lines = ["exit codes:"]
-    lines += ["  %-4d %s" % pair for pair in EXIT_CODES]
-    lines += ["", "environment:"]
-    lines += ["  %-22s %s" % pair for pair in ENVIRONMENT]
-    return "\n".join(lines)
-
-
-class Unused:
-    """Stands in for the parser of a command argv does not name: takes its definition, builds nothing."""
-
-    def add_argument(self, *args, **kwargs):
-        pass
-
-    set_defaults = add_argument
-
-
-class Commands:
-    """Adds subcommands that all take the global options and remember their path,
-    so the lock file can say 'attune auth login' without any argument values.
-    With `wanted`, only that subcommand is built; the others are stubs."""
-
-    def __init__(self, parser, path, wanted=None, parents=None):
-        self.path = path
-        self.wanted = wanted
-        self.parents = parents if parents is not None else subcommand_parents()
-        self.sub = parser.add_subparsers(dest="_".join(["cmd"] + path), metavar="COMMAND")
-        self.sub.required = True  # add_subparsers(required=) is 3.7+
-
-    def add(self, name, help, func=None, **defaults):
-        if self.wanted is not None and name != self.wanted:
-            self.stub(name, help)
-            return Unused()
-        p = self.sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
-                                formatter_class=help_formatter, parents=self.parents)
-        p.set_defaults(command_path=self.path + [name], **defaults)
-        if func is not None:
-            p.set_defaults(func=func)
-        return p
-
-    def group(self, name, help, wanted=None):
-        return Commands(self.add(name, help), self.path + [name], wanted, self.parents)
-
-    def stub(self, name, help):
-        """A command argv does not name: listed in help and choices, with a Stub for its
-        parser."""
-        self.sub._choices_actions.append(self.sub._ChoicesPseudoAction(name, (), help))
-        self.sub.choices[name] = Stub()
-
-
-class NotBuilt(Exception):
-    """argparse chose a command that was not built: argv names it in a way
-    requested_command() does not follow (an abbreviated option, say)."""
-
-
-class Stub:
-    """The parser of a command that was not built, in its group's choices."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        raise NotBuilt()
-
-
-def add_auth_commands(auth):
-    p = auth.add("login", "log in with a username and password", cmd_auth_login, creates_profile=True)
-    p.add_argument("-u", "--username", help="login name (default: the profile's stored username)")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p.add_argument("--password", metavar="P", help="password (visible in the process list: avoid)")
-    p.add_argument("--url", help="API URL to log in to (stored in the profile)")
-    p.add_argument("--save-profile", metavar="NAME", help="store the session in this profile")
-    p.add_argument("--if-needed", action="store_true",
-                   help="do nothing (exit 0) when the profile already holds a usable session")
-
-    p = auth.add("token-login", "log in with an integration token", cmd_auth_token_login,
-                 creates_profile=True)
-    p.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
-    p.add_argument("--token", metavar="T", help="integration token (visible in the process list)")
-    p.add_argument("--url", help="API URL to log in to (stored in the profile)")
-    p.add_argument("--save-profile", metavar="NAME", help="store the session in this profile")
-
-    p = auth.add("logout", "forget the stored tokens (the server keeps no session)", cmd_auth_logout)
-    p.add_argument("--all", action="store_true", help="log out of every profile")
-
-    auth.add("whoami", "show the identity the server sees", cmd_auth_whoami)
-
-    p = auth.add("status", "show each profile's login state; exit 0 only when usable", cmd_auth_status)
-    p.add_argument("--offline", action="store_true", help="do not contact the server")
-    p.add_argument("--all", action="store_true", help="every profile in the credential file")
-
-    auth.add("refresh", "refresh the access token now", cmd_auth_refresh)
-
-    p = auth.add("doctor", "check everything attune.py depends on here, offline too", cmd_auth_doctor)
-    p.add_argument("--repair", action="store_true",
-                   help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one")
-
-    p = auth.add("exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN", cmd_auth_exec)
-    p.add_argument("--min-ttl", type=int, default=0, metavar="SECONDS",
-                   help="refresh first unless the token has at least this long left")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
-
-    p = auth.add("token", "print the access token that would be used", cmd_auth_token)
-    p.add_argument("--min-ttl", type=int, default=0, metavar="SECONDS",
-                   help="refresh first unless the token has at least this long left")
-    p.add_argument("--format", choices=("raw", "json", "env", "header"),
-                   help="raw (default), json, env (shell exports) or header")
-
-
-def add_config_commands(config):
-    config.add("list", "show the settings in effect (tokens masked)", cmd_config_list)
-    p = config.add("get", "print one setting", cmd_config_get)
-    p.add_argument("key", help="one of: " + ", ".join(CONFIG_KEYS))
-    p = config.add("set", "change one setting", cmd_config_set)
-    p.add_argument("key", help="one of: " + ", ".join(CONFIG_KEYS))
-    p.add_argument("value")
-    config.add("path", "print the credential file path", cmd_config_path)
-    p = config.add("profiles", "list profiles, current marked", cmd_config_profiles)
-    p.add_argument("--names", action="store_true", help="just the names, one per line")
-    config.add("current", "print the profile in effect", cmd_config_current)
-    p = config.add("use", "make a profile the current one", cmd_config_use)
-    p.add_argument("name")
-    # --api-url (required here) and --ca-bundle are the global options of the same names
-    p = config.add("add-profile", "add a profile, or update its settings (--api-url URL "
-                   "[--description D] [--ca-bundle FILE])", cmd_config_add_profile)
-    p.add_argument("name")
-    p.add_argument("--description")
-    p = config.add("show-profile", "show one profile (tokens masked)", cmd_config_show_profile)
-    p.add_argument("name")
-    p = config.add("remove-profile", "remove a profile (not the current one)", cmd_config_remove_profile)
-    p.add_argument("name")
-
-
-def add_all_flag(p):
-    p.add_argument("--all", action="store_true", help="follow every page of the list (has_next)")
-
-
-def add_yes_flag(p):
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-
-
-def add_ref(p, what):
-    p.add_argument("ref", metavar="REF", help="%s reference" % what)
-
-
-def add_execution_id(p):
-    p.add_argument("id", metavar="ID", type=int, help="execution id (a whole number)")
-
-
-def add_execute_args(p, with_ref=True):
-    """The options of action execute, run and execution rerun."""
-    if with_ref:
-        add_ref(p, "action (pack.action)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a parameter; the value is parsed as JSON when it parses (repeatable)")
-    p.add_argument("--params-json", metavar="JSON", help="all parameters as one JSON object")
-    p.add_argument("--worker-selector", metavar="JSON", help="worker label selector (JSON object)")
-    p.add_argument("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)")
-    p.add_argument("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)")
-    p.add_argument("--execution-timeout", type=positive_int, metavar="SECONDS",
-                   help="timeout the server enforces on the execution")
-    p.add_argument("-w", "--watch", action="store_true", help="wait for the execution to finish")
-    p.add_argument("--timeout", type=positive_int, metavar="SECONDS",
-                   help="with --watch: stop waiting after this long (default 300)")
-
-
-def add_pack_commands(pack):
-    p = pack.add("list", "list installed packs", cmd_pack_list)
-    p.add_argument("-n", "--name", help="only packs whose ref contains this")
-    add_all_flag(p)
-    add_ref(pack.add("show", "show one pack", cmd_pack_show), "pack")
-    p = pack.add("create", "create an empty pack", cmd_pack_create)
-    p.add_argument("-r", "--ref", help="unique pack ref (required)")
-    p.add_argument("-l", "--label", help="label (default: the ref, title-cased)")
-    p.add_argument("-d", "--description")
-    p.add_argument("--pack-version", default="0.1.0", metavar="VERSION", help="version (default 0.1.0)")
-    p.add_argument("--tags", metavar="A,B", help="comma-separated tags")
-    p = pack.add("install", "install a pack from a registry, git, a URL or a path", cmd_pack_install)
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("-r", "--ref-spec", help="git branch, tag or commit")
-    p.add_argument("-f", "--force", action="store_true", help="reinstall if it exists")
-    p.add_argument("--skip-tests", action="store_true", help="do not run the pack's tests")
-    p.add_argument("--skip-deps", action="store_true", help="skip dependency validation (implies --skip-tests)")
-    p.add_argument("--no-registry", action="store_true", help="treat SOURCE as a URL or path")
-    for name, func, help_text in (
-            ("register", cmd_pack_register, "register a pack from a path the server can see"),
-            ("upload", cmd_pack_upload, "upload a pack directory or .tar.gz and register it")):
-        p = pack.add(name, help_text, func)
-        p.add_argument("path", metavar="PATH")
-        p.add_argument("-f", "--force", action="store_true", help="replace a pack with the same ref")
-        p.add_argument("--skip-tests", action="store_true", help="do not run the pack's tests")
-    p = pack.add("update", "change a pack's label, description or version", cmd_pack_update)
-    add_ref(p, "pack")
-    p.add_argument("--label")
-    p.add_argument("--description", help="new description (an empty one clears it)")
-    p.add_argument("--pack-version", metavar="VERSION")
-    p = pack.add("uninstall", "uninstall a pack", cmd_pack_uninstall)
-    add_ref(p, "pack")
-    add_yes_flag(p)
-
-
-def add_action_commands(action):
-    p = action.add("list", "list actions", cmd_action_list)
-    p.add_argument("--pack", help="only this pack's actions")
-    p.add_argument("-n", "--name", help="only actions whose ref contains this")
-    add_all_flag(p)
-    add_ref(action.add("show", "show one action and its parameters", cmd_action_show), "action")
-    p = action.add("search", "search actions by keywords", cmd_action_search)
-    p.add_argument("query", metavar="QUERY", nargs="?", help="keywords, all of which must match")
-    p.add_argument("--pack", action="append", metavar="P", help="only in this pack (repeatable)")
-    p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
-    add_execute_args(action.add("execute", "run an action", cmd_action_execute))
-    add_ref(action.add("enable", "enable an action", cmd_action_enable), "action")
-    add_ref(action.add("disable", "disable an action", cmd_action_disable), "action")
-    p = action.add("delete", "delete an action", cmd_action_delete)
-    add_ref(p, "action")
-    add_yes_flag(p)
-
-
-def add_execution_commands(execution):
-    p = execution.add("list", "list executions, newest first", cmd_execution_list)
-    p.add_argument("--pack", help="only actions of this pack")
-    p.add_argument("-a", "--action", help="action ref, or pack.* for a whole pack")
-    p.add_argument("--rule", help="rule ref, or pack.*")
-    p.add_argument("--trigger", help="trigger ref, or pack.*")
-    p.add_argument("-s", "--status", action="append", help="only this status (repeatable)")
-    p.add_argument("-r", "--result", metavar="TEXT", help="result contains this text (any case)")
-    p.add_argument("--trace-tag", help="exact trace tag")
-    p.add_argument("--top-level-only", action="store_true", help="leave out child executions")
-    p.add_argument("-l", "--limit", type=positive_int, default=50, help="at most this many (default 50)")
-    add_all_flag(p)
-    add_execution_id(execution.add("show", "show one execution", cmd_execution_show))
-    p = execution.add("result", "print an execution's result", cmd_execution_result)
-    add_execution_id(p)
-    p.add_argument("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml")
-    p = execution.add("cancel", "cancel an execution", cmd_execution_cancel)
-    add_execution_id(p)
-    add_yes_flag(p)
-    p = execution.add("watch", "wait for an execution to finish", cmd_execution_watch)
-    add_execution_id(p)
-    p.add_argument("--timeout", type=positive_int, default=300, metavar="SECONDS",
-                   help="stop waiting after this long (default 300)")
-    p = execution.add("logs", "print an execution's stdout (or stderr)", cmd_execution_logs)
-    add_execution_id(p)
-    p.add_argument("--stderr", action="store_true", help="the stderr stream instead of stdout")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the execution ends")
-    p = execution.add("rerun", "run an execution again, with changed parameters if you like",
-                      cmd_execution_rerun)
-    add_execution_id(p)
-    add_execute_args(p, with_ref=False)
-
-
-def add_rule_options(p):
-    p.add_argument("--description")
-    p.add_argument("--conditions", metavar="JSON", help="match conditions (JSON)")
-    p.add_argument("--action-params", metavar="JSON", help="action parameters (JSON object)")
-    p.add_argument("--trigger-params", metavar="JSON", help="trigger parameters (JSON object)")
-    p.add_argument("--enabled", type=parse_bool, metavar="BOOL", help="true or false")
-
-
-def add_rule_commands(rule):
-    p = rule.add("list", "list rules", cmd_rule_list)
-    p.add_argument("--pack", help="only this pack's rules")
-    p.add_argument("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled")
-    add_all_flag(p)
-    add_ref(rule.add("show", "show one rule", cmd_rule_show), "rule")
-    p = rule.add("create", "create a rule linking a trigger to an action", cmd_rule_create)
-    for flag, help_text in (("--ref", "rule ref (pack.name)"), ("--pack", "pack ref"), ("--label", "label"),
-                            ("--trigger", "trigger ref"), ("--action", "action ref")):
-        p.add_argument(flag, required=True, help=help_text)
-    add_rule_options(p)
-    p = rule.add("update", "change a rule", cmd_rule_update)
-    add_ref(p, "rule")
-    p.add_argument("--label")
-    add_rule_options(p)
-    add_ref(rule.add("enable", "enable a rule", cmd_rule_enable), "rule")
-    add_ref(rule.add("disable", "disable a rule", cmd_rule_disable), "rule")
-    p = rule.add("delete", "delete a rule", cmd_rule_delete)
-    add_ref(p, "rule")
-    add_yes_flag(p)
-
-
-def add_listing_commands(group, kind, funcs):
-    """list [--pack] [--all], show, enable and disable: what triggers and sensors share."""
-    p = group.add("list", "list %ss" % kind, funcs[0])
-    p.add_argument("--pack", help="only this pack's %ss" % kind)
-    add_all_flag(p)
-    for verb, func in zip(("show", "enable", "disable"), funcs[1:]):
-        add_ref(group.add(verb, "%s a %s" % (verb, kind), func), kind)
-
-
-def add_trigger_commands(trigger):
-    add_listing_commands(trigger, "trigger", (cmd_trigger_list, cmd_trigger_show, cmd_trigger_enable,
-                                              cmd_trigger_disable))
-    p = trigger.add("delete", "delete a trigger", cmd_trigger_delete)
-    add_ref(p, "trigger")
-    add_yes_flag(p)
-
-
-def add_sensor_commands(sensor):
-    add_listing_commands(sensor, "sensor", (cmd_sensor_list, cmd_sensor_show, cmd_sensor_enable,
-                                            cmd_sensor_disable))
-
-
-def add_key_value_args(p):
-    p.add_argument("--value", help="the value; parsed as JSON when it parses (visible in the process list)")
-    p.add_argument("--value-stdin", action="store_true", help="read the value from stdin")
-
-
-def add_key_commands(key):
-    p = key.add("list", "list keys (never their values)", cmd_key_list)
-    p.add_argument("--owner-type", choices=KEY_OWNER_TYPES)
-    p.add_argument("--owner", help="owner identifier")
-    add_all_flag(p)
-    p = key.add("show", "show one key; its value only with --decrypt", cmd_key_show)
-    add_ref(p, "key")
-    p.add_argument("-d", "--decrypt", action="store_true", help="ask the server to decrypt and show the value")
-    p = key.add("create", "create a key", cmd_key_create)
-    p.add_argument("--ref", required=True, help="unique key ref")
-    p.add_argument("--name", required=True, help="human-readable name")
-    add_key_value_args(p)
-    p.add_argument("-e", "--encrypt", action="store_true", help="store the value encrypted")
-    p.add_argument("--owner-type", default="system", help="system (default), identity, pack, action or sensor")
-    p.add_argument("--owner", help="owner identifier")
-    p = key.add("update", "change a key's name, value or encryption", cmd_key_update)
-    add_ref(p, "key")
-    p.add_argument("--name")
-    add_key_value_args(p)
-    p.add_argument("--encrypted", type=parse_bool, metavar="BOOL", help="true or false")
-    p = key.add("delete", "delete a key", cmd_key_delete)
-    add_ref(p, "key")
-    add_yes_flag(p)
-
-
-def add_workflow_commands(workflow):
-    p = workflow.add("list", "list workflows", cmd_workflow_list)
-    p.add_argument("--pack", help="only this pack's workflows")
-    p.add_argument("--tags", metavar="A,B", help="only workflows with these tags")
-    p.add_argument("--search", help="text in the label or description")
-    add_all_flag(p)
-    add_ref(workflow.add("show", "show a workflow and its tasks", cmd_workflow_show), "workflow")
-    p = workflow.add("delete", "delete a workflow", cmd_workflow_delete)
-    add_ref(p, "workflow")
-    add_yes_flag(p)
-
-
-def add_api_args(p):
-    p.add_argument("method", metavar="METHOD", help="GET, POST, PUT, PATCH, DELETE, ...")
-    p.add_argument("path", metavar="PATH", help="/packs (gets /api/v1 in front), /auth/..., /health")
-    p.add_argument("-F", "--field", action="append", metavar="KEY=VALUE",
-                   help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses")
-    p.add_argument("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin")
-    p.add_argument("--paginate", action="store_true", help="GET every page and print all items")
-
-
-def add_completion_args(p):
-    p.add_argument("shell", choices=("bash", "zsh", "fish"))
-
-
-def add_health_args(p):
-    p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="keep trying until the server is healthy or this long has passed (exit 5); "
-                        "the same as --wait-for-server")
-
-
-# Top-level commands: (name, help, function, define). A group has no function and
-# define(group) adds its subcommands; a command has one and define(parser) its arguments.
-COMMAND_TABLE = (
-    ("auth", "log in and out, inspect and print tokens", None, add_auth_commands),
-    ("config", "manage profiles and settings in the credential file", None, add_config_commands),
-    ("pack", "list, show, create, install, register, upload, update and uninstall packs", None,
-     add_pack_commands),
-    ("action", "list, show, search, execute, enable, disable and delete actions", None, add_action_commands),
-    ("run", "run an action (same as action execute)", cmd_action_execute, add_execute_args),
-    ("execution", "list, show, watch, cancel and rerun executions, read logs", None, add_execution_commands),
-    ("rule", "list, show, create, update, enable, disable and delete rules", None, add_rule_commands),
-    ("trigger", "list, show, enable, disable and delete triggers", None, add_trigger_commands),
-    ("sensor", "list, show, enable and disable sensors", None, add_sensor_commands),
-    ("key", "list, show, create, update and delete keys (secrets)", None, add_key_commands),
-    ("workflow", "list, show and delete workflows", None, add_workflow_commands),
-    ("api", "call any API endpoint with the same auth, refresh and retry", cmd_api, add_api_args),
-    ("completion", "print a shell completion script", cmd_completion, add_completion_args),
-    ("health", "check that the server answers GET /health", cmd_health, add_health_args),
-)
-GLOBAL_VALUE_OPTIONS = ("-p", "--profile", "--api-url", "--config", "--output", "--ca-bundle", "--wait-for-server")
-
-
-def requested_command(argv):
-    """(command, subcommand) argv names: its first two words that are not options or
-    values of global options; None where there is none."""
-    found, words = [], iter(argv)
-    for word in words:
-        if word == "--" or len(found) == 2:
-            break
-        if word in GLOBAL_VALUE_OPTIONS:
-            next(words, None)
-        elif not word.startswith("-"):
-            found.append(word)
-    return tuple(found + [None, None])[:2]
-
-
-def build_parser(argv=None):
-    """The argument parser. Given argv, only the command it names is built in full and
-    the others are stubs that carry just their help: building all of them would cost
-    more than the rest of a quick command."""
-    parser = argparse.ArgumentParser(
-        prog="attune", formatter_class=help_formatter,
-        description="Command-line client for the Attune automation platform.",
-        epilog=help_epilog())
-    add_global_args(parser, top=True)
-    commands = Commands(parser, [])
-    wanted, subcommand = (None, None) if argv is None else requested_command(argv)
-    for name, help_text, func, define in COMMAND_TABLE:
-        if argv is not None and name != wanted:
-            commands.stub(name, help_text)
-        elif func is None:
-            define(commands.group(name, help_text, subcommand))
-        else:
-            define(commands.add(name, help_text, func))
-    return parser
+def build_parser():
+    """The argument parser. Each command's parser is filled in from its declaration
+    only when argv reaches it: building all of them costs more than most commands."""
+
+    class CommandParser(argparse.ArgumentParser):
+        """A parser that adds its arguments the first time it parses or shows help."""
+
+        def __init__(self, *args, **kwargs):
+            self.fill = kwargs.pop("fill", None)
+            argparse.ArgumentParser.__init__(self, *args, **kwargs)
+
+        def filled(self):
+            fill, self.fill = self.fill, None
+            if fill is not None:
+                fill(self)
+            return self
+
+        def parse_known_args(self, args=None, namespace=None):
+            return argparse.ArgumentParser.parse_known_args(self.filled(), args, namespace)
+
+        def format_help(self):
+            if self.prog == "attune":
+                return top_help(help_width())
+            return argparse.ArgumentParser.format_help(self.filled())
+
+    def fill_group(parser, path):
+        add_global_args(parser, top=not path)
+        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
+                                    parser_class=CommandParser)
+        sub.required = True  # add_subparsers(required=) is 3.7+
+        for name, help_text, cmd in children(path):
+            if cmd is None:
+                fill = lambda p, path=path + (name,): fill_group(p, path)  # noqa: E731
+            else:
+                fill = lambda p, cmd=cmd: fill_command(p, cmd)  # noqa: E731
+            sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                           formatter_class=help_formatter, fill=fill)
+
+    def fill_command(parser, cmd):
+        add_global_args(parser, top=False)
+        # command_path lets the lock file say 'attune auth login' without any argument values
+        parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
+        for flags, spec in cmd.arguments:
+            parser.add_argument(*flags, **spec)
+
+    return CommandParser(prog="attune", formatter_class=help_formatter,
+                         fill=lambda p: fill_group(p, ()))
 
 
 # === Main ====================================================================
 
 def parse_args(argv):
-    """argv parsed by the parser of the command it names, or by the whole tree when
-    that guess was wrong."""
-    try:
-        return build_parser(argv).parse_args(argv)
-    except NotBuilt:
-        return build_parser().parse_args(argv)
-
-
-def print_top_level_help(argv):
-    """`attune --help`, kept in the program cache for the start-up section to print."""
-    text = build_parser(argv).format_help()
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    cache = cache_file(os.environ, "help-%d" % help_width()) if __name__ == "__main__" else None
-    if cache:
-        write_cached(cache[0], cache[1], text.encode("utf-8"))
-    return 0
+    return build_parser().parse_args(argv)
 
 
 def silence_stdout():
@@ -4600,9 +4471,13 @@ def main(argv=None, environ=None, clock=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     env = os.environ if environ is None else environ
     try:
-        if argv in (["--help"], ["-h"]) and environ is None:
-            return print_top_level_help(argv)
-        args = parse_args(argv)
+        if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
+            write_text(sys.stdout, top_help(help_width()))
+            return 0
+        if argv == ["--version"]:
+            sys.stdout.write(version_text() + "\n")
+            return 0
+        args = quick_args(argv) or parse_args(argv)
         ctx = Context(args, env, clock)
         code = args.func(ctx, args) or 0
         sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
@@ -4617,16 +4492,7 @@ def main(argv=None, environ=None, clock=None):
     except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
         silence_stdout()
         return 0
-'''
+
 
 if __name__ == "__main__":
-    import time
-    load(globals(), "START", os.environ)
-    exit_code = fast_main(sys.argv[1:], os.environ, time.time())
-    if exit_code is None:
-        load(globals(), "PROGRAM", os.environ)
-        exit_code = main()
-    sys.exit(exit_code)
-else:
-    load(globals(), "START")
-    load(globals(), "PROGRAM")
+    sys.exit(main())

@@ -7,7 +7,6 @@
                                              the embedded sandbox (user admin, password admin)
     python3 test_attune.py demo              scripted walk-through against the sandbox (make demo)
     python3 test_attune.py interpreters      the interpreters test-all and lint use
-    python3 test_attune.py flat              attune.py with START and PROGRAM inlined (make lint)
     python3 test_attune.py bench [--runs N]  the start-up and refresh figures (make bench)
 
 Stdlib unittest only. Most tests call attune.main(argv) in process against a
@@ -2823,23 +2822,19 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"_json", "argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
-              "ipaddress", "json", "marshal", "zlib",
-              "msvcrt", "os", "shlex", "socket", "ssl", "subprocess", "sys", "tarfile", "tempfile", "time",
-              "urllib"}
+    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
+              "ipaddress", "json", "msvcrt", "os", "py_compile", "shlex", "shutil", "socket", "ssl", "subprocess",
+              "sys", "tarfile", "tempfile", "time", "urllib"}
 
-    def source(self):
+    def tree(self):
+        import ast
         with open(ATTUNE_PY, encoding="utf-8") as f:
-            return f.read()
-
-    def sources(self):
-        """The start-up section and the two parts kept as text, START and PROGRAM."""
-        return [self.source(), attune.START, attune.PROGRAM]
+            return ast.parse(f.read())
 
     def test_attune_imports_only_the_standard_library(self):
         import ast
         imported = set()
-        for node in (n for source in self.sources() for n in ast.walk(ast.parse(source))):
+        for node in ast.walk(self.tree()):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom):
@@ -2849,26 +2844,34 @@ class GuardTests(unittest.TestCase):
         if names:
             self.assertLessEqual(imported, set(names) | {"msvcrt", "fcntl"})
 
+    def test_plain_code_only(self):
+        """No code in strings, nothing run from text, no private interpreter API (design.md section 1)."""
+        import ast
+        modules = {"argparse", "json", "os", "sys", "urllib", "http", "ssl", "socket", "time", "binascii"}
+        longest = 0
+        for node in ast.walk(self.tree()):
+            if isinstance(node, ast.Name):
+                self.assertNotIn(node.id, ("exec", "eval", "compile"), node.lineno)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                self.assertFalse(private and node.value.id in modules, "%s.%s" % (node.value.id, node.attr))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                self.assertFalse([n for n in names if n in ("marshal", "_json") or n.startswith("_json")], names)
+            elif type(node).__name__ in ("Str", "Constant"):  # Str before 3.8
+                text = node.s if type(node).__name__ == "Str" else node.value
+                longest = max(longest, len(text) if isinstance(text, str) else 0)
+        self.assertLess(longest, 2000)  # help texts and scripts, not programs
+
     def test_the_python_3_6_grammar_is_enough(self):
         import ast
-        for source in self.sources():
+        for path in (ATTUNE_PY, os.path.join(HERE, "test_attune.py")):
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
             try:
                 ast.parse(source, feature_version=(3, 6))
             except TypeError:  # feature_version is 3.8+; older interpreters compile it for real
-                compile(source, ATTUNE_PY, "exec")
-
-    def test_line_numbers_of_the_program_are_the_files(self):
-        with open(ATTUNE_PY, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        for function in (attune.cache_file, attune.fast_auth_token, attune.help_width, attune.format_duration,
-                         attune.main, attune.Session.refresh):
-            line = function.__code__.co_firstlineno
-            self.assertTrue(lines[line - 1].lstrip().startswith("def " + function.__name__), function)
-
-    def test_the_program_text_is_ascii(self):
-        # Non-ASCII would make a part a wide str: two or four bytes a character in every process.
-        for text in (attune.START, attune.PROGRAM):
-            self.assertEqual(sorted(set(c for c in text if ord(c) > 127)), [])
+                compile(source, path, "exec")
 
     def test_importing_attune_does_nothing(self):
         p = subprocess.Popen([sys.executable, "-c", "import attune"], cwd=HERE, env={"PATH": "/usr/bin:/bin"},
@@ -3845,6 +3848,11 @@ class AuthExecTests(AttuneTestCase):
         self.assertFalse(os.path.exists(os.path.dirname(self.config)))
 
 
+def become_nobody():
+    os.setgid(65534)
+    os.setuid(65534)
+
+
 def run_unprivileged(test, argv, env):
     """Run attune.py where file permissions bind: as nobody (with the world-readable system
     python and a copy of attune.py in test.tmp) when the tests run as root."""
@@ -3852,16 +3860,10 @@ def run_unprivileged(test, argv, env):
     if not os.path.exists(script):
         shutil.copy(ATTUNE_PY, script)
     os.chmod(test.tmp, 0o755)
-    python, preexec = sys.executable, None
-    if IS_ROOT:
-        python = "/usr/bin/python3"
-        if not os.path.exists(python):
-            test.skipTest("needs /usr/bin/python3 to run as nobody")
-
-        def preexec():
-            os.setgid(65534)
-            os.setuid(65534)
-    p = subprocess.Popen([python, script] + list(argv), env=env, preexec_fn=preexec,
+    python = "/usr/bin/python3" if IS_ROOT else sys.executable
+    if not os.path.exists(python):
+        test.skipTest("needs /usr/bin/python3 to run as nobody")
+    p = subprocess.Popen([python, script] + list(argv), env=env, preexec_fn=become_nobody if IS_ROOT else None,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     out, err = p.communicate(timeout=60)
     result = Result(p.returncode, out, err)
@@ -4069,7 +4071,7 @@ class CompletionTests(AttuneTestCase):
 
     def test_every_command_and_option_is_in_the_scripts(self):
         bash, fish = self.script("bash"), self.script("fish")
-        for _path, options, _, children in attune.command_tree(attune.build_parser()):
+        for _path, options, _, children in attune.command_tree():
             for child in children:
                 self.assertIn(child, bash)
                 self.assertIn(child, fish)
@@ -4381,261 +4383,239 @@ class LoadTests(AttuneTestCase):
 
 # === Tests: start-up =========================================================
 
-class FastPathTests(AttuneTestCase):
-    """`auth token` and `--version` are answered by the start-up section without the
-    program; whenever it answers, it must answer exactly as the program does."""
+class QuickPathTests(AttuneTestCase):
+    """`auth token`, --help and --version start without argparse and re; they run the
+    same functions as every other command."""
 
-    def both(self, *argv, env=None, clock=None):
-        now = clock or time.time()
-        fast = attune.fast_auth_token(list(argv), self.environ(env), now)
-        full = self.run_cli(*argv, env=env, clock=lambda: now, secrets_ok=True)
-        if fast is not None:
-            self.assertEqual((full.code, full.out, full.err), (0, fast, ""), argv)
-        return fast
+    def quick_and_full(self, argv):
+        quick = attune.quick_args(argv)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                full = vars(attune.parse_args(argv))
+        except SystemExit:
+            full = None
+        return (None if quick is None else vars(quick)), full
 
-    def test_answers_what_the_program_answers(self):
-        self.seed("other", current=False)
-        self.seed()
+    def test_quick_arguments_are_what_argparse_makes(self):
+        head = [[], ["-p", "a"], ["--profile=a"], ["--api-url", "http://h:1"], ["--config", "c.json"], ["-j"],
+                ["--output", "table"], ["--output", "xml"], ["--insecure"], ["-v"], ["--prof", "a"], ["-pa"],
+                ["--json=1"], ["-h"], ["--version"], ["--wait-for-server", "3"], ["-p"], ["--"]]
+        middle = [[], ["-p", "b"], ["--format", "raw"], ["--yaml"]]
+        tail = [[], ["--format", "env"], ["--format=header"], ["--format", "json", "-p", "c"], ["--min-ttl", "600"],
+                ["--min-ttl=60"], ["--min-ttl", "-5"], ["--min-ttl", "x"], ["--min-ttl", "1_0"], ["--format", "bad"],
+                ["extra"], ["-j", "-y"], ["--format"], ["--api-url", "-x"], ["--ca-bundle", "ca.pem"]]
+        quick_ones = 0
+        for h in head:
+            for m in middle:
+                for t in tail:
+                    for words in (["auth", "token"], ["auth", "status"], ["token", "auth"]):
+                        argv = h + words[:1] + m + words[1:] + t
+                        with self.subTest(argv):
+                            quick, full = self.quick_and_full(argv)
+                            if quick is not None:
+                                quick_ones += 1
+                                self.assertEqual(quick, full)
+        self.assertGreater(quick_ones, 150)
+        for argv in (["auth", "token"], ["-p", "x", "auth", "token", "--format", "env", "--min-ttl", "5"],
+                     ["auth", "-j", "token", "--config", "c", "--api-url", "http://h"]):
+            self.assertIsNotNone(attune.quick_args(argv), argv)
+
+    def test_every_state_gives_auth_token_the_token_requests_send(self):
+        """Profiles with distinct tokens, -p, ATTUNE_PROFILE, environment tokens, token files
+        and malformed files: `auth token` prints exactly the token `auth whoami` sends, or
+        both fail with the same exit code and nothing on stdout."""
         token_file = os.path.join(self.tmp, "token")
-        with open(token_file, "w") as f:
-            f.write(self.server.mint("admin") + "\n")
-        answered = [
-            ("auth", "token"), ("auth", "token", "--format", "raw"), ("auth", "token", "--format=header"),
-            ("auth", "token", "--format", "env"), ("-p", "other", "auth", "token"), ("auth", "token", "-p", "other"),
-            ("--profile=other", "auth", "token"), ("auth", "token", "--min-ttl", "600"), ("--output", "table", "auth",
-                                                                                            "token"),
-            ("--config", self.config, "auth", "token"), ("auth", "token", "--format", "env", "--api-url", "http://x/")]
-        for argv in answered:
-            with self.subTest(argv):
-                self.assertIsNotNone(self.both(*argv), argv)
-        for env in ({"ATTUNE_API_TOKEN": self.server.mint("admin")}, {"ATTUNE_AUTH_TOKEN": self.server.mint("admin")},
-                    {"ATTUNE_TOKEN_FILE": token_file}, {"ATTUNE_PROFILE": "other"},
-                    {"ATTUNE_API_URL": "http://127.0.0.1:1/it's"}):
-            with self.subTest(env):
-                self.assertIsNotNone(self.both("auth", "token", "--format", "env", env=env))
-
-    def test_leaves_everything_else_to_the_program(self):
-        self.seed(access_left=200)  # inside the 300 s margin
-        self.seed("fresh", current=False)
-        for argv in (("auth", "token"), ("-p", "fresh", "auth", "token", "-j"), ("-p", "fresh", "-v", "auth", "token"),
-                     ("-p", "fresh", "auth", "token", "--format", "json"), ("-p", "fresh", "auth", "token", "-y"),
-                     ("-p", "fresh", "--format", "raw", "auth", "token"), ("-p", "nope", "auth", "token"),
-                     ("-p", "fresh", "auth", "token", "--min-ttl", "9999"), ("-p", "fresh", "auth", "token", "extra"),
-                     ("-p", "fresh", "auth", "status"), ("-p", "fresh", "--insecure", "auth", "token")):
-            with self.subTest(argv):
-                self.assertIsNone(self.both(*argv), argv)
-        self.assertIsNone(self.both("-p", "fresh", "auth", "token", env={"ATTUNE_TIMEOUT": "x"}))
-        os.chmod(self.config, 0o644)  # the program warns about that
-        self.assertIsNone(self.both("-p", "fresh", "auth", "token"))
-        os.chmod(self.config, 0o600)
-        self.ok("config", "set", "format", "json")
-        self.assertIsNone(self.both("-p", "fresh", "auth", "token"))
-
-    def test_unknown_expiry_is_answered_like_the_program(self):
-        self.seed(store_expiry=False, auth_token="opaque-token-value")
-        self.extra_secrets = {"opaque-token-value"}
-        self.assertEqual(self.both("auth", "token"), "opaque-token-value\n")
-
-    def test_fast_json(self):
-        for text in ('{"a": [1, 2.5, true, null, "é"]}', "[]", '  {"x": {}}  ', '"s"'):
-            self.assertEqual(attune.fast_json(text), json.loads(text))
-        for text in ("", "{", '{"a": 1} x', "NaN", "[1,]", '{"a": NaN}', "[Infinity]", "-Infinity"):
-            self.assertIsNone(attune.fast_json(text), text)
+        now = int(time.time())
+        env_token = self.server.mint("admin", iat=now - 10)
+        file_token = self.server.mint("admin", iat=now - 20)
+        every_state = [(flag, profile_env, token_env, file_state)
+                       for flag in ([], ["-p", "a"], ["-p", "b"], ["-p", "nope"])
+                       for profile_env in (None, "b", "nope")
+                       for token_env, file_state in ((None, None), (None, "missing"), (None, "empty"),
+                                                     (None, "valid"), (env_token, None), (env_token, "valid"))]
+        some_states = [([], None, None, None), (["-p", "b"], None, None, None), ([], "b", None, "valid"),
+                       ([], None, env_token, None), (["-p", "a"], None, None, "empty")]
+        layouts = (
+            ("two profiles", None, every_state),
+            ("version as text", lambda doc: doc.update(version="1"), some_states),
+            ("no api_url", lambda doc: doc["profiles"]["b"].pop("api_url"), some_states),
+            ("api_url a number", lambda doc: doc["profiles"]["b"].update(api_url=8080), some_states),
+            ("profile not an object", lambda doc: doc["profiles"].update(b="x"), some_states),
+            ("token not text", lambda doc: doc["profiles"]["b"].update(auth_token=5), some_states),
+            ("current unknown", lambda doc: doc.update(current_profile="gone"), some_states),
+            ("no file", lambda doc: None, some_states),
+        )
+        printed_tokens, stored = set(), set()
+        for layout, change, states in layouts:
+            if os.path.exists(self.config):
+                os.unlink(self.config)
+            pair = {self.seed(name, access_left=3000 - i, current=name == "a")["auth_token"]
+                    for i, name in enumerate(("a", "b"))}
+            self.assertEqual(len(pair), 2)  # the profiles hold distinct tokens
+            stored |= pair
+            if change:
+                doc = self.read_doc()
+                change(doc)
+                self.write_doc(doc)
+            if layout == "no file":
+                os.unlink(self.config)
+            for flag, profile_env, token_env, file_state in states:
+                env = {"ATTUNE_PROFILE": profile_env, "ATTUNE_API_TOKEN": token_env,
+                       "ATTUNE_TOKEN_FILE": None if file_state is None else token_file}
+                if file_state in ("empty", "valid"):
+                    with open(token_file, "w") as f:
+                        f.write(file_token + "\n" if file_state == "valid" else "")
+                elif os.path.exists(token_file):
+                    os.unlink(token_file)
+                argv = flag + ["--api-url", self.server.url]
+                printed = self.run_cli(*(argv + ["auth", "token"]), env=env, secrets_ok=True)
+                before = len(self.server.requests)
+                sent = self.run_cli(*(argv + ["auth", "whoami"]), env=env)
+                seen = [r.token for r in self.server.requests[before:] if r.path == "/auth/me"]
+                case = (layout, tuple(flag), profile_env, token_env is not None, file_state)
+                self.assertEqual(printed.code, sent.code, (case, printed, sent))
+                if printed.code == 0:
+                    self.assertEqual([printed.out], [t + "\n" for t in seen], case)
+                    printed_tokens.add(printed.out.strip())
+                else:
+                    self.assertEqual(printed.out, "", case)
+        self.assertIn(env_token, printed_tokens)
+        self.assertIn(file_token, printed_tokens)
+        self.assertGreaterEqual(len(printed_tokens & stored), 2)  # both profiles, by -p and by ATTUNE_PROFILE
 
     def test_shell_quote_is_shlex_quote(self):
         import shlex
         for text in ("", "plain", "a b", "it's", "http://x:1/p?q=1&r", "$(rm -rf)", "ü", "a\\nb"):
             self.assertEqual(attune.shell_quote(text), shlex.quote(text), text)
 
-    def test_version(self):
+    def test_version_and_help(self):
         result = self.run_process("--version")
         self.assertEqual(result.out, "attune.py %s (python %d.%d)\n"
                          % ((attune.__version__,) + tuple(sys.version_info[:2])))
         self.assertEqual(result.out, self.ok("--version").out)
+        self.assertEqual(self.ok("-p", "x", "--version").out, result.out)  # through argparse
+        quick = self.run_process("--help", env={"COLUMNS": "100"}).out
+        self.assertEqual(self.run_process("-p", "x", "--help", env={"COLUMNS": "100"}).out, quick)
+        for name in attune.TOP_LEVEL + ["--profile NAME", "--wait-for-server SECONDS", "ATTUNE_TOKEN_FILE"]:
+            self.assertIn(name, quick)
+        self.assertTrue(all(len(line) <= 100 for line in quick.splitlines()), quick)
 
     @unittest.skipUnless(sys.version_info >= (3, 7) and sys.implementation.name == "cpython", "-X importtime")
-    def test_auth_token_imports_no_http_stack_and_no_parser(self):
+    def test_quick_commands_import_no_parser_and_no_http_stack(self):
         token = self.seed()["auth_token"]
         env = self.process_env()
-        # -S keeps site hooks of this machine (a .pth importing certifi and urllib) out of the picture
-        p = subprocess.Popen([sys.executable, "-S", "-X", "importtime", ATTUNE_PY, "auth", "token"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-        out, err = p.communicate(timeout=60)
-        self.assertEqual((p.returncode, out), (0, token + "\n"), err)
-        imported = {line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
-        self.assertTrue(imported, err)
-        for module in ("urllib", "urllib.request", "http", "http.client", "ssl", "email", "socket", "argparse",
-                       "json.decoder", "re", "shlex"):
-            self.assertNotIn(module, imported)
+        for argv, out in ((["auth", "token"], token + "\n"), (["--version"], None), (["--help"], None)):
+            # -S keeps site hooks of this machine (a .pth importing certifi and urllib) out of the picture
+            p = subprocess.Popen([sys.executable, "-S", "-X", "importtime", ATTUNE_PY] + argv, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+            stdout, err = p.communicate(timeout=60)
+            self.assertEqual(p.returncode, 0, err)
+            if out is not None:
+                self.assertEqual(stdout, out)
+            imported = {line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+            self.assertTrue(imported, err)
+            for module in ("urllib", "urllib.request", "http", "http.client", "ssl", "email", "socket", "argparse",
+                           "json", "re", "shlex", "gettext"):
+                self.assertNotIn(module, imported, argv)
 
 
-class ProgramCacheTests(AttuneTestCase):
-    """START and PROGRAM are compiled once into a private cache, used only when fresh
-    and trusted; so is the top-level help."""
+class JsonReaderTests(unittest.TestCase):
+    """parse_json (credential file, JWTs) accepts exactly what json.loads with NaN refused does."""
 
-    def setUp(self):
-        super().setUp()
-        os.makedirs(self.env["HOME"])
-        self.script = os.path.join(self.tmp, "attune.py")
-        shutil.copy(ATTUNE_PY, self.script)
-        self.cache_dir = os.path.join(self.env["HOME"], ".cache", "attune")
+    def random_value(self, rng, depth=0):
+        kind = rng.randrange(9 if depth < 4 else 6)
+        if kind == 0:
+            return rng.choice([True, False, None])
+        if kind == 1:
+            return rng.randrange(-10 ** rng.randrange(1, 20), 10 ** rng.randrange(1, 20))
+        if kind == 2:
+            return rng.uniform(-1e6, 1e6) * 10 ** rng.randrange(-30, 30)
+        if kind in (3, 4, 5):
+            alphabet = 'ab "\\/\b\f\n\r\t\x00\x1f\x7fé\u2028\ud800\U0001f600'
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+        if kind in (6, 7):
+            return [self.random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+        return {"k%d" % rng.randrange(5): self.random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
 
-    def run_copy(self, *argv, env=None):
-        environ = self.process_env(env)
-        environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        environ.update(env or {})
-        p = subprocess.Popen([sys.executable, self.script] + list(argv), env=environ, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, universal_newlines=True)
-        out, err = p.communicate(timeout=60)
-        return Result(p.returncode, out, err)
+    def same(self, text):
+        try:
+            expected = ("ok", json.loads(text, parse_constant=attune.refuse_constant))
+        except (ValueError, RecursionError):
+            expected = ("error",)
+        try:
+            got = ("ok", attune.parse_json(text))
+        except ValueError:
+            got = ("error",)
+        self.assertEqual(got, expected, repr(text))
 
-    def cache_files(self):
-        return sorted(os.listdir(self.cache_dir)) if os.path.isdir(self.cache_dir) else []
+    def test_generated_documents(self):
+        rng = random.Random(7)
+        for _ in range(400):
+            value = self.random_value(rng)
+            for text in (json.dumps(value), json.dumps(value, indent=rng.choice([None, 2, "\t"]), ensure_ascii=False)):
+                self.same(text)
 
-    def plant(self, marker):
-        """Replace the cached program by one that only prints marker."""
-        (name,) = [name for name in self.cache_files() if name.startswith("program-")]
-        path = os.path.join(self.cache_dir, name)
-        with open(path, "rb") as f:
-            stamp = f.read().partition(b"\n")[0]
-        import marshal
-        with open(path, "wb") as f:
-            f.write(stamp + b"\n" + marshal.dumps(compile("def main():\n    print(%r)\n" % marker, "x", "exec")))
-        return path
+    def test_every_prefix_and_mutation(self):
+        rng = random.Random(11)
+        doc = json.dumps({"version": 1, "profiles": {"p": {"auth_token": "a.b.c", "n": [1, -2.5e3, None, True],
+                                                           "s": "q\\u00e9\"\n"}}}, indent=2)
+        for end in range(len(doc) + 1):
+            self.same(doc[:end])
+        pieces = ["NaN", "Infinity", "-Infinity", ",", "]", "}", "\x00", "'", "01", "1.", ".5", "1e", "+1", "--1",
+                  "\\u12", "\\x", "\\ud83d\\ude00", "\\ud83d", "\t", "\u00a0", "tru", "nul", "[1,]", "{\"a\":1,}", "1e400"]
+        for _ in range(3000):
+            at = rng.randrange(len(doc) + 1)
+            self.same(doc[:at] + rng.choice(pieces) + doc[at + rng.randrange(3):])
+        for text in ("", " ", "[]", "{}", '"x"', "0", "-0", "-0.0", "1E+2", "[" * 50 + "]" * 50, '{"a":1,"a":2}',
+                     '"\\ud800"', "1 2", "[1 2]", '{"a" 1}', '{1: 2}', "\ufeff{}"):
+            self.same(text)
 
-    def test_written_privately_then_used(self):
-        self.assertEqual(self.run_copy("config", "path").code, 0)
-        names = self.cache_files()
-        self.assertEqual([name.split("-")[0] for name in names], ["program", "start"])
-        for name in names:
-            self.assertRegex(name, r"^[a-z]+-%s-[0-9a-f]{8}\.bin$" % re.escape(sys.implementation.cache_tag))
-            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cache_dir, name)).st_mode), 0o600)
-        self.assertEqual(stat.S_IMODE(os.stat(self.cache_dir).st_mode), 0o700)
-        self.plant("from the cache")
-        self.assertEqual(self.run_copy("config", "path").out, "from the cache\n")
-
-    def test_a_changed_script_is_compiled_again(self):
-        self.run_copy("config", "path")
-        self.plant("stale")
-        with open(self.script, "a") as f:
-            f.write("\n")
-        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
-
-    @unittest.skipUnless(POSIX, "permissions")
-    def test_a_cache_others_can_write_is_not_trusted(self):
-        self.run_copy("config", "path")
-        path = self.plant("planted")
-        for target in (path, self.cache_dir):
-            os.chmod(target, 0o666 if target == path else 0o777)
-            self.assertEqual(self.run_copy("config", "path").out, self.config + "\n", target)
-            os.chmod(target, 0o600 if target == path else 0o700)
-
-    @unittest.skipUnless(POSIX and hasattr(os, "geteuid") and os.geteuid() == 0, "chown needs root")
-    def test_a_cache_another_user_owns_is_not_trusted(self):
-        self.run_copy("config", "path")
-        path = self.plant("planted")
-        os.chown(path, 65534, 65534)
-        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
-        os.chown(path, 0, 0)
-        os.chown(self.cache_dir, 65534, 65534)
-        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
-
-    def test_xdg_cache_home_is_honoured(self):
-        xdg = os.path.join(self.tmp, "xdg-cache")
-        self.assertEqual(self.run_copy("config", "path", env={"XDG_CACHE_HOME": xdg}).code, 0)
-        self.assertEqual([name.split("-")[0] for name in sorted(os.listdir(os.path.join(xdg, "attune")))],
-                         ["program", "start"])
-        self.assertEqual(self.cache_files(), [])
-        self.run_copy("config", "path", env={"XDG_CACHE_HOME": "relative/ignored"})
-        self.assertEqual([name.split("-")[0] for name in self.cache_files()], ["program", "start"])
-
-    def test_nothing_is_written_when_bytecode_is_off_or_there_is_no_home(self):
-        self.run_copy("config", "path", env={"PYTHONDONTWRITEBYTECODE": "1"})
-        self.assertEqual(self.cache_files(), [])
-        missing = os.path.join(self.tmp, "no-home")
-        self.assertEqual(self.run_copy("config", "path", env={"HOME": missing, "ATTUNE_CONFIG": self.config}).code, 0)
-        self.assertFalse(os.path.exists(missing))
-
-    def test_the_fast_path_never_loads_the_program(self):
-        token = self.seed()["auth_token"]
-        for _ in range(2):  # compiled, then from the cache
-            result = self.run_copy("auth", "token")
-            self.assertEqual(result.out, token + "\n")
-            self.assertEqual([name.split("-")[0] for name in self.cache_files()], ["start"])
-
-    def test_a_damaged_cache_is_compiled_again(self):
-        self.run_copy("config", "path")
-        for name in self.cache_files():
-            path = os.path.join(self.cache_dir, name)
-            with open(path, "rb") as f:
-                stamp = f.read().partition(b"\n")[0]
-            with open(path, "wb") as f:
-                f.write(stamp + b"\n\xff not marshal data")
-        self.assertEqual(self.run_copy("config", "path").out, self.config + "\n")
-
-    def test_the_help_is_kept_for_each_width(self):
-        first = self.run_copy("--help", env={"COLUMNS": "100"})
-        help_file = [name for name in self.cache_files() if name.startswith("help-100-")]
-        self.assertEqual(len(help_file), 1)
-        self.plant("program ran")
-        self.assertEqual(self.run_copy("--help", env={"COLUMNS": "100"}).out, first.out)  # from the help cache
-        self.assertEqual(self.run_copy("-h", env={"COLUMNS": "100"}).out, first.out)
-        self.assertEqual(self.run_copy("--help", env={"COLUMNS": "90"}).out, "program ran\n")
-        os.unlink(os.path.join(self.cache_dir, help_file[0]))
-        self.assertEqual(self.run_copy("--help", env={"COLUMNS": "100"}).out, "program ran\n")
-
-    def test_importing_attune_never_touches_a_cache(self):
-        code = "import sys; sys.path.insert(0, %r); import attune; print(attune.main.__name__)" % self.tmp
-        p = subprocess.Popen([sys.executable, "-c", code], env=self.process_env(), stdout=subprocess.PIPE,
-                             universal_newlines=True)
-        self.assertEqual(p.communicate(timeout=60)[0], "main\n")
-        self.assertEqual(self.cache_files(), [])
+    def test_deep_nesting_is_an_error_not_a_crash(self):
+        with self.assertRaises(ValueError):
+            attune.parse_json("[" * 100000)
 
 
 class ParserTests(unittest.TestCase):
-    def subcommands(self, parser):
-        import argparse
-        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        return sub.choices
-
-    def test_only_the_requested_command_is_built(self):
-        for argv, name, leaf in ((["pack", "list"], "pack", "list"),
-                                 (["-p", "auth", "--config", "x", "rule", "show", "r"], "rule", "show"),
-                                 (["--output=json", "run", "x"], "run", "x"),
-                                 (["--wait-for-server", "3", "health"], "health", None)):
-            choices = self.subcommands(attune.build_parser(argv))
-            self.assertEqual(attune.requested_command(argv), (name, leaf))
-            self.assertEqual(self.built(choices), [name], argv)
-            if name in ("pack", "rule"):
-                leaves = self.subcommands(choices[name])
-                self.assertEqual(self.built(leaves), [leaf])
-                self.assertGreater(len(leaves), 5)  # the others are there, as stubs
-        full = self.subcommands(attune.build_parser())
-        self.assertEqual(self.built(full), list(full))
-        self.assertEqual(attune.requested_command(["--help"]), (None, None))
-        self.assertIn("invalid choice: 'lst'", self.run_help_error(["pack", "lst"]))
-
-    def built(self, choices):
-        return [name for name, parser in choices.items() if not isinstance(parser, attune.Stub)]
-
-    def test_a_wrong_guess_falls_back_to_the_whole_tree(self):
-        # argparse accepts abbreviated long options, which requested_command() does not follow
-        for argv in (["--prof", "x", "pack", "list"], ["action", "--conf", "c.json", "list", "--pack", "core"],
-                     ["--api-ur", "http://h/", "auth", "token"]):
-            with self.subTest(argv):
-                guess = attune.requested_command(argv)
-                self.assertNotIn(guess, [("pack", "list"), ("action", "list"), ("auth", "token")])  # a wrong guess
-                self.assertEqual(vars(attune.parse_args(argv)), vars(attune.build_parser().parse_args(argv)))
+    def parse(self, argv):
         err = io.StringIO()
-        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
-            attune.parse_args(["--prof", "x", "pack", "lst"])
-        self.assertIn("invalid choice: 'lst'", err.getvalue())
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                return attune.parse_args(argv), ""
+            except SystemExit:
+                return None, err.getvalue()
 
-    def run_help_error(self, argv):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
-            attune.build_parser(argv).parse_args(argv)
-        return err.getvalue()
+    def test_only_the_named_command_is_filled_in(self):
+        filled = []
+        real = attune.add_global_args
+        with mock.patch.object(attune, "add_global_args", lambda p, top: (filled.append(p.prog), real(p, top))):
+            for argv, progs in ((["pack", "list"], ["attune", "attune pack", "attune pack list"]),
+                                (["-p", "x", "run", "core.echo"], ["attune", "attune run"]),
+                                (["--wait-for-server", "3", "health"], ["attune", "attune health"])):
+                del filled[:]
+                args, _ = self.parse(argv)
+                self.assertIsNotNone(args, argv)
+                self.assertEqual(filled, progs)
+
+    def test_abbreviations_and_errors_reach_the_right_parser(self):
+        args, _ = self.parse(["--prof", "x", "pack", "list"])
+        self.assertEqual((args.profile, args.command_path), ("x", ["pack", "list"]))
+        args, _ = self.parse(["action", "--conf", "c.json", "list", "--pack", "core"])
+        self.assertEqual((args.config, args.pack), ("c.json", "core"))
+        for argv, message in ((["pack", "lst"], "invalid choice: 'lst'"), (["--prof", "x", "pack", "lst"], "lst"),
+                              (["nope"], "invalid choice: 'nope'"), ([], "required"),
+                              (["execution", "show", "x"], "invalid int value")):
+            args, err = self.parse(argv)
+            self.assertIsNone(args, argv)
+            self.assertIn(message, err)
+
+    def test_every_declaration_builds(self):
+        for cmd in attune.COMMANDS:
+            with self.subTest(cmd.path):
+                args, err = self.parse(list(cmd.path) + ["--help"])
+                self.assertIsNone(args)
+        self.assertEqual(attune.TOP_LEVEL[:3], ["auth", "config", "pack"])
+        self.assertEqual(len(set(c.path for c in attune.COMMANDS)), len(attune.COMMANDS))
 
 
 # === Sandbox, demo, test-all =================================================
@@ -4874,18 +4854,6 @@ def bench(argv):
     return 1 if failures else 0
 
 
-def flat_source():
-    """attune.py with the text of START and PROGRAM as plain code on the same lines,
-    for linters, which cannot see inside a string."""
-    with open(ATTUNE_PY, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for part in ("START", "PROGRAM"):
-        start = lines.index(part + " = r\'\'\'")
-        end = lines.index("\'\'\'", start)
-        lines[start], lines[end] = part + " = None  # its text follows, inlined", ""
-    return "\n".join(lines)
-
-
 def find_interpreters():
     """[(label, path)]: each CPython 3.6-3.13 that pyenv has (newest patch), then pypy3."""
     root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
@@ -4956,7 +4924,5 @@ if __name__ == "__main__":
         sys.exit(bench(sys.argv[2:]))
     elif command == "interpreters":
         print("\n".join(path for _, path in find_interpreters()))
-    elif command == "flat":
-        sys.stdout.write(flat_source())
     else:
         unittest.main()

@@ -1,17 +1,24 @@
-# attune.py: each target says what it does. PYTHON runs test, demo and lint.
+# attune.py: each target says what it does. PYTHON runs every target; install writes
+# a launcher that runs that interpreter.
 PYTHON ?= python3
 PREFIX ?= /usr/local
-RUFF = ruff check --isolated --target-version py37 --line-length 120 --select E,F,W,B --ignore B904
+DESTDIR ?=
+COVERAGE_MIN = 90
+# dev tools come from pip into a private directory (never needed by attune.py itself)
+TOOLS = .tools/$(shell $(PYTHON) -c 'import sys; print(sys.implementation.cache_tag)')
+TOOL_RUN = PYTHONPATH=$(TOOLS) $(PYTHON)
 
-.PHONY: help test test-all lint bench demo install
+.PHONY: help test test-all lint coverage bench demo install uninstall tools
 
 help:
 	@echo "make demo       start the embedded Attune sandbox and walk through login, refresh, logout"
 	@echo "make test       run the test suite with $(PYTHON)"
 	@echo "make test-all   run the test suite on every CPython 3.6-3.13 from pyenv and on pypy3"
-	@echo "make lint       compile on every interpreter; ruff and vermin too when installed"
+	@echo "make lint       pyflakes on attune.py and test_attune.py (no ignores)"
+	@echo "make coverage   statement coverage of attune.py under the suite (fails below $(COVERAGE_MIN)%)"
 	@echo "make bench      measure start-up, memory and concurrent refresh against their targets"
-	@echo "make install    copy attune.py to $(PREFIX)/bin/attune"
+	@echo "make install    install the fast form: $(PREFIX)/bin/attune and $(PREFIX)/lib/attune/ (PREFIX, DESTDIR, PYTHON)"
+	@echo "make uninstall  remove what make install wrote"
 
 test:
 	$(PYTHON) -m unittest test_attune
@@ -19,19 +26,16 @@ test:
 test-all:
 	$(PYTHON) test_attune.py test-all
 
-# attune.py keeps most of its code as text (START, PROGRAM); the linters read a copy
-# with that text inlined on the same lines (test_attune.py flat).
-lint:
-	@set -e; for py in $$($(PYTHON) test_attune.py interpreters); do \
-	  $$py -c 'compile(open("test_attune.py", encoding="utf-8").read(), "test_attune.py", "exec")'; \
-	  $$py test_attune.py flat | $$py -c 'import sys; compile(sys.stdin.read(), "attune.py", "exec")'; \
-	  echo "compiles with $$py"; done
-	@if command -v ruff >/dev/null 2>&1; then \
-	  $(PYTHON) test_attune.py flat | $(RUFF) --extend-ignore E402,F811 --stdin-filename attune.py - && \
-	  $(RUFF) test_attune.py; else echo "ruff not installed: skipped"; fi
-	@if command -v vermin >/dev/null 2>&1; then flat=$$(mktemp --suffix .py) && \
-	  $(PYTHON) test_attune.py flat > $$flat && vermin -t=3.6- --no-tips --violations $$flat; \
-	  status=$$?; rm -f $$flat; exit $$status; else echo "vermin not installed: skipped"; fi
+tools:
+	@$(TOOL_RUN) -c "import pyflakes, coverage" 2>/dev/null || \
+	  $(PYTHON) -m pip install -q --disable-pip-version-check --target $(TOOLS) pyflakes coverage
+
+lint: tools
+	$(TOOL_RUN) -m pyflakes attune.py test_attune.py
+
+coverage: tools
+	$(TOOL_RUN) -m coverage run --include=attune.py -m unittest test_attune
+	$(TOOL_RUN) -m coverage report --show-missing --fail-under=$(COVERAGE_MIN) | tail -n 3
 
 bench:
 	$(PYTHON) test_attune.py bench
@@ -40,5 +44,7 @@ demo:
 	$(PYTHON) test_attune.py demo
 
 install:
-	install -d $(DESTDIR)$(PREFIX)/bin
-	install -m 0755 attune.py $(DESTDIR)$(PREFIX)/bin/attune
+	$(PYTHON) attune.py self-install --prefix "$(PREFIX)" $(if $(DESTDIR),--destdir "$(DESTDIR)")
+
+uninstall:
+	$(PYTHON) attune.py self-uninstall --prefix "$(PREFIX)" $(if $(DESTDIR),--destdir "$(DESTDIR)")

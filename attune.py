@@ -76,6 +76,7 @@ STILL_USABLE = 30                # an old token with more left survives a failed
 RETRY_DELAYS = (0.25, 0.75)      # idempotent requests: two retries
 RETRY_STATUSES = (502, 503, 504)
 OUTPUT_FORMATS = ("table", "json", "yaml")
+TOKEN_VARIABLES = ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN", "ATTUNE_TOKEN_FILE")  # in precedence order
 TOKEN_KEYS = ("auth_token", "refresh_token", "auth_token_expires_at",
               "refresh_token_expires_at", "invalidated_at")
 
@@ -396,6 +397,95 @@ def refresh_margin(lifetime):
     return max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10))
 
 
+class Credentials:
+    """The tokens a command will send, where they came from, and their known expiry."""
+
+    def __init__(self, access=None, refresh=None, access_expires_at=None, refresh_expires_at=None,
+                 source=None, origin=None, invalidated_at=None):
+        self.access = access
+        self.refresh = refresh
+        self.access_expires_at = access_expires_at
+        self.refresh_expires_at = refresh_expires_at
+        self.source = source    # 'env', 'token_file', 'file' or None
+        self.origin = origin    # variable name, token file path, or profile name
+        self.invalidated_at = invalidated_at
+
+    @classmethod
+    def from_profile(cls, name, profile):
+        """Stored tokens; a hand-seeded token without a stored expiry uses its JWT exp."""
+        profile = profile or {}
+
+        def text(key):
+            value = profile.get(key)
+            return value if isinstance(value, str) and value else None
+
+        access, refresh = text("auth_token"), text("refresh_token")
+
+        def expiry(key, token):
+            return epoch(profile[key]) if profile.get(key) is not None else jwt_expiry(token)
+
+        return cls(access, refresh, expiry("auth_token_expires_at", access),
+                   expiry("refresh_token_expires_at", refresh), "file", name,
+                   epoch(profile.get("invalidated_at")))
+
+    def same_tokens(self, other):
+        return (self.access, self.refresh) == (other.access, other.refresh)
+
+    @property
+    def lifetime(self):
+        return jwt_lifetime(self.access)
+
+    def access_left(self, now):
+        return None if self.access_expires_at is None else self.access_expires_at - now
+
+    def refresh_usable(self, now):
+        return bool(self.refresh) and (self.refresh_expires_at is None or self.refresh_expires_at > now)
+
+    def refresh_due(self, now, min_ttl=0):
+        """The access token has less than its refresh margin (or min_ttl) left. A token of
+        unknown expiry is never due: the 401 path decides for it."""
+        left = self.access_left(now)
+        return left is not None and left < max(refresh_margin(self.lifetime), min_ttl)
+
+    def usable(self, now):
+        """A usable token exists without asking the server: a live access token, or a
+        refresh token that is not known to be expired on a session not invalidated."""
+        if not self.access:
+            return False
+        left = self.access_left(now)
+        if left is None or left > 0:
+            return True
+        return self.refresh_usable(now) and not self.invalidated_at
+
+
+class Backoff:
+    """The one way attune.py waits and tries again: sleeps that grow from `first` by
+    `factor` up to `most`, never past `deadline` (a time.monotonic() value, or None)."""
+
+    def __init__(self, first, factor, most, deadline=None):
+        self.delay, self.factor, self.most, self.deadline = first, factor, most, deadline
+
+    def left(self):
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def next_delay(self):
+        """The next sleep, or None once the deadline has passed."""
+        left = self.left()
+        if left <= 0:
+            return None
+        delay = min(self.delay, left)
+        self.delay = min(self.delay * self.factor, self.most)
+        return delay
+
+    def sleep(self):
+        """Sleep the next delay; False (at once) when the deadline has passed."""
+        delay = self.next_delay()
+        if delay is None:
+            return False
+        time.sleep(delay)
+        return True
+
+
 def describe_expiry(expires_at, now):
     if expires_at is None:
         return "unknown expiry"
@@ -523,6 +613,20 @@ def remove_stale_temp_files(path):
                 pass
 
 
+def file_safety_problems(path, st):
+    """{'mode' or 'owner': message} for a credential file others can read or someone else
+    owns (POSIX): what the store warns about and auth doctor reports and repairs."""
+    problems = {}
+    if WINDOWS:
+        return problems
+    if st.st_mode & 0o077:
+        problems["mode"] = ("%s is accessible by other users (mode %03o); run: chmod 600 %s"
+                            % (path, st.st_mode & 0o777, path))
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        problems["owner"] = "%s is owned by uid %d, not by you (uid %d)" % (path, st.st_uid, os.geteuid())
+    return problems
+
+
 def empty_document():
     return {"version": FILE_VERSION, "profiles": {}}
 
@@ -596,15 +700,11 @@ class CredentialStore:
 
     def _check_safety(self, st):
         """Warn (once) about a file others can read or that someone else owns; never fix it silently."""
-        if self._checked_safety or WINDOWS:
+        if self._checked_safety:
             return
         self._checked_safety = True
-        if st.st_mode & 0o077:
-            self.warn("credential file %s is accessible by other users (mode %03o); run: chmod 600 %s"
-                      % (self.path, st.st_mode & 0o777, self.path))
-        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-            self.warn("credential file %s is owned by uid %d, not by you (uid %d)"
-                      % (self.path, st.st_uid, os.geteuid()))
+        for problem in file_safety_problems(self.path, st).values():
+            self.warn("credential file " + problem)
 
     @property
     def version(self):
@@ -714,8 +814,8 @@ class FileLock:
             self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
             return False
         start = time.monotonic()
-        deadline = start + self.timeout
-        delay, announced = 0.002, False
+        backoff = Backoff(0.002, 1.5, 0.05, start + self.timeout)  # short: waiters wake soon after release
+        announced = False
         while True:
             state = self._try_lock()
             if state:
@@ -727,16 +827,13 @@ class FileLock:
                 return False
             if self.done_waiting is not None and self.done_waiting():
                 return False
-            now = time.monotonic()
-            if now >= deadline:
+            if not announced and time.monotonic() - start >= 1.0:
+                announced = True
+                self.warn("waiting for %s ..." % (self._holder() or "another attune process"))
+            if not backoff.sleep():
                 self.warn("gave up waiting %gs for the lock %s%s; continuing without it"
                           % (self.timeout, self.path, self._holder(" held by ")))
                 return False
-            if not announced and now - start >= 1.0:
-                announced = True
-                self.warn("waiting for %s ..." % (self._holder() or "another attune process"))
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 1.5, 0.05)  # short, growing: waiters wake soon after release
 
     def _try_lock(self):
         """True if locked, False if another process holds it, None if locking is unsupported."""
@@ -872,6 +969,12 @@ class Response:
     def ok(self):
         return 200 <= self.status < 300
 
+    def check(self):
+        """Raise the error for a non-2xx answer (api_error); return self otherwise."""
+        if not self.ok:
+            raise api_error(self)
+        return self
+
     def json(self):
         """The body parsed as JSON; None for an empty body; ApiError when it is not JSON."""
         if not self.body.strip():
@@ -943,6 +1046,7 @@ class Transport:
         --wait-for-server every request is retried until the deadline while the server is
         not up yet. With stream=True a 2xx body is left open in Response.stream."""
         attempt = 0
+        backoff = Backoff(0.25, 1.6, 5.0, self.ctx.wait_deadline)  # with --wait-for-server
         while True:
             try:
                 resp = self._send(method, url, body, token, content_type, stream)
@@ -951,7 +1055,7 @@ class Transport:
                 failure = "%d %s" % (resp.status, resp.reason)
             except NetworkError as e:
                 resp, failure = None, e
-            delay = self.retry_delay(method, url, attempt, failure)
+            delay = self.retry_delay(method, url, attempt, failure, backoff)
             if delay is None:
                 if resp is None:
                     raise failure
@@ -960,18 +1064,16 @@ class Transport:
             time.sleep(delay)
             attempt += 1
 
-    def retry_delay(self, method, url, attempt, failure):
+    def retry_delay(self, method, url, attempt, failure, backoff):
         """Seconds to wait before trying again, or None to give up."""
         idempotent = method in ("GET", "HEAD")
         network = isinstance(failure, NetworkError)
-        deadline = self.ctx.wait_deadline
-        if deadline is not None:  # the server may still be starting: refused, DNS, 502-504
-            left = deadline - time.monotonic()
-            if left <= 0 or (network and failure.kind not in ("refused", "dns") and
-                             not (idempotent and failure.retryable)):
+        if backoff.deadline is not None:  # the server may still be starting: refused, DNS, 502-504
+            if backoff.left() <= 0 or (network and failure.kind not in ("refused", "dns") and
+                                       not (idempotent and failure.retryable)):
                 return None
             self.ctx.announce_wait(url)
-            return min(0.25 * 1.6 ** attempt, 5.0, left)
+            return backoff.next_delay()
         if not idempotent or attempt >= len(RETRY_DELAYS) or (network and not failure.retryable):
             return None
         return RETRY_DELAYS[attempt]
@@ -1092,7 +1194,7 @@ def network_error(url, exc, timeout):
 def wait_for_health(ctx, session, deadline):
     """GET /health until it answers 2xx (the transport already retries refused, DNS and
     502-504 until the deadline); NetworkError (exit 5) when the deadline passes first."""
-    delay = 0.25
+    backoff = Backoff(0.25, 1.6, 5.0, deadline)
     while True:
         try:
             resp = session.transport.request("GET", session.url("/health"))
@@ -1101,61 +1203,14 @@ def wait_for_health(ctx, session, deadline):
             error = api_error(resp)
         except NetworkError as e:
             error = e
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if backoff.left() <= 0:
             raise NetworkError("%s did not become healthy within %gs: %s"
                                % (session.api_url, ctx.wait_seconds, error))
         ctx.announce_wait(session.api_url)
-        time.sleep(min(delay, left))
-        delay = min(delay * 1.6, 5.0)
+        backoff.sleep()
 
 
 # === Session: tokens and refresh =============================================
-
-class Credentials:
-    """The tokens a command will send, where they came from, and their known expiry."""
-
-    def __init__(self, access=None, refresh=None, access_expires_at=None, refresh_expires_at=None,
-                 source=None, origin=None, invalidated_at=None):
-        self.access = access
-        self.refresh = refresh
-        self.access_expires_at = access_expires_at
-        self.refresh_expires_at = refresh_expires_at
-        self.source = source    # 'env', 'token_file', 'file' or None
-        self.origin = origin    # variable name, token file path, or profile name
-        self.invalidated_at = invalidated_at
-
-    @classmethod
-    def from_profile(cls, name, profile):
-        """Stored tokens; a hand-seeded token without a stored expiry uses its JWT exp."""
-        profile = profile or {}
-
-        def text(key):
-            value = profile.get(key)
-            return value if isinstance(value, str) and value else None
-
-        access, refresh = text("auth_token"), text("refresh_token")
-
-        def expiry(key, token):
-            return epoch(profile[key]) if profile.get(key) is not None else jwt_expiry(token)
-
-        return cls(access, refresh, expiry("auth_token_expires_at", access),
-                   expiry("refresh_token_expires_at", refresh), "file", name,
-                   epoch(profile.get("invalidated_at")))
-
-    def same_tokens(self, other):
-        return (self.access, self.refresh) == (other.access, other.refresh)
-
-    @property
-    def lifetime(self):
-        return jwt_lifetime(self.access)
-
-    def access_left(self, now):
-        return None if self.access_expires_at is None else self.access_expires_at - now
-
-    def refresh_usable(self, now):
-        return bool(self.refresh) and (self.refresh_expires_at is None or self.refresh_expires_at > now)
-
 
 def describe_source(source, origin):
     """'environment (ATTUNE_API_TOKEN)', 'token file /run/token', ... for messages."""
@@ -1263,12 +1318,9 @@ class Session:
         if not c.access:
             raise not_logged_in()
         now = self.ctx.now()
+        if not c.refresh_due(now, min_ttl) or self._proactive_done:
+            return c.access
         left = c.access_left(now)
-        if left is None:  # not a JWT and never told its lifetime: the 401 path decides
-            return c.access
-        margin = refresh_margin(c.lifetime)
-        if left >= max(margin, min_ttl) or self._proactive_done:
-            return c.access
         self._proactive_done = True
         if c.invalidated_at or not c.refresh_usable(now):  # no refresh possible
             if left > 0 and left >= min_ttl:
@@ -1279,7 +1331,7 @@ class Session:
                                                           describe_source(c.source, c.origin)))
             raise self.expired_error()
         self.ctx.log("access token for profile '%s' %s (refresh margin %ds); refreshing"
-                     % (self.profile, describe_expiry(c.access_expires_at, now), margin))
+                     % (self.profile, describe_expiry(c.access_expires_at, now), refresh_margin(c.lifetime)))
         try:
             self.refresh()
         except (NetworkError, ServerError) as e:
@@ -1380,8 +1432,7 @@ class Session:
         if resp.status in (400, 401, 403, 422):
             self.ctx.log("refresh token rejected: %s" % error_message(resp))
             return None
-        if not resp.ok:
-            raise api_error(resp)
+        resp.check()
         try:
             data = envelope_data(resp.json())
         except ApiError:
@@ -1421,15 +1472,13 @@ class Session:
     def call(self, method, path, body=None, query=None, auth=True):
         """request() for JSON APIs: the parsed body of a 2xx answer, or the matching error."""
         resp = self.request(method, path, body, query, auth)
-        if not resp.ok:
-            raise api_error(resp)
+        resp.check()
         return resp.json()
 
     def fetch(self, method, path, body=None, query=None):
         """request() for one resource: the object of its {"data": ...} answer."""
         resp = self.request(method, path, body, query)
-        if not resp.ok:
-            raise api_error(resp)
+        resp.check()
         return unwrap(resp)
 
 
@@ -1775,7 +1824,7 @@ class Context:
         env = self.env
         if use_env and not getattr(self.args, "profile", None):
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
-            for name in ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN"):
+            for name in TOKEN_VARIABLES[:2]:
                 if env.get(name):
                     return self.credentials_from_token(env[name], "env", name, refresh)
             if env.get("ATTUNE_TOKEN_FILE"):
@@ -1979,8 +2028,7 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     resp = session.request("POST", path, body, auth=False)
     if resp.status in (401, 403):
         raise AuthRequired("login failed: %s" % error_message(resp))
-    if not resp.ok:
-        raise api_error(resp)
+    resp.check()
     data = envelope_data(resp.json())
     pair = token_pair(data, sent_at, ctx.now())
     user = data.get("user") if isinstance(data.get("user"), dict) else {}
@@ -1998,7 +2046,7 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
 
     ctx.store.modify(save)
     expires_at = pair["auth_token_expires_at"]
-    for name in ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN", "ATTUNE_TOKEN_FILE"):
+    for name in TOKEN_VARIABLES:
         if ctx.env.get(name) and not getattr(ctx.args, "profile", None):
             ctx.warn("%s is set and takes precedence over the stored token" % name)
             break
@@ -2092,7 +2140,7 @@ def cmd_auth_logout(ctx, args):
 
     if ctx.store.exists and any(isinstance(ctx.store.profiles().get(n), dict) for n in names):
         ctx.store.modify(forget)
-    for name in ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN", "ATTUNE_TOKEN_FILE"):
+    for name in TOKEN_VARIABLES:
         if ctx.env.get(name):
             ctx.warn("%s is still set in the environment" % name)
     ctx.emit({"message": "Successfully logged out", "profiles": names},
@@ -2120,23 +2168,12 @@ def token_times(creds, now):
             "refresh_token_expires_in": left(creds.refresh_expires_at)}
 
 
-def offline_usable(creds, now):
-    """A usable token exists without asking the server: a live access token, or a
-    refresh token that is not known to be expired on a session not invalidated."""
-    if not creds.access:
-        return False
-    left = creds.access_left(now)
-    if left is None or left > 0:
-        return True
-    return creds.refresh_usable(now) and not creds.invalidated_at
-
-
 def profile_status(ctx, name, offline, use_env):
     """One profile's status and the exit code it implies: 0 usable, 4 login needed,
     5 server unreachable (6 server error, 1 other API error). Online, the session
     refreshes when due and asks /auth/me who we are."""
     session = ctx.session(profile=name, use_env=use_env)
-    code = 0 if offline_usable(session.creds, ctx.now()) else 4
+    code = 0 if session.creds.usable(ctx.now()) else 4
     server = None
     if not offline and session.creds.access:
         try:
@@ -2624,8 +2661,7 @@ def delete_resource(ctx, args, what, path, success, json_message, cancelled="Del
     if not confirm(ctx, args, what, cancelled):
         return
     resp = ctx.session().request("DELETE", path)
-    if not resp.ok:
-        raise api_error(resp)
+    resp.check()
     ctx.emit({"message": json_message}, lambda: ctx.success(success))
 
 
@@ -2727,8 +2763,7 @@ def wait_for_execution(ctx, session, execution_id, timeout):
     """Poll GET /executions/{id} with a growing interval (up to 2 s) until the status is
     terminal; the execution object, or exit 1 when the timeout passes first."""
     started = time.monotonic()
-    deadline = started + timeout
-    delay = 0.2
+    backoff = Backoff(0.2, 1.5, 2.0, started + timeout)
     progress = Progress(ctx)
     try:
         while True:
@@ -2738,12 +2773,9 @@ def wait_for_execution(ctx, session, execution_id, timeout):
                 return execution
             progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?",
                                                        time.monotonic() - started))
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not backoff.sleep():
                 raise AttuneError("timed out after %gs waiting for execution %d (status '%s')"
                                   % (timeout, execution_id, status))
-            time.sleep(min(delay, left))
-            delay = min(delay * 1.5, 2.0)
     finally:
         progress.clear()
 
@@ -2805,8 +2837,7 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
     offset, drops = 0, 0
     while True:
         resp = session.request("GET", path, query={"offset": offset} if offset else None, stream=True)
-        if not resp.ok:
-            raise api_error(resp)
+        resp.check()
         events = sse_events(resp.stream)
         try:
             while True:
@@ -3022,8 +3053,7 @@ def cmd_pack_upload(ctx, args):
     fields = [(name, "true") for name in ("force", "skip_tests") if getattr(args, name)]
     body, content_type = multipart_body(fields, "pack", ref + ".tar.gz", archive, "application/gzip")
     resp = ctx.session().request("POST", "/packs/upload", raw_body=body, content_type=content_type)
-    if not resp.ok:
-        raise api_error(resp)
+    resp.check()
     pack_report(ctx, unwrap(resp), "uploaded and registered")
 
 
@@ -3852,8 +3882,7 @@ def cmd_health(ctx, args):
         resp = wait_for_health(ctx, session, time.monotonic() + args.wait)
     else:
         resp = session.request("GET", "/health", auth=False)
-        if not resp.ok:
-            raise api_error(resp)
+        resp.check()
     try:
         health = resp.json()
     except ApiError:
@@ -3861,6 +3890,88 @@ def cmd_health(ctx, args):
     health = health if isinstance(health, dict) else {"status": "ok"}
     ctx.emit(health, lambda: ctx.success("Server at %s is healthy (status: %s)"
                                          % (session.api_url, health.get("status"))))
+
+
+# === Commands: self-install ==================================================
+# The installed form: the module where Python caches bytecode (compiled now, for this
+# interpreter, so it starts fast even under PYTHONDONTWRITEBYTECODE=1), behind a
+# launcher that runs this interpreter isolated and without site (-I -S): nothing from
+# PYTHONPATH, user site-packages or sitecustomize runs inside a credential tool.
+
+LAUNCHER_MARK = "# attune launcher, written by attune.py self-install"
+
+
+def install_paths(args):
+    """(launcher, module directory) under --destdir and --prefix."""
+    if not os.path.isabs(args.prefix):
+        raise UsageError("--prefix must be an absolute path, not %r" % args.prefix)
+    root = os.path.abspath(args.destdir) + args.prefix if args.destdir else args.prefix
+    return os.path.join(root, "bin", "attune"), os.path.join(root, "lib", "attune")
+
+
+def launcher_text(python, libdir):
+    return "\n".join(["#!%s -IS" % python, LAUNCHER_MARK, "import sys",
+                      "sys.path.insert(0, %r)" % libdir, "from attune import main",
+                      "sys.exit(main())", ""])
+
+
+INSTALL_ARGS = (arg("--prefix", default="/usr/local", metavar="DIR",
+                    help="install under DIR: DIR/bin/attune and DIR/lib/attune/ (default /usr/local)"),
+                arg("--destdir", metavar="DIR", help="stage the files under DIR (for packaging), as make DESTDIR"))
+
+
+@command("self-install", "install this file as the command attune: compiled, isolated, fast to start",
+         *INSTALL_ARGS)
+def cmd_self_install(ctx, args):
+    import py_compile
+    import shutil
+    if WINDOWS:
+        raise UsageError("self-install writes a POSIX launcher; on Windows run: py attune.py")
+    launcher, libdir = install_paths(args)
+    python = os.path.abspath(sys.executable)
+    module = os.path.join(libdir, "attune.py")
+    try:
+        for directory in (os.path.dirname(launcher), libdir):
+            os.makedirs(directory, 0o755, exist_ok=True)
+        shutil.copyfile(os.path.abspath(__file__), module + ".tmp")
+        os.chmod(module + ".tmp", 0o644)
+        replace_file(module + ".tmp", module)
+        py_compile.compile(module, doraise=True)  # into __pycache__, for this interpreter
+        runtime_libdir = libdir[len(os.path.abspath(args.destdir)):] if args.destdir else libdir
+        write_atomic(launcher, launcher_text(python, runtime_libdir).encode("utf-8"))
+        os.chmod(launcher, 0o755)
+    except (OSError, py_compile.PyCompileError) as e:
+        raise ConfigError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", None) or e))
+    ctx.emit({"launcher": launcher, "module": module, "python": python},
+             lambda: ctx.success("Installed %s (runs %s -IS, module in %s)" % (launcher, python, libdir)))
+
+
+@command("self-uninstall", "remove what self-install installed", *INSTALL_ARGS)
+def cmd_self_uninstall(ctx, args):
+    launcher, libdir = install_paths(args)
+    removed = []
+    try:
+        with open(launcher, encoding="utf-8", errors="replace") as f:
+            ours = LAUNCHER_MARK in f.read(4096)
+    except OSError:
+        ours = False
+    cache = os.path.join(libdir, "__pycache__")
+    names = [os.path.join(cache, n) for n in (os.listdir(cache) if os.path.isdir(cache) else [])
+             if n.startswith("attune.")]
+    for path in ([launcher] if ours else []) + [os.path.join(libdir, "attune.py")] + names:
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ConfigError("cannot remove %s: %s" % (path, e.strerror or e))
+    for directory in (cache, libdir):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass  # not empty, or not there: left as it is
+    ctx.emit({"removed": removed}, lambda: ctx.success("Removed %s" % (", ".join(removed) or "nothing")))
 
 
 # === Commands: doctor and completion =========================================
@@ -3929,17 +4040,13 @@ class Doctor:
             self.problems.append("cannot inspect %s: %s" % (ctx.config_path, e.strerror or e))
             return
         info.update(exists=True, mode="%03o" % (st.st_mode & 0o777), owner_uid=st.st_uid)
-        if not WINDOWS and st.st_mode & 0o077:
-            if self.repair:
-                os.chmod(ctx.config_path, 0o600)
-                info["mode"] = "600"
-                self.notes.append("repaired: mode of %s set to 600" % ctx.config_path)
-            else:
-                self.problems.append("%s is accessible by other users (mode %03o); run: chmod 600 %s"
-                                     % (ctx.config_path, st.st_mode & 0o777, ctx.config_path))
-        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-            self.problems.append("%s is owned by uid %d, not by you (uid %d)"
-                                 % (ctx.config_path, st.st_uid, os.geteuid()))
+        problems = file_safety_problems(ctx.config_path, st)
+        if "mode" in problems and self.repair:
+            os.chmod(ctx.config_path, 0o600)
+            info["mode"] = "600"
+            self.notes.append("repaired: mode of %s set to 600" % ctx.config_path)
+            del problems["mode"]
+        self.problems.extend(problems.values())
         ctx.store._checked_safety = True  # reported here; no second warning from the store
         try:
             doc = ctx.store.load()
@@ -4053,7 +4160,7 @@ class Doctor:
         claims = jwt_claims(creds.access) or {}
         info = {"source": creds.source if creds.access else None, "issued_at": epoch(claims.get("iat"))}
         info.update(token_times(creds, now))
-        info.update(invalidated_at=creds.invalidated_at, usable=offline_usable(creds, now))
+        info.update(invalidated_at=creds.invalidated_at, usable=creds.usable(now))
         self.report["token"] = info
         if not creds.access:
             self.notes.append("not logged in; run: attune auth login")

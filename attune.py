@@ -1035,8 +1035,8 @@ class Transport:
     """HTTP over urllib: timeouts, TLS settings, proxies, same-origin redirects only,
     retries for idempotent requests, and a redacted -v log."""
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, http):
+        self.http = http
         self._openers = {}
 
     def request(self, method, url, body=None, token=None, content_type="application/json",
@@ -1046,7 +1046,7 @@ class Transport:
         --wait-for-server every request is retried until the deadline while the server is
         not up yet. With stream=True a 2xx body is left open in Response.stream."""
         attempt = 0
-        backoff = Backoff(0.25, 1.6, 5.0, self.ctx.wait_deadline)  # with --wait-for-server
+        backoff = Backoff(0.25, 1.6, 5.0, self.http.wait_deadline)  # with --wait-for-server
         while True:
             try:
                 resp = self._send(method, url, body, token, content_type, stream)
@@ -1060,7 +1060,7 @@ class Transport:
                 if resp is None:
                     raise failure
                 return resp
-            self.ctx.log("%s; retrying in %.2gs" % (failure, delay))
+            self.http.log("%s; retrying in %.2gs" % (failure, delay))
             time.sleep(delay)
             attempt += 1
 
@@ -1072,7 +1072,7 @@ class Transport:
             if backoff.left() <= 0 or (network and failure.kind not in ("refused", "dns") and
                                        not (idempotent and failure.retryable)):
                 return None
-            self.ctx.announce_wait(url)
+            self.http.announce_wait(url)
             return backoff.next_delay()
         if not idempotent or attempt >= len(RETRY_DELAYS) or (network and not failure.retryable):
             return None
@@ -1090,7 +1090,7 @@ class Transport:
         if token:
             # never copied onto a redirected request; see same_origin_redirects()
             req.add_unredirected_header("Authorization", "Bearer " + token)
-        log = self.ctx.log
+        log = self.http.log
         log("> %s %s" % (method, url))
         if token:
             log("> Authorization: Bearer ***")
@@ -1098,7 +1098,7 @@ class Transport:
             log(">   %s" % describe_body(body))
         started = time.monotonic()
         try:
-            r = self._opener(url).open(req, timeout=self.ctx.timeout)
+            r = self._opener(url).open(req, timeout=self.http.timeout)
             if stream:
                 resp = Response(r.getcode(), r.reason, r.headers, b"", stream=r)
             else:
@@ -1111,13 +1111,13 @@ class Transport:
                 data = b""
             resp = Response(e.code, e.reason, e.headers, data)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise network_error(url, e, self.ctx.timeout)
+            raise network_error(url, e, self.http.timeout)
         except ValueError as e:  # Python 3.6 raises ssl.CertificateError (a ValueError) bare
             if type(e).__name__ != "CertificateError":
                 raise
-            raise network_error(url, e, self.ctx.timeout)
+            raise network_error(url, e, self.http.timeout)
         log("< %d %s (%d ms)" % (resp.status, resp.reason, (time.monotonic() - started) * 1000))
-        if resp.body and self.ctx.verbose:
+        if resp.body and self.http.verbose:
             log("<   %s" % describe_body(resp.body))
         return resp
 
@@ -1126,13 +1126,13 @@ class Transport:
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise UsageError("the API URL must start with http:// or https://, not %r" % url)
-        proxy = proxy_for(url, self.ctx.env)
+        proxy = proxy_for(url, self.http.env)
         key = (scheme, proxy)
         if key not in self._openers:
             handlers = [urllib.request.ProxyHandler({scheme: proxy} if proxy else {}),
                         same_origin_redirects()]
             if scheme == "https":
-                handlers.append(urllib.request.HTTPSHandler(context=self.ctx.ssl_context()))
+                handlers.append(urllib.request.HTTPSHandler(context=self.http.ssl_context()))
             self._openers[key] = urllib.request.build_opener(*handlers)
         return self._openers[key]
 
@@ -1191,10 +1191,10 @@ def network_error(url, exc, timeout):
     return NetworkError("cannot talk to %s: %s" % (where, getattr(reason, "strerror", None) or reason))
 
 
-def wait_for_health(ctx, session, deadline):
+def wait_for_health(http, session):
     """GET /health until it answers 2xx (the transport already retries refused, DNS and
     502-504 until the deadline); NetworkError (exit 5) when the deadline passes first."""
-    backoff = Backoff(0.25, 1.6, 5.0, deadline)
+    backoff = Backoff(0.25, 1.6, 5.0, http.wait_deadline)
     while True:
         try:
             resp = session.transport.request("GET", session.url("/health"))
@@ -1205,8 +1205,8 @@ def wait_for_health(ctx, session, deadline):
             error = e
         if backoff.left() <= 0:
             raise NetworkError("%s did not become healthy within %gs: %s"
-                               % (session.api_url, ctx.wait_seconds, error))
-        ctx.announce_wait(session.api_url)
+                               % (session.api_url, http.wait_seconds, error))
+        http.announce_wait(session.api_url)
         backoff.sleep()
 
 
@@ -1272,11 +1272,12 @@ class Session:
     """One profile's connection to the server: which token to send, and when and how
     to renew it. At most one proactive and one reactive refresh per run."""
 
-    def __init__(self, ctx, profile=None, api_url=None, use_env=True):
-        self.ctx = ctx
-        self.profile = profile or ctx.profile
-        self.api_url = (api_url or ctx.api_url_for(self.profile)[0]).rstrip("/")
-        self.creds = ctx.credentials_for(self.profile, use_env)
+    def __init__(self, choice, http, log, now, profile=None, api_url=None, use_env=True):
+        self.choice, self.http, self.log, self.now = choice, http, log, now
+        self.store = choice.store
+        self.profile = profile or choice.profile
+        self.api_url = (api_url or choice.api_url_for(self.profile)[0]).rstrip("/")
+        self.creds = choice.credentials_for(self.profile, use_env)
         self._proactive_done = False
         self._reactive_done = False
         self._transport = None
@@ -1284,7 +1285,7 @@ class Session:
     @property
     def transport(self):
         if self._transport is None:
-            self._transport = Transport(self.ctx)
+            self._transport = Transport(self.http)
         return self._transport
 
     def url(self, path, query=None):
@@ -1317,7 +1318,7 @@ class Session:
         c = self.creds
         if not c.access:
             raise not_logged_in()
-        now = self.ctx.now()
+        now = self.now()
         if not c.refresh_due(now, min_ttl) or self._proactive_done:
             return c.access
         left = c.access_left(now)
@@ -1330,14 +1331,14 @@ class Session:
                                    "be refreshed (%s)" % (format_duration(left), min_ttl,
                                                           describe_source(c.source, c.origin)))
             raise self.expired_error()
-        self.ctx.log("access token for profile '%s' %s (refresh margin %ds); refreshing"
-                     % (self.profile, describe_expiry(c.access_expires_at, now), refresh_margin(c.lifetime)))
+        self.log("access token for profile '%s' %s (refresh margin %ds); refreshing"
+                 % (self.profile, describe_expiry(c.access_expires_at, now), refresh_margin(c.lifetime)))
         try:
             self.refresh()
         except (NetworkError, ServerError) as e:
             if left > STILL_USABLE:
-                self.ctx.log("refresh failed (%s); the current token is still valid for %s"
-                             % (e, format_duration(left)))
+                self.log("refresh failed (%s); the current token is still valid for %s"
+                         % (e, format_duration(left)))
                 return c.access
             raise
         return self.creds.access
@@ -1350,8 +1351,8 @@ class Session:
         elif self.creds.source == "token_file":
             fresh = read_token_file(self.creds.origin)
             if fresh != self.creds.access:  # rotated by an agent since we read it
-                self.creds = self.ctx.credentials_from_token(fresh, "token_file", self.creds.origin,
-                                                             self.creds.refresh)
+                self.creds = credentials_from_token(fresh, "token_file", self.creds.origin,
+                                                    self.creds.refresh)
             elif self.creds.refresh:
                 self._refresh_in_memory()
             else:
@@ -1362,7 +1363,7 @@ class Session:
     def _refresh_stored(self):
         """Compare-and-refresh: under the lock, re-read the profile; if another process
         already changed the tokens, use theirs; otherwise POST /auth/refresh and store."""
-        store, started, name = self.ctx.store, self.creds, self.profile
+        store, started, name = self.store, self.creds, self.profile
 
         def refreshed_meanwhile():  # a lock-free look: writes are atomic renames
             return not self.stored_credentials().same_tokens(started)
@@ -1375,10 +1376,10 @@ class Session:
             if not stored.same_tokens(started):
                 if not stored.access:
                     raise not_logged_in()
-                self.ctx.log("profile '%s' was refreshed by another process; using its token" % name)
+                self.log("profile '%s' was refreshed by another process; using its token" % name)
                 self.creds = stored
                 return
-            now = self.ctx.now()
+            now = self.now()
             if stored.invalidated_at or not stored.refresh_usable(now):
                 raise session_expired(name)
             store.check_writable()
@@ -1395,12 +1396,12 @@ class Session:
                 raise session_expired(name)
             store.modify_locked(lambda doc: self._store_pair(doc, pair))
             self.creds = Credentials.from_profile(name, pair)
-            self.ctx.log("stored new tokens for profile '%s'; access token %s"
-                         % (name, describe_expiry(self.creds.access_expires_at, self.ctx.now())))
+            self.log("stored new tokens for profile '%s'; access token %s"
+                     % (name, describe_expiry(self.creds.access_expires_at, self.now())))
 
     def stored_credentials(self):
-        self.ctx.store.reload()
-        return Credentials.from_profile(self.profile, self.ctx.store.profile(self.profile))
+        self.store.reload()
+        return Credentials.from_profile(self.profile, self.store.profile(self.profile))
 
     def _store_pair(self, doc, pair):
         profile = doc["profiles"].setdefault(self.profile, {})
@@ -1415,7 +1416,7 @@ class Session:
     def _refresh_in_memory(self):
         """Refresh tokens that came from the environment: they are never written anywhere."""
         c = self.creds
-        if not c.refresh_usable(self.ctx.now()):
+        if not c.refresh_usable(self.now()):
             raise self.expired_error()
         pair = self._post_refresh(c)
         if pair is None:
@@ -1426,11 +1427,11 @@ class Session:
     def _post_refresh(self, creds):
         """POST /auth/refresh: the new tokens, or None when the server rejects the refresh
         token (400/401/403/422). Network and 5xx failures raise and change nothing."""
-        sent_at = self.ctx.now()
+        sent_at = self.now()
         body = json.dumps({"refresh_token": creds.refresh}).encode("utf-8")
         resp = self.transport.request("POST", self.url("/auth/refresh"), body)
         if resp.status in (400, 401, 403, 422):
-            self.ctx.log("refresh token rejected: %s" % error_message(resp))
+            self.log("refresh token rejected: %s" % error_message(resp))
             return None
         resp.check()
         try:
@@ -1440,14 +1441,14 @@ class Session:
         if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
             raise ApiError("the server's answer to the token refresh is not understood (%s); "
                            "stored tokens are unchanged" % snippet(resp.body, 80), resp.status)
-        return token_pair(data, sent_at, self.ctx.now(), creds.refresh, creds.refresh_expires_at)
+        return token_pair(data, sent_at, self.now(), creds.refresh, creds.refresh_expires_at)
 
     # -- requests --------------------------------------------------------------
     def request(self, method, path, body=None, query=None, auth=True, raw_body=None,
                 content_type="application/json", stream=False):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
         the same bytes. A second 401 means authentication is required (exit 4)."""
-        self.ctx.wait_until_ready(self)
+        self.http.wait_until_ready(self)
         url = self.url(path, query)
         data = raw_body if raw_body is not None else (
             None if body is None else json.dumps(body).encode("utf-8"))
@@ -1461,7 +1462,7 @@ class Session:
             raise AuthRequired("the server rejected the token (%s); run: attune auth login --profile %s"
                                % (error_message(resp), self.profile))
         self._reactive_done = True
-        self.ctx.log("401 from the server; refreshing and retrying once")
+        self.log("401 from the server; refreshing and retrying once")
         self.refresh()
         resp = self.transport.request(method, url, data, self.creds.access, content_type, stream)
         if resp.status == 401:
@@ -1647,35 +1648,18 @@ def render_pairs(pairs, width=None):
 
 # === Context =================================================================
 
-class Context:
-    """What a command needs, resolved from arguments and environment: streams, clock,
-    output format, credential store, profile, API URL and tokens."""
+class Printer:
+    """How to print: the streams, the output format, and the table-mode helpers.
+    stdout carries results only; warnings, logs and notes go to stderr."""
 
-    def __init__(self, args, env, clock=None):
+    def __init__(self, args, env, stored_format):
         self.args = args
         self.env = env
         self.stdout, self.stderr, self.stdin = sys.stdout, sys.stderr, sys.stdin
-        self.clock = clock or time.time
         self.verbose = getattr(args, "verbose", 0) or 0
-        self.timeout = env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, positive=True)
-        self.config_path, self.config_source = credential_path(getattr(args, "config", None), env)
-        self.store = CredentialStore(self.config_path, self.warn, self.log,
-                                     env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
-                                     " ".join(["attune"] + getattr(args, "command_path", [])))
-        self._profile = None
+        self.stored_format = stored_format  # the credential file's format setting, read when needed
         self._warned = set()
-        self._ssl = None
         self._printed = False
-        wait = getattr(args, "wait_for_server", None)
-        self.wait_seconds = wait
-        self.wait_deadline = None if wait is None else time.monotonic() + wait
-        self._ready = set()  # API URLs whose /health answered, with --wait-for-server
-        if getattr(args, "insecure", False):
-            self.warn("--insecure: TLS certificates are not verified; anyone on the network "
-                      "path can read your tokens")
-
-    def now(self):
-        return self.clock()
 
     # -- messages --------------------------------------------------------------
     def warn(self, message):
@@ -1691,19 +1675,7 @@ class Context:
         """Something worth knowing that is neither a result nor a problem (stderr)."""
         write_text(self.stderr, "attune: %s\n" % message)
 
-    def announce_wait(self, url):
-        """The one progress line of --wait-for-server."""
-        if not self._ready and "wait" not in self._warned:
-            self._warned.add("wait")
-            self.note("waiting up to %gs for %s://%s:%s to come up ..." % ((self.wait_seconds,) + origin(url)))
-
-    def wait_until_ready(self, session):
-        """With --wait-for-server: before the first request to a server, wait for /health."""
-        if self.wait_deadline is not None and session.api_url not in self._ready:
-            wait_for_health(self, session, self.wait_deadline)
-            self._ready.add(session.api_url)
-
-    # -- output ----------------------------------------------------------------
+    # -- results ---------------------------------------------------------------
     @property
     def output(self):
         args = self.args
@@ -1714,10 +1686,7 @@ class Context:
             raise UsageError("choose one output format: --output, -j/--json or -y/--yaml")
         if chosen:
             return chosen.pop()
-        try:
-            stored = self.store.load().get("format")
-        except ConfigError:
-            stored = None
+        stored = self.stored_format()
         return stored if stored in OUTPUT_FORMATS else "table"
 
     def emit(self, data, table=None):
@@ -1771,7 +1740,18 @@ class Context:
     def terminal_width(self):
         return terminal_columns(self.stdout, self.env)
 
-    # -- profile, URL, tokens --------------------------------------------------
+
+class Choice:
+    """What this run works with, by design.md section 4: the credential file, the profile,
+    the API URL and the tokens, each with where it came from."""
+
+    def __init__(self, args, env, store, config_path, config_source):
+        self.args = args
+        self.env = env
+        self.store = store
+        self.config_path, self.config_source = config_path, config_source
+        self._profile = None
+
     @property
     def profile(self):
         return self.profile_source[0]
@@ -1826,16 +1806,11 @@ class Context:
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
             for name in TOKEN_VARIABLES[:2]:
                 if env.get(name):
-                    return self.credentials_from_token(env[name], "env", name, refresh)
+                    return credentials_from_token(env[name], "env", name, refresh)
             if env.get("ATTUNE_TOKEN_FILE"):
                 path = env["ATTUNE_TOKEN_FILE"]
-                return self.credentials_from_token(read_token_file(path), "token_file", path, refresh)
+                return credentials_from_token(read_token_file(path), "token_file", path, refresh)
         return Credentials.from_profile(profile, self.store.profile(profile))
-
-    @staticmethod
-    def credentials_from_token(access, source, origin, refresh=None):
-        return Credentials(access, refresh, jwt_expiry(access), jwt_expiry(refresh) if refresh else None,
-                           source, origin)
 
     def ca_bundle(self):
         """(path, source) of extra CAs: --ca-bundle > ATTUNE_CA_BUNDLE > profile ca_bundle."""
@@ -1849,6 +1824,45 @@ class Context:
             stored = None
         return (stored, "file") if isinstance(stored, str) and stored else (None, None)
 
+
+def credentials_from_token(access, source, origin, refresh=None):
+    return Credentials(access, refresh, jwt_expiry(access), jwt_expiry(refresh) if refresh else None,
+                       source, origin)
+
+
+class HttpSettings:
+    """How to talk HTTP: timeout, TLS, proxies (from env), --wait-for-server, and where
+    to log. A transport reads these; it never reaches back into a command."""
+
+    def __init__(self, env, timeout, ca_bundle, insecure, wait_seconds, verbose, log, note):
+        self.env = env
+        self.timeout = timeout
+        self.ca_bundle = ca_bundle  # () -> (path, source) or (None, None), asked when TLS is first used
+        self.insecure = insecure
+        self.log, self.note = log, note
+        self.verbose = verbose
+        self.wait_for(wait_seconds)
+        self._ready = set()  # API URLs whose /health answered, with --wait-for-server
+        self._announced = False
+        self._ssl = None
+
+    def wait_for(self, seconds):
+        """Wait up to seconds (None: not at all) for a server that is not up yet."""
+        self.wait_seconds = seconds
+        self.wait_deadline = None if seconds is None else time.monotonic() + seconds
+
+    def announce_wait(self, url):
+        """The one progress line of --wait-for-server."""
+        if not self._ready and not self._announced:
+            self._announced = True
+            self.note("waiting up to %gs for %s://%s:%s to come up ..." % ((self.wait_seconds,) + origin(url)))
+
+    def wait_until_ready(self, session):
+        """With --wait-for-server: before the first request to a server, wait for /health."""
+        if self.wait_deadline is not None and session.api_url not in self._ready:
+            wait_for_health(self, session)
+            self._ready.add(session.api_url)
+
     def ssl_context(self):
         if self._ssl is None:
             import ssl
@@ -1859,21 +1873,51 @@ class Context:
                     context.load_verify_locations(cafile=os.path.expanduser(bundle))
                 except (OSError, ssl.SSLError) as e:
                     raise ConfigError("cannot load CA bundle %s (from %s): %s" % (bundle, source, e))
-            if getattr(self.args, "insecure", False):
+            if self.insecure:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
             self._ssl = context
         return self._ssl
 
-    def session(self, **kwargs):
-        return Session(self, **kwargs)
+
+class Context:
+    """What a command gets: ui (how to print), choice (profile, URL, tokens), http (how to
+    talk HTTP), the credential store, the parsed arguments, the environment and the clock.
+    Commands call sessions, sessions call the transport; never the other way."""
+
+    def __init__(self, args, env, clock=None):
+        self.args = args
+        self.env = env
+        self.now = clock or time.time
+        config_path, config_source = credential_path(getattr(args, "config", None), env)
+        self.ui = Printer(args, env, lambda: self.stored_format())
+        self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
+                                     env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
+                                     " ".join(["attune"] + getattr(args, "command_path", [])))
+        self.choice = Choice(args, env, self.store, config_path, config_source)
+        insecure = getattr(args, "insecure", False)
+        self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, positive=True),
+                                 self.choice.ca_bundle, insecure, getattr(args, "wait_for_server", None),
+                                 self.ui.verbose, self.ui.log, self.ui.note)
+        if insecure:
+            self.ui.warn("--insecure: TLS certificates are not verified; anyone on the network "
+                         "path can read your tokens")
+
+    def stored_format(self):
+        try:
+            return self.store.load().get("format")
+        except ConfigError:
+            return None
+
+    def session(self, profile=None, api_url=None, use_env=True):
+        return Session(self.choice, self.http, self.ui.log, self.now, profile, api_url, use_env)
 
 
 # === Prompts and secrets =====================================================
 
 def can_prompt(ctx):
     try:
-        return ctx.stdin.isatty() and ctx.stderr.isatty()
+        return ctx.ui.stdin.isatty() and ctx.ui.stderr.isatty()
     except (AttributeError, ValueError):
         return False
 
@@ -1884,19 +1928,19 @@ def read_secret(ctx, what, stdin_flag, value, env_name, flag_name):
     if stdin_flag and value:
         raise UsageError("give %s either on stdin or as %s, not both" % (what, flag_name))
     if stdin_flag:
-        secret = ctx.stdin.readline().rstrip("\r\n")
+        secret = ctx.ui.stdin.readline().rstrip("\r\n")
         if not secret:
             raise UsageError("no %s on standard input" % what)
         return secret
     if value:
-        ctx.warn("%s exposes the %s in the process list; prefer %s-stdin%s"
-                 % (flag_name, what, flag_name, " or " + env_name if env_name else ""))
+        ctx.ui.warn("%s exposes the %s in the process list; prefer %s-stdin%s"
+                    % (flag_name, what, flag_name, " or " + env_name if env_name else ""))
         return value
     if env_name and ctx.env.get(env_name):
         return ctx.env[env_name]
     if can_prompt(ctx):
         import getpass
-        secret = getpass.getpass("%s: " % what.capitalize(), stream=ctx.stderr)
+        secret = getpass.getpass("%s: " % what.capitalize(), stream=ctx.ui.stderr)
         if secret:
             return secret
     hint = "%s-stdin" % flag_name + (" or set %s" % env_name if env_name else "")
@@ -1906,9 +1950,9 @@ def read_secret(ctx, what, stdin_flag, value, env_name, flag_name):
 def ask(ctx, prompt):
     if not can_prompt(ctx):
         return None
-    ctx.stderr.write(prompt)
-    ctx.stderr.flush()
-    return ctx.stdin.readline().strip() or None
+    ctx.ui.stderr.write(prompt)
+    ctx.ui.stderr.flush()
+    return ctx.ui.stdin.readline().strip() or None
 
 
 # === Command declarations ====================================================
@@ -2017,8 +2061,8 @@ def login_endpoint(session):
 def login_target(ctx, args):
     """(profile name, API URL) a login writes to: --save-profile or the selected profile;
     --url, then the usual URL precedence for that profile."""
-    target = getattr(args, "save_profile", None) or ctx.profile
-    url = getattr(args, "url", None) or ctx.api_url_for(target)[0]
+    target = getattr(args, "save_profile", None) or ctx.choice.profile
+    url = getattr(args, "url", None) or ctx.choice.api_url_for(target)[0]
     return target, url.rstrip("/")
 
 
@@ -2048,7 +2092,7 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     expires_at = pair["auth_token_expires_at"]
     for name in TOKEN_VARIABLES:
         if ctx.env.get(name) and not getattr(ctx.args, "profile", None):
-            ctx.warn("%s is set and takes precedence over the stored token" % name)
+            ctx.ui.warn("%s is set and takes precedence over the stored token" % name)
             break
     report_login(ctx, target, url, username, expires_at, already=False)
 
@@ -2059,15 +2103,15 @@ def report_login(ctx, target, url, username, expires_at, already):
               "expires_at": expires_at, "expires_in": expires_in, "already_logged_in": already}
 
     def table():
-        ctx.success("%s as %s" % ("Already logged in" if already else "Successfully logged in",
-                                  username or "token user"))
+        ctx.ui.success("%s as %s" % ("Already logged in" if already else "Successfully logged in",
+                                     username or "token user"))
         if expires_in is None:
             lifetime = "lifetime unknown"
         else:
             lifetime = "expires in " + format_duration(expires_in)
             lifetime += " (%d seconds)" % expires_in if expires_in >= 60 else ""
-        ctx.info("Profile '%s' at %s; token %s" % (target, url, lifetime))
-    ctx.emit(result, table)
+        ctx.ui.info("Profile '%s' at %s; token %s" % (target, url, lifetime))
+    ctx.ui.emit(result, table)
 
 
 def usable_login(ctx, args, target, url, stored):
@@ -2083,7 +2127,7 @@ def usable_login(ctx, args, target, url, stored):
     try:
         session.token()
     except AuthRequired as e:
-        ctx.log("stored session not usable (%s); logging in" % e)
+        ctx.ui.log("stored session not usable (%s); logging in" % e)
         return None
     return session
 
@@ -2129,7 +2173,7 @@ def cmd_auth_token_login(ctx, args):
 @command("auth logout", "forget the stored tokens (the server keeps no session)",
          arg("--all", action="store_true", help="log out of every profile"))
 def cmd_auth_logout(ctx, args):
-    names = sorted(ctx.store.profiles()) if args.all else [ctx.profile]
+    names = sorted(ctx.store.profiles()) if args.all else [ctx.choice.profile]
 
     def forget(doc):
         for name in names:
@@ -2142,10 +2186,10 @@ def cmd_auth_logout(ctx, args):
         ctx.store.modify(forget)
     for name in TOKEN_VARIABLES:
         if ctx.env.get(name):
-            ctx.warn("%s is still set in the environment" % name)
-    ctx.emit({"message": "Successfully logged out", "profiles": names},
-             lambda: ctx.success("Successfully logged out" + (
-                 " of all profiles" if args.all else " (profile '%s')" % names[0])))
+            ctx.ui.warn("%s is still set in the environment" % name)
+    ctx.ui.emit({"message": "Successfully logged out", "profiles": names},
+                lambda: ctx.ui.success("Successfully logged out" + (
+                    " of all profiles" if args.all else " (profile '%s')" % names[0])))
 
 
 @command("auth whoami", "show the identity the server sees")
@@ -2154,9 +2198,9 @@ def cmd_auth_whoami(ctx, args):
     if not session.creds.access:
         raise not_logged_in()
     me = session.fetch("GET", "/auth/me")
-    ctx.emit(me, lambda: ctx.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
-                                    ("ID", me.get("id")), ("API Host", session.api_url)],
-                                   "Current Identity"))
+    ctx.ui.emit(me, lambda: ctx.ui.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
+                                          ("ID", me.get("id")), ("API Host", session.api_url)],
+                                         "Current Identity"))
 
 
 def token_times(creds, now):
@@ -2184,8 +2228,8 @@ def profile_status(ctx, name, offline, use_env):
             code = e.exit_code if e.exit_code in (4, 5, 6) else 1
     creds, now = session.creds, ctx.now()  # after any refresh
     stored = ctx.store.profile(name) or {}
-    url, url_source = ctx.api_url_for(name)
-    status = {"profile": name, "current": name == ctx.profile, "api_url": url.rstrip("/"),
+    url, url_source = ctx.choice.api_url_for(name)
+    status = {"profile": name, "current": name == ctx.choice.profile, "api_url": url.rstrip("/"),
               "api_url_source": url_source, "username": stored.get("username"),
               "token_source": creds.source if creds.access else None,
               "token_origin": creds.origin if creds.access else None,
@@ -2222,10 +2266,10 @@ def status_pairs(status, now):
          arg("--offline", action="store_true", help="do not contact the server"),
          arg("--all", action="store_true", help="every profile in the credential file"))
 def cmd_auth_status(ctx, args):
-    names = sorted(set(ctx.store.profiles()) | {ctx.profile}) if args.all else [ctx.profile]
+    names = sorted(set(ctx.store.profiles()) | {ctx.choice.profile}) if args.all else [ctx.choice.profile]
     results, code = [], 0
     for name in names:
-        status, status_code = profile_status(ctx, name, args.offline, use_env=name == ctx.profile)
+        status, status_code = profile_status(ctx, name, args.offline, use_env=name == ctx.choice.profile)
         results.append(status)
         if status_code and code in (0, 4):
             code = status_code  # network trouble outranks a missing login
@@ -2234,11 +2278,11 @@ def cmd_auth_status(ctx, args):
     def table():
         for i, status in enumerate(results):
             if i:
-                ctx.out()
+                ctx.ui.out()
             title = "Profile: %s%s" % (status["profile"], " (current)" if status["current"] else "")
-            ctx.pairs(status_pairs(status, now), title)
+            ctx.ui.pairs(status_pairs(status, now), title)
 
-    ctx.emit(results if args.all else results[0], table)
+    ctx.ui.emit(results if args.all else results[0], table)
     return code
 
 
@@ -2255,12 +2299,12 @@ def cmd_auth_refresh(ctx, args):
     expires_in = None if expires_at is None else int(expires_at - ctx.now())
 
     def table():
-        ctx.success("Token refreshed successfully")
-        ctx.info("New token expires in %s" % ("an unknown time" if expires_in is None
-                                              else "%d seconds" % expires_in))
+        ctx.ui.success("Token refreshed successfully")
+        ctx.ui.info("New token expires in %s" % ("an unknown time" if expires_in is None
+                                                 else "%d seconds" % expires_in))
 
-    ctx.emit({"profile": session.profile, "api_url": session.api_url,
-              "expires_at": expires_at, "expires_in": expires_in}, table)
+    ctx.ui.emit({"profile": session.profile, "api_url": session.api_url,
+                 "expires_at": expires_at, "expires_in": expires_in}, table)
 
 
 @command("auth token", "print the access token that would be used",
@@ -2271,25 +2315,25 @@ def cmd_auth_token(ctx, args):
     creds, now = session.creds, ctx.now()
     left = creds.access_left(now)
     if args.min_ttl and left is not None and left < args.min_ttl:
-        ctx.warn("the token has %ds left, less than --min-ttl %d: the server issues shorter-lived tokens"
-                 % (left, args.min_ttl))
-    fmt = args.format or {"json": "json", "yaml": "yaml"}.get(ctx.output, "raw")
+        ctx.ui.warn("the token has %ds left, less than --min-ttl %d: the server issues shorter-lived tokens"
+                    % (left, args.min_ttl))
+    fmt = args.format or {"json": "json", "yaml": "yaml"}.get(ctx.ui.output, "raw")
     if fmt == "raw":
-        ctx.stdout.write(token + "\n")
+        ctx.ui.stdout.write(token + "\n")
     elif fmt == "header":
-        ctx.stdout.write("Authorization: Bearer %s\n" % token)
+        ctx.ui.stdout.write("Authorization: Bearer %s\n" % token)
     elif fmt == "env":
-        ctx.stdout.write("export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n"
-                         % (shell_quote(session.api_url), shell_quote(token)))
+        ctx.ui.stdout.write("export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n"
+                            % (shell_quote(session.api_url), shell_quote(token)))
     else:
-        profile, profile_source = ctx.profile_source
-        url_source = ctx.api_url_for(profile)[1]
+        profile, profile_source = ctx.choice.profile_source
+        url_source = ctx.choice.api_url_for(profile)[1]
         doc = {"token": token, "expires_at": creds.access_expires_at,
                "expires_in": None if left is None else int(left),
                "profile": profile, "profile_source": profile_source,
                "api_url": session.api_url, "api_url_source": url_source,
                "source": creds.source, "source_detail": creds.origin}
-        ctx.write_document(to_yaml if fmt == "yaml" else to_json, doc)
+        ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc)
 
 
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
@@ -2306,8 +2350,8 @@ def cmd_auth_exec(ctx, args):
     env = dict(ctx.env)
     env.update(ATTUNE_API_URL=session.api_url, ATTUNE_API_TOKEN=token)
     env.pop("ATTUNE_AUTH_TOKEN", None)
-    ctx.stdout.flush()
-    ctx.stderr.flush()
+    ctx.ui.stdout.flush()
+    ctx.ui.stderr.flush()
     try:
         if not WINDOWS:
             os.execvpe(command[0], command, env)
@@ -2358,34 +2402,34 @@ def profile_view(name, profile):
 
 @command("config list", "show the settings in effect (tokens masked)")
 def cmd_config_list(ctx, args):
-    name = ctx.profile
+    name = ctx.choice.profile
     profile = ctx.store.profile(name) or {}
-    data = {"config_file": ctx.config_path, "current_profile": ctx.store.current_profile() or DEFAULT_PROFILE,
+    data = {"config_file": ctx.choice.config_path, "current_profile": ctx.store.current_profile() or DEFAULT_PROFILE,
             "profile": name, "format": ctx.store.load().get("format") or "table",
-            "api_url": ctx.api_url_for(name)[0]}
+            "api_url": ctx.choice.api_url_for(name)[0]}
     for key in ("description", "ca_bundle", "username", "auth_method"):
         data[key] = profile.get(key)
     data["auth_token"] = masked(profile, "auth_token")
     data["refresh_token"] = masked(profile, "refresh_token")
-    ctx.emit(data, lambda: ctx.pairs([(k, "(not set)" if v is None else v) for k, v in data.items()],
-                                     "Configuration"))
+    ctx.ui.emit(data, lambda: ctx.ui.pairs([(k, "(not set)" if v is None else v) for k, v in data.items()],
+                                           "Configuration"))
 
 
 def config_value(ctx, key):
     if key == "profile":
-        return ctx.profile
+        return ctx.choice.profile
     if key == "format":
         return ctx.store.load().get("format") or "table"
     if key == "api_url":
-        return ctx.api_url_for(ctx.profile)[0]
-    return (ctx.store.profile(ctx.profile) or {}).get(key)
+        return ctx.choice.api_url_for(ctx.choice.profile)[0]
+    return (ctx.store.profile(ctx.choice.profile) or {}).get(key)
 
 
 @command("config get", "print one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)))
 def cmd_config_get(ctx, args):
     key = config_key(args.key)
     value = config_value(ctx, key)
-    ctx.emit({"key": key, "value": value}, lambda: ctx.out("" if value is None else str(value)))
+    ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.out("" if value is None else str(value)))
 
 
 @command("config set", "change one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)),
@@ -2397,10 +2441,10 @@ def cmd_config_set(ctx, args):
     if key == "format" and value not in OUTPUT_FORMATS:
         raise UsageError("format must be one of: %s" % ", ".join(OUTPUT_FORMATS))
     if key == "profile":
-        ctx.require_profile(value)
+        ctx.choice.require_profile(value)
     if key == "api_url" and not value.startswith(("http://", "https://")):
         raise UsageError("api_url must start with http:// or https://")
-    name = ctx.profile
+    name = ctx.choice.profile
 
     def change(doc):
         if key == "format":
@@ -2416,15 +2460,15 @@ def cmd_config_set(ctx, args):
                 profile[key] = value
 
     ctx.store.modify(change)
-    ctx.emit({"key": key, "value": value}, lambda: ctx.success("Set %s = %s" % (key, value)))
+    ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.success("Set %s = %s" % (key, value)))
 
 
 @command("config path", "print the credential file path")
 def cmd_config_path(ctx, args):
-    if ctx.config_path is None:
+    if ctx.choice.config_path is None:
         ctx.store.lock()  # raises: there is no place for the file
-    ctx.emit({"path": ctx.config_path, "source": ctx.config_source, "exists": ctx.store.exists
-              or os.path.exists(ctx.config_path)}, lambda: ctx.out(ctx.config_path))
+    ctx.ui.emit({"path": ctx.choice.config_path, "source": ctx.choice.config_source, "exists": ctx.store.exists
+                 or os.path.exists(ctx.choice.config_path)}, lambda: ctx.ui.out(ctx.choice.config_path))
 
 
 @command("config profiles", "list profiles, current marked",
@@ -2434,7 +2478,7 @@ def cmd_config_profiles(ctx, args):
     profiles = dict(ctx.store.profiles())
     profiles.setdefault(DEFAULT_PROFILE, {"api_url": DEFAULT_API_URL})
     if args.names:  # for shell completion and scripts
-        ctx.stdout.write("".join(name + "\n" for name in sorted(profiles)))
+        ctx.ui.stdout.write("".join(name + "\n" for name in sorted(profiles)))
         return
     rows = []
     for name in sorted(profiles):
@@ -2442,7 +2486,7 @@ def cmd_config_profiles(ctx, args):
         rows.append({"name": name, "current": name == current, "api_url": profile.get("api_url"),
                      "username": profile.get("username"), "description": profile.get("description"),
                      "logged_in": bool(profile.get("auth_token"))})
-    ctx.emit(rows, lambda: ctx.table(
+    ctx.ui.emit(rows, lambda: ctx.ui.table(
         ["", "Name", "API URL", "User", "Description"],
         [["*" if r["current"] else "", r["name"], r["api_url"], r["username"], r["description"]]
          for r in rows]))
@@ -2450,13 +2494,13 @@ def cmd_config_profiles(ctx, args):
 
 @command("config current", "print the profile in effect")
 def cmd_config_current(ctx, args):
-    name, source = ctx.profile_source
-    ctx.emit({"profile": name, "source": source}, lambda: ctx.out(name))
+    name, source = ctx.choice.profile_source
+    ctx.ui.emit({"profile": name, "source": source}, lambda: ctx.ui.out(name))
 
 
 @command("config use", "make a profile the current one", arg("name"))
 def cmd_config_use(ctx, args):
-    ctx.require_profile(args.name)
+    ctx.choice.require_profile(args.name)
 
     def change(doc):
         doc["current_profile"] = args.name
@@ -2464,8 +2508,8 @@ def cmd_config_use(ctx, args):
             doc["profiles"].setdefault(DEFAULT_PROFILE, {"api_url": DEFAULT_API_URL})
 
     ctx.store.modify(change)
-    ctx.emit({"current_profile": args.name},
-             lambda: ctx.success("Switched to profile '%s'" % args.name))
+    ctx.ui.emit({"current_profile": args.name},
+                lambda: ctx.ui.success("Switched to profile '%s'" % args.name))
 
 
 # --api-url (required here) and --ca-bundle are the global options of the same names
@@ -2488,12 +2532,12 @@ def cmd_config_add_profile(ctx, args):
         return profile_view(args.name, profile)
 
     view = ctx.store.modify(change)
-    ctx.emit(view, lambda: ctx.success("Profile '%s' %s" % (args.name, "updated" if existed else "added")))
+    ctx.ui.emit(view, lambda: ctx.ui.success("Profile '%s' %s" % (args.name, "updated" if existed else "added")))
 
 
 @command("config show-profile", "show one profile (tokens masked)", arg("name"))
 def cmd_config_show_profile(ctx, args):
-    ctx.require_profile(args.name)
+    ctx.choice.require_profile(args.name)
     profile = ctx.store.profile(args.name) or {"api_url": DEFAULT_API_URL}
     view = profile_view(args.name, profile)
     labels = {"api_url": "API URL", "auth_token": "Auth Token", "refresh_token": "Refresh Token"}
@@ -2507,23 +2551,23 @@ def cmd_config_show_profile(ctx, args):
             if key.endswith(("_expires_at", "invalidated_at")) and epoch(value) is not None:
                 value = describe_expiry(value, now) if key.endswith("_expires_at") else format_time(value)
             pairs.append((labels.get(key, key.replace("_", " ").title()), "" if value is None else value))
-        ctx.pairs(pairs, "Profile: %s" % args.name)
+        ctx.ui.pairs(pairs, "Profile: %s" % args.name)
 
-    ctx.emit(view, table)
+    ctx.ui.emit(view, table)
 
 
 @command("config remove-profile", "remove a profile (not the current one)", arg("name"))
 def cmd_config_remove_profile(ctx, args):
     name = args.name
     if name not in ctx.store.profiles():  # a malformed entry can still be removed
-        ctx.require_profile(name)
+        ctx.choice.require_profile(name)
     current = ctx.store.current_profile() or DEFAULT_PROFILE
     if name == current:
         raise AttuneError("Cannot remove active profile '%s'. Switch to another profile first." % name)
     if name == DEFAULT_PROFILE:
         raise AttuneError("Cannot remove the default profile")
     ctx.store.modify(lambda doc: doc["profiles"].pop(name, None))
-    ctx.emit({"removed": name}, lambda: ctx.success("Profile '%s' removed" % name))
+    ctx.ui.emit({"removed": name}, lambda: ctx.ui.success("Profile '%s' removed" % name))
 
 
 # === Resource helpers ========================================================
@@ -2575,7 +2619,7 @@ def fetch_list(session, path, query=None, size_param="page_size", every_page=Fal
 def emit_list(ctx, items, pagination, noun, columns, row):
     """A list command's output: the array in JSON and YAML, else a table of row(item)
     ("No <noun> found" when empty); then a note when more pages remain."""
-    ctx.emit(items, lambda: ctx.table(columns, [row(i) for i in items], empty="No %s found" % noun))
+    ctx.ui.emit(items, lambda: ctx.ui.table(columns, [row(i) for i in items], empty="No %s found" % noun))
     note_partial(ctx, pagination, len(items), noun)
 
 
@@ -2583,8 +2627,8 @@ def note_partial(ctx, pagination, shown, noun):
     """Say on stderr when a list holds only its first page."""
     if isinstance(pagination, dict) and pagination.get("has_next") is True:
         total = pagination.get("total_items")
-        ctx.note("showing the first %d%s %s; add --all for every page"
-                 % (shown, " of %d" % total if isinstance(total, int) else "", noun))
+        ctx.ui.note("showing the first %d%s %s; add --all for every page"
+                    % (shown, " of %d" % total if isinstance(total, int) else "", noun))
 
 
 def json_or_string(text):
@@ -2652,7 +2696,7 @@ def confirm(ctx, args, what, cancelled="Delete cancelled"):
         raise UsageError("refusing to %s without confirmation (no terminal to ask on); add --yes" % what)
     if (ask(ctx, "Are you sure you want to %s? [y/N] " % what) or "").lower() in ("y", "yes"):
         return True
-    ctx.info(cancelled)
+    ctx.ui.info(cancelled)
     return False
 
 
@@ -2662,7 +2706,7 @@ def delete_resource(ctx, args, what, path, success, json_message, cancelled="Del
         return
     resp = ctx.session().request("DELETE", path)
     resp.check()
-    ctx.emit({"message": json_message}, lambda: ctx.success(success))
+    ctx.ui.emit({"message": json_message}, lambda: ctx.ui.success(success))
 
 
 def format_timestamp(value):
@@ -2712,25 +2756,25 @@ def schema_rows(schema):
 def show_schema(ctx, title, schema):
     if schema in (None, {}, []):
         return
-    ctx.section(title)
+    ctx.ui.section(title)
     rows = schema_rows(schema)
     if rows and all(isinstance(v, dict) for v in (schema.get("properties") or schema).values()):
-        ctx.table(["Name", "Type", "Required", "Default", "Description"], rows)
+        ctx.ui.table(["Name", "Type", "Required", "Default", "Description"], rows)
     else:
-        ctx.out(to_json(schema))
+        ctx.ui.out(to_json(schema))
 
 
 def show_json_section(ctx, title, value):
     if value is not None:
-        ctx.section(title)
-        ctx.out(to_json(value))
+        ctx.ui.section(title)
+        ctx.ui.out(to_json(value))
 
 
 def show_list_section(ctx, title, values):
     if values:
-        ctx.section(title)
+        ctx.ui.section(title)
         for value in values:
-            ctx.out("  %s %s" % (BULLET, cell_text(value)))
+            ctx.ui.out("  %s %s" % (BULLET, cell_text(value)))
 
 
 # === Waiting for executions and reading log streams ==========================
@@ -2740,10 +2784,10 @@ class Progress:
 
     def __init__(self, ctx):
         try:
-            self.enabled = ctx.stderr.isatty()
+            self.enabled = ctx.ui.stderr.isatty()
         except (AttributeError, ValueError):
             self.enabled = False
-        self.stream = ctx.stderr
+        self.stream = ctx.ui.stderr
         self.width = 0
 
     def show(self, text):
@@ -2772,7 +2816,7 @@ def wait_for_execution(ctx, session, execution_id, timeout):
             if status.lower() in TERMINAL_STATUSES:
                 return execution
             progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?",
-                                                       time.monotonic() - started))
+                                                      time.monotonic() - started))
             if not backoff.sleep():
                 raise AttuneError("timed out after %gs waiting for execution %d (status '%s')"
                                   % (timeout, execution_id, status))
@@ -2787,16 +2831,16 @@ def show_finished_execution(ctx, execution):
     def table():
         result = execution.get("result")
         stdout = result.get("stdout") if isinstance(result, dict) else None
-        ctx.success("Execution %s completed" % execution.get("id"))
-        ctx.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                   ("Status", status)] + timestamps(execution), "Execution Details")
+        ctx.ui.success("Execution %s completed" % execution.get("id"))
+        ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                      ("Status", status)] + timestamps(execution), "Execution Details")
         if isinstance(stdout, str):
-            ctx.section("Stdout")
-            ctx.out(stdout.rstrip("\n"))
+            ctx.ui.section("Stdout")
+            ctx.ui.out(stdout.rstrip("\n"))
             result = {k: v for k, v in result.items() if k != "stdout"}
         show_json_section(ctx, "Result", result)
 
-    ctx.emit(execution, table)
+    ctx.ui.emit(execution, table)
     if status.lower() not in SUCCESS_STATUSES:
         raise AttuneError("execution finished with status '%s'" % status)
 
@@ -2846,7 +2890,7 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
                 except StopIteration:
                     break
                 except (OSError, http.client.HTTPException) as e:
-                    ctx.log("log stream interrupted: %s" % e.__class__.__name__)
+                    ctx.ui.log("log stream interrupted: %s" % e.__class__.__name__)
                     break
                 if event in ("content", "append"):
                     write(data)
@@ -2866,7 +2910,7 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
         if drops > 5:
             raise NetworkError("the log stream of execution %d keeps dropping (at byte %d)"
                                % (execution_id, offset))
-        ctx.log("log stream ended before 'done'; reconnecting from byte %d" % offset)
+        ctx.ui.log("log stream ended before 'done'; reconnecting from byte %d" % offset)
         time.sleep(min(0.2 * drops, 2.0))
 
 
@@ -2884,22 +2928,22 @@ def pack_report(ctx, result, verb):
     pack = result.get("pack") if isinstance(result.get("pack"), dict) else {}
 
     def table():
-        ctx.success("Pack '%s' %s successfully" % (pack.get("ref"), verb))
-        ctx.info("  Version: %s" % pack.get("version"))
-        ctx.info("  ID: %s" % pack.get("id"))
+        ctx.ui.success("Pack '%s' %s successfully" % (pack.get("ref"), verb))
+        ctx.ui.info("  Version: %s" % pack.get("version"))
+        ctx.ui.info("  ID: %s" % pack.get("id"))
         tests = result.get("test_result")
         if result.get("tests_skipped"):
-            ctx.info("  %s Tests were skipped" % CAUTION)
+            ctx.ui.info("  %s Tests were skipped" % CAUTION)
         elif isinstance(tests, dict):
             if tests.get("status") == "passed":
-                ctx.success("All tests passed")
+                ctx.ui.success("All tests passed")
             elif tests.get("status") == "failed":
-                ctx.out(CROSS + " Some tests failed")
+                ctx.ui.out(CROSS + " Some tests failed")
             summary = tests.get("summary") if isinstance(tests.get("summary"), dict) else {}
             if isinstance(summary.get("passed"), int) and isinstance(summary.get("total"), int):
-                ctx.info("  Tests: %d/%d passed" % (summary["passed"], summary["total"]))
+                ctx.ui.info("  Tests: %d/%d passed" % (summary["passed"], summary["total"]))
 
-    ctx.emit(result, table)
+    ctx.ui.emit(result, table)
 
 
 @command("pack list", "list installed packs",
@@ -2918,16 +2962,16 @@ def cmd_pack_show(ctx, args):
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
 
     def table():
-        ctx.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
-                   ("Author", pack.get("author") or meta.get("author") or "Unknown"),
-                   ("Description", or_none(pack.get("description"))),
-                   ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
-                   ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0)]
-                  + timestamps(pack), "Pack: %s" % pack.get("label"))
+        ctx.ui.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
+                      ("Author", pack.get("author") or meta.get("author") or "Unknown"),
+                      ("Description", or_none(pack.get("description"))),
+                      ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
+                      ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0)]
+                     + timestamps(pack), "Pack: %s" % pack.get("label"))
         show_list_section(ctx, "Runtime Dependencies", pack.get("runtime_deps"))
         show_list_section(ctx, "Pack Dependencies", pack.get("dependencies"))
 
-    ctx.emit(pack, table)
+    ctx.ui.emit(pack, table)
 
 
 @command("pack create", "create an empty pack",
@@ -2944,8 +2988,8 @@ def cmd_pack_create(ctx, args):
         body["description"] = args.description
     body.update(version=args.pack_version, tags=split_list(args.tags))
     pack = ctx.session().fetch("POST", "/packs", body)
-    ctx.emit(pack, lambda: ctx.success("Pack '%s' created successfully (id: %s)"
-                                       % (pack.get("ref"), pack.get("id"))))
+    ctx.ui.emit(pack, lambda: ctx.ui.success("Pack '%s' created successfully (id: %s)"
+                                             % (pack.get("ref"), pack.get("id"))))
 
 
 def pack_source_kind(source, no_registry):
@@ -2970,18 +3014,18 @@ def cmd_pack_install(ctx, args):
     body = {"source": args.source, "ref_spec": args.ref_spec, "force": args.force,
             "skip_tests": args.skip_tests or args.skip_deps, "skip_deps": args.skip_deps,
             "no_registry": args.no_registry}
-    ctx.info("Installing pack from: %s (%s)" % (args.source, pack_source_kind(args.source, args.no_registry)))
+    ctx.ui.info("Installing pack from: %s (%s)" % (args.source, pack_source_kind(args.source, args.no_registry)))
     if args.skip_deps:
-        ctx.info(CAUTION + " Dependency validation will be skipped")
+        ctx.ui.info(CAUTION + " Dependency validation will be skipped")
     pack_report(ctx, ctx.session().fetch("POST", "/packs/install", body), "installed")
 
 
 @command("pack register", "register a pack from a path the server can see", *PACK_PATH_ARGS)
 def cmd_pack_register(ctx, args):
     if not args.path.startswith(("/opt/attune/", "/app/", "/packs")):
-        ctx.warn("'%s' looks like a local path; a server in a container may not see it. "
-                 "Use 'attune pack upload %s' to send the pack itself" % (args.path, args.path))
-    ctx.info("Registering pack from: %s" % args.path)
+        ctx.ui.warn("'%s' looks like a local path; a server in a container may not see it. "
+                    "Use 'attune pack upload %s' to send the pack itself" % (args.path, args.path))
+    ctx.ui.info("Registering pack from: %s" % args.path)
     body = {"path": args.path, "force": args.force, "skip_tests": args.skip_tests}
     pack_report(ctx, ctx.session().fetch("POST", "/packs/register", body), "registered")
 
@@ -3048,8 +3092,8 @@ def multipart_body(fields, file_field, filename, content, content_type):
 @command("pack upload", "upload a pack directory or .tar.gz and register it", *PACK_PATH_ARGS)
 def cmd_pack_upload(ctx, args):
     archive, ref = pack_archive(args.path)
-    ctx.info("Uploading pack '%s' from: %s" % (ref, args.path))
-    ctx.info("Archive ready (%d KB), uploading..." % (len(archive) // 1024))
+    ctx.ui.info("Uploading pack '%s' from: %s" % (ref, args.path))
+    ctx.ui.info("Archive ready (%d KB), uploading..." % (len(archive) // 1024))
     fields = [(name, "true") for name in ("force", "skip_tests") if getattr(args, name)]
     body, content_type = multipart_body(fields, "pack", ref + ".tar.gz", archive, "application/gzip")
     resp = ctx.session().request("POST", "/packs/upload", raw_body=body, content_type=content_type)
@@ -3073,12 +3117,12 @@ def cmd_pack_update(ctx, args):
     pack = ctx.session().fetch("PUT", "/packs/" + path_segment(args.ref), body)
 
     def table():
-        ctx.success("Pack '%s' updated successfully" % pack.get("ref"))
-        ctx.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
-                   ("Description", or_none(pack.get("description"))),
-                   ("Updated", format_timestamp(pack.get("updated")))])
+        ctx.ui.success("Pack '%s' updated successfully" % pack.get("ref"))
+        ctx.ui.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
+                      ("Description", or_none(pack.get("description"))),
+                      ("Updated", format_timestamp(pack.get("updated")))])
 
-    ctx.emit(pack, table)
+    ctx.ui.emit(pack, table)
 
 
 @command("pack uninstall", "uninstall a pack", ref("pack"), YES)
@@ -3139,10 +3183,10 @@ def cmd_action_show(ctx, args):
     action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
     def table():
-        ctx.pairs(action_pairs(action) + timestamps(action), "Action: %s" % action.get("ref"))
+        ctx.ui.pairs(action_pairs(action) + timestamps(action), "Action: %s" % action.get("ref"))
         show_schema(ctx, "Parameters Schema", action.get("param_schema"))
 
-    ctx.emit(action, table)
+    ctx.ui.emit(action, table)
 
 
 @command("action search", "search actions by keywords",
@@ -3153,7 +3197,7 @@ def cmd_action_search(ctx, args):
     query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
              "page_size": max(1, min(args.limit, ALL_PAGE_SIZE)), "page": 1}
     hits, _ = fetch_list(ctx.session(), "/actions/search", query)
-    ctx.emit(hits, lambda: ctx.table(
+    ctx.ui.emit(hits, lambda: ctx.ui.table(
         ["Ref", "Pack", "Label", "Runtime", "MCP", "Description"],
         [[h.get("ref"), h.get("pack_ref"), h.get("label"), runtime_text(h, bool(h.get("is_workflow"))),
           "yes" if h.get("accesses_mcp") else "", clip(h.get("description") or "", 50)] for h in hits],
@@ -3164,10 +3208,10 @@ def cmd_action_toggle(ctx, args, enabled):
     action = ctx.session().fetch("PUT", "/actions/" + path_segment(args.ref), {"enabled": enabled})
 
     def table():
-        ctx.success("Action '%s' updated successfully" % action.get("ref"))
-        ctx.pairs(action_pairs(action, "Entrypoint") + [("Updated", format_timestamp(action.get("updated")))])
+        ctx.ui.success("Action '%s' updated successfully" % action.get("ref"))
+        ctx.ui.pairs(action_pairs(action, "Entrypoint") + [("Updated", format_timestamp(action.get("updated")))])
 
-    ctx.emit(action, table)
+    ctx.ui.emit(action, table)
 
 
 @command("action enable", "enable an action", ref("action"))
@@ -3194,12 +3238,12 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     execution = session.fetch("POST", "/executions/execute", body)
     if not args.watch:
         def table():
-            ctx.success(started_message % execution.get("id"))
-            ctx.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                       ("Status", execution.get("status"))] + list(extra_pairs))
-        ctx.emit(execution, table)
+            ctx.ui.success(started_message % execution.get("id"))
+            ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                          ("Status", execution.get("status"))] + list(extra_pairs))
+        ctx.ui.emit(execution, table)
         return
-    ctx.info("Waiting for execution %s to complete..." % execution.get("id"))
+    ctx.ui.info("Waiting for execution %s to complete..." % execution.get("id"))
     timeout = args.timeout if args.timeout is not None else 300
     show_finished_execution(ctx, wait_for_execution(ctx, session, int(execution["id"]), timeout))
 
@@ -3208,7 +3252,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
 @command("run", "run an action (same as action execute)", ref("action (pack.action)"), *EXECUTE_ARGS)
 def cmd_action_execute(ctx, args):
     body = execute_body(args, args.ref, execution_parameters(args))
-    ctx.info("Executing action: %s" % args.ref)
+    ctx.ui.info("Executing action: %s" % args.ref)
     start_execution(ctx, args, body, "Execution %s started")
 
 
@@ -3289,17 +3333,17 @@ def cmd_execution_show(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
 
     def table():
-        ctx.pairs([("ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                   ("Status", execution.get("status")), ("Trace Tag", or_none(execution.get("trace_tag"))),
-                   ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
-                   ("Parent ID", or_none(execution.get("parent"))),
-                   ("Enforcement ID", or_none(execution.get("enforcement"))),
-                   ("Executor ID", or_none(execution.get("executor")))]
-                  + timestamps(execution), "Execution: %s" % execution.get("id"))
+        ctx.ui.pairs([("ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                      ("Status", execution.get("status")), ("Trace Tag", or_none(execution.get("trace_tag"))),
+                      ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
+                      ("Parent ID", or_none(execution.get("parent"))),
+                      ("Enforcement ID", or_none(execution.get("enforcement"))),
+                      ("Executor ID", or_none(execution.get("executor")))]
+                     + timestamps(execution), "Execution: %s" % execution.get("id"))
         show_json_section(ctx, "Configuration", execution.get("config"))
         show_json_section(ctx, "Result", execution.get("result"))
 
-    ctx.emit(execution, table)
+    ctx.ui.emit(execution, table)
 
 
 @command("execution result", "print an execution's result", EXECUTION_ID,
@@ -3308,8 +3352,8 @@ def cmd_execution_result(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
     if execution.get("result") is None:
         raise AttuneError("Execution %d has no result yet" % args.id)
-    fmt = args.format or ("yaml" if ctx.output == "yaml" else "json")
-    ctx.write_document(to_yaml if fmt == "yaml" else to_json, execution["result"])
+    fmt = args.format or ("yaml" if ctx.ui.output == "yaml" else "json")
+    ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, execution["result"])
 
 
 @command("execution cancel", "cancel an execution", EXECUTION_ID, YES)
@@ -3317,14 +3361,14 @@ def cmd_execution_cancel(ctx, args):
     if not confirm(ctx, args, "cancel execution %d" % args.id, "Cancellation aborted"):
         return
     execution = ctx.session().fetch("POST", "/executions/%d/cancel" % args.id, {})
-    ctx.emit(execution, lambda: ctx.success("Execution %d cancelled" % args.id))
+    ctx.ui.emit(execution, lambda: ctx.ui.success("Execution %d cancelled" % args.id))
 
 
 @command("execution watch", "wait for an execution to finish", EXECUTION_ID,
          arg("--timeout", type=positive_int, default=300, metavar="SECONDS",
              help="stop waiting after this long (default 300)"))
 def cmd_execution_watch(ctx, args):
-    ctx.info("Observing execution %d..." % args.id)
+    ctx.ui.info("Observing execution %d..." % args.id)
     show_finished_execution(ctx, wait_for_execution(ctx, ctx.session(), args.id, args.timeout))
 
 
@@ -3334,18 +3378,18 @@ def cmd_execution_watch(ctx, args):
 def cmd_execution_logs(ctx, args):
     name = "stderr" if args.stderr else "stdout"
     chunks = []
-    table = ctx.output == "table"
+    table = ctx.ui.output == "table"
 
     def write(text):
         if table:
-            write_text(ctx.stdout, text)
-            ctx.stdout.flush()
+            write_text(ctx.ui.stdout, text)
+            ctx.ui.stdout.flush()
         else:
             chunks.append(text)
 
     offset = read_log_stream(ctx, ctx.session(), args.id, name, args.follow, write)
     if not table:
-        ctx.emit({"execution_id": args.id, "stream": name, "content": "".join(chunks), "offset": offset})
+        ctx.ui.emit({"execution_id": args.id, "stream": name, "content": "".join(chunks), "offset": offset})
 
 
 def secret_marker_paths(value, path=""):
@@ -3379,7 +3423,7 @@ def cmd_execution_rerun(ctx, args):
     if markers:
         raise UsageError("rerun parameters still contain redacted secrets at %s; give each a new value "
                          "with --param before rerunning" % ", ".join(markers))
-    ctx.info("Rerunning execution %d (action: %s)" % (args.id, action_ref))
+    ctx.ui.info("Rerunning execution %d (action: %s)" % (args.id, action_ref))
     start_execution(ctx, args, execute_body(args, action_ref, parameters),
                     "Execution %%s started (rerun of %d)" % args.id, [("Rerun of", args.id)])
 
@@ -3432,12 +3476,12 @@ def cmd_rule_show(ctx, args):
     rule = ctx.session().fetch("GET", "/rules/" + path_segment(args.ref))
 
     def table():
-        ctx.pairs(rule_pairs(rule) + timestamps(rule), "Rule: %s" % rule.get("ref"))
+        ctx.ui.pairs(rule_pairs(rule) + timestamps(rule), "Rule: %s" % rule.get("ref"))
         show_json_section(ctx, "Conditions", rule.get("conditions"))
         show_json_section(ctx, "Action Parameters", rule.get("action_params"))
         show_json_section(ctx, "Trigger Parameters", rule.get("trigger_params"))
 
-    ctx.emit(rule, table)
+    ctx.ui.emit(rule, table)
 
 
 @command("rule create", "create a rule linking a trigger to an action",
@@ -3453,11 +3497,11 @@ def cmd_rule_create(ctx, args):
     rule = ctx.session().fetch("POST", "/rules", body)
 
     def table():
-        ctx.success("Rule '%s' created successfully" % rule.get("ref"))
-        ctx.info("ID: %s" % rule.get("id"))
-        ctx.info("Enabled: %s" % str(rule.get("enabled")).lower())
+        ctx.ui.success("Rule '%s' created successfully" % rule.get("ref"))
+        ctx.ui.info("ID: %s" % rule.get("id"))
+        ctx.ui.info("Enabled: %s" % str(rule.get("enabled")).lower())
 
-    ctx.emit(rule, table)
+    ctx.ui.emit(rule, table)
 
 
 @command("rule update", "change a rule", ref("rule"), arg("--label"), *RULE_OPTIONS)
@@ -3470,16 +3514,16 @@ def cmd_rule_update(ctx, args):
     rule = ctx.session().fetch("PUT", "/rules/" + path_segment(args.ref), body)
 
     def table():
-        ctx.success("Rule '%s' updated successfully" % rule.get("ref"))
-        ctx.pairs(rule_pairs(rule) + [("Updated", format_timestamp(rule.get("updated")))])
+        ctx.ui.success("Rule '%s' updated successfully" % rule.get("ref"))
+        ctx.ui.pairs(rule_pairs(rule) + [("Updated", format_timestamp(rule.get("updated")))])
 
-    ctx.emit(rule, table)
+    ctx.ui.emit(rule, table)
 
 
 def cmd_rule_toggle(ctx, args, verb):
     # the server's routes; the Rust CLI's PATCH /rules/{ref} has no route
     rule = ctx.session().fetch("POST", "/rules/%s/%s" % (path_segment(args.ref), verb[:-1]))
-    ctx.emit(rule, lambda: ctx.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
+    ctx.ui.emit(rule, lambda: ctx.ui.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
 
 
 @command("rule enable", "enable a rule", ref("rule"))
@@ -3518,11 +3562,11 @@ def toggle_resource(ctx, kind, ref, enabled):
     item = ctx.session().fetch("POST", "/%ss/%s/%s" % (kind, path_segment(ref), verb[:-1]), {})
 
     def table():
-        ctx.success("%s '%s' %s successfully" % (kind.title(), item.get("ref") or ref, verb))
-        ctx.pairs([("Ref", item.get("ref")), ("Enabled", item.get("enabled")),
-                   ("Updated", format_timestamp(item.get("updated")))])
+        ctx.ui.success("%s '%s' %s successfully" % (kind.title(), item.get("ref") or ref, verb))
+        ctx.ui.pairs([("Ref", item.get("ref")), ("Enabled", item.get("enabled")),
+                      ("Updated", format_timestamp(item.get("updated")))])
 
-    ctx.emit(item, table)
+    ctx.ui.emit(item, table)
 
 
 @command("trigger list", "list triggers", arg("--pack", help="only this pack's triggers"), ALL)
@@ -3538,19 +3582,19 @@ def cmd_trigger_show(ctx, args):
 
     def table():
         allowed = trigger.get("reference_allowed_pack_refs") or []
-        ctx.pairs([("Ref", trigger.get("ref")), ("Pack", or_none(trigger.get("pack_ref"))),
-                   ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
-                   ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
-                   ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
-                   ("Allowed Caller Packs", ", ".join(allowed) or "None")]
-                  + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
+        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_none(trigger.get("pack_ref"))),
+                      ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
+                      ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
+                      ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
+                      ("Allowed Caller Packs", ", ".join(allowed) or "None")]
+                     + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
         if trigger.get("webhook_key"):
-            ctx.section("Webhook")
-            ctx.info("Key: %s" % trigger["webhook_key"])
+            ctx.ui.section("Webhook")
+            ctx.ui.info("Key: %s" % trigger["webhook_key"])
         show_json_section(ctx, "Parameter Schema", trigger.get("param_schema"))
         show_json_section(ctx, "Output Schema", trigger.get("out_schema"))
 
-    ctx.emit(trigger, table)
+    ctx.ui.emit(trigger, table)
 
 
 @command("trigger enable", "enable a trigger", ref("trigger"))
@@ -3583,7 +3627,7 @@ def cmd_sensor_list(ctx, args):
 @command("sensor show", "show a sensor", ref("sensor"))
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
-    ctx.emit(sensor, lambda: ctx.pairs(
+    ctx.ui.emit(sensor, lambda: ctx.ui.pairs(
         [("Ref", sensor.get("ref")), ("Pack", or_none(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
          ("Description", or_none(sensor.get("description"))), ("Trigger", or_none(sensor_trigger(sensor))),
          ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
@@ -3629,12 +3673,12 @@ def key_value(ctx, args):
     if args.value is not None and args.value_stdin:
         raise UsageError("give the value either with --value or on stdin (--value-stdin), not both")
     if args.value_stdin:
-        text = ctx.stdin.read()
+        text = ctx.ui.stdin.read()
         text = text[:-1] if text.endswith("\n") else text
     elif args.value is not None:
         text = args.value
         if getattr(args, "encrypt", False) or getattr(args, "encrypted", False):
-            ctx.warn("--value exposes the secret in the process list; prefer --value-stdin")
+            ctx.ui.warn("--value exposes the secret in the process list; prefer --value-stdin")
     else:
         return None
     return json_or_string(text)
@@ -3681,9 +3725,9 @@ def cmd_key_show(ctx, args):
         if not args.decrypt:
             pairs.append(("", "(use --decrypt / -d to reveal the actual value)"))
         pairs += timestamps(key)
-        ctx.pairs(pairs, "Key: %s" % key.get("ref"))
+        ctx.ui.pairs(pairs, "Key: %s" % key.get("ref"))
 
-    ctx.emit(shown, table)
+    ctx.ui.emit(shown, table)
 
 
 @command("key create", "create a key", arg("--ref", required=True, help="unique key ref"),
@@ -3705,10 +3749,10 @@ def cmd_key_create(ctx, args):
     key.pop("value", None)  # not echoed back, even in JSON
 
     def table():
-        ctx.success("Key '%s' created successfully" % key.get("ref"))
-        ctx.pairs(key_pairs(key))
+        ctx.ui.success("Key '%s' created successfully" % key.get("ref"))
+        ctx.ui.pairs(key_pairs(key))
 
-    ctx.emit(key, table)
+    ctx.ui.emit(key, table)
 
 
 @command("key update", "change a key's name, value or encryption", ref("key"), arg("--name"),
@@ -3728,10 +3772,10 @@ def cmd_key_update(ctx, args):
     key.pop("value", None)
 
     def table():
-        ctx.success("Key '%s' updated successfully" % key.get("ref"))
-        ctx.pairs(key_pairs(key, ("Updated", "updated")))
+        ctx.ui.success("Key '%s' updated successfully" % key.get("ref"))
+        ctx.ui.pairs(key_pairs(key, ("Updated", "updated")))
 
-    ctx.emit(key, table)
+    ctx.ui.emit(key, table)
 
 
 @command("key delete", "delete a key", ref("key"), YES)
@@ -3754,14 +3798,14 @@ def cmd_workflow_list(ctx, args):
     workflows, pagination = fetch_list(ctx.session(), "/workflows", query, every_page=args.all)
 
     def table():
-        ctx.table(["Reference", "Pack", "Label", "Version", "Tags"],
-                  [[w.get("ref"), w.get("pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
-                    clip(", ".join(w.get("tags") or ()), 25) or "-"] for w in workflows],
-                  empty="No workflows found")
+        ctx.ui.table(["Reference", "Pack", "Label", "Version", "Tags"],
+                     [[w.get("ref"), w.get("pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
+                       clip(", ".join(w.get("tags") or ()), 25) or "-"] for w in workflows],
+                     empty="No workflows found")
         if workflows:
-            ctx.info("%d workflow(s) found" % len(workflows))
+            ctx.ui.info("%d workflow(s) found" % len(workflows))
 
-    ctx.emit(workflows, table)
+    ctx.ui.emit(workflows, table)
     note_partial(ctx, pagination, len(workflows), "workflows")
 
 
@@ -3775,23 +3819,23 @@ def cmd_workflow_show(ctx, args):
     workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
     def table():
-        ctx.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
-                   ("Label", workflow.get("label")), ("Description", workflow.get("description") or "-"),
-                   ("Version", workflow.get("version")), ("Tags", ", ".join(workflow.get("tags") or ()) or "none")]
-                  + timestamps(workflow), "Workflow: %s" % workflow.get("ref"))
+        ctx.ui.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
+                      ("Label", workflow.get("label")), ("Description", workflow.get("description") or "-"),
+                      ("Version", workflow.get("version")), ("Tags", ", ".join(workflow.get("tags") or ()) or "none")]
+                     + timestamps(workflow), "Workflow: %s" % workflow.get("ref"))
         for title, field in (("Parameters", "param_schema"), ("Output Schema", "out_schema")):
             if isinstance(workflow.get(field), dict) and workflow[field]:
-                ctx.section(title)
-                ctx.out(to_yaml(workflow[field]))
+                ctx.ui.section(title)
+                ctx.ui.out(to_yaml(workflow[field]))
         definition = workflow.get("definition")
         tasks = definition.get("tasks") if isinstance(definition, dict) else None
         if isinstance(tasks, list):
-            ctx.section("Tasks")
-            ctx.table(["#", "Name", "Action", "Transitions"],
-                      [[i, t.get("name") or "?", clip(str(t.get("action") or "-"), 35), task_transitions(t)]
-                       for i, t in enumerate((t for t in tasks if isinstance(t, dict)), start=1)])
+            ctx.ui.section("Tasks")
+            ctx.ui.table(["#", "Name", "Action", "Transitions"],
+                         [[i, t.get("name") or "?", clip(str(t.get("action") or "-"), 35), task_transitions(t)]
+                          for i, t in enumerate((t for t in tasks if isinstance(t, dict)), start=1)])
 
-    ctx.emit(workflow, table)
+    ctx.ui.emit(workflow, table)
 
 
 @command("workflow delete", "delete a workflow", ref("workflow"), YES)
@@ -3817,7 +3861,7 @@ def api_body(ctx, args):
     if args.data is None:
         return None
     if args.data == "-":
-        text = ctx.stdin.read()
+        text = ctx.ui.stdin.read()
     elif args.data.startswith("@"):
         try:
             with open(args.data[1:], encoding="utf-8") as f:
@@ -3855,7 +3899,7 @@ def cmd_api(ctx, args):
         if method != "GET":
             raise UsageError("--paginate works with GET")
         items, _ = fetch_list(session, args.path, query, page_size_param(args.path), every_page=True)
-        ctx.emit(items, lambda: ctx.write_document(to_json, items))
+        ctx.ui.emit(items, lambda: ctx.ui.write_document(to_json, items))
         return
     resp = session.request(method, args.path, query=query, raw_body=raw)
     try:
@@ -3863,12 +3907,12 @@ def cmd_api(ctx, args):
     except ApiError:
         body = resp.body.decode("utf-8", "replace")
     if not resp.ok:
-        write_text(ctx.stderr, (body if isinstance(body, str) else to_json(body)).rstrip("\n") + "\n")
+        write_text(ctx.ui.stderr, (body if isinstance(body, str) else to_json(body)).rstrip("\n") + "\n")
         raise type(api_error(resp))("HTTP %d %s" % (resp.status, resp.reason))
     if isinstance(body, str):
-        write_text(ctx.stdout, body)
+        write_text(ctx.ui.stdout, body)
     elif body is not None:
-        ctx.emit(body, lambda: ctx.write_document(to_json, body))
+        ctx.ui.emit(body, lambda: ctx.ui.write_document(to_json, body))
 
 
 @command("health", "check that the server answers GET /health",
@@ -3878,8 +3922,8 @@ def cmd_api(ctx, args):
 def cmd_health(ctx, args):
     session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
     if args.wait is not None:
-        ctx.wait_seconds = args.wait
-        resp = wait_for_health(ctx, session, time.monotonic() + args.wait)
+        ctx.http.wait_for(args.wait)
+        resp = wait_for_health(ctx.http, session)
     else:
         resp = session.request("GET", "/health", auth=False)
         resp.check()
@@ -3888,8 +3932,8 @@ def cmd_health(ctx, args):
     except ApiError:
         health = None
     health = health if isinstance(health, dict) else {"status": "ok"}
-    ctx.emit(health, lambda: ctx.success("Server at %s is healthy (status: %s)"
-                                         % (session.api_url, health.get("status"))))
+    ctx.ui.emit(health, lambda: ctx.ui.success("Server at %s is healthy (status: %s)"
+                                               % (session.api_url, health.get("status"))))
 
 
 # === Commands: self-install ==================================================
@@ -3942,8 +3986,8 @@ def cmd_self_install(ctx, args):
         os.chmod(launcher, 0o755)
     except (OSError, py_compile.PyCompileError) as e:
         raise ConfigError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", None) or e))
-    ctx.emit({"launcher": launcher, "module": module, "python": python},
-             lambda: ctx.success("Installed %s (runs %s -IS, module in %s)" % (launcher, python, libdir)))
+    ctx.ui.emit({"launcher": launcher, "module": module, "python": python},
+                lambda: ctx.ui.success("Installed %s (runs %s -IS, module in %s)" % (launcher, python, libdir)))
 
 
 @command("self-uninstall", "remove what self-install installed", *INSTALL_ARGS)
@@ -3971,7 +4015,7 @@ def cmd_self_uninstall(ctx, args):
             os.rmdir(directory)
         except OSError:
             pass  # not empty, or not there: left as it is
-    ctx.emit({"removed": removed}, lambda: ctx.success("Removed %s" % (", ".join(removed) or "nothing")))
+    ctx.ui.emit({"removed": removed}, lambda: ctx.ui.success("Removed %s" % (", ".join(removed) or "nothing")))
 
 
 # === Commands: doctor and completion =========================================
@@ -4025,26 +4069,26 @@ class Doctor:
 
     def check_file(self):
         ctx = self.ctx
-        info = {"path": ctx.config_path, "source": ctx.config_source, "exists": False}
+        info = {"path": ctx.choice.config_path, "source": ctx.choice.config_source, "exists": False}
         self.report["credential_file"] = info
-        if ctx.config_path is None:
+        if ctx.choice.config_path is None:
             self.notes.append("HOME is not set, so there is no credential file: tokens must come from the "
                               "environment, or choose a file with --config FILE or ATTUNE_CONFIG")
             return
         try:
-            st = os.stat(ctx.config_path)
+            st = os.stat(ctx.choice.config_path)
         except (FileNotFoundError, NotADirectoryError):
             self.notes.append("no credential file yet; there is one implicit profile, 'default'")
             return
         except OSError as e:
-            self.problems.append("cannot inspect %s: %s" % (ctx.config_path, e.strerror or e))
+            self.problems.append("cannot inspect %s: %s" % (ctx.choice.config_path, e.strerror or e))
             return
         info.update(exists=True, mode="%03o" % (st.st_mode & 0o777), owner_uid=st.st_uid)
-        problems = file_safety_problems(ctx.config_path, st)
+        problems = file_safety_problems(ctx.choice.config_path, st)
         if "mode" in problems and self.repair:
-            os.chmod(ctx.config_path, 0o600)
+            os.chmod(ctx.choice.config_path, 0o600)
             info["mode"] = "600"
-            self.notes.append("repaired: mode of %s set to 600" % ctx.config_path)
+            self.notes.append("repaired: mode of %s set to 600" % ctx.choice.config_path)
             del problems["mode"]
         self.problems.extend(problems.values())
         ctx.store._checked_safety = True  # reported here; no second warning from the store
@@ -4059,7 +4103,7 @@ class Doctor:
                 self.notes.append("repaired: the corrupt file was moved to %s and a fresh one started"
                                   % info["moved_aside_to"])
             else:
-                self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.config_path)
+                self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.choice.config_path)
 
     def move_aside(self):
         store = self.ctx.store
@@ -4073,8 +4117,8 @@ class Doctor:
     def check_profile(self):
         ctx = self.ctx
         try:
-            name, source = ctx.profile_source
-            url, url_source = ctx.api_url_for(name)
+            name, source = ctx.choice.profile_source
+            url, url_source = ctx.choice.api_url_for(name)
             session = ctx.session(profile=name)
         except ConfigError as e:
             self.problems.append(str(e))
@@ -4086,16 +4130,16 @@ class Doctor:
         return session
 
     def check_lock(self):
-        if self.ctx.config_path is None:
+        if self.ctx.choice.config_path is None:
             self.report["lock"] = {"path": None, "status": "not checked: there is no credential file"}
             return
-        lock_path = os.path.realpath(self.ctx.config_path) + ".lock"
+        lock_path = os.path.realpath(self.ctx.choice.config_path) + ".lock"
         info = {"path": lock_path}
         self.report["lock"] = info
         if not os.path.isdir(os.path.dirname(lock_path)):
             info["status"] = "not checked: %s does not exist yet" % os.path.dirname(lock_path)
             return
-        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.log, self.ctx.log)
+        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.ui.log, self.ctx.ui.log)
         if not lock.acquire():
             info["status"] = "not available (the file system refuses locks, or another process holds it)"
             self.notes.append("the credential lock is not available; attune.py goes on without it (still safe)")
@@ -4115,7 +4159,7 @@ class Doctor:
     def check_network(self, session):
         ctx = self.ctx
         proxy = proxy_for(session.api_url, ctx.env)
-        bundle, bundle_source = ctx.ca_bundle()
+        bundle, bundle_source = ctx.choice.ca_bundle()
         info = {"proxy": masked_url(proxy) if proxy else None,
                 "no_proxy": ctx.env.get("no_proxy") or ctx.env.get("NO_PROXY") or None,
                 "ca_bundle": bundle, "ca_bundle_source": bundle_source,
@@ -4123,7 +4167,7 @@ class Doctor:
         self.report["network"] = info
         if session.api_url.startswith("https:") or bundle:
             try:
-                ctx.ssl_context()
+                ctx.http.ssl_context()
             except ConfigError as e:
                 self.problems.append(str(e))
 
@@ -4173,46 +4217,46 @@ class Doctor:
         when = lambda at: "-" if at is None else describe_expiry(at, now)  # noqa: E731
         profile = report.get("profile")
         if profile:
-            ctx.pairs([("Profile", "%s (from %s)" % (profile["name"], profile["source"])),
-                       ("API URL", "%s (from %s)" % (profile["api_url"], profile["api_url_source"])),
-                       ("Token", describe_source(profile["token_source"], profile["token_origin"]))], "Profile")
+            ctx.ui.pairs([("Profile", "%s (from %s)" % (profile["name"], profile["source"])),
+                          ("API URL", "%s (from %s)" % (profile["api_url"], profile["api_url_source"])),
+                          ("Token", describe_source(profile["token_source"], profile["token_origin"]))], "Profile")
         info = report["credential_file"]
         pairs = [("Path", "%s (from %s)" % (info["path"] or "none", info["source"])), ("Exists", info["exists"])]
         if info["exists"]:
             pairs += [("Mode", info.get("mode")), ("Owner uid", info.get("owner_uid")),
                       ("Parses", info.get("parses") if not info.get("error") else info["error"])]
-        ctx.pairs(pairs, "Credential file")
+        ctx.ui.pairs(pairs, "Credential file")
         lock = report["lock"]
-        ctx.pairs([("Path", lock["path"] or "-"), ("Status", lock["status"])] +
-                  ([("Method", lock["method"])] if lock.get("method") else []), "Lock")
+        ctx.ui.pairs([("Path", lock["path"] or "-"), ("Status", lock["status"])] +
+                     ([("Method", lock["method"])] if lock.get("method") else []), "Lock")
         network = report.get("network")
         if network:
-            ctx.pairs([("Proxy", network["proxy"] or "none"), ("NO_PROXY", network["no_proxy"] or "-"),
-                       ("CA bundle", "%s (from %s)" % (network["ca_bundle"], network["ca_bundle_source"])
-                        if network["ca_bundle"] else "system trust store only"),
-                       ("Verify TLS", not network["insecure"])], "Network")
+            ctx.ui.pairs([("Proxy", network["proxy"] or "none"), ("NO_PROXY", network["no_proxy"] or "-"),
+                          ("CA bundle", "%s (from %s)" % (network["ca_bundle"], network["ca_bundle_source"])
+                           if network["ca_bundle"] else "system trust store only"),
+                          ("Verify TLS", not network["insecure"])], "Network")
         server = report.get("server")
         if server:
             pairs = [("Reachable", server["reachable"] if "error" not in server else server["error"])]
             if "clock_skew_seconds" in server:
                 pairs.append(("Clock skew", "%+d s (server minus this machine)" % server["clock_skew_seconds"]))
-            ctx.pairs(pairs, "Server")
+            ctx.ui.pairs(pairs, "Server")
         token = report.get("token")
         if token:
-            ctx.pairs([("Source", token["source"] or "none"),
-                       ("Issued", "-" if token["issued_at"] is None else format_time(token["issued_at"])),
-                       ("Access token", when(token["access_token_expires_at"])),
-                       ("Refresh token", when(token["refresh_token_expires_at"])),
-                       ("Usable", token["usable"])], "Token")
-        ctx.section("Summary")
+            ctx.ui.pairs([("Source", token["source"] or "none"),
+                          ("Issued", "-" if token["issued_at"] is None else format_time(token["issued_at"])),
+                          ("Access token", when(token["access_token_expires_at"])),
+                          ("Refresh token", when(token["refresh_token_expires_at"])),
+                          ("Usable", token["usable"])], "Token")
+        ctx.ui.section("Summary")
         for note in self.notes:
-            ctx.out(INFO + " " + note)
+            ctx.ui.out(INFO + " " + note)
         for problem in self.problems:
-            ctx.out(CROSS + " " + problem)
+            ctx.ui.out(CROSS + " " + problem)
         if self.unreachable:
-            ctx.out(CROSS + " the server is unreachable: %s" % server["error"])
+            ctx.ui.out(CROSS + " the server is unreachable: %s" % server["error"])
         if not self.problems and not self.unreachable:
-            ctx.out(CHECK + " no problems found")
+            ctx.ui.out(CHECK + " no problems found")
 
 
 @command("auth doctor", "check everything attune.py depends on here, offline too",
@@ -4221,7 +4265,7 @@ class Doctor:
 def cmd_auth_doctor(ctx, args):
     doctor = Doctor(ctx, args.repair)
     code = doctor.run()
-    ctx.emit(doctor.report, doctor.print_table)
+    ctx.ui.emit(doctor.report, doctor.print_table)
     return code
 
 
@@ -4309,7 +4353,7 @@ def cmd_completion(ctx, args):
         if args.shell == "zsh":
             script = ("#compdef attune\n# zsh completion for attune: eval \"$(attune completion zsh)\"\n"
                       "autoload -U +X bashcompinit && bashcompinit\n") + script
-    ctx.stdout.write(script)
+    ctx.ui.stdout.write(script)
 
 
 # === Argument parser =========================================================

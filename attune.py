@@ -11,7 +11,7 @@ write is a read-modify-write under a lock file, and every refresh goes through
 one compare-and-refresh function.
 
 Start-up is kept short by importing late: `auth token` with a fresh token, `--help`
-and `--version` import nothing beyond os and sys (no json, re, argparse or urllib).
+and `--version` import only built-in modules (no json, re, argparse or urllib).
 Table of contents: grep -n '^# ===' attune.py
 """
 
@@ -427,6 +427,11 @@ class Credentials:
         return cls(access, refresh, expiry("auth_token_expires_at", access),
                    expiry("refresh_token_expires_at", refresh), "file", name,
                    epoch(profile.get("invalidated_at")))
+
+    @classmethod
+    def from_token(cls, access, source, origin, refresh=None):
+        """Tokens we did not receive ourselves (environment, token file): their JWT exp."""
+        return cls(access, refresh, jwt_expiry(access), jwt_expiry(refresh) if refresh else None, source, origin)
 
     def same_tokens(self, other):
         return (self.access, self.refresh) == (other.access, other.refresh)
@@ -1351,7 +1356,7 @@ class Session:
         elif self.creds.source == "token_file":
             fresh = read_token_file(self.creds.origin)
             if fresh != self.creds.access:  # rotated by an agent since we read it
-                self.creds = credentials_from_token(fresh, "token_file", self.creds.origin,
+                self.creds = Credentials.from_token(fresh, "token_file", self.creds.origin,
                                                     self.creds.refresh)
             elif self.creds.refresh:
                 self._refresh_in_memory()
@@ -1806,10 +1811,10 @@ class Choice:
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
             for name in TOKEN_VARIABLES[:2]:
                 if env.get(name):
-                    return credentials_from_token(env[name], "env", name, refresh)
+                    return Credentials.from_token(env[name], "env", name, refresh)
             if env.get("ATTUNE_TOKEN_FILE"):
                 path = env["ATTUNE_TOKEN_FILE"]
-                return credentials_from_token(read_token_file(path), "token_file", path, refresh)
+                return Credentials.from_token(read_token_file(path), "token_file", path, refresh)
         return Credentials.from_profile(profile, self.store.profile(profile))
 
     def ca_bundle(self):
@@ -1823,11 +1828,6 @@ class Choice:
         except ConfigError:
             stored = None
         return (stored, "file") if isinstance(stored, str) and stored else (None, None)
-
-
-def credentials_from_token(access, source, origin, refresh=None):
-    return Credentials(access, refresh, jwt_expiry(access), jwt_expiry(refresh) if refresh else None,
-                       source, origin)
 
 
 class HttpSettings:
@@ -1890,7 +1890,7 @@ class Context:
         self.env = env
         self.now = clock or time.time
         config_path, config_source = credential_path(getattr(args, "config", None), env)
-        self.ui = Printer(args, env, lambda: self.stored_format())
+        self.ui = Printer(args, env, self.stored_format)
         self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
                                      env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
                                      " ".join(["attune"] + getattr(args, "command_path", [])))
@@ -3946,11 +3946,13 @@ LAUNCHER_MARK = "# attune launcher, written by attune.py self-install"
 
 
 def install_paths(args):
-    """(launcher, module directory) under --destdir and --prefix."""
+    """(launcher, module directory) where the files are written (under --destdir), and the
+    module directory the launcher names (under --prefix)."""
     if not os.path.isabs(args.prefix):
         raise UsageError("--prefix must be an absolute path, not %r" % args.prefix)
     root = os.path.abspath(args.destdir) + args.prefix if args.destdir else args.prefix
-    return os.path.join(root, "bin", "attune"), os.path.join(root, "lib", "attune")
+    return os.path.join(root, "bin", "attune"), os.path.join(root, "lib", "attune"), \
+        os.path.join(args.prefix, "lib", "attune")
 
 
 def launcher_text(python, libdir):
@@ -3968,22 +3970,22 @@ INSTALL_ARGS = (arg("--prefix", default="/usr/local", metavar="DIR",
          *INSTALL_ARGS)
 def cmd_self_install(ctx, args):
     import py_compile
-    import shutil
     if WINDOWS:
         raise UsageError("self-install writes a POSIX launcher; on Windows run: py attune.py")
-    launcher, libdir = install_paths(args)
+    launcher, libdir, runtime_libdir = install_paths(args)
     python = os.path.abspath(sys.executable)
     module = os.path.join(libdir, "attune.py")
+
+    def put(path, data, mode):
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        write_atomic(path, data)
+        os.chmod(path, mode)
+
     try:
-        for directory in (os.path.dirname(launcher), libdir):
-            os.makedirs(directory, 0o755, exist_ok=True)
-        shutil.copyfile(os.path.abspath(__file__), module + ".tmp")
-        os.chmod(module + ".tmp", 0o644)
-        replace_file(module + ".tmp", module)
+        with open(os.path.abspath(__file__), "rb") as f:
+            put(module, f.read(), 0o644)
         py_compile.compile(module, doraise=True)  # into __pycache__, for this interpreter
-        runtime_libdir = libdir[len(os.path.abspath(args.destdir)):] if args.destdir else libdir
-        write_atomic(launcher, launcher_text(python, runtime_libdir).encode("utf-8"))
-        os.chmod(launcher, 0o755)
+        put(launcher, launcher_text(python, runtime_libdir).encode("utf-8"), 0o755)
     except (OSError, py_compile.PyCompileError) as e:
         raise ConfigError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", None) or e))
     ctx.ui.emit({"launcher": launcher, "module": module, "python": python},
@@ -3992,7 +3994,7 @@ def cmd_self_install(ctx, args):
 
 @command("self-uninstall", "remove what self-install installed", *INSTALL_ARGS)
 def cmd_self_uninstall(ctx, args):
-    launcher, libdir = install_paths(args)
+    launcher, libdir, _ = install_paths(args)
     removed = []
     try:
         with open(launcher, encoding="utf-8", errors="replace") as f:
@@ -4435,7 +4437,7 @@ def help_rows(rows, width):
 
 def top_help(width):
     """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
-    commands = [(name, GROUP_HELP.get(name) or find_command((name,)).help) for name in TOP_LEVEL]
+    commands = [(name, help_text) for name, help_text, _ in children(())]
     options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
     for flags, spec in GLOBAL_OPTIONS:
         value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
@@ -4526,8 +4528,8 @@ def quick_args(argv):
                 return None
             value = argv.pop(0)
         if "type" in spec:
-            if not value.isdigit():
-                return None
+            if not value or value.strip("0123456789"):
+                return None  # int() decides the rest (' 5', '1_0', '²'), through argparse
             value = int(value)
         if value not in spec.get("choices", (value,)):
             return None

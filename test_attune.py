@@ -4492,7 +4492,8 @@ class QuickPathTests(AttuneTestCase):
                 ["--json=1"], ["-h"], ["--version"], ["--wait-for-server", "3"], ["-p"], ["--"]]
         middle = [[], ["-p", "b"], ["--format", "raw"], ["--yaml"]]
         tail = [[], ["--format", "env"], ["--format=header"], ["--format", "json", "-p", "c"], ["--min-ttl", "600"],
-                ["--min-ttl=60"], ["--min-ttl", "-5"], ["--min-ttl", "x"], ["--min-ttl", "1_0"], ["--format", "bad"],
+                ["--min-ttl=60"], ["--min-ttl", "-5"], ["--min-ttl", "x"], ["--min-ttl", "1_0"], ["--min-ttl", "\u00b2"],
+                ["--min-ttl", "\u0663"], ["--min-ttl", ""], ["--format", "bad"],
                 ["extra"], ["-j", "-y"], ["--format"], ["--api-url", "-x"], ["--ca-bundle", "ca.pem"]]
         quick_ones = 0
         for h in head:
@@ -4506,6 +4507,7 @@ class QuickPathTests(AttuneTestCase):
                                 quick_ones += 1
                                 self.assertEqual(quick, full)
         self.assertGreater(quick_ones, 150)
+        self.assertEqual(self.run_cli("auth", "token", "--min-ttl", "\u00b2").code, 2)  # isdigit(), yet not int()
         for argv in (["auth", "token"], ["-p", "x", "auth", "token", "--format", "env", "--min-ttl", "5"],
                      ["auth", "-j", "token", "--config", "c", "--api-url", "http://h"]):
             self.assertIsNotNone(attune.quick_args(argv), argv)

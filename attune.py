@@ -4194,8 +4194,9 @@ class Doctor:
             from email.utils import parsedate_tz, mktime_tz
             parsed = parsedate_tz(date)
             if parsed:
-                skew = mktime_tz(parsed) - (sent + received) / 2
-                info["clock_skew_seconds"] = int(round(skew))
+                # Date has one-second resolution: the whole seconds are all the report can claim.
+                skew = int(round(mktime_tz(parsed) - (sent + received) / 2))
+                info["clock_skew_seconds"] = skew
                 if abs(skew) > 60:
                     self.notes.append("this clock and the server's differ by %s; tokens attune.py received itself "
                                       "are not affected, tokens from the environment are judged by their JWT exp"

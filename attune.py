@@ -3957,8 +3957,8 @@ def install_paths(args):
 
 def launcher_text(python, libdir):
     return "\n".join(["#!%s -IS" % python, LAUNCHER_MARK, "import sys",
-                      "sys.path.insert(0, %r)" % libdir, "from attune import main",
-                      "sys.exit(main())", ""])
+                      "sys.path.insert(0, %r)" % libdir, "from attune import main, exit_process",
+                      "exit_process(main())", ""])
 
 
 INSTALL_ARGS = (arg("--prefix", default="/usr/local", metavar="DIR",
@@ -4648,5 +4648,23 @@ def main(argv=None, environ=None, clock=None):
         return 0
 
 
+def exit_process(code):
+    """End the process with main()'s exit code without the interpreter's teardown.
+
+    Freeing every module, function and string at exit costs about 2 ms, as much as loading this
+    file's bytecode. Nothing needs it once main() has returned: files and locks are closed and
+    temporary files removed in finally blocks, and attune.py starts no threads and registers no
+    atexit handlers. os._exit is the documented way to leave without that work; the streams are
+    flushed first, as the teardown would have."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader went away after main() returned
+            pass
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

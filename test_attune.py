@@ -2865,7 +2865,9 @@ class GuardTests(unittest.TestCase):
                 self.assertNotIn(node.id, ("exec", "eval", "compile"), node.lineno)
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 private = node.attr.startswith("_") and not node.attr.startswith("__")
-                self.assertFalse(private and node.value.id in modules, "%s.%s" % (node.value.id, node.attr))
+                documented = (node.value.id, node.attr) == ("os", "_exit")  # public, in the os docs
+                self.assertFalse(private and not documented and node.value.id in modules,
+                                 "%s.%s" % (node.value.id, node.attr))
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 self.assertFalse([n for n in names if n in ("marshal", "_json") or n.startswith("_json")], names)
@@ -4795,11 +4797,19 @@ ONE_LINER = ("import sys, urllib.request\n"
 # Runs a script (or nothing) and reports the process's own peak RSS (VmHWM) at exit.
 # rusage would not do: its ru_maxrss keeps the high-water mark of the parent's memory
 # that a forked child holds until it execs, which here is the whole benchmark.
-PEAK_WRAPPER = ("import atexit, sys\n"
+# attune's exit_process skips atexit, so os._exit reports too.
+PEAK_WRAPPER = ("import atexit, os, sys\n"
                 "def report():\n"
                 "    with open('/proc/self/status') as f:\n"
                 "        sys.stderr.write(''.join(l for l in f if l.startswith('VmHWM:')))\n"
+                "    sys.stderr.flush()\n"
                 "atexit.register(report)\n"
+                "leave = os._exit\n"
+                "def report_and_leave(code):\n"
+                "    atexit.unregister(report)\n"
+                "    report()\n"
+                "    leave(code)\n"
+                "os._exit = report_and_leave\n"
                 "sys.argv = sys.argv[1:]\n"
                 "if sys.argv:\n"
                 "    path = sys.argv[0]\n"

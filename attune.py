@@ -18,6 +18,7 @@ Table of contents: grep -n '^# ===' attune.py
 import binascii
 import errno
 import os
+import stat
 import sys
 import time
 
@@ -169,6 +170,199 @@ def session_expired(profile):
 
 def not_logged_in():
     return AuthRequired("Not logged in. Use 'attune auth login'")
+
+
+# === Input from outside: URLs, tokens, names, numbers, files, text ==========
+# design.md section 10: each kind of input is accepted in one place, so a hostile
+# value is refused the same way whichever flag, variable, file or answer brought it.
+
+TOKEN_FILE_LIMIT = 64 * 1024            # bytes; a token file is one line
+CREDENTIAL_FILE_LIMIT = 16 * 1024 * 1024
+DATA_FILE_LIMIT = 64 * 1024 * 1024      # --data @FILE, pack.yaml, CA bundles
+ARCHIVE_LIMIT = 512 * 1024 * 1024       # pack upload of a .tar.gz
+MAX_SECONDS = 10 * 365 * 86400          # any duration beyond ten years is a typo
+MAX_ID = 2 ** 63 - 1                    # ids are BIGINT on the server
+URL_LIMIT = 2048
+PROFILE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+DIGITS = frozenset("0123456789")
+
+
+def odd_character(text):
+    """A description of the first character of text that is not printable ASCII, or None."""
+    for position, char in enumerate(text, 1):
+        if not " " < char < "\x7f":
+            kind = "a control character" if is_control(char) else "a space" if char.isspace() \
+                else "a non-ASCII character"
+            return "%s at position %d" % (kind, position)
+    return None
+
+
+def check_token(value, where, error=None):
+    """A token from `where` (environment, file, answer) without surrounding whitespace;
+    a token holding anything but printable ASCII is refused. The message never holds it."""
+    error = error or ConfigError
+    if not isinstance(value, str):
+        raise error("the token in %s is not text" % where)
+    token = value.strip()
+    if not token:
+        raise error("the token in %s is empty" % where)
+    problem = odd_character(token)
+    if problem:
+        raise error("the token in %s is malformed (%s); it was not used" % (where, problem))
+    return token
+
+
+def check_api_url(value, where):
+    """An API URL from `where` (--api-url, ATTUNE_API_URL, profile 'x', --url): http or
+    https, a host, a port in range, nothing else odd; without a trailing slash. Checked
+    by hand (urllib.parse would bring re), so a bad one is exit 3, never a traceback."""
+    if not isinstance(value, str):
+        raise ConfigError("the API URL from %s is not text" % where)
+    url = value.strip()
+    scheme, sep, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    shown = url if "@" not in authority else scheme + "://***@" + rest.partition("@")[2]  # no password
+
+    def bad(why):
+        return ConfigError("the API URL from %s is not usable: %s (%s)"
+                           % (where, why, terminal_safe(repr(shown[:80]) + ("..." if len(shown) > 80 else ""))))
+
+    if len(url) > URL_LIMIT:
+        raise bad("longer than %d characters" % URL_LIMIT)
+    problem = odd_character(url)
+    if problem:
+        raise bad("it holds %s" % problem)
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise bad("it must start with http:// or https://")
+    if "?" in rest or "#" in rest:
+        raise bad("a query or fragment has no place in it")
+    if "@" in authority:
+        raise bad("it holds user:password@, and Attune has no basic auth; log in instead")
+    if authority.startswith("["):
+        host, bracket, port = authority[1:].partition("]")
+        if not bracket or not host or not set(host) <= IPV6_CHARS or ":" not in host:
+            raise bad("the IPv6 address in brackets is malformed")
+        if port and not port.startswith(":"):
+            raise bad("only a port may follow the IPv6 address")
+        port = port[1:]
+    else:
+        host, _, port = authority.partition(":")
+        if not host:
+            raise bad("there is no host")
+        if not set(host) <= HOST_CHARS or len(host) > 253 or \
+                any(not 0 < len(label) <= 63 for label in host.rstrip(".").split(".")):
+            raise bad("the host name is malformed")
+    if authority.endswith(":") or (port and not (set(port) <= DIGITS and 0 < int(port) < 65536)):
+        raise bad("the port must be a number from 1 to 65535")
+    return url.rstrip("/")
+
+
+def check_profile_name(name):
+    """A name for a new profile: [A-Za-z0-9][A-Za-z0-9._-]{0,63} (exit 2 otherwise)."""
+    if not (0 < len(name) <= 64 and set(name) <= PROFILE_NAME_CHARS and name[0] not in "._-"):
+        raise UsageError("a profile name is 1 to 64 letters, digits, '.', '_' or '-', starting with "
+                         "a letter or digit; %s is not" % terminal_safe(repr(name)))
+    return name
+
+
+def parse_number(text, low, high, integer):
+    """text as an int (ASCII digits, optional sign) or a finite float in [low, high];
+    None when it is not one. int() alone would take '٣', '1_0' and ' 5 '."""
+    text = text if isinstance(text, str) else ""
+    body = text[1:] if text[:1] in "+-" else text
+    if integer:
+        if not body or not set(body) <= DIGITS:
+            return None
+        value = int(text)
+    else:
+        if not body or not set(body.lower()) <= DIGITS | {".", "e", "+", "-"} or not set(body) & DIGITS:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+    return value if low <= value <= high else None
+
+
+class Number:
+    """An argparse type: a whole or decimal number from low to high (exit 2 otherwise)."""
+
+    def __init__(self, low, high=MAX_SECONDS, integer=True):
+        self.low, self.high, self.integer = low, high, integer
+
+    def __call__(self, text):
+        value = parse_number(text, self.low, self.high, self.integer)
+        if value is None:
+            raise argparse.ArgumentTypeError("expected a %s from %s to %s, not %s" % (
+                "whole number" if self.integer else "number", self.low, self.high, terminal_safe(repr(text))))
+        return value
+
+
+def env_number(env, name, default, low, high=MAX_SECONDS, integer=False):
+    """A number from the environment; a bad value is a configuration error (exit 3)."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = parse_number(raw.strip(), low, high, integer)
+    if value is None:
+        raise ConfigError("%s must be a %s from %s to %s, not %s" % (
+            name, "whole number" if integer else "number", low, high, terminal_safe(repr(raw))))
+    return value
+
+
+def file_kind(mode):
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular_file(path, limit):
+    """(bytes, stat) of a regular file of at most limit bytes. A FIFO, device, socket or
+    directory is refused at once (opened non-blocking, checked with fstat), so nothing
+    from outside can make attune.py wait forever or read without end. Raises OSError:
+    FileNotFoundError as usual, EINVAL or EFBIG with a readable strerror."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "it is %s, not a regular file" % file_kind(st.st_mode))
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, "it is larger than %d KiB" % (limit // 1024))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise OSError(errno.EFBIG, "it is larger than %d KiB" % (limit // 1024))
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def is_control(c):
+    """C0 and C1 controls (ESC, BEL, CR, the 8-bit CSI), DEL and the bidirectional overrides."""
+    return c < " " or "\x7f" <= c <= "\x9f" or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069"
+
+
+def escape_control(c):
+    return {"\r": "\\r", "\n": "\\n", "\t": "\\t"}.get(c) or ("\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c))
+
+
+def terminal_safe(text, keep="\n\t"):
+    """text with every control character outside keep written as a visible escape (\\x1b,
+    \\u202e): whatever a server, a file or the environment holds cannot move the cursor,
+    retitle, clear or write to the clipboard of the terminal it is printed on."""
+    if text.isprintable():
+        return text
+    return "".join(escape_control(c) if c not in keep and is_control(c) else c for c in text)
 
 
 # === Helpers: JSON, time and JWT =============================================
@@ -417,7 +611,9 @@ class Credentials:
 
         def text(key):
             value = profile.get(key)
-            return value if isinstance(value, str) and value else None
+            if value is None or value == "":
+                return None
+            return check_token(value, "credential file, profile '%s' (%s)" % (name, key))
 
         access, refresh = text("auth_token"), text("refresh_token")
 
@@ -431,6 +627,8 @@ class Credentials:
     @classmethod
     def from_token(cls, access, source, origin, refresh=None):
         """Tokens we did not receive ourselves (environment, token file): their JWT exp."""
+        access = check_token(access, describe_source(source, origin))
+        refresh = check_token(refresh, "ATTUNE_REFRESH_TOKEN") if refresh else None
         return cls(access, refresh, jwt_expiry(access), jwt_expiry(refresh) if refresh else None, source, origin)
 
     def same_tokens(self, other):
@@ -512,21 +710,6 @@ def redact(value):
         return {k: ("***" if secret_key(k) and isinstance(v, str) else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
-    return value
-
-
-def env_seconds(env, name, default, positive=False):
-    """A number of seconds from the environment; a bad value is a usage error."""
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 if positive else value >= 0) or value == float("inf"):
-        raise UsageError("%s must be a %snumber of seconds, not %r"
-                         % (name, "positive " if positive else "", raw))
     return value
 
 
@@ -666,9 +849,7 @@ class CredentialStore:
             return empty_document()
         for attempt in (1, 2):
             try:
-                with open(self.path, "rb") as f:
-                    raw = f.read()
-                    st = os.fstat(f.fileno())
+                raw, st = read_regular_file(self.path, CREDENTIAL_FILE_LIMIT)
             except (FileNotFoundError, NotADirectoryError):  # no file, or no home to hold one
                 self.exists = False
                 return empty_document()
@@ -879,13 +1060,13 @@ class FileLock:
     def _holder(self, prefix=""):
         """'pid 4121 (attune auth login)' from the lock file, or '' when unreadable."""
         try:
-            with open(self.path, "rb") as f:
-                pid, _, command = f.read(300).decode("utf-8", "replace").strip().partition(" ")
+            raw = read_regular_file(self.path, 4096)[0]
         except OSError:
             return ""
-        if not pid.isdigit():
+        pid, _, command = raw[:300].decode("utf-8", "replace").strip().partition(" ")
+        if not pid or not set(pid) <= DIGITS:
             return ""
-        return "%spid %s (%s)" % (prefix, pid, command or "?")
+        return "%spid %s (%s)" % (prefix, pid, terminal_safe(command) or "?")
 
     def release(self):
         if self.fd is None:
@@ -1226,28 +1407,26 @@ def describe_source(source, origin):
 
 
 def read_token_file(path):
+    """The token in the file ATTUNE_TOKEN_FILE names (a regular file of at most 64 KiB)."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            token = f.read().strip()
+        token = read_regular_file(path, TOKEN_FILE_LIMIT)[0].decode("utf-8")
     except (OSError, UnicodeError) as e:
         raise ConfigError("cannot read token file %s (ATTUNE_TOKEN_FILE): %s"
-                          % (path, getattr(e, "strerror", None) or e))
-    if not token:
-        raise ConfigError("token file %s (ATTUNE_TOKEN_FILE) is empty" % path)
-    return token
+                          % (terminal_safe(path), getattr(e, "strerror", None) or "not UTF-8 text"))
+    return check_token(token, "token file %s (ATTUNE_TOKEN_FILE)" % terminal_safe(path))
 
 
 def token_pair(data, sent_at, received_at, old_refresh=None, old_refresh_expiry=None):
     """Tokens and expiries from a login or refresh answer. The access expiry is
     send time + expires_in on our own clock, so server clock skew does not matter."""
-    if not isinstance(data, dict) or not isinstance(data.get("access_token"), str) \
-            or not data["access_token"]:
+    if not isinstance(data, dict) or not data.get("access_token"):
         raise ApiError("the server's answer has no access token; stored tokens are unchanged")
-    access = data["access_token"]
+    access = check_token(data["access_token"], "the server's answer", ApiError)  # junk stores nothing
     expires_in = epoch(data.get("expires_in"))
     access_expires_at = int(sent_at) + expires_in if expires_in and expires_in > 0 else jwt_expiry(access)
     refresh = data.get("refresh_token")
-    if isinstance(refresh, str) and refresh:
+    if refresh:
+        refresh = check_token(refresh, "the server's answer", ApiError)
         lifetime = jwt_lifetime(refresh)
         refresh_expires_at = int(received_at) + lifetime if lifetime else jwt_expiry(refresh)
     else:  # a server that does not rotate refresh tokens
@@ -1340,7 +1519,7 @@ class Session:
                  % (self.profile, describe_expiry(c.access_expires_at, now), refresh_margin(c.lifetime)))
         try:
             self.refresh()
-        except (NetworkError, ServerError) as e:
+        except (NetworkError, ApiError) as e:  # down, 5xx or a junk answer: nothing was stored
             if left > STILL_USABLE:
                 self.log("refresh failed (%s); the current token is still valid for %s"
                          % (e, format_duration(left)))
@@ -1497,9 +1676,12 @@ ASCII_FALLBACK = ((CHECK, "OK"), (CROSS, "x"), (INFO, "i"), (CAUTION, "!"), (ELL
                   (RULE, "-"))
 
 
-def write_text(stream, text):
-    """Write text; if the stream's encoding cannot carry it (LANG=C on Python 3.6),
-    use ASCII stand-ins for our symbols and escapes for the rest, never crash."""
+def write_text(stream, text, raw=False):
+    """Write text to a terminal or a pipe: control characters escaped (unless raw: an
+    action's own log output), and if the stream's encoding cannot carry it (LANG=C on
+    Python 3.6), ASCII stand-ins for our symbols and escapes for the rest, never a crash."""
+    if not raw:
+        text = terminal_safe(text)
     try:
         stream.write(text)
     except UnicodeEncodeError:
@@ -1507,6 +1689,11 @@ def write_text(stream, text):
             text = text.replace(symbol, plain)
         encoding = getattr(stream, "encoding", None) or "ascii"
         stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+def say(stream, line):
+    """One line of a message: whatever it quotes from outside, newlines included, stays on it."""
+    write_text(stream, terminal_safe(line, keep="") + "\n")
 
 
 def shell_quote(text):
@@ -1524,12 +1711,17 @@ def terminal_columns(stream, env):
             return os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, ValueError, OSError):
         pass
-    columns = env.get("COLUMNS", "")
-    return int(columns) if columns.isdigit() and int(columns) > 0 else None
+    return parse_number(env.get("COLUMNS", ""), 1, 100000, integer=True)
+
+
+# The controls json.dumps leaves raw (DEL, C1, bidirectional overrides), as \u escapes:
+# the same data to any JSON or YAML reader, and nothing a terminal would act on.
+UNICODE_CONTROL_ESCAPES = {c: "\\u%04x" % c for c in
+                           list(range(0x7f, 0xa0)) + list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))}
 
 
 def to_json(data, ascii_only=False):
-    return json.dumps(data, indent=2, ensure_ascii=ascii_only)
+    return json.dumps(data, indent=2, ensure_ascii=ascii_only).translate(UNICODE_CONTROL_ESCAPES)
 
 
 YAML_WORDS = {"", "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n"}
@@ -1540,7 +1732,7 @@ def yaml_needs_quotes(s):
     """True when YAML would read the plain scalar s as something other than this string."""
     if s.lower() in YAML_WORDS or s != s.strip() or s[0] in YAML_INDICATORS:
         return True
-    if ": " in s or " #" in s or s.endswith(":") or any(c < " " or c == "\x7f" for c in s):
+    if ": " in s or " #" in s or s.endswith(":") or any(is_control(c) for c in s):
         return True
     first = s[0]
     return first.isdigit() or (first in "+." and len(s) > 1) or s.lower() in (".inf", ".nan")
@@ -1594,7 +1786,7 @@ def yaml_lines(value, indent, ascii_only):
 
 def to_yaml(data, ascii_only=False):
     """A small YAML emitter for JSON-shaped data: block style, quoting only when needed."""
-    return "\n".join(yaml_lines(data, 0, ascii_only))
+    return "\n".join(yaml_lines(data, 0, ascii_only)).translate(UNICODE_CONTROL_ESCAPES)
 
 
 def cell_text(value):
@@ -1606,7 +1798,7 @@ def cell_text(value):
         return ", ".join(cell_text(v) for v in value)
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False)
-    return " ".join(str(value).split("\n"))
+    return terminal_safe(" ".join(str(value).split("\n")), keep="")
 
 
 def fit_widths(widths, limit):
@@ -1622,6 +1814,7 @@ def fit_widths(widths, limit):
 
 
 def clip(text, width):
+    text = text if isinstance(text, str) else cell_text(text)  # a field of the wrong type is still data
     return text if len(text) <= width else text[:max(width - 1, 0)] + ELLIPSIS
 
 
@@ -1670,15 +1863,15 @@ class Printer:
     def warn(self, message):
         if message not in self._warned:
             self._warned.add(message)
-            write_text(self.stderr, "attune: warning: %s\n" % message)
+            say(self.stderr, "attune: warning: " + message)
 
     def log(self, message):
         if self.verbose:
-            write_text(self.stderr, "attune: %s\n" % message)
+            say(self.stderr, "attune: " + message)
 
     def note(self, message):
         """Something worth knowing that is neither a result nor a problem (stderr)."""
-        write_text(self.stderr, "attune: %s\n" % message)
+        say(self.stderr, "attune: " + message)
 
     # -- results ---------------------------------------------------------------
     @property
@@ -1718,11 +1911,11 @@ class Printer:
 
     def success(self, message):
         if self.output == "table":
-            self.out(CHECK + " " + message)
+            self.out(CHECK + " " + terminal_safe(message, keep=""))
 
     def info(self, message):
         if self.output == "table":
-            self.out(INFO + " " + message)
+            self.out(INFO + " " + terminal_safe(message, keep=""))
 
     def table(self, columns, rows, empty=None):
         if not rows and empty:
@@ -1766,6 +1959,8 @@ class Choice:
         """(name, 'flag'|'env'|'file'|'default'), checked to exist unless the command creates it."""
         if self._profile is None:
             args, env = self.args, self.env
+            if getattr(args, "profile", None) == "":
+                raise UsageError("-p/--profile needs a profile name")
             if getattr(args, "profile", None):
                 name, source = args.profile, "flag"
             elif env.get("ATTUNE_PROFILE"):
@@ -1790,14 +1985,12 @@ class Choice:
     def api_url_for(self, profile):
         """(url, source): --api-url > ATTUNE_API_URL > the profile's api_url > the default."""
         if getattr(self.args, "api_url", None):
-            return self.args.api_url, "flag"
+            return check_api_url(self.args.api_url, "--api-url"), "flag"
         if self.env.get("ATTUNE_API_URL"):
-            return self.env["ATTUNE_API_URL"], "env"
+            return check_api_url(self.env["ATTUNE_API_URL"], "ATTUNE_API_URL"), "env"
         stored = (self.store.profile(profile) or {}).get("api_url")
         if stored is not None:
-            if not isinstance(stored, str) or not stored:
-                raise ConfigError("profile '%s' in %s has an invalid api_url" % (profile, self.config_path))
-            return stored, "file"
+            return check_api_url(stored, "profile '%s' in %s" % (profile, self.config_path)), "file"
         if self.store.profile(profile) is not None:
             raise ConfigError("profile '%s' in %s has no api_url; run: attune config set api_url URL"
                               % (profile, self.config_path))
@@ -1870,9 +2063,11 @@ class HttpSettings:
             bundle, source = self.ca_bundle()
             if bundle:
                 try:
-                    context.load_verify_locations(cafile=os.path.expanduser(bundle))
-                except (OSError, ssl.SSLError) as e:
-                    raise ConfigError("cannot load CA bundle %s (from %s): %s" % (bundle, source, e))
+                    pem = read_regular_file(os.path.expanduser(bundle), DATA_FILE_LIMIT)[0]
+                    context.load_verify_locations(cadata=pem.decode("ascii"))
+                except (OSError, UnicodeError, ssl.SSLError, ValueError) as e:
+                    raise ConfigError("cannot load CA bundle %s (from %s): %s"
+                                      % (terminal_safe(bundle), source, getattr(e, "strerror", None) or e))
             if self.insecure:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -1892,11 +2087,11 @@ class Context:
         config_path, config_source = credential_path(getattr(args, "config", None), env)
         self.ui = Printer(args, env, self.stored_format)
         self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
-                                     env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT),
+                                     env_number(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0),
                                      " ".join(["attune"] + getattr(args, "command_path", [])))
         self.choice = Choice(args, env, self.store, config_path, config_source)
         insecure = getattr(args, "insecure", False)
-        self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, positive=True),
+        self.http = HttpSettings(env, env_number(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001),
                                  self.choice.ca_bundle, insecure, getattr(args, "wait_for_server", None),
                                  self.ui.verbose, self.ui.log, self.ui.note)
         if insecure:
@@ -2008,23 +2203,13 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError("expected a positive whole number, not %r" % text)
-    return value
-
-
 def ref(what):
     return arg("ref", metavar="REF", help="%s reference" % what)
 
 
 ALL = arg("--all", action="store_true", help="follow every page of the list (has_next)")
 YES = arg("--yes", action="store_true", help="do not ask for confirmation")
-EXECUTION_ID = arg("id", metavar="ID", type=int, help="execution id (a whole number)")
+EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution id (a whole number)")
 
 
 # === Commands: auth ==========================================================
@@ -2033,7 +2218,7 @@ group("auth", "log in and out, inspect and print tokens")
 
 LOGIN_URL = arg("--url", help="API URL to log in to (stored in the profile)")
 SAVE_PROFILE = arg("--save-profile", metavar="NAME", help="store the session in this profile")
-MIN_TTL = arg("--min-ttl", type=int, default=0, metavar="SECONDS",
+MIN_TTL = arg("--min-ttl", type=Number(0), default=0, metavar="SECONDS",
               help="refresh first unless the token has at least this long left")
 TOKEN_FORMATS = ("raw", "json", "env", "header")
 
@@ -2061,9 +2246,13 @@ def login_endpoint(session):
 def login_target(ctx, args):
     """(profile name, API URL) a login writes to: --save-profile or the selected profile;
     --url, then the usual URL precedence for that profile."""
-    target = getattr(args, "save_profile", None) or ctx.choice.profile
-    url = getattr(args, "url", None) or ctx.choice.api_url_for(target)[0]
-    return target, url.rstrip("/")
+    target = getattr(args, "save_profile", None)
+    target = ctx.choice.profile if target is None else target
+    if target != DEFAULT_PROFILE and ctx.store.profile(target) is None:
+        check_profile_name(target)
+    if getattr(args, "url", None):
+        return target, check_api_url(args.url, "--url")
+    return target, ctx.choice.api_url_for(target)[0]
 
 
 def finish_login(ctx, session, target, url, path, body, method, username=None):
@@ -2165,7 +2354,8 @@ def cmd_auth_login(ctx, args):
          LOGIN_URL, SAVE_PROFILE, creates_profile=True)
 def cmd_auth_token_login(ctx, args):
     target, url = login_target(ctx, args)
-    token = read_secret(ctx, "integration token", args.token_stdin, args.token, None, "--token")
+    token = check_token(read_secret(ctx, "integration token", args.token_stdin, args.token, None, "--token"),
+                        "--token-stdin" if args.token_stdin else "--token", UsageError)
     session = ctx.session(profile=target, api_url=url, use_env=False)
     finish_login(ctx, session, target, url, "/auth/token-login", {"token": token}, "token")
 
@@ -2442,8 +2632,8 @@ def cmd_config_set(ctx, args):
         raise UsageError("format must be one of: %s" % ", ".join(OUTPUT_FORMATS))
     if key == "profile":
         ctx.choice.require_profile(value)
-    if key == "api_url" and not value.startswith(("http://", "https://")):
-        raise UsageError("api_url must start with http:// or https://")
+    if key == "api_url":
+        value = check_api_url(value, "config set api_url")
     name = ctx.choice.profile
 
     def change(doc):
@@ -2478,7 +2668,7 @@ def cmd_config_profiles(ctx, args):
     profiles = dict(ctx.store.profiles())
     profiles.setdefault(DEFAULT_PROFILE, {"api_url": DEFAULT_API_URL})
     if args.names:  # for shell completion and scripts
-        ctx.ui.stdout.write("".join(name + "\n" for name in sorted(profiles)))
+        write_text(ctx.ui.stdout, "".join(name + "\n" for name in sorted(profiles)))
         return
     rows = []
     for name in sorted(profiles):
@@ -2518,13 +2708,14 @@ def cmd_config_use(ctx, args):
 def cmd_config_add_profile(ctx, args):
     if not args.api_url:
         raise UsageError("config add-profile needs --api-url URL")
-    if not args.api_url.startswith(("http://", "https://")):
-        raise UsageError("--api-url must start with http:// or https://")
+    url = check_api_url(args.api_url, "--api-url")
     existed = ctx.store.profile(args.name) is not None
+    if not existed:
+        check_profile_name(args.name)
 
     def change(doc):
         profile = doc["profiles"].setdefault(args.name, {})
-        profile["api_url"] = args.api_url.rstrip("/")
+        profile["api_url"] = url
         for key in ("description", "ca_bundle"):
             value = getattr(args, key)
             if value is not None:
@@ -2586,19 +2777,31 @@ def path_segment(value):
     return quote(str(value), safe="")
 
 
-def list_items(body):
-    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an array."""
-    if isinstance(body, list):
-        return body
+def json_kind(value):
+    """'a string', 'null', ... for messages about answers of the wrong shape."""
+    for kinds, name in ((bool, "true or false"), (str, "a string"), ((int, float), "a number"),
+                        (list, "an array"), (dict, "an object")):
+        if isinstance(value, kinds):
+            return name
+    return "null"
+
+
+def list_items(body, objects=True):
+    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an
+    array; with objects, each item must be a JSON object (a resource)."""
+    items = body if isinstance(body, list) else None
     if isinstance(body, dict):
-        for key in ("items", "data"):
-            if isinstance(body.get(key), list):
-                return body[key]
-    raise ApiError("the server's answer is not a list: %s"
-                   % snippet(json.dumps(body).encode("utf-8"), 100))
+        items = next((body[key] for key in ("items", "data") if isinstance(body.get(key), list)), None)
+    if items is None:
+        raise ApiError("the server's answer is not a list: %s" % snippet(json.dumps(body).encode("utf-8"), 100))
+    if objects and not all(isinstance(item, dict) for item in items):
+        wrong = next(item for item in items if not isinstance(item, dict))
+        raise ApiError("the server's list holds %s where objects belong: %s"
+                       % (json_kind(wrong), snippet(json.dumps(wrong).encode("utf-8"), 100)))
+    return items
 
 
-def fetch_list(session, path, query=None, size_param="page_size", every_page=False):
+def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True):
     """GET a paginated list: (items, pagination of the last page read). every_page walks
     has_next from page 1 with the biggest pages the server allows."""
     query = dict(query or {})
@@ -2607,7 +2810,7 @@ def fetch_list(session, path, query=None, size_param="page_size", every_page=Fal
         if every_page:
             query.update({"page": page, size_param: ALL_PAGE_SIZE})
         body = session.call("GET", path, query=query)
-        chunk = list_items(body)
+        chunk = list_items(body, objects)
         items.extend(chunk)
         pagination = body.get("pagination") if isinstance(body, dict) else None
         more = isinstance(pagination, dict) and pagination.get("has_next") is True
@@ -2773,7 +2976,7 @@ def show_json_section(ctx, title, value):
 def show_list_section(ctx, title, values):
     if values:
         ctx.ui.section(title)
-        for value in values:
+        for value in values if isinstance(values, list) else [values]:
             ctx.ui.out("  %s %s" % (BULLET, cell_text(value)))
 
 
@@ -2792,7 +2995,7 @@ class Progress:
 
     def show(self, text):
         if self.enabled:
-            write_text(self.stream, "\r" + text.ljust(self.width))
+            write_text(self.stream, "\r" + terminal_safe(text).ljust(self.width), raw=True)
             self.stream.flush()
             self.width = len(text)
 
@@ -2894,7 +3097,7 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
                     break
                 if event in ("content", "append"):
                     write(data)
-                    if event_id and event_id.isdigit():
+                    if event_id and set(event_id) <= DIGITS:
                         offset = int(event_id)
                     drops = 0
                 elif event == "done":
@@ -3047,8 +3250,11 @@ def pack_archive(path):
         manifest = os.path.join(path, "pack.yaml")
         if not os.path.isfile(manifest):
             raise UsageError("No pack.yaml found in: %s" % path)
-        with open(manifest, encoding="utf-8", errors="replace") as f:
-            ref = pack_ref_from_yaml(f.read()) or os.path.basename(os.path.abspath(path))
+        try:
+            text = read_regular_file(manifest, DATA_FILE_LIMIT)[0].decode("utf-8", "replace")
+        except OSError as e:
+            raise UsageError("cannot read %s: %s" % (manifest, e.strerror or e))
+        ref = pack_ref_from_yaml(text) or os.path.basename(os.path.abspath(path))
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
             for root, dirs, files in os.walk(path):
@@ -3059,8 +3265,10 @@ def pack_archive(path):
                         tar.add(full, arcname=os.path.relpath(full, path), recursive=False)
         return buffer.getvalue(), ref
     if os.path.isfile(path):
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            data = read_regular_file(path, ARCHIVE_LIMIT)[0]
+        except OSError as e:
+            raise UsageError("cannot read %s: %s" % (path, e.strerror or e))
         if not data.startswith(b"\x1f\x8b"):
             raise UsageError("%s is neither a pack directory nor a .tar.gz archive" % path)
         ref = None
@@ -3144,10 +3352,10 @@ EXECUTE_ARGS = (
     arg("--worker-selector", metavar="JSON", help="worker label selector (JSON object)"),
     arg("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)"),
     arg("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)"),
-    arg("--execution-timeout", type=positive_int, metavar="SECONDS",
+    arg("--execution-timeout", type=Number(1), metavar="SECONDS",
         help="timeout the server enforces on the execution"),
     arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
-    arg("--timeout", type=positive_int, metavar="SECONDS",
+    arg("--timeout", type=Number(1), metavar="SECONDS",
         help="with --watch: stop waiting after this long (default 300)"))
 
 
@@ -3192,7 +3400,7 @@ def cmd_action_show(ctx, args):
 @command("action search", "search actions by keywords",
          arg("query", metavar="QUERY", nargs="?", help="keywords, all of which must match"),
          arg("--pack", action="append", metavar="P", help="only in this pack (repeatable)"),
-         arg("--limit", type=positive_int, default=50, help="at most this many (default 50)"))
+         arg("--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"))
 def cmd_action_search(ctx, args):
     query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
              "page_size": max(1, min(args.limit, ALL_PAGE_SIZE)), "page": 1}
@@ -3300,7 +3508,7 @@ def execution_matches(execution, args, statuses, result_text):
          arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
          arg("--trace-tag", help="exact trace tag"),
          arg("--top-level-only", action="store_true", help="leave out child executions"),
-         arg("-l", "--limit", type=positive_int, default=50, help="at most this many (default 50)"), ALL)
+         arg("-l", "--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"), ALL)
 def cmd_execution_list(ctx, args):
     statuses = [s.strip().lower() for s in args.status or () if s.strip()]
     result_text = args.result.lower() if args.result else None
@@ -3365,7 +3573,7 @@ def cmd_execution_cancel(ctx, args):
 
 
 @command("execution watch", "wait for an execution to finish", EXECUTION_ID,
-         arg("--timeout", type=positive_int, default=300, metavar="SECONDS",
+         arg("--timeout", type=Number(1), default=300, metavar="SECONDS",
              help="stop waiting after this long (default 300)"))
 def cmd_execution_watch(ctx, args):
     ctx.ui.info("Observing execution %d..." % args.id)
@@ -3382,7 +3590,7 @@ def cmd_execution_logs(ctx, args):
 
     def write(text):
         if table:
-            write_text(ctx.ui.stdout, text)
+            write_text(ctx.ui.stdout, text, raw=True)  # the action's own output, as it wrote it
             ctx.ui.stdout.flush()
         else:
             chunks.append(text)
@@ -3586,7 +3794,7 @@ def cmd_trigger_show(ctx, args):
                       ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
                       ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
-                      ("Allowed Caller Packs", ", ".join(allowed) or "None")]
+                      ("Allowed Caller Packs", cell_text(allowed) or "None")]
                      + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
         if trigger.get("webhook_key"):
             ctx.ui.section("Webhook")
@@ -3614,7 +3822,7 @@ def cmd_trigger_delete(ctx, args):
 
 
 def sensor_trigger(sensor):
-    return sensor.get("trigger_ref") or ", ".join(sensor.get("trigger_types") or ())
+    return sensor.get("trigger_ref") or cell_text(sensor.get("trigger_types"))
 
 
 @command("sensor list", "list sensors", arg("--pack", help="only this pack's sensors"), ALL)
@@ -3800,7 +4008,7 @@ def cmd_workflow_list(ctx, args):
     def table():
         ctx.ui.table(["Reference", "Pack", "Label", "Version", "Tags"],
                      [[w.get("ref"), w.get("pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
-                       clip(", ".join(w.get("tags") or ()), 25) or "-"] for w in workflows],
+                       clip(cell_text(w.get("tags")), 25) or "-"] for w in workflows],
                      empty="No workflows found")
         if workflows:
             ctx.ui.info("%d workflow(s) found" % len(workflows))
@@ -3821,7 +4029,7 @@ def cmd_workflow_show(ctx, args):
     def table():
         ctx.ui.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
                       ("Label", workflow.get("label")), ("Description", workflow.get("description") or "-"),
-                      ("Version", workflow.get("version")), ("Tags", ", ".join(workflow.get("tags") or ()) or "none")]
+                      ("Version", workflow.get("version")), ("Tags", cell_text(workflow.get("tags")) or "none")]
                      + timestamps(workflow), "Workflow: %s" % workflow.get("ref"))
         for title, field in (("Parameters", "param_schema"), ("Output Schema", "out_schema")):
             if isinstance(workflow.get(field), dict) and workflow[field]:
@@ -3864,10 +4072,9 @@ def api_body(ctx, args):
         text = ctx.ui.stdin.read()
     elif args.data.startswith("@"):
         try:
-            with open(args.data[1:], encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise UsageError("cannot read %s: %s" % (args.data[1:], e.strerror or e))
+            text = read_regular_file(args.data[1:], DATA_FILE_LIMIT)[0].decode("utf-8")
+        except (OSError, UnicodeError) as e:
+            raise UsageError("cannot read %s: %s" % (args.data[1:], getattr(e, "strerror", None) or "not UTF-8"))
     else:
         text = args.data
     return text.encode("utf-8")
@@ -3881,6 +4088,9 @@ def api_body(ctx, args):
          arg("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin"),
          arg("--paginate", action="store_true", help="GET every page and print all items"))
 def cmd_api(ctx, args):
+    problem = odd_character(args.path)
+    if problem:
+        raise UsageError("PATH holds %s; percent-encode it (%%20, %%c3%%a9)" % problem)
     method = args.method.upper()
     in_query = method in ("GET", "HEAD", "DELETE")  # query values stay the text typed
     fields = parse_param_pairs(args.field, str if in_query else json_or_string)
@@ -3898,7 +4108,8 @@ def cmd_api(ctx, args):
     if args.paginate:
         if method != "GET":
             raise UsageError("--paginate works with GET")
-        items, _ = fetch_list(session, args.path, query, page_size_param(args.path), every_page=True)
+        items, _ = fetch_list(session, args.path, query, page_size_param(args.path), every_page=True,
+                              objects=False)
         ctx.ui.emit(items, lambda: ctx.ui.write_document(to_json, items))
         return
     resp = session.request(method, args.path, query=query, raw_body=raw)
@@ -3909,14 +4120,14 @@ def cmd_api(ctx, args):
     if not resp.ok:
         write_text(ctx.ui.stderr, (body if isinstance(body, str) else to_json(body)).rstrip("\n") + "\n")
         raise type(api_error(resp))("HTTP %d %s" % (resp.status, resp.reason))
-    if isinstance(body, str):
-        write_text(ctx.ui.stdout, body)
+    if isinstance(body, str):  # exact into a pipe, escaped on a terminal
+        write_text(ctx.ui.stdout, body, raw=not ctx.ui.stdout.isatty())
     elif body is not None:
         ctx.ui.emit(body, lambda: ctx.ui.write_document(to_json, body))
 
 
 @command("health", "check that the server answers GET /health",
-         arg("--wait", type=float, metavar="SECONDS",
+         arg("--wait", type=Number(0, integer=False), metavar="SECONDS",
              help="keep trying until the server is healthy or this long has passed (exit 5); "
                   "the same as --wait-for-server"))
 def cmd_health(ctx, args):
@@ -4371,7 +4582,7 @@ GLOBAL_OPTIONS = (
     arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
     arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
     arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
-    arg("--wait-for-server", type=float, metavar="SECONDS",
+    arg("--wait-for-server", type=Number(0, integer=False), metavar="SECONDS",
         help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
 )
 FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
@@ -4522,16 +4733,17 @@ def quick_args(argv):
         if spec.get("action") == "store_true" and not eq:
             values[dest] = True
             continue
-        if spec.get("action") is not None or spec.get("type", int) is not int:
+        kind = spec.get("type")
+        if spec.get("action") is not None or (kind is not None and not isinstance(kind, Number)):
             return None
         if not eq:
             if not argv or argv[0].startswith("-"):
                 return None
             value = argv.pop(0)
-        if "type" in spec:
-            if not value or value.strip("0123456789"):
-                return None  # int() decides the rest (' 5', '1_0', '²'), through argparse
-            value = int(value)
+        if kind is not None:
+            value = parse_number(value, kind.low, kind.high, kind.integer)
+            if value is None:
+                return None  # argparse says what is wrong with it
         if value not in spec.get("choices", (value,)):
             return None
         values[dest] = value
@@ -4580,6 +4792,12 @@ def build_parser():
             if self.prog == "attune":
                 return top_help(help_width())
             return argparse.ArgumentParser.format_help(self.filled())
+
+        def error(self, message):
+            """argparse's usage error, with the words it echoes made terminal-safe."""
+            self.print_usage(sys.stderr)
+            say(sys.stderr, "%s: error: %s" % (self.prog, message))
+            sys.exit(2)
 
     def fill_group(parser, path):
         add_global_args(parser, top=not path)
@@ -4638,7 +4856,7 @@ def main(argv=None, environ=None, clock=None):
         return code
     except AttuneError as e:
         sys.stdout.flush()
-        write_text(sys.stderr, "attune: error: %s\n" % e)
+        say(sys.stderr, "attune: error: %s" % e)
         return e.exit_code
     except KeyboardInterrupt:
         write_text(sys.stderr, "\nattune: interrupted\n")

@@ -101,6 +101,7 @@ ENVIRONMENT = (
     ("ATTUNE_API_TOKEN", "access token to use instead of the stored one (alias ATTUNE_AUTH_TOKEN)"),
     ("ATTUNE_TOKEN_FILE", "file holding an access token, re-read on every run"),
     ("ATTUNE_REFRESH_TOKEN", "refresh token paired with ATTUNE_API_TOKEN (never stored)"),
+    ("ATTUNE_KEEP_FRESH", "set by auth exec --keep-fresh: its token file outranks ATTUNE_API_TOKEN"),
     ("ATTUNE_PASSWORD", "password for auth login when no terminal is available"),
     ("ATTUNE_CA_BUNDLE", "extra CA certificates (PEM) to trust, like --ca-bundle"),
     ("ATTUNE_TIMEOUT", "seconds to wait for each HTTP request (default 60)"),
@@ -585,10 +586,12 @@ def jwt_lifetime(token):
 
 
 def refresh_margin(lifetime):
-    """Refresh this long before expiry: 10% of the lifetime, kept within 30 s .. 300 s."""
+    """Refresh this long before expiry: 10% of the lifetime, kept within 30 s .. 300 s, and
+    never more than half the lifetime: a token shorter than a minute would otherwise be due
+    the moment it arrives, and a long run would refresh before every request."""
     if not lifetime:
         return MARGIN_MIN
-    return max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10))
+    return min(max(MARGIN_MIN, min(MARGIN_MAX, lifetime // 10)), max(1, lifetime // 2))
 
 
 class Credentials:
@@ -1454,7 +1457,8 @@ def unwrap(resp):
 
 class Session:
     """One profile's connection to the server: which token to send, and when and how
-    to renew it. At most one proactive and one reactive refresh per run."""
+    to renew it. Each access token is refreshed at most once before it expires and once
+    after a 401, so a run of any length renews every token it holds."""
 
     def __init__(self, choice, http, log, now, profile=None, api_url=None, use_env=True):
         self.choice, self.http, self.log, self.now = choice, http, log, now
@@ -1462,8 +1466,11 @@ class Session:
         self.profile = profile or choice.profile
         self.api_url = (api_url or choice.api_url_for(self.profile)[0]).rstrip("/")
         self.creds = choice.credentials_for(self.profile, use_env)
-        self._proactive_done = False
-        self._reactive_done = False
+        # Each access token is refreshed at most once before it expires and once after a 401,
+        # so a command that runs for hours renews every token it holds, and no more.
+        self._proactive_for = None  # the access token a proactive refresh was tried for
+        self._proactive_retry_at = 0.0  # after a transient failure: when to try again
+        self._reactive_for = None  # the access token a 401 led to a refresh for
         self._transport = None
 
     @property
@@ -1503,10 +1510,12 @@ class Session:
         if not c.access:
             raise not_logged_in()
         now = self.now()
-        if not c.refresh_due(now, min_ttl) or self._proactive_done:
+        if not c.refresh_due(now, min_ttl):
             return c.access
         left = c.access_left(now)
-        self._proactive_done = True
+        if self._proactive_for == c.access and now < self._proactive_retry_at:
+            return c.access  # this token's refresh failed a moment ago: try again later
+        self._proactive_for = c.access
         if c.invalidated_at or not c.refresh_usable(now):  # no refresh possible
             if left > 0 and left >= min_ttl:
                 return c.access
@@ -1521,6 +1530,7 @@ class Session:
             self.refresh()
         except (NetworkError, ApiError) as e:  # down, 5xx or a junk answer: nothing was stored
             if left > STILL_USABLE:
+                self._proactive_retry_at = now + max(1.0, (left - STILL_USABLE) / 2)
                 self.log("refresh failed (%s); the current token is still valid for %s"
                          % (e, format_duration(left)))
                 return c.access
@@ -1642,10 +1652,10 @@ class Session:
             if resp.status == 401 and auth:
                 raise not_logged_in()
             return resp
-        if self._reactive_done:
+        if self._reactive_for == token:
             raise AuthRequired("the server rejected the token (%s); run: attune auth login --profile %s"
                                % (error_message(resp), self.profile))
-        self._reactive_done = True
+        self._reactive_for = token
         self.log("401 from the server; refreshing and retrying once")
         self.refresh()
         resp = self.transport.request(method, url, data, self.creds.access, content_type, stream)
@@ -2002,6 +2012,9 @@ class Choice:
         env = self.env
         if use_env and not getattr(self.args, "profile", None):
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
+            keep_fresh = env.get("ATTUNE_KEEP_FRESH")
+            if keep_fresh and keep_fresh == env.get("ATTUNE_TOKEN_FILE"):  # under auth exec --keep-fresh
+                return Credentials.from_token(read_token_file(keep_fresh), "token_file", keep_fresh, refresh)
             for name in TOKEN_VARIABLES[:2]:
                 if env.get(name):
                     return Credentials.from_token(env[name], "env", name, refresh)
@@ -2265,7 +2278,8 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     data = envelope_data(resp.json())
     pair = token_pair(data, sent_at, ctx.now())
     user = data.get("user") if isinstance(data.get("user"), dict) else {}
-    username = user.get("login") or username
+    login = user.get("login")
+    username = login if isinstance(login, str) and login else username
 
     def save(doc):
         profile = doc["profiles"].setdefault(target, {})
@@ -2432,6 +2446,9 @@ def profile_status(ctx, name, offline, use_env):
 
 
 def status_pairs(status, now):
+    if "error" in status:
+        return [("Problem", status["error"]), ("Status", "unusable")]
+
     def expiry(prefix):
         at = status[prefix + "_expires_at"]
         return "unknown expiry" if at is None else describe_expiry(at, now)
@@ -2459,7 +2476,13 @@ def cmd_auth_status(ctx, args):
     names = sorted(set(ctx.store.profiles()) | {ctx.choice.profile}) if args.all else [ctx.choice.profile]
     results, code = [], 0
     for name in names:
-        status, status_code = profile_status(ctx, name, args.offline, use_env=name == ctx.choice.profile)
+        try:
+            status, status_code = profile_status(ctx, name, args.offline, use_env=name == ctx.choice.profile)
+        except ConfigError as e:
+            if not args.all:
+                raise
+            status, status_code = {"profile": name, "current": name == ctx.choice.profile, "error": str(e),
+                                   "logged_in": False}, e.exit_code  # one broken profile spoils no other
         results.append(status)
         if status_code and code in (0, 4):
             code = status_code  # network trouble outranks a missing login
@@ -2527,11 +2550,14 @@ def cmd_auth_token(ctx, args):
 
 
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
-         MIN_TTL, arg("command", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]"))
+         MIN_TTL, arg("--keep-fresh", action="store_true",
+                      help="stay the parent and keep a token file fresh for as long as the command runs"),
+         arg("command", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]"))
 def cmd_auth_exec(ctx, args):
     """Run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN in its environment
-    (never on its argv, never on disk). On POSIX the command replaces this process, so
-    signals reach it directly and its exit code is ours."""
+    (never on its argv). On POSIX the command replaces this process, so signals reach it
+    directly and its exit code is ours. With --keep-fresh attune.py stays the parent and
+    keeps the token in a private file fresh until the command ends."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("auth exec needs a command: attune auth exec [--min-ttl S] -- COMMAND [ARGS...]")
@@ -2539,10 +2565,13 @@ def cmd_auth_exec(ctx, args):
     token = session.token(min_ttl=args.min_ttl)
     env = dict(ctx.env)
     env.update(ATTUNE_API_URL=session.api_url, ATTUNE_API_TOKEN=token)
-    env.pop("ATTUNE_AUTH_TOKEN", None)
+    for name in ("ATTUNE_AUTH_TOKEN", "ATTUNE_KEEP_FRESH"):
+        env.pop(name, None)
     ctx.ui.stdout.flush()
     ctx.ui.stderr.flush()
     try:
+        if args.keep_fresh:
+            return run_keeping_fresh(ctx, session, command, env)
         if not WINDOWS:
             os.execvpe(command[0], command, env)
         import subprocess  # Windows has no exec that keeps the exit code
@@ -2556,6 +2585,86 @@ def cmd_auth_exec(ctx, args):
         raise ExitWith("command not found: %s" % command[0], 127)
     except OSError as e:
         raise ExitWith("cannot run %s: %s" % (command[0], e.strerror or e), 126)
+
+
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+
+
+def private_token_file(env):
+    """A new 0700 directory under $XDG_RUNTIME_DIR (else the temp directory) and the path of
+    the token file in it."""
+    import tempfile
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    base = runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else None
+    directory = tempfile.mkdtemp(prefix="attune-exec-", dir=base)  # mode 0700
+    return directory, os.path.join(directory, "token")
+
+
+def terminal_delivers(signum):
+    """True when the terminal sends this Ctrl-C / Ctrl-\\ to the child itself: we are in the
+    foreground process group of our terminal, and so is the child."""
+    import signal
+    if signum not in (signal.SIGINT, getattr(signal, "SIGQUIT", None)):
+        return False
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def run_keeping_fresh(ctx, session, command, env):
+    """auth exec --keep-fresh: the child gets ATTUNE_TOKEN_FILE (rewritten atomically
+    before each token nears expiry), ATTUNE_API_URL and, for tools that read only that,
+    ATTUNE_API_TOKEN with the first token; ATTUNE_KEEP_FRESH names the file so nested
+    attune calls read it first. Signals are passed on; the file and its directory are
+    removed however this ends. Returns the child's exit code (128+N for signal N)."""
+    import shutil
+    import signal
+    import subprocess
+    directory, path = private_token_file(ctx.env)
+    written = session.creds.access
+    previous = {}
+    try:
+        write_atomic(path, (written + "\n").encode("ascii"))
+        env.update(ATTUNE_TOKEN_FILE=path, ATTUNE_KEEP_FRESH=path)
+        child = subprocess.Popen(command, env=env)
+
+        def forward(signum, frame):
+            if not terminal_delivers(signum):
+                child.send_signal(signum)
+
+        for name in FORWARDED_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                previous[signum] = signal.signal(signum, forward)
+        failed = False
+        while True:
+            creds, now = session.creds, ctx.now()
+            left = creds.access_left(now)
+            due_in = 60.0 if left is None else left - refresh_margin(creds.lifetime)
+            try:  # wake when the token is due (at most a minute, at least a second apart)
+                code = child.wait(timeout=min(60.0, max(1.0, due_in)))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                token = session.token()
+            except AttuneError as e:
+                if not failed:
+                    ctx.ui.warn("cannot renew the token for %s: %s; it keeps the current one"
+                                % (command[0], e))
+                failed = True
+                continue
+            failed = False
+            if token != written:
+                write_atomic(path, (token + "\n").encode("ascii"))
+                written = token
+                ctx.ui.log("wrote a fresh token to %s" % path)
+        return 128 - code if code < 0 else code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # === Commands: config ========================================================
@@ -3078,14 +3187,18 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
     """Read /executions/{id}/logs/{name}/stream, passing content to write(text).
     Without follow: the catch-up only. With follow: until the 'done' event,
     reconnecting from the last byte offset when the connection drops (a 401 on
-    reconnect refreshes the token, as every request does). Returns the offset."""
+    reconnect refreshes the token, as every request does) and when the token it was
+    opened with is renewed, so an hours-long follow always holds a live token. Returns
+    the offset."""
     import http.client
     path = "/executions/%d/logs/%s/stream" % (execution_id, name)
     offset, drops = 0, 0
     while True:
         resp = session.request("GET", path, query={"offset": offset} if offset else None, stream=True)
         resp.check()
+        opened_with = session.creds.access
         events = sse_events(resp.stream)
+        renewed = False
         try:
             while True:
                 try:  # only reading the stream counts as a drop; a failing write() is not one
@@ -3107,8 +3220,14 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
                 elif not follow and (data == "initial-catchup-complete" or (
                         event == "waiting" and data == "Waiting for log output")):
                     return offset
+                if follow and opened_with and session.token() != opened_with:  # refreshed when due
+                    renewed = True
+                    break
         finally:
             resp.stream.close()
+        if renewed:
+            ctx.ui.log("the access token was renewed; reopening the log stream at byte %d" % offset)
+            continue
         drops += 1
         if drops > 5:
             raise NetworkError("the log stream of execution %d keeps dropping (at byte %d)"

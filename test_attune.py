@@ -125,8 +125,10 @@ class FakeAttune:
     strict OAuth server would."""
 
     def __init__(self, access_ttl=3600, refresh_ttl=7 * 86400, refresh_mode="reusable",
-                 clock_offset=0, tls=False, admin_password="s3cret-Admin-pw"):
-        self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
+                 clock_offset=0, tls=False, admin_password="s3cret-Admin-pw", leeway=60):
+        self.access_ttl, self.refresh_ttl, self.leeway = access_ttl, refresh_ttl, leeway
+        self.expired_sent = []  # (path, seconds past exp) of every access token sent after its exp
+        self.unauthorized = []  # paths answered 401
         self.refresh_mode, self.clock_offset, self.tls = refresh_mode, clock_offset, tls
         self.lock = threading.RLock()
         self.requests, self.faults, self.issued = [], [], []
@@ -252,7 +254,11 @@ class FakeAttune:
             return None, "Missing authentication token"
         if req.token in self.opaque:
             return {"sub": "1", "login": self.opaque[req.token], "token_type": "access"}, None
-        claims, problem = verify_jwt(req.token, self.now())
+        claims, problem = verify_jwt(req.token, self.now(), leeway=self.leeway)
+        late, _ = verify_jwt(req.token, self.now(), leeway=10 ** 9)
+        if late and late.get("exp", 0) < self.now():
+            with self.lock:
+                self.expired_sent.append((req.path, self.now() - late["exp"]))
         if problem == "expired":
             return None, "Authentication token expired"
         if problem or claims.get("token_type", "access") == "refresh" or req.token in self.revoked:
@@ -267,6 +273,8 @@ class FakeAttune:
                 if req.path.startswith("/api/v1/"):
                     claims, problem = self.bearer_claims(req)
                     if problem:  # the auth extractor's nested shape
+                        with self.lock:
+                            self.unauthorized.append(req.path)
                         return 401, {"error": {"code": 401, "message": problem}}
                     req.claims = claims
                 return getattr(self, name)(req, **{k: unquote(v) for k, v in match.groupdict().items()})
@@ -636,11 +644,14 @@ class FakeAttune:
                      "rule_ref": None, "trigger_ref": None, "created": stamp, "updated": stamp}
         execution.update(fields)
         statuses, result, stdout, stderr = ["scheduled", "running", "completed"], {"exit_code": 0}, [], []
+        finish_at = None
         if action["ref"] == "core.echo":
             stdout = [str(parameters.get("message", "")) + "\n"]
             result = {"stdout": stdout[0], "exit_code": 0}
         elif action["ref"] == "core.fail":
             statuses[-1], result, stderr = "failed", {"error": "boom", "exit_code": 1}, ["boom\n"]
+        elif action["ref"] == "core.sleep" and parameters.get("seconds"):  # runs that long, a tick a second
+            finish_at = time.time() + float(parameters["seconds"])
         elif action["ref"] == "core.sleep":
             statuses = ["scheduled", "running"]
         elif action["ref"] == "core.noisy":
@@ -648,7 +659,8 @@ class FakeAttune:
         with self.lock:
             self.executions[eid] = execution
             self.plans[eid] = {"statuses": statuses, "result": result, "pending": {"stdout": stdout, "stderr": stderr},
-                               "logs": {"stdout": b"", "stderr": b""}}
+                               "logs": {"stdout": b"", "stderr": b""}, "finish_at": finish_at,
+                               "started": time.time(), "ticks": 0}
         return execution
 
     def advance(self, eid):
@@ -657,6 +669,13 @@ class FakeAttune:
             execution, plan = self.executions[eid], self.plans[eid]
             if not plan["statuses"] or execution["status"] in TERMINAL:
                 return
+            if plan["finish_at"] and execution["status"] == "running":
+                now = time.time()
+                while plan["ticks"] < min(now, plan["finish_at"]) - plan["started"]:
+                    plan["ticks"] += 1
+                    plan["pending"]["stdout"].append("tick %d\n" % plan["ticks"])
+                if now < plan["finish_at"]:
+                    return
             execution["status"] = plan["statuses"].pop(0)
             execution["updated"] = self.stamp()
             if execution["status"] == "running":
@@ -1364,6 +1383,10 @@ class JwtTests(unittest.TestCase):
         self.assertEqual(attune.refresh_margin(100), 30)
         self.assertEqual(attune.refresh_margin(86400), 300)
         self.assertEqual(attune.refresh_margin(None), 30)
+        self.assertEqual(attune.refresh_margin(60), 30)
+        self.assertEqual(attune.refresh_margin(35), 17)  # at most half the lifetime
+        self.assertEqual(attune.refresh_margin(20), 10)
+        self.assertEqual(attune.refresh_margin(1), 1)
 
     def test_durations(self):
         self.assertEqual(attune.format_duration(0), "0s")
@@ -2162,10 +2185,11 @@ class TokenLifecycleTests(AttuneTestCase):
         self.assertEqual(self.refreshes(), 0)
         self.assertEqual(session.creds.access, other["auth_token"])
 
-    def test_at_most_one_proactive_refresh_per_run(self):
-        self.server.access_ttl = 20  # shorter than the 30 s minimum margin: always due
-        self.seed(access_left=20, access_ttl=20)
+    def test_a_fresh_short_lived_token_is_not_refreshed_again(self):
+        self.server.access_ttl = 20  # shorter than the 30 s minimum margin: half of it, 10 s
+        self.seed(access_left=5, access_ttl=20)
         session = session_for(self)
+        session.token()
         session.token()
         session.token()
         self.assertEqual(self.refreshes(), 1)
@@ -2834,8 +2858,8 @@ class ProcessTests(AttuneTestCase):
 
 class GuardTests(unittest.TestCase):
     STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
-              "ipaddress", "json", "msvcrt", "os", "py_compile", "shlex", "shutil", "socket", "ssl", "stat", "subprocess",
-              "sys", "tarfile", "tempfile", "time", "urllib"}
+              "ipaddress", "json", "msvcrt", "os", "py_compile", "shlex", "shutil", "signal", "socket", "ssl", "stat",
+              "subprocess", "sys", "tarfile", "tempfile", "time", "urllib"}
 
     def tree(self):
         import ast
@@ -4475,6 +4499,173 @@ class LoadTests(AttuneTestCase):
 
 
 
+# === Tests: long sessions (design.md section 5) ==============================
+# Real processes against a server whose access tokens live 35 s (refresh margin 17 s)
+# and that accepts no expired token (no leeway). The long test needs real minutes, so
+# test-all runs it on one interpreter only (ATTUNE_TEST_LONG=0 on the others).
+
+LONG_TESTS = os.environ.get("ATTUNE_TEST_LONG", "1") == "1"
+
+# A child of `auth exec --keep-fresh`: reads $ATTUNE_TOKEN_FILE every two seconds for argv[1]
+# seconds, printing when and what it read, then runs a nested attune and exits 7.
+KEEP_FRESH_CHILD = ("import os, subprocess, sys, time\n"
+                    "end = time.time() + float(sys.argv[1])\n"
+                    "while time.time() < end:\n"
+                    "    with open(os.environ['ATTUNE_TOKEN_FILE']) as f:\n"
+                    "        print('%.3f %s' % (time.time(), f.read().strip()), flush=True)\n"
+                    "    time.sleep(2)\n"
+                    "nested = subprocess.call([sys.executable, sys.argv[2], 'auth', 'whoami'])\n"
+                    "print('nested %d' % nested, flush=True)\n"
+                    "sys.exit(7)\n")
+
+
+class LongSessionTests(AttuneTestCase):
+    server_options = {"access_ttl": 35, "leeway": 0}
+
+    def setUp(self):
+        super().setUp()
+        self.seed(access_left=35, access_ttl=35)
+        self.runtime = os.path.join(self.tmp, "runtime")
+        os.mkdir(self.runtime, 0o700)
+
+    def keep_fresh(self, seconds, **kwargs):
+        return self.spawn("auth", "exec", "--keep-fresh", "--", sys.executable, "-c", KEEP_FRESH_CHILD,
+                          str(seconds), ATTUNE_PY, env={"XDG_RUNTIME_DIR": self.runtime}, **kwargs)
+
+    @unittest.skipUnless(LONG_TESTS, "runs on one interpreter of test-all (ATTUNE_TEST_LONG)")
+    def test_commands_that_run_for_three_token_lifetimes(self):
+        """watch, logs --follow and auth exec --keep-fresh, side by side for 110 s: every
+        token is renewed before it expires, none is sent expired, nothing fails."""
+        eid = self.ok("run", "core.sleep", "--param", "seconds=110", "-j").json()["id"]
+        watch = self.spawn("execution", "watch", str(eid), "--timeout", "300")
+        logs = self.spawn("execution", "logs", str(eid), "--follow")
+        child = self.keep_fresh(110)
+        results = [(p, p.communicate(timeout=240)) for p in (watch, logs, child)]
+        (_, (watch_out, watch_err)), (_, (logs_out, logs_err)), (_, (child_out, child_err)) = results
+        self.assertEqual(watch.returncode, 0, watch_err)
+        self.assertIn("completed", watch_out)
+        self.assertEqual(logs.returncode, 0, logs_err)
+        ticks = [line for line in logs_out.splitlines() if line.startswith("tick ")]
+        self.assertEqual(ticks, ["tick %d" % n for n in range(1, len(ticks) + 1)])  # each once, in order
+        self.assertGreaterEqual(len(ticks), 105)
+        self.assertEqual(child.returncode, 7, child_err)
+        reads = [line.split(" ", 1) for line in child_out.splitlines() if re.match(r"\d+\.\d{3} \S+$", line)]
+        self.assertGreaterEqual(len(reads), 50)
+        for when, token in reads:  # the file only ever held a token the server accepts
+            self.assertIsNone(verify_jwt(token, float(when), leeway=0)[1], when)
+        self.assertGreaterEqual(len({token for _, token in reads}), 3)
+        self.assertIn("nested 0", child_out)
+        self.assertEqual(os.listdir(self.runtime), [])
+        self.assertEqual(self.server.unauthorized, [])
+        self.assertEqual(self.server.expired_sent, [])
+        self.assertGreaterEqual(self.server.count("POST", "/auth/refresh"), 3)
+
+    @unittest.skipUnless(POSIX, "signals")
+    def test_keep_fresh_cleans_up_when_signalled(self):
+        for victim, signum, expected in (("attune", signal.SIGTERM, 128 + signal.SIGTERM),
+                                         ("child", signal.SIGKILL, 128 + signal.SIGKILL),
+                                         ("attune", signal.SIGHUP, 128 + signal.SIGHUP)):
+            with self.subTest(victim=victim, signal=signum):
+                p = self.keep_fresh(60)
+                if not p.stdout.readline():  # the child has read its token
+                    self.fail(p.communicate()[1])
+                self.assertEqual(len(os.listdir(self.runtime)), 1)
+                directory = os.path.join(self.runtime, os.listdir(self.runtime)[0])
+                self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+                self.assertEqual(stat.S_IMODE(os.stat(os.path.join(directory, "token")).st_mode), 0o600)
+                if victim == "attune":
+                    p.send_signal(signum)  # passed on to the child, which dies of it
+                else:
+                    child_pid = int(subprocess.check_output(["pgrep", "-P", str(p.pid)]).split()[0])
+                    os.kill(child_pid, signum)
+                p.communicate(timeout=30)
+                self.assertEqual(p.returncode, expected)
+                self.assertEqual(os.listdir(self.runtime), [])
+
+    def test_keep_fresh_passes_the_exit_code_and_a_missing_command(self):
+        result = self.run_process("auth", "exec", "--keep-fresh", "--", sys.executable, "-c",
+                                  "import os, sys; sys.exit(int(os.path.exists(os.environ['ATTUNE_TOKEN_FILE'])) + 2)",
+                                  env={"XDG_RUNTIME_DIR": self.runtime})
+        self.assertEqual(result.code, 3, result)
+        result = self.run_process("auth", "exec", "--keep-fresh", "--", "no-such-command-here",
+                                  env={"XDG_RUNTIME_DIR": self.runtime})
+        self.assertEqual(result.code, 127, result)
+        self.assertEqual(os.listdir(self.runtime), [])
+
+    @unittest.skipUnless(POSIX, "flock")
+    def test_a_refresh_waiting_for_the_lock_never_undoes_a_logout(self):
+        """Hold the lock; start a command whose token is due; when it waits for the lock,
+        log out (as logout, logout --all or remove-profile write it) and let go: the command
+        must stop with exit 4 and leave the profile logged out."""
+        import fcntl
+
+        def logout(doc):
+            for key in attune.TOKEN_KEYS:
+                doc["profiles"]["default"].pop(key, None)
+
+        def logout_all(doc):
+            for profile in doc["profiles"].values():
+                for key in attune.TOKEN_KEYS:
+                    profile.pop(key, None)
+
+        def remove_profile(doc):
+            del doc["profiles"]["default"]
+
+        for name, change in (("logout", logout), ("logout --all", logout_all), ("remove-profile", remove_profile)):
+            with self.subTest(name):
+                self.seed(access_left=10, access_ttl=35)  # due: the command refreshes before its request
+                self.seed("other")
+                self.write_doc(dict(self.read_doc(), current_profile="default"))
+                lock = open(self.config + ".lock", "a+")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                p = self.spawn("-v", "-p", "default", "pack", "list")
+                seen = ""
+                while "refreshing" not in seen:
+                    line = p.stderr.readline()
+                    self.assertTrue(line, seen)
+                    seen += line
+                time.sleep(0.3)  # it is now waiting for the lock
+                doc = self.read_doc()
+                change(doc)
+                self.write_doc(doc)
+                after = self.snapshot()[0]
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
+                out, err = p.communicate(timeout=60)
+                self.assertEqual(p.returncode, 4, err)
+                self.assertEqual(self.snapshot()[0], after)  # nothing came back
+                self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+
+    def test_each_token_is_refreshed_once_before_expiry_and_once_after_a_401(self):
+        """In one run, with a clock that moves: a refresh for each token that nears its
+        expiry, and a second 401 with the same token is exit 4."""
+        self.server.refresh_mode = "single-use"  # every token distinct, even within a second
+        self.seed(access_left=35, access_ttl=35)
+        now = [time.time()]
+        session = session_for(self)
+        session.now = lambda: now[0]
+        session.token()
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+        for step in range(1, 5):
+            now[0] += 20  # each token is due 18 s after it was issued
+            token = session.token()
+            self.assertEqual(self.server.count("POST", "/auth/refresh"), step)
+            self.assertEqual(self.profile()["auth_token"], token)
+        self.assertEqual(session.token(), token)  # not due again: no request
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 4)
+        # a 401: one refresh and a retry for this token; the same token rejected again is exit 4
+        self.server.revoked.add(token)
+        session.request("GET", "/packs").check()
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 5)
+        self.server.revoked.add(session.creds.access)  # the new token is rejected: a refresh for it too
+        session.request("GET", "/packs").check()
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 6)
+        self.server.revoked.update(self.server.issued)  # and the refresh hands out a revoked token:
+        self.server.mint = lambda *a, **k: self.server.issued[0]  # the retry's 401 is exit 4
+        with self.assertRaises(attune.AuthRequired):
+            session.request("GET", "/packs")
+
+
 # === Tests: untrusted input (design.md section 10) ===========================
 # Tables of hostile values, generated per kind of input and crossed with the commands
 # that read it, each run as a real process. Every run must end with a documented exit
@@ -4656,6 +4847,24 @@ class UntrustedInputTests(AttuneTestCase):
         result = self.run_process("pack", "list")
         self.assertEqual(result.code, 0, result)
         self.assertEqual(self.snapshot()[0], before)
+
+    def test_one_broken_profile_spoils_no_other(self):
+        doc = self.read_doc()
+        doc["profiles"]["junk"] = {"api_url": self.server.url, "auth_token": "a b\x1b[2J"}
+        self.write_doc(doc)
+        result = self.run_cli("auth", "status", "--all", "--offline")
+        self.assertEqual(result.code, 3, result)
+        self.assertIn("Profile: default (current)", result.out)
+        self.assertIn("Status:   unusable", result.out)
+        self.assertEqual(raw_controls(result.out + result.err), [])
+        statuses = self.run_cli("auth", "status", "--all", "--offline", "-j").json()
+        self.assertEqual([s["logged_in"] for s in statuses], [True, False])
+        # a login answer whose user is not an object of text keeps the name typed
+        answer = {"data": {"access_token": self.token, "refresh_token": self.token, "expires_in": 3600,
+                           "user": {"login": ["x"], "id": "1"}}}
+        self.server.fail("/auth/login", status=200, body=answer)
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", stdin="s3cret-Admin-pw\n")
+        self.assertEqual(self.profile()["username"], "admin")
 
     # 3. profile names ----------------------------------------------------------
     def test_profile_names_are_checked_when_created(self):
@@ -5401,7 +5610,8 @@ def test_all():
     passed = failed = 0
     for index, (label, python) in enumerate(find_interpreters()):
         started = time.monotonic()
-        env = dict(os.environ, ATTUNE_TEST_SAMPLE="%d/3" % (index % 3))  # see sampled()
+        env = dict(os.environ, ATTUNE_TEST_SAMPLE="%d/3" % (index % 3),  # see sampled()
+                   ATTUNE_TEST_LONG="1" if index == 0 else "0")  # minutes-long tests: once
         try:
             p = subprocess.Popen([python, os.path.abspath(__file__), "run-suite"], cwd=HERE, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)

@@ -190,6 +190,11 @@ IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 DIGITS = frozenset("0123456789")
 
 
+def quoted(text, limit=80):
+    """A value from outside as a message quotes it: repr'd, cut to limit, terminal-safe."""
+    return terminal_safe(repr(text[:limit]) + ("..." if len(text) > limit else ""))
+
+
 def odd_character(text):
     """A description of the first character of text that is not printable ASCII, or None."""
     for position, char in enumerate(text, 1):
@@ -227,8 +232,7 @@ def check_api_url(value, where):
     shown = url if "@" not in authority else scheme + "://***@" + rest.partition("@")[2]  # no password
 
     def bad(why):
-        return ConfigError("the API URL from %s is not usable: %s (%s)"
-                           % (where, why, terminal_safe(repr(shown[:80]) + ("..." if len(shown) > 80 else ""))))
+        return ConfigError("the API URL from %s is not usable: %s (%s)" % (where, why, quoted(shown)))
 
     if len(url) > URL_LIMIT:
         raise bad("longer than %d characters" % URL_LIMIT)
@@ -264,7 +268,7 @@ def check_profile_name(name):
     """A name for a new profile: [A-Za-z0-9][A-Za-z0-9._-]{0,63} (exit 2 otherwise)."""
     if not (0 < len(name) <= 64 and set(name) <= PROFILE_NAME_CHARS and name[0] not in "._-"):
         raise UsageError("a profile name is 1 to 64 letters, digits, '.', '_' or '-', starting with "
-                         "a letter or digit; %s is not" % terminal_safe(repr(name)))
+                         "a letter or digit; %s is not" % quoted(name))
     return name
 
 
@@ -273,6 +277,8 @@ def parse_number(text, low, high, integer):
     None when it is not one. int() alone would take '٣', '1_0' and ' 5 '."""
     text = text if isinstance(text, str) else ""
     body = text[1:] if text[:1] in "+-" else text
+    if len(body) > 400:  # beyond any range here; int() refuses over 4,300 digits on 3.11+
+        return None
     if integer:
         if not body or not set(body) <= DIGITS:
             return None
@@ -297,7 +303,7 @@ class Number:
         value = parse_number(text, self.low, self.high, self.integer)
         if value is None:
             raise argparse.ArgumentTypeError("expected a %s from %s to %s, not %s" % (
-                "whole number" if self.integer else "number", self.low, self.high, terminal_safe(repr(text))))
+                "whole number" if self.integer else "number", self.low, self.high, quoted(text)))
         return value
 
 
@@ -309,7 +315,7 @@ def env_number(env, name, default, low, high=MAX_SECONDS, integer=False):
     value = parse_number(raw.strip(), low, high, integer)
     if value is None:
         raise ConfigError("%s must be a %s from %s to %s, not %s" % (
-            name, "whole number" if integer else "number", low, high, terminal_safe(repr(raw))))
+            name, "whole number" if integer else "number", low, high, quoted(raw)))
     return value
 
 
@@ -1989,8 +1995,8 @@ class Choice:
             return
         known = sorted(set(self.store.profiles()) | {DEFAULT_PROFILE})
         where = " (current_profile in %s)" % self.config_path if source == "file" else ""
-        raise ConfigError("Profile '%s' does not exist%s; known profiles: %s"
-                          % (name, where, ", ".join(known)))
+        raise ConfigError("Profile %s does not exist%s; known profiles: %s"
+                          % (quoted(name, 64), where, ", ".join(terminal_safe(k[:64], keep="") for k in known)))
 
     def api_url_for(self, profile):
         """(url, source): --api-url > ATTUNE_API_URL > the profile's api_url > the default."""

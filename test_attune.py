@@ -4955,12 +4955,12 @@ class UntrustedInputTests(AttuneTestCase):
 
     # 5. numbers ----------------------------------------------------------------
     def test_numbers_in_flags_and_the_environment(self):
-        values = ["-1", "nan", "inf", "-inf", "1e400", "", " 5", "5 ", "1_0", "\u0663", "\u00b2", "0x10", "1e3",
+        values = ["-1", "nan", "inf", "-inf", "1e400", "", " 5", "5 ", "1_0", "\u0663", "\u00b2", "0x10", "1e3", "9" * 5000,
                   "99999999999999999999999", "3.5", "0", "7", "+7", "-0", ".5", "5.", "1e-3", "--1", "1e", "e1"]
 
         def valid(text, integer, low, high):
             pattern = r"[+-]?[0-9]+" if integer else r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
-            if not re.fullmatch(pattern, text):
+            if not re.fullmatch(pattern, text) or len(text) > 400:  # 5,000 nines: out of every range
                 return False
             value = int(text) if integer else float(text)
             return low <= value <= high

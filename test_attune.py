@@ -4636,6 +4636,31 @@ class LongSessionTests(AttuneTestCase):
                 self.assertEqual(self.snapshot()[0], after)  # nothing came back
                 self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
 
+    def test_a_failed_refresh_is_tried_again_while_the_token_lives(self):
+        """A proactive refresh that fails (503) keeps the old token and is not retried on every
+        call, but again later, halfway to the last 30 s; then it succeeds."""
+        self.seed(access_left=200, access_ttl=1200)  # margin 120 s
+        now = [time.time()]
+        session = session_for(self)
+        session.now = lambda: now[0]
+        self.server.fail("/auth/refresh", status=503, body={"error": "busy", "code": "UNAVAILABLE"}, times=None)
+        now[0] += 100  # 100 s left: due
+        first = session.token()
+        self.assertEqual(self.refreshes(), 1)
+        now[0] += 1
+        self.assertEqual(session.token(), first)  # a moment later: no new attempt
+        self.assertEqual(self.refreshes(), 1)
+        now[0] += 35  # 64 s left, past the retry time: tried again, failing again
+        self.assertEqual(session.token(), first)
+        self.assertEqual(self.refreshes(), 2)
+        self.server.faults.clear()
+        now[0] += 18  # 46 s left, past the next retry time: this attempt succeeds
+        self.assertNotEqual(session.token(), first)
+        self.assertEqual(self.refreshes(), 3)
+
+    def refreshes(self):
+        return self.server.count("POST", "/auth/refresh")
+
     def test_each_token_is_refreshed_once_before_expiry_and_once_after_a_401(self):
         """In one run, with a clock that moves: a refresh for each token that nears its
         expiry, and a second 401 with the same token is exit 4."""

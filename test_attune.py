@@ -5367,7 +5367,7 @@ def serve(argv):
 def demo():
     """Start the sandbox, walk through login, whoami, expiry, automatic refresh and logout, stop."""
     import shlex
-    access_ttl = 35  # the refresh margin is at least 30 s, so a refresh is due after ~5 s
+    access_ttl = 35  # the refresh margin is half of that, 17 s, so a refresh is due after ~18 s
     fake = FakeAttune(access_ttl=access_ttl, admin_password="admin").start()
     tmp = tempfile.mkdtemp(prefix="attune-demo-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE_")}
@@ -5380,7 +5380,7 @@ def demo():
         ("The credential file (mode 0600) and its profiles", ["config", "profiles"], None, 0),
         ("Run an action and wait for it", ["run", "core.echo", "--param", "message=Hello from attune.py",
                                            "--watch"], None, 0),
-        (None, 6, None, None),
+        (None, 19, None, None),
         ("The token is now inside its refresh margin: -v shows the automatic refresh",
          ["-v", "pack", "list"], None, 0),
         ("A fresh access token again", ["auth", "status", "--offline"], None, 0),

@@ -1708,8 +1708,14 @@ def write_text(stream, text, raw=False):
 
 
 def say(stream, line):
-    """One line of a message: whatever it quotes from outside, newlines included, stays on it."""
+    """One line of a message: whatever it quotes from outside, newlines included, stays on it.
+    Flushed at once: before Python 3.9, stderr into a pipe is block-buffered, and a warning
+    such as 'waiting for another attune process' must not wait for the process to end."""
     write_text(stream, terminal_safe(line, keep="") + "\n")
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def shell_quote(text):

@@ -710,7 +710,7 @@ def describe_expiry(expires_at, now):
 def secret_key(key):
     """Fields masked in -v logs: tokens, passwords, secrets and key values."""
     key = str(key).lower()
-    return "token" in key or "password" in key or "secret" in key or key == "value"
+    return "token" in key or "password" in key or "secret" in key or key in ("value", "device_code")
 
 
 def redact(value):
@@ -2287,7 +2287,12 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     if resp.status in (401, 403):
         raise AuthRequired("login failed: %s" % error_message(resp))
     resp.check()
-    data = envelope_data(resp.json())
+    store_login(ctx, target, url, envelope_data(resp.json()), sent_at, method, username)
+
+
+def store_login(ctx, target, url, data, sent_at, method, username=None):
+    """Store a login answer's tokens, expiries, user and URL in the target profile (all or
+    nothing: a junk answer stores nothing) and report it."""
     pair = token_pair(data, sent_at, ctx.now())
     user = data.get("user") if isinstance(data.get("user"), dict) else {}
     login = user.get("login")
@@ -2354,6 +2359,7 @@ def usable_login(ctx, args, target, url, stored):
          LOGIN_URL, SAVE_PROFILE,
          arg("--if-needed", action="store_true",
              help="do nothing (exit 0) when the profile already holds a usable session"),
+         arg("--sso", action="store_true", help="log in through the identity provider (as auth sso-login)"),
          creates_profile=True)
 def cmd_auth_login(ctx, args):
     target, url = login_target(ctx, args)
@@ -2363,6 +2369,8 @@ def cmd_auth_login(ctx, args):
         if session is not None:
             report_login(ctx, target, url, stored.get("username"), session.creds.access_expires_at, already=True)
             return
+    if args.sso:
+        return device_login(ctx, target, url)
     username = args.username or stored.get("username") or ask(ctx, "Username: ")
     if not username:
         raise UsageError("a username is needed: use -u/--username")
@@ -2384,6 +2392,142 @@ def cmd_auth_token_login(ctx, args):
                         "--token-stdin" if args.token_stdin else "--token", UsageError)
     session = ctx.session(profile=target, api_url=url, use_env=False)
     finish_login(ctx, session, target, url, "/auth/token-login", {"token": token}, "token")
+
+
+# -- SSO: the OAuth device authorization grant, through the Attune server --------
+# The server starts the flow with the identity provider and hands out a sealed, opaque
+# device_code that changes with every answer; attune.py polls until the user approves on
+# any device. No listener, no callback: it works over SSH and in containers.
+
+DEVICE_LIMIT = 86400  # seconds: the most an answer may ask for expires_in and interval
+
+
+def loopback_host(host):
+    if host.lower() == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_device_url(url, error):
+    """An SSO device-login URL (ours or the server's): https, or http to a loopback host;
+    printable ASCII, no user:password@."""
+    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if not sep or not authority or "@" in authority or odd_character(url):
+        raise error("the SSO device login URL is not usable: %s" % quoted(str(url)))
+    if authority.startswith("["):
+        host = authority[1:].partition("]")[0]
+    else:
+        host = authority.rpartition(":")[0] if ":" in authority else authority
+    if scheme.lower() == "https" or (scheme.lower() == "http" and loopback_host(host)):
+        return url
+    raise error("SSO device login URLs must use HTTPS; HTTP is allowed only for loopback development servers")
+
+
+def device_seconds(data, key, default=None):
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= DEVICE_LIMIT:
+        raise ApiError("Authentication server returned invalid device polling limits")
+    return value
+
+
+def browser_allowed(env):
+    """A browser can be shown: not over SSH, and on Linux and the BSDs a display to show it on."""
+    if env.get("SSH_CONNECTION") or env.get("SSH_TTY"):
+        return False
+    return WINDOWS or sys.platform == "darwin" or bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
+
+
+def open_browser(ctx, url):
+    import webbrowser
+    try:
+        opened = webbrowser.open(url)
+    except Exception as e:  # webbrowser runs whatever BROWSER names; any failure only means "no browser"
+        opened, why = False, str(e)
+    else:
+        why = "no browser found"
+    if not opened:
+        say(ctx.ui.stderr, "Could not open the browser: %s. Use the URL and code above on any device." % why)
+
+
+def device_login(ctx, target, url, timeout=None, browser=True):
+    """Log target in through POST /auth/oidc/device/start and .../poll: anonymous requests
+    (no token, no refresh), the newest device_code resent every time and never shown,
+    interval, slow_down and the deadline honoured; tokens stored as a password login's."""
+    check_device_url(url, ConfigError)
+    session = ctx.session(profile=target, api_url=url, use_env=False)
+    resp = session.request("POST", "/auth/oidc/device/start", {}, auth=False)
+    if resp.status == 501:
+        raise ApiError("SSO is not configured on this server (%s)" % error_message(resp), 501)
+    resp.check()
+    start = envelope_data(resp.json())
+    if not isinstance(start, dict):
+        raise ApiError("the server's answer to the SSO start is not an object")
+    user_code, code = start.get("user_code"), start.get("device_code")
+    if not isinstance(user_code, str) or not user_code.strip() or any(is_control(c) for c in user_code):
+        raise ApiError("Authentication server returned an invalid user code")
+    if not isinstance(code, str) or not code:
+        raise ApiError("Authentication server returned no device code")
+    verify = check_device_url(start.get("verification_uri"), ApiError)
+    complete = start.get("verification_uri_complete")
+    complete = check_device_url(complete, ApiError) if complete is not None else verify
+    expires_in = device_seconds(start, "expires_in")
+    interval = device_seconds(start, "interval", 5)
+    say(ctx.ui.stderr, "Go to %s and enter code %s." % (verify, user_code))
+    if browser and browser_allowed(ctx.env):
+        open_browser(ctx, complete)
+    say(ctx.ui.stderr, "Waiting for approval. Press Ctrl+C to cancel.")
+    deadline = time.monotonic() + min(timeout or expires_in, expires_in)
+    http_timeout = ctx.http.timeout
+    while True:
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AttuneError("SSO device login timed out; start a new login")
+        ctx.http.timeout = min(http_timeout, left)  # the request, too, ends at the deadline
+        sent_at = ctx.now()
+        try:
+            resp = session.request("POST", "/auth/oidc/device/poll", {"device_code": code}, auth=False)
+        except NetworkError as e:
+            if e.kind != "timeout":
+                raise
+            interval = min(interval * 2, DEVICE_LIMIT)  # a slow provider: same code, longer wait
+            continue
+        finally:
+            ctx.http.timeout = http_timeout
+        resp.check()
+        data = envelope_data(resp.json())
+        status = data.get("status") if isinstance(data, dict) else None
+        if status == "authorized":
+            tokens = data.get("tokens")
+            if not isinstance(tokens, dict) or not tokens.get("access_token") or not tokens.get("refresh_token"):
+                raise ApiError("Authentication server returned empty credentials")
+            return store_login(ctx, target, url, tokens, sent_at, "sso")
+        if status == "waiting":
+            code = data.get("device_code") or code  # re-sealed on every answer: always send the newest
+            floor = {"slow_down": interval + 5, "provider_timeout": interval * 2}.get(data.get("reason"), interval)
+            interval = min(max(device_seconds(data, "interval", floor), floor), DEVICE_LIMIT)
+        elif status == "access_denied":
+            raise AttuneError("SSO device authorization was denied")
+        elif status == "expired":
+            raise AttuneError("SSO device code expired; start a new login")
+        else:
+            raise ApiError("the server's answer to the SSO poll is not understood (status %s)"
+                           % quoted(str(status)))
+
+
+@command("auth sso-login", "log in through the identity provider (OIDC device flow; works over SSH)",
+         LOGIN_URL, SAVE_PROFILE,
+         arg("--timeout", type=Number(1), metavar="SECONDS", help="give up after this long (default: the code's life)"),
+         arg("--no-browser", action="store_true", help="only print the URL and code; never open a browser"),
+         creates_profile=True)
+def cmd_auth_sso_login(ctx, args):
+    target, url = login_target(ctx, args)
+    device_login(ctx, target, url, args.timeout, browser=not args.no_browser)
 
 
 @command("auth logout", "forget the stored tokens (the server keeps no session)",

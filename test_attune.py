@@ -140,6 +140,10 @@ class FakeAttune:
                       "zoe": {"id": 3, "password": "zoe-pass", "display_name": "Zoë Ørsted"}}
         self.ldap_users = {"ldapuser": {"id": 2, "password": "ldap-pass", "display_name": "LDAP User"}}
         self.integration_tokens = {"attune_it_testtoken": "admin"}
+        # the OIDC device flow: what the provider will do, and the sealed sessions handed out
+        self.device = {"enabled": True, "interval": 1, "expires_in": 600, "waits": 2, "outcome": "authorized",
+                       "reasons": [], "login": "zoe", "enforce_interval": True, "start": {}}
+        self.device_sessions, self.device_codes = {}, set()
         self.settings = {
             "authentication_enabled": True, "local_password_enabled": True,
             "local_password_visible_by_default": True, "oidc_enabled": False,
@@ -218,7 +222,7 @@ class FakeAttune:
     def secrets(self):
         """Every token and password this server handed out, knows or received: none may leak."""
         with self.lock:
-            found = set(self.issued) | set(self.integration_tokens) | set(self.opaque)
+            found = set(self.issued) | set(self.integration_tokens) | set(self.opaque) | self.device_codes
             found |= {s for s in self.received if len(s) >= 8}
         for users in (self.users, self.ldap_users):
             found |= {u["password"] for u in users.values()}
@@ -338,6 +342,57 @@ class FakeAttune:
                     return api_error(401, "Invalid or expired refresh token", "UNAUTHORIZED")
                 self.used_refresh.add(token)
         return self.token_body(claims["login"], with_user=False)
+
+    def seal(self, session):
+        """A new opaque device_code for session; the one it replaces no longer works."""
+        self.nonce += 1
+        code = "sealed.%d.%s" % (self.nonce, b64url(os.urandom(24)))
+        self.device_sessions[code] = session
+        self.device_codes.add(code)
+        return code
+
+    def device_start(self, req):
+        if not self.device["enabled"]:
+            return api_error(501, "OIDC device login requires security.encryption_key on the API server",
+                             "NOT_IMPLEMENTED")
+        with self.lock:
+            now, d = time.time(), self.device
+            session = {"polls": 0, "interval": d["interval"], "next_poll_at": now + d["interval"],
+                       "expires_at": now + d["expires_in"]}
+            data = {"device_code": self.seal(session), "user_code": "WDJB-MJHT",
+                    "verification_uri": self.url + "/device",
+                    "verification_uri_complete": self.url + "/device?user_code=WDJB-MJHT",
+                    "expires_in": d["expires_in"], "interval": d["interval"]}
+            data.update(d["start"])  # a test's bad values
+        return 200, envelope(data)
+
+    def device_poll(self, req):
+        body = req.json()
+        if not isinstance(body, dict) or set(body) != {"device_code"} or not isinstance(body["device_code"], str):
+            return api_error(422, "Validation failed: device_code is required", "VALIDATION_ERROR")
+        with self.lock:
+            session = self.device_sessions.pop(body["device_code"], None)  # a re-sealed code is spent
+            if session is None:
+                return api_error(400, "Invalid device authorization session", "BAD_REQUEST")
+            now, d = time.time(), self.device
+            if now > session["expires_at"]:
+                return 200, envelope({"status": "expired"})
+            reason = None
+            if d["enforce_interval"] and now < session["next_poll_at"] - 0.2:
+                reason = "slow_down"
+            elif session["polls"] < d["waits"]:
+                session["polls"] += 1
+                reason = d["reasons"].pop(0) if d["reasons"] else "authorization_pending"
+            if reason:
+                session["interval"] = {"slow_down": session["interval"] + 5,
+                                       "provider_timeout": session["interval"] * 2}.get(reason, session["interval"])
+                session["next_poll_at"] = now + session["interval"]
+                return 200, envelope({"status": "waiting", "reason": reason, "device_code": self.seal(session),
+                                      "interval": session["interval"]})
+            if d["outcome"] != "authorized":
+                return 200, envelope({"status": d["outcome"]})
+        tokens = self.token_body(d["login"])[1]["data"]
+        return 200, envelope({"status": "authorized", "tokens": tokens})
 
     def auth_me(self, req):
         claims, problem = self.bearer_claims(req)
@@ -943,6 +998,8 @@ ROUTES = [
     ("POST", r"/auth/token-login", "auth_token_login"),
     ("POST", r"/auth/refresh", "auth_refresh"),
     ("GET", r"/auth/me", "auth_me"),
+    ("POST", r"/auth/oidc/device/start", "device_start"),
+    ("POST", r"/auth/oidc/device/poll", "device_poll"),
     ("GET", r"/api/v1/packs", "packs_list"),
     ("POST", r"/api/v1/packs", "packs_create"),
     ("POST", r"/api/v1/packs/install", "packs_install"),
@@ -1057,7 +1114,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             if fault["status"] is not None:
                 return self.reply(fault["status"], fault["body"], fault["headers"], fault["truncate"])
         status, body = fake.handle(req)
-        self.reply(status, body)
+        no_store = {"Cache-Control": "no-store"} if req.path.startswith("/auth/oidc/device/") else None
+        self.reply(status, body, no_store)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_any
 
@@ -4499,6 +4557,139 @@ class LoadTests(AttuneTestCase):
 
 
 
+# === Tests: SSO device login =================================================
+
+BROWSER_SCRIPT = "#!/bin/sh\necho \"$1\" >> \"$(dirname \"$0\")/opened\"\n"
+
+
+class SsoLoginTests(AttuneTestCase):
+    def device_requests(self):
+        return [r for r in self.server.requests if r.path.startswith("/auth/")]
+
+    def assert_anonymous(self):
+        self.assertTrue(all("Authorization" not in r.headers for r in self.device_requests()))
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+
+    def test_device_flow_logs_in_without_a_listener(self):
+        result = self.run_process("auth", "sso-login", "--url", self.server.url, "--no-browser")
+        self.assertEqual(result.code, 0, result)
+        lines = result.err.splitlines()
+        self.assertEqual(lines, ["Go to %s/device and enter code WDJB-MJHT." % self.server.url,
+                                 "Waiting for approval. Press Ctrl+C to cancel."])
+        self.assertIn("Successfully logged in as zoe", result.out)
+        profile = self.profile()
+        self.assertEqual((profile["auth_method"], profile["api_url"]), ("sso", self.server.url))
+        self.assertEqual(self.server.log(), ["POST /auth/oidc/device/start"] + ["POST /auth/oidc/device/poll"] * 3)
+        self.assert_anonymous()
+        polls = [r.json()["device_code"] for r in self.server.requests if r.path.endswith("/poll")]
+        self.assertEqual(len(set(polls)), 3)  # the newest re-sealed code each time (the fake spends old ones)
+        self.ok("auth", "whoami")  # the stored session works like a password login's
+        # --json: the same document as auth login --json
+        doc = self.run_process("auth", "sso-login", "--no-browser", "--json").out
+        self.assertEqual(sorted(json.loads(doc)), sorted(self.ok("auth", "login", "--if-needed", "--json").json()))
+
+    def test_interval_slow_down_and_provider_timeout(self):
+        self.server.device.update(enforce_interval=False, waits=3,
+                                  reasons=["slow_down", "provider_timeout", "authorization_pending"])
+        sleeps = []
+        with mock.patch("attune.time.sleep", sleeps.append):
+            self.ok("auth", "sso-login", "--url", self.server.url, "--no-browser")
+        self.assertEqual(sleeps, [1, 6, 12, 12])  # +5, doubled, kept
+        self.assert_anonymous()
+
+    def test_denial_expiry_timeout_and_no_sso_write_nothing(self):
+        self.seed()
+        before = self.snapshot()[0]
+        for outcome, code, message in (("access_denied", 1, "SSO device authorization was denied"),
+                                       ("expired", 1, "SSO device code expired; start a new login")):
+            self.server.device["outcome"] = outcome
+            result = self.run_process("auth", "sso-login", "--no-browser")
+            self.assertEqual((result.code, result.err.splitlines()[-1]), (code, "attune: error: " + message))
+        self.server.device.update(outcome="authorized", interval=5)
+        self.server.requests.clear()
+        started = time.monotonic()
+        result = self.run_process("auth", "sso-login", "--no-browser", "--timeout", "1")
+        self.assertEqual(result.code, 1, result)
+        self.assertIn("SSO device login timed out; start a new login", result.err)
+        self.assertLess(time.monotonic() - started, 4)
+        self.assertEqual(self.server.log(), ["POST /auth/oidc/device/start"])  # the deadline cut the first wait
+        self.server.device["enabled"] = False
+        result = self.run_process("auth", "sso-login", "--no-browser")
+        self.assertEqual(result.code, 1, result)
+        self.assertIn("SSO is not configured on this server", result.err)
+        self.assertEqual(self.snapshot()[0], before)
+        self.assert_anonymous()
+
+    def test_urls_must_be_https_unless_loopback(self):
+        for url in ("http://attune.example.com", "http://10.0.0.1:8080"):
+            result = self.run_process("auth", "sso-login", "--url", url, "--no-browser")
+            self.assertEqual(result.code, 3, result)
+            self.assertIn("must use HTTPS", result.err)
+        self.assertEqual(self.server.log(), [])
+        for field, value in (("verification_uri", "http://evil.example/device"),
+                             ("verification_uri_complete", "https://user:pw@evil.example/"),
+                             ("user_code", "\x1b]0;title\x07"), ("user_code", ""),
+                             ("interval", 0), ("expires_in", 86401), ("interval", "5")):
+            self.server.device["start"] = {field: value}
+            result = self.run_process("auth", "sso-login", "--url", self.server.url, "--no-browser")
+            self.assertEqual(result.code, 1, (field, result))
+            self.assertEqual(len(result.err.splitlines()), 1, result)
+            self.assertNotIn("\x1b", result.err)
+        self.assertFalse(os.path.exists(self.config))
+
+    @unittest.skipUnless(POSIX, "a shell script as BROWSER")
+    def test_the_browser_opens_only_with_a_display(self):
+        script = os.path.join(self.tmp, "browser")
+        with open(script, "w") as f:
+            f.write(BROWSER_SCRIPT)
+        os.chmod(script, 0o755)
+        opened = os.path.join(self.tmp, "opened")
+        for extra, argv, expected in (({"DISPLAY": ":0"}, [], True),
+                                      ({"WAYLAND_DISPLAY": "wayland-0"}, [], True),
+                                      ({"DISPLAY": ":0"}, ["--no-browser"], False),
+                                      ({"DISPLAY": ":0", "SSH_CONNECTION": "10.0.0.2 5022 10.0.0.1 22"}, [], False),
+                                      ({}, [], False)):
+            with self.subTest(extra=extra, argv=argv):
+                if os.path.exists(opened):
+                    os.unlink(opened)
+                env = dict(extra, BROWSER=script)
+                result = self.run_process("auth", "sso-login", "--url", self.server.url, *argv, env=env)
+                self.assertEqual(result.code, 0, result)
+                if expected:
+                    with open(opened) as f:
+                        self.assertEqual(f.read(), self.server.url + "/device?user_code=WDJB-MJHT\n")
+                else:
+                    self.assertFalse(os.path.exists(opened))
+
+    def test_device_codes_stay_out_of_verbose_logs(self):
+        result = self.run_process("-v", "auth", "sso-login", "--url", self.server.url, "--no-browser")
+        self.assertEqual(result.code, 0, result)
+        self.assertIn("device_code", result.err)  # the field is logged, masked
+        self.assertTrue(self.server.device_codes)
+        for code in self.server.device_codes:
+            self.assertNotIn(code, result.err + result.out)
+
+    def test_login_if_needed_sso(self):
+        argv = ("auth", "login", "--if-needed", "--sso", "--url", self.server.url)
+        self.assertIn("Successfully logged in as zoe", self.run_process(*argv).out)
+        self.server.requests.clear()
+        self.assertIn("Already logged in", self.run_process(*argv).out)
+        self.assertEqual([r.path for r in self.device_requests() if "oidc" in r.path], [])
+
+    @unittest.skipUnless(POSIX, "signals")
+    def test_ctrl_c_while_waiting_writes_nothing(self):
+        self.seed()
+        before = self.snapshot()[0]
+        self.server.device.update(interval=5)
+        p = self.spawn("auth", "sso-login", "--no-browser")
+        while "Waiting for approval" not in p.stderr.readline():
+            pass
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 130, err)
+        self.assertEqual(self.snapshot()[0], before)
+
+
 # === Tests: long sessions (design.md section 5) ==============================
 # Real processes against a server whose access tokens live 35 s (refresh margin 17 s)
 # and that accepts no expired token (no leeway). The long test needs real minutes, so
@@ -4581,6 +4772,18 @@ class LongSessionTests(AttuneTestCase):
                 p.communicate(timeout=30)
                 self.assertEqual(p.returncode, expected)
                 self.assertEqual(os.listdir(self.runtime), [])
+
+    @unittest.skipUnless(POSIX, "signal handlers restored")
+    def test_keep_fresh_in_process(self):
+        """The same loop run by main() here (for coverage): the child sees the file, its code
+        comes back, signal handlers are put back and the directory is gone."""
+        handler = signal.getsignal(signal.SIGTERM)
+        child = "import os, sys; sys.exit(5 if open(os.environ['ATTUNE_TOKEN_FILE']).read().strip() else 6)"
+        result = self.run_cli("-v", "auth", "exec", "--keep-fresh", "--", sys.executable, "-c", child,
+                              env={"XDG_RUNTIME_DIR": self.runtime})
+        self.assertEqual(result.code, 5, result)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), handler)
+        self.assertEqual(os.listdir(self.runtime), [])
 
     def test_keep_fresh_passes_the_exit_code_and_a_missing_command(self):
         result = self.run_process("auth", "exec", "--keep-fresh", "--", sys.executable, "-c",

@@ -2705,6 +2705,68 @@ def cmd_auth_token(ctx, args):
         ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc)
 
 
+# -- integration tokens: long-lived machine credentials, managed per identity -------
+
+IDENTITY_ID = arg("--identity-id", type=Number(1, MAX_ID), required=True, metavar="N",
+                  help="the identity the tokens belong to")
+TOKEN_ID = arg("token_id", type=Number(1, MAX_ID), metavar="TOKEN_ID", help="integration token id")
+
+
+def integration_tokens_path(args, *rest):
+    return "/".join(["/identities/%d/integration-tokens" % args.identity_id] + [str(r) for r in rest])
+
+
+def token_hint(token):
+    """What lists show of an integration token: its prefix and suffix, never the token."""
+    return "%s...%s" % (token.get("token_prefix") or "", token.get("token_suffix") or "")
+
+
+@command("auth token create", "create an integration token (shown once, here)", IDENTITY_ID,
+         arg("--label", required=True, help="what the token is for"), arg("--description"),
+         arg("--expires-at", metavar="RFC3339", help="when it stops working (default: never)"))
+def cmd_auth_token_create(ctx, args):
+    body = {"label": args.label}
+    body.update((k, v) for k, v in (("description", args.description), ("expires_at", args.expires_at)) if v)
+    data = ctx.session().fetch("POST", integration_tokens_path(args), body)
+    token = data.get("integration_token") if isinstance(data.get("integration_token"), dict) else {}
+
+    def table():
+        ctx.ui.success("Integration token created")
+        ctx.ui.warn("Copy this token now. It will not be shown again after this response.")
+        ctx.ui.pairs([("Token", data.get("token")), ("ID", token.get("id")),
+                      ("Identity ID", token.get("identity_id")), ("Label", token.get("label")),
+                      ("Expires", token.get("expires_at") or "never")])
+    ctx.ui.emit(data, table)
+
+
+@command("auth token list", "list an identity's integration tokens (prefix...suffix only)", IDENTITY_ID)
+def cmd_auth_token_list(ctx, args):
+    items, _ = fetch_list(ctx.session(), integration_tokens_path(args))
+    ctx.ui.emit(items, lambda: ctx.ui.table(
+        ["ID", "Label", "Token", "Active", "Expires", "Last Used"],
+        [[t.get("id"), t.get("label"), token_hint(t), "true" if t.get("active") else "false",
+          t.get("expires_at") or "never", t.get("last_used_at") or "-"] for t in items],
+        empty="No integration tokens found"))
+
+
+@command("auth token revoke", "revoke an integration token (it stops working at once)", IDENTITY_ID, TOKEN_ID,
+         arg("--reason", help="why, for the audit trail"))
+def cmd_auth_token_revoke(ctx, args):
+    body = {"reason": args.reason} if args.reason else {}
+    token = ctx.session().fetch("POST", integration_tokens_path(args, args.token_id, "revoke"), body)
+    ctx.ui.emit(token, lambda: (ctx.ui.success("Integration token revoked"), ctx.ui.pairs(
+        [("ID", token.get("id")), ("Label", token.get("label")), ("Revoked At", token.get("revoked_at"))])))
+
+
+@command("auth token delete", "delete an integration token's record", IDENTITY_ID, TOKEN_ID, YES)
+def cmd_auth_token_delete(ctx, args):
+    if not confirm(ctx, args, "delete integration token metadata record %d" % args.token_id):
+        return
+    data = ctx.session().fetch("DELETE", integration_tokens_path(args, args.token_id))
+    message = data.get("message") if isinstance(data.get("message"), str) else "Integration token deleted"
+    ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
+
+
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
          MIN_TTL, arg("--keep-fresh", action="store_true",
                       help="stay the parent and keep a token file fresh for as long as the command runs"),
@@ -4964,7 +5026,7 @@ def command_tree():
         yield path, common, takes_value, [name for name, _, _ in children(path)]
     for cmd in COMMANDS:
         own, own_values = option_names(cmd.arguments)
-        yield cmd.path, common + own, takes_value + own_values, []
+        yield cmd.path, common + own, takes_value + own_values, [name for name, _, _ in children(cmd.path)]
 
 
 class Namespace:
@@ -5025,6 +5087,8 @@ def quick_args(argv):
     if len(words) != 2:
         return None
     values["cmd"], values["cmd_" + cmd.path[0]] = cmd.path  # the dest of each level's subparsers
+    if children(cmd.path):  # `auth token` has sub-commands of its own, none of them chosen here
+        values["_".join(("cmd",) + cmd.path)] = None
     return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
 
 
@@ -5093,6 +5157,13 @@ def build_parser():
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
         for flags, spec in cmd.arguments:
             parser.add_argument(*flags, **spec)
+        below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
+        if below:
+            sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
+                                        parser_class=CommandParser)
+            for name, help_text, child in below:
+                sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child))
 
     return CommandParser(prog="attune", formatter_class=help_formatter,
                          fill=lambda p: fill_group(p, ()))

@@ -144,6 +144,7 @@ class FakeAttune:
         self.device = {"enabled": True, "interval": 1, "expires_in": 600, "waits": 2, "outcome": "authorized",
                        "reasons": [], "login": "zoe", "enforce_interval": True, "start": {}}
         self.device_sessions, self.device_codes = {}, set()
+        self.itoken_records = {}  # integration token -> its record
         self.settings = {
             "authentication_enabled": True, "local_password_enabled": True,
             "local_password_visible_by_default": True, "oidc_enabled": False,
@@ -317,9 +318,58 @@ class FakeAttune:
         if isinstance(token, str):
             self.received.add(token)
         login = self.integration_tokens.get(token)
-        if not login:
+        record = self.itoken_records.get(token)
+        if not login or (record and not record["active"]):
             return api_error(401, "Invalid token", "UNAUTHORIZED")
         return self.token_body(login)
+
+    # integration tokens (routes/permissions.rs): the token itself only in the create answer
+    def itoken(self, iid, tid):
+        for record in self.itoken_records.values():
+            if record["id"] == int(tid) and record["identity_id"] == int(iid):
+                return record, None
+        return None, api_error(404, "Integration token '%s' not found" % tid, "NOT_FOUND")
+
+    def itokens_list(self, req, iid):
+        return 200, envelope([r for r in sorted(self.itoken_records.values(), key=lambda r: r["id"])
+                              if r["identity_id"] == int(iid)])
+
+    def itokens_create(self, req, iid):
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("label"), str) or \
+                set(body) - {"label", "description", "expires_at"}:
+            return api_error(422, "Validation failed: label is required", "VALIDATION_ERROR")
+        if body.get("expires_at") and body["expires_at"] < self.stamp():
+            return api_error(400, "Integration token expiration must be in the future", "BAD_REQUEST")
+        login = next((name for name, u in self.users.items() if u["id"] == int(iid)), None)
+        if login is None:
+            return api_error(404, "Identity %s not found" % iid, "NOT_FOUND")
+        with self.lock:
+            token = "attune_it_" + b64url(os.urandom(24))
+            record = {"id": self.new_id(), "identity_id": int(iid), "label": body["label"],
+                      "description": body.get("description"), "token_prefix": token[:14],
+                      "token_suffix": token[-4:], "expires_at": body.get("expires_at"), "last_used_at": None,
+                      "revoked_at": None, "active": True, "created": self.stamp()}
+            self.integration_tokens[token] = login
+            self.itoken_records[token] = record
+        return 201, envelope({"token": token, "integration_token": record})
+
+    def itokens_revoke(self, req, iid, tid):
+        record, error = self.itoken(iid, tid)
+        if error:
+            return error
+        record.update(active=False, revoked_at=self.stamp())
+        return 200, envelope(record)
+
+    def itokens_delete(self, req, iid, tid):
+        record, error = self.itoken(iid, tid)
+        if error:
+            return error
+        with self.lock:
+            token = next(t for t, r in self.itoken_records.items() if r is record)
+            del self.itoken_records[token]
+            self.integration_tokens.pop(token, None)
+        return 200, envelope({"success": True, "message": "Integration token deleted successfully"})
 
     def auth_refresh(self, req):
         body = req.json() if req.body else None
@@ -1043,6 +1093,10 @@ ROUTES = [
     ("PUT", r"/api/v1/keys/" + REF, "keys_update"),
     ("DELETE", r"/api/v1/keys/" + REF, "keys_delete"),
     ("GET", r"/api/v1/workflows", "workflows_list"),
+    ("GET", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", "itokens_list"),
+    ("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", "itokens_create"),
+    ("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)/revoke", "itokens_revoke"),
+    ("DELETE", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)", "itokens_delete"),
     ("GET", r"/api/v1/workflows/" + REF, "workflows_show"),
     ("DELETE", r"/api/v1/workflows/" + REF, "workflows_delete"),
 ]
@@ -2917,7 +2971,7 @@ class ProcessTests(AttuneTestCase):
 class GuardTests(unittest.TestCase):
     STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
               "ipaddress", "json", "msvcrt", "os", "py_compile", "shlex", "shutil", "signal", "socket", "ssl", "stat",
-              "subprocess", "sys", "tarfile", "tempfile", "time", "urllib"}
+              "subprocess", "sys", "tarfile", "tempfile", "time", "urllib", "webbrowser"}
 
     def tree(self):
         import ast
@@ -4688,6 +4742,47 @@ class SsoLoginTests(AttuneTestCase):
         out, err = p.communicate(timeout=30)
         self.assertEqual(p.returncode, 130, err)
         self.assertEqual(self.snapshot()[0], before)
+
+
+class IntegrationTokenTests(ResourceTestCase):
+    def test_create_list_use_revoke_delete(self):
+        created = self.ok("auth", "token", "create", "--identity-id", "3", "--label", "ci", "--json",
+                          secrets_ok=True).json()
+        token, record = created["token"], created["integration_token"]
+        self.assertEqual(self.sent("POST", "/api/v1/identities/3/integration-tokens").json(), {"label": "ci"})
+        table = self.ok("auth", "token", "create", "--identity-id", "3", "--label", "deploy",
+                        "--description", "d", "--expires-at", "2099-01-01T00:00:00Z", secrets_ok=True)
+        self.assertIn("Integration token created", table.out)
+        self.assertIn("Copy this token now. It will not be shown again after this response.", table.err)
+        self.assertRegex(table.out, r"Token:\s+attune_it_\S+\n")
+        self.assertRegex(table.out, r"Expires:\s+2099-01-01T00:00:00Z")
+        listed = self.ok("auth", "token", "list", "--identity-id", "3")  # scanned: no token in it
+        self.assertIn("%s...%s" % (record["token_prefix"], record["token_suffix"]), listed.out)
+        self.assertEqual(listed.out.splitlines()[0].split(), ["ID", "Label", "Token", "Active", "Expires",
+                                                              "Last", "Used"])
+        # the new token logs in, in another profile
+        self.ok("auth", "token-login", "--token-stdin", "--save-profile", "machine", "--url", self.server.url,
+                stdin=token + "\n")
+        revoked = self.ok("auth", "token", "revoke", "--identity-id", "3", str(record["id"]), "--reason", "leak")
+        self.assertIn("Integration token revoked", revoked.out)
+        self.assertEqual(self.server.requests[-1].json(), {"reason": "leak"})
+        self.fails(4, "auth", "token-login", "--token-stdin", "--save-profile", "again", "--url", self.server.url,
+                   stdin=token + "\n")
+        self.fails(1, "auth", "token", "revoke", "--identity-id", "1", str(record["id"]))  # another identity's
+        self.fails(2, "auth", "token", "delete", "--identity-id", "3", str(record["id"]))  # no terminal, no --yes
+        deleted = self.ok("auth", "token", "delete", "--identity-id", "3", str(record["id"]), "--yes", "--json")
+        self.assertEqual(deleted.json(), {"message": "Integration token deleted successfully"})
+        # plain `auth token` still prints the session token, on the quick path and through argparse
+        self.assertEqual(self.ok("auth", "token", secrets_ok=True).out, self.profile()["auth_token"] + "\n")
+        self.assertEqual(self.ok("auth", "token", "-j", secrets_ok=True).json()["token"], self.profile()["auth_token"])
+
+    def test_usage_errors(self):
+        self.fails(2, "auth", "token", "create", "--label", "x")  # --identity-id is required
+        self.fails(2, "auth", "token", "list", "--identity-id", "x")
+        self.fails(2, "auth", "token", "frobnicate")
+        self.fails(1, "auth", "token", "create", "--identity-id", "3", "--label", "x", "--expires-at",
+                   "2000-01-01T00:00:00Z")
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
 
 
 # === Tests: long sessions (design.md section 5) ==============================

@@ -2265,7 +2265,7 @@ def login_endpoint(session):
     if isinstance(settings, dict) and settings.get("local_password_enabled") is False \
             and settings.get("ldap_enabled"):
         return "/auth/ldap/login", "ldap"
-    return "/auth/login", "password"
+    return "/auth/login", "direct"
 
 
 def login_target(ctx, args):
@@ -2558,9 +2558,9 @@ def cmd_auth_whoami(ctx, args):
     if not session.creds.access:
         raise not_logged_in()
     me = session.fetch("GET", "/auth/me")
-    ctx.ui.emit(me, lambda: ctx.ui.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
-                                          ("ID", me.get("id")), ("API Host", session.api_url)],
-                                         "Current Identity"))
+    ctx.ui.emit({key: me.get(key) for key in ("id", "login", "display_name")},  # as the Rust CLI
+                lambda: ctx.ui.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
+                                      ("API Host", session.api_url), ("ID", me.get("id"))], "Current Identity"))
 
 
 def token_times(creds, now):
@@ -2663,7 +2663,12 @@ def cmd_auth_refresh(ctx, args):
     if not session.creds.refresh and session.creds.source != "token_file":
         raise AuthRequired("profile '%s' has no refresh token; run: attune auth login --profile %s"
                            % (session.profile, session.profile))
-    session.refresh()
+    try:
+        session.refresh()
+    except AuthRequired:
+        if session.creds.source != "file":
+            raise
+        return log_in_again(ctx, session)
     expires_at = session.creds.access_expires_at
     expires_in = None if expires_at is None else int(expires_at - ctx.now())
 
@@ -2674,6 +2679,32 @@ def cmd_auth_refresh(ctx, args):
 
     ctx.ui.emit({"profile": session.profile, "api_url": session.api_url,
                  "expires_at": expires_at, "expires_in": expires_in}, table)
+
+
+LOGIN_COMMANDS = {"direct": "auth login", "ldap": "auth login", "token": "auth token-login", "sso": "auth sso-login"}
+
+
+def log_in_again(ctx, session):
+    """auth refresh when the refresh token is dead: on a terminal, log in again the way the
+    profile did (SSO, or a password prompt for its user); otherwise, or for an integration
+    token, exit 4 with the exact command to run. Scripts are never prompted."""
+    stored = ctx.store.profile(session.profile) or {}
+    method = {"password": "direct"}.get(stored.get("auth_method"), stored.get("auth_method"))
+    username = stored.get("username") if isinstance(stored.get("username"), str) else None
+    command = "attune %s --profile %s" % (LOGIN_COMMANDS.get(method, "auth login"), session.profile)
+    if method in ("direct", "ldap"):
+        command += " -u %s" % shell_quote(username) if username else " -u <username>"
+    if method not in ("sso", "direct", "ldap") or not can_prompt(ctx) or (method != "sso" and not username):
+        raise AuthRequired("Session for profile '%s' has expired; run: %s" % (session.profile, command))
+    if method == "sso":
+        ctx.ui.warn("Session expired. Re-initiating SSO login in your browser...")
+        return device_login(ctx, session.profile, session.api_url)
+    ctx.ui.warn("Session expired. Re-authenticating as '%s'..." % username)
+    password = read_secret(ctx, "password", False, None, None, "--password")
+    login = ctx.session(profile=session.profile, api_url=session.api_url, use_env=False)
+    path, method = login_endpoint(login)
+    finish_login(ctx, login, session.profile, session.api_url, path, {"login": username, "password": password},
+                 method, username)
 
 
 @command("auth token", "print the access token that would be used",

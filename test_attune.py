@@ -2498,7 +2498,7 @@ class AuthCommandTests(AttuneTestCase):
         self.assertEqual(doc["current_profile"], "default")
         stored = doc["profiles"]["default"]
         self.assertEqual((stored["api_url"], stored["username"], stored["auth_method"]),
-                         (self.server.url, "admin", "password"))
+                         (self.server.url, "admin", "direct"))
         self.assertIn(stored["auth_token"], self.server.issued)
         self.assertIn(stored["refresh_token"], self.server.issued)
         self.assertGreaterEqual(stored["auth_token_expires_at"], int(before) + 3600)
@@ -2628,9 +2628,9 @@ class AuthCommandTests(AttuneTestCase):
         out = self.ok("auth", "whoami").out
         self.assertEqual(out.splitlines(), [
             "Current Identity", "────────────────", "Login:         admin",
-            "Display Name:  Administrator", "ID:            1", "API Host:      " + self.server.url])
+            "Display Name:  Administrator", "API Host:      " + self.server.url, "ID:            1"])
         data = self.ok("auth", "whoami", "-j").json()
-        self.assertEqual((data["id"], data["login"], data["display_name"]), (1, "admin", "Administrator"))
+        self.assertEqual(data, {"id": 1, "login": "admin", "display_name": "Administrator"})
 
     def test_whoami_when_not_logged_in_exits_4_without_network(self):
         result = self.fails(4, "auth", "whoami", env={"ATTUNE_API_URL": self.server.url})
@@ -4785,6 +4785,42 @@ class IntegrationTokenTests(ResourceTestCase):
         self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
 
 
+class RefreshFallbackTests(AttuneTestCase):
+    def expire(self, **fields):
+        entry = self.seed(access_left=-100, **fields)
+        self.server.revoked.add(entry["refresh_token"])  # the refresh token is dead too
+        self.server.used_refresh.add(entry["refresh_token"])
+        self.server.refresh_mode = "single-use"
+
+    def test_scripts_get_the_exact_command(self):
+        for method, username, command in (
+                ("sso", None, "attune auth sso-login --profile default"),
+                ("direct", "admin", "attune auth login --profile default -u admin"),
+                ("password", "admin", "attune auth login --profile default -u admin"),  # the old name
+                ("ldap", None, "attune auth login --profile default -u <username>"),
+                ("token", "admin", "attune auth token-login --profile default"),
+                ("something", None, "attune auth login --profile default")):
+            with self.subTest(method=method):
+                self.expire(auth_method=method, username=username)
+                result = self.fails(4, "auth", "refresh")
+                self.assertIn("Session for profile 'default' has expired; run: " + command, result.err)
+                self.assertEqual(self.server.count("POST", "/auth/oidc/device/start"), 0)
+
+    def test_on_a_terminal_sso_and_password_log_in_again(self):
+        self.expire(auth_method="sso", username=None)
+        with mock.patch("attune.can_prompt", return_value=True):
+            result = self.ok("auth", "refresh")
+        self.assertIn("Session expired. Re-initiating SSO login in your browser...", result.err)
+        self.assertEqual(self.profile()["auth_method"], "sso")
+        self.expire(auth_method="direct", username="admin")
+        with mock.patch("attune.can_prompt", return_value=True), \
+                mock.patch("getpass.getpass", return_value="s3cret-Admin-pw"):
+            result = self.ok("auth", "refresh")
+        self.assertIn("Session expired. Re-authenticating as 'admin'...", result.err)
+        self.assertEqual(self.profile()["auth_method"], "direct")
+        self.ok("auth", "whoami")
+
+
 # === Tests: long sessions (design.md section 5) ==============================
 # Real processes against a server whose access tokens live 35 s (refresh margin 17 s)
 # and that accepts no expired token (no leeway). The long test needs real minutes, so
@@ -5685,6 +5721,9 @@ def demo():
         ("Log out: the stored tokens are forgotten (the server keeps no session)",
          ["auth", "logout"], None, 0),
         ("Now whoami needs a login, and says so with exit code 4", ["auth", "whoami"], None, 4),
+        ("Log in by SSO with the device flow (the sandbox approves after two polls)",
+         ["auth", "sso-login", "--no-browser"], None, 0),
+        ("Who am I now?", ["auth", "whoami"], None, 0),
     ]
     failures = 0
     try:

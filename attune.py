@@ -105,6 +105,7 @@ ENVIRONMENT = (
     ("ATTUNE_PASSWORD", "password for auth login when no terminal is available"),
     ("ATTUNE_CA_BUNDLE", "extra CA certificates (PEM) to trust, like --ca-bundle"),
     ("ATTUNE_TIMEOUT", "seconds to wait for each HTTP request (default 60)"),
+    ("ATTUNE_NOTIFIER_WS_URL", "the notifier's WebSocket URL for watches, unless --notifier-url is given"),
     ("ATTUNE_LOCK_TIMEOUT", "seconds to wait for the credential lock (default 30)"),
     ("HTTPS_PROXY, HTTP_PROXY, NO_PROXY", "proxies, as curl reads them (NO_PROXY takes CIDRs)"),
 )
@@ -220,27 +221,28 @@ def check_token(value, where, error=None):
     return token
 
 
-def check_api_url(value, where):
+def check_api_url(value, where, what="API URL", schemes=("http", "https")):
     """An API URL from `where` (--api-url, ATTUNE_API_URL, profile 'x', --url): http or
     https, a host, a port in range, nothing else odd; without a trailing slash. Checked
-    by hand (urllib.parse would bring re), so a bad one is exit 3, never a traceback."""
+    by hand (urllib.parse would bring re), so a bad one is exit 3, never a traceback.
+    The notifier's URL is checked the same way, with its own schemes."""
     if not isinstance(value, str):
-        raise ConfigError("the API URL from %s is not text" % where)
+        raise ConfigError("the %s from %s is not text" % (what, where))
     url = value.strip()
     scheme, sep, rest = url.partition("://")
     authority = rest.split("/", 1)[0]
     shown = url if "@" not in authority else scheme + "://***@" + rest.partition("@")[2]  # no password
 
     def bad(why):
-        return ConfigError("the API URL from %s is not usable: %s (%s)" % (where, why, quoted(shown)))
+        return ConfigError("the %s from %s is not usable: %s (%s)" % (what, where, why, quoted(shown)))
 
     if len(url) > URL_LIMIT:
         raise bad("longer than %d characters" % URL_LIMIT)
     problem = odd_character(url)
     if problem:
         raise bad("it holds %s" % problem)
-    if not sep or scheme.lower() not in ("http", "https"):
-        raise bad("it must start with http:// or https://")
+    if not sep or scheme.lower() not in schemes:
+        raise bad("it must start with %s" % " or ".join(s + "://" for s in schemes))
     if "?" in rest or "#" in rest:
         raise bad("a query or fragment has no place in it")
     if "@" in authority:
@@ -1235,16 +1237,18 @@ class Transport:
         self._openers = {}
 
     def request(self, method, url, body=None, token=None, content_type="application/json",
-                stream=False):
+                stream=False, timeout=None):
         """Send one request and return a Response for any status; NetworkError when there is
         none. GETs are retried twice on refused/reset connections and 502/503/504; with
         --wait-for-server every request is retried until the deadline while the server is
-        not up yet. With stream=True a 2xx body is left open in Response.stream."""
+        not up yet. With stream=True a 2xx body is left open in Response.stream. timeout
+        shortens the HTTP timeout for this one request."""
+        timeout = min(timeout, self.http.timeout) if timeout else self.http.timeout
         attempt = 0
         backoff = Backoff(0.25, 1.6, 5.0, self.http.wait_deadline)  # with --wait-for-server
         while True:
             try:
-                resp = self._send(method, url, body, token, content_type, stream)
+                resp = self._send(method, url, body, token, content_type, stream, timeout)
                 if resp.status not in RETRY_STATUSES:
                     return resp
                 failure = "%d %s" % (resp.status, resp.reason)
@@ -1273,7 +1277,7 @@ class Transport:
             return None
         return RETRY_DELAYS[attempt]
 
-    def _send(self, method, url, body, token, content_type, stream):
+    def _send(self, method, url, body, token, content_type, stream, timeout):
         import urllib.request
         import urllib.error
         import http.client
@@ -1293,7 +1297,7 @@ class Transport:
             log(">   %s" % describe_body(body))
         started = time.monotonic()
         try:
-            r = self._opener(url).open(req, timeout=self.http.timeout)
+            r = self._opener(url).open(req, timeout=timeout)
             if stream:
                 resp = Response(r.getcode(), r.reason, r.headers, b"", stream=r)
             else:
@@ -1306,11 +1310,11 @@ class Transport:
                 data = b""
             resp = Response(e.code, e.reason, e.headers, data)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise network_error(url, e, self.http.timeout)
+            raise network_error(url, e, timeout)
         except ValueError as e:  # Python 3.6 raises ssl.CertificateError (a ValueError) bare
             if type(e).__name__ != "CertificateError":
                 raise
-            raise network_error(url, e, self.http.timeout)
+            raise network_error(url, e, timeout)
         log("< %d %s (%d ms)" % (resp.status, resp.reason, (time.monotonic() - started) * 1000))
         if resp.body and self.http.verbose:
             log("<   %s" % describe_body(resp.body))
@@ -1645,7 +1649,7 @@ class Session:
 
     # -- requests --------------------------------------------------------------
     def request(self, method, path, body=None, query=None, auth=True, raw_body=None,
-                content_type="application/json", stream=False):
+                content_type="application/json", stream=False, timeout=None):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
         the same bytes. A second 401 means authentication is required (exit 4)."""
         self.http.wait_until_ready(self)
@@ -1653,7 +1657,7 @@ class Session:
         data = raw_body if raw_body is not None else (
             None if body is None else json.dumps(body).encode("utf-8"))
         token = self.token() if auth and self.creds.access else None
-        resp = self.transport.request(method, url, data, token, content_type, stream)
+        resp = self.transport.request(method, url, data, token, content_type, stream, timeout)
         if resp.status != 401 or not token:
             if resp.status == 401 and auth:
                 raise not_logged_in()
@@ -1664,7 +1668,7 @@ class Session:
         self._reactive_for = token
         self.log("401 from the server; refreshing and retrying once")
         self.refresh()
-        resp = self.transport.request(method, url, data, self.creds.access, content_type, stream)
+        resp = self.transport.request(method, url, data, self.creds.access, content_type, stream, timeout)
         if resp.status == 401:
             raise AuthRequired("the server rejected the refreshed token too (%s); run: attune auth "
                                "login --profile %s" % (error_message(resp), self.profile))
@@ -1676,9 +1680,9 @@ class Session:
         resp.check()
         return resp.json()
 
-    def fetch(self, method, path, body=None, query=None):
+    def fetch(self, method, path, body=None, query=None, timeout=None):
         """request() for one resource: the object of its {"data": ...} answer."""
-        resp = self.request(method, path, body, query)
+        resp = self.request(method, path, body, query, timeout=timeout)
         resp.check()
         return unwrap(resp)
 
@@ -1847,11 +1851,12 @@ def render_table(columns, rows, width=None):
     if width:
         widths = fit_widths(widths, width)
     rule = [RULE * w for w in widths]
-    lines = []
-    for row in [list(columns), rule] + cells:
-        parts = [clip(text, w).ljust(w) for text, w in zip(row, widths)]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+    return "\n".join(table_line(row, widths) for row in [list(columns), rule] + cells)
+
+
+def table_line(cells, widths):
+    """One line of a table: each cell cut or padded to its column's width."""
+    return "  ".join(clip(text, w).ljust(w) for text, w in zip(cells, widths)).rstrip()
 
 
 def render_pairs(pairs, width=None):
@@ -2482,23 +2487,20 @@ def device_login(ctx, target, url, timeout=None, browser=True):
         open_browser(ctx, complete)
     say(ctx.ui.stderr, "Waiting for approval. Press Ctrl+C to cancel.")
     deadline = time.monotonic() + min(timeout or expires_in, expires_in)
-    http_timeout = ctx.http.timeout
     while True:
         time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
         left = deadline - time.monotonic()
         if left <= 0:
             raise AttuneError("SSO device login timed out; start a new login")
-        ctx.http.timeout = min(http_timeout, left)  # the request, too, ends at the deadline
         sent_at = ctx.now()
         try:
-            resp = session.request("POST", "/auth/oidc/device/poll", {"device_code": code}, auth=False)
+            resp = session.request("POST", "/auth/oidc/device/poll", {"device_code": code}, auth=False,
+                                   timeout=left)  # the request, too, ends at the deadline
         except NetworkError as e:
             if e.kind != "timeout":
                 raise
             interval = min(interval * 2, DEVICE_LIMIT)  # a slow provider: same code, longer wait
             continue
-        finally:
-            ctx.http.timeout = http_timeout
         resp.check()
         data = envelope_data(resp.json())
         status = data.get("status") if isinstance(data, dict) else None
@@ -3364,23 +3366,142 @@ class Progress:
             self.width = 0
 
 
-def wait_for_execution(ctx, session, execution_id, timeout):
-    """Poll GET /executions/{id} with a growing interval (up to 2 s) until the status is
-    terminal; the execution object, or exit 1 when the timeout passes first."""
+class Detached(Exception):
+    """Ctrl+D during a watch: stop watching, leave the execution running."""
+
+
+class WatchControls:
+    """The keys and signals of a watch. SIGINT (Ctrl+C) always means cancel, even when the
+    shell started us with SIGINT ignored. When stdin is the terminal in whose foreground we
+    run, the terminal stops echoing and line-buffering (signals and output processing stay
+    as they were) so Ctrl+D arrives as a key and detaches; the mode is restored on every
+    way out, before any cancel request is sent. Use it as a `with` block."""
+
+    def __init__(self, ctx):
+        self.ui = ctx.ui
+        self.fd = None  # the terminal's descriptor while keys are read
+        self.saved_mode = self.saved_sigint = None
+
+    def __enter__(self):
+        import signal
+        self.saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            fd = self.ui.stdin.fileno()
+            if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+                return self  # piped, closed, /dev/null or a background job: no keys
+            import termios
+            self.saved_mode = termios.tcgetattr(fd)
+            mode = termios.tcgetattr(fd)
+            mode[3] &= ~(termios.ICANON | termios.ECHO)
+            mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+            termios.tcsetattr(fd, termios.TCSANOW, mode)
+            self.fd = fd
+        except (AttributeError, ValueError, OSError, ImportError):
+            self.saved_mode = None
+            return self
+        say(self.ui.stderr, "Ctrl+C requests cancellation; Ctrl+D detaches.")
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.fd is not None:
+            import termios
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved_mode)
+            except (OSError, termios.error):
+                self.ui.warn("Failed to restore terminal mode")
+            self.fd = None
+        signal.signal(signal.SIGINT, self.saved_sigint)
+
+    def pause(self, seconds, sock=None):
+        """Sleep up to seconds; True as soon as sock (if any) has something to read. Ctrl+D
+        raises Detached, a Ctrl+C that arrives as a key raises KeyboardInterrupt."""
+        watched = [f for f in (self.fd, sock) if f is not None]
+        if not watched:
+            time.sleep(max(0.0, seconds))
+            return False
+        import select
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready = select.select(watched, [], [], left)[0]
+            if self.fd is not None and self.fd in ready:
+                keys = os.read(self.fd, 64)
+                if not keys:
+                    raise AttuneError("Terminal input stream closed")
+                if b"\x04" in keys:
+                    raise Detached()
+                if b"\x03" in keys:
+                    raise KeyboardInterrupt()
+            if sock is not None and sock in ready:
+                return True
+
+
+def watch_execution(ctx, session, execution_id, timeout, notifier_url):
+    """The one watch behind run -w, action execute --watch, execution rerun --watch and
+    execution watch ID: wait for the end, or cancel on Ctrl+C (exit 130), or detach on
+    Ctrl+D (exit 0); the finished execution's summary otherwise."""
+    try:
+        with WatchControls(ctx) as controls:
+            execution = wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_url)
+    except KeyboardInterrupt:
+        return cancel_watched(ctx, session, execution_id)
+    except Detached:
+        ctx.ui.emit({"execution_id": execution_id, "watch_status": "detached", "execution_status": None},
+                    lambda: ctx.ui.info("Detached from execution %d. No cancellation was requested."
+                                        % execution_id))
+        return 0
+    show_finished_execution(ctx, execution)
+    return 0
+
+
+CANCEL_TIMEOUT = 10  # seconds a watch's cancel request may take
+
+
+def cancel_watched(ctx, session, execution_id):
+    """Ctrl+C during a watch: ask the server to cancel, without a prompt; exit 130."""
+    try:
+        execution = session.fetch("POST", "/executions/%d/cancel" % execution_id, {}, timeout=CANCEL_TIMEOUT)
+    except NetworkError as e:
+        if e.kind != "timeout":
+            raise
+        raise AttuneError("Cancellation request timed out; its server-side outcome is unknown")
+    status = execution.get("status") if isinstance(execution, dict) else None
+    ctx.ui.emit({"execution_id": execution_id, "watch_status": "cancel_requested", "execution_status": status},
+                lambda: ctx.ui.info("Cancellation requested for execution %d" % execution_id))
+    return 130
+
+
+def wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_url=None):
+    """The execution once its status is terminal, or exit 1 when the timeout passes first.
+    Live updates come from the notifier while it answers (all but the last 10 s of the
+    timeout); then GET /executions/{id} with a growing interval, up to 2 s."""
     started = time.monotonic()
-    backoff = Backoff(0.2, 1.5, 2.0, started + timeout)
+    deadline = started + timeout
     progress = Progress(ctx)
     try:
+        if notifier_url:
+            live_until = deadline - 10 if timeout > 10 else deadline
+            try:
+                execution = notifier_wait(ctx, session, execution_id, notifier_url, live_until, controls, progress)
+                if execution is not None:
+                    return execution
+            except (OSError, ValueError, WebSocketError) as e:
+                ctx.ui.log("notifier %s: %s; polling instead" % (notifier_url, e))
+        backoff = Backoff(0.2, 1.5, 2.0, deadline)
         while True:
             execution = session.fetch("GET", "/executions/%d" % execution_id)
             status = str(execution.get("status") or "")
             if status.lower() in TERMINAL_STATUSES:
                 return execution
-            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?",
-                                                      time.monotonic() - started))
-            if not backoff.sleep():
+            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started))
+            delay = backoff.next_delay()
+            if delay is None:
                 raise AttuneError("timed out after %gs waiting for execution %d (status '%s')"
                                   % (timeout, execution_id, status))
+            controls.pause(delay)
     finally:
         progress.clear()
 
@@ -3483,6 +3604,234 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
                                % (execution_id, offset))
         ctx.ui.log("log stream ended before 'done'; reconnecting from byte %d" % offset)
         time.sleep(min(0.2 * drops, 2.0))
+
+
+# === The notifier's WebSocket ================================================
+# Attune's notifier pushes status changes over a WebSocket (RFC 6455). The client side
+# needs little: an HTTP/1.1 upgrade, masked text frames out, unmasked frames in, pongs for
+# pings, and a close. Whatever goes wrong, the watch falls back to polling.
+
+class WebSocketError(Exception):
+    """The notifier's WebSocket misbehaved or closed; polling takes over."""
+
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WEBSOCKET_MESSAGE_LIMIT = 1 << 20  # bytes: a notification is a few hundred
+
+
+def notifier_base(ctx, session):
+    """The notifier's URL: --notifier-url, ATTUNE_NOTIFIER_WS_URL, or the API URL with ws(s)
+    for http(s) and port 8081 for 8080 (the server's defaults)."""
+    flag = getattr(ctx.args, "notifier_url", None)
+    if flag is not None:
+        return check_api_url(flag, "--notifier-url", "notifier URL", ("ws", "wss"))
+    env = (ctx.env.get("ATTUNE_NOTIFIER_WS_URL") or "").strip()
+    if env:
+        return check_api_url(env, "ATTUNE_NOTIFIER_WS_URL", "notifier URL", ("ws", "wss"))
+    scheme, _, rest = session.api_url.partition("://")
+    authority = rest.split("/", 1)[0]
+    if authority.endswith(":8080"):
+        authority = authority[:-4] + "8081"
+    return ("wss" if scheme.lower() == "https" else "ws") + "://" + authority
+
+
+class WebSocket:
+    """One client connection to a WebSocket server."""
+
+    def __init__(self, sock, buffered=b""):
+        self.sock = sock
+        self.buffer = buffered
+
+    @classmethod
+    def connect(cls, url, token, timeout, http):
+        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token."""
+        import hashlib
+        import socket
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        host, port = parts.hostname, parts.port or (443 if secure else 80)
+        sock = socket.create_connection((host, port), timeout)
+        try:
+            if secure:
+                sock = http.ssl_context().wrap_socket(sock, server_hostname=host)
+            key = binascii.b2a_base64(os.urandom(16)).decode("ascii").strip()
+            lines = ["GET %s HTTP/1.1" % (parts.path or "/"), "Host: %s" % parts.netloc,
+                     "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
+                     "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: attune.v1",
+                     "User-Agent: " + user_agent()]
+            if token:
+                lines.append("Authorization: Bearer " + token)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk or len(head) > 16384:
+                    raise WebSocketError("no upgrade answer")
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            status, _, fields = head.decode("latin-1").partition("\r\n")
+            if status.split(" ")[1:2] != ["101"]:
+                raise WebSocketError("the upgrade was refused (%s)" % terminal_safe(status[:80]))
+            headers = {}
+            for field in fields.split("\r\n"):
+                name, _, value = field.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            expected = binascii.b2a_base64(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode().strip()
+            if headers.get("sec-websocket-accept") != expected:
+                raise WebSocketError("the upgrade answer has a wrong Sec-WebSocket-Accept")
+            return cls(sock, rest)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _read(self, count):
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(max(4096, count - len(self.buffer)))
+            if not chunk:
+                raise WebSocketError("the connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def pending(self):
+        """Bytes already received but not yet read (select() cannot see them)."""
+        return bool(self.buffer) or bool(getattr(self.sock, "pending", lambda: 0)())
+
+    def receive(self):
+        """The next text message as a str; pings are answered on the way, a close frame or
+        anything outside the protocol raises WebSocketError."""
+        import struct
+        message = None
+        while True:
+            first, second = bytearray(self._read(2))
+            opcode, final = first & 0x0F, first & 0x80
+            if first & 0x70 or second & 0x80:
+                raise WebSocketError("a frame with reserved bits or a mask")
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            if length > WEBSOCKET_MESSAGE_LIMIT or (opcode >= 8 and (length > 125 or not final)):
+                raise WebSocketError("a frame of %d bytes" % length)
+            payload = self._read(length)
+            if opcode == 9:
+                self.send(10, payload)
+            elif opcode == 8:
+                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+                raise WebSocketError("closed by the server (%d %s)"
+                                     % (code, terminal_safe(payload[2:].decode("utf-8", "replace")[:80])))
+            elif (opcode == 1 and message is None) or (opcode == 0 and message is not None):
+                message = (message or b"") + payload
+                if len(message) > WEBSOCKET_MESSAGE_LIMIT:
+                    raise WebSocketError("a message over %d bytes" % WEBSOCKET_MESSAGE_LIMIT)
+                if final:
+                    return message.decode("utf-8")
+            elif opcode != 10:
+                raise WebSocketError("an unexpected frame (opcode %d)" % opcode)
+
+    def send(self, opcode, payload):
+        """One final frame, masked as a client must."""
+        import struct
+        mask = bytearray(os.urandom(4))
+        size = len(payload)
+        header = bytearray([0x80 | opcode])
+        if size < 126:
+            header.append(0x80 | size)
+        elif size < 65536:
+            header += bytearray([0x80 | 126]) + struct.pack(">H", size)
+        else:
+            header += bytearray([0x80 | 127]) + struct.pack(">Q", size)
+        masked = bytearray(b ^ mask[i % 4] for i, b in enumerate(bytearray(payload)))
+        self.sock.sendall(bytes(header + mask + masked))
+
+    def send_json(self, value):
+        self.send(1, json.dumps(value).encode("utf-8"))
+
+    def close(self):
+        try:
+            self.send(8, b"\x03\xe8")  # 1000: normal closure
+        except OSError:
+            pass
+        self.sock.close()
+
+
+NOTIFIER_POLL = 2  # seconds between GETs while the notifier is quiet
+NOTIFIER_PING = 15  # seconds between pings
+
+
+def notifier_wait(ctx, session, execution_id, url, until, controls, progress):
+    """Wait for execution_id over the notifier until `until` (time.monotonic()): the
+    finished execution, or None when time runs out. The socket is reopened with the new
+    token whenever the session's token is renewed (the server closes it when the token it
+    was opened with expires)."""
+    started = time.monotonic()
+    ws, ws_token, last_ping = None, None, started
+    try:
+        while True:
+            execution = session.fetch("GET", "/executions/%d" % execution_id)
+            status = str(execution.get("status") or "")
+            if status.lower() in TERMINAL_STATUSES:
+                return execution
+            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started))
+            if ws is None or ws_token != session.creds.access:
+                if ws is not None:
+                    ws.close()
+                    ws = None
+                ws, ws_token = notifier_subscribe(ctx, session, execution_id, url, until), session.creds.access
+                continue  # the GET after subscribing closes the gap before it
+            quiet_until = min(time.monotonic() + NOTIFIER_POLL, until)
+            while time.monotonic() < quiet_until:
+                if not (ws.pending() or controls.pause(quiet_until - time.monotonic(), ws.sock)):
+                    break
+                update = notifier_update(ws.receive(), execution_id)
+                if update is not None and str(update.get("status") or "").lower() in TERMINAL_STATUSES:
+                    try:
+                        return session.fetch("GET", "/executions/%d" % execution_id)
+                    except AttuneError:  # the payload has no result, but it is the outcome
+                        return update
+            if time.monotonic() >= until:
+                return None
+            if time.monotonic() - last_ping >= NOTIFIER_PING:
+                ws.send_json({"type": "ping"})
+                last_ping = time.monotonic()
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def notifier_subscribe(ctx, session, execution_id, url, until):
+    """Connect, wait up to 5 s for the welcome, subscribe to one execution."""
+    left = until - time.monotonic()
+    if left <= 0:
+        raise WebSocketError("no time left for the notifier")
+    ctx.ui.log("> WebSocket %s/ws" % url)
+    ws = WebSocket.connect(url + "/ws", session.creds.access, min(5.0, left), ctx.http)
+    try:
+        welcome = json.loads(ws.receive())
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+            raise WebSocketError("no welcome message")
+        ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
+        return ws
+    except BaseException:
+        ws.sock.close()
+        raise
+
+
+def notifier_update(text, execution_id):
+    """The payload of a notification about execution_id, None for other messages; an
+    error message from the server raises WebSocketError."""
+    message = json.loads(text)
+    if not isinstance(message, dict):
+        raise WebSocketError("a message that is not an object")
+    if message.get("type") == "error":
+        raise WebSocketError("the notifier said: %s" % clip(str(message.get("message")), 80))
+    payload = message.get("payload")
+    if (message.get("type") == "notification" and message.get("entity_type") == "execution"
+            and message.get("entity_id") == execution_id and isinstance(payload, dict)):
+        return payload
+    return None
 
 
 # === Commands: packs =========================================================
@@ -3724,7 +4073,9 @@ EXECUTE_ARGS = (
         help="timeout the server enforces on the execution"),
     arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
     arg("--timeout", type=Number(1), metavar="SECONDS",
-        help="with --watch: stop waiting after this long (default 300)"))
+        help="with --watch: stop waiting after this long (default 300)"),
+    arg("--notifier-url", metavar="URL",
+        help="with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))
 
 
 def runtime_text(item, is_workflow=None):
@@ -3810,6 +4161,8 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     """POST /executions/execute; print it, or with --watch wait and print the outcome."""
     if args.timeout is not None and not args.watch:
         raise UsageError("--timeout only applies with --watch")
+    if args.notifier_url is not None and not args.watch:
+        raise UsageError("--notifier-url only applies with --watch")
     session = ctx.session()
     execution = session.fetch("POST", "/executions/execute", body)
     if not args.watch:
@@ -3821,7 +4174,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
         return
     ctx.ui.info("Waiting for execution %s to complete..." % execution.get("id"))
     timeout = args.timeout if args.timeout is not None else 300
-    show_finished_execution(ctx, wait_for_execution(ctx, session, int(execution["id"]), timeout))
+    return watch_execution(ctx, session, int(execution["id"]), timeout, notifier_base(ctx, session))
 
 
 @command("action execute", "run an action", ref("action (pack.action)"), *EXECUTE_ARGS)
@@ -3829,7 +4182,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
 def cmd_action_execute(ctx, args):
     body = execute_body(args, args.ref, execution_parameters(args))
     ctx.ui.info("Executing action: %s" % args.ref)
-    start_execution(ctx, args, body, "Execution %s started")
+    return start_execution(ctx, args, body, "Execution %s started")
 
 
 # === Commands: executions ====================================================
@@ -3867,32 +4220,51 @@ def execution_matches(execution, args, statuses, result_text):
     return True
 
 
-@command("execution list", "list executions, newest first",
-         arg("--pack", help="only actions of this pack"),
-         arg("-a", "--action", help="action ref, or pack.* for a whole pack"),
-         arg("--rule", help="rule ref, or pack.*"),
-         arg("--trigger", help="trigger ref, or pack.*"),
-         arg("-s", "--status", action="append", help="only this status (repeatable)"),
-         arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
-         arg("--trace-tag", help="exact trace tag"),
-         arg("--top-level-only", action="store_true", help="leave out child executions"),
-         arg("-l", "--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"), ALL)
-def cmd_execution_list(ctx, args):
-    statuses = [s.strip().lower() for s in args.status or () if s.strip()]
-    result_text = args.result.lower() if args.result else None
+# the filters of execution list and of execution watch without an id
+EXECUTION_FILTERS = (
+    arg("--pack", help="only actions of this pack"),
+    arg("-a", "--action", help="action ref, or pack.* for a whole pack"),
+    arg("--rule", help="rule ref, or pack.*"),
+    arg("--trigger", help="trigger ref, or pack.*"),
+    arg("-s", "--status", action="append", help="only this status (repeatable)"),
+    arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
+    arg("--trace-tag", help="exact trace tag"),
+    arg("--top-level-only", action="store_true", help="leave out child executions"),
+    arg("-l", "--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"))
+EXECUTION_COLUMNS = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"]
+
+
+def execution_row(e):
+    return [e.get("id"), e.get("action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
+            e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))]
+
+
+def newest_first(executions):
+    return sorted(executions, key=lambda e: (str(e.get("created") or ""), e.get("id") or 0), reverse=True)
+
+
+def wanted_statuses(args):
+    return [s.strip().lower() for s in args.status or () if s.strip()]
+
+
+def fetch_executions(session, args, every_page=False):
+    """GET /executions with the filters the server knows, then the rest on this side;
+    (executions newest first, pagination)."""
+    statuses = wanted_statuses(args)
     query = {"per_page": args.limit, "pack_name": args.pack, "action_ref": args.action,
              "rule_ref": args.rule, "trigger_ref": args.trigger, "trace_tag": args.trace_tag,
              "status": statuses[0] if len(statuses) == 1 else None, "result_contains": args.result,
              "top_level_only": "true" if args.top_level_only else None}
-    found, pagination = fetch_list(ctx.session(), "/executions", query, "per_page", args.all)
-    rows = [e for e in found if execution_matches(e, args, statuses, result_text)]
-    rows.sort(key=lambda e: (str(e.get("created") or ""), e.get("id") or 0), reverse=True)
-    if not args.all:
-        rows = rows[:args.limit]
-    columns = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"]
-    emit_list(ctx, rows, pagination, "executions", columns,
-              lambda e: [e.get("id"), e.get("action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
-                         e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))])
+    found, pagination = fetch_list(session, "/executions", query, "per_page", every_page)
+    result_text = args.result.lower() if args.result else None
+    rows = newest_first(e for e in found if execution_matches(e, args, statuses, result_text))
+    return (rows if every_page else rows[:args.limit]), pagination
+
+
+@command("execution list", "list executions, newest first", *(EXECUTION_FILTERS + (ALL,)))
+def cmd_execution_list(ctx, args):
+    rows, pagination = fetch_executions(ctx.session(), args, args.all)
+    emit_list(ctx, rows, pagination, "executions", EXECUTION_COLUMNS, execution_row)
 
 
 def format_timeout_seconds(seconds):
@@ -3940,12 +4312,174 @@ def cmd_execution_cancel(ctx, args):
     ctx.ui.emit(execution, lambda: ctx.ui.success("Execution %d cancelled" % args.id))
 
 
-@command("execution watch", "wait for an execution to finish", EXECUTION_ID,
-         arg("--timeout", type=Number(1), default=300, metavar="SECONDS",
-             help="stop waiting after this long (default 300)"))
+@command("execution watch", "wait for an execution to finish; without an id, follow a list of executions",
+         arg("id", metavar="ID", nargs="?", type=Number(1, MAX_ID), help="execution id (a whole number)"),
+         *(EXECUTION_FILTERS + (
+             arg("--timeout", type=Number(1), default=300, metavar="SECONDS",
+                 help="stop waiting after this long (default 300)"),
+             arg("--notifier-url", metavar="URL",
+                 help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))))
 def cmd_execution_watch(ctx, args):
+    session = ctx.session()
+    if args.id is None:
+        return watch_executions(ctx, session, args)
+    if filter_summary(args) != "scope=all limit=50":
+        raise UsageError("execution watch <id> observes a single execution and does not accept list-watch filters")
     ctx.ui.info("Observing execution %d..." % args.id)
-    show_finished_execution(ctx, wait_for_execution(ctx, ctx.session(), args.id, args.timeout))
+    return watch_execution(ctx, session, args.id, args.timeout, notifier_base(ctx, session))
+
+
+def filter_summary(args):
+    """The list watch's filters in one line, as the Rust CLI shows them."""
+    parts = ["%s=%s" % (name, value) for name, value in (
+        ("pack", args.pack), ("action", args.action), ("rule", args.rule), ("trigger", args.trigger),
+        ("trace_tag", args.trace_tag), ("status", ",".join(wanted_statuses(args)) or None))
+        if value is not None]
+    if args.result is not None:
+        parts.append("result~=%s" % args.result)
+    return " ".join(parts + ["scope=%s" % ("top-level" if args.top_level_only else "all"),
+                             "limit=%d" % args.limit])
+
+
+class ExecutionsView:
+    """The list watch's screen. On a terminal the whole list is redrawn at each change;
+    into a pipe the list is printed once and then each changed execution as one row."""
+
+    def __init__(self, ctx, args):
+        self.ui, self.args = ctx.ui, args
+        self.redraw = ctx.ui.stdout.isatty()
+        self.widths = None
+        self.shown = {}  # id -> the row last printed
+
+    def show(self, executions):
+        rows = [execution_row(e) for e in executions]
+        if self.redraw or self.widths is None:
+            if self.redraw:
+                write_text(self.ui.stdout, "\x1b[2J\x1b[H", raw=True)
+            self.ui.out("Watching executions")
+            self.ui.out("Press Ctrl+C to stop")
+            self.ui.out("Filters: " + filter_summary(self.args))
+            self.ui.out()
+            table = render_table(EXECUTION_COLUMNS, rows, self.ui.terminal_width())
+            self.widths = [len(cell) for cell in table.split("\n")[1].split("  ")]
+            if rows:
+                self.ui.out(table)
+            else:
+                self.ui.info("No executions found")
+        else:
+            for row in rows:
+                if self.shown.get(row[0]) != row:
+                    self.ui.out(table_line([cell_text(v) for v in row], self.widths))
+        self.ui.stdout.flush()
+        self.shown = {row[0]: row for row in rows}
+
+
+def merge_execution_update(known, data, args):
+    """Fold one event of /executions/stream into known ({id: execution}); True when the
+    event is about an execution. Malformed events are an error: the stream is not Attune's."""
+    try:
+        event = json_loads(data)
+    except ValueError:
+        event = None
+    payload = event.get("payload") if isinstance(event, dict) else None
+    if not isinstance(payload, dict):
+        raise ApiError("Failed to parse execution stream notification")
+    eid = payload.get("id", event.get("entity_id"))
+    if not isinstance(eid, int) or isinstance(eid, bool):
+        raise ApiError("Failed to parse execution stream notification")
+    row = dict(known.get(eid) or {"id": eid})
+    row.update((k, payload[k]) for k in ("action_ref", "status", "parent", "enforcement", "rule_ref",
+                                         "trigger_ref", "trace_tag", "result", "created", "updated")
+               if k in payload)
+    if row.get("action_ref") and row.get("status") and row.get("created"):
+        known[eid] = row
+    return True
+
+
+def visible_executions(known, args):
+    statuses = wanted_statuses(args)
+    result_text = args.result.lower() if args.result else None
+    return newest_first(e for e in known.values() if execution_matches(e, args, statuses, result_text))[:args.limit]
+
+
+def all_done(executions):
+    return all(str(e.get("status") or "").lower() in TERMINAL_STATUSES for e in executions)
+
+
+def watch_executions(ctx, session, args):
+    """execution watch without an id: the list, then live updates from /executions/stream
+    (polling every 2 s when the stream cannot be opened), until every listed execution is
+    done (exit 0), --timeout passes (exit 1) or Ctrl-C (exit 130)."""
+    import http.client
+    if ctx.ui.output != "table":
+        raise UsageError("execution watch without an id prints a table only; use execution list for %s"
+                         % ctx.ui.output.upper())
+    deadline = time.monotonic() + args.timeout
+    view = ExecutionsView(ctx, args)
+    executions = fetch_executions(session, args)[0]
+    known = {e["id"]: e for e in executions if isinstance(e.get("id"), int)}
+    view.show(executions)
+    drops = 0
+    while not all_done(executions):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AttuneError("timed out after %gs watching executions (%d not done)"
+                              % (args.timeout, sum(1 for e in executions if not all_done([e]))))
+        try:
+            resp = session.request("GET", "/executions/stream", stream=True, timeout=min(left, 30))
+            resp.check()
+        except (NetworkError, ApiError) as e:
+            if drops == 0:
+                ctx.ui.warn("Live stream unavailable (%s); falling back to polling every 2s" % e)
+            else:
+                ctx.ui.log("the executions stream cannot be reopened (%s); polling every 2s" % e)
+            return poll_executions(ctx, session, args, view, executions, deadline)
+        opened_with = session.creds.access
+        try:
+            for event, data, _ in sse_events(resp.stream):
+                if event != "comment" and data and merge_execution_update(known, data, args):
+                    drops = 0
+                    latest = visible_executions(known, args)
+                    known = {e["id"]: e for e in latest}  # what leaves the view is forgotten
+                    if latest != executions:
+                        executions = latest
+                        view.show(executions)
+                    if all_done(executions):
+                        break
+                if time.monotonic() >= deadline or (opened_with and session.token() != opened_with):
+                    break  # out of time, or a renewed token: reopen with it
+            else:
+                drops += 1
+        except (OSError, http.client.HTTPException) as e:
+            ctx.ui.log("executions stream interrupted: %s" % e.__class__.__name__)
+            drops += 1
+        finally:
+            resp.stream.close()
+        if drops > 5:
+            raise NetworkError("the executions stream keeps dropping")
+        if drops:
+            time.sleep(min(0.2 * drops, 2.0))
+    ctx.ui.success("All watched executions are done")
+    return 0
+
+
+def poll_executions(ctx, session, args, view, executions, deadline):
+    """The list watch without a stream: the list again every 2 s."""
+    while not all_done(executions):
+        if time.monotonic() + 2 > deadline:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            raise AttuneError("timed out after %gs watching executions" % args.timeout)
+        time.sleep(2)
+        try:
+            latest = fetch_executions(session, args)[0]
+        except (NetworkError, ApiError) as e:
+            ctx.ui.warn("Execution watch refresh failed: %s" % e)
+            continue
+        if latest != executions:
+            executions = latest
+            view.show(executions)
+    ctx.ui.success("All watched executions are done")
+    return 0
 
 
 @command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
@@ -4000,7 +4534,7 @@ def cmd_execution_rerun(ctx, args):
         raise UsageError("rerun parameters still contain redacted secrets at %s; give each a new value "
                          "with --param before rerunning" % ", ".join(markers))
     ctx.ui.info("Rerunning execution %d (action: %s)" % (args.id, action_ref))
-    start_execution(ctx, args, execute_body(args, action_ref, parameters),
+    return start_execution(ctx, args, execute_body(args, action_ref, parameters),
                     "Execution %%s started (rerun of %d)" % args.id, [("Rerun of", args.id)])
 
 

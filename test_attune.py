@@ -31,11 +31,13 @@ import signal
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 from unittest import mock
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -145,6 +147,10 @@ class FakeAttune:
                        "reasons": [], "login": "zoe", "enforce_interval": True, "start": {}}
         self.device_sessions, self.device_codes = {}, set()
         self.itoken_records = {}  # integration token -> its record
+        # the notifier's WebSocket (/ws on the API's port): what it does, and each connection
+        self.notifier = {"enabled": True, "welcome": True, "error": None, "silent": False, "close": None}
+        self.ws_sessions = []  # {"token", "protocol", "filters", "messages", "sent", "closed"}
+        self.stream_faults = []  # for /executions/stream: "drop", or a raw data line to send
         self.settings = {
             "authentication_enabled": True, "local_password_enabled": True,
             "local_password_visible_by_default": True, "oidc_enabled": False,
@@ -834,6 +840,44 @@ class FakeAttune:
         self.plans[execution["id"]]["statuses"] = ["cancelled"]
         return 200, envelope(execution)
 
+    def executions_stream(self, req):
+        """Every execution's status changes as they happen (the API's broadcast of the
+        notifier's execution events), optionally for one execution_id; keep-alive comments
+        while quiet. stream_faults: "drop" after the next event, or a data line to send."""
+        only = req.query.get("execution_id", [None])[0]
+        with self.lock:
+            fault = self.stream_faults.pop(0) if self.stream_faults else None
+        return 200, EventStream(self.execution_events(int(only) if only else None, fault))
+
+    def execution_events(self, only, fault):
+        with self.lock:
+            known = {eid: e["status"] for eid, e in self.executions.items()}
+        quiet = 0
+        while True:
+            time.sleep(0.05)
+            with self.lock:
+                ids = [eid for eid in self.executions if only in (None, eid)]
+            if fault and fault != "drop":
+                yield "data: %s\n\n" % fault
+                fault = None
+            for eid in ids:
+                self.advance(eid)
+                with self.lock:
+                    execution = dict(self.executions[eid])
+                if known.get(eid) != execution["status"]:
+                    payload = {k: execution.get(k) for k in EXECUTION_SUMMARY_FIELDS + ("action", "started_at")}
+                    payload.update(entity_type="execution", entity_id=eid, old_status=known.get(eid))
+                    payload.pop("result", None)
+                    known[eid], quiet = execution["status"], 0
+                    yield "data: %s\n\n" % json.dumps({
+                        "notification_type": "execution_status_changed", "entity_type": "execution",
+                        "entity_id": eid, "payload": payload, "timestamp": self.stamp()})
+                    if fault == "drop":
+                        return
+            quiet += 1
+            if quiet % 10 == 0:
+                yield ": keep-alive\n\n"
+
     def executions_log_stream(self, req, eid, stream):
         execution, error = self.execution(eid)
         if error:
@@ -1070,6 +1114,7 @@ ROUTES = [
     ("GET", r"/api/v1/executions", "executions_list"),
     ("GET", r"/api/v1/executions/(?P<eid>\d+)", "executions_show"),
     ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
+    ("GET", r"/api/v1/executions/stream", "executions_stream"),
     ("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream", "executions_log_stream"),
     ("GET", r"/api/v1/rules", "rules_list"),
     ("POST", r"/api/v1/rules", "rules_create"),
@@ -1132,6 +1177,47 @@ def parse_multipart(body, content_type):
     return fields, files
 
 
+class WebSocketFrames:
+    """The server side of RFC 6455 frames on a socket: masked frames in, plain frames out."""
+
+    def __init__(self, sock):
+        self.sock, self.buffer = sock, b""
+
+    def read(self, count):
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def receive(self):
+        """(opcode, payload) of the next client frame; (None, None) at the end."""
+        head = self.read(2)
+        if head is None:
+            return None, None
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        if not head[1] & 0x80:
+            raise ValueError("a client frame without a mask")
+        if length >= 126:
+            length = int.from_bytes(self.read(2 if length == 126 else 8), "big")
+        mask = self.read(4)
+        data = self.read(length) if length else b""
+        return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+    def send(self, opcode, payload):
+        size = len(payload)
+        head = bytes([0x80 | opcode]) + (bytes([size]) if size < 126 else
+                                          bytes([126]) + struct.pack(">H", size) if size < 65536 else
+                                          bytes([127]) + struct.pack(">Q", size))
+        self.sock.sendall(head + payload)
+
+    def send_json(self, record, message):
+        record["sent"].append(message)
+        self.send(1, json.dumps(message).encode("utf-8"))
+
+
 class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True  # http.server.ThreadingHTTPServer is 3.7+
     allow_reuse_address = True
@@ -1153,6 +1239,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_any(self):
         fake = self.server.fake
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self.websocket()
         length = int(self.headers.get("Content-Length") or 0)
         req = Seen(self.command, self.path, dict(self.headers.items()), self.rfile.read(length))
         with fake.lock:
@@ -1199,6 +1287,95 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             pass
         if truncate:
             self.close_connection = True
+
+    def websocket(self):
+        """The notifier: a WebSocket upgrade of /ws (token from Authorization or an
+        attune.jwt.<token> protocol), a welcome, subscriptions, and a notification each
+        time a subscribed execution's status changes; close 4401 once the token expires."""
+        fake = self.server.fake
+        headers = dict(self.headers.items())
+        protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        jwt_protocol = [p[len("attune.jwt."):] for p in protocols if p.startswith("attune.jwt.")]
+        if jwt_protocol and "Authorization" not in headers:
+            headers["Authorization"] = "Bearer " + jwt_protocol[0]
+        req = Seen(self.command, self.path, headers, b"")
+        with fake.lock:
+            fake.requests.append(req)
+            if req.token:
+                fake.received.add(req.token)
+        self.close_connection = True
+        fault = fake.take_fault(req)
+        if fault:
+            time.sleep(fault["delay"])
+            if fault["drop"]:
+                return
+            if fault["status"] is not None:
+                return self.reply(fault["status"], fault["body"], fault["headers"])
+        if req.path != "/ws" or not fake.notifier["enabled"]:
+            return self.reply(404, "Not Found", {"Content-Type": "text/plain"})
+        claims, problem = fake.bearer_claims(req)
+        if problem:
+            return self.reply(401, {"error": "missing_token" if req.token is None else "invalid_or_expired_token"})
+        accept = base64.b64encode(hashlib.sha1((headers.get("Sec-WebSocket-Key", "") +
+                                                attune.WEBSOCKET_GUID).encode()).digest()).decode()
+        self.send_response(101)
+        for name, value in (("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                            ("Sec-WebSocket-Accept", accept), ("Sec-WebSocket-Protocol", "attune.v1")):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.flush()
+        record = {"token": req.token, "protocol": headers.get("Sec-WebSocket-Protocol"), "filters": [],
+                  "messages": [], "sent": [], "closed": None}
+        with fake.lock:
+            fake.ws_sessions.append(record)
+        frames = WebSocketFrames(self.connection)
+        try:
+            if fake.notifier["welcome"]:
+                frames.send_json(record, {"type": "welcome", "client_id": "client_%d" % len(fake.ws_sessions),
+                                          "message": "Connected to Attune Notifier"})
+            if fake.notifier["error"]:
+                frames.send_json(record, {"type": "error", "message": fake.notifier["error"]})
+            self.notify_loop(fake, frames, record, claims)
+        except (OSError, ValueError):
+            record["closed"] = record["closed"] or "dropped"
+
+    def notify_loop(self, fake, frames, record, claims):
+        import select
+        known = {}  # execution id -> the status last announced
+        while True:
+            if select.select([self.connection], [], [], 0.05)[0]:
+                opcode, payload = frames.receive()
+                if opcode is None or opcode == 8:
+                    record["closed"] = "client"
+                    return frames.send(8, payload or b"")
+                if opcode == 1:
+                    message = json.loads(payload.decode("utf-8"))
+                    record["messages"].append(message)
+                    if message.get("type") == "subscribe":
+                        record["filters"].append(message["filter"])
+                        kind, _, eid = message["filter"].rpartition(":")
+                        if kind == "entity:execution" and int(eid) in fake.executions:
+                            known[int(eid)] = fake.executions[int(eid)]["status"]
+                        if fake.notifier["close"]:
+                            code, reason = fake.notifier["close"]
+                            record["closed"] = str(code)
+                            return frames.send(8, struct.pack(">H", code) + reason.encode())
+            if claims.get("exp", float("inf")) < fake.now():
+                record["closed"] = "4401"
+                return frames.send(8, struct.pack(">H", 4401) + b"token expired")
+            for eid in list(known):
+                fake.advance(eid)
+                with fake.lock:
+                    execution = dict(fake.executions[eid])
+                if execution["status"] != known[eid] and not fake.notifier["silent"]:
+                    payload = {k: execution.get(k) for k in EXECUTION_SUMMARY_FIELDS + ("action", "started_at")}
+                    payload.update(entity_type="execution", entity_id=eid, action_id=execution["action"],
+                                   old_status=known[eid])
+                    payload.pop("result", None)
+                    frames.send_json(record, {"type": "notification", "notification_type": "execution_status_changed",
+                                              "entity_type": "execution", "entity_id": eid, "user_id": None,
+                                              "payload": payload, "timestamp": fake.stamp()})
+                known[eid] = execution["status"]
 
     def stream(self, events):
         """Server-sent events, flushed one by one; the body ends when the connection closes."""
@@ -2970,8 +3147,8 @@ class ProcessTests(AttuneTestCase):
 
 class GuardTests(unittest.TestCase):
     STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
-              "ipaddress", "json", "msvcrt", "os", "py_compile", "shlex", "shutil", "signal", "socket", "ssl", "stat",
-              "subprocess", "sys", "tarfile", "tempfile", "time", "urllib", "webbrowser"}
+              "ipaddress", "json", "msvcrt", "os", "py_compile", "select", "shlex", "shutil", "signal", "socket", "ssl",
+              "stat", "struct", "subprocess", "sys", "tarfile", "tempfile", "termios", "time", "urllib", "webbrowser"}
 
     def tree(self):
         import ast
@@ -3383,7 +3560,11 @@ class ActionCommandTests(ResourceTestCase):
         self.assertIn("\nStdout\n──────\nhello\n", out)
         self.assertIn('\nResult\n──────\n{\n  "exit_code": 0\n}\n', out)
         polls = [t for t in self.targets() if t == "GET /api/v1/executions/%d" % eid]
-        self.assertEqual(len(polls), 3)  # requested -> scheduled -> running -> completed
+        self.assertLessEqual(len(polls), 3)  # the notifier told the rest
+        self.assertEqual(self.server.ws_sessions[0]["filters"], ["entity:execution:%d" % eid])
+        self.server.notifier["enabled"] = False  # polling: requested -> scheduled -> running -> completed
+        self.ok("run", "core.echo", "--param", "message=hello", "--watch")
+        self.assertEqual(self.targets().count("GET /api/v1/executions/%d" % max(self.server.executions)), 3)
 
     def test_execute_watch_failure_and_json(self):
         result = self.fails(1, "run", "core.fail", "-w")
@@ -3554,6 +3735,478 @@ class ExecutionCommandTests(ResourceTestCase):
         self.ok("execution", "rerun", str(eid), "--param", "password=new", "--param", 'nested=[{"token": "t"}]')
         self.assertEqual(self.server.requests[-1].json()["parameters"],
                          {"password": "new", "nested": [{"token": "t"}], "plain": 1})
+
+
+class DroppingListener:
+    """A TCP port that accepts each connection and closes it at once (a notifier that
+    refuses TLS, or anything else that is not a WebSocket server)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.accepted = 0
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+class NotifierTests(ResourceTestCase):
+    """The notifier's WebSocket during a watch, and the quiet fallback to polling."""
+
+    def test_a_watch_subscribes_to_its_execution(self):
+        result = self.ok("run", "core.echo", "--param", "message=hi", "-w")
+        eid = max(self.server.executions)
+        self.assertIn("✓ Execution %d completed" % eid, result.out)
+        self.assertEqual(result.err, "")
+        [ws] = self.server.ws_sessions
+        self.assertEqual(ws["protocol"], "attune.v1")
+        self.assertEqual(ws["token"], self.profile()["auth_token"])
+        self.assertEqual(ws["filters"], ["entity:execution:%d" % eid])
+        self.wait_until(lambda: ws["closed"])
+        self.assertEqual(ws["closed"], "client")
+        self.assertTrue([m for m in ws["sent"] if m["type"] == "notification" and m["entity_id"] == eid])
+        upgrade = [r for r in self.server.requests if r.path == "/ws"][0]
+        self.assertEqual(upgrade.headers["Upgrade"], "websocket")
+        self.assertEqual(upgrade.headers["Sec-WebSocket-Version"], "13")
+
+    def test_every_failure_falls_back_to_polling_quietly(self):
+        listener = DroppingListener()
+        self.addCleanup(listener.close)
+        setups = [
+            ("down", lambda: self.server.notifier.update(enabled=False), []),
+            ("refused", lambda: self.server.fail("/ws", status=401, body={"error": "invalid_or_expired_token"}), []),
+            ("dropped", lambda: self.server.fail("/ws", drop=True), []),
+            ("error frame", lambda: self.server.notifier.update(error="Invalid filter 'x'"), []),
+            ("silent", lambda: self.server.notifier.update(silent=True), []),
+            ("closed 4401", lambda: self.server.notifier.update(close=(4401, "token expired")), []),
+            ("wss refused", lambda: None, ["--notifier-url", "wss://127.0.0.1:%d" % listener.port]),
+            ("ws refused", lambda: None, ["--notifier-url", "ws://127.0.0.1:%d/" % listener.port]),
+        ]
+        for name, setup, extra in setups:
+            with self.subTest(name):
+                self.server.notifier.update(enabled=True, error=None, silent=False, close=None)
+                setup()
+                result = self.ok("run", "core.echo", "--param", "message=%s" % name, "-w", *extra)
+                self.assertIn("✓ Execution %d completed" % max(self.server.executions), result.out)
+                self.assertIn("\nStdout\n──────\n%s\n" % name, result.out)
+                self.assertEqual(result.err, "")
+        self.assertEqual(listener.accepted, 2)
+        verbose = self.ok("-v", "run", "core.echo", "-w", "--notifier-url", "ws://127.0.0.1:%d" % listener.port)
+        self.assertIn("notifier ws://127.0.0.1:%d: " % listener.port, verbose.err)
+        self.assertIn("; polling instead", verbose.err)
+
+    def test_the_notifier_url(self):
+        listener = DroppingListener()
+        self.addCleanup(listener.close)
+        self.ok("run", "core.echo", "-w", env={"ATTUNE_NOTIFIER_WS_URL": "ws://127.0.0.1:%d" % listener.port})
+        self.assertEqual(listener.accepted, 1)
+        self.assertEqual(self.server.ws_sessions, [])
+        self.ok("run", "core.echo", "-w", env={"ATTUNE_NOTIFIER_WS_URL": "  "})  # blank: from the API URL
+        self.assertEqual(len(self.server.ws_sessions), 1)
+        cases = [("http://localhost:8080", "ws://localhost:8081"), ("https://api.example.com", "wss://api.example.com"),
+                 ("https://api.example.com:8443/attune", "wss://api.example.com:8443"),
+                 ("http://[::1]:8080", "ws://[::1]:8081"), ("HTTPS://h:18080", "wss://h:18080")]
+        ctx = types.SimpleNamespace(args=types.SimpleNamespace(notifier_url=None), env={})
+        for api_url, expected in cases:
+            self.assertEqual(attune.notifier_base(ctx, types.SimpleNamespace(api_url=api_url)), expected)
+        for bad in ("http://127.0.0.1:1", "ws://", "ws://h:99999", "ws://u:p@h", "ws://h/\x1b[2J"):
+            result = self.fails(3, "run", "core.echo", "-w", "--notifier-url", bad)
+            self.assertIn("the notifier URL from --notifier-url is not usable", result.err)
+            self.assertNotIn("\x1b", result.err)
+            result = self.fails(3, "execution", "watch", "1", env={"ATTUNE_NOTIFIER_WS_URL": bad})
+            self.assertIn("the notifier URL from ATTUNE_NOTIFIER_WS_URL is not usable", result.err)
+        self.assertIn("--notifier-url only applies with --watch",
+                      self.fails(2, "run", "core.echo", "--notifier-url", "ws://h").err)
+
+    def test_a_renewed_token_reopens_the_socket(self):
+        eid = self.execute("core.sleep")
+        session = types.SimpleNamespace(creds=types.SimpleNamespace(access=self.profile()["auth_token"]))
+        tokens = [session.creds.access, self.server.mint("admin", "access", ttl=3600)]
+        gets = []
+
+        def fetch(method, path):
+            gets.append(path)
+            if len(gets) == 3:  # as if the session had refreshed before this request
+                session.creds.access = tokens[1]
+            if len(gets) == 5:
+                with self.server.lock:
+                    self.server.executions[eid]["status"] = "completed"
+            return dict(self.server.executions[eid])
+        session.fetch = fetch
+        ctx = attune.Context(attune.parse_args(["execution", "watch", str(eid)]), self.environ())
+        found = attune.notifier_wait(ctx, session, eid, "ws://127.0.0.1:%d" % self.server.port,
+                                     time.monotonic() + 30, attune.WatchControls(ctx), attune.Progress(ctx))
+        self.assertEqual(found["status"], "completed")
+        self.assertEqual([ws["token"] for ws in self.server.ws_sessions], tokens)
+        self.wait_until(lambda: all(ws["closed"] for ws in self.server.ws_sessions))
+        self.assertEqual([ws["closed"] for ws in self.server.ws_sessions], ["client", "client"])
+
+    def wait_until(self, condition, seconds=10):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "gave up waiting")
+            time.sleep(0.02)
+
+
+def frames(*parts):
+    """Bytes a server might send: each part a (first byte, payload) frame or raw bytes."""
+    out = b""
+    for part in parts:
+        if isinstance(part, bytes):
+            out += part
+            continue
+        first, payload = part
+        size = len(payload)
+        out += bytes([first]) + (bytes([size]) if size < 126 else bytes([126]) + struct.pack(">H", size)
+                                 if size < 65536 else bytes([127]) + struct.pack(">Q", size)) + payload
+    return out
+
+
+class WebSocketClientTests(unittest.TestCase):
+    """attune.WebSocket against bytes on a socket pair: good frames read, pings answered,
+    anything outside the protocol a WebSocketError (never a crash, never a hang)."""
+
+    def receive(self, data):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.settimeout(2)
+        theirs.sendall(data)
+        theirs.shutdown(socket.SHUT_WR)
+        ws = attune.WebSocket(ours)
+        return ws, theirs, ws.receive
+
+    def test_good_messages(self):
+        big = "x" * 70000
+        for name, data, expected in [
+                ("short", frames((0x81, b'{"a": 1}')), '{"a": 1}'),
+                ("16-bit length", frames((0x81, b"y" * 300)), "y" * 300),
+                ("64-bit length", frames((0x81, big.encode())), big),
+                ("fragmented", frames((0x01, b"he"), (0x00, b"ll"), (0x80, b"o")), "hello"),
+                ("pong ignored", frames((0x8A, b""), (0x81, b"after")), "after"),
+                ("utf-8", frames((0x81, "Zoë ✓".encode())), "Zoë ✓")]:
+            with self.subTest(name):
+                self.assertEqual(self.receive(data)[2](), expected)
+
+    def test_a_ping_is_answered_with_a_masked_pong(self):
+        ws, theirs, receive = self.receive(frames((0x89, b"hi"), (0x81, b"next")))
+        self.assertEqual(receive(), "next")
+        pong = theirs.recv(100)
+        self.assertEqual(pong[0], 0x8A)
+        self.assertEqual(pong[1], 0x80 | 2)
+        mask = pong[2:6]
+        self.assertEqual(bytes(b ^ mask[i % 4] for i, b in enumerate(pong[6:])), b"hi")
+
+    def test_hostile_frames(self):
+        cases = [
+            ("masked by the server", frames(bytes([0x81, 0x82]) + b"abcd" + b"xx")),
+            ("reserved bits", frames((0xC1, b"x"))),
+            ("a huge length", bytes([0x81, 127]) + struct.pack(">Q", 1 << 62)),
+            ("over the limit", bytes([0x81, 127]) + struct.pack(">Q", attune.WEBSOCKET_MESSAGE_LIMIT + 1)),
+            ("a long control frame", frames((0x89, b"p" * 126))),
+            ("a fragmented control frame", frames((0x09, b"p"))),
+            ("a continuation first", frames((0x80, b"x"))),
+            ("text inside a fragmented message", frames((0x01, b"a"), (0x81, b"b"))),
+            ("binary", frames((0x82, b"\x00\x01"))),
+            ("an unknown opcode", frames((0x83, b""))),
+            ("invalid UTF-8", frames((0x81, b"\xff\xfe"))),
+            ("a close frame", frames((0x88, struct.pack(">H", 4401) + b"token expired"))),
+            ("a bare close frame", frames((0x88, b""))),
+            ("the end mid-header", b"\x81"),
+            ("the end mid-payload", bytes([0x81, 10]) + b"abc"),
+            ("nothing at all", b""),
+        ]
+        whole = frames((0x01, b"he"), (0x80, b"llo"))
+        cases = [(name, data, False) for name, data in cases]
+        cases += [("cut at %d" % size, whole[:size], False) for size in range(len(whole))]
+        cases += [("random %d" % n, bytes(random.Random(n).randrange(256) for _ in range(60)), True)
+                  for n in range(300)]
+        for name, data, may_succeed in cases:
+            with self.subTest(name):
+                try:
+                    got = self.receive(data)[2]()
+                except (attune.WebSocketError, ValueError) as e:
+                    self.assertNotIn("\x1b", str(e))
+                else:
+                    self.assertTrue(may_succeed, "%s gave %r" % (name, got))
+        close = self.receive(frames((0x88, struct.pack(">H", 4401) + b"token \x1b[2J expired")))[2]
+        with self.assertRaisesRegex(attune.WebSocketError, r"closed by the server \(4401 token \\x1b\[2J expired\)"):
+            close()
+
+
+class WatchControlTests(ResourceTestCase):
+    """Ctrl+C cancels, Ctrl+D detaches: real processes, a real pseudo-terminal, real signals."""
+
+    def setUp(self):
+        super().setUp()
+        self.slow = self.execute("core.sleep")  # runs until cancelled
+
+    def on_terminal(self, *argv, foreground=True):
+        """attune.py with a new pseudo-terminal as stdin (its controlling terminal, with the
+        child in the foreground, unless foreground=False); (process, master, slave)."""
+        import pty
+        import termios
+        import fcntl
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+
+        def take_terminal():
+            os.setsid()
+            if foreground:
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        process = self.spawn(*argv, stdin=slave, preexec_fn=take_terminal)
+        return process, master, slave
+
+    def subscribed(self, seconds=20):
+        """Wait until the watch has subscribed to the notifier: it is in its wait."""
+        deadline = time.monotonic() + seconds
+        while not any(ws["filters"] for ws in self.server.ws_sessions):
+            self.assertLess(time.monotonic(), deadline, self.targets())
+            time.sleep(0.02)
+        return [int(ws["filters"][0].rpartition(":")[2]) for ws in self.server.ws_sessions if ws["filters"]][0]
+
+    def cancels(self, eid):
+        return [t for t in self.targets() if t.startswith("POST /api/v1/executions/") and t.endswith("/cancel")]
+
+    def test_ctrl_d_on_the_terminal_detaches_and_restores_it(self):
+        import termios
+        process, master, slave = self.on_terminal("execution", "watch", str(self.slow))
+        before = termios.tcgetattr(slave)
+        self.assertEqual(process.stderr.readline(), "Ctrl+C requests cancellation; Ctrl+D detaches.\n")
+        during = termios.tcgetattr(slave)
+        self.assertFalse(during[3] & (termios.ICANON | termios.ECHO))
+        self.assertTrue(during[3] & termios.ISIG)
+        self.assertEqual(during[1], before[1])  # output processing (newlines) unchanged
+        self.subscribed()
+        os.write(master, b"some text\r")  # ordinary keys are ignored
+        time.sleep(0.3)
+        self.assertIsNone(process.poll())
+        os.write(master, b"\x04")
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertEqual(out, "ℹ Observing execution %d...\nℹ Detached from execution %d. No cancellation was "
+                              "requested.\n" % (self.slow, self.slow))
+        self.assertEqual(self.cancels(self.slow), [])
+        self.assertEqual(self.server.executions[self.slow]["status"], "running")
+        self.assertEqual(termios.tcgetattr(slave), before)
+
+    def test_ctrl_c_on_the_terminal_cancels_and_restores_it(self):
+        import termios
+        process, master, slave = self.on_terminal("run", "core.sleep", "-w")
+        before = termios.tcgetattr(slave)
+        process.stderr.readline()
+        eid = self.subscribed()
+        os.write(master, b"\x03")  # the terminal turns it into SIGINT for its foreground group
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 130, err)
+        self.assertTrue(out.endswith("ℹ Waiting for execution %d to complete...\n"
+                                     "ℹ Cancellation requested for execution %d\n" % (eid, eid)), out)
+        self.assertNotIn("error", err)
+        self.assertEqual(self.cancels(eid), ["POST /api/v1/executions/%d/cancel" % eid])
+        self.assertEqual(self.server.executions[eid]["status"], "canceling")
+        self.assertEqual(termios.tcgetattr(slave), before)
+
+    def test_a_terminal_that_is_not_ours_gives_no_keys(self):
+        process, master, slave = self.on_terminal("execution", "watch", str(self.slow), "--timeout", "2",
+                                                  foreground=False)
+        self.subscribed()
+        os.write(master, b"\x04\x03")
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 1, err)
+        self.assertNotIn("Ctrl+D", err)
+        self.assertIn("timed out after 2s waiting for execution %d" % self.slow, err)
+        self.assertEqual(self.cancels(self.slow), [])
+
+    def test_sigint_cancels_from_every_entry_point(self):
+        """stdin /dev/null (no keys), JSON output, one cancel for the watched execution;
+        also when the shell started attune.py with SIGINT ignored."""
+        entries = [(["run", "core.sleep", "-w", "-j"], {}),
+                   (["action", "execute", "core.sleep", "--watch", "-j"], {}),
+                   (["execution", "rerun", str(self.slow), "--watch", "-j"], {}),
+                   (["execution", "watch", str(self.slow), "-j"], {}),
+                   (["run", "core.sleep", "-w", "-j"],
+                    {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)})]
+        for argv, kwargs in entries:
+            with self.subTest(argv=argv, **{"ignored": bool(kwargs)}):
+                del self.server.ws_sessions[:]
+                del self.server.requests[:]
+                process = self.spawn(*argv, **kwargs)
+                eid = self.subscribed()
+                process.send_signal(signal.SIGINT)
+                out, err = process.communicate(timeout=20)
+                self.assertEqual(process.returncode, 130, err)
+                self.assertEqual(json.loads(out), {"execution_id": eid, "watch_status": "cancel_requested",
+                                                   "execution_status": "canceling"})
+                self.assertEqual(err, "")
+                self.assertEqual(self.cancels(eid), ["POST /api/v1/executions/%d/cancel" % eid])
+                self.assertEqual(self.sent("POST", "/api/v1/executions/%d/cancel" % eid).json(), {})
+                if argv[1] != "watch":
+                    self.assertNotEqual(eid, self.slow)
+                self.server.executions[self.slow].update(status="running")
+
+    def test_a_refused_or_slow_cancel_is_an_error(self):
+        path = "/api/v1/executions/%d/cancel" % self.slow
+        self.server.fail(path, "POST", *api_error(403, "Cancellation forbidden", "FORBIDDEN"))
+        process = self.spawn("execution", "watch", str(self.slow))
+        self.subscribed()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 1, err)
+        self.assertNotIn("Cancellation requested", out)
+        self.assertIn("attune: error: API error (403 Forbidden): Cancellation forbidden", err)
+        del self.server.ws_sessions[:]
+        self.server.fail(path, "POST", delay=3)
+        process = self.spawn("execution", "watch", str(self.slow), "-j", env={"ATTUNE_TIMEOUT": "1"})
+        self.subscribed()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 1, err)
+        self.assertEqual(out, "")
+        self.assertIn("attune: error: Cancellation request timed out; its server-side outcome is unknown", err)
+
+    def test_closed_stdin_neither_detaches_nor_cancels(self):
+        process = self.spawn("execution", "watch", str(self.slow), "--timeout", "1")
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 1, err)
+        self.assertEqual(out, "ℹ Observing execution %d...\n" % self.slow)
+        self.assertIn("timed out after 1s waiting for execution %d" % self.slow, err)
+        self.assertEqual(self.cancels(self.slow), [])
+
+
+class TtyText(io.StringIO):
+    """Captured output that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+class ListWatchTests(ResourceTestCase):
+    """execution watch without an id: the list, then /executions/stream until all are done."""
+
+    def streams(self):
+        return [r for r in self.server.requests if r.path == "/api/v1/executions/stream"]
+
+    def test_rows_follow_the_stream_until_every_execution_is_done(self):
+        first = self.execute("core.sleep", "seconds=1")
+        second = self.execute("core.sleep", "seconds=1")
+        self.server.executions[second]["trace_tag"] = "nightly"
+        result = self.ok("execution", "watch", "-a", "core.sleep", "--timeout", "30")
+        lines = result.out.splitlines()
+        self.assertEqual(lines[:4], ["Watching executions", "Press Ctrl+C to stop",
+                                     "Filters: action=core.sleep scope=all limit=50", ""])
+        self.assertEqual(lines[4].split(), ["ID", "Action", "Trace", "Tag", "Rule", "Trigger", "Status", "Created"])
+        self.assertEqual([line.split()[:6] for line in lines[6:8]],
+                         [[str(second), "core.sleep", "nightly", "-", "-", "requested"],
+                          [str(first), "core.sleep", "-", "-", "-", "requested"]])
+        updates = [line.split() for line in lines[8:-1]]
+        for eid in (first, second):
+            self.assertEqual([u[5] for u in updates if u[0] == str(eid)], ["scheduled", "running", "completed"])
+        self.assertTrue(all(len(line) <= len(lines[5]) for line in lines[8:-1]))  # in the table's columns
+        self.assertEqual(lines[-1], "✓ All watched executions are done")
+        [stream] = self.streams()
+        self.assertEqual(stream.headers["Accept"], "text/event-stream")
+        self.assertEqual(stream.token, self.profile()["auth_token"])
+        self.assertEqual(result.err, "")
+
+    def test_a_terminal_is_redrawn_at_each_change(self):
+        self.execute("core.echo", "message=x")
+        screen = TtyText()
+        with mock.patch.object(sys, "stdout", screen):
+            code = attune.main(["execution", "watch", "--timeout", "30"], environ=self.environ())
+        self.assertEqual(code, 0)
+        frames = screen.getvalue().split("\x1b[2J\x1b[H")
+        self.assertEqual(frames[0], "")
+        self.assertEqual(len(frames), 1 + 4)  # requested, scheduled, running, completed
+        self.assertIn("completed", frames[-1])
+        self.assertTrue(frames[-1].endswith("✓ All watched executions are done\n"))
+
+    def test_status_filters_and_nothing_left_to_watch(self):
+        self.execute("core.echo")
+        result = self.ok("execution", "watch", "--status", "Running", "-s", "canceling", "--top-level-only",
+                         "--pack", "core", "-l", "5", "-r", "Boom", "--trace-tag", "t", "--rule", "r", "--trigger", "g")
+        self.assertEqual(result.out.splitlines(), [
+            "Watching executions", "Press Ctrl+C to stop",
+            "Filters: pack=core rule=r trigger=g trace_tag=t status=running,canceling result~=Boom "
+            "scope=top-level limit=5", "", "ℹ No executions found", "✓ All watched executions are done"])
+        self.assertEqual(self.streams(), [])
+
+    def test_usage_errors(self):
+        self.assertIn("execution watch <id> observes a single execution and does not accept list-watch filters",
+                      self.fails(2, "execution", "watch", "7", "--status", "running").err)
+        self.fails(2, "execution", "watch", "7", "-l", "10")
+        self.assertIn("execution watch without an id prints a table only",
+                      self.fails(2, "execution", "watch", "-j").err)
+        self.assertEqual(self.server.requests, [])
+
+    def test_polling_when_the_stream_cannot_be_opened(self):
+        eid = self.execute("core.sleep", "seconds=1")
+        self.server.fail("/api/v1/executions/stream", "GET", *api_error(404, "Not Found", "NOT_FOUND"))
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def worker():  # the list route leaves executions as they are; the server's workers do not
+            while not stop.wait(0.3):
+                self.server.advance(eid)
+        threading.Thread(target=worker, daemon=True).start()
+        result = self.ok("execution", "watch", "-a", "core.sleep", "--timeout", "30")
+        self.assertIn("attune: warning: Live stream unavailable (API error (404 Not Found): Not Found); "
+                      "falling back to polling every 2s", result.err)
+        self.assertEqual([line.split()[5] for line in result.out.splitlines()[6:-1]][-1], "completed")
+        self.assertTrue(result.out.endswith("✓ All watched executions are done\n"))
+
+    def test_a_dropped_stream_is_reopened_and_junk_is_an_error(self):
+        self.execute("core.sleep", "seconds=1")
+        self.server.stream_faults.append("drop")
+        self.ok("execution", "watch", "--timeout", "30")
+        self.assertEqual(len(self.streams()), 2)
+        self.execute("core.sleep")
+        for junk in ("not json", "[1]", '{"payload": 5}', '{"entity_id": "7", "payload": {}}',
+                     '{"payload": {"id": true}}', "\x1b[2J"):
+            with self.subTest(junk=junk):
+                self.server.stream_faults.append(junk)
+                result = self.fails(1, "execution", "watch", "--timeout", "30")
+                self.assertEqual(result.err, "attune: error: Failed to parse execution stream notification\n")
+
+    def test_timeout(self):
+        eid = self.execute("core.sleep")
+        result = self.fails(1, "execution", "watch", "--timeout", "1")
+        self.assertIn("timed out after 1s watching executions (1 not done)", result.err)
+        self.assertIn(str(eid), result.out)
+
+    def test_a_renewed_token_reopens_the_stream(self):
+        self.seed(access_left=302)  # enters its 300 s refresh margin two seconds from now
+        self.execute("core.sleep", "seconds=4")
+        self.ok("execution", "watch", "--timeout", "30")
+        tokens = [r.token for r in self.streams()]
+        self.assertGreaterEqual(len(tokens), 2)
+        self.assertEqual(len(set(tokens)), len(tokens))
+        self.assertEqual(tokens[-1], self.profile()["auth_token"])
+
+    def test_ctrl_c_ends_it_with_130(self):
+        self.execute("core.sleep")
+        process = self.spawn("execution", "watch")
+        deadline = time.monotonic() + 20
+        while not self.streams():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 130, err)
+        self.assertIn("Watching executions", out)
+        self.assertEqual(err.strip(), "attune: interrupted")
 
 
 class RuleCommandTests(ResourceTestCase):
@@ -4881,6 +5534,9 @@ class LongSessionTests(AttuneTestCase):
         self.assertEqual(self.server.unauthorized, [])
         self.assertEqual(self.server.expired_sent, [])
         self.assertGreaterEqual(self.server.count("POST", "/auth/refresh"), 3)
+        sockets = [ws for ws in self.server.ws_sessions if ws["filters"]]
+        self.assertGreaterEqual(len(sockets), 3)  # the watch reopened its socket with each new token
+        self.assertNotIn("4401", [ws["closed"] for ws in sockets])  # none was left to expire
 
     @unittest.skipUnless(POSIX, "signals")
     def test_keep_fresh_cleans_up_when_signalled(self):

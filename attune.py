@@ -3428,7 +3428,10 @@ class WatchControls:
                 return False
             ready = select.select(watched, [], [], left)[0]
             if self.fd is not None and self.fd in ready:
-                keys = os.read(self.fd, 64)
+                try:
+                    keys = os.read(self.fd, 64)
+                except OSError:  # EIO: the terminal hung up
+                    keys = b""
                 if not keys:
                     raise AttuneError("Terminal input stream closed")
                 if b"\x04" in keys:

@@ -3967,6 +3967,7 @@ class WatchControlTests(ResourceTestCase):
             os.setsid()
             if foreground:
                 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        self.mode_before = termios.tcgetattr(slave)  # before the child can change it
         process = self.spawn(*argv, stdin=slave, preexec_fn=take_terminal)
         return process, master, slave
 
@@ -3984,7 +3985,7 @@ class WatchControlTests(ResourceTestCase):
     def test_ctrl_d_on_the_terminal_detaches_and_restores_it(self):
         import termios
         process, master, slave = self.on_terminal("execution", "watch", str(self.slow))
-        before = termios.tcgetattr(slave)
+        before = self.mode_before
         self.assertEqual(process.stderr.readline(), "Ctrl+C requests cancellation; Ctrl+D detaches.\n")
         during = termios.tcgetattr(slave)
         self.assertFalse(during[3] & (termios.ICANON | termios.ECHO))
@@ -4006,7 +4007,7 @@ class WatchControlTests(ResourceTestCase):
     def test_ctrl_c_on_the_terminal_cancels_and_restores_it(self):
         import termios
         process, master, slave = self.on_terminal("run", "core.sleep", "-w")
-        before = termios.tcgetattr(slave)
+        before = self.mode_before
         process.stderr.readline()
         eid = self.subscribed()
         os.write(master, b"\x03")  # the terminal turns it into SIGINT for its foreground group
@@ -4018,6 +4019,19 @@ class WatchControlTests(ResourceTestCase):
         self.assertEqual(self.cancels(eid), ["POST /api/v1/executions/%d/cancel" % eid])
         self.assertEqual(self.server.executions[eid]["status"], "canceling")
         self.assertEqual(termios.tcgetattr(slave), before)
+
+    def test_a_timeout_on_the_terminal_restores_it(self):
+        import termios
+        process, master, slave = self.on_terminal("execution", "watch", str(self.slow), "--timeout", "1", "-j")
+        before = self.mode_before
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 1, err)
+        self.assertEqual(out, "")
+        self.assertEqual(err.splitlines(), ["Ctrl+C requests cancellation; Ctrl+D detaches.",
+                                            "attune: error: timed out after 1s waiting for execution %d "
+                                            "(status 'running')" % self.slow])
+        self.assertEqual(termios.tcgetattr(slave), before)
+        self.assertEqual(self.cancels(self.slow), [])
 
     def test_a_terminal_that_is_not_ours_gives_no_keys(self):
         process, master, slave = self.on_terminal("execution", "watch", str(self.slow), "--timeout", "2",
@@ -5515,10 +5529,15 @@ class LongSessionTests(AttuneTestCase):
         watch = self.spawn("execution", "watch", str(eid), "--timeout", "300")
         logs = self.spawn("execution", "logs", str(eid), "--follow")
         child = self.keep_fresh(110)
-        results = [(p, p.communicate(timeout=240)) for p in (watch, logs, child)]
-        (_, (watch_out, watch_err)), (_, (logs_out, logs_err)), (_, (child_out, child_err)) = results
+        listing = self.spawn("execution", "watch", "--status", "running", "--timeout", "300")
+        results = [(p, p.communicate(timeout=240)) for p in (watch, logs, child, listing)]
+        (_, (watch_out, watch_err)), (_, (logs_out, logs_err)), (_, (child_out, child_err)) = results[:3]
         self.assertEqual(watch.returncode, 0, watch_err)
         self.assertIn("completed", watch_out)
+        self.assertEqual(listing.returncode, 0, results[3][1])
+        self.assertTrue(results[3][1][0].endswith("All watched executions are done\n"), results[3][1])
+        streams = [r.token for r in self.server.requests if r.path == "/api/v1/executions/stream"]
+        self.assertGreaterEqual(len(set(streams)), 3)  # reopened with each renewed token
         self.assertEqual(logs.returncode, 0, logs_err)
         ticks = [line for line in logs_out.splitlines() if line.startswith("tick ")]
         self.assertEqual(ticks, ["tick %d" % n for n in range(1, len(ticks) + 1)])  # each once, in order

@@ -1205,9 +1205,32 @@ def error_message(resp):
     return snippet(resp.body) or "(empty body)"
 
 
+REQUEST_ID_HEADERS = ("x-request-id", "x-attune-request-id", "request-id")
+
+
+def error_context(resp):
+    """', code C, request ID R' for the API error line: the server's error code and the
+    first request-id header, when present and plain (they are quoted in bug reports)."""
+    parts = []
+    try:
+        body = json_loads(resp.body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = None
+    code = body.get("code") if isinstance(body, dict) else None
+    if isinstance(code, str) and code and not odd_character(code):
+        parts.append("code " + clip(code, 64))
+    for name in REQUEST_ID_HEADERS:
+        value = resp.headers.get(name) if resp.headers is not None else None
+        if value:
+            if not odd_character(value):
+                parts.append("request ID " + clip(value.strip(), 128))
+            break
+    return "".join(", " + part for part in parts)
+
+
 def api_error(resp):
     """The AttuneError for a non-2xx response, with the exit code design.md section 7 gives it."""
-    message = "API error (%d %s): %s" % (resp.status, resp.reason, error_message(resp))
+    message = "API error (%d %s%s): %s" % (resp.status, resp.reason, error_context(resp), error_message(resp))
     retry_after = resp.headers.get("Retry-After") if resp.status == 429 and resp.headers is not None else None
     if retry_after:
         message += " (the server asks to retry after %s s)" % retry_after
@@ -4031,7 +4054,7 @@ def cmd_pack_upload(ctx, args):
 
 @command("pack update", "change a pack's label, description or version", ref("pack"),
          arg("--label"), arg("--description", help="new description (an empty one clears it)"),
-         arg("--pack-version", metavar="VERSION"))
+         arg("--version", "--pack-version", dest="pack_version", metavar="VERSION", help="the pack's new version"))
 def cmd_pack_update(ctx, args):
     body = {}
     if args.label is not None:
@@ -4539,6 +4562,121 @@ def cmd_execution_rerun(ctx, args):
     ctx.ui.info("Rerunning execution %d (action: %s)" % (args.id, action_ref))
     return start_execution(ctx, args, execute_body(args, action_ref, parameters),
                     "Execution %%s started (rerun of %d)" % args.id, [("Rerun of", args.id)])
+
+
+# === Commands: inquiries =====================================================
+
+group("inquiry", "list, show and answer inquiries (a workflow waiting for a person)")
+
+INQUIRY_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="inquiry id (a whole number)")
+
+
+def compact_json(value):
+    return "-" if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def inquiry_creator(inquiry):
+    """The execution that asked: created_by_execution (newer servers) or execution."""
+    creator = inquiry.get("created_by_execution", inquiry.get("execution"))
+    return "-" if creator in (None, 0) else creator
+
+
+def show_inquiry(ctx, inquiry):
+    ctx.ui.emit(inquiry, lambda: ctx.ui.pairs([
+        ("ID", inquiry.get("id")), ("Status", inquiry.get("status")), ("Prompt", inquiry.get("prompt")),
+        ("Purpose", inquiry.get("purpose") or "-"), ("Created by", inquiry_creator(inquiry)),
+        ("Assigned to", or_dash(inquiry.get("assigned_to"))),
+        ("Response schema", compact_json(inquiry.get("response_schema"))),
+        ("Response options", compact_json(inquiry.get("response_options") or [])),
+        ("Response", compact_json(inquiry.get("response")))] + timestamps(inquiry)))
+
+
+def or_dash(value):
+    return "-" if value is None or value == "" else value
+
+
+@command("inquiry list", "list inquiries (offset and limit, as the server pages them)",
+         arg("--status", choices=("pending", "responded", "timeout", "cancelled")),
+         arg("--created-by-execution", type=Number(1, MAX_ID), metavar="ID",
+             help="only those this execution asked"),
+         arg("--assigned-to", type=Number(1, MAX_ID), metavar="IDENTITY_ID", help="only those assigned to this identity"),
+         arg("--offset", type=Number(0, MAX_ID), default=0, help="skip this many (default 0)"),
+         arg("--limit", type=Number(1, 500), default=50, help="at most this many, 1 to 500 (default 50)"))
+def cmd_inquiry_list(ctx, args):
+    body = ctx.session().call("GET", "/inquiries", query={
+        "offset": args.offset, "limit": args.limit, "status": args.status,
+        "created_by_execution": args.created_by_execution, "assigned_to": args.assigned_to})
+    items = list_items(body)
+    pagination = body.get("pagination") if isinstance(body, dict) else None
+    ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
+        ["ID", "Status", "Prompt", "Created by", "Assigned to", "Created"],
+        [[i.get("id"), i.get("status"), clip(i.get("prompt") or "", 60), inquiry_creator(i),
+          or_dash(i.get("assigned_to")), format_timestamp(i.get("created"))] for i in items]))
+    note_partial(ctx, pagination, len(items), "inquiries")
+
+
+@command("inquiry show", "show one inquiry", INQUIRY_ID)
+def cmd_inquiry_show(ctx, args):
+    show_inquiry(ctx, ctx.session().fetch("GET", "/inquiries/%d" % args.id))
+
+
+@command("inquiry respond", "answer a pending inquiry with one of its options or a JSON object", INQUIRY_ID,
+         arg("--option", metavar="REF", help="the ref of one of the inquiry's response options"),
+         arg("--response-json", metavar="JSON", help="the response, a JSON object"))
+def cmd_inquiry_respond(ctx, args):
+    if (args.option is None) == (args.response_json is None):
+        raise UsageError("give exactly one of --option REF and --response-json JSON")
+    session = ctx.session()
+    if args.option is not None:
+        inquiry = session.fetch("GET", "/inquiries/%d" % args.id)
+        options = inquiry.get("response_options")
+        chosen = [o for o in options if isinstance(o, dict) and o.get("ref") == args.option] \
+            if isinstance(options, list) else []
+        if not chosen:
+            raise AttuneError("Inquiry %d has no response option with ref %s" % (args.id, quoted(args.option)))
+        response = chosen[0].get("response")
+    else:
+        try:
+            response = json_loads(args.response_json)
+        except ValueError:
+            raise UsageError("--response-json must contain valid JSON")
+        if not isinstance(response, dict):
+            raise UsageError("Inquiry response must be a JSON object")
+    show_inquiry(ctx, session.fetch("POST", "/inquiries/%d/respond" % args.id, {"response": response}))
+
+
+@command("inquiry execution", "what an execution does with its own token: create, cancel")
+def cmd_inquiry_execution(ctx, args):
+    raise UsageError("inquiry execution needs a command: create or cancel")
+
+
+@command("inquiry execution create", "create an inquiry (needs the execution token of a running workflow)",
+         arg("--request-file", metavar="PATH", required=True, help="the request, a JSON object; - for stdin"))
+def cmd_inquiry_execution_create(ctx, args):
+    if args.request_file == "-":
+        try:
+            text = ctx.ui.stdin.read()
+        except (OSError, UnicodeError):
+            raise UsageError("Failed to read inquiry request from stdin")
+    else:
+        try:
+            text = read_regular_file(args.request_file, DATA_FILE_LIMIT)[0].decode("utf-8")
+        except (OSError, UnicodeError):
+            raise UsageError("Failed to read inquiry request file %s" % quoted(args.request_file))
+    try:
+        request = json_loads(text)
+    except ValueError:
+        raise UsageError("Inquiry request must contain valid JSON")
+    if not isinstance(request, dict):
+        raise UsageError("Inquiry create request must be a JSON object")
+    created = ctx.session().fetch("POST", "/inquiries", request)
+    ctx.ui.emit(created, lambda: ctx.ui.out(to_json(created)))
+
+
+@command("inquiry execution cancel", "cancel an inquiry (the execution token of the workflow that asked it)",
+         INQUIRY_ID)
+def cmd_inquiry_execution_cancel(ctx, args):
+    show_inquiry(ctx, ctx.session().fetch("POST", "/inquiries/%d/cancel" % args.id, {}))
 
 
 # === Commands: rules =========================================================
@@ -5050,6 +5188,49 @@ def cmd_health(ctx, args):
     health = health if isinstance(health, dict) else {"status": "ok"}
     ctx.ui.emit(health, lambda: ctx.ui.success("Server at %s is healthy (status: %s)"
                                                % (session.api_url, health.get("status"))))
+
+
+INFO_TIMEOUT = 10  # seconds: info is a quick look, not a wait
+
+
+@command("info", "this program's version and the server's build",
+         arg("--local", action="store_true", help="only this program; no request"))
+def cmd_info(ctx, args):
+    local = {"binary": "attune.py", "version": __version__, "git_sha": "unknown"}
+    local_pairs = [("Local binary", local["binary"]), ("Local version", local["version"]),
+                   ("Local Git SHA", local["git_sha"])]
+    if args.local:
+        return ctx.ui.emit(local, lambda: ctx.ui.pairs(local_pairs))
+    session = ctx.session(use_env=False)
+    scheme, host, port = origin(session.api_url)
+    server = {"status": "connected", "profile": session.profile, "api_url": "%s://%s:%d" % (scheme, host, port)}
+    failure = None
+    try:
+        resp = session.request("GET", "/info", auth=False, timeout=INFO_TIMEOUT)
+        data = envelope_data(resp.check().json())
+        if not isinstance(data, dict):
+            raise ApiError("the server's /info answer is not understood")
+        server.update(version=data.get("version"), git_sha=data.get("git_sha"))
+    except AttuneError as e:
+        failure = e
+        server = {"status": "unavailable", "profile": session.profile, "api_url": server["api_url"],
+                  "error": str(e)}
+
+    def table():
+        ctx.ui.pairs(local_pairs)
+        ctx.ui.out()
+        rows = [("Server profile", server["profile"]), ("Server API", server["api_url"])]
+        if failure is None:
+            rows += [("Server version", server["version"]), ("Server Git SHA", server["git_sha"])]
+        else:
+            rows.append(("Server error", server["error"]))
+        ctx.ui.pairs(rows)
+
+    ctx.ui.emit({"local": local, "server": server}, table)
+    if failure is not None:
+        error = AttuneError("Could not fetch server build information")
+        error.exit_code = failure.exit_code  # 5 when unreachable, 1 or 6 for the server's errors
+        raise error
 
 
 # === Commands: self-install ==================================================
@@ -5660,13 +5841,16 @@ def quick_args(argv):
     return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
 
 
-def add_global_args(parser, top):
+def add_global_args(parser, top, own_version=False):
     """Global options, accepted before or after the command. Below the top level their
-    defaults are SUPPRESS, so a value given earlier is not overwritten."""
+    defaults are SUPPRESS, so a value given earlier is not overwritten. A command with a
+    --version of its own (`pack update --version 2.0.0`) keeps it: there the program's
+    version is asked for before the command."""
     group = parser.add_argument_group("global options")
     for flags, spec in GLOBAL_OPTIONS:
         group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
-    group.add_argument("--version", action="version", version=version_text())
+    if not own_version:
+        group.add_argument("--version", action="version", version=version_text())
 
 
 def help_formatter(prog):
@@ -5720,7 +5904,7 @@ def build_parser():
                            formatter_class=help_formatter, fill=fill)
 
     def fill_command(parser, cmd):
-        add_global_args(parser, top=False)
+        add_global_args(parser, top=False, own_version=any("--version" in flags for flags, _ in cmd.arguments))
         # command_path lets the lock file say 'attune auth login' without any argument values
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
         for flags, spec in cmd.arguments:

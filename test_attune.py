@@ -151,6 +151,7 @@ class FakeAttune:
         self.notifier = {"enabled": True, "welcome": True, "error": None, "silent": False, "close": None}
         self.ws_sessions = []  # {"token", "protocol", "filters", "messages", "sent", "closed"}
         self.stream_faults = []  # for /executions/stream: "drop", or a raw data line to send
+        self.build = {"version": "0.9.3", "git_sha": "3f2a9c1"}
         self.settings = {
             "authentication_enabled": True, "local_password_enabled": True,
             "local_password_visible_by_default": True, "oidc_enabled": False,
@@ -236,7 +237,8 @@ class FakeAttune:
         return found
 
     # -- tokens --------------------------------------------------------------
-    def mint(self, login, token_type="access", ttl=None, iat=None):
+    def mint(self, login, token_type="access", ttl=None, iat=None, **extra):
+        """A signed token; extra claims (execution_id for an execution token) go in as given."""
         with self.lock:
             user = self.users.get(login) or self.ldap_users.get(login) or {"id": 99}
             iat = int(self.now()) if iat is None else int(iat)
@@ -244,6 +246,7 @@ class FakeAttune:
                 ttl = self.access_ttl if token_type == "access" else self.refresh_ttl
             claims = {"sub": str(user["id"]), "login": login, "iat": iat, "exp": iat + ttl,
                       "token_type": token_type}
+            claims.update(extra)
             if self.refresh_mode == "single-use":  # a strict server never repeats a token
                 self.nonce += 1
                 claims["nonce"] = self.nonce
@@ -281,7 +284,7 @@ class FakeAttune:
         for method, pattern, name in ROUTES:
             match = re.match(pattern + "$", req.path)
             if match and method == req.method:
-                if req.path.startswith("/api/v1/"):
+                if req.path.startswith("/api/v1/") and req.path not in ANONYMOUS_ROUTES:
                     claims, problem = self.bearer_claims(req)
                     if problem:  # the auth extractor's nested shape
                         with self.lock:
@@ -487,6 +490,13 @@ class FakeAttune:
         self.actions, self.executions, self.plans = {}, {}, {}
         self.rules, self.triggers, self.sensors, self.keys, self.workflows = {}, {}, {}, {}, {}
         self.log_drops = {}
+        approve = {"type": "object", "properties": {"approved": {"type": "boolean"}}, "required": ["approved"]}
+        self.inquiries = {
+            1: self.new_inquiry(1, 7, "Deploy build 42 to production?", purpose="approval", schema=approve, options=[
+                {"ref": "approve", "label": "Approve", "style": "primary", "response": {"approved": True}},
+                {"ref": "reject", "label": "Reject", "style": "danger", "response": {"approved": False}}]),
+            2: self.new_inquiry(2, 8, "Which region?", status="responded", response={"region": "eu"}, assigned_to=1),
+            3: self.new_inquiry(3, 7, "Zoe's call", assigned_to=3)}
         for i, (ref, label, description) in enumerate([
                 ("core", "Core", "Core actions, triggers and sensors"),
                 ("linux", "Linux", "Actions for Linux hosts"),
@@ -840,6 +850,82 @@ class FakeAttune:
         self.plans[execution["id"]]["statuses"] = ["cancelled"]
         return 200, envelope(execution)
 
+    # inquiries
+    def new_inquiry(self, iid, execution, prompt, status="pending", purpose=None, schema=None, options=None,
+                    response=None, assigned_to=None):
+        stamp = self.stamp()
+        return {"id": iid, "created_by_execution": execution, "workflow_execution": None, "workflow_task_name": None,
+                "purpose": purpose, "prompt": prompt, "response_schema": schema, "response_options": options or [],
+                "assigned_to": assigned_to, "status": status, "response": response, "timeout_at": None,
+                "responded_by": None, "responded_at": None, "created": stamp, "updated": stamp}
+
+    def inquiries_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        limit, offset = max(1, min(500, int(q.get("limit", 50)))), int(q.get("offset", 0))
+        rows = [i for _, i in sorted(self.inquiries.items())
+                if (not q.get("status") or i["status"] == q["status"]) and
+                (not q.get("created_by_execution") or i["created_by_execution"] == int(q["created_by_execution"])) and
+                (not q.get("assigned_to") or i["assigned_to"] == int(q["assigned_to"]))]
+        items = [{"id": i["id"], "created_by_execution": i["created_by_execution"], "prompt": i["prompt"],
+                  "assigned_to": i["assigned_to"], "status": i["status"], "has_response": i["response"] is not None,
+                  "timeout_at": i["timeout_at"], "created": i["created"]} for i in rows[offset:offset + limit]]
+        return 200, {"items": items, "pagination": {"page": offset // limit + 1, "page_size": limit,
+                                                    "has_previous": offset > 0, "has_next": offset + limit < len(rows)}}
+
+    def inquiry(self, iid):
+        inquiry = self.inquiries.get(int(iid))
+        return (inquiry, None) if inquiry else (None, api_error(404, "Inquiry with ID %s not found" % iid, "NOT_FOUND"))
+
+    def inquiries_show(self, req, iid):
+        inquiry, error = self.inquiry(iid)
+        return error or (200, envelope(inquiry))
+
+    def inquiries_respond(self, req, iid):
+        inquiry, error = self.inquiry(iid)
+        if error:
+            return error
+        if inquiry["status"] != "pending":
+            return api_error(409, "Inquiry is no longer pending", "CONFLICT")
+        responder = int(req.claims["sub"])
+        if inquiry["assigned_to"] is not None and inquiry["assigned_to"] != responder:
+            return api_error(403, "Inquiry %s is assigned to identity %s and can only be answered by them"
+                             % (iid, inquiry["assigned_to"]), "FORBIDDEN")
+        response = (req.json() or {}).get("response")
+        schema = inquiry["response_schema"] or {}
+        missing = [k for k in schema.get("required", []) if not isinstance(response, dict) or k not in response]
+        if missing:
+            return api_error(422, "Response does not match the inquiry's schema: '%s' is required" % missing[0],
+                             "UNPROCESSABLE_ENTITY")
+        inquiry.update(status="responded", response=response, responded_by=responder, responded_at=self.stamp(),
+                       updated=self.stamp())
+        return 200, envelope(inquiry, "Inquiry responded successfully")
+
+    def inquiries_create(self, req):
+        if req.claims.get("token_type") != "execution":
+            return api_error(403, "Workflow inquiries must be created with an execution token", "FORBIDDEN")
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            return 422, "Failed to deserialize the JSON body into the target type: missing field `prompt`"
+        iid = max(self.inquiries) + 1
+        inquiry = self.new_inquiry(iid, req.claims["execution_id"], body["prompt"], purpose=body.get("purpose"),
+                                   schema=body.get("response_schema"), assigned_to=body.get("assigned_to"))
+        self.inquiries[iid] = inquiry
+        return 201, envelope({"inquiry": inquiry, "response_options": []}, "Inquiry created successfully")
+
+    def inquiries_cancel(self, req, iid):
+        inquiry, error = self.inquiry(iid)
+        if error:
+            return error
+        if req.claims.get("execution_id") != inquiry["created_by_execution"]:
+            return api_error(403, "Only the execution that created an inquiry can cancel it", "FORBIDDEN")
+        if inquiry["status"] != "pending":
+            return api_error(409, "Inquiry is no longer pending", "CONFLICT")
+        inquiry.update(status="cancelled", updated=self.stamp())
+        return 200, envelope(inquiry)
+
+    def info(self, req):
+        return 200, envelope({"version": self.build["version"], "git_sha": self.build["git_sha"]})
+
     def executions_stream(self, req):
         """Every execution's status changes as they happen (the API's broadcast of the
         notifier's execution events), optionally for one execution_id; keep-alive comments
@@ -1115,6 +1201,12 @@ ROUTES = [
     ("GET", r"/api/v1/executions/(?P<eid>\d+)", "executions_show"),
     ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
     ("GET", r"/api/v1/executions/stream", "executions_stream"),
+    ("GET", r"/api/v1/info", "info"),
+    ("GET", r"/api/v1/inquiries", "inquiries_list"),
+    ("POST", r"/api/v1/inquiries", "inquiries_create"),
+    ("GET", r"/api/v1/inquiries/(?P<iid>\d+)", "inquiries_show"),
+    ("POST", r"/api/v1/inquiries/(?P<iid>\d+)/respond", "inquiries_respond"),
+    ("POST", r"/api/v1/inquiries/(?P<iid>\d+)/cancel", "inquiries_cancel"),
     ("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream", "executions_log_stream"),
     ("GET", r"/api/v1/rules", "rules_list"),
     ("POST", r"/api/v1/rules", "rules_create"),
@@ -1145,6 +1237,9 @@ ROUTES = [
     ("GET", r"/api/v1/workflows/" + REF, "workflows_show"),
     ("DELETE", r"/api/v1/workflows/" + REF, "workflows_delete"),
 ]
+
+
+ANONYMOUS_ROUTES = {"/api/v1/info"}  # no token needed (the server's public routes under /api/v1)
 
 
 class EventStream:
@@ -1256,7 +1351,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             if fault["status"] is not None:
                 return self.reply(fault["status"], fault["body"], fault["headers"], fault["truncate"])
         status, body = fake.handle(req)
-        no_store = {"Cache-Control": "no-store"} if req.path.startswith("/auth/oidc/device/") else None
+        no_store = {"Cache-Control": "no-store"} if req.path.startswith("/auth/oidc/device/") or \
+            req.path == "/api/v1/info" or (req.path == "/api/v1/inquiries" and req.method == "POST") else None
         self.reply(status, body, no_store)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_any
@@ -1784,7 +1880,7 @@ class MessageTests(unittest.TestCase):
         flat = self.response(409, '{"error": "Pack with ref \'x\' already exists", "code": "CONFLICT"}',
                              "Conflict")
         self.assertEqual(str(attune.api_error(flat)),
-                         "API error (409 Conflict): Pack with ref 'x' already exists")
+                         "API error (409 Conflict, code CONFLICT): Pack with ref 'x' already exists")
         nested = self.response(401, '{"error": {"code": 401, "message": "Authentication token expired"}}')
         self.assertEqual(attune.error_message(nested), "Authentication token expired")
         self.assertIsInstance(attune.api_error(nested), attune.AuthRequired)
@@ -2445,7 +2541,7 @@ class TokenLifecycleTests(AttuneTestCase):
         self.seed()
         self.server.fail("/auth/me", status=403, body={"error": "Identity is frozen", "code": "FORBIDDEN"})
         result = self.fails(1, "auth", "whoami")
-        self.assertIn("API error (403 Forbidden): Identity is frozen", result.err)
+        self.assertIn("API error (403 Forbidden, code FORBIDDEN): Identity is frozen", result.err)
         self.assertEqual(self.server.log(), ["GET /auth/me"])
 
     def test_a_second_401_exits_4(self):
@@ -2573,7 +2669,7 @@ class HttpTests(AttuneTestCase):
     def test_error_messages_from_both_shapes(self):
         self.seed()
         self.server.fail("/auth/me", status=404, body={"error": "Identity not found", "code": "NOT_FOUND"})
-        self.assertIn("API error (404 Not Found): Identity not found", self.fails(1, "auth", "whoami").err)
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Identity not found", self.fails(1, "auth", "whoami").err)
         session = session_for(self)
         resp = session.transport.request("GET", session.url("/packs"), token="bogus")
         self.assertEqual(attune.error_message(resp), "Invalid authentication token")
@@ -3367,7 +3463,7 @@ class PackCommandTests(ResourceTestCase):
         self.assertEqual(self.ok("pack", "show", "linux", "-j").json()["action_count"], 1)
         self.assertEqual(self.targets(), ["GET /api/v1/packs/linux"] * 2)
         error = self.fails(1, "pack", "show", "nope")
-        self.assertEqual(error.err, "attune: error: API error (404 Not Found): Pack 'nope' not found\n")
+        self.assertEqual(error.err, "attune: error: API error (404 Not Found, code NOT_FOUND): Pack 'nope' not found\n")
 
     def test_create(self):
         out = self.ok("pack", "create", "--ref", "my_pack-x").out
@@ -3386,7 +3482,7 @@ class PackCommandTests(ResourceTestCase):
         self.assertIn("Pack ref is required", result.err)
         self.assertEqual(self.server.count(), 0)
         result = self.fails(1, "pack", "create", "--ref", "core")
-        self.assertIn("API error (409 Conflict): Pack with ref 'core' already exists", result.err)
+        self.assertIn("API error (409 Conflict, code CONFLICT): Pack with ref 'core' already exists", result.err)
 
     def test_install(self):
         result = self.ok("pack", "install", "https://github.com/org/slack.git")
@@ -3463,6 +3559,22 @@ class PackCommandTests(ResourceTestCase):
         self.assertEqual(self.server.requests[-1].json(), {"description": {"op": "clear"}})
         self.assertIsNone(self.server.packs["linux"]["description"])
         self.assertIn("At least one field", self.fails(2, "pack", "update", "linux").err)
+
+    def test_update_version_is_the_packs_version(self):
+        """The Rust CLI's `pack update R --version V`: the pack's version, never the program's."""
+        for argv in (["pack", "update", "core", "--version", "3.1.0"], ["pack", "update", "--version=3.1.0", "core"],
+                     ["-j", "pack", "update", "core", "--version", "3.1.0"]):
+            with self.subTest(argv=argv):
+                del self.server.requests[:]
+                result = self.ok(*argv)
+                self.assertNotIn(attune.__version__, result.out)
+                self.assertEqual(self.sent("PUT", "/api/v1/packs/core").json(), {"version": "3.1.0"})
+        process = self.run_process("pack", "update", "core", "--version", "3.2.0")  # the quick path too
+        self.assertEqual(process.code, 0, process.err)
+        self.assertEqual(self.server.packs["core"]["version"], "3.2.0")
+        self.assertEqual(self.ok("--version").out, attune.version_text() + "\n")
+        self.assertIn(attune.__version__, self.ok("pack", "list", "--version").out)
+        self.assertEqual(self.fails(2, "pack", "update", "core", "--version").code, 2)
 
     def test_uninstall(self):
         self.assertEqual(self.ok("pack", "uninstall", "linux", "--yes").out,
@@ -3546,7 +3658,7 @@ class ActionCommandTests(ResourceTestCase):
         self.assertEqual(self.server.count("POST", "/api/v1/executions/execute"), 0)
 
     def test_execute_server_errors(self):
-        self.assertIn("API error (404 Not Found): Action 'nope.x' not found", self.fails(1, "run", "nope.x").err)
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Action 'nope.x' not found", self.fails(1, "run", "nope.x").err)
         self.server.actions["core.echo"]["enabled"] = False
         self.assertIn("Action 'core.echo' is disabled", self.fails(1, "run", "core.echo").err)
 
@@ -3652,7 +3764,7 @@ class ExecutionCommandTests(ResourceTestCase):
         self.assertEqual(self.sent("POST", "/api/v1/executions/%d/cancel" % eid).json(), {})
         self.assertEqual(self.server.executions[eid]["status"], "cancelled")
         result = self.fails(1, "execution", "cancel", str(eid), "--yes")
-        self.assertIn("API error (409 Conflict)", result.err)
+        self.assertIn("API error (409 Conflict, code CONFLICT)", result.err)
 
     def test_watch(self):
         eid = self.execute("core.echo", "message=hi")
@@ -4080,7 +4192,7 @@ class WatchControlTests(ResourceTestCase):
         out, err = process.communicate(timeout=20)
         self.assertEqual(process.returncode, 1, err)
         self.assertNotIn("Cancellation requested", out)
-        self.assertIn("attune: error: API error (403 Forbidden): Cancellation forbidden", err)
+        self.assertIn("attune: error: API error (403 Forbidden, code FORBIDDEN): Cancellation forbidden", err)
         del self.server.ws_sessions[:]
         self.server.fail(path, "POST", delay=3)
         process = self.spawn("execution", "watch", str(self.slow), "-j", env={"ATTUNE_TIMEOUT": "1"})
@@ -4176,7 +4288,7 @@ class ListWatchTests(ResourceTestCase):
                 self.server.advance(eid)
         threading.Thread(target=worker, daemon=True).start()
         result = self.ok("execution", "watch", "-a", "core.sleep", "--timeout", "30")
-        self.assertIn("attune: warning: Live stream unavailable (API error (404 Not Found): Not Found); "
+        self.assertIn("attune: warning: Live stream unavailable (API error (404 Not Found, code NOT_FOUND): Not Found); "
                       "falling back to polling every 2s", result.err)
         self.assertEqual([line.split()[5] for line in result.out.splitlines()[6:-1]][-1], "completed")
         self.assertTrue(result.out.endswith("✓ All watched executions are done\n"))
@@ -4221,6 +4333,152 @@ class ListWatchTests(ResourceTestCase):
         self.assertEqual(process.returncode, 130, err)
         self.assertIn("Watching executions", out)
         self.assertEqual(err.strip(), "attune: interrupted")
+
+
+class InfoTests(AttuneTestCase):
+    def test_local_makes_no_request(self):
+        result = self.ok("info", "--local")
+        self.assertEqual(result.out, "Local binary:   attune.py\nLocal version:  %s\nLocal Git SHA:  unknown\n"
+                         % attune.__version__)
+        self.assertEqual(self.ok("info", "--local", "-j").json(),
+                         {"binary": "attune.py", "version": attune.__version__, "git_sha": "unknown"})
+        self.assertEqual(self.server.requests, [])
+
+    def test_the_server_build_needs_no_login(self):
+        env = {"ATTUNE_API_URL": self.server.url + "/"}
+        result = self.ok("info", env=env)
+        self.assertEqual(result.out.split("\n\n")[1], "Server profile:  default\nServer API:      %s\n"
+                         "Server version:  0.9.3\nServer Git SHA:  3f2a9c1\n" % self.server.url)
+        self.assertEqual(self.ok("info", "-j", env=env).json(), {
+            "local": {"binary": "attune.py", "version": attune.__version__, "git_sha": "unknown"},
+            "server": {"status": "connected", "profile": "default", "api_url": self.server.url,
+                       "version": "0.9.3", "git_sha": "3f2a9c1"}})
+        [req] = [r for r in self.server.requests if r.method == "GET"][-1:]
+        self.assertEqual(req.target, "/api/v1/info")
+        self.assertIsNone(req.token)
+
+    def test_an_unreachable_server_is_reported_then_fails(self):
+        port = free_port()
+        result = self.fails(5, "info", "-j", env={"ATTUNE_API_URL": "http://127.0.0.1:%d/attune" % port})
+        server = result.json()["server"]
+        self.assertEqual(server["status"], "unavailable")
+        self.assertEqual(server["api_url"], "http://127.0.0.1:%d" % port)
+        self.assertIn("127.0.0.1", server["error"])
+        self.assertEqual(result.err, "attune: error: Could not fetch server build information\n")
+        self.server.fail("/api/v1/info", status=500, body={"error": "boom", "code": "INTERNAL_ERROR"}, times=None)
+        result = self.fails(6, "info", env={"ATTUNE_API_URL": self.server.url})
+        self.assertIn("Server error:    API error (500 Internal Server Error, code INTERNAL_ERROR): boom", result.out)
+
+
+class ErrorLineTests(ResourceTestCase):
+    def test_the_error_code_and_request_id(self):
+        cases = [
+            ({"x-request-id": "req-1"}, {"error": "Pack 'x' not found", "code": "NOT_FOUND"},
+             "API error (404 Not Found, code NOT_FOUND, request ID req-1): Pack 'x' not found"),
+            ({"X-Attune-Request-Id": "a-2", "request-id": "later"}, {"error": "nope"},
+             "API error (404 Not Found, request ID a-2): nope"),
+            ({"Request-ID": "r3"}, {"error": {"code": 404, "message": "gone"}}, "API error (404 Not Found, request ID r3): gone"),
+            ({"x-request-id": "bad\x1b[2Jid"}, {"error": "x", "code": "C\x07D"}, "API error (404 Not Found): x"),
+            ({}, {"error": "y", "code": 17}, "API error (404 Not Found): y"),
+            ({"x-request-id": "r" * 300}, {"error": "z", "code": "K" * 100},
+             "API error (404 Not Found, code %s%s, request ID %s%s): z" % ("K" * 63, "…", "r" * 127, "…")),
+        ]
+        for headers, body, expected in cases:
+            with self.subTest(expected=expected):
+                self.server.fail("/api/v1/packs/x", status=404, body=body, headers=headers)
+                result = self.fails(1, "pack", "show", "x")
+                self.assertEqual(result.err, "attune: error: %s\n" % expected)
+
+
+class InquiryCommandTests(ResourceTestCase):
+    def test_list_table_json_and_filters(self):
+        lines = self.lines("inquiry", "list")
+        self.assertEqual(lines[0].split(), ["ID", "Status", "Prompt", "Created", "by", "Assigned", "to", "Created"])
+        self.assertEqual([line.split()[:2] for line in lines[2:]], [["1", "pending"], ["2", "responded"], ["3", "pending"]])
+        self.assertIn("Deploy build 42 to production?", lines[2])
+        self.assertEqual(self.targets(), ["GET /api/v1/inquiries?offset=0&limit=50"])
+        data = self.ok("inquiry", "list", "--status", "pending", "--created-by-execution", "7", "--assigned-to", "3",
+                       "--offset", "0", "--limit", "500", "-j").json()
+        self.assertEqual(self.targets()[-1], "GET /api/v1/inquiries?offset=0&limit=500&status=pending"
+                                             "&created_by_execution=7&assigned_to=3")
+        self.assertEqual([i["id"] for i in data["items"]], [3])
+        self.assertEqual(data["pagination"], {"page": 1, "page_size": 500, "has_previous": False, "has_next": False})
+        self.assertEqual(self.lines("inquiry", "list", "--status", "timeout"), [
+            "ID  Status  Prompt  Created by  Assigned to  Created", "──  ──────  ──────  ──────────  ───────────  ───────"])
+        result = self.ok("inquiry", "list", "--limit", "1", "--offset", "1")
+        self.assertIn("showing the first 1 inquiries", result.err)
+        for bad in (["--limit", "0"], ["--limit", "501"], ["--offset", "-1"], ["--status", "open"]):
+            self.fails(2, "inquiry", "list", *bad)
+
+    def test_show(self):
+        self.assertEqual(self.lines("inquiry", "show", "1")[:9], [
+            "ID:                1", "Status:            pending", "Prompt:            Deploy build 42 to production?",
+            "Purpose:           approval", "Created by:        7", "Assigned to:       -",
+            'Response schema:   {"type":"object","properties":{"approved":{"type":"boolean"}},"required":["approved"]}',
+            'Response options:  [{"ref":"approve","label":"Approve","style":"primary","response":{"approved":true}},'
+            '{"ref":"reject","label":"Reject","style":"danger","response":{"approved":false}}]',
+            "Response:          -"])
+        self.assertEqual(self.ok("inquiry", "show", "2", "-j").json()["response"], {"region": "eu"})
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Inquiry with ID 99 not found",
+                      self.fails(1, "inquiry", "show", "99").err)
+
+    def test_respond_with_an_option_or_json(self):
+        result = self.ok("inquiry", "respond", "1", "--option", "approve")
+        self.assertIn("Status:            responded", result.out)
+        self.assertIn('Response:          {"approved":true}', result.out)
+        self.assertEqual(self.targets(), ["GET /api/v1/inquiries/1", "POST /api/v1/inquiries/1/respond"])
+        self.assertEqual(self.server.requests[-1].json(), {"response": {"approved": True}})
+        self.assertIn("API error (409 Conflict, code CONFLICT): Inquiry is no longer pending",
+                      self.fails(1, "inquiry", "respond", "1", "--response-json", '{"approved": false}').err)
+        self.assertIn("Inquiry 3 is assigned to identity 3", self.fails(1, "inquiry", "respond", "3",
+                                                                      "--response-json", "{}").err)
+        self.server.inquiries[1]["status"] = "pending"
+        self.assertIn("API error (422 Unprocessable Entity, code UNPROCESSABLE_ENTITY)",
+                      self.fails(1, "inquiry", "respond", "1", "--response-json", '{"ok": 1}').err)
+        data = self.ok("inquiry", "respond", "1", "--response-json", '{"approved": false, "note": "not today"}',
+                       "-j").json()
+        self.assertEqual(data["response"], {"approved": False, "note": "not today"})
+
+    def test_respond_usage_errors(self):
+        cases = [([], "give exactly one of --option REF and --response-json JSON"),
+                 (["--option", "a", "--response-json", "{}"], "give exactly one of"),
+                 (["--response-json", "{nope"], "--response-json must contain valid JSON"),
+                 (["--response-json", "[1]"], "Inquiry response must be a JSON object")]
+        for extra, message in cases:
+            with self.subTest(extra=extra):
+                self.assertIn(message, self.fails(2, "inquiry", "respond", "1", *extra).err)
+        self.assertIn("Inquiry 1 has no response option with ref 'maybe'",
+                      self.fails(1, "inquiry", "respond", "1", "--option", "maybe").err)
+        self.assertEqual([r.method for r in self.server.requests], ["GET"])
+
+    def test_execution_create_and_cancel_need_the_execution_token(self):
+        request = os.path.join(self.tmp, "inquiry.json")
+        with open(request, "w") as f:
+            json.dump({"prompt": "Roll back?", "purpose": "approval"}, f)
+        self.assertIn("Workflow inquiries must be created with an execution token",
+                      self.fails(1, "inquiry", "execution", "create", "--request-file", request).err)
+        token = self.server.mint("admin", "execution", ttl=600, execution_id=55)
+        env = {"ATTUNE_API_TOKEN": token, "ATTUNE_API_URL": self.server.url}
+        created = self.ok("inquiry", "execution", "create", "--request-file", request, "-j", env=env).json()
+        self.assertEqual(created["inquiry"]["prompt"], "Roll back?")
+        self.assertEqual(created["inquiry"]["created_by_execution"], 55)
+        self.assertEqual(self.server.requests[-1].json(), {"prompt": "Roll back?", "purpose": "approval"})
+        table = self.ok("inquiry", "execution", "create", "--request-file", "-", env=env,
+                        stdin='{"prompt": "Again?"}').out
+        self.assertEqual(json.loads(table)["inquiry"]["prompt"], "Again?")
+        iid = created["inquiry"]["id"]
+        self.assertIn("Only the execution that created an inquiry can cancel it",
+                      self.fails(1, "inquiry", "execution", "cancel", str(iid)).err)
+        self.assertIn("Status:            cancelled", self.ok("inquiry", "execution", "cancel", str(iid), env=env).out)
+        self.assertEqual(self.server.requests[-1].json(), {})
+        for content, message in (("{bad", "Inquiry request must contain valid JSON"),
+                                 ("[]", "Inquiry create request must be a JSON object")):
+            with open(request, "w") as f:
+                f.write(content)
+            self.assertIn(message, self.fails(2, "inquiry", "execution", "create", "--request-file", request).err)
+        self.assertIn("Failed to read inquiry request file", self.fails(
+            2, "inquiry", "execution", "create", "--request-file", os.path.join(self.tmp, "missing.json")).err)
+        self.assertIn("inquiry execution needs a command", self.fails(2, "inquiry", "execution").err)
 
 
 class RuleCommandTests(ResourceTestCase):

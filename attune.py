@@ -1260,11 +1260,12 @@ class Transport:
         self._openers = {}
 
     def request(self, method, url, body=None, token=None, content_type="application/json",
-                stream=False, timeout=None):
+                stream=None, timeout=None):
         """Send one request and return a Response for any status; NetworkError when there is
         none. GETs are retried twice on refused/reset connections and 502/503/504; with
         --wait-for-server every request is retried until the deadline while the server is
-        not up yet. With stream=True a 2xx body is left open in Response.stream. timeout
+        not up yet. With stream (the media type asked for: SSE or "*/*" for a download) a 2xx
+        body is left open in Response.stream. timeout
         shortens the HTTP timeout for this one request."""
         timeout = min(timeout, self.http.timeout) if timeout else self.http.timeout
         attempt = 0
@@ -1306,7 +1307,7 @@ class Transport:
         import http.client
         req = urllib.request.Request(url, data=body, method=method)
         req.add_header("User-Agent", user_agent())
-        req.add_header("Accept", "text/event-stream" if stream else "application/json")
+        req.add_header("Accept", stream or "application/json")
         if body is not None:
             req.add_header("Content-Type", content_type)
         if token:
@@ -1672,7 +1673,7 @@ class Session:
 
     # -- requests --------------------------------------------------------------
     def request(self, method, path, body=None, query=None, auth=True, raw_body=None,
-                content_type="application/json", stream=False, timeout=None):
+                content_type="application/json", stream=None, timeout=None):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
         the same bytes. A second 401 means authentication is required (exit 4)."""
         self.http.wait_until_ready(self)
@@ -3553,6 +3554,9 @@ def show_finished_execution(ctx, execution):
         raise AttuneError("execution finished with status '%s'" % status)
 
 
+EVENT_STREAM = "text/event-stream"  # what session.request(stream=...) asks for to read server-sent events
+
+
 def sse_events(stream):
     """(event, data, id) for each server-sent event; comments come as ('comment', text, None).
     Ends at the end of the stream; a dropped connection raises OSError or HTTPException."""
@@ -3590,7 +3594,8 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
     path = "/executions/%d/logs/%s/stream" % (execution_id, name)
     offset, drops = 0, 0
     while True:
-        resp = session.request("GET", path, query={"offset": offset} if offset else None, stream=True)
+        resp = session.request("GET", path, query={"offset": offset} if offset else None,
+                               stream=EVENT_STREAM)
         resp.check()
         opened_with = session.creds.access
         events = sse_events(resp.stream)
@@ -4452,7 +4457,7 @@ def watch_executions(ctx, session, args):
             raise AttuneError("timed out after %gs watching executions (%d not done)"
                               % (args.timeout, sum(1 for e in executions if not all_done([e]))))
         try:
-            resp = session.request("GET", "/executions/stream", stream=True, timeout=min(left, 30))
+            resp = session.request("GET", "/executions/stream", stream=EVENT_STREAM, timeout=min(left, 30))
             resp.check()
         except (NetworkError, ApiError) as e:
             if drops == 0:
@@ -4677,6 +4682,340 @@ def cmd_inquiry_execution_create(ctx, args):
          INQUIRY_ID)
 def cmd_inquiry_execution_cancel(ctx, args):
     show_inquiry(ctx, ctx.session().fetch("POST", "/inquiries/%d/cancel" % args.id, {}))
+
+
+# === Commands: artifacts =====================================================
+# What executions produce: files, JSON documents, progress. Each artifact has versions;
+# a download writes the bytes to a temporary file beside the target and renames it into
+# place only when every byte has arrived, so an interrupted transfer leaves no partial file.
+
+group("artifact", "list, show, download, upload, create and delete what executions produce")
+
+ARTIFACT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="artifact id (a whole number)")
+VERSION_NUMBER = arg("version", metavar="N", type=Number(1, MAX_ID), help="version number")
+CONTENT_EXTENSIONS = (("text/plain", ".txt"), ("application/json", ".json"), ("application/x-yaml", ".yaml"),
+                      ("application/yaml", ".yaml"), ("text/yaml", ".yaml"), ("application/xml", ".xml"),
+                      ("text/xml", ".xml"), ("text/html", ".html"), ("text/css", ".css"),
+                      ("application/javascript", ".js"), ("text/javascript", ".js"), ("image/png", ".png"),
+                      ("image/jpeg", ".jpg"), ("image/gif", ".gif"), ("image/svg+xml", ".svg"),
+                      ("application/pdf", ".pdf"), ("application/zip", ".zip"), ("application/gzip", ".gz"),
+                      ("application/x-gzip", ".gz"), ("text/csv", ".csv"), ("text/markdown", ".md"))
+
+
+def human_size(size):
+    """Bytes as the Rust CLI prints them: N B, x.y KB, x.y MB, x.yy GB (powers of 1024)."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        return "-" if size is None else cell_text(size)
+    for unit, scale, digits in (("GB", 1 << 30, 2), ("MB", 1 << 20, 1), ("KB", 1 << 10, 1)):
+        if size >= scale:
+            return "%.*f %s" % (digits, size / scale, unit)
+    return "%d B" % size
+
+
+def guess_content_type(filename):
+    extension = os.path.splitext(filename)[1].lower()
+    if extension in (".txt", ".log"):
+        return "text/plain"
+    if extension == ".yml":
+        return "application/x-yaml"
+    return next((kind for kind, ext in CONTENT_EXTENSIONS if ext == extension), "application/octet-stream")
+
+
+@command("artifact list", "list artifacts",
+         arg("--scope"), arg("--owner"), arg("--type"), arg("--visibility"),
+         arg("--execution", type=Number(1, MAX_ID), metavar="ID", help="only what this execution produced"),
+         arg("--name", help="name contains this"),
+         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50))
+def cmd_artifact_list(ctx, args):
+    body = ctx.session().call("GET", "/artifacts", query={
+        "page": args.page, "per_page": args.per_page, "scope": args.scope, "owner": args.owner, "type": args.type,
+        "visibility": args.visibility, "execution": args.execution, "name": args.name})
+    items = list_items(body)
+
+    def table():
+        if not items:
+            return ctx.ui.info("No artifacts found")
+        ctx.ui.table(["Ref", "Name", "Type", "Visibility", "Size", "Created", "ID"],
+                     [[a.get("ref"), or_dash(a.get("name")), a.get("type"), a.get("visibility"),
+                       human_size(a.get("size_bytes")), format_timestamp(a.get("created")), a.get("id")]
+                      for a in items])
+        ctx.ui.info("%d artifact(s)" % len(items))
+
+    ctx.ui.emit(items, table)
+    note_partial(ctx, body.get("pagination") if isinstance(body, dict) else None, len(items), "artifacts")
+
+
+@command("artifact show", "show one artifact, by id or ref", arg("ref", metavar="ID|REF", help="artifact id or ref"))
+def cmd_artifact_show(ctx, args):
+    path = "/artifacts/%s" % args.ref if args.ref and set(args.ref) <= DIGITS else \
+        "/artifacts/ref/" + path_segment(args.ref)
+    artifact = ctx.session().fetch("GET", path)
+
+    def table():
+        policy, limit = artifact.get("retention_policy"), artifact.get("retention_limit")
+        pairs = [("Reference", artifact.get("ref")), ("ID", artifact.get("id")), ("Name", or_dash(artifact.get("name"))),
+                 ("Type", artifact.get("type")), ("Visibility", artifact.get("visibility")),
+                 ("Scope", artifact.get("scope")), ("Owner", artifact.get("owner")),
+                 ("Retention", "%s (limit: %s)" % (policy, limit)),
+                 ("Content Type", or_dash(artifact.get("content_type"))), ("Size", human_size(artifact.get("size_bytes")))]
+        if artifact.get("description"):
+            pairs.append(("Description", artifact["description"]))
+        if artifact.get("data") is not None:
+            pairs.append(("Data", clip(to_json(artifact["data"]), 200)))
+        ctx.ui.pairs(pairs + timestamps(artifact), "Artifact: %s" % artifact.get("ref"))
+
+    ctx.ui.emit(artifact, table)
+
+
+@command("artifact create", "create an artifact (its content comes as versions)",
+         arg("--ref", required=True), arg("--owner", required=True, help="the ref of what owns it"),
+         arg("--scope", default="action", help="action (default), pack, trigger, sensor, rule or identity"),
+         arg("--type", default="file_text", help="file_text (default), file_binary, file_datatable, "
+                                                 "file_image, progress, url, ..."),
+         arg("--visibility", choices=("public", "private")),
+         arg("--retention-policy", default="versions", help="versions (default), days, hours or minutes"),
+         arg("--retention-limit", type=Number(1, MAX_ID), default=5, help="how many to keep (default 5)"),
+         arg("--name"), arg("--description"), arg("--content-type"))
+def cmd_artifact_create(ctx, args):
+    body = {"ref": args.ref, "scope": args.scope, "owner": args.owner, "type": args.type,
+            "retention_policy": args.retention_policy, "retention_limit": args.retention_limit}
+    body.update((k, v) for k, v in (("visibility", args.visibility), ("name", args.name),
+                                    ("description", args.description), ("content_type", args.content_type))
+                if v is not None)
+    artifact = ctx.session().fetch("POST", "/artifacts", body)
+
+    def table():
+        ctx.ui.success("Artifact '%s' created successfully" % artifact.get("ref"))
+        ctx.ui.pairs([("Reference", artifact.get("ref")), ("ID", artifact.get("id")),
+                      ("Name", or_dash(artifact.get("name"))), ("Type", artifact.get("type")),
+                      ("Visibility", artifact.get("visibility")), ("Scope", artifact.get("scope")),
+                      ("Owner", artifact.get("owner")), ("Created", format_timestamp(artifact.get("created")))])
+
+    ctx.ui.emit(artifact, table)
+
+
+@command("artifact delete", "delete an artifact and all its versions", ARTIFACT_ID, YES)
+def cmd_artifact_delete(ctx, args):
+    delete_resource(ctx, args, "delete artifact %d and all its versions" % args.id, "/artifacts/%d" % args.id,
+                    "Artifact %d deleted successfully" % args.id, "Artifact deleted successfully", "Deletion cancelled")
+
+
+DOWNLOAD_ARGS = (
+    arg("-o", "--output", metavar="PATH", dest="target",
+        help="where to write it; - for stdout (default: the server's file name)"),
+    arg("-f", "--force", action="store_true", help="replace the file if it exists"))
+
+
+@command("artifact download", "download an artifact's latest version (or -V N)", ARTIFACT_ID,
+         arg("-V", "--version", type=Number(1, MAX_ID), metavar="N", help="this version, not the latest"),
+         *DOWNLOAD_ARGS)
+def cmd_artifact_download(ctx, args):
+    download_version(ctx, args, args.id, args.version)
+
+
+def download_name(resp, artifact_id, version):
+    """The file name: the server's Content-Disposition filename when it is a plain name
+    (printable ASCII and spaces, no directory, not hidden), else artifact_<id>_<vN|latest><ext>."""
+    disposition = resp.headers.get("Content-Disposition") or ""
+    name = disposition.partition("filename=")[2].split(";")[0].strip().strip('"')
+    if name and not odd_character(name.replace(" ", "_")) and not set(name) & set("/\\\\") and \
+            not name.startswith((".", " ")) and len(name) <= 255:
+        return name
+    kind = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    extension = next((ext for k, ext in CONTENT_EXTENSIONS if k == kind), ".bin")
+    return "artifact_%d_%s%s" % (artifact_id, "v%d" % version if version else "latest", extension)
+
+
+def download_version(ctx, args, artifact_id, version):
+    """GET .../download into args.target (or the server's name), atomically."""
+    if args.target not in (None, "-") and os.path.exists(args.target) and not args.force:
+        raise UsageError("%s exists; add --force to replace it" % quoted(args.target))
+    path = "/artifacts/%d/%s" % (artifact_id, "versions/%d/download" % version if version else "download")
+    resp = ctx.session().request("GET", path, stream="*/*")
+    resp.check()
+    try:
+        if args.target == "-":
+            size = copy_stream(resp, ctx.ui.stdout.buffer, Progress(ctx))
+            return ctx.ui.stdout.buffer.flush()
+        target = args.target or download_name(resp, artifact_id, version)
+        if os.path.exists(target) and not args.force:
+            raise UsageError("%s exists; add --force to replace it" % quoted(target))
+        size = write_atomically(target, lambda f: copy_stream(resp, f, Progress(ctx)))
+    finally:
+        resp.stream.close()
+    what = "version %d" % version if version else "latest version"
+    ctx.ui.emit({"artifact_id": artifact_id, "version": version, "path": target, "size_bytes": size},
+                lambda: ctx.ui.success("Downloaded %s to %s (%s)" % (what, quoted(target), human_size(size))))
+
+
+def copy_stream(resp, out, progress):
+    """Copy the open body to out, showing progress on a terminal; the byte count. A body
+    shorter than its Content-Length is a network error (the connection dropped)."""
+    import http.client
+    expected = resp.headers.get("Content-Length")
+    expected = int(expected) if expected and expected.isdigit() else None
+    size = 0
+    try:
+        while True:
+            chunk = resp.stream.read(1 << 16)
+            if not chunk:
+                break
+            out.write(chunk)
+            size += len(chunk)
+            progress.show("Downloading %s%s" % (human_size(size), " of " + human_size(expected) if expected else ""))
+    except (OSError, http.client.HTTPException) as e:
+        raise NetworkError("the download broke off after %s: %s" % (human_size(size), e.__class__.__name__))
+    finally:
+        progress.clear()
+    if expected is not None and size != expected:
+        raise NetworkError("the download broke off after %s of %s" % (human_size(size), human_size(expected)))
+    return size
+
+
+def write_atomically(target, write):
+    """Call write(file) on a new temporary file beside target, then rename it to target;
+    on any failure the temporary file is removed and target is untouched. write's result."""
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(target))
+    fd, temporary = tempfile.mkstemp(prefix=".attune-download-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())
+        os.replace(temporary, target)
+        return result
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def upload_version(ctx, args):
+    """A multipart POST of a file as a new version of artifact args.id."""
+    try:
+        content, _ = read_regular_file(args.file, ARCHIVE_LIMIT)
+    except OSError as e:
+        raise UsageError("cannot read %s: %s" % (quoted(args.file), e.strerror or e))
+    if args.meta is not None:
+        try:
+            json_loads(args.meta)
+        except ValueError:
+            raise UsageError("Invalid meta JSON: %s" % quoted(args.meta))
+    name = os.path.basename(args.file)
+    content_type = args.content_type or guess_content_type(name)
+    fields = [(k, v) for k, v in (("content_type", args.content_type), ("created_by", args.created_by),
+                                  ("meta", args.meta)) if v is not None]
+    body, multipart_type = multipart_body(fields, "file", name, content, content_type)
+    ctx.ui.info("Uploading %s (%s) to artifact %d..." % (quoted(name), human_size(len(content)), args.id))
+    resp = ctx.session().request("POST", "/artifacts/%d/versions/upload" % args.id, raw_body=body,
+                                 content_type=multipart_type)
+    resp.check()
+    version = unwrap(resp)
+    ctx.ui.emit(version, lambda: (ctx.ui.success("Version %s uploaded successfully" % version.get("version")),
+                                  ctx.ui.pairs(version_pairs(version))))
+
+
+def version_pairs(version):
+    return [("Version ID", version.get("id")), ("Version Number", version.get("version")),
+            ("Artifact ID", version.get("artifact")), ("Content Type", or_dash(version.get("content_type"))),
+            ("Size", human_size(version.get("size_bytes"))), ("Created By", or_dash(version.get("created_by"))),
+            ("Created", format_timestamp(version.get("created")))]
+
+
+UPLOAD_ARGS = (
+    arg("file", metavar="FILE", help="the file to upload"),
+    arg("--content-type", help="its media type (default: from the file name)"),
+    arg("--created-by", help="who made it"),
+    arg("--meta", metavar="JSON", help="metadata, a JSON value"))
+
+
+@command("artifact upload", "upload a file as a new version", ARTIFACT_ID, *UPLOAD_ARGS)
+def cmd_artifact_upload(ctx, args):
+    upload_version(ctx, args)
+
+
+@command("artifact version", "an artifact's versions: list, show, download, upload, create-json, delete")
+def cmd_artifact_version(ctx, args):
+    raise UsageError("artifact version needs a command: list, show, download, upload, create-json or delete")
+
+
+@command("artifact version list", "list an artifact's versions", ARTIFACT_ID)
+def cmd_artifact_version_list(ctx, args):
+    versions = list_items(ctx.session().call("GET", "/artifacts/%d/versions" % args.id))
+
+    def table():
+        if not versions:
+            return ctx.ui.info("No versions found for artifact %d" % args.id)
+        ctx.ui.table(["ID", "Version", "Content Type", "Size", "File Path", "Created By", "Created"],
+                     [[v.get("id"), "v%s" % v.get("version"), or_dash(v.get("content_type")),
+                       human_size(v.get("size_bytes")), v.get("file_path") or "(db)", or_dash(v.get("created_by")),
+                       format_timestamp(v.get("created"))] for v in versions])
+        ctx.ui.info("%d version(s) for artifact %d" % (len(versions), args.id))
+
+    ctx.ui.emit(versions, table)
+
+
+@command("artifact version show", "show one version", ARTIFACT_ID, VERSION_NUMBER)
+def cmd_artifact_version_show(ctx, args):
+    version = ctx.session().fetch("GET", "/artifacts/%d/versions/%d" % (args.id, args.version))
+
+    def table():
+        pairs = version_pairs(version)[:5]
+        pairs.append(("File Path", version["file_path"]) if version.get("file_path") else ("Storage", "Database"))
+        if version.get("content_json") is not None:
+            pairs.append(("JSON Content", clip(to_json(version["content_json"]), 300)))
+        if version.get("meta") is not None:
+            pairs.append(("Metadata", clip(to_json(version["meta"]), 200)))
+        pairs += version_pairs(version)[5:]
+        ctx.ui.pairs(pairs, "Version %d of Artifact %d" % (args.version, args.id))
+
+    ctx.ui.emit(version, table)
+
+
+@command("artifact version download", "download one version", ARTIFACT_ID, VERSION_NUMBER, *DOWNLOAD_ARGS)
+def cmd_artifact_version_download(ctx, args):
+    download_version(ctx, args, args.id, args.version)
+
+
+@command("artifact version upload", "upload a file as a new version", ARTIFACT_ID, *UPLOAD_ARGS)
+def cmd_artifact_version_upload(ctx, args):
+    upload_version(ctx, args)
+
+
+@command("artifact version create-json", "add a version holding a JSON document", ARTIFACT_ID,
+         arg("content", metavar="CONTENT", help="the document, JSON"),
+         arg("--content-type"), arg("--created-by"), arg("--meta", metavar="JSON"))
+def cmd_artifact_version_create_json(ctx, args):
+    body = {}
+    for key, text in (("content", args.content), ("meta", args.meta)):
+        if text is not None:
+            try:
+                body[key] = json_loads(text)
+            except ValueError:
+                raise UsageError("Invalid %s JSON: %s" % ("meta" if key == "meta" else "content", quoted(text)))
+    body.update((k, v) for k, v in (("content_type", args.content_type), ("created_by", args.created_by))
+                if v is not None)
+    version = ctx.session().fetch("POST", "/artifacts/%d/versions" % args.id, body)
+    ctx.ui.emit(version, lambda: (ctx.ui.success("JSON version %s created successfully" % version.get("version")),
+                                  ctx.ui.pairs(version_pairs(version))))
+
+
+@command("artifact version delete", "delete one version", ARTIFACT_ID, VERSION_NUMBER, YES)
+def cmd_artifact_version_delete(ctx, args):
+    delete_resource(ctx, args, "delete version %d of artifact %d" % (args.version, args.id),
+                    "/artifacts/%d/versions/%d" % (args.id, args.version),
+                    "Version %d of artifact %d deleted successfully" % (args.version, args.id),
+                    "Version deleted successfully", "Deletion cancelled")
 
 
 # === Commands: rules =========================================================
@@ -5841,15 +6180,17 @@ def quick_args(argv):
     return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
 
 
-def add_global_args(parser, top, own_version=False):
+def add_global_args(parser, top, own=()):
     """Global options, accepted before or after the command. Below the top level their
-    defaults are SUPPRESS, so a value given earlier is not overwritten. A command with a
-    --version of its own (`pack update --version 2.0.0`) keeps it: there the program's
-    version is asked for before the command."""
+    defaults are SUPPRESS, so a value given earlier is not overwritten. A command's own
+    option of the same name wins after the command (`pack update --version 2.0.0` is the
+    pack's version, `artifact download -o FILE` the target): there the global one is
+    given before the command."""
     group = parser.add_argument_group("global options")
     for flags, spec in GLOBAL_OPTIONS:
-        group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
-    if not own_version:
+        if not set(flags) & set(own):
+            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
+    if "--version" not in own:
         group.add_argument("--version", action="version", version=version_text())
 
 
@@ -5904,7 +6245,7 @@ def build_parser():
                            formatter_class=help_formatter, fill=fill)
 
     def fill_command(parser, cmd):
-        add_global_args(parser, top=False, own_version=any("--version" in flags for flags, _ in cmd.arguments))
+        add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
         # command_path lets the lock file say 'attune auth login' without any argument values
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
         for flags, spec in cmd.arguments:

@@ -490,6 +490,11 @@ class FakeAttune:
         self.actions, self.executions, self.plans = {}, {}, {}
         self.rules, self.triggers, self.sensors, self.keys, self.workflows = {}, {}, {}, {}, {}
         self.log_drops = {}
+        self.artifacts, self.artifact_versions = {}, {}
+        self.new_artifact("core.echo.stdout.log", owner="core.echo", name="stdout", content_type="text/plain",
+                          versions=[b"hello world\n", b"hello again\n"])
+        self.new_artifact("reports.summary", owner="reports", type="file_datatable", visibility="public",
+                          content_type="application/json")
         approve = {"type": "object", "properties": {"approved": {"type": "boolean"}}, "required": ["approved"]}
         self.inquiries = {
             1: self.new_inquiry(1, 7, "Deploy build 42 to production?", purpose="approval", schema=approve, options=[
@@ -850,6 +855,140 @@ class FakeAttune:
         self.plans[execution["id"]]["statuses"] = ["cancelled"]
         return 200, envelope(execution)
 
+    # artifacts
+    def new_artifact(self, ref, owner, scope="action", type="file_text", visibility="private", name=None,
+                     content_type=None, versions=(), **fields):
+        aid = len(self.artifacts) + 1
+        stamp = self.stamp()
+        self.artifacts[aid] = dict({"id": aid, "ref": ref, "scope": scope, "owner": owner, "type": type,
+                                    "visibility": visibility, "retention_policy": "versions", "retention_limit": 5,
+                                    "name": name, "description": None, "content_type": content_type,
+                                    "size_bytes": None, "execution": None, "data": None,
+                                    "created": stamp, "updated": stamp}, **fields)
+        self.artifact_versions[aid] = []
+        for content in versions:
+            self.add_version(aid, content, content_type)
+        return self.artifacts[aid]
+
+    def add_version(self, aid, content, content_type, created_by=None, meta=None, content_json=None):
+        versions = self.artifact_versions[aid]
+        number = max([v["version"] for v in versions] or [0]) + 1
+        version = {"id": 1000 * aid + number, "artifact": aid, "version": number, "content_type": content_type,
+                   "size_bytes": len(content), "content_json": content_json, "file_path": None, "meta": meta,
+                   "created_by": created_by, "created": self.stamp(), "content": content}
+        versions.append(version)
+        self.artifacts[aid]["size_bytes"] = len(content)
+        return version
+
+    def artifact(self, aid):
+        artifact = self.artifacts.get(int(aid))
+        return (artifact, None) if artifact else (None, api_error(404, "Artifact with ID %s not found" % aid,
+                                                                   "NOT_FOUND"))
+
+    def artifacts_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [a for _, a in sorted(self.artifacts.items())
+                if all(not q.get(k) or str(a.get(k)) == q[k] for k in ("scope", "owner", "type", "visibility", "execution"))
+                and (not q.get("name") or q["name"].lower() in (a.get("name") or "").lower())]
+        fields = ("id", "ref", "type", "visibility", "name", "content_type", "size_bytes", "scope", "owner",
+                  "created", "updated")
+        return self.paginate(req, [{k: a[k] for k in fields} for a in rows], "per_page")
+
+    def artifacts_show(self, req, aid):
+        artifact, error = self.artifact(aid)
+        return error or (200, envelope(artifact))
+
+    def artifacts_show_ref(self, req, ref):
+        found = [a for a in self.artifacts.values() if a["ref"] == ref]
+        return (200, envelope(found[0])) if found else api_error(404, "Artifact '%s' not found" % ref, "NOT_FOUND")
+
+    def artifacts_create(self, req):
+        body = req.json() or {}
+        if not str(body.get("ref") or "").strip():
+            return api_error(400, "Artifact ref must not be empty", "BAD_REQUEST")
+        if any(a["ref"] == body["ref"] for a in self.artifacts.values()):
+            return api_error(409, "Artifact with ref '%s' already exists" % body["ref"], "CONFLICT")
+        fields = {k: body[k] for k in ("retention_policy", "retention_limit", "description") if k in body}
+        artifact = self.new_artifact(body["ref"], body["owner"], body.get("scope", "action"), body.get("type"),
+                                     body.get("visibility") or "private", body.get("name"), body.get("content_type"),
+                                     **fields)
+        return 201, envelope(artifact, "Artifact created successfully")
+
+    def artifacts_delete(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        del self.artifacts[artifact["id"]], self.artifact_versions[artifact["id"]]
+        return 200, {"success": True, "message": "Artifact deleted successfully"}
+
+    def artifact_version(self, aid, number):
+        artifact, error = self.artifact(aid)
+        if error:
+            return None, error
+        found = [v for v in self.artifact_versions[artifact["id"]] if v["version"] == int(number)]
+        return (found[0], None) if found else (None, api_error(
+            404, "Version %s of artifact %s not found" % (number, aid), "NOT_FOUND"))
+
+    def artifacts_versions(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        return 200, envelope([{k: v for k, v in version.items() if k not in ("content", "content_json")}
+                              for version in reversed(self.artifact_versions[artifact["id"]])])
+
+    def artifacts_version_show(self, req, aid, number):
+        version, error = self.artifact_version(aid, number)
+        return error or (200, envelope({k: v for k, v in version.items() if k != "content"}))
+
+    def artifacts_version_json(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        body = req.json() or {}
+        version = self.add_version(artifact["id"], json.dumps(body.get("content")).encode(),
+                                   body.get("content_type", "application/json"), body.get("created_by"),
+                                   body.get("meta"), body.get("content"))
+        return 201, envelope({k: v for k, v in version.items() if k != "content"}, "Version created successfully")
+
+    def artifacts_upload(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
+        if "file" not in files:
+            return api_error(400, "No file provided in upload", "BAD_REQUEST")
+        filename, content_type, content = files["file"]
+        meta = json.loads(fields["meta"]) if "meta" in fields else None
+        version = self.add_version(artifact["id"], content, fields.get("content_type") or content_type,
+                                   fields.get("created_by"), meta)
+        version["uploaded_name"] = filename
+        return 201, envelope({k: v for k, v in version.items() if k not in ("content", "uploaded_name")},
+                             "Version uploaded successfully")
+
+    def artifacts_version_delete(self, req, aid, number):
+        version, error = self.artifact_version(aid, number)
+        if error:
+            return error
+        self.artifact_versions[int(aid)].remove(version)
+        return 200, {"success": True, "message": "Version deleted successfully"}
+
+    def artifacts_download(self, req, aid, number=None):
+        if number is None:
+            artifact, error = self.artifact(aid)
+            versions = self.artifact_versions[artifact["id"]] if artifact else []
+            if not error and not versions:
+                error = api_error(404, "Artifact %s has no versions" % aid, "NOT_FOUND")
+            version = versions[-1] if versions else None
+        else:
+            version, error = self.artifact_version(aid, number)
+        if error:
+            return error
+        artifact = self.artifacts[int(aid)]
+        name = "%s_v%d%s" % (artifact["ref"].replace(".", "_"), version["version"],
+                             ".txt" if (version["content_type"] or "").startswith("text/") else ".bin")
+        return 200, Download(version["content"], version["content_type"] or "application/octet-stream",
+                             'attachment; filename="%s"' % name)
+
     # inquiries
     def new_inquiry(self, iid, execution, prompt, status="pending", purpose=None, schema=None, options=None,
                     response=None, assigned_to=None):
@@ -1202,6 +1341,18 @@ ROUTES = [
     ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
     ("GET", r"/api/v1/executions/stream", "executions_stream"),
     ("GET", r"/api/v1/info", "info"),
+    ("GET", r"/api/v1/artifacts", "artifacts_list"),
+    ("POST", r"/api/v1/artifacts", "artifacts_create"),
+    ("GET", r"/api/v1/artifacts/ref/(?P<ref>.+)", "artifacts_show_ref"),
+    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)", "artifacts_show"),
+    ("DELETE", r"/api/v1/artifacts/(?P<aid>\d+)", "artifacts_delete"),
+    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/download", "artifacts_download"),
+    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions", "artifacts_versions"),
+    ("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions", "artifacts_version_json"),
+    ("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions/upload", "artifacts_upload"),
+    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)", "artifacts_version_show"),
+    ("DELETE", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)", "artifacts_version_delete"),
+    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)/download", "artifacts_download"),
     ("GET", r"/api/v1/inquiries", "inquiries_list"),
     ("POST", r"/api/v1/inquiries", "inquiries_create"),
     ("GET", r"/api/v1/inquiries/(?P<iid>\d+)", "inquiries_show"),
@@ -1240,6 +1391,13 @@ ROUTES = [
 
 
 ANONYMOUS_ROUTES = {"/api/v1/info"}  # no token needed (the server's public routes under /api/v1)
+
+
+class Download:
+    """A file answer: raw bytes with their media type and Content-Disposition."""
+
+    def __init__(self, content, content_type, disposition):
+        self.content, self.content_type, self.disposition = content, content_type, disposition
 
 
 class EventStream:
@@ -1360,6 +1518,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, body, headers=None, truncate=False):
         if isinstance(body, EventStream):
             return self.stream(body)
+        if isinstance(body, Download):
+            headers = dict(headers or {}, **{"Content-Type": body.content_type,
+                                             "Content-Disposition": body.disposition})
+            body = body.content
         if body is None:
             data = b""
         elif isinstance(body, bytes):
@@ -4479,6 +4641,146 @@ class InquiryCommandTests(ResourceTestCase):
         self.assertIn("Failed to read inquiry request file", self.fails(
             2, "inquiry", "execution", "create", "--request-file", os.path.join(self.tmp, "missing.json")).err)
         self.assertIn("inquiry execution needs a command", self.fails(2, "inquiry", "execution").err)
+
+
+class ArtifactCommandTests(ResourceTestCase):
+    def test_list(self):
+        lines = self.lines("artifact", "list")
+        self.assertEqual(lines[0].split(), ["Ref", "Name", "Type", "Visibility", "Size", "Created", "ID"])
+        self.assertEqual(lines[2].split()[:5], ["core.echo.stdout.log", "stdout", "file_text", "private", "12"])
+        self.assertEqual(lines[3].split()[:4], ["reports.summary", "-", "file_datatable", "public"])
+        self.assertEqual(lines[-1], "ℹ 2 artifact(s)")
+        self.assertEqual(self.targets(), ["GET /api/v1/artifacts?page=1&per_page=50"])
+        items = self.ok("artifact", "list", "--scope", "action", "--owner", "core echo", "--type", "file_text",
+                        "--visibility", "private", "--execution", "5", "--name", "out", "--page", "2",
+                        "--per-page", "10", "-j").json()
+        self.assertEqual(items, [])
+        self.assertEqual(self.targets()[-1], "GET /api/v1/artifacts?page=2&per_page=10&scope=action&owner=core+echo"
+                                             "&type=file_text&visibility=private&execution=5&name=out")
+        self.assertEqual(self.ok("artifact", "list", "--owner", "nobody").out, "ℹ No artifacts found\n")
+        self.assertEqual(self.ok("artifact", "list", "-j").json()[0]["ref"], "core.echo.stdout.log")
+
+    def test_show_by_id_or_ref(self):
+        lines = self.lines("artifact", "show", "1")
+        self.assertEqual(lines[:2], ["Artifact: core.echo.stdout.log", "─" * 30])
+        self.assertIn("Retention:     versions (limit: 5)", lines)
+        self.assertIn("Size:          12 B", lines)
+        self.ok("artifact", "show", "reports.summary")
+        self.assertEqual(self.targets(), ["GET /api/v1/artifacts/1", "GET /api/v1/artifacts/ref/reports.summary"])
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Artifact 'a/b' not found",
+                      self.fails(1, "artifact", "show", "a/b").err)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/artifacts/ref/a%2Fb")
+
+    def test_create_and_delete(self):
+        result = self.ok("artifact", "create", "--ref", "builds.log", "--owner", "ci.build", "--name", "Build log")
+        self.assertTrue(result.out.startswith("✓ Artifact 'builds.log' created successfully\n"))
+        self.assertEqual(self.server.requests[-1].json(), {
+            "ref": "builds.log", "scope": "action", "owner": "ci.build", "type": "file_text",
+            "retention_policy": "versions", "retention_limit": 5, "name": "Build log"})
+        self.assertIn("API error (409 Conflict, code CONFLICT): Artifact with ref 'builds.log' already exists",
+                      self.fails(1, "artifact", "create", "--ref", "builds.log", "--owner", "x").err)
+        self.assertIn("add --yes", self.fails(2, "artifact", "delete", "3").err)
+        self.assertEqual(self.ok("artifact", "delete", "3", "--yes").out, "✓ Artifact 3 deleted successfully\n")
+        self.assertEqual(self.targets()[-1], "DELETE /api/v1/artifacts/3")
+        self.assertNotIn(3, self.server.artifacts)
+
+    def test_download_names_and_force(self):
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, os.path.dirname(os.path.abspath(ATTUNE_PY)))
+        result = self.ok("artifact", "download", "1")
+        self.assertEqual(result.out, "✓ Downloaded latest version to 'core_echo_stdout_log_v2.txt' (12 B)\n")
+        with open(os.path.join(self.tmp, "core_echo_stdout_log_v2.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"hello again\n")
+        self.assertEqual(self.server.requests[-1].headers["Accept"], "*/*")
+        self.assertIn("exists; add --force", self.fails(2, "artifact", "download", "1").err)
+        target = os.path.join(self.tmp, "v1.log")
+        data = self.ok("artifact", "download", "1", "-V", "1", "-o", target, "-j").json()
+        self.assertEqual(data, {"artifact_id": 1, "version": 1, "path": target, "size_bytes": 12})
+        self.assertIn("exists; add --force", self.fails(2, "artifact", "version", "download", "1", "2", "-o", target).err)
+        self.ok("artifact", "version", "download", "1", "2", "-o", target, "--force")
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), b"hello again\n")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/artifacts/1/versions/2/download")
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o666 & ~attune.current_umask())
+        self.assertIn("Artifact 2 has no versions", self.fails(1, "artifact", "download", "2").err)
+
+    def test_hostile_file_names_fall_back_to_a_safe_one(self):
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, os.path.dirname(os.path.abspath(ATTUNE_PY)))
+        for disposition in ('attachment; filename="../../etc/passwd"', 'attachment; filename="/tmp/x"',
+                            'attachment; filename=".bashrc"', 'attachment; filename="a\\\\b"', "attachment",
+                            'attachment; filename="x\x1b[2J"', 'attachment; filename=".."', 'attachment; filename=""'):
+            with self.subTest(disposition=disposition):
+                self.server.fail("/api/v1/artifacts/1/download", status=200, body=b"data",
+                                 headers={"Content-Type": "application/json", "Content-Disposition": disposition})
+                result = self.ok("artifact", "download", "1", "--force")
+                self.assertEqual(result.out, "✓ Downloaded latest version to 'artifact_1_latest.json' (4 B)\n")
+        self.server.fail("/api/v1/artifacts/1/download", status=200, body=b"data",
+                         headers={"Content-Disposition": 'attachment; filename="build report.txt"'})
+        self.ok("artifact", "download", "1")
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["artifact_1_latest.json", "build report.txt", "home"])
+
+    def test_an_interrupted_download_leaves_no_file(self):
+        target = os.path.join(self.tmp, "out.txt")
+        for existing in (None, b"old contents\n"):
+            if existing is not None:
+                with open(target, "wb") as f:
+                    f.write(existing)
+            self.server.fail("/api/v1/artifacts/1/download", status=200, body=b"partial", truncate=True,
+                             headers={"Content-Type": "text/plain"})
+            result = self.fails(5, "artifact", "download", "1", "-o", target, "--force")
+            self.assertIn("the download broke off after 7 B", result.err)
+            self.assertEqual(os.listdir(self.tmp), ["home"] + (["out.txt"] if existing else []))
+            if existing:
+                with open(target, "rb") as f:
+                    self.assertEqual(f.read(), existing)
+
+    def test_download_to_stdout(self):
+        result = self.run_process("artifact", "download", "1", "-V", "1", "-o", "-")
+        self.assertEqual((result.code, result.out), (0, "hello world\n"))
+
+    def test_versions(self):
+        lines = self.lines("artifact", "version", "list", "1")
+        self.assertEqual(lines[0].split(), ["ID", "Version", "Content", "Type", "Size", "File", "Path", "Created", "By",
+                                            "Created"])
+        self.assertEqual([line.split()[1] for line in lines[2:4]], ["v2", "v1"])
+        self.assertEqual(lines[-1], "ℹ 2 version(s) for artifact 1")
+        self.assertEqual(self.ok("artifact", "version", "list", "2").out, "ℹ No versions found for artifact 2\n")
+        shown = self.lines("artifact", "version", "show", "1", "2")
+        self.assertEqual(shown[0], "Version 2 of Artifact 1")
+        self.assertIn("Storage:         Database", shown)
+        result = self.ok("artifact", "version", "create-json", "2", '{"rows": 3}', "--meta", '{"source": "ci"}',
+                         "--created-by", "ci")
+        self.assertTrue(result.out.startswith("✓ JSON version 1 created successfully\n"))
+        self.assertEqual(self.server.requests[-1].json(), {"content": {"rows": 3}, "meta": {"source": "ci"},
+                                                           "created_by": "ci"})
+        self.assertIn("Invalid content JSON", self.fails(2, "artifact", "version", "create-json", "2", "{x").err)
+        self.assertIn("Invalid meta JSON", self.fails(2, "artifact", "version", "create-json", "2", "1",
+                                                      "--meta", "{x").err)
+        self.assertEqual(self.ok("artifact", "version", "delete", "1", "1", "--yes").out,
+                         "✓ Version 1 of artifact 1 deleted successfully\n")
+        self.assertEqual([v["version"] for v in self.server.artifact_versions[1]], [2])
+        self.assertIn("artifact version needs a command", self.fails(2, "artifact", "version").err)
+
+    def test_upload(self):
+        path = os.path.join(self.tmp, "report.csv")
+        with open(path, "wb") as f:
+            f.write(b"a,b\n1,2\n")
+        result = self.ok("artifact", "upload", "2", path, "--meta", '{"run": 7}', "--created-by", "me")
+        self.assertEqual(result.out.splitlines()[:2], ["ℹ Uploading 'report.csv' (8 B) to artifact 2...",
+                                                       "✓ Version 1 uploaded successfully"])
+        fields, files = parse_multipart(self.server.requests[-1].body, self.server.requests[-1].headers["Content-Type"])
+        self.assertEqual(files["file"], ("report.csv", "text/csv", b"a,b\n1,2\n"))
+        self.assertEqual(fields, {"created_by": "me", "meta": '{"run": 7}'})
+        self.ok("artifact", "version", "upload", "2", path, "--content-type", "text/plain")
+        self.assertEqual(self.server.artifact_versions[2][-1]["content_type"], "text/plain")
+        self.assertIn("cannot read", self.fails(2, "artifact", "upload", "2", os.path.join(self.tmp, "nope")).err)
+        self.assertIn("Invalid meta JSON", self.fails(2, "artifact", "upload", "2", path, "--meta", "{").err)
+
+    def test_human_sizes(self):
+        for size, text in ((0, "0 B"), (1023, "1023 B"), (1024, "1.0 KB"), (1536, "1.5 KB"), (1 << 20, "1.0 MB"),
+                           (5 * (1 << 30) // 2, "2.50 GB"), (None, "-"), ("x", "x")):
+            self.assertEqual(attune.human_size(size), text)
 
 
 class RuleCommandTests(ResourceTestCase):

@@ -5018,6 +5018,236 @@ def cmd_artifact_version_delete(ctx, args):
                     "Version deleted successfully", "Deletion cancelled")
 
 
+# === Commands: identities ====================================================
+# Who can log in, their roles and whether they are frozen. Changes print a mutation
+# result {operation, target, dry_run, changed, would_change, before, after}, and with
+# --dry-run nothing is sent; a change that is already in place sends nothing either.
+
+group("identity", "list and show identities; add and remove roles; freeze and unfreeze")
+
+IDENTITY_SELECTOR = (
+    arg("login", metavar="LOGIN", nargs="?", help="the identity's login"),
+    arg("--identity-id", type=Number(1, MAX_ID), metavar="N", help="the identity's id instead of its login"))
+DRY_RUN = arg("--dry-run", action="store_true", help="say what would change; change nothing")
+
+
+def selected_identity(session, args):
+    """GET /identities/ID of LOGIN (resolved through ?login=) or --identity-id."""
+    if (args.login is None) == (args.identity_id is None):
+        raise UsageError("name the identity by LOGIN or --identity-id N (one of them)")
+    identity_id = args.identity_id
+    if identity_id is None:
+        found = list_items(session.call("GET", "/identities", query={"login": args.login}))
+        if not found or not isinstance(found[-1].get("id"), int):
+            raise ApiError("Identity %s not found" % quoted(args.login), 404)
+        identity_id = found[-1]["id"]
+    return session.fetch("GET", "/identities/%d" % identity_id)
+
+
+def identity_roles(identity):
+    roles = identity.get("roles")
+    return [r for r in roles if isinstance(r, dict)] if isinstance(roles, list) else []
+
+
+def role_rows(identity):
+    return [[r.get("id"), r.get("role"), r.get("source"), r.get("managed")] for r in identity_roles(identity)]
+
+
+def role_names(identity):
+    return sorted(str(r.get("role")) for r in identity_roles(identity))
+
+
+def mutation_result(ctx, operation, target, dry_run, before, after):
+    result = {"operation": operation, "target": target, "dry_run": dry_run,
+              "changed": not dry_run and before != after, "would_change": before != after,
+              "before": before, "after": after}
+    ctx.ui.emit(result, lambda: ctx.ui.out(to_json(result)))
+
+
+@command("identity list", "list identities",
+         arg("--login", help="only this login"),
+         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50))
+def cmd_identity_list(ctx, args):
+    body = ctx.session().call("GET", "/identities", query={"page": args.page, "page_size": args.per_page,
+                                                           "login": args.login})
+    items = list_items(body)
+    ctx.ui.emit(body, lambda: ctx.ui.table(
+        ["ID", "Login", "Display name", "Frozen", "Roles"],
+        [[i.get("id"), i.get("login"), i.get("display_name"), "true" if i.get("frozen") else "false",
+          ", ".join(str(r.get("role") if isinstance(r, dict) else r) for r in i.get("roles") or [])]
+         for i in items]))
+    note_partial(ctx, body.get("pagination"), len(items), "identities")
+
+
+@command("identity show", "show an identity, its roles and direct permissions", *IDENTITY_SELECTOR)
+def cmd_identity_show(ctx, args):
+    identity = selected_identity(ctx.session(), args)
+
+    def table():
+        ctx.ui.pairs([("ID", identity.get("id")), ("Login", identity.get("login")),
+                      ("Display name", identity.get("display_name")),
+                      ("Frozen", "true" if identity.get("frozen") else "false")])
+        ctx.ui.section("Roles")
+        ctx.ui.table(["ID", "Role", "Source", "Managed"], role_rows(identity), empty="No roles")
+        ctx.ui.section("Direct permissions")
+        ctx.ui.out(to_yaml(identity.get("direct_permissions") or []).rstrip("\n"))
+
+    ctx.ui.emit(identity, table)
+
+
+@command("identity role", "an identity's roles: list, add, remove")
+def cmd_identity_role(ctx, args):
+    raise UsageError("identity role needs a command: list, add or remove")
+
+
+@command("identity role list", "list an identity's roles", *IDENTITY_SELECTOR)
+def cmd_identity_role_list(ctx, args):
+    identity = selected_identity(ctx.session(), args)
+    ctx.ui.emit(identity_roles(identity),
+                lambda: ctx.ui.table(["ID", "Role", "Source", "Managed"], role_rows(identity), empty="No roles"))
+
+
+def role_argument(args):
+    if not 0 < len(args.role) <= 255 or not args.role.strip():
+        raise UsageError("Role name must contain 1 to 255 characters and cannot be blank")
+    return args.role
+
+
+@command("identity role add", "give an identity a role", *(IDENTITY_SELECTOR + (
+    arg("role", metavar="ROLE"), DRY_RUN)))
+def cmd_identity_role_add(ctx, args):
+    role = role_argument(args)
+    session = ctx.session()
+    identity = selected_identity(session, args)
+    before = role_names(identity)
+    after = sorted(set(before) | {role})
+    if after != before and not args.dry_run:
+        resp = session.request("POST", "/identities/%d/roles" % identity["id"], {"role": role})
+        if resp.status != 409 or role not in role_names(session.fetch("GET", "/identities/%d" % identity["id"])):
+            resp.check()
+    mutation_result(ctx, "role_add", {"identity_id": identity.get("id"), "login": identity.get("login"), "role": role},
+                    args.dry_run, before, after)
+
+
+@command("identity role remove", "take a role from an identity", *(IDENTITY_SELECTOR + (
+    arg("role", metavar="ROLE"), DRY_RUN)))
+def cmd_identity_role_remove(ctx, args):
+    role = role_argument(args)
+    session = ctx.session()
+    identity = selected_identity(session, args)
+    before = role_names(identity)
+    assignments = [r for r in identity_roles(identity) if r.get("role") == role]
+    if any(r.get("managed") for r in assignments):
+        raise AttuneError("Role %s is provider-managed; update membership through identity provider sync"
+                          % quoted(role))
+    if assignments and not args.dry_run:
+        for assignment in assignments:
+            resp = session.request("DELETE", "/identities/roles/%s" % path_segment(assignment.get("id")))
+            if resp.status != 404:  # already gone
+                resp.check()
+    mutation_result(ctx, "role_remove", {"identity_id": identity.get("id"), "login": identity.get("login"),
+                                         "role": role}, args.dry_run, before, [r for r in before if r != role])
+
+
+def freeze_identity(ctx, args, frozen):
+    session = ctx.session()
+    identity = selected_identity(session, args)
+    before = bool(identity.get("frozen"))
+    if before != frozen and not args.dry_run:
+        session.request("POST", "/identities/%d/%s" % (identity["id"], "freeze" if frozen else "unfreeze"),
+                        {}).check()
+    mutation_result(ctx, "freeze" if frozen else "unfreeze",
+                    {"identity_id": identity.get("id"), "login": identity.get("login")}, args.dry_run,
+                    {"frozen": before}, {"frozen": frozen})
+
+
+@command("identity freeze", "freeze an identity: it can no longer log in or act", *(IDENTITY_SELECTOR + (DRY_RUN,)))
+def cmd_identity_freeze(ctx, args):
+    freeze_identity(ctx, args, True)
+
+
+@command("identity unfreeze", "unfreeze an identity", *(IDENTITY_SELECTOR + (DRY_RUN,)))
+def cmd_identity_unfreeze(ctx, args):
+    freeze_identity(ctx, args, False)
+
+
+# === Commands: audit =========================================================
+
+group("audit", "read the server's audit log (needs audit_log:read)")
+
+
+def audit_actor(event):
+    return event.get("actor_login") or or_dash(event.get("actor_identity"))
+
+
+def audit_resource(event):
+    kind, ref = event.get("resource_type"), event.get("resource_ref")
+    return "%s:%s" % (kind, ref) if kind and ref else kind or "-"
+
+
+def audit_http(event):
+    method, status = event.get("http_method"), event.get("http_status")
+    return "%s %s" % (method, status) if method and status is not None else method or "-"
+
+
+@command("audit list", "list audit events, newest first",
+         arg("--category", choices=("api", "auth", "rbac", "secret", "admin", "execution", "pack")),
+         arg("--event-type"), arg("--outcome", choices=("success", "failure", "denied")),
+         arg("--actor-login"), arg("--actor-identity", type=Number(1, MAX_ID), metavar="N"),
+         arg("--resource-type"), arg("--resource-id", type=Number(0, MAX_ID), metavar="N"), arg("--resource-ref"),
+         arg("--http-method"), arg("--http-status", type=Number(100, 599), metavar="N"), arg("--http-path"),
+         arg("--request-id", metavar="UUID"),
+         arg("--after", metavar="ISO", help="created at or after this time (ISO 8601)"),
+         arg("--before", metavar="ISO", help="created before this time (ISO 8601)"),
+         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50))
+def cmd_audit_list(ctx, args):
+    body = ctx.session().call("GET", "/audit-events", query={
+        "page": args.page, "per_page": args.per_page, "category": args.category, "event_type": args.event_type,
+        "outcome": args.outcome, "actor_login": args.actor_login, "actor_identity": args.actor_identity,
+        "resource_type": args.resource_type, "resource_id": args.resource_id, "resource_ref": args.resource_ref,
+        "http_method": args.http_method, "http_status": args.http_status, "http_path": args.http_path,
+        "request_id": args.request_id, "created_after": args.after, "created_before": args.before})
+    events = list_items(body)
+    emit_list(ctx, events, body.get("pagination"), "audit events",
+              ["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Resource", "HTTP"],
+              lambda e: [e.get("id"), format_timestamp(e.get("created")), e.get("category"), e.get("event_type"),
+                         e.get("outcome"), audit_actor(e), audit_resource(e), audit_http(e)])
+
+
+@command("audit show", "show one audit event", arg("id", metavar="ID", type=Number(1, MAX_ID)))
+def cmd_audit_show(ctx, args):
+    event = ctx.session().fetch("GET", "/audit-events/%d" % args.id)
+
+    def table():
+        ctx.ui.pairs([(label, format_timestamp(event.get(key)) if key == "created" else or_dash(event.get(key)))
+                      for label, key in (
+            ("ID", "id"), ("Created", "created"), ("Category", "category"), ("Event Type", "event_type"),
+            ("Outcome", "outcome"), ("Actor Identity", "actor_identity"), ("Actor Login", "actor_login"),
+            ("Token Type", "actor_token_type"), ("Actor IP", "actor_ip"), ("User Agent", "user_agent"),
+            ("Resource Type", "resource_type"), ("Resource ID", "resource_id"), ("Resource Ref", "resource_ref"),
+            ("Pack Ref", "pack_ref"), ("HTTP Method", "http_method"), ("HTTP Path", "http_path"),
+            ("HTTP Status", "http_status"), ("Request ID", "request_id"), ("Parent Event ID", "parent_event_id"),
+            ("Error", "error"))], "Audit Event #%d" % args.id)
+        show_json_section(ctx, "Details", event.get("details"))
+
+    ctx.ui.emit(event, table)
+
+
+@command("audit chain", "every audit event of one request", arg("request_id", metavar="REQUEST_ID"))
+def cmd_audit_chain(ctx, args):
+    events = list_items(ctx.session().call("GET", "/audit-events/by-request/" + path_segment(args.request_id)))
+
+    def table():
+        if not events:
+            return ctx.ui.info("No audit events found for that request id")
+        ctx.ui.section("Audit chain for request %s (%d events)" % (args.request_id, len(events)))
+        ctx.ui.table(["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Path"],
+                     [[e.get("id"), format_timestamp(e.get("created")), e.get("category"), e.get("event_type"),
+                       e.get("outcome"), audit_actor(e), or_dash(e.get("http_path"))] for e in events])
+
+    ctx.ui.emit(events, table)
+
+
 # === Commands: rules =========================================================
 
 group("rule", "list, show, create, update, enable, disable and delete rules")

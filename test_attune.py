@@ -490,6 +490,35 @@ class FakeAttune:
         self.actions, self.executions, self.plans = {}, {}, {}
         self.rules, self.triggers, self.sensors, self.keys, self.workflows = {}, {}, {}, {}, {}
         self.log_drops = {}
+        stamp = self.stamp()
+        self.identities = {
+            1: {"id": 1, "login": "admin", "display_name": "Administrator", "frozen": False, "attributes": {},
+                "roles": [{"id": 11, "identity_id": 1, "role": "admin", "source": "local", "managed": False,
+                           "created": stamp, "updated": stamp}],
+                "direct_permissions": [{"id": 21, "identity_id": 1, "permission_set_id": 5,
+                                        "permission_set_ref": "core.admin", "created": stamp}]},
+            3: {"id": 3, "login": "zoe", "display_name": "Zoë Ørsted", "frozen": False, "attributes": {"team": "ops"},
+                "roles": [{"id": 31, "identity_id": 3, "role": "operators", "source": "oidc", "managed": True,
+                           "created": stamp, "updated": stamp}], "direct_permissions": []}}
+        chain = "6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f"
+        self.audit_events = [
+            {"id": 1, "created": "2026-11-20T10:00:00Z", "category": "auth", "event_type": "auth.login",
+             "outcome": "success", "actor_identity": 1, "actor_login": "admin", "actor_token_type": None,
+             "actor_ip": "10.0.0.5", "user_agent": "attune.py", "resource_type": None, "resource_id": None,
+             "resource_ref": None, "pack_ref": None, "http_method": "POST", "http_path": "/auth/login",
+             "http_status": 200, "request_id": chain, "parent_event_id": None, "error": None,
+             "details": {"password": "***", "method": "direct"}},
+            {"id": 2, "created": "2026-11-20T10:00:01Z", "category": "pack", "event_type": "pack.created",
+             "outcome": "success", "actor_identity": 1, "actor_login": "admin", "actor_token_type": "access",
+             "actor_ip": "10.0.0.5", "user_agent": "attune.py", "resource_type": "packs", "resource_id": 4,
+             "resource_ref": "ci", "pack_ref": "ci", "http_method": "POST", "http_path": "/api/v1/packs",
+             "http_status": 201, "request_id": chain, "parent_event_id": 1, "error": None, "details": {}},
+            {"id": 3, "created": "2026-11-21T08:30:00Z", "category": "rbac", "event_type": "rbac.denied",
+             "outcome": "denied", "actor_identity": 3, "actor_login": None, "actor_token_type": "access",
+             "actor_ip": None, "user_agent": None, "resource_type": "keys", "resource_id": None, "resource_ref": None,
+             "pack_ref": None, "http_method": None, "http_path": None, "http_status": None,
+             "request_id": "0b7d9a1e-3c4f-4e5a-8b6c-7d8e9f0a1b2c", "parent_event_id": None,
+             "error": "missing keys:read", "details": None}]
         self.artifacts, self.artifact_versions = {}, {}
         self.new_artifact("core.echo.stdout.log", owner="core.echo", name="stdout", content_type="text/plain",
                           versions=[b"hello world\n", b"hello again\n"])
@@ -854,6 +883,69 @@ class FakeAttune:
         execution["status"] = "canceling" if execution["status"] == "running" else "cancelled"
         self.plans[execution["id"]]["statuses"] = ["cancelled"]
         return 200, envelope(execution)
+
+    # audit
+    def audit_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [e for e in reversed(self.audit_events)
+                if all(not q.get(k) or str(e.get(k)) == q[k] for k in (
+                    "category", "event_type", "outcome", "actor_login", "actor_identity", "resource_type",
+                    "resource_id", "resource_ref", "http_method", "http_status", "http_path", "request_id"))
+                and (not q.get("created_after") or e["created"] >= q["created_after"])
+                and (not q.get("created_before") or e["created"] < q["created_before"])]
+        return self.paginate(req, rows, "per_page")
+
+    def audit_show(self, req, eid):
+        found = [e for e in self.audit_events if e["id"] == int(eid)]
+        return (200, envelope(found[0])) if found else api_error(404, "Audit event %s not found" % eid, "NOT_FOUND")
+
+    def audit_chain(self, req, rid):
+        if not re.match(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", rid):
+            return api_error(400, "Invalid request id: expected a UUID", "BAD_REQUEST")
+        return 200, envelope([e for e in self.audit_events if e["request_id"] == rid])
+
+    # identities
+    def identities_list(self, req):
+        login = req.query.get("login", [None])[0]
+        rows = [{"id": i["id"], "login": i["login"], "display_name": i["display_name"], "frozen": i["frozen"],
+                 "roles": [r["role"] for r in i["roles"]]}
+                for _, i in sorted(self.identities.items()) if login in (None, i["login"])]
+        return self.paginate(req, rows)
+
+    def identity(self, iid):
+        identity = self.identities.get(int(iid))
+        return (identity, None) if identity else (None, api_error(404, "Identity %s not found" % iid, "NOT_FOUND"))
+
+    def identities_show(self, req, iid):
+        identity, error = self.identity(iid)
+        return error or (200, envelope(identity))
+
+    def identities_add_role(self, req, iid):
+        identity, error = self.identity(iid)
+        if error:
+            return error
+        role = (req.json() or {}).get("role")
+        if any(r["role"] == role for r in identity["roles"]):
+            return api_error(409, "Identity already has role '%s'" % role, "CONFLICT")
+        assignment = {"id": self.new_id(), "identity_id": identity["id"], "role": role, "source": "local",
+                      "managed": False, "created": self.stamp(), "updated": self.stamp()}
+        identity["roles"].append(assignment)
+        return 201, envelope(assignment)
+
+    def identities_remove_role(self, req, aid):
+        for identity in self.identities.values():
+            for assignment in identity["roles"]:
+                if assignment["id"] == int(aid):
+                    identity["roles"].remove(assignment)
+                    return 200, {"success": True, "message": "Role assignment deleted successfully"}
+        return api_error(404, "Role assignment %s not found" % aid, "NOT_FOUND")
+
+    def identities_freeze(self, req, iid, action):
+        identity, error = self.identity(iid)
+        if error:
+            return error
+        identity["frozen"] = action == "freeze"
+        return 200, envelope(identity)
 
     # artifacts
     def new_artifact(self, ref, owner, scope="action", type="file_text", visibility="private", name=None,
@@ -1341,6 +1433,14 @@ ROUTES = [
     ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
     ("GET", r"/api/v1/executions/stream", "executions_stream"),
     ("GET", r"/api/v1/info", "info"),
+    ("GET", r"/api/v1/audit-events", "audit_list"),
+    ("GET", r"/api/v1/audit-events/(?P<eid>\d+)", "audit_show"),
+    ("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)", "audit_chain"),
+    ("GET", r"/api/v1/identities", "identities_list"),
+    ("GET", r"/api/v1/identities/(?P<iid>\d+)", "identities_show"),
+    ("POST", r"/api/v1/identities/(?P<iid>\d+)/roles", "identities_add_role"),
+    ("DELETE", r"/api/v1/identities/roles/(?P<aid>\d+)", "identities_remove_role"),
+    ("POST", r"/api/v1/identities/(?P<iid>\d+)/(?P<action>freeze|unfreeze)", "identities_freeze"),
     ("GET", r"/api/v1/artifacts", "artifacts_list"),
     ("POST", r"/api/v1/artifacts", "artifacts_create"),
     ("GET", r"/api/v1/artifacts/ref/(?P<ref>.+)", "artifacts_show_ref"),
@@ -4781,6 +4881,104 @@ class ArtifactCommandTests(ResourceTestCase):
         for size, text in ((0, "0 B"), (1023, "1023 B"), (1024, "1.0 KB"), (1536, "1.5 KB"), (1 << 20, "1.0 MB"),
                            (5 * (1 << 30) // 2, "2.50 GB"), (None, "-"), ("x", "x")):
             self.assertEqual(attune.human_size(size), text)
+
+
+class IdentityCommandTests(ResourceTestCase):
+    def test_list_and_show(self):
+        self.assertEqual(self.lines("identity", "list"), [
+            "ID  Login  Display name   Frozen  Roles", "──  ─────  ─────────────  ──────  ─────────",
+            "1   admin  Administrator  false   admin", "3   zoe    Zoë Ørsted     false   operators"])
+        self.assertEqual(self.targets(), ["GET /api/v1/identities?page=1&page_size=50"])
+        page = self.ok("identity", "list", "--login", "zoe", "--per-page", "100", "-j").json()
+        self.assertEqual([i["login"] for i in page["items"]], ["zoe"])
+        self.assertIn("pagination", page)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/identities?page=1&page_size=100&login=zoe")
+        self.fails(2, "identity", "list", "--per-page", "101")
+        out = self.ok("identity", "show", "admin").out
+        self.assertEqual(self.targets()[-2:], ["GET /api/v1/identities?login=admin", "GET /api/v1/identities/1"])
+        self.assertIn("Display name:  Administrator\nFrozen:        false\n\nRoles\n─────\n", out)
+        self.assertIn("11  admin  local   ✗", out)
+        self.assertIn("- id: 21\n  identity_id: 1\n  permission_set_id: 5\n  permission_set_ref: core.admin", out)
+        shown = self.ok("identity", "show", "--identity-id", "3", "-j").json()
+        self.assertEqual(sorted(shown), ["attributes", "direct_permissions", "display_name", "frozen", "id", "login",
+                                         "roles"])
+        self.assertIn("Identity 'nobody' not found", self.fails(1, "identity", "show", "nobody").err)
+        self.assertIn("name the identity by LOGIN or --identity-id N", self.fails(2, "identity", "show").err)
+        self.fails(2, "identity", "show", "zoe", "--identity-id", "3")
+
+    def test_roles(self):
+        self.assertEqual(self.ok("identity", "role", "list", "zoe", "-j").json()[0]["role"], "operators")
+        dry = self.ok("identity", "role", "add", "zoe", "auditors", "--dry-run", "-j").json()
+        self.assertEqual(dry, {"operation": "role_add", "target": {"identity_id": 3, "login": "zoe", "role": "auditors"},
+                               "dry_run": True, "changed": False, "would_change": True,
+                               "before": ["operators"], "after": ["auditors", "operators"]})
+        self.assertEqual([r.method for r in self.server.requests if r.method != "GET"], [])
+        done = json.loads(self.ok("identity", "role", "add", "zoe", "auditors").out)
+        self.assertTrue(done["changed"])
+        self.assertEqual(self.server.requests[-1].json(), {"role": "auditors"})
+        again = self.ok("identity", "role", "add", "zoe", "auditors", "-j").json()
+        self.assertEqual((again["changed"], again["would_change"]), (False, False))
+        self.assertEqual(self.server.count("POST", "/api/v1/identities/3/roles"), 1)
+        removed = self.ok("identity", "role", "remove", "--identity-id", "3", "auditors", "-j").json()
+        self.assertEqual((removed["changed"], removed["after"]), (True, ["operators"]))
+        self.assertIn("Role 'operators' is provider-managed",
+                      self.fails(1, "identity", "role", "remove", "zoe", "operators").err)
+        self.assertIn("Role name must contain 1 to 255 characters",
+                      self.fails(2, "identity", "role", "add", "zoe", "  ").err)
+
+    def test_freeze_and_unfreeze(self):
+        frozen = self.ok("identity", "freeze", "zoe", "-j").json()
+        self.assertEqual((frozen["operation"], frozen["before"], frozen["after"], frozen["changed"]),
+                         ("freeze", {"frozen": False}, {"frozen": True}, True))
+        self.assertTrue(self.server.identities[3]["frozen"])
+        self.assertEqual(self.sent("POST", "/api/v1/identities/3/freeze").json(), {})
+        self.assertFalse(self.ok("identity", "freeze", "zoe", "-j").json()["changed"])
+        self.assertEqual(self.server.count("POST", "/api/v1/identities/3/freeze"), 1)
+        self.ok("identity", "unfreeze", "zoe", "--dry-run")
+        self.assertTrue(self.server.identities[3]["frozen"])
+        self.ok("identity", "unfreeze", "zoe")
+        self.assertFalse(self.server.identities[3]["frozen"])
+
+
+class AuditCommandTests(ResourceTestCase):
+    def test_list_with_every_filter(self):
+        lines = self.lines("audit", "list")
+        self.assertEqual(lines[0].split(), ["ID", "Created", "Category", "Event", "Type", "Outcome", "Actor", "Resource",
+                                            "HTTP"])
+        self.assertEqual([line.split()[0] for line in lines[2:]], ["3", "2", "1"])
+        self.assertEqual(lines[3].split()[-4:], ["admin", "packs:ci", "POST", "201"])
+        self.assertEqual(lines[2].split()[-3:], ["3", "keys", "-"])
+        self.assertEqual(self.targets(), ["GET /api/v1/audit-events?page=1&per_page=50"])
+        self.ok("audit", "list", "--category", "pack", "--event-type", "pack.created", "--outcome", "success",
+                "--actor-login", "admin", "--actor-identity", "1", "--resource-type", "packs", "--resource-id", "4",
+                "--resource-ref", "ci", "--http-method", "POST", "--http-status", "201", "--http-path", "/api/v1/packs",
+                "--request-id", "6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f", "--after", "2026-11-20T00:00:00Z",
+                "--before", "2026-11-21T00:00:00Z", "--page", "1", "--per-page", "10")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/audit-events?page=1&per_page=10&category=pack"
+                         "&event_type=pack.created&outcome=success&actor_login=admin&actor_identity=1"
+                         "&resource_type=packs&resource_id=4&resource_ref=ci&http_method=POST&http_status=201"
+                         "&http_path=%2Fapi%2Fv1%2Fpacks&request_id=6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f"
+                         "&created_after=2026-11-20T00%3A00%3A00Z&created_before=2026-11-21T00%3A00%3A00Z")
+        self.assertEqual([e["id"] for e in self.ok("audit", "list", "--outcome", "denied", "-j").json()], [3])
+        self.assertEqual(self.ok("audit", "list", "--category", "secret").out, "ℹ No audit events found\n")
+        for bad in (["--category", "x"], ["--http-status", "99"], ["--per-page", "0"]):
+            self.fails(2, "audit", "list", *bad)
+
+    def test_show_and_chain(self):
+        out = self.ok("audit", "show", "1").out
+        self.assertTrue(out.startswith("Audit Event #1\n──────────────\nID:               1\n"), out)
+        self.assertIn("Created:          2026-11-20 10:00:00\n", out)
+        self.assertIn("Token Type:       -\n", out)
+        self.assertIn('Details\n───────\n{\n  "password": "***",\n  "method": "direct"\n}', out)
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Audit event 9 not found",
+                      self.fails(1, "audit", "show", "9").err)
+        lines = self.lines("audit", "chain", "6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f")
+        self.assertEqual(lines[0], "Audit chain for request 6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f (2 events)")
+        self.assertEqual([line.split()[0] for line in lines[4:]], ["1", "2"])
+        self.assertEqual(self.ok("audit", "chain", "00000000-0000-4000-8000-000000000000").out,
+                         "ℹ No audit events found for that request id\n")
+        self.assertIn("Invalid request id", self.fails(1, "audit", "chain", "not/a-uuid").err)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/audit-events/by-request/not%2Fa-uuid")
 
 
 class RuleCommandTests(ResourceTestCase):

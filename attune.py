@@ -5248,6 +5248,199 @@ def cmd_audit_chain(ctx, args):
     ctx.ui.emit(events, table)
 
 
+# === Commands: policies ======================================================
+# Execution policies: how many may run at once, how fast they may start, quotas; for
+# everything (global), a pack or an action.
+
+group("policy", "list, show, create, update, enable, disable and delete execution policies")
+
+
+def parse_window(text):
+    """argparse type: a rate-limit window, 60s, 10m, 1h or plain seconds."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower()) if text else None
+    seconds = parse_number(text[:-1] if scale else text, 1, MAX_SECONDS, True)
+    if seconds is None or seconds * (scale or 1) > MAX_SECONDS:
+        raise argparse.ArgumentTypeError("expected seconds, or a number with s, m or h (60s, 10m, 1h), not %r" % text)
+    return seconds * (scale or 1)
+
+
+POLICY_FEATURES = (
+    arg("--concurrency-limit", type=Number(0, MAX_ID), metavar="N", help="at most N running at once"),
+    arg("--on-concurrency", choices=("enqueue", "cancel"), help="what happens past the limit (default enqueue)"),
+    arg("--group-by", action="append", metavar="PATH", help="count concurrency per parameter value (repeatable)"),
+    arg("--rate-limit-max", type=Number(1, MAX_ID), metavar="N", help="at most N starts per window"),
+    arg("--rate-limit-window", type=parse_window, metavar="WINDOW", help="the window: 60s, 10m, 1h or seconds"),
+    arg("--quota-running-executions", type=Number(1, MAX_ID), metavar="N"),
+    arg("--quota-executions-total", type=Number(1, MAX_ID), metavar="N"),
+    arg("--tag", action="append", help="a tag (repeatable; on update, replaces the tags)"))
+
+
+def policy_scope_text(policy):
+    scope = policy.get("scope") if isinstance(policy.get("scope"), dict) else {}
+    kind = scope.get("type")
+    if kind == "pack":
+        return "pack:%s" % scope.get("pack_ref")
+    if kind == "action":
+        return "action:%s" % scope.get("action_ref")
+    return kind or "global"
+
+
+def policy_features(policy):
+    parts = []
+    concurrency = policy.get("concurrency")
+    if isinstance(concurrency, dict):
+        parts.append("concurrency %s/%s" % (concurrency.get("limit"), concurrency.get("method") or "enqueue"))
+    rate = policy.get("rate_limit")
+    if isinstance(rate, dict):
+        parts.append("rate %s/%ss" % (rate.get("max_executions"), rate.get("window_seconds")))
+    quotas = policy.get("quotas")
+    if isinstance(quotas, list) and quotas:
+        parts.append("%d quotas" % len(quotas))
+    return ", ".join(parts) or "none"
+
+
+def show_policy(ctx, policy, message=None):
+    def table():
+        if message:
+            ctx.ui.success(message)
+        ctx.ui.pairs([("Ref", policy.get("ref")), ("Name", policy.get("name")),
+                      ("Description", or_dash(policy.get("description"))), ("Enabled", policy.get("enabled")),
+                      ("Scope", policy_scope_text(policy)), ("Priority", policy.get("priority")),
+                      ("Features", policy_features(policy)), ("Tags", ", ".join(map(str, policy.get("tags") or [])) or "-")])
+        concurrency, rate, quotas = policy.get("concurrency"), policy.get("rate_limit"), policy.get("quotas")
+        if isinstance(concurrency, dict):
+            ctx.ui.section("Concurrency")
+            group_by = (concurrency.get("parameters") or {}).get("group_by") \
+                if isinstance(concurrency.get("parameters"), dict) else None
+            ctx.ui.pairs([("Limit", concurrency.get("limit")), ("Behavior", concurrency.get("method")),
+                          ("Group By", ", ".join(map(str, group_by or [])) or "-")])
+        if isinstance(rate, dict):
+            ctx.ui.section("Rate Limit")
+            ctx.ui.pairs([("Max Executions", rate.get("max_executions")),
+                          ("Window Seconds", rate.get("window_seconds"))])
+        if isinstance(quotas, list) and quotas:
+            ctx.ui.section("Quotas")
+            ctx.ui.table(["Type", "Limit"], [[q.get("quota_type"), q.get("limit")] for q in quotas
+                                             if isinstance(q, dict)])
+
+    ctx.ui.emit(policy, table)
+
+
+def policy_feature_fields(args):
+    """The feature keys of a create or update body, from the flags given."""
+    body = {}
+    if args.concurrency_limit is not None:
+        if args.concurrency_limit <= 0:
+            raise UsageError("--concurrency-limit must be greater than zero")
+        body["concurrency"] = {"limit": args.concurrency_limit, "method": args.on_concurrency or "enqueue",
+                               "parameters": {"group_by": args.group_by} if args.group_by else {}}
+    elif args.on_concurrency or args.group_by:
+        raise UsageError("--on-concurrency and --group-by need --concurrency-limit")
+    if (args.rate_limit_max is None) != (args.rate_limit_window is None):
+        raise UsageError("--rate-limit-max and --rate-limit-window must be provided together")
+    if args.rate_limit_max is not None:
+        body["rate_limit"] = {"max_executions": args.rate_limit_max, "window_seconds": args.rate_limit_window}
+    quotas = [{"quota_type": kind, "limit": limit} for kind, limit in (
+        ("running_executions", args.quota_running_executions), ("executions_total", args.quota_executions_total))
+        if limit is not None]
+    if quotas:
+        body["quotas"] = quotas
+    if args.tag:
+        body["tags"] = args.tag
+    return body
+
+
+@command("policy list", "list execution policies",
+         arg("--scope", choices=("global", "pack", "action")), arg("--pack"), arg("--action"),
+         arg("--enabled", type=parse_bool, metavar="BOOL"), arg("--tag"), ALL)
+def cmd_policy_list(ctx, args):
+    query = {"scope": args.scope, "pack_ref": args.pack, "action_ref": args.action, "tag": args.tag,
+             "enabled": None if args.enabled is None else str(args.enabled).lower()}
+    policies, pagination = fetch_list(ctx.session(), "/policies", query, every_page=args.all)
+    emit_list(ctx, policies, pagination, "policies", ["Ref", "Name", "Scope", "Features", "Priority", "Enabled"],
+              lambda p: [p.get("ref"), p.get("name"), policy_scope_text(p), policy_features(p), p.get("priority"),
+                         p.get("enabled")])
+
+
+@command("policy show", "show one policy", ref("policy"))
+def cmd_policy_show(ctx, args):
+    show_policy(ctx, ctx.session().fetch("GET", "/policies/" + path_segment(args.ref)))
+
+
+@command("policy create", "create an execution policy",
+         *((arg("--policy-ref", required=True, metavar="REF"), arg("--name", required=True),
+            arg("--scope", required=True, choices=("global", "pack", "action")), arg("--description"),
+            arg("--disabled", action="store_true", help="create it disabled"),
+            arg("--priority", type=Number(-MAX_ID, MAX_ID), default=0), arg("--pack"), arg("--action"))
+           + POLICY_FEATURES))
+def cmd_policy_create(ctx, args):
+    scope = {"type": args.scope}
+    if args.scope == "pack":
+        if not args.pack:
+            raise UsageError("--pack is required for pack scope")
+        scope["pack_ref"] = args.pack
+    if args.scope == "action":
+        if not args.action:
+            raise UsageError("--action is required for action scope")
+        scope["action_ref"] = args.action
+    features = policy_feature_fields(args)
+    if not set(features) - {"tags"}:
+        raise UsageError("At least one policy feature must be configured")
+    body = {"ref": args.policy_ref, "name": args.name, "enabled": not args.disabled, "priority": args.priority,
+            "scope": scope}
+    if args.description is not None:
+        body["description"] = args.description
+    body.update(features)
+    policy = ctx.session().fetch("POST", "/policies", body)
+    show_policy(ctx, policy, "Policy %s created" % policy.get("ref", args.policy_ref))
+
+
+@command("policy update", "change a policy (only the fields given)",
+         *((ref("policy"), arg("--name"), arg("--description", help="new description (an empty one clears it)"),
+            arg("--enabled", type=parse_bool, metavar="BOOL"), arg("--priority", type=Number(-MAX_ID, MAX_ID)),
+            arg("--clear-concurrency", action="store_true"), arg("--clear-rate-limit", action="store_true"),
+            arg("--clear-quotas", action="store_true")) + POLICY_FEATURES))
+def cmd_policy_update(ctx, args):
+    body = policy_feature_fields(args)
+    for flag, key, cleared in ((args.clear_concurrency, "concurrency", None),
+                               (args.clear_rate_limit, "rate_limit", None), (args.clear_quotas, "quotas", [])):
+        if flag:
+            if key in body:
+                raise UsageError("--clear-%s and a new %s contradict each other" % (key.replace("_", "-"), key))
+            body[key] = cleared
+    body.update((k, v) for k, v in (("name", args.name), ("enabled", args.enabled), ("priority", args.priority))
+                if v is not None)
+    if args.description is not None:
+        body["description"] = args.description or None
+    if not body:
+        raise UsageError("At least one field must be provided to update")
+    policy = ctx.session().fetch("PUT", "/policies/" + path_segment(args.ref), body)
+    show_policy(ctx, policy, "Policy %s updated" % args.ref)
+
+
+def toggle_policy(ctx, args, enabled):
+    policy = ctx.session().fetch("PUT", "/policies/" + path_segment(args.ref), {"enabled": enabled})
+    ctx.ui.emit(policy, lambda: ctx.ui.success("Policy %s %s" % (args.ref, "enabled" if enabled else "disabled")))
+
+
+@command("policy enable", "enable a policy", ref("policy"))
+def cmd_policy_enable(ctx, args):
+    toggle_policy(ctx, args, True)
+
+
+@command("policy disable", "disable a policy", ref("policy"))
+def cmd_policy_disable(ctx, args):
+    toggle_policy(ctx, args, False)
+
+
+@command("policy delete", "delete a policy", ref("policy"), YES)
+def cmd_policy_delete(ctx, args):
+    if not confirm(ctx, args, "delete policy %s" % quoted(args.ref)):
+        return
+    ctx.session().request("DELETE", "/policies/" + path_segment(args.ref)).check()
+    ctx.ui.emit({"deleted": args.ref}, lambda: ctx.ui.success("Policy %s deleted" % args.ref))
+
+
 # === Commands: rules =========================================================
 
 group("rule", "list, show, create, update, enable, disable and delete rules")

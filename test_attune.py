@@ -500,6 +500,12 @@ class FakeAttune:
             3: {"id": 3, "login": "zoe", "display_name": "Zoë Ørsted", "frozen": False, "attributes": {"team": "ops"},
                 "roles": [{"id": 31, "identity_id": 3, "role": "operators", "source": "oidc", "managed": True,
                            "created": stamp, "updated": stamp}], "direct_permissions": []}}
+        self.policies = {"core.limit": {
+            "id": 1, "ref": "core.limit", "name": "Core limit", "description": "Two at a time", "enabled": True,
+            "priority": 10, "scope": {"type": "pack", "pack_ref": "core"},
+            "concurrency": {"limit": 2, "method": "enqueue", "parameters": {"group_by": ["host"]}},
+            "rate_limit": {"max_executions": 30, "window_seconds": 60}, "quotas": [], "tags": ["ops"],
+            "created": stamp, "updated": stamp}}
         chain = "6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f"
         self.audit_events = [
             {"id": 1, "created": "2026-11-20T10:00:00Z", "category": "auth", "event_type": "auth.login",
@@ -883,6 +889,43 @@ class FakeAttune:
         execution["status"] = "canceling" if execution["status"] == "running" else "cancelled"
         self.plans[execution["id"]]["statuses"] = ["cancelled"]
         return 200, envelope(execution)
+
+    # policies
+    def policies_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [p for _, p in sorted(self.policies.items())
+                if (not q.get("scope") or p["scope"]["type"] == q["scope"])
+                and (not q.get("pack_ref") or p["scope"].get("pack_ref") == q["pack_ref"])
+                and (not q.get("action_ref") or p["scope"].get("action_ref") == q["action_ref"])
+                and (not q.get("enabled") or str(p["enabled"]).lower() == q["enabled"])
+                and (not q.get("tag") or q["tag"] in p["tags"])]
+        return self.paginate(req, rows)
+
+    def policies_show(self, req, ref):
+        policy = self.policies.get(ref)
+        return (200, envelope(policy)) if policy else api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
+
+    def policies_create(self, req):
+        body = req.json() or {}
+        if body.get("ref") in self.policies:
+            return api_error(409, "Policy with ref '%s' already exists" % body["ref"], "CONFLICT")
+        stamp = self.stamp()
+        policy = dict({"id": self.new_id(), "description": None, "concurrency": None, "rate_limit": None,
+                       "quotas": [], "tags": [], "created": stamp, "updated": stamp}, **body)
+        self.policies[body["ref"]] = policy
+        return 201, envelope(policy, "Policy created successfully")
+
+    def policies_update(self, req, ref):
+        policy = self.policies.get(ref)
+        if not policy:
+            return api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
+        policy.update(req.json() or {}, updated=self.stamp())
+        return 200, envelope(policy, "Policy updated successfully")
+
+    def policies_delete(self, req, ref):
+        if self.policies.pop(ref, None) is None:
+            return api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
+        return 200, {"success": True, "message": "Policy deleted successfully"}
 
     # audit
     def audit_list(self, req):
@@ -1433,6 +1476,11 @@ ROUTES = [
     ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
     ("GET", r"/api/v1/executions/stream", "executions_stream"),
     ("GET", r"/api/v1/info", "info"),
+    ("GET", r"/api/v1/policies", "policies_list"),
+    ("POST", r"/api/v1/policies", "policies_create"),
+    ("GET", r"/api/v1/policies/" + REF, "policies_show"),
+    ("PUT", r"/api/v1/policies/" + REF, "policies_update"),
+    ("DELETE", r"/api/v1/policies/" + REF, "policies_delete"),
     ("GET", r"/api/v1/audit-events", "audit_list"),
     ("GET", r"/api/v1/audit-events/(?P<eid>\d+)", "audit_show"),
     ("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)", "audit_chain"),
@@ -4979,6 +5027,71 @@ class AuditCommandTests(ResourceTestCase):
                          "ℹ No audit events found for that request id\n")
         self.assertIn("Invalid request id", self.fails(1, "audit", "chain", "not/a-uuid").err)
         self.assertEqual(self.targets()[-1], "GET /api/v1/audit-events/by-request/not%2Fa-uuid")
+
+
+class PolicyCommandTests(ResourceTestCase):
+    def test_list_and_show(self):
+        lines = self.lines("policy", "list")
+        self.assertEqual(lines[0].split(), ["Ref", "Name", "Scope", "Features", "Priority", "Enabled"])
+        self.assertEqual(lines[2].split()[-2:], ["10", "✓"])
+        self.assertEqual(self.targets(), ["GET /api/v1/policies"])
+        row = self.lines("policy", "list")[2]
+        self.assertIn("pack:core", row)
+        self.assertIn("concurrency 2/enqueue, rate 30/60s", row)
+        self.ok("policy", "list", "--scope", "pack", "--pack", "core", "--enabled", "true", "--tag", "ops")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/policies?scope=pack&pack_ref=core&tag=ops&enabled=true")
+        self.assertEqual(self.ok("policy", "list", "--scope", "action").out, "ℹ No policies found\n")
+        out = self.ok("policy", "show", "core.limit").out
+        self.assertIn("Features:     concurrency 2/enqueue, rate 30/60s\nTags:         ops\n", out)
+        self.assertIn("Concurrency\n───────────\nLimit:     2\nBehavior:  enqueue\nGroup By:  host\n", out)
+        self.assertIn("Rate Limit\n──────────\nMax Executions:  30\nWindow Seconds:  60", out)
+
+    def test_create(self):
+        result = self.ok("policy", "create", "--policy-ref", "deploy.serial", "--name", "Serial deploys",
+                         "--scope", "action", "--action", "deploy.run", "--concurrency-limit", "1",
+                         "--on-concurrency", "cancel", "--group-by", "env", "--rate-limit-max", "5",
+                         "--rate-limit-window", "10m", "--quota-running-executions", "3", "--tag", "a", "--tag", "b",
+                         "--priority", "-5", "--disabled", "--description", "one at a time")
+        self.assertTrue(result.out.startswith("✓ Policy deploy.serial created\n"))
+        self.assertEqual(self.server.requests[-1].json(), {
+            "ref": "deploy.serial", "name": "Serial deploys", "enabled": False, "priority": -5,
+            "scope": {"type": "action", "action_ref": "deploy.run"}, "description": "one at a time",
+            "concurrency": {"limit": 1, "method": "cancel", "parameters": {"group_by": ["env"]}},
+            "rate_limit": {"max_executions": 5, "window_seconds": 600},
+            "quotas": [{"quota_type": "running_executions", "limit": 3}], "tags": ["a", "b"]})
+        self.assertIn("Policy with ref 'deploy.serial' already exists", self.fails(
+            1, "policy", "create", "--policy-ref", "deploy.serial", "--name", "x", "--scope", "global",
+            "--quota-executions-total", "9").err)
+        base = ["policy", "create", "--policy-ref", "p", "--name", "n"]
+        for extra, message in (
+                (["--scope", "global"], "At least one policy feature must be configured"),
+                (["--scope", "global", "--tag", "x"], "At least one policy feature must be configured"),
+                (["--scope", "pack", "--concurrency-limit", "1"], "--pack is required for pack scope"),
+                (["--scope", "action", "--concurrency-limit", "1"], "--action is required for action scope"),
+                (["--scope", "global", "--concurrency-limit", "0"], "--concurrency-limit must be greater than zero"),
+                (["--scope", "global", "--rate-limit-max", "3"], "must be provided together"),
+                (["--scope", "global", "--rate-limit-window", "1h"], "must be provided together"),
+                (["--scope", "global", "--rate-limit-max", "3", "--rate-limit-window", "1x"], "expected seconds"),
+                (["--scope", "global", "--rate-limit-max", "3", "--rate-limit-window", "-5"], "expected seconds")):
+            with self.subTest(extra=extra):
+                self.assertIn(message, self.fails(2, *(base + extra)).err)
+
+    def test_update_toggle_and_delete(self):
+        self.ok("policy", "update", "core.limit", "--clear-concurrency", "--clear-quotas", "--description", "",
+                "--priority", "3", "--rate-limit-max", "1", "--rate-limit-window", "30")
+        self.assertEqual(self.server.requests[-1].json(), {
+            "rate_limit": {"max_executions": 1, "window_seconds": 30}, "concurrency": None, "quotas": [],
+            "priority": 3, "description": None})
+        self.assertIn("At least one field", self.fails(2, "policy", "update", "core.limit").err)
+        self.assertIn("contradict", self.fails(2, "policy", "update", "core.limit", "--clear-rate-limit",
+                                               "--rate-limit-max", "1", "--rate-limit-window", "5").err)
+        self.assertEqual(self.ok("policy", "disable", "core.limit").out, "✓ Policy core.limit disabled\n")
+        self.assertEqual(self.server.requests[-1].json(), {"enabled": False})
+        self.assertEqual(self.ok("policy", "enable", "core.limit").out, "✓ Policy core.limit enabled\n")
+        self.assertIn("add --yes", self.fails(2, "policy", "delete", "core.limit").err)
+        self.assertEqual(self.ok("policy", "delete", "core.limit", "--yes", "-j").json(), {"deleted": "core.limit"})
+        self.assertEqual(self.targets()[-1], "DELETE /api/v1/policies/core.limit")
+        self.assertIn("Policy 'core.limit' not found", self.fails(1, "policy", "show", "core.limit").err)
 
 
 class RuleCommandTests(ResourceTestCase):

@@ -4282,12 +4282,12 @@ def fetch_executions(session, args, every_page=False):
     """GET /executions with the filters the server knows, then the rest on this side;
     (executions newest first, pagination)."""
     statuses = wanted_statuses(args)
+    result_text = args.result.lower() if args.result else None  # lower-cased, as the Rust CLI sends it
     query = {"per_page": args.limit, "pack_name": args.pack, "action_ref": args.action,
              "rule_ref": args.rule, "trigger_ref": args.trigger, "trace_tag": args.trace_tag,
-             "status": statuses[0] if len(statuses) == 1 else None, "result_contains": args.result,
+             "status": statuses[0] if len(statuses) == 1 else None, "result_contains": result_text,
              "top_level_only": "true" if args.top_level_only else None}
     found, pagination = fetch_list(session, "/executions", query, "per_page", every_page)
-    result_text = args.result.lower() if args.result else None
     rows = newest_first(e for e in found if execution_matches(e, args, statuses, result_text))
     return (rows if every_page else rows[:args.limit]), pagination
 
@@ -5446,11 +5446,12 @@ def cmd_policy_delete(ctx, args):
 group("rule", "list, show, create, update, enable, disable and delete rules")
 
 RULE_OPTIONS = (
-    arg("--description"),
-    arg("--conditions", metavar="JSON", help="match conditions (JSON)"),
+    arg("-d", "--description"),
+    arg("--conditions", "--criteria", dest="conditions", metavar="JSON", help="match conditions (JSON)"),
     arg("--action-params", metavar="JSON", help="action parameters (JSON object)"),
     arg("--trigger-params", metavar="JSON", help="trigger parameters (JSON object)"),
-    arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"))
+    arg("--trace-tag-template", metavar="TEMPLATE", help="the trace tag its executions get"),
+    arg("--enabled", type=parse_bool, nargs="?", const=True, metavar="BOOL", help="true (alone: true) or false"))
 
 
 def rule_pairs(rule):
@@ -5471,6 +5472,8 @@ def rule_fields(args):
             body[flag] = parse_json_arg(value, "--" + flag.replace("_", "-"))
     if args.enabled is not None:
         body["enabled"] = args.enabled
+    if args.trace_tag_template is not None:
+        body["trace_tag_template"] = args.trace_tag_template
     return body
 
 
@@ -5498,13 +5501,23 @@ def cmd_rule_show(ctx, args):
 
 
 @command("rule create", "create a rule linking a trigger to an action",
-         arg("--ref", required=True, help="rule ref (pack.name)"),
-         arg("--pack", required=True, help="pack ref"),
-         arg("--label", required=True, help="label"),
-         arg("--trigger", required=True, help="trigger ref"),
-         arg("--action", required=True, help="action ref"), *RULE_OPTIONS)
+         arg("--ref", help="rule ref (pack.name)"),
+         arg("-n", "--name", help="rule name, or pack.name (the Rust CLI's way to give the ref)"),
+         arg("-p", "--pack", help="pack ref (default: the ref's first part); after `rule create`, -p is the pack"),
+         arg("--label", help="label (default: the name)"),
+         arg("-t", "--trigger", required=True, help="trigger ref"),
+         arg("-a", "--action", required=True, help="action ref"), *RULE_OPTIONS)
 def cmd_rule_create(ctx, args):
-    body = {"ref": args.ref, "pack_ref": args.pack, "label": args.label, "trigger_ref": args.trigger,
+    """The server's body {ref, pack_ref, label, trigger_ref, action_ref, ...}, from either
+    this program's flags (--ref, --pack, --label) or the Rust CLI's (-n NAME, -p PACK)."""
+    if (args.ref is None) == (args.name is None):
+        raise UsageError("give the rule's ref with --ref PACK.NAME or -n/--name NAME (one of them)")
+    name = args.ref or args.name
+    pack = args.pack or (name.split(".", 1)[0] if "." in name else None)
+    if not pack:
+        raise UsageError("--pack is required when the name has no pack part")
+    ref = name if "." in name else "%s.%s" % (pack, name)
+    body = {"ref": ref, "pack_ref": pack, "label": args.label or ref.split(".", 1)[1], "trigger_ref": args.trigger,
             "action_ref": args.action}
     body.update(rule_fields(args))
     rule = ctx.session().fetch("POST", "/rules", body)
@@ -5517,9 +5530,14 @@ def cmd_rule_create(ctx, args):
     ctx.ui.emit(rule, table)
 
 
-@command("rule update", "change a rule", ref("rule"), arg("--label"), *RULE_OPTIONS)
+@command("rule update", "change a rule", ref("rule"), arg("--label"),
+         arg("--clear-trace-tag-template", action="store_true", help="remove the trace tag template"), *RULE_OPTIONS)
 def cmd_rule_update(ctx, args):
     body = rule_fields(args)
+    if args.clear_trace_tag_template:
+        if "trace_tag_template" in body:
+            raise UsageError("--trace-tag-template and --clear-trace-tag-template contradict each other")
+        body["trace_tag_template"] = None
     if args.label is not None:
         body["label"] = args.label
     if not body:

@@ -1441,7 +1441,7 @@ EXECUTION_SUMMARY_FIELDS = ("id", "action_ref", "status", "parent", "enforcement
                             "trace_tag", "timeout_seconds", "started_at", "workflow_task", "original_execution",
                             "created", "updated")
 RULE_FIELDS = ("ref", "pack_ref", "label", "description", "trigger_ref", "action_ref", "conditions",
-               "action_params", "trigger_params", "enabled")
+               "action_params", "trigger_params", "enabled", "trace_tag_template")
 REF = r"(?P<ref>[^/]+)"
 
 ROUTES = [
@@ -4008,7 +4008,7 @@ class ActionCommandTests(ResourceTestCase):
 class ExecutionCommandTests(ResourceTestCase):
     def test_list_sends_the_filters_the_server_knows(self):
         self.ok("execution", "list", "--pack", "core", "-a", "core.*", "--rule", "r.x", "--trigger", "t.y",
-                "--trace-tag", "tag", "-s", "Running", "-r", "boom", "--top-level-only", "-l", "25")
+                "--trace-tag", "tag", "-s", "Running", "-r", "BooM", "--top-level-only", "-l", "25")
         self.assertEqual(self.targets(), [
             "GET /api/v1/executions?per_page=25&pack_name=core&action_ref=core.%2A&rule_ref=r.x"
             "&trigger_ref=t.y&trace_tag=tag&status=running&result_contains=boom&top_level_only=true"])
@@ -5136,6 +5136,28 @@ class RuleCommandTests(ResourceTestCase):
         self.assertIn("Trigger 'no.trigger' not found", self.fails(
             1, "rule", "create", "--ref", "a.b", "--pack", "examples", "--label", "l", "--trigger", "no.trigger",
             "--action", "core.echo").err)
+
+    def test_create_with_the_rust_clis_flags(self):
+        """-n/--name, -p/--pack (the pack after `rule create`), -t, -a, -d, --criteria, --enabled alone."""
+        self.ok("rule", "create", "-n", "on_tick", "-p", "examples", "-t", "core.timer", "-a", "core.echo",
+                "-d", "every tick", "--criteria", '{"all": []}', "--trace-tag-template", "tick-{{ event.id }}",
+                "--enabled")
+        self.assertEqual(self.server.requests[-1].json(), {
+            "ref": "examples.on_tick", "pack_ref": "examples", "label": "on_tick", "trigger_ref": "core.timer",
+            "action_ref": "core.echo", "description": "every tick", "conditions": {"all": []}, "enabled": True,
+            "trace_tag_template": "tick-{{ event.id }}"})
+        self.assertEqual(self.server.rules["examples.on_tick"]["trace_tag_template"], "tick-{{ event.id }}")
+        self.ok("-p", "default", "rule", "create", "--name", "linux.on_boot", "--trigger", "core.timer",
+                "--action", "core.echo")
+        self.assertEqual(self.server.requests[-1].json()["pack_ref"], "linux")
+        for extra, message in ((["--ref", "a.b", "-n", "b"], "one of them"), ([], "one of them"),
+                               (["-n", "plain"], "--pack is required")):
+            with self.subTest(extra=extra):
+                self.assertIn(message, self.fails(2, "rule", "create", "-t", "core.timer", "-a", "core.echo",
+                                                  *extra).err)
+        self.ok("rule", "update", "examples.on_tick", "--clear-trace-tag-template")
+        self.assertEqual(self.server.requests[-1].json(), {"trace_tag_template": None})
+        self.fails(2, "rule", "update", "examples.on_tick", "--clear-trace-tag-template", "--trace-tag-template", "x")
 
     def test_update(self):
         result = self.ok("rule", "update", "linux.on_file", "--label", "New", "--enabled", "true",

@@ -3271,7 +3271,48 @@ def execute_body(args, action_ref, parameters):
             body[flag] = parse_json_arg(value, "--" + flag.replace("_", "-"))
     if args.execution_timeout is not None:
         body["timeout_seconds"] = args.execution_timeout
+    env = environment_variables(args)
+    if env is not None:
+        body["env_vars"] = env
+    if args.permission_set is not None and args.no_api_token:
+        raise UsageError("--permission-set and --no-api-token contradict each other")
+    if args.permission_set is not None:
+        if not all(ref.strip() for ref in args.permission_set):
+            raise UsageError("Permission set refs cannot be empty")
+        body["permission_set_refs"] = args.permission_set
+    elif args.no_api_token:
+        body["permission_set_refs"] = []  # an explicit empty list: not the action's default sets
+    if args.artifact_retention_policy is not None:
+        body["artifact_retention_policy"] = args.artifact_retention_policy
+    if args.artifact_retention_limit is not None:
+        body["artifact_retention_limit"] = args.artifact_retention_limit
     return body
+
+
+def environment_variables(args):
+    """env_vars from --env KEY=VALUE or --env-json; None when neither is given. Names with
+    the ATTUNE_ prefix are the worker's own and are refused."""
+    if args.env and args.env_json is not None:
+        raise UsageError("--env and --env-json contradict each other")
+    if args.env_json is not None:
+        env = parse_json_arg(args.env_json, "--env-json")
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise UsageError("Invalid --env-json: it must be a JSON object of strings")
+    elif args.env:
+        env = {}
+        for item in args.env:
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise UsageError("Invalid environment variable %s. Expected KEY=VALUE" % quoted(item))
+            if not name:
+                raise UsageError("Environment variable name cannot be empty")
+            env[name] = value
+    else:
+        return None
+    reserved = sorted(name for name in env if name.upper().startswith("ATTUNE_"))
+    if reserved:
+        raise UsageError("environment variable %s uses the reserved ATTUNE_ prefix" % quoted(reserved[0]))
+    return env
 
 
 def confirm(ctx, args, what, cancelled="Delete cancelled"):
@@ -4102,6 +4143,14 @@ EXECUTE_ARGS = (
     arg("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)"),
     arg("--execution-timeout", type=Number(1), metavar="SECONDS",
         help="timeout the server enforces on the execution"),
+    arg("--env", action="append", metavar="KEY=VALUE", help="an environment variable for the action (repeatable)"),
+    arg("--env-json", metavar="JSON", help="all environment variables as one JSON object of strings"),
+    arg("--permission-set", action="append", metavar="REF",
+        help="run with this permission set's grants (repeatable)"),
+    arg("--no-api-token", action="store_true", help="give the execution no API token (no permission sets)"),
+    arg("--artifact-retention-policy", choices=("versions", "days", "hours", "minutes")),
+    arg("--artifact-retention-limit", type=Number(1, MAX_ID), metavar="N",
+        help="how many artifact versions (or days, ...) to keep"),
     arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
     arg("--timeout", type=Number(1), metavar="SECONDS",
         help="with --watch: stop waiting after this long (default 300)"),
@@ -4163,7 +4212,32 @@ def cmd_action_search(ctx, args):
 
 
 def cmd_action_toggle(ctx, args, enabled):
-    action = ctx.session().fetch("PUT", "/actions/" + path_segment(args.ref), {"enabled": enabled})
+    update_action(ctx, args.ref, {"enabled": enabled})
+
+
+@command("action update", "change an action (only the fields given)", ref("action"),
+         arg("--label"), arg("--description"), arg("--entrypoint"), arg("--runtime", type=Number(1, MAX_ID),
+                                                                         metavar="RUNTIME_ID", help="runtime id"),
+         arg("--enabled", type=parse_bool, metavar="BOOL"),
+         arg("--timeout-seconds", type=Number(1, MAX_SECONDS), metavar="N", help="the action's execution timeout"),
+         arg("--clear-timeout", action="store_true", help="remove the action's execution timeout"))
+def cmd_action_update(ctx, args):
+    body = {k: v for k, v in (("label", args.label), ("description", args.description),
+                              ("entrypoint", args.entrypoint), ("runtime", args.runtime), ("enabled", args.enabled))
+            if v is not None}
+    if args.timeout_seconds is not None and args.clear_timeout:
+        raise UsageError("--timeout-seconds and --clear-timeout contradict each other")
+    if args.timeout_seconds is not None:
+        body["timeout_seconds"] = {"op": "set", "value": args.timeout_seconds}
+    elif args.clear_timeout:
+        body["timeout_seconds"] = {"op": "clear"}
+    if not body:
+        raise UsageError("At least one field must be provided to update")
+    update_action(ctx, args.ref, body)
+
+
+def update_action(ctx, ref, body):
+    action = ctx.session().fetch("PUT", "/actions/" + path_segment(ref), body)
 
     def table():
         ctx.ui.success("Action '%s' updated successfully" % action.get("ref"))
@@ -4511,6 +4585,26 @@ def poll_executions(ctx, session, args, view, executions, deadline):
             view.show(executions)
     ctx.ui.success("All watched executions are done")
     return 0
+
+
+@command("execution trace-report", "everything that carried one trace tag", arg("tag", metavar="TAG"))
+def cmd_execution_trace_report(ctx, args):
+    report = ctx.session().fetch("GET", "/traces/" + path_segment(args.tag))
+
+    def count(key):
+        value = report.get(key)
+        return len(value) if isinstance(value, list) else 0
+
+    def table():
+        origins = report.get("origins") if isinstance(report.get("origins"), list) else []
+        ctx.ui.pairs([("Executions", count("executions")), ("Enforcements", count("enforcements")),
+                      ("Events", count("events")), ("Queue Dispatches", count("queue_dispatches")),
+                      ("Queue Items", count("queue_items")),
+                      ("Origins", ", ".join(cell_text(o) for o in origins) or "-")], "Trace Report: %s" % args.tag)
+        ctx.ui.out()
+        ctx.ui.out(to_json(report))
+
+    ctx.ui.emit(report, table)
 
 
 @command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
@@ -5624,6 +5718,33 @@ def cmd_trigger_show(ctx, args):
             ctx.ui.info("Key: %s" % trigger["webhook_key"])
         show_json_section(ctx, "Parameter Schema", trigger.get("param_schema"))
         show_json_section(ctx, "Output Schema", trigger.get("out_schema"))
+
+    ctx.ui.emit(trigger, table)
+
+
+@command("trigger update", "change a trigger (only the fields given)", ref("trigger"),
+         arg("--label"), arg("--description"), arg("--enabled", type=parse_bool, metavar="BOOL"),
+         arg("--reference-visibility", choices=("public", "private", "restricted"),
+             help="which packs may use it in rules"),
+         arg("--reference-allowed-pack-refs", metavar="A,B", help="with restricted: the packs allowed"))
+def cmd_trigger_update(ctx, args):
+    body = {k: v for k, v in (("label", args.label), ("enabled", args.enabled),
+                              ("reference_visibility", args.reference_visibility)) if v is not None}
+    if args.description is not None:
+        body["description"] = {"op": "set", "value": args.description}
+    if split_list(args.reference_allowed_pack_refs):
+        body["reference_allowed_pack_refs"] = split_list(args.reference_allowed_pack_refs)
+    if not body:
+        raise UsageError("At least one field must be provided to update")
+    trigger = ctx.session().fetch("PUT", "/triggers/" + path_segment(args.ref), body)
+
+    def table():
+        ctx.ui.success("Trigger '%s' updated successfully" % trigger.get("ref"))
+        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_none(trigger.get("pack_ref"))),
+                      ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
+                      ("Enabled", trigger.get("enabled")),
+                      ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
+                      ("Updated", format_timestamp(trigger.get("updated")))])
 
     ctx.ui.emit(trigger, table)
 

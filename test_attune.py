@@ -768,9 +768,12 @@ class FakeAttune:
         if error:
             return error
         body = req.json() or {}
-        for field in ("label", "description", "entrypoint", "enabled"):
+        for field in ("label", "description", "entrypoint", "enabled", "runtime"):
             if field in body:
                 action[field] = body[field]
+        patch = body.get("timeout_seconds")
+        if isinstance(patch, dict):  # a patch: {"op": "set", "value": N} or {"op": "clear"}
+            action["timeout_seconds"] = patch.get("value") if patch.get("op") == "set" else None
         action["updated"] = self.stamp()
         return 200, envelope(action)
 
@@ -792,7 +795,9 @@ class FakeAttune:
         if not isinstance(parameters, dict) or (timeout is not None and not (isinstance(timeout, int) and timeout > 0)):
             return api_error(422, "Validation failed: parameters must be an object, timeout_seconds > 0",
                              "VALIDATION_ERROR")
-        execution = self.new_execution(action, parameters, timeout)
+        extra = {k: body[k] for k in ("env_vars", "permission_set_refs", "artifact_retention_policy",
+                                      "artifact_retention_limit") if k in body}
+        execution = self.new_execution(action, parameters, timeout, **extra)
         return 201, envelope(execution)
 
     def new_execution(self, action, parameters, timeout=None, **fields):
@@ -889,6 +894,27 @@ class FakeAttune:
         execution["status"] = "canceling" if execution["status"] == "running" else "cancelled"
         self.plans[execution["id"]]["statuses"] = ["cancelled"]
         return 200, envelope(execution)
+
+    def triggers_update(self, req, ref):
+        trigger, error = self.lookup(self.triggers, ref, "Trigger")
+        if error:
+            return error
+        body = req.json() or {}
+        for field in ("label", "enabled", "reference_visibility", "reference_allowed_pack_refs"):
+            if field in body:
+                trigger[field] = body[field]
+        if isinstance(body.get("description"), dict):
+            trigger["description"] = body["description"].get("value")
+        trigger["updated"] = self.stamp()
+        return 200, envelope(trigger)
+
+    def traces_show(self, req, tag):
+        executions = [{k: e[k] for k in EXECUTION_SUMMARY_FIELDS} for e in self.executions.values()
+                      if e.get("trace_tag") == tag]
+        if not executions:
+            return api_error(404, "No trace found for tag '%s'" % tag, "NOT_FOUND")
+        return 200, envelope({"trace_tag": tag, "origins": ["manual"], "executions": executions, "enforcements": [],
+                              "events": [], "queue_dispatches": [], "queue_items": []})
 
     # policies
     def policies_list(self, req):
@@ -1517,6 +1543,8 @@ ROUTES = [
     ("GET", r"/api/v1/triggers", "triggers_list"),
     ("GET", r"/api/v1/triggers/" + REF, "triggers_show"),
     ("DELETE", r"/api/v1/triggers/" + REF, "triggers_delete"),
+    ("PUT", r"/api/v1/triggers/" + REF, "triggers_update"),
+    ("GET", r"/api/v1/traces/(?P<tag>[^/]+)", "traces_show"),
     ("POST", r"/api/v1/triggers/%s/enable" % REF, "triggers_enable"),
     ("POST", r"/api/v1/triggers/%s/disable" % REF, "triggers_disable"),
     ("GET", r"/api/v1/sensors", "sensors_list"),
@@ -5092,6 +5120,76 @@ class PolicyCommandTests(ResourceTestCase):
         self.assertEqual(self.ok("policy", "delete", "core.limit", "--yes", "-j").json(), {"deleted": "core.limit"})
         self.assertEqual(self.targets()[-1], "DELETE /api/v1/policies/core.limit")
         self.assertIn("Policy 'core.limit' not found", self.fails(1, "policy", "show", "core.limit").err)
+
+
+class NewSubcommandTests(ResourceTestCase):
+    """The Rust CLI's newer subcommands and flags in groups attune.py already had."""
+
+    def test_action_update(self):
+        result = self.ok("action", "update", "core.echo", "--label", "Echo!", "--description", "says it",
+                         "--entrypoint", "echo.sh", "--runtime", "2", "--enabled", "false", "--timeout-seconds", "90")
+        self.assertEqual(self.sent("PUT", "/api/v1/actions/core.echo").json(), {
+            "label": "Echo!", "description": "says it", "entrypoint": "echo.sh", "runtime": 2, "enabled": False,
+            "timeout_seconds": {"op": "set", "value": 90}})
+        self.assertTrue(result.out.startswith("✓ Action 'core.echo' updated successfully\n"))
+        self.assertEqual(self.server.actions["core.echo"]["timeout_seconds"], 90)
+        self.ok("action", "update", "core.echo", "--clear-timeout")
+        self.assertEqual(self.server.requests[-1].json(), {"timeout_seconds": {"op": "clear"}})
+        self.assertIsNone(self.server.actions["core.echo"]["timeout_seconds"])
+        self.assertIn("At least one field", self.fails(2, "action", "update", "core.echo").err)
+        self.assertIn("contradict", self.fails(2, "action", "update", "core.echo", "--clear-timeout",
+                                               "--timeout-seconds", "5").err)
+
+    def test_trigger_update(self):
+        result = self.ok("trigger", "update", "core.timer", "--label", "Tick", "--description", "",
+                         "--enabled", "true", "--reference-visibility", "restricted",
+                         "--reference-allowed-pack-refs", "linux, examples")
+        self.assertEqual(self.sent("PUT", "/api/v1/triggers/core.timer").json(), {
+            "label": "Tick", "enabled": True, "reference_visibility": "restricted",
+            "description": {"op": "set", "value": ""}, "reference_allowed_pack_refs": ["linux", "examples"]})
+        self.assertIn("✓ Trigger 'core.timer' updated successfully", result.out)
+        self.assertIn("Subscription Visibility:  restricted", result.out)
+        self.ok("trigger", "update", "core.timer", "--reference-allowed-pack-refs", " , ", "--label", "x")
+        self.assertEqual(self.server.requests[-1].json(), {"label": "x"})
+        self.assertIn("At least one field", self.fails(2, "trigger", "update", "core.timer").err)
+
+    def test_trace_report(self):
+        eid = self.execute("core.echo")
+        self.server.executions[eid]["trace_tag"] = "manual/admin/1"
+        out = self.ok("execution", "trace-report", "manual/admin/1").out
+        self.assertEqual(self.targets()[-1], "GET /api/v1/traces/manual%2Fadmin%2F1")
+        self.assertTrue(out.startswith("Trace Report: manual/admin/1\n"))
+        self.assertIn("Executions:        1\nEnforcements:      0\n", out)
+        self.assertIn("Origins:           manual\n\n{\n", out)
+        report = self.ok("execution", "trace-report", "manual/admin/1", "-j").json()
+        self.assertEqual(report["executions"][0]["id"], eid)
+        self.assertIn("No trace found", self.fails(1, "execution", "trace-report", "nope").err)
+
+    def test_execution_options(self):
+        self.ok("run", "core.echo", "--env", "LEVEL=debug", "--env", "EMPTY=", "--env", "EQ=a=b",
+                "--permission-set", "ops.read", "--permission-set", "ops.deploy",
+                "--artifact-retention-policy", "days", "--artifact-retention-limit", "7")
+        self.assertEqual(self.sent("POST", "/api/v1/executions/execute").json(), {
+            "action_ref": "core.echo", "parameters": {}, "env_vars": {"LEVEL": "debug", "EMPTY": "", "EQ": "a=b"},
+            "permission_set_refs": ["ops.read", "ops.deploy"], "artifact_retention_policy": "days",
+            "artifact_retention_limit": 7})
+        self.ok("action", "execute", "core.echo", "--env-json", '{"A": "1"}', "--no-api-token")
+        self.assertEqual(self.server.requests[-1].json(), {"action_ref": "core.echo", "parameters": {},
+                                                           "env_vars": {"A": "1"}, "permission_set_refs": []})
+        for extra, message in ((["--env", "NOEQUALS"], "Expected KEY=VALUE"),
+                               (["--env", "=x"], "Environment variable name cannot be empty"),
+                               (["--env", "ATTUNE_API_TOKEN=x"], "reserved ATTUNE_ prefix"),
+                               (["--env-json", '{"attune_x": "1"}'], "reserved ATTUNE_ prefix"),
+                               (["--env-json", '{"A": 1}'], "Invalid --env-json"),
+                               (["--env-json", "[]"], "Invalid --env-json"),
+                               (["--env", "A=1", "--env-json", "{}"], "contradict"),
+                               (["--permission-set", " "], "Permission set refs cannot be empty"),
+                               (["--permission-set", "x", "--no-api-token"], "contradict"),
+                               (["--artifact-retention-limit", "0"], "--artifact-retention-limit"),
+                               (["--artifact-retention-policy", "weeks"], "--artifact-retention-policy")):
+            with self.subTest(extra=extra):
+                self.assertIn(message, self.fails(2, "run", "core.echo", *extra).err)
+        self.assertEqual(self.server.count("POST", "/api/v1/executions/execute"), 2)
 
 
 class RuleCommandTests(ResourceTestCase):

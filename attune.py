@@ -5842,9 +5842,10 @@ def key_pairs(key, last=("Created", "created")):
 
 
 @command("key list", "list keys (never their values)", arg("--owner-type", choices=KEY_OWNER_TYPES),
-         arg("--owner", help="owner identifier"), ALL)
+         arg("--owner", help="owner identifier"),
+         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50), ALL)
 def cmd_key_list(ctx, args):
-    query = {"page": 1, "per_page": 50, "owner_type": args.owner_type, "owner": args.owner}
+    query = {"page": args.page, "per_page": args.per_page, "owner_type": args.owner_type, "owner": args.owner}
     keys, pagination = fetch_list(ctx.session(), "/keys", query, "per_page", args.all)
     emit_list(ctx, keys, pagination, "keys", ["Ref", "Name", "Owner", "Encrypted", "Created"],
               lambda k: [k.get("ref"), k.get("name"), key_owner(k), k.get("encrypted"),
@@ -5882,20 +5883,43 @@ def cmd_key_show(ctx, args):
     ctx.ui.emit(shown, table)
 
 
-@command("key create", "create a key", arg("--ref", required=True, help="unique key ref"),
+@command("key create", "create a key: --ref REF, or --local-ref NAME and its owner (newer servers)",
+         arg("--ref", help="unique key ref"),
+         arg("--local-ref", metavar="NAME", help="the key's own name; the server builds the ref from the owner"),
          arg("--name", required=True, help="human-readable name"), *KEY_VALUE_ARGS,
          arg("-e", "--encrypt", action="store_true", help="store the value encrypted"),
          arg("--owner-type", default="system", help="system (default), identity, pack, action or sensor"),
-         arg("--owner", help="owner identifier"))
+         arg("--owner", help="owner identifier (with --ref)"),
+         arg("--owner-identity-login", metavar="LOGIN"), arg("--owner-pack-ref", metavar="PACK"),
+         arg("--owner-action-ref", metavar="ACTION"), arg("--owner-sensor-ref", metavar="SENSOR"))
 def cmd_key_create(ctx, args):
     if args.owner_type not in KEY_OWNER_TYPES:
         raise UsageError("Invalid owner type '%s'. Must be one of: %s" % (args.owner_type, ", ".join(KEY_OWNER_TYPES)))
+    if (args.ref is None) == (args.local_ref is None):
+        raise UsageError("give the key's --ref, or its --local-ref and owner (one of them)")
+    owner_refs = [("owner_identity_login", args.owner_identity_login), ("owner_pack_ref", args.owner_pack_ref),
+                  ("owner_action_ref", args.owner_action_ref), ("owner_sensor_ref", args.owner_sensor_ref)]
     value = key_value(ctx, args)
     if value is None:
         raise UsageError("a value is needed: --value V or --value-stdin")
-    body = {"ref": args.ref, "owner_type": args.owner_type}
-    if args.owner is not None:
-        body["owner"] = args.owner
+    if args.ref is not None:
+        if any(v is not None for _, v in owner_refs):
+            raise UsageError("--owner-identity-login, --owner-pack-ref, ... go with --local-ref; with --ref use --owner")
+        body = {"ref": args.ref, "owner_type": args.owner_type}
+        if args.owner is not None:
+            body["owner"] = args.owner
+    else:
+        if args.owner is not None or not args.local_ref or "." in args.local_ref or len(args.local_ref) > 63:
+            raise UsageError("--local-ref is 1 to 63 characters without dots, and its owner is given with "
+                             "--owner-identity-login, --owner-pack-ref, --owner-action-ref or --owner-sensor-ref")
+        wanted = {"identity": "owner_identity_login", "pack": "owner_pack_ref", "action": "owner_action_ref",
+                  "sensor": "owner_sensor_ref"}.get(args.owner_type)
+        given = [k for k, v in owner_refs if v is not None]
+        if given != ([wanted] if wanted else []):
+            raise UsageError("--owner-type %s needs %s" % (args.owner_type, "--" + wanted.replace("_", "-")
+                                                            if wanted else "no owner ref"))
+        body = {"local_ref": args.local_ref, "owner_type": args.owner_type}
+        body.update((k, v) for k, v in owner_refs if v is not None)
     body.update(name=args.name, value=value, encrypted=args.encrypt)
     key = ctx.session().fetch("POST", "/keys", body)
     key.pop("value", None)  # not echoed back, even in JSON

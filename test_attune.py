@@ -1417,6 +1417,12 @@ class FakeAttune:
 
     def keys_create(self, req):
         body = req.json() or {}
+        if "local_ref" in body:  # the newer body: the server builds the ref from the owner
+            owner = {"system": None, "identity": body.get("owner_identity_login"),
+                     "pack": body.get("owner_pack_ref"), "action": body.get("owner_action_ref"),
+                     "sensor": body.get("owner_sensor_ref")}.get(body.get("owner_type"))
+            body["ref"] = ".".join(p for p in (body.get("owner_type"), owner, body["local_ref"]) if p)
+            body["owner"] = owner
         missing = [k for k in ("ref", "name", "owner_type") if not body.get(k)] + (
             ["value"] if "value" not in body else [])
         if missing:
@@ -5374,6 +5380,29 @@ class KeyCommandTests(ResourceTestCase):
         self.fails(2, *(base + ("--value", "1", "--value-stdin")), stdin="2")
         self.assertIn("Key with ref 'region' already exists",
                       self.fails(1, "key", "create", "--ref", "region", "--name", "R", "--value", "x").err)
+
+    def test_create_with_a_local_ref_and_list_pages(self):
+        self.ok("key", "create", "--local-ref", "token", "--name", "T", "--value", "v", "--owner-type", "pack",
+                "--owner-pack-ref", "linux")
+        self.assertEqual(self.server.requests[-1].json(), {
+            "local_ref": "token", "owner_type": "pack", "owner_pack_ref": "linux", "name": "T", "value": "v",
+            "encrypted": False})
+        self.assertIn("pack.linux.token", self.server.keys)
+        self.ok("key", "create", "--local-ref", "global", "--name", "G", "--value", "1")
+        self.assertIn("system.global", self.server.keys)
+        for extra, message in ((["--local-ref", "a.b", "--value", "1"], "without dots"),
+                               (["--local-ref", "x", "--value", "1", "--owner-type", "identity"],
+                                "--owner-type identity needs --owner-identity-login"),
+                               (["--local-ref", "x", "--value", "1", "--owner-pack-ref", "p"],
+                                "--owner-type system needs no owner ref"),
+                               (["--ref", "r", "--value", "1", "--owner-pack-ref", "p"], "go with --local-ref"),
+                               (["--ref", "r", "--local-ref", "x", "--value", "1"], "one of them"),
+                               (["--value", "1"], "one of them")):
+            with self.subTest(extra=extra):
+                self.assertIn(message, self.fails(2, "key", "create", "--name", "N", *extra).err)
+        self.ok("key", "list", "--page", "2", "--per-page", "10")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/keys?page=2&per_page=10")
+        self.fails(2, "key", "list", "--per-page", "101")
 
     def test_update_and_delete(self):
         result = self.ok("key", "update", "region", "--name", "Region!", "--value", "us-east-1", "--encrypted", "true")

@@ -3911,16 +3911,29 @@ def notifier_update(text, execution_id):
 group("pack", "list, show, create, install, register, upload, update and uninstall packs")
 
 SKIP_TESTS = arg("--skip-tests", action="store_true", help="do not run the pack's tests")
+ABSENT_METADATA = arg("--absent-metadata-policy", choices=("remove", "disable", "retain"), default="remove",
+                      help="what happens to actions, rules, ... the new version no longer has (default remove)")
 PACK_PATH_ARGS = (arg("path", metavar="PATH"),
-                  arg("-f", "--force", action="store_true", help="replace a pack with the same ref"), SKIP_TESTS)
+                  arg("-f", "--force", action="store_true", help="replace a pack with the same ref"), SKIP_TESTS,
+                  ABSENT_METADATA)
+INSTALL_POLL = 2  # seconds between looks at a pack install's tests
+INSTALL_WAIT = 300  # seconds to wait for them
+INSTALL_DONE = ("succeeded", "failed", "rolled_back")
 
 
-def pack_report(ctx, result, verb):
-    """The answer of install, register and upload: {pack, test_result?, tests_skipped}."""
+def pack_report(ctx, session, result, verb):
+    """The answer of install, register and upload: {pack, test_result?, tests_skipped,
+    install_id?}. With an install_id the server runs the pack's tests after answering:
+    wait for them (every 2 s, up to 5 minutes). Failed tests are exit 1: the install was
+    rolled back, or the pack is in place with failing tests."""
     pack = result.get("pack") if isinstance(result.get("pack"), dict) else {}
+    install = wait_for_pack_tests(ctx, session, result.get("install_id"))
+    if install:
+        result = dict(result, install_status=install.get("status"), test_result=install.get("test_result"))
 
     def table():
-        ctx.ui.success("Pack '%s' %s successfully" % (pack.get("ref"), verb))
+        if not install or install.get("status") == "succeeded":
+            ctx.ui.success("Pack '%s' %s successfully" % (pack.get("ref"), verb))
         ctx.ui.info("  Version: %s" % pack.get("version"))
         ctx.ui.info("  ID: %s" % pack.get("id"))
         tests = result.get("test_result")
@@ -3931,11 +3944,35 @@ def pack_report(ctx, result, verb):
                 ctx.ui.success("All tests passed")
             elif tests.get("status") == "failed":
                 ctx.ui.out(CROSS + " Some tests failed")
-            summary = tests.get("summary") if isinstance(tests.get("summary"), dict) else {}
-            if isinstance(summary.get("passed"), int) and isinstance(summary.get("total"), int):
-                ctx.ui.info("  Tests: %d/%d passed" % (summary["passed"], summary["total"]))
+            summary = tests.get("summary") if isinstance(tests.get("summary"), dict) else tests
+            passed, total = summary.get("passed"), summary.get("total", summary.get("total_tests"))
+            if isinstance(passed, int) and isinstance(total, int):
+                ctx.ui.info("  Tests: %d/%d passed" % (passed, total))
 
     ctx.ui.emit(result, table)
+    if install and install.get("status") != "succeeded":
+        raise AttuneError("the pack's tests failed%s%s" % (
+            " and the new pack install was rolled back" if install.get("status") == "rolled_back" else "",
+            ": %s" % clip(str(install["error_message"]), 200) if install.get("error_message") else ""))
+
+
+def wait_for_pack_tests(ctx, session, install_id):
+    """GET /packs/install/{id} until its status is final; the install, or None when there
+    is nothing to wait for or the wait ran out (said on stderr)."""
+    if isinstance(install_id, bool) or not isinstance(install_id, int):
+        return None
+    ctx.ui.info("  Running pack tests (install %d)..." % install_id)
+    deadline = time.monotonic() + INSTALL_WAIT
+    while True:
+        install = session.fetch("GET", "/packs/install/%d" % install_id)
+        if install.get("status") in INSTALL_DONE:
+            if install["status"] == "succeeded":
+                ctx.ui.success("  Pack tests passed")
+            return install  # failed tests: pack_report ends with the error
+        if time.monotonic() + INSTALL_POLL > deadline:
+            say(ctx.ui.stderr, "%s   Timed out waiting for pack tests to complete" % CROSS)
+            return None
+        time.sleep(INSTALL_POLL)
 
 
 @command("pack list", "list installed packs",
@@ -3991,25 +4028,30 @@ def pack_source_kind(source, no_registry):
     if lowered.startswith(("http://", "https://")):
         return "archive URL" if lowered.endswith((".tar.gz", ".tgz", ".zip")) else "URL"
     if os.path.exists(source) or source.startswith(("/", "./", "../")):
-        return "local path"
-    return "path or URL" if no_registry else "registry"
+        return "local archive" if lowered.endswith((".tar.gz", ".tgz", ".zip")) else "local directory"
+    return "unknown source" if no_registry else "registry reference"
 
 
 @command("pack install", "install a pack from a registry, git, a URL or a path",
          arg("source", metavar="SOURCE"),
          arg("-r", "--ref-spec", help="git branch, tag or commit"),
+         arg("--registry-id", type=Number(1, MAX_ID), metavar="N", help="install from this registry (pack index)"),
          arg("-f", "--force", action="store_true", help="reinstall if it exists"),
          SKIP_TESTS,
-         arg("--skip-deps", action="store_true", help="skip dependency validation (implies --skip-tests)"),
-         arg("--no-registry", action="store_true", help="treat SOURCE as a URL or path"))
+         arg("--skip-deps", action="store_true", help="skip dependency validation"),
+         arg("--no-registry", action="store_true", help="treat SOURCE as a URL or path"), ABSENT_METADATA)
 def cmd_pack_install(ctx, args):
-    body = {"source": args.source, "ref_spec": args.ref_spec, "force": args.force,
-            "skip_tests": args.skip_tests or args.skip_deps, "skip_deps": args.skip_deps,
-            "no_registry": args.no_registry}
-    ctx.ui.info("Installing pack from: %s (%s)" % (args.source, pack_source_kind(args.source, args.no_registry)))
+    if args.registry_id is not None and args.no_registry:
+        raise UsageError("--registry-id cannot be combined with --no-registry")
+    body = {"source": args.source, "ref_spec": args.ref_spec, "registry_id": args.registry_id,
+            "no_registry": args.no_registry, "force": args.force, "skip_tests": args.skip_tests,
+            "skip_deps": args.skip_deps, "absent_metadata_policy": args.absent_metadata_policy}
+    ctx.ui.info("Installing pack from source type: %s" % pack_source_kind(args.source, args.no_registry))
+    ctx.ui.info("Starting installation...")
     if args.skip_deps:
         ctx.ui.info(CAUTION + " Dependency validation will be skipped")
-    pack_report(ctx, ctx.session().fetch("POST", "/packs/install", body), "installed")
+    session = ctx.session()
+    pack_report(ctx, session, session.fetch("POST", "/packs/install", body), "installed")
 
 
 @command("pack register", "register a pack from a path the server can see", *PACK_PATH_ARGS)
@@ -4018,8 +4060,10 @@ def cmd_pack_register(ctx, args):
         ctx.ui.warn("'%s' looks like a local path; a server in a container may not see it. "
                     "Use 'attune pack upload %s' to send the pack itself" % (args.path, args.path))
     ctx.ui.info("Registering pack from: %s" % args.path)
-    body = {"path": args.path, "force": args.force, "skip_tests": args.skip_tests}
-    pack_report(ctx, ctx.session().fetch("POST", "/packs/register", body), "registered")
+    body = {"path": args.path, "force": args.force, "skip_tests": args.skip_tests,
+            "absent_metadata_policy": args.absent_metadata_policy}
+    session = ctx.session()
+    pack_report(ctx, session, session.fetch("POST", "/packs/register", body), "registered")
 
 
 def pack_ref_from_yaml(text):
@@ -4092,10 +4136,12 @@ def cmd_pack_upload(ctx, args):
     ctx.ui.info("Uploading pack '%s' from: %s" % (ref, args.path))
     ctx.ui.info("Archive ready (%d KB), uploading..." % (len(archive) // 1024))
     fields = [(name, "true") for name in ("force", "skip_tests") if getattr(args, name)]
+    fields.append(("absent_metadata_policy", args.absent_metadata_policy))
     body, content_type = multipart_body(fields, "pack", ref + ".tar.gz", archive, "application/gzip")
-    resp = ctx.session().request("POST", "/packs/upload", raw_body=body, content_type=content_type)
+    session = ctx.session()
+    resp = session.request("POST", "/packs/upload", raw_body=body, content_type=content_type)
     resp.check()
-    pack_report(ctx, unwrap(resp), "uploaded and registered")
+    pack_report(ctx, session, unwrap(resp), "uploaded and registered")
 
 
 @command("pack update", "change a pack's label, description or version", ref("pack"),

@@ -151,6 +151,8 @@ class FakeAttune:
         self.notifier = {"enabled": True, "welcome": True, "error": None, "silent": False, "close": None}
         self.ws_sessions = []  # {"token", "protocol", "filters", "messages", "sent", "closed"}
         self.stream_faults = []  # for /executions/stream: "drop", or a raw data line to send
+        self.install_tests = None  # "succeeded", "failed" or "rolled_back": pack tests run after the answer
+        self.installs = {}
         self.build = {"version": "0.9.3", "git_sha": "3f2a9c1"}
         self.settings = {
             "authentication_enabled": True, "local_password_enabled": True,
@@ -706,8 +708,29 @@ class FakeAttune:
         with self.lock:
             pack = self.packs.get(ref) or self.new_pack(self.new_id(), ref, ref.title())
             self.packs[ref] = pack
+        if self.install_tests and not skipped:  # newer servers: the tests run after the answer
+            install_id = self.new_id()
+            self.installs[install_id] = {"install_id": install_id, "pack_ref": ref, "pack_version": pack["version"],
+                                         "status": "running", "trigger_reason": "install", "test_result": None,
+                                         "error_message": None, "started_at": self.stamp(), "finished_at": None,
+                                         "looks": 0}
+            return status, envelope({"pack": pack, "test_result": None, "tests_skipped": False,
+                                     "install_id": install_id, "install_status": "running"})
         tests = None if skipped else {"status": "passed", "summary": {"passed": 3, "total": 3}}
         return status, envelope({"pack": pack, "test_result": tests, "tests_skipped": skipped})
+
+    def packs_install_status(self, req, install_id):
+        install = self.installs.get(int(install_id))
+        if install is None:
+            return api_error(404, "Pack install %s not found" % install_id, "NOT_FOUND")
+        install["looks"] += 1
+        if install["looks"] >= 2 and install["status"] == "running":  # done at the second look
+            outcome = self.install_tests
+            passed = 3 if outcome == "succeeded" else 1
+            install.update(status=outcome, finished_at=self.stamp(),
+                           test_result={"passed": passed, "failed": 3 - passed, "total_tests": 3},
+                           error_message=None if outcome == "succeeded" else "2 tests failed")
+        return 200, envelope({k: v for k, v in install.items() if k != "looks"})
 
     def packs_install(self, req):
         body = req.json() or {}
@@ -1508,6 +1531,7 @@ ROUTES = [
     ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
     ("GET", r"/api/v1/executions/stream", "executions_stream"),
     ("GET", r"/api/v1/info", "info"),
+    ("GET", r"/api/v1/packs/install/(?P<install_id>\d+)", "packs_install_status"),
     ("GET", r"/api/v1/policies", "policies_list"),
     ("POST", r"/api/v1/policies", "policies_create"),
     ("GET", r"/api/v1/policies/" + REF, "policies_show"),
@@ -3831,24 +3855,56 @@ class PackCommandTests(ResourceTestCase):
     def test_install(self):
         result = self.ok("pack", "install", "https://github.com/org/slack.git")
         self.assertEqual(self.sent("POST", "/api/v1/packs/install").json(), {
-            "source": "https://github.com/org/slack.git", "ref_spec": None, "force": False, "skip_tests": False,
-            "skip_deps": False, "no_registry": False})
+            "source": "https://github.com/org/slack.git", "ref_spec": None, "registry_id": None, "force": False,
+            "skip_tests": False, "skip_deps": False, "no_registry": False, "absent_metadata_policy": "remove"})
         self.assertEqual(result.out.splitlines(), [
-            "ℹ Installing pack from: https://github.com/org/slack.git (git repository)",
+            "ℹ Installing pack from source type: git repository", "ℹ Starting installation...",
             "✓ Pack 'slack' installed successfully", "ℹ   Version: 1.0.0",
             "ℹ   ID: %d" % self.server.packs["slack"]["id"], "✓ All tests passed", "ℹ   Tests: 3/3 passed"])
-        result = self.ok("pack", "install", "slack", "-r", "v1.2", "--force", "--skip-deps", "--no-registry")
+        result = self.ok("pack", "install", "slack", "-r", "v1.2", "--force", "--skip-deps", "--skip-tests",
+                         "--no-registry", "--absent-metadata-policy", "retain")
         self.assertEqual(self.server.requests[-1].json(), {
-            "source": "slack", "ref_spec": "v1.2", "force": True, "skip_tests": True, "skip_deps": True,
-            "no_registry": True})
+            "source": "slack", "ref_spec": "v1.2", "registry_id": None, "force": True, "skip_tests": True,
+            "skip_deps": True, "no_registry": True, "absent_metadata_policy": "retain"})
+        self.assertIn("Installing pack from source type: unknown source", result.out)
+        self.assertIn("⚠ Dependency validation will be skipped", result.out)
         self.assertIn("⚠ Tests were skipped", result.out)
         data = self.ok("pack", "install", "slack", "--force", "-j").json()
         self.assertEqual(data["pack"]["ref"], "slack")
+        self.ok("pack", "install", "slack", "--force", "--skip-deps", "--registry-id", "4")
+        body = self.server.requests[-1].json()
+        self.assertEqual((body["registry_id"], body["skip_tests"], body["skip_deps"]), (4, False, True))
+        self.assertIn("--registry-id cannot be combined with --no-registry",
+                      self.fails(2, "pack", "install", "x", "--registry-id", "4", "--no-registry").err)
+
+    def test_install_waits_for_the_packs_tests(self):
+        self.server.install_tests = "succeeded"
+        with mock.patch.object(attune, "INSTALL_POLL", 0.05):
+            result = self.ok("pack", "install", "slack")
+            install_id = max(self.server.installs)
+            self.assertIn("ℹ   Running pack tests (install %d)...\n✓   Pack tests passed\n" % install_id, result.out)
+            self.assertIn("ℹ   Tests: 3/3 passed", result.out)
+            self.assertEqual(self.server.count("GET", "/api/v1/packs/install/%d" % install_id), 2)
+            data = self.ok("pack", "install", "slack", "--force", "-j").json()
+            self.assertEqual((data["install_status"], data["test_result"]["total_tests"]), ("succeeded", 3))
+            for outcome, message in (("rolled_back", "the pack's tests failed and the new pack install was rolled "
+                                                     "back: 2 tests failed"),
+                                     ("failed", "the pack's tests failed: 2 tests failed")):
+                with self.subTest(outcome=outcome):
+                    self.server.install_tests = outcome
+                    result = self.fails(1, "pack", "register", "/opt/attune/packs/slack", "--force")
+                    self.assertIn("attune: error: " + message, result.err)
+                    self.assertIn("Tests: 1/3 passed", result.out)
+            with mock.patch.object(attune, "INSTALL_WAIT", 0.01):
+                self.server.install_tests = "succeeded"
+                result = self.ok("pack", "install", "slack", "--force")
+                self.assertIn("Timed out waiting for pack tests to complete", result.err)
 
     def test_register(self):
         result = self.ok("pack", "register", "/opt/attune/packs/monitoring", "--force", "--skip-tests")
         self.assertEqual(self.sent("POST", "/api/v1/packs/register").json(),
-                         {"path": "/opt/attune/packs/monitoring", "force": True, "skip_tests": True})
+                         {"path": "/opt/attune/packs/monitoring", "force": True, "skip_tests": True,
+                          "absent_metadata_policy": "remove"})
         self.assertIn("✓ Pack 'monitoring' registered successfully", result.out)
         self.assertEqual(result.err, "")
         local = self.ok("pack", "register", "./mypack")
@@ -3868,13 +3924,14 @@ class PackCommandTests(ResourceTestCase):
         result = self.ok("pack", "upload", root)
         upload = self.server.uploads[0]
         self.assertEqual((upload["filename"], upload["content_type"], upload["fields"]),
-                         ("mypack.tar.gz", "application/gzip", {}))
+                         ("mypack.tar.gz", "application/gzip", {"absent_metadata_policy": "remove"}))
         self.assertEqual(sorted(upload["names"]), ["actions/hello.py", "pack.yaml"])
         self.assertIn("ℹ Uploading pack 'mypack' from: %s" % root, result.out)
         self.assertIn("✓ Pack 'mypack' uploaded and registered successfully", result.out)
         self.assertTrue(self.server.requests[-1].headers["Content-Type"].startswith("multipart/form-data; boundary="))
-        self.ok("pack", "upload", root, "--force", "--skip-tests")
-        self.assertEqual(self.server.uploads[1]["fields"], {"force": "true", "skip_tests": "true"})
+        self.ok("pack", "upload", root, "--force", "--skip-tests", "--absent-metadata-policy", "disable")
+        self.assertEqual(self.server.uploads[1]["fields"], {"force": "true", "skip_tests": "true",
+                                                            "absent_metadata_policy": "disable"})
 
     def test_upload_an_archive_and_bad_paths(self):
         import tarfile

@@ -6614,17 +6614,86 @@ def completion_fish(tree):
     return "\n".join(lines) + "\n"
 
 
-@command("completion", "print a shell completion script", arg("shell", choices=("bash", "zsh", "fish")))
-def cmd_completion(ctx, args):
+def completion_powershell(tree):
+    def table(name, rows):
+        lines = ["$%s = @{" % name]
+        lines += ["    '%s' = @(%s)" % (" ".join(path), ", ".join("'%s'" % w for w in words)) for path, words in rows]
+        return lines + ["}"]
+
+    lines = ["# PowerShell completion for attune (attune.py %s):" % __version__,
+             "#   attune completion powershell | Out-String | Invoke-Expression"]
+    lines += table("AttuneChildren", [(p, c) for p, _, _, c in tree if c])
+    lines += table("AttuneOptions", [(p, o) for p, o, _, _ in tree])
+    lines += ["Register-ArgumentCompleter -Native -CommandName attune, attune.py -ScriptBlock {",
+              "    param($wordToComplete, $commandAst, $cursorPosition)",
+              "    $path = ''",
+              "    foreach ($element in ($commandAst.CommandElements | Select-Object -Skip 1)) {",
+              "        if ($element.Extent.EndOffset -ge $cursorPosition) { break }",
+              "        $word = $element.ToString()",
+              "        if ($AttuneChildren[$path] -contains $word) { $path = ($path + ' ' + $word).Trim() }",
+              "    }",
+              "    $candidates = if ($wordToComplete -like '-*') { $AttuneOptions[$path] } else { $AttuneChildren[$path] }",
+              "    $candidates | Where-Object { $_ -like \"$wordToComplete*\" } | ForEach-Object {",
+              "        [System.Management.Automation.CompletionResult]::new($_, $_, 'ParameterValue', $_)",
+              "    }",
+              "}"]
+    return "\n".join(lines) + "\n"
+
+
+def completion_script(shell):
     tree = list(command_tree())
-    if args.shell == "fish":
-        script = completion_fish(tree)
-    else:
-        script = completion_bash(tree)
-        if args.shell == "zsh":
-            script = ("#compdef attune\n# zsh completion for attune: eval \"$(attune completion zsh)\"\n"
-                      "autoload -U +X bashcompinit && bashcompinit\n") + script
-    ctx.ui.stdout.write(script)
+    if shell == "fish":
+        return completion_fish(tree)
+    if shell == "powershell":
+        return completion_powershell(tree)
+    script = completion_bash(tree)
+    if shell == "zsh":
+        script = ("#compdef attune\n# zsh completion for attune: eval \"$(attune completion zsh)\"\n"
+                  "autoload -U +X bashcompinit && bashcompinit\n") + script
+    return script
+
+
+@command("completion", "print a shell completion script, or install one (completion install SHELL)",
+         arg("shell", choices=("bash", "zsh", "fish", "powershell", "install")),
+         arg("install_shell", metavar="SHELL", nargs="?", choices=("bash", "zsh", "fish"),
+             help="with install: the shell (bash, zsh or fish)"))
+def cmd_completion(ctx, args):
+    if args.shell == "install":
+        if args.install_shell is None:
+            raise UsageError("completion install needs the shell: bash, zsh or fish")
+        return install_completion(ctx, args.install_shell)
+    if args.install_shell is not None:
+        raise UsageError("completion %s takes no further argument" % args.shell)
+    ctx.ui.stdout.write(completion_script(args.shell))
+
+
+def completion_target(shell, env):
+    """Where each shell looks for a user's completion scripts."""
+    home = os.path.expanduser("~") if "HOME" not in env else env["HOME"]
+    if shell == "bash":
+        data = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+        return os.path.join(data, "bash-completion", "completions", "attune")
+    if shell == "fish":
+        config = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        return os.path.join(config, "fish", "completions", "attune.fish")
+    return os.path.join(home, ".zsh", "completions", "_attune")
+
+
+def install_completion(ctx, shell):
+    """Write the script atomically where the shell finds a user's completions."""
+    target = completion_target(shell, ctx.env)
+    script = completion_script(shell).encode("utf-8")
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        write_atomically(target, lambda f: f.write(script))
+    except OSError as e:
+        raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
+    ctx.ui.emit({"shell": shell, "path": target}, lambda: ctx.ui.out(
+        "Installed %s completion to %s" % (shell.title(), target)))
+    if shell == "zsh" and ctx.ui.output == "table":
+        ctx.ui.out("Add this to ~/.zshrc, then restart Zsh:")
+        ctx.ui.out("fpath=(~/.zsh/completions $fpath)")
+        ctx.ui.out("autoload -Uz compinit && compinit")
 
 
 # === Argument parser =========================================================

@@ -6033,6 +6033,40 @@ class CompletionTests(AttuneTestCase):
         self.assertIn("--top-level-only", self.complete_in_bash(["attune", "execution", "list", "--"]))
         self.assertEqual(self.complete_in_bash(["attune", "--output", ""]), ["table", "json", "yaml"])
 
+    def test_install_writes_where_each_shell_looks(self):
+        home = self.env["HOME"]
+        for shell, env, target in (
+                ("bash", {}, os.path.join(home, ".local", "share", "bash-completion", "completions", "attune")),
+                ("bash", {"XDG_DATA_HOME": os.path.join(self.tmp, "data")},
+                 os.path.join(self.tmp, "data", "bash-completion", "completions", "attune")),
+                ("fish", {}, os.path.join(home, ".config", "fish", "completions", "attune.fish")),
+                ("zsh", {}, os.path.join(home, ".zsh", "completions", "_attune"))):
+            with self.subTest(shell=shell, env=env):
+                result = self.ok("completion", "install", shell, env=env)
+                self.assertEqual(result.out.splitlines()[0], "Installed %s completion to %s" % (shell.title(), target))
+                with open(target) as f:
+                    self.assertEqual(f.read(), self.script(shell))
+                self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o666 & ~attune.current_umask())
+        self.assertIn("fpath=(~/.zsh/completions $fpath)", self.ok("completion", "install", "zsh").out)
+        self.assertEqual(self.ok("completion", "install", "fish", "-j").json()["shell"], "fish")
+        self.assertIn("needs the shell", self.fails(2, "completion", "install").err)
+        self.fails(2, "completion", "install", "powershell")
+        self.fails(2, "completion", "bash", "zsh")
+        self.assertFalse(os.path.exists(os.path.dirname(self.config)))
+
+    def test_powershell_script_names_every_command_and_option(self):
+        script = self.script("powershell")
+        self.assertIn("Register-ArgumentCompleter -Native -CommandName attune, attune.py", script)
+        for path, options, _, children in attune.command_tree():
+            if children:
+                self.assertIn("    '%s' = @(%s)" % (" ".join(path), ", ".join("'%s'" % c for c in children)), script)
+            self.assertIn("    '%s' = @(%s)" % (" ".join(path), ", ".join("'%s'" % o for o in options)), script)
+        if shutil.which("pwsh"):
+            path = os.path.join(self.tmp, "completion.ps1")
+            with open(path, "w") as f:
+                f.write(script)
+            self.assertEqual(subprocess.call(["pwsh", "-NoProfile", "-File", path]), 0)
+
     def test_completion_never_creates_the_credential_file(self):
         self.script("bash")
         self.assertEqual(self.ok("config", "profiles", "--names").out, "default\n")

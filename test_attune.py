@@ -7429,7 +7429,7 @@ class ParserTests(unittest.TestCase):
     def test_only_the_named_command_is_filled_in(self):
         filled = []
         real = attune.add_global_args
-        with mock.patch.object(attune, "add_global_args", lambda p, top: (filled.append(p.prog), real(p, top))):
+        with mock.patch.object(attune, "add_global_args", lambda p, top, **kw: (filled.append(p.prog), real(p, top, **kw))):
             for argv, progs in ((["pack", "list"], ["attune", "attune pack", "attune pack list"]),
                                 (["-p", "x", "run", "core.echo"], ["attune", "attune run"]),
                                 (["--wait-for-server", "3", "health"], ["attune", "attune health"])):

@@ -3449,7 +3449,10 @@ class WatchControls:
 
     def __enter__(self):
         import signal
-        self.saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread (attune.main() called from a thread): signals stay as they are
+            self.saved_sigint = None
         try:
             fd = self.ui.stdin.fileno()
             if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
@@ -3476,7 +3479,8 @@ class WatchControls:
             except (OSError, termios.error):
                 self.ui.warn("Failed to restore terminal mode")
             self.fd = None
-        signal.signal(signal.SIGINT, self.saved_sigint)
+        if self.saved_sigint is not None:
+            signal.signal(signal.SIGINT, self.saved_sigint)
 
     def pause(self, seconds, sock=None):
         """Sleep up to seconds; True as soon as sock (if any) has something to read. Ctrl+D
@@ -4519,8 +4523,9 @@ class ExecutionsView:
                 self.ui.info("No executions found")
         else:
             for row in rows:
-                if self.shown.get(row[0]) != row:
-                    self.ui.out(table_line([cell_text(v) for v in row], self.widths))
+                if self.shown.get(row[0]) != row:  # the table's columns, widened rather than cut
+                    cells = [cell_text(v) for v in row]
+                    self.ui.out(table_line(cells, [max(w, len(c)) for w, c in zip(self.widths, cells)]))
         self.ui.stdout.flush()
         self.shown = {row[0]: row for row in rows}
 
@@ -4980,7 +4985,10 @@ def download_version(ctx, args, artifact_id, version):
         target = args.target or download_name(resp, artifact_id, version)
         if os.path.exists(target) and not args.force:
             raise UsageError("%s exists; add --force to replace it" % quoted(target))
-        size = write_atomically(target, lambda f: copy_stream(resp, f, Progress(ctx)))
+        try:
+            size = write_atomically(target, lambda f: copy_stream(resp, f, Progress(ctx)))
+        except OSError as e:  # a directory, a missing or read-only place
+            raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
     finally:
         resp.stream.close()
     what = "version %d" % version if version else "latest version"
@@ -6173,8 +6181,9 @@ def cmd_info(ctx, args):
     if args.local:
         return ctx.ui.emit(local, lambda: ctx.ui.pairs(local_pairs))
     session = ctx.session(use_env=False)
-    scheme, host, port = origin(session.api_url)
-    server = {"status": "connected", "profile": session.profile, "api_url": "%s://%s:%d" % (scheme, host, port)}
+    scheme, _, rest = session.api_url.partition("://")  # checked: no user:password@ in it
+    server = {"status": "connected", "profile": session.profile,
+              "api_url": "%s://%s" % (scheme.lower(), rest.split("/", 1)[0])}
     failure = None
     try:
         resp = session.request("GET", "/info", auth=False, timeout=INFO_TIMEOUT)

@@ -1702,24 +1702,33 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return self.websocket()
         length = int(self.headers.get("Content-Length") or 0)
         req = Seen(self.command, self.path, dict(self.headers.items()), self.rfile.read(length))
-        with fake.lock:
-            fake.requests.append(req)
-            if req.token:
-                fake.received.add(req.token)
-        fault = fake.take_fault(req)
-        if fault:
-            time.sleep(fault["delay"])
-            if fault["drop"]:
-                self.close_connection = True
-                return
-            if fault["status"] is not None:
-                return self.reply(fault["status"], fault["body"], fault["headers"], fault["truncate"])
+        if self.received(req):
+            return
         status, body = fake.handle(req)
         no_store = {"Cache-Control": "no-store"} if req.path.startswith("/auth/oidc/device/") or \
             req.path == "/api/v1/info" or (req.path == "/api/v1/inquiries" and req.method == "POST") else None
         self.reply(status, body, no_store)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_any
+
+    def received(self, req):
+        """Log the request; True when an injected fault answered it (or dropped it)."""
+        fake = self.server.fake
+        with fake.lock:
+            fake.requests.append(req)
+            if req.token:
+                fake.received.add(req.token)
+        fault = fake.take_fault(req)
+        if not fault:
+            return False
+        time.sleep(fault["delay"])
+        if fault["drop"]:
+            self.close_connection = True
+        elif fault["status"] is not None:
+            self.reply(fault["status"], fault["body"], fault["headers"], fault["truncate"])
+        else:
+            return False  # only a delay
+        return True
 
     def reply(self, status, body, headers=None, truncate=False):
         if isinstance(body, EventStream):
@@ -1763,18 +1772,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if jwt_protocol and "Authorization" not in headers:
             headers["Authorization"] = "Bearer " + jwt_protocol[0]
         req = Seen(self.command, self.path, headers, b"")
-        with fake.lock:
-            fake.requests.append(req)
-            if req.token:
-                fake.received.add(req.token)
         self.close_connection = True
-        fault = fake.take_fault(req)
-        if fault:
-            time.sleep(fault["delay"])
-            if fault["drop"]:
-                return
-            if fault["status"] is not None:
-                return self.reply(fault["status"], fault["body"], fault["headers"])
+        if self.received(req):
+            return
         if req.path != "/ws" or not fake.notifier["enabled"]:
             return self.reply(404, "Not Found", {"Content-Type": "text/plain"})
         claims, problem = fake.bearer_claims(req)
@@ -4973,6 +4973,12 @@ class ArtifactCommandTests(ResourceTestCase):
             if existing:
                 with open(target, "rb") as f:
                     self.assertEqual(f.read(), existing)
+
+    def test_download_into_a_place_that_cannot_take_it(self):
+        for target in (self.tmp, os.path.join(self.tmp, "missing", "x.txt")):
+            with self.subTest(target=target):
+                self.assertIn("cannot write", self.fails(1, "artifact", "download", "1", "-o", target, "--force").err)
+        self.assertEqual(os.listdir(self.tmp), ["home"])
 
     def test_download_to_stdout(self):
         result = self.run_process("artifact", "download", "1", "-V", "1", "-o", "-")

@@ -4320,6 +4320,23 @@ class NotifierTests(ResourceTestCase):
         self.assertIn("notifier ws://127.0.0.1:%d: " % listener.port, verbose.err)
         self.assertIn("; polling instead", verbose.err)
 
+    def test_wss_trusts_what_https_trusts(self):
+        tls = FakeAttune(tls=True).start()
+        self.addCleanup(tls.stop)
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write(TEST_CA_PEM)
+        self.seed(api_url=tls.url)
+        result = self.ok("--ca-bundle", ca, "run", "core.echo", "--param", "message=tls", "-w")
+        self.assertIn("\nStdout\n──────\ntls\n", result.out)
+        self.assertEqual(result.err, "")
+        self.assertEqual(tls.ws_sessions[0]["filters"], ["entity:execution:%d" % max(tls.executions)])
+        self.seed()  # the API over http; the notifier's certificate is not trusted: polling, quietly
+        result = self.ok("run", "core.echo", "-w", "--notifier-url", "wss://127.0.0.1:%d" % tls.port)
+        self.assertEqual(result.err, "")
+        self.assertIn("✓ Execution %d completed" % max(self.server.executions), result.out)
+        self.assertEqual(len(tls.ws_sessions), 1)
+
     def test_the_notifier_url(self):
         listener = DroppingListener()
         self.addCleanup(listener.close)

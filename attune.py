@@ -383,8 +383,12 @@ def refuse_constant(name):
 
 def json_loads(text):
     """Strict JSON through the C parser: for server answers and JSON given on the command
-    line, where its speed matters and json's import cost is paid anyway (urllib)."""
-    return json.loads(text, parse_constant=refuse_constant)
+    line, where its speed matters and json's import cost is paid anyway (urllib). Nesting
+    too deep for the parser is a ValueError like any other bad JSON, never a traceback."""
+    try:
+        return json.loads(text, parse_constant=refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply")
 
 
 # parse_json reads the credential file and JWT payloads, on every run: the json module
@@ -3885,7 +3889,7 @@ def notifier_subscribe(ctx, session, execution_id, url, until):
     ctx.ui.log("> WebSocket %s/ws" % url)
     ws = WebSocket.connect(url + "/ws", session.creds.access, min(5.0, left), ctx.http)
     try:
-        welcome = json.loads(ws.receive())
+        welcome = json_loads(ws.receive())
         if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
             raise WebSocketError("no welcome message")
         ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
@@ -3898,7 +3902,7 @@ def notifier_subscribe(ctx, session, execution_id, url, until):
 def notifier_update(text, execution_id):
     """The payload of a notification about execution_id, None for other messages; an
     error message from the server raises WebSocketError."""
-    message = json.loads(text)
+    message = json_loads(text)
     if not isinstance(message, dict):
         raise WebSocketError("a message that is not an object")
     if message.get("type") == "error":

@@ -4471,6 +4471,11 @@ class WebSocketClientTests(unittest.TestCase):
                     self.assertNotIn("\x1b", str(e))
                 else:
                     self.assertTrue(may_succeed, "%s gave %r" % (name, got))
+        for deep in ("[" * 100000, '{"a":' * 100000):  # within the 1 MiB message limit
+            with self.assertRaises(ValueError):
+                attune.notifier_update(deep, 1)
+            with self.assertRaisesRegex(attune.ApiError, "Failed to parse execution stream notification"):
+                attune.merge_execution_update({}, deep, None)
         close = self.receive(frames((0x88, struct.pack(">H", 4401) + b"token \x1b[2J expired")))[2]
         with self.assertRaisesRegex(attune.WebSocketError, r"closed by the server \(4401 token \\x1b\[2J expired\)"):
             close()
@@ -4717,7 +4722,7 @@ class ListWatchTests(ResourceTestCase):
         self.ok("execution", "watch", "--timeout", "30")
         self.assertEqual(len(self.streams()), 2)
         self.execute("core.sleep")
-        for junk in ("not json", "[1]", '{"payload": 5}', '{"entity_id": "7", "payload": {}}',
+        for junk in ("not json", "[1]", '{"payload": 5}', '{"entity_id": "7", "payload": {}}', "[" * 50000,
                      '{"payload": {"id": true}}', "\x1b[2J"):
             with self.subTest(junk=junk):
                 self.server.stream_faults.append(junk)
@@ -4861,6 +4866,7 @@ class InquiryCommandTests(ResourceTestCase):
         cases = [([], "give exactly one of --option REF and --response-json JSON"),
                  (["--option", "a", "--response-json", "{}"], "give exactly one of"),
                  (["--response-json", "{nope"], "--response-json must contain valid JSON"),
+                 (["--response-json", "[" * 100000], "--response-json must contain valid JSON"),
                  (["--response-json", "[1]"], "Inquiry response must be a JSON object")]
         for extra, message in cases:
             with self.subTest(extra=extra):

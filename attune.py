@@ -3189,6 +3189,11 @@ def list_items(body, objects=True):
     return items
 
 
+def pagination_of(body):
+    """The pagination object of a list answer, or None (a bare array has none)."""
+    return body.get("pagination") if isinstance(body, dict) else None
+
+
 def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True):
     """GET a paginated list: (items, pagination of the last page read). every_page walks
     has_next from page 1 with the biggest pages the server allows."""
@@ -3200,7 +3205,7 @@ def fetch_list(session, path, query=None, size_param="page_size", every_page=Fal
         body = session.call("GET", path, query=query)
         chunk = list_items(body, objects)
         items.extend(chunk)
-        pagination = body.get("pagination") if isinstance(body, dict) else None
+        pagination = pagination_of(body)
         more = isinstance(pagination, dict) and pagination.get("has_next") is True
         if not (every_page and more and chunk):
             return items, pagination
@@ -4761,7 +4766,7 @@ def cmd_inquiry_list(ctx, args):
         "offset": args.offset, "limit": args.limit, "status": args.status,
         "created_by_execution": args.created_by_execution, "assigned_to": args.assigned_to})
     items = list_items(body)
-    pagination = body.get("pagination") if isinstance(body, dict) else None
+    pagination = pagination_of(body)
     ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
         ["ID", "Status", "Prompt", "Created by", "Assigned to", "Created"],
         [[i.get("id"), i.get("status"), clip(i.get("prompt") or "", 60), inquiry_creator(i),
@@ -4891,7 +4896,7 @@ def cmd_artifact_list(ctx, args):
         ctx.ui.info("%d artifact(s)" % len(items))
 
     ctx.ui.emit(items, table)
-    note_partial(ctx, body.get("pagination") if isinstance(body, dict) else None, len(items), "artifacts")
+    note_partial(ctx, pagination_of(body), len(items), "artifacts")
 
 
 @command("artifact show", "show one artifact, by id or ref", arg("ref", metavar="ID|REF", help="artifact id or ref"))
@@ -5005,7 +5010,7 @@ def copy_stream(resp, out, progress):
     shorter than its Content-Length is a network error (the connection dropped)."""
     import http.client
     expected = resp.headers.get("Content-Length")
-    expected = int(expected) if expected and expected.isdigit() else None
+    expected = int(expected) if expected and set(expected) <= DIGITS and len(expected) < 20 else None
     size = 0
     try:
         while True:
@@ -5226,9 +5231,9 @@ def cmd_identity_list(ctx, args):
     ctx.ui.emit(body, lambda: ctx.ui.table(
         ["ID", "Login", "Display name", "Frozen", "Roles"],
         [[i.get("id"), i.get("login"), i.get("display_name"), "true" if i.get("frozen") else "false",
-          ", ".join(str(r.get("role") if isinstance(r, dict) else r) for r in i.get("roles") or [])]
-         for i in items]))
-    note_partial(ctx, body.get("pagination"), len(items), "identities")
+          cell_text([r.get("role") if isinstance(r, dict) else r for r in i["roles"]]
+                    if isinstance(i.get("roles"), list) else i.get("roles"))] for i in items]))
+    note_partial(ctx, pagination_of(body), len(items), "identities")
 
 
 @command("identity show", "show an identity, its roles and direct permissions", *IDENTITY_SELECTOR)
@@ -5360,7 +5365,7 @@ def cmd_audit_list(ctx, args):
         "http_method": args.http_method, "http_status": args.http_status, "http_path": args.http_path,
         "request_id": args.request_id, "created_after": args.after, "created_before": args.before})
     events = list_items(body)
-    emit_list(ctx, events, body.get("pagination"), "audit events",
+    emit_list(ctx, events, pagination_of(body), "audit events",
               ["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Resource", "HTTP"],
               lambda e: [e.get("id"), format_timestamp(e.get("created")), e.get("category"), e.get("event_type"),
                          e.get("outcome"), audit_actor(e), audit_resource(e), audit_http(e)])
@@ -5458,14 +5463,14 @@ def show_policy(ctx, policy, message=None):
         ctx.ui.pairs([("Ref", policy.get("ref")), ("Name", policy.get("name")),
                       ("Description", or_dash(policy.get("description"))), ("Enabled", policy.get("enabled")),
                       ("Scope", policy_scope_text(policy)), ("Priority", policy.get("priority")),
-                      ("Features", policy_features(policy)), ("Tags", ", ".join(map(str, policy.get("tags") or [])) or "-")])
+                      ("Features", policy_features(policy)), ("Tags", cell_text(policy.get("tags")) or "-")])
         concurrency, rate, quotas = policy.get("concurrency"), policy.get("rate_limit"), policy.get("quotas")
         if isinstance(concurrency, dict):
             ctx.ui.section("Concurrency")
             group_by = (concurrency.get("parameters") or {}).get("group_by") \
                 if isinstance(concurrency.get("parameters"), dict) else None
             ctx.ui.pairs([("Limit", concurrency.get("limit")), ("Behavior", concurrency.get("method")),
-                          ("Group By", ", ".join(map(str, group_by or [])) or "-")])
+                          ("Group By", cell_text(group_by) or "-")])
         if isinstance(rate, dict):
             ctx.ui.section("Rate Limit")
             ctx.ui.pairs([("Max Executions", rate.get("max_executions")),

@@ -7167,7 +7167,11 @@ class UntrustedInputTests(AttuneTestCase):
     LISTS = [(("pack", "list"), "/api/v1/packs"), (("action", "list"), "/api/v1/actions"),
              (("execution", "list"), "/api/v1/executions"), (("rule", "list"), "/api/v1/rules"),
              (("trigger", "list"), "/api/v1/triggers"), (("sensor", "list"), "/api/v1/sensors"),
-             (("key", "list"), "/api/v1/keys"), (("workflow", "list"), "/api/v1/workflows")]
+             (("key", "list"), "/api/v1/keys"), (("workflow", "list"), "/api/v1/workflows"),
+             (("inquiry", "list"), "/api/v1/inquiries"), (("artifact", "list"), "/api/v1/artifacts"),
+             (("artifact", "version", "list", "1"), "/api/v1/artifacts/1/versions"),
+             (("identity", "list"), "/api/v1/identities"), (("audit", "list"), "/api/v1/audit-events"),
+             (("policy", "list"), "/api/v1/policies")]
     SHOWS = [(("pack", "show", "core"), "/api/v1/packs/core"),
              (("action", "show", "core.echo"), "/api/v1/actions/core.echo"),
              (("rule", "show", "examples.on_timer"), "/api/v1/rules/examples.on_timer"),
@@ -7175,7 +7179,11 @@ class UntrustedInputTests(AttuneTestCase):
              (("sensor", "show", "core.timer_sensor"), "/api/v1/sensors/core.timer_sensor"),
              (("key", "show", "region"), "/api/v1/keys/region"),
              (("workflow", "show", "examples.deploy"), "/api/v1/workflows/examples.deploy"),
-             (("auth", "whoami"), "/auth/me")]
+             (("auth", "whoami"), "/auth/me"),
+             (("inquiry", "show", "1"), "/api/v1/inquiries/1"), (("artifact", "show", "1"), "/api/v1/artifacts/1"),
+             (("artifact", "version", "show", "1", "1"), "/api/v1/artifacts/1/versions/1"),
+             (("identity", "show", "--identity-id", "1"), "/api/v1/identities/1"),
+             (("audit", "show", "1"), "/api/v1/audit-events/1"), (("policy", "show", "core.limit"), "/api/v1/policies/core.limit")]
 
     def test_answers_of_the_wrong_shape(self):
         """Whole answers of the wrong shape are one-line API errors (exit 1), as processes."""

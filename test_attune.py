@@ -3152,7 +3152,7 @@ class AuthCommandTests(AttuneTestCase):
                                         "username"])
         self.assertFalse(data["already_logged_in"])
         self.assertEqual((data["profile"], data["username"]), ("default", "admin"))
-        self.assertIn(data["expires_in"], (3599, 3600))
+        self.assertTrue(3590 <= data["expires_in"] <= 3600, data)  # whole seconds left, on a loaded machine too
 
     def test_the_first_profile_created_becomes_current(self):
         self.assertEqual(self.login("--save-profile", "prod").code, 0)

@@ -34,7 +34,7 @@ lint: tools
 	$(TOOL_RUN) -m pyflakes attune.py test_attune.py
 
 coverage: tools
-	$(TOOL_RUN) -m coverage run --include=attune.py -m unittest test_attune
+	ATTUNE_TEST_LONG=0 $(TOOL_RUN) -m coverage run --include=attune.py -m unittest test_attune
 	$(TOOL_RUN) -m coverage report --show-missing --fail-under=$(COVERAGE_MIN) | tail -n 3
 
 bench:

@@ -4628,13 +4628,16 @@ def watch_executions(ctx, session, args):
     return 0
 
 
+LIST_WATCH_POLL = 2  # seconds between lists when the executions stream cannot be opened
+
+
 def poll_executions(ctx, session, args, view, executions, deadline):
     """The list watch without a stream: the list again every 2 s."""
     while not all_done(executions):
-        if time.monotonic() + 2 > deadline:
+        if time.monotonic() + LIST_WATCH_POLL > deadline:
             time.sleep(max(0.0, deadline - time.monotonic()))
             raise AttuneError("timed out after %gs watching executions" % args.timeout)
-        time.sleep(2)
+        time.sleep(LIST_WATCH_POLL)
         try:
             latest = fetch_executions(session, args)[0]
         except (NetworkError, ApiError) as e:

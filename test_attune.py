@@ -4376,8 +4376,9 @@ class NotifierTests(ResourceTestCase):
             return dict(self.server.executions[eid])
         session.fetch = fetch
         ctx = attune.Context(attune.parse_args(["execution", "watch", str(eid)]), self.environ())
-        found = attune.notifier_wait(ctx, session, eid, "ws://127.0.0.1:%d" % self.server.port,
-                                     time.monotonic() + 30, attune.WatchControls(ctx), attune.Progress(ctx))
+        with mock.patch.object(attune, "NOTIFIER_POLL", 0.2):
+            found = attune.notifier_wait(ctx, session, eid, "ws://127.0.0.1:%d" % self.server.port,
+                                         time.monotonic() + 30, attune.WatchControls(ctx), attune.Progress(ctx))
         self.assertEqual(found["status"], "completed")
         self.assertEqual([ws["token"] for ws in self.server.ws_sessions], tokens)
         self.wait_until(lambda: all(ws["closed"] for ws in self.server.ws_sessions))
@@ -4710,7 +4711,8 @@ class ListWatchTests(ResourceTestCase):
             while not stop.wait(0.3):
                 self.server.advance(eid)
         threading.Thread(target=worker, daemon=True).start()
-        result = self.ok("execution", "watch", "-a", "core.sleep", "--timeout", "30")
+        with mock.patch.object(attune, "LIST_WATCH_POLL", 0.2):
+            result = self.ok("execution", "watch", "-a", "core.sleep", "--timeout", "30")
         self.assertIn("attune: warning: Live stream unavailable (API error (404 Not Found, code NOT_FOUND): Not Found); "
                       "falling back to polling every 2s", result.err)
         self.assertEqual([line.split()[5] for line in result.out.splitlines()[6:-1]][-1], "completed")
@@ -4736,8 +4738,8 @@ class ListWatchTests(ResourceTestCase):
         self.assertIn(str(eid), result.out)
 
     def test_a_renewed_token_reopens_the_stream(self):
-        self.seed(access_left=302)  # enters its 300 s refresh margin two seconds from now
-        self.execute("core.sleep", "seconds=4")
+        self.seed(access_left=301)  # enters its 300 s refresh margin a second from now
+        self.execute("core.sleep", "seconds=2.5")
         self.ok("execution", "watch", "--timeout", "30")
         tokens = [r.token for r in self.streams()]
         self.assertGreaterEqual(len(tokens), 2)
@@ -7198,7 +7200,7 @@ class UntrustedInputTests(AttuneTestCase):
         for argv, path in self.SHOWS:
             for body in shows:
                 cases.append((argv, path, body))
-        for argv, path, body in cases:
+        for argv, path, body in sampled(cases):
             with self.subTest(argv=argv, body=body):
                 self.server.fail(path, method="GET", status=200, body=body)
                 result = self.run_cli(*argv)

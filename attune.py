@@ -1843,6 +1843,552 @@ def to_yaml(data, ascii_only=False):
     return "\n".join(yaml_lines(data, 0, ascii_only)).translate(UNICODE_CONTROL_ESCAPES)
 
 
+# --- Reading YAML -------------------------------------------------------------
+# Definition and request files (permission sets, queue items, workflows) are YAML, so
+# attune.py reads the subset they use, strictly: block and flow mappings and sequences,
+# plain, single- and double-quoted scalars, literal | and folded > blocks, comments, one
+# document, the YAML 1.2 core schema (null, bool, int, float); JSON is YAML too. Keys are
+# strings. Anchors, aliases, tags, directives, several documents, complex keys, duplicate
+# keys and tabs in indentation are errors that say line:column, never a guess.
+
+class YamlError(ValueError):
+    pass
+
+
+YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
+                "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85",
+                "_": "\xa0", "L": "\u2028", "P": "\u2029"}
+YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+YAML_MAX_DEPTH = 200
+
+
+def yaml_loads(text):
+    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
+    return YamlReader(text).document()
+
+
+def yaml_plain_value(text):
+    """A plain scalar by the YAML 1.2 core schema: null, true/false, int, float or the string."""
+    import re
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text[0] in "tT"
+    if re.match(r"[-+]?[0-9]+\Z", text):
+        return int(text)
+    if re.match(r"0o[0-7]+\Z", text):
+        return int(text[2:], 8)
+    if re.match(r"0x[0-9a-fA-F]+\Z", text):
+        return int(text[2:], 16)
+    if re.match(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z", text):
+        return float(text)
+    if re.match(r"[-+]?\.(inf|Inf|INF)\Z", text):
+        return float("-inf") if text[0] == "-" else float("inf")
+    if text in (".nan", ".NaN", ".NAN"):
+        return float("nan")
+    return text
+
+
+def yaml_fold(lines):
+    """The lines of a folded (>) block as text: a break between two lines of text becomes a
+    space, each empty line a break; more-indented lines keep their breaks."""
+    text, previous, empties = "", None, 0
+    for line in lines:
+        if not line:
+            empties += 1
+            continue
+        normal = line[0] not in " \t"
+        if previous is None:
+            text += "\n" * empties
+        elif previous and normal:
+            text += "\n" * empties if empties else " "
+        else:
+            text += "\n" * (empties + 1)
+        text += line
+        previous, empties = normal, 0
+    return text
+
+
+class YamlReader:
+    """A recursive-descent reader over the whole text; self.pos is where it is. Each block
+    node is read up to the first character of the next line with content (or the end)."""
+
+    def __init__(self, text):
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        self.s = text.replace("\r\n", "\n").replace("\r", "\n")
+        self.pos = self.depth = self.empty_lines = self.comment_lines = 0
+        self.tab = None
+
+    # -- where the reader is -----------------------------------------------------
+    def fail(self, message, pos=None):
+        pos = self.pos if pos is None else pos
+        raise YamlError("%d:%d: %s" % (self.s.count("\n", 0, pos) + 1, self.column(pos) + 1, message))
+
+    def column(self, pos=None):
+        pos = self.pos if pos is None else pos
+        return pos - (self.s.rfind("\n", 0, pos) + 1)
+
+    def char(self, pos=None):
+        pos = self.pos if pos is None else pos
+        return self.s[pos] if pos < len(self.s) else ""
+
+    def line_end(self, pos):
+        end = self.s.find("\n", pos)
+        return len(self.s) if end < 0 else end
+
+    def separated(self, pos):
+        """Is pos the end of the text, a space, a tab or a line break?"""
+        return pos >= len(self.s) or self.s[pos] in " \t\n"
+
+    def at_marker(self, marker="---"):
+        return self.column() == 0 and self.s.startswith(marker, self.pos) and self.separated(self.pos + 3)
+
+    def at_block_end(self, indent):
+        """Has the block indented by indent ended at self.pos?"""
+        return (self.pos >= len(self.s) or self.column() < indent or self.at_marker()
+                or self.at_marker("..."))
+
+    def at_entry(self):
+        return self.char() == "-" and self.separated(self.pos + 1)
+
+    def enter(self):
+        self.depth += 1
+        if self.depth > YAML_MAX_DEPTH:
+            self.fail("nested more than %d levels deep" % YAML_MAX_DEPTH)
+
+    # -- lines -----------------------------------------------------------------
+    def skip_spaces(self):
+        while self.char() in (" ", "\t") and self.char():
+            self.pos += 1
+
+    def end_of_line(self):
+        """Only spaces and a comment may follow on this line; stops at its line break."""
+        self.skip_spaces()
+        if self.char() == "#" and (self.pos == 0 or self.s[self.pos - 1] in " \t\n"):
+            self.pos = self.line_end(self.pos)
+        if self.char() not in ("", "\n"):
+            self.fail("unexpected %s after the value" % json.dumps(self.char()))
+
+    def next_content(self):
+        """From a line break (or a line's start), on to the first character of the next line
+        that holds more than spaces and a comment; False at the end. Counts the empty lines
+        (self.empty_lines) and comment lines (self.comment_lines) passed, and notes where a
+        tab is among the line's leading blanks (self.tab, checked by check_indent())."""
+        s = self.s
+        self.empty_lines = self.comment_lines = 0
+        self.tab = None
+        while self.pos < len(s):
+            if s[self.pos] == "\n":
+                self.pos += 1
+            start = self.pos
+            self.skip_spaces()
+            c = self.char()
+            if c == "\n":
+                self.empty_lines += 1
+            elif c == "#":
+                self.comment_lines += 1
+                self.pos = self.line_end(self.pos)
+            elif c:
+                if "\t" in s[start:self.pos]:
+                    self.tab = (start, s.index("\t", start))
+                return True
+        return False
+
+    def check_indent(self, spaces=None):
+        """Tabs cannot indent a line; a line that continues a plain scalar may have them
+        after the spaces its indentation needs."""
+        if self.tab and (spaces is None or self.tab[1] - self.tab[0] < spaces):
+            self.fail("a tab cannot indent a line", self.tab[1])
+
+    # -- the document ----------------------------------------------------------
+    def document(self):
+        import re
+        bad = re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", self.s)  # DEL and C1 are data, as in JSON
+        if bad:
+            self.fail("control character U+%04X is not allowed" % ord(bad.group()), bad.start())
+        if not self.next_content():
+            return None
+        self.check_indent()
+        if self.char() == "%":
+            self.fail("directives are not supported")
+        value = None
+        if self.at_marker():
+            self.pos += 3
+            self.skip_spaces()
+            if self.char() not in ("", "\n", "#"):
+                value = self.block_node(-1, inline=True)
+            else:
+                self.end_of_line()
+                if self.next_content() and not self.at_marker() and not self.at_marker("..."):
+                    self.check_indent()
+                    value = self.block_node(-1)
+        else:
+            value = self.block_node(-1)
+        if self.at_marker("..."):
+            self.pos += 3
+            self.end_of_line()
+            self.next_content()
+        if self.pos < len(self.s):
+            self.check_indent()
+            self.fail("only one document is allowed" if self.at_marker() else "unexpected content after the document")
+        return value
+
+    # -- block context -----------------------------------------------------------
+    def block_node(self, indent, inline=False):
+        """The node whose first character is at self.pos, in a block indented by indent;
+        inline when it follows 'key:' on the same line (no block collection starts there)."""
+        self.enter()
+        c, start = self.char(), self.pos
+        if c in ("&", "*", "!"):
+            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
+        if c == "?" and self.separated(start + 1):
+            self.fail("complex keys are not supported")
+        if self.at_entry():
+            if inline:
+                self.fail("a sequence cannot start on the line of its key")
+            value = self.block_sequence(self.column())
+        elif c in ("|", ">"):
+            value = self.block_scalar(indent)
+        elif self.key_ahead():
+            if inline:
+                self.fail("a mapping cannot start on the line of its key")
+            value = self.block_mapping(self.column())
+        elif c in ("[", "{", '"', "'"):
+            value = self.flow_node() if c in "[{" else self.quoted()
+            self.skip_spaces()
+            if self.char() == ":":
+                self.fail("complex keys are not supported" if c in "[{" else "a key must be on one line", start)
+            self.end_of_line()
+            self.next_content()
+        else:
+            value = self.plain_block(indent)
+        self.depth -= 1
+        return value
+
+    def key_ahead(self):
+        """Does 'key:' start here (a plain or one-line quoted scalar, ':', then a space)?"""
+        s, pos = self.s, self.pos
+        if s[pos] in "\"'":
+            self.quoted()
+            end, self.pos = self.pos, pos
+            if "\n" in s[pos:end]:
+                return False
+            while end < len(s) and s[end] in " \t":
+                end += 1
+            return end < len(s) and s[end] == ":" and self.separated(end + 1)
+        if s[pos] in "[{":
+            return False
+        for p in range(pos, self.line_end(pos)):
+            if s[p] == "#" and s[p - 1] in " \t":
+                return False
+            if s[p] == ":" and self.separated(p + 1):
+                return True
+        return False
+
+    def mapping_key(self):
+        """The key at self.pos (key_ahead() said there is one); stops past its ':'."""
+        if self.char() in ("\"", "'"):
+            key = self.quoted()
+            self.skip_spaces()
+        else:
+            self.check_plain_start()
+            end = self.pos
+            while not (self.s[end] == ":" and self.separated(end + 1)):
+                end += 1
+            key, self.pos = self.s[self.pos:end].rstrip(" \t"), end
+        self.pos += 1
+        return key
+
+    def block_mapping(self, indent):
+        mapping = {}
+        while True:
+            start = self.pos
+            key = self.mapping_key()
+            if key in mapping:
+                self.fail("duplicate key %s" % json.dumps(key), start)
+            mapping[key] = self.block_value(indent, True)
+            if self.at_block_end(indent):
+                return mapping
+            self.check_indent()
+            if self.column() > indent:
+                self.fail("this line is indented more than the keys of its mapping")
+            if not self.key_ahead():
+                self.fail("expected a key of the mapping above (key: value)")
+
+    def block_sequence(self, indent):
+        items = []
+        while True:
+            self.pos += 1  # the '-'
+            items.append(self.block_value(indent, False))
+            if self.at_block_end(indent):
+                return items
+            self.check_indent()
+            if self.column() > indent:
+                self.fail("this line is indented more than the entries of its sequence")
+            if not self.at_entry():
+                return items  # the next key of the mapping whose value this sequence is
+
+    def block_value(self, indent, in_mapping):
+        """The value after 'key:' or '-': on the same line, or indented on the lines below."""
+        self.skip_spaces()
+        if self.char() not in ("", "\n", "#"):
+            return self.block_node(indent, inline=in_mapping)
+        self.end_of_line()
+        if not self.next_content() or self.at_marker() or self.at_marker("..."):
+            return None
+        self.check_indent()
+        if self.column() > indent:
+            return self.block_node(indent)
+        if in_mapping and self.column() == indent and self.at_entry():
+            return self.block_sequence(indent)  # a sequence may sit at the level of its key
+        return None
+
+    def check_plain_start(self):
+        c = self.char()
+        if c in ",[]{}#&*!|>'\"%@`" or (c in "-?:" and self.separated(self.pos + 1)):
+            self.fail("a plain scalar cannot start with %s" % json.dumps(c))
+
+    def plain_line(self):
+        """The rest of a plain scalar's line, up to a comment; ': ' in it is an error."""
+        s, start = self.s, self.pos
+        end = self.line_end(start)
+        while self.pos < end:
+            if s[self.pos] == "#" and self.pos > start and s[self.pos - 1] in " \t":
+                break
+            if s[self.pos] == ":" and self.separated(self.pos + 1):
+                self.fail("a mapping cannot start inside a value (quote the value if ': ' is meant)")
+            self.pos += 1
+        return s[start:self.pos].rstrip(" \t")
+
+    def plain_block(self, indent):
+        """A plain scalar in block context; lines indented deeper than indent continue it."""
+        self.check_plain_start()
+        text = self.plain_line()
+        while True:
+            self.end_of_line()
+            if not self.next_content() or self.at_block_end(indent + 1):
+                return yaml_plain_value(text)
+            if self.comment_lines:
+                self.fail("a comment cannot sit inside a multi-line value")
+            self.check_indent(indent + 1)
+            text += ("\n" * self.empty_lines if self.empty_lines else " ") + self.plain_line()
+
+    def block_scalar(self, indent):
+        """| (literal) or > (folded), then at most a chomping indicator (+ keeps the final
+        empty lines, - drops the last line break) and an indentation digit."""
+        s, start = self.s, self.pos
+        folded, chomp, explicit = s[start] == ">", "", None
+        self.pos += 1
+        for _ in range(2):
+            c = self.char()
+            if c and c in "+-" and not chomp:
+                chomp = c
+            elif c and c in "123456789" and explicit is None:
+                explicit = int(c)
+            else:
+                break
+            self.pos += 1
+        if not self.separated(self.pos):
+            self.fail("a block scalar's header is | or > with at most + or - and one digit 1-9", start)
+        self.end_of_line()
+        width = None if explicit is None else max(indent, 0) + explicit
+        lines, text_lines, leading, final_break = [], 0, 0, False
+        pos = self.pos + 1
+        while pos < len(s):
+            end = self.line_end(pos)
+            line = s[pos:end]
+            spaces = len(line) - len(line.lstrip(" "))
+            if spaces == len(line) and (width is None or spaces <= width):  # an empty line
+                leading = max(leading, spaces) if width is None else leading
+                lines.append("")
+            else:
+                if width is None:
+                    if leading > spaces and spaces > indent:
+                        self.fail("an empty line above the text is indented more than the text", pos)
+                    width = spaces
+                if spaces < width or width <= indent:
+                    break
+                lines.append(line[width:])
+                text_lines, final_break = len(lines), end < len(s)
+            pos = end + 1
+        self.pos = min(pos, len(s + "\n")) - 1
+        self.next_content()
+        body, trailing = lines[:text_lines], len(lines) - text_lines
+        text = yaml_fold(body) if folded else "\n".join(body)
+        if chomp == "-" or not body and chomp != "+":
+            return text
+        return text + ("\n" if body and final_break else "") + ("\n" * trailing if chomp == "+" else "")
+
+    # -- scalars and flow context --------------------------------------------------
+    def quoted(self):
+        """A single- or double-quoted scalar; a line break inside folds like plain text."""
+        s, start = self.s, self.pos
+        quote = s[start]
+        self.pos += 1
+        out, pending = [], ""  # pending: spaces that only count if more text follows on the line
+        while True:
+            c = self.char()
+            if not c:
+                self.fail("this quoted scalar never ends", start)
+            if c == quote and quote == "'" and self.char(self.pos + 1) == "'":
+                out.append(pending + "'")
+                pending, self.pos = "", self.pos + 2
+            elif c == quote:
+                self.pos += 1
+                return "".join(out) + pending
+            elif c in " \t":
+                pending += c
+                self.pos += 1
+            elif c == "\n":
+                pending, self.pos = "", self.pos + 1
+                breaks = 0
+                while True:
+                    self.skip_spaces()
+                    if self.char() != "\n":
+                        break
+                    breaks, self.pos = breaks + 1, self.pos + 1
+                if self.at_marker() or self.at_marker("..."):
+                    self.fail("this quoted scalar never ends", start)
+                out.append("\n" * breaks if breaks else " ")
+            elif c == "\\" and quote == '"':
+                out.append(pending)
+                pending = ""
+                out.append(self.escape())
+            else:
+                out.append(pending + c)
+                pending, self.pos = "", self.pos + 1
+
+    def escape(self):
+        """The character of the escape at self.pos (a backslash), and past it."""
+        s, start = self.s, self.pos
+        e = self.char(start + 1)
+        self.pos += 2
+        if e == "\n":  # an escaped line break: the lines join without a space
+            self.skip_spaces()
+            return ""
+        if e in YAML_ESCAPES:
+            return YAML_ESCAPES[e]
+        if not e or e not in YAML_HEX_ESCAPES:
+            self.fail("unknown escape \\%s" % e, start)
+        digits = s[self.pos:self.pos + YAML_HEX_ESCAPES[e]]
+        if len(digits) != YAML_HEX_ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
+            self.fail("\\%s needs %d hexadecimal digits" % (e, YAML_HEX_ESCAPES[e]), start)
+        self.pos += len(digits)
+        code = int(digits, 16)
+        low = s[self.pos + 2:self.pos + 6] if s.startswith("\\u", self.pos) else ""
+        if 0xd800 <= code < 0xdc00 and len(low) == 4 and all(d in "0123456789abcdefABCDEF" for d in low) \
+                and 0xdc00 <= int(low, 16) < 0xe000:  # JSON's surrogate pair
+            self.pos += 6
+            return chr(0x10000 + ((code - 0xd800) << 10) + int(low, 16) - 0xdc00)
+        if 0xd800 <= code < 0xe000 or code > 0x10ffff:
+            self.fail("\\%s%s is not a character" % (e, digits), start)
+        return chr(code)
+
+    def skip_flow_space(self):
+        while True:
+            c = self.char()
+            if c and c in " \t\n":
+                self.pos += 1
+            elif c == "#" and self.s[self.pos - 1] in " \t\n":
+                self.pos = self.line_end(self.pos)
+            else:
+                return
+
+    def flow_node(self):
+        self.enter()
+        self.skip_flow_space()
+        c = self.char()
+        if c == "[":
+            value = self.flow_collection("]")
+        elif c == "{":
+            value = self.flow_collection("}")
+        elif c and c in "\"'":
+            value = self.quoted()
+        elif c and c in "&*!":
+            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
+        elif c == "?" and self.separated(self.pos + 1):
+            self.fail("complex keys are not supported")
+        elif not c:
+            self.fail("the text ends inside [ ] or { }")
+        else:
+            value = yaml_plain_value(self.plain_flow())
+        self.depth -= 1
+        return value
+
+    def flow_collection(self, close):
+        """[a, b] or {k: v, k2: v2}, on one line or several."""
+        start = self.pos
+        self.pos += 1
+        result = {} if close == "}" else []
+        while True:
+            self.skip_flow_space()
+            c = self.char()
+            if c == close:
+                self.pos += 1
+                return result
+            if not c:
+                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
+            if c in ",]}":
+                self.fail("expected an entry, not %s" % json.dumps(c))
+            if close == "]":
+                result.append(self.flow_node())
+                self.skip_flow_space()
+                if self.char() == ":":
+                    self.fail("key: value inside [ ] is not supported; write {key: value}")
+            else:
+                key_start = self.pos
+                if c in "[{" or c == "?" and self.separated(self.pos + 1):
+                    self.fail("complex keys are not supported")
+                key = self.quoted() if c in "\"'" else self.plain_flow()
+                if key in result:
+                    self.fail("duplicate key %s" % json.dumps(key), key_start)
+                self.skip_flow_space()
+                value = None
+                if self.char() == ":":
+                    self.pos += 1
+                    self.skip_flow_space()
+                    if self.char() not in (",", "}"):
+                        value = self.flow_node()
+                result[key] = value
+                self.skip_flow_space()
+            if self.char() == ",":
+                self.pos += 1
+            elif not self.char():
+                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
+            elif self.char() != close:
+                self.fail("expected ',' or %s" % json.dumps(close))
+
+    def plain_flow(self):
+        """A plain scalar inside [ ] or { }: up to , [ ] { }, ': ' or a comment; it may
+        continue on the next lines."""
+        self.check_plain_start()
+        s, text = self.s, ""
+        while True:
+            start = self.pos
+            while True:
+                c = self.char()
+                if not c or c in ",[]{}\n":
+                    break
+                if c == ":" and (self.separated(self.pos + 1) or self.char(self.pos + 1) in ",[]{}"):
+                    break
+                if c == "#" and self.pos > start and s[self.pos - 1] in " \t":
+                    break
+                self.pos += 1
+            text += s[start:self.pos].rstrip(" \t")
+            if self.char() != "\n":
+                return text
+            saved, breaks = self.pos, 0
+            while self.char() == "\n":
+                self.pos += 1
+                self.skip_spaces()
+                breaks += 1
+            if not self.char() or self.char() in ",[]{}:#":
+                self.pos = saved
+                return text
+            text += "\n" * (breaks - 1) if breaks > 1 else " "
+
+
 def cell_text(value):
     if value is None:
         return ""
@@ -3227,6 +3773,24 @@ def note_partial(ctx, pagination, shown, noun):
                     % (shown, " of %d" % total if isinstance(total, int) else "", noun))
 
 
+def read_document(ctx, path, what):
+    """The YAML (or JSON) document of a file, or of stdin for '-'; a file that cannot be
+    read or parsed is a usage error naming it, with line:column."""
+    name = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            text = ctx.ui.stdin.read()
+        else:
+            text = read_regular_file(path, DATA_FILE_LIMIT)[0].decode("utf-8")
+        return yaml_loads(text)
+    except YamlError as e:
+        raise UsageError("Invalid %s: %s:%s" % (what, terminal_safe(name, keep=""), e))
+    except UnicodeError:
+        raise UsageError("Failed to read %s %s: it is not UTF-8 text" % (what, quoted(name)))
+    except OSError as e:
+        raise UsageError("Failed to read %s %s: %s" % (what, quoted(name), e.strerror or e))
+
+
 def json_or_string(text):
     """A value given on the command line: JSON when it parses, else the string itself."""
     try:
@@ -3449,10 +4013,12 @@ class WatchControls:
     shell started us with SIGINT ignored. When stdin is the terminal in whose foreground we
     run, the terminal stops echoing and line-buffering (signals and output processing stay
     as they were) so Ctrl+D arrives as a key and detaches; the mode is restored on every
-    way out, before any cancel request is sent. Use it as a `with` block."""
+    way out, before any cancel request is sent. Use it as a `with` block; keys=False arms
+    SIGINT only (the list watch, which Ctrl+C just ends)."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, keys=True):
         self.ui = ctx.ui
+        self.keys = keys
         self.fd = None  # the terminal's descriptor while keys are read
         self.saved_mode = self.saved_sigint = None
 
@@ -3464,7 +4030,7 @@ class WatchControls:
             self.saved_sigint = None
         try:
             fd = self.ui.stdin.fileno()
-            if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+            if not self.keys or not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
                 return self  # piped, closed, /dev/null or a background job: no keys
             import termios
             self.saved_mode = termios.tcgetattr(fd)
@@ -4575,11 +5141,15 @@ def watch_executions(ctx, session, args):
     """execution watch without an id: the list, then live updates from /executions/stream
     (polling every 2 s when the stream cannot be opened), until every listed execution is
     done (exit 0), --timeout passes (exit 1) or Ctrl-C (exit 130)."""
-    import http.client
     if ctx.ui.output != "table":
         raise UsageError("execution watch without an id prints a table only; use execution list for %s"
                          % ctx.ui.output.upper())
-    deadline = time.monotonic() + args.timeout
+    with WatchControls(ctx, keys=False):  # Ctrl+C ends it even when the shell ignores SIGINT
+        return follow_executions(ctx, session, args, time.monotonic() + args.timeout)
+
+
+def follow_executions(ctx, session, args, deadline):
+    import http.client
     view = ExecutionsView(ctx, args)
     executions = fetch_executions(session, args)[0]
     known = {e["id"]: e for e in executions if isinstance(e.get("id"), int)}
@@ -4813,22 +5383,9 @@ def cmd_inquiry_execution(ctx, args):
 
 
 @command("inquiry execution create", "create an inquiry (needs the execution token of a running workflow)",
-         arg("--request-file", metavar="PATH", required=True, help="the request, a JSON object; - for stdin"))
+         arg("--request-file", metavar="PATH", required=True, help="the request, a YAML or JSON object; - for stdin"))
 def cmd_inquiry_execution_create(ctx, args):
-    if args.request_file == "-":
-        try:
-            text = ctx.ui.stdin.read()
-        except (OSError, UnicodeError):
-            raise UsageError("Failed to read inquiry request from stdin")
-    else:
-        try:
-            text = read_regular_file(args.request_file, DATA_FILE_LIMIT)[0].decode("utf-8")
-        except (OSError, UnicodeError):
-            raise UsageError("Failed to read inquiry request file %s" % quoted(args.request_file))
-    try:
-        request = json_loads(text)
-    except ValueError:
-        raise UsageError("Inquiry request must contain valid JSON")
+    request = read_document(ctx, args.request_file, "inquiry request")
     if not isinstance(request, dict):
         raise UsageError("Inquiry create request must be a JSON object")
     created = ctx.session().fetch("POST", "/inquiries", request)
@@ -5329,6 +5886,221 @@ def cmd_identity_freeze(ctx, args):
 @command("identity unfreeze", "unfreeze an identity", *(IDENTITY_SELECTOR + (DRY_RUN,)))
 def cmd_identity_unfreeze(ctx, args):
     freeze_identity(ctx, args, False)
+
+
+# === Commands: permissions ===================================================
+# Permission sets (what may be done) and who holds them: identities directly, or
+# every identity with a role. assign and revoke print a mutation result like the
+# identity commands, and do nothing when the assignment is already as asked.
+
+group("permission", "permission sets and their assignments to identities and roles")
+
+PERMISSION_SET_REF = arg("ref", metavar="REF", help="the permission set's ref")
+PERMISSION_TARGET = (
+    arg("--identity", metavar="LOGIN", help="an identity, by its exact login"),
+    arg("--identity-id", type=Number(1, MAX_ID), metavar="N", help="an identity, by its id"),
+    arg("--role", metavar="ROLE", help="every identity with this role"))
+
+
+def permission_set(session, ref):
+    """GET /permissions/sets/by-ref/REF; 'standard' is never asked for."""
+    if ref == "standard":
+        raise AttuneError("'standard' is reserved for execution tokens and is not an assignable permission set")
+    return session.fetch("GET", "/permissions/sets/by-ref/%s" % path_segment(ref))
+
+
+def set_roles(permission_set):
+    roles = permission_set.get("roles")
+    return [r for r in roles if isinstance(r, dict)] if isinstance(roles, list) else []
+
+
+def set_definition(permission_set):
+    """The part of a set that a definition file holds: {ref, label?, description?, grants}."""
+    definition = {"ref": permission_set.get("ref")}
+    for key in ("label", "description"):
+        if permission_set.get(key) is not None:
+            definition[key] = permission_set[key]
+    definition["grants"] = permission_set.get("grants")
+    return definition
+
+
+def binding_filters(identity_login=None, identity_id=None, role=None, set_ref=None):
+    return {"identity_login": identity_login, "identity_id": identity_id, "role": role,
+            "permission_set_ref": set_ref}
+
+
+def binding_target(binding):
+    """('identity', login) or ('role', role) of an assignment."""
+    target = binding.get("target")
+    target = target if isinstance(target, dict) else {}
+    kind = target.get("type")
+    return kind, target.get("login") if kind == "identity" else target.get("role")
+
+
+@command("permission set", "permission sets: list, show, export, update")
+def cmd_permission_set(ctx, args):
+    raise UsageError("permission set needs a command: list, show, export or update")
+
+
+@command("permission set list", "list permission sets, who owns them and the roles they are mapped to",
+         arg("--pack", metavar="PACK", help="only the sets of this pack"),
+         arg("--include-retired", action="store_true", help="also the retired sets"))
+def cmd_permission_set_list(ctx, args):
+    sets = list_items(ctx.session().call("GET", "/permissions/sets", query={
+        "include_retired": "true" if args.include_retired else "false", "pack_ref": args.pack}))
+    ctx.ui.emit(sets, lambda: ctx.ui.table(
+        ["ID", "Ref", "Pack", "Origin", "Status", "Roles"],
+        [[s.get("id"), s.get("ref"), s.get("pack_ref") or "", s.get("management_origin") or "",
+          "retired" if s.get("retired_at") else "active",
+          ", ".join(str(r.get("role")) for r in set_roles(s))] for s in sets]))
+
+
+def emit_yaml_in_table_mode(ctx, data):
+    """show and export print YAML where other commands print a table."""
+    ctx.ui.emit(data, lambda: ctx.ui.write_document(to_yaml, data))
+
+
+@command("permission set show", "show a permission set: grants, ownership and role mappings (YAML)",
+         PERMISSION_SET_REF)
+def cmd_permission_set_show(ctx, args):
+    emit_yaml_in_table_mode(ctx, permission_set(ctx.session(), args.ref))
+
+
+@command("permission set export", "print a set as a definition file for permission set update (YAML)",
+         PERMISSION_SET_REF)
+def cmd_permission_set_export(ctx, args):
+    emit_yaml_in_table_mode(ctx, set_definition(permission_set(ctx.session(), args.ref)))
+
+
+@command("permission set update", "replace a set's grants from a definition file (YAML or JSON)",
+         PERMISSION_SET_REF,
+         arg("--file", metavar="PATH", required=True, help="the definition {ref, label, description, grants}; - for stdin"),
+         arg("--dry-run", action="store_true", help="let the server check and preview it; change nothing"))
+def cmd_permission_set_update(ctx, args):
+    definition = read_document(ctx, args.file, "permission set definition")
+    unknown = sorted(set(definition) - {"ref", "label", "description", "grants"}) \
+        if isinstance(definition, dict) else None
+    if unknown is None or unknown or "ref" not in definition or "grants" not in definition:
+        raise UsageError("Invalid permission set definition: %s" % (
+            "it must be a mapping" if unknown is None else "unknown field %s" % quoted(unknown[0]) if unknown
+            else "it needs ref and grants"))
+    if definition["ref"] != args.ref:
+        raise UsageError("Definition ref %s does not match target %s" % (quoted(str(definition["ref"])), quoted(args.ref)))
+    if not isinstance(definition["grants"], list):
+        raise UsageError("Permission set grants must be an array")
+    session = ctx.session()
+    before = permission_set(session, args.ref)
+    if before.get("management_origin") == "platform":
+        raise AttuneError("Permission set %s is platform-managed and cannot be updated" % quoted(args.ref))
+    if before.get("retired_at"):
+        raise AttuneError("Permission set %s is retired and cannot be updated" % quoted(args.ref))
+    after = session.fetch("PUT", "/permissions/sets/%s" % path_segment(before.get("id")),
+                          {"label": definition.get("label"), "description": definition.get("description"),
+                           "grants": definition["grants"]},
+                          query={"dry_run": "true" if args.dry_run else "false"})
+    if before.get("management_origin") == "pack":
+        ctx.ui.warn("Pack-owned definition %s: a later pack update can overwrite this edit." % quoted(args.ref))
+    mutation_result(ctx, "set_update", {"permission_set_ref": args.ref, "permission_set_id": before.get("id")},
+                    args.dry_run, set_definition(before), set_definition(after))
+
+
+@command("permission assignment", "assignments of sets to identities and roles: list")
+def cmd_permission_assignment(ctx, args):
+    raise UsageError("permission assignment needs a command: list")
+
+
+@command("permission assignment list", "list assignments (direct ones for an identity, not inherited access)",
+         *(PERMISSION_TARGET + (
+             arg("--set", metavar="REF", help="only assignments of this permission set"),
+             arg("--page", type=Number(1, MAX_ID), default=1),
+             arg("--per-page", type=Number(1, 100), default=50))))
+def cmd_permission_assignment_list(ctx, args):
+    if args.role is not None and (args.identity is not None or args.identity_id is not None) \
+            or args.identity is not None and args.identity_id is not None:
+        raise UsageError("filter by one of --identity, --identity-id and --role")
+    query = binding_filters(args.identity, args.identity_id, args.role, args.set)
+    query.update(page=args.page, page_size=args.per_page)
+    body = ctx.session().call("GET", "/permissions/assignments", query=query)
+    items = list_items(body)
+    pagination = pagination_of(body)
+    ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
+        ["ID", "Permission set", "Target type", "Target", "Created"],
+        [[b.get("id"), b.get("permission_set_ref")] + list(binding_target(b)) + [format_timestamp(b.get("created"))]
+         for b in items], empty="No permission assignments found"))
+    note_partial(ctx, pagination, len(items), "assignments")
+
+
+def permission_assignee(session, args):
+    """{"type": "identity", identity_id, login} or {"type": "role", role} from the flags."""
+    given = [v for v in (args.identity, args.identity_id, args.role) if v is not None]
+    if len(given) != 1 or args.role is not None and not args.role.strip():
+        raise UsageError("Specify exactly one of --identity, --identity-id, or a nonempty --role")
+    if args.role is not None:
+        return {"type": "role", "role": role_argument(args)}
+    args.login = args.identity
+    identity = selected_identity(session, args)
+    return {"type": "identity", "identity_id": identity.get("id"), "login": identity.get("login")}
+
+
+def find_binding(session, assignee, ref):
+    """The assignment of set ref to the assignee, read from every page; or None."""
+    if assignee["type"] == "identity":
+        query = binding_filters(identity_id=assignee["identity_id"], set_ref=ref)
+    else:
+        query = binding_filters(role=assignee["role"], set_ref=ref)
+    items, page = [], 1
+    while True:
+        query.update(page=page, page_size=100)
+        body = session.call("GET", "/permissions/assignments", query=query)
+        items.extend(list_items(body))
+        pagination = pagination_of(body)
+        if not isinstance(pagination, dict) or not isinstance(pagination.get("has_next"), bool):
+            raise ApiError("API pagination is missing has_next")
+        if not pagination["has_next"]:
+            return items[-1] if items else None
+        page += 1
+
+
+def change_assignment(ctx, args, assign):
+    session = ctx.session()
+    found = permission_set(session, args.ref)
+    assignee = permission_assignee(session, args)
+    binding = find_binding(session, assignee, args.ref)
+    if assign and binding is None and found.get("retired_at"):
+        raise AttuneError("Permission set %s is retired and cannot be newly assigned" % quoted(args.ref))
+    before = binding is not None
+    if not args.dry_run and assign and not before:
+        if assignee["type"] == "identity":
+            resp = session.request("POST", "/permissions/assignments",
+                                   {"identity_id": assignee["identity_id"], "permission_set_ref": args.ref})
+        else:
+            resp = session.request("POST", "/permissions/sets/%s/roles" % path_segment(found.get("id")),
+                                   {"role": assignee["role"]})
+        if resp.status == 409 and find_binding(session, assignee, args.ref) is not None:
+            before = True  # assigned meanwhile by someone else
+        else:
+            resp.check()
+    elif not args.dry_run and not assign and before:
+        kind = "assignments" if assignee["type"] == "identity" else "sets/roles"
+        resp = session.request("DELETE", "/permissions/%s/%s" % (kind, path_segment(binding.get("id"))))
+        if resp.status == 404:
+            before = False  # removed meanwhile
+        else:
+            resp.check()
+    mutation_result(ctx, "assign" if assign else "revoke", {"permission_set_ref": args.ref, "assignee": assignee},
+                    args.dry_run, before, assign)
+
+
+@command("permission assign", "assign a set to an identity or role (nothing happens when it already is)",
+         PERMISSION_SET_REF, *(PERMISSION_TARGET + (DRY_RUN,)))
+def cmd_permission_assign(ctx, args):
+    change_assignment(ctx, args, True)
+
+
+@command("permission revoke", "take a set from an identity or role (nothing happens when it is not assigned)",
+         PERMISSION_SET_REF, *(PERMISSION_TARGET + (DRY_RUN,)))
+def cmd_permission_revoke(ctx, args):
+    change_assignment(ctx, args, False)
 
 
 # === Commands: audit =========================================================

@@ -51,6 +51,15 @@ POSIX = os.name == "posix"
 PASSWORD = "s3cret-Admin-pw"  # the fake server's admin password in tests (the sandbox uses admin)
 IS_ROOT = POSIX and os.geteuid() == 0
 
+# A job started in the background (`make test &`, nohup, some CI runners) has SIGINT or
+# SIGHUP ignored, and its children would inherit that; the tests that send signals need
+# attune.py to start as it does in a terminal. A Python-level handler here is reset to the
+# default in every child (exec does that), while this process stays as it was asked to be.
+for name in ("SIGINT", "SIGHUP", "SIGTERM", "SIGQUIT") if POSIX else ():
+    if signal.getsignal(getattr(signal, name)) == signal.SIG_IGN:
+        signal.signal(getattr(signal, name),
+                      signal.default_int_handler if name == "SIGINT" else lambda signum, frame: None)
+
 # === Fake Attune server ======================================================
 # Faithful to ../shared/attune-api.md where the client can tell: root /auth and
 # /health routes, /api/v1 resources, {"data": ...} envelopes, paginated
@@ -202,12 +211,13 @@ class FakeAttune:
         return time.time() + self.clock_offset
 
     def fail(self, path, method=None, status=None, body=None, headers=None, delay=0.0,
-             drop=False, truncate=False, times=1):
-        """Answer the next `times` matching requests (None: all) with a fault instead."""
+             drop=False, truncate=False, times=1, effect=None):
+        """Answer the next `times` matching requests (None: all) with a fault instead;
+        effect() runs first (another client changing things at that very moment)."""
         with self.lock:
             self.faults.append(dict(path=path, method=method, status=status, body=body,
                                     headers=headers or {}, delay=delay, drop=drop,
-                                    truncate=truncate, times=times))
+                                    truncate=truncate, times=times, effect=effect))
 
     def take_fault(self, req):
         with self.lock:
@@ -502,6 +512,19 @@ class FakeAttune:
             3: {"id": 3, "login": "zoe", "display_name": "Zoë Ørsted", "frozen": False, "attributes": {"team": "ops"},
                 "roles": [{"id": 31, "identity_id": 3, "role": "operators", "source": "oidc", "managed": True,
                            "created": stamp, "updated": stamp}], "direct_permissions": []}}
+        self.permission_sets = {
+            5: {"id": 5, "ref": "core.admin", "pack_ref": "core", "label": "Admin", "description": "Everything",
+                "grants": [{"resource": "packs", "actions": ["read", "create"]}], "retired_at": None,
+                "management_origin": "pack", "roles": [{"id": 51, "permission_set_id": 5,
+                                                         "permission_set_ref": "core.admin", "role": "admins",
+                                                         "created": stamp}]},
+            6: {"id": 6, "ref": "ops.operator", "pack_ref": None, "label": "Operator", "description": None,
+                "grants": [{"resource": "executions", "actions": ["read"]}], "retired_at": None,
+                "management_origin": "manual", "roles": []},
+            7: {"id": 7, "ref": "system.root", "pack_ref": None, "label": "Root", "description": None,
+                "grants": [], "retired_at": None, "management_origin": "platform", "roles": []},
+            8: {"id": 8, "ref": "old.viewer", "pack_ref": "old", "label": "Viewer", "description": None,
+                "grants": [], "retired_at": stamp, "management_origin": "pack", "roles": []}}
         self.policies = {"core.limit": {
             "id": 1, "ref": "core.limit", "name": "Core limit", "description": "Two at a time", "enabled": True,
             "priority": 10, "scope": {"type": "pack", "pack_ref": "core"},
@@ -1039,6 +1062,101 @@ class FakeAttune:
         identity["frozen"] = action == "freeze"
         return 200, envelope(identity)
 
+    # permission sets and their assignments (direct ones live in the identities)
+    def permission_set_by_ref(self, ref):
+        found = [p for p in self.permission_sets.values() if p["ref"] == ref]
+        return (found[0], None) if found else (None, api_error(404, "Permission set '%s' not found" % ref,
+                                                                 "NOT_FOUND"))
+
+    def permission_sets_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        return 200, [p for _, p in sorted(self.permission_sets.items())  # a bare array, as the server sends
+                     if (q.get("include_retired") == "true" or not p["retired_at"])
+                     and q.get("pack_ref") in (None, p["pack_ref"])]
+
+    def permission_sets_show(self, req, ref):
+        found, error = self.permission_set_by_ref(ref)
+        return error or (200, envelope(found))
+
+    def permission_sets_update(self, req, sid):
+        found = self.permission_sets.get(int(sid))
+        if not found:
+            return api_error(404, "Permission set '%s' not found" % sid, "NOT_FOUND")
+        body = req.json() or {}
+        if not isinstance(body.get("grants"), list):
+            return api_error(422, "grants: expected an array", "VALIDATION_ERROR")
+        updated = dict(found, grants=body["grants"])
+        for key in ("label", "description"):
+            if body.get(key) is not None:
+                updated[key] = body[key]
+        if req.query.get("dry_run") != ["true"]:
+            self.permission_sets[found["id"]] = updated
+        return 200, envelope(updated)
+
+    def bindings(self):
+        rows = []
+        for identity in self.identities.values():
+            for a in identity["direct_permissions"]:
+                rows.append({"id": a["id"], "permission_set_id": a["permission_set_id"],
+                             "permission_set_ref": a["permission_set_ref"], "created": a["created"],
+                             "target": {"type": "identity", "identity_id": identity["id"], "login": identity["login"]}})
+        for found in self.permission_sets.values():
+            for r in found["roles"]:
+                rows.append({"id": r["id"], "permission_set_id": found["id"], "permission_set_ref": found["ref"],
+                             "created": r["created"], "target": {"type": "role", "role": r["role"]}})
+        return sorted(rows, key=lambda row: row["id"])
+
+    def assignments_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [b for b in self.bindings()
+                if q.get("identity_login") in (None, b["target"].get("login"))
+                and q.get("identity_id") in (None, str(b["target"].get("identity_id")))
+                and q.get("role") in (None, b["target"].get("role"))
+                and q.get("permission_set_ref") in (None, b["permission_set_ref"])]
+        return self.paginate(req, rows)
+
+    def assignments_create(self, req):
+        body = req.json() or {}
+        identity, error = self.identity(body.get("identity_id") or 0)
+        found, error = (None, error) if error else self.permission_set_by_ref(body.get("permission_set_ref"))
+        if error:
+            return error
+        if any(a["permission_set_id"] == found["id"] for a in identity["direct_permissions"]):
+            return api_error(409, "Permission assignment already exists", "CONFLICT")
+        assignment = {"id": self.new_id(), "identity_id": identity["id"], "permission_set_id": found["id"],
+                      "permission_set_ref": found["ref"], "created": self.stamp()}
+        identity["direct_permissions"].append(assignment)
+        return 201, envelope(assignment)
+
+    def assignments_delete(self, req, aid):
+        for identity in self.identities.values():
+            for a in identity["direct_permissions"]:
+                if a["id"] == int(aid):
+                    identity["direct_permissions"].remove(a)
+                    return 200, envelope({"success": True, "message": "Permission assignment deleted successfully"})
+        return api_error(404, "Permission assignment '%s' not found" % aid, "NOT_FOUND")
+
+    def set_roles_create(self, req, sid):
+        found = self.permission_sets.get(int(sid))
+        if not found:
+            return api_error(404, "Permission set '%s' not found" % sid, "NOT_FOUND")
+        role = (req.json() or {}).get("role")
+        if any(r["role"] == role for r in found["roles"]):
+            return api_error(409, "Role '%s' is already mapped to this permission set" % role, "CONFLICT")
+        mapping = {"id": self.new_id(), "permission_set_id": found["id"], "permission_set_ref": found["ref"],
+                   "role": role, "created": self.stamp()}
+        found["roles"].append(mapping)
+        return 201, envelope(mapping)
+
+    def set_roles_delete(self, req, rid):
+        for found in self.permission_sets.values():
+            for r in found["roles"]:
+                if r["id"] == int(rid):
+                    found["roles"].remove(r)
+                    return 200, envelope({"success": True,
+                                          "message": "Permission set role assignment deleted successfully"})
+        return api_error(404, "Permission set role assignment '%s' not found" % rid, "NOT_FOUND")
+
     # artifacts
     def new_artifact(self, ref, owner, scope="action", type="file_text", visibility="private", name=None,
                      content_type=None, versions=(), **fields):
@@ -1540,6 +1658,14 @@ ROUTES = [
     ("GET", r"/api/v1/audit-events", "audit_list"),
     ("GET", r"/api/v1/audit-events/(?P<eid>\d+)", "audit_show"),
     ("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)", "audit_chain"),
+    ("GET", r"/api/v1/permissions/sets", "permission_sets_list"),
+    ("GET", r"/api/v1/permissions/sets/by-ref/" + REF, "permission_sets_show"),
+    ("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)", "permission_sets_update"),
+    ("POST", r"/api/v1/permissions/sets/(?P<sid>\d+)/roles", "set_roles_create"),
+    ("DELETE", r"/api/v1/permissions/sets/roles/(?P<rid>\d+)", "set_roles_delete"),
+    ("GET", r"/api/v1/permissions/assignments", "assignments_list"),
+    ("POST", r"/api/v1/permissions/assignments", "assignments_create"),
+    ("DELETE", r"/api/v1/permissions/assignments/(?P<aid>\d+)", "assignments_delete"),
     ("GET", r"/api/v1/identities", "identities_list"),
     ("GET", r"/api/v1/identities/(?P<iid>\d+)", "identities_show"),
     ("POST", r"/api/v1/identities/(?P<iid>\d+)/roles", "identities_add_role"),
@@ -1722,6 +1848,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if not fault:
             return False
         time.sleep(fault["delay"])
+        if fault["effect"]:
+            with fake.lock:
+                fault["effect"]()
         if fault["drop"]:
             self.close_connection = True
         elif fault["status"] is not None:
@@ -4738,8 +4867,11 @@ class ListWatchTests(ResourceTestCase):
         self.assertIn(str(eid), result.out)
 
     def test_a_renewed_token_reopens_the_stream(self):
-        self.seed(access_left=301)  # enters its 300 s refresh margin a second from now
-        self.execute("core.sleep", "seconds=2.5")
+        # The execution runs five seconds; the token stored after starting it enters its 300 s
+        # refresh margin three seconds from now: the watch opens the stream with it (a loaded
+        # machine may take a second or two to get there), then renews it and reopens the stream.
+        self.execute("core.sleep", "seconds=5")
+        self.seed(access_left=303)
         self.ok("execution", "watch", "--timeout", "30")
         tokens = [r.token for r in self.streams()]
         self.assertGreaterEqual(len(tokens), 2)
@@ -4898,12 +5030,18 @@ class InquiryCommandTests(ResourceTestCase):
                       self.fails(1, "inquiry", "execution", "cancel", str(iid)).err)
         self.assertIn("Status:            cancelled", self.ok("inquiry", "execution", "cancel", str(iid), env=env).out)
         self.assertEqual(self.server.requests[-1].json(), {})
-        for content, message in (("{bad", "Inquiry request must contain valid JSON"),
+        with open(request, "w") as f:
+            f.write("# YAML too\nprompt: Deploy?\nresponse_options:\n  - {ref: yes, response: {ok: true}}\n")
+        self.ok("inquiry", "execution", "create", "--request-file", request, "-j", env=env)
+        self.assertEqual(self.server.requests[-1].json(), {"prompt": "Deploy?", "response_options": [
+            {"ref": "yes", "response": {"ok": True}}]})
+        for content, message in (("{bad", "Invalid inquiry request: %s:1:1: this mapping never ends" % request),
+                                 ("a: 1\na: 2", "Invalid inquiry request: %s:2:1: duplicate key" % request),
                                  ("[]", "Inquiry create request must be a JSON object")):
             with open(request, "w") as f:
                 f.write(content)
             self.assertIn(message, self.fails(2, "inquiry", "execution", "create", "--request-file", request).err)
-        self.assertIn("Failed to read inquiry request file", self.fails(
+        self.assertIn("Failed to read inquiry request", self.fails(
             2, "inquiry", "execution", "create", "--request-file", os.path.join(self.tmp, "missing.json")).err)
         self.assertIn("inquiry execution needs a command", self.fails(2, "inquiry", "execution").err)
 
@@ -5109,6 +5247,163 @@ class IdentityCommandTests(ResourceTestCase):
         self.assertTrue(self.server.identities[3]["frozen"])
         self.ok("identity", "unfreeze", "zoe")
         self.assertFalse(self.server.identities[3]["frozen"])
+
+
+class PermissionCommandTests(ResourceTestCase):
+    def test_set_list_show_and_export(self):
+        self.assertEqual(self.lines("permission", "set", "list"), [
+            "ID  Ref           Pack  Origin    Status  Roles", "──  ────────────  ────  ────────  ──────  ──────",
+            "5   core.admin    core  pack      active  admins", "6   ops.operator        manual    active",
+            "7   system.root         platform  active"])
+        self.assertEqual(self.targets(), ["GET /api/v1/permissions/sets?include_retired=false"])
+        listed = self.ok("permission", "set", "list", "--pack", "old", "--include-retired", "-j").json()
+        self.assertEqual([s["ref"] for s in listed], ["old.viewer"])
+        self.assertEqual(self.targets()[-1], "GET /api/v1/permissions/sets?include_retired=true&pack_ref=old")
+        shown = self.ok("permission", "set", "show", "core.admin").out
+        self.assertEqual(attune.yaml_loads(shown), self.server.permission_sets[5])
+        self.assertEqual(self.targets()[-1], "GET /api/v1/permissions/sets/by-ref/core.admin")
+        self.assertEqual(self.ok("permission", "set", "show", "core.admin", "-j").json()["roles"][0]["role"], "admins")
+        exported = self.ok("permission", "set", "export", "core.admin").out
+        self.assertEqual(exported, "ref: core.admin\nlabel: Admin\ndescription: Everything\ngrants:\n"
+                                   "- resource: packs\n  actions:\n  - read\n  - create\n")
+        self.assertEqual(self.ok("permission", "set", "export", "ops.operator", "-j").json(),
+                         {"ref": "ops.operator", "label": "Operator", "grants": [{"resource": "executions",
+                                                                                   "actions": ["read"]}]})
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Permission set 'nope' not found",
+                      self.fails(1, "permission", "set", "show", "nope").err)
+        before = len(self.server.requests)
+        self.assertIn("'standard' is reserved for execution tokens",
+                      self.fails(1, "permission", "set", "show", "standard").err)
+        self.assertEqual(len(self.server.requests), before)
+
+    def test_set_update_reads_yaml_or_json_and_checks_it(self):
+        definition = os.path.join(self.tmp, "operator.yaml")
+        exported = self.ok("permission", "set", "export", "ops.operator").out
+        with open(definition, "w") as f:
+            f.write(exported.replace("  - read\n", "  - read\n  - cancel\n") + "description: |\n  Runs things.\n")
+        dry = self.ok("permission", "set", "update", "ops.operator", "--file", definition, "--dry-run", "-j").json()
+        self.assertEqual((dry["operation"], dry["target"], dry["dry_run"], dry["changed"], dry["would_change"]),
+                         ("set_update", {"permission_set_ref": "ops.operator", "permission_set_id": 6}, True, False,
+                          True))
+        self.assertEqual(dry["after"]["grants"], [{"resource": "executions", "actions": ["read", "cancel"]}])
+        self.assertEqual(self.targets()[-1], "PUT /api/v1/permissions/sets/6?dry_run=true")
+        self.assertEqual(self.server.requests[-1].json(), {
+            "label": "Operator", "description": "Runs things.\n",
+            "grants": [{"resource": "executions", "actions": ["read", "cancel"]}]})
+        self.assertEqual(self.server.permission_sets[6]["grants"], [{"resource": "executions", "actions": ["read"]}])
+        done = self.ok("permission", "set", "update", "ops.operator", "--file", "-", "-j",
+                       stdin=json.dumps({"ref": "ops.operator", "grants": []})).json()
+        self.assertEqual((done["changed"], done["after"]["grants"]), (True, []))
+        self.assertEqual(self.server.permission_sets[6]["grants"], [])
+        self.assertEqual(self.targets()[-1], "PUT /api/v1/permissions/sets/6?dry_run=false")
+        result = self.ok("permission", "set", "update", "core.admin", "--file", "-",
+                         stdin="ref: core.admin\ngrants: []\n")
+        self.assertIn("attune: warning: Pack-owned definition 'core.admin': a later pack update can overwrite this "
+                      "edit.", result.err)
+        for ref, content, code, message in (
+                ("ops.operator", "ref: other\ngrants: []\n", 2, "Definition ref 'other' does not match target "
+                                                                "'ops.operator'"),
+                ("ops.operator", "ref: ops.operator\ngrants: {}\n", 2, "Permission set grants must be an array"),
+                ("ops.operator", "ref: ops.operator\n", 2, "Invalid permission set definition: it needs ref and grants"),
+                ("ops.operator", "ref: ops.operator\ngrants: []\nowner: me\n", 2,
+                 "Invalid permission set definition: unknown field 'owner'"),
+                ("ops.operator", "- a\n", 2, "Invalid permission set definition: it must be a mapping"),
+                ("ops.operator", "ref: ops.operator\ngrants: [\n", 2, "Invalid permission set definition: stdin:2:9: "
+                                                                      "this sequence never ends"),
+                ("ops.operator", "ref: &a ops.operator\n", 2, "stdin:1:6: anchors are not supported"),
+                ("system.root", "ref: system.root\ngrants: []\n", 1,
+                 "Permission set 'system.root' is platform-managed and cannot be updated"),
+                ("old.viewer", "ref: old.viewer\ngrants: []\n", 1,
+                 "Permission set 'old.viewer' is retired and cannot be updated")):
+            with self.subTest(content=content):
+                self.assertIn(message, self.fails(code, "permission", "set", "update", ref, "--file", "-",
+                                                  stdin=content).err)
+        self.assertIn("Failed to read permission set definition", self.fails(
+            2, "permission", "set", "update", "ops.operator", "--file", os.path.join(self.tmp, "missing.yaml")).err)
+        self.fails(2, "permission", "set", "update", "ops.operator")
+
+    def test_assignment_list(self):
+        created = attune.format_timestamp(self.server.identities[1]["direct_permissions"][0]["created"])
+        self.assertEqual(self.lines("permission", "assignment", "list"), [
+            "ID  Permission set  Target type  Target  Created", "──  ──────────────  ───────────  ──────  " + "─" * 19,
+            "21  core.admin      identity     admin   " + created, "51  core.admin      role         admins  " + created])
+        self.assertEqual(self.targets()[0], "GET /api/v1/permissions/assignments?page=1&page_size=50")
+        page = self.ok("permission", "assignment", "list", "--role", "admins", "--set", "core.admin", "--page", "1",
+                       "--per-page", "10", "-j").json()
+        self.assertEqual([b["id"] for b in page["items"]], [51])
+        self.assertEqual(page["pagination"]["total_items"], 1)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/permissions/assignments?role=admins&permission_set_ref="
+                                             "core.admin&page=1&page_size=10")
+        self.ok("permission", "assignment", "list", "--identity", "admin")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/permissions/assignments?identity_login=admin&page=1&"
+                                             "page_size=50")
+        self.assertIn("No permission assignments found", self.ok("permission", "assignment", "list", "--role",
+                                                                 "nobody").out)
+        self.assertIn("filter by one of --identity, --identity-id and --role",
+                      self.fails(2, "permission", "assignment", "list", "--identity", "a", "--role", "b").err)
+        self.fails(2, "permission", "assignment", "list", "--per-page", "101")
+        self.assertIn("permission assignment needs a command", self.fails(2, "permission", "assignment").err)
+
+    def test_assign_and_revoke_identities_and_roles(self):
+        dry = self.ok("permission", "assign", "ops.operator", "--identity", "zoe", "--dry-run", "-j").json()
+        self.assertEqual(dry, {"operation": "assign", "dry_run": True, "changed": False, "would_change": True,
+                               "target": {"permission_set_ref": "ops.operator",
+                                          "assignee": {"type": "identity", "identity_id": 3, "login": "zoe"}},
+                               "before": False, "after": True})
+        self.assertEqual([r.method for r in self.server.requests if r.method != "GET"], [])
+        done = self.ok("permission", "assign", "ops.operator", "--identity-id", "3", "-j").json()
+        self.assertEqual((done["changed"], done["before"]), (True, False))
+        self.assertEqual(self.sent("POST", "/api/v1/permissions/assignments").json(),
+                         {"identity_id": 3, "permission_set_ref": "ops.operator"})
+        again = self.ok("permission", "assign", "ops.operator", "--identity", "zoe", "-j").json()
+        self.assertEqual((again["changed"], again["would_change"]), (False, False))
+        self.assertEqual(self.server.count("POST", "/api/v1/permissions/assignments"), 1)
+        revoked = self.ok("permission", "revoke", "ops.operator", "--identity", "zoe", "-j").json()
+        self.assertEqual((revoked["operation"], revoked["changed"], revoked["before"], revoked["after"]),
+                         ("revoke", True, True, False))
+        self.assertEqual(self.server.identities[3]["direct_permissions"], [])
+        self.assertFalse(self.ok("permission", "revoke", "ops.operator", "--identity", "zoe", "-j").json()["changed"])
+        role = self.ok("permission", "assign", "ops.operator", "--role", "operators", "-j").json()
+        self.assertEqual(role["target"]["assignee"], {"type": "role", "role": "operators"})
+        self.assertEqual(self.sent("POST", "/api/v1/permissions/sets/6/roles").json(), {"role": "operators"})
+        mapping = self.server.permission_sets[6]["roles"][0]["id"]
+        self.assertTrue(self.ok("permission", "revoke", "ops.operator", "--role", "operators", "-j").json()["changed"])
+        self.assertEqual(self.targets()[-1], "DELETE /api/v1/permissions/sets/roles/%d" % mapping)
+        self.assertIn("Permission set 'old.viewer' is retired and cannot be newly assigned",
+                      self.fails(1, "permission", "assign", "old.viewer", "--role", "x").err)
+        for target in ((), ("--identity", "zoe", "--role", "x"), ("--role", " ")):
+            self.assertIn("Specify exactly one of --identity, --identity-id, or a nonempty --role",
+                          self.fails(2, "permission", "assign", "ops.operator", *target).err)
+        self.assertIn("Identity 'ghost' not found",
+                      self.fails(1, "permission", "assign", "ops.operator", "--identity", "ghost").err)
+
+    def test_a_race_and_a_missing_has_next(self):
+        # someone else assigns between the look-up and the POST: the 409 and the binding now there mean success
+        def meanwhile():
+            self.server.identities[3]["direct_permissions"].append({
+                "id": 99, "identity_id": 3, "permission_set_id": 6, "permission_set_ref": "ops.operator",
+                "created": self.server.stamp()})
+        self.server.fail("/api/v1/permissions/assignments", "POST", *api_error(409, "Permission assignment already "
+                                                                                "exists", "CONFLICT"), effect=meanwhile)
+        result = self.ok("permission", "assign", "ops.operator", "--identity", "zoe", "-j").json()
+        self.assertEqual((result["before"], result["changed"]), (True, False))
+        # a 409 with nothing there is the server's error
+        self.server.fail("/api/v1/permissions/sets/6/roles", "POST", *api_error(409, "Busy", "CONFLICT"))
+        self.assertIn("API error (409 Conflict, code CONFLICT): Busy",
+                      self.fails(1, "permission", "assign", "ops.operator", "--role", "x").err)
+        # gone between the look-up and the DELETE: revoked all the same
+        self.server.fail("/api/v1/permissions/assignments/99", "DELETE", effect=lambda: self.server.identities[3][
+            "direct_permissions"].clear(), *api_error(404, "Permission assignment '99' not found", "NOT_FOUND"))
+        result = self.ok("permission", "revoke", "ops.operator", "--identity", "zoe", "-j").json()
+        self.assertEqual((result["before"], result["changed"]), (False, False))
+        self.server.fail("/api/v1/permissions/assignments", "GET", 200, {"items": [], "pagination": {"page": 1}})
+        self.assertIn("API pagination is missing has_next",
+                      self.fails(1, "permission", "assign", "ops.operator", "--role", "x").err)
+
+    def test_forbidden(self):
+        self.server.fail("/api/v1/permissions/sets", "GET", *api_error(403, "Insufficient permissions", "FORBIDDEN"))
+        self.assertIn("API error (403 Forbidden, code FORBIDDEN): Insufficient permissions",
+                      self.fails(1, "permission", "set", "list").err)
 
 
 class AuditCommandTests(ResourceTestCase):
@@ -7174,7 +7469,8 @@ class UntrustedInputTests(AttuneTestCase):
              (("inquiry", "list"), "/api/v1/inquiries"), (("artifact", "list"), "/api/v1/artifacts"),
              (("artifact", "version", "list", "1"), "/api/v1/artifacts/1/versions"),
              (("identity", "list"), "/api/v1/identities"), (("audit", "list"), "/api/v1/audit-events"),
-             (("policy", "list"), "/api/v1/policies")]
+             (("policy", "list"), "/api/v1/policies"), (("permission", "set", "list"), "/api/v1/permissions/sets"),
+             (("permission", "assignment", "list"), "/api/v1/permissions/assignments")]
     SHOWS = [(("pack", "show", "core"), "/api/v1/packs/core"),
              (("action", "show", "core.echo"), "/api/v1/actions/core.echo"),
              (("rule", "show", "examples.on_timer"), "/api/v1/rules/examples.on_timer"),
@@ -7186,7 +7482,8 @@ class UntrustedInputTests(AttuneTestCase):
              (("inquiry", "show", "1"), "/api/v1/inquiries/1"), (("artifact", "show", "1"), "/api/v1/artifacts/1"),
              (("artifact", "version", "show", "1", "1"), "/api/v1/artifacts/1/versions/1"),
              (("identity", "show", "--identity-id", "1"), "/api/v1/identities/1"),
-             (("audit", "show", "1"), "/api/v1/audit-events/1"), (("policy", "show", "core.limit"), "/api/v1/policies/core.limit")]
+             (("audit", "show", "1"), "/api/v1/audit-events/1"), (("policy", "show", "core.limit"), "/api/v1/policies/core.limit"),
+             (("permission", "set", "show", "core.admin"), "/api/v1/permissions/sets/by-ref/core.admin")]
 
     def test_answers_of_the_wrong_shape(self):
         """Whole answers of the wrong shape are one-line API errors (exit 1), as processes."""
@@ -7455,6 +7752,386 @@ class JsonReaderTests(unittest.TestCase):
     def test_deep_nesting_is_an_error_not_a_crash(self):
         with self.assertRaises(ValueError):
             attune.parse_json("[" * 100000)
+
+
+# In the shape of packs/core in attune-system/attune (written for these tests).
+WORKFLOW_YAML = """\
+# Deploy Service Workflow
+# Rolls a service out to every host, checking each step
+
+name: deploy_service
+ref: ops.deploy_service
+label: "Deploy Service"
+description: "Roll a service out with health checks: {{ parameters.service }}"
+version: "2.1.0"
+
+# Input parameters (inline required/secret)
+parameters:
+  hosts:
+    type: array
+    items:
+      type: string
+    minItems: 1
+    required: true
+  retries:
+    type: integer
+    default: 3
+    minimum: 0
+  ratio: {type: number, default: 0.5}
+  token:
+    type: string
+    secret: true
+
+vars:
+  - started: null
+  - done_hosts: []
+
+tasks:
+  # Task 1
+  - name: prepare
+    action: core.noop
+    input:
+      message: "Preparing {{ parameters.hosts | length }} host(s)"
+    publish:
+      - started: "{{ now() }}"
+    on_success: roll_out
+
+  - name: roll_out
+    action: ops.roll
+    with_items: "{{ parameters.hosts }}"
+    input:
+      host: "{{ item }}"
+      filter: "{{ workflow.hosts | map(attribute='name') | list }}"
+    on_failure:
+      - when: "{{ parameters.retries > 0 }}"
+        do:
+          - when: "{{ result.code == 75 }}"
+            next: roll_out
+          - next: give_up
+      - when: '{{ parameters.retries == 0 }}'
+        do: give_up
+
+  - name: give_up
+    action: core.echo
+    input: {message: 'Giving up: it''s broken'}
+
+output_schema:
+  summary:
+    type: object
+    properties:
+      hosts_done: {type: integer}
+
+metadata:
+  description: |
+    Rolls the service out host by host:
+
+    1. Prepare: count the hosts
+    2. Roll out: one host at a time
+      - retried on code 75
+
+  notes: >
+    Folded text joins
+    its lines.
+
+    A blank line is a break.
+  tags: [deploy, ops,
+         "rolling"]
+  weight: -1.5e+2
+  enabled: true
+  empty:
+"""
+WORKFLOW_DATA = {'name': 'deploy_service',
+ 'ref': 'ops.deploy_service',
+ 'label': 'Deploy Service',
+ 'description': 'Roll a service out with health checks: {{ parameters.service }}',
+ 'version': '2.1.0',
+ 'parameters': {'hosts': {'type': 'array', 'items': {'type': 'string'}, 'minItems': 1, 'required': True},
+                'retries': {'type': 'integer', 'default': 3, 'minimum': 0},
+                'ratio': {'type': 'number', 'default': 0.5},
+                'token': {'type': 'string', 'secret': True}},
+ 'vars': [{'started': None}, {'done_hosts': []}],
+ 'tasks': [{'name': 'prepare',
+            'action': 'core.noop',
+            'input': {'message': 'Preparing {{ parameters.hosts | length }} host(s)'},
+            'publish': [{'started': '{{ now() }}'}],
+            'on_success': 'roll_out'},
+           {'name': 'roll_out',
+            'action': 'ops.roll',
+            'with_items': '{{ parameters.hosts }}',
+            'input': {'host': '{{ item }}', 'filter': "{{ workflow.hosts | map(attribute='name') | list }}"},
+            'on_failure': [{'when': '{{ parameters.retries > 0 }}',
+                            'do': [{'when': '{{ result.code == 75 }}', 'next': 'roll_out'},
+                                   {'next': 'give_up'}]},
+                           {'when': '{{ parameters.retries == 0 }}', 'do': 'give_up'}]},
+           {'name': 'give_up', 'action': 'core.echo', 'input': {'message': "Giving up: it's broken"}}],
+ 'output_schema': {'summary': {'type': 'object', 'properties': {'hosts_done': {'type': 'integer'}}}},
+ 'metadata': {'description': 'Rolls the service out host by host:\n'
+                             '\n'
+                             '1. Prepare: count the hosts\n'
+                             '2. Roll out: one host at a time\n'
+                             '  - retried on code 75\n',
+              'notes': 'Folded text joins its lines.\nA blank line is a break.\n',
+              'tags': ['deploy', 'ops', 'rolling'],
+              'weight': -150.0,
+              'enabled': True,
+              'empty': None}}
+PERMISSION_SET_YAML = """\
+ref: ops.operator
+label: Operator
+description: Run and watch deployments.
+grants:
+  - resource: packs
+    actions: [read]
+  - resource: executions
+    actions: [read, update, cancel]
+  - resource: caches
+    actions: [read]
+    constraints:
+      owner_types: [pack]
+      owner_refs: ["ops"]
+"""
+PERMISSION_SET_DATA = {'ref': 'ops.operator',
+ 'label': 'Operator',
+ 'description': 'Run and watch deployments.',
+ 'grants': [{'resource': 'packs', 'actions': ['read']},
+            {'resource': 'executions', 'actions': ['read', 'update', 'cancel']},
+            {'resource': 'caches',
+             'actions': ['read'],
+             'constraints': {'owner_types': ['pack'], 'owner_refs': ['ops']}}]}
+
+# Examples from the YAML 1.2.2 specification (chapters 2, 5-8) inside the subset attune.py
+# reads, with the values the specification gives for them.
+YAML_SPEC_EXAMPLES = [
+    ("- Mark McGwire\n- Sammy Sosa\n- Ken Griffey\n", ["Mark McGwire", "Sammy Sosa", "Ken Griffey"]),  # 2.1
+    ("hr:  65    # Home runs\navg: 0.278 # Batting average\nrbi: 147   # Runs Batted In\n",
+     {"hr": 65, "avg": 0.278, "rbi": 147}),  # 2.2
+    ("american:\n- Boston Red Sox\n- Detroit Tigers\nnational:\n- New York Mets\n- Chicago Cubs\n",
+     {"american": ["Boston Red Sox", "Detroit Tigers"], "national": ["New York Mets", "Chicago Cubs"]}),  # 2.3
+    ("-\n  name: Mark McGwire\n  hr:   65\n-\n  name: Sammy Sosa\n  hr:   63\n",
+     [{"name": "Mark McGwire", "hr": 65}, {"name": "Sammy Sosa", "hr": 63}]),  # 2.4
+    ("- [name        , hr, avg  ]\n- [Mark McGwire, 65, 0.278]\n",
+     [["name", "hr", "avg"], ["Mark McGwire", 65, 0.278]]),  # 2.5
+    ("Mark McGwire: {hr: 65, avg: 0.278}\nSammy Sosa: {\n    hr: 63,\n    avg: 0.288,\n }\n",
+     {"Mark McGwire": {"hr": 65, "avg": 0.278}, "Sammy Sosa": {"hr": 63, "avg": 0.288}}),  # 2.6
+    ("---\n# Products purchased\n- item    : Super Hoop\n  quantity: 1\n- item    : Basketball\n  quantity: 4\n",
+     [{"item": "Super Hoop", "quantity": 1}, {"item": "Basketball", "quantity": 4}]),  # 2.12
+    ("# ASCII Art\n--- |\n  \\//||\\/||\n  // ||  ||__\n", "\\//||\\/||\n// ||  ||__\n"),  # 2.13
+    (">\n  Mark McGwire's\n  year was crippled\n  by a knee injury.\n",
+     "Mark McGwire's year was crippled by a knee injury.\n"),  # 2.14
+    (">\n Sammy Sosa completed another\n fine season with great stats.\n\n   63 Home Runs\n"
+     "   0.288 Batting Average\n\n What a year!\n",
+     "Sammy Sosa completed another fine season with great stats.\n\n  63 Home Runs\n"
+     "  0.288 Batting Average\n\nWhat a year!\n"),  # 2.15
+    ("name: Mark McGwire\naccomplishment: >\n  Mark set a major league\n  home run record in 1998.\n"
+     "stats: |\n  65 Home Runs\n  0.278 Batting Average\n",
+     {"name": "Mark McGwire", "accomplishment": "Mark set a major league home run record in 1998.\n",
+      "stats": "65 Home Runs\n0.278 Batting Average\n"}),  # 2.16
+    ('unicode: "Sosa did fine.\\u263A"\ncontrol: "\\b1998\\t1999\\t2000\\n"\nhex esc: "\\x0d\\x0a is \\r\\n"\n\n'
+     "single: '\"Howdy!\" he cried.'\nquoted: ' # Not a ''comment''.'\ntie-fighter: '|\\-*-/|'\n",
+     {"unicode": "Sosa did fine.\u263a", "control": "\b1998\t1999\t2000\n", "hex esc": "\r\n is \r\n",
+      "single": '"Howdy!" he cried.', "quoted": " # Not a 'comment'.", "tie-fighter": "|\\-*-/|"}),  # 2.17
+    ('plain:\n  This unquoted scalar\n  spans many lines.\n\nquoted: "So does this\n  quoted scalar.\\n"\n',
+     {"plain": "This unquoted scalar spans many lines.", "quoted": "So does this quoted scalar.\n"}),  # 2.18
+    ("canonical: 12345\ndecimal: +12345\noctal: 0o14\nhexadecimal: 0xC\n",
+     {"canonical": 12345, "decimal": 12345, "octal": 12, "hexadecimal": 12}),  # 2.19
+    ("canonical: 1.23015e+3\nexponential: 12.3015e+02\nfixed: 1230.15\nnegative infinity: -.inf\n",
+     {"canonical": 1230.15, "exponential": 1230.15, "fixed": 1230.15, "negative infinity": float("-inf")}),  # 2.20
+    ("null:\nbooleans: [ true, false ]\nstring: '012345'\n",
+     {"null": None, "booleans": [True, False], "string": "012345"}),  # 2.21
+    ("sequence: [ one, two, ]\nmapping: { sky: blue, sea: green }\n",
+     {"sequence": ["one", "two"], "mapping": {"sky": "blue", "sea": "green"}}),  # 5.4
+    ("# Comment only.\n", None),  # 5.5
+    ("|\n  Line break (no glyph)\n  Line break (glyphed)\n", "Line break (no glyph)\nLine break (glyphed)\n"),  # 5.11
+    ("# Tabs and spaces\nquoted: \"Quoted \t\"\nblock:\t|\n  void main() {\n  \tprintf(\"Hello, world!\\n\");\n  }\n",
+     {"quoted": "Quoted \t", "block": 'void main() {\n\tprintf("Hello, world!\\n");\n}\n'}),  # 5.12
+    ('"Fun with \\\\\n\\" \\a \\b \\e \\f \\\n\\n \\r \\t \\v \\0 \\\n\\  \\_ \\N \\L \\P \\\n\\x41 \\u0041 \\U00000041"',
+     "Fun with \x5c \x22 \x07 \x08 \x1b \x0c \x0a \x0d \x09 \x0b \x00 \x20 \xa0 \x85 \u2028 \u2029 A A A"),  # 5.13
+    ("  # Leading comment line spaces are\n   # neither content nor indentation.\n    \nNot indented:\n"
+     " By one space: |\n    By four\n      spaces\n Flow style: [    # Leading spaces\n   By two,        # in flow style\n"
+     "  Also by two,    # are neither\n  \tStill by two   # content nor\n    ]             # indentation.\n",
+     {"Not indented": {"By one space": "By four\n  spaces\n",
+                       "Flow style": ["By two", "Also by two", "Still by two"]}}),  # 6.1
+    ("plain: text\n  lines\nquoted: \"text\n  \tlines\"\nblock: |\n  text\n   \tlines\n",
+     {"plain": "text lines", "quoted": "text lines", "block": "text\n \tlines\n"}),  # 6.5
+    (">-\n  trimmed\n  \n \n\n  as\n  space", "trimmed\n\n\nas space"),  # 6.6
+    ("key:    # Comment\n        # lines\n  value\n\n", {"key": "value"}),  # 6.11
+    ('"folded \nto a space,\t\n \nto a line feed, or \t\\\n \\ \tnon-content"',
+     "folded to a space,\nto a line feed, or \t \tnon-content"),  # 7.5
+    ('" 1st non-empty\n\n 2nd non-empty \n\t3rd non-empty "', " 1st non-empty\n2nd non-empty 3rd non-empty "),  # 7.6
+    ("'here''s to \"quotes\"'", "here's to \"quotes\""),  # 7.7
+    ("' 1st non-empty\n\n 2nd non-empty \n\t3rd non-empty '", " 1st non-empty\n2nd non-empty 3rd non-empty "),  # 7.9
+    ("1st non-empty\n\n 2nd non-empty \n\t3rd non-empty", "1st non-empty\n2nd non-empty 3rd non-empty"),  # 7.12
+    ("- [ one, two, ]\n- [three ,four]\n", [["one", "two"], ["three", "four"]]),  # 7.13
+    ("- { one : two , three: four , }\n- {five: six,seven : eight}\n",
+     [{"one": "two", "three": "four"}, {"five": "six", "seven": "eight"}]),  # 7.15
+    ("{\nunquoted\u00a0: \"separate\",\n\"omitted value\":,\n}\n", {"unquoted\u00a0": "separate", "omitted value": None}),
+    ("- | # Empty header\n literal\n- >1 # Indentation indicator\n  folded\n- |+ # Chomping indicator\n keep\n\n"
+     "- >1- # Both indicators\n  strip\n", ["literal\n", " folded\n", "keep\n\n", " strip"]),  # 8.1
+    ("strip: |-\n  text\nclip: |\n  text\nkeep: |+\n  text\n", {"strip": "text", "clip": "text\n", "keep": "text\n"}),
+    (" # Strip\n  # Comments:\nstrip: |-\n  # text\n  \n # Clip\n  # comments:\n\nclip: |\n  # text\n \n # Keep\n"
+     "  # comments:\n\nkeep: |+\n  # text\n\n # Trail\n  # comments.\n",
+     {"strip": "# text", "clip": "# text\n", "keep": "# text\n\n"}),  # 8.5
+    ("strip: >-\n\nclip: >\n\nkeep: |+\n\n", {"strip": "", "clip": "", "keep": "\n"}),  # 8.6
+    ("|\n literal\n \ttext\n\n", "literal\n\ttext\n"),  # 8.7
+    ("|\n \n  \n  literal\n   \n  \n  text\n\n # Comment\n", "\n\nliteral\n \n\ntext\n"),  # 8.8
+    (">\n\n folded\n line\n\n next\n line\n   * bullet\n\n   * list\n   * lines\n\n last\n line\n\n# Comment\n",
+     "\nfolded line\nnext line\n  * bullet\n\n  * list\n  * lines\n\nlast line\n"),  # 8.10
+    ("block sequence:\n  - one\n  - two : three\n", {"block sequence": ["one", {"two": "three"}]}),  # 8.14
+    ("- # Empty\n- |\n block node\n- - one # Compact\n  - two # sequence\n- one: two # Compact mapping\n",
+     [None, "block node\n", ["one", "two"], {"one": "two"}]),  # 8.15
+    ("block mapping:\n key: value\n", {"block mapping": {"key": "value"}}),  # 8.16
+    ('plain key: in-line value\n: # Both empty\n"quoted key":\n- entry\n', None),  # 8.18: an empty key: refused below
+    ("- sun: yellow\n- ? earth: blue\n  : moon: white\n", None),  # 8.19: complex keys: refused below
+]
+YAML_SPEC_EXAMPLES = [(text, value) for text, value in YAML_SPEC_EXAMPLES if value is not None or "Comment only" in text]
+
+
+class YamlReaderTests(unittest.TestCase):
+    """yaml_loads: the subset Attune's files use, JSON, and errors with line:column."""
+
+    def test_files_in_the_shape_of_attune_packs(self):
+        # Written after packs/core in attune-system/attune: workflow, action and permission
+        # set files (comments, quoted templates, nested task lists, | and > blocks, flow lists).
+        self.assertEqual(attune.yaml_loads(WORKFLOW_YAML), WORKFLOW_DATA)
+        self.assertEqual(attune.yaml_loads(PERMISSION_SET_YAML), PERMISSION_SET_DATA)
+        self.assertEqual(attune.yaml_loads(WORKFLOW_YAML.replace("\n", "\r\n")), WORKFLOW_DATA)
+        self.assertEqual(attune.yaml_loads("\ufeff---\n" + PERMISSION_SET_YAML + "...\n"), PERMISSION_SET_DATA)
+
+    def test_examples_of_the_yaml_spec(self):
+        for text, expected in YAML_SPEC_EXAMPLES:
+            with self.subTest(text=text):
+                self.assertEqual(attune.yaml_loads(text), expected)
+
+    def test_core_schema_scalars(self):
+        for text, expected in (("~", None), ("null", None), ("Null", None), ("NULL", None), ("", None),
+                               ("true", True), ("True", True), ("TRUE", True), ("false", False), ("FALSE", False),
+                               ("yes", "yes"), ("no", "no"), ("on", "on"), ("y", "y"), ("tRue", "tRue"),
+                               ("0", 0), ("-17", -17), ("+5", 5), ("007", 7), ("0o17", 15), ("0x1f", 31),
+                               ("0x", "0x"), ("0o8", "0o8"), ("1_000", "1_000"), ("1:20", "1:20"),
+                               ("1.5", 1.5), ("-.5", -0.5), ("1.", 1.0), ("1e3", 1000.0), ("1.2E-2", 0.012),
+                               ("+1e+3", 1000.0), (".inf", float("inf")), ("-.Inf", float("-inf")),
+                               ("+.INF", float("inf")), ("inf", "inf"), ("1e", "1e"), (".", "."),
+                               ("2026-11-29", "2026-11-29"), ("'1'", "1"), ('"true"', "true"),
+                               ("a # comment", "a"), ("a#b", "a#b"), ("é ✓", "é ✓")):
+            with self.subTest(text=text):
+                self.assertEqual(attune.yaml_loads("v: " + text), {"v": expected})
+        nan = attune.yaml_loads(".nan")
+        self.assertNotEqual(nan, nan)
+
+    def test_json_is_yaml(self):
+        rng = random.Random(23)
+        for _ in range(300):
+            value = JsonReaderTests().random_value(rng)
+            for text in (json.dumps(value), json.dumps(value, indent=rng.choice([None, 2, "\t"]), ensure_ascii=False)):
+                with self.subTest(text=text):
+                    try:
+                        got = ("ok", attune.yaml_loads(text))
+                    except attune.YamlError:
+                        got = ("error",)
+                    if "\\ud8" in text or "\\ud9" in text or "\\uda" in text or "\\udb" in text \
+                            or "\\udc" in text or "\\udd" in text or "\\ude" in text or "\\udf" in text:
+                        if got != ("ok", value):  # a lone surrogate escape is no character in YAML
+                            self.assertEqual(got, ("error",))
+                    else:
+                        self.assertEqual(got, ("ok", value))
+
+    def random_value(self, rng, depth=0):
+        kind = rng.randrange(9 if depth < 4 else 6)
+        if kind == 0:
+            return rng.choice([True, False, None])
+        if kind == 1:
+            return rng.randrange(-10 ** rng.randrange(1, 20), 10 ** rng.randrange(1, 20))
+        if kind == 2:
+            return rng.choice([rng.uniform(-1e6, 1e6) * 10 ** rng.randrange(-30, 30), float("inf"), -0.0])
+        words = ["", " ", "a", "a b", "- a", "-", "a:", "a: b", "a:b", "#", "a #b", "a#b", "'", '"', "\\", "|", ">",
+                 "&a", "*a", "!a", "%", "@", "`", "?", "? a", "{", "}", "[", "]", ",", "~", "null", "Null", "true",
+                 "False", "yes", "1", "-1", "0x1", "0o7", "1e3", ".5", ".inf", "-.inf", ".nan", "é", "\u2028",
+                 "\U0001f600", "\t", "\n", "\r", "\x00", "\x1b[31m", "\x7f", "\x85", "\u202e", "---", "...", "  x"]
+        if kind in (3, 4, 5):
+            return "".join(rng.choice(words) for _ in range(rng.randrange(4)))
+        if kind in (6, 7):
+            return [self.random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+        return {rng.choice(words): self.random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+    def test_round_trip_with_the_output_emitter(self):
+        rng = random.Random(29)
+        for _ in range(600):
+            value = self.random_value(rng)
+            text = attune.to_yaml(value)
+            with self.subTest(text=text):
+                self.assertEqual(attune.yaml_loads(text), value)
+                self.assertEqual(attune.yaml_loads(attune.to_yaml(value, ascii_only=True)), value)
+
+    def test_outside_the_subset_is_an_error_with_line_and_column(self):
+        for text, error in (
+                ("a: &x 1\nb: *x", "1:4: anchors are not supported"),
+                ("a: 1\nb: *x", "2:4: aliases are not supported"),
+                ("!!map {a: 1}", "1:1: tags are not supported"),
+                ("a: !secret x", "1:4: tags are not supported"),
+                ("[!x a]", "1:2: tags are not supported"),
+                ("%YAML 1.2\n---\na: 1", "1:1: directives are not supported"),
+                ("a: 1\n---\nb: 2", "2:1: only one document is allowed"),
+                ("a: 1\n...\nb: 2", "3:1: unexpected content after the document"),
+                ("? a\n: b", "1:1: complex keys are not supported"),
+                ("[a, b]: c", "1:1: complex keys are not supported"),
+                ("{[a]: b}", "1:2: complex keys are not supported"),
+                ("[a: b]", "1:3: key: value inside [ ] is not supported"),
+                ("a: 1\na: 2", '2:1: duplicate key "a"'),
+                ("{a: 1, 'a': 2}", '1:8: duplicate key "a"'),
+                ("a:\n\tb: 1", "2:1: a tab cannot indent a line"),
+                ("\t- a", "1:1: a tab cannot indent a line"),
+                ("a: b\n\tc", "2:1: a tab cannot indent a line"),
+                ("a: b: c", "1:4: a mapping cannot start on the line of its key"),
+                ("a: - b", "1:4: a sequence cannot start on the line of its key"),
+                ("a: b\n  c: d", "2:4: a mapping cannot start inside a value"),
+                ("a:\n  b: 1\n    c: 2", "3:6: a mapping cannot start inside a value"),
+                ("a:\n    b: 1\n  c: 2", "3:3: this line is indented more than the keys of its mapping"),
+                ("- a\nb: c", "2:1: unexpected content after the document"),
+                ("a: 1\n- b", "2:1: expected a key of the mapping above"),
+                ("a: 'x", "1:4: this quoted scalar never ends"),
+                ('a: "x\n---\n"', "1:4: this quoted scalar never ends"),
+                ("a: [1, 2", "1:4: this sequence never ends"),
+                ("{a: 1", "1:1: this mapping never ends"),
+                ("[1 2 : 3]", "1:6: key: value inside [ ] is not supported"),
+                ("[1, , 2]", "1:5: expected an entry"),
+                ("[a] x", '1:5: unexpected "x"'),
+                ("plain key: in-line value\n: # Both empty", '2:1: a plain scalar cannot start with ":"'),
+                ("- sun: yellow\n- ? earth: blue\n  : moon: white", "2:3: complex keys are not supported"),
+                ('"a" b', '1:5: unexpected "b" after the value'),
+                ('a: "\\q"', "1:5: unknown escape \\q"),
+                ('a: "\\x4"', "1:5: \\x needs 2 hexadecimal digits"),
+                ('"\\ud800"', "1:2: \\ud800 is not a character"),
+                ('"\\U00110000"', "1:2: \\U00110000 is not a character"),
+                ("a: |x\n  b", "1:4: a block scalar's header"),
+                ("a: |\n  \n   \n  b", "4:1: an empty line above the text is indented more than the text"),
+                ("a: b\n  # note\n  c", "3:3: a comment cannot sit inside a multi-line value"),
+                ("a: @b", '1:4: a plain scalar cannot start with "@"'),
+                ("- `x`", '1:3: a plain scalar cannot start with "`"'),
+                ("a: %x", '1:4: a plain scalar cannot start with "%"'),
+                ("a: x\x00", "1:5: control character U+0000 is not allowed"),
+                ("a:\n  - x\n\x1b[2J", "3:1: control character U+001B is not allowed"),
+                ('a: "x"#c', '1:7: unexpected "#" after the value'),
+                ("[" * 300, "1:200: nested more than 200 levels deep"),
+                ("- " * 300, "1:401: nested more than 200 levels deep")):
+            with self.subTest(text=text):
+                with self.assertRaises(attune.YamlError) as caught:
+                    attune.yaml_loads(text)
+                self.assertTrue(str(caught.exception).startswith(error), "%r: %s" % (text, caught.exception))
+
+    def test_mutations_are_a_value_or_a_yaml_error(self):
+        rng = random.Random(31)
+        pieces = list(" \t\n-:?#&*!|>'\",[]{}\\%@`~.0a") + ["\x00", "\x85", "é", "---", "...", "|+", ">-2", "- ",
+                                                            ": ", "\n  ", "\\u", "\\x"]
+        texts = [WORKFLOW_YAML[:1200], PERMISSION_SET_YAML] + [text for text, _ in YAML_SPEC_EXAMPLES]
+        for _ in range(sum(sampled([1] * 9000))):
+            text = rng.choice(texts)
+            for _ in range(rng.randrange(1, 4)):
+                at = rng.randrange(len(text) + 1)
+                text = text[:at] + rng.choice(pieces) + text[at + rng.randrange(3):]
+            try:
+                attune.yaml_loads(text)
+            except attune.YamlError as e:
+                self.assertRegex(str(e), r"^\d+:\d+: ", repr(text))
 
 
 class ParserTests(unittest.TestCase):
@@ -7793,26 +8470,53 @@ def run_suite():
     return 1 if failed else 0
 
 
+def run_on(index, python):
+    """One interpreter's run of the suite: (passed, failed, skipped, seconds, output)."""
+    started = time.monotonic()
+    env = dict(os.environ, ATTUNE_TEST_SAMPLE="%d/3" % (index % 3),  # see sampled()
+               ATTUNE_TEST_LONG="1" if index == 0 else "0")  # minutes-long tests: once
+    try:
+        p = subprocess.Popen([python, os.path.abspath(__file__), "run-suite"], cwd=HERE, env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True)
+        out = p.communicate(timeout=2400)[0]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        out = "could not run %s: %s" % (python, e)
+    match = re.search(r"^RESULT passed=(\d+) failed=(\d+) skipped=(\d+)$", out, re.M)
+    counts = [int(n) for n in match.groups()] if match else [0, 1, 0]
+    return counts + [time.monotonic() - started, out]
+
+
 def test_all():
-    """The suite on every interpreter, one line each, then 'N passed, N failed'."""
-    passed = failed = 0
-    for index, (label, python) in enumerate(find_interpreters()):
-        started = time.monotonic()
-        env = dict(os.environ, ATTUNE_TEST_SAMPLE="%d/3" % (index % 3),  # see sampled()
-                   ATTUNE_TEST_LONG="1" if index == 0 else "0")  # minutes-long tests: once
-        try:
-            p = subprocess.Popen([python, os.path.abspath(__file__), "run-suite"], cwd=HERE, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-            out = p.communicate(timeout=1800)[0]
-        except (OSError, subprocess.TimeoutExpired) as e:
-            out = "could not run %s: %s" % (python, e)
-        match = re.search(r"^RESULT passed=(\d+) failed=(\d+) skipped=(\d+)$", out, re.M)
-        counts = [int(n) for n in match.groups()] if match else [0, 1, 0]
-        passed, failed = passed + counts[0], failed + counts[1]
-        print("%-12s %4d passed, %d failed, %d skipped  (%.0f s, %s)"
-              % (label, counts[0], counts[1], counts[2], time.monotonic() - started, python), flush=True)
-        if counts[1]:
-            print(out[-6000:], flush=True)
+    """The suite on every interpreter, ATTUNE_TEST_JOBS (default 3) at a time: the tests
+    mostly wait on processes and sockets, so two cores run three suites at once. The first
+    interpreter (which runs the minutes-long test) and PyPy (the slowest) start first. One
+    line per interpreter as it finishes, then 'N passed, N failed'."""
+    found = list(enumerate(find_interpreters()))
+    found.sort(key=lambda entry: (entry[0] != 0, not entry[1][0].startswith("PyPy"), entry[0]))
+    jobs = max(1, int(os.environ.get("ATTUNE_TEST_JOBS") or 3))
+    results, lock = [], threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not found:
+                    return
+                index, (label, python) = found.pop(0)
+            passed, failed, skipped, seconds, out = run_on(index, python)
+            with lock:
+                results.append((passed, failed))
+                print("%-12s %4d passed, %d failed, %d skipped  (%.0f s, %s)"
+                      % (label, passed, failed, skipped, seconds, python), flush=True)
+                if failed:
+                    print(out[-6000:], flush=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    passed, failed = sum(r[0] for r in results), sum(r[1] for r in results)
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
 

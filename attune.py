@@ -6103,6 +6103,269 @@ def cmd_permission_revoke(ctx, args):
     change_assignment(ctx, args, False)
 
 
+# === Commands: work queues ===================================================
+# Queues hold items for a dispatch action. The items commands work on one queue:
+# `queue items REF list|show|preview|update|reprioritize|delete`. Lease tokens let a
+# worker acknowledge an item, so they are never printed (shown as ***).
+
+group("queue", "work queues and their items: list, show, enable, update, enqueue")
+
+QUEUE_REF = arg("ref", metavar="REF", help="the queue's ref")
+QUEUE_PAGE = (arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
+              arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"))
+QUEUE_ITEM_STATUSES = ("queued", "leased", "retry", "completed", "failed", "skipped", "cancelled")
+SELECTOR = (arg("--selector", metavar="PATH", required=True,
+                help="a SQL/JSONPath selector over the items' payload, metadata and fields"),
+            arg("--vars-json", metavar="JSON", default="{}", help="the selector's variables, a JSON object"))
+PREVIEW_LIMIT = arg("--preview-limit", type=Number(1, 100), default=100, metavar="N",
+                    help="show at most N of the affected items, 1 to 100 (default 100)")
+
+
+def queue_path(ref, *rest):
+    return "/".join(["/queues", path_segment(ref)] + [path_segment(part) for part in rest])
+
+
+def show_queue(ctx, queue, message=None):
+    def table():
+        if message:
+            ctx.ui.success("Queue '%s' %s successfully" % (queue.get("ref"), message))
+        else:
+            ctx.ui.section("Queue: %s" % queue.get("ref"))
+        allowed = queue.get("reference_allowed_pack_refs")
+        ctx.ui.pairs([
+            ("Ref", queue.get("ref")), ("Pack", or_none(queue.get("pack_ref"))), ("Label", queue.get("label")),
+            ("Description", or_none(queue.get("description"))), ("Enabled", queue.get("enabled")),
+            ("Accepting Items", queue.get("accepting_new_items")),
+            ("Reference Visibility", queue.get("reference_visibility")),
+            ("Allowed Pack Refs", or_none(", ".join(map(str, allowed)) if isinstance(allowed, list) else allowed)),
+            ("Dispatch Action", queue.get("dispatch_action_ref")),
+            ("Trace Tag Template", or_none(queue.get("trace_tag_template")))] + timestamps(queue))
+
+    ctx.ui.emit(queue, table)
+
+
+def without_lease_token(item):
+    """A queue item as printed: its lease token, a secret, is *** (or null when it has none)."""
+    if isinstance(item, dict) and item.get("lease_token") is not None:
+        return dict(item, lease_token="***")
+    return item
+
+
+def queue_items_table(ctx, items, empty):
+    ctx.ui.table(["ID", "Key", "Status", "Priority", "Attempts", "Payload", "Created"],
+                 [[i.get("id"), i.get("item_key") or "", i.get("status"), i.get("priority"), i.get("attempt_count"),
+                   clip(compact_json(i.get("payload")), 96), format_timestamp(i.get("created"))] for i in items],
+                 empty=empty)
+
+
+def json_object_arg(text, flag):
+    try:
+        value = json_loads(text)
+    except ValueError:
+        raise UsageError("Invalid JSON for %s" % flag)
+    if not isinstance(value, dict):
+        raise UsageError("%s must be a JSON object" % flag)
+    return value
+
+
+@command("queue list", "list work queues (all, or a pack's)",
+         arg("--pack", metavar="PACK", help="only this pack's queues"),
+         arg("--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled (false) queues"),
+         arg("--is-adhoc", type=parse_bool, metavar="BOOL", help="only ad-hoc (true) or declared (false) queues"),
+         arg("--search", metavar="TEXT", help="ref, label or description containing this"),
+         arg("--referencing-pack-ref", metavar="PACK", help="also restricted queues this pack may target"),
+         *QUEUE_PAGE)
+def cmd_queue_list(ctx, args):
+    path = "/packs/%s/queues" % path_segment(args.pack) if args.pack else "/queues"
+    body = ctx.session().call("GET", path, query={
+        "enabled": None if args.enabled is None else str(args.enabled).lower(),
+        "is_adhoc": None if args.is_adhoc is None else str(args.is_adhoc).lower(),
+        "search": args.search, "referencing_pack_ref": args.referencing_pack_ref,
+        "page": args.page, "per_page": args.per_page})
+    items = list_items(body)
+    pagination = pagination_of(body)
+    ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
+        ["ID", "Ref", "Pack", "Label", "Enabled", "Accepting", "Dispatch action", "Created"],
+        [[q.get("id"), q.get("ref"), q.get("pack_ref") or "-", q.get("label"), q.get("enabled"),
+          q.get("accepting_new_items"), q.get("dispatch_action_ref"), format_timestamp(q.get("created"))]
+         for q in items], empty="No work queues found."))
+    note_partial(ctx, pagination, len(items), "queues")
+
+
+@command("queue show", "show a work queue", QUEUE_REF)
+def cmd_queue_show(ctx, args):
+    show_queue(ctx, ctx.session().fetch("GET", queue_path(args.ref)))
+
+
+def toggle_queue(ctx, args, enabled):
+    show_queue(ctx, ctx.session().fetch("PUT", queue_path(args.ref), {"enabled": enabled}),
+               "enabled" if enabled else "disabled")
+
+
+@command("queue enable", "let a queue dispatch its items", QUEUE_REF)
+def cmd_queue_enable(ctx, args):
+    toggle_queue(ctx, args, True)
+
+
+@command("queue disable", "stop a queue dispatching its items", QUEUE_REF)
+def cmd_queue_disable(ctx, args):
+    toggle_queue(ctx, args, False)
+
+
+@command("queue update", "change a queue's trace tag template", QUEUE_REF,
+         arg("--trace-tag-template", metavar="TEMPLATE", help="the trace tag of the executions it dispatches"),
+         arg("--clear-trace-tag-template", action="store_true", help="remove the trace tag template"))
+def cmd_queue_update(ctx, args):
+    if args.trace_tag_template is not None and args.clear_trace_tag_template:
+        raise UsageError("give --trace-tag-template or --clear-trace-tag-template, not both")
+    if args.trace_tag_template is None and not args.clear_trace_tag_template:
+        raise UsageError("At least one field must be provided to update")
+    show_queue(ctx, ctx.session().fetch("PUT", queue_path(args.ref), {"trace_tag_template": args.trace_tag_template}),
+               "updated")
+
+
+ENQUEUE_FIELDS = ("payload", "item_key", "priority", "metadata", "trace_tag")
+
+
+@command("queue enqueue", "add an item to a queue",
+         QUEUE_REF, arg("--request-json", metavar="JSON", help="the item: {payload, item_key, priority, metadata, "
+                                                                "trace_tag}"),
+         arg("--request-file", metavar="PATH", help="the item as a YAML or JSON file; - for stdin"))
+def cmd_queue_enqueue(ctx, args):
+    if (args.request_json is None) == (args.request_file is None):
+        raise UsageError("give exactly one of --request-json and --request-file")
+    if args.request_json is not None:
+        try:
+            request = json_loads(args.request_json)
+        except ValueError as e:
+            request = e
+    else:
+        request = read_document(ctx, args.request_file, "enqueue request")
+    problem = None
+    if not isinstance(request, dict):
+        problem = "it is not an object" if not isinstance(request, ValueError) else "it is not valid JSON"
+    elif "payload" not in request:
+        problem = "payload is missing"
+    elif set(request) - set(ENQUEUE_FIELDS):
+        problem = "unknown field %s" % quoted(sorted(set(request) - set(ENQUEUE_FIELDS))[0])
+    if problem:
+        raise UsageError("Enqueue request must be valid JSON with payload and optional item_key, priority, metadata, "
+                         "and trace_tag fields: %s" % problem)
+    body = dict(request, metadata=request.get("metadata") if request.get("metadata") is not None else {})
+    item = without_lease_token(ctx.session().fetch("POST", queue_path(args.ref, "items"), body))
+    show_queue_item(ctx, item)
+
+
+def show_queue_item(ctx, item):
+    ctx.ui.emit(item, lambda: ctx.ui.pairs([
+        ("ID", item.get("id")), ("Queue", item.get("queue_ref", item.get("queue"))),
+        ("Item key", or_dash(item.get("item_key"))), ("Status", item.get("status")),
+        ("Priority", item.get("priority")), ("Attempts", item.get("attempt_count")),
+        ("Enqueue source", or_dash(item.get("enqueue_source"))), ("Trace tag", or_dash(item.get("trace_tag"))),
+        ("Requested by identity", or_dash(item.get("requested_by_identity"))),
+        ("Requested by execution", or_dash(item.get("requested_by_execution"))),
+        ("Requested by enforcement", or_dash(item.get("requested_by_enforcement"))),
+        ("Leased execution", or_dash(item.get("leased_execution"))),
+        ("Lease token", or_dash(item.get("lease_token"))),
+        ("Lease expires", or_dash(format_timestamp(item.get("lease_expires_at")))),
+        ("Payload", compact_json(item.get("payload"))), ("Metadata", compact_json(item.get("metadata"))),
+        ("Last error", compact_json(item.get("last_error"))),
+        ("Acknowledgement", compact_json(item.get("ack_summary")))] + timestamps(item)))
+
+
+@command("queue items", "a queue's items: queue items REF list|show|preview|update|reprioritize|delete",
+         arg("queue_ref", metavar="REF", help="the queue's ref"))
+def cmd_queue_items(ctx, args):
+    raise UsageError("queue items REF needs a command: list, show, preview, update, reprioritize or delete")
+
+
+@command("queue items list", "list a queue's items",
+         arg("--item-key", metavar="KEY", help="only the item with this key"),
+         arg("--enqueue-source", metavar="SOURCE", help="only items enqueued this way (api, execution, ...)"),
+         arg("--status", action="append", choices=QUEUE_ITEM_STATUSES, help="only items in this status (repeatable)"),
+         *QUEUE_PAGE)
+def cmd_queue_items_list(ctx, args):
+    body = ctx.session().call("GET", queue_path(args.queue_ref, "items"), query={
+        "item_key": args.item_key, "enqueue_source": args.enqueue_source, "statuses": args.status,
+        "page": args.page, "per_page": args.per_page})
+    items = [without_lease_token(i) for i in list_items(body)]
+    pagination = pagination_of(body)
+    ctx.ui.emit({"items": items, "pagination": pagination},
+                lambda: queue_items_table(ctx, items, "No queue items found."))
+    note_partial(ctx, pagination, len(items), "items")
+
+
+@command("queue items show", "show one item", arg("item_id", metavar="ITEM_ID", type=Number(1, MAX_ID)))
+def cmd_queue_items_show(ctx, args):
+    show_queue_item(ctx, without_lease_token(
+        ctx.session().fetch("GET", queue_path(args.queue_ref, "items", args.item_id))))
+
+
+@command("queue items preview", "the pending items a selector matches",
+         *(SELECTOR + (arg("--limit", type=Number(1, 100), default=100, metavar="N",
+                           help="show at most N, 1 to 100 (default 100)"),)))
+def cmd_queue_items_preview(ctx, args):
+    selector = {"path": args.selector, "vars": json_object_arg(args.vars_json, "--vars-json")}
+    result = ctx.session().fetch("POST", queue_path(args.queue_ref, "items", "query", "preview"),
+                                 {"selector": selector, "limit": args.limit})
+    items = [without_lease_token(i) for i in list_items(result)] if isinstance(result.get("items"), list) else []
+    result = dict(result, items=items)
+
+    def table():
+        ctx.ui.section("Queue Item Selector Preview")
+        ctx.ui.pairs([("Matched", result.get("matched_count")), ("Previewed", result.get("preview_count"))])
+        queue_items_table(ctx, items, "No matching pending queue items.")
+
+    ctx.ui.emit(result, table)
+
+
+QUEUE_OPERATIONS = {"patch_payload": "update", "reprioritize": "reprioritize", "cancel": "delete/cancel"}
+
+
+def apply_to_items(ctx, args, operation, **fields):
+    selector = {"path": args.selector, "vars": json_object_arg(args.vars_json, "--vars-json")}
+    result = ctx.session().fetch("POST", queue_path(args.queue_ref, "items", "query", "apply"), dict(
+        selector=selector, operation=operation, preview_limit=args.preview_limit, **fields))
+    items = [without_lease_token(i) for i in list_items(result)] if isinstance(result.get("items"), list) else []
+    result = dict(result, items=items)
+    label = QUEUE_OPERATIONS.get(result.get("operation"), result.get("operation"))
+
+    def table():
+        ctx.ui.success("Applied %s to %s pending queue item(s)" % (label, result.get("affected_count")))
+        ctx.ui.pairs([("Operation", label), ("Matched", result.get("matched_count")),
+                      ("Affected", result.get("affected_count")), ("Skipped", result.get("skipped_count")),
+                      ("Previewed", result.get("preview_count"))])
+        queue_items_table(ctx, items, "No matching pending queue items.")
+
+    ctx.ui.emit(result, table)
+
+
+@command("queue items update", "merge a JSON patch into the payload of the pending items a selector matches",
+         *(SELECTOR + (arg("--patch-json", metavar="JSON", required=True, help="a JSON Merge Patch object"),
+                       PREVIEW_LIMIT)))
+def cmd_queue_items_update(ctx, args):
+    apply_to_items(ctx, args, "patch_payload", payload_patch=json_object_arg(args.patch_json, "--patch-json"))
+
+
+@command("queue items reprioritize", "set the priority of the pending items a selector matches",
+         *(SELECTOR + (arg("--priority", type=Number(-2 ** 31, 2 ** 31 - 1), required=True, metavar="N"),
+                       PREVIEW_LIMIT)))
+def cmd_queue_items_reprioritize(ctx, args):
+    apply_to_items(ctx, args, "reprioritize", priority=args.priority)
+
+
+@command("queue items delete", "cancel the pending items a selector matches (also: cancel)",
+         *(SELECTOR + (PREVIEW_LIMIT,)))
+def cmd_queue_items_delete(ctx, args):
+    apply_to_items(ctx, args, "cancel")
+
+
+@command("queue items cancel", "cancel the pending items a selector matches (as delete)",
+         *(SELECTOR + (PREVIEW_LIMIT,)))
+def cmd_queue_items_cancel(ctx, args):
+    apply_to_items(ctx, args, "cancel")
+
+
 # === Commands: audit =========================================================
 
 group("audit", "read the server's audit log (needs audit_log:read)")

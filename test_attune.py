@@ -525,6 +525,29 @@ class FakeAttune:
                 "grants": [], "retired_at": None, "management_origin": "platform", "roles": []},
             8: {"id": 8, "ref": "old.viewer", "pack_ref": "old", "label": "Viewer", "description": None,
                 "grants": [], "retired_at": stamp, "management_origin": "pack", "roles": []}}
+        self.queues = {
+            "core.inbox": {"id": 1, "ref": "core.inbox", "pack": 1, "pack_ref": "core", "is_adhoc": False,
+                           "label": "Core Inbox", "description": "Work for core.echo", "enabled": True,
+                           "accepting_new_items": True, "dispatch_action_ref": "core.echo", "trace_tag_template": None,
+                           "reference_visibility": "restricted", "reference_allowed_pack_refs": ["ops", "deploy"],
+                           "retired_at": None, "created": stamp, "updated": stamp},
+            "adhoc.scratch": {"id": 2, "ref": "adhoc.scratch", "pack": None, "pack_ref": None, "is_adhoc": True,
+                              "label": "Scratch", "description": None, "enabled": False, "accepting_new_items": True,
+                              "dispatch_action_ref": "core.noop", "trace_tag_template": "scratch.{{ queue_item.id }}",
+                              "reference_visibility": "public", "reference_allowed_pack_refs": [],
+                              "retired_at": None, "created": stamp, "updated": stamp}}
+        self.queue_items = {}
+        for n, (key, status, payload, lease) in enumerate((
+                ("order-1", "queued", {"order": 1, "customer": "alice"}, None),
+                ("order-2", "leased", {"order": 2, "customer": "bob"}, "6b1f9c9e-2a8e-4a53-9d3c-7a1c2f3e4d5a"),
+                (None, "retry", {"order": 3, "note": "x" * 120}, None)), start=1):
+            self.queue_items[n] = {
+                "id": n, "queue": 1, "queue_ref": "core.inbox", "item_key": key, "priority": 0, "status": status,
+                "payload": payload, "metadata": {}, "trace_tag": None, "enqueue_source": "api",
+                "requested_by_identity": 1, "requested_by_execution": None, "requested_by_enforcement": None,
+                "leased_execution": 7 if lease else None, "lease_token": lease,
+                "lease_expires_at": stamp if lease else None, "attempt_count": 1 if lease else 0,
+                "last_error": None, "ack_summary": None, "created": stamp, "updated": stamp}
         self.policies = {"core.limit": {
             "id": 1, "ref": "core.limit", "name": "Core limit", "description": "Two at a time", "enabled": True,
             "priority": 10, "scope": {"type": "pack", "pack_ref": "core"},
@@ -1061,6 +1084,116 @@ class FakeAttune:
             return error
         identity["frozen"] = action == "freeze"
         return 200, envelope(identity)
+
+    # work queues and their items
+    def queue(self, ref):
+        found = self.queues.get(ref)
+        return (found, None) if found else (None, api_error(404, "Work queue '%s' not found" % ref, "NOT_FOUND"))
+
+    def queues_list(self, req, pack=None):
+        if pack is not None and pack not in self.packs:
+            return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [x for _, x in sorted(self.queues.items())
+                if pack in (None, x["pack_ref"]) and q.get("enabled") in (None, str(x["enabled"]).lower())
+                and q.get("is_adhoc") in (None, str(x["is_adhoc"]).lower())
+                and (not q.get("search") or q["search"] in x["ref"] + x["label"])
+                and (x["reference_visibility"] == "public" or q.get("referencing_pack_ref") in (None, x["pack_ref"])
+                     or q.get("referencing_pack_ref") in x["reference_allowed_pack_refs"])]
+        return self.paginate(req, rows, "per_page")
+
+    def pack_queues_list(self, req, ref):
+        return self.queues_list(req, ref)
+
+    def queues_show(self, req, ref):
+        found, error = self.queue(ref)
+        return error or (200, envelope(found))
+
+    def queues_update(self, req, ref):
+        found, error = self.queue(ref)
+        if error:
+            return error
+        body = req.json() or {}
+        for key in ("enabled", "trace_tag_template"):
+            if key in body:
+                found[key] = body[key]
+        found["updated"] = self.stamp()
+        return 200, envelope(found)
+
+    def queue_items_create(self, req, ref):
+        found, error = self.queue(ref)
+        if error:
+            return error
+        body = req.json() or {}
+        if "payload" not in body:
+            return 422, "Failed to deserialize the JSON body into the target type: missing field `payload`"
+        if not found["accepting_new_items"]:
+            return api_error(409, "Work queue '%s' is not accepting new items" % ref, "CONFLICT")
+        n = max(self.queue_items or [0]) + 1
+        self.queue_items[n] = dict(self.queue_items.get(1) or {}, **{
+            "id": n, "queue": found["id"], "queue_ref": ref, "item_key": body.get("item_key"),
+            "priority": body.get("priority") or 0, "status": "queued", "payload": body["payload"],
+            "metadata": body.get("metadata", {}), "trace_tag": body.get("trace_tag"), "enqueue_source": "api",
+            "leased_execution": None, "lease_token": None, "lease_expires_at": None, "attempt_count": 0,
+            "created": self.stamp(), "updated": self.stamp()})
+        return 201, envelope(self.queue_items[n])
+
+    def queue_items_list(self, req, ref):
+        found, error = self.queue(ref)
+        if error:
+            return error
+        statuses = [s for v in req.query.get("statuses", []) for s in v.split(",") if s]
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
+                and (not statuses or i["status"] in statuses) and q.get("item_key") in (None, i["item_key"])
+                and q.get("enqueue_source") in (None, i["enqueue_source"])]
+        return self.paginate(req, rows, "per_page")
+
+    def queue_items_show(self, req, ref, iid):
+        item = self.queue_items.get(int(iid))
+        if not item or item["queue_ref"] != ref:
+            return api_error(404, "Work queue item %s not found" % iid, "NOT_FOUND")
+        return 200, envelope(item)
+
+    def selected_items(self, req, ref):
+        """The fake's selector: '$' is every pending item, '$.payload.KEY' those whose payload has KEY."""
+        body = req.json() or {}
+        selector = body.get("selector") or {}
+        path = selector.get("path") or ""
+        if not (path == "$" or path.startswith("$.payload.")) or not isinstance(selector.get("vars", {}), dict):
+            return body, None, api_error(400, "Invalid SQL/JSONPath selector", "BAD_REQUEST")
+        key = path[len("$.payload."):]
+        return body, [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
+                      and i["status"] in ("queued", "retry") and (path == "$" or key in i["payload"])], None
+
+    def queue_items_preview(self, req, ref):
+        found, error = self.queue(ref)
+        body, items, error = (None, None, error) if error else self.selected_items(req, ref)
+        if error:
+            return error
+        shown = items[:body.get("limit", 100)]
+        return 200, envelope({"matched_count": len(items), "preview_count": len(shown), "items": shown})
+
+    def queue_items_apply(self, req, ref):
+        found, error = self.queue(ref)
+        body, items, error = (None, None, error) if error else self.selected_items(req, ref)
+        if error:
+            return error
+        operation = body.get("operation")
+        if operation == "patch_payload" and not isinstance(body.get("payload_patch"), dict):
+            return api_error(400, "payload_patch is required for patch_payload", "BAD_REQUEST")
+        if operation == "reprioritize" and not isinstance(body.get("priority"), int):
+            return api_error(400, "priority is required for reprioritize", "BAD_REQUEST")
+        for item in items:
+            if operation == "patch_payload":
+                item["payload"] = dict(item["payload"], **body["payload_patch"])
+            elif operation == "reprioritize":
+                item["priority"] = body["priority"]
+            else:
+                item["status"] = "cancelled"
+        shown = items[:body.get("preview_limit", 100)]
+        return 200, envelope({"operation": operation, "matched_count": len(items), "affected_count": len(items),
+                              "skipped_count": 0, "preview_count": len(shown), "items": shown})
 
     # permission sets and their assignments (direct ones live in the identities)
     def permission_set_by_ref(self, ref):
@@ -1658,6 +1791,15 @@ ROUTES = [
     ("GET", r"/api/v1/audit-events", "audit_list"),
     ("GET", r"/api/v1/audit-events/(?P<eid>\d+)", "audit_show"),
     ("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)", "audit_chain"),
+    ("GET", r"/api/v1/queues", "queues_list"),
+    ("GET", r"/api/v1/packs/" + REF + "/queues", "pack_queues_list"),
+    ("GET", r"/api/v1/queues/" + REF, "queues_show"),
+    ("PUT", r"/api/v1/queues/" + REF, "queues_update"),
+    ("POST", r"/api/v1/queues/" + REF + "/items", "queue_items_create"),
+    ("GET", r"/api/v1/queues/" + REF + "/items", "queue_items_list"),
+    ("GET", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)", "queue_items_show"),
+    ("POST", r"/api/v1/queues/" + REF + "/items/query/preview", "queue_items_preview"),
+    ("POST", r"/api/v1/queues/" + REF + "/items/query/apply", "queue_items_apply"),
     ("GET", r"/api/v1/permissions/sets", "permission_sets_list"),
     ("GET", r"/api/v1/permissions/sets/by-ref/" + REF, "permission_sets_show"),
     ("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)", "permission_sets_update"),
@@ -5406,6 +5548,141 @@ class PermissionCommandTests(ResourceTestCase):
                       self.fails(1, "permission", "set", "list").err)
 
 
+class QueueCommandTests(ResourceTestCase):
+    def test_list_and_show(self):
+        lines = self.lines("queue", "list")
+        self.assertEqual(lines[0].split(), ["ID", "Ref", "Pack", "Label", "Enabled", "Accepting", "Dispatch", "action",
+                                            "Created"])
+        self.assertEqual(lines[2].split()[:6], ["2", "adhoc.scratch", "-", "Scratch", "✗", "✓"])
+        self.assertEqual(self.targets(), ["GET /api/v1/queues?page=1&per_page=50"])
+        page = self.ok("queue", "list", "--pack", "core", "--enabled", "true", "--is-adhoc", "false", "--search",
+                       "inbox", "--referencing-pack-ref", "ops", "--page", "1", "--per-page", "10", "-j").json()
+        self.assertEqual([q["ref"] for q in page["items"]], ["core.inbox"])
+        self.assertEqual(page["pagination"]["page_size"], 10)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/packs/core/queues?enabled=true&is_adhoc=false&search=inbox&"
+                                             "referencing_pack_ref=ops&page=1&per_page=10")
+        self.assertEqual(self.ok("queue", "list", "--search", "nothing").out, "ℹ No work queues found.\n")
+        self.fails(2, "queue", "list", "--per-page", "0")
+        self.fails(2, "queue", "list", "--enabled", "maybe")
+        self.assertIn("Pack 'nope' not found", self.fails(1, "queue", "list", "--pack", "nope").err)
+        out = self.ok("queue", "show", "core.inbox").out
+        self.assertTrue(out.startswith("Queue: core.inbox\n─────────────────\nRef:                   core.inbox\n"), out)
+        for row in ("Pack:                  core", "Description:           Work for core.echo", "Enabled:               ✓",
+                    "Reference Visibility:  restricted", "Allowed Pack Refs:     ops, deploy",
+                    "Dispatch Action:       core.echo", "Trace Tag Template:    None"):
+            self.assertIn(row + "\n", out)
+        self.assertEqual(self.ok("queue", "show", "adhoc.scratch", "-j").json()["trace_tag_template"],
+                         "scratch.{{ queue_item.id }}")
+        self.assertIn("Pack:                  None", self.ok("queue", "show", "adhoc.scratch").out)
+        self.assertIn("API error (404 Not Found, code NOT_FOUND): Work queue 'a/b' not found",
+                      self.fails(1, "queue", "show", "a/b").err)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/queues/a%2Fb")
+
+    def test_enable_disable_update(self):
+        out = self.ok("queue", "enable", "adhoc.scratch").out
+        self.assertTrue(out.startswith("✓ Queue 'adhoc.scratch' enabled successfully\nRef:"), out)
+        self.assertEqual(self.sent("PUT", "/api/v1/queues/adhoc.scratch").json(), {"enabled": True})
+        self.assertFalse(self.ok("queue", "disable", "adhoc.scratch", "-j").json()["enabled"])
+        self.assertEqual(self.server.requests[-1].json(), {"enabled": False})
+        self.assertIn("✓ Queue 'core.inbox' updated successfully",
+                      self.ok("queue", "update", "core.inbox", "--trace-tag-template", "inbox.{{ queue_item.id }}").out)
+        self.assertEqual(self.server.requests[-1].json(), {"trace_tag_template": "inbox.{{ queue_item.id }}"})
+        self.ok("queue", "update", "core.inbox", "--clear-trace-tag-template")
+        self.assertEqual(self.server.requests[-1].json(), {"trace_tag_template": None})
+        self.assertIsNone(self.server.queues["core.inbox"]["trace_tag_template"])
+        self.assertIn("At least one field must be provided to update", self.fails(2, "queue", "update", "core.inbox").err)
+        self.fails(2, "queue", "update", "core.inbox", "--trace-tag-template", "x", "--clear-trace-tag-template")
+
+    def test_enqueue(self):
+        item = self.ok("queue", "enqueue", "core.inbox", "--request-json", '{"payload": {"order": 9}, "priority": 5}',
+                       "-j").json()
+        self.assertEqual((item["status"], item["payload"], item["priority"]), ("queued", {"order": 9}, 5))
+        self.assertEqual(self.sent("POST", "/api/v1/queues/core.inbox/items").json(),
+                         {"payload": {"order": 9}, "priority": 5, "metadata": {}})
+        request = os.path.join(self.tmp, "item.yaml")
+        with open(request, "w") as f:
+            f.write("payload:\n  order: 10\nitem_key: order-10\nmetadata: {source: cli}\ntrace_tag: t.10\n")
+        out = self.ok("queue", "enqueue", "core.inbox", "--request-file", request).out
+        self.assertIn("Item key:                  order-10\nStatus:                    queued\n", out)
+        self.assertEqual(self.server.requests[-1].json(), {"payload": {"order": 10}, "item_key": "order-10",
+                                                           "metadata": {"source": "cli"}, "trace_tag": "t.10"})
+        self.ok("queue", "enqueue", "core.inbox", "--request-file", "-", stdin='{"payload": null}')
+        self.assertEqual(self.server.requests[-1].json(), {"payload": None, "metadata": {}})
+        prefix = ("Enqueue request must be valid JSON with payload and optional item_key, priority, metadata, and "
+                  "trace_tag fields: ")
+        for text, problem in (("{bad", "it is not valid JSON"), ("[]", "it is not an object"),
+                              ('{"priority": 1}', "payload is missing"),
+                              ('{"payload": 1, "color": "red"}', "unknown field 'color'")):
+            self.assertIn(prefix + problem, self.fails(2, "queue", "enqueue", "core.inbox", "--request-json", text).err)
+        self.assertIn("give exactly one of --request-json and --request-file",
+                      self.fails(2, "queue", "enqueue", "core.inbox").err)
+        self.server.queues["core.inbox"]["accepting_new_items"] = False
+        self.assertIn("is not accepting new items", self.fails(1, "queue", "enqueue", "core.inbox", "--request-json",
+                                                               '{"payload": 1}').err)
+
+    def test_items_list_and_show_never_print_the_lease_token(self):
+        lease = self.server.queue_items[2]["lease_token"]
+        lines = self.lines("queue", "items", "core.inbox", "list")
+        self.assertEqual(lines[0].split(), ["ID", "Key", "Status", "Priority", "Attempts", "Payload", "Created"])
+        self.assertEqual(lines[2].split()[:5], ["1", "order-1", "queued", "0", "0"])
+        self.assertIn('{"order":3,"note":"' + "x" * 76 + "…  ", lines[4])  # cut to 96
+        self.assertEqual(self.targets(), ["GET /api/v1/queues/core.inbox/items?page=1&per_page=50"])
+        page = self.ok("queue", "items", "core.inbox", "list", "--status", "leased", "--status", "retry",
+                       "--item-key", "order-2", "--enqueue-source", "api", "--per-page", "5", "-j").json()
+        self.assertEqual(([i["id"] for i in page["items"]], page["items"][0]["lease_token"]), ([2], "***"))
+        self.assertEqual(self.targets()[-1], "GET /api/v1/queues/core.inbox/items?item_key=order-2&enqueue_source=api&"
+                                             "statuses=leased&statuses=retry&page=1&per_page=5")
+        self.assertEqual(self.ok("queue", "items", "core.inbox", "list", "--status", "failed").out,
+                         "ℹ No queue items found.\n")
+        self.fails(2, "queue", "items", "core.inbox", "list", "--status", "lost")
+        shown = self.ok("queue", "items", "core.inbox", "show", "2").out
+        for row in ("ID:                        2", "Queue:                     core.inbox",
+                    "Lease token:               ***", "Leased execution:          7", "Attempts:                  1",
+                    'Payload:                   {"order":2,"customer":"bob"}', "Last error:                -"):
+            self.assertIn(row + "\n", shown)
+        for output in ("-j", "-y"):
+            self.assertNotIn(lease, self.ok("queue", "items", "core.inbox", "show", "2", output).out)
+            self.assertNotIn(lease, self.ok("queue", "items", "core.inbox", "list", output).out)
+        self.assertIsNone(self.ok("queue", "items", "core.inbox", "show", "1", "-j").json()["lease_token"])
+        self.assertIn("Work queue item 9 not found", self.fails(1, "queue", "items", "core.inbox", "show", "9").err)
+        self.assertIn("queue items REF needs a command", self.fails(2, "queue", "items", "core.inbox").err)
+
+    def test_preview_and_apply(self):
+        out = self.ok("queue", "items", "core.inbox", "preview", "--selector", "$.payload.customer").out
+        self.assertTrue(out.startswith("Queue Item Selector Preview\n───────────────────────────\nMatched:    1\n"
+                                       "Previewed:  1\nID"), out)
+        self.assertEqual(self.sent("POST", "/api/v1/queues/core.inbox/items/query/preview").json(),
+                         {"selector": {"path": "$.payload.customer", "vars": {}}, "limit": 100})
+        self.assertEqual(self.ok("queue", "items", "core.inbox", "preview", "--selector", "$.payload.none").out
+                         .splitlines()[-1], "ℹ No matching pending queue items.")
+        out = self.ok("queue", "items", "core.inbox", "update", "--selector", "$", "--vars-json", '{"n": 1}',
+                      "--patch-json", '{"flag": true}', "--preview-limit", "1").out
+        self.assertTrue(out.startswith("✓ Applied update to 2 pending queue item(s)\nOperation:  update\nMatched:    2\n"
+                                       "Affected:   2\nSkipped:    0\nPreviewed:  1\n"), out)
+        self.assertEqual(self.server.requests[-1].json(), {"selector": {"path": "$", "vars": {"n": 1}},
+                                                           "operation": "patch_payload", "preview_limit": 1,
+                                                           "payload_patch": {"flag": True}})
+        self.assertTrue(self.server.queue_items[1]["payload"]["flag"])
+        result = self.ok("queue", "items", "core.inbox", "reprioritize", "--selector", "$", "--priority", "-3",
+                         "-j").json()
+        self.assertEqual((result["operation"], result["affected_count"]), ("reprioritize", 2))
+        self.assertEqual(self.server.requests[-1].json()["priority"], -3)
+        self.assertIn("✓ Applied delete/cancel to 2 pending queue item(s)",
+                      self.ok("queue", "items", "core.inbox", "cancel", "--selector", "$").out)
+        self.assertEqual(self.server.queue_items[1]["status"], "cancelled")
+        self.assertEqual(self.server.requests[-1].json()["operation"], "cancel")
+        self.ok("queue", "items", "core.inbox", "delete", "--selector", "$")
+        for argv, message in ((("preview", "--selector", "$", "--vars-json", "{x"), "Invalid JSON for --vars-json"),
+                              (("preview", "--selector", "$", "--vars-json", "[1]"), "--vars-json must be a JSON object"),
+                              (("update", "--selector", "$", "--patch-json", "1"), "--patch-json must be a JSON object"),
+                              (("preview", "--selector", "$", "--limit", "101"), "expected a whole number from 1 to 100"),
+                              (("update", "--selector", "$"), "--patch-json"),
+                              (("reprioritize", "--selector", "$", "--priority", "high"), "expected a whole number")):
+            self.assertIn(message, self.fails(2, "queue", "items", "core.inbox", *argv).err)
+        self.assertIn("Invalid SQL/JSONPath selector",
+                      self.fails(1, "queue", "items", "core.inbox", "preview", "--selector", "oops").err)
+
+
 class AuditCommandTests(ResourceTestCase):
     def test_list_with_every_filter(self):
         lines = self.lines("audit", "list")
@@ -6967,6 +7244,10 @@ class LongSessionTests(AttuneTestCase):
         watch = self.spawn("execution", "watch", str(eid), "--timeout", "300")
         logs = self.spawn("execution", "logs", str(eid), "--follow")
         child = self.keep_fresh(110)
+        deadline = time.monotonic() + 60  # the list watch follows running executions: this one must be by now
+        while self.server.executions[eid]["status"] != "running":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
         listing = self.spawn("execution", "watch", "--status", "running", "--timeout", "300")
         results = [(p, p.communicate(timeout=240)) for p in (watch, logs, child, listing)]
         (_, (watch_out, watch_err)), (_, (logs_out, logs_err)), (_, (child_out, child_err)) = results[:3]

@@ -765,18 +765,25 @@ def make_private_dirs(directory):
         os.chmod(path, 0o700)  # ours, so exact, whatever the umask
 
 
-def write_atomic(path, data):
-    """Write bytes to path so that a reader sees the old or the new file, never a mix:
-    temp file in the same directory (mkstemp makes it 0600), fsync, rename over."""
+def write_atomic(path, data, shared=False):
+    """Write to path so that a reader sees the old or the new file, never a mix: a temp
+    file in the same directory (mkstemp makes it 0600; shared gives it the mode a new file
+    gets under the umask), fsync, rename over, fsync the directory. data is bytes, or a
+    function that writes to the file; its result is returned. On any failure the temp file
+    is removed and path is untouched."""
     import tempfile
-    directory = os.path.dirname(path)
+    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            result = data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if shared:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
         replace_file(tmp, path)
     except BaseException:
         try:
@@ -793,6 +800,7 @@ def write_atomic(path, data):
                 os.close(dfd)
         except OSError:
             pass
+    return result
 
 
 STALE_TEMP_AGE = 600  # seconds; a writer killed mid-write leaves its temp file behind
@@ -4951,6 +4959,7 @@ def execution_matches(execution, args, statuses, result_text):
 
 
 # the filters of execution list and of execution watch without an id
+EXECUTION_LIMIT = 50  # executions listed when --limit is not given
 EXECUTION_FILTERS = (
     arg("--pack", help="only actions of this pack"),
     arg("-a", "--action", help="action ref, or pack.* for a whole pack"),
@@ -4960,7 +4969,7 @@ EXECUTION_FILTERS = (
     arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
     arg("--trace-tag", help="exact trace tag"),
     arg("--top-level-only", action="store_true", help="leave out child executions"),
-    arg("-l", "--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"))
+    arg("-l", "--limit", type=Number(1, 100000), default=EXECUTION_LIMIT, help="at most this many (default 50)"))
 EXECUTION_COLUMNS = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"]
 
 
@@ -5053,10 +5062,17 @@ def cmd_execution_watch(ctx, args):
     session = ctx.session()
     if args.id is None:
         return watch_executions(ctx, session, args)
-    if filter_summary(args) != "scope=all limit=50":
+    if list_filters_given(args):
         raise UsageError("execution watch <id> observes a single execution and does not accept list-watch filters")
     ctx.ui.info("Observing execution %d..." % args.id)
     return watch_execution(ctx, session, args.id, args.timeout, notifier_base(ctx, session))
+
+
+def list_filters_given(args):
+    """Did the command line give any of the list filters?"""
+    return (any(value is not None for value in (args.pack, args.action, args.rule, args.trigger, args.trace_tag,
+                                                args.result))
+            or bool(wanted_statuses(args)) or args.top_level_only or args.limit != EXECUTION_LIMIT)
 
 
 def filter_summary(args):
@@ -5555,7 +5571,7 @@ def download_version(ctx, args, artifact_id, version):
         if os.path.exists(target) and not args.force:
             raise UsageError("%s exists; add --force to replace it" % quoted(target))
         try:
-            size = write_atomically(target, lambda f: copy_stream(resp, f, Progress(ctx)))
+            size = write_atomic(target, lambda f: copy_stream(resp, f, Progress(ctx)), shared=True)
         except OSError as e:  # a directory, a missing or read-only place
             raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
     finally:
@@ -5587,34 +5603,6 @@ def copy_stream(resp, out, progress):
     if expected is not None and size != expected:
         raise NetworkError("the download broke off after %s of %s" % (human_size(size), human_size(expected)))
     return size
-
-
-def write_atomically(target, write):
-    """Call write(file) on a new temporary file beside target, then rename it to target;
-    on any failure the temporary file is removed and target is untouched. write's result."""
-    import tempfile
-    directory = os.path.dirname(os.path.abspath(target))
-    fd, temporary = tempfile.mkstemp(prefix=".attune-download-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, target)
-        return result
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def upload_version(ctx, args):
@@ -7741,7 +7729,7 @@ def install_completion(ctx, shell):
     script = completion_script(shell).encode("utf-8")
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        write_atomically(target, lambda f: f.write(script))
+        write_atomic(target, script, shared=True)
     except OSError as e:
         raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
     ctx.ui.emit({"shell": shell, "path": target}, lambda: ctx.ui.out(

@@ -5246,7 +5246,7 @@ class ArtifactCommandTests(ResourceTestCase):
         with open(target, "rb") as f:
             self.assertEqual(f.read(), b"hello again\n")
         self.assertEqual(self.targets()[-1], "GET /api/v1/artifacts/1/versions/2/download")
-        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o666 & ~attune.current_umask())
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), new_file_mode())
         self.assertIn("Artifact 2 has no versions", self.fails(1, "artifact", "download", "2").err)
 
     def test_hostile_file_names_fall_back_to_a_safe_one(self):
@@ -6650,7 +6650,7 @@ class CompletionTests(AttuneTestCase):
                 self.assertEqual(result.out.splitlines()[0], "Installed %s completion to %s" % (shell.title(), target))
                 with open(target) as f:
                     self.assertEqual(f.read(), self.script(shell))
-                self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o666 & ~attune.current_umask())
+                self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), new_file_mode())
         self.assertIn("fpath=(~/.zsh/completions $fpath)", self.ok("completion", "install", "zsh").out)
         self.assertEqual(self.ok("completion", "install", "fish", "-j").json()["shell"], "fish")
         self.assertIn("needs the shell", self.fails(2, "completion", "install").err)
@@ -7434,6 +7434,13 @@ def hostile_strings(rng, alphabet, count, length=12):
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, length))) for _ in range(count)]
 
 
+def new_file_mode():
+    """The mode a new file gets under this process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def sampled(cases):
     """The cases this run takes: all of them, or under test-all (ATTUNE_TEST_SAMPLE=k/n)
     every n-th from the k-th, so that the nine interpreters share each table and every
@@ -7751,7 +7758,9 @@ class UntrustedInputTests(AttuneTestCase):
              (("artifact", "version", "list", "1"), "/api/v1/artifacts/1/versions"),
              (("identity", "list"), "/api/v1/identities"), (("audit", "list"), "/api/v1/audit-events"),
              (("policy", "list"), "/api/v1/policies"), (("permission", "set", "list"), "/api/v1/permissions/sets"),
-             (("permission", "assignment", "list"), "/api/v1/permissions/assignments")]
+             (("permission", "assignment", "list"), "/api/v1/permissions/assignments"),
+             (("queue", "list"), "/api/v1/queues"),
+             (("queue", "items", "core.inbox", "list"), "/api/v1/queues/core.inbox/items")]
     SHOWS = [(("pack", "show", "core"), "/api/v1/packs/core"),
              (("action", "show", "core.echo"), "/api/v1/actions/core.echo"),
              (("rule", "show", "examples.on_timer"), "/api/v1/rules/examples.on_timer"),
@@ -7764,7 +7773,9 @@ class UntrustedInputTests(AttuneTestCase):
              (("artifact", "version", "show", "1", "1"), "/api/v1/artifacts/1/versions/1"),
              (("identity", "show", "--identity-id", "1"), "/api/v1/identities/1"),
              (("audit", "show", "1"), "/api/v1/audit-events/1"), (("policy", "show", "core.limit"), "/api/v1/policies/core.limit"),
-             (("permission", "set", "show", "core.admin"), "/api/v1/permissions/sets/by-ref/core.admin")]
+             (("permission", "set", "show", "core.admin"), "/api/v1/permissions/sets/by-ref/core.admin"),
+             (("queue", "show", "core.inbox"), "/api/v1/queues/core.inbox"),
+             (("queue", "items", "core.inbox", "show", "1"), "/api/v1/queues/core.inbox/items/1")]
 
     def test_answers_of_the_wrong_shape(self):
         """Whole answers of the wrong shape are one-line API errors (exit 1), as processes."""

@@ -7052,7 +7052,91 @@ def cmd_key_delete(ctx, args):
 
 # === Commands: workflows =====================================================
 
-group("workflow", "list, show and delete workflows")
+group("workflow", "upload, list, show and delete workflows")
+
+WORKFLOW_OPTIONAL_FIELDS = ("description", "enabled", "tags", "reference_visibility",
+                            "reference_allowed_pack_refs")  # sent when the action YAML has them
+
+
+def split_action_ref(ref):
+    """pack and name of an action ref 'pack.name' (a pack ref holds no dot)."""
+    pack, _, name = ref.rpartition(".") if isinstance(ref, str) else ("", "", "")
+    if not pack or not name or "." in pack:
+        raise UsageError("Invalid action ref %s: expected format 'pack_ref.name'" % quoted(str(ref)))
+    return pack, name
+
+
+def workflow_file_path(action_file, workflow_file):
+    """The workflow YAML that workflow_file names: relative to the actions/ directory the
+    action YAML sits in, and inside its workflows/ directory, also after symlinks."""
+    actions = os.path.dirname(os.path.realpath(action_file))
+    if os.path.basename(actions) != "actions":
+        raise UsageError("Action YAML must live directly inside a pack actions/ directory")
+    parts = workflow_file.replace("\\", "/").split("/") if isinstance(workflow_file, str) else []
+    if not parts or parts[0] != "workflows" or os.path.isabs(workflow_file) or ".." in parts or len(parts) < 2:
+        raise UsageError("Workflow file must be relative to actions/ and located under actions/workflows/: %s"
+                         % quoted(str(workflow_file)))
+    path = os.path.join(actions, *parts)
+    workflows = os.path.realpath(os.path.join(actions, "workflows"))
+    if os.path.exists(path) and not (workflows == os.path.join(actions, "workflows")
+                                     and os.path.realpath(path).startswith(workflows + os.sep)):
+        raise UsageError("Workflow file resolves outside the actions/workflows directory")
+    if not os.path.isfile(path):
+        raise UsageError("Workflow file not found: %s (resolved from workflow_file %s relative to %s)"
+                         % (quoted(path), quoted(workflow_file), quoted(actions)))
+    return path
+
+
+@command("workflow upload", "upload a workflow action (its action YAML and workflow YAML) to its pack",
+         arg("action_file", metavar="ACTION_YAML", help="the action YAML, in a pack's actions/ directory"),
+         arg("-f", "--force", action="store_true", help="update the workflow if it exists"))
+def cmd_workflow_upload(ctx, args):
+    if not os.path.exists(args.action_file):
+        raise UsageError("Action YAML file not found: %s" % quoted(args.action_file))
+    if not os.path.isfile(args.action_file):
+        raise UsageError("Path is not a file: %s" % quoted(args.action_file))
+    action = read_document(ctx, args.action_file, "action YAML")
+    if not isinstance(action, dict):
+        raise UsageError("Invalid action YAML: %s is not a mapping" % quoted(args.action_file))
+    pack, name = split_action_ref(action.get("ref"))
+    if action.get("workflow_file") is None:
+        raise UsageError("Action YAML does not contain a 'workflow_file' field. This command uploads workflow "
+                         "actions; regular actions are uploaded as part of a pack.")
+    path = workflow_file_path(args.action_file, action["workflow_file"])
+    definition = read_document(ctx, path, "workflow YAML")
+    definition = dict(definition) if isinstance(definition, dict) else {}
+    for key, field in (("parameters", "parameters"), ("output", "output")):
+        if action.get(field) is not None:
+            definition.setdefault(key, action[field])
+    version = definition.get("version")
+    body = {"name": name, "label": action.get("label") or name, "version": version if isinstance(version, str)
+            else "1.0.0", "pack_ref": pack, "definition": definition}
+    body.update((field, action[field]) for field in WORKFLOW_OPTIONAL_FIELDS if action.get(field) is not None)
+    for field, key in (("param_schema", "parameters"), ("out_schema", "output")):
+        if action.get(key) is not None:
+            body[field] = action[key]
+    ref = "%s.%s" % (pack, name)
+    ctx.ui.info("Uploading workflow action '%s' to pack '%s'" % (ref, pack))
+    ctx.ui.info("  Action YAML:   %s" % args.action_file)
+    ctx.ui.info("  Workflow YAML: %s" % path)
+    session = ctx.session()
+    resp = session.request("POST", "/packs/%s/workflow-files" % path_segment(pack), body)
+    if resp.status == 409:
+        if not args.force:
+            raise AttuneError("Workflow %s already exists. Use --force to update it." % quoted(ref))
+        ctx.ui.info("Workflow already exists, updating...")
+        resp = session.request("PUT", "/workflows/%s/file" % path_segment(ref), body)
+    resp.check()
+    workflow = unwrap(resp)
+
+    def table():
+        ctx.ui.out()
+        ctx.ui.success("Workflow '%s' uploaded successfully" % workflow.get("ref"))
+        ctx.ui.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
+                      ("Label", workflow.get("label")), ("Version", workflow.get("version")),
+                      ("Tags", cell_text(workflow.get("tags")) or "none")])
+
+    ctx.ui.emit(workflow, table)
 
 
 @command("workflow list", "list workflows", arg("--pack", help="only this pack's workflows"),

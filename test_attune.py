@@ -1740,6 +1740,37 @@ class FakeAttune:
     def workflows_delete(self, req, ref):
         return self.removed(self.workflows, ref, "Workflow")
 
+    def workflow_file_saved(self, body, pack, existing=None):
+        """The server's SaveWorkflowFileRequest checks, then the workflow as stored."""
+        missing = [k for k in ("name", "label", "version", "pack_ref", "definition") if k not in body]
+        if missing:
+            return None, (422, "Failed to deserialize the JSON body into the target type: missing field `%s`"
+                          % missing[0])
+        if pack not in self.packs:
+            return None, api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
+        stamp = self.stamp()
+        workflow = dict(existing or {"id": self.new_id(), "created": stamp}, **{
+            "ref": "%s.%s" % (pack, body["name"]), "pack": self.packs[pack]["id"], "pack_ref": pack,
+            "label": body["label"], "description": body.get("description"), "version": body["version"],
+            "param_schema": body.get("param_schema"), "out_schema": body.get("out_schema"),
+            "definition": body["definition"], "tags": body.get("tags") or [], "updated": stamp})
+        self.workflows[workflow["ref"]] = workflow
+        return workflow, None
+
+    def workflow_files_create(self, req, ref):
+        body = req.json() or {}
+        if "%s.%s" % (ref, body.get("name")) in self.workflows:
+            return api_error(409, "Workflow '%s.%s' already exists" % (ref, body.get("name")), "CONFLICT")
+        workflow, error = self.workflow_file_saved(body, ref)
+        return error or (201, envelope(workflow, "Workflow file saved successfully"))
+
+    def workflow_file_update(self, req, ref):
+        existing, error = self.lookup(self.workflows, ref, "Workflow")
+        if error:
+            return error
+        workflow, error = self.workflow_file_saved(req.json() or {}, existing["pack_ref"], existing)
+        return error or (200, envelope(workflow, "Workflow file updated successfully"))
+
 
 SEED_STAMP = "2026-11-01T12:00:00.000000Z"
 TERMINAL = ("completed", "failed", "cancelled", "timeout", "abandoned")
@@ -1854,6 +1885,8 @@ ROUTES = [
     ("GET", r"/api/v1/keys/" + REF, "keys_show"),
     ("PUT", r"/api/v1/keys/" + REF, "keys_update"),
     ("DELETE", r"/api/v1/keys/" + REF, "keys_delete"),
+    ("POST", r"/api/v1/packs/" + REF + "/workflow-files", "workflow_files_create"),
+    ("PUT", r"/api/v1/workflows/" + REF + "/file", "workflow_file_update"),
     ("GET", r"/api/v1/workflows", "workflows_list"),
     ("GET", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", "itokens_list"),
     ("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", "itokens_create"),
@@ -6078,6 +6111,90 @@ class KeyCommandTests(ResourceTestCase):
 
 
 class WorkflowCommandTests(ResourceTestCase):
+    def pack_files(self, action=None, workflow=None):
+        """A pack tree with actions/deploy_service.yaml and its workflow file; the action path."""
+        actions = os.path.join(self.tmp, "pack", "actions")
+        os.makedirs(os.path.join(actions, "workflows"), exist_ok=True)
+        path = os.path.join(actions, "deploy_service.yaml")
+        with open(path, "w") as f:
+            f.write(action if action is not None else
+                    "# Deploy Service (a workflow action)\nref: examples.deploy_service\nlabel: Deploy Service\n"
+                    "description: Roll out a service\nworkflow_file: workflows/deploy_service.workflow.yaml\n"
+                    "enabled: true\nparameters:\n  hosts: {type: array, required: true}\n"
+                    "output:\n  summary: {type: object}\ntags: [deploy, ops]\n")
+        with open(os.path.join(actions, "workflows", "deploy_service.workflow.yaml"), "w") as f:
+            f.write(workflow if workflow is not None else WORKFLOW_YAML)
+        return path
+
+    def test_upload_creates_then_needs_force_to_update(self):
+        path = self.pack_files()
+        out = self.ok("workflow", "upload", path).out
+        self.assertEqual(out.split("\n\n")[0].splitlines(), [
+            "ℹ Uploading workflow action 'examples.deploy_service' to pack 'examples'",
+            "ℹ   Action YAML:   " + path,
+            "ℹ   Workflow YAML: " + os.path.join(os.path.realpath(os.path.dirname(path)), "workflows",
+                                                 "deploy_service.workflow.yaml")])
+        self.assertIn("✓ Workflow 'examples.deploy_service' uploaded successfully\nReference:  examples.deploy_service\n"
+                      "Pack:       examples\nLabel:      Deploy Service\nVersion:    2.1.0\nTags:       deploy, ops\n", out)
+        sent = self.sent("POST", "/api/v1/packs/examples/workflow-files").json()
+        definition = dict(WORKFLOW_DATA)  # the workflow's own parameters win over the action's
+        self.assertEqual(sent, {"name": "deploy_service", "label": "Deploy Service", "version": "2.1.0",
+                                "pack_ref": "examples", "definition": dict(definition, output={"summary": {
+                                    "type": "object"}}),
+                                "description": "Roll out a service", "enabled": True, "tags": ["deploy", "ops"],
+                                "param_schema": {"hosts": {"type": "array", "required": True}},
+                                "out_schema": {"summary": {"type": "object"}}})
+        self.assertIn("Workflow 'examples.deploy_service' already exists. Use --force to update it.",
+                      self.fails(1, "workflow", "upload", path).err)
+        self.assertEqual(self.server.count("PUT"), 0)
+        result = self.ok("workflow", "upload", path, "--force", "-j").json()
+        self.assertEqual(result["ref"], "examples.deploy_service")
+        self.assertEqual(self.sent("PUT", "/api/v1/workflows/examples.deploy_service/file").json(), sent)
+        self.assertIn("ℹ Workflow already exists, updating...", self.ok("workflow", "upload", path, "-f").out)
+
+    def test_upload_defaults_and_local_errors(self):
+        path = self.pack_files(action="ref: examples.tiny\nworkflow_file: workflows/deploy_service.workflow.yaml\n",
+                               workflow="tasks: []\n")
+        self.ok("workflow", "upload", path)
+        self.assertEqual(self.server.requests[-1].json(), {"name": "tiny", "label": "tiny", "version": "1.0.0",
+                                                           "pack_ref": "examples", "definition": {"tasks": []}})
+        self.assertIn("Pack 'nope' not found", self.fails(1, "workflow", "upload", self.pack_files(
+            action="ref: nope.x\nworkflow_file: workflows/deploy_service.workflow.yaml\n")).err)
+        missing = os.path.join(self.tmp, "missing.yaml")
+        for files, message in (
+                (missing, "Action YAML file not found: %r" % missing),
+                (self.tmp, "Path is not a file: %r" % self.tmp),
+                (("ref: examples.x\n", None), "Action YAML does not contain a 'workflow_file' field"),
+                (("ref: x\nworkflow_file: workflows/a.yaml\n", None), "Invalid action ref 'x'"),
+                (("ref: a.b.c\nworkflow_file: workflows/a.yaml\n", None), "Invalid action ref 'a.b.c'"),
+                (("ref: examples.x\nworkflow_file: ../../outside.yaml\n", None),
+                 "Workflow file must be relative to actions/ and located under actions/workflows/"),
+                (("ref: examples.x\nworkflow_file: /etc/passwd\n", None), "Workflow file must be relative to actions/"),
+                (("ref: examples.x\nworkflow_file: workflows\n", None), "Workflow file must be relative to actions/"),
+                (("ref: examples.x\nworkflow_file: workflows/gone.yaml\n", None), "Workflow file not found: "),
+                (("ref: examples.x\nworkflow_file: [\n", None), "Invalid action YAML: "),
+                ((None, "tasks:\n\t- a\n"), "Invalid workflow YAML: "),
+                (("- a\n", None), "is not a mapping")):
+            with self.subTest(files=files):
+                path = self.pack_files(*files) if isinstance(files, tuple) else files
+                self.assertIn(message, self.fails(2, "workflow", "upload", path).err)
+        elsewhere = os.path.join(self.tmp, "deploy.yaml")
+        with open(elsewhere, "w") as f:
+            f.write("ref: examples.x\nworkflow_file: workflows/a.yaml\n")
+        self.assertIn("Action YAML must live directly inside a pack actions/ directory",
+                      self.fails(2, "workflow", "upload", elsewhere).err)
+
+    @unittest.skipUnless(POSIX, "symbolic links")
+    def test_upload_refuses_a_workflows_link_that_leads_out(self):
+        path = self.pack_files()
+        workflows = os.path.join(os.path.dirname(path), "workflows")
+        outside = os.path.join(self.tmp, "outside")
+        shutil.move(workflows, outside)
+        os.symlink(outside, workflows)
+        self.assertIn("Workflow file resolves outside the actions/workflows directory",
+                      self.fails(2, "workflow", "upload", path).err)
+        self.assertEqual(self.server.count("POST"), 0)
+
     def test_list(self):
         self.assertEqual(self.lines("workflow", "list"), [
             "Reference        Pack      Label   Version  Tags",

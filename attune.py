@@ -3500,6 +3500,381 @@ def run_keeping_fresh(ctx, session, command, env):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+# === Argument parser =========================================================
+
+GLOBAL_OPTIONS = (
+    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
+    arg("--api-url", metavar="URL", help="API URL for this run"),
+    arg("--config", metavar="FILE", help="credential file"),
+    arg("--output", choices=OUTPUT_FORMATS, help="output format (default: table)"),
+    arg("-j", "--json", action="store_true", help="JSON output"),
+    arg("-y", "--yaml", action="store_true", help="YAML output"),
+    arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
+    arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
+    arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
+    arg("--wait-for-server", type=Number(0, integer=False), metavar="SECONDS",
+        help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
+)
+FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
+
+
+def option_dest(flags, options):
+    """The attribute argparse stores an argument in: --ref-spec -> ref_spec."""
+    if "dest" in options:
+        return options["dest"]
+    names = [f for f in flags if f.startswith("--")] or list(flags)
+    return names[0].lstrip("-").replace("-", "_")
+
+
+def option_default(options):
+    if "default" in options:
+        return options["default"]
+    return {"store_true": False, "count": 0}.get(options.get("action"))
+
+
+def option_names(arguments):
+    """(every option string, the ones that take a value) of some arg() declarations."""
+    names, takes_value = [], []
+    for flags, options in arguments:
+        if flags[0].startswith("-"):
+            names.extend(flags)
+            if options.get("action") not in FLAG_ACTIONS:
+                takes_value.extend(flags)
+    return names, takes_value
+
+
+GLOBAL_VALUE_OPTIONS = tuple(option_names(GLOBAL_OPTIONS)[1])
+
+
+def version_text():
+    return "attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
+
+
+def help_width():
+    return terminal_columns(sys.stdout, os.environ) or 80
+
+
+def wrap(text, width, indent):
+    """text in lines of at most width characters, each after indent spaces (textwrap imports re)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width - indent:
+            lines.append(line)
+            line = word
+        else:
+            line = line + " " + word if line else word
+    return ("\n" + " " * indent).join(lines + [line])
+
+
+def help_rows(rows, width):
+    """argparse's two-column layout: the name, then its help from column 24 on, wrapped."""
+    lines = []
+    for name, text in rows:
+        if len(name) <= 20:
+            lines.append("  %-22s%s" % (name, wrap(text, width, 24)))
+        else:
+            lines.append("  %s\n%s%s" % (name, " " * 24, wrap(text, width, 24)))
+    return lines
+
+
+def top_help(width):
+    """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
+    commands = [(name, help_text) for name, help_text, _ in children(())]
+    options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
+    for flags, spec in GLOBAL_OPTIONS:
+        value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
+            spec.get("metavar") or "{%s}" % ",".join(spec["choices"]))
+        options.append((", ".join(flag + value for flag in flags), spec["help"]))
+    lines = ["usage: attune [-h] [--version] [global options] COMMAND ...", "",
+             "Command-line client for the Attune automation platform.", "", "commands:"]
+    lines += help_rows(commands, width)
+    lines += ["", "global options (before or after the command):"] + help_rows(options, width)
+    lines += ["", "exit codes:"] + ["  %-4d %s" % pair for pair in EXIT_CODES]
+    lines += ["", "environment:"] + ["  %-22s %s" % pair for pair in ENVIRONMENT]
+    lines += ["", "Run 'attune COMMAND --help' for a command's own options."]
+    return "\n".join(lines) + "\n"
+
+
+def find_command(path):
+    for cmd in COMMANDS:
+        if cmd.path == path:
+            return cmd
+    return None
+
+
+def children(path):
+    """(name, help, Command or None) of what stands below path: the top level or a group."""
+    if not path:
+        return [(name, GROUP_HELP.get(name) or find_command((name,)).help, find_command((name,)))
+                for name in TOP_LEVEL]
+    return [(cmd.path[-1], cmd.help, cmd) for cmd in COMMANDS if cmd.path[:-1] == path]
+
+
+def command_tree():
+    """(path, options, value options, subcommands) of the top level, each group and each
+    command: what the completion scripts offer."""
+    names, takes_value = option_names(GLOBAL_OPTIONS)
+    common = ["-h", "--help"] + names + ["--version"]
+    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
+        yield path, common, takes_value, [name for name, _, _ in children(path)]
+    for cmd in COMMANDS:
+        own, own_values = option_names(cmd.arguments)
+        yield cmd.path, common + own, takes_value + own_values, [name for name, _, _ in children(cmd.path)]
+
+
+class Namespace:
+    """What argparse.Namespace holds, for quick_args(), which does without argparse."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+QUICK_COMMANDS = (("auth", "token"),)
+
+
+def quick_args(argv):
+    """The arguments argparse would make of argv when it names one of QUICK_COMMANDS
+    with only options spelled out in full; None for anything else, which argparse
+    parses. It reads the same declarations: `auth token` then starts without
+    importing argparse and re, which cost more than the rest of the command."""
+    options = {}
+
+    def learn(arguments, values):
+        for flags, spec in arguments:
+            values[option_dest(flags, spec)] = option_default(spec)
+            options.update((flag, (option_dest(flags, spec), spec)) for flag in flags)
+
+    values, words, argv = {}, [], list(argv)
+    learn(GLOBAL_OPTIONS, values)
+    while argv:
+        word = argv.pop(0)
+        if not word.startswith("-"):
+            words.append(word)
+            cmd = find_command(tuple(words)) if len(words) == 2 else None
+            if len(words) == 2 and (cmd is None or cmd.path not in QUICK_COMMANDS):
+                return None
+            if cmd is not None:
+                learn(cmd.arguments, values)
+            continue
+        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if name not in options:
+            return None  # -h, --version, an abbreviation, --, a short option with its value
+        dest, spec = options[name]
+        if spec.get("action") == "store_true" and not eq:
+            values[dest] = True
+            continue
+        kind = spec.get("type")
+        if spec.get("action") is not None or (kind is not None and not isinstance(kind, Number)):
+            return None
+        if not eq:
+            if not argv or argv[0].startswith("-"):
+                return None
+            value = argv.pop(0)
+        if kind is not None:
+            value = parse_number(value, kind.low, kind.high, kind.integer)
+            if value is None:
+                return None  # argparse says what is wrong with it
+        if value not in spec.get("choices", (value,)):
+            return None
+        values[dest] = value
+    if len(words) != 2:
+        return None
+    values["cmd"], values["cmd_" + cmd.path[0]] = cmd.path  # the dest of each level's subparsers
+    if children(cmd.path):  # `auth token` has sub-commands of its own, none of them chosen here
+        values["_".join(("cmd",) + cmd.path)] = None
+    return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
+
+
+def add_global_args(parser, top, own=()):
+    """Global options, accepted before or after the command. Below the top level their
+    defaults are SUPPRESS, so a value given earlier is not overwritten. A command's own
+    option of the same name wins after the command (`pack update --version 2.0.0` is the
+    pack's version, `artifact download -o FILE` the target): there the global one is
+    given before the command."""
+    group = parser.add_argument_group("global options")
+    for flags, spec in GLOBAL_OPTIONS:
+        if not set(flags) & set(own):
+            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
+    if "--version" not in own:
+        group.add_argument("--version", action="version", version=version_text())
+
+
+def help_formatter(prog):
+    """argparse's help layout, told the width itself: asking shutil.get_terminal_size()
+    would import shutil, bz2 and lzma for nothing."""
+    return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
+
+
+def build_parser():
+    """The argument parser. Each command's parser is filled in from its declaration
+    only when argv reaches it: building all of them costs more than most commands."""
+
+    class CommandParser(argparse.ArgumentParser):
+        """A parser that adds its arguments the first time it parses or shows help."""
+
+        def __init__(self, *args, **kwargs):
+            self.fill = kwargs.pop("fill", None)
+            argparse.ArgumentParser.__init__(self, *args, **kwargs)
+
+        def filled(self):
+            fill, self.fill = self.fill, None
+            if fill is not None:
+                fill(self)
+            return self
+
+        def parse_known_args(self, args=None, namespace=None):
+            return argparse.ArgumentParser.parse_known_args(self.filled(), args, namespace)
+
+        def format_help(self):
+            if self.prog == "attune":
+                return top_help(help_width())
+            return argparse.ArgumentParser.format_help(self.filled())
+
+        def error(self, message):
+            """argparse's usage error, with the words it echoes made terminal-safe."""
+            self.print_usage(sys.stderr)
+            say(sys.stderr, "%s: error: %s" % (self.prog, message))
+            sys.exit(2)
+
+    def fill_group(parser, path):
+        add_global_args(parser, top=not path)
+        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
+                                    parser_class=CommandParser)
+        sub.required = True  # add_subparsers(required=) is 3.7+
+        for name, help_text, cmd in children(path):
+            if cmd is None:
+                fill = lambda p, path=path + (name,): fill_group(p, path)  # noqa: E731
+            else:
+                fill = lambda p, cmd=cmd: fill_command(p, cmd)  # noqa: E731
+            sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                           formatter_class=help_formatter, fill=fill)
+
+    def fill_command(parser, cmd):
+        add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
+        # command_path lets the lock file say 'attune auth login' without any argument values
+        parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
+        for flags, spec in cmd.arguments:
+            parser.add_argument(*flags, **spec)
+        below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
+        if below:
+            sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
+                                        parser_class=CommandParser)
+            for name, help_text, child in below:
+                sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child))
+
+    return CommandParser(prog="attune", formatter_class=help_formatter,
+                         fill=lambda p: fill_group(p, ()))
+
+
+# === Main ====================================================================
+
+def parse_args(argv):
+    load_rest()
+    return build_parser().parse_args(argv)
+
+
+# self-install writes this program as two files, split at REST_MARK: this first half, and the
+# rest in REST_FILE beside it (padded with blank lines, so line numbers stay those of the whole
+# file), each with its own bytecode cache. `auth token` and `--version` then load about half
+# of the bytecode; any other command loads the rest first. As a single file nothing changes.
+REST_MARK = "# === Loaded on demand "
+REST_FILE = "attune_rest.py"
+REST_LOADED = False  # set to True by the last line of the rest
+
+
+def load_rest():
+    """Define every command: nothing to do in the single file; in the installed first half,
+    run the second half in this module's namespace through the standard import machinery
+    (its own bytecode cache; no text is executed here)."""
+    if REST_LOADED:
+        return
+    from importlib.machinery import SourceFileLoader
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), REST_FILE)
+    try:
+        SourceFileLoader(__name__, path).exec_module(sys.modules[__name__])
+    except OSError as e:
+        raise ConfigError("this installation is incomplete: cannot read %s (%s); install it again"
+                          % (quoted(path), e.strerror or e))
+
+
+def split_program(text):
+    """The two installed halves of this program's source text."""
+    at = text.index("\n" + REST_MARK) + 1
+    return text[:at], "\n" * text.count("\n", 0, at) + text[at:]
+
+
+def program_source():
+    """This program's whole source text: this file, and the rest when it is the installed first half."""
+    here = os.path.abspath(__file__)
+    with open(here, "rb") as f:
+        text = f.read().decode("utf-8")
+    if "\n" + REST_MARK not in text:
+        with open(os.path.join(os.path.dirname(here), REST_FILE), "rb") as f:
+            text += f.read().decode("utf-8").lstrip("\n")
+    return text
+
+
+def silence_stdout():
+    """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv=None, environ=None, clock=None):
+    """Run one command; return its exit code. environ and clock let tests stand in."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = os.environ if environ is None else environ
+    try:
+        if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
+            load_rest()
+            write_text(sys.stdout, top_help(help_width()))
+            return 0
+        if argv == ["--version"]:
+            sys.stdout.write(version_text() + "\n")
+            return 0
+        args = quick_args(argv) or parse_args(argv)
+        ctx = Context(args, env, clock)
+        code = args.func(ctx, args) or 0
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
+        return code
+    except AttuneError as e:
+        sys.stdout.flush()
+        say(sys.stderr, "attune: error: %s" % e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        write_text(sys.stderr, "\nattune: interrupted\n")
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
+        silence_stdout()
+        return 0
+
+
+def exit_process(code):
+    """End the process with main()'s exit code without the interpreter's teardown.
+
+    Freeing every module, function and string at exit costs about 2 ms, as much as loading this
+    file's bytecode. Nothing needs it once main() has returned: files and locks are closed and
+    temporary files removed in finally blocks, and attune.py starts no threads and registers no
+    atexit handlers. os._exit is the documented way to leave without that work; the streams are
+    flushed first, as the teardown would have."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader went away after main() returned
+            pass
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code)
+
+# === Loaded on demand ========================================================
+# Everything from here to the end defines the commands that `auth token` and `--version` do
+# not need. In this file it is simply the rest of the module; the installed form keeps it in
+# a second file that load_rest() runs only when a command needs it (see split_program()).
+
 # === Commands: config ========================================================
 
 group("config", "manage profiles and settings in the credential file")
@@ -7378,9 +7753,11 @@ def cmd_self_install(ctx, args):
         os.chmod(path, mode)
 
     try:
-        with open(os.path.abspath(__file__), "rb") as f:
-            put(module, f.read(), 0o644)
-        py_compile.compile(module, doraise=True)  # into __pycache__, for this interpreter
+        first, rest = split_program(program_source())
+        put(module, first.encode("utf-8"), 0o644)
+        put(os.path.join(libdir, REST_FILE), rest.encode("utf-8"), 0o644)
+        for path in (module, os.path.join(libdir, REST_FILE)):
+            py_compile.compile(path, doraise=True)  # into __pycache__, for this interpreter
         put(launcher, launcher_text(python, runtime_libdir).encode("utf-8"), 0o755)
     except (OSError, py_compile.PyCompileError) as e:
         raise ConfigError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", None) or e))
@@ -7399,8 +7776,9 @@ def cmd_self_uninstall(ctx, args):
         ours = False
     cache = os.path.join(libdir, "__pycache__")
     names = [os.path.join(cache, n) for n in (os.listdir(cache) if os.path.isdir(cache) else [])
-             if n.startswith("attune.")]
-    for path in ([launcher] if ours else []) + [os.path.join(libdir, "attune.py")] + names:
+             if n.startswith(("attune.", "attune_rest."))]
+    for path in ([launcher] if ours else []) + [os.path.join(libdir, "attune.py"), os.path.join(libdir, REST_FILE)] \
+            + names:
         try:
             os.unlink(path)
             removed.append(path)
@@ -7427,21 +7805,33 @@ def masked_url(url):
     return "%s%s%s:***@%s" % (scheme, sep, credentials.split(":")[0], host)
 
 
+def lock_probe(lock_path):
+    """One try at the credential lock: 'refused' is what a working lock answers while held."""
+    lock = FileLock(lock_path, 0.0, "attune lock probe", lambda message: None, lambda message: None)
+    if not lock.acquire():
+        return "refused"
+    lock.release()
+    return "acquired"
+
+
 def probe_lock_from_child(lock_path):
-    """Try the lock from another process: 'refused' is what a working lock answers."""
-    import subprocess
-    code = ("import runpy, sys\n"
-            "names = runpy.run_path(sys.argv[1], run_name='attune_lock_probe')\n"
-            "lock = names['FileLock'](sys.argv[2], 0.0, 'attune lock probe', lambda m: None, lambda m: None)\n"
-            "print('acquired' if lock.acquire() else 'refused')\n"
-            "lock.release()\n")
-    try:
-        out = subprocess.check_output([sys.executable, "-c", code, os.path.abspath(__file__), lock_path],
-                                      stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return "the probe failed: %s" % e
-    lines = out.strip().splitlines()
-    return lines[-1] if lines else "no answer"
+    """lock_probe() from another process: a forked child. Where there is no fork (Windows)
+    it runs here with a handle of its own, which msvcrt locks refuse as another process."""
+    if not hasattr(os, "fork"):
+        return lock_probe(lock_path)
+    import warnings
+    with warnings.catch_warnings():  # 3.12+ warn about forking beside threads (a test's server)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: only the probe, then out without running anything of the parent's
+        code = 2
+        try:
+            code = 0 if lock_probe(lock_path) == "refused" else 1
+        finally:
+            os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    return {0: "refused", 1: "acquired"}.get(code, "the probe failed")
 
 
 class Doctor:
@@ -7824,332 +8214,7 @@ def install_completion(ctx, shell):
         ctx.ui.out("autoload -Uz compinit && compinit")
 
 
-# === Argument parser =========================================================
-
-GLOBAL_OPTIONS = (
-    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
-    arg("--api-url", metavar="URL", help="API URL for this run"),
-    arg("--config", metavar="FILE", help="credential file"),
-    arg("--output", choices=OUTPUT_FORMATS, help="output format (default: table)"),
-    arg("-j", "--json", action="store_true", help="JSON output"),
-    arg("-y", "--yaml", action="store_true", help="YAML output"),
-    arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
-    arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
-    arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
-    arg("--wait-for-server", type=Number(0, integer=False), metavar="SECONDS",
-        help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
-)
-FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
-
-
-def option_dest(flags, options):
-    """The attribute argparse stores an argument in: --ref-spec -> ref_spec."""
-    if "dest" in options:
-        return options["dest"]
-    names = [f for f in flags if f.startswith("--")] or list(flags)
-    return names[0].lstrip("-").replace("-", "_")
-
-
-def option_default(options):
-    if "default" in options:
-        return options["default"]
-    return {"store_true": False, "count": 0}.get(options.get("action"))
-
-
-def option_names(arguments):
-    """(every option string, the ones that take a value) of some arg() declarations."""
-    names, takes_value = [], []
-    for flags, options in arguments:
-        if flags[0].startswith("-"):
-            names.extend(flags)
-            if options.get("action") not in FLAG_ACTIONS:
-                takes_value.extend(flags)
-    return names, takes_value
-
-
-GLOBAL_VALUE_OPTIONS = tuple(option_names(GLOBAL_OPTIONS)[1])
-
-
-def version_text():
-    return "attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
-
-
-def help_width():
-    return terminal_columns(sys.stdout, os.environ) or 80
-
-
-def wrap(text, width, indent):
-    """text in lines of at most width characters, each after indent spaces (textwrap imports re)."""
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width - indent:
-            lines.append(line)
-            line = word
-        else:
-            line = line + " " + word if line else word
-    return ("\n" + " " * indent).join(lines + [line])
-
-
-def help_rows(rows, width):
-    """argparse's two-column layout: the name, then its help from column 24 on, wrapped."""
-    lines = []
-    for name, text in rows:
-        if len(name) <= 20:
-            lines.append("  %-22s%s" % (name, wrap(text, width, 24)))
-        else:
-            lines.append("  %s\n%s%s" % (name, " " * 24, wrap(text, width, 24)))
-    return lines
-
-
-def top_help(width):
-    """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
-    commands = [(name, help_text) for name, help_text, _ in children(())]
-    options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
-    for flags, spec in GLOBAL_OPTIONS:
-        value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
-            spec.get("metavar") or "{%s}" % ",".join(spec["choices"]))
-        options.append((", ".join(flag + value for flag in flags), spec["help"]))
-    lines = ["usage: attune [-h] [--version] [global options] COMMAND ...", "",
-             "Command-line client for the Attune automation platform.", "", "commands:"]
-    lines += help_rows(commands, width)
-    lines += ["", "global options (before or after the command):"] + help_rows(options, width)
-    lines += ["", "exit codes:"] + ["  %-4d %s" % pair for pair in EXIT_CODES]
-    lines += ["", "environment:"] + ["  %-22s %s" % pair for pair in ENVIRONMENT]
-    lines += ["", "Run 'attune COMMAND --help' for a command's own options."]
-    return "\n".join(lines) + "\n"
-
-
-def find_command(path):
-    for cmd in COMMANDS:
-        if cmd.path == path:
-            return cmd
-    return None
-
-
-def children(path):
-    """(name, help, Command or None) of what stands below path: the top level or a group."""
-    if not path:
-        return [(name, GROUP_HELP.get(name) or find_command((name,)).help, find_command((name,)))
-                for name in TOP_LEVEL]
-    return [(cmd.path[-1], cmd.help, cmd) for cmd in COMMANDS if cmd.path[:-1] == path]
-
-
-def command_tree():
-    """(path, options, value options, subcommands) of the top level, each group and each
-    command: what the completion scripts offer."""
-    names, takes_value = option_names(GLOBAL_OPTIONS)
-    common = ["-h", "--help"] + names + ["--version"]
-    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
-        yield path, common, takes_value, [name for name, _, _ in children(path)]
-    for cmd in COMMANDS:
-        own, own_values = option_names(cmd.arguments)
-        yield cmd.path, common + own, takes_value + own_values, [name for name, _, _ in children(cmd.path)]
-
-
-class Namespace:
-    """What argparse.Namespace holds, for quick_args(), which does without argparse."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-QUICK_COMMANDS = (("auth", "token"),)
-
-
-def quick_args(argv):
-    """The arguments argparse would make of argv when it names one of QUICK_COMMANDS
-    with only options spelled out in full; None for anything else, which argparse
-    parses. It reads the same declarations: `auth token` then starts without
-    importing argparse and re, which cost more than the rest of the command."""
-    options = {}
-
-    def learn(arguments, values):
-        for flags, spec in arguments:
-            values[option_dest(flags, spec)] = option_default(spec)
-            options.update((flag, (option_dest(flags, spec), spec)) for flag in flags)
-
-    values, words, argv = {}, [], list(argv)
-    learn(GLOBAL_OPTIONS, values)
-    while argv:
-        word = argv.pop(0)
-        if not word.startswith("-"):
-            words.append(word)
-            cmd = find_command(tuple(words)) if len(words) == 2 else None
-            if len(words) == 2 and (cmd is None or cmd.path not in QUICK_COMMANDS):
-                return None
-            if cmd is not None:
-                learn(cmd.arguments, values)
-            continue
-        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
-        if name not in options:
-            return None  # -h, --version, an abbreviation, --, a short option with its value
-        dest, spec = options[name]
-        if spec.get("action") == "store_true" and not eq:
-            values[dest] = True
-            continue
-        kind = spec.get("type")
-        if spec.get("action") is not None or (kind is not None and not isinstance(kind, Number)):
-            return None
-        if not eq:
-            if not argv or argv[0].startswith("-"):
-                return None
-            value = argv.pop(0)
-        if kind is not None:
-            value = parse_number(value, kind.low, kind.high, kind.integer)
-            if value is None:
-                return None  # argparse says what is wrong with it
-        if value not in spec.get("choices", (value,)):
-            return None
-        values[dest] = value
-    if len(words) != 2:
-        return None
-    values["cmd"], values["cmd_" + cmd.path[0]] = cmd.path  # the dest of each level's subparsers
-    if children(cmd.path):  # `auth token` has sub-commands of its own, none of them chosen here
-        values["_".join(("cmd",) + cmd.path)] = None
-    return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
-
-
-def add_global_args(parser, top, own=()):
-    """Global options, accepted before or after the command. Below the top level their
-    defaults are SUPPRESS, so a value given earlier is not overwritten. A command's own
-    option of the same name wins after the command (`pack update --version 2.0.0` is the
-    pack's version, `artifact download -o FILE` the target): there the global one is
-    given before the command."""
-    group = parser.add_argument_group("global options")
-    for flags, spec in GLOBAL_OPTIONS:
-        if not set(flags) & set(own):
-            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
-    if "--version" not in own:
-        group.add_argument("--version", action="version", version=version_text())
-
-
-def help_formatter(prog):
-    """argparse's help layout, told the width itself: asking shutil.get_terminal_size()
-    would import shutil, bz2 and lzma for nothing."""
-    return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
-
-
-def build_parser():
-    """The argument parser. Each command's parser is filled in from its declaration
-    only when argv reaches it: building all of them costs more than most commands."""
-
-    class CommandParser(argparse.ArgumentParser):
-        """A parser that adds its arguments the first time it parses or shows help."""
-
-        def __init__(self, *args, **kwargs):
-            self.fill = kwargs.pop("fill", None)
-            argparse.ArgumentParser.__init__(self, *args, **kwargs)
-
-        def filled(self):
-            fill, self.fill = self.fill, None
-            if fill is not None:
-                fill(self)
-            return self
-
-        def parse_known_args(self, args=None, namespace=None):
-            return argparse.ArgumentParser.parse_known_args(self.filled(), args, namespace)
-
-        def format_help(self):
-            if self.prog == "attune":
-                return top_help(help_width())
-            return argparse.ArgumentParser.format_help(self.filled())
-
-        def error(self, message):
-            """argparse's usage error, with the words it echoes made terminal-safe."""
-            self.print_usage(sys.stderr)
-            say(sys.stderr, "%s: error: %s" % (self.prog, message))
-            sys.exit(2)
-
-    def fill_group(parser, path):
-        add_global_args(parser, top=not path)
-        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
-                                    parser_class=CommandParser)
-        sub.required = True  # add_subparsers(required=) is 3.7+
-        for name, help_text, cmd in children(path):
-            if cmd is None:
-                fill = lambda p, path=path + (name,): fill_group(p, path)  # noqa: E731
-            else:
-                fill = lambda p, cmd=cmd: fill_command(p, cmd)  # noqa: E731
-            sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                           formatter_class=help_formatter, fill=fill)
-
-    def fill_command(parser, cmd):
-        add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
-        # command_path lets the lock file say 'attune auth login' without any argument values
-        parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
-        for flags, spec in cmd.arguments:
-            parser.add_argument(*flags, **spec)
-        below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
-        if below:
-            sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
-                                        parser_class=CommandParser)
-            for name, help_text, child in below:
-                sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child))
-
-    return CommandParser(prog="attune", formatter_class=help_formatter,
-                         fill=lambda p: fill_group(p, ()))
-
-
-# === Main ====================================================================
-
-def parse_args(argv):
-    return build_parser().parse_args(argv)
-
-
-def silence_stdout():
-    """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def main(argv=None, environ=None, clock=None):
-    """Run one command; return its exit code. environ and clock let tests stand in."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    env = os.environ if environ is None else environ
-    try:
-        if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
-            write_text(sys.stdout, top_help(help_width()))
-            return 0
-        if argv == ["--version"]:
-            sys.stdout.write(version_text() + "\n")
-            return 0
-        args = quick_args(argv) or parse_args(argv)
-        ctx = Context(args, env, clock)
-        code = args.func(ctx, args) or 0
-        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
-        return code
-    except AttuneError as e:
-        sys.stdout.flush()
-        say(sys.stderr, "attune: error: %s" % e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        write_text(sys.stderr, "\nattune: interrupted\n")
-        return 130
-    except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
-        silence_stdout()
-        return 0
-
-
-def exit_process(code):
-    """End the process with main()'s exit code without the interpreter's teardown.
-
-    Freeing every module, function and string at exit costs about 2 ms, as much as loading this
-    file's bytecode. Nothing needs it once main() has returned: files and locks are closed and
-    temporary files removed in finally blocks, and attune.py starts no threads and registers no
-    atexit handlers. os._exit is the documented way to leave without that work; the streams are
-    flushed first, as the teardown would have."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:  # the reader went away after main() returned
-            pass
-        except (OSError, ValueError):
-            code = code or 1
-    os._exit(code)
+REST_LOADED = True  # the last definition of the rest: every command is declared
 
 
 if __name__ == "__main__":

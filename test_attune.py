@@ -3914,9 +3914,10 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "io",
-              "ipaddress", "json", "msvcrt", "os", "py_compile", "select", "shlex", "shutil", "signal", "socket", "ssl",
-              "stat", "struct", "subprocess", "sys", "tarfile", "tempfile", "termios", "time", "urllib", "webbrowser"}
+    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "importlib",
+              "io", "ipaddress", "json", "msvcrt", "os", "py_compile", "re", "select", "shlex", "shutil", "signal",
+              "socket", "ssl", "stat", "struct", "subprocess", "sys", "tarfile", "tempfile", "termios", "time",
+              "urllib", "warnings", "webbrowser"}
 
     def tree(self):
         import ast
@@ -4033,6 +4034,49 @@ class InstallTests(AttuneTestCase):
         self.assertEqual(uninstall.code, 0, uninstall)
         self.assertEqual(sorted(os.listdir(prefix)), ["bin", "lib"])
         self.assertEqual(os.listdir(os.path.join(prefix, "bin")) + os.listdir(os.path.join(prefix, "lib")), [])
+
+    def test_the_installed_halves(self):
+        """auth token and --version load the first half only; every other command loads the
+        rest; the halves put together are this file, and an installed attune installs again."""
+        token = self.seed()["auth_token"]
+        prefix = self.install()
+        libdir = os.path.join(prefix, "lib", "attune")
+        launcher = [os.path.join(prefix, "bin", "attune")]
+        first, rest = (os.path.join(libdir, name) for name in ("attune.py", "attune_rest.py"))
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            whole = f.read()
+        with open(first, encoding="utf-8") as f, open(rest, encoding="utf-8") as g:
+            halves = f.read(), g.read()
+        self.assertEqual(halves[0] + halves[1].lstrip("\n"), whole)
+        self.assertEqual(len(halves[1]) - len(halves[1].lstrip("\n")), halves[0].count("\n"))  # same line numbers
+        self.assertTrue(halves[1].lstrip("\n").startswith(attune.REST_MARK))
+        self.assertIn("\ndef cmd_auth_token(", halves[0])
+        self.assertIn("\ndef cmd_pack_list(", halves[1])
+        self.assertTrue(os.path.exists(importlib_cache(rest)))
+        env = self.process_env({})
+        run = lambda *argv: subprocess.run(launcher + list(argv), env=env, stdout=subprocess.PIPE,  # noqa: E731
+                                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertEqual(run("pack", "list", "-j").returncode, 0)
+        # without the second half, the first still gives the token (and --version), and nothing else
+        os.rename(rest, rest + ".away")
+        os.remove(importlib_cache(rest))
+        self.assertEqual(run("auth", "token").stdout, token + "\n")
+        self.assertEqual(run("auth", "token", "--format", "header").stdout, "Authorization: Bearer %s\n" % token)
+        self.assertEqual(run("--version").returncode, 0)
+        for argv in (["auth", "whoami"], ["pack", "list"], ["--help"]):
+            result = run(*argv)
+            self.assertEqual(result.returncode, 3)
+            self.assertEqual(result.stderr, "attune: error: this installation is incomplete: cannot read %r (No such "
+                                            "file or directory); install it again\n" % rest)
+        os.rename(rest + ".away", rest)
+        again = os.path.join(self.tmp, "again")
+        result = run("self-install", "--prefix", again)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for name in ("attune.py", "attune_rest.py"):
+            with open(os.path.join(libdir, name), "rb") as f, open(os.path.join(again, "lib", "attune", name), "rb") as g:
+                self.assertEqual(f.read(), g.read(), name)
+        self.assertEqual(run("self-uninstall", "--prefix", again).returncode, 0)
+        self.assertEqual(os.listdir(os.path.join(again, "lib")), [])
 
     def test_destdir_stages_files_that_name_the_final_place(self):
         stage = os.path.join(self.tmp, "stage")

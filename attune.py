@@ -1240,9 +1240,9 @@ def error_context(resp):
     return "".join(", " + part for part in parts)
 
 
-def api_error(resp):
+def api_error(resp, label="API error"):
     """The AttuneError for a non-2xx response, with the exit code design.md section 7 gives it."""
-    message = "API error (%d %s%s): %s" % (resp.status, resp.reason, error_context(resp), error_message(resp))
+    message = "%s (%d %s%s): %s" % (label, resp.status, resp.reason, error_context(resp), error_message(resp))
     retry_after = resp.headers.get("Retry-After") if resp.status == 429 and resp.headers is not None else None
     if retry_after:
         message += " (the server asks to retry after %s s)" % retry_after
@@ -2465,6 +2465,9 @@ class Printer:
         self.stdout, self.stderr, self.stdin = sys.stdout, sys.stderr, sys.stdin
         self.verbose = getattr(args, "verbose", 0) or 0
         self.stored_format = stored_format  # the credential file's format setting, read when needed
+        if getattr(args, "output", None) == "ndjson" and getattr(args, "command_path", None) != [
+                "cache", "entry", "scan"]:
+            raise UsageError("--output ndjson is only supported by 'attune cache entry scan --all'")
         self._warned = set()
         self._printed = False
 
@@ -2492,7 +2495,8 @@ class Printer:
         if len(chosen) > 1:
             raise UsageError("choose one output format: --output, -j/--json or -y/--yaml")
         if chosen:
-            return chosen.pop()
+            chosen = chosen.pop()
+            return "json" if chosen == "ndjson" else chosen  # ndjson: what cache entry scan --all writes itself
         stored = self.stored_format()
         return stored if stored in OUTPUT_FORMATS else "table"
 
@@ -3506,7 +3510,8 @@ GLOBAL_OPTIONS = (
     arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
     arg("--api-url", metavar="URL", help="API URL for this run"),
     arg("--config", metavar="FILE", help="credential file"),
-    arg("--output", choices=OUTPUT_FORMATS, help="output format (default: table)"),
+    arg("--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
+                                                                 "cache entry scan --all only)"),
     arg("-j", "--json", action="store_true", help="JSON output"),
     arg("-y", "--yaml", action="store_true", help="YAML output"),
     arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
@@ -6727,6 +6732,572 @@ def cmd_queue_items_delete(ctx, args):
          *(SELECTOR + (PREVIEW_LIMIT,)))
 def cmd_queue_items_cancel(ctx, args):
     apply_to_items(ctx, args, "cancel")
+
+
+# === Commands: cache =========================================================
+# Owner-scoped caches: namespaces of entries, published as immutable generations. Every
+# command names its owner (--owner-type, and the matching --owner-*-ref); GET and DELETE
+# send it as a query, POST and PUT in the body. Answers may come with or without the
+# {"data": ...} envelope. A refresh is begin, upload each NDJSON chunk, seal, promote;
+# `refresh apply` does all four from one file.
+
+group("cache", "owner-scoped caches: namespaces, entries, generations and refreshes")
+
+CACHE_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
+
+
+def with_options(argument, **options):
+    """The same argument with some of its options changed."""
+    flags, spec = argument
+    return flags, dict(spec, **options)
+
+
+CACHE_OWNER = (
+    arg("--owner-type", choices=CACHE_OWNER_TYPES, required=True, help="whose cache: system, identity (yours), "
+                                                                       "pack, action or sensor"),
+    arg("--owner-pack-ref", metavar="PACK", help="the pack, with --owner-type pack"),
+    arg("--owner-action-ref", metavar="ACTION", help="the action, with --owner-type action"),
+    arg("--owner-sensor-ref", metavar="SENSOR", help="the sensor, with --owner-type sensor"))
+NAMESPACE = arg("namespace", metavar="NAMESPACE", help="the namespace's name")
+GENERATION_ID = arg("generation_id", metavar="GENERATION", type=Number(0, MAX_ID), help="a generation id")
+NAMESPACE_POLICY = tuple(
+    arg("--" + name.replace("_", "-"), dest=name, type=Number(0, MAX_ID), metavar="N", help=text)
+    for name, text in (("freshness_target_seconds", "how fresh the active generation should be, in seconds"),
+                       ("max_records_per_generation", "the most records one generation may hold"),
+                       ("max_generation_bytes", "the most bytes one generation may hold"),
+                       ("max_retained_bytes", "the most bytes kept across generations"),
+                       ("max_retained_generations", "how many generations are kept"),
+                       ("max_staging_generations", "how many generations may be staged at once")))
+EXPECTED_ACTIVE = (arg("--expected-active", type=Number(0, MAX_ID), metavar="GENERATION",
+                       help="the active generation seen before this refresh began"),
+                   arg("--expect-empty", action="store_true", help="this is the namespace's first publication"))
+METADATA_PAGE = (arg("--limit", type=Number(1, 500), metavar="N", help="at most N, 1 to 500"),
+                 arg("--cursor", metavar="CURSOR", help="the cursor an earlier page ended with"))
+NDJSON_LINE_LIMIT = 1024 * 1024     # bytes in one line of an upload file
+CHUNK_BYTE_LIMIT = 4 * 1024 * 1024  # bytes of records in one uploaded chunk
+LOOKUP_LIMIT = 1000                 # external ids in one get-many
+
+
+def cache_owner(args):
+    """{"owner_type", "owner_ref"?} from the flags: system and identity take no ref, the
+    others exactly their own."""
+    given = {kind: getattr(args, "owner_%s_ref" % kind) for kind in ("pack", "action", "sensor")}
+    given = {kind: ref for kind, ref in given.items() if ref is not None}
+    kind = args.owner_type
+    if kind in ("system", "identity") and given or kind not in ("system", "identity") and list(given) != [kind]:
+        needed = {"system": "no owner reference", "identity": "no owner reference (the current identity is used)"}
+        raise UsageError("--owner-type %s requires exactly %s" % (kind, needed.get(kind, "--owner-%s-ref" % kind)))
+    return dict({"owner_type": kind}, **({"owner_ref": given[kind]} if given else {}))
+
+
+def cache_path(args, *rest):
+    return "/".join(["/cache/namespaces", path_segment(args.namespace)] + [path_segment(part) for part in rest])
+
+
+def cache_request(ctx, method, path, body=None, query=None):
+    """A cache API call: the answer with or without its data envelope; an error line that
+    says 'Cache API error'; an empty body (a DELETE) is None."""
+    resp = ctx.session().request(method, path, body, query)
+    if not resp.ok:
+        raise api_error(resp, "Cache API error")
+    answer = resp.json()
+    return answer["data"] if isinstance(answer, dict) and isinstance(answer.get("data"), (dict, list)) else answer
+
+
+def cache_object(answer):
+    if not isinstance(answer, dict):
+        raise ApiError("the server's answer is not an object: %s" % snippet(json.dumps(answer).encode("utf-8"), 100))
+    return answer
+
+
+def cache_list(answer, key):
+    """(items, next_cursor) of a cache list: {key|items: [...], next_cursor} or an array."""
+    if isinstance(answer, dict):
+        items = next((answer[k] for k in (key, "items") if isinstance(answer.get(k), list)), None)
+        if items is not None:
+            return list_items(items), answer.get("next_cursor")
+    return list_items(answer), None
+
+
+def expected_active(args):
+    if (args.expected_active is None) == (not args.expect_empty):
+        raise UsageError("Specify exactly one of --expected-active or --expect-empty")
+    return args.expected_active
+
+
+def dash(value):
+    return "-" if value is None else value
+
+
+def namespace_owner(namespace):
+    ref = namespace.get("owner_ref")
+    if ref is None:
+        ref = {"identity": namespace.get("owner_identity"), "pack": namespace.get("owner_pack_ref"),
+               "action": namespace.get("owner_action_ref"), "sensor": namespace.get("owner_sensor_ref")}.get(
+            namespace.get("owner_type"), namespace.get("owner"))
+    return "%s: %s" % (namespace.get("owner_type"), ref) if ref is not None else namespace.get("owner_type")
+
+
+def show_namespace(ctx, namespace, done=None):
+    def table():
+        if done:
+            ctx.ui.success("Cache namespace '%s' %s" % (namespace.get("namespace"), done))
+        ctx.ui.pairs([
+            ("Namespace", namespace.get("namespace")), ("ID", namespace.get("id")), ("Owner", namespace_owner(namespace)),
+            ("Active Generation", dash(namespace.get("active_generation", namespace.get("active_generation_id")))),
+            ("Records", dash(namespace.get("record_count"))), ("Bytes", dash(namespace.get("size_bytes"))),
+            ("Freshness Target", dash(namespace.get("freshness_target_seconds"))),
+            ("Stale", dash(namespace.get("stale"))), ("Refresh Health", dash(namespace.get("refresh_health"))),
+            ("Max Records / Generation", dash(namespace.get("max_records_per_generation"))),
+            ("Max Generation Bytes", dash(namespace.get("max_generation_bytes"))),
+            ("Max Retained Bytes", dash(namespace.get("max_retained_bytes"))),
+            ("Max Retained Generations", dash(namespace.get("max_retained_generations"))),
+            ("Max Staging Generations", dash(namespace.get("max_staging_generations"))),
+            ("Created", or_dash(format_timestamp(namespace.get("created")))),
+            ("Updated", or_dash(format_timestamp(namespace.get("updated"))))])
+
+    ctx.ui.emit(namespace, table)
+
+
+def show_generation(ctx, generation, done=None):
+    def table():
+        if done:
+            ctx.ui.success(done)
+        ctx.ui.pairs([
+            ("Generation", generation.get("generation_id")), ("Namespace", generation.get("namespace_id")),
+            ("State", generation.get("status")), ("Client Refresh ID", generation.get("client_refresh_id")),
+            ("Expected Chunks", generation.get("expected_chunk_count")),
+            ("Expected Active", dash(generation.get("expected_active_generation_id"))),
+            ("Expected Records", dash(generation.get("expected_record_count"))),
+            ("Expected Bytes", dash(generation.get("expected_size_bytes"))),
+            ("Records", generation.get("record_count")), ("Bytes", generation.get("size_bytes")),
+            ("Source Revision", dash(generation.get("source_revision")))] + [
+            (label, or_dash(format_timestamp(generation.get(key))))
+            for label, key in (("Sealed", "sealed"), ("Activated", "activated"), ("Readable Until", "readable_until"))]
+            + [("Failure", dash(generation.get("failure_reason")))])
+
+    ctx.ui.emit(generation, table)
+
+
+def value_kind(value):
+    if isinstance(value, dict):
+        return "object (%d fields)" % len(value)
+    if isinstance(value, list):
+        return "array (%d items)" % len(value)
+    return "null" if value is None else "boolean" if isinstance(value, bool) else \
+        "number" if isinstance(value, (int, float)) else "string"
+
+
+def entries_table(ctx, entries, full=False):
+    ctx.ui.table(["External ID", "Source Updated", "Bytes", "Value"] + (["Full Value"] if full else []),
+                 [[e.get("external_id"), or_dash(format_timestamp(e.get("source_updated_at"))), e.get("size_bytes"),
+                   value_kind(e.get("value"))] + ([compact_json(e.get("value"))] if full else []) for e in entries],
+                 empty="No cache entries found")
+
+
+@command("cache namespace", "cache namespaces: list, create, show, update, delete")
+def cmd_cache_namespace(ctx, args):
+    raise UsageError("cache namespace needs a command: list, create, show, update or delete")
+
+
+@command("cache namespace list", "list one owner's namespaces",
+         *(CACHE_OWNER + (arg("--namespace", dest="name_filter", metavar="TEXT", help="names containing this (any case)"),
+                          arg("--freshness", choices=("fresh", "stale", "unpopulated")),) + METADATA_PAGE))
+def cmd_cache_namespace_list(ctx, args):
+    query = dict(cache_owner(args), namespace=args.name_filter, freshness=args.freshness, limit=args.limit,
+                 cursor=args.cursor)
+    namespaces, cursor = cache_list(cache_request(ctx, "GET", "/cache/namespaces", query=query), "namespaces")
+
+    def table():
+        ctx.ui.table(["Namespace", "Owner", "Active Gen", "Records", "Bytes", "Stale"],
+                     [[n.get("namespace"), namespace_owner(n),
+                       dash(n.get("active_generation", n.get("active_generation_id"))), dash(n.get("record_count")),
+                       dash(n.get("size_bytes")), dash(n.get("stale"))] for n in namespaces],
+                     empty="No cache namespaces found")
+        if cursor:
+            ctx.ui.info("Next cursor: %s" % cursor)
+
+    ctx.ui.emit({"namespaces": namespaces, "next_cursor": cursor}, table)
+
+
+def namespace_policy(args):
+    return {name: getattr(args, name) for name in NAMESPACE_POLICY_FIELDS if getattr(args, name) is not None}
+
+
+NAMESPACE_POLICY_FIELDS = [options["dest"] for _, options in NAMESPACE_POLICY]
+
+
+@command("cache namespace create", "create a namespace (its owner and name cannot change later)",
+         NAMESPACE, *(CACHE_OWNER + NAMESPACE_POLICY))
+def cmd_cache_namespace_create(ctx, args):
+    body = dict(cache_owner(args), namespace=args.namespace, **namespace_policy(args))
+    show_namespace(ctx, cache_object(cache_request(ctx, "POST", "/cache/namespaces", body)), "created")
+
+
+@command("cache namespace show", "show a namespace (no entries are read)", NAMESPACE, *CACHE_OWNER)
+def cmd_cache_namespace_show(ctx, args):
+    show_namespace(ctx, cache_object(cache_request(ctx, "GET", cache_path(args), query=cache_owner(args))))
+
+
+@command("cache namespace update", "change a namespace's policy", NAMESPACE, *(CACHE_OWNER + NAMESPACE_POLICY))
+def cmd_cache_namespace_update(ctx, args):
+    policy = namespace_policy(args)
+    if not policy:
+        raise UsageError("Provide at least one mutable policy field to update")
+    show_namespace(ctx, cache_object(cache_request(ctx, "PUT", cache_path(args), dict(cache_owner(args), **policy))),
+                   "updated")
+
+
+@command("cache namespace delete", "delete a namespace; its generations become unreadable",
+         NAMESPACE, *(CACHE_OWNER + (YES,)))
+def cmd_cache_namespace_delete(ctx, args):
+    owner = cache_owner(args)
+    if confirm(ctx, args, "delete cache namespace '%s'" % args.namespace, "Operation cancelled"):
+        cache_request(ctx, "DELETE", cache_path(args), query=owner)
+        message = "Cache namespace '%s' deleted" % args.namespace
+        ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
+
+
+@command("cache entry", "read published entries: get, get-many, scan")
+def cmd_cache_entry(ctx, args):
+    raise UsageError("cache entry needs a command: get, get-many or scan")
+
+
+GENERATION_FLAG = arg("--generation", type=Number(0, MAX_ID), metavar="ID",
+                      help="read this retained generation, not the active one")
+
+
+@command("cache entry get", "one entry of the active (or another) generation",
+         NAMESPACE, arg("external_id", metavar="EXTERNAL_ID"), *(CACHE_OWNER + (GENERATION_FLAG,)))
+def cmd_cache_entry_get(ctx, args):
+    body = dict(cache_owner(args), external_id=args.external_id, generation_id=args.generation, require_fresh=False)
+    found = cache_object(cache_request(ctx, "POST", cache_path(args, "entries", "lookup"), body))
+    entry = found.get("item")
+
+    def table():
+        if not isinstance(entry, dict):
+            return ctx.ui.info("No cache entry found in generation %s" % found.get("generation_id"))
+        ctx.ui.info("Generation %s" % found.get("generation_id"))
+        ctx.ui.pairs([("External ID", entry.get("external_id")),
+                      ("Source Updated", or_dash(format_timestamp(entry.get("source_updated_at")))),
+                      ("Bytes", entry.get("size_bytes")), ("Value", to_json(entry.get("value")))])
+
+    ctx.ui.emit(found, table)
+
+
+def external_ids(ctx, args):
+    ids = list(args.external_id or [])
+    if args.external_id_file is not None:
+        for line in ndjson_lines(ctx, args.external_id_file, "external ID list"):
+            value = line.strip()
+            if value:
+                ids.append(value)
+            if len(ids) > LOOKUP_LIMIT:
+                break
+    if not ids:
+        raise UsageError("Provide at least one --external-id or --external-id-file")
+    if len(ids) > LOOKUP_LIMIT:
+        raise UsageError("entry get-many accepts at most %d external IDs" % LOOKUP_LIMIT)
+    if not all(ids):
+        raise UsageError("External IDs must be non-empty")
+    return ids
+
+
+@command("cache entry get-many", "up to 1000 entries at once (the ids go in the body, not the URL)",
+         NAMESPACE, *(CACHE_OWNER + (
+             arg("--external-id", action="append", metavar="ID", help="an external id (repeatable)"),
+             arg("--external-id-file", metavar="PATH", help="external ids, one per line; - for stdin"),
+             GENERATION_FLAG)))
+def cmd_cache_entry_get_many(ctx, args):
+    owner = cache_owner(args)
+    body = dict(owner, external_ids=external_ids(ctx, args), generation_id=args.generation, require_fresh=False)
+    found = cache_object(cache_request(ctx, "POST", cache_path(args, "entries", "lookup-many"), body))
+    items = list_items(found.get("items") if isinstance(found.get("items"), list) else [])
+    missing = found.get("missing_external_ids")
+    if isinstance(missing, list) and missing:
+        ctx.ui.warn("%d requested external ID(s) were not found" % len(missing))
+    ctx.ui.emit(found, lambda: entries_table(ctx, items))
+
+
+@command("cache entry scan", "a page of a generation's entries (--all with --output ndjson: every page)",
+         NAMESPACE, *(CACHE_OWNER + (
+             GENERATION_FLAG, arg("--cursor", metavar="CURSOR", help="the cursor an earlier page ended with"),
+             arg("--page-size", type=Number(1, 1000), default=100, metavar="N", help="entries per page, 1 to 1000"),
+             arg("--include-values", action="store_true", help="show each entry's value in the table"),
+             arg("--all", action="store_true", help="every page, as NDJSON on stdout (needs --output ndjson)"))))
+def cmd_cache_entry_scan(ctx, args):
+    ndjson = getattr(args, "output", None) == "ndjson"
+    if ndjson != args.all:
+        raise UsageError("--output ndjson requires '--all' for cache entry scans" if ndjson
+                         else "'cache entry scan --all' requires '--output ndjson'")
+    owner, generation, cursor = cache_owner(args), args.generation, args.cursor
+    while True:
+        query = dict(owner, generation=generation, cursor=cursor, limit=args.page_size)
+        page = cache_object(cache_request(ctx, "GET", cache_path(args, "entries"), query=query))
+        items = list_items(page.get("items") if isinstance(page.get("items"), list) else [])
+        if not args.all:
+            break
+        if generation is not None and page.get("generation_id") != generation:
+            raise ApiError("Cache scan response changed pinned generation from %s to %s"
+                           % (generation, page.get("generation_id")))
+        generation = page.get("generation_id")  # every page of one scan comes from one generation
+        for entry in items:
+            ctx.ui.stdout.write(json.dumps(entry, separators=(",", ":")).translate(UNICODE_CONTROL_ESCAPES) + "\n")
+        ctx.ui.stdout.flush()
+        ctx.ui.stderr.write(json.dumps({"generation": generation, "cursor_expires_at": page.get("cursor_expires_at"),
+                                        "next_cursor": page.get("next_cursor"), "record_count": page.get("record_count"),
+                                        "stale": page.get("stale")}).translate(UNICODE_CONTROL_ESCAPES) + "\n")
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return 0
+
+    def table():
+        entries_table(ctx, items, args.include_values)
+        ctx.ui.pairs([("Pinned Generation", page.get("generation_id")),
+                      ("Cursor Expires", or_dash(format_timestamp(page.get("cursor_expires_at")))),
+                      ("Next Cursor", dash(page.get("next_cursor"))), ("Record Count", dash(page.get("record_count"))),
+                      ("Stale", page.get("stale"))])
+
+    ctx.ui.emit(page, table)
+
+
+@command("cache generation", "a namespace's generations: list, show")
+def cmd_cache_generation(ctx, args):
+    raise UsageError("cache generation needs a command: list or show")
+
+
+@command("cache generation list", "list a namespace's generations", NAMESPACE, *(CACHE_OWNER + METADATA_PAGE))
+def cmd_cache_generation_list(ctx, args):
+    query = dict(cache_owner(args), limit=args.limit, cursor=args.cursor)
+    generations, cursor = cache_list(cache_request(ctx, "GET", cache_path(args, "generations"), query=query),
+                                     "generations")
+
+    def table():
+        ctx.ui.table(["ID", "State", "Records", "Bytes", "Source Revision", "Created"],
+                     [[g.get("generation_id"), g.get("status"), g.get("record_count"), g.get("size_bytes"),
+                       dash(g.get("source_revision")), format_timestamp(g.get("created"))] for g in generations],
+                     empty="No cache generations found")
+        if cursor:
+            ctx.ui.info("Next cursor: %s" % cursor)
+
+    ctx.ui.emit({"generations": generations, "next_cursor": cursor}, table)
+
+
+@command("cache generation show", "show a generation and its validation state",
+         NAMESPACE, GENERATION_ID, *CACHE_OWNER)
+def cmd_cache_generation_show(ctx, args):
+    show_generation(ctx, cache_object(cache_request(ctx, "GET", cache_path(args, "generations", args.generation_id),
+                                                    query=cache_owner(args))))
+
+
+@command("cache refresh", "publish a generation: begin, upload, seal, promote, abort, or all at once with apply")
+def cmd_cache_refresh(ctx, args):
+    raise UsageError("cache refresh needs a command: begin, upload, seal, promote, abort or apply")
+
+
+REFRESH_ID = arg("--client-refresh-id", metavar="ID", help="your id for this refresh, so a retried begin is one "
+                                                           "(default: cli-<ms>-<pid>-<n>)")
+CHUNK_COUNT = arg("--expected-chunk-count", type=Number(0, 2 ** 31 - 1), metavar="N",
+                  help="how many chunks will be uploaded")
+REFRESH_SEQUENCE = []
+
+
+def new_refresh_id():
+    REFRESH_SEQUENCE.append(None)
+    return "cli-%d-%d-%d" % (int(time.time() * 1000), os.getpid(), len(REFRESH_SEQUENCE) - 1)
+
+
+def begin_refresh(ctx, args, owner, chunks, records=None, size=None):
+    body = dict(owner, client_refresh_id=args.client_refresh_id or new_refresh_id(),
+                expected_active_generation_id=expected_active(args), expected_chunk_count=chunks)
+    for key, value in (("expected_record_count", records), ("expected_size_bytes", size),
+                       ("source_revision", args.source_revision)):
+        if value is not None:
+            body[key] = value
+    return cache_object(cache_request(ctx, "POST", cache_path(args, "generations"), body))
+
+
+@command("cache refresh begin", "begin a staging generation (a retried begin with the same refresh id is one)",
+         NAMESPACE, *(CACHE_OWNER + (
+             REFRESH_ID, with_options(CHUNK_COUNT, required=True),
+             arg("--expected-count", type=Number(0, MAX_ID), metavar="N", help="how many records"),
+             arg("--expected-bytes", type=Number(0, MAX_ID), metavar="N", help="how many encoded bytes"),
+             arg("--source-revision", metavar="TEXT", help="the upstream revision these records come from"))
+             + EXPECTED_ACTIVE))
+def cmd_cache_refresh_begin(ctx, args):
+    generation = begin_refresh(ctx, args, cache_owner(args), args.expected_chunk_count, args.expected_count,
+                               args.expected_bytes)
+    show_generation(ctx, generation, "staging generation created")
+
+
+def ndjson_lines(ctx, path, what):
+    """The lines of a file (or stdin for '-'), each at most NDJSON_LINE_LIMIT bytes; a FIFO,
+    device or directory is refused as by read_regular_file()."""
+    if path == "-":
+        stream = getattr(ctx.ui.stdin, "buffer", ctx.ui.stdin)
+    else:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(path, flags)
+            kind = os.fstat(fd).st_mode
+            if not stat.S_ISREG(kind):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "it is %s, not a regular file" % file_kind(kind))
+        except OSError as e:
+            raise UsageError("Failed to read %s %s: %s" % (what, quoted(path), e.strerror or e))
+        stream = os.fdopen(fd, "rb")
+    try:
+        number = 0
+        while True:
+            line = stream.readline(NDJSON_LINE_LIMIT + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > NDJSON_LINE_LIMIT:
+                raise UsageError("NDJSON input line %d exceeds %d bytes" % (number, NDJSON_LINE_LIMIT))
+            try:
+                yield line.decode("utf-8") if isinstance(line, bytes) else line
+            except UnicodeDecodeError:
+                raise UsageError("%s line %d is not UTF-8 text" % (what[:1].upper() + what[1:], number))
+    finally:
+        if path != "-":
+            stream.close()
+
+
+def record_chunks(ctx, path, chunk_records):
+    """The upload file as chunks of at most chunk_records records and CHUNK_BYTE_LIMIT bytes;
+    each record {external_id, value, source_updated_at?, source_checksum?}."""
+    chunk, size = [], 0
+    for number, line in enumerate(ndjson_lines(ctx, path, "upload input"), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        try:
+            record = json_loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "external_id" not in record or "value" not in record:
+            raise UsageError("Upload line %d: each upload record must be a JSON object with external_id and value"
+                             % number)
+        if not isinstance(record["external_id"], str) or not record["external_id"]:
+            raise UsageError("Upload line %d: upload records require a non-empty external_id" % number)
+        if size + len(line.encode("utf-8")) > CHUNK_BYTE_LIMIT:
+            if not chunk:
+                raise UsageError("Upload chunk exceeds the %d byte bound; lower --chunk-records" % CHUNK_BYTE_LIMIT)
+            yield chunk
+            chunk, size = [], 0
+        chunk.append({key: record[key] for key in ("external_id", "value", "source_updated_at", "source_checksum")
+                      if key in record})
+        size += len(line.encode("utf-8"))
+        if len(chunk) == chunk_records:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def upload_chunk(ctx, args, owner, generation_id, index, entries):
+    return cache_request(ctx, "PUT", cache_path(args, "generations", generation_id, "chunks", index),
+                         dict(owner, entries=entries))
+
+
+@command("cache refresh upload", "upload one chunk (an NDJSON file of at most 1000 records)",
+         NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (
+             arg("--chunk-index", type=Number(0, 2 ** 31 - 1), required=True, metavar="N", help="from 0"),
+             arg("--file", metavar="PATH", required=True, help="the records, one JSON object per line; - for stdin"))))
+def cmd_cache_refresh_upload(ctx, args):
+    owner = cache_owner(args)
+    chunks = record_chunks(ctx, args.file, 1000)
+    entries = next(chunks, None)
+    if entries is None:
+        raise UsageError("Upload input contains no records")
+    if next(chunks, None) is not None:
+        raise UsageError("Upload input exceeds one bounded chunk; split it into at most 1000 records per upload")
+    answer = upload_chunk(ctx, args, owner, args.generation_id, args.chunk_index, entries)
+
+    def table():
+        ctx.ui.success("Cache chunk uploaded")
+        ctx.ui.pairs([("Response", to_json(answer))])
+
+    ctx.ui.emit(answer, table)
+
+
+def seal_refresh(ctx, args, owner, generation_id, chunks, records=None, size=None):
+    body = dict(owner, expected_chunk_count=chunks)
+    for key, value in (("expected_record_count", records), ("expected_size_bytes", size)):
+        if value is not None:
+            body[key] = value
+    return cache_object(cache_request(ctx, "POST", cache_path(args, "generations", generation_id, "seal"), body))
+
+
+@command("cache refresh seal", "check a fully uploaded generation and make it ready",
+         NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (
+             with_options(CHUNK_COUNT, required=True),
+             arg("--expected-count", type=Number(0, MAX_ID), metavar="N"),
+             arg("--expected-bytes", type=Number(0, MAX_ID), metavar="N"))))
+def cmd_cache_refresh_seal(ctx, args):
+    generation = seal_refresh(ctx, args, cache_owner(args), args.generation_id, args.expected_chunk_count,
+                              args.expected_count, args.expected_bytes)
+    show_generation(ctx, generation, "generation sealed")
+
+
+def promote_refresh(ctx, args, owner, generation_id):
+    """One optimistic request: a conflict is the answer, never retried or forced."""
+    return cache_object(cache_request(ctx, "POST", cache_path(args, "generations", generation_id, "promote"),
+                                      dict(owner, expected_active_generation_id=expected_active(args))))
+
+
+@command("cache refresh promote", "publish a ready generation (if the active one is still the one expected)",
+         NAMESPACE, GENERATION_ID, *(CACHE_OWNER + EXPECTED_ACTIVE))
+def cmd_cache_refresh_promote(ctx, args):
+    owner = cache_owner(args)
+    expected_active(args)
+    show_generation(ctx, promote_refresh(ctx, args, owner, args.generation_id), "generation promoted")
+
+
+@command("cache refresh abort", "abandon a staging generation", NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (YES,)))
+def cmd_cache_refresh_abort(ctx, args):
+    owner = cache_owner(args)
+    if confirm(ctx, args, "abort cache generation %d" % args.generation_id, "Operation cancelled"):
+        cache_request(ctx, "POST", cache_path(args, "generations", args.generation_id, "abandon"), owner)
+        message = "Cache generation '%d' deleted" % args.generation_id
+        ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
+
+
+@command("cache refresh apply", "begin, upload every chunk of an NDJSON file, seal and promote",
+         NAMESPACE, *(CACHE_OWNER + (
+             arg("--input", metavar="PATH", required=True, help="the records, one JSON object per line; - for stdin"),
+             REFRESH_ID,
+             arg("--chunk-records", type=Number(1, 10000), default=1000, metavar="N",
+                 help="records per upload, 1 to 10000 (default 1000)"),
+             with_options(CHUNK_COUNT, help="how many chunks (needed with --input -: stdin is read once)"),
+             arg("--source-revision", metavar="TEXT", help="the upstream revision these records come from"))
+             + EXPECTED_ACTIVE))
+def cmd_cache_refresh_apply(ctx, args):
+    owner = cache_owner(args)
+    expected_active(args)
+    records = None
+    if args.input == "-":
+        if args.expected_chunk_count is None:
+            raise UsageError("--expected-chunk-count is required with --input - because stdin cannot be replayed")
+        chunks = args.expected_chunk_count
+    else:  # a first pass counts, so the server can check what arrives
+        counted = [len(chunk) for chunk in record_chunks(ctx, args.input, args.chunk_records)]
+        chunks, records = len(counted), sum(counted)
+        if args.expected_chunk_count is not None and args.expected_chunk_count != chunks:
+            raise UsageError("--expected-chunk-count (%d) does not match input (%d)" % (args.expected_chunk_count, chunks))
+    generation = begin_refresh(ctx, args, owner, chunks, records)
+    generation_id = generation.get("generation_id")
+    uploaded = 0
+    for index, entries in enumerate(record_chunks(ctx, args.input, args.chunk_records)):
+        upload_chunk(ctx, args, owner, generation_id, index, entries)
+        uploaded += 1
+    if uploaded != chunks:
+        raise AttuneError("Input changed while refresh was applying: expected %d chunks, uploaded %d"
+                          % (chunks, uploaded))
+    sealed = seal_refresh(ctx, args, owner, generation_id, chunks, records)
+    show_generation(ctx, promote_refresh(ctx, args, owner, sealed.get("generation_id", generation_id)),
+                    "refresh applied and promoted")
 
 
 # === Commands: audit =========================================================

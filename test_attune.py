@@ -548,6 +548,12 @@ class FakeAttune:
                 "leased_execution": 7 if lease else None, "lease_token": lease,
                 "lease_expires_at": stamp if lease else None, "attempt_count": 1 if lease else 0,
                 "last_error": None, "ack_summary": None, "created": stamp, "updated": stamp}
+        self.cache_namespaces, self.cache_generations = {}, {}
+        users = self.new_cache_namespace("system", None, "users", freshness_target_seconds=3600)
+        self.cache_namespaces[users]["active_generation"] = self.new_cache_generation(users, "active", [
+            {"external_id": "u%d" % n, "value": {"name": "user %d" % n, "n": n}, "source_updated_at": stamp,
+             "source_checksum": None} for n in range(1, 6)])
+        self.new_cache_namespace("pack", "core", "hosts")
         self.policies = {"core.limit": {
             "id": 1, "ref": "core.limit", "name": "Core limit", "description": "Two at a time", "enabled": True,
             "priority": 10, "scope": {"type": "pack", "pack_ref": "core"},
@@ -1084,6 +1090,207 @@ class FakeAttune:
             return error
         identity["frozen"] = action == "freeze"
         return 200, envelope(identity)
+
+    # caches: namespaces (keyed by owner and name) and their generations
+    def new_cache_namespace(self, owner_type, owner_ref, name, **policy):
+        key = (owner_type, owner_ref, name)
+        self.cache_namespaces[key] = dict({
+            "id": len(self.cache_namespaces) + 1, "owner_type": owner_type, "owner_ref": owner_ref, "namespace": name,
+            "active_generation": None, "freshness_target_seconds": None, "max_records_per_generation": None,
+            "max_generation_bytes": None, "max_retained_bytes": None, "max_retained_generations": 3,
+            "max_staging_generations": 2, "stale": False, "refresh_health": "healthy", "record_count": None,
+            "size_bytes": None, "created": self.stamp(), "updated": self.stamp()}, **policy)
+        return key
+
+    def new_cache_generation(self, key, status, entries=(), **fields):
+        gid = 100 + len(self.cache_generations) + 1
+        entries = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
+        self.cache_generations[gid] = dict({
+            "generation_id": gid, "namespace_id": self.cache_namespaces[key]["id"], "status": status,
+            "client_refresh_id": "seed-%d" % gid, "expected_active_generation_id": None, "expected_chunk_count": 1,
+            "expected_record_count": None, "expected_size_bytes": None, "record_count": len(entries),
+            "size_bytes": sum(e["size_bytes"] for e in entries), "checksum_algorithm": None, "checksum": None,
+            "source_revision": None, "created_by": 1, "created": self.stamp(), "sealed": None, "activated": None,
+            "retired": None, "readable_until": None, "failed": None, "failure_reason": None,
+            "key": key, "chunks": {0: entries} if entries else {}}, **fields)
+        self.cache_namespaces[key].update(record_count=len(entries) or None)
+        return gid
+
+    def cache_scope(self, req, name):
+        """The namespace the owner selector (query or body) and the name pick, or the error."""
+        body = req.json() if req.method in ("POST", "PUT") else None
+        source = body if isinstance(body, dict) else {k: v[0] for k, v in req.query.items()}
+        owner_type, owner_ref = source.get("owner_type"), source.get("owner_ref")
+        if owner_type not in ("system", "identity", "pack", "action", "sensor"):
+            return None, api_error(400, "owner_type is required", "BAD_REQUEST")
+        if (owner_type in ("system", "identity")) != (owner_ref is None):
+            return None, api_error(400, "owner_ref does not fit owner_type '%s'" % owner_type, "BAD_REQUEST")
+        key = (owner_type, owner_ref, name)
+        if name is not None and key not in self.cache_namespaces:
+            return None, api_error(404, "Cache namespace '%s' not found" % name, "NOT_FOUND")
+        return key, None
+
+    @staticmethod
+    def public(generation):
+        return {k: v for k, v in generation.items() if k not in ("key", "chunks")}
+
+    def cache_entries(self, key, generation_id):
+        namespace = self.cache_namespaces[key]
+        gid = generation_id if generation_id is not None else namespace["active_generation"]
+        generation = self.cache_generations.get(gid)
+        if not generation or generation["key"] != key:
+            return None, None, api_error(404, "Cache generation not found", "NOT_FOUND")
+        return gid, [e for _, chunk in sorted(generation["chunks"].items()) for e in chunk], None
+
+    def cache_namespaces_list(self, req):
+        key, error = self.cache_scope(req, None)
+        if error:
+            return error
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [n for k, n in sorted(self.cache_namespaces.items(), key=lambda item: item[1]["id"])
+                if k[:2] == key[:2] and q.get("namespace", "").lower() in n["namespace"].lower()]
+        return 200, {"namespaces": rows, "next_cursor": None}  # bare, as cache routes may answer
+
+    def cache_namespaces_create(self, req):
+        body = req.json() or {}
+        key, error = self.cache_scope(req, None)
+        if error:
+            return error
+        key = key[:2] + (body.get("namespace"),)
+        if key in self.cache_namespaces:
+            return api_error(409, "Cache namespace '%s' already exists" % key[2], "CONFLICT")
+        policy = {k: v for k, v in body.items() if k.startswith(("max_", "freshness_"))}
+        return 201, envelope(self.cache_namespaces[self.new_cache_namespace(*key, **policy)])
+
+    def cache_namespace_show(self, req, name):
+        key, error = self.cache_scope(req, name)
+        return error or (200, envelope(self.cache_namespaces[key]))
+
+    def cache_namespace_update(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        self.cache_namespaces[key].update({k: v for k, v in (req.json() or {}).items() if k.startswith(
+            ("max_", "freshness_"))}, updated=self.stamp())
+        return 200, envelope(self.cache_namespaces[key])
+
+    def cache_namespace_delete(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        del self.cache_namespaces[key]
+        return 204, None
+
+    def cache_lookup(self, req, name):
+        key, error = self.cache_scope(req, name)
+        body = req.json() or {}
+        gid, entries, error = (None, None, error) if error else self.cache_entries(key, body.get("generation_id"))
+        if error:
+            return error
+        found = [e for e in entries if e["external_id"] == body.get("external_id")]
+        return 200, envelope({"generation_id": gid, "item": found[0] if found else None, "stale": False})
+
+    def cache_lookup_many(self, req, name):
+        key, error = self.cache_scope(req, name)
+        body = req.json() or {}
+        gid, entries, error = (None, None, error) if error else self.cache_entries(key, body.get("generation_id"))
+        if error:
+            return error
+        wanted = body.get("external_ids") or []
+        if len(wanted) > 1000:
+            return api_error(400, "At most 1000 external ids", "BAD_REQUEST")
+        by_id = {e["external_id"]: e for e in entries}
+        return 200, envelope({"generation_id": gid, "items": [by_id[i] for i in wanted if i in by_id],
+                              "missing_external_ids": [i for i in wanted if i not in by_id], "stale": False})
+
+    def cache_scan(self, req, name):
+        key, error = self.cache_scope(req, name)
+        q = {k: v[0] for k, v in req.query.items()}
+        gid, entries, error = (None, None, error) if error else self.cache_entries(
+            key, int(q["generation"]) if "generation" in q else None)
+        if error:
+            return error
+        start, limit = int(q.get("cursor", "0") or 0), int(q.get("limit", "100"))
+        page = entries[start:start + limit]
+        more = start + limit < len(entries)
+        return 200, envelope({"generation_id": gid, "items": page, "next_cursor": str(start + limit) if more else None,
+                              "cursor_expires_at": "2026-12-01T00:00:00Z" if more else None,
+                              "record_count": len(entries), "stale": False})
+
+    def cache_generations_list(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        rows = [self.public(g) for _, g in sorted(self.cache_generations.items()) if g["key"] == key]
+        return 200, envelope({"generations": rows, "next_cursor": None})
+
+    def cache_generation(self, req, name, gid):
+        key, error = self.cache_scope(req, name)
+        generation = self.cache_generations.get(int(gid)) if not error else None
+        if not error and (not generation or generation["key"] != key):
+            error = api_error(404, "Cache generation %s not found" % gid, "NOT_FOUND")
+        return generation, error
+
+    def cache_generation_show(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        return error or (200, envelope(self.public(generation)))
+
+    def cache_begin(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        body = req.json() or {}
+        for gid, g in self.cache_generations.items():  # a retried begin is the same generation
+            if g["key"] == key and g["client_refresh_id"] == body.get("client_refresh_id"):
+                return 200, envelope(self.public(g))
+        gid = self.new_cache_generation(key, "staging", client_refresh_id=body.get("client_refresh_id"), **{
+            k: body.get(k) for k in ("expected_active_generation_id", "expected_chunk_count", "expected_record_count",
+                                     "expected_size_bytes", "source_revision")})
+        self.cache_generations[gid].update(record_count=0, size_bytes=0)
+        return 201, envelope(self.public(self.cache_generations[gid]))
+
+    def cache_upload(self, req, name, gid, index):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        if generation["status"] != "staging":
+            return api_error(409, "Generation %s is %s" % (gid, generation["status"]), "CONFLICT")
+        entries = (req.json() or {}).get("entries") or []
+        generation["chunks"][int(index)] = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
+        return 200, envelope({"generation_id": int(gid), "chunk_index": int(index), "record_count": len(entries)})
+
+    def cache_seal(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        body = req.json() or {}
+        records = sum(len(c) for c in generation["chunks"].values())
+        if len(generation["chunks"]) != body.get("expected_chunk_count") or body.get("expected_record_count") not in (
+                None, records):
+            return api_error(422, "Uploaded chunks do not match the expected counts", "VALIDATION_ERROR")
+        generation.update(status="ready", sealed=self.stamp(), record_count=records,
+                          size_bytes=sum(e["size_bytes"] for c in generation["chunks"].values() for e in c))
+        return 200, envelope(self.public(generation))
+
+    def cache_promote(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        namespace = self.cache_namespaces[generation["key"]]
+        if (req.json() or {}).get("expected_active_generation_id") != namespace["active_generation"]:
+            return api_error(409, "The active generation is %s" % namespace["active_generation"], "CONFLICT")
+        if generation["status"] != "ready":
+            return api_error(409, "Generation %s is %s" % (gid, generation["status"]), "CONFLICT")
+        generation.update(status="active", activated=self.stamp())
+        namespace.update(active_generation=generation["generation_id"], record_count=generation["record_count"])
+        return 200, envelope(self.public(generation))
+
+    def cache_abandon(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        generation.update(status="abandoned")
+        return 200, {}
 
     # work queues and their items
     def queue(self, ref):
@@ -1822,6 +2029,22 @@ ROUTES = [
     ("GET", r"/api/v1/audit-events", "audit_list"),
     ("GET", r"/api/v1/audit-events/(?P<eid>\d+)", "audit_show"),
     ("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)", "audit_chain"),
+    ("GET", r"/api/v1/cache/namespaces", "cache_namespaces_list"),
+    ("POST", r"/api/v1/cache/namespaces", "cache_namespaces_create"),
+    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", "cache_namespace_show"),
+    ("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", "cache_namespace_update"),
+    ("DELETE", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", "cache_namespace_delete"),
+    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup", "cache_lookup"),
+    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup-many", "cache_lookup_many"),
+    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries", "cache_scan"),
+    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations", "cache_generations_list"),
+    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations", "cache_begin"),
+    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)", "cache_generation_show"),
+    ("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/chunks/(?P<index>\d+)",
+     "cache_upload"),
+    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/seal", "cache_seal"),
+    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/promote", "cache_promote"),
+    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/abandon", "cache_abandon"),
     ("GET", r"/api/v1/queues", "queues_list"),
     ("GET", r"/api/v1/packs/" + REF + "/queues", "pack_queues_list"),
     ("GET", r"/api/v1/queues/" + REF, "queues_show"),
@@ -5760,6 +5983,197 @@ class QueueCommandTests(ResourceTestCase):
                       self.fails(1, "queue", "items", "core.inbox", "preview", "--selector", "oops").err)
 
 
+class CacheCommandTests(ResourceTestCase):
+    SYSTEM = ("--owner-type", "system")
+
+    def test_the_owner_selector(self):
+        for flags, message in ((("--owner-type", "pack"), "--owner-type pack requires exactly --owner-pack-ref"),
+                               (("--owner-type", "pack", "--owner-action-ref", "a.b"),
+                                "--owner-type pack requires exactly --owner-pack-ref"),
+                               (("--owner-type", "system", "--owner-pack-ref", "core"),
+                                "--owner-type system requires exactly no owner reference"),
+                               (("--owner-type", "identity", "--owner-sensor-ref", "s"),
+                                "--owner-type identity requires exactly no owner reference (the current identity is used)"),
+                               (("--owner-type", "sensor", "--owner-sensor-ref", "s", "--owner-pack-ref", "p"),
+                                "--owner-type sensor requires exactly --owner-sensor-ref")):
+            self.assertIn(message, self.fails(2, "cache", "namespace", "show", "users", *flags).err)
+        self.fails(2, "cache", "namespace", "show", "users")  # --owner-type is required
+        self.fails(2, "cache", "namespace", "show", "users", "--owner-type", "team")
+        self.assertEqual(self.server.requests, [])
+        self.ok("cache", "namespace", "list", "--owner-type", "pack", "--owner-pack-ref", "core")
+        self.assertEqual(self.targets(), ["GET /api/v1/cache/namespaces?owner_type=pack&owner_ref=core"])
+
+    def test_namespaces(self):
+        self.assertEqual(self.lines("cache", "namespace", "list", *self.SYSTEM), [
+            "Namespace  Owner   Active Gen  Records  Bytes  Stale", "─────────  ──────  ──────────  ───────  ─────  ─────",
+            "users      system  101         5        -      ✗"])
+        listed = self.ok("cache", "namespace", "list", *self.SYSTEM, "--namespace", "US", "--freshness", "fresh",
+                         "--limit", "10", "--cursor", "a/b", "-j").json()
+        self.assertEqual(([n["namespace"] for n in listed["namespaces"]], listed["next_cursor"]), (["users"], None))
+        self.assertEqual(self.targets()[-1], "GET /api/v1/cache/namespaces?owner_type=system&namespace=US&freshness="
+                                             "fresh&limit=10&cursor=a%2Fb")
+        self.fails(2, "cache", "namespace", "list", *self.SYSTEM, "--limit", "501")
+        out = self.ok("cache", "namespace", "create", "orders", *self.SYSTEM, "--freshness-target-seconds", "60",
+                      "--max-retained-generations", "4").out
+        self.assertTrue(out.startswith("✓ Cache namespace 'orders' created\nNamespace:                 orders\n"), out)
+        self.assertIn("Freshness Target:          60\n", out)
+        self.assertEqual(self.sent("POST", "/api/v1/cache/namespaces").json(), {
+            "owner_type": "system", "namespace": "orders", "freshness_target_seconds": 60, "max_retained_generations": 4})
+        self.assertIn("Cache API error (409 Conflict, code CONFLICT): Cache namespace 'orders' already exists",
+                      self.fails(1, "cache", "namespace", "create", "orders", *self.SYSTEM).err)
+        shown = self.ok("cache", "namespace", "show", "hosts", "--owner-type", "pack", "--owner-pack-ref", "core").out
+        self.assertIn("Owner:                     pack: core\nActive Generation:         -\n", shown)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/cache/namespaces/hosts?owner_type=pack&owner_ref=core")
+        self.assertIn("Cache namespace 'hosts' not found", self.fails(1, "cache", "namespace", "show", "hosts",
+                                                                      *self.SYSTEM).err)
+        self.assertIn("Provide at least one mutable policy field to update",
+                      self.fails(2, "cache", "namespace", "update", "orders", *self.SYSTEM).err)
+        updated = self.ok("cache", "namespace", "update", "orders", *self.SYSTEM, "--max-staging-generations", "1",
+                          "-j").json()
+        self.assertEqual(updated["max_staging_generations"], 1)
+        self.assertEqual(self.server.requests[-1].json(), {"owner_type": "system", "max_staging_generations": 1})
+        self.fails(2, "cache", "namespace", "delete", "orders", *self.SYSTEM)  # no terminal, no --yes
+        self.assertEqual(self.ok("cache", "namespace", "delete", "orders", *self.SYSTEM, "--yes").out,
+                         "✓ Cache namespace 'orders' deleted\n")
+        self.assertEqual(self.targets()[-1], "DELETE /api/v1/cache/namespaces/orders?owner_type=system")
+        self.assertNotIn(("system", None, "orders"), self.server.cache_namespaces)
+        self.assertIn("cache namespace needs a command", self.fails(2, "cache", "namespace").err)
+
+    def test_entries(self):
+        out = self.ok("cache", "entry", "get", "users", "u2", *self.SYSTEM).out
+        self.assertTrue(out.startswith("ℹ Generation 101\nExternal ID:     u2\n"), out)
+        self.assertIn('Value:           {\n                   "name": "user 2",', out)
+        self.assertEqual(self.sent("POST", "/api/v1/cache/namespaces/users/entries/lookup").json(), {
+            "owner_type": "system", "external_id": "u2", "generation_id": None, "require_fresh": False})
+        self.assertEqual(self.ok("cache", "entry", "get", "users", "nope", *self.SYSTEM).out,
+                         "ℹ No cache entry found in generation 101\n")
+        self.assertEqual(self.ok("cache", "entry", "get", "users", "u1", *self.SYSTEM, "--generation", "101", "-j")
+                         .json()["item"]["value"], {"name": "user 1", "n": 1})
+        ids = os.path.join(self.tmp, "ids.txt")
+        with open(ids, "w") as f:
+            f.write("u3\n\n  u4 \nghost\n")
+        result = self.ok("cache", "entry", "get-many", "users", *self.SYSTEM, "--external-id", "u1",
+                         "--external-id-file", ids)
+        self.assertEqual([line.split()[0] for line in result.out.splitlines()[2:]], ["u1", "u3", "u4"])
+        self.assertIn("object (2 fields)", result.out)
+        self.assertEqual(result.err, "attune: warning: 1 requested external ID(s) were not found\n")
+        self.assertEqual(self.server.requests[-1].json()["external_ids"], ["u1", "u3", "u4", "ghost"])
+        self.ok("cache", "entry", "get-many", "users", *self.SYSTEM, "--external-id-file", "-", stdin="u5\n")
+        self.assertEqual(self.server.requests[-1].json()["external_ids"], ["u5"])
+        with open(ids, "w") as f:
+            f.write("x\n" * 1001)
+        for argv, message in ((("--external-id-file", ids), "entry get-many accepts at most 1000 external IDs"),
+                              ((), "Provide at least one --external-id or --external-id-file"),
+                              (("--external-id", ""), "External IDs must be non-empty")):
+            self.assertIn(message, self.fails(2, "cache", "entry", "get-many", "users", *(self.SYSTEM + argv)).err)
+
+    def test_scan_a_page_or_every_page_as_ndjson(self):
+        lines = self.lines("cache", "entry", "scan", "users", *self.SYSTEM, "--page-size", "2", "--include-values")
+        self.assertEqual(lines[0].split(), ["External", "ID", "Source", "Updated", "Bytes", "Value", "Full", "Value"])
+        self.assertIn('{"name":"user 1","n":1}', lines[2])
+        self.assertIn("Next Cursor:        2", lines)
+        self.assertEqual(self.targets()[-1], "GET /api/v1/cache/namespaces/users/entries?owner_type=system&limit=2")
+        result = self.ok("cache", "entry", "scan", "users", *self.SYSTEM, "--page-size", "2", "--all", "--output",
+                         "ndjson")
+        self.assertEqual([json.loads(line)["external_id"] for line in result.out.splitlines()],
+                         ["u1", "u2", "u3", "u4", "u5"])
+        pages = [json.loads(line) for line in result.err.splitlines()]
+        self.assertEqual([(p["generation"], p["next_cursor"]) for p in pages], [(101, "2"), (101, "4"), (101, None)])
+        self.assertEqual(self.targets()[-2:], [
+            "GET /api/v1/cache/namespaces/users/entries?owner_type=system&generation=101&cursor=2&limit=2",
+            "GET /api/v1/cache/namespaces/users/entries?owner_type=system&generation=101&cursor=4&limit=2"])
+        for argv, message in ((("--all",), "'cache entry scan --all' requires '--output ndjson'"),
+                              (("--output", "ndjson"), "--output ndjson requires '--all' for cache entry scans")):
+            self.assertIn(message, self.fails(2, "cache", "entry", "scan", "users", *(self.SYSTEM + argv)).err)
+        self.fails(2, "cache", "entry", "scan", "users", *self.SYSTEM, "--page-size", "1001")
+        before = len(self.server.requests)
+        for argv in (("cache", "namespace", "list") + self.SYSTEM, ("pack", "list")):
+            self.assertIn("--output ndjson is only supported by 'attune cache entry scan --all'",
+                          self.fails(2, *argv, "--output", "ndjson").err)
+        self.assertEqual(len(self.server.requests), before)
+
+    def test_generations_and_a_refresh_step_by_step(self):
+        self.assertEqual(self.lines("cache", "generation", "list", "users", *self.SYSTEM)[2].split()[:4],
+                         ["101", "active", "5", str(self.server.cache_generations[101]["size_bytes"])])
+        self.assertIn("State:              active\n", self.ok("cache", "generation", "show", "users", "101",
+                                                              *self.SYSTEM).out)
+        begun = self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
+                        "--expected-active", "101", "--source-revision", "r2", "-j").json()
+        sent = self.sent("POST", "/api/v1/cache/namespaces/users/generations").json()
+        self.assertRegex(sent.pop("client_refresh_id"), r"^cli-\d{13}-\d+-\d+$")  # ms, pid, sequence
+        self.assertEqual(sent, {"owner_type": "system", "expected_active_generation_id": 101,
+                                "expected_chunk_count": 1, "source_revision": "r2"})
+        gid = str(begun["generation_id"])
+        chunk = os.path.join(self.tmp, "chunk.ndjson")
+        with open(chunk, "w") as f:
+            f.write('{"external_id": "a", "value": 1, "extra": "dropped"}\r\n\n{"external_id": "b", "value": [2]}\n')
+        out = self.ok("cache", "refresh", "upload", "users", gid, *self.SYSTEM, "--chunk-index", "0", "--file", chunk).out
+        self.assertTrue(out.startswith("✓ Cache chunk uploaded\nResponse:  {"), out)
+        self.assertEqual(self.sent("PUT", "/api/v1/cache/namespaces/users/generations/%s/chunks/0" % gid).json(), {
+            "owner_type": "system", "entries": [{"external_id": "a", "value": 1}, {"external_id": "b", "value": [2]}]})
+        self.assertIn("✓ generation sealed", self.ok("cache", "refresh", "seal", "users", gid, *self.SYSTEM,
+                                                    "--expected-chunk-count", "1", "--expected-count", "2").out)
+        self.assertIn("Cache API error (409 Conflict, code CONFLICT): The active generation is 101",
+                      self.fails(1, "cache", "refresh", "promote", "users", gid, *self.SYSTEM, "--expect-empty").err)
+        self.assertEqual(self.server.count("POST", "/api/v1/cache/namespaces/users/generations/%s/promote" % gid), 1)
+        self.assertIn("✓ generation promoted", self.ok("cache", "refresh", "promote", "users", gid, *self.SYSTEM,
+                                                      "--expected-active", "101").out)
+        self.assertEqual(self.server.cache_namespaces[("system", None, "users")]["active_generation"], int(gid))
+        self.assertIn("Specify exactly one of --expected-active or --expect-empty",
+                      self.fails(2, "cache", "refresh", "promote", "users", gid, *self.SYSTEM).err)
+        staged = self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "0",
+                         "--expected-active", gid, "--client-refresh-id", "mine", "-j").json()["generation_id"]
+        again = self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "0",
+                        "--expected-active", gid, "--client-refresh-id", "mine", "-j").json()["generation_id"]
+        self.assertEqual(staged, again)
+        self.assertEqual(self.ok("cache", "refresh", "abort", "users", str(staged), *self.SYSTEM, "--yes").out,
+                         "✓ Cache generation '%d' deleted\n" % staged)
+        self.assertEqual(self.server.requests[-1].json(), {"owner_type": "system"})
+        self.assertEqual(self.server.cache_generations[staged]["status"], "abandoned")
+        for content, message in (("", "Upload input contains no records"),
+                                 ("[1]\n", "Upload line 1: each upload record must be a JSON object with external_id "
+                                           "and value"),
+                                 ('{"external_id": "", "value": 1}\n', "Upload line 1: upload records require a "
+                                                                       "non-empty external_id"),
+                                 ('{"external_id": "x", "value": 1}\n' * 1001, "Upload input exceeds one bounded chunk"),
+                                 ('{"external_id": "x", "value": "' + "v" * (1024 * 1024) + '"}\n',
+                                  "NDJSON input line 1 exceeds 1048576 bytes")):
+            with self.subTest(message=message):
+                self.assertIn(message, self.fails(2, "cache", "refresh", "upload", "users", gid, *self.SYSTEM,
+                                                  "--chunk-index", "0", "--file", "-", stdin=content).err)
+
+    def test_apply_runs_every_step(self):
+        source = os.path.join(self.tmp, "users.ndjson")
+        with open(source, "w") as f:
+            f.write("".join('{"external_id": "id%d", "value": {"n": %d}}\n' % (n, n) for n in range(5)))
+        generation = self.ok("cache", "refresh", "apply", "users", *self.SYSTEM, "--input", source, "--chunk-records",
+                             "2", "--expected-active", "101", "--source-revision", "r9", "-j").json()
+        self.assertEqual((generation["status"], generation["record_count"]), ("active", 5))
+        gid = generation["generation_id"]
+        base = "/api/v1/cache/namespaces/users/generations"
+        self.assertEqual([t for t in self.targets() if t.startswith(("POST", "PUT"))], [
+            "POST " + base, "PUT %s/%d/chunks/0" % (base, gid), "PUT %s/%d/chunks/1" % (base, gid),
+            "PUT %s/%d/chunks/2" % (base, gid), "POST %s/%d/seal" % (base, gid), "POST %s/%d/promote" % (base, gid)])
+        self.assertEqual(self.sent("POST", base + "/%d/seal" % gid).json(), {
+            "owner_type": "system", "expected_chunk_count": 3, "expected_record_count": 5})
+        self.assertEqual(self.ok("cache", "entry", "get", "users", "id4", *self.SYSTEM, "-j").json()["item"]["value"],
+                         {"n": 4})
+        out = self.ok("cache", "refresh", "apply", "users", *self.SYSTEM, "--input", "-", "--expected-chunk-count", "1",
+                      "--expected-active", str(gid), stdin='{"external_id": "only", "value": null}\n').out
+        self.assertIn("✓ refresh applied and promoted\n", out)
+        self.assertIn("--expected-chunk-count is required with --input -",
+                      self.fails(2, "cache", "refresh", "apply", "users", *self.SYSTEM, "--input", "-",
+                                 "--expect-empty").err)
+        self.assertIn("--expected-chunk-count (2) does not match input (3)",
+                      self.fails(2, "cache", "refresh", "apply", "users", *self.SYSTEM, "--input", source,
+                                 "--chunk-records", "2", "--expected-chunk-count", "2", "--expect-empty").err)
+        self.assertIn("Input changed while refresh was applying: expected 3 chunks, uploaded 1",
+                      self.fails(1, "cache", "refresh", "apply", "users", *self.SYSTEM, "--input", "-",
+                                 "--expected-chunk-count", "3", "--expect-empty", stdin='{"external_id": "a", "value": 1}\n').err)
+        self.assertIn("Failed to read upload input", self.fails(2, "cache", "refresh", "apply", "users", *self.SYSTEM,
+                                                                "--input", self.tmp, "--expect-empty").err)
+
+
 class AuditCommandTests(ResourceTestCase):
     def test_list_with_every_filter(self):
         lines = self.lines("audit", "list")
@@ -7921,7 +8335,8 @@ class UntrustedInputTests(AttuneTestCase):
              (("policy", "list"), "/api/v1/policies"), (("permission", "set", "list"), "/api/v1/permissions/sets"),
              (("permission", "assignment", "list"), "/api/v1/permissions/assignments"),
              (("queue", "list"), "/api/v1/queues"),
-             (("queue", "items", "core.inbox", "list"), "/api/v1/queues/core.inbox/items")]
+             (("queue", "items", "core.inbox", "list"), "/api/v1/queues/core.inbox/items"),
+             (("cache", "namespace", "list", "--owner-type", "system"), "/api/v1/cache/namespaces")]
     SHOWS = [(("pack", "show", "core"), "/api/v1/packs/core"),
              (("action", "show", "core.echo"), "/api/v1/actions/core.echo"),
              (("rule", "show", "examples.on_timer"), "/api/v1/rules/examples.on_timer"),

@@ -5983,6 +5983,28 @@ class QueueCommandTests(ResourceTestCase):
                       self.fails(1, "queue", "items", "core.inbox", "preview", "--selector", "oops").err)
 
 
+class ForbiddenTests(ResourceTestCase):
+    def test_the_new_groups_say_forbidden_in_one_line(self):
+        """A 403 from each group's routes is the server's error line, exit 1, nothing on stdout."""
+        for argv, method, path in (
+                (("inquiry", "list"), "GET", "/api/v1/inquiries"),
+                (("artifact", "list"), "GET", "/api/v1/artifacts"),
+                (("identity", "list"), "GET", "/api/v1/identities"),
+                (("permission", "assignment", "list"), "GET", "/api/v1/permissions/assignments"),
+                (("queue", "list"), "GET", "/api/v1/queues"),
+                (("queue", "enqueue", "core.inbox", "--request-json", '{"payload": 1}'), "POST",
+                 "/api/v1/queues/core.inbox/items"),
+                (("policy", "list"), "GET", "/api/v1/policies"),
+                (("audit", "list"), "GET", "/api/v1/audit-events"),
+                (("cache", "namespace", "list", "--owner-type", "system"), "GET", "/api/v1/cache/namespaces")):
+            with self.subTest(argv=argv):
+                self.server.fail(path, method, *api_error(403, "Insufficient permissions", "FORBIDDEN"))
+                result = self.fails(1, *argv)
+                self.assertEqual(result.out, "")
+                self.assertRegex(result.err, r"^attune: error: (Cache )?API error \(403 Forbidden, code FORBIDDEN\): "
+                                             r"Insufficient permissions\n$")
+
+
 class CacheCommandTests(ResourceTestCase):
     SYSTEM = ("--owner-type", "system")
 

@@ -6346,12 +6346,13 @@ def cmd_permission_set_export(ctx, args):
          arg("--dry-run", action="store_true", help="let the server check and preview it; change nothing"))
 def cmd_permission_set_update(ctx, args):
     definition = read_document(ctx, args.file, "permission set definition")
-    unknown = sorted(set(definition) - {"ref", "label", "description", "grants"}) \
-        if isinstance(definition, dict) else None
-    if unknown is None or unknown or "ref" not in definition or "grants" not in definition:
-        raise UsageError("Invalid permission set definition: %s" % (
-            "it must be a mapping" if unknown is None else "unknown field %s" % quoted(unknown[0]) if unknown
-            else "it needs ref and grants"))
+    if not isinstance(definition, dict):
+        raise UsageError("Invalid permission set definition: it must be a mapping")
+    unknown = sorted(set(definition) - {"ref", "label", "description", "grants"})
+    if unknown:
+        raise UsageError("Invalid permission set definition: unknown field %s" % quoted(unknown[0]))
+    if "ref" not in definition or "grants" not in definition:
+        raise UsageError("Invalid permission set definition: it needs ref and grants")
     if definition["ref"] != args.ref:
         raise UsageError("Definition ref %s does not match target %s" % (quoted(str(definition["ref"])), quoted(args.ref)))
     if not isinstance(definition["grants"], list):
@@ -6602,23 +6603,22 @@ ENQUEUE_FIELDS = ("payload", "item_key", "priority", "metadata", "trace_tag")
 def cmd_queue_enqueue(ctx, args):
     if (args.request_json is None) == (args.request_file is None):
         raise UsageError("give exactly one of --request-json and --request-file")
+    shape = ("Enqueue request must be valid JSON with payload and optional item_key, priority, metadata, and "
+             "trace_tag fields: ")
     if args.request_json is not None:
         try:
             request = json_loads(args.request_json)
-        except ValueError as e:
-            request = e
+        except ValueError:
+            raise UsageError(shape + "it is not valid JSON")
     else:
         request = read_document(ctx, args.request_file, "enqueue request")
-    problem = None
     if not isinstance(request, dict):
-        problem = "it is not an object" if not isinstance(request, ValueError) else "it is not valid JSON"
-    elif "payload" not in request:
-        problem = "payload is missing"
-    elif set(request) - set(ENQUEUE_FIELDS):
-        problem = "unknown field %s" % quoted(sorted(set(request) - set(ENQUEUE_FIELDS))[0])
-    if problem:
-        raise UsageError("Enqueue request must be valid JSON with payload and optional item_key, priority, metadata, "
-                         "and trace_tag fields: %s" % problem)
+        raise UsageError(shape + "it is not an object")
+    if "payload" not in request:
+        raise UsageError(shape + "payload is missing")
+    unknown = sorted(set(request) - set(ENQUEUE_FIELDS))
+    if unknown:
+        raise UsageError(shape + "unknown field %s" % quoted(unknown[0]))
     body = dict(request, metadata=request.get("metadata") if request.get("metadata") is not None else {})
     item = without_lease_token(ctx.session().fetch("POST", queue_path(args.ref, "items"), body))
     show_queue_item(ctx, item)

@@ -9360,6 +9360,9 @@ def run_suite():
     return 1 if failed else 0
 
 
+SUITE_LIMIT = 3600  # seconds for one interpreter's suite under test-all (PyPy beside two others: ~30 min)
+
+
 def run_on(index, python):
     """One interpreter's run of the suite: (passed, failed, skipped, seconds, output)."""
     started = time.monotonic()
@@ -9369,9 +9372,13 @@ def run_on(index, python):
         p = subprocess.Popen([python, os.path.abspath(__file__), "run-suite"], cwd=HERE, env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              universal_newlines=True)
-        out = p.communicate(timeout=2400)[0]
-    except (OSError, subprocess.TimeoutExpired) as e:
-        out = "could not run %s: %s" % (python, e)
+    except OSError as e:
+        return [0, 1, 0, time.monotonic() - started, "could not run %s: %s" % (python, e)]
+    try:
+        out = p.communicate(timeout=SUITE_LIMIT)[0]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out = p.communicate()[0] + "\n%s did not finish the suite in %d s; stopped\n" % (python, SUITE_LIMIT)
     match = re.search(r"^RESULT passed=(\d+) failed=(\d+) skipped=(\d+)$", out, re.M)
     counts = [int(n) for n in match.groups()] if match else [0, 1, 0]
     return counts + [time.monotonic() - started, out]

@@ -5124,7 +5124,8 @@ class WatchControlTests(ResourceTestCase):
                                      "ℹ Cancellation requested for execution %d\n" % (eid, eid)), out)
         self.assertNotIn("error", err)
         self.assertEqual(self.cancels(eid), ["POST /api/v1/executions/%d/cancel" % eid])
-        self.assertEqual(self.server.executions[eid]["status"], "canceling")
+        # canceling when it was running by then, cancelled when a loaded machine was slower
+        self.assertIn(self.server.executions[eid]["status"], ("canceling", "cancelled"))
         self.assertEqual(termios.tcgetattr(slave), before)
 
     def test_a_timeout_on_the_terminal_restores_it(self):

@@ -6920,11 +6920,15 @@ class WaitForServerTests(AttuneTestCase):
                        "--url", "http://127.0.0.1:%d" % port, stdin=subprocess.PIPE)
         late = FakeAttune(admin_password=PASSWORD)
         self.addCleanup(late.stop)
-        threading.Timer(1.5, late.start, args=(port,)).start()
-        out, err = p.communicate(PASSWORD + "\n", timeout=60)
+        p.stdin.write(PASSWORD + "\n")
+        p.stdin.flush()
+        first = p.stderr.readline()  # it has found nobody there and waits: now the server starts
+        self.assertEqual(first, "attune: waiting up to 30s for http://127.0.0.1:%d to come up ...\n" % port)
+        threading.Timer(0.5, late.start, args=(port,)).start()
+        out, err = p.communicate(timeout=60)
         self.assertEqual(p.returncode, 0, err)
         self.assertIn("Successfully logged in as admin", out)
-        self.assertEqual(err, "attune: waiting up to 30s for http://127.0.0.1:%d to come up ...\n" % port)
+        self.assertEqual(err, "")
         self.assertEqual(late.log()[:2], ["GET /health", "GET /auth/settings"])
 
     def test_the_deadline_exits_5(self):

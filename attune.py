@@ -329,17 +329,26 @@ def file_kind(mode):
     return "not a regular file"
 
 
+def open_regular_file(path):
+    """(descriptor, stat) of path opened for reading, refused at once (OSError EINVAL, the
+    descriptor closed) unless it is a regular file: opened non-blocking and checked with
+    fstat, so a FIFO, device, socket or directory cannot make attune.py wait."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "it is %s, not a regular file" % file_kind(st.st_mode))
+    return fd, st
+
+
 def read_regular_file(path, limit):
     """(bytes, stat) of a regular file of at most limit bytes. A FIFO, device, socket or
     directory is refused at once (opened non-blocking, checked with fstat), so nothing
     from outside can make attune.py wait forever or read without end. Raises OSError:
     FileNotFoundError as usual, EINVAL or EFBIG with a readable strerror."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags)
+    fd, st = open_regular_file(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "it is %s, not a regular file" % file_kind(st.st_mode))
         if st.st_size > limit:
             raise OSError(errno.EFBIG, "it is larger than %d KiB" % (limit // 1024))
         chunks, size = [], 0
@@ -6825,10 +6834,6 @@ def expected_active(args):
     return args.expected_active
 
 
-def dash(value):
-    return "-" if value is None else value
-
-
 def namespace_owner(namespace):
     ref = namespace.get("owner_ref")
     if ref is None:
@@ -6844,15 +6849,15 @@ def show_namespace(ctx, namespace, done=None):
             ctx.ui.success("Cache namespace '%s' %s" % (namespace.get("namespace"), done))
         ctx.ui.pairs([
             ("Namespace", namespace.get("namespace")), ("ID", namespace.get("id")), ("Owner", namespace_owner(namespace)),
-            ("Active Generation", dash(namespace.get("active_generation", namespace.get("active_generation_id")))),
-            ("Records", dash(namespace.get("record_count"))), ("Bytes", dash(namespace.get("size_bytes"))),
-            ("Freshness Target", dash(namespace.get("freshness_target_seconds"))),
-            ("Stale", dash(namespace.get("stale"))), ("Refresh Health", dash(namespace.get("refresh_health"))),
-            ("Max Records / Generation", dash(namespace.get("max_records_per_generation"))),
-            ("Max Generation Bytes", dash(namespace.get("max_generation_bytes"))),
-            ("Max Retained Bytes", dash(namespace.get("max_retained_bytes"))),
-            ("Max Retained Generations", dash(namespace.get("max_retained_generations"))),
-            ("Max Staging Generations", dash(namespace.get("max_staging_generations"))),
+            ("Active Generation", or_dash(namespace.get("active_generation", namespace.get("active_generation_id")))),
+            ("Records", or_dash(namespace.get("record_count"))), ("Bytes", or_dash(namespace.get("size_bytes"))),
+            ("Freshness Target", or_dash(namespace.get("freshness_target_seconds"))),
+            ("Stale", or_dash(namespace.get("stale"))), ("Refresh Health", or_dash(namespace.get("refresh_health"))),
+            ("Max Records / Generation", or_dash(namespace.get("max_records_per_generation"))),
+            ("Max Generation Bytes", or_dash(namespace.get("max_generation_bytes"))),
+            ("Max Retained Bytes", or_dash(namespace.get("max_retained_bytes"))),
+            ("Max Retained Generations", or_dash(namespace.get("max_retained_generations"))),
+            ("Max Staging Generations", or_dash(namespace.get("max_staging_generations"))),
             ("Created", or_dash(format_timestamp(namespace.get("created")))),
             ("Updated", or_dash(format_timestamp(namespace.get("updated"))))])
 
@@ -6867,14 +6872,14 @@ def show_generation(ctx, generation, done=None):
             ("Generation", generation.get("generation_id")), ("Namespace", generation.get("namespace_id")),
             ("State", generation.get("status")), ("Client Refresh ID", generation.get("client_refresh_id")),
             ("Expected Chunks", generation.get("expected_chunk_count")),
-            ("Expected Active", dash(generation.get("expected_active_generation_id"))),
-            ("Expected Records", dash(generation.get("expected_record_count"))),
-            ("Expected Bytes", dash(generation.get("expected_size_bytes"))),
+            ("Expected Active", or_dash(generation.get("expected_active_generation_id"))),
+            ("Expected Records", or_dash(generation.get("expected_record_count"))),
+            ("Expected Bytes", or_dash(generation.get("expected_size_bytes"))),
             ("Records", generation.get("record_count")), ("Bytes", generation.get("size_bytes")),
-            ("Source Revision", dash(generation.get("source_revision")))] + [
+            ("Source Revision", or_dash(generation.get("source_revision")))] + [
             (label, or_dash(format_timestamp(generation.get(key))))
             for label, key in (("Sealed", "sealed"), ("Activated", "activated"), ("Readable Until", "readable_until"))]
-            + [("Failure", dash(generation.get("failure_reason")))])
+            + [("Failure", or_dash(generation.get("failure_reason")))])
 
     ctx.ui.emit(generation, table)
 
@@ -6911,8 +6916,8 @@ def cmd_cache_namespace_list(ctx, args):
     def table():
         ctx.ui.table(["Namespace", "Owner", "Active Gen", "Records", "Bytes", "Stale"],
                      [[n.get("namespace"), namespace_owner(n),
-                       dash(n.get("active_generation", n.get("active_generation_id"))), dash(n.get("record_count")),
-                       dash(n.get("size_bytes")), dash(n.get("stale"))] for n in namespaces],
+                       or_dash(n.get("active_generation", n.get("active_generation_id"))), or_dash(n.get("record_count")),
+                       or_dash(n.get("size_bytes")), or_dash(n.get("stale"))] for n in namespaces],
                      empty="No cache namespaces found")
         if cursor:
             ctx.ui.info("Next cursor: %s" % cursor)
@@ -7055,7 +7060,7 @@ def cmd_cache_entry_scan(ctx, args):
         entries_table(ctx, items, args.include_values)
         ctx.ui.pairs([("Pinned Generation", page.get("generation_id")),
                       ("Cursor Expires", or_dash(format_timestamp(page.get("cursor_expires_at")))),
-                      ("Next Cursor", dash(page.get("next_cursor"))), ("Record Count", dash(page.get("record_count"))),
+                      ("Next Cursor", or_dash(page.get("next_cursor"))), ("Record Count", or_dash(page.get("record_count"))),
                       ("Stale", page.get("stale"))])
 
     ctx.ui.emit(page, table)
@@ -7075,7 +7080,7 @@ def cmd_cache_generation_list(ctx, args):
     def table():
         ctx.ui.table(["ID", "State", "Records", "Bytes", "Source Revision", "Created"],
                      [[g.get("generation_id"), g.get("status"), g.get("record_count"), g.get("size_bytes"),
-                       dash(g.get("source_revision")), format_timestamp(g.get("created"))] for g in generations],
+                       or_dash(g.get("source_revision")), format_timestamp(g.get("created"))] for g in generations],
                      empty="No cache generations found")
         if cursor:
             ctx.ui.info("Next cursor: %s" % cursor)
@@ -7136,13 +7141,8 @@ def ndjson_lines(ctx, path, what):
     if path == "-":
         stream = getattr(ctx.ui.stdin, "buffer", ctx.ui.stdin)
     else:
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         try:
-            fd = os.open(path, flags)
-            kind = os.fstat(fd).st_mode
-            if not stat.S_ISREG(kind):
-                os.close(fd)
-                raise OSError(errno.EINVAL, "it is %s, not a regular file" % file_kind(kind))
+            fd = open_regular_file(path)[0]
         except OSError as e:
             raise UsageError("Failed to read %s %s: %s" % (what, quoted(path), e.strerror or e))
         stream = os.fdopen(fd, "rb")

@@ -76,6 +76,10 @@ HTTP_TIMEOUT = 60.0              # seconds; ATTUNE_TIMEOUT
 STILL_USABLE = 30                # an old token with more left survives a failed refresh
 RETRY_DELAYS = (0.25, 0.75)      # idempotent requests: two retries
 RETRY_STATUSES = (502, 503, 504)
+IDEMPOTENT = ("GET", "HEAD")     # the only requests sent again once they may have reached the server
+ANSWER_LIMIT = 32 * 1024 * 1024  # bytes of an API answer read into memory (a page of results)
+ERROR_LIMIT = 1024 * 1024        # bytes of an error answer (only its message is shown)
+EVENT_LIMIT = 4 * 1024 * 1024    # bytes of one server-sent event (a log chunk)
 OUTPUT_FORMATS = ("table", "json", "yaml")
 TOKEN_VARIABLES = ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN", "ATTUNE_TOKEN_FILE")  # in precedence order
 TOKEN_KEYS = ("auth_token", "refresh_token", "auth_token_expires_at",
@@ -104,7 +108,7 @@ ENVIRONMENT = (
     ("ATTUNE_KEEP_FRESH", "set by auth exec --keep-fresh: its token file outranks ATTUNE_API_TOKEN"),
     ("ATTUNE_PASSWORD", "password for auth login when no terminal is available"),
     ("ATTUNE_CA_BUNDLE", "extra CA certificates (PEM) to trust, like --ca-bundle"),
-    ("ATTUNE_TIMEOUT", "seconds to wait for each HTTP request (default 60)"),
+    ("ATTUNE_TIMEOUT", "seconds each HTTP request may take, start to end (default 60)"),
     ("ATTUNE_NOTIFIER_WS_URL", "the notifier's WebSocket URL for watches, unless --notifier-url is given"),
     ("ATTUNE_LOCK_TIMEOUT", "seconds to wait for the credential lock (default 30)"),
     ("HTTPS_PROXY, HTTP_PROXY, NO_PROXY", "proxies, as curl reads them (NO_PROXY takes CIDRs)"),
@@ -1173,6 +1177,60 @@ def proxy_for(url, env):
     return None
 
 
+class TimeLimitReached(BaseException):
+    """Raised by TimeLimit's timer inside whatever the limited block was waiting for. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` keeps it."""
+
+
+class TimeLimit:
+    """`with TimeLimit(seconds):` ends the whole block at one deadline, however slowly the
+    peer dribbles: a socket timeout alone restarts with every byte that arrives, so a server
+    sending one byte every few seconds would never time out. On POSIX, in the main thread, a
+    real-time timer (SIGALRM) raises TimeLimitReached when the deadline passes; elsewhere
+    (Windows, another thread) the socket timeout alone bounds each step. Not nested."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.previous = None
+
+    def __enter__(self):
+        import signal
+        if hasattr(signal, "setitimer"):
+            try:
+                previous = signal.signal(signal.SIGALRM, self.reached)
+            except ValueError:  # not the main thread: signals cannot be set there
+                return self
+            self.previous = signal.SIG_DFL if previous is None else previous
+            signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 0.001))
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            import signal
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+            self.previous = None
+        return False
+
+    def reached(self, signum, frame):
+        raise TimeLimitReached()
+
+
+def read_bounded(fp, limit, what):
+    """All of an answer body (fp: an http.client response, or urllib's HTTPError holding
+    one), or ServerError (exit 6) once it passes limit bytes: an endless or huge answer never
+    fills memory. A body cut short of its Content-Length is IncompleteRead, as read() says."""
+    import http.client
+    data = fp.read(limit + 1)
+    if len(data) > limit:
+        raise ServerError("%s is larger than %d MiB, the most attune.py reads into memory"
+                          % (what, limit >> 20))
+    response = fp if isinstance(fp, http.client.HTTPResponse) else getattr(fp, "fp", None)
+    if isinstance(response, http.client.HTTPResponse) and response.length:  # bytes still owed
+        raise http.client.IncompleteRead(data, response.length)
+    return data
+
+
 class Response:
     """A finished exchange; for a streamed 2xx answer, `stream` is the open body to read."""
 
@@ -1309,16 +1367,20 @@ class Transport:
             attempt += 1
 
     def retry_delay(self, method, url, attempt, failure, backoff):
-        """Seconds to wait before trying again, or None to give up."""
-        idempotent = method in ("GET", "HEAD")
+        """Seconds to wait before trying again, or None to give up. A request that may have
+        reached the server (a reset, a timeout, or any answer: a gateway's 502-504 can come
+        after the server did the work) is sent again only when repeating it is harmless
+        (GET, HEAD); other requests only when the connection was never made (refused, DNS)."""
         network = isinstance(failure, NetworkError)
+        unsent = network and failure.kind in ("refused", "dns")
+        if method not in IDEMPOTENT and not unsent:
+            return None
         if backoff.deadline is not None:  # the server may still be starting: refused, DNS, 502-504
-            if backoff.left() <= 0 or (network and failure.kind not in ("refused", "dns") and
-                                       not (idempotent and failure.retryable)):
+            if backoff.left() <= 0 or (network and not failure.retryable):
                 return None
             self.http.announce_wait(url)
             return backoff.next_delay()
-        if not idempotent or attempt >= len(RETRY_DELAYS) or (network and not failure.retryable):
+        if method not in IDEMPOTENT or attempt >= len(RETRY_DELAYS) or (network and not failure.retryable):
             return None
         return RETRY_DELAYS[attempt]
 
@@ -1341,20 +1403,19 @@ class Transport:
         if body is not None:
             log(">   %s" % describe_body(body))
         started = time.monotonic()
+        what = "the answer to %s %s" % (method, url.split("?", 1)[0])
         try:
-            r = self._opener(url).open(req, timeout=timeout)
-            if stream:
-                resp = Response(r.getcode(), r.reason, r.headers, b"", stream=r)
-            else:
-                with r:
-                    resp = Response(r.getcode(), r.reason, r.headers, r.read())
-        except urllib.error.HTTPError as e:
-            try:
-                data = e.read()
-            except (OSError, http.client.HTTPException):
-                data = b""
-            resp = Response(e.code, e.reason, e.headers, data)
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            # one deadline for connect, TLS, headers and body; a stream's body is bounded
+            # by the socket timeout instead (the silence between events)
+            with TimeLimit(timeout):
+                resp = self._exchange(req, url, timeout, stream, what)
+        except TimeLimitReached:
+            raise network_error(url, TimeoutError("timed out"), timeout)
+        except http.client.HTTPException as e:
+            if isinstance(e, http.client.LineTooLong) or str(e).startswith("got more than"):
+                raise ServerError("%s has more headers than http.client reads (%s)" % (what, e))
+            raise network_error(url, e, timeout)
+        except (urllib.error.URLError, OSError) as e:
             raise network_error(url, e, timeout)
         except ValueError as e:  # Python 3.6 raises ssl.CertificateError (a ValueError) bare
             if type(e).__name__ != "CertificateError":
@@ -1364,6 +1425,24 @@ class Transport:
         if resp.body and self.http.verbose:
             log("<   %s" % describe_body(resp.body))
         return resp
+
+    def _exchange(self, req, url, timeout, stream, what):
+        import urllib.error
+        import http.client
+        try:
+            r = self._opener(url).open(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                data = read_bounded(e, ERROR_LIMIT, what + " (an error)")
+            except (OSError, http.client.HTTPException):
+                data = b""
+            finally:
+                e.close()
+            return Response(e.code, e.reason, e.headers, data)
+        if stream:
+            return Response(r.getcode(), r.reason, r.headers, b"", stream=r)
+        with r:
+            return Response(r.getcode(), r.reason, r.headers, read_bounded(r, ANSWER_LIMIT, what))
 
     def _opener(self, url):
         import urllib.request
@@ -4577,17 +4656,22 @@ EVENT_STREAM = "text/event-stream"  # what session.request(stream=...) asks for 
 def sse_events(stream):
     """(event, data, id) for each server-sent event; comments come as ('comment', text, None).
     Ends at the end of the stream; a dropped connection raises OSError or HTTPException."""
-    event, data, event_id = None, [], None
+    event, data, event_id, size = None, [], None, 0
     while True:
-        raw = stream.readline()
+        raw = stream.readline(EVENT_LIMIT + 1)
+        size += len(raw)
+        if size > EVENT_LIMIT:
+            raise ServerError("an event of the server's stream is larger than %d MiB, the most "
+                              "attune.py reads into memory" % (EVENT_LIMIT >> 20))
         if not raw:
             return
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
             if data or event:
                 yield event or "message", "\n".join(data), event_id
-            event, data, event_id = None, [], None
+            event, data, event_id, size = None, [], None, 0
         elif line.startswith(":"):
+            size = size if data else 0  # a keep-alive comment between events
             yield "comment", line[1:].strip(), None
         else:
             field, _, value = line.partition(":")
@@ -4850,20 +4934,29 @@ def notifier_wait(ctx, session, execution_id, url, until, controls, progress):
 
 
 def notifier_subscribe(ctx, session, execution_id, url, until):
-    """Connect, wait up to 5 s for the welcome, subscribe to one execution."""
+    """Connect, get the welcome and subscribe to one execution: all of it within 5 s (and
+    the watch's own deadline), however slowly the notifier answers."""
     left = until - time.monotonic()
     if left <= 0:
         raise WebSocketError("no time left for the notifier")
     ctx.ui.log("> WebSocket %s/ws" % url)
-    ws = WebSocket.connect(url + "/ws", session.creds.access, min(5.0, left), ctx.http)
+    limit = min(5.0, left)
+    ws = None
     try:
-        welcome = json_loads(ws.receive())
-        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
-            raise WebSocketError("no welcome message")
-        ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
+        with TimeLimit(limit):
+            ws = WebSocket.connect(url + "/ws", session.creds.access, limit, ctx.http)
+            welcome = json_loads(ws.receive())
+            if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+                raise WebSocketError("no welcome message")
+            ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
         return ws
+    except TimeLimitReached:
+        if ws is not None:
+            ws.sock.close()
+        raise WebSocketError("the notifier did not answer within %gs" % limit)
     except BaseException:
-        ws.sock.close()
+        if ws is not None:
+            ws.sock.close()
         raise
 
 

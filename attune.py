@@ -96,6 +96,8 @@ EXIT_CODES = (
     (126, "auth exec: the command cannot be run"),
     (127, "auth exec: the command was not found"),
     (130, "interrupted"),
+    (129, "hung up (SIGHUP), after cleaning up"),
+    (143, "terminated (SIGTERM), after cleaning up"),
 )
 
 ENVIRONMENT = (
@@ -169,6 +171,56 @@ class ExitWith(AttuneError):
         self.exit_code = exit_code
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised wherever the process was, as Ctrl+C raises
+    KeyboardInterrupt, so that every finally block runs (temp files removed, the lock
+    released, the terminal restored) before main() exits with 128 + the signal number."""
+
+    def __init__(self, signum):
+        BaseException.__init__(self, signum)
+        self.signum = signum
+
+
+class ExitSignals:
+    """SIGTERM and SIGHUP as Terminated, for one run. Armed by the first thing that would
+    leave something behind (a temp file, the lock, the terminal's mode), so that `auth
+    token` with a fresh token never pays for importing signal (and enum); main() disarms.
+    A signal that is ignored stays ignored (nohup); only the main thread can set handlers.
+    Outside a main() run (attune imported as a library) it sets none."""
+    NAMES = ("SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.previous = {}
+        self.running = False  # inside main()
+
+    def arm(self):
+        if self.previous or not self.running:
+            return
+        import signal
+        for name in self.NAMES:
+            signum = getattr(signal, name, None)
+            try:
+                if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+                    self.previous[signum] = signal.signal(signum, self.terminate)
+            except ValueError:  # not the main thread
+                return
+
+    def disarm(self):
+        self.running = False
+        if self.previous:
+            import signal
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+            self.previous = {}
+
+    @staticmethod
+    def terminate(signum, frame):
+        raise Terminated(signum)
+
+
+EXIT_SIGNALS = ExitSignals()
+
+
 def session_expired(profile):
     return AuthRequired("Session for profile '%s' has expired; run: attune auth login --profile %s"
                         % (profile, profile))
@@ -197,6 +249,7 @@ DIGITS = frozenset("0123456789")
 
 def quoted(text, limit=80):
     """A value from outside as a message quotes it: repr'd, cut to limit, terminal-safe."""
+    text = SECRETS.mask(text)
     return terminal_safe(repr(text[:limit]) + ("..." if len(text) > limit else ""))
 
 
@@ -210,9 +263,47 @@ def odd_character(text):
     return None
 
 
+class KnownSecrets:
+    """Every secret this run holds: each token it reads or receives (they all pass
+    check_token), the password it sends, the device codes of an SSO login. The output layer
+    masks each of them as *** wherever it appears, whatever carries it: a server's error
+    message that echoes a password, a -v log, a JSON document, an action's log. Secrets
+    shorter than MIN_LENGTH are left alone (a password 'admin' is also a user name). `auth
+    token` and a freshly created integration token are the outputs meant to hold one."""
+    MIN_LENGTH = 6
+
+    def __init__(self):
+        self.values = set()
+
+    def add(self, value):
+        if isinstance(value, str) and len(value.strip()) >= self.MIN_LENGTH:
+            self.values.add(value.strip())
+        return value
+
+    def mask(self, text):
+        for value in sorted(self.values, key=len, reverse=True) if self.values else ():
+            if value in text:
+                text = text.replace(value, "***")
+        return text
+
+    def mask_data(self, data):
+        """A copy of JSON-shaped data with the secrets masked in every string."""
+        if isinstance(data, str):
+            return self.mask(data)
+        if isinstance(data, dict):
+            return {self.mask_data(k): self.mask_data(v) for k, v in data.items()}
+        if isinstance(data, list):
+            return [self.mask_data(v) for v in data]
+        return data
+
+
+SECRETS = KnownSecrets()  # the process's one registry; main() empties it when a run starts
+
+
 def check_token(value, where, error=None):
     """A token from `where` (environment, file, answer) without surrounding whitespace;
-    a token holding anything but printable ASCII is refused. The message never holds it."""
+    a token holding anything but printable ASCII is refused. The message never holds it.
+    Every token attune.py will send or store passes here, and is known as a secret from then."""
     error = error or ConfigError
     if not isinstance(value, str):
         raise error("the token in %s is not text" % where)
@@ -222,7 +313,7 @@ def check_token(value, where, error=None):
     problem = odd_character(token)
     if problem:
         raise error("the token in %s is malformed (%s); it was not used" % (where, problem))
-    return token
+    return SECRETS.add(token)
 
 
 def check_api_url(value, where, what="API URL", schemes=("http", "https")):
@@ -623,7 +714,7 @@ class Credentials:
     """The tokens a command will send, where they came from, and their known expiry."""
 
     def __init__(self, access=None, refresh=None, access_expires_at=None, refresh_expires_at=None,
-                 source=None, origin=None, invalidated_at=None):
+                 source=None, origin=None, invalidated_at=None, withheld=None):
         self.access = access
         self.refresh = refresh
         self.access_expires_at = access_expires_at
@@ -631,6 +722,7 @@ class Credentials:
         self.source = source    # 'env', 'token_file', 'file' or None
         self.origin = origin    # variable name, token file path, or profile name
         self.invalidated_at = invalidated_at
+        self.withheld = withheld  # the API URL whose stored session is not sent elsewhere
 
     @classmethod
     def from_profile(cls, name, profile):
@@ -747,9 +839,9 @@ def credential_path(config, env):
     """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
     or (None, 'none') when there is no home directory to keep it in."""
     if config:
-        return os.path.abspath(os.path.expanduser(config)), "flag"
+        return absolute_path(config, "--config"), "flag"
     if env.get("ATTUNE_CONFIG"):
-        return os.path.abspath(os.path.expanduser(env["ATTUNE_CONFIG"])), "env"
+        return absolute_path(env["ATTUNE_CONFIG"], "ATTUNE_CONFIG"), "env"
     if WINDOWS and env.get("APPDATA"):
         return os.path.join(env["APPDATA"], "attune", "credentials.json"), "default"
     xdg = env.get("XDG_CONFIG_HOME", "")
@@ -759,6 +851,15 @@ def credential_path(config, env):
     if not os.path.isabs(home):  # no HOME and no password-database entry: no place at all
         return None, "none"
     return os.path.join(home, ".config", "attune", "credentials.json"), "default"
+
+
+def absolute_path(path, where):
+    """path made absolute; a relative one needs the working directory, which may be gone."""
+    try:
+        return os.path.abspath(os.path.expanduser(path))
+    except OSError as e:
+        raise ConfigError("cannot use the relative path %s from %s: the working directory is gone (%s)"
+                          % (quoted(path), where, e.strerror or e))
 
 
 def make_private_dirs(directory):
@@ -778,13 +879,34 @@ def make_private_dirs(directory):
         os.chmod(path, 0o700)  # ours, so exact, whatever the umask
 
 
-def write_atomic(path, data, shared=False):
+def check_write_target(path):
+    """Refuse (exit 3) to write where a symbolic link or anything but a regular file stands:
+    attune.py never writes through a link someone else may have planted, and never replaces
+    one silently. A missing file is fine: it is created."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError("cannot write %s: %s" % (quoted(path), e.strerror or e))
+    if stat.S_ISLNK(mode):
+        raise ConfigError("%s is a symbolic link; attune.py does not write through links (remove it, or "
+                          "name the file it points to)" % quoted(path))
+    if not stat.S_ISREG(mode):
+        raise ConfigError("%s is not a regular file; attune.py will not replace it" % quoted(path))
+
+
+def write_atomic(path, data, shared=False, links_ok=False):
     """Write to path so that a reader sees the old or the new file, never a mix: a temp
     file in the same directory (mkstemp makes it 0600; shared gives it the mode a new file
     gets under the umask), fsync, rename over, fsync the directory. data is bytes, or a
     function that writes to the file; its result is returned. On any failure the temp file
-    is removed and path is untouched."""
+    is removed and path is untouched. A link or non-regular file at path is refused
+    (check_write_target) unless links_ok, where the rename replaces the link itself."""
     import tempfile
+    if not links_ok:
+        check_write_target(path)
+    EXIT_SIGNALS.arm()  # a SIGTERM from here on still removes the temp file
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
@@ -961,12 +1083,11 @@ class CredentialStore:
         if self.path is None:
             raise ConfigError("there is no place for the credential file: HOME is not set; "
                               "choose one with --config FILE or ATTUNE_CONFIG")
-        real = os.path.realpath(self.path)
         try:
-            make_private_dirs(os.path.dirname(real))
+            make_private_dirs(os.path.dirname(os.path.abspath(self.path)))
         except OSError as e:
             raise self._write_error(e)
-        return FileLock(real + ".lock", self.lock_timeout, self.command, self.warn, self.log, done_waiting)
+        return FileLock(self.path + ".lock", self.lock_timeout, self.command, self.warn, self.log, done_waiting)
 
     def modify(self, change):
         """Read-modify-write under the lock; change(doc) edits the freshly read document."""
@@ -983,13 +1104,12 @@ class CredentialStore:
         result = change(doc)
         doc.setdefault("version", FILE_VERSION)
         data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-        real = os.path.realpath(self.path)
         try:
-            write_atomic(real, data)
+            write_atomic(self.path, data)
         except OSError as e:
             raise self._write_error(e)
         self.exists = True
-        remove_stale_temp_files(real)
+        remove_stale_temp_files(self.path)
         return result
 
     def _write_error(self, e):
@@ -1030,11 +1150,19 @@ class FileLock:
         self.release()
 
     def acquire(self):
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        EXIT_SIGNALS.arm()  # a SIGTERM while it is held still releases it
+        try:  # never through a link: its holder line would overwrite whatever the link names
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError("the lock file %s is a symbolic link; remove it (attune.py does not "
+                                  "write through links)" % quoted(self.path))
             self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
             return False
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError("the lock file %s is not a regular file; remove it" % quoted(self.path))
         start = time.monotonic()
         backoff = Backoff(0.002, 1.5, 0.05, start + self.timeout)  # short: waiters wake soon after release
         announced = False
@@ -1129,11 +1257,38 @@ def user_agent():
     return "attune.py/%s python/%d.%d" % ((__version__,) + tuple(sys.version_info[:2]))
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def url_origin(url):
+    """(scheme, host, port) of a URL, normalised (letter case, a trailing dot, the default
+    port; an IPv6 host without its brackets), or None when it has no usable one. The one
+    parser for every URL attune.py compares: the API URL and a profile's, a redirect's
+    Location. By hand: urllib.parse raises on some malformed URLs and would bring re."""
+    if not isinstance(url, str):
+        return None
+    scheme, sep, rest = url.strip().partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    if authority.startswith("["):
+        host, bracket, port = authority[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return None
+        port = port[1:]
+    else:
+        host, _, port = authority.partition(":")
+    scheme, host = scheme.lower(), host.lower().rstrip(".")
+    if not sep or scheme not in DEFAULT_PORTS or not host or odd_character(host) or " " in host:
+        return None
+    if not port:
+        return scheme, host, DEFAULT_PORTS[scheme]
+    if not (len(port) <= 5 and set(port) <= DIGITS and 0 < int(port) < 65536):
+        return None
+    return scheme, host, int(port)
+
+
 def origin(url):
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
+    """url_origin() of a URL attune.py built itself from a checked API URL."""
+    return url_origin(url) or ("?", "?", 0)
 
 
 def no_proxy_matches(host, port, no_proxy):
@@ -1221,10 +1376,21 @@ def read_bounded(fp, limit, what):
     one), or ServerError (exit 6) once it passes limit bytes: an endless or huge answer never
     fills memory. A body cut short of its Content-Length is IncompleteRead, as read() says."""
     import http.client
-    data = fp.read(limit + 1)
-    if len(data) > limit:
+    # into one buffer that doubles as it fills: no garbage per chunk, which PyPy's collector
+    # would let pile up to many times the limit
+    buffer, size = bytearray(min(limit + 1, 1 << 16)), 0
+    while size <= limit:
+        if size == len(buffer):
+            buffer.extend(bytes(min(len(buffer), limit + 1 - size)))
+        with memoryview(buffer) as view:
+            got = fp.readinto(view[size:])
+        if not got:
+            break
+        size += got
+    if size > limit:
         raise ServerError("%s is larger than %d MiB, the most attune.py reads into memory"
                           % (what, limit >> 20))
+    data = bytes(buffer[:size])
     response = fp if isinstance(fp, http.client.HTTPResponse) else getattr(fp, "fp", None)
     if isinstance(response, http.client.HTTPResponse) and response.length:  # bytes still owed
         raise http.client.IncompleteRead(data, response.length)
@@ -1263,7 +1429,7 @@ class Response:
 
 
 def snippet(body, limit=200):
-    text = " ".join(body.decode("utf-8", "replace").split())
+    text = SECRETS.mask(" ".join(body.decode("utf-8", "replace").split()))  # before it is cut
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
@@ -1328,6 +1494,23 @@ def describe_body(body):
         return json.dumps(redact(json.loads(body.decode("utf-8"))), ensure_ascii=False)[:2000]
     except (ValueError, UnicodeDecodeError, RecursionError):
         return "<%d bytes>" % len(body)
+
+
+def http_date(value):
+    """A Date header as epoch seconds, or None: one checked parser for the dates a server
+    sends (a year outside 1970-9999, junk or a missing header is None, never a traceback)."""
+    if not isinstance(value, str) or len(value) > 100:
+        return None
+    import datetime
+    from email.utils import parsedate_tz, mktime_tz
+    try:
+        parsed = parsedate_tz(value)
+        if not parsed or not 1970 <= parsed[0] <= 9999 or abs(parsed[9] or 0) > 14 * 3600:
+            return None
+        datetime.datetime(*parsed[:6])  # a real day and time of day, or ValueError
+        return mktime_tz(parsed)
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
 
 
 class Transport:
@@ -1466,6 +1649,21 @@ def same_origin_redirects():
     import urllib.request
 
     class SameOriginRedirectHandler(urllib.request.HTTPRedirectHandler):
+        def http_error_302(self, req, fp, code, msg, headers):
+            # urllib parses Location before it asks redirect_request, and raises ValueError
+            # on some malformed ones ('http://[::1'): look at it first, with the one URL parser
+            from urllib.parse import urljoin
+            location = headers.get("Location") or headers.get("URI") or ""
+            try:
+                target = url_origin(urljoin(req.full_url, location))
+            except ValueError:
+                target = None
+            if target is None:
+                raise ApiError("refusing to follow a redirect to a malformed Location (%s)" % quoted(location))
+            return urllib.request.HTTPRedirectHandler.http_error_302(self, req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
         def redirect_request(self, req, fp, code, msg, headers, newurl):
             from urllib.parse import urljoin
             newurl = urljoin(req.full_url, newurl)
@@ -1599,7 +1797,7 @@ class Session:
         self.store = choice.store
         self.profile = profile or choice.profile
         self.api_url = (api_url or choice.api_url_for(self.profile)[0]).rstrip("/")
-        self.creds = choice.credentials_for(self.profile, use_env)
+        self.creds = choice.credentials_for(self.profile, use_env, self.api_url)
         # Each access token is refreshed at most once before it expires and once after a 401,
         # so a command that runs for hours renews every token it holds, and no more.
         self._proactive_for = None  # the access token a proactive refresh was tried for
@@ -1637,12 +1835,21 @@ class Session:
                                 "rejected" % c.origin)
         return session_expired(self.profile)
 
+    def no_session(self):
+        """The AuthRequired for a command that needs a session this run does not have."""
+        if self.creds.withheld:
+            return AuthRequired("profile '%s' is logged in to %s, and its tokens are sent nowhere else; for "
+                                "%s run: attune auth login --url %s --save-profile NAME (or set "
+                                "ATTUNE_API_TOKEN)" % (self.profile, terminal_safe(self.creds.withheld),
+                                                       terminal_safe(self.api_url), terminal_safe(self.api_url)))
+        return not_logged_in()
+
     def token(self, min_ttl=0):
         """The access token to send, refreshed first when it has less than
         max(margin, min_ttl) left. A valid token costs no request at all."""
         c = self.creds
         if not c.access:
-            raise not_logged_in()
+            raise self.no_session()
         now = self.now()
         if not c.refresh_due(now, min_ttl):
             return c.access
@@ -1674,6 +1881,8 @@ class Session:
     # -- compare-and-refresh ---------------------------------------------------
     def refresh(self):
         """Renew the tokens: the one refresh path for proactive, reactive and `auth refresh`."""
+        if self.creds.withheld:
+            raise self.no_session()
         if self.creds.source == "file":
             self._refresh_stored()
         elif self.creds.source == "token_file":
@@ -1784,7 +1993,7 @@ class Session:
         resp = self.transport.request(method, url, data, token, content_type, stream, timeout)
         if resp.status != 401 or not token:
             if resp.status == 401 and auth:
-                raise not_logged_in()
+                raise self.no_session()
             return resp
         if self._reactive_for == token:
             raise AuthRequired("the server rejected the token (%s); run: attune auth login --profile %s"
@@ -1820,10 +2029,52 @@ ASCII_FALLBACK = ((CHECK, "OK"), (CROSS, "x"), (INFO, "i"), (CAUTION, "!"), (ELL
                   (RULE, "-"))
 
 
+class OutputError(AttuneError):
+    """Standard output is closed, full or failing: the result cannot be delivered."""
+
+
+class StandardStream:
+    """sys.stdout or sys.stderr for one run, as main() sets them: closed (None), full or
+    failing streams give an error line and exit 1 instead of a traceback. A failing stderr
+    has no one to tell: what it cannot take is dropped. A closed pipe (BrokenPipeError)
+    stays what it is: main() ends quietly."""
+
+    def __init__(self, stream, name):
+        self.stream, self.name = stream, name
+
+    def write(self, text):
+        return self._do("write", text)
+
+    def flush(self):
+        return self._do("flush")
+
+    def _do(self, method, *args):
+        if self.stream is None:
+            if self.name == "stdout" and args:
+                raise OutputError("cannot write the output: standard output is closed")
+            return len(args[0]) if args else None
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:  # ValueError: a file closed under us
+            if isinstance(e, UnicodeError):
+                raise
+            if self.name == "stderr":
+                return None
+            raise OutputError("cannot write the output: %s" % (getattr(e, "strerror", None) or e))
+
+    def __getattr__(self, name):  # encoding, isatty, fileno, buffer: the stream's own
+        if self.stream is None:
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
 def write_text(stream, text, raw=False):
     """Write text to a terminal or a pipe: control characters escaped (unless raw: an
     action's own log output), and if the stream's encoding cannot carry it (LANG=C on
     Python 3.6), ASCII stand-ins for our symbols and escapes for the rest, never a crash."""
+    text = SECRETS.mask(text)
     if not raw:
         text = terminal_safe(text)
     try:
@@ -2493,8 +2744,8 @@ def cell_text(value):
     if isinstance(value, (list, tuple)):
         return ", ".join(cell_text(v) for v in value)
     if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
-    return terminal_safe(" ".join(str(value).split("\n")), keep="")
+        return SECRETS.mask(json.dumps(value, ensure_ascii=False))
+    return terminal_safe(SECRETS.mask(" ".join(str(value).split("\n"))), keep="")
 
 
 def fit_widths(widths, limit):
@@ -2510,7 +2761,8 @@ def fit_widths(widths, limit):
 
 
 def clip(text, width):
-    text = text if isinstance(text, str) else cell_text(text)  # a field of the wrong type is still data
+    # masked before it is cut: a cut secret would no longer be recognised
+    text = SECRETS.mask(text) if isinstance(text, str) else cell_text(text)  # a wrong type is still data
     return text if len(text) <= width else text[:max(width - 1, 0)] + ELLIPSIS
 
 
@@ -2600,7 +2852,9 @@ class Printer:
         else:
             self.write_document(to_json, data)
 
-    def write_document(self, dump, data):
+    def write_document(self, dump, data, secrets_ok=False):
+        """One JSON or YAML document, its known secrets masked (secrets_ok: `auth token`)."""
+        data = data if secrets_ok else SECRETS.mask_data(data)
         try:
             self.stdout.write(dump(data) + "\n")
         except UnicodeEncodeError:  # keep the document valid: escape instead of replace
@@ -2697,9 +2951,11 @@ class Choice:
                               % (profile, self.config_path))
         return DEFAULT_API_URL, "default"
 
-    def credentials_for(self, profile, use_env=True):
-        """Tokens by design.md section 4: with --profile, the profile's stored tokens;
-        otherwise ATTUNE_API_TOKEN (ATTUNE_AUTH_TOKEN) > ATTUNE_TOKEN_FILE > stored."""
+    def credentials_for(self, profile, use_env=True, api_url=None):
+        """Tokens: with --profile, the profile's stored tokens; otherwise ATTUNE_API_TOKEN
+        (ATTUNE_AUTH_TOKEN) > ATTUNE_TOKEN_FILE > stored. Stored tokens go only to the
+        origin the profile logged in to: for another api_url, none (Credentials.withheld
+        says whose they are). Environment tokens go wherever the user points them."""
         env = self.env
         if use_env and not getattr(self.args, "profile", None):
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
@@ -2712,7 +2968,12 @@ class Choice:
             if env.get("ATTUNE_TOKEN_FILE"):
                 path = env["ATTUNE_TOKEN_FILE"]
                 return Credentials.from_token(read_token_file(path), "token_file", path, refresh)
-        return Credentials.from_profile(profile, self.store.profile(profile))
+        stored = Credentials.from_profile(profile, self.store.profile(profile))
+        home = (self.store.profile(profile) or {}).get("api_url") or DEFAULT_API_URL
+        home = home if isinstance(home, str) else repr(home)  # no origin: goes nowhere
+        if api_url is not None and (stored.access or stored.refresh) and url_origin(api_url) != url_origin(home):
+            return Credentials(source="file", origin=profile, withheld=home)
+        return stored
 
     def ca_bundle(self):
         """(path, source) of extra CAs: --ca-bundle > ATTUNE_CA_BUNDLE > profile ca_bundle."""
@@ -2830,18 +3091,18 @@ def read_secret(ctx, what, stdin_flag, value, env_name, flag_name):
         secret = ctx.ui.stdin.readline().rstrip("\r\n")
         if not secret:
             raise UsageError("no %s on standard input" % what)
-        return secret
+        return SECRETS.add(secret)
     if value:
         ctx.ui.warn("%s exposes the %s in the process list; prefer %s-stdin%s"
                     % (flag_name, what, flag_name, " or " + env_name if env_name else ""))
-        return value
+        return SECRETS.add(value)
     if env_name and ctx.env.get(env_name):
-        return ctx.env[env_name]
+        return SECRETS.add(ctx.env[env_name])
     if can_prompt(ctx):
         import getpass
         secret = getpass.getpass("%s: " % what.capitalize(), stream=ctx.ui.stderr)
         if secret:
-            return secret
+            return SECRETS.add(secret)
     hint = "%s-stdin" % flag_name + (" or set %s" % env_name if env_name else "")
     raise UsageError("a %s is needed but there is no terminal to ask on; use %s" % (what, hint))
 
@@ -3146,7 +3407,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
     start = envelope_data(resp.json())
     if not isinstance(start, dict):
         raise ApiError("the server's answer to the SSO start is not an object")
-    user_code, code = start.get("user_code"), start.get("device_code")
+    user_code, code = start.get("user_code"), SECRETS.add(start.get("device_code"))
     if not isinstance(user_code, str) or not user_code.strip() or any(is_control(c) for c in user_code):
         raise ApiError("Authentication server returned an invalid user code")
     if not isinstance(code, str) or not code:
@@ -3184,7 +3445,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
                 raise ApiError("Authentication server returned empty credentials")
             return store_login(ctx, target, url, tokens, sent_at, "sso")
         if status == "waiting":
-            code = data.get("device_code") or code  # re-sealed on every answer: always send the newest
+            code = SECRETS.add(data.get("device_code")) or code  # re-sealed on every answer: always send the newest
             floor = {"slow_down": interval + 5, "provider_timeout": interval * 2}.get(data.get("reason"), interval)
             interval = min(max(device_seconds(data, "interval", floor), floor), DEVICE_LIMIT)
         elif status == "access_denied":
@@ -3232,7 +3493,7 @@ def cmd_auth_logout(ctx, args):
 def cmd_auth_whoami(ctx, args):
     session = ctx.session()
     if not session.creds.access:
-        raise not_logged_in()
+        raise session.no_session()
     me = session.fetch("GET", "/auth/me")
     ctx.ui.emit({key: me.get(key) for key in ("id", "login", "display_name")},  # as the Rust CLI
                 lambda: ctx.ui.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
@@ -3335,7 +3596,7 @@ def cmd_auth_status(ctx, args):
 def cmd_auth_refresh(ctx, args):
     session = ctx.session()
     if not session.creds.access and not session.creds.refresh:
-        raise not_logged_in()
+        raise session.no_session()
     if not session.creds.refresh and session.creds.source != "token_file":
         raise AuthRequired("profile '%s' has no refresh token; run: attune auth login --profile %s"
                            % (session.profile, session.profile))
@@ -3409,7 +3670,7 @@ def cmd_auth_token(ctx, args):
                "profile": profile, "profile_source": profile_source,
                "api_url": session.api_url, "api_url_source": url_source,
                "source": creds.source, "source_detail": creds.origin}
-        ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc)
+        ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc, secrets_ok=True)
 
 
 # -- integration tokens: long-lived machine credentials, managed per identity -------
@@ -3490,7 +3751,7 @@ def cmd_auth_exec(ctx, args):
     token = session.token(min_ttl=args.min_ttl)
     env = dict(ctx.env)
     env.update(ATTUNE_API_URL=session.api_url, ATTUNE_API_TOKEN=token)
-    for name in ("ATTUNE_AUTH_TOKEN", "ATTUNE_KEEP_FRESH"):
+    for name in CHILD_WITHHELD:  # the child gets the URL and its access token, no other credential
         env.pop(name, None)
     ctx.ui.stdout.flush()
     ctx.ui.stderr.flush()
@@ -3513,6 +3774,10 @@ def cmd_auth_exec(ctx, args):
 
 
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+
+
+CHILD_WITHHELD = ("ATTUNE_AUTH_TOKEN", "ATTUNE_KEEP_FRESH", "ATTUNE_REFRESH_TOKEN", "ATTUNE_PASSWORD",
+                  "ATTUNE_TOKEN_FILE")
 
 
 def private_token_file(env):
@@ -3921,29 +4186,47 @@ def main(argv=None, environ=None, clock=None):
     """Run one command; return its exit code. environ and clock let tests stand in."""
     argv = sys.argv[1:] if argv is None else list(argv)
     env = os.environ if environ is None else environ
+    SECRETS.values.clear()  # a run knows the secrets it met itself
+    EXIT_SIGNALS.running = True
+    streams = sys.stdin, sys.stdout, sys.stderr
+    if sys.stdin is None:  # started with stdin closed: reading it finds nothing
+        sys.stdin = open(os.devnull)
+    sys.stdout, sys.stderr = StandardStream(sys.stdout, "stdout"), StandardStream(sys.stderr, "stderr")
     try:
         if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
             load_rest()
             write_text(sys.stdout, top_help(help_width()))
-            return 0
-        if argv == ["--version"]:
+            code = 0
+        elif argv == ["--version"]:
             sys.stdout.write(version_text() + "\n")
-            return 0
-        args = quick_args(argv) or parse_args(argv)
-        ctx = Context(args, env, clock)
-        code = args.func(ctx, args) or 0
-        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
+            code = 0
+        else:
+            args = quick_args(argv) or parse_args(argv)
+            ctx = Context(args, env, clock)
+            code = args.func(ctx, args) or 0
+        sys.stdout.flush()  # a closed pipe or a full disk shows up here, inside the handlers below
         return code
     except AttuneError as e:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()  # what was printed before the error comes first
+        except OutputError:
+            pass
         say(sys.stderr, "attune: error: %s" % e)
         return e.exit_code
     except KeyboardInterrupt:
         write_text(sys.stderr, "\nattune: interrupted\n")
         return 130
+    except Terminated as e:
+        write_text(sys.stderr, "\nattune: %s\n" % ("hung up" if e.signum == 1 else "terminated"))  # SIGHUP is 1
+        return 128 + e.signum
     except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
         silence_stdout()
         return 0
+    finally:
+        EXIT_SIGNALS.disarm()
+        if sys.stdin is not streams[0]:
+            sys.stdin.close()
+        sys.stdin, sys.stdout, sys.stderr = streams
 
 
 def exit_process(code):
@@ -3956,11 +4239,12 @@ def exit_process(code):
     flushed first, as the teardown would have."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: started with it closed
+                stream.flush()
         except BrokenPipeError:  # the reader went away after main() returned
             pass
         except (OSError, ValueError):
-            code = code or 1
+            code = code or (1 if stream is sys.stdout else 0)  # output lost is a failure; a message lost is not
     os._exit(code)
 
 # === Loaded on demand ========================================================
@@ -4054,13 +4338,28 @@ def cmd_config_set(ctx, args):
         else:
             profile = doc["profiles"].setdefault(name, {})
             profile.setdefault("api_url", DEFAULT_API_URL)
-            if value == "" and key != "api_url":
+            if key == "api_url":
+                point_profile(ctx, name, profile, value)
+            elif value == "":
                 profile.pop(key, None)
             else:
                 profile[key] = value
 
     ctx.store.modify(change)
     ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.success("Set %s = %s" % (key, value)))
+
+
+def point_profile(ctx, name, profile, url):
+    """Set a profile's api_url. A session belongs to the server that issued it: when the
+    origin changes, the stored tokens are dropped (said on stderr), never sent to the new one."""
+    old = profile.get("api_url", DEFAULT_API_URL)
+    profile["api_url"] = url
+    if url_origin(old if isinstance(old, str) else "") != url_origin(url) and \
+            any(profile.get(key) for key in ("auth_token", "refresh_token")):
+        for key in TOKEN_KEYS:
+            profile.pop(key, None)
+        ctx.ui.warn("profile '%s' now points at %s: its session for %s is dropped; run: attune auth login "
+                    "--profile %s" % (name, url, terminal_safe(str(old)), name))
 
 
 @command("config path", "print the credential file path")
@@ -4125,7 +4424,7 @@ def cmd_config_add_profile(ctx, args):
 
     def change(doc):
         profile = doc["profiles"].setdefault(args.name, {})
-        profile["api_url"] = url
+        point_profile(ctx, args.name, profile, url)
         for key in ("description", "ca_bundle"):
             value = getattr(args, key)
             if value is not None:
@@ -4500,6 +4799,7 @@ class WatchControls:
 
     def __enter__(self):
         import signal
+        EXIT_SIGNALS.arm()  # SIGTERM and SIGHUP restore the terminal too
         try:
             self.saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         except ValueError:  # not the main thread (attune.main() called from a thread): signals stay as they are
@@ -6053,7 +6353,8 @@ def download_version(ctx, args, artifact_id, version):
         if os.path.exists(target) and not args.force:
             raise UsageError("%s exists; add --force to replace it" % quoted(target))
         try:
-            size = write_atomic(target, lambda f: copy_stream(resp, f, Progress(ctx)), shared=True)
+            size = write_atomic(target, lambda f: copy_stream(resp, f, Progress(ctx)), shared=True,
+                                links_ok=args.force)
         except OSError as e:  # a directory, a missing or read-only place
             raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
     finally:
@@ -7140,7 +7441,8 @@ def cmd_cache_entry_scan(ctx, args):
                            % (generation, page.get("generation_id")))
         generation = page.get("generation_id")  # every page of one scan comes from one generation
         for entry in items:
-            ctx.ui.stdout.write(json.dumps(entry, separators=(",", ":")).translate(UNICODE_CONTROL_ESCAPES) + "\n")
+            line = json.dumps(SECRETS.mask_data(entry), separators=(",", ":"))
+            ctx.ui.stdout.write(line.translate(UNICODE_CONTROL_ESCAPES) + "\n")
         ctx.ui.stdout.flush()
         ctx.ui.stderr.write(json.dumps({"generation": generation, "cursor_expires_at": page.get("cursor_expires_at"),
                                         "next_cursor": page.get("next_cursor"), "record_count": page.get("record_count"),
@@ -8559,10 +8861,9 @@ class Doctor:
 
     def move_aside(self):
         store = self.ctx.store
-        real = os.path.realpath(store.path)
-        aside = "%s.corrupt-%s" % (real, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        aside = "%s.corrupt-%s" % (store.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
         with store.lock():
-            os.rename(real, aside)
+            os.rename(store.path, aside)
             store.modify_locked(lambda doc: None)
         return aside
 
@@ -8585,7 +8886,7 @@ class Doctor:
         if self.ctx.choice.config_path is None:
             self.report["lock"] = {"path": None, "status": "not checked: there is no credential file"}
             return
-        lock_path = os.path.realpath(self.ctx.choice.config_path) + ".lock"
+        lock_path = self.ctx.choice.config_path + ".lock"
         info = {"path": lock_path}
         self.report["lock"] = info
         if not os.path.isdir(os.path.dirname(lock_path)):
@@ -8639,18 +8940,15 @@ class Doctor:
         info.update(reachable=True, health_status=resp.status)
         if not resp.ok:
             info["error"] = str(api_error(resp))
-        date = resp.headers.get("Date") if resp.headers is not None else None
-        if date:
-            from email.utils import parsedate_tz, mktime_tz
-            parsed = parsedate_tz(date)
-            if parsed:
-                # Date has one-second resolution: the whole seconds are all the report can claim.
-                skew = int(round(mktime_tz(parsed) - (sent + received) / 2))
-                info["clock_skew_seconds"] = skew
-                if abs(skew) > 60:
-                    self.notes.append("this clock and the server's differ by %s; tokens attune.py received itself "
-                                      "are not affected, tokens from the environment are judged by their JWT exp"
-                                      % format_duration(abs(skew)))
+        date = http_date(resp.headers.get("Date") if resp.headers is not None else None)
+        if date is not None:
+            # Date has one-second resolution: the whole seconds are all the report can claim.
+            skew = int(round(date - (sent + received) / 2))
+            info["clock_skew_seconds"] = skew
+            if abs(skew) > 60:
+                self.notes.append("this clock and the server's differ by %s; tokens attune.py received itself "
+                                  "are not affected, tokens from the environment are judged by their JWT exp"
+                                  % format_duration(abs(skew)))
 
     def check_token(self, session):
         creds, now = session.creds, self.ctx.now()

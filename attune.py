@@ -781,6 +781,26 @@ class Credentials:
         return self.refresh_usable(now) and not self.invalidated_at
 
 
+class CommandDeadline:
+    """The deadline of a command's own --timeout (a time.monotonic() value, or None until the
+    command sets one): every wait under it ends by then too, an HTTP request and the wait for
+    the credential lock included. One per run, shared by the transport and the store."""
+
+    def __init__(self):
+        self.at = None
+
+    def until(self, at):
+        """From now on nothing waits past `at` (an earlier deadline stays)."""
+        self.at = at if self.at is None else min(self.at, at)
+        return at
+
+    def cap(self, seconds, least=0.0):
+        """seconds, or less when the command's deadline comes first (but at least `least`)."""
+        if self.at is None:
+            return seconds
+        return max(least, min(seconds, self.at - time.monotonic()))
+
+
 class Backoff:
     """The one way attune.py waits and tries again: sleeps that grow from `first` by
     `factor` up to `most`, never past `deadline` (a time.monotonic() value, or None)."""
@@ -981,12 +1001,13 @@ class CredentialStore:
     """The JSON credential file. Reads are lock-free (writes are atomic renames);
     every write re-reads the file under the lock and changes only what it must."""
 
-    def __init__(self, path, warn, log, lock_timeout=LOCK_TIMEOUT, command="attune"):
+    def __init__(self, path, warn, log, lock_timeout=LOCK_TIMEOUT, command="attune", deadline=None):
         self.path = path
         self.warn = warn
         self.log = log
         self.lock_timeout = lock_timeout
         self.command = command
+        self.deadline = deadline or CommandDeadline()
         self.exists = False
         self._doc = None
         self._checked_safety = False
@@ -1087,7 +1108,8 @@ class CredentialStore:
             make_private_dirs(os.path.dirname(os.path.abspath(self.path)))
         except OSError as e:
             raise self._write_error(e)
-        return FileLock(self.path + ".lock", self.lock_timeout, self.command, self.warn, self.log, done_waiting)
+        return FileLock(self.path + ".lock", self.deadline.cap(self.lock_timeout), self.command, self.warn,
+                        self.log, done_waiting)
 
     def modify(self, change):
         """Read-modify-write under the lock; change(doc) edits the freshly read document."""
@@ -1529,7 +1551,7 @@ class Transport:
         not up yet. With stream (the media type asked for: SSE or "*/*" for a download) a 2xx
         body is left open in Response.stream. timeout
         shortens the HTTP timeout for this one request."""
-        timeout = min(timeout, self.http.timeout) if timeout else self.http.timeout
+        timeout = self.http.deadline.cap(min(timeout, self.http.timeout) if timeout else self.http.timeout, 0.1)
         attempt = 0
         backoff = Backoff(0.25, 1.6, 5.0, self.http.wait_deadline)  # with --wait-for-server
         while True:
@@ -2992,9 +3014,10 @@ class HttpSettings:
     """How to talk HTTP: timeout, TLS, proxies (from env), --wait-for-server, and where
     to log. A transport reads these; it never reaches back into a command."""
 
-    def __init__(self, env, timeout, ca_bundle, insecure, wait_seconds, verbose, log, note):
+    def __init__(self, env, timeout, ca_bundle, insecure, wait_seconds, verbose, log, note, deadline=None):
         self.env = env
         self.timeout = timeout
+        self.deadline = deadline or CommandDeadline()  # a command's --timeout caps each request
         self.ca_bundle = ca_bundle  # () -> (path, source) or (None, None), asked when TLS is first used
         self.insecure = insecure
         self.log, self.note = log, note
@@ -3051,14 +3074,15 @@ class Context:
         self.now = clock or time.time
         config_path, config_source = credential_path(getattr(args, "config", None), env)
         self.ui = Printer(args, env, self.stored_format)
+        self.deadline = CommandDeadline()  # set by a command with its own --timeout
         self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
                                      env_number(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0),
-                                     " ".join(["attune"] + getattr(args, "command_path", [])))
+                                     " ".join(["attune"] + getattr(args, "command_path", [])), self.deadline)
         self.choice = Choice(args, env, self.store, config_path, config_source)
         insecure = getattr(args, "insecure", False)
         self.http = HttpSettings(env, env_number(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001),
                                  self.choice.ca_bundle, insecure, getattr(args, "wait_for_server", None),
-                                 self.ui.verbose, self.ui.log, self.ui.note)
+                                 self.ui.verbose, self.ui.log, self.ui.note, self.deadline)
         if insecure:
             self.ui.warn("--insecure: TLS certificates are not verified; anyone on the network "
                          "path can read your tokens")
@@ -3421,7 +3445,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
     if browser and browser_allowed(ctx.env):
         open_browser(ctx, complete)
     say(ctx.ui.stderr, "Waiting for approval. Press Ctrl+C to cancel.")
-    deadline = time.monotonic() + min(timeout or expires_in, expires_in)
+    deadline = ctx.deadline.until(time.monotonic() + min(timeout or expires_in, expires_in))
     while True:
         time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
         left = deadline - time.monotonic()
@@ -4902,7 +4926,7 @@ def wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_u
     Live updates come from the notifier while it answers (all but the last 10 s of the
     timeout); then GET /executions/{id} with a growing interval, up to 2 s."""
     started = time.monotonic()
-    deadline = started + timeout
+    deadline = ctx.deadline.until(started + timeout)
     progress = Progress(ctx)
     try:
         if notifier_url:
@@ -5943,7 +5967,7 @@ def watch_executions(ctx, session, args):
         raise UsageError("execution watch without an id prints a table only; use execution list for %s"
                          % ctx.ui.output.upper())
     with WatchControls(ctx, keys=False):  # Ctrl+C ends it even when the shell ignores SIGINT
-        return follow_executions(ctx, session, args, time.monotonic() + args.timeout)
+        return follow_executions(ctx, session, args, ctx.deadline.until(time.monotonic() + args.timeout))
 
 
 def follow_executions(ctx, session, args, deadline):

@@ -5240,6 +5240,25 @@ class WatchControlTests(ResourceTestCase):
         self.assertEqual(self.server.executions[self.slow]["status"], "running")
         self.assertEqual(termios.tcgetattr(slave), before)
 
+    def test_sigterm_and_sighup_restore_the_terminal(self):
+        """Killed politely in the middle of a watch: the terminal mode comes back, no cancel
+        is sent (nobody asked for one), exit 143 or 129."""
+        import termios
+        for signum, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+            with self.subTest(signal=signum):
+                self.server.ws_sessions.clear()
+                process, master, slave = self.on_terminal("execution", "watch", str(self.slow))
+                before = self.mode_before
+                self.assertEqual(process.stderr.readline(), "Ctrl+C requests cancellation; Ctrl+D detaches.\n")
+                self.subscribed()
+                self.assertNotEqual(termios.tcgetattr(slave), before)  # keys are being read
+                process.send_signal(signum)
+                out, err = process.communicate(timeout=20)
+                self.assertEqual(process.returncode, code, err)
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(termios.tcgetattr(slave), before)
+                self.assertEqual(self.cancels(self.slow), [])
+
     def test_ctrl_c_on_the_terminal_cancels_and_restores_it(self):
         import termios
         process, master, slave = self.on_terminal("run", "core.sleep", "-w")
@@ -8286,6 +8305,26 @@ class BoundsTests(ResourceTestCase):
         self.assertIn("the working directory is gone", err)
         self.assertNotIn("Traceback", err)
 
+    @unittest.skipUnless(POSIX, "fcntl")
+    def test_a_commands_timeout_caps_the_lock_and_every_request(self):
+        """execution watch --timeout 3 whose token is due while another process holds the
+        lock (ATTUNE_LOCK_TIMEOUT is 30 s), or whose server answers in 20 s (ATTUNE_TIMEOUT
+        60 s): it ends at its own deadline."""
+        eid = self.execute("core.sleep")
+        LockTests.hold_lock(self, 60)
+        self.seed(access_left=-100)  # due: the watch refreshes, and waits for the lock
+        started = time.monotonic()
+        result = self.run_cli("execution", "watch", str(eid), "--timeout", "3")
+        self.assertEqual(result.code, 1, result)
+        self.assertIn("gave up waiting", result.err)
+        self.assertLess(time.monotonic() - started, 20)  # the lock alone would take 30 s
+        self.seed()
+        self.server.fail("/api/v1/executions/%d" % eid, delay=20, times=None)
+        started = time.monotonic()
+        result = self.run_cli("execution", "watch", str(eid), "--timeout", "3")
+        self.assertIn(result.code, (1, 5), result)
+        self.assertLess(time.monotonic() - started, 15)  # one answer alone takes 20 s
+
     def test_a_slow_websocket_upgrade_ends_within_the_watch_timeout(self):
         """The notifier answers its upgrade a byte every 0.3 s: the watch gives up on it,
         polls, and ends at its own --timeout."""
@@ -10011,8 +10050,9 @@ class ProgressResult(unittest.TextTestResult):
         super().stopTestRun()
 
     def watch(self):
+        tick = threading.Event()  # not time.sleep: tests replace that, and would see these calls
         while True:
-            time.sleep(1)
+            tick.wait(1)
             current = self.current
             if current and time.monotonic() - current[1] > TEST_LIMIT:
                 import faulthandler

@@ -231,7 +231,7 @@ def not_logged_in():
 
 
 # === Input from outside: URLs, tokens, names, numbers, files, text ==========
-# design.md section 10: each kind of input is accepted in one place, so a hostile
+# Everything from outside is untrusted: each kind of input is accepted in one place, so a hostile
 # value is refused the same way whichever flag, variable, file or answer brought it.
 
 TOKEN_FILE_LIMIT = 64 * 1024            # bytes; a token file is one line
@@ -657,7 +657,7 @@ def format_time(when):
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
-# Expiry, as design.md section 5 defines it: the one place that decides what a stored
+# Expiry (see Tokens in the README): the one place that decides what a stored
 # time means, when a token is due for refresh and whether it is still usable.
 
 MARGIN_MIN, MARGIN_MAX = 30, 300  # proactive refresh margin bounds, seconds
@@ -1496,7 +1496,7 @@ def error_context(resp):
 
 
 def api_error(resp, label="API error"):
-    """The AttuneError for a non-2xx response, with the exit code design.md section 7 gives it."""
+    """The AttuneError for a non-2xx response, with its documented exit code (README: Exit codes)."""
     message = "%s (%d %s%s): %s" % (label, resp.status, resp.reason, error_context(resp), error_message(resp))
     retry_after = resp.headers.get("Retry-After") if resp.status == 429 and resp.headers is not None else None
     if retry_after:
@@ -2917,7 +2917,7 @@ class Printer:
 
 
 class Choice:
-    """What this run works with, by design.md section 4: the credential file, the profile,
+    """What this run works with, by the precedence the README gives: the credential file, the profile,
     the API URL and the tokens, each with where it came from."""
 
     def __init__(self, args, env, store, config_path, config_source):

@@ -4290,7 +4290,7 @@ class GuardTests(unittest.TestCase):
             self.assertLessEqual(imported, set(names) | {"msvcrt", "fcntl"})
 
     def test_plain_code_only(self):
-        """No code in strings, nothing run from text, no private interpreter API (design.md section 1)."""
+        """No code in strings, nothing run from text, no private interpreter API."""
         import ast
         modules = {"argparse", "json", "os", "sys", "urllib", "http", "ssl", "socket", "time", "binascii"}
         longest = 0
@@ -7964,7 +7964,7 @@ class RefreshFallbackTests(AttuneTestCase):
         self.ok("auth", "whoami")
 
 
-# === Tests: long sessions (design.md section 5) ==============================
+# === Tests: long sessions ====================================================
 # Real processes against a server whose access tokens live 35 s (refresh margin 17 s)
 # and that accepts no expired token (no leeway). The long test needs real minutes, so
 # test-all runs it on one interpreter only (ATTUNE_TEST_LONG=0 on the others).

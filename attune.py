@@ -916,21 +916,36 @@ def check_write_target(path):
         raise ConfigError("%s is not a regular file; attune.py will not replace it" % quoted(path))
 
 
+TEMP_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                   | getattr(os, "O_BINARY", 0))
+
+
+def fresh_name(directory, prefix, suffix=""):
+    """A path in directory that nothing else will pick (64 random bits), for a file or
+    directory created with O_EXCL / mkdir. Unlike mkstemp, the caller holds the name
+    before the file exists, so a signal between creating it and noting it cannot leak it."""
+    return os.path.join(directory, prefix + binascii.hexlify(os.urandom(8)).decode("ascii") + suffix)
+
+
 def write_atomic(path, data, shared=False, links_ok=False):
     """Write to path so that a reader sees the old or the new file, never a mix: a temp
-    file in the same directory (mkstemp makes it 0600; shared gives it the mode a new file
+    file in the same directory (created 0600; shared gives it the mode a new file
     gets under the umask), fsync, rename over, fsync the directory. data is bytes, or a
     function that writes to the file; its result is returned. On any failure the temp file
     is removed and path is untouched. A link or non-regular file at path is refused
     (check_write_target) unless links_ok, where the rename replaces the link itself."""
-    import tempfile
     if not links_ok:
         check_write_target(path)
     EXIT_SIGNALS.arm()  # a SIGTERM from here on still removes the temp file
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
+    tmp = None
+    try:  # the name is known before the file exists: a signal at any point leaves nothing
+        while tmp is None:
+            tmp = fresh_name(directory, "." + os.path.basename(path) + ".", ".tmp")
+            try:
+                fd = os.open(tmp, TEMP_FILE_FLAGS, 0o600)
+            except FileExistsError:  # another writer's name: not ours to remove
+                tmp = None
         with os.fdopen(fd, "wb") as f:
             result = data(f) if callable(data) else f.write(data)
             f.flush()
@@ -941,10 +956,11 @@ def write_atomic(path, data, shared=False, links_ok=False):
             os.chmod(tmp, 0o666 & ~mask)
         replace_file(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:  # not created yet, or gone
+                pass
         raise
     if not WINDOWS:  # make the rename itself durable; best effort
         try:
@@ -3804,14 +3820,13 @@ CHILD_WITHHELD = ("ATTUNE_AUTH_TOKEN", "ATTUNE_KEEP_FRESH", "ATTUNE_REFRESH_TOKE
                   "ATTUNE_TOKEN_FILE")
 
 
-def private_token_file(env):
-    """A new 0700 directory under $XDG_RUNTIME_DIR (else the temp directory) and the path of
-    the token file in it."""
+def private_token_directory(env):
+    """The path for a new 0700 directory under $XDG_RUNTIME_DIR (else the temp directory);
+    the caller creates it (mkdir) inside the try that removes it."""
     import tempfile
     runtime = env.get("XDG_RUNTIME_DIR", "")
-    base = runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else None
-    directory = tempfile.mkdtemp(prefix="attune-exec-", dir=base)  # mode 0700
-    return directory, os.path.join(directory, "token")
+    base = runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
+    return fresh_name(base, "attune-exec-")
 
 
 def terminal_delivers(signum):
@@ -3835,10 +3850,17 @@ def run_keeping_fresh(ctx, session, command, env):
     import shutil
     import signal
     import subprocess
-    directory, path = private_token_file(ctx.env)
     written = session.creds.access
     previous = {}
-    try:
+    directory = None
+    try:  # the directory's name is known before it exists: however this ends, it goes
+        while directory is None:
+            directory = private_token_directory(ctx.env)
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:  # taken: not ours to remove
+                directory = None
+        path = os.path.join(directory, "token")
         write_atomic(path, (written + "\n").encode("ascii"))
         env.update(ATTUNE_TOKEN_FILE=path, ATTUNE_KEEP_FRESH=path)
         child = subprocess.Popen(command, env=env)
@@ -3878,7 +3900,8 @@ def run_keeping_fresh(ctx, session, command, env):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 # === Argument parser =========================================================

@@ -8500,6 +8500,57 @@ class ExitSignalTests(ResourceTestCase):
                 self.assertEqual(os.listdir(folder), [])
                 self.server.faults.clear()
 
+    def interrupt_on_create(self, create, name_part):
+        """os.open / os.mkdir that creates what it is asked and then, for a path containing
+        name_part, raises KeyboardInterrupt: a signal landing the instant the file exists."""
+        created = []
+
+        def wrapper(path, *args, **kwargs):
+            result = create(path, *args, **kwargs)
+            if name_part in os.path.basename(path):
+                created.append(result)
+                raise KeyboardInterrupt
+            return result
+        return wrapper, created
+
+    def test_an_interrupt_the_instant_a_temp_file_exists_leaves_nothing(self):
+        folder = tempfile.mkdtemp(dir=self.tmp)
+        target = os.path.join(folder, "out.bin")
+        self.server.fail("/api/v1/artifacts/1/download", status=200, body=b"data")
+        wrapper, created = self.interrupt_on_create(os.open, ".out.bin.")
+        with mock.patch.object(os, "open", wrapper):
+            result = self.run_cli("artifact", "download", "1", "-o", target)
+        for fd in created:
+            os.close(fd)
+        self.assertEqual(len(created), 1)
+        self.assertEqual(result.code, 130, result)
+        self.assertEqual(os.listdir(folder), [])
+
+    def test_a_temp_name_already_taken_is_left_to_its_owner(self):
+        folder = tempfile.mkdtemp(dir=self.tmp)
+        target, theirs = os.path.join(folder, "out.bin"), os.path.join(folder, ".out.bin.theirs.tmp")
+        with open(theirs, "w") as f:
+            f.write("another writer's\n")
+        ours = os.path.join(folder, ".out.bin.ours.tmp")
+        with mock.patch.object(attune, "fresh_name", side_effect=[theirs, ours]):
+            attune.write_atomic(target, b"new\n")
+        self.assertEqual(sorted(os.listdir(folder)), [".out.bin.theirs.tmp", "out.bin"])
+        with open(theirs) as f:
+            self.assertEqual(f.read(), "another writer's\n")
+        with open(target) as f:
+            self.assertEqual(f.read(), "new\n")
+
+    @unittest.skipUnless(POSIX, "auth exec --keep-fresh")
+    def test_an_interrupt_the_instant_the_token_directory_exists_leaves_nothing(self):
+        runtime = tempfile.mkdtemp(dir=self.tmp)
+        wrapper, created = self.interrupt_on_create(os.mkdir, "attune-exec-")
+        with mock.patch.object(os, "mkdir", wrapper):
+            result = self.run_cli("auth", "exec", "--keep-fresh", "--", sys.executable, "-c", "pass",
+                                  env={"XDG_RUNTIME_DIR": runtime})
+        self.assertEqual(len(created), 1)
+        self.assertEqual(result.code, 130, result)
+        self.assertEqual(os.listdir(runtime), [])
+
     def test_a_refresh_stopped_by_a_signal_releases_the_lock(self):
         import fcntl
         for signum, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):

@@ -17,6 +17,7 @@ Table of contents: grep -n '^# ===' attune.py
 
 import binascii
 import errno
+import io  # loaded by the interpreter before any script: free
 import os
 import stat
 import sys
@@ -1370,43 +1371,72 @@ def proxy_for(url, env):
     return None
 
 
-class TimeLimitReached(BaseException):
-    """Raised by TimeLimit's timer inside whatever the limited block was waiting for. A
-    BaseException, like KeyboardInterrupt, so that no library's `except Exception` keeps it."""
+class RequestDeadline:
+    """One deadline for a whole exchange (connect, TLS, request, headers and body, every
+    redirect hop), however slowly the peer dribbles: a socket timeout alone restarts with
+    every byte that arrives, so a server sending one byte every few seconds would never
+    time out. Each step on a DeadlineSocket may take what is left, at most `step`; lift()
+    ends the overall deadline (a stream's body, once its headers are in), leaving `step` as
+    the bound on each silence. The same on every platform and in every thread."""
+
+    def __init__(self, seconds, step):
+        self.at, self.step = time.monotonic() + seconds, step
+
+    def lift(self):
+        self.at = None
+
+    def left(self):
+        """Seconds the next step may take; socket.timeout once the deadline has passed."""
+        import socket
+        if self.at is None:
+            return self.step
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return min(self.step, left)
 
 
-class TimeLimit:
-    """`with TimeLimit(seconds):` ends the whole block at one deadline, however slowly the
-    peer dribbles: a socket timeout alone restarts with every byte that arrives, so a server
-    sending one byte every few seconds would never time out. On POSIX, in the main thread, a
-    real-time timer (SIGALRM) raises TimeLimitReached when the deadline passes; elsewhere
-    (Windows, another thread) the socket timeout alone bounds each step. Not nested."""
+class DeadlineSocket:
+    """A connected socket (plain or TLS) whose every read and write is bounded by a
+    RequestDeadline: before each step its timeout becomes what is left."""
 
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.previous = None
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
 
-    def __enter__(self):
-        import signal
-        if hasattr(signal, "setitimer"):
-            try:
-                previous = signal.signal(signal.SIGALRM, self.reached)
-            except ValueError:  # not the main thread: signals cannot be set there
-                return self
-            self.previous = signal.SIG_DFL if previous is None else previous
-            signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 0.001))
-        return self
+    def recv(self, size):
+        self.sock.settimeout(self.deadline.left())
+        return self.sock.recv(size)
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            import signal
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
-            self.previous = None
-        return False
+    def sendall(self, data):
+        self.sock.settimeout(self.deadline.left())  # since Python 3.5 the bound of the whole sendall
+        return self.sock.sendall(data)
 
-    def reached(self, signum, frame):
-        raise TimeLimitReached()
+    def makefile(self, mode="rb", buffering=None, **kwargs):
+        """What http.client reads an answer from: the socket's own unbuffered reader (which
+        keeps the socket open until it is closed too), each read under the deadline."""
+        return io.BufferedReader(DeadlineReader(self, self.sock.makefile("rb", buffering=0)))
+
+    def __getattr__(self, name):  # fileno, close, pending, setsockopt...: the socket's own
+        return getattr(self.sock, name)
+
+
+class DeadlineReader(io.RawIOBase):
+    """The raw reader under DeadlineSocket.makefile()."""
+
+    def __init__(self, sock, raw):
+        self.sock, self.raw = sock, raw
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.sock.settimeout(self.sock.deadline.left())
+        return self.raw.readinto(buffer)
+
+    def close(self):
+        if not self.closed:
+            self.raw.close()
+        super().close()
 
 
 def read_bounded(fp, limit, what):
@@ -1625,13 +1655,11 @@ class Transport:
             log(">   %s" % describe_body(body))
         started = time.monotonic()
         what = "the answer to %s %s" % (method, url.split("?", 1)[0])
+        # one deadline for connect, TLS, headers and body; a stream's body is bounded by
+        # the timeout of each read instead (the silence between events)
+        req.deadline = RequestDeadline(timeout, timeout)
         try:
-            # one deadline for connect, TLS, headers and body; a stream's body is bounded
-            # by the socket timeout instead (the silence between events)
-            with TimeLimit(timeout):
-                resp = self._exchange(req, url, timeout, stream, what)
-        except TimeLimitReached:
-            raise network_error(url, TimeoutError("timed out"), timeout)
+            resp = self._exchange(req, url, timeout, stream, what)
         except http.client.HTTPException as e:
             if isinstance(e, http.client.LineTooLong) or str(e).startswith("got more than"):
                 raise ServerError("%s has more headers than http.client reads (%s)" % (what, e))
@@ -1661,6 +1689,7 @@ class Transport:
                 e.close()
             return Response(e.code, e.reason, e.headers, data)
         if stream:
+            req.deadline.lift()
             return Response(r.getcode(), r.reason, r.headers, b"", stream=r)
         with r:
             return Response(r.getcode(), r.reason, r.headers, read_bounded(r, ANSWER_LIMIT, what))
@@ -1675,10 +1704,50 @@ class Transport:
         if key not in self._openers:
             handlers = [urllib.request.ProxyHandler({scheme: proxy} if proxy else {}),
                         same_origin_redirects()]
-            if scheme == "https":
-                handlers.append(urllib.request.HTTPSHandler(context=self.http.ssl_context()))
+            handlers.extend(deadline_handlers(self.http.ssl_context() if scheme == "https" else None))
             self._openers[key] = urllib.request.build_opener(*handlers)
         return self._openers[key]
+
+
+def deadline_handlers(ssl_context):
+    """urllib's HTTP (and with an SSL context, HTTPS) handlers, with connections that put
+    each socket step of a request under its RequestDeadline (the request's .deadline)."""
+    import functools
+    import http.client
+    import urllib.request
+
+    def under_deadline(base):
+        class Connection(base):
+            def __init__(self, *args, deadline=None, **kwargs):
+                base.__init__(self, *args, **kwargs)
+                self.deadline = deadline
+
+            def connect(self):  # TCP, a proxy's CONNECT and TLS, then every read and write
+                if self.deadline is not None:
+                    self.timeout = self.deadline.left()
+                base.connect(self)
+                if self.deadline is not None:
+                    self.sock = DeadlineSocket(self.sock, self.deadline)
+        return Connection
+
+    http_connection = under_deadline(http.client.HTTPConnection)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            deadline = getattr(req, "deadline", None)
+            return self.do_open(functools.partial(http_connection, deadline=deadline), req)
+
+    if ssl_context is None:
+        return [HTTPHandler()]
+    https_connection = under_deadline(http.client.HTTPSConnection)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            deadline = getattr(req, "deadline", None)
+            return self.do_open(functools.partial(https_connection, deadline=deadline), req,
+                                context=ssl_context)
+
+    return [HTTPHandler(), HTTPSHandler(context=ssl_context)]
 
 
 def same_origin_redirects():
@@ -1716,6 +1785,8 @@ def same_origin_redirects():
             auth = req.unredirected_hdrs.get("Authorization")
             if new_req is not None and auth:
                 new_req.add_unredirected_header("Authorization", auth)
+            if new_req is not None:  # the next hop counts against the same deadline
+                new_req.deadline = getattr(req, "deadline", None)
             return new_req
 
     return SameOriginRedirectHandler()
@@ -5122,18 +5193,21 @@ class WebSocket:
         self.buffer = buffered
 
     @classmethod
-    def connect(cls, url, token, timeout, http):
-        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token."""
+    def connect(cls, url, token, deadline, http):
+        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token; each
+        step of it, and of what follows, under deadline (a RequestDeadline)."""
         import hashlib
         import socket
         from urllib.parse import urlsplit
         parts = urlsplit(url)
         secure = parts.scheme == "wss"
         host, port = parts.hostname, parts.port or (443 if secure else 80)
-        sock = socket.create_connection((host, port), timeout)
+        sock = socket.create_connection((host, port), deadline.left())
         try:
             if secure:
+                sock.settimeout(deadline.left())  # the bound of the whole handshake
                 sock = http.ssl_context().wrap_socket(sock, server_hostname=host)
+            sock = DeadlineSocket(sock, deadline)
             key = binascii.b2a_base64(os.urandom(16)).decode("ascii").strip()
             lines = ["GET %s HTTP/1.1" % (parts.path or "/"), "Host: %s" % parts.netloc,
                      "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
@@ -5287,17 +5361,19 @@ def notifier_subscribe(ctx, session, execution_id, url, until):
     if left <= 0:
         raise WebSocketError("no time left for the notifier")
     ctx.ui.log("> WebSocket %s/ws" % url)
+    import socket
     limit = min(5.0, left)
+    deadline = RequestDeadline(limit, limit)
     ws = None
     try:
-        with TimeLimit(limit):
-            ws = WebSocket.connect(url + "/ws", session.creds.access, limit, ctx.http)
-            welcome = json_loads(ws.receive())
-            if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
-                raise WebSocketError("no welcome message")
-            ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
+        ws = WebSocket.connect(url + "/ws", session.creds.access, deadline, ctx.http)
+        welcome = json_loads(ws.receive())
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+            raise WebSocketError("no welcome message")
+        ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
+        deadline.lift()  # from now on each read is bounded, the watch its own deadline
         return ws
-    except TimeLimitReached:
+    except socket.timeout:
         if ws is not None:
             ws.sock.close()
         raise WebSocketError("the notifier did not answer within %gs" % limit)
@@ -5493,7 +5569,6 @@ def pack_ref_from_yaml(text):
 def pack_archive(path):
     """(tar.gz bytes, pack ref) for a pack directory (packed in memory, .git and
     symlinks left out) or an existing .tar.gz file."""
-    import io
     import tarfile
     if os.path.isdir(path):
         manifest = os.path.join(path, "pack.yaml")

@@ -8237,6 +8237,50 @@ class BoundsTests(ResourceTestCase):
                 self.assertLess(time.monotonic() - started, 20)  # a hang guard: the answer takes 60 s
                 self.assertEqual([r.path for r in self.server.requests], [path])
 
+    def test_the_request_deadline_holds_in_any_thread(self):
+        """The deadline lives in the socket, not in a signal: the same dribbling answer ends
+        at 0.5 s when attune.main runs in another thread (as on Windows, where no timer
+        signal exists)."""
+        import threading
+        self.server.fail("/api/v1/packs", dribble=0.2, body={"data": [], "padding": "x" * 300}, times=None)
+        results = []
+        worker = threading.Thread(target=lambda: results.append(
+            self.run_cli("pack", "list", env={"ATTUNE_TIMEOUT": "0.5"})))
+        worker.start()
+        worker.join(60)  # a hang guard: the answer takes a minute
+        self.server.faults.clear()
+        self.assertFalse(worker.is_alive())
+        self.check_error(results[0], 5, "within 0.5s")
+
+    def test_a_deadline_socket_step_by_step(self):
+        """Each step may take what is left of the deadline (at most `step`); once it has
+        passed every step is a timeout; lifted, only `step` bounds each read."""
+        import socket
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        deadline = attune.RequestDeadline(30, 7)
+        sock = attune.DeadlineSocket(ours, deadline)
+        theirs.sendall(b"abcd")
+        self.assertEqual(sock.recv(2), b"ab")
+        self.assertEqual(ours.gettimeout(), 7)  # the step: less than what is left
+        reader = sock.makefile("rb")
+        self.assertEqual(reader.read(2), b"cd")
+        theirs.sendall(b"ef")
+        deadline.at = time.monotonic() - 1  # the deadline has passed
+        for step in (lambda: sock.recv(1), lambda: sock.sendall(b"x"), lambda: reader.read(2)):
+            with self.assertRaises(socket.timeout):
+                step()
+        deadline.lift()  # a stream's body: no overall deadline any more
+        self.assertEqual(reader.read(2), b"ef")
+        sock.sendall(b"ok")
+        self.assertEqual(theirs.recv(2), b"ok")
+        deadline.at = time.monotonic() + 0.25
+        self.assertLessEqual(deadline.left(), 0.25)  # what is left, when less than the step
+        reader.close()
+        sock.close()
+        self.assertEqual(ours.fileno(), -1)  # closed once both are
+
     @unittest.skipUnless(hasattr(os, "wait4"), "peak memory of a child")
     def test_an_endless_answer_stops_at_its_size_bound(self):
         for argv, path in ((("pack", "list"), "/api/v1/packs"), (("auth", "whoami"), "/auth/me")):

@@ -5454,9 +5454,14 @@ def wait_for_pack_tests(ctx, session, install_id):
     if isinstance(install_id, bool) or not isinstance(install_id, int):
         return None
     ctx.ui.info("  Running pack tests (install %d)..." % install_id)
-    deadline = time.monotonic() + INSTALL_WAIT
+    deadline = ctx.deadline.until(time.monotonic() + INSTALL_WAIT)  # each request ends by then too
     while True:
-        install = session.fetch("GET", "/packs/install/%d" % install_id)
+        try:
+            install = session.fetch("GET", "/packs/install/%d" % install_id)
+        except NetworkError:
+            if time.monotonic() < deadline:
+                raise
+            install = {}  # the look that ran out of time: the wait is over, the pack is in
         if install.get("status") in INSTALL_DONE:
             if install["status"] == "succeeded":
                 ctx.ui.success("  Pack tests passed")
@@ -8736,7 +8741,8 @@ def cmd_api(ctx, args):
                   "the same as --wait-for-server"))
 def cmd_health(ctx, args):
     session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
-    if args.wait is not None:
+    if args.wait is not None:  # the wait is the command: no request outlasts it either
+        ctx.deadline.until(time.monotonic() + args.wait)
         ctx.http.wait_for(args.wait)
         resp = wait_for_health(ctx.http, session)
     else:

@@ -252,7 +252,8 @@ class FakeAttune:
     def fail(self, path, method=None, status=None, body=None, headers=None, delay=0.0,
              drop=False, truncate=False, times=1, effect=None, processed=False, dribble=None,
              endless=False, echo=None, slow_body=None):
-        """Answer the next `times` matching requests (None: all) with a fault instead;
+        """Answer the next `times` requests for path (a string, or a compiled pattern the
+        whole path must match) with a fault instead (None: all of them);
         effect() runs first (another client changing things at that very moment).
         processed: the request is handled first, its answer then replaced by the fault (a
         gateway failing after the server did the work); dribble: the answer goes out a byte
@@ -268,7 +269,9 @@ class FakeAttune:
     def take_fault(self, req):
         with self.lock:
             for fault in self.faults:
-                if fault["path"] == req.path and fault["method"] in (None, req.method):
+                path = fault["path"]  # a path, or a compiled pattern for a family of them
+                if (path == req.path or (hasattr(path, "fullmatch") and path.fullmatch(req.path))) \
+                        and fault["method"] in (None, req.method):
                     if fault["times"] is not None:
                         fault["times"] -= 1
                         if fault["times"] <= 0:
@@ -8368,6 +8371,24 @@ class BoundsTests(ResourceTestCase):
         result = self.run_cli("execution", "watch", str(eid), "--timeout", "3")
         self.assertIn(result.code, (1, 5), result)
         self.assertLess(time.monotonic() - started, 15)  # one answer alone takes 20 s
+
+    def test_health_wait_and_the_pack_test_wait_cap_their_requests(self):
+        """health --wait 1 and the wait for a pack's tests end at their own deadline when
+        the server takes 30 s to answer (ATTUNE_TIMEOUT is 60 s)."""
+        self.server.fail("/health", delay=30, times=None)
+        started = time.monotonic()
+        self.check_error(self.run_cli("health", "--wait", "1"), 5, "within")
+        self.assertLess(time.monotonic() - started, 20)  # a hang guard: one answer takes 30 s
+        self.server.faults.clear()
+        self.server.install_tests = "succeeded"
+        self.server.fail(re.compile(r"/api/v1/packs/install/\d+"), delay=30, times=None)
+        started = time.monotonic()
+        with mock.patch.object(attune, "INSTALL_WAIT", 1):
+            result = self.run_cli("pack", "install", "slack")
+        self.assertLess(time.monotonic() - started, 20)
+        self.server.faults.clear()
+        self.assertEqual(result.code, 0, result)  # the pack is installed; its tests still run
+        self.assertIn("Timed out waiting for pack tests to complete", result.err)
 
     def test_a_slow_websocket_upgrade_ends_within_the_watch_timeout(self):
         """The notifier answers its upgrade a byte every 0.3 s: the watch gives up on it,

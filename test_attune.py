@@ -9267,7 +9267,7 @@ class QuickPathTests(AttuneTestCase):
         for layout, change, states in layouts:
             if os.path.exists(self.config):
                 os.unlink(self.config)
-            pair = {self.seed(name, access_left=3000 - i, current=name == "a")["auth_token"]
+            pair = {self.seed(name, access_left=3000 - 500 * i, current=name == "a")["auth_token"]
                     for i, name in enumerate(("a", "b"))}
             self.assertEqual(len(pair), 2)  # the profiles hold distinct tokens
             stored |= pair

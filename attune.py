@@ -3288,15 +3288,448 @@ YES = arg("--yes", action="store_true", help="do not ask for confirmation")
 EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution id (a whole number)")
 
 
-# === Commands: auth ==========================================================
+# === Commands: auth token, the quick path ====================================
+# The one command that starts without the rest of the program (see Loaded on demand).
 
 group("auth", "log in and out, inspect and print tokens")
 
-LOGIN_URL = arg("--url", help="API URL to log in to (stored in the profile)")
-SAVE_PROFILE = arg("--save-profile", metavar="NAME", help="store the session in this profile")
 MIN_TTL = arg("--min-ttl", type=Number(0), default=0, metavar="SECONDS",
               help="refresh first unless the token has at least this long left")
 TOKEN_FORMATS = ("raw", "json", "env", "header")
+
+
+@command("auth token", "print the access token that would be used",
+         MIN_TTL, arg("--format", choices=TOKEN_FORMATS, help="raw (default), json, env (shell exports) or header"))
+def cmd_auth_token(ctx, args):
+    session = ctx.session()
+    token = session.token(min_ttl=args.min_ttl)
+    creds, now = session.creds, ctx.now()
+    left = creds.access_left(now)
+    if args.min_ttl and left is not None and left < args.min_ttl:
+        ctx.ui.warn("the token has %ds left, less than --min-ttl %d: the server issues shorter-lived tokens"
+                    % (left, args.min_ttl))
+    fmt = args.format or {"json": "json", "yaml": "yaml"}.get(ctx.ui.output, "raw")
+    if fmt == "raw":
+        ctx.ui.stdout.write(token + "\n")
+    elif fmt == "header":
+        ctx.ui.stdout.write("Authorization: Bearer %s\n" % token)
+    elif fmt == "env":
+        ctx.ui.stdout.write("export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n"
+                            % (shell_quote(session.api_url), shell_quote(token)))
+    else:
+        profile, profile_source = ctx.choice.profile_source
+        url_source = ctx.choice.api_url_for(profile)[1]
+        doc = {"token": token, "expires_at": creds.access_expires_at,
+               "expires_in": None if left is None else int(left),
+               "profile": profile, "profile_source": profile_source,
+               "api_url": session.api_url, "api_url_source": url_source,
+               "source": creds.source, "source_detail": creds.origin}
+        ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc, secrets_ok=True)
+
+
+# === Argument parser =========================================================
+
+GLOBAL_OPTIONS = (
+    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
+    arg("--api-url", metavar="URL", help="API URL for this run"),
+    arg("--config", metavar="FILE", help="credential file"),
+    arg("--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
+                                                                 "cache entry scan --all only)"),
+    arg("-j", "--json", action="store_true", help="JSON output"),
+    arg("-y", "--yaml", action="store_true", help="YAML output"),
+    arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
+    arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
+    arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
+    arg("--wait-for-server", type=Number(0, integer=False), metavar="SECONDS",
+        help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
+)
+FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
+
+
+def option_dest(flags, options):
+    """The attribute argparse stores an argument in: --ref-spec -> ref_spec."""
+    if "dest" in options:
+        return options["dest"]
+    names = [f for f in flags if f.startswith("--")] or list(flags)
+    return names[0].lstrip("-").replace("-", "_")
+
+
+def option_default(options):
+    if "default" in options:
+        return options["default"]
+    return {"store_true": False, "count": 0}.get(options.get("action"))
+
+
+def option_names(arguments):
+    """(every option string, the ones that take a value) of some arg() declarations."""
+    names, takes_value = [], []
+    for flags, options in arguments:
+        if flags[0].startswith("-"):
+            names.extend(flags)
+            if options.get("action") not in FLAG_ACTIONS:
+                takes_value.extend(flags)
+    return names, takes_value
+
+
+GLOBAL_VALUE_OPTIONS = tuple(option_names(GLOBAL_OPTIONS)[1])
+
+
+def version_text():
+    return "attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
+
+
+def help_width():
+    return terminal_columns(sys.stdout, os.environ) or 80
+
+
+def wrap(text, width, indent):
+    """text in lines of at most width characters, each after indent spaces (textwrap imports re)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width - indent:
+            lines.append(line)
+            line = word
+        else:
+            line = line + " " + word if line else word
+    return ("\n" + " " * indent).join(lines + [line])
+
+
+def help_rows(rows, width):
+    """argparse's two-column layout: the name, then its help from column 24 on, wrapped."""
+    lines = []
+    for name, text in rows:
+        if len(name) <= 20:
+            lines.append("  %-22s%s" % (name, wrap(text, width, 24)))
+        else:
+            lines.append("  %s\n%s%s" % (name, " " * 24, wrap(text, width, 24)))
+    return lines
+
+
+def top_help(width):
+    """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
+    commands = [(name, help_text) for name, help_text, _ in children(())]
+    options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
+    for flags, spec in GLOBAL_OPTIONS:
+        value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
+            spec.get("metavar") or "{%s}" % ",".join(spec["choices"]))
+        options.append((", ".join(flag + value for flag in flags), spec["help"]))
+    lines = ["usage: attune [-h] [--version] [global options] COMMAND ...", "",
+             "Command-line client for the Attune automation platform.", "", "commands:"]
+    lines += help_rows(commands, width)
+    lines += ["", "global options (before or after the command):"] + help_rows(options, width)
+    lines += ["", "exit codes:"] + ["  %-4d %s" % pair for pair in EXIT_CODES]
+    lines += ["", "environment:"] + ["  %-22s %s" % pair for pair in ENVIRONMENT]
+    lines += ["", "Run 'attune COMMAND --help' for a command's own options."]
+    return "\n".join(lines) + "\n"
+
+
+def find_command(path):
+    for cmd in COMMANDS:
+        if cmd.path == path:
+            return cmd
+    return None
+
+
+def children(path):
+    """(name, help, Command or None) of what stands below path: the top level or a group."""
+    if not path:
+        return [(name, GROUP_HELP.get(name) or find_command((name,)).help, find_command((name,)))
+                for name in TOP_LEVEL]
+    return [(cmd.path[-1], cmd.help, cmd) for cmd in COMMANDS if cmd.path[:-1] == path]
+
+
+def command_tree():
+    """(path, options, value options, subcommands) of the top level, each group and each
+    command: what the completion scripts offer."""
+    names, takes_value = option_names(GLOBAL_OPTIONS)
+    common = ["-h", "--help"] + names + ["--version"]
+    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
+        yield path, common, takes_value, [name for name, _, _ in children(path)]
+    for cmd in COMMANDS:
+        own, own_values = option_names(cmd.arguments)
+        yield cmd.path, common + own, takes_value + own_values, [name for name, _, _ in children(cmd.path)]
+
+
+class Namespace:
+    """What argparse.Namespace holds, for quick_args(), which does without argparse."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+QUICK_COMMANDS = (("auth", "token"),)
+
+
+def quick_args(argv):
+    """The arguments argparse would make of argv when it names one of QUICK_COMMANDS
+    with only options spelled out in full; None for anything else, which argparse
+    parses. It reads the same declarations: `auth token` then starts without
+    importing argparse and re, which cost more than the rest of the command."""
+    options = {}
+
+    def learn(arguments, values):
+        for flags, spec in arguments:
+            values[option_dest(flags, spec)] = option_default(spec)
+            options.update((flag, (option_dest(flags, spec), spec)) for flag in flags)
+
+    values, words, argv = {}, [], list(argv)
+    learn(GLOBAL_OPTIONS, values)
+    while argv:
+        word = argv.pop(0)
+        if not word.startswith("-"):
+            words.append(word)
+            cmd = find_command(tuple(words)) if len(words) == 2 else None
+            if len(words) == 2 and (cmd is None or cmd.path not in QUICK_COMMANDS):
+                return None
+            if cmd is not None:
+                learn(cmd.arguments, values)
+            continue
+        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if name not in options:
+            return None  # -h, --version, an abbreviation, --, a short option with its value
+        dest, spec = options[name]
+        if spec.get("action") == "store_true" and not eq:
+            values[dest] = True
+            continue
+        kind = spec.get("type")
+        if spec.get("action") is not None or (kind is not None and not isinstance(kind, Number)):
+            return None
+        if not eq:
+            if not argv or argv[0].startswith("-"):
+                return None
+            value = argv.pop(0)
+        if kind is not None:
+            value = parse_number(value, kind.low, kind.high, kind.integer)
+            if value is None:
+                return None  # argparse says what is wrong with it
+        if value not in spec.get("choices", (value,)):
+            return None
+        values[dest] = value
+    if len(words) != 2:
+        return None
+    values["cmd"], values["cmd_" + cmd.path[0]] = cmd.path  # the dest of each level's subparsers
+    if children(cmd.path):  # `auth token` has sub-commands of its own, none of them chosen here
+        values["_".join(("cmd",) + cmd.path)] = None
+    return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
+
+
+def add_global_args(parser, top, own=()):
+    """Global options, accepted before or after the command. Below the top level their
+    defaults are SUPPRESS, so a value given earlier is not overwritten. A command's own
+    option of the same name wins after the command (`pack update --version 2.0.0` is the
+    pack's version, `artifact download -o FILE` the target): there the global one is
+    given before the command."""
+    group = parser.add_argument_group("global options")
+    for flags, spec in GLOBAL_OPTIONS:
+        if not set(flags) & set(own):
+            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
+    if "--version" not in own:
+        group.add_argument("--version", action="version", version=version_text())
+
+
+def help_formatter(prog):
+    """argparse's help layout, told the width itself: asking shutil.get_terminal_size()
+    would import shutil, bz2 and lzma for nothing."""
+    return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
+
+
+def build_parser():
+    """The argument parser. Each command's parser is filled in from its declaration
+    only when argv reaches it: building all of them costs more than most commands."""
+
+    class CommandParser(argparse.ArgumentParser):
+        """A parser that adds its arguments the first time it parses or shows help."""
+
+        def __init__(self, *args, **kwargs):
+            self.fill = kwargs.pop("fill", None)
+            argparse.ArgumentParser.__init__(self, *args, **kwargs)
+
+        def filled(self):
+            fill, self.fill = self.fill, None
+            if fill is not None:
+                fill(self)
+            return self
+
+        def parse_known_args(self, args=None, namespace=None):
+            return argparse.ArgumentParser.parse_known_args(self.filled(), args, namespace)
+
+        def format_help(self):
+            if self.prog == "attune":
+                return top_help(help_width())
+            return argparse.ArgumentParser.format_help(self.filled())
+
+        def error(self, message):
+            """argparse's usage error, with the words it echoes made terminal-safe."""
+            self.print_usage(sys.stderr)
+            say(sys.stderr, "%s: error: %s" % (self.prog, message))
+            sys.exit(2)
+
+    def fill_group(parser, path):
+        add_global_args(parser, top=not path)
+        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
+                                    parser_class=CommandParser)
+        sub.required = True  # add_subparsers(required=) is 3.7+
+        for name, help_text, cmd in children(path):
+            if cmd is None:
+                fill = lambda p, path=path + (name,): fill_group(p, path)  # noqa: E731
+            else:
+                fill = lambda p, cmd=cmd: fill_command(p, cmd)  # noqa: E731
+            sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                           formatter_class=help_formatter, fill=fill)
+
+    def fill_command(parser, cmd):
+        add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
+        # command_path lets the lock file say 'attune auth login' without any argument values
+        parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
+        for flags, spec in cmd.arguments:
+            parser.add_argument(*flags, **spec)
+        below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
+        if below:
+            sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
+                                        parser_class=CommandParser)
+            for name, help_text, child in below:
+                sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child))
+
+    return CommandParser(prog="attune", formatter_class=help_formatter,
+                         fill=lambda p: fill_group(p, ()))
+
+
+# === Main ====================================================================
+
+def parse_args(argv):
+    load_rest()
+    return build_parser().parse_args(argv)
+
+
+# self-install writes this program as two files, split at REST_MARK: this first half, and the
+# rest in REST_FILE beside it (padded with blank lines, so line numbers stay those of the whole
+# file), each with its own bytecode cache. `auth token` and `--version` then load about half
+# of the bytecode; any other command loads the rest first. As a single file nothing changes.
+REST_MARK = "# === Loaded on demand "
+REST_FILE = "attune_rest.py"
+REST_LOADED = False  # set to True by the last line of the rest
+
+
+def load_rest():
+    """Define every command: nothing to do in the single file; in the installed first half,
+    run the second half in this module's namespace through the standard import machinery
+    (its own bytecode cache; no text is executed here)."""
+    if REST_LOADED:
+        return
+    from importlib.machinery import SourceFileLoader
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), REST_FILE)
+    try:
+        SourceFileLoader(__name__, path).exec_module(sys.modules[__name__])
+    except OSError as e:
+        raise ConfigError("this installation is incomplete: cannot read %s (%s); install it again"
+                          % (quoted(path), e.strerror or e))
+
+
+def split_program(text):
+    """The two installed halves of this program's source text."""
+    at = text.index("\n" + REST_MARK) + 1
+    return text[:at], "\n" * text.count("\n", 0, at) + text[at:]
+
+
+def program_source():
+    """This program's whole source text: this file, and the rest when it is the installed first half."""
+    here = os.path.abspath(__file__)
+    with open(here, "rb") as f:
+        text = f.read().decode("utf-8")
+    if "\n" + REST_MARK not in text:
+        with open(os.path.join(os.path.dirname(here), REST_FILE), "rb") as f:
+            text += f.read().decode("utf-8").lstrip("\n")
+    return text
+
+
+def silence_stdout():
+    """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv=None, environ=None, clock=None):
+    """Run one command; return its exit code. environ and clock let tests stand in."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = os.environ if environ is None else environ
+    SECRETS.values.clear()  # a run knows the secrets it met itself
+    EXIT_SIGNALS.running = True
+    streams = sys.stdin, sys.stdout, sys.stderr
+    if sys.stdin is None:  # started with stdin closed: reading it finds nothing
+        sys.stdin = open(os.devnull)
+    sys.stdout, sys.stderr = StandardStream(sys.stdout, "stdout"), StandardStream(sys.stderr, "stderr")
+    try:
+        if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
+            load_rest()
+            write_text(sys.stdout, top_help(help_width()))
+            code = 0
+        elif argv == ["--version"]:
+            sys.stdout.write(version_text() + "\n")
+            code = 0
+        else:
+            args = quick_args(argv) or parse_args(argv)
+            ctx = Context(args, env, clock)
+            code = args.func(ctx, args) or 0
+        sys.stdout.flush()  # a closed pipe or a full disk shows up here, inside the handlers below
+        return code
+    except AttuneError as e:
+        try:
+            sys.stdout.flush()  # what was printed before the error comes first
+        except OutputError:
+            pass
+        say(sys.stderr, "attune: error: %s" % e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        write_text(sys.stderr, "\nattune: interrupted\n")
+        return 130
+    except Terminated as e:
+        write_text(sys.stderr, "\nattune: %s\n" % ("hung up" if e.signum == 1 else "terminated"))  # SIGHUP is 1
+        return 128 + e.signum
+    except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
+        silence_stdout()
+        return 0
+    finally:
+        EXIT_SIGNALS.disarm()
+        if sys.stdin is not streams[0]:
+            sys.stdin.close()
+        sys.stdin, sys.stdout, sys.stderr = streams
+
+
+def exit_process(code):
+    """End the process with main()'s exit code without the interpreter's teardown.
+
+    Freeing every module, function and string at exit costs about 2 ms, as much as loading this
+    file's bytecode. Nothing needs it once main() has returned: files and locks are closed and
+    temporary files removed in finally blocks, and attune.py starts no threads and registers no
+    atexit handlers. os._exit is the documented way to leave without that work; the streams are
+    flushed first, as the teardown would have."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started with it closed
+                stream.flush()
+        except BrokenPipeError:  # the reader went away after main() returned
+            pass
+        except (OSError, ValueError):
+            code = code or (1 if stream is sys.stdout else 0)  # output lost is a failure; a message lost is not
+    os._exit(code)
+
+# === Loaded on demand ========================================================
+# Everything from here to the end defines the commands that `auth token` and `--version` do
+# not need. In this file it is simply the rest of the module; the installed form keeps it in
+# a second file that load_rest() runs only when a command needs it (see split_program()).
+# The rule of this line: nothing above it names anything defined only below it, not even in
+# a function that runs after load_rest(); what both halves use is defined above. The suite's
+# SeamTests check it with the symbol table of the first half, and run `auth token` in every
+# token state through the installed launcher.
+
+# === Commands: auth ==========================================================
+
+LOGIN_URL = arg("--url", help="API URL to log in to (stored in the profile)")
+SAVE_PROFILE = arg("--save-profile", metavar="NAME", help="store the session in this profile")
 
 
 def adopt_first_profile(doc, name):
@@ -3755,35 +4188,6 @@ def log_in_again(ctx, session):
                  method, username)
 
 
-@command("auth token", "print the access token that would be used",
-         MIN_TTL, arg("--format", choices=TOKEN_FORMATS, help="raw (default), json, env (shell exports) or header"))
-def cmd_auth_token(ctx, args):
-    session = ctx.session()
-    token = session.token(min_ttl=args.min_ttl)
-    creds, now = session.creds, ctx.now()
-    left = creds.access_left(now)
-    if args.min_ttl and left is not None and left < args.min_ttl:
-        ctx.ui.warn("the token has %ds left, less than --min-ttl %d: the server issues shorter-lived tokens"
-                    % (left, args.min_ttl))
-    fmt = args.format or {"json": "json", "yaml": "yaml"}.get(ctx.ui.output, "raw")
-    if fmt == "raw":
-        ctx.ui.stdout.write(token + "\n")
-    elif fmt == "header":
-        ctx.ui.stdout.write("Authorization: Bearer %s\n" % token)
-    elif fmt == "env":
-        ctx.ui.stdout.write("export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n"
-                            % (shell_quote(session.api_url), shell_quote(token)))
-    else:
-        profile, profile_source = ctx.choice.profile_source
-        url_source = ctx.choice.api_url_for(profile)[1]
-        doc = {"token": token, "expires_at": creds.access_expires_at,
-               "expires_in": None if left is None else int(left),
-               "profile": profile, "profile_source": profile_source,
-               "api_url": session.api_url, "api_url_source": url_source,
-               "source": creds.source, "source_detail": creds.origin}
-        ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc, secrets_ok=True)
-
-
 # -- integration tokens: long-lived machine credentials, managed per identity -------
 
 IDENTITY_ID = arg("--identity-id", type=Number(1, MAX_ID), required=True, metavar="N",
@@ -3974,401 +4378,6 @@ def run_keeping_fresh(ctx, session, command, env):
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
 
-
-# === Argument parser =========================================================
-
-GLOBAL_OPTIONS = (
-    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
-    arg("--api-url", metavar="URL", help="API URL for this run"),
-    arg("--config", metavar="FILE", help="credential file"),
-    arg("--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
-                                                                 "cache entry scan --all only)"),
-    arg("-j", "--json", action="store_true", help="JSON output"),
-    arg("-y", "--yaml", action="store_true", help="YAML output"),
-    arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
-    arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
-    arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
-    arg("--wait-for-server", type=Number(0, integer=False), metavar="SECONDS",
-        help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
-)
-FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
-
-
-def option_dest(flags, options):
-    """The attribute argparse stores an argument in: --ref-spec -> ref_spec."""
-    if "dest" in options:
-        return options["dest"]
-    names = [f for f in flags if f.startswith("--")] or list(flags)
-    return names[0].lstrip("-").replace("-", "_")
-
-
-def option_default(options):
-    if "default" in options:
-        return options["default"]
-    return {"store_true": False, "count": 0}.get(options.get("action"))
-
-
-def option_names(arguments):
-    """(every option string, the ones that take a value) of some arg() declarations."""
-    names, takes_value = [], []
-    for flags, options in arguments:
-        if flags[0].startswith("-"):
-            names.extend(flags)
-            if options.get("action") not in FLAG_ACTIONS:
-                takes_value.extend(flags)
-    return names, takes_value
-
-
-GLOBAL_VALUE_OPTIONS = tuple(option_names(GLOBAL_OPTIONS)[1])
-
-
-def version_text():
-    return "attune.py %s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
-
-
-def help_width():
-    return terminal_columns(sys.stdout, os.environ) or 80
-
-
-def wrap(text, width, indent):
-    """text in lines of at most width characters, each after indent spaces (textwrap imports re)."""
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width - indent:
-            lines.append(line)
-            line = word
-        else:
-            line = line + " " + word if line else word
-    return ("\n" + " " * indent).join(lines + [line])
-
-
-def help_rows(rows, width):
-    """argparse's two-column layout: the name, then its help from column 24 on, wrapped."""
-    lines = []
-    for name, text in rows:
-        if len(name) <= 20:
-            lines.append("  %-22s%s" % (name, wrap(text, width, 24)))
-        else:
-            lines.append("  %s\n%s%s" % (name, " " * 24, wrap(text, width, 24)))
-    return lines
-
-
-def top_help(width):
-    """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
-    commands = [(name, help_text) for name, help_text, _ in children(())]
-    options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
-    for flags, spec in GLOBAL_OPTIONS:
-        value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
-            spec.get("metavar") or "{%s}" % ",".join(spec["choices"]))
-        options.append((", ".join(flag + value for flag in flags), spec["help"]))
-    lines = ["usage: attune [-h] [--version] [global options] COMMAND ...", "",
-             "Command-line client for the Attune automation platform.", "", "commands:"]
-    lines += help_rows(commands, width)
-    lines += ["", "global options (before or after the command):"] + help_rows(options, width)
-    lines += ["", "exit codes:"] + ["  %-4d %s" % pair for pair in EXIT_CODES]
-    lines += ["", "environment:"] + ["  %-22s %s" % pair for pair in ENVIRONMENT]
-    lines += ["", "Run 'attune COMMAND --help' for a command's own options."]
-    return "\n".join(lines) + "\n"
-
-
-def find_command(path):
-    for cmd in COMMANDS:
-        if cmd.path == path:
-            return cmd
-    return None
-
-
-def children(path):
-    """(name, help, Command or None) of what stands below path: the top level or a group."""
-    if not path:
-        return [(name, GROUP_HELP.get(name) or find_command((name,)).help, find_command((name,)))
-                for name in TOP_LEVEL]
-    return [(cmd.path[-1], cmd.help, cmd) for cmd in COMMANDS if cmd.path[:-1] == path]
-
-
-def command_tree():
-    """(path, options, value options, subcommands) of the top level, each group and each
-    command: what the completion scripts offer."""
-    names, takes_value = option_names(GLOBAL_OPTIONS)
-    common = ["-h", "--help"] + names + ["--version"]
-    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
-        yield path, common, takes_value, [name for name, _, _ in children(path)]
-    for cmd in COMMANDS:
-        own, own_values = option_names(cmd.arguments)
-        yield cmd.path, common + own, takes_value + own_values, [name for name, _, _ in children(cmd.path)]
-
-
-class Namespace:
-    """What argparse.Namespace holds, for quick_args(), which does without argparse."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-QUICK_COMMANDS = (("auth", "token"),)
-
-
-def quick_args(argv):
-    """The arguments argparse would make of argv when it names one of QUICK_COMMANDS
-    with only options spelled out in full; None for anything else, which argparse
-    parses. It reads the same declarations: `auth token` then starts without
-    importing argparse and re, which cost more than the rest of the command."""
-    options = {}
-
-    def learn(arguments, values):
-        for flags, spec in arguments:
-            values[option_dest(flags, spec)] = option_default(spec)
-            options.update((flag, (option_dest(flags, spec), spec)) for flag in flags)
-
-    values, words, argv = {}, [], list(argv)
-    learn(GLOBAL_OPTIONS, values)
-    while argv:
-        word = argv.pop(0)
-        if not word.startswith("-"):
-            words.append(word)
-            cmd = find_command(tuple(words)) if len(words) == 2 else None
-            if len(words) == 2 and (cmd is None or cmd.path not in QUICK_COMMANDS):
-                return None
-            if cmd is not None:
-                learn(cmd.arguments, values)
-            continue
-        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
-        if name not in options:
-            return None  # -h, --version, an abbreviation, --, a short option with its value
-        dest, spec = options[name]
-        if spec.get("action") == "store_true" and not eq:
-            values[dest] = True
-            continue
-        kind = spec.get("type")
-        if spec.get("action") is not None or (kind is not None and not isinstance(kind, Number)):
-            return None
-        if not eq:
-            if not argv or argv[0].startswith("-"):
-                return None
-            value = argv.pop(0)
-        if kind is not None:
-            value = parse_number(value, kind.low, kind.high, kind.integer)
-            if value is None:
-                return None  # argparse says what is wrong with it
-        if value not in spec.get("choices", (value,)):
-            return None
-        values[dest] = value
-    if len(words) != 2:
-        return None
-    values["cmd"], values["cmd_" + cmd.path[0]] = cmd.path  # the dest of each level's subparsers
-    if children(cmd.path):  # `auth token` has sub-commands of its own, none of them chosen here
-        values["_".join(("cmd",) + cmd.path)] = None
-    return Namespace(func=cmd.func, command_path=list(cmd.path), **dict(cmd.defaults, **values))
-
-
-def add_global_args(parser, top, own=()):
-    """Global options, accepted before or after the command. Below the top level their
-    defaults are SUPPRESS, so a value given earlier is not overwritten. A command's own
-    option of the same name wins after the command (`pack update --version 2.0.0` is the
-    pack's version, `artifact download -o FILE` the target): there the global one is
-    given before the command."""
-    group = parser.add_argument_group("global options")
-    for flags, spec in GLOBAL_OPTIONS:
-        if not set(flags) & set(own):
-            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
-    if "--version" not in own:
-        group.add_argument("--version", action="version", version=version_text())
-
-
-def help_formatter(prog):
-    """argparse's help layout, told the width itself: asking shutil.get_terminal_size()
-    would import shutil, bz2 and lzma for nothing."""
-    return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
-
-
-def build_parser():
-    """The argument parser. Each command's parser is filled in from its declaration
-    only when argv reaches it: building all of them costs more than most commands."""
-
-    class CommandParser(argparse.ArgumentParser):
-        """A parser that adds its arguments the first time it parses or shows help."""
-
-        def __init__(self, *args, **kwargs):
-            self.fill = kwargs.pop("fill", None)
-            argparse.ArgumentParser.__init__(self, *args, **kwargs)
-
-        def filled(self):
-            fill, self.fill = self.fill, None
-            if fill is not None:
-                fill(self)
-            return self
-
-        def parse_known_args(self, args=None, namespace=None):
-            return argparse.ArgumentParser.parse_known_args(self.filled(), args, namespace)
-
-        def format_help(self):
-            if self.prog == "attune":
-                return top_help(help_width())
-            return argparse.ArgumentParser.format_help(self.filled())
-
-        def error(self, message):
-            """argparse's usage error, with the words it echoes made terminal-safe."""
-            self.print_usage(sys.stderr)
-            say(sys.stderr, "%s: error: %s" % (self.prog, message))
-            sys.exit(2)
-
-    def fill_group(parser, path):
-        add_global_args(parser, top=not path)
-        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
-                                    parser_class=CommandParser)
-        sub.required = True  # add_subparsers(required=) is 3.7+
-        for name, help_text, cmd in children(path):
-            if cmd is None:
-                fill = lambda p, path=path + (name,): fill_group(p, path)  # noqa: E731
-            else:
-                fill = lambda p, cmd=cmd: fill_command(p, cmd)  # noqa: E731
-            sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                           formatter_class=help_formatter, fill=fill)
-
-    def fill_command(parser, cmd):
-        add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
-        # command_path lets the lock file say 'attune auth login' without any argument values
-        parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
-        for flags, spec in cmd.arguments:
-            parser.add_argument(*flags, **spec)
-        below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
-        if below:
-            sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
-                                        parser_class=CommandParser)
-            for name, help_text, child in below:
-                sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child))
-
-    return CommandParser(prog="attune", formatter_class=help_formatter,
-                         fill=lambda p: fill_group(p, ()))
-
-
-# === Main ====================================================================
-
-def parse_args(argv):
-    load_rest()
-    return build_parser().parse_args(argv)
-
-
-# self-install writes this program as two files, split at REST_MARK: this first half, and the
-# rest in REST_FILE beside it (padded with blank lines, so line numbers stay those of the whole
-# file), each with its own bytecode cache. `auth token` and `--version` then load about half
-# of the bytecode; any other command loads the rest first. As a single file nothing changes.
-REST_MARK = "# === Loaded on demand "
-REST_FILE = "attune_rest.py"
-REST_LOADED = False  # set to True by the last line of the rest
-
-
-def load_rest():
-    """Define every command: nothing to do in the single file; in the installed first half,
-    run the second half in this module's namespace through the standard import machinery
-    (its own bytecode cache; no text is executed here)."""
-    if REST_LOADED:
-        return
-    from importlib.machinery import SourceFileLoader
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), REST_FILE)
-    try:
-        SourceFileLoader(__name__, path).exec_module(sys.modules[__name__])
-    except OSError as e:
-        raise ConfigError("this installation is incomplete: cannot read %s (%s); install it again"
-                          % (quoted(path), e.strerror or e))
-
-
-def split_program(text):
-    """The two installed halves of this program's source text."""
-    at = text.index("\n" + REST_MARK) + 1
-    return text[:at], "\n" * text.count("\n", 0, at) + text[at:]
-
-
-def program_source():
-    """This program's whole source text: this file, and the rest when it is the installed first half."""
-    here = os.path.abspath(__file__)
-    with open(here, "rb") as f:
-        text = f.read().decode("utf-8")
-    if "\n" + REST_MARK not in text:
-        with open(os.path.join(os.path.dirname(here), REST_FILE), "rb") as f:
-            text += f.read().decode("utf-8").lstrip("\n")
-    return text
-
-
-def silence_stdout():
-    """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def main(argv=None, environ=None, clock=None):
-    """Run one command; return its exit code. environ and clock let tests stand in."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    env = os.environ if environ is None else environ
-    SECRETS.values.clear()  # a run knows the secrets it met itself
-    EXIT_SIGNALS.running = True
-    streams = sys.stdin, sys.stdout, sys.stderr
-    if sys.stdin is None:  # started with stdin closed: reading it finds nothing
-        sys.stdin = open(os.devnull)
-    sys.stdout, sys.stderr = StandardStream(sys.stdout, "stdout"), StandardStream(sys.stderr, "stderr")
-    try:
-        if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
-            load_rest()
-            write_text(sys.stdout, top_help(help_width()))
-            code = 0
-        elif argv == ["--version"]:
-            sys.stdout.write(version_text() + "\n")
-            code = 0
-        else:
-            args = quick_args(argv) or parse_args(argv)
-            ctx = Context(args, env, clock)
-            code = args.func(ctx, args) or 0
-        sys.stdout.flush()  # a closed pipe or a full disk shows up here, inside the handlers below
-        return code
-    except AttuneError as e:
-        try:
-            sys.stdout.flush()  # what was printed before the error comes first
-        except OutputError:
-            pass
-        say(sys.stderr, "attune: error: %s" % e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        write_text(sys.stderr, "\nattune: interrupted\n")
-        return 130
-    except Terminated as e:
-        write_text(sys.stderr, "\nattune: %s\n" % ("hung up" if e.signum == 1 else "terminated"))  # SIGHUP is 1
-        return 128 + e.signum
-    except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to say
-        silence_stdout()
-        return 0
-    finally:
-        EXIT_SIGNALS.disarm()
-        if sys.stdin is not streams[0]:
-            sys.stdin.close()
-        sys.stdin, sys.stdout, sys.stderr = streams
-
-
-def exit_process(code):
-    """End the process with main()'s exit code without the interpreter's teardown.
-
-    Freeing every module, function and string at exit costs about 2 ms, as much as loading this
-    file's bytecode. Nothing needs it once main() has returned: files and locks are closed and
-    temporary files removed in finally blocks, and attune.py starts no threads and registers no
-    atexit handlers. os._exit is the documented way to leave without that work; the streams are
-    flushed first, as the teardown would have."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:  # None: started with it closed
-                stream.flush()
-        except BrokenPipeError:  # the reader went away after main() returned
-            pass
-        except (OSError, ValueError):
-            code = code or (1 if stream is sys.stdout else 0)  # output lost is a failure; a message lost is not
-    os._exit(code)
-
-# === Loaded on demand ========================================================
-# Everything from here to the end defines the commands that `auth token` and `--version` do
-# not need. In this file it is simply the rest of the module; the installed form keeps it in
-# a second file that load_rest() runs only when a command needs it (see split_program()).
 
 # === Commands: config ========================================================
 

@@ -4461,6 +4461,128 @@ class InstallTests(AttuneTestCase):
         self.assertFalse(os.path.exists(os.path.join(stage, "usr", "bin", "attune")))
 
 
+def seam_violations(text):
+    """(where, name) for each name the part of text above attune.py's seam refers to that
+    only the part below defines, found with the symbol table: a local of the same name is
+    not a reference; module level is '(module)', a method 'Class.method'."""
+    import ast
+    import symtable
+    first, rest = attune.split_program(text)
+
+    def defined(source):
+        names = set()
+        for node in ast.parse(source).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        return names
+
+    below_only = defined(rest) - defined(first)
+    found = []
+
+    def walk(table, where):
+        module = table.get_type() == "module"
+        for sym in table.get_symbols():
+            if sym.get_name() in below_only and sym.is_referenced() and (module or sym.is_global()):
+                found.append((where or "(module)", sym.get_name()))
+        for child in table.get_children():
+            walk(child, (where + "." if where else "") + child.get_name())
+    walk(symtable.symtable(first, ATTUNE_PY, "exec"), "")
+    return found
+
+
+class SeamTests(AttuneTestCase):
+    """The installed form runs the first half alone for `auth token` and --version: nothing
+    there may name what only the rest defines (it would be a NameError only there), and
+    `auth token` works in every token state with the rest gone."""
+
+    def test_nothing_above_the_seam_names_what_only_the_rest_defines(self):
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            text = f.read()
+        self.assertEqual(seam_violations(text), [])
+        marker = '\n@command("auth token", '  # in the first half
+        plants = [("def planted():\n    return fetch_list\n", [("planted", "fetch_list")]),
+                  ("class Planted:\n    def look(self):\n        return confirm()\n", [("Planted.look", "confirm")]),
+                  ("def planted():\n    def inner():\n        return fetch_list\n    return inner\n",
+                   [("planted.inner", "fetch_list")]),
+                  ("PLANTED = [cmd_pack_list]\n", [("(module)", "cmd_pack_list")]),
+                  ("def planted(step=cmd_pack_list):\n    return step\n", [("(module)", "cmd_pack_list")]),
+                  ("def planted():\n    fetch_list = 1\n    return fetch_list\n", []),  # a local
+                  ("def planted(confirm):\n    return confirm\n", [])]  # a parameter
+        for plant, expected in plants:
+            with self.subTest(plant=plant):
+                self.assertIn(marker, text)
+                planted = text.replace(marker, "\n" + plant + "\n" + marker, 1)
+                self.assertEqual(seam_violations(planted), expected)
+
+    def test_auth_token_in_every_token_state_through_the_installed_launcher(self):
+        """Each state through the installed launcher, with the second half removed, and
+        through the file: the same exit code, stderr and output (a token the server takes)."""
+        prefix = os.path.join(self.tmp, "prefix")
+        self.assertEqual(self.run_process("self-install", "--prefix", prefix).code, 0)
+        rest = os.path.join(prefix, "lib", "attune", attune.REST_FILE)
+        os.remove(rest)  # any use of the rest would now fail, loudly
+        os.remove(importlib_cache(rest))
+        launcher = os.path.join(prefix, "bin", "attune")
+        token_file = os.path.join(self.tmp, "token")
+        now = int(time.time())
+        env_token = self.server.mint("admin", iat=now - 10)
+        with open(token_file, "w") as f:
+            f.write(self.server.mint("admin", iat=now - 20) + "\n")
+
+        def revoke(entry):
+            self.server.revoked.add(entry["refresh_token"])
+
+        states = [  # name, seed(), arguments (global ones before auth token), environment, after seeding
+            ("fresh", {}, [], {}, None),
+            ("due for refresh", {"access_left": 20}, [], {}, None),
+            ("expired", {"access_left": -100}, [], {}, None),
+            ("expired, expiry not stored", {"access_left": -100, "store_expiry": False}, [], {}, None),
+            ("--min-ttl past what is left", {"access_left": 600}, ["auth", "token", "--min-ttl", "1200"], {}, None),
+            ("refresh token revoked", {"access_left": -100}, [], {}, revoke),
+            ("refresh token expired", {"access_left": -100, "refresh_left": -10}, [], {}, None),
+            ("logged out", {"auth_token": None, "refresh_token": None}, [], {}, None),
+            ("invalidated", {"invalidated_at": now - 5}, [], {}, None),
+            ("--format json", {}, ["auth", "token", "--format", "json"], {}, None),
+            ("--format env", {}, ["auth", "token", "--format", "env"], {}, None),
+            ("--format header, expired", {"access_left": -100}, ["auth", "token", "--format", "header"], {}, None),
+            ("-j, due", {"access_left": 20}, ["-j"], {}, None),
+            ("environment token", {}, [], {"ATTUNE_API_TOKEN": env_token}, None),
+            ("token file", {}, [], {"ATTUNE_TOKEN_FILE": token_file}, None),
+            ("-p other, due", {"profile": "other", "current": False, "access_left": 20}, ["-p", "other"], {}, None),
+            ("ATTUNE_PROFILE unknown", {}, [], {"ATTUNE_PROFILE": "nope"}, None),
+        ]
+        tokens = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+        for name, seed, argv, env, after in states:
+            argv = argv if "auth" in argv else argv + ["auth", "token"]
+            with self.subTest(state=name):
+                outcomes = []
+                for runner in ("installed", "file"):
+                    if os.path.exists(self.config):
+                        os.unlink(self.config)
+                    self.seed(**seed)
+                    if seed.get("profile"):
+                        self.seed()  # and a current profile beside it
+                    if after:
+                        after(self.read_doc()["profiles"][seed.get("profile", "default")])
+                    if runner == "installed":
+                        p = subprocess.run([launcher] + argv, env=self.process_env(env),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           universal_newlines=True, timeout=60)
+                        result = Result(p.returncode, p.stdout, p.stderr)
+                    else:
+                        result = self.run_process(*argv, env=env, secrets_ok=True)
+                    self.assertNotIn("Traceback", result.err, (runner, result))
+                    for token in tokens.findall(result.out):
+                        self.assertIsNone(verify_jwt(token, time.time())[1], (runner, result))
+                        self.assertNotIn(token, self.server.revoked)
+                    outcomes.append((result.code, tokens.sub("TOKEN", result.out), result.err))
+                self.assertEqual(outcomes[0], outcomes[1])
+
 def importlib_cache(path):
     import importlib.util
     return importlib.util.cache_from_source(path)

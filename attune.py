@@ -830,6 +830,15 @@ class Backoff:
         return True
 
 
+def describe_expiry(expires_at, now):
+    if expires_at is None:
+        return "unknown expiry"
+    left = expires_at - now
+    if left <= 0:
+        return "expired %s ago (%s)" % (format_duration(-left), format_time(expires_at))
+    return "expires in %s (%s)" % (format_duration(left), format_time(expires_at))
+
+
 def secret_key(key):
     """Fields masked in -v logs: tokens, passwords, secrets and key values."""
     key = str(key).lower()
@@ -3716,15 +3725,6 @@ def exit_process(code):
 # a function that runs after load_rest(); what both halves use is defined above. The suite's
 # SeamTests check it with the symbol table of the first half, and run `auth token` in every
 # token state through the installed launcher.
-
-def describe_expiry(expires_at, now):
-    if expires_at is None:
-        return "unknown expiry"
-    left = expires_at - now
-    if left <= 0:
-        return "expired %s ago (%s)" % (format_duration(-left), format_time(expires_at))
-    return "expires in %s (%s)" % (format_duration(left), format_time(expires_at))
-
 
 # === Commands: auth ==========================================================
 

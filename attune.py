@@ -3457,14 +3457,30 @@ class Namespace:
         self.__dict__.update(values)
 
 
-QUICK_COMMANDS = (("auth", "token"),)
+def quick_command(words):
+    """The command `group name` names when quick_args can parse its arguments alone: it
+    takes no positional argument and only options that are flags or single values (plain,
+    a Number or a choice), none of them required. Looked up in the first half first, so
+    `auth token` never loads the rest."""
+    cmd = find_command(words)
+    if cmd is None and not REST_LOADED:
+        load_rest()
+        cmd = find_command(words)
+    if cmd is None:
+        return None
+    for flags, spec in cmd.arguments:
+        kind = spec.get("type")
+        if not flags[0].startswith("-") or spec.get("required") or "nargs" in spec or \
+                spec.get("action") not in (None, "store_true") or (kind is not None and not isinstance(kind, Number)):
+            return None
+    return cmd
 
 
 def quick_args(argv):
-    """The arguments argparse would make of argv when it names one of QUICK_COMMANDS
-    with only options spelled out in full; None for anything else, which argparse
-    parses. It reads the same declarations: `auth token` then starts without
-    importing argparse and re, which cost more than the rest of the command."""
+    """The arguments argparse would make of argv when it names a quick_command() with
+    only options spelled out in full; None for anything else, which argparse parses. It
+    reads the same declarations: `auth token`, and most list and show commands, then start
+    without importing argparse, which costs more than the rest of the command."""
     options = {}
 
     def learn(arguments, values):
@@ -3478,8 +3494,8 @@ def quick_args(argv):
         word = argv.pop(0)
         if not word.startswith("-"):
             words.append(word)
-            cmd = find_command(tuple(words)) if len(words) == 2 else None
-            if len(words) == 2 and (cmd is None or cmd.path not in QUICK_COMMANDS):
+            cmd = quick_command(tuple(words)) if len(words) == 2 else None
+            if len(words) == 2 and cmd is None:
                 return None
             if cmd is not None:
                 learn(cmd.arguments, values)
@@ -3564,7 +3580,14 @@ def build_parser():
             say(sys.stderr, "%s: error: %s" % (self.prog, message))
             sys.exit(2)
 
+    def add_help(parser):  # each sub-parser is made without it: its cost is paid when filled
+        if not parser.add_help:
+            parser.add_help = True
+            parser.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
+                                help="show this help message and exit")
+
     def fill_group(parser, path):
+        add_help(parser)
         add_global_args(parser, top=not path)
         sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
                                     parser_class=CommandParser)
@@ -3575,9 +3598,10 @@ def build_parser():
             else:
                 fill = lambda p, cmd=cmd: fill_command(p, cmd)  # noqa: E731
             sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                           formatter_class=help_formatter, fill=fill)
+                           formatter_class=help_formatter, fill=fill, add_help=False)
 
     def fill_command(parser, cmd):
+        add_help(parser)
         add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
         # command_path lets the lock file say 'attune auth login' without any argument values
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
@@ -3589,7 +3613,8 @@ def build_parser():
                                         parser_class=CommandParser)
             for name, help_text, child in below:
                 sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child))
+                               formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child),
+                               add_help=False)
 
     return CommandParser(prog="attune", formatter_class=help_formatter,
                          fill=lambda p: fill_group(p, ()))

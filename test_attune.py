@@ -9360,6 +9360,42 @@ class QuickPathTests(AttuneTestCase):
                      ["auth", "-j", "token", "--config", "c", "--api-url", "http://h"]):
             self.assertIsNotNone(attune.quick_args(argv), argv)
 
+    def test_every_quick_command_parses_as_argparse_does(self):
+        """Every command quick_args parses alone, with each of its options in each spelling
+        (a value, --flag=value, a bad value, a flag) and global options before and after:
+        what quick_args makes is what argparse makes, or it leaves argv to argparse."""
+        attune.load_rest()
+        commands = [c for c in attune.COMMANDS if len(c.path) == 2 and attune.quick_command(c.path)]
+        self.assertGreaterEqual(len(commands), 20)
+        self.assertIn(("pack", "list"), [c.path for c in commands])
+        table = []
+        for cmd in commands:
+            variants = [[]]
+            for flags, spec in cmd.arguments:
+                kind, flag = spec.get("type"), flags[-1]
+                if spec.get("action") == "store_true":
+                    variants += [[flag], [flag + "=1"]]
+                    continue
+                good = list(spec.get("choices") or []) or [str(kind.low if kind.low is not None else 7)
+                                                           if isinstance(kind, attune.Number) else "v a l"]
+                variants += [[flag, good[0]], [flag, good[-1]], [flag], [flag, "-x"], [flag, "\u00b2"]]
+                if flag.startswith("--"):
+                    variants += [[flag + "=" + good[0]], [flag[:-1], good[0]]]  # the last: an abbreviation
+            for head in ([], ["-j"], ["-p", "a", "--api-url", "http://h:1"]):
+                for tail in ([], ["-y"], ["extra"]):
+                    table += [head + list(cmd.path) + v + tail for v in variants]
+        random.Random(7).shuffle(table)
+        quick_ones = 0
+        for argv in sampled(table):
+            with self.subTest(argv):
+                quick, full = self.quick_and_full(argv)
+                if quick is not None:
+                    quick_ones += 1
+                    self.assertEqual(quick, full)
+        self.assertGreater(quick_ones, len(sampled(table)) // 4)
+        for cmd in commands:
+            self.assertIsNotNone(attune.quick_args(list(cmd.path)), cmd.path)
+
     def test_every_state_gives_auth_token_the_token_requests_send(self):
         """Profiles with distinct tokens, -p, ATTUNE_PROFILE, environment tokens, token files
         and malformed files: `auth token` prints exactly the token `auth whoami` sends, or

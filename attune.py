@@ -231,7 +231,7 @@ def not_logged_in():
     return AuthRequired("Not logged in. Use 'attune auth login'")
 
 
-# === Input from outside: URLs, tokens, names, numbers, files, text ==========
+# === Input from outside: URLs, tokens, names, numbers, files, text ===========
 # Everything from outside is untrusted: each kind of input is accepted in one place, so a hostile
 # value is refused the same way whichever flag, variable, file or answer brought it.
 
@@ -479,7 +479,7 @@ def terminal_safe(text, keep="\n\t"):
     return "".join(escape_control(c) if c not in keep and is_control(c) else c for c in text)
 
 
-# === Helpers: JSON, time and JWT =============================================
+# === JSON and time ===========================================================
 
 def refuse_constant(name):
     """parse_constant for json.loads: NaN and Infinity are not JSON, whatever Python allows."""
@@ -673,6 +673,8 @@ def epoch(value):
     return int(value)
 
 
+# === Tokens: JWT claims, lifetimes, the credentials in use ===================
+
 def jwt_claims(token):
     """The payload of a JWT as a dict, or None for anything malformed. No signature check:
     the client only wants to know when the token expires."""
@@ -782,6 +784,32 @@ class Credentials:
         return self.refresh_usable(now) and not self.invalidated_at
 
 
+def describe_expiry(expires_at, now):
+    if expires_at is None:
+        return "unknown expiry"
+    left = expires_at - now
+    if left <= 0:
+        return "expired %s ago (%s)" % (format_duration(-left), format_time(expires_at))
+    return "expires in %s (%s)" % (format_duration(left), format_time(expires_at))
+
+
+def secret_key(key):
+    """Fields masked in -v logs: tokens, passwords, secrets and key values."""
+    key = str(key).lower()
+    return "token" in key or "password" in key or "secret" in key or key in ("value", "device_code")
+
+
+def redact(value):
+    """A copy of JSON-shaped data with every token/password/secret string masked."""
+    if isinstance(value, dict):
+        return {k: ("***" if secret_key(k) and isinstance(v, str) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+# === Deadlines and waiting again =============================================
+
 class CommandDeadline:
     """The deadline of a command's own --timeout (a time.monotonic() value, or None until the
     command sets one): every wait under it ends by then too, an HTTP request and the wait for
@@ -828,30 +856,6 @@ class Backoff:
             return False
         time.sleep(delay)
         return True
-
-
-def describe_expiry(expires_at, now):
-    if expires_at is None:
-        return "unknown expiry"
-    left = expires_at - now
-    if left <= 0:
-        return "expired %s ago (%s)" % (format_duration(-left), format_time(expires_at))
-    return "expires in %s (%s)" % (format_duration(left), format_time(expires_at))
-
-
-def secret_key(key):
-    """Fields masked in -v logs: tokens, passwords, secrets and key values."""
-    key = str(key).lower()
-    return "token" in key or "password" in key or "secret" in key or key in ("value", "device_code")
-
-
-def redact(value):
-    """A copy of JSON-shaped data with every token/password/secret string masked."""
-    if isinstance(value, dict):
-        return {k: ("***" if secret_key(k) and isinstance(v, str) else redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 # === Credential file =========================================================
@@ -1288,6 +1292,55 @@ class FileLock:
             self.fd, self.held = None, False
 
 
+# === HTTP settings ===========================================================
+
+class HttpSettings:
+    """How to talk HTTP: timeout, TLS, proxies (from env), --wait-for-server, and where
+    to log. A transport reads these; it never reaches back into a command."""
+
+    def __init__(self, env, timeout, ca_bundle, insecure, wait_seconds, verbose, log, note, deadline=None):
+        self.env = env
+        self.timeout = timeout
+        self.deadline = deadline or CommandDeadline()  # a command's --timeout caps each request
+        self.ca_bundle = ca_bundle  # () -> (path, source) or (None, None), asked when TLS is first used
+        self.insecure = insecure
+        self.log, self.note = log, note
+        self.verbose = verbose
+        self.wait_for(wait_seconds)
+        self.ready = set()  # API URLs whose /health answered, with --wait-for-server
+        self._announced = False
+        self._ssl = None
+
+    def wait_for(self, seconds):
+        """Wait up to seconds (None: not at all) for a server that is not up yet."""
+        self.wait_seconds = seconds
+        self.wait_deadline = None if seconds is None else time.monotonic() + seconds
+
+    def announce_wait(self, url):
+        """The one progress line of --wait-for-server."""
+        if not self.ready and not self._announced:
+            self._announced = True
+            self.note("waiting up to %gs for %s://%s:%s to come up ..." % ((self.wait_seconds,) + origin(url)))
+
+    def ssl_context(self):
+        if self._ssl is None:
+            import ssl
+            context = ssl.create_default_context()
+            bundle, source = self.ca_bundle()
+            if bundle:
+                try:
+                    pem = read_regular_file(os.path.expanduser(bundle), DATA_FILE_LIMIT)[0]
+                    context.load_verify_locations(cadata=pem.decode("ascii"))
+                except (OSError, UnicodeError, ssl.SSLError, ValueError) as e:
+                    raise ConfigError("cannot load CA bundle %s (from %s): %s"
+                                      % (terminal_safe(bundle), source, getattr(e, "strerror", None) or e))
+            if self.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._ssl = context
+        return self._ssl
+
+
 # === HTTP transport ==========================================================
 # urllib is imported inside these functions: `auth token` with a fresh cached token
 # never touches the network and must not pay for importing it.
@@ -1712,7 +1765,6 @@ class Transport:
 def deadline_handlers(ssl_context):
     """urllib's HTTP (and with an SSL context, HTTPS) handlers, with connections that put
     each socket step of a request under its RequestDeadline (the request's .deadline)."""
-    import functools
     import http.client
     import urllib.request
 
@@ -1735,7 +1787,7 @@ def deadline_handlers(ssl_context):
     class HTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
             deadline = getattr(req, "deadline", None)
-            return self.do_open(functools.partial(http_connection, deadline=deadline), req)
+            return self.do_open(lambda *args, **kwargs: http_connection(*args, deadline=deadline, **kwargs), req)
 
     if ssl_context is None:
         return [HTTPHandler()]
@@ -1744,8 +1796,8 @@ def deadline_handlers(ssl_context):
     class HTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
             deadline = getattr(req, "deadline", None)
-            return self.do_open(functools.partial(https_connection, deadline=deadline), req,
-                                context=ssl_context)
+            return self.do_open(lambda *args, **kwargs: https_connection(*args, deadline=deadline, **kwargs),
+                                req, context=ssl_context)
 
     return [HTTPHandler(), HTTPSHandler(context=ssl_context)]
 
@@ -1838,6 +1890,102 @@ def wait_for_health(http, session):
                                % (session.api_url, http.wait_seconds, error))
         http.announce_wait(session.api_url)
         backoff.sleep()
+
+
+# === Choosing the profile, the URL and the credentials =======================
+
+class Choice:
+    """What this run works with, by the precedence the README gives: the credential file, the profile,
+    the API URL and the tokens, each with where it came from."""
+
+    def __init__(self, args, env, store, config_path, config_source):
+        self.args = args
+        self.env = env
+        self.store = store
+        self.config_path, self.config_source = config_path, config_source
+        self._profile = None
+
+    @property
+    def profile(self):
+        return self.profile_source[0]
+
+    @property
+    def profile_source(self):
+        """(name, 'flag'|'env'|'file'|'default'), checked to exist unless the command creates it."""
+        if self._profile is None:
+            args, env = self.args, self.env
+            if getattr(args, "profile", None) == "":
+                raise UsageError("-p/--profile needs a profile name")
+            if getattr(args, "profile", None):
+                name, source = args.profile, "flag"
+            elif env.get("ATTUNE_PROFILE"):
+                name, source = env["ATTUNE_PROFILE"], "env"
+            elif self.store.current_profile():
+                name, source = self.store.current_profile(), "file"
+            else:
+                name, source = DEFAULT_PROFILE, "default"
+            if not getattr(args, "creates_profile", False):
+                self.require_profile(name, source)
+            self._profile = (name, source)
+        return self._profile
+
+    def require_profile(self, name, source="flag"):
+        if name == DEFAULT_PROFILE or self.store.profile(name) is not None:
+            return
+        known = sorted(set(self.store.profiles()) | {DEFAULT_PROFILE})
+        where = " (current_profile in %s)" % self.config_path if source == "file" else ""
+        raise ConfigError("Profile %s does not exist%s; known profiles: %s"
+                          % (quoted(name, 64), where, ", ".join(terminal_safe(k[:64], keep="") for k in known)))
+
+    def api_url_for(self, profile):
+        """(url, source): --api-url > ATTUNE_API_URL > the profile's api_url > the default."""
+        if getattr(self.args, "api_url", None):
+            return check_api_url(self.args.api_url, "--api-url"), "flag"
+        if self.env.get("ATTUNE_API_URL"):
+            return check_api_url(self.env["ATTUNE_API_URL"], "ATTUNE_API_URL"), "env"
+        stored = (self.store.profile(profile) or {}).get("api_url")
+        if stored is not None:
+            return check_api_url(stored, "profile '%s' in %s" % (profile, self.config_path)), "file"
+        if self.store.profile(profile) is not None:
+            raise ConfigError("profile '%s' in %s has no api_url; run: attune config set api_url URL"
+                              % (profile, self.config_path))
+        return DEFAULT_API_URL, "default"
+
+    def credentials_for(self, profile, use_env=True, api_url=None):
+        """Tokens: with --profile, the profile's stored tokens; otherwise ATTUNE_API_TOKEN
+        (ATTUNE_AUTH_TOKEN) > ATTUNE_TOKEN_FILE > stored. Stored tokens go only to the
+        origin the profile logged in to: for another api_url, none (Credentials.withheld
+        says whose they are). Environment tokens go wherever the user points them."""
+        env = self.env
+        if use_env and not getattr(self.args, "profile", None):
+            refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
+            keep_fresh = env.get("ATTUNE_KEEP_FRESH")
+            if keep_fresh and keep_fresh == env.get("ATTUNE_TOKEN_FILE"):  # under auth exec --keep-fresh
+                return Credentials.from_token(read_token_file(keep_fresh), "token_file", keep_fresh, refresh)
+            for name in TOKEN_VARIABLES[:2]:
+                if env.get(name):
+                    return Credentials.from_token(env[name], "env", name, refresh)
+            if env.get("ATTUNE_TOKEN_FILE"):
+                path = env["ATTUNE_TOKEN_FILE"]
+                return Credentials.from_token(read_token_file(path), "token_file", path, refresh)
+        stored = Credentials.from_profile(profile, self.store.profile(profile))
+        home = (self.store.profile(profile) or {}).get("api_url") or DEFAULT_API_URL
+        home = home if isinstance(home, str) else repr(home)  # no origin: goes nowhere
+        if api_url is not None and (stored.access or stored.refresh) and url_origin(api_url) != url_origin(home):
+            return Credentials(source="file", origin=profile, withheld=home)
+        return stored
+
+    def ca_bundle(self):
+        """(path, source) of extra CAs: --ca-bundle > ATTUNE_CA_BUNDLE > profile ca_bundle."""
+        if getattr(self.args, "ca_bundle", None):
+            return self.args.ca_bundle, "flag"
+        if self.env.get("ATTUNE_CA_BUNDLE"):
+            return self.env["ATTUNE_CA_BUNDLE"], "env"
+        try:
+            stored = (self.store.profile(self.profile) or {}).get("ca_bundle")
+        except ConfigError:
+            stored = None
+        return (stored, "file") if isinstance(stored, str) and stored else (None, None)
 
 
 # === Session: tokens and refresh =============================================
@@ -2094,7 +2242,9 @@ class Session:
                 content_type="application/json", stream=None, timeout=None):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
         the same bytes. A second 401 means authentication is required (exit 4)."""
-        self.http.wait_until_ready(self)
+        if self.http.wait_deadline is not None and self.api_url not in self.http.ready:
+            wait_for_health(self.http, self)  # --wait-for-server: once per server and run
+            self.http.ready.add(self.api_url)
         url = self.url(path, query)
         data = raw_body if raw_body is not None else (
             None if body is None else json.dumps(body).encode("utf-8"))
@@ -2299,552 +2449,6 @@ def to_yaml(data, ascii_only=False):
     return "\n".join(yaml_lines(data, 0, ascii_only)).translate(UNICODE_CONTROL_ESCAPES)
 
 
-# --- Reading YAML -------------------------------------------------------------
-# Definition and request files (permission sets, queue items, workflows) are YAML, so
-# attune.py reads the subset they use, strictly: block and flow mappings and sequences,
-# plain, single- and double-quoted scalars, literal | and folded > blocks, comments, one
-# document, the YAML 1.2 core schema (null, bool, int, float); JSON is YAML too. Keys are
-# strings. Anchors, aliases, tags, directives, several documents, complex keys, duplicate
-# keys and tabs in indentation are errors that say line:column, never a guess.
-
-class YamlError(ValueError):
-    pass
-
-
-YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
-                "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85",
-                "_": "\xa0", "L": "\u2028", "P": "\u2029"}
-YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
-YAML_MAX_DEPTH = 200
-
-
-def yaml_loads(text):
-    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
-    return YamlReader(text).document()
-
-
-def yaml_plain_value(text):
-    """A plain scalar by the YAML 1.2 core schema: null, true/false, int, float or the string."""
-    import re
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
-        return text[0] in "tT"
-    if re.match(r"[-+]?[0-9]+\Z", text):
-        return int(text)
-    if re.match(r"0o[0-7]+\Z", text):
-        return int(text[2:], 8)
-    if re.match(r"0x[0-9a-fA-F]+\Z", text):
-        return int(text[2:], 16)
-    if re.match(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z", text):
-        return float(text)
-    if re.match(r"[-+]?\.(inf|Inf|INF)\Z", text):
-        return float("-inf") if text[0] == "-" else float("inf")
-    if text in (".nan", ".NaN", ".NAN"):
-        return float("nan")
-    return text
-
-
-def yaml_fold(lines):
-    """The lines of a folded (>) block as text: a break between two lines of text becomes a
-    space, each empty line a break; more-indented lines keep their breaks."""
-    text, previous, empties = "", None, 0
-    for line in lines:
-        if not line:
-            empties += 1
-            continue
-        normal = line[0] not in " \t"
-        if previous is None:
-            text += "\n" * empties
-        elif previous and normal:
-            text += "\n" * empties if empties else " "
-        else:
-            text += "\n" * (empties + 1)
-        text += line
-        previous, empties = normal, 0
-    return text
-
-
-class YamlReader:
-    """A recursive-descent reader over the whole text; self.pos is where it is. Each block
-    node is read up to the first character of the next line with content (or the end)."""
-
-    def __init__(self, text):
-        if text.startswith("\ufeff"):
-            text = text[1:]
-        self.s = text.replace("\r\n", "\n").replace("\r", "\n")
-        self.pos = self.depth = self.empty_lines = self.comment_lines = 0
-        self.tab = None
-
-    # -- where the reader is -----------------------------------------------------
-    def fail(self, message, pos=None):
-        pos = self.pos if pos is None else pos
-        raise YamlError("%d:%d: %s" % (self.s.count("\n", 0, pos) + 1, self.column(pos) + 1, message))
-
-    def column(self, pos=None):
-        pos = self.pos if pos is None else pos
-        return pos - (self.s.rfind("\n", 0, pos) + 1)
-
-    def char(self, pos=None):
-        pos = self.pos if pos is None else pos
-        return self.s[pos] if pos < len(self.s) else ""
-
-    def line_end(self, pos):
-        end = self.s.find("\n", pos)
-        return len(self.s) if end < 0 else end
-
-    def separated(self, pos):
-        """Is pos the end of the text, a space, a tab or a line break?"""
-        return pos >= len(self.s) or self.s[pos] in " \t\n"
-
-    def at_marker(self, marker="---"):
-        return self.column() == 0 and self.s.startswith(marker, self.pos) and self.separated(self.pos + 3)
-
-    def at_block_end(self, indent):
-        """Has the block indented by indent ended at self.pos?"""
-        return (self.pos >= len(self.s) or self.column() < indent or self.at_marker()
-                or self.at_marker("..."))
-
-    def at_entry(self):
-        return self.char() == "-" and self.separated(self.pos + 1)
-
-    def enter(self):
-        self.depth += 1
-        if self.depth > YAML_MAX_DEPTH:
-            self.fail("nested more than %d levels deep" % YAML_MAX_DEPTH)
-
-    # -- lines -----------------------------------------------------------------
-    def skip_spaces(self):
-        while self.char() in (" ", "\t") and self.char():
-            self.pos += 1
-
-    def end_of_line(self):
-        """Only spaces and a comment may follow on this line; stops at its line break."""
-        self.skip_spaces()
-        if self.char() == "#" and (self.pos == 0 or self.s[self.pos - 1] in " \t\n"):
-            self.pos = self.line_end(self.pos)
-        if self.char() not in ("", "\n"):
-            self.fail("unexpected %s after the value" % json.dumps(self.char()))
-
-    def next_content(self):
-        """From a line break (or a line's start), on to the first character of the next line
-        that holds more than spaces and a comment; False at the end. Counts the empty lines
-        (self.empty_lines) and comment lines (self.comment_lines) passed, and notes where a
-        tab is among the line's leading blanks (self.tab, checked by check_indent())."""
-        s = self.s
-        self.empty_lines = self.comment_lines = 0
-        self.tab = None
-        while self.pos < len(s):
-            if s[self.pos] == "\n":
-                self.pos += 1
-            start = self.pos
-            self.skip_spaces()
-            c = self.char()
-            if c == "\n":
-                self.empty_lines += 1
-            elif c == "#":
-                self.comment_lines += 1
-                self.pos = self.line_end(self.pos)
-            elif c:
-                if "\t" in s[start:self.pos]:
-                    self.tab = (start, s.index("\t", start))
-                return True
-        return False
-
-    def check_indent(self, spaces=None):
-        """Tabs cannot indent a line; a line that continues a plain scalar may have them
-        after the spaces its indentation needs."""
-        if self.tab and (spaces is None or self.tab[1] - self.tab[0] < spaces):
-            self.fail("a tab cannot indent a line", self.tab[1])
-
-    # -- the document ----------------------------------------------------------
-    def document(self):
-        import re
-        bad = re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", self.s)  # DEL and C1 are data, as in JSON
-        if bad:
-            self.fail("control character U+%04X is not allowed" % ord(bad.group()), bad.start())
-        if not self.next_content():
-            return None
-        self.check_indent()
-        if self.char() == "%":
-            self.fail("directives are not supported")
-        value = None
-        if self.at_marker():
-            self.pos += 3
-            self.skip_spaces()
-            if self.char() not in ("", "\n", "#"):
-                value = self.block_node(-1, inline=True)
-            else:
-                self.end_of_line()
-                if self.next_content() and not self.at_marker() and not self.at_marker("..."):
-                    self.check_indent()
-                    value = self.block_node(-1)
-        else:
-            value = self.block_node(-1)
-        if self.at_marker("..."):
-            self.pos += 3
-            self.end_of_line()
-            self.next_content()
-        if self.pos < len(self.s):
-            self.check_indent()
-            self.fail("only one document is allowed" if self.at_marker() else "unexpected content after the document")
-        return value
-
-    # -- block context -----------------------------------------------------------
-    def block_node(self, indent, inline=False):
-        """The node whose first character is at self.pos, in a block indented by indent;
-        inline when it follows 'key:' on the same line (no block collection starts there)."""
-        self.enter()
-        c, start = self.char(), self.pos
-        if c in ("&", "*", "!"):
-            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
-        if c == "?" and self.separated(start + 1):
-            self.fail("complex keys are not supported")
-        if self.at_entry():
-            if inline:
-                self.fail("a sequence cannot start on the line of its key")
-            value = self.block_sequence(self.column())
-        elif c in ("|", ">"):
-            value = self.block_scalar(indent)
-        elif self.key_ahead():
-            if inline:
-                self.fail("a mapping cannot start on the line of its key")
-            value = self.block_mapping(self.column())
-        elif c in ("[", "{", '"', "'"):
-            value = self.flow_node() if c in "[{" else self.quoted()
-            self.skip_spaces()
-            if self.char() == ":":
-                self.fail("complex keys are not supported" if c in "[{" else "a key must be on one line", start)
-            self.end_of_line()
-            self.next_content()
-        else:
-            value = self.plain_block(indent)
-        self.depth -= 1
-        return value
-
-    def key_ahead(self):
-        """Does 'key:' start here (a plain or one-line quoted scalar, ':', then a space)?"""
-        s, pos = self.s, self.pos
-        if s[pos] in "\"'":
-            self.quoted()
-            end, self.pos = self.pos, pos
-            if "\n" in s[pos:end]:
-                return False
-            while end < len(s) and s[end] in " \t":
-                end += 1
-            return end < len(s) and s[end] == ":" and self.separated(end + 1)
-        if s[pos] in "[{":
-            return False
-        for p in range(pos, self.line_end(pos)):
-            if s[p] == "#" and s[p - 1] in " \t":
-                return False
-            if s[p] == ":" and self.separated(p + 1):
-                return True
-        return False
-
-    def mapping_key(self):
-        """The key at self.pos (key_ahead() said there is one); stops past its ':'."""
-        if self.char() in ("\"", "'"):
-            key = self.quoted()
-            self.skip_spaces()
-        else:
-            self.check_plain_start()
-            end = self.pos
-            while not (self.s[end] == ":" and self.separated(end + 1)):
-                end += 1
-            key, self.pos = self.s[self.pos:end].rstrip(" \t"), end
-        self.pos += 1
-        return key
-
-    def block_mapping(self, indent):
-        mapping = {}
-        while True:
-            start = self.pos
-            key = self.mapping_key()
-            if key in mapping:
-                self.fail("duplicate key %s" % json.dumps(key), start)
-            mapping[key] = self.block_value(indent, True)
-            if self.at_block_end(indent):
-                return mapping
-            self.check_indent()
-            if self.column() > indent:
-                self.fail("this line is indented more than the keys of its mapping")
-            if not self.key_ahead():
-                self.fail("expected a key of the mapping above (key: value)")
-
-    def block_sequence(self, indent):
-        items = []
-        while True:
-            self.pos += 1  # the '-'
-            items.append(self.block_value(indent, False))
-            if self.at_block_end(indent):
-                return items
-            self.check_indent()
-            if self.column() > indent:
-                self.fail("this line is indented more than the entries of its sequence")
-            if not self.at_entry():
-                return items  # the next key of the mapping whose value this sequence is
-
-    def block_value(self, indent, in_mapping):
-        """The value after 'key:' or '-': on the same line, or indented on the lines below."""
-        self.skip_spaces()
-        if self.char() not in ("", "\n", "#"):
-            return self.block_node(indent, inline=in_mapping)
-        self.end_of_line()
-        if not self.next_content() or self.at_marker() or self.at_marker("..."):
-            return None
-        self.check_indent()
-        if self.column() > indent:
-            return self.block_node(indent)
-        if in_mapping and self.column() == indent and self.at_entry():
-            return self.block_sequence(indent)  # a sequence may sit at the level of its key
-        return None
-
-    def check_plain_start(self):
-        c = self.char()
-        if c in ",[]{}#&*!|>'\"%@`" or (c in "-?:" and self.separated(self.pos + 1)):
-            self.fail("a plain scalar cannot start with %s" % json.dumps(c))
-
-    def plain_line(self):
-        """The rest of a plain scalar's line, up to a comment; ': ' in it is an error."""
-        s, start = self.s, self.pos
-        end = self.line_end(start)
-        while self.pos < end:
-            if s[self.pos] == "#" and self.pos > start and s[self.pos - 1] in " \t":
-                break
-            if s[self.pos] == ":" and self.separated(self.pos + 1):
-                self.fail("a mapping cannot start inside a value (quote the value if ': ' is meant)")
-            self.pos += 1
-        return s[start:self.pos].rstrip(" \t")
-
-    def plain_block(self, indent):
-        """A plain scalar in block context; lines indented deeper than indent continue it."""
-        self.check_plain_start()
-        text = self.plain_line()
-        while True:
-            self.end_of_line()
-            if not self.next_content() or self.at_block_end(indent + 1):
-                return yaml_plain_value(text)
-            if self.comment_lines:
-                self.fail("a comment cannot sit inside a multi-line value")
-            self.check_indent(indent + 1)
-            text += ("\n" * self.empty_lines if self.empty_lines else " ") + self.plain_line()
-
-    def block_scalar(self, indent):
-        """| (literal) or > (folded), then at most a chomping indicator (+ keeps the final
-        empty lines, - drops the last line break) and an indentation digit."""
-        s, start = self.s, self.pos
-        folded, chomp, explicit = s[start] == ">", "", None
-        self.pos += 1
-        for _ in range(2):
-            c = self.char()
-            if c and c in "+-" and not chomp:
-                chomp = c
-            elif c and c in "123456789" and explicit is None:
-                explicit = int(c)
-            else:
-                break
-            self.pos += 1
-        if not self.separated(self.pos):
-            self.fail("a block scalar's header is | or > with at most + or - and one digit 1-9", start)
-        self.end_of_line()
-        width = None if explicit is None else max(indent, 0) + explicit
-        lines, text_lines, leading, final_break = [], 0, 0, False
-        pos = self.pos + 1
-        while pos < len(s):
-            end = self.line_end(pos)
-            line = s[pos:end]
-            spaces = len(line) - len(line.lstrip(" "))
-            if spaces == len(line) and (width is None or spaces <= width):  # an empty line
-                leading = max(leading, spaces) if width is None else leading
-                lines.append("")
-            else:
-                if width is None:
-                    if leading > spaces and spaces > indent:
-                        self.fail("an empty line above the text is indented more than the text", pos)
-                    width = spaces
-                if spaces < width or width <= indent:
-                    break
-                lines.append(line[width:])
-                text_lines, final_break = len(lines), end < len(s)
-            pos = end + 1
-        self.pos = min(pos, len(s + "\n")) - 1
-        self.next_content()
-        body, trailing = lines[:text_lines], len(lines) - text_lines
-        text = yaml_fold(body) if folded else "\n".join(body)
-        if chomp == "-" or not body and chomp != "+":
-            return text
-        return text + ("\n" if body and final_break else "") + ("\n" * trailing if chomp == "+" else "")
-
-    # -- scalars and flow context --------------------------------------------------
-    def quoted(self):
-        """A single- or double-quoted scalar; a line break inside folds like plain text."""
-        s, start = self.s, self.pos
-        quote = s[start]
-        self.pos += 1
-        out, pending = [], ""  # pending: spaces that only count if more text follows on the line
-        while True:
-            c = self.char()
-            if not c:
-                self.fail("this quoted scalar never ends", start)
-            if c == quote and quote == "'" and self.char(self.pos + 1) == "'":
-                out.append(pending + "'")
-                pending, self.pos = "", self.pos + 2
-            elif c == quote:
-                self.pos += 1
-                return "".join(out) + pending
-            elif c in " \t":
-                pending += c
-                self.pos += 1
-            elif c == "\n":
-                pending, self.pos = "", self.pos + 1
-                breaks = 0
-                while True:
-                    self.skip_spaces()
-                    if self.char() != "\n":
-                        break
-                    breaks, self.pos = breaks + 1, self.pos + 1
-                if self.at_marker() or self.at_marker("..."):
-                    self.fail("this quoted scalar never ends", start)
-                out.append("\n" * breaks if breaks else " ")
-            elif c == "\\" and quote == '"':
-                out.append(pending)
-                pending = ""
-                out.append(self.escape())
-            else:
-                out.append(pending + c)
-                pending, self.pos = "", self.pos + 1
-
-    def escape(self):
-        """The character of the escape at self.pos (a backslash), and past it."""
-        s, start = self.s, self.pos
-        e = self.char(start + 1)
-        self.pos += 2
-        if e == "\n":  # an escaped line break: the lines join without a space
-            self.skip_spaces()
-            return ""
-        if e in YAML_ESCAPES:
-            return YAML_ESCAPES[e]
-        if not e or e not in YAML_HEX_ESCAPES:
-            self.fail("unknown escape \\%s" % e, start)
-        digits = s[self.pos:self.pos + YAML_HEX_ESCAPES[e]]
-        if len(digits) != YAML_HEX_ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
-            self.fail("\\%s needs %d hexadecimal digits" % (e, YAML_HEX_ESCAPES[e]), start)
-        self.pos += len(digits)
-        code = int(digits, 16)
-        low = s[self.pos + 2:self.pos + 6] if s.startswith("\\u", self.pos) else ""
-        if 0xd800 <= code < 0xdc00 and len(low) == 4 and all(d in "0123456789abcdefABCDEF" for d in low) \
-                and 0xdc00 <= int(low, 16) < 0xe000:  # JSON's surrogate pair
-            self.pos += 6
-            return chr(0x10000 + ((code - 0xd800) << 10) + int(low, 16) - 0xdc00)
-        if 0xd800 <= code < 0xe000 or code > 0x10ffff:
-            self.fail("\\%s%s is not a character" % (e, digits), start)
-        return chr(code)
-
-    def skip_flow_space(self):
-        while True:
-            c = self.char()
-            if c and c in " \t\n":
-                self.pos += 1
-            elif c == "#" and self.s[self.pos - 1] in " \t\n":
-                self.pos = self.line_end(self.pos)
-            else:
-                return
-
-    def flow_node(self):
-        self.enter()
-        self.skip_flow_space()
-        c = self.char()
-        if c == "[":
-            value = self.flow_collection("]")
-        elif c == "{":
-            value = self.flow_collection("}")
-        elif c and c in "\"'":
-            value = self.quoted()
-        elif c and c in "&*!":
-            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
-        elif c == "?" and self.separated(self.pos + 1):
-            self.fail("complex keys are not supported")
-        elif not c:
-            self.fail("the text ends inside [ ] or { }")
-        else:
-            value = yaml_plain_value(self.plain_flow())
-        self.depth -= 1
-        return value
-
-    def flow_collection(self, close):
-        """[a, b] or {k: v, k2: v2}, on one line or several."""
-        start = self.pos
-        self.pos += 1
-        result = {} if close == "}" else []
-        while True:
-            self.skip_flow_space()
-            c = self.char()
-            if c == close:
-                self.pos += 1
-                return result
-            if not c:
-                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
-            if c in ",]}":
-                self.fail("expected an entry, not %s" % json.dumps(c))
-            if close == "]":
-                result.append(self.flow_node())
-                self.skip_flow_space()
-                if self.char() == ":":
-                    self.fail("key: value inside [ ] is not supported; write {key: value}")
-            else:
-                key_start = self.pos
-                if c in "[{" or c == "?" and self.separated(self.pos + 1):
-                    self.fail("complex keys are not supported")
-                key = self.quoted() if c in "\"'" else self.plain_flow()
-                if key in result:
-                    self.fail("duplicate key %s" % json.dumps(key), key_start)
-                self.skip_flow_space()
-                value = None
-                if self.char() == ":":
-                    self.pos += 1
-                    self.skip_flow_space()
-                    if self.char() not in (",", "}"):
-                        value = self.flow_node()
-                result[key] = value
-                self.skip_flow_space()
-            if self.char() == ",":
-                self.pos += 1
-            elif not self.char():
-                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
-            elif self.char() != close:
-                self.fail("expected ',' or %s" % json.dumps(close))
-
-    def plain_flow(self):
-        """A plain scalar inside [ ] or { }: up to , [ ] { }, ': ' or a comment; it may
-        continue on the next lines."""
-        self.check_plain_start()
-        s, text = self.s, ""
-        while True:
-            start = self.pos
-            while True:
-                c = self.char()
-                if not c or c in ",[]{}\n":
-                    break
-                if c == ":" and (self.separated(self.pos + 1) or self.char(self.pos + 1) in ",[]{}"):
-                    break
-                if c == "#" and self.pos > start and s[self.pos - 1] in " \t":
-                    break
-                self.pos += 1
-            text += s[start:self.pos].rstrip(" \t")
-            if self.char() != "\n":
-                return text
-            saved, breaks = self.pos, 0
-            while self.char() == "\n":
-                self.pos += 1
-                self.skip_spaces()
-                breaks += 1
-            if not self.char() or self.char() in ",[]{}:#":
-                self.pos = saved
-                return text
-            text += "\n" * (breaks - 1) if breaks > 1 else " "
-
-
 def cell_text(value):
     if value is None:
         return ""
@@ -2901,8 +2505,6 @@ def render_pairs(pairs, width=None):
         lines.extend(" " * (keywidth + 3) + line for line in rest)
     return "\n".join(lines)
 
-
-# === Context =================================================================
 
 class Printer:
     """How to print: the streams, the output format, and the table-mode helpers.
@@ -3003,152 +2605,7 @@ class Printer:
         return terminal_columns(self.stdout, self.env)
 
 
-class Choice:
-    """What this run works with, by the precedence the README gives: the credential file, the profile,
-    the API URL and the tokens, each with where it came from."""
-
-    def __init__(self, args, env, store, config_path, config_source):
-        self.args = args
-        self.env = env
-        self.store = store
-        self.config_path, self.config_source = config_path, config_source
-        self._profile = None
-
-    @property
-    def profile(self):
-        return self.profile_source[0]
-
-    @property
-    def profile_source(self):
-        """(name, 'flag'|'env'|'file'|'default'), checked to exist unless the command creates it."""
-        if self._profile is None:
-            args, env = self.args, self.env
-            if getattr(args, "profile", None) == "":
-                raise UsageError("-p/--profile needs a profile name")
-            if getattr(args, "profile", None):
-                name, source = args.profile, "flag"
-            elif env.get("ATTUNE_PROFILE"):
-                name, source = env["ATTUNE_PROFILE"], "env"
-            elif self.store.current_profile():
-                name, source = self.store.current_profile(), "file"
-            else:
-                name, source = DEFAULT_PROFILE, "default"
-            if not getattr(args, "creates_profile", False):
-                self.require_profile(name, source)
-            self._profile = (name, source)
-        return self._profile
-
-    def require_profile(self, name, source="flag"):
-        if name == DEFAULT_PROFILE or self.store.profile(name) is not None:
-            return
-        known = sorted(set(self.store.profiles()) | {DEFAULT_PROFILE})
-        where = " (current_profile in %s)" % self.config_path if source == "file" else ""
-        raise ConfigError("Profile %s does not exist%s; known profiles: %s"
-                          % (quoted(name, 64), where, ", ".join(terminal_safe(k[:64], keep="") for k in known)))
-
-    def api_url_for(self, profile):
-        """(url, source): --api-url > ATTUNE_API_URL > the profile's api_url > the default."""
-        if getattr(self.args, "api_url", None):
-            return check_api_url(self.args.api_url, "--api-url"), "flag"
-        if self.env.get("ATTUNE_API_URL"):
-            return check_api_url(self.env["ATTUNE_API_URL"], "ATTUNE_API_URL"), "env"
-        stored = (self.store.profile(profile) or {}).get("api_url")
-        if stored is not None:
-            return check_api_url(stored, "profile '%s' in %s" % (profile, self.config_path)), "file"
-        if self.store.profile(profile) is not None:
-            raise ConfigError("profile '%s' in %s has no api_url; run: attune config set api_url URL"
-                              % (profile, self.config_path))
-        return DEFAULT_API_URL, "default"
-
-    def credentials_for(self, profile, use_env=True, api_url=None):
-        """Tokens: with --profile, the profile's stored tokens; otherwise ATTUNE_API_TOKEN
-        (ATTUNE_AUTH_TOKEN) > ATTUNE_TOKEN_FILE > stored. Stored tokens go only to the
-        origin the profile logged in to: for another api_url, none (Credentials.withheld
-        says whose they are). Environment tokens go wherever the user points them."""
-        env = self.env
-        if use_env and not getattr(self.args, "profile", None):
-            refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
-            keep_fresh = env.get("ATTUNE_KEEP_FRESH")
-            if keep_fresh and keep_fresh == env.get("ATTUNE_TOKEN_FILE"):  # under auth exec --keep-fresh
-                return Credentials.from_token(read_token_file(keep_fresh), "token_file", keep_fresh, refresh)
-            for name in TOKEN_VARIABLES[:2]:
-                if env.get(name):
-                    return Credentials.from_token(env[name], "env", name, refresh)
-            if env.get("ATTUNE_TOKEN_FILE"):
-                path = env["ATTUNE_TOKEN_FILE"]
-                return Credentials.from_token(read_token_file(path), "token_file", path, refresh)
-        stored = Credentials.from_profile(profile, self.store.profile(profile))
-        home = (self.store.profile(profile) or {}).get("api_url") or DEFAULT_API_URL
-        home = home if isinstance(home, str) else repr(home)  # no origin: goes nowhere
-        if api_url is not None and (stored.access or stored.refresh) and url_origin(api_url) != url_origin(home):
-            return Credentials(source="file", origin=profile, withheld=home)
-        return stored
-
-    def ca_bundle(self):
-        """(path, source) of extra CAs: --ca-bundle > ATTUNE_CA_BUNDLE > profile ca_bundle."""
-        if getattr(self.args, "ca_bundle", None):
-            return self.args.ca_bundle, "flag"
-        if self.env.get("ATTUNE_CA_BUNDLE"):
-            return self.env["ATTUNE_CA_BUNDLE"], "env"
-        try:
-            stored = (self.store.profile(self.profile) or {}).get("ca_bundle")
-        except ConfigError:
-            stored = None
-        return (stored, "file") if isinstance(stored, str) and stored else (None, None)
-
-
-class HttpSettings:
-    """How to talk HTTP: timeout, TLS, proxies (from env), --wait-for-server, and where
-    to log. A transport reads these; it never reaches back into a command."""
-
-    def __init__(self, env, timeout, ca_bundle, insecure, wait_seconds, verbose, log, note, deadline=None):
-        self.env = env
-        self.timeout = timeout
-        self.deadline = deadline or CommandDeadline()  # a command's --timeout caps each request
-        self.ca_bundle = ca_bundle  # () -> (path, source) or (None, None), asked when TLS is first used
-        self.insecure = insecure
-        self.log, self.note = log, note
-        self.verbose = verbose
-        self.wait_for(wait_seconds)
-        self._ready = set()  # API URLs whose /health answered, with --wait-for-server
-        self._announced = False
-        self._ssl = None
-
-    def wait_for(self, seconds):
-        """Wait up to seconds (None: not at all) for a server that is not up yet."""
-        self.wait_seconds = seconds
-        self.wait_deadline = None if seconds is None else time.monotonic() + seconds
-
-    def announce_wait(self, url):
-        """The one progress line of --wait-for-server."""
-        if not self._ready and not self._announced:
-            self._announced = True
-            self.note("waiting up to %gs for %s://%s:%s to come up ..." % ((self.wait_seconds,) + origin(url)))
-
-    def wait_until_ready(self, session):
-        """With --wait-for-server: before the first request to a server, wait for /health."""
-        if self.wait_deadline is not None and session.api_url not in self._ready:
-            wait_for_health(self, session)
-            self._ready.add(session.api_url)
-
-    def ssl_context(self):
-        if self._ssl is None:
-            import ssl
-            context = ssl.create_default_context()
-            bundle, source = self.ca_bundle()
-            if bundle:
-                try:
-                    pem = read_regular_file(os.path.expanduser(bundle), DATA_FILE_LIMIT)[0]
-                    context.load_verify_locations(cadata=pem.decode("ascii"))
-                except (OSError, UnicodeError, ssl.SSLError, ValueError) as e:
-                    raise ConfigError("cannot load CA bundle %s (from %s): %s"
-                                      % (terminal_safe(bundle), source, getattr(e, "strerror", None) or e))
-            if self.insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
-        return self._ssl
-
+# === Context =================================================================
 
 class Context:
     """What a command gets: ui (how to print), choice (profile, URL, tokens), http (how to
@@ -4620,6 +4077,552 @@ def cmd_config_remove_profile(ctx, args):
         raise AttuneError("Cannot remove the default profile")
     ctx.store.modify(lambda doc: doc["profiles"].pop(name, None))
     ctx.ui.emit({"removed": name}, lambda: ctx.ui.success("Profile '%s' removed" % name))
+
+
+# === Reading YAML ============================================================
+# Definition and request files (permission sets, queue items, workflows) are YAML, so
+# attune.py reads the subset they use, strictly: block and flow mappings and sequences,
+# plain, single- and double-quoted scalars, literal | and folded > blocks, comments, one
+# document, the YAML 1.2 core schema (null, bool, int, float); JSON is YAML too. Keys are
+# strings. Anchors, aliases, tags, directives, several documents, complex keys, duplicate
+# keys and tabs in indentation are errors that say line:column, never a guess.
+
+class YamlError(ValueError):
+    pass
+
+
+YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
+                "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85",
+                "_": "\xa0", "L": "\u2028", "P": "\u2029"}
+YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+YAML_MAX_DEPTH = 200
+
+
+def yaml_loads(text):
+    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
+    return YamlReader(text).document()
+
+
+def yaml_plain_value(text):
+    """A plain scalar by the YAML 1.2 core schema: null, true/false, int, float or the string."""
+    import re
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text[0] in "tT"
+    if re.match(r"[-+]?[0-9]+\Z", text):
+        return int(text)
+    if re.match(r"0o[0-7]+\Z", text):
+        return int(text[2:], 8)
+    if re.match(r"0x[0-9a-fA-F]+\Z", text):
+        return int(text[2:], 16)
+    if re.match(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z", text):
+        return float(text)
+    if re.match(r"[-+]?\.(inf|Inf|INF)\Z", text):
+        return float("-inf") if text[0] == "-" else float("inf")
+    if text in (".nan", ".NaN", ".NAN"):
+        return float("nan")
+    return text
+
+
+def yaml_fold(lines):
+    """The lines of a folded (>) block as text: a break between two lines of text becomes a
+    space, each empty line a break; more-indented lines keep their breaks."""
+    text, previous, empties = "", None, 0
+    for line in lines:
+        if not line:
+            empties += 1
+            continue
+        normal = line[0] not in " \t"
+        if previous is None:
+            text += "\n" * empties
+        elif previous and normal:
+            text += "\n" * empties if empties else " "
+        else:
+            text += "\n" * (empties + 1)
+        text += line
+        previous, empties = normal, 0
+    return text
+
+
+class YamlReader:
+    """A recursive-descent reader over the whole text; self.pos is where it is. Each block
+    node is read up to the first character of the next line with content (or the end)."""
+
+    def __init__(self, text):
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        self.s = text.replace("\r\n", "\n").replace("\r", "\n")
+        self.pos = self.depth = self.empty_lines = self.comment_lines = 0
+        self.tab = None
+
+    # -- where the reader is -----------------------------------------------------
+    def fail(self, message, pos=None):
+        pos = self.pos if pos is None else pos
+        raise YamlError("%d:%d: %s" % (self.s.count("\n", 0, pos) + 1, self.column(pos) + 1, message))
+
+    def column(self, pos=None):
+        pos = self.pos if pos is None else pos
+        return pos - (self.s.rfind("\n", 0, pos) + 1)
+
+    def char(self, pos=None):
+        pos = self.pos if pos is None else pos
+        return self.s[pos] if pos < len(self.s) else ""
+
+    def line_end(self, pos):
+        end = self.s.find("\n", pos)
+        return len(self.s) if end < 0 else end
+
+    def separated(self, pos):
+        """Is pos the end of the text, a space, a tab or a line break?"""
+        return pos >= len(self.s) or self.s[pos] in " \t\n"
+
+    def at_marker(self, marker="---"):
+        return self.column() == 0 and self.s.startswith(marker, self.pos) and self.separated(self.pos + 3)
+
+    def at_block_end(self, indent):
+        """Has the block indented by indent ended at self.pos?"""
+        return (self.pos >= len(self.s) or self.column() < indent or self.at_marker()
+                or self.at_marker("..."))
+
+    def at_entry(self):
+        return self.char() == "-" and self.separated(self.pos + 1)
+
+    def enter(self):
+        self.depth += 1
+        if self.depth > YAML_MAX_DEPTH:
+            self.fail("nested more than %d levels deep" % YAML_MAX_DEPTH)
+
+    # -- lines -----------------------------------------------------------------
+    def skip_spaces(self):
+        while self.char() in (" ", "\t") and self.char():
+            self.pos += 1
+
+    def end_of_line(self):
+        """Only spaces and a comment may follow on this line; stops at its line break."""
+        self.skip_spaces()
+        if self.char() == "#" and (self.pos == 0 or self.s[self.pos - 1] in " \t\n"):
+            self.pos = self.line_end(self.pos)
+        if self.char() not in ("", "\n"):
+            self.fail("unexpected %s after the value" % json.dumps(self.char()))
+
+    def next_content(self):
+        """From a line break (or a line's start), on to the first character of the next line
+        that holds more than spaces and a comment; False at the end. Counts the empty lines
+        (self.empty_lines) and comment lines (self.comment_lines) passed, and notes where a
+        tab is among the line's leading blanks (self.tab, checked by check_indent())."""
+        s = self.s
+        self.empty_lines = self.comment_lines = 0
+        self.tab = None
+        while self.pos < len(s):
+            if s[self.pos] == "\n":
+                self.pos += 1
+            start = self.pos
+            self.skip_spaces()
+            c = self.char()
+            if c == "\n":
+                self.empty_lines += 1
+            elif c == "#":
+                self.comment_lines += 1
+                self.pos = self.line_end(self.pos)
+            elif c:
+                if "\t" in s[start:self.pos]:
+                    self.tab = (start, s.index("\t", start))
+                return True
+        return False
+
+    def check_indent(self, spaces=None):
+        """Tabs cannot indent a line; a line that continues a plain scalar may have them
+        after the spaces its indentation needs."""
+        if self.tab and (spaces is None or self.tab[1] - self.tab[0] < spaces):
+            self.fail("a tab cannot indent a line", self.tab[1])
+
+    # -- the document ----------------------------------------------------------
+    def document(self):
+        import re
+        bad = re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", self.s)  # DEL and C1 are data, as in JSON
+        if bad:
+            self.fail("control character U+%04X is not allowed" % ord(bad.group()), bad.start())
+        if not self.next_content():
+            return None
+        self.check_indent()
+        if self.char() == "%":
+            self.fail("directives are not supported")
+        value = None
+        if self.at_marker():
+            self.pos += 3
+            self.skip_spaces()
+            if self.char() not in ("", "\n", "#"):
+                value = self.block_node(-1, inline=True)
+            else:
+                self.end_of_line()
+                if self.next_content() and not self.at_marker() and not self.at_marker("..."):
+                    self.check_indent()
+                    value = self.block_node(-1)
+        else:
+            value = self.block_node(-1)
+        if self.at_marker("..."):
+            self.pos += 3
+            self.end_of_line()
+            self.next_content()
+        if self.pos < len(self.s):
+            self.check_indent()
+            self.fail("only one document is allowed" if self.at_marker() else "unexpected content after the document")
+        return value
+
+    # -- block context -----------------------------------------------------------
+    def block_node(self, indent, inline=False):
+        """The node whose first character is at self.pos, in a block indented by indent;
+        inline when it follows 'key:' on the same line (no block collection starts there)."""
+        self.enter()
+        c, start = self.char(), self.pos
+        if c in ("&", "*", "!"):
+            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
+        if c == "?" and self.separated(start + 1):
+            self.fail("complex keys are not supported")
+        if self.at_entry():
+            if inline:
+                self.fail("a sequence cannot start on the line of its key")
+            value = self.block_sequence(self.column())
+        elif c in ("|", ">"):
+            value = self.block_scalar(indent)
+        elif self.key_ahead():
+            if inline:
+                self.fail("a mapping cannot start on the line of its key")
+            value = self.block_mapping(self.column())
+        elif c in ("[", "{", '"', "'"):
+            value = self.flow_node() if c in "[{" else self.quoted()
+            self.skip_spaces()
+            if self.char() == ":":
+                self.fail("complex keys are not supported" if c in "[{" else "a key must be on one line", start)
+            self.end_of_line()
+            self.next_content()
+        else:
+            value = self.plain_block(indent)
+        self.depth -= 1
+        return value
+
+    def key_ahead(self):
+        """Does 'key:' start here (a plain or one-line quoted scalar, ':', then a space)?"""
+        s, pos = self.s, self.pos
+        if s[pos] in "\"'":
+            self.quoted()
+            end, self.pos = self.pos, pos
+            if "\n" in s[pos:end]:
+                return False
+            while end < len(s) and s[end] in " \t":
+                end += 1
+            return end < len(s) and s[end] == ":" and self.separated(end + 1)
+        if s[pos] in "[{":
+            return False
+        for p in range(pos, self.line_end(pos)):
+            if s[p] == "#" and s[p - 1] in " \t":
+                return False
+            if s[p] == ":" and self.separated(p + 1):
+                return True
+        return False
+
+    def mapping_key(self):
+        """The key at self.pos (key_ahead() said there is one); stops past its ':'."""
+        if self.char() in ("\"", "'"):
+            key = self.quoted()
+            self.skip_spaces()
+        else:
+            self.check_plain_start()
+            end = self.pos
+            while not (self.s[end] == ":" and self.separated(end + 1)):
+                end += 1
+            key, self.pos = self.s[self.pos:end].rstrip(" \t"), end
+        self.pos += 1
+        return key
+
+    def block_mapping(self, indent):
+        mapping = {}
+        while True:
+            start = self.pos
+            key = self.mapping_key()
+            if key in mapping:
+                self.fail("duplicate key %s" % json.dumps(key), start)
+            mapping[key] = self.block_value(indent, True)
+            if self.at_block_end(indent):
+                return mapping
+            self.check_indent()
+            if self.column() > indent:
+                self.fail("this line is indented more than the keys of its mapping")
+            if not self.key_ahead():
+                self.fail("expected a key of the mapping above (key: value)")
+
+    def block_sequence(self, indent):
+        items = []
+        while True:
+            self.pos += 1  # the '-'
+            items.append(self.block_value(indent, False))
+            if self.at_block_end(indent):
+                return items
+            self.check_indent()
+            if self.column() > indent:
+                self.fail("this line is indented more than the entries of its sequence")
+            if not self.at_entry():
+                return items  # the next key of the mapping whose value this sequence is
+
+    def block_value(self, indent, in_mapping):
+        """The value after 'key:' or '-': on the same line, or indented on the lines below."""
+        self.skip_spaces()
+        if self.char() not in ("", "\n", "#"):
+            return self.block_node(indent, inline=in_mapping)
+        self.end_of_line()
+        if not self.next_content() or self.at_marker() or self.at_marker("..."):
+            return None
+        self.check_indent()
+        if self.column() > indent:
+            return self.block_node(indent)
+        if in_mapping and self.column() == indent and self.at_entry():
+            return self.block_sequence(indent)  # a sequence may sit at the level of its key
+        return None
+
+    def check_plain_start(self):
+        c = self.char()
+        if c in ",[]{}#&*!|>'\"%@`" or (c in "-?:" and self.separated(self.pos + 1)):
+            self.fail("a plain scalar cannot start with %s" % json.dumps(c))
+
+    def plain_line(self):
+        """The rest of a plain scalar's line, up to a comment; ': ' in it is an error."""
+        s, start = self.s, self.pos
+        end = self.line_end(start)
+        while self.pos < end:
+            if s[self.pos] == "#" and self.pos > start and s[self.pos - 1] in " \t":
+                break
+            if s[self.pos] == ":" and self.separated(self.pos + 1):
+                self.fail("a mapping cannot start inside a value (quote the value if ': ' is meant)")
+            self.pos += 1
+        return s[start:self.pos].rstrip(" \t")
+
+    def plain_block(self, indent):
+        """A plain scalar in block context; lines indented deeper than indent continue it."""
+        self.check_plain_start()
+        text = self.plain_line()
+        while True:
+            self.end_of_line()
+            if not self.next_content() or self.at_block_end(indent + 1):
+                return yaml_plain_value(text)
+            if self.comment_lines:
+                self.fail("a comment cannot sit inside a multi-line value")
+            self.check_indent(indent + 1)
+            text += ("\n" * self.empty_lines if self.empty_lines else " ") + self.plain_line()
+
+    def block_scalar(self, indent):
+        """| (literal) or > (folded), then at most a chomping indicator (+ keeps the final
+        empty lines, - drops the last line break) and an indentation digit."""
+        s, start = self.s, self.pos
+        folded, chomp, explicit = s[start] == ">", "", None
+        self.pos += 1
+        for _ in range(2):
+            c = self.char()
+            if c and c in "+-" and not chomp:
+                chomp = c
+            elif c and c in "123456789" and explicit is None:
+                explicit = int(c)
+            else:
+                break
+            self.pos += 1
+        if not self.separated(self.pos):
+            self.fail("a block scalar's header is | or > with at most + or - and one digit 1-9", start)
+        self.end_of_line()
+        width = None if explicit is None else max(indent, 0) + explicit
+        lines, text_lines, leading, final_break = [], 0, 0, False
+        pos = self.pos + 1
+        while pos < len(s):
+            end = self.line_end(pos)
+            line = s[pos:end]
+            spaces = len(line) - len(line.lstrip(" "))
+            if spaces == len(line) and (width is None or spaces <= width):  # an empty line
+                leading = max(leading, spaces) if width is None else leading
+                lines.append("")
+            else:
+                if width is None:
+                    if leading > spaces and spaces > indent:
+                        self.fail("an empty line above the text is indented more than the text", pos)
+                    width = spaces
+                if spaces < width or width <= indent:
+                    break
+                lines.append(line[width:])
+                text_lines, final_break = len(lines), end < len(s)
+            pos = end + 1
+        self.pos = min(pos, len(s + "\n")) - 1
+        self.next_content()
+        body, trailing = lines[:text_lines], len(lines) - text_lines
+        text = yaml_fold(body) if folded else "\n".join(body)
+        if chomp == "-" or not body and chomp != "+":
+            return text
+        return text + ("\n" if body and final_break else "") + ("\n" * trailing if chomp == "+" else "")
+
+    # -- scalars and flow context --------------------------------------------------
+    def quoted(self):
+        """A single- or double-quoted scalar; a line break inside folds like plain text."""
+        s, start = self.s, self.pos
+        quote = s[start]
+        self.pos += 1
+        out, pending = [], ""  # pending: spaces that only count if more text follows on the line
+        while True:
+            c = self.char()
+            if not c:
+                self.fail("this quoted scalar never ends", start)
+            if c == quote and quote == "'" and self.char(self.pos + 1) == "'":
+                out.append(pending + "'")
+                pending, self.pos = "", self.pos + 2
+            elif c == quote:
+                self.pos += 1
+                return "".join(out) + pending
+            elif c in " \t":
+                pending += c
+                self.pos += 1
+            elif c == "\n":
+                pending, self.pos = "", self.pos + 1
+                breaks = 0
+                while True:
+                    self.skip_spaces()
+                    if self.char() != "\n":
+                        break
+                    breaks, self.pos = breaks + 1, self.pos + 1
+                if self.at_marker() or self.at_marker("..."):
+                    self.fail("this quoted scalar never ends", start)
+                out.append("\n" * breaks if breaks else " ")
+            elif c == "\\" and quote == '"':
+                out.append(pending)
+                pending = ""
+                out.append(self.escape())
+            else:
+                out.append(pending + c)
+                pending, self.pos = "", self.pos + 1
+
+    def escape(self):
+        """The character of the escape at self.pos (a backslash), and past it."""
+        s, start = self.s, self.pos
+        e = self.char(start + 1)
+        self.pos += 2
+        if e == "\n":  # an escaped line break: the lines join without a space
+            self.skip_spaces()
+            return ""
+        if e in YAML_ESCAPES:
+            return YAML_ESCAPES[e]
+        if not e or e not in YAML_HEX_ESCAPES:
+            self.fail("unknown escape \\%s" % e, start)
+        digits = s[self.pos:self.pos + YAML_HEX_ESCAPES[e]]
+        if len(digits) != YAML_HEX_ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
+            self.fail("\\%s needs %d hexadecimal digits" % (e, YAML_HEX_ESCAPES[e]), start)
+        self.pos += len(digits)
+        code = int(digits, 16)
+        low = s[self.pos + 2:self.pos + 6] if s.startswith("\\u", self.pos) else ""
+        if 0xd800 <= code < 0xdc00 and len(low) == 4 and all(d in "0123456789abcdefABCDEF" for d in low) \
+                and 0xdc00 <= int(low, 16) < 0xe000:  # JSON's surrogate pair
+            self.pos += 6
+            return chr(0x10000 + ((code - 0xd800) << 10) + int(low, 16) - 0xdc00)
+        if 0xd800 <= code < 0xe000 or code > 0x10ffff:
+            self.fail("\\%s%s is not a character" % (e, digits), start)
+        return chr(code)
+
+    def skip_flow_space(self):
+        while True:
+            c = self.char()
+            if c and c in " \t\n":
+                self.pos += 1
+            elif c == "#" and self.s[self.pos - 1] in " \t\n":
+                self.pos = self.line_end(self.pos)
+            else:
+                return
+
+    def flow_node(self):
+        self.enter()
+        self.skip_flow_space()
+        c = self.char()
+        if c == "[":
+            value = self.flow_collection("]")
+        elif c == "{":
+            value = self.flow_collection("}")
+        elif c and c in "\"'":
+            value = self.quoted()
+        elif c and c in "&*!":
+            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
+        elif c == "?" and self.separated(self.pos + 1):
+            self.fail("complex keys are not supported")
+        elif not c:
+            self.fail("the text ends inside [ ] or { }")
+        else:
+            value = yaml_plain_value(self.plain_flow())
+        self.depth -= 1
+        return value
+
+    def flow_collection(self, close):
+        """[a, b] or {k: v, k2: v2}, on one line or several."""
+        start = self.pos
+        self.pos += 1
+        result = {} if close == "}" else []
+        while True:
+            self.skip_flow_space()
+            c = self.char()
+            if c == close:
+                self.pos += 1
+                return result
+            if not c:
+                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
+            if c in ",]}":
+                self.fail("expected an entry, not %s" % json.dumps(c))
+            if close == "]":
+                result.append(self.flow_node())
+                self.skip_flow_space()
+                if self.char() == ":":
+                    self.fail("key: value inside [ ] is not supported; write {key: value}")
+            else:
+                key_start = self.pos
+                if c in "[{" or c == "?" and self.separated(self.pos + 1):
+                    self.fail("complex keys are not supported")
+                key = self.quoted() if c in "\"'" else self.plain_flow()
+                if key in result:
+                    self.fail("duplicate key %s" % json.dumps(key), key_start)
+                self.skip_flow_space()
+                value = None
+                if self.char() == ":":
+                    self.pos += 1
+                    self.skip_flow_space()
+                    if self.char() not in (",", "}"):
+                        value = self.flow_node()
+                result[key] = value
+                self.skip_flow_space()
+            if self.char() == ",":
+                self.pos += 1
+            elif not self.char():
+                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
+            elif self.char() != close:
+                self.fail("expected ',' or %s" % json.dumps(close))
+
+    def plain_flow(self):
+        """A plain scalar inside [ ] or { }: up to , [ ] { }, ': ' or a comment; it may
+        continue on the next lines."""
+        self.check_plain_start()
+        s, text = self.s, ""
+        while True:
+            start = self.pos
+            while True:
+                c = self.char()
+                if not c or c in ",[]{}\n":
+                    break
+                if c == ":" and (self.separated(self.pos + 1) or self.char(self.pos + 1) in ",[]{}"):
+                    break
+                if c == "#" and self.pos > start and s[self.pos - 1] in " \t":
+                    break
+                self.pos += 1
+            text += s[start:self.pos].rstrip(" \t")
+            if self.char() != "\n":
+                return text
+            saved, breaks = self.pos, 0
+            while self.char() == "\n":
+                self.pos += 1
+                self.skip_spaces()
+                breaks += 1
+            if not self.char() or self.char() in ",[]{}:#":
+                self.pos = saved
+                return text
+            text += "\n" * (breaks - 1) if breaks > 1 else " "
 
 
 # === Resource helpers ========================================================

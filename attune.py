@@ -2895,6 +2895,17 @@ def children(path):
     return [(cmd.path[-1], cmd.help, cmd) for cmd in COMMANDS if cmd.path[:-1] == path]
 
 
+def needs_a_command(ctx, args):
+    """The function of a command that only stands above its own (`cache entry`): run alone,
+    it says which there are, from their declarations."""
+    path = tuple(args.command_path)
+    words = list(path) + [spec.get("metavar") or option_dest(flags, spec) for flags, spec in find_command(path).arguments
+                          if not flags[0].startswith("-")]
+    names = [name for name, _, _ in children(path)]
+    listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    raise UsageError("%s needs a command: %s" % (" ".join(words), listed))
+
+
 def command_tree():
     """(path, options, value options, subcommands) of the top level, each group and each
     command: what the completion scripts offer."""
@@ -6339,9 +6350,7 @@ def cmd_inquiry_respond(ctx, args):
     show_inquiry(ctx, session.fetch("POST", "/inquiries/%d/respond" % args.id, {"response": response}))
 
 
-@command("inquiry execution", "what an execution does with its own token: create, cancel")
-def cmd_inquiry_execution(ctx, args):
-    raise UsageError("inquiry execution needs a command: create or cancel")
+command("inquiry execution", "what an execution does with its own token: create, cancel")(needs_a_command)
 
 
 @command("inquiry execution create", "create an inquiry (needs the execution token of a running workflow)",
@@ -6596,9 +6605,7 @@ def cmd_artifact_upload(ctx, args):
     upload_version(ctx, args)
 
 
-@command("artifact version", "an artifact's versions: list, show, download, upload, create-json, delete")
-def cmd_artifact_version(ctx, args):
-    raise UsageError("artifact version needs a command: list, show, download, upload, create-json or delete")
+command("artifact version", "an artifact's versions: list, show, download, upload, create-json, delete")(needs_a_command)
 
 
 @command("artifact version list", "list an artifact's versions", ARTIFACT_ID)
@@ -6747,9 +6754,7 @@ def cmd_identity_show(ctx, args):
     ctx.ui.emit(identity, table)
 
 
-@command("identity role", "an identity's roles: list, add, remove")
-def cmd_identity_role(ctx, args):
-    raise UsageError("identity role needs a command: list, add or remove")
+command("identity role", "an identity's roles: list, add, remove")(needs_a_command)
 
 
 @command("identity role list", "list an identity's roles", *IDENTITY_SELECTOR)
@@ -6872,9 +6877,7 @@ def binding_target(binding):
     return kind, target.get("login") if kind == "identity" else target.get("role")
 
 
-@command("permission set", "permission sets: list, show, export, update")
-def cmd_permission_set(ctx, args):
-    raise UsageError("permission set needs a command: list, show, export or update")
+command("permission set", "permission sets: list, show, export, update")(needs_a_command)
 
 
 @command("permission set list", "list permission sets, who owns them and the roles they are mapped to",
@@ -6940,9 +6943,7 @@ def cmd_permission_set_update(ctx, args):
                     args.dry_run, set_definition(before), set_definition(after))
 
 
-@command("permission assignment", "assignments of sets to identities and roles: list")
-def cmd_permission_assignment(ctx, args):
-    raise UsageError("permission assignment needs a command: list")
+command("permission assignment", "assignments of sets to identities and roles: list")(needs_a_command)
 
 
 @command("permission assignment list", "list assignments (direct ones for an identity, not inherited access)",
@@ -7208,10 +7209,8 @@ def show_queue_item(ctx, item):
         ("Acknowledgement", compact_json(item.get("ack_summary")))] + timestamps(item)))
 
 
-@command("queue items", "a queue's items: queue items REF list|show|preview|update|reprioritize|delete",
-         arg("queue_ref", metavar="REF", help="the queue's ref"))
-def cmd_queue_items(ctx, args):
-    raise UsageError("queue items REF needs a command: list, show, preview, update, reprioritize or delete")
+command("queue items", "a queue's items: queue items REF list|show|preview|update|reprioritize|delete",
+         arg("queue_ref", metavar="REF", help="the queue's ref"))(needs_a_command)
 
 
 @command("queue items list", "list a queue's items",
@@ -7458,9 +7457,7 @@ def entries_table(ctx, entries, full=False):
                  empty="No cache entries found")
 
 
-@command("cache namespace", "cache namespaces: list, create, show, update, delete")
-def cmd_cache_namespace(ctx, args):
-    raise UsageError("cache namespace needs a command: list, create, show, update or delete")
+command("cache namespace", "cache namespaces: list, create, show, update, delete")(needs_a_command)
 
 
 @command("cache namespace list", "list one owner's namespaces",
@@ -7521,9 +7518,7 @@ def cmd_cache_namespace_delete(ctx, args):
         ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
 
 
-@command("cache entry", "read published entries: get, get-many, scan")
-def cmd_cache_entry(ctx, args):
-    raise UsageError("cache entry needs a command: get, get-many or scan")
+command("cache entry", "read published entries: get, get-many, scan")(needs_a_command)
 
 
 GENERATION_FLAG = arg("--generation", type=Number(0, MAX_ID), metavar="ID",
@@ -7625,9 +7620,7 @@ def cmd_cache_entry_scan(ctx, args):
     ctx.ui.emit(page, table)
 
 
-@command("cache generation", "a namespace's generations: list, show")
-def cmd_cache_generation(ctx, args):
-    raise UsageError("cache generation needs a command: list or show")
+command("cache generation", "a namespace's generations: list, show")(needs_a_command)
 
 
 @command("cache generation list", "list a namespace's generations", NAMESPACE, *(CACHE_OWNER + METADATA_PAGE))
@@ -7654,9 +7647,7 @@ def cmd_cache_generation_show(ctx, args):
                                                     query=cache_owner(args))))
 
 
-@command("cache refresh", "publish a generation: begin, upload, seal, promote, abort, or all at once with apply")
-def cmd_cache_refresh(ctx, args):
-    raise UsageError("cache refresh needs a command: begin, upload, seal, promote, abort or apply")
+command("cache refresh", "publish a generation: begin, upload, seal, promote, abort, or all at once with apply")(needs_a_command)
 
 
 REFRESH_ID = arg("--client-refresh-id", metavar="ID", help="your id for this refresh, so a retried begin is one "

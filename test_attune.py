@@ -9940,6 +9940,27 @@ class ParserTests(unittest.TestCase):
             except SystemExit:
                 return None, err.getvalue()
 
+    def test_a_command_above_its_own_lists_them_all(self):
+        """Each command that only stands above its own (`cache entry`) says, run alone,
+        exactly the commands declared below it, with exit 2."""
+        attune.load_rest()
+        above = [c for c in attune.COMMANDS if c.func is attune.needs_a_command]
+        self.assertGreaterEqual(len(above), 10)
+        for cmd in above:
+            with self.subTest(cmd.path):
+                positionals = [spec.get("metavar") for flags, spec in cmd.arguments if not flags[0].startswith("-")]
+                args, err = self.parse(list(cmd.path) + ["x"] * len(positionals))
+                self.assertEqual(err, "")
+                with self.assertRaises(attune.UsageError) as caught:
+                    args.func(None, args)
+                names = [name for name, _, _ in attune.children(cmd.path)]
+                message = str(caught.exception)
+                self.assertTrue(message.startswith(" ".join(list(cmd.path) + positionals) + " needs a command: "),
+                                message)
+                listed = message.split(": ", 1)[1].replace(" or ", ", ").split(", ")
+                self.assertEqual(listed, names)
+                self.assertEqual(caught.exception.exit_code, 2)
+
     def test_only_the_named_command_is_filled_in(self):
         filled = []
         real = attune.add_global_args

@@ -5801,10 +5801,6 @@ def cmd_action_search(ctx, args):
         empty="No actions matched the search query"))
 
 
-def cmd_action_toggle(ctx, args, enabled):
-    update_action(ctx, args.ref, {"enabled": enabled})
-
-
 @command("action update", "change an action (only the fields given)", ref("action"),
          arg("--label"), arg("--description"), arg("--entrypoint"), arg("--runtime", type=Number(1, MAX_ID),
                                                                          metavar="RUNTIME_ID", help="runtime id"),
@@ -5836,14 +5832,10 @@ def update_action(ctx, ref, body):
     ctx.ui.emit(action, table)
 
 
-@command("action enable", "enable an action", ref("action"))
-def cmd_action_enable(ctx, args):
-    cmd_action_toggle(ctx, args, True)
-
-
-@command("action disable", "disable an action", ref("action"))
-def cmd_action_disable(ctx, args):
-    cmd_action_toggle(ctx, args, False)
+@command("action disable", "disable an action", ref("action"), enable=False)
+@command("action enable", "enable an action", ref("action"), enable=True)
+def cmd_action_toggle(ctx, args):
+    update_action(ctx, args.ref, {"enabled": args.enable})
 
 
 @command("action delete", "delete an action", ref("action"), YES)
@@ -7134,19 +7126,11 @@ def cmd_queue_show(ctx, args):
     show_queue(ctx, ctx.session().fetch("GET", queue_path(args.ref)))
 
 
-def toggle_queue(ctx, args, enabled):
-    show_queue(ctx, ctx.session().fetch("PUT", queue_path(args.ref), {"enabled": enabled}),
-               "enabled" if enabled else "disabled")
-
-
-@command("queue enable", "let a queue dispatch its items", QUEUE_REF)
-def cmd_queue_enable(ctx, args):
-    toggle_queue(ctx, args, True)
-
-
-@command("queue disable", "stop a queue dispatching its items", QUEUE_REF)
-def cmd_queue_disable(ctx, args):
-    toggle_queue(ctx, args, False)
+@command("queue disable", "stop a queue dispatching its items", QUEUE_REF, enable=False)
+@command("queue enable", "let a queue dispatch its items", QUEUE_REF, enable=True)
+def cmd_queue_toggle(ctx, args):
+    show_queue(ctx, ctx.session().fetch("PUT", queue_path(args.ref), {"enabled": args.enable}),
+               "enabled" if args.enable else "disabled")
 
 
 @command("queue update", "change a queue's trace tag template", QUEUE_REF,
@@ -8097,19 +8081,11 @@ def cmd_policy_update(ctx, args):
     show_policy(ctx, policy, "Policy %s updated" % args.ref)
 
 
-def toggle_policy(ctx, args, enabled):
-    policy = ctx.session().fetch("PUT", "/policies/" + path_segment(args.ref), {"enabled": enabled})
-    ctx.ui.emit(policy, lambda: ctx.ui.success("Policy %s %s" % (args.ref, "enabled" if enabled else "disabled")))
-
-
-@command("policy enable", "enable a policy", ref("policy"))
-def cmd_policy_enable(ctx, args):
-    toggle_policy(ctx, args, True)
-
-
-@command("policy disable", "disable a policy", ref("policy"))
-def cmd_policy_disable(ctx, args):
-    toggle_policy(ctx, args, False)
+@command("policy disable", "disable a policy", ref("policy"), enable=False)
+@command("policy enable", "enable a policy", ref("policy"), enable=True)
+def cmd_policy_toggle(ctx, args):
+    policy = ctx.session().fetch("PUT", "/policies/" + path_segment(args.ref), {"enabled": args.enable})
+    ctx.ui.emit(policy, lambda: ctx.ui.success("Policy %s %s" % (args.ref, "enabled" if args.enable else "disabled")))
 
 
 @command("policy delete", "delete a policy", ref("policy"), YES)
@@ -8230,20 +8206,13 @@ def cmd_rule_update(ctx, args):
     ctx.ui.emit(rule, table)
 
 
-def cmd_rule_toggle(ctx, args, verb):
+@command("rule disable", "disable a rule", ref("rule"), enable=False)
+@command("rule enable", "enable a rule", ref("rule"), enable=True)
+def cmd_rule_toggle(ctx, args):
     # the server's routes; the Rust CLI's PATCH /rules/{ref} has no route
+    verb = "enabled" if args.enable else "disabled"
     rule = ctx.session().fetch("POST", "/rules/%s/%s" % (path_segment(args.ref), verb[:-1]))
     ctx.ui.emit(rule, lambda: ctx.ui.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
-
-
-@command("rule enable", "enable a rule", ref("rule"))
-def cmd_rule_enable(ctx, args):
-    cmd_rule_toggle(ctx, args, "enabled")
-
-
-@command("rule disable", "disable a rule", ref("rule"))
-def cmd_rule_disable(ctx, args):
-    cmd_rule_toggle(ctx, args, "disabled")
 
 
 @command("rule delete", "delete a rule", ref("rule"), YES)
@@ -8266,9 +8235,9 @@ def list_pack_scoped(ctx, args, kind, columns, row):
     emit_list(ctx, items, pagination, kind, columns, row)
 
 
-def toggle_resource(ctx, kind, ref, enabled):
-    """POST /<kind>s/{ref}/enable|disable and report it the way triggers and sensors do."""
-    verb = "enabled" if enabled else "disabled"
+def toggle_resource(ctx, args):
+    """trigger|sensor enable|disable (args.kind, args.enable): POST /<kind>s/{ref}/enable|disable."""
+    kind, ref, verb = args.kind, args.ref, "enabled" if args.enable else "disabled"
     item = ctx.session().fetch("POST", "/%ss/%s/%s" % (kind, path_segment(ref), verb[:-1]), {})
 
     def table():
@@ -8334,14 +8303,8 @@ def cmd_trigger_update(ctx, args):
     ctx.ui.emit(trigger, table)
 
 
-@command("trigger enable", "enable a trigger", ref("trigger"))
-def cmd_trigger_enable(ctx, args):
-    toggle_resource(ctx, "trigger", args.ref, True)
-
-
-@command("trigger disable", "disable a trigger", ref("trigger"))
-def cmd_trigger_disable(ctx, args):
-    toggle_resource(ctx, "trigger", args.ref, False)
+command("trigger enable", "enable a trigger", ref("trigger"), kind="trigger", enable=True)(toggle_resource)
+command("trigger disable", "disable a trigger", ref("trigger"), kind="trigger", enable=False)(toggle_resource)
 
 
 @command("trigger delete", "delete a trigger", ref("trigger"), YES)
@@ -8372,14 +8335,8 @@ def cmd_sensor_show(ctx, args):
         + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
 
 
-@command("sensor enable", "enable a sensor", ref("sensor"))
-def cmd_sensor_enable(ctx, args):
-    toggle_resource(ctx, "sensor", args.ref, True)
-
-
-@command("sensor disable", "disable a sensor", ref("sensor"))
-def cmd_sensor_disable(ctx, args):
-    toggle_resource(ctx, "sensor", args.ref, False)
+command("sensor enable", "enable a sensor", ref("sensor"), kind="sensor", enable=True)(toggle_resource)
+command("sensor disable", "disable a sensor", ref("sensor"), kind="sensor", enable=False)(toggle_resource)
 
 
 # === Commands: keys ==========================================================

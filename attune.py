@@ -4647,6 +4647,24 @@ ALL_PAGE_SIZE = 100  # the biggest page the server hands out
 KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
 
 
+def update_body(pairs, body=None, hint=""):
+    """The body of an update: the fields already decided (body) and each (key, value) of
+    pairs that was given (not None); a usage error when there is none, before any request."""
+    body = dict(body or {})
+    body.update((key, value) for key, value in pairs if value is not None)
+    if not body:
+        raise UsageError("At least one field must be provided to update" + hint)
+    return body
+
+
+def patch_op(value, empty_clears=False):
+    """A field the server patches: {"op": "set", "value": V}, {"op": "clear"} for an empty
+    value when empty_clears, None when not given."""
+    if value is None:
+        return None
+    return {"op": "clear"} if empty_clears and not value else {"op": "set", "value": value}
+
+
 def path_segment(value):
     from urllib.parse import quote
     return quote(str(value), safe="")
@@ -5692,15 +5710,8 @@ def cmd_pack_upload(ctx, args):
          arg("--label"), arg("--description", help="new description (an empty one clears it)"),
          arg("--version", "--pack-version", dest="pack_version", metavar="VERSION", help="the pack's new version"))
 def cmd_pack_update(ctx, args):
-    body = {}
-    if args.label is not None:
-        body["label"] = args.label
-    if args.description is not None:  # a patch: an empty value clears it
-        body["description"] = {"op": "set", "value": args.description} if args.description else {"op": "clear"}
-    if args.pack_version is not None:
-        body["version"] = args.pack_version
-    if not body:
-        raise UsageError("At least one field must be provided to update")
+    body = update_body([("label", args.label), ("description", patch_op(args.description, empty_clears=True)),
+                        ("version", args.pack_version)])
     pack = ctx.session().fetch("PUT", "/packs/" + path_segment(args.ref), body)
 
     def table():
@@ -5808,17 +5819,11 @@ def cmd_action_search(ctx, args):
          arg("--timeout-seconds", type=Number(1, MAX_SECONDS), metavar="N", help="the action's execution timeout"),
          arg("--clear-timeout", action="store_true", help="remove the action's execution timeout"))
 def cmd_action_update(ctx, args):
-    body = {k: v for k, v in (("label", args.label), ("description", args.description),
-                              ("entrypoint", args.entrypoint), ("runtime", args.runtime), ("enabled", args.enabled))
-            if v is not None}
     if args.timeout_seconds is not None and args.clear_timeout:
         raise UsageError("--timeout-seconds and --clear-timeout contradict each other")
-    if args.timeout_seconds is not None:
-        body["timeout_seconds"] = {"op": "set", "value": args.timeout_seconds}
-    elif args.clear_timeout:
-        body["timeout_seconds"] = {"op": "clear"}
-    if not body:
-        raise UsageError("At least one field must be provided to update")
+    timeout = {"op": "clear"} if args.clear_timeout else patch_op(args.timeout_seconds)
+    body = update_body([("label", args.label), ("description", args.description), ("entrypoint", args.entrypoint),
+                        ("runtime", args.runtime), ("enabled", args.enabled), ("timeout_seconds", timeout)])
     update_action(ctx, args.ref, body)
 
 
@@ -8071,12 +8076,9 @@ def cmd_policy_update(ctx, args):
             if key in body:
                 raise UsageError("--clear-%s and a new %s contradict each other" % (key.replace("_", "-"), key))
             body[key] = cleared
-    body.update((k, v) for k, v in (("name", args.name), ("enabled", args.enabled), ("priority", args.priority))
-                if v is not None)
     if args.description is not None:
-        body["description"] = args.description or None
-    if not body:
-        raise UsageError("At least one field must be provided to update")
+        body["description"] = args.description or None  # an empty one clears it
+    body = update_body([("name", args.name), ("enabled", args.enabled), ("priority", args.priority)], body)
     policy = ctx.session().fetch("PUT", "/policies/" + path_segment(args.ref), body)
     show_policy(ctx, policy, "Policy %s updated" % args.ref)
 
@@ -8193,10 +8195,7 @@ def cmd_rule_update(ctx, args):
         if "trace_tag_template" in body:
             raise UsageError("--trace-tag-template and --clear-trace-tag-template contradict each other")
         body["trace_tag_template"] = None
-    if args.label is not None:
-        body["label"] = args.label
-    if not body:
-        raise UsageError("At least one field must be provided to update")
+    body = update_body([("label", args.label)], body)
     rule = ctx.session().fetch("PUT", "/rules/" + path_segment(args.ref), body)
 
     def table():
@@ -8282,14 +8281,10 @@ def cmd_trigger_show(ctx, args):
              help="which packs may use it in rules"),
          arg("--reference-allowed-pack-refs", metavar="A,B", help="with restricted: the packs allowed"))
 def cmd_trigger_update(ctx, args):
-    body = {k: v for k, v in (("label", args.label), ("enabled", args.enabled),
-                              ("reference_visibility", args.reference_visibility)) if v is not None}
-    if args.description is not None:
-        body["description"] = {"op": "set", "value": args.description}
-    if split_list(args.reference_allowed_pack_refs):
-        body["reference_allowed_pack_refs"] = split_list(args.reference_allowed_pack_refs)
-    if not body:
-        raise UsageError("At least one field must be provided to update")
+    body = update_body([("label", args.label), ("enabled", args.enabled),
+                        ("reference_visibility", args.reference_visibility),
+                        ("description", patch_op(args.description)),
+                        ("reference_allowed_pack_refs", split_list(args.reference_allowed_pack_refs) or None)])
     trigger = ctx.session().fetch("PUT", "/triggers/" + path_segment(args.ref), body)
 
     def table():
@@ -8476,16 +8471,8 @@ def cmd_key_create(ctx, args):
 @command("key update", "change a key's name, value or encryption", ref("key"), arg("--name"),
          *KEY_VALUE_ARGS, arg("--encrypted", type=parse_bool, metavar="BOOL", help="true or false"))
 def cmd_key_update(ctx, args):
-    body = {}
-    if args.name is not None:
-        body["name"] = args.name
-    value = key_value(ctx, args)
-    if value is not None:
-        body["value"] = value
-    if args.encrypted is not None:
-        body["encrypted"] = args.encrypted
-    if not body:
-        raise UsageError("At least one field must be provided to update (--name, --value, or --encrypted)")
+    body = update_body([("name", args.name), ("value", key_value(ctx, args)), ("encrypted", args.encrypted)],
+                       hint=" (--name, --value, or --encrypted)")
     key = ctx.session().fetch("PUT", "/keys/" + path_segment(args.ref), body)
     key.pop("value", None)
 

@@ -8831,6 +8831,23 @@ class StandardStreamTests(ResourceTestCase):
 
 
 @unittest.skipUnless(POSIX, "symbolic links and FIFOs")
+class UpdateCommandTests(ResourceTestCase):
+    """Every `X update REF` given no field: exit 2 before any request is sent."""
+
+    def test_an_update_with_nothing_to_change_sends_nothing(self):
+        attune.load_rest()
+        updates = [c.path for c in attune.COMMANDS if c.path[-1] == "update" and len(c.path) == 2]
+        self.assertGreaterEqual(len(updates), 7)
+        refs = {"queue": "core.inbox", "key": "mykey", "policy": "core.limit", "rule": "examples.on_timer"}
+        for path in updates:
+            with self.subTest(path):
+                self.server.requests.clear()
+                result = self.run_cli(*(list(path) + [refs.get(path[0], "core.x")]), stdin="")
+                self.assertEqual(result.code, 2, result)
+                self.assertIn("At least one field must be provided to update", result.err)
+                self.assertEqual([r.path for r in self.server.requests if not r.path.startswith("/auth")], [])
+
+
 class LinkTests(ResourceTestCase):
     """Where attune.py writes, a symbolic link or a non-regular file is refused (exit 3),
     never written through and never replaced silently; what it points to stays as it was."""

@@ -1634,6 +1634,25 @@ def http_date(value):
         return None
 
 
+class HttpRequest:
+    """One request as the transport sends it (and sends it again): the bytes, the bearer
+    token, the media type a stream asks for, and the timeout of this one request (None:
+    ATTUNE_TIMEOUT)."""
+
+    def __init__(self, method, url, body=None, token=None, content_type="application/json",
+                 stream=None, timeout=None):
+        self.method, self.url, self.body, self.token = method, url, body, token
+        self.content_type, self.stream, self.timeout = content_type, stream, timeout
+
+    def with_token(self, token):
+        """The same request with another token (the retry after a refresh)."""
+        return HttpRequest(self.method, self.url, self.body, token, self.content_type, self.stream, self.timeout)
+
+    def describe(self):
+        """'the answer to GET URL' (the query left out), for messages about an answer."""
+        return "the answer to %s %s" % (self.method, self.url.split("?", 1)[0])
+
+
 class Transport:
     """HTTP over urllib: timeouts, TLS settings, proxies, same-origin redirects only,
     retries for idempotent requests, and a redacted -v log."""
@@ -1642,26 +1661,26 @@ class Transport:
         self.http = http
         self._openers = {}
 
-    def request(self, method, url, body=None, token=None, content_type="application/json",
-                stream=None, timeout=None):
-        """Send one request and return a Response for any status; NetworkError when there is
-        none. GETs are retried twice on refused/reset connections and 502/503/504; with
+    def request(self, request):
+        """Send an HttpRequest and return a Response for any status; NetworkError when there
+        is none. GETs are retried twice on refused/reset connections and 502/503/504; with
         --wait-for-server every request is retried until the deadline while the server is
-        not up yet. With stream (the media type asked for: SSE or "*/*" for a download) a 2xx
-        body is left open in Response.stream. timeout
-        shortens the HTTP timeout for this one request."""
-        timeout = self.http.deadline.cap(min(timeout, self.http.timeout) if timeout else self.http.timeout, 0.1)
+        not up yet. With request.stream (the media type asked for: SSE or "*/*" for a
+        download) a 2xx body is left open in Response.stream. request.timeout shortens the
+        HTTP timeout for this one request; a command's own deadline shortens it too."""
+        asked = request.timeout
+        timeout = self.http.deadline.cap(min(asked, self.http.timeout) if asked else self.http.timeout, 0.1)
         attempt = 0
         backoff = Backoff(0.25, 1.6, 5.0, self.http.wait_deadline)  # with --wait-for-server
         while True:
             try:
-                resp = self._send(method, url, body, token, content_type, stream, timeout)
+                resp = self._send(request, timeout)
                 if resp.status not in RETRY_STATUSES:
                     return resp
                 failure = "%d %s" % (resp.status, resp.reason)
             except NetworkError as e:
                 resp, failure = None, e
-            delay = self.retry_delay(method, url, attempt, failure, backoff)
+            delay = self.retry_delay(request, attempt, failure, backoff)
             if delay is None:
                 if resp is None:
                     raise failure
@@ -1670,49 +1689,51 @@ class Transport:
             time.sleep(delay)
             attempt += 1
 
-    def retry_delay(self, method, url, attempt, failure, backoff):
+    def retry_delay(self, request, attempt, failure, backoff):
         """Seconds to wait before trying again, or None to give up. A request that may have
         reached the server (a reset, a timeout, or any answer: a gateway's 502-504 can come
         after the server did the work) is sent again only when repeating it is harmless
         (GET, HEAD); other requests only when the connection was never made (refused, DNS)."""
         network = isinstance(failure, NetworkError)
         unsent = network and failure.kind in ("refused", "dns")
+        method = request.method
         if method not in IDEMPOTENT and not unsent:
             return None
         if backoff.deadline is not None:  # the server may still be starting: refused, DNS, 502-504
             if backoff.left() <= 0 or (network and not failure.retryable):
                 return None
-            self.http.announce_wait(url)
+            self.http.announce_wait(request.url)
             return backoff.next_delay()
         if method not in IDEMPOTENT or attempt >= len(RETRY_DELAYS) or (network and not failure.retryable):
             return None
         return RETRY_DELAYS[attempt]
 
-    def _send(self, method, url, body, token, content_type, stream, timeout):
+    def _send(self, request, timeout):
         import urllib.request
         import urllib.error
         import http.client
-        req = urllib.request.Request(url, data=body, method=method)
+        url, body, token = request.url, request.body, request.token
+        req = urllib.request.Request(url, data=body, method=request.method)
         req.add_header("User-Agent", user_agent())
-        req.add_header("Accept", stream or "application/json")
+        req.add_header("Accept", request.stream or "application/json")
         if body is not None:
-            req.add_header("Content-Type", content_type)
+            req.add_header("Content-Type", request.content_type)
         if token:
             # never copied onto a redirected request; see same_origin_redirects()
             req.add_unredirected_header("Authorization", "Bearer " + token)
         log = self.http.log
-        log("> %s %s" % (method, url))
+        log("> %s %s" % (request.method, url))
         if token:
             log("> Authorization: Bearer ***")
         if body is not None:
             log(">   %s" % describe_body(body))
         started = time.monotonic()
-        what = "the answer to %s %s" % (method, url.split("?", 1)[0])
+        what = request.describe()
         # one deadline for connect, TLS, headers and body; a stream's body is bounded by
         # the timeout of each read instead (the silence between events)
         req.deadline = RequestDeadline(timeout, timeout)
         try:
-            resp = self._exchange(req, url, timeout, stream, what)
+            resp = self._exchange(req, timeout, request.stream, what)
         except http.client.HTTPException as e:
             if isinstance(e, http.client.LineTooLong) or str(e).startswith("got more than"):
                 raise ServerError("%s has more headers than http.client reads (%s)" % (what, e))
@@ -1728,11 +1749,11 @@ class Transport:
             log("<   %s" % describe_body(resp.body))
         return resp
 
-    def _exchange(self, req, url, timeout, stream, what):
+    def _exchange(self, req, timeout, stream, what):
         import urllib.error
         import http.client
         try:
-            r = self._opener(url).open(req, timeout=timeout)
+            r = self._opener(req.full_url).open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             try:
                 data = read_bounded(e, ERROR_LIMIT, what + " (an error)")
@@ -1879,7 +1900,7 @@ def wait_for_health(http, session):
     backoff = Backoff(0.25, 1.6, 5.0, http.wait_deadline)
     while True:
         try:
-            resp = session.transport.request("GET", session.url("/health"))
+            resp = session.transport.request(HttpRequest("GET", session.url("/health")))
             if resp.ok:
                 return resp
             error = api_error(resp)
@@ -2223,7 +2244,7 @@ class Session:
         token (400/401/403/422). Network and 5xx failures raise and change nothing."""
         sent_at = self.now()
         body = json.dumps({"refresh_token": creds.refresh}).encode("utf-8")
-        resp = self.transport.request("POST", self.url("/auth/refresh"), body)
+        resp = self.transport.request(HttpRequest("POST", self.url("/auth/refresh"), body))
         if resp.status in (400, 401, 403, 422):
             self.log("refresh token rejected: %s" % error_message(resp))
             return None
@@ -2249,7 +2270,8 @@ class Session:
         data = raw_body if raw_body is not None else (
             None if body is None else json.dumps(body).encode("utf-8"))
         token = self.token() if auth and self.creds.access else None
-        resp = self.transport.request(method, url, data, token, content_type, stream, timeout)
+        request = HttpRequest(method, url, data, token, content_type, stream, timeout)
+        resp = self.transport.request(request)
         if resp.status != 401 or not token:
             if resp.status == 401 and auth:
                 raise self.no_session()
@@ -2260,7 +2282,7 @@ class Session:
         self._reactive_for = token
         self.log("401 from the server; refreshing and retrying once")
         self.refresh()
-        resp = self.transport.request(method, url, data, self.creds.access, content_type, stream, timeout)
+        resp = self.transport.request(request.with_token(self.creds.access))
         if resp.status == 401:
             raise AuthRequired("the server rejected the refreshed token too (%s); run: attune auth "
                                "login --profile %s" % (error_message(resp), self.profile))
@@ -9029,7 +9051,7 @@ class Doctor:
         self.report["server"] = info
         sent = time.time()
         try:
-            resp = session.transport.request("GET", session.url("/health"))
+            resp = session.transport.request(HttpRequest("GET", session.url("/health")))
         except (NetworkError, ConfigError) as e:
             info["error"] = str(e)
             self.unreachable = isinstance(e, NetworkError)

@@ -3688,7 +3688,7 @@ class HttpTests(AttuneTestCase):
         self.server.fail("/auth/me", status=404, body={"error": "Identity not found", "code": "NOT_FOUND"})
         self.assertIn("API error (404 Not Found, code NOT_FOUND): Identity not found", self.fails(1, "auth", "whoami").err)
         session = session_for(self)
-        resp = session.transport.request("GET", session.url("/packs"), token="bogus")
+        resp = session.transport.request(attune.HttpRequest("GET", session.url("/packs"), token="bogus"))
         self.assertEqual(attune.error_message(resp), "Invalid authentication token")
 
     def test_a_same_origin_redirect_keeps_the_token(self):
@@ -4500,6 +4500,7 @@ class SeamTests(AttuneTestCase):
     there may name what only the rest defines (it would be a NameError only there), and
     `auth token` works in every token state with the rest gone."""
 
+    @unittest.skipUnless(sys.implementation.name == "cpython", "the symtable module (PyPy has none)")
     def test_nothing_above_the_seam_names_what_only_the_rest_defines(self):
         with open(ATTUNE_PY, encoding="utf-8") as f:
             text = f.read()
@@ -4580,7 +4581,8 @@ class SeamTests(AttuneTestCase):
                     for token in tokens.findall(result.out):
                         self.assertIsNone(verify_jwt(token, time.time())[1], (runner, result))
                         self.assertNotIn(token, self.server.revoked)
-                    outcomes.append((result.code, tokens.sub("TOKEN", result.out), result.err))
+                    out = re.sub(r'"expires_(at|in)": \d+', r'"expires_\1": N', tokens.sub("TOKEN", result.out))
+                    outcomes.append((result.code, out, result.err))  # the seconds tick between the two
                 self.assertEqual(outcomes[0], outcomes[1])
 
 def importlib_cache(path):

@@ -172,6 +172,10 @@ class ExitWith(AttuneError):
         self.exit_code = exit_code
 
 
+class WebSocketError(Exception):
+    """The notifier's WebSocket misbehaved or closed; polling takes over."""
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP arrived: raised wherever the process was, as Ctrl+C raises
     KeyboardInterrupt, so that every finally block runs (temp files removed, the lock
@@ -858,6 +862,138 @@ class Backoff:
         return True
 
 
+# === Lock ====================================================================
+
+LOCK_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLK", -1)}
+
+
+class FileLock:
+    """Exclusive lock on '<credential file>.lock', held around each read-modify-write.
+
+    The lock file is never deleted: deleting it would let a waiter lock an unlinked
+    file while a newcomer locks a fresh one. Its content (pid and command of the
+    holder) is informational only. When locking is impossible or the deadline
+    passes, work goes on unlocked: atomic writes and compare-and-refresh keep that
+    safe, the lock only saves refresh calls and lost updates."""
+
+    def __init__(self, path, timeout, command, warn, log, done_waiting=None):
+        self.path = path
+        self.timeout = timeout
+        self.command = command
+        self.warn = warn
+        self.log = log
+        self.done_waiting = done_waiting
+        self.fd = None
+        self.held = False
+        self._method = 0  # POSIX: 0 flock, 1 lockf, 2 none works here
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self):
+        EXIT_SIGNALS.arm()  # a SIGTERM while it is held still releases it
+        try:  # never through a link: its holder line would overwrite whatever the link names
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError("the lock file %s is a symbolic link; remove it (attune.py does not "
+                                  "write through links)" % quoted(self.path))
+            self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
+            return False
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError("the lock file %s is not a regular file; remove it" % quoted(self.path))
+        start = time.monotonic()
+        backoff = Backoff(0.002, 1.5, 0.05, start + self.timeout)  # short: waiters wake soon after release
+        announced = False
+        while True:
+            state = self._try_lock()
+            if state:
+                self.held = True
+                self._write_holder()
+                return True
+            if state is None:
+                self.log("the file system refuses locks on %s; continuing without the lock" % self.path)
+                return False
+            if self.done_waiting is not None and self.done_waiting():
+                return False
+            if not announced and time.monotonic() - start >= 1.0:
+                announced = True
+                self.warn("waiting for %s ..." % (self._holder() or "another attune process"))
+            if not backoff.sleep():
+                self.warn("gave up waiting %gs for the lock %s%s; continuing without it"
+                          % (self.timeout, self.path, self._holder(" held by ")))
+                return False
+
+    def _try_lock(self):
+        """True if locked, False if another process holds it, None if locking is unsupported."""
+        if fcntl is None:
+            return self._try_msvcrt()
+        while self._method < 2:
+            try:
+                if self._method == 0:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as e:
+                if e.errno in LOCK_BUSY:
+                    return False
+                # ENOLCK, ENOSYS, EOPNOTSUPP (NFS, some FUSE): try the next method
+                self.log("%s failed on %s (%s)" % (("flock", "lockf")[self._method], self.path, e))
+                self._method += 1
+        return None
+
+    def _try_msvcrt(self):
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _write_holder(self):
+        try:
+            info = ("%d %s\n" % (os.getpid(), self.command)).encode("utf-8", "replace")
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.write(self.fd, info)
+            os.ftruncate(self.fd, len(info))
+        except OSError:
+            pass
+
+    def _holder(self, prefix=""):
+        """'pid 4121 (attune auth login)' from the lock file, or '' when unreadable."""
+        try:
+            raw = read_regular_file(self.path, 4096)[0]
+        except OSError:
+            return ""
+        pid, _, command = raw[:300].decode("utf-8", "replace").strip().partition(" ")
+        if not pid or not set(pid) <= DIGITS:
+            return ""
+        return "%spid %s (%s)" % (prefix, pid, terminal_safe(command) or "?")
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            if self.held:
+                if fcntl is None:
+                    os.lseek(self.fd, 0, os.SEEK_SET)
+                    msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+                elif self._method == 0:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                else:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd, self.held = None, False
+
+
 # === Credential file =========================================================
 
 def credential_path(config, env):
@@ -1160,138 +1296,6 @@ class CredentialStore:
                            "--config FILE or ATTUNE_CONFIG" % (self.path, e.strerror or e))
 
 
-# === Lock ====================================================================
-
-LOCK_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLK", -1)}
-
-
-class FileLock:
-    """Exclusive lock on '<credential file>.lock', held around each read-modify-write.
-
-    The lock file is never deleted: deleting it would let a waiter lock an unlinked
-    file while a newcomer locks a fresh one. Its content (pid and command of the
-    holder) is informational only. When locking is impossible or the deadline
-    passes, work goes on unlocked: atomic writes and compare-and-refresh keep that
-    safe, the lock only saves refresh calls and lost updates."""
-
-    def __init__(self, path, timeout, command, warn, log, done_waiting=None):
-        self.path = path
-        self.timeout = timeout
-        self.command = command
-        self.warn = warn
-        self.log = log
-        self.done_waiting = done_waiting
-        self.fd = None
-        self.held = False
-        self._method = 0  # POSIX: 0 flock, 1 lockf, 2 none works here
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def acquire(self):
-        EXIT_SIGNALS.arm()  # a SIGTERM while it is held still releases it
-        try:  # never through a link: its holder line would overwrite whatever the link names
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise ConfigError("the lock file %s is a symbolic link; remove it (attune.py does not "
-                                  "write through links)" % quoted(self.path))
-            self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
-            return False
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
-            self.fd = None
-            raise ConfigError("the lock file %s is not a regular file; remove it" % quoted(self.path))
-        start = time.monotonic()
-        backoff = Backoff(0.002, 1.5, 0.05, start + self.timeout)  # short: waiters wake soon after release
-        announced = False
-        while True:
-            state = self._try_lock()
-            if state:
-                self.held = True
-                self._write_holder()
-                return True
-            if state is None:
-                self.log("the file system refuses locks on %s; continuing without the lock" % self.path)
-                return False
-            if self.done_waiting is not None and self.done_waiting():
-                return False
-            if not announced and time.monotonic() - start >= 1.0:
-                announced = True
-                self.warn("waiting for %s ..." % (self._holder() or "another attune process"))
-            if not backoff.sleep():
-                self.warn("gave up waiting %gs for the lock %s%s; continuing without it"
-                          % (self.timeout, self.path, self._holder(" held by ")))
-                return False
-
-    def _try_lock(self):
-        """True if locked, False if another process holds it, None if locking is unsupported."""
-        if fcntl is None:
-            return self._try_msvcrt()
-        while self._method < 2:
-            try:
-                if self._method == 0:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                else:
-                    fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except OSError as e:
-                if e.errno in LOCK_BUSY:
-                    return False
-                # ENOLCK, ENOSYS, EOPNOTSUPP (NFS, some FUSE): try the next method
-                self.log("%s failed on %s (%s)" % (("flock", "lockf")[self._method], self.path, e))
-                self._method += 1
-        return None
-
-    def _try_msvcrt(self):
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-    def _write_holder(self):
-        try:
-            info = ("%d %s\n" % (os.getpid(), self.command)).encode("utf-8", "replace")
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            os.write(self.fd, info)
-            os.ftruncate(self.fd, len(info))
-        except OSError:
-            pass
-
-    def _holder(self, prefix=""):
-        """'pid 4121 (attune auth login)' from the lock file, or '' when unreadable."""
-        try:
-            raw = read_regular_file(self.path, 4096)[0]
-        except OSError:
-            return ""
-        pid, _, command = raw[:300].decode("utf-8", "replace").strip().partition(" ")
-        if not pid or not set(pid) <= DIGITS:
-            return ""
-        return "%spid %s (%s)" % (prefix, pid, terminal_safe(command) or "?")
-
-    def release(self):
-        if self.fd is None:
-            return
-        try:
-            if self.held:
-                if fcntl is None:
-                    os.lseek(self.fd, 0, os.SEEK_SET)
-                    msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
-                elif self._method == 0:
-                    fcntl.flock(self.fd, fcntl.LOCK_UN)
-                else:
-                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd, self.held = None, False
-
-
 # === HTTP settings ===========================================================
 
 class HttpSettings:
@@ -1449,6 +1453,25 @@ class RequestDeadline:
         return min(self.step, left)
 
 
+class DeadlineReader(io.RawIOBase):
+    """The raw reader under DeadlineSocket.makefile()."""
+
+    def __init__(self, sock, raw):
+        self.sock, self.raw = sock, raw
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.sock.settimeout(self.sock.deadline.left())
+        return self.raw.readinto(buffer)
+
+    def close(self):
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
 class DeadlineSocket:
     """A connected socket (plain or TLS) whose every read and write is bounded by a
     RequestDeadline: before each step its timeout becomes what is left."""
@@ -1471,25 +1494,6 @@ class DeadlineSocket:
 
     def __getattr__(self, name):  # fileno, close, pending, setsockopt...: the socket's own
         return getattr(self.sock, name)
-
-
-class DeadlineReader(io.RawIOBase):
-    """The raw reader under DeadlineSocket.makefile()."""
-
-    def __init__(self, sock, raw):
-        self.sock, self.raw = sock, raw
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        self.sock.sock.settimeout(self.sock.deadline.left())
-        return self.raw.readinto(buffer)
-
-    def close(self):
-        if not self.closed:
-            self.raw.close()
-        super().close()
 
 
 def read_bounded(fp, limit, what):
@@ -4131,11 +4135,6 @@ YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 YAML_MAX_DEPTH = 200
 
 
-def yaml_loads(text):
-    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
-    return YamlReader(text).document()
-
-
 def yaml_plain_value(text):
     """A plain scalar by the YAML 1.2 core schema: null, true/false, int, float or the string."""
     import re
@@ -4656,6 +4655,11 @@ class YamlReader:
                 self.pos = saved
                 return text
             text += "\n" * (breaks - 1) if breaks > 1 else " "
+
+
+def yaml_loads(text):
+    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
+    return YamlReader(text).document()
 
 
 # === Resource helpers ========================================================
@@ -5248,10 +5252,6 @@ def read_log_stream(ctx, session, execution_id, name, follow, write):
 # Attune's notifier pushes status changes over a WebSocket (RFC 6455). The client side
 # needs little: an HTTP/1.1 upgrade, masked text frames out, unmasked frames in, pongs for
 # pings, and a close. Whatever goes wrong, the watch falls back to polling.
-
-class WebSocketError(Exception):
-    """The notifier's WebSocket misbehaved or closed; polling takes over."""
-
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WEBSOCKET_MESSAGE_LIMIT = 1 << 20  # bytes: a notification is a few hundred

@@ -4279,6 +4279,24 @@ class GuardTests(unittest.TestCase):
         with open(ATTUNE_PY, encoding="utf-8") as f:
             return ast.parse(f.read())
 
+    def test_the_table_of_contents(self):
+        """Every section banner has one style and width, and every class is defined above
+        the first line that names it: the file reads from top to bottom."""
+        import ast
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        banners = [line for line in lines if line.startswith("# ===")]
+        self.assertGreaterEqual(len(banners), 30)
+        for line in banners:
+            self.assertRegex(line, r"^# === [^=]+ =+$")
+            self.assertEqual(len(line), 79, line)
+        self.assertEqual([line for line in lines if line.startswith("# ---")], [])  # no half-sections
+        tree = self.tree()
+        classes = {node.name: node.lineno for node in tree.body if isinstance(node, ast.ClassDef)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id in classes:
+                self.assertGreater(node.lineno, classes[node.id], "%s is named before it is defined" % node.id)
+
     def test_attune_imports_only_the_standard_library(self):
         import ast
         imported = set()

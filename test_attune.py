@@ -17,6 +17,15 @@ FakeAttune on 127.0.0.1:0; real processes only where the subject is a process (e
 codes, signals, concurrency, encodings, the copied and installed forms), started from
 the bytecode cache (attune_argv()). No test uses the real home directory or any
 network beyond loopback. Every run is scanned for leaked tokens and passwords.
+
+Where a new command goes: its handler is a FakeAttune method in the part of the class for
+its group (as in attune.py, one part per command group), named after the route, with a
+row in ROUTES (method, path pattern, handler name) among its group's rows; read the
+server's route first, so that the fake answers as it does (envelope, both error shapes,
+pagination, status codes). Its tests go in a <Group>CommandTests(ResourceTestCase) class
+under "Tests: resource commands", in process through self.ok()/self.fails(); a real
+process only where the subject is one (exit codes, signals, concurrency). A hostile-input
+case goes in the tables of "Tests: untrusted input", a bound in "Tests: bounds".
 """
 
 import base64

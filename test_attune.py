@@ -9406,6 +9406,7 @@ class QuickPathTests(AttuneTestCase):
                      ["auth", "-j", "token", "--config", "c", "--api-url", "http://h"]):
             self.assertIsNotNone(attune.quick_args(argv), argv)
 
+    @slow
     def test_every_quick_command_parses_as_argparse_does(self):
         """Every command quick_args parses alone, with each of its options in each spelling
         (a value, --flag=value, a bad value, a flag) and global options before and after:

@@ -9380,6 +9380,18 @@ class QuickPathTests(AttuneTestCase):
             full = None
         return (None if quick is None else vars(quick)), full
 
+    def quick_ones_agree(self, table):
+        """For the sampled argv of table: where quick_args parses one, it equals argparse's
+        result. How many it parsed."""
+        quick_ones = 0
+        for argv in sampled(table):
+            with self.subTest(argv):
+                quick, full = self.quick_and_full(argv)
+                if quick is not None:
+                    quick_ones += 1
+                    self.assertEqual(quick, full)
+        return quick_ones
+
     @slow
     def test_quick_arguments_are_what_argparse_makes(self):
         head = [[], ["-p", "a"], ["--profile=a"], ["--api-url", "http://h:1"], ["--config", "c.json"], ["-j"],
@@ -9393,13 +9405,7 @@ class QuickPathTests(AttuneTestCase):
         table = [h + words[:1] + m + words[1:] + t for h in head for m in middle for t in tail
                  for words in (["auth", "token"], ["auth", "status"], ["token", "auth"])]
         random.Random(12).shuffle(table)  # so that a sampled third takes every shape, not every third one
-        quick_ones = 0
-        for argv in sampled(table):
-            with self.subTest(argv):
-                quick, full = self.quick_and_full(argv)
-                if quick is not None:
-                    quick_ones += 1
-                    self.assertEqual(quick, full)
+        quick_ones = self.quick_ones_agree(table)
         self.assertGreater(quick_ones, 150 * len(sampled(table)) // len(table))
         self.assertEqual(self.run_cli("auth", "token", "--min-ttl", "\u00b2").code, 2)  # isdigit(), yet not int()
         for argv in (["auth", "token"], ["-p", "x", "auth", "token", "--format", "env", "--min-ttl", "5"],
@@ -9432,13 +9438,7 @@ class QuickPathTests(AttuneTestCase):
                 for tail in ([], ["-y"], ["extra"]):
                     table += [head + list(cmd.path) + v + tail for v in variants]
         random.Random(7).shuffle(table)
-        quick_ones = 0
-        for argv in sampled(table):
-            with self.subTest(argv):
-                quick, full = self.quick_and_full(argv)
-                if quick is not None:
-                    quick_ones += 1
-                    self.assertEqual(quick, full)
+        quick_ones = self.quick_ones_agree(table)
         self.assertGreater(quick_ones, len(sampled(table)) // 4)
         for cmd in commands:
             self.assertIsNotNone(attune.quick_args(list(cmd.path)), cmd.path)

@@ -1919,16 +1919,46 @@ def wait_for_health(http, session):
 
 # === Choosing the profile, the URL and the credentials =======================
 
+class Selection:
+    """The profile, API URL and tokens one session works with, each with where it came
+    from: 'flag', 'env', 'file' or 'default', or 'command' for a profile or URL the command
+    itself names (auth status --all, login --save-profile); the tokens carry their own."""
+    __slots__ = ("profile", "profile_source", "api_url", "api_url_source", "creds")
+
+    def __init__(self, profile, profile_source, api_url, api_url_source, creds):
+        self.profile, self.profile_source = profile, profile_source
+        self.api_url, self.api_url_source = api_url, api_url_source
+        self.creds = creds
+
+
 class Choice:
-    """What this run works with, by the precedence the README gives: the credential file, the profile,
-    the API URL and the tokens, each with where it came from."""
+    """The precedence rules the README gives, applied to this run's flags, environment and
+    credential file: select() resolves them once into the Selection a session works with."""
 
     def __init__(self, args, env, store, config_path, config_source):
         self.args = args
         self.env = env
         self.store = store
         self.config_path, self.config_source = config_path, config_source
+        self.named = getattr(args, "profile", None)  # -p/--profile: read here and nowhere else
+        if self.named == "":
+            raise UsageError("-p/--profile needs a profile name")
         self._profile = None
+
+    def select(self, profile=None, api_url=None, use_env=True):
+        """The Selection for a session: this run's profile, or the one the command names;
+        that profile's URL unless the command gives one; the tokens that go with both."""
+        if profile is None:
+            profile, profile_source = self.profile_source
+        else:
+            profile_source = "command"
+        if api_url is None:
+            api_url, api_url_source = self.api_url_for(profile)
+        else:
+            api_url_source = "command"
+        api_url = api_url.rstrip("/")
+        return Selection(profile, profile_source, api_url, api_url_source,
+                         self.credentials_for(profile, use_env, api_url))
 
     @property
     def profile(self):
@@ -1938,18 +1968,15 @@ class Choice:
     def profile_source(self):
         """(name, 'flag'|'env'|'file'|'default'), checked to exist unless the command creates it."""
         if self._profile is None:
-            args, env = self.args, self.env
-            if getattr(args, "profile", None) == "":
-                raise UsageError("-p/--profile needs a profile name")
-            if getattr(args, "profile", None):
-                name, source = args.profile, "flag"
-            elif env.get("ATTUNE_PROFILE"):
-                name, source = env["ATTUNE_PROFILE"], "env"
+            if self.named:
+                name, source = self.named, "flag"
+            elif self.env.get("ATTUNE_PROFILE"):
+                name, source = self.env["ATTUNE_PROFILE"], "env"
             elif self.store.current_profile():
                 name, source = self.store.current_profile(), "file"
             else:
                 name, source = DEFAULT_PROFILE, "default"
-            if not getattr(args, "creates_profile", False):
+            if not getattr(self.args, "creates_profile", False):
                 self.require_profile(name, source)
             self._profile = (name, source)
         return self._profile
@@ -1982,7 +2009,7 @@ class Choice:
         origin the profile logged in to: for another api_url, none (Credentials.withheld
         says whose they are). Environment tokens go wherever the user points them."""
         env = self.env
-        if use_env and not getattr(self.args, "profile", None):
+        if use_env and not self.named:
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
             keep_fresh = env.get("ATTUNE_KEEP_FRESH")
             if keep_fresh and keep_fresh == env.get("ATTUNE_TOKEN_FILE"):  # under auth exec --keep-fresh
@@ -2074,12 +2101,10 @@ class Session:
     to renew it. Each access token is refreshed at most once before it expires and once
     after a 401, so a run of any length renews every token it holds."""
 
-    def __init__(self, choice, http, log, now, profile=None, api_url=None, use_env=True):
-        self.choice, self.http, self.log, self.now = choice, http, log, now
-        self.store = choice.store
-        self.profile = profile or choice.profile
-        self.api_url = (api_url or choice.api_url_for(self.profile)[0]).rstrip("/")
-        self.creds = choice.credentials_for(self.profile, use_env, self.api_url)
+    def __init__(self, selection, store, http, log, now):
+        self.selection, self.store, self.http, self.log, self.now = selection, store, http, log, now
+        self.profile, self.api_url = selection.profile, selection.api_url
+        self.creds = selection.creds  # replaced by each refresh
         # Each access token is refreshed at most once before it expires and once after a 401,
         # so a command that runs for hours renews every token it holds, and no more.
         self._proactive_for = None  # the access token a proactive refresh was tried for
@@ -2634,9 +2659,10 @@ class Printer:
 # === Context =================================================================
 
 class Context:
-    """What a command gets: ui (how to print), choice (profile, URL, tokens), http (how to
-    talk HTTP), the credential store, the parsed arguments, the environment and the clock.
-    Commands call sessions, sessions call the transport; never the other way."""
+    """What a command gets: ui (how to print), choice (which profile, URL and tokens: each
+    session gets them resolved once, as its Selection), http (how to talk HTTP), the credential
+    store, the parsed arguments, the environment and the clock. Commands call sessions,
+    sessions call the transport; never the other way."""
 
     def __init__(self, args, env, clock=None):
         self.args = args
@@ -2664,7 +2690,7 @@ class Context:
             return None
 
     def session(self, profile=None, api_url=None, use_env=True):
-        return Session(self.choice, self.http, self.ui.log, self.now, profile, api_url, use_env)
+        return Session(self.choice.select(profile, api_url, use_env), self.store, self.http, self.ui.log, self.now)
 
 
 # === Prompts and secrets =====================================================
@@ -2800,12 +2826,11 @@ def cmd_auth_token(ctx, args):
         ctx.ui.stdout.write("export ATTUNE_API_URL=%s\nexport ATTUNE_API_TOKEN=%s\n"
                             % (shell_quote(session.api_url), shell_quote(token)))
     else:
-        profile, profile_source = ctx.choice.profile_source
-        url_source = ctx.choice.api_url_for(profile)[1]
+        chosen = session.selection
         doc = {"token": token, "expires_at": creds.access_expires_at,
                "expires_in": None if left is None else int(left),
-               "profile": profile, "profile_source": profile_source,
-               "api_url": session.api_url, "api_url_source": url_source,
+               "profile": chosen.profile, "profile_source": chosen.profile_source,
+               "api_url": chosen.api_url, "api_url_source": chosen.api_url_source,
                "source": creds.source, "source_detail": creds.origin}
         ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc, secrets_ok=True)
 
@@ -3314,7 +3339,7 @@ def store_login(ctx, target, url, data, sent_at, method, username=None):
     ctx.store.modify(save)
     expires_at = pair["auth_token_expires_at"]
     for name in TOKEN_VARIABLES:
-        if ctx.env.get(name) and not getattr(ctx.args, "profile", None):
+        if ctx.env.get(name) and not ctx.choice.named:
             ctx.ui.warn("%s is set and takes precedence over the stored token" % name)
             break
     report_login(ctx, target, url, username, expires_at, already=False)
@@ -3588,9 +3613,8 @@ def profile_status(ctx, name, offline, use_env):
             code = e.exit_code if e.exit_code in (4, 5, 6) else 1
     creds, now = session.creds, ctx.now()  # after any refresh
     stored = ctx.store.profile(name) or {}
-    url, url_source = ctx.choice.api_url_for(name)
-    status = {"profile": name, "current": name == ctx.choice.profile, "api_url": url.rstrip("/"),
-              "api_url_source": url_source, "username": stored.get("username"),
+    status = {"profile": name, "current": name == ctx.choice.profile, "api_url": session.api_url,
+              "api_url_source": session.selection.api_url_source, "username": stored.get("username"),
               "token_source": creds.source if creds.access else None,
               "token_origin": creds.origin if creds.access else None,
               "invalidated_at": epoch(stored.get("invalidated_at")) if creds.source == "file" else None}
@@ -8992,15 +9016,14 @@ class Doctor:
     def check_profile(self):
         ctx = self.ctx
         try:
-            name, source = ctx.choice.profile_source
-            url, url_source = ctx.choice.api_url_for(name)
-            session = ctx.session(profile=name)
+            session = ctx.session()
         except ConfigError as e:
             self.problems.append(str(e))
             return None
-        creds = session.creds
-        self.report["profile"] = {"name": name, "source": source, "api_url": session.api_url,
-                                  "api_url_source": url_source, "token_source": creds.source if creds.access else None,
+        creds, chosen = session.creds, session.selection
+        self.report["profile"] = {"name": chosen.profile, "source": chosen.profile_source, "api_url": chosen.api_url,
+                                  "api_url_source": chosen.api_url_source,
+                                  "token_source": creds.source if creds.access else None,
                                   "token_origin": creds.origin if creds.access else None}
         return session
 

@@ -3361,6 +3361,46 @@ class PrecedenceTests(AttuneTestCase):
         got = self.token_json("-p", "default", env={"ATTUNE_API_TOKEN": self.server.mint("admin")})
         self.assertEqual((got["token"], got["source"], got["profile_source"]), (stored, "file", "flag"))
 
+    def test_every_source_of_each_value_in_every_combination(self):
+        """The profile, the URL and the token, each from every place it can come from,
+        in all combinations: what auth token reports is what the request then carries."""
+        stored = {name: self.seed(name, current=False)["auth_token"] for name in ("default", "b")}
+        from_env = self.server.mint("admin")
+        for profile_from in ("flag", "env", "file", "default"):
+            for url_from in ("flag", "env", "file"):
+                for token_from in ("env", "file"):
+                    doc = self.read_doc()
+                    doc.pop("current_profile", None)
+                    argv, env = [], {}
+                    if profile_from == "flag":
+                        argv += ["-p", "b"]
+                    elif profile_from == "env":
+                        env["ATTUNE_PROFILE"] = "b"
+                    elif profile_from == "file":
+                        doc["current_profile"] = "b"
+                    self.write_doc(doc)
+                    if url_from == "flag":
+                        argv += ["--api-url", self.server.url + "/"]
+                    elif url_from == "env":
+                        env["ATTUNE_API_URL"] = self.server.url
+                    if token_from == "env":
+                        env["ATTUNE_API_TOKEN"] = from_env
+                    case = (profile_from, url_from, token_from)
+                    got = self.token_json(*argv, env=env)
+                    profile = "default" if profile_from == "default" else "b"
+                    source = "file" if token_from == "file" or profile_from == "flag" else "env"
+                    token = stored[profile] if source == "file" else from_env
+                    self.assertEqual((got["profile"], got["profile_source"], got["api_url"], got["api_url_source"],
+                                      got["source"], got["token"]),
+                                     (profile, profile_from, self.server.url, url_from, source, token), case)
+                    self.ok(*(argv + ["auth", "whoami"]), env=env)
+                    self.assertEqual(self.server.requests[-1].token, token, case)
+
+    def test_an_empty_profile_name_is_a_usage_error_for_every_command(self):
+        for argv in (["auth", "token"], ["config", "path"], ["config", "current"], ["pack", "list"]):
+            for flag in (["-p", ""], ["--profile="]):
+                self.assertIn("-p/--profile needs a profile name", self.fails(2, *(flag + argv)).err)
+
     def test_token_file_is_reread_on_every_run(self):
         token_file = os.path.join(self.tmp, "token")
         env = {"ATTUNE_TOKEN_FILE": token_file, "ATTUNE_API_URL": self.server.url}

@@ -18,14 +18,15 @@ codes, signals, concurrency, encodings, the copied and installed forms), started
 the bytecode cache (attune_argv()). No test uses the real home directory or any
 network beyond loopback. Every run is scanned for leaked tokens and passwords.
 
-Where a new command goes: its handler is a FakeAttune method in the part of the class for
-its group (as in attune.py, one part per command group), named after the route, with a
-row in ROUTES (method, path pattern, handler name) among its group's rows; read the
-server's route first, so that the fake answers as it does (envelope, both error shapes,
-pagination, status codes). Its tests go in a <Group>CommandTests(ResourceTestCase) class
-under "Tests: resource commands", in process through self.ok()/self.fails(); a real
-process only where the subject is one (exit codes, signals, concurrency). A hostile-input
-case goes in the tables of "Tests: untrusted input", a bound in "Tests: bounds".
+Where a new command goes: its handler is a method of the fake server's class for its
+group (one class and section per command group, named as in attune.py: `pack ...` is
+FakePacks under "Fake server: packs"), with @route(method, path pattern) right above it
+and its seed data in that class's seed_ method; read the server's route first, so that
+the fake answers as it does (envelope, both error shapes, pagination, status codes). Its
+tests go in a <Group>CommandTests(ResourceTestCase) class under "Tests: resource
+commands", in process through self.ok()/self.fails(); a real process only where the
+subject is one (exit codes, signals, concurrency). A hostile-input case goes in the
+tables of "Tests: untrusted input", a bound in "Tests: bounds".
 """
 
 import base64
@@ -109,10 +110,11 @@ for name in ("SIGINT", "SIGHUP", "SIGTERM", "SIGQUIT") if POSIX else ():
                       signal.default_int_handler if name == "SIGINT" else lambda signum, frame: None)
 
 # === Fake Attune server ======================================================
-# Faithful to ../shared/attune-api.md where the client can tell: root /auth and
-# /health routes, /api/v1 resources, {"data": ...} envelopes, paginated
-# {"items", "pagination"} lists, both error shapes, HS256 JWTs with sub, login,
-# iat, exp and token_type, expires_in, and 60 s of leeway on exp.
+# Faithful to the real server (its routes: crates/api/src/routes in attune-system/attune)
+# where the client can tell: root /auth and /health routes, /api/v1 resources, {"data": ...}
+# envelopes, paginated {"items", "pagination"} lists, both error shapes, HS256 JWTs with sub,
+# login, iat, exp and token_type, expires_in, and 60 s of leeway on exp. One class per
+# command group, in sections named as attune.py's; each handler declares its routes above it.
 
 JWT_SECRET = b"attune.py fake server secret"
 
@@ -175,7 +177,1989 @@ def api_error(status, message, code):
     return status, {"error": message, "code": code}
 
 
-class FakeAttune:
+# === Fake server: what every group shares ====================================
+
+SEED_STAMP = "2026-11-01T12:00:00.000000Z"
+TERMINAL = ("completed", "failed", "cancelled", "timeout", "abandoned")
+EXECUTION_SUMMARY_FIELDS = ("id", "action_ref", "status", "parent", "enforcement", "rule_ref", "trigger_ref",
+                            "trace_tag", "timeout_seconds", "started_at", "workflow_task", "original_execution",
+                            "created", "updated")
+RULE_FIELDS = ("ref", "pack_ref", "label", "description", "trigger_ref", "action_ref", "conditions",
+               "action_params", "trigger_params", "enabled", "trace_tag_template")
+REF = r"(?P<ref>[^/]+)"
+
+
+class Download:
+    """A file answer: raw bytes with their media type and Content-Disposition."""
+
+    def __init__(self, content, content_type, disposition):
+        self.content, self.content_type, self.disposition = content, content_type, disposition
+
+
+class EventStream:
+    """A text/event-stream answer: the handler writes each chunk as the generator yields it."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+
+def sse_event(event, data, event_id=None):
+    lines = ["event: %s" % event] + (["id: %s" % event_id] if event_id is not None else [])
+    lines += ["data: %s" % line for line in data.split("\n")]
+    return "\n".join(lines) + "\n\n"
+
+
+def parse_multipart(body, content_type):
+    """({field: text}, {field: (filename, content type, bytes)}) of a multipart/form-data body."""
+    boundary = content_type.partition("boundary=")[2].strip('"').encode()
+    fields, files = {}, {}
+    for part in body.split(b"--" + boundary)[1:-1]:
+        head, _, data = part.partition(b"\r\n\r\n")
+        head = head.decode("utf-8", "replace")
+        name = re.search(r'name="([^"]*)"', head).group(1)
+        filename = re.search(r'filename="([^"]*)"', head)
+        ctype = re.search(r"Content-Type:\s*(\S+)", head, re.I)
+        if filename:
+            files[name] = (filename.group(1), ctype.group(1) if ctype else None, data[:-2])
+        else:
+            fields[name] = data[:-2].decode("utf-8")
+    return fields, files
+
+
+ROUTES = []  # (method, path pattern, handler name, anonymous), as @route declares them
+
+
+def route(method, pattern, anonymous=False):
+    """Declare the handler below as the answer to method on paths matching pattern (the whole
+    path; named groups become arguments). Stack one per route. anonymous: no token needed (the
+    server's public routes under /api/v1)."""
+    def declare(handler):
+        ROUTES.append((method, pattern, handler.__name__, anonymous))
+        return handler
+    return declare
+
+
+class FakeResources:
+    """A small in-memory Attune: the shapes every group's handlers share. Lists are
+    paginated as the real server does."""
+
+    def stamp(self):
+        now = self.now()
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % (int(now * 1e6) % 1000000)
+
+    def new_id(self):
+        with self.lock:
+            self.last_id += 1
+            return self.last_id
+
+    def paginate(self, req, items, size_param="page_size", totals=True):
+        def number(name, default):
+            try:
+                return int(req.query.get(name, [default])[0])
+            except ValueError:
+                return None
+        page, size = number("page", 1), number(size_param, 50)
+        if page is None or size is None:
+            return 400, "Failed to deserialize query string: invalid digit found in string"
+        page, size = max(1, page), min(100, max(1, size))
+        total = len(items)
+        pages = max(1, (total + size - 1) // size)
+        pagination = {"page": page, "page_size": size, "total_items": total, "total_pages": pages,
+                      "has_previous": page > 1, "has_next": page < pages}
+        if not totals:
+            del pagination["total_items"], pagination["total_pages"]
+        return 200, {"items": items[(page - 1) * size:page * size], "pagination": pagination}
+
+    def listed(self, req, collection, pack=None, fields=None):
+        items = sorted(collection.values(), key=lambda item: item["id"])
+        if pack is not None:
+            if pack not in self.packs:
+                return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
+            items = [item for item in items if item.get("pack_ref") == pack]
+        if fields:
+            items = [{k: item.get(k) for k in fields} for item in items]
+        return self.paginate(req, items)
+
+    def lookup(self, collection, ref, label):
+        item = collection.get(ref)
+        if item is None:
+            return None, api_error(404, "%s '%s' not found" % (label, ref), "NOT_FOUND")
+        return item, None
+
+    def removed(self, collection, ref, label):
+        with self.lock:
+            if collection.pop(ref, None) is None:
+                return api_error(404, "%s '%s' not found" % (label, ref), "NOT_FOUND")
+        return 200, {"success": True, "message": "%s '%s' deleted successfully" % (label, ref)}
+
+    def toggled(self, collection, ref, label, enabled):
+        item, error = self.lookup(collection, ref, label)
+        if error:
+            return error
+        item.update(enabled=enabled, updated=self.stamp())
+        return 200, envelope(item, "%s %s successfully" % (label, "enabled" if enabled else "disabled"))
+
+
+# === Fake server: auth =======================================================
+
+class FakeAuth(FakeResources):
+    """Logins (password, LDAP, integration token, the OIDC device flow), refresh,
+    /auth/me, and integration tokens (routes/permissions.rs: the token itself only in the
+    create answer)."""
+
+    @route("GET", r"/auth/settings")
+    def auth_settings(self, req):
+        return 200, envelope(dict(self.settings))
+
+    def password_login(self, req, users):
+        body = req.json() or {}
+        login, password = body.get("login"), body.get("password")
+        if isinstance(password, str):
+            self.received.add(password)
+        if not isinstance(login, str) or not login or not isinstance(password, str) or not password:
+            return api_error(422, "Validation failed: login and password are required", "VALIDATION_ERROR")
+        user = users.get(login)
+        if not user or not hmac.compare_digest(user["password"], password):
+            return api_error(401, "Invalid login or password", "UNAUTHORIZED")
+        return self.token_body(login)
+
+    @route("POST", r"/auth/login")
+    def auth_login(self, req):
+        return self.password_login(req, self.users)
+
+    @route("POST", r"/auth/ldap/login")
+    def auth_ldap_login(self, req):
+        if not self.settings.get("ldap_enabled"):
+            return api_error(501, "LDAP authentication is not configured", "NOT_IMPLEMENTED")
+        return self.password_login(req, self.ldap_users)
+
+    @route("POST", r"/auth/token-login")
+    def auth_token_login(self, req):
+        token = (req.json() or {}).get("token")
+        if isinstance(token, str):
+            self.received.add(token)
+        login = self.integration_tokens.get(token)
+        record = self.itoken_records.get(token)
+        if not login or (record and not record["active"]):
+            return api_error(401, "Invalid token", "UNAUTHORIZED")
+        return self.token_body(login)
+
+    @route("POST", r"/auth/refresh")
+    def auth_refresh(self, req):
+        body = req.json() if req.body else None
+        if not isinstance(body, dict) or "refresh_token" not in body:
+            return api_error(401, "Missing refresh token", "UNAUTHORIZED")
+        token = body["refresh_token"]
+        if isinstance(token, str):
+            self.received.add(token)
+        if not token:
+            return api_error(422, "Invalid refresh token request: refresh_token is empty",
+                             "VALIDATION_ERROR")
+        claims, problem = verify_jwt(token, self.now())
+        if problem:
+            return api_error(401, "Invalid or expired refresh token", "UNAUTHORIZED")
+        if claims.get("token_type") != "refresh":
+            return api_error(401, "Invalid token type", "UNAUTHORIZED")
+        with self.lock:
+            if self.refresh_mode == "single-use":
+                if token in self.used_refresh:
+                    return api_error(401, "Invalid or expired refresh token", "UNAUTHORIZED")
+                self.used_refresh.add(token)
+        return self.token_body(claims["login"], with_user=False)
+
+    def seal(self, session):
+        """A new opaque device_code for session; the one it replaces no longer works."""
+        self.nonce += 1
+        code = "sealed.%d.%s" % (self.nonce, b64url(os.urandom(24)))
+        self.device_sessions[code] = session
+        self.device_codes.add(code)
+        return code
+
+    @route("POST", r"/auth/oidc/device/start")
+    def device_start(self, req):
+        if not self.device["enabled"]:
+            return api_error(501, "OIDC device login requires security.encryption_key on the API server",
+                             "NOT_IMPLEMENTED")
+        with self.lock:
+            now, d = time.time(), self.device
+            session = {"polls": 0, "interval": d["interval"], "next_poll_at": now + d["interval"],
+                       "expires_at": now + d["expires_in"]}
+            data = {"device_code": self.seal(session), "user_code": "WDJB-MJHT",
+                    "verification_uri": self.url + "/device",
+                    "verification_uri_complete": self.url + "/device?user_code=WDJB-MJHT",
+                    "expires_in": d["expires_in"], "interval": d["interval"]}
+            data.update(d["start"])  # a test's bad values
+        return 200, envelope(data)
+
+    @route("POST", r"/auth/oidc/device/poll")
+    def device_poll(self, req):
+        body = req.json()
+        if not isinstance(body, dict) or set(body) != {"device_code"} or not isinstance(body["device_code"], str):
+            return api_error(422, "Validation failed: device_code is required", "VALIDATION_ERROR")
+        with self.lock:
+            session = self.device_sessions.pop(body["device_code"], None)  # a re-sealed code is spent
+            if session is None:
+                return api_error(400, "Invalid device authorization session", "BAD_REQUEST")
+            now, d = time.time(), self.device
+            if now > session["expires_at"]:
+                return 200, envelope({"status": "expired"})
+            reason = None
+            if d["enforce_interval"] and now < session["next_poll_at"] - 0.2:
+                reason = "slow_down"
+            elif session["polls"] < d["waits"]:
+                session["polls"] += 1
+                reason = d["reasons"].pop(0) if d["reasons"] else "authorization_pending"
+            if reason:
+                session["interval"] = {"slow_down": session["interval"] + 5,
+                                       "provider_timeout": session["interval"] * 2}.get(reason, session["interval"])
+                session["next_poll_at"] = now + session["interval"]
+                return 200, envelope({"status": "waiting", "reason": reason, "device_code": self.seal(session),
+                                      "interval": session["interval"]})
+            if d["outcome"] != "authorized":
+                return 200, envelope({"status": d["outcome"]})
+        tokens = self.token_body(d["login"])[1]["data"]
+        return 200, envelope({"status": "authorized", "tokens": tokens})
+
+    @route("GET", r"/auth/me")
+    def auth_me(self, req):
+        claims, problem = self.bearer_claims(req)
+        if problem:  # /auth/me answers with the flat shape
+            return api_error(401, "Unauthorized", "UNAUTHORIZED")
+        login = claims["login"]
+        user = self.users.get(login) or self.ldap_users.get(login) or {"id": 0, "display_name": None}
+        return 200, envelope({
+            "id": user["id"], "login": login, "display_name": user["display_name"],
+            "auth_provider": "ldap" if login in self.ldap_users else "local",
+            "is_local": login not in self.ldap_users, "can_change_password": True,
+            "effective_permissions": [{"resource": "packs", "actions": ["read", "create"]}],
+            "assigned_permission_set_refs": ["core.admin"]})
+
+    def itoken(self, iid, tid):
+        for record in self.itoken_records.values():
+            if record["id"] == int(tid) and record["identity_id"] == int(iid):
+                return record, None
+        return None, api_error(404, "Integration token '%s' not found" % tid, "NOT_FOUND")
+
+    @route("GET", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens")
+    def itokens_list(self, req, iid):
+        return 200, envelope([r for r in sorted(self.itoken_records.values(), key=lambda r: r["id"])
+                              if r["identity_id"] == int(iid)])
+
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens")
+    def itokens_create(self, req, iid):
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("label"), str) or \
+                set(body) - {"label", "description", "expires_at"}:
+            return api_error(422, "Validation failed: label is required", "VALIDATION_ERROR")
+        if body.get("expires_at") and body["expires_at"] < self.stamp():
+            return api_error(400, "Integration token expiration must be in the future", "BAD_REQUEST")
+        login = next((name for name, u in self.users.items() if u["id"] == int(iid)), None)
+        if login is None:
+            return api_error(404, "Identity %s not found" % iid, "NOT_FOUND")
+        with self.lock:
+            token = "attune_it_" + b64url(os.urandom(24))
+            record = {"id": self.new_id(), "identity_id": int(iid), "label": body["label"],
+                      "description": body.get("description"), "token_prefix": token[:14],
+                      "token_suffix": token[-4:], "expires_at": body.get("expires_at"), "last_used_at": None,
+                      "revoked_at": None, "active": True, "created": self.stamp()}
+            self.integration_tokens[token] = login
+            self.itoken_records[token] = record
+        return 201, envelope({"token": token, "integration_token": record})
+
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)/revoke")
+    def itokens_revoke(self, req, iid, tid):
+        record, error = self.itoken(iid, tid)
+        if error:
+            return error
+        record.update(active=False, revoked_at=self.stamp())
+        return 200, envelope(record)
+
+    @route("DELETE", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)")
+    def itokens_delete(self, req, iid, tid):
+        record, error = self.itoken(iid, tid)
+        if error:
+            return error
+        with self.lock:
+            token = next(t for t, r in self.itoken_records.items() if r is record)
+            del self.itoken_records[token]
+            self.integration_tokens.pop(token, None)
+        return 200, envelope({"success": True, "message": "Integration token deleted successfully"})
+
+
+# === Fake server: packs ======================================================
+
+class FakePacks(FakeResources):
+    """Packs, their installs (the tests run after the answer) and uploads."""
+
+    def seed_packs(self):
+        self.packs, self.uploads, self.installs = {}, [], {}
+        for i, (ref, label, description) in enumerate([
+                ("core", "Core", "Core actions, triggers and sensors"),
+                ("linux", "Linux", "Actions for Linux hosts"),
+                ("examples", "Examples", "Example workflows and rules")], start=1):
+            self.packs[ref] = self.new_pack(i, ref, label, description)
+
+    def new_pack(self, pack_id, ref, label, description=None, version="1.0.0", tags=()):
+        return {"id": pack_id, "ref": ref, "label": label, "description": description,
+                "version": version, "tags": list(tags), "is_standard": ref == "core",
+                "created": SEED_STAMP, "updated": SEED_STAMP}
+
+    @route("GET", r"/api/v1/packs")
+    def packs_list(self, req):
+        return self.listed(req, self.packs)
+
+    @route("GET", r"/api/v1/packs/" + REF)
+    def packs_show(self, req, ref):
+        pack, error = self.lookup(self.packs, ref, "Pack")
+        if error:
+            return error
+        count = lambda items: sum(1 for i in items.values() if i.get("pack_ref") == ref)  # noqa: E731
+        return 200, envelope(dict(pack, conf_schema={}, config={}, meta={"author": "Attune team"},
+                                  dependencies=["core"] if ref != "core" else [], runtime_deps=[],
+                                  action_count=count(self.actions), trigger_count=count(self.triggers),
+                                  rule_count=count(self.rules), sensor_count=count(self.sensors)))
+
+    @route("POST", r"/api/v1/packs")
+    def packs_create(self, req):
+        body = req.json() or {}
+        missing = [k for k in ("ref", "label", "version") if not body.get(k)]
+        if missing:
+            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
+        with self.lock:
+            if body["ref"] in self.packs:
+                return api_error(409, "Pack with ref '%s' already exists" % body["ref"], "CONFLICT")
+            pack = self.new_pack(self.new_id(), body["ref"], body["label"], body.get("description"),
+                                 body["version"], body.get("tags") or ())
+            self.packs[pack["ref"]] = pack
+        return 201, envelope(pack)
+
+    @route("PUT", r"/api/v1/packs/" + REF)
+    def packs_update(self, req, ref):
+        pack, error = self.lookup(self.packs, ref, "Pack")
+        if error:
+            return error
+        body = req.json() or {}
+        description = body.get("description")
+        if description is not None:
+            if not isinstance(description, dict) or description.get("op") not in ("set", "clear"):
+                return api_error(422, "description must be a patch {op, value}", "VALIDATION_ERROR")
+            pack["description"] = description.get("value") if description["op"] == "set" else None
+        for field in ("label", "version", "tags"):
+            if field in body:
+                pack[field] = body[field]
+        pack["updated"] = self.stamp()
+        return 200, envelope(pack, "Pack updated successfully")
+
+    @route("DELETE", r"/api/v1/packs/" + REF)
+    def packs_delete(self, req, ref):
+        return self.removed(self.packs, ref, "Pack")
+
+    def installed(self, ref, status, skipped):
+        with self.lock:
+            pack = self.packs.get(ref) or self.new_pack(self.new_id(), ref, ref.title())
+            self.packs[ref] = pack
+        if self.install_tests and not skipped:  # newer servers: the tests run after the answer
+            install_id = self.new_id()
+            self.installs[install_id] = {"install_id": install_id, "pack_ref": ref, "pack_version": pack["version"],
+                                         "status": "running", "trigger_reason": "install", "test_result": None,
+                                         "error_message": None, "started_at": self.stamp(), "finished_at": None,
+                                         "looks": 0}
+            return status, envelope({"pack": pack, "test_result": None, "tests_skipped": False,
+                                     "install_id": install_id, "install_status": "running"})
+        tests = None if skipped else {"status": "passed", "summary": {"passed": 3, "total": 3}}
+        return status, envelope({"pack": pack, "test_result": tests, "tests_skipped": skipped})
+
+    @route("GET", r"/api/v1/packs/install/(?P<install_id>\d+)")
+    def packs_install_status(self, req, install_id):
+        install = self.installs.get(int(install_id))
+        if install is None:
+            return api_error(404, "Pack install %s not found" % install_id, "NOT_FOUND")
+        install["looks"] += 1
+        if install["looks"] >= 2 and install["status"] == "running":  # done at the second look
+            outcome = self.install_tests
+            passed = 3 if outcome == "succeeded" else 1
+            install.update(status=outcome, finished_at=self.stamp(),
+                           test_result={"passed": passed, "failed": 3 - passed, "total_tests": 3},
+                           error_message=None if outcome == "succeeded" else "2 tests failed")
+        return 200, envelope({k: v for k, v in install.items() if k != "looks"})
+
+    @route("POST", r"/api/v1/packs/install")
+    def packs_install(self, req):
+        body = req.json() or {}
+        if not body.get("source"):
+            return api_error(422, "Validation failed: source is required", "VALIDATION_ERROR")
+        ref = re.sub(r"(\.git|\.tar\.gz)$", "", body["source"].rstrip("/").split("/")[-1]) or "pack"
+        if ref in self.packs and not body.get("force"):
+            return api_error(409, "Pack '%s' is already installed" % ref, "CONFLICT")
+        return self.installed(ref, 201, bool(body.get("skip_tests")))
+
+    @route("POST", r"/api/v1/packs/register")
+    def packs_register(self, req):
+        body = req.json() or {}
+        if not body.get("path"):
+            return api_error(422, "Validation failed: path is required", "VALIDATION_ERROR")
+        return self.installed(os.path.basename(body["path"].rstrip("/")), 201, bool(body.get("skip_tests")))
+
+    @route("POST", r"/api/v1/packs/upload")
+    def packs_upload(self, req):
+        fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
+        if "pack" not in files:
+            return api_error(400, "Missing 'pack' file field", "BAD_REQUEST")
+        import tarfile
+        try:
+            with tarfile.open(fileobj=io.BytesIO(files["pack"][2]), mode="r:gz") as tar:
+                names = tar.getnames()
+                manifest = tar.extractfile("pack.yaml").read().decode()
+        except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+            return api_error(400, "Invalid pack archive: %s" % e, "BAD_REQUEST")
+        self.uploads.append({"fields": fields, "filename": files["pack"][0], "content_type": files["pack"][1],
+                             "names": names})
+        ref = re.search(r"^ref:\s*(\S+)", manifest, re.M).group(1)
+        return self.installed(ref, 200, fields.get("skip_tests") == "true")
+
+
+# === Fake server: actions ====================================================
+
+class FakeActions(FakeResources):
+    """Actions, listed, searched, per pack."""
+
+    def seed_actions(self):
+        self.actions = {}
+        echo_schema = {"message": {"type": "string", "required": True, "description": "Text to print"},
+                       "count": {"type": "integer", "default": 1}}
+        for ref, runtime, description, schema, workflow in (
+                ("core.echo", "core.python", "Print a message", echo_schema, None),
+                ("core.sleep", "core.shell", "Sleep for a while", {"seconds": {"type": "integer"}}, None),
+                ("core.fail", "core.shell", "Always fails", {}, None),
+                ("core.noisy", "core.shell", "Prints ten lines", {}, None),
+                ("linux.uptime", "core.shell", "Show the uptime", None, None),
+                ("examples.deploy", None, "Build, test and notify", {"env": {"type": "string"}}, 7)):
+            pack = ref.split(".")[0]
+            self.actions[ref] = {
+                "id": len(self.actions) + 1, "ref": ref, "pack": self.packs[pack]["id"], "pack_ref": pack,
+                "label": ref.split(".")[1].title(), "description": description,
+                "entrypoint": ref.split(".")[1] + ".py", "runtime": 1 if runtime else None,
+                "runtime_ref": runtime, "runtime_version_constraint": ">=3.9" if runtime == "core.python" else None,
+                "enabled": True, "accesses_mcp": False, "reference_visibility": "public",
+                "workflow_def": workflow, "timeout_seconds": None, "param_schema": schema, "out_schema": None,
+                "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
+
+    @route("GET", r"/api/v1/actions")
+    def actions_list(self, req):
+        return self.listed(req, self.actions)
+
+    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/actions")
+    def pack_actions(self, req, pack):
+        return self.listed(req, self.actions, pack)
+
+    @route("GET", r"/api/v1/actions/search")
+    def actions_search(self, req):
+        words = (req.query.get("q", [""])[0]).lower().split()
+        packs = [p for p in req.query.get("packs", [""])[0].split(",") if p]
+        hits = []
+        for action in sorted(self.actions.values(), key=lambda a: a["id"]):
+            text = " ".join(str(action.get(k) or "") for k in ("ref", "label", "description", "pack_ref")).lower()
+            if all(w in text for w in words) and (not packs or action["pack_ref"] in packs):
+                hits.append({"ref": action["ref"], "pack_ref": action["pack_ref"], "label": action["label"],
+                             "description": action["description"], "runtime_ref": action["runtime_ref"],
+                             "is_workflow": action["workflow_def"] is not None, "accesses_mcp": False})
+        return self.paginate(req, hits)
+
+    @route("GET", r"/api/v1/actions/" + REF)
+    def actions_show(self, req, ref):
+        action, error = self.lookup(self.actions, ref, "Action")
+        return error or (200, envelope(action))
+
+    @route("PUT", r"/api/v1/actions/" + REF)
+    def actions_update(self, req, ref):
+        action, error = self.lookup(self.actions, ref, "Action")
+        if error:
+            return error
+        body = req.json() or {}
+        for field in ("label", "description", "entrypoint", "enabled", "runtime"):
+            if field in body:
+                action[field] = body[field]
+        patch = body.get("timeout_seconds")
+        if isinstance(patch, dict):  # a patch: {"op": "set", "value": N} or {"op": "clear"}
+            action["timeout_seconds"] = patch.get("value") if patch.get("op") == "set" else None
+        action["updated"] = self.stamp()
+        return 200, envelope(action)
+
+    @route("DELETE", r"/api/v1/actions/" + REF)
+    def actions_delete(self, req, ref):
+        return self.removed(self.actions, ref, "Action")
+
+
+# === Fake server: executions =================================================
+
+class FakeExecutions(FakeResources):
+    """Executions: statuses advance one step per GET; logs grow while a client
+    tails them; the executions stream; traces."""
+
+    def seed_executions(self):
+        self.executions, self.plans, self.log_drops = {}, {}, {}
+
+    @route("POST", r"/api/v1/executions/execute")
+    def executions_execute(self, req):
+        body = req.json()
+        if not isinstance(body, dict) or not body.get("action_ref"):
+            return api_error(422, "Validation failed: action_ref is required", "VALIDATION_ERROR")
+        action = self.actions.get(body["action_ref"])
+        if action is None:
+            return api_error(404, "Action '%s' not found" % body["action_ref"], "NOT_FOUND")
+        if not action["enabled"]:
+            return api_error(400, "Action '%s' is disabled" % action["ref"], "BAD_REQUEST")
+        parameters = body.get("parameters", {})
+        timeout = body.get("timeout_seconds")
+        if not isinstance(parameters, dict) or (timeout is not None and not (isinstance(timeout, int) and timeout > 0)):
+            return api_error(422, "Validation failed: parameters must be an object, timeout_seconds > 0",
+                             "VALIDATION_ERROR")
+        extra = {k: body[k] for k in ("env_vars", "permission_set_refs", "artifact_retention_policy",
+                                      "artifact_retention_limit") if k in body}
+        execution = self.new_execution(action, parameters, timeout, **extra)
+        return 201, envelope(execution)
+
+    def new_execution(self, action, parameters, timeout=None, **fields):
+        eid = self.new_id()
+        stamp = self.stamp()
+        execution = {"id": eid, "action": action["id"], "action_ref": action["ref"], "config": parameters,
+                     "parent": None, "enforcement": None, "executor": None, "worker": None,
+                     "status": "requested", "result": None, "trace_tag": None, "timeout_seconds": timeout,
+                     "started_at": None, "workflow_task": None, "original_execution": None,
+                     "rule_ref": None, "trigger_ref": None, "created": stamp, "updated": stamp}
+        execution.update(fields)
+        statuses, result, stdout, stderr = ["scheduled", "running", "completed"], {"exit_code": 0}, [], []
+        finish_at = None
+        if action["ref"] == "core.echo":
+            stdout = [str(parameters.get("message", "")) + "\n"]
+            result = {"stdout": stdout[0], "exit_code": 0}
+        elif action["ref"] == "core.fail":
+            statuses[-1], result, stderr = "failed", {"error": "boom", "exit_code": 1}, ["boom\n"]
+        elif action["ref"] == "core.sleep" and parameters.get("seconds"):  # runs that long, a tick a second
+            finish_at = time.time() + float(parameters["seconds"])
+        elif action["ref"] == "core.sleep":
+            statuses = ["scheduled", "running"]
+        elif action["ref"] == "core.noisy":
+            stdout = ["line %d\n" % n for n in range(1, 11)]
+        with self.lock:
+            self.executions[eid] = execution
+            self.plans[eid] = {"statuses": statuses, "result": result, "pending": {"stdout": stdout, "stderr": stderr},
+                               "logs": {"stdout": b"", "stderr": b""}, "finish_at": finish_at,
+                               "started": time.time(), "ticks": 0}
+        return execution
+
+    def advance(self, eid):
+        """One step of an execution's life; at the end its result and all its output."""
+        with self.lock:
+            execution, plan = self.executions[eid], self.plans[eid]
+            if not plan["statuses"] or execution["status"] in TERMINAL:
+                return
+            if plan["finish_at"] and execution["status"] == "running":
+                now = time.time()
+                while plan["ticks"] < min(now, plan["finish_at"]) - plan["started"]:
+                    plan["ticks"] += 1
+                    plan["pending"]["stdout"].append("tick %d\n" % plan["ticks"])
+                if now < plan["finish_at"]:
+                    return
+            execution["status"] = plan["statuses"].pop(0)
+            execution["updated"] = self.stamp()
+            if execution["status"] == "running":
+                execution["started_at"] = execution["updated"]
+            if execution["status"] in TERMINAL:
+                execution["result"] = plan["result"]
+                for name, chunks in plan["pending"].items():
+                    plan["logs"][name] += "".join(chunks).encode()
+                    del chunks[:]
+
+    def execution(self, eid):
+        execution = self.executions.get(int(eid))
+        if execution is None:
+            return None, api_error(404, "Execution with ID %s not found" % eid, "NOT_FOUND")
+        return execution, None
+
+    @route("GET", r"/api/v1/executions/(?P<eid>\d+)")
+    def executions_show(self, req, eid):
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        self.advance(execution["id"])
+        return 200, envelope(execution)
+
+    @route("GET", r"/api/v1/executions")
+    def executions_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = []
+        for e in sorted(self.executions.values(), key=lambda e: (e["created"], e["id"]), reverse=True):
+            action = q.get("action_ref")
+            if action and not (e["action_ref"] == action or (action.endswith(".*") and
+                                                             e["action_ref"].startswith(action[:-1]))):
+                continue
+            if q.get("pack_name") and not e["action_ref"].startswith(q["pack_name"] + "."):
+                continue
+            if any(q.get(k) and e.get(k) != q[k] for k in ("status", "rule_ref", "trigger_ref", "trace_tag")):
+                continue
+            if q.get("top_level_only") == "true" and e["parent"] is not None:
+                continue
+            if q.get("result_contains") and q["result_contains"].lower() not in json.dumps(e["result"]).lower():
+                continue
+            rows.append({k: e[k] for k in EXECUTION_SUMMARY_FIELDS})
+        return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
+
+    @route("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel")
+    def executions_cancel(self, req, eid):
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        if execution["status"] in TERMINAL:
+            return api_error(409, "Execution %s cannot be cancelled (status: %s)" % (eid, execution["status"]),
+                             "CONFLICT")
+        execution["status"] = "canceling" if execution["status"] == "running" else "cancelled"
+        self.plans[execution["id"]]["statuses"] = ["cancelled"]
+        return 200, envelope(execution)
+
+    @route("GET", r"/api/v1/traces/(?P<tag>[^/]+)")
+    def traces_show(self, req, tag):
+        executions = [{k: e[k] for k in EXECUTION_SUMMARY_FIELDS} for e in self.executions.values()
+                      if e.get("trace_tag") == tag]
+        if not executions:
+            return api_error(404, "No trace found for tag '%s'" % tag, "NOT_FOUND")
+        return 200, envelope({"trace_tag": tag, "origins": ["manual"], "executions": executions, "enforcements": [],
+                              "events": [], "queue_dispatches": [], "queue_items": []})
+
+    @route("GET", r"/api/v1/executions/stream")
+    def executions_stream(self, req):
+        """Every execution's status changes as they happen (the API's broadcast of the
+        notifier's execution events), optionally for one execution_id; keep-alive comments
+        while quiet. stream_faults: "drop" after the next event, or a data line to send."""
+        only = req.query.get("execution_id", [None])[0]
+        with self.lock:
+            fault = self.stream_faults.pop(0) if self.stream_faults else None
+        return 200, EventStream(self.execution_events(int(only) if only else None, fault))
+
+    def execution_events(self, only, fault):
+        with self.lock:
+            known = {eid: e["status"] for eid, e in self.executions.items()}
+        quiet = 0
+        while True:
+            time.sleep(0.05)
+            with self.lock:
+                ids = [eid for eid in self.executions if only in (None, eid)]
+            if fault and fault != "drop":
+                yield "data: %s\n\n" % fault
+                fault = None
+            for eid in ids:
+                self.advance(eid)
+                with self.lock:
+                    execution = dict(self.executions[eid])
+                if known.get(eid) != execution["status"]:
+                    payload = {k: execution.get(k) for k in EXECUTION_SUMMARY_FIELDS + ("action", "started_at")}
+                    payload.update(entity_type="execution", entity_id=eid, old_status=known.get(eid))
+                    payload.pop("result", None)
+                    known[eid], quiet = execution["status"], 0
+                    yield "data: %s\n\n" % json.dumps({
+                        "notification_type": "execution_status_changed", "entity_type": "execution",
+                        "entity_id": eid, "payload": payload, "timestamp": self.stamp()})
+                    if fault == "drop":
+                        return
+            quiet += 1
+            if quiet % 10 == 0:
+                yield ": keep-alive\n\n"
+
+    @route("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream")
+    def executions_log_stream(self, req, eid, stream):
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        if stream not in ("stdout", "stderr"):
+            return api_error(400, "Unsupported log stream '%s'. Expected 'stdout' or 'stderr'." % stream,
+                             "BAD_REQUEST")
+        offset = int(req.query.get("offset", ["0"])[0])
+        return 200, EventStream(self.log_events(execution["id"], stream, offset, req.token))
+
+    def log_events(self, eid, stream, offset, token):
+        """The server's log stream: catch-up in 'content' events, a comment, then 'append'
+        events while the execution runs, then 'done'. log_drops[eid] = (n, revoke) closes
+        the connection after n content/append events, once, revoking the token if asked."""
+        plan, sent = self.plans[eid], 0
+        drop_after, revoke = self.log_drops.pop(eid, (None, False))
+        if revoke:
+            self.revoked.add(token)
+        log = plan["logs"][stream]
+        yield sse_event("waiting", "Log file found" if log else "Waiting for log output")
+        while offset < len(log):
+            chunk = log[offset:offset + 8]
+            offset += len(chunk)
+            yield sse_event("content", chunk.decode("utf-8", "replace"), offset)
+            sent += 1
+            if sent == drop_after:
+                return
+        yield ": initial-catchup-complete\n\n"
+        idle = 0
+        while True:
+            time.sleep(0.01)
+            with self.lock:
+                pending = plan["pending"][stream]
+                chunk = pending.pop(0).encode() if pending else None
+                if chunk:
+                    plan["logs"][stream] += chunk
+                log = plan["logs"][stream]
+            if offset < len(log):
+                chunk = log[offset:]
+                offset = len(log)
+                yield sse_event("append", chunk.decode("utf-8", "replace"), offset)
+                sent, idle = sent + 1, 0
+                if sent == drop_after:
+                    return
+            elif self.executions[eid]["status"] in TERMINAL and not plan["pending"][stream]:
+                idle += 1
+                if idle >= 2:
+                    yield sse_event("done", "Execution complete")
+                    return
+                yield sse_event("waiting", "Waiting for log output")
+            else:
+                self.advance(eid)
+
+
+# === Fake server: inquiries ==================================================
+
+class FakeInquiries(FakeResources):
+    """Inquiries an execution asks, and their responses."""
+
+    def seed_inquiries(self):
+        approve = {"type": "object", "properties": {"approved": {"type": "boolean"}}, "required": ["approved"]}
+        self.inquiries = {
+            1: self.new_inquiry(1, 7, "Deploy build 42 to production?", purpose="approval", schema=approve, options=[
+                {"ref": "approve", "label": "Approve", "style": "primary", "response": {"approved": True}},
+                {"ref": "reject", "label": "Reject", "style": "danger", "response": {"approved": False}}]),
+            2: self.new_inquiry(2, 8, "Which region?", status="responded", response={"region": "eu"}, assigned_to=1),
+            3: self.new_inquiry(3, 7, "Zoe's call", assigned_to=3)}
+
+    def new_inquiry(self, iid, execution, prompt, status="pending", purpose=None, schema=None, options=None,
+                    response=None, assigned_to=None):
+        stamp = self.stamp()
+        return {"id": iid, "created_by_execution": execution, "workflow_execution": None, "workflow_task_name": None,
+                "purpose": purpose, "prompt": prompt, "response_schema": schema, "response_options": options or [],
+                "assigned_to": assigned_to, "status": status, "response": response, "timeout_at": None,
+                "responded_by": None, "responded_at": None, "created": stamp, "updated": stamp}
+
+    @route("GET", r"/api/v1/inquiries")
+    def inquiries_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        limit, offset = max(1, min(500, int(q.get("limit", 50)))), int(q.get("offset", 0))
+        rows = [i for _, i in sorted(self.inquiries.items())
+                if (not q.get("status") or i["status"] == q["status"]) and
+                (not q.get("created_by_execution") or i["created_by_execution"] == int(q["created_by_execution"])) and
+                (not q.get("assigned_to") or i["assigned_to"] == int(q["assigned_to"]))]
+        items = [{"id": i["id"], "created_by_execution": i["created_by_execution"], "prompt": i["prompt"],
+                  "assigned_to": i["assigned_to"], "status": i["status"], "has_response": i["response"] is not None,
+                  "timeout_at": i["timeout_at"], "created": i["created"]} for i in rows[offset:offset + limit]]
+        return 200, {"items": items, "pagination": {"page": offset // limit + 1, "page_size": limit,
+                                                    "has_previous": offset > 0, "has_next": offset + limit < len(rows)}}
+
+    def inquiry(self, iid):
+        inquiry = self.inquiries.get(int(iid))
+        return (inquiry, None) if inquiry else (None, api_error(404, "Inquiry with ID %s not found" % iid, "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/inquiries/(?P<iid>\d+)")
+    def inquiries_show(self, req, iid):
+        inquiry, error = self.inquiry(iid)
+        return error or (200, envelope(inquiry))
+
+    @route("POST", r"/api/v1/inquiries/(?P<iid>\d+)/respond")
+    def inquiries_respond(self, req, iid):
+        inquiry, error = self.inquiry(iid)
+        if error:
+            return error
+        if inquiry["status"] != "pending":
+            return api_error(409, "Inquiry is no longer pending", "CONFLICT")
+        responder = int(req.claims["sub"])
+        if inquiry["assigned_to"] is not None and inquiry["assigned_to"] != responder:
+            return api_error(403, "Inquiry %s is assigned to identity %s and can only be answered by them"
+                             % (iid, inquiry["assigned_to"]), "FORBIDDEN")
+        response = (req.json() or {}).get("response")
+        schema = inquiry["response_schema"] or {}
+        missing = [k for k in schema.get("required", []) if not isinstance(response, dict) or k not in response]
+        if missing:
+            return api_error(422, "Response does not match the inquiry's schema: '%s' is required" % missing[0],
+                             "UNPROCESSABLE_ENTITY")
+        inquiry.update(status="responded", response=response, responded_by=responder, responded_at=self.stamp(),
+                       updated=self.stamp())
+        return 200, envelope(inquiry, "Inquiry responded successfully")
+
+    @route("POST", r"/api/v1/inquiries")
+    def inquiries_create(self, req):
+        if req.claims.get("token_type") != "execution":
+            return api_error(403, "Workflow inquiries must be created with an execution token", "FORBIDDEN")
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            return 422, "Failed to deserialize the JSON body into the target type: missing field `prompt`"
+        iid = max(self.inquiries) + 1
+        inquiry = self.new_inquiry(iid, req.claims["execution_id"], body["prompt"], purpose=body.get("purpose"),
+                                   schema=body.get("response_schema"), assigned_to=body.get("assigned_to"))
+        self.inquiries[iid] = inquiry
+        return 201, envelope({"inquiry": inquiry, "response_options": []}, "Inquiry created successfully")
+
+    @route("POST", r"/api/v1/inquiries/(?P<iid>\d+)/cancel")
+    def inquiries_cancel(self, req, iid):
+        inquiry, error = self.inquiry(iid)
+        if error:
+            return error
+        if req.claims.get("execution_id") != inquiry["created_by_execution"]:
+            return api_error(403, "Only the execution that created an inquiry can cancel it", "FORBIDDEN")
+        if inquiry["status"] != "pending":
+            return api_error(409, "Inquiry is no longer pending", "CONFLICT")
+        inquiry.update(status="cancelled", updated=self.stamp())
+        return 200, envelope(inquiry)
+
+
+# === Fake server: artifacts ==================================================
+
+class FakeArtifacts(FakeResources):
+    """Artifacts and their versions (JSON or uploaded files)."""
+
+    def seed_artifacts(self):
+        self.artifacts, self.artifact_versions = {}, {}
+        self.new_artifact("core.echo.stdout.log", owner="core.echo", name="stdout", content_type="text/plain",
+                          versions=[b"hello world\n", b"hello again\n"])
+        self.new_artifact("reports.summary", owner="reports", type="file_datatable", visibility="public",
+                          content_type="application/json")
+
+    def new_artifact(self, ref, owner, scope="action", type="file_text", visibility="private", name=None,
+                     content_type=None, versions=(), **fields):
+        aid = len(self.artifacts) + 1
+        stamp = self.stamp()
+        self.artifacts[aid] = dict({"id": aid, "ref": ref, "scope": scope, "owner": owner, "type": type,
+                                    "visibility": visibility, "retention_policy": "versions", "retention_limit": 5,
+                                    "name": name, "description": None, "content_type": content_type,
+                                    "size_bytes": None, "execution": None, "data": None,
+                                    "created": stamp, "updated": stamp}, **fields)
+        self.artifact_versions[aid] = []
+        for content in versions:
+            self.add_version(aid, content, content_type)
+        return self.artifacts[aid]
+
+    def add_version(self, aid, content, content_type, created_by=None, meta=None, content_json=None):
+        versions = self.artifact_versions[aid]
+        number = max([v["version"] for v in versions] or [0]) + 1
+        version = {"id": 1000 * aid + number, "artifact": aid, "version": number, "content_type": content_type,
+                   "size_bytes": len(content), "content_json": content_json, "file_path": None, "meta": meta,
+                   "created_by": created_by, "created": self.stamp(), "content": content}
+        versions.append(version)
+        self.artifacts[aid]["size_bytes"] = len(content)
+        return version
+
+    def artifact(self, aid):
+        artifact = self.artifacts.get(int(aid))
+        return (artifact, None) if artifact else (None, api_error(404, "Artifact with ID %s not found" % aid,
+                                                                   "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/artifacts")
+    def artifacts_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [a for _, a in sorted(self.artifacts.items())
+                if all(not q.get(k) or str(a.get(k)) == q[k] for k in ("scope", "owner", "type", "visibility", "execution"))
+                and (not q.get("name") or q["name"].lower() in (a.get("name") or "").lower())]
+        fields = ("id", "ref", "type", "visibility", "name", "content_type", "size_bytes", "scope", "owner",
+                  "created", "updated")
+        return self.paginate(req, [{k: a[k] for k in fields} for a in rows], "per_page")
+
+    @route("GET", r"/api/v1/artifacts/(?P<aid>\d+)")
+    def artifacts_show(self, req, aid):
+        artifact, error = self.artifact(aid)
+        return error or (200, envelope(artifact))
+
+    @route("GET", r"/api/v1/artifacts/ref/(?P<ref>.+)")
+    def artifacts_show_ref(self, req, ref):
+        found = [a for a in self.artifacts.values() if a["ref"] == ref]
+        return (200, envelope(found[0])) if found else api_error(404, "Artifact '%s' not found" % ref, "NOT_FOUND")
+
+    @route("POST", r"/api/v1/artifacts")
+    def artifacts_create(self, req):
+        body = req.json() or {}
+        if not str(body.get("ref") or "").strip():
+            return api_error(400, "Artifact ref must not be empty", "BAD_REQUEST")
+        if any(a["ref"] == body["ref"] for a in self.artifacts.values()):
+            return api_error(409, "Artifact with ref '%s' already exists" % body["ref"], "CONFLICT")
+        fields = {k: body[k] for k in ("retention_policy", "retention_limit", "description") if k in body}
+        artifact = self.new_artifact(body["ref"], body["owner"], body.get("scope", "action"), body.get("type"),
+                                     body.get("visibility") or "private", body.get("name"), body.get("content_type"),
+                                     **fields)
+        return 201, envelope(artifact, "Artifact created successfully")
+
+    @route("DELETE", r"/api/v1/artifacts/(?P<aid>\d+)")
+    def artifacts_delete(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        del self.artifacts[artifact["id"]], self.artifact_versions[artifact["id"]]
+        return 200, {"success": True, "message": "Artifact deleted successfully"}
+
+    def artifact_version(self, aid, number):
+        artifact, error = self.artifact(aid)
+        if error:
+            return None, error
+        found = [v for v in self.artifact_versions[artifact["id"]] if v["version"] == int(number)]
+        return (found[0], None) if found else (None, api_error(
+            404, "Version %s of artifact %s not found" % (number, aid), "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions")
+    def artifacts_versions(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        return 200, envelope([{k: v for k, v in version.items() if k not in ("content", "content_json")}
+                              for version in reversed(self.artifact_versions[artifact["id"]])])
+
+    @route("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)")
+    def artifacts_version_show(self, req, aid, number):
+        version, error = self.artifact_version(aid, number)
+        return error or (200, envelope({k: v for k, v in version.items() if k != "content"}))
+
+    @route("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions")
+    def artifacts_version_json(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        body = req.json() or {}
+        version = self.add_version(artifact["id"], json.dumps(body.get("content")).encode(),
+                                   body.get("content_type", "application/json"), body.get("created_by"),
+                                   body.get("meta"), body.get("content"))
+        return 201, envelope({k: v for k, v in version.items() if k != "content"}, "Version created successfully")
+
+    @route("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions/upload")
+    def artifacts_upload(self, req, aid):
+        artifact, error = self.artifact(aid)
+        if error:
+            return error
+        fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
+        if "file" not in files:
+            return api_error(400, "No file provided in upload", "BAD_REQUEST")
+        filename, content_type, content = files["file"]
+        meta = json.loads(fields["meta"]) if "meta" in fields else None
+        version = self.add_version(artifact["id"], content, fields.get("content_type") or content_type,
+                                   fields.get("created_by"), meta)
+        version["uploaded_name"] = filename
+        return 201, envelope({k: v for k, v in version.items() if k not in ("content", "uploaded_name")},
+                             "Version uploaded successfully")
+
+    @route("DELETE", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)")
+    def artifacts_version_delete(self, req, aid, number):
+        version, error = self.artifact_version(aid, number)
+        if error:
+            return error
+        self.artifact_versions[int(aid)].remove(version)
+        return 200, {"success": True, "message": "Version deleted successfully"}
+
+    @route("GET", r"/api/v1/artifacts/(?P<aid>\d+)/download")
+    @route("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)/download")
+    def artifacts_download(self, req, aid, number=None):
+        if number is None:
+            artifact, error = self.artifact(aid)
+            versions = self.artifact_versions[artifact["id"]] if artifact else []
+            if not error and not versions:
+                error = api_error(404, "Artifact %s has no versions" % aid, "NOT_FOUND")
+            version = versions[-1] if versions else None
+        else:
+            version, error = self.artifact_version(aid, number)
+        if error:
+            return error
+        artifact = self.artifacts[int(aid)]
+        name = "%s_v%d%s" % (artifact["ref"].replace(".", "_"), version["version"],
+                             ".txt" if (version["content_type"] or "").startswith("text/") else ".bin")
+        return 200, Download(version["content"], version["content_type"] or "application/octet-stream",
+                             'attachment; filename="%s"' % name)
+
+
+# === Fake server: identities =================================================
+
+class FakeIdentities(FakeResources):
+    """Identities, their roles, freezing."""
+
+    def seed_identities(self, stamp):
+        self.identities = {
+            1: {"id": 1, "login": "admin", "display_name": "Administrator", "frozen": False, "attributes": {},
+                "roles": [{"id": 11, "identity_id": 1, "role": "admin", "source": "local", "managed": False,
+                           "created": stamp, "updated": stamp}],
+                "direct_permissions": [{"id": 21, "identity_id": 1, "permission_set_id": 5,
+                                        "permission_set_ref": "core.admin", "created": stamp}]},
+            3: {"id": 3, "login": "zoe", "display_name": "Zoë Ørsted", "frozen": False, "attributes": {"team": "ops"},
+                "roles": [{"id": 31, "identity_id": 3, "role": "operators", "source": "oidc", "managed": True,
+                           "created": stamp, "updated": stamp}], "direct_permissions": []}}
+
+    @route("GET", r"/api/v1/identities")
+    def identities_list(self, req):
+        login = req.query.get("login", [None])[0]
+        rows = [{"id": i["id"], "login": i["login"], "display_name": i["display_name"], "frozen": i["frozen"],
+                 "roles": [r["role"] for r in i["roles"]]}
+                for _, i in sorted(self.identities.items()) if login in (None, i["login"])]
+        return self.paginate(req, rows)
+
+    def identity(self, iid):
+        identity = self.identities.get(int(iid))
+        return (identity, None) if identity else (None, api_error(404, "Identity %s not found" % iid, "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/identities/(?P<iid>\d+)")
+    def identities_show(self, req, iid):
+        identity, error = self.identity(iid)
+        return error or (200, envelope(identity))
+
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/roles")
+    def identities_add_role(self, req, iid):
+        identity, error = self.identity(iid)
+        if error:
+            return error
+        role = (req.json() or {}).get("role")
+        if any(r["role"] == role for r in identity["roles"]):
+            return api_error(409, "Identity already has role '%s'" % role, "CONFLICT")
+        assignment = {"id": self.new_id(), "identity_id": identity["id"], "role": role, "source": "local",
+                      "managed": False, "created": self.stamp(), "updated": self.stamp()}
+        identity["roles"].append(assignment)
+        return 201, envelope(assignment)
+
+    @route("DELETE", r"/api/v1/identities/roles/(?P<aid>\d+)")
+    def identities_remove_role(self, req, aid):
+        for identity in self.identities.values():
+            for assignment in identity["roles"]:
+                if assignment["id"] == int(aid):
+                    identity["roles"].remove(assignment)
+                    return 200, {"success": True, "message": "Role assignment deleted successfully"}
+        return api_error(404, "Role assignment %s not found" % aid, "NOT_FOUND")
+
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/(?P<action>freeze|unfreeze)")
+    def identities_freeze(self, req, iid, action):
+        identity, error = self.identity(iid)
+        if error:
+            return error
+        identity["frozen"] = action == "freeze"
+        return 200, envelope(identity)
+
+
+# === Fake server: permissions ================================================
+
+class FakePermissions(FakeResources):
+    """Permission sets and their assignments (direct ones live in the identities)."""
+
+    def seed_permissions(self, stamp):
+        self.permission_sets = {
+            5: {"id": 5, "ref": "core.admin", "pack_ref": "core", "label": "Admin", "description": "Everything",
+                "grants": [{"resource": "packs", "actions": ["read", "create"]}], "retired_at": None,
+                "management_origin": "pack", "roles": [{"id": 51, "permission_set_id": 5,
+                                                         "permission_set_ref": "core.admin", "role": "admins",
+                                                         "created": stamp}]},
+            6: {"id": 6, "ref": "ops.operator", "pack_ref": None, "label": "Operator", "description": None,
+                "grants": [{"resource": "executions", "actions": ["read"]}], "retired_at": None,
+                "management_origin": "manual", "roles": []},
+            7: {"id": 7, "ref": "system.root", "pack_ref": None, "label": "Root", "description": None,
+                "grants": [], "retired_at": None, "management_origin": "platform", "roles": []},
+            8: {"id": 8, "ref": "old.viewer", "pack_ref": "old", "label": "Viewer", "description": None,
+                "grants": [], "retired_at": stamp, "management_origin": "pack", "roles": []}}
+
+    def permission_set_by_ref(self, ref):
+        found = [p for p in self.permission_sets.values() if p["ref"] == ref]
+        return (found[0], None) if found else (None, api_error(404, "Permission set '%s' not found" % ref,
+                                                                 "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/permissions/sets")
+    def permission_sets_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        return 200, [p for _, p in sorted(self.permission_sets.items())  # a bare array, as the server sends
+                     if (q.get("include_retired") == "true" or not p["retired_at"])
+                     and q.get("pack_ref") in (None, p["pack_ref"])]
+
+    @route("GET", r"/api/v1/permissions/sets/by-ref/" + REF)
+    def permission_sets_show(self, req, ref):
+        found, error = self.permission_set_by_ref(ref)
+        return error or (200, envelope(found))
+
+    @route("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)")
+    def permission_sets_update(self, req, sid):
+        found = self.permission_sets.get(int(sid))
+        if not found:
+            return api_error(404, "Permission set '%s' not found" % sid, "NOT_FOUND")
+        body = req.json() or {}
+        if not isinstance(body.get("grants"), list):
+            return api_error(422, "grants: expected an array", "VALIDATION_ERROR")
+        updated = dict(found, grants=body["grants"])
+        for key in ("label", "description"):
+            if body.get(key) is not None:
+                updated[key] = body[key]
+        if req.query.get("dry_run") != ["true"]:
+            self.permission_sets[found["id"]] = updated
+        return 200, envelope(updated)
+
+    def bindings(self):
+        rows = []
+        for identity in self.identities.values():
+            for a in identity["direct_permissions"]:
+                rows.append({"id": a["id"], "permission_set_id": a["permission_set_id"],
+                             "permission_set_ref": a["permission_set_ref"], "created": a["created"],
+                             "target": {"type": "identity", "identity_id": identity["id"], "login": identity["login"]}})
+        for found in self.permission_sets.values():
+            for r in found["roles"]:
+                rows.append({"id": r["id"], "permission_set_id": found["id"], "permission_set_ref": found["ref"],
+                             "created": r["created"], "target": {"type": "role", "role": r["role"]}})
+        return sorted(rows, key=lambda row: row["id"])
+
+    @route("GET", r"/api/v1/permissions/assignments")
+    def assignments_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [b for b in self.bindings()
+                if q.get("identity_login") in (None, b["target"].get("login"))
+                and q.get("identity_id") in (None, str(b["target"].get("identity_id")))
+                and q.get("role") in (None, b["target"].get("role"))
+                and q.get("permission_set_ref") in (None, b["permission_set_ref"])]
+        return self.paginate(req, rows)
+
+    @route("POST", r"/api/v1/permissions/assignments")
+    def assignments_create(self, req):
+        body = req.json() or {}
+        identity, error = self.identity(body.get("identity_id") or 0)
+        found, error = (None, error) if error else self.permission_set_by_ref(body.get("permission_set_ref"))
+        if error:
+            return error
+        if any(a["permission_set_id"] == found["id"] for a in identity["direct_permissions"]):
+            return api_error(409, "Permission assignment already exists", "CONFLICT")
+        assignment = {"id": self.new_id(), "identity_id": identity["id"], "permission_set_id": found["id"],
+                      "permission_set_ref": found["ref"], "created": self.stamp()}
+        identity["direct_permissions"].append(assignment)
+        return 201, envelope(assignment)
+
+    @route("DELETE", r"/api/v1/permissions/assignments/(?P<aid>\d+)")
+    def assignments_delete(self, req, aid):
+        for identity in self.identities.values():
+            for a in identity["direct_permissions"]:
+                if a["id"] == int(aid):
+                    identity["direct_permissions"].remove(a)
+                    return 200, envelope({"success": True, "message": "Permission assignment deleted successfully"})
+        return api_error(404, "Permission assignment '%s' not found" % aid, "NOT_FOUND")
+
+    @route("POST", r"/api/v1/permissions/sets/(?P<sid>\d+)/roles")
+    def set_roles_create(self, req, sid):
+        found = self.permission_sets.get(int(sid))
+        if not found:
+            return api_error(404, "Permission set '%s' not found" % sid, "NOT_FOUND")
+        role = (req.json() or {}).get("role")
+        if any(r["role"] == role for r in found["roles"]):
+            return api_error(409, "Role '%s' is already mapped to this permission set" % role, "CONFLICT")
+        mapping = {"id": self.new_id(), "permission_set_id": found["id"], "permission_set_ref": found["ref"],
+                   "role": role, "created": self.stamp()}
+        found["roles"].append(mapping)
+        return 201, envelope(mapping)
+
+    @route("DELETE", r"/api/v1/permissions/sets/roles/(?P<rid>\d+)")
+    def set_roles_delete(self, req, rid):
+        for found in self.permission_sets.values():
+            for r in found["roles"]:
+                if r["id"] == int(rid):
+                    found["roles"].remove(r)
+                    return 200, envelope({"success": True,
+                                          "message": "Permission set role assignment deleted successfully"})
+        return api_error(404, "Permission set role assignment '%s' not found" % rid, "NOT_FOUND")
+
+
+# === Fake server: work queues ================================================
+
+class FakeQueues(FakeResources):
+    """Work queues and their items."""
+
+    def seed_work_queues(self, stamp):
+        self.queues = {
+            "core.inbox": {"id": 1, "ref": "core.inbox", "pack": 1, "pack_ref": "core", "is_adhoc": False,
+                           "label": "Core Inbox", "description": "Work for core.echo", "enabled": True,
+                           "accepting_new_items": True, "dispatch_action_ref": "core.echo", "trace_tag_template": None,
+                           "reference_visibility": "restricted", "reference_allowed_pack_refs": ["ops", "deploy"],
+                           "retired_at": None, "created": stamp, "updated": stamp},
+            "adhoc.scratch": {"id": 2, "ref": "adhoc.scratch", "pack": None, "pack_ref": None, "is_adhoc": True,
+                              "label": "Scratch", "description": None, "enabled": False, "accepting_new_items": True,
+                              "dispatch_action_ref": "core.noop", "trace_tag_template": "scratch.{{ queue_item.id }}",
+                              "reference_visibility": "public", "reference_allowed_pack_refs": [],
+                              "retired_at": None, "created": stamp, "updated": stamp}}
+        self.queue_items = {}
+        for n, (key, status, payload, lease) in enumerate((
+                ("order-1", "queued", {"order": 1, "customer": "alice"}, None),
+                ("order-2", "leased", {"order": 2, "customer": "bob"}, "6b1f9c9e-2a8e-4a53-9d3c-7a1c2f3e4d5a"),
+                (None, "retry", {"order": 3, "note": "x" * 120}, None)), start=1):
+            self.queue_items[n] = {
+                "id": n, "queue": 1, "queue_ref": "core.inbox", "item_key": key, "priority": 0, "status": status,
+                "payload": payload, "metadata": {}, "trace_tag": None, "enqueue_source": "api",
+                "requested_by_identity": 1, "requested_by_execution": None, "requested_by_enforcement": None,
+                "leased_execution": 7 if lease else None, "lease_token": lease,
+                "lease_expires_at": stamp if lease else None, "attempt_count": 1 if lease else 0,
+                "last_error": None, "ack_summary": None, "created": stamp, "updated": stamp}
+
+    def queue(self, ref):
+        found = self.queues.get(ref)
+        return (found, None) if found else (None, api_error(404, "Work queue '%s' not found" % ref, "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/queues")
+    def queues_list(self, req, pack=None):
+        if pack is not None and pack not in self.packs:
+            return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [x for _, x in sorted(self.queues.items())
+                if pack in (None, x["pack_ref"]) and q.get("enabled") in (None, str(x["enabled"]).lower())
+                and q.get("is_adhoc") in (None, str(x["is_adhoc"]).lower())
+                and (not q.get("search") or q["search"] in x["ref"] + x["label"])
+                and (x["reference_visibility"] == "public" or q.get("referencing_pack_ref") in (None, x["pack_ref"])
+                     or q.get("referencing_pack_ref") in x["reference_allowed_pack_refs"])]
+        return self.paginate(req, rows, "per_page")
+
+    @route("GET", r"/api/v1/packs/" + REF + "/queues")
+    def pack_queues_list(self, req, ref):
+        return self.queues_list(req, ref)
+
+    @route("GET", r"/api/v1/queues/" + REF)
+    def queues_show(self, req, ref):
+        found, error = self.queue(ref)
+        return error or (200, envelope(found))
+
+    @route("PUT", r"/api/v1/queues/" + REF)
+    def queues_update(self, req, ref):
+        found, error = self.queue(ref)
+        if error:
+            return error
+        body = req.json() or {}
+        for key in ("enabled", "trace_tag_template"):
+            if key in body:
+                found[key] = body[key]
+        found["updated"] = self.stamp()
+        return 200, envelope(found)
+
+    @route("POST", r"/api/v1/queues/" + REF + "/items")
+    def queue_items_create(self, req, ref):
+        found, error = self.queue(ref)
+        if error:
+            return error
+        body = req.json() or {}
+        if "payload" not in body:
+            return 422, "Failed to deserialize the JSON body into the target type: missing field `payload`"
+        if not found["accepting_new_items"]:
+            return api_error(409, "Work queue '%s' is not accepting new items" % ref, "CONFLICT")
+        n = max(self.queue_items or [0]) + 1
+        self.queue_items[n] = dict(self.queue_items.get(1) or {}, **{
+            "id": n, "queue": found["id"], "queue_ref": ref, "item_key": body.get("item_key"),
+            "priority": body.get("priority") or 0, "status": "queued", "payload": body["payload"],
+            "metadata": body.get("metadata", {}), "trace_tag": body.get("trace_tag"), "enqueue_source": "api",
+            "leased_execution": None, "lease_token": None, "lease_expires_at": None, "attempt_count": 0,
+            "created": self.stamp(), "updated": self.stamp()})
+        return 201, envelope(self.queue_items[n])
+
+    @route("GET", r"/api/v1/queues/" + REF + "/items")
+    def queue_items_list(self, req, ref):
+        found, error = self.queue(ref)
+        if error:
+            return error
+        statuses = [s for v in req.query.get("statuses", []) for s in v.split(",") if s]
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
+                and (not statuses or i["status"] in statuses) and q.get("item_key") in (None, i["item_key"])
+                and q.get("enqueue_source") in (None, i["enqueue_source"])]
+        return self.paginate(req, rows, "per_page")
+
+    @route("GET", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)")
+    def queue_items_show(self, req, ref, iid):
+        item = self.queue_items.get(int(iid))
+        if not item or item["queue_ref"] != ref:
+            return api_error(404, "Work queue item %s not found" % iid, "NOT_FOUND")
+        return 200, envelope(item)
+
+    def selected_items(self, req, ref):
+        """The fake's selector: '$' is every pending item, '$.payload.KEY' those whose payload has KEY."""
+        body = req.json() or {}
+        selector = body.get("selector") or {}
+        path = selector.get("path") or ""
+        if not (path == "$" or path.startswith("$.payload.")) or not isinstance(selector.get("vars", {}), dict):
+            return body, None, api_error(400, "Invalid SQL/JSONPath selector", "BAD_REQUEST")
+        key = path[len("$.payload."):]
+        return body, [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
+                      and i["status"] in ("queued", "retry") and (path == "$" or key in i["payload"])], None
+
+    @route("POST", r"/api/v1/queues/" + REF + "/items/query/preview")
+    def queue_items_preview(self, req, ref):
+        found, error = self.queue(ref)
+        body, items, error = (None, None, error) if error else self.selected_items(req, ref)
+        if error:
+            return error
+        shown = items[:body.get("limit", 100)]
+        return 200, envelope({"matched_count": len(items), "preview_count": len(shown), "items": shown})
+
+    @route("POST", r"/api/v1/queues/" + REF + "/items/query/apply")
+    def queue_items_apply(self, req, ref):
+        found, error = self.queue(ref)
+        body, items, error = (None, None, error) if error else self.selected_items(req, ref)
+        if error:
+            return error
+        operation = body.get("operation")
+        if operation == "patch_payload" and not isinstance(body.get("payload_patch"), dict):
+            return api_error(400, "payload_patch is required for patch_payload", "BAD_REQUEST")
+        if operation == "reprioritize" and not isinstance(body.get("priority"), int):
+            return api_error(400, "priority is required for reprioritize", "BAD_REQUEST")
+        for item in items:
+            if operation == "patch_payload":
+                item["payload"] = dict(item["payload"], **body["payload_patch"])
+            elif operation == "reprioritize":
+                item["priority"] = body["priority"]
+            else:
+                item["status"] = "cancelled"
+        shown = items[:body.get("preview_limit", 100)]
+        return 200, envelope({"operation": operation, "matched_count": len(items), "affected_count": len(items),
+                              "skipped_count": 0, "preview_count": len(shown), "items": shown})
+
+
+# === Fake server: cache ======================================================
+
+class FakeCache(FakeResources):
+    """Cache namespaces (keyed by owner and name) and their generations."""
+
+    def seed_cache(self, stamp):
+        self.cache_namespaces, self.cache_generations = {}, {}
+        users = self.new_cache_namespace("system", None, "users", freshness_target_seconds=3600)
+        self.cache_namespaces[users]["active_generation"] = self.new_cache_generation(users, "active", [
+            {"external_id": "u%d" % n, "value": {"name": "user %d" % n, "n": n}, "source_updated_at": stamp,
+             "source_checksum": None} for n in range(1, 6)])
+        self.new_cache_namespace("pack", "core", "hosts")
+
+    def new_cache_namespace(self, owner_type, owner_ref, name, **policy):
+        key = (owner_type, owner_ref, name)
+        self.cache_namespaces[key] = dict({
+            "id": len(self.cache_namespaces) + 1, "owner_type": owner_type, "owner_ref": owner_ref, "namespace": name,
+            "active_generation": None, "freshness_target_seconds": None, "max_records_per_generation": None,
+            "max_generation_bytes": None, "max_retained_bytes": None, "max_retained_generations": 3,
+            "max_staging_generations": 2, "stale": False, "refresh_health": "healthy", "record_count": None,
+            "size_bytes": None, "created": self.stamp(), "updated": self.stamp()}, **policy)
+        return key
+
+    def new_cache_generation(self, key, status, entries=(), **fields):
+        gid = 100 + len(self.cache_generations) + 1
+        entries = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
+        self.cache_generations[gid] = dict({
+            "generation_id": gid, "namespace_id": self.cache_namespaces[key]["id"], "status": status,
+            "client_refresh_id": "seed-%d" % gid, "expected_active_generation_id": None, "expected_chunk_count": 1,
+            "expected_record_count": None, "expected_size_bytes": None, "record_count": len(entries),
+            "size_bytes": sum(e["size_bytes"] for e in entries), "checksum_algorithm": None, "checksum": None,
+            "source_revision": None, "created_by": 1, "created": self.stamp(), "sealed": None, "activated": None,
+            "retired": None, "readable_until": None, "failed": None, "failure_reason": None,
+            "key": key, "chunks": {0: entries} if entries else {}}, **fields)
+        self.cache_namespaces[key].update(record_count=len(entries) or None)
+        return gid
+
+    def cache_scope(self, req, name):
+        """The namespace the owner selector (query or body) and the name pick, or the error."""
+        body = req.json() if req.method in ("POST", "PUT") else None
+        source = body if isinstance(body, dict) else {k: v[0] for k, v in req.query.items()}
+        owner_type, owner_ref = source.get("owner_type"), source.get("owner_ref")
+        if owner_type not in ("system", "identity", "pack", "action", "sensor"):
+            return None, api_error(400, "owner_type is required", "BAD_REQUEST")
+        if (owner_type in ("system", "identity")) != (owner_ref is None):
+            return None, api_error(400, "owner_ref does not fit owner_type '%s'" % owner_type, "BAD_REQUEST")
+        key = (owner_type, owner_ref, name)
+        if name is not None and key not in self.cache_namespaces:
+            return None, api_error(404, "Cache namespace '%s' not found" % name, "NOT_FOUND")
+        return key, None
+
+    @staticmethod
+    def public(generation):
+        return {k: v for k, v in generation.items() if k not in ("key", "chunks")}
+
+    def cache_entries(self, key, generation_id):
+        namespace = self.cache_namespaces[key]
+        gid = generation_id if generation_id is not None else namespace["active_generation"]
+        generation = self.cache_generations.get(gid)
+        if not generation or generation["key"] != key:
+            return None, None, api_error(404, "Cache generation not found", "NOT_FOUND")
+        return gid, [e for _, chunk in sorted(generation["chunks"].items()) for e in chunk], None
+
+    @route("GET", r"/api/v1/cache/namespaces")
+    def cache_namespaces_list(self, req):
+        key, error = self.cache_scope(req, None)
+        if error:
+            return error
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [n for k, n in sorted(self.cache_namespaces.items(), key=lambda item: item[1]["id"])
+                if k[:2] == key[:2] and q.get("namespace", "").lower() in n["namespace"].lower()]
+        return 200, {"namespaces": rows, "next_cursor": None}  # bare, as cache routes may answer
+
+    @route("POST", r"/api/v1/cache/namespaces")
+    def cache_namespaces_create(self, req):
+        body = req.json() or {}
+        key, error = self.cache_scope(req, None)
+        if error:
+            return error
+        key = key[:2] + (body.get("namespace"),)
+        if key in self.cache_namespaces:
+            return api_error(409, "Cache namespace '%s' already exists" % key[2], "CONFLICT")
+        policy = {k: v for k, v in body.items() if k.startswith(("max_", "freshness_"))}
+        return 201, envelope(self.cache_namespaces[self.new_cache_namespace(*key, **policy)])
+
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
+    def cache_namespace_show(self, req, name):
+        key, error = self.cache_scope(req, name)
+        return error or (200, envelope(self.cache_namespaces[key]))
+
+    @route("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
+    def cache_namespace_update(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        self.cache_namespaces[key].update({k: v for k, v in (req.json() or {}).items() if k.startswith(
+            ("max_", "freshness_"))}, updated=self.stamp())
+        return 200, envelope(self.cache_namespaces[key])
+
+    @route("DELETE", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
+    def cache_namespace_delete(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        del self.cache_namespaces[key]
+        return 204, None
+
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup")
+    def cache_lookup(self, req, name):
+        key, error = self.cache_scope(req, name)
+        body = req.json() or {}
+        gid, entries, error = (None, None, error) if error else self.cache_entries(key, body.get("generation_id"))
+        if error:
+            return error
+        found = [e for e in entries if e["external_id"] == body.get("external_id")]
+        return 200, envelope({"generation_id": gid, "item": found[0] if found else None, "stale": False})
+
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup-many")
+    def cache_lookup_many(self, req, name):
+        key, error = self.cache_scope(req, name)
+        body = req.json() or {}
+        gid, entries, error = (None, None, error) if error else self.cache_entries(key, body.get("generation_id"))
+        if error:
+            return error
+        wanted = body.get("external_ids") or []
+        if len(wanted) > 1000:
+            return api_error(400, "At most 1000 external ids", "BAD_REQUEST")
+        by_id = {e["external_id"]: e for e in entries}
+        return 200, envelope({"generation_id": gid, "items": [by_id[i] for i in wanted if i in by_id],
+                              "missing_external_ids": [i for i in wanted if i not in by_id], "stale": False})
+
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries")
+    def cache_scan(self, req, name):
+        key, error = self.cache_scope(req, name)
+        q = {k: v[0] for k, v in req.query.items()}
+        gid, entries, error = (None, None, error) if error else self.cache_entries(
+            key, int(q["generation"]) if "generation" in q else None)
+        if error:
+            return error
+        start, limit = int(q.get("cursor", "0") or 0), int(q.get("limit", "100"))
+        page = entries[start:start + limit]
+        more = start + limit < len(entries)
+        return 200, envelope({"generation_id": gid, "items": page, "next_cursor": str(start + limit) if more else None,
+                              "cursor_expires_at": "2026-12-01T00:00:00Z" if more else None,
+                              "record_count": len(entries), "stale": False})
+
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations")
+    def cache_generations_list(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        rows = [self.public(g) for _, g in sorted(self.cache_generations.items()) if g["key"] == key]
+        return 200, envelope({"generations": rows, "next_cursor": None})
+
+    def cache_generation(self, req, name, gid):
+        key, error = self.cache_scope(req, name)
+        generation = self.cache_generations.get(int(gid)) if not error else None
+        if not error and (not generation or generation["key"] != key):
+            error = api_error(404, "Cache generation %s not found" % gid, "NOT_FOUND")
+        return generation, error
+
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)")
+    def cache_generation_show(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        return error or (200, envelope(self.public(generation)))
+
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations")
+    def cache_begin(self, req, name):
+        key, error = self.cache_scope(req, name)
+        if error:
+            return error
+        body = req.json() or {}
+        for gid, g in self.cache_generations.items():  # a retried begin is the same generation
+            if g["key"] == key and g["client_refresh_id"] == body.get("client_refresh_id"):
+                return 200, envelope(self.public(g))
+        gid = self.new_cache_generation(key, "staging", client_refresh_id=body.get("client_refresh_id"), **{
+            k: body.get(k) for k in ("expected_active_generation_id", "expected_chunk_count", "expected_record_count",
+                                     "expected_size_bytes", "source_revision")})
+        self.cache_generations[gid].update(record_count=0, size_bytes=0)
+        return 201, envelope(self.public(self.cache_generations[gid]))
+
+    @route("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/chunks/(?P<index>\d+)")
+    def cache_upload(self, req, name, gid, index):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        if generation["status"] != "staging":
+            return api_error(409, "Generation %s is %s" % (gid, generation["status"]), "CONFLICT")
+        entries = (req.json() or {}).get("entries") or []
+        generation["chunks"][int(index)] = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
+        return 200, envelope({"generation_id": int(gid), "chunk_index": int(index), "record_count": len(entries)})
+
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/seal")
+    def cache_seal(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        body = req.json() or {}
+        records = sum(len(c) for c in generation["chunks"].values())
+        if len(generation["chunks"]) != body.get("expected_chunk_count") or body.get("expected_record_count") not in (
+                None, records):
+            return api_error(422, "Uploaded chunks do not match the expected counts", "VALIDATION_ERROR")
+        generation.update(status="ready", sealed=self.stamp(), record_count=records,
+                          size_bytes=sum(e["size_bytes"] for c in generation["chunks"].values() for e in c))
+        return 200, envelope(self.public(generation))
+
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/promote")
+    def cache_promote(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        namespace = self.cache_namespaces[generation["key"]]
+        if (req.json() or {}).get("expected_active_generation_id") != namespace["active_generation"]:
+            return api_error(409, "The active generation is %s" % namespace["active_generation"], "CONFLICT")
+        if generation["status"] != "ready":
+            return api_error(409, "Generation %s is %s" % (gid, generation["status"]), "CONFLICT")
+        generation.update(status="active", activated=self.stamp())
+        namespace.update(active_generation=generation["generation_id"], record_count=generation["record_count"])
+        return 200, envelope(self.public(generation))
+
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/abandon")
+    def cache_abandon(self, req, name, gid):
+        generation, error = self.cache_generation(req, name, gid)
+        if error:
+            return error
+        generation.update(status="abandoned")
+        return 200, {}
+
+
+# === Fake server: audit ======================================================
+
+class FakeAudit(FakeResources):
+    """Audit events and request chains."""
+
+    def seed_audit(self):
+        chain = "6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f"
+        self.audit_events = [
+            {"id": 1, "created": "2026-11-20T10:00:00Z", "category": "auth", "event_type": "auth.login",
+             "outcome": "success", "actor_identity": 1, "actor_login": "admin", "actor_token_type": None,
+             "actor_ip": "10.0.0.5", "user_agent": "attune.py", "resource_type": None, "resource_id": None,
+             "resource_ref": None, "pack_ref": None, "http_method": "POST", "http_path": "/auth/login",
+             "http_status": 200, "request_id": chain, "parent_event_id": None, "error": None,
+             "details": {"password": "***", "method": "direct"}},
+            {"id": 2, "created": "2026-11-20T10:00:01Z", "category": "pack", "event_type": "pack.created",
+             "outcome": "success", "actor_identity": 1, "actor_login": "admin", "actor_token_type": "access",
+             "actor_ip": "10.0.0.5", "user_agent": "attune.py", "resource_type": "packs", "resource_id": 4,
+             "resource_ref": "ci", "pack_ref": "ci", "http_method": "POST", "http_path": "/api/v1/packs",
+             "http_status": 201, "request_id": chain, "parent_event_id": 1, "error": None, "details": {}},
+            {"id": 3, "created": "2026-11-21T08:30:00Z", "category": "rbac", "event_type": "rbac.denied",
+             "outcome": "denied", "actor_identity": 3, "actor_login": None, "actor_token_type": "access",
+             "actor_ip": None, "user_agent": None, "resource_type": "keys", "resource_id": None, "resource_ref": None,
+             "pack_ref": None, "http_method": None, "http_path": None, "http_status": None,
+             "request_id": "0b7d9a1e-3c4f-4e5a-8b6c-7d8e9f0a1b2c", "parent_event_id": None,
+             "error": "missing keys:read", "details": None}]
+
+    @route("GET", r"/api/v1/audit-events")
+    def audit_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [e for e in reversed(self.audit_events)
+                if all(not q.get(k) or str(e.get(k)) == q[k] for k in (
+                    "category", "event_type", "outcome", "actor_login", "actor_identity", "resource_type",
+                    "resource_id", "resource_ref", "http_method", "http_status", "http_path", "request_id"))
+                and (not q.get("created_after") or e["created"] >= q["created_after"])
+                and (not q.get("created_before") or e["created"] < q["created_before"])]
+        return self.paginate(req, rows, "per_page")
+
+    @route("GET", r"/api/v1/audit-events/(?P<eid>\d+)")
+    def audit_show(self, req, eid):
+        found = [e for e in self.audit_events if e["id"] == int(eid)]
+        return (200, envelope(found[0])) if found else api_error(404, "Audit event %s not found" % eid, "NOT_FOUND")
+
+    @route("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)")
+    def audit_chain(self, req, rid):
+        if not re.match(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", rid):
+            return api_error(400, "Invalid request id: expected a UUID", "BAD_REQUEST")
+        return 200, envelope([e for e in self.audit_events if e["request_id"] == rid])
+
+
+# === Fake server: policies ===================================================
+
+class FakePolicies(FakeResources):
+    """Execution policies."""
+
+    def seed_policies(self, stamp):
+        self.policies = {"core.limit": {
+            "id": 1, "ref": "core.limit", "name": "Core limit", "description": "Two at a time", "enabled": True,
+            "priority": 10, "scope": {"type": "pack", "pack_ref": "core"},
+            "concurrency": {"limit": 2, "method": "enqueue", "parameters": {"group_by": ["host"]}},
+            "rate_limit": {"max_executions": 30, "window_seconds": 60}, "quotas": [], "tags": ["ops"],
+            "created": stamp, "updated": stamp}}
+
+    @route("GET", r"/api/v1/policies")
+    def policies_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [p for _, p in sorted(self.policies.items())
+                if (not q.get("scope") or p["scope"]["type"] == q["scope"])
+                and (not q.get("pack_ref") or p["scope"].get("pack_ref") == q["pack_ref"])
+                and (not q.get("action_ref") or p["scope"].get("action_ref") == q["action_ref"])
+                and (not q.get("enabled") or str(p["enabled"]).lower() == q["enabled"])
+                and (not q.get("tag") or q["tag"] in p["tags"])]
+        return self.paginate(req, rows)
+
+    @route("GET", r"/api/v1/policies/" + REF)
+    def policies_show(self, req, ref):
+        policy = self.policies.get(ref)
+        return (200, envelope(policy)) if policy else api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
+
+    @route("POST", r"/api/v1/policies")
+    def policies_create(self, req):
+        body = req.json() or {}
+        if body.get("ref") in self.policies:
+            return api_error(409, "Policy with ref '%s' already exists" % body["ref"], "CONFLICT")
+        stamp = self.stamp()
+        policy = dict({"id": self.new_id(), "description": None, "concurrency": None, "rate_limit": None,
+                       "quotas": [], "tags": [], "created": stamp, "updated": stamp}, **body)
+        self.policies[body["ref"]] = policy
+        return 201, envelope(policy, "Policy created successfully")
+
+    @route("PUT", r"/api/v1/policies/" + REF)
+    def policies_update(self, req, ref):
+        policy = self.policies.get(ref)
+        if not policy:
+            return api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
+        policy.update(req.json() or {}, updated=self.stamp())
+        return 200, envelope(policy, "Policy updated successfully")
+
+    @route("DELETE", r"/api/v1/policies/" + REF)
+    def policies_delete(self, req, ref):
+        if self.policies.pop(ref, None) is None:
+            return api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
+        return 200, {"success": True, "message": "Policy deleted successfully"}
+
+
+# === Fake server: rules ======================================================
+
+class FakeRules(FakeResources):
+    """Rules."""
+
+    def seed_rules(self):
+        self.rules = {}
+        for ref, trigger, action, enabled in (("examples.on_timer", "core.timer", "core.echo", True),
+                                              ("linux.on_file", "linux.file_watch", "linux.uptime", False)):
+            self.rules[ref] = self.new_rule(len(self.rules) + 1, {
+                "ref": ref, "pack_ref": ref.split(".")[0], "label": ref.split(".")[1], "trigger_ref": trigger,
+                "action_ref": action, "enabled": enabled, "conditions": {"all": []},
+                "action_params": {"message": "tick"}, "trigger_params": {"interval": 60}})
+
+    def new_rule(self, rule_id, fields):
+        rule = {"id": rule_id, "ref": None, "pack": None, "pack_ref": None, "label": None, "description": None,
+                "trigger": None, "trigger_ref": None, "action": None, "action_ref": None, "enabled": True,
+                "conditions": {}, "action_params": {}, "trigger_params": {}, "trace_tag_template": None,
+                "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
+        rule.update(fields)
+        pack = self.packs.get(rule["pack_ref"])
+        rule["pack"] = pack["id"] if pack else None
+        return rule
+
+    @route("GET", r"/api/v1/rules")
+    def rules_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rules = [r for r in sorted(self.rules.values(), key=lambda r: r["id"])
+                 if all(not q.get(k) or r.get(k) == q[k] for k in ("pack_ref", "action_ref", "trigger_ref"))
+                 and (q.get("enabled") is None or str(r["enabled"]).lower() == q["enabled"])]
+        return self.paginate(req, rules)
+
+    @route("GET", r"/api/v1/rules/" + REF)
+    def rules_show(self, req, ref):
+        rule, error = self.lookup(self.rules, ref, "Rule")
+        return error or (200, envelope(rule))
+
+    @route("POST", r"/api/v1/rules")
+    def rules_create(self, req):
+        body = req.json() or {}
+        missing = [k for k in ("ref", "pack_ref", "label", "trigger_ref", "action_ref") if not body.get(k)]
+        if missing:
+            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
+        if body["ref"] in self.rules:
+            return api_error(409, "Rule with ref '%s' already exists" % body["ref"], "CONFLICT")
+        for collection, field, label in ((self.packs, "pack_ref", "Pack"), (self.triggers, "trigger_ref", "Trigger"),
+                                         (self.actions, "action_ref", "Action")):
+            if body[field] not in collection:
+                return api_error(404, "%s '%s' not found" % (label, body[field]), "NOT_FOUND")
+        rule = self.new_rule(self.new_id(), {k: v for k, v in body.items() if k in RULE_FIELDS})
+        self.rules[rule["ref"]] = rule
+        return 201, envelope(rule)
+
+    @route("PUT", r"/api/v1/rules/" + REF)
+    def rules_update(self, req, ref):
+        rule, error = self.lookup(self.rules, ref, "Rule")
+        if error:
+            return error
+        rule.update({k: v for k, v in (req.json() or {}).items() if k in RULE_FIELDS and k != "ref"})
+        rule["updated"] = self.stamp()
+        return 200, envelope(rule, "Rule updated successfully")
+
+    @route("POST", r"/api/v1/rules/%s/enable" % REF)
+    def rules_enable(self, req, ref):
+        return self.toggled(self.rules, ref, "Rule", True)
+
+    @route("POST", r"/api/v1/rules/%s/disable" % REF)
+    def rules_disable(self, req, ref):
+        return self.toggled(self.rules, ref, "Rule", False)
+
+    @route("DELETE", r"/api/v1/rules/" + REF)
+    def rules_delete(self, req, ref):
+        return self.removed(self.rules, ref, "Rule")
+
+
+# === Fake server: triggers and sensors =======================================
+
+class FakeTriggersAndSensors(FakeResources):
+    """Triggers and sensors."""
+
+    def seed_triggers_sensors(self):
+        self.triggers, self.sensors = {}, {}
+        for ref, label, webhook in (("core.timer", "Timer", None), ("core.webhook", "Webhook", "wh_test_key"),
+                                    ("linux.file_watch", "File watch", None)):
+            self.triggers[ref] = {
+                "id": len(self.triggers) + 1, "ref": ref, "pack_ref": ref.split(".")[0], "label": label,
+                "description": label + " trigger", "enabled": True, "webhook_enabled": webhook is not None,
+                "webhook_key": webhook, "reference_visibility": "public", "reference_allowed_pack_refs": None,
+                "param_schema": {"interval": {"type": "integer"}} if ref == "core.timer" else None,
+                "out_schema": None, "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
+        for ref, trigger in (("core.timer_sensor", "core.timer"), ("linux.file_watch_sensor", "linux.file_watch")):
+            self.sensors[ref] = {
+                "id": len(self.sensors) + 1, "ref": ref, "pack_ref": ref.split(".")[0], "label": ref.split(".")[1],
+                "description": "Fires %s" % trigger, "enabled": True, "entrypoint": "sensor.py",
+                "runtime_ref": "core.python", "trigger_ref": trigger, "created": SEED_STAMP, "updated": SEED_STAMP}
+
+    @route("GET", r"/api/v1/triggers")
+    def triggers_list(self, req):
+        return self.listed(req, self.triggers)
+
+    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/triggers")
+    def pack_triggers(self, req, pack):
+        return self.listed(req, self.triggers, pack)
+
+    @route("GET", r"/api/v1/triggers/" + REF)
+    def triggers_show(self, req, ref):
+        trigger, error = self.lookup(self.triggers, ref, "Trigger")
+        return error or (200, envelope(trigger))
+
+    @route("PUT", r"/api/v1/triggers/" + REF)
+    def triggers_update(self, req, ref):
+        trigger, error = self.lookup(self.triggers, ref, "Trigger")
+        if error:
+            return error
+        body = req.json() or {}
+        for field in ("label", "enabled", "reference_visibility", "reference_allowed_pack_refs"):
+            if field in body:
+                trigger[field] = body[field]
+        if isinstance(body.get("description"), dict):
+            trigger["description"] = body["description"].get("value")
+        trigger["updated"] = self.stamp()
+        return 200, envelope(trigger)
+
+    @route("POST", r"/api/v1/triggers/%s/enable" % REF)
+    def triggers_enable(self, req, ref):
+        return self.toggled(self.triggers, ref, "Trigger", True)
+
+    @route("POST", r"/api/v1/triggers/%s/disable" % REF)
+    def triggers_disable(self, req, ref):
+        return self.toggled(self.triggers, ref, "Trigger", False)
+
+    @route("DELETE", r"/api/v1/triggers/" + REF)
+    def triggers_delete(self, req, ref):
+        return self.removed(self.triggers, ref, "Trigger")
+
+    @route("GET", r"/api/v1/sensors")
+    def sensors_list(self, req):
+        return self.listed(req, self.sensors)
+
+    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/sensors")
+    def pack_sensors(self, req, pack):
+        return self.listed(req, self.sensors, pack)
+
+    @route("GET", r"/api/v1/sensors/" + REF)
+    def sensors_show(self, req, ref):
+        sensor, error = self.lookup(self.sensors, ref, "Sensor")
+        return error or (200, envelope(sensor))
+
+    @route("POST", r"/api/v1/sensors/%s/enable" % REF)
+    def sensors_enable(self, req, ref):
+        return self.toggled(self.sensors, ref, "Sensor", True)
+
+    @route("POST", r"/api/v1/sensors/%s/disable" % REF)
+    def sensors_disable(self, req, ref):
+        return self.toggled(self.sensors, ref, "Sensor", False)
+
+
+# === Fake server: keys =======================================================
+
+class FakeKeys(FakeResources):
+    """Keys: an encrypted value is null unless ?decrypt=true."""
+
+    def seed_keys(self):
+        self.keys = {}
+        for ref, name, value, encrypted, owner_type, extra in (
+                ("region", "Region", "eu-west-1", False, "system", {}),
+                ("db_credentials", "Database", {"user": "svc", "pass": "hunter2"}, True, "system", {}),
+                ("linux_token", "Linux token", "tok-linux", True, "pack",
+                 {"owner": "2", "owner_pack": 2, "owner_pack_ref": "linux"})):
+            self.keys[ref] = dict({"id": len(self.keys) + 1, "ref": ref, "name": name, "value": value,
+                                   "encrypted": encrypted, "owner_type": owner_type, "owner": None,
+                                   "created": SEED_STAMP, "updated": SEED_STAMP}, **extra)
+
+    def key_view(self, key, decrypt=False):
+        view = dict(key)
+        if key["encrypted"] and not decrypt:
+            view["value"] = None
+        return view
+
+    @route("GET", r"/api/v1/keys")
+    def keys_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        keys = [{k: key.get(k) for k in ("id", "ref", "owner_type", "owner", "name", "encrypted", "created")}
+                for key in sorted(self.keys.values(), key=lambda key: key["id"])
+                if all(not q.get(k) or key.get(k) == q[k] for k in ("owner_type", "owner"))]
+        return self.paginate(req, keys, "per_page")
+
+    @route("GET", r"/api/v1/keys/" + REF)
+    def keys_show(self, req, ref):
+        key, error = self.lookup(self.keys, ref, "Key")
+        return error or (200, envelope(self.key_view(key, req.query.get("decrypt") == ["true"])))
+
+    @route("POST", r"/api/v1/keys")
+    def keys_create(self, req):
+        body = req.json() or {}
+        if "local_ref" in body:  # the newer body: the server builds the ref from the owner
+            owner = {"system": None, "identity": body.get("owner_identity_login"),
+                     "pack": body.get("owner_pack_ref"), "action": body.get("owner_action_ref"),
+                     "sensor": body.get("owner_sensor_ref")}.get(body.get("owner_type"))
+            body["ref"] = ".".join(p for p in (body.get("owner_type"), owner, body["local_ref"]) if p)
+            body["owner"] = owner
+        missing = [k for k in ("ref", "name", "owner_type") if not body.get(k)] + (
+            ["value"] if "value" not in body else [])
+        if missing:
+            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
+        if body["ref"] in self.keys:
+            return api_error(409, "Key with ref '%s' already exists" % body["ref"], "CONFLICT")
+        stamp = self.stamp()
+        key = {"id": self.new_id(), "ref": body["ref"], "name": body["name"], "value": body["value"],
+               "encrypted": bool(body.get("encrypted")), "owner_type": body["owner_type"],
+               "owner": body.get("owner"), "created": stamp, "updated": stamp}
+        self.keys[key["ref"]] = key
+        return 201, envelope(self.key_view(key))
+
+    @route("PUT", r"/api/v1/keys/" + REF)
+    def keys_update(self, req, ref):
+        key, error = self.lookup(self.keys, ref, "Key")
+        if error:
+            return error
+        key.update({k: v for k, v in (req.json() or {}).items() if k in ("name", "value", "encrypted")})
+        key["updated"] = self.stamp()
+        return 200, envelope(self.key_view(key), "Key updated successfully")
+
+    @route("DELETE", r"/api/v1/keys/" + REF)
+    def keys_delete(self, req, ref):
+        return self.removed(self.keys, ref, "Key")
+
+
+# === Fake server: workflows ==================================================
+
+class FakeWorkflows(FakeResources):
+    """Workflows and their files."""
+
+    def seed_workflows(self):
+        self.workflows = {}
+        self.workflows["examples.deploy"] = {
+            "id": 7, "ref": "examples.deploy", "pack": 3, "pack_ref": "examples", "label": "Deploy",
+            "description": "Build, test and notify", "version": "1.2.0", "tags": ["ci", "deploy"],
+            "param_schema": {"env": {"type": "string", "default": "staging"}}, "out_schema": None,
+            "definition": {"version": "1.2.0", "tasks": [
+                {"name": "build", "action": "core.echo",
+                 "next": [{"when": "{{ succeeded() }}", "do": ["test", "lint"]}]},
+                {"name": "test", "action": "core.echo", "next": [{"do": ["notify"]}]},
+                {"name": "lint", "action": "core.echo", "next": [{"do": ["notify"]}]},
+                {"name": "notify", "action": "core.echo"}]},
+            "created": SEED_STAMP, "updated": SEED_STAMP}
+
+    @route("GET", r"/api/v1/workflows")
+    def workflows_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        tags = set(t for t in q.get("tags", "").split(",") if t)
+        search = q.get("search", "").lower()
+        found = [{k: w[k] for k in ("id", "ref", "pack_ref", "label", "description", "version", "tags",
+                                    "created", "updated")}
+                 for w in sorted(self.workflows.values(), key=lambda w: w["id"])
+                 if (not q.get("pack_ref") or w["pack_ref"] == q["pack_ref"]) and tags <= set(w["tags"])
+                 and search in (w["label"] + " " + (w["description"] or "")).lower()]
+        return self.paginate(req, found)
+
+    @route("GET", r"/api/v1/workflows/" + REF)
+    def workflows_show(self, req, ref):
+        workflow, error = self.lookup(self.workflows, ref, "Workflow")
+        return error or (200, envelope(workflow))
+
+    @route("DELETE", r"/api/v1/workflows/" + REF)
+    def workflows_delete(self, req, ref):
+        return self.removed(self.workflows, ref, "Workflow")
+
+    def workflow_file_saved(self, body, pack, existing=None):
+        """The server's SaveWorkflowFileRequest checks, then the workflow as stored."""
+        missing = [k for k in ("name", "label", "version", "pack_ref", "definition") if k not in body]
+        if missing:
+            return None, (422, "Failed to deserialize the JSON body into the target type: missing field `%s`"
+                          % missing[0])
+        if pack not in self.packs:
+            return None, api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
+        stamp = self.stamp()
+        workflow = dict(existing or {"id": self.new_id(), "created": stamp}, **{
+            "ref": "%s.%s" % (pack, body["name"]), "pack": self.packs[pack]["id"], "pack_ref": pack,
+            "label": body["label"], "description": body.get("description"), "version": body["version"],
+            "param_schema": body.get("param_schema"), "out_schema": body.get("out_schema"),
+            "definition": body["definition"], "tags": body.get("tags") or [], "updated": stamp})
+        self.workflows[workflow["ref"]] = workflow
+        return workflow, None
+
+    @route("POST", r"/api/v1/packs/" + REF + "/workflow-files")
+    def workflow_files_create(self, req, ref):
+        body = req.json() or {}
+        if "%s.%s" % (ref, body.get("name")) in self.workflows:
+            return api_error(409, "Workflow '%s.%s' already exists" % (ref, body.get("name")), "CONFLICT")
+        workflow, error = self.workflow_file_saved(body, ref)
+        return error or (201, envelope(workflow, "Workflow file saved successfully"))
+
+    @route("PUT", r"/api/v1/workflows/" + REF + "/file")
+    def workflow_file_update(self, req, ref):
+        existing, error = self.lookup(self.workflows, ref, "Workflow")
+        if error:
+            return error
+        workflow, error = self.workflow_file_saved(req.json() or {}, existing["pack_ref"], existing)
+        return error or (200, envelope(workflow, "Workflow file updated successfully"))
+
+
+# === Fake server: api and health =============================================
+
+class FakeHealth(FakeResources):
+    """The health check and the public server info."""
+
+    @route("GET", r"/health")
+    def health(self, req):
+        return 200, {"status": "ok"}
+
+    @route("GET", r"/api/v1/info", anonymous=True)
+    def info(self, req):
+        return 200, envelope({"version": self.build["version"], "git_sha": self.build["git_sha"]})
+
+
+# === Fake server: the whole server ===========================================
+
+class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries, FakeArtifacts,
+                 FakeIdentities, FakePermissions, FakeQueues, FakeCache, FakeAudit, FakePolicies, FakeRules,
+                 FakeTriggersAndSensors, FakeKeys, FakeWorkflows, FakeHealth):
     """A small Attune API on 127.0.0.1, threaded, with a request log, counters
     and fault injection.
 
@@ -209,17 +2193,35 @@ class FakeAttune:
         self.ws_sessions = []  # {"token", "protocol", "filters", "messages", "sent", "closed"}
         self.stream_faults = []  # for /executions/stream: "drop", or a raw data line to send
         self.install_tests = None  # "succeeded", "failed" or "rolled_back": pack tests run after the answer
-        self.installs = {}
         self.build = {"version": "0.9.3", "git_sha": "3f2a9c1"}
         self.settings = {
             "authentication_enabled": True, "local_password_enabled": True,
             "local_password_visible_by_default": True, "oidc_enabled": False,
             "oidc_visible_by_default": False, "ldap_enabled": False, "ldap_visible_by_default": False,
             "self_registration_enabled": False}
-        self.packs, self.uploads = {}, []
         self.seed_resources()
         self.httpd = None
         self._tmp = None
+
+    def seed_resources(self):
+        """Every group's seed data, in the order that gives each item its id."""
+        self.last_id = 100
+        stamp = self.stamp()
+        self.seed_identities(stamp)
+        self.seed_permissions(stamp)
+        self.seed_work_queues(stamp)
+        self.seed_cache(stamp)
+        self.seed_policies(stamp)
+        self.seed_audit()
+        self.seed_artifacts()
+        self.seed_inquiries()
+        self.seed_packs()
+        self.seed_actions()
+        self.seed_executions()
+        self.seed_triggers_sensors()
+        self.seed_rules()
+        self.seed_keys()
+        self.seed_workflows()
 
     # -- control -------------------------------------------------------------
     def start(self, port=0):
@@ -351,1871 +2353,26 @@ class FakeAttune:
 
     # -- routes --------------------------------------------------------------
     def handle(self, req):
-        for method, pattern, name in ROUTES:
-            match = re.match(pattern + "$", req.path)
-            if match and method == req.method:
-                if req.path.startswith("/api/v1/") and req.path not in ANONYMOUS_ROUTES:
-                    claims, problem = self.bearer_claims(req)
-                    if problem:  # the auth extractor's nested shape
-                        with self.lock:
-                            self.unauthorized.append(req.path)
-                        return 401, {"error": {"code": 401, "message": problem}}
-                    req.claims = claims
-                return getattr(self, name)(req, **{k: unquote(v) for k, v in match.groupdict().items()})
-        if any(re.match(p + "$", req.path) for _, p, _ in ROUTES):
+        """The answer of the handler whose route the request matches. Of the routes that match
+        its path, one without parameters wins over one with, as in the server's router."""
+        matches = [(route, match) for route in ROUTES for match in [re.match(route[1] + "$", req.path)] if match]
+        if not matches:
+            return api_error(404, "Not found", "NOT_FOUND")
+        mine = sorted((m for m in matches if m[0][0] == req.method), key=lambda m: bool(m[1].groupdict()))
+        if not mine:
             return api_error(405, "Method not allowed", "METHOD_NOT_ALLOWED")
-        return api_error(404, "Not found", "NOT_FOUND")
-
-    def health(self, req):
-        return 200, {"status": "ok"}
-
-    def auth_settings(self, req):
-        return 200, envelope(dict(self.settings))
-
-    def password_login(self, req, users):
-        body = req.json() or {}
-        login, password = body.get("login"), body.get("password")
-        if isinstance(password, str):
-            self.received.add(password)
-        if not isinstance(login, str) or not login or not isinstance(password, str) or not password:
-            return api_error(422, "Validation failed: login and password are required", "VALIDATION_ERROR")
-        user = users.get(login)
-        if not user or not hmac.compare_digest(user["password"], password):
-            return api_error(401, "Invalid login or password", "UNAUTHORIZED")
-        return self.token_body(login)
-
-    def auth_login(self, req):
-        return self.password_login(req, self.users)
-
-    def auth_ldap_login(self, req):
-        if not self.settings.get("ldap_enabled"):
-            return api_error(501, "LDAP authentication is not configured", "NOT_IMPLEMENTED")
-        return self.password_login(req, self.ldap_users)
-
-    def auth_token_login(self, req):
-        token = (req.json() or {}).get("token")
-        if isinstance(token, str):
-            self.received.add(token)
-        login = self.integration_tokens.get(token)
-        record = self.itoken_records.get(token)
-        if not login or (record and not record["active"]):
-            return api_error(401, "Invalid token", "UNAUTHORIZED")
-        return self.token_body(login)
-
-    # integration tokens (routes/permissions.rs): the token itself only in the create answer
-    def itoken(self, iid, tid):
-        for record in self.itoken_records.values():
-            if record["id"] == int(tid) and record["identity_id"] == int(iid):
-                return record, None
-        return None, api_error(404, "Integration token '%s' not found" % tid, "NOT_FOUND")
-
-    def itokens_list(self, req, iid):
-        return 200, envelope([r for r in sorted(self.itoken_records.values(), key=lambda r: r["id"])
-                              if r["identity_id"] == int(iid)])
-
-    def itokens_create(self, req, iid):
-        body = req.json()
-        if not isinstance(body, dict) or not isinstance(body.get("label"), str) or \
-                set(body) - {"label", "description", "expires_at"}:
-            return api_error(422, "Validation failed: label is required", "VALIDATION_ERROR")
-        if body.get("expires_at") and body["expires_at"] < self.stamp():
-            return api_error(400, "Integration token expiration must be in the future", "BAD_REQUEST")
-        login = next((name for name, u in self.users.items() if u["id"] == int(iid)), None)
-        if login is None:
-            return api_error(404, "Identity %s not found" % iid, "NOT_FOUND")
-        with self.lock:
-            token = "attune_it_" + b64url(os.urandom(24))
-            record = {"id": self.new_id(), "identity_id": int(iid), "label": body["label"],
-                      "description": body.get("description"), "token_prefix": token[:14],
-                      "token_suffix": token[-4:], "expires_at": body.get("expires_at"), "last_used_at": None,
-                      "revoked_at": None, "active": True, "created": self.stamp()}
-            self.integration_tokens[token] = login
-            self.itoken_records[token] = record
-        return 201, envelope({"token": token, "integration_token": record})
-
-    def itokens_revoke(self, req, iid, tid):
-        record, error = self.itoken(iid, tid)
-        if error:
-            return error
-        record.update(active=False, revoked_at=self.stamp())
-        return 200, envelope(record)
-
-    def itokens_delete(self, req, iid, tid):
-        record, error = self.itoken(iid, tid)
-        if error:
-            return error
-        with self.lock:
-            token = next(t for t, r in self.itoken_records.items() if r is record)
-            del self.itoken_records[token]
-            self.integration_tokens.pop(token, None)
-        return 200, envelope({"success": True, "message": "Integration token deleted successfully"})
-
-    def auth_refresh(self, req):
-        body = req.json() if req.body else None
-        if not isinstance(body, dict) or "refresh_token" not in body:
-            return api_error(401, "Missing refresh token", "UNAUTHORIZED")
-        token = body["refresh_token"]
-        if isinstance(token, str):
-            self.received.add(token)
-        if not token:
-            return api_error(422, "Invalid refresh token request: refresh_token is empty",
-                             "VALIDATION_ERROR")
-        claims, problem = verify_jwt(token, self.now())
-        if problem:
-            return api_error(401, "Invalid or expired refresh token", "UNAUTHORIZED")
-        if claims.get("token_type") != "refresh":
-            return api_error(401, "Invalid token type", "UNAUTHORIZED")
-        with self.lock:
-            if self.refresh_mode == "single-use":
-                if token in self.used_refresh:
-                    return api_error(401, "Invalid or expired refresh token", "UNAUTHORIZED")
-                self.used_refresh.add(token)
-        return self.token_body(claims["login"], with_user=False)
-
-    def seal(self, session):
-        """A new opaque device_code for session; the one it replaces no longer works."""
-        self.nonce += 1
-        code = "sealed.%d.%s" % (self.nonce, b64url(os.urandom(24)))
-        self.device_sessions[code] = session
-        self.device_codes.add(code)
-        return code
-
-    def device_start(self, req):
-        if not self.device["enabled"]:
-            return api_error(501, "OIDC device login requires security.encryption_key on the API server",
-                             "NOT_IMPLEMENTED")
-        with self.lock:
-            now, d = time.time(), self.device
-            session = {"polls": 0, "interval": d["interval"], "next_poll_at": now + d["interval"],
-                       "expires_at": now + d["expires_in"]}
-            data = {"device_code": self.seal(session), "user_code": "WDJB-MJHT",
-                    "verification_uri": self.url + "/device",
-                    "verification_uri_complete": self.url + "/device?user_code=WDJB-MJHT",
-                    "expires_in": d["expires_in"], "interval": d["interval"]}
-            data.update(d["start"])  # a test's bad values
-        return 200, envelope(data)
-
-    def device_poll(self, req):
-        body = req.json()
-        if not isinstance(body, dict) or set(body) != {"device_code"} or not isinstance(body["device_code"], str):
-            return api_error(422, "Validation failed: device_code is required", "VALIDATION_ERROR")
-        with self.lock:
-            session = self.device_sessions.pop(body["device_code"], None)  # a re-sealed code is spent
-            if session is None:
-                return api_error(400, "Invalid device authorization session", "BAD_REQUEST")
-            now, d = time.time(), self.device
-            if now > session["expires_at"]:
-                return 200, envelope({"status": "expired"})
-            reason = None
-            if d["enforce_interval"] and now < session["next_poll_at"] - 0.2:
-                reason = "slow_down"
-            elif session["polls"] < d["waits"]:
-                session["polls"] += 1
-                reason = d["reasons"].pop(0) if d["reasons"] else "authorization_pending"
-            if reason:
-                session["interval"] = {"slow_down": session["interval"] + 5,
-                                       "provider_timeout": session["interval"] * 2}.get(reason, session["interval"])
-                session["next_poll_at"] = now + session["interval"]
-                return 200, envelope({"status": "waiting", "reason": reason, "device_code": self.seal(session),
-                                      "interval": session["interval"]})
-            if d["outcome"] != "authorized":
-                return 200, envelope({"status": d["outcome"]})
-        tokens = self.token_body(d["login"])[1]["data"]
-        return 200, envelope({"status": "authorized", "tokens": tokens})
-
-    def auth_me(self, req):
-        claims, problem = self.bearer_claims(req)
-        if problem:  # /auth/me answers with the flat shape
-            return api_error(401, "Unauthorized", "UNAUTHORIZED")
-        login = claims["login"]
-        user = self.users.get(login) or self.ldap_users.get(login) or {"id": 0, "display_name": None}
-        return 200, envelope({
-            "id": user["id"], "login": login, "display_name": user["display_name"],
-            "auth_provider": "ldap" if login in self.ldap_users else "local",
-            "is_local": login not in self.ldap_users, "can_change_password": True,
-            "effective_permissions": [{"resource": "packs", "actions": ["read", "create"]}],
-            "assigned_permission_set_refs": ["core.admin"]})
-
-    # -- resources -----------------------------------------------------------
-    # A small in-memory Attune: packs, actions, executions (statuses advance one
-    # step per GET; logs grow while a client tails them), rules, triggers,
-    # sensors, keys and workflows. Lists are paginated as the real server does.
-
-    def stamp(self):
-        now = self.now()
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % (int(now * 1e6) % 1000000)
-
-    def new_id(self):
-        with self.lock:
-            self.last_id += 1
-            return self.last_id
-
-    def new_pack(self, pack_id, ref, label, description=None, version="1.0.0", tags=()):
-        return {"id": pack_id, "ref": ref, "label": label, "description": description,
-                "version": version, "tags": list(tags), "is_standard": ref == "core",
-                "created": SEED_STAMP, "updated": SEED_STAMP}
-
-    def seed_resources(self):
-        self.last_id = 100
-        self.actions, self.executions, self.plans = {}, {}, {}
-        self.rules, self.triggers, self.sensors, self.keys, self.workflows = {}, {}, {}, {}, {}
-        self.log_drops = {}
-        stamp = self.stamp()
-        self.identities = {
-            1: {"id": 1, "login": "admin", "display_name": "Administrator", "frozen": False, "attributes": {},
-                "roles": [{"id": 11, "identity_id": 1, "role": "admin", "source": "local", "managed": False,
-                           "created": stamp, "updated": stamp}],
-                "direct_permissions": [{"id": 21, "identity_id": 1, "permission_set_id": 5,
-                                        "permission_set_ref": "core.admin", "created": stamp}]},
-            3: {"id": 3, "login": "zoe", "display_name": "Zoë Ørsted", "frozen": False, "attributes": {"team": "ops"},
-                "roles": [{"id": 31, "identity_id": 3, "role": "operators", "source": "oidc", "managed": True,
-                           "created": stamp, "updated": stamp}], "direct_permissions": []}}
-        self.permission_sets = {
-            5: {"id": 5, "ref": "core.admin", "pack_ref": "core", "label": "Admin", "description": "Everything",
-                "grants": [{"resource": "packs", "actions": ["read", "create"]}], "retired_at": None,
-                "management_origin": "pack", "roles": [{"id": 51, "permission_set_id": 5,
-                                                         "permission_set_ref": "core.admin", "role": "admins",
-                                                         "created": stamp}]},
-            6: {"id": 6, "ref": "ops.operator", "pack_ref": None, "label": "Operator", "description": None,
-                "grants": [{"resource": "executions", "actions": ["read"]}], "retired_at": None,
-                "management_origin": "manual", "roles": []},
-            7: {"id": 7, "ref": "system.root", "pack_ref": None, "label": "Root", "description": None,
-                "grants": [], "retired_at": None, "management_origin": "platform", "roles": []},
-            8: {"id": 8, "ref": "old.viewer", "pack_ref": "old", "label": "Viewer", "description": None,
-                "grants": [], "retired_at": stamp, "management_origin": "pack", "roles": []}}
-        self.queues = {
-            "core.inbox": {"id": 1, "ref": "core.inbox", "pack": 1, "pack_ref": "core", "is_adhoc": False,
-                           "label": "Core Inbox", "description": "Work for core.echo", "enabled": True,
-                           "accepting_new_items": True, "dispatch_action_ref": "core.echo", "trace_tag_template": None,
-                           "reference_visibility": "restricted", "reference_allowed_pack_refs": ["ops", "deploy"],
-                           "retired_at": None, "created": stamp, "updated": stamp},
-            "adhoc.scratch": {"id": 2, "ref": "adhoc.scratch", "pack": None, "pack_ref": None, "is_adhoc": True,
-                              "label": "Scratch", "description": None, "enabled": False, "accepting_new_items": True,
-                              "dispatch_action_ref": "core.noop", "trace_tag_template": "scratch.{{ queue_item.id }}",
-                              "reference_visibility": "public", "reference_allowed_pack_refs": [],
-                              "retired_at": None, "created": stamp, "updated": stamp}}
-        self.queue_items = {}
-        for n, (key, status, payload, lease) in enumerate((
-                ("order-1", "queued", {"order": 1, "customer": "alice"}, None),
-                ("order-2", "leased", {"order": 2, "customer": "bob"}, "6b1f9c9e-2a8e-4a53-9d3c-7a1c2f3e4d5a"),
-                (None, "retry", {"order": 3, "note": "x" * 120}, None)), start=1):
-            self.queue_items[n] = {
-                "id": n, "queue": 1, "queue_ref": "core.inbox", "item_key": key, "priority": 0, "status": status,
-                "payload": payload, "metadata": {}, "trace_tag": None, "enqueue_source": "api",
-                "requested_by_identity": 1, "requested_by_execution": None, "requested_by_enforcement": None,
-                "leased_execution": 7 if lease else None, "lease_token": lease,
-                "lease_expires_at": stamp if lease else None, "attempt_count": 1 if lease else 0,
-                "last_error": None, "ack_summary": None, "created": stamp, "updated": stamp}
-        self.cache_namespaces, self.cache_generations = {}, {}
-        users = self.new_cache_namespace("system", None, "users", freshness_target_seconds=3600)
-        self.cache_namespaces[users]["active_generation"] = self.new_cache_generation(users, "active", [
-            {"external_id": "u%d" % n, "value": {"name": "user %d" % n, "n": n}, "source_updated_at": stamp,
-             "source_checksum": None} for n in range(1, 6)])
-        self.new_cache_namespace("pack", "core", "hosts")
-        self.policies = {"core.limit": {
-            "id": 1, "ref": "core.limit", "name": "Core limit", "description": "Two at a time", "enabled": True,
-            "priority": 10, "scope": {"type": "pack", "pack_ref": "core"},
-            "concurrency": {"limit": 2, "method": "enqueue", "parameters": {"group_by": ["host"]}},
-            "rate_limit": {"max_executions": 30, "window_seconds": 60}, "quotas": [], "tags": ["ops"],
-            "created": stamp, "updated": stamp}}
-        chain = "6f1c2e34-8a9b-4c1d-9e2f-0a1b2c3d4e5f"
-        self.audit_events = [
-            {"id": 1, "created": "2026-11-20T10:00:00Z", "category": "auth", "event_type": "auth.login",
-             "outcome": "success", "actor_identity": 1, "actor_login": "admin", "actor_token_type": None,
-             "actor_ip": "10.0.0.5", "user_agent": "attune.py", "resource_type": None, "resource_id": None,
-             "resource_ref": None, "pack_ref": None, "http_method": "POST", "http_path": "/auth/login",
-             "http_status": 200, "request_id": chain, "parent_event_id": None, "error": None,
-             "details": {"password": "***", "method": "direct"}},
-            {"id": 2, "created": "2026-11-20T10:00:01Z", "category": "pack", "event_type": "pack.created",
-             "outcome": "success", "actor_identity": 1, "actor_login": "admin", "actor_token_type": "access",
-             "actor_ip": "10.0.0.5", "user_agent": "attune.py", "resource_type": "packs", "resource_id": 4,
-             "resource_ref": "ci", "pack_ref": "ci", "http_method": "POST", "http_path": "/api/v1/packs",
-             "http_status": 201, "request_id": chain, "parent_event_id": 1, "error": None, "details": {}},
-            {"id": 3, "created": "2026-11-21T08:30:00Z", "category": "rbac", "event_type": "rbac.denied",
-             "outcome": "denied", "actor_identity": 3, "actor_login": None, "actor_token_type": "access",
-             "actor_ip": None, "user_agent": None, "resource_type": "keys", "resource_id": None, "resource_ref": None,
-             "pack_ref": None, "http_method": None, "http_path": None, "http_status": None,
-             "request_id": "0b7d9a1e-3c4f-4e5a-8b6c-7d8e9f0a1b2c", "parent_event_id": None,
-             "error": "missing keys:read", "details": None}]
-        self.artifacts, self.artifact_versions = {}, {}
-        self.new_artifact("core.echo.stdout.log", owner="core.echo", name="stdout", content_type="text/plain",
-                          versions=[b"hello world\n", b"hello again\n"])
-        self.new_artifact("reports.summary", owner="reports", type="file_datatable", visibility="public",
-                          content_type="application/json")
-        approve = {"type": "object", "properties": {"approved": {"type": "boolean"}}, "required": ["approved"]}
-        self.inquiries = {
-            1: self.new_inquiry(1, 7, "Deploy build 42 to production?", purpose="approval", schema=approve, options=[
-                {"ref": "approve", "label": "Approve", "style": "primary", "response": {"approved": True}},
-                {"ref": "reject", "label": "Reject", "style": "danger", "response": {"approved": False}}]),
-            2: self.new_inquiry(2, 8, "Which region?", status="responded", response={"region": "eu"}, assigned_to=1),
-            3: self.new_inquiry(3, 7, "Zoe's call", assigned_to=3)}
-        for i, (ref, label, description) in enumerate([
-                ("core", "Core", "Core actions, triggers and sensors"),
-                ("linux", "Linux", "Actions for Linux hosts"),
-                ("examples", "Examples", "Example workflows and rules")], start=1):
-            self.packs[ref] = self.new_pack(i, ref, label, description)
-        echo_schema = {"message": {"type": "string", "required": True, "description": "Text to print"},
-                       "count": {"type": "integer", "default": 1}}
-        for ref, runtime, description, schema, workflow in (
-                ("core.echo", "core.python", "Print a message", echo_schema, None),
-                ("core.sleep", "core.shell", "Sleep for a while", {"seconds": {"type": "integer"}}, None),
-                ("core.fail", "core.shell", "Always fails", {}, None),
-                ("core.noisy", "core.shell", "Prints ten lines", {}, None),
-                ("linux.uptime", "core.shell", "Show the uptime", None, None),
-                ("examples.deploy", None, "Build, test and notify", {"env": {"type": "string"}}, 7)):
-            pack = ref.split(".")[0]
-            self.actions[ref] = {
-                "id": len(self.actions) + 1, "ref": ref, "pack": self.packs[pack]["id"], "pack_ref": pack,
-                "label": ref.split(".")[1].title(), "description": description,
-                "entrypoint": ref.split(".")[1] + ".py", "runtime": 1 if runtime else None,
-                "runtime_ref": runtime, "runtime_version_constraint": ">=3.9" if runtime == "core.python" else None,
-                "enabled": True, "accesses_mcp": False, "reference_visibility": "public",
-                "workflow_def": workflow, "timeout_seconds": None, "param_schema": schema, "out_schema": None,
-                "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
-        for ref, label, webhook in (("core.timer", "Timer", None), ("core.webhook", "Webhook", "wh_test_key"),
-                                    ("linux.file_watch", "File watch", None)):
-            self.triggers[ref] = {
-                "id": len(self.triggers) + 1, "ref": ref, "pack_ref": ref.split(".")[0], "label": label,
-                "description": label + " trigger", "enabled": True, "webhook_enabled": webhook is not None,
-                "webhook_key": webhook, "reference_visibility": "public", "reference_allowed_pack_refs": None,
-                "param_schema": {"interval": {"type": "integer"}} if ref == "core.timer" else None,
-                "out_schema": None, "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
-        for ref, trigger in (("core.timer_sensor", "core.timer"), ("linux.file_watch_sensor", "linux.file_watch")):
-            self.sensors[ref] = {
-                "id": len(self.sensors) + 1, "ref": ref, "pack_ref": ref.split(".")[0], "label": ref.split(".")[1],
-                "description": "Fires %s" % trigger, "enabled": True, "entrypoint": "sensor.py",
-                "runtime_ref": "core.python", "trigger_ref": trigger, "created": SEED_STAMP, "updated": SEED_STAMP}
-        for ref, trigger, action, enabled in (("examples.on_timer", "core.timer", "core.echo", True),
-                                              ("linux.on_file", "linux.file_watch", "linux.uptime", False)):
-            self.rules[ref] = self.new_rule(len(self.rules) + 1, {
-                "ref": ref, "pack_ref": ref.split(".")[0], "label": ref.split(".")[1], "trigger_ref": trigger,
-                "action_ref": action, "enabled": enabled, "conditions": {"all": []},
-                "action_params": {"message": "tick"}, "trigger_params": {"interval": 60}})
-        for ref, name, value, encrypted, owner_type, extra in (
-                ("region", "Region", "eu-west-1", False, "system", {}),
-                ("db_credentials", "Database", {"user": "svc", "pass": "hunter2"}, True, "system", {}),
-                ("linux_token", "Linux token", "tok-linux", True, "pack",
-                 {"owner": "2", "owner_pack": 2, "owner_pack_ref": "linux"})):
-            self.keys[ref] = dict({"id": len(self.keys) + 1, "ref": ref, "name": name, "value": value,
-                                   "encrypted": encrypted, "owner_type": owner_type, "owner": None,
-                                   "created": SEED_STAMP, "updated": SEED_STAMP}, **extra)
-        self.workflows["examples.deploy"] = {
-            "id": 7, "ref": "examples.deploy", "pack": 3, "pack_ref": "examples", "label": "Deploy",
-            "description": "Build, test and notify", "version": "1.2.0", "tags": ["ci", "deploy"],
-            "param_schema": {"env": {"type": "string", "default": "staging"}}, "out_schema": None,
-            "definition": {"version": "1.2.0", "tasks": [
-                {"name": "build", "action": "core.echo",
-                 "next": [{"when": "{{ succeeded() }}", "do": ["test", "lint"]}]},
-                {"name": "test", "action": "core.echo", "next": [{"do": ["notify"]}]},
-                {"name": "lint", "action": "core.echo", "next": [{"do": ["notify"]}]},
-                {"name": "notify", "action": "core.echo"}]},
-            "created": SEED_STAMP, "updated": SEED_STAMP}
-
-    def new_rule(self, rule_id, fields):
-        rule = {"id": rule_id, "ref": None, "pack": None, "pack_ref": None, "label": None, "description": None,
-                "trigger": None, "trigger_ref": None, "action": None, "action_ref": None, "enabled": True,
-                "conditions": {}, "action_params": {}, "trigger_params": {}, "trace_tag_template": None,
-                "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
-        rule.update(fields)
-        pack = self.packs.get(rule["pack_ref"])
-        rule["pack"] = pack["id"] if pack else None
-        return rule
-
-    def paginate(self, req, items, size_param="page_size", totals=True):
-        def number(name, default):
-            try:
-                return int(req.query.get(name, [default])[0])
-            except ValueError:
-                return None
-        page, size = number("page", 1), number(size_param, 50)
-        if page is None or size is None:
-            return 400, "Failed to deserialize query string: invalid digit found in string"
-        page, size = max(1, page), min(100, max(1, size))
-        total = len(items)
-        pages = max(1, (total + size - 1) // size)
-        pagination = {"page": page, "page_size": size, "total_items": total, "total_pages": pages,
-                      "has_previous": page > 1, "has_next": page < pages}
-        if not totals:
-            del pagination["total_items"], pagination["total_pages"]
-        return 200, {"items": items[(page - 1) * size:page * size], "pagination": pagination}
-
-    def listed(self, req, collection, pack=None, fields=None):
-        items = sorted(collection.values(), key=lambda item: item["id"])
-        if pack is not None:
-            if pack not in self.packs:
-                return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
-            items = [item for item in items if item.get("pack_ref") == pack]
-        if fields:
-            items = [{k: item.get(k) for k in fields} for item in items]
-        return self.paginate(req, items)
-
-    def lookup(self, collection, ref, label):
-        item = collection.get(ref)
-        if item is None:
-            return None, api_error(404, "%s '%s' not found" % (label, ref), "NOT_FOUND")
-        return item, None
-
-    def removed(self, collection, ref, label):
-        with self.lock:
-            if collection.pop(ref, None) is None:
-                return api_error(404, "%s '%s' not found" % (label, ref), "NOT_FOUND")
-        return 200, {"success": True, "message": "%s '%s' deleted successfully" % (label, ref)}
-
-    def toggled(self, collection, ref, label, enabled):
-        item, error = self.lookup(collection, ref, label)
-        if error:
-            return error
-        item.update(enabled=enabled, updated=self.stamp())
-        return 200, envelope(item, "%s %s successfully" % (label, "enabled" if enabled else "disabled"))
-
-    # packs
-    def packs_list(self, req):
-        return self.listed(req, self.packs)
-
-    def packs_show(self, req, ref):
-        pack, error = self.lookup(self.packs, ref, "Pack")
-        if error:
-            return error
-        count = lambda items: sum(1 for i in items.values() if i.get("pack_ref") == ref)  # noqa: E731
-        return 200, envelope(dict(pack, conf_schema={}, config={}, meta={"author": "Attune team"},
-                                  dependencies=["core"] if ref != "core" else [], runtime_deps=[],
-                                  action_count=count(self.actions), trigger_count=count(self.triggers),
-                                  rule_count=count(self.rules), sensor_count=count(self.sensors)))
-
-    def packs_create(self, req):
-        body = req.json() or {}
-        missing = [k for k in ("ref", "label", "version") if not body.get(k)]
-        if missing:
-            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
-        with self.lock:
-            if body["ref"] in self.packs:
-                return api_error(409, "Pack with ref '%s' already exists" % body["ref"], "CONFLICT")
-            pack = self.new_pack(self.new_id(), body["ref"], body["label"], body.get("description"),
-                                 body["version"], body.get("tags") or ())
-            self.packs[pack["ref"]] = pack
-        return 201, envelope(pack)
-
-    def packs_update(self, req, ref):
-        pack, error = self.lookup(self.packs, ref, "Pack")
-        if error:
-            return error
-        body = req.json() or {}
-        description = body.get("description")
-        if description is not None:
-            if not isinstance(description, dict) or description.get("op") not in ("set", "clear"):
-                return api_error(422, "description must be a patch {op, value}", "VALIDATION_ERROR")
-            pack["description"] = description.get("value") if description["op"] == "set" else None
-        for field in ("label", "version", "tags"):
-            if field in body:
-                pack[field] = body[field]
-        pack["updated"] = self.stamp()
-        return 200, envelope(pack, "Pack updated successfully")
-
-    def packs_delete(self, req, ref):
-        return self.removed(self.packs, ref, "Pack")
-
-    def installed(self, ref, status, skipped):
-        with self.lock:
-            pack = self.packs.get(ref) or self.new_pack(self.new_id(), ref, ref.title())
-            self.packs[ref] = pack
-        if self.install_tests and not skipped:  # newer servers: the tests run after the answer
-            install_id = self.new_id()
-            self.installs[install_id] = {"install_id": install_id, "pack_ref": ref, "pack_version": pack["version"],
-                                         "status": "running", "trigger_reason": "install", "test_result": None,
-                                         "error_message": None, "started_at": self.stamp(), "finished_at": None,
-                                         "looks": 0}
-            return status, envelope({"pack": pack, "test_result": None, "tests_skipped": False,
-                                     "install_id": install_id, "install_status": "running"})
-        tests = None if skipped else {"status": "passed", "summary": {"passed": 3, "total": 3}}
-        return status, envelope({"pack": pack, "test_result": tests, "tests_skipped": skipped})
-
-    def packs_install_status(self, req, install_id):
-        install = self.installs.get(int(install_id))
-        if install is None:
-            return api_error(404, "Pack install %s not found" % install_id, "NOT_FOUND")
-        install["looks"] += 1
-        if install["looks"] >= 2 and install["status"] == "running":  # done at the second look
-            outcome = self.install_tests
-            passed = 3 if outcome == "succeeded" else 1
-            install.update(status=outcome, finished_at=self.stamp(),
-                           test_result={"passed": passed, "failed": 3 - passed, "total_tests": 3},
-                           error_message=None if outcome == "succeeded" else "2 tests failed")
-        return 200, envelope({k: v for k, v in install.items() if k != "looks"})
-
-    def packs_install(self, req):
-        body = req.json() or {}
-        if not body.get("source"):
-            return api_error(422, "Validation failed: source is required", "VALIDATION_ERROR")
-        ref = re.sub(r"(\.git|\.tar\.gz)$", "", body["source"].rstrip("/").split("/")[-1]) or "pack"
-        if ref in self.packs and not body.get("force"):
-            return api_error(409, "Pack '%s' is already installed" % ref, "CONFLICT")
-        return self.installed(ref, 201, bool(body.get("skip_tests")))
-
-    def packs_register(self, req):
-        body = req.json() or {}
-        if not body.get("path"):
-            return api_error(422, "Validation failed: path is required", "VALIDATION_ERROR")
-        return self.installed(os.path.basename(body["path"].rstrip("/")), 201, bool(body.get("skip_tests")))
-
-    def packs_upload(self, req):
-        fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
-        if "pack" not in files:
-            return api_error(400, "Missing 'pack' file field", "BAD_REQUEST")
-        import tarfile
-        try:
-            with tarfile.open(fileobj=io.BytesIO(files["pack"][2]), mode="r:gz") as tar:
-                names = tar.getnames()
-                manifest = tar.extractfile("pack.yaml").read().decode()
-        except (tarfile.TarError, KeyError, OSError, EOFError) as e:
-            return api_error(400, "Invalid pack archive: %s" % e, "BAD_REQUEST")
-        self.uploads.append({"fields": fields, "filename": files["pack"][0], "content_type": files["pack"][1],
-                             "names": names})
-        ref = re.search(r"^ref:\s*(\S+)", manifest, re.M).group(1)
-        return self.installed(ref, 200, fields.get("skip_tests") == "true")
-
-    # actions
-    def actions_list(self, req):
-        return self.listed(req, self.actions)
-
-    def pack_actions(self, req, pack):
-        return self.listed(req, self.actions, pack)
-
-    def actions_search(self, req):
-        words = (req.query.get("q", [""])[0]).lower().split()
-        packs = [p for p in req.query.get("packs", [""])[0].split(",") if p]
-        hits = []
-        for action in sorted(self.actions.values(), key=lambda a: a["id"]):
-            text = " ".join(str(action.get(k) or "") for k in ("ref", "label", "description", "pack_ref")).lower()
-            if all(w in text for w in words) and (not packs or action["pack_ref"] in packs):
-                hits.append({"ref": action["ref"], "pack_ref": action["pack_ref"], "label": action["label"],
-                             "description": action["description"], "runtime_ref": action["runtime_ref"],
-                             "is_workflow": action["workflow_def"] is not None, "accesses_mcp": False})
-        return self.paginate(req, hits)
-
-    def actions_show(self, req, ref):
-        action, error = self.lookup(self.actions, ref, "Action")
-        return error or (200, envelope(action))
-
-    def actions_update(self, req, ref):
-        action, error = self.lookup(self.actions, ref, "Action")
-        if error:
-            return error
-        body = req.json() or {}
-        for field in ("label", "description", "entrypoint", "enabled", "runtime"):
-            if field in body:
-                action[field] = body[field]
-        patch = body.get("timeout_seconds")
-        if isinstance(patch, dict):  # a patch: {"op": "set", "value": N} or {"op": "clear"}
-            action["timeout_seconds"] = patch.get("value") if patch.get("op") == "set" else None
-        action["updated"] = self.stamp()
-        return 200, envelope(action)
-
-    def actions_delete(self, req, ref):
-        return self.removed(self.actions, ref, "Action")
-
-    # executions
-    def executions_execute(self, req):
-        body = req.json()
-        if not isinstance(body, dict) or not body.get("action_ref"):
-            return api_error(422, "Validation failed: action_ref is required", "VALIDATION_ERROR")
-        action = self.actions.get(body["action_ref"])
-        if action is None:
-            return api_error(404, "Action '%s' not found" % body["action_ref"], "NOT_FOUND")
-        if not action["enabled"]:
-            return api_error(400, "Action '%s' is disabled" % action["ref"], "BAD_REQUEST")
-        parameters = body.get("parameters", {})
-        timeout = body.get("timeout_seconds")
-        if not isinstance(parameters, dict) or (timeout is not None and not (isinstance(timeout, int) and timeout > 0)):
-            return api_error(422, "Validation failed: parameters must be an object, timeout_seconds > 0",
-                             "VALIDATION_ERROR")
-        extra = {k: body[k] for k in ("env_vars", "permission_set_refs", "artifact_retention_policy",
-                                      "artifact_retention_limit") if k in body}
-        execution = self.new_execution(action, parameters, timeout, **extra)
-        return 201, envelope(execution)
-
-    def new_execution(self, action, parameters, timeout=None, **fields):
-        eid = self.new_id()
-        stamp = self.stamp()
-        execution = {"id": eid, "action": action["id"], "action_ref": action["ref"], "config": parameters,
-                     "parent": None, "enforcement": None, "executor": None, "worker": None,
-                     "status": "requested", "result": None, "trace_tag": None, "timeout_seconds": timeout,
-                     "started_at": None, "workflow_task": None, "original_execution": None,
-                     "rule_ref": None, "trigger_ref": None, "created": stamp, "updated": stamp}
-        execution.update(fields)
-        statuses, result, stdout, stderr = ["scheduled", "running", "completed"], {"exit_code": 0}, [], []
-        finish_at = None
-        if action["ref"] == "core.echo":
-            stdout = [str(parameters.get("message", "")) + "\n"]
-            result = {"stdout": stdout[0], "exit_code": 0}
-        elif action["ref"] == "core.fail":
-            statuses[-1], result, stderr = "failed", {"error": "boom", "exit_code": 1}, ["boom\n"]
-        elif action["ref"] == "core.sleep" and parameters.get("seconds"):  # runs that long, a tick a second
-            finish_at = time.time() + float(parameters["seconds"])
-        elif action["ref"] == "core.sleep":
-            statuses = ["scheduled", "running"]
-        elif action["ref"] == "core.noisy":
-            stdout = ["line %d\n" % n for n in range(1, 11)]
-        with self.lock:
-            self.executions[eid] = execution
-            self.plans[eid] = {"statuses": statuses, "result": result, "pending": {"stdout": stdout, "stderr": stderr},
-                               "logs": {"stdout": b"", "stderr": b""}, "finish_at": finish_at,
-                               "started": time.time(), "ticks": 0}
-        return execution
-
-    def advance(self, eid):
-        """One step of an execution's life; at the end its result and all its output."""
-        with self.lock:
-            execution, plan = self.executions[eid], self.plans[eid]
-            if not plan["statuses"] or execution["status"] in TERMINAL:
-                return
-            if plan["finish_at"] and execution["status"] == "running":
-                now = time.time()
-                while plan["ticks"] < min(now, plan["finish_at"]) - plan["started"]:
-                    plan["ticks"] += 1
-                    plan["pending"]["stdout"].append("tick %d\n" % plan["ticks"])
-                if now < plan["finish_at"]:
-                    return
-            execution["status"] = plan["statuses"].pop(0)
-            execution["updated"] = self.stamp()
-            if execution["status"] == "running":
-                execution["started_at"] = execution["updated"]
-            if execution["status"] in TERMINAL:
-                execution["result"] = plan["result"]
-                for name, chunks in plan["pending"].items():
-                    plan["logs"][name] += "".join(chunks).encode()
-                    del chunks[:]
-
-    def execution(self, eid):
-        execution = self.executions.get(int(eid))
-        if execution is None:
-            return None, api_error(404, "Execution with ID %s not found" % eid, "NOT_FOUND")
-        return execution, None
-
-    def executions_show(self, req, eid):
-        execution, error = self.execution(eid)
-        if error:
-            return error
-        self.advance(execution["id"])
-        return 200, envelope(execution)
-
-    def executions_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = []
-        for e in sorted(self.executions.values(), key=lambda e: (e["created"], e["id"]), reverse=True):
-            action = q.get("action_ref")
-            if action and not (e["action_ref"] == action or (action.endswith(".*") and
-                                                             e["action_ref"].startswith(action[:-1]))):
-                continue
-            if q.get("pack_name") and not e["action_ref"].startswith(q["pack_name"] + "."):
-                continue
-            if any(q.get(k) and e.get(k) != q[k] for k in ("status", "rule_ref", "trigger_ref", "trace_tag")):
-                continue
-            if q.get("top_level_only") == "true" and e["parent"] is not None:
-                continue
-            if q.get("result_contains") and q["result_contains"].lower() not in json.dumps(e["result"]).lower():
-                continue
-            rows.append({k: e[k] for k in EXECUTION_SUMMARY_FIELDS})
-        return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
-
-    def executions_cancel(self, req, eid):
-        execution, error = self.execution(eid)
-        if error:
-            return error
-        if execution["status"] in TERMINAL:
-            return api_error(409, "Execution %s cannot be cancelled (status: %s)" % (eid, execution["status"]),
-                             "CONFLICT")
-        execution["status"] = "canceling" if execution["status"] == "running" else "cancelled"
-        self.plans[execution["id"]]["statuses"] = ["cancelled"]
-        return 200, envelope(execution)
-
-    def triggers_update(self, req, ref):
-        trigger, error = self.lookup(self.triggers, ref, "Trigger")
-        if error:
-            return error
-        body = req.json() or {}
-        for field in ("label", "enabled", "reference_visibility", "reference_allowed_pack_refs"):
-            if field in body:
-                trigger[field] = body[field]
-        if isinstance(body.get("description"), dict):
-            trigger["description"] = body["description"].get("value")
-        trigger["updated"] = self.stamp()
-        return 200, envelope(trigger)
-
-    def traces_show(self, req, tag):
-        executions = [{k: e[k] for k in EXECUTION_SUMMARY_FIELDS} for e in self.executions.values()
-                      if e.get("trace_tag") == tag]
-        if not executions:
-            return api_error(404, "No trace found for tag '%s'" % tag, "NOT_FOUND")
-        return 200, envelope({"trace_tag": tag, "origins": ["manual"], "executions": executions, "enforcements": [],
-                              "events": [], "queue_dispatches": [], "queue_items": []})
-
-    # policies
-    def policies_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [p for _, p in sorted(self.policies.items())
-                if (not q.get("scope") or p["scope"]["type"] == q["scope"])
-                and (not q.get("pack_ref") or p["scope"].get("pack_ref") == q["pack_ref"])
-                and (not q.get("action_ref") or p["scope"].get("action_ref") == q["action_ref"])
-                and (not q.get("enabled") or str(p["enabled"]).lower() == q["enabled"])
-                and (not q.get("tag") or q["tag"] in p["tags"])]
-        return self.paginate(req, rows)
-
-    def policies_show(self, req, ref):
-        policy = self.policies.get(ref)
-        return (200, envelope(policy)) if policy else api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
-
-    def policies_create(self, req):
-        body = req.json() or {}
-        if body.get("ref") in self.policies:
-            return api_error(409, "Policy with ref '%s' already exists" % body["ref"], "CONFLICT")
-        stamp = self.stamp()
-        policy = dict({"id": self.new_id(), "description": None, "concurrency": None, "rate_limit": None,
-                       "quotas": [], "tags": [], "created": stamp, "updated": stamp}, **body)
-        self.policies[body["ref"]] = policy
-        return 201, envelope(policy, "Policy created successfully")
-
-    def policies_update(self, req, ref):
-        policy = self.policies.get(ref)
-        if not policy:
-            return api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
-        policy.update(req.json() or {}, updated=self.stamp())
-        return 200, envelope(policy, "Policy updated successfully")
-
-    def policies_delete(self, req, ref):
-        if self.policies.pop(ref, None) is None:
-            return api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
-        return 200, {"success": True, "message": "Policy deleted successfully"}
-
-    # audit
-    def audit_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [e for e in reversed(self.audit_events)
-                if all(not q.get(k) or str(e.get(k)) == q[k] for k in (
-                    "category", "event_type", "outcome", "actor_login", "actor_identity", "resource_type",
-                    "resource_id", "resource_ref", "http_method", "http_status", "http_path", "request_id"))
-                and (not q.get("created_after") or e["created"] >= q["created_after"])
-                and (not q.get("created_before") or e["created"] < q["created_before"])]
-        return self.paginate(req, rows, "per_page")
-
-    def audit_show(self, req, eid):
-        found = [e for e in self.audit_events if e["id"] == int(eid)]
-        return (200, envelope(found[0])) if found else api_error(404, "Audit event %s not found" % eid, "NOT_FOUND")
-
-    def audit_chain(self, req, rid):
-        if not re.match(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", rid):
-            return api_error(400, "Invalid request id: expected a UUID", "BAD_REQUEST")
-        return 200, envelope([e for e in self.audit_events if e["request_id"] == rid])
-
-    # identities
-    def identities_list(self, req):
-        login = req.query.get("login", [None])[0]
-        rows = [{"id": i["id"], "login": i["login"], "display_name": i["display_name"], "frozen": i["frozen"],
-                 "roles": [r["role"] for r in i["roles"]]}
-                for _, i in sorted(self.identities.items()) if login in (None, i["login"])]
-        return self.paginate(req, rows)
-
-    def identity(self, iid):
-        identity = self.identities.get(int(iid))
-        return (identity, None) if identity else (None, api_error(404, "Identity %s not found" % iid, "NOT_FOUND"))
-
-    def identities_show(self, req, iid):
-        identity, error = self.identity(iid)
-        return error or (200, envelope(identity))
-
-    def identities_add_role(self, req, iid):
-        identity, error = self.identity(iid)
-        if error:
-            return error
-        role = (req.json() or {}).get("role")
-        if any(r["role"] == role for r in identity["roles"]):
-            return api_error(409, "Identity already has role '%s'" % role, "CONFLICT")
-        assignment = {"id": self.new_id(), "identity_id": identity["id"], "role": role, "source": "local",
-                      "managed": False, "created": self.stamp(), "updated": self.stamp()}
-        identity["roles"].append(assignment)
-        return 201, envelope(assignment)
-
-    def identities_remove_role(self, req, aid):
-        for identity in self.identities.values():
-            for assignment in identity["roles"]:
-                if assignment["id"] == int(aid):
-                    identity["roles"].remove(assignment)
-                    return 200, {"success": True, "message": "Role assignment deleted successfully"}
-        return api_error(404, "Role assignment %s not found" % aid, "NOT_FOUND")
-
-    def identities_freeze(self, req, iid, action):
-        identity, error = self.identity(iid)
-        if error:
-            return error
-        identity["frozen"] = action == "freeze"
-        return 200, envelope(identity)
-
-    # caches: namespaces (keyed by owner and name) and their generations
-    def new_cache_namespace(self, owner_type, owner_ref, name, **policy):
-        key = (owner_type, owner_ref, name)
-        self.cache_namespaces[key] = dict({
-            "id": len(self.cache_namespaces) + 1, "owner_type": owner_type, "owner_ref": owner_ref, "namespace": name,
-            "active_generation": None, "freshness_target_seconds": None, "max_records_per_generation": None,
-            "max_generation_bytes": None, "max_retained_bytes": None, "max_retained_generations": 3,
-            "max_staging_generations": 2, "stale": False, "refresh_health": "healthy", "record_count": None,
-            "size_bytes": None, "created": self.stamp(), "updated": self.stamp()}, **policy)
-        return key
-
-    def new_cache_generation(self, key, status, entries=(), **fields):
-        gid = 100 + len(self.cache_generations) + 1
-        entries = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
-        self.cache_generations[gid] = dict({
-            "generation_id": gid, "namespace_id": self.cache_namespaces[key]["id"], "status": status,
-            "client_refresh_id": "seed-%d" % gid, "expected_active_generation_id": None, "expected_chunk_count": 1,
-            "expected_record_count": None, "expected_size_bytes": None, "record_count": len(entries),
-            "size_bytes": sum(e["size_bytes"] for e in entries), "checksum_algorithm": None, "checksum": None,
-            "source_revision": None, "created_by": 1, "created": self.stamp(), "sealed": None, "activated": None,
-            "retired": None, "readable_until": None, "failed": None, "failure_reason": None,
-            "key": key, "chunks": {0: entries} if entries else {}}, **fields)
-        self.cache_namespaces[key].update(record_count=len(entries) or None)
-        return gid
-
-    def cache_scope(self, req, name):
-        """The namespace the owner selector (query or body) and the name pick, or the error."""
-        body = req.json() if req.method in ("POST", "PUT") else None
-        source = body if isinstance(body, dict) else {k: v[0] for k, v in req.query.items()}
-        owner_type, owner_ref = source.get("owner_type"), source.get("owner_ref")
-        if owner_type not in ("system", "identity", "pack", "action", "sensor"):
-            return None, api_error(400, "owner_type is required", "BAD_REQUEST")
-        if (owner_type in ("system", "identity")) != (owner_ref is None):
-            return None, api_error(400, "owner_ref does not fit owner_type '%s'" % owner_type, "BAD_REQUEST")
-        key = (owner_type, owner_ref, name)
-        if name is not None and key not in self.cache_namespaces:
-            return None, api_error(404, "Cache namespace '%s' not found" % name, "NOT_FOUND")
-        return key, None
-
-    @staticmethod
-    def public(generation):
-        return {k: v for k, v in generation.items() if k not in ("key", "chunks")}
-
-    def cache_entries(self, key, generation_id):
-        namespace = self.cache_namespaces[key]
-        gid = generation_id if generation_id is not None else namespace["active_generation"]
-        generation = self.cache_generations.get(gid)
-        if not generation or generation["key"] != key:
-            return None, None, api_error(404, "Cache generation not found", "NOT_FOUND")
-        return gid, [e for _, chunk in sorted(generation["chunks"].items()) for e in chunk], None
-
-    def cache_namespaces_list(self, req):
-        key, error = self.cache_scope(req, None)
-        if error:
-            return error
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [n for k, n in sorted(self.cache_namespaces.items(), key=lambda item: item[1]["id"])
-                if k[:2] == key[:2] and q.get("namespace", "").lower() in n["namespace"].lower()]
-        return 200, {"namespaces": rows, "next_cursor": None}  # bare, as cache routes may answer
-
-    def cache_namespaces_create(self, req):
-        body = req.json() or {}
-        key, error = self.cache_scope(req, None)
-        if error:
-            return error
-        key = key[:2] + (body.get("namespace"),)
-        if key in self.cache_namespaces:
-            return api_error(409, "Cache namespace '%s' already exists" % key[2], "CONFLICT")
-        policy = {k: v for k, v in body.items() if k.startswith(("max_", "freshness_"))}
-        return 201, envelope(self.cache_namespaces[self.new_cache_namespace(*key, **policy)])
-
-    def cache_namespace_show(self, req, name):
-        key, error = self.cache_scope(req, name)
-        return error or (200, envelope(self.cache_namespaces[key]))
-
-    def cache_namespace_update(self, req, name):
-        key, error = self.cache_scope(req, name)
-        if error:
-            return error
-        self.cache_namespaces[key].update({k: v for k, v in (req.json() or {}).items() if k.startswith(
-            ("max_", "freshness_"))}, updated=self.stamp())
-        return 200, envelope(self.cache_namespaces[key])
-
-    def cache_namespace_delete(self, req, name):
-        key, error = self.cache_scope(req, name)
-        if error:
-            return error
-        del self.cache_namespaces[key]
-        return 204, None
-
-    def cache_lookup(self, req, name):
-        key, error = self.cache_scope(req, name)
-        body = req.json() or {}
-        gid, entries, error = (None, None, error) if error else self.cache_entries(key, body.get("generation_id"))
-        if error:
-            return error
-        found = [e for e in entries if e["external_id"] == body.get("external_id")]
-        return 200, envelope({"generation_id": gid, "item": found[0] if found else None, "stale": False})
-
-    def cache_lookup_many(self, req, name):
-        key, error = self.cache_scope(req, name)
-        body = req.json() or {}
-        gid, entries, error = (None, None, error) if error else self.cache_entries(key, body.get("generation_id"))
-        if error:
-            return error
-        wanted = body.get("external_ids") or []
-        if len(wanted) > 1000:
-            return api_error(400, "At most 1000 external ids", "BAD_REQUEST")
-        by_id = {e["external_id"]: e for e in entries}
-        return 200, envelope({"generation_id": gid, "items": [by_id[i] for i in wanted if i in by_id],
-                              "missing_external_ids": [i for i in wanted if i not in by_id], "stale": False})
-
-    def cache_scan(self, req, name):
-        key, error = self.cache_scope(req, name)
-        q = {k: v[0] for k, v in req.query.items()}
-        gid, entries, error = (None, None, error) if error else self.cache_entries(
-            key, int(q["generation"]) if "generation" in q else None)
-        if error:
-            return error
-        start, limit = int(q.get("cursor", "0") or 0), int(q.get("limit", "100"))
-        page = entries[start:start + limit]
-        more = start + limit < len(entries)
-        return 200, envelope({"generation_id": gid, "items": page, "next_cursor": str(start + limit) if more else None,
-                              "cursor_expires_at": "2026-12-01T00:00:00Z" if more else None,
-                              "record_count": len(entries), "stale": False})
-
-    def cache_generations_list(self, req, name):
-        key, error = self.cache_scope(req, name)
-        if error:
-            return error
-        rows = [self.public(g) for _, g in sorted(self.cache_generations.items()) if g["key"] == key]
-        return 200, envelope({"generations": rows, "next_cursor": None})
-
-    def cache_generation(self, req, name, gid):
-        key, error = self.cache_scope(req, name)
-        generation = self.cache_generations.get(int(gid)) if not error else None
-        if not error and (not generation or generation["key"] != key):
-            error = api_error(404, "Cache generation %s not found" % gid, "NOT_FOUND")
-        return generation, error
-
-    def cache_generation_show(self, req, name, gid):
-        generation, error = self.cache_generation(req, name, gid)
-        return error or (200, envelope(self.public(generation)))
-
-    def cache_begin(self, req, name):
-        key, error = self.cache_scope(req, name)
-        if error:
-            return error
-        body = req.json() or {}
-        for gid, g in self.cache_generations.items():  # a retried begin is the same generation
-            if g["key"] == key and g["client_refresh_id"] == body.get("client_refresh_id"):
-                return 200, envelope(self.public(g))
-        gid = self.new_cache_generation(key, "staging", client_refresh_id=body.get("client_refresh_id"), **{
-            k: body.get(k) for k in ("expected_active_generation_id", "expected_chunk_count", "expected_record_count",
-                                     "expected_size_bytes", "source_revision")})
-        self.cache_generations[gid].update(record_count=0, size_bytes=0)
-        return 201, envelope(self.public(self.cache_generations[gid]))
-
-    def cache_upload(self, req, name, gid, index):
-        generation, error = self.cache_generation(req, name, gid)
-        if error:
-            return error
-        if generation["status"] != "staging":
-            return api_error(409, "Generation %s is %s" % (gid, generation["status"]), "CONFLICT")
-        entries = (req.json() or {}).get("entries") or []
-        generation["chunks"][int(index)] = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
-        return 200, envelope({"generation_id": int(gid), "chunk_index": int(index), "record_count": len(entries)})
-
-    def cache_seal(self, req, name, gid):
-        generation, error = self.cache_generation(req, name, gid)
-        if error:
-            return error
-        body = req.json() or {}
-        records = sum(len(c) for c in generation["chunks"].values())
-        if len(generation["chunks"]) != body.get("expected_chunk_count") or body.get("expected_record_count") not in (
-                None, records):
-            return api_error(422, "Uploaded chunks do not match the expected counts", "VALIDATION_ERROR")
-        generation.update(status="ready", sealed=self.stamp(), record_count=records,
-                          size_bytes=sum(e["size_bytes"] for c in generation["chunks"].values() for e in c))
-        return 200, envelope(self.public(generation))
-
-    def cache_promote(self, req, name, gid):
-        generation, error = self.cache_generation(req, name, gid)
-        if error:
-            return error
-        namespace = self.cache_namespaces[generation["key"]]
-        if (req.json() or {}).get("expected_active_generation_id") != namespace["active_generation"]:
-            return api_error(409, "The active generation is %s" % namespace["active_generation"], "CONFLICT")
-        if generation["status"] != "ready":
-            return api_error(409, "Generation %s is %s" % (gid, generation["status"]), "CONFLICT")
-        generation.update(status="active", activated=self.stamp())
-        namespace.update(active_generation=generation["generation_id"], record_count=generation["record_count"])
-        return 200, envelope(self.public(generation))
-
-    def cache_abandon(self, req, name, gid):
-        generation, error = self.cache_generation(req, name, gid)
-        if error:
-            return error
-        generation.update(status="abandoned")
-        return 200, {}
-
-    # work queues and their items
-    def queue(self, ref):
-        found = self.queues.get(ref)
-        return (found, None) if found else (None, api_error(404, "Work queue '%s' not found" % ref, "NOT_FOUND"))
-
-    def queues_list(self, req, pack=None):
-        if pack is not None and pack not in self.packs:
-            return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [x for _, x in sorted(self.queues.items())
-                if pack in (None, x["pack_ref"]) and q.get("enabled") in (None, str(x["enabled"]).lower())
-                and q.get("is_adhoc") in (None, str(x["is_adhoc"]).lower())
-                and (not q.get("search") or q["search"] in x["ref"] + x["label"])
-                and (x["reference_visibility"] == "public" or q.get("referencing_pack_ref") in (None, x["pack_ref"])
-                     or q.get("referencing_pack_ref") in x["reference_allowed_pack_refs"])]
-        return self.paginate(req, rows, "per_page")
-
-    def pack_queues_list(self, req, ref):
-        return self.queues_list(req, ref)
-
-    def queues_show(self, req, ref):
-        found, error = self.queue(ref)
-        return error or (200, envelope(found))
-
-    def queues_update(self, req, ref):
-        found, error = self.queue(ref)
-        if error:
-            return error
-        body = req.json() or {}
-        for key in ("enabled", "trace_tag_template"):
-            if key in body:
-                found[key] = body[key]
-        found["updated"] = self.stamp()
-        return 200, envelope(found)
-
-    def queue_items_create(self, req, ref):
-        found, error = self.queue(ref)
-        if error:
-            return error
-        body = req.json() or {}
-        if "payload" not in body:
-            return 422, "Failed to deserialize the JSON body into the target type: missing field `payload`"
-        if not found["accepting_new_items"]:
-            return api_error(409, "Work queue '%s' is not accepting new items" % ref, "CONFLICT")
-        n = max(self.queue_items or [0]) + 1
-        self.queue_items[n] = dict(self.queue_items.get(1) or {}, **{
-            "id": n, "queue": found["id"], "queue_ref": ref, "item_key": body.get("item_key"),
-            "priority": body.get("priority") or 0, "status": "queued", "payload": body["payload"],
-            "metadata": body.get("metadata", {}), "trace_tag": body.get("trace_tag"), "enqueue_source": "api",
-            "leased_execution": None, "lease_token": None, "lease_expires_at": None, "attempt_count": 0,
-            "created": self.stamp(), "updated": self.stamp()})
-        return 201, envelope(self.queue_items[n])
-
-    def queue_items_list(self, req, ref):
-        found, error = self.queue(ref)
-        if error:
-            return error
-        statuses = [s for v in req.query.get("statuses", []) for s in v.split(",") if s]
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
-                and (not statuses or i["status"] in statuses) and q.get("item_key") in (None, i["item_key"])
-                and q.get("enqueue_source") in (None, i["enqueue_source"])]
-        return self.paginate(req, rows, "per_page")
-
-    def queue_items_show(self, req, ref, iid):
-        item = self.queue_items.get(int(iid))
-        if not item or item["queue_ref"] != ref:
-            return api_error(404, "Work queue item %s not found" % iid, "NOT_FOUND")
-        return 200, envelope(item)
-
-    def selected_items(self, req, ref):
-        """The fake's selector: '$' is every pending item, '$.payload.KEY' those whose payload has KEY."""
-        body = req.json() or {}
-        selector = body.get("selector") or {}
-        path = selector.get("path") or ""
-        if not (path == "$" or path.startswith("$.payload.")) or not isinstance(selector.get("vars", {}), dict):
-            return body, None, api_error(400, "Invalid SQL/JSONPath selector", "BAD_REQUEST")
-        key = path[len("$.payload."):]
-        return body, [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
-                      and i["status"] in ("queued", "retry") and (path == "$" or key in i["payload"])], None
-
-    def queue_items_preview(self, req, ref):
-        found, error = self.queue(ref)
-        body, items, error = (None, None, error) if error else self.selected_items(req, ref)
-        if error:
-            return error
-        shown = items[:body.get("limit", 100)]
-        return 200, envelope({"matched_count": len(items), "preview_count": len(shown), "items": shown})
-
-    def queue_items_apply(self, req, ref):
-        found, error = self.queue(ref)
-        body, items, error = (None, None, error) if error else self.selected_items(req, ref)
-        if error:
-            return error
-        operation = body.get("operation")
-        if operation == "patch_payload" and not isinstance(body.get("payload_patch"), dict):
-            return api_error(400, "payload_patch is required for patch_payload", "BAD_REQUEST")
-        if operation == "reprioritize" and not isinstance(body.get("priority"), int):
-            return api_error(400, "priority is required for reprioritize", "BAD_REQUEST")
-        for item in items:
-            if operation == "patch_payload":
-                item["payload"] = dict(item["payload"], **body["payload_patch"])
-            elif operation == "reprioritize":
-                item["priority"] = body["priority"]
-            else:
-                item["status"] = "cancelled"
-        shown = items[:body.get("preview_limit", 100)]
-        return 200, envelope({"operation": operation, "matched_count": len(items), "affected_count": len(items),
-                              "skipped_count": 0, "preview_count": len(shown), "items": shown})
-
-    # permission sets and their assignments (direct ones live in the identities)
-    def permission_set_by_ref(self, ref):
-        found = [p for p in self.permission_sets.values() if p["ref"] == ref]
-        return (found[0], None) if found else (None, api_error(404, "Permission set '%s' not found" % ref,
-                                                                 "NOT_FOUND"))
-
-    def permission_sets_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        return 200, [p for _, p in sorted(self.permission_sets.items())  # a bare array, as the server sends
-                     if (q.get("include_retired") == "true" or not p["retired_at"])
-                     and q.get("pack_ref") in (None, p["pack_ref"])]
-
-    def permission_sets_show(self, req, ref):
-        found, error = self.permission_set_by_ref(ref)
-        return error or (200, envelope(found))
-
-    def permission_sets_update(self, req, sid):
-        found = self.permission_sets.get(int(sid))
-        if not found:
-            return api_error(404, "Permission set '%s' not found" % sid, "NOT_FOUND")
-        body = req.json() or {}
-        if not isinstance(body.get("grants"), list):
-            return api_error(422, "grants: expected an array", "VALIDATION_ERROR")
-        updated = dict(found, grants=body["grants"])
-        for key in ("label", "description"):
-            if body.get(key) is not None:
-                updated[key] = body[key]
-        if req.query.get("dry_run") != ["true"]:
-            self.permission_sets[found["id"]] = updated
-        return 200, envelope(updated)
-
-    def bindings(self):
-        rows = []
-        for identity in self.identities.values():
-            for a in identity["direct_permissions"]:
-                rows.append({"id": a["id"], "permission_set_id": a["permission_set_id"],
-                             "permission_set_ref": a["permission_set_ref"], "created": a["created"],
-                             "target": {"type": "identity", "identity_id": identity["id"], "login": identity["login"]}})
-        for found in self.permission_sets.values():
-            for r in found["roles"]:
-                rows.append({"id": r["id"], "permission_set_id": found["id"], "permission_set_ref": found["ref"],
-                             "created": r["created"], "target": {"type": "role", "role": r["role"]}})
-        return sorted(rows, key=lambda row: row["id"])
-
-    def assignments_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [b for b in self.bindings()
-                if q.get("identity_login") in (None, b["target"].get("login"))
-                and q.get("identity_id") in (None, str(b["target"].get("identity_id")))
-                and q.get("role") in (None, b["target"].get("role"))
-                and q.get("permission_set_ref") in (None, b["permission_set_ref"])]
-        return self.paginate(req, rows)
-
-    def assignments_create(self, req):
-        body = req.json() or {}
-        identity, error = self.identity(body.get("identity_id") or 0)
-        found, error = (None, error) if error else self.permission_set_by_ref(body.get("permission_set_ref"))
-        if error:
-            return error
-        if any(a["permission_set_id"] == found["id"] for a in identity["direct_permissions"]):
-            return api_error(409, "Permission assignment already exists", "CONFLICT")
-        assignment = {"id": self.new_id(), "identity_id": identity["id"], "permission_set_id": found["id"],
-                      "permission_set_ref": found["ref"], "created": self.stamp()}
-        identity["direct_permissions"].append(assignment)
-        return 201, envelope(assignment)
-
-    def assignments_delete(self, req, aid):
-        for identity in self.identities.values():
-            for a in identity["direct_permissions"]:
-                if a["id"] == int(aid):
-                    identity["direct_permissions"].remove(a)
-                    return 200, envelope({"success": True, "message": "Permission assignment deleted successfully"})
-        return api_error(404, "Permission assignment '%s' not found" % aid, "NOT_FOUND")
-
-    def set_roles_create(self, req, sid):
-        found = self.permission_sets.get(int(sid))
-        if not found:
-            return api_error(404, "Permission set '%s' not found" % sid, "NOT_FOUND")
-        role = (req.json() or {}).get("role")
-        if any(r["role"] == role for r in found["roles"]):
-            return api_error(409, "Role '%s' is already mapped to this permission set" % role, "CONFLICT")
-        mapping = {"id": self.new_id(), "permission_set_id": found["id"], "permission_set_ref": found["ref"],
-                   "role": role, "created": self.stamp()}
-        found["roles"].append(mapping)
-        return 201, envelope(mapping)
-
-    def set_roles_delete(self, req, rid):
-        for found in self.permission_sets.values():
-            for r in found["roles"]:
-                if r["id"] == int(rid):
-                    found["roles"].remove(r)
-                    return 200, envelope({"success": True,
-                                          "message": "Permission set role assignment deleted successfully"})
-        return api_error(404, "Permission set role assignment '%s' not found" % rid, "NOT_FOUND")
-
-    # artifacts
-    def new_artifact(self, ref, owner, scope="action", type="file_text", visibility="private", name=None,
-                     content_type=None, versions=(), **fields):
-        aid = len(self.artifacts) + 1
-        stamp = self.stamp()
-        self.artifacts[aid] = dict({"id": aid, "ref": ref, "scope": scope, "owner": owner, "type": type,
-                                    "visibility": visibility, "retention_policy": "versions", "retention_limit": 5,
-                                    "name": name, "description": None, "content_type": content_type,
-                                    "size_bytes": None, "execution": None, "data": None,
-                                    "created": stamp, "updated": stamp}, **fields)
-        self.artifact_versions[aid] = []
-        for content in versions:
-            self.add_version(aid, content, content_type)
-        return self.artifacts[aid]
-
-    def add_version(self, aid, content, content_type, created_by=None, meta=None, content_json=None):
-        versions = self.artifact_versions[aid]
-        number = max([v["version"] for v in versions] or [0]) + 1
-        version = {"id": 1000 * aid + number, "artifact": aid, "version": number, "content_type": content_type,
-                   "size_bytes": len(content), "content_json": content_json, "file_path": None, "meta": meta,
-                   "created_by": created_by, "created": self.stamp(), "content": content}
-        versions.append(version)
-        self.artifacts[aid]["size_bytes"] = len(content)
-        return version
-
-    def artifact(self, aid):
-        artifact = self.artifacts.get(int(aid))
-        return (artifact, None) if artifact else (None, api_error(404, "Artifact with ID %s not found" % aid,
-                                                                   "NOT_FOUND"))
-
-    def artifacts_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        rows = [a for _, a in sorted(self.artifacts.items())
-                if all(not q.get(k) or str(a.get(k)) == q[k] for k in ("scope", "owner", "type", "visibility", "execution"))
-                and (not q.get("name") or q["name"].lower() in (a.get("name") or "").lower())]
-        fields = ("id", "ref", "type", "visibility", "name", "content_type", "size_bytes", "scope", "owner",
-                  "created", "updated")
-        return self.paginate(req, [{k: a[k] for k in fields} for a in rows], "per_page")
-
-    def artifacts_show(self, req, aid):
-        artifact, error = self.artifact(aid)
-        return error or (200, envelope(artifact))
-
-    def artifacts_show_ref(self, req, ref):
-        found = [a for a in self.artifacts.values() if a["ref"] == ref]
-        return (200, envelope(found[0])) if found else api_error(404, "Artifact '%s' not found" % ref, "NOT_FOUND")
-
-    def artifacts_create(self, req):
-        body = req.json() or {}
-        if not str(body.get("ref") or "").strip():
-            return api_error(400, "Artifact ref must not be empty", "BAD_REQUEST")
-        if any(a["ref"] == body["ref"] for a in self.artifacts.values()):
-            return api_error(409, "Artifact with ref '%s' already exists" % body["ref"], "CONFLICT")
-        fields = {k: body[k] for k in ("retention_policy", "retention_limit", "description") if k in body}
-        artifact = self.new_artifact(body["ref"], body["owner"], body.get("scope", "action"), body.get("type"),
-                                     body.get("visibility") or "private", body.get("name"), body.get("content_type"),
-                                     **fields)
-        return 201, envelope(artifact, "Artifact created successfully")
-
-    def artifacts_delete(self, req, aid):
-        artifact, error = self.artifact(aid)
-        if error:
-            return error
-        del self.artifacts[artifact["id"]], self.artifact_versions[artifact["id"]]
-        return 200, {"success": True, "message": "Artifact deleted successfully"}
-
-    def artifact_version(self, aid, number):
-        artifact, error = self.artifact(aid)
-        if error:
-            return None, error
-        found = [v for v in self.artifact_versions[artifact["id"]] if v["version"] == int(number)]
-        return (found[0], None) if found else (None, api_error(
-            404, "Version %s of artifact %s not found" % (number, aid), "NOT_FOUND"))
-
-    def artifacts_versions(self, req, aid):
-        artifact, error = self.artifact(aid)
-        if error:
-            return error
-        return 200, envelope([{k: v for k, v in version.items() if k not in ("content", "content_json")}
-                              for version in reversed(self.artifact_versions[artifact["id"]])])
-
-    def artifacts_version_show(self, req, aid, number):
-        version, error = self.artifact_version(aid, number)
-        return error or (200, envelope({k: v for k, v in version.items() if k != "content"}))
-
-    def artifacts_version_json(self, req, aid):
-        artifact, error = self.artifact(aid)
-        if error:
-            return error
-        body = req.json() or {}
-        version = self.add_version(artifact["id"], json.dumps(body.get("content")).encode(),
-                                   body.get("content_type", "application/json"), body.get("created_by"),
-                                   body.get("meta"), body.get("content"))
-        return 201, envelope({k: v for k, v in version.items() if k != "content"}, "Version created successfully")
-
-    def artifacts_upload(self, req, aid):
-        artifact, error = self.artifact(aid)
-        if error:
-            return error
-        fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
-        if "file" not in files:
-            return api_error(400, "No file provided in upload", "BAD_REQUEST")
-        filename, content_type, content = files["file"]
-        meta = json.loads(fields["meta"]) if "meta" in fields else None
-        version = self.add_version(artifact["id"], content, fields.get("content_type") or content_type,
-                                   fields.get("created_by"), meta)
-        version["uploaded_name"] = filename
-        return 201, envelope({k: v for k, v in version.items() if k not in ("content", "uploaded_name")},
-                             "Version uploaded successfully")
-
-    def artifacts_version_delete(self, req, aid, number):
-        version, error = self.artifact_version(aid, number)
-        if error:
-            return error
-        self.artifact_versions[int(aid)].remove(version)
-        return 200, {"success": True, "message": "Version deleted successfully"}
-
-    def artifacts_download(self, req, aid, number=None):
-        if number is None:
-            artifact, error = self.artifact(aid)
-            versions = self.artifact_versions[artifact["id"]] if artifact else []
-            if not error and not versions:
-                error = api_error(404, "Artifact %s has no versions" % aid, "NOT_FOUND")
-            version = versions[-1] if versions else None
-        else:
-            version, error = self.artifact_version(aid, number)
-        if error:
-            return error
-        artifact = self.artifacts[int(aid)]
-        name = "%s_v%d%s" % (artifact["ref"].replace(".", "_"), version["version"],
-                             ".txt" if (version["content_type"] or "").startswith("text/") else ".bin")
-        return 200, Download(version["content"], version["content_type"] or "application/octet-stream",
-                             'attachment; filename="%s"' % name)
-
-    # inquiries
-    def new_inquiry(self, iid, execution, prompt, status="pending", purpose=None, schema=None, options=None,
-                    response=None, assigned_to=None):
-        stamp = self.stamp()
-        return {"id": iid, "created_by_execution": execution, "workflow_execution": None, "workflow_task_name": None,
-                "purpose": purpose, "prompt": prompt, "response_schema": schema, "response_options": options or [],
-                "assigned_to": assigned_to, "status": status, "response": response, "timeout_at": None,
-                "responded_by": None, "responded_at": None, "created": stamp, "updated": stamp}
-
-    def inquiries_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        limit, offset = max(1, min(500, int(q.get("limit", 50)))), int(q.get("offset", 0))
-        rows = [i for _, i in sorted(self.inquiries.items())
-                if (not q.get("status") or i["status"] == q["status"]) and
-                (not q.get("created_by_execution") or i["created_by_execution"] == int(q["created_by_execution"])) and
-                (not q.get("assigned_to") or i["assigned_to"] == int(q["assigned_to"]))]
-        items = [{"id": i["id"], "created_by_execution": i["created_by_execution"], "prompt": i["prompt"],
-                  "assigned_to": i["assigned_to"], "status": i["status"], "has_response": i["response"] is not None,
-                  "timeout_at": i["timeout_at"], "created": i["created"]} for i in rows[offset:offset + limit]]
-        return 200, {"items": items, "pagination": {"page": offset // limit + 1, "page_size": limit,
-                                                    "has_previous": offset > 0, "has_next": offset + limit < len(rows)}}
-
-    def inquiry(self, iid):
-        inquiry = self.inquiries.get(int(iid))
-        return (inquiry, None) if inquiry else (None, api_error(404, "Inquiry with ID %s not found" % iid, "NOT_FOUND"))
-
-    def inquiries_show(self, req, iid):
-        inquiry, error = self.inquiry(iid)
-        return error or (200, envelope(inquiry))
-
-    def inquiries_respond(self, req, iid):
-        inquiry, error = self.inquiry(iid)
-        if error:
-            return error
-        if inquiry["status"] != "pending":
-            return api_error(409, "Inquiry is no longer pending", "CONFLICT")
-        responder = int(req.claims["sub"])
-        if inquiry["assigned_to"] is not None and inquiry["assigned_to"] != responder:
-            return api_error(403, "Inquiry %s is assigned to identity %s and can only be answered by them"
-                             % (iid, inquiry["assigned_to"]), "FORBIDDEN")
-        response = (req.json() or {}).get("response")
-        schema = inquiry["response_schema"] or {}
-        missing = [k for k in schema.get("required", []) if not isinstance(response, dict) or k not in response]
-        if missing:
-            return api_error(422, "Response does not match the inquiry's schema: '%s' is required" % missing[0],
-                             "UNPROCESSABLE_ENTITY")
-        inquiry.update(status="responded", response=response, responded_by=responder, responded_at=self.stamp(),
-                       updated=self.stamp())
-        return 200, envelope(inquiry, "Inquiry responded successfully")
-
-    def inquiries_create(self, req):
-        if req.claims.get("token_type") != "execution":
-            return api_error(403, "Workflow inquiries must be created with an execution token", "FORBIDDEN")
-        body = req.json()
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-            return 422, "Failed to deserialize the JSON body into the target type: missing field `prompt`"
-        iid = max(self.inquiries) + 1
-        inquiry = self.new_inquiry(iid, req.claims["execution_id"], body["prompt"], purpose=body.get("purpose"),
-                                   schema=body.get("response_schema"), assigned_to=body.get("assigned_to"))
-        self.inquiries[iid] = inquiry
-        return 201, envelope({"inquiry": inquiry, "response_options": []}, "Inquiry created successfully")
-
-    def inquiries_cancel(self, req, iid):
-        inquiry, error = self.inquiry(iid)
-        if error:
-            return error
-        if req.claims.get("execution_id") != inquiry["created_by_execution"]:
-            return api_error(403, "Only the execution that created an inquiry can cancel it", "FORBIDDEN")
-        if inquiry["status"] != "pending":
-            return api_error(409, "Inquiry is no longer pending", "CONFLICT")
-        inquiry.update(status="cancelled", updated=self.stamp())
-        return 200, envelope(inquiry)
-
-    def info(self, req):
-        return 200, envelope({"version": self.build["version"], "git_sha": self.build["git_sha"]})
-
-    def executions_stream(self, req):
-        """Every execution's status changes as they happen (the API's broadcast of the
-        notifier's execution events), optionally for one execution_id; keep-alive comments
-        while quiet. stream_faults: "drop" after the next event, or a data line to send."""
-        only = req.query.get("execution_id", [None])[0]
-        with self.lock:
-            fault = self.stream_faults.pop(0) if self.stream_faults else None
-        return 200, EventStream(self.execution_events(int(only) if only else None, fault))
-
-    def execution_events(self, only, fault):
-        with self.lock:
-            known = {eid: e["status"] for eid, e in self.executions.items()}
-        quiet = 0
-        while True:
-            time.sleep(0.05)
-            with self.lock:
-                ids = [eid for eid in self.executions if only in (None, eid)]
-            if fault and fault != "drop":
-                yield "data: %s\n\n" % fault
-                fault = None
-            for eid in ids:
-                self.advance(eid)
+        (_, _, name, anonymous), match = mine[0]
+        if req.path.startswith("/api/v1/") and not anonymous:
+            claims, problem = self.bearer_claims(req)
+            if problem:  # the auth extractor's nested shape
                 with self.lock:
-                    execution = dict(self.executions[eid])
-                if known.get(eid) != execution["status"]:
-                    payload = {k: execution.get(k) for k in EXECUTION_SUMMARY_FIELDS + ("action", "started_at")}
-                    payload.update(entity_type="execution", entity_id=eid, old_status=known.get(eid))
-                    payload.pop("result", None)
-                    known[eid], quiet = execution["status"], 0
-                    yield "data: %s\n\n" % json.dumps({
-                        "notification_type": "execution_status_changed", "entity_type": "execution",
-                        "entity_id": eid, "payload": payload, "timestamp": self.stamp()})
-                    if fault == "drop":
-                        return
-            quiet += 1
-            if quiet % 10 == 0:
-                yield ": keep-alive\n\n"
-
-    def executions_log_stream(self, req, eid, stream):
-        execution, error = self.execution(eid)
-        if error:
-            return error
-        if stream not in ("stdout", "stderr"):
-            return api_error(400, "Unsupported log stream '%s'. Expected 'stdout' or 'stderr'." % stream,
-                             "BAD_REQUEST")
-        offset = int(req.query.get("offset", ["0"])[0])
-        return 200, EventStream(self.log_events(execution["id"], stream, offset, req.token))
-
-    def log_events(self, eid, stream, offset, token):
-        """The server's log stream: catch-up in 'content' events, a comment, then 'append'
-        events while the execution runs, then 'done'. log_drops[eid] = (n, revoke) closes
-        the connection after n content/append events, once, revoking the token if asked."""
-        plan, sent = self.plans[eid], 0
-        drop_after, revoke = self.log_drops.pop(eid, (None, False))
-        if revoke:
-            self.revoked.add(token)
-        log = plan["logs"][stream]
-        yield sse_event("waiting", "Log file found" if log else "Waiting for log output")
-        while offset < len(log):
-            chunk = log[offset:offset + 8]
-            offset += len(chunk)
-            yield sse_event("content", chunk.decode("utf-8", "replace"), offset)
-            sent += 1
-            if sent == drop_after:
-                return
-        yield ": initial-catchup-complete\n\n"
-        idle = 0
-        while True:
-            time.sleep(0.01)
-            with self.lock:
-                pending = plan["pending"][stream]
-                chunk = pending.pop(0).encode() if pending else None
-                if chunk:
-                    plan["logs"][stream] += chunk
-                log = plan["logs"][stream]
-            if offset < len(log):
-                chunk = log[offset:]
-                offset = len(log)
-                yield sse_event("append", chunk.decode("utf-8", "replace"), offset)
-                sent, idle = sent + 1, 0
-                if sent == drop_after:
-                    return
-            elif self.executions[eid]["status"] in TERMINAL and not plan["pending"][stream]:
-                idle += 1
-                if idle >= 2:
-                    yield sse_event("done", "Execution complete")
-                    return
-                yield sse_event("waiting", "Waiting for log output")
-            else:
-                self.advance(eid)
-
-    # rules
-    def rules_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        rules = [r for r in sorted(self.rules.values(), key=lambda r: r["id"])
-                 if all(not q.get(k) or r.get(k) == q[k] for k in ("pack_ref", "action_ref", "trigger_ref"))
-                 and (q.get("enabled") is None or str(r["enabled"]).lower() == q["enabled"])]
-        return self.paginate(req, rules)
-
-    def rules_show(self, req, ref):
-        rule, error = self.lookup(self.rules, ref, "Rule")
-        return error or (200, envelope(rule))
-
-    def rules_create(self, req):
-        body = req.json() or {}
-        missing = [k for k in ("ref", "pack_ref", "label", "trigger_ref", "action_ref") if not body.get(k)]
-        if missing:
-            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
-        if body["ref"] in self.rules:
-            return api_error(409, "Rule with ref '%s' already exists" % body["ref"], "CONFLICT")
-        for collection, field, label in ((self.packs, "pack_ref", "Pack"), (self.triggers, "trigger_ref", "Trigger"),
-                                         (self.actions, "action_ref", "Action")):
-            if body[field] not in collection:
-                return api_error(404, "%s '%s' not found" % (label, body[field]), "NOT_FOUND")
-        rule = self.new_rule(self.new_id(), {k: v for k, v in body.items() if k in RULE_FIELDS})
-        self.rules[rule["ref"]] = rule
-        return 201, envelope(rule)
-
-    def rules_update(self, req, ref):
-        rule, error = self.lookup(self.rules, ref, "Rule")
-        if error:
-            return error
-        rule.update({k: v for k, v in (req.json() or {}).items() if k in RULE_FIELDS and k != "ref"})
-        rule["updated"] = self.stamp()
-        return 200, envelope(rule, "Rule updated successfully")
-
-    def rules_enable(self, req, ref):
-        return self.toggled(self.rules, ref, "Rule", True)
-
-    def rules_disable(self, req, ref):
-        return self.toggled(self.rules, ref, "Rule", False)
-
-    def rules_delete(self, req, ref):
-        return self.removed(self.rules, ref, "Rule")
-
-    # triggers and sensors
-    def triggers_list(self, req):
-        return self.listed(req, self.triggers)
-
-    def pack_triggers(self, req, pack):
-        return self.listed(req, self.triggers, pack)
-
-    def triggers_show(self, req, ref):
-        trigger, error = self.lookup(self.triggers, ref, "Trigger")
-        return error or (200, envelope(trigger))
-
-    def triggers_enable(self, req, ref):
-        return self.toggled(self.triggers, ref, "Trigger", True)
-
-    def triggers_disable(self, req, ref):
-        return self.toggled(self.triggers, ref, "Trigger", False)
-
-    def triggers_delete(self, req, ref):
-        return self.removed(self.triggers, ref, "Trigger")
-
-    def sensors_list(self, req):
-        return self.listed(req, self.sensors)
-
-    def pack_sensors(self, req, pack):
-        return self.listed(req, self.sensors, pack)
-
-    def sensors_show(self, req, ref):
-        sensor, error = self.lookup(self.sensors, ref, "Sensor")
-        return error or (200, envelope(sensor))
-
-    def sensors_enable(self, req, ref):
-        return self.toggled(self.sensors, ref, "Sensor", True)
-
-    def sensors_disable(self, req, ref):
-        return self.toggled(self.sensors, ref, "Sensor", False)
-
-    # keys: an encrypted value is null unless ?decrypt=true
-    def key_view(self, key, decrypt=False):
-        view = dict(key)
-        if key["encrypted"] and not decrypt:
-            view["value"] = None
-        return view
-
-    def keys_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        keys = [{k: key.get(k) for k in ("id", "ref", "owner_type", "owner", "name", "encrypted", "created")}
-                for key in sorted(self.keys.values(), key=lambda key: key["id"])
-                if all(not q.get(k) or key.get(k) == q[k] for k in ("owner_type", "owner"))]
-        return self.paginate(req, keys, "per_page")
-
-    def keys_show(self, req, ref):
-        key, error = self.lookup(self.keys, ref, "Key")
-        return error or (200, envelope(self.key_view(key, req.query.get("decrypt") == ["true"])))
-
-    def keys_create(self, req):
-        body = req.json() or {}
-        if "local_ref" in body:  # the newer body: the server builds the ref from the owner
-            owner = {"system": None, "identity": body.get("owner_identity_login"),
-                     "pack": body.get("owner_pack_ref"), "action": body.get("owner_action_ref"),
-                     "sensor": body.get("owner_sensor_ref")}.get(body.get("owner_type"))
-            body["ref"] = ".".join(p for p in (body.get("owner_type"), owner, body["local_ref"]) if p)
-            body["owner"] = owner
-        missing = [k for k in ("ref", "name", "owner_type") if not body.get(k)] + (
-            ["value"] if "value" not in body else [])
-        if missing:
-            return api_error(422, "Validation failed: %s required" % ", ".join(missing), "VALIDATION_ERROR")
-        if body["ref"] in self.keys:
-            return api_error(409, "Key with ref '%s' already exists" % body["ref"], "CONFLICT")
-        stamp = self.stamp()
-        key = {"id": self.new_id(), "ref": body["ref"], "name": body["name"], "value": body["value"],
-               "encrypted": bool(body.get("encrypted")), "owner_type": body["owner_type"],
-               "owner": body.get("owner"), "created": stamp, "updated": stamp}
-        self.keys[key["ref"]] = key
-        return 201, envelope(self.key_view(key))
-
-    def keys_update(self, req, ref):
-        key, error = self.lookup(self.keys, ref, "Key")
-        if error:
-            return error
-        key.update({k: v for k, v in (req.json() or {}).items() if k in ("name", "value", "encrypted")})
-        key["updated"] = self.stamp()
-        return 200, envelope(self.key_view(key), "Key updated successfully")
-
-    def keys_delete(self, req, ref):
-        return self.removed(self.keys, ref, "Key")
-
-    # workflows
-    def workflows_list(self, req):
-        q = {k: v[0] for k, v in req.query.items()}
-        tags = set(t for t in q.get("tags", "").split(",") if t)
-        search = q.get("search", "").lower()
-        found = [{k: w[k] for k in ("id", "ref", "pack_ref", "label", "description", "version", "tags",
-                                    "created", "updated")}
-                 for w in sorted(self.workflows.values(), key=lambda w: w["id"])
-                 if (not q.get("pack_ref") or w["pack_ref"] == q["pack_ref"]) and tags <= set(w["tags"])
-                 and search in (w["label"] + " " + (w["description"] or "")).lower()]
-        return self.paginate(req, found)
-
-    def workflows_show(self, req, ref):
-        workflow, error = self.lookup(self.workflows, ref, "Workflow")
-        return error or (200, envelope(workflow))
-
-    def workflows_delete(self, req, ref):
-        return self.removed(self.workflows, ref, "Workflow")
-
-    def workflow_file_saved(self, body, pack, existing=None):
-        """The server's SaveWorkflowFileRequest checks, then the workflow as stored."""
-        missing = [k for k in ("name", "label", "version", "pack_ref", "definition") if k not in body]
-        if missing:
-            return None, (422, "Failed to deserialize the JSON body into the target type: missing field `%s`"
-                          % missing[0])
-        if pack not in self.packs:
-            return None, api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
-        stamp = self.stamp()
-        workflow = dict(existing or {"id": self.new_id(), "created": stamp}, **{
-            "ref": "%s.%s" % (pack, body["name"]), "pack": self.packs[pack]["id"], "pack_ref": pack,
-            "label": body["label"], "description": body.get("description"), "version": body["version"],
-            "param_schema": body.get("param_schema"), "out_schema": body.get("out_schema"),
-            "definition": body["definition"], "tags": body.get("tags") or [], "updated": stamp})
-        self.workflows[workflow["ref"]] = workflow
-        return workflow, None
-
-    def workflow_files_create(self, req, ref):
-        body = req.json() or {}
-        if "%s.%s" % (ref, body.get("name")) in self.workflows:
-            return api_error(409, "Workflow '%s.%s' already exists" % (ref, body.get("name")), "CONFLICT")
-        workflow, error = self.workflow_file_saved(body, ref)
-        return error or (201, envelope(workflow, "Workflow file saved successfully"))
-
-    def workflow_file_update(self, req, ref):
-        existing, error = self.lookup(self.workflows, ref, "Workflow")
-        if error:
-            return error
-        workflow, error = self.workflow_file_saved(req.json() or {}, existing["pack_ref"], existing)
-        return error or (200, envelope(workflow, "Workflow file updated successfully"))
+                    self.unauthorized.append(req.path)
+                return 401, {"error": {"code": 401, "message": problem}}
+            req.claims = claims
+        return getattr(self, name)(req, **{k: unquote(v) for k, v in match.groupdict().items()})
 
 
-SEED_STAMP = "2026-11-01T12:00:00.000000Z"
-TERMINAL = ("completed", "failed", "cancelled", "timeout", "abandoned")
-EXECUTION_SUMMARY_FIELDS = ("id", "action_ref", "status", "parent", "enforcement", "rule_ref", "trigger_ref",
-                            "trace_tag", "timeout_seconds", "started_at", "workflow_task", "original_execution",
-                            "created", "updated")
-RULE_FIELDS = ("ref", "pack_ref", "label", "description", "trigger_ref", "action_ref", "conditions",
-               "action_params", "trigger_params", "enabled", "trace_tag_template")
-REF = r"(?P<ref>[^/]+)"
 
-ROUTES = [
-    ("GET", r"/health", "health"),
-    ("GET", r"/auth/settings", "auth_settings"),
-    ("POST", r"/auth/login", "auth_login"),
-    ("POST", r"/auth/ldap/login", "auth_ldap_login"),
-    ("POST", r"/auth/token-login", "auth_token_login"),
-    ("POST", r"/auth/refresh", "auth_refresh"),
-    ("GET", r"/auth/me", "auth_me"),
-    ("POST", r"/auth/oidc/device/start", "device_start"),
-    ("POST", r"/auth/oidc/device/poll", "device_poll"),
-    ("GET", r"/api/v1/packs", "packs_list"),
-    ("POST", r"/api/v1/packs", "packs_create"),
-    ("POST", r"/api/v1/packs/install", "packs_install"),
-    ("POST", r"/api/v1/packs/register", "packs_register"),
-    ("POST", r"/api/v1/packs/upload", "packs_upload"),
-    ("GET", r"/api/v1/packs/(?P<pack>[^/]+)/actions", "pack_actions"),
-    ("GET", r"/api/v1/packs/(?P<pack>[^/]+)/triggers", "pack_triggers"),
-    ("GET", r"/api/v1/packs/(?P<pack>[^/]+)/sensors", "pack_sensors"),
-    ("GET", r"/api/v1/packs/" + REF, "packs_show"),
-    ("PUT", r"/api/v1/packs/" + REF, "packs_update"),
-    ("DELETE", r"/api/v1/packs/" + REF, "packs_delete"),
-    ("GET", r"/api/v1/actions", "actions_list"),
-    ("GET", r"/api/v1/actions/search", "actions_search"),
-    ("GET", r"/api/v1/actions/" + REF, "actions_show"),
-    ("PUT", r"/api/v1/actions/" + REF, "actions_update"),
-    ("DELETE", r"/api/v1/actions/" + REF, "actions_delete"),
-    ("POST", r"/api/v1/executions/execute", "executions_execute"),
-    ("GET", r"/api/v1/executions", "executions_list"),
-    ("GET", r"/api/v1/executions/(?P<eid>\d+)", "executions_show"),
-    ("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", "executions_cancel"),
-    ("GET", r"/api/v1/executions/stream", "executions_stream"),
-    ("GET", r"/api/v1/info", "info"),
-    ("GET", r"/api/v1/packs/install/(?P<install_id>\d+)", "packs_install_status"),
-    ("GET", r"/api/v1/policies", "policies_list"),
-    ("POST", r"/api/v1/policies", "policies_create"),
-    ("GET", r"/api/v1/policies/" + REF, "policies_show"),
-    ("PUT", r"/api/v1/policies/" + REF, "policies_update"),
-    ("DELETE", r"/api/v1/policies/" + REF, "policies_delete"),
-    ("GET", r"/api/v1/audit-events", "audit_list"),
-    ("GET", r"/api/v1/audit-events/(?P<eid>\d+)", "audit_show"),
-    ("GET", r"/api/v1/audit-events/by-request/(?P<rid>[^/]+)", "audit_chain"),
-    ("GET", r"/api/v1/cache/namespaces", "cache_namespaces_list"),
-    ("POST", r"/api/v1/cache/namespaces", "cache_namespaces_create"),
-    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", "cache_namespace_show"),
-    ("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", "cache_namespace_update"),
-    ("DELETE", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", "cache_namespace_delete"),
-    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup", "cache_lookup"),
-    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup-many", "cache_lookup_many"),
-    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries", "cache_scan"),
-    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations", "cache_generations_list"),
-    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations", "cache_begin"),
-    ("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)", "cache_generation_show"),
-    ("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/chunks/(?P<index>\d+)",
-     "cache_upload"),
-    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/seal", "cache_seal"),
-    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/promote", "cache_promote"),
-    ("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/abandon", "cache_abandon"),
-    ("GET", r"/api/v1/queues", "queues_list"),
-    ("GET", r"/api/v1/packs/" + REF + "/queues", "pack_queues_list"),
-    ("GET", r"/api/v1/queues/" + REF, "queues_show"),
-    ("PUT", r"/api/v1/queues/" + REF, "queues_update"),
-    ("POST", r"/api/v1/queues/" + REF + "/items", "queue_items_create"),
-    ("GET", r"/api/v1/queues/" + REF + "/items", "queue_items_list"),
-    ("GET", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)", "queue_items_show"),
-    ("POST", r"/api/v1/queues/" + REF + "/items/query/preview", "queue_items_preview"),
-    ("POST", r"/api/v1/queues/" + REF + "/items/query/apply", "queue_items_apply"),
-    ("GET", r"/api/v1/permissions/sets", "permission_sets_list"),
-    ("GET", r"/api/v1/permissions/sets/by-ref/" + REF, "permission_sets_show"),
-    ("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)", "permission_sets_update"),
-    ("POST", r"/api/v1/permissions/sets/(?P<sid>\d+)/roles", "set_roles_create"),
-    ("DELETE", r"/api/v1/permissions/sets/roles/(?P<rid>\d+)", "set_roles_delete"),
-    ("GET", r"/api/v1/permissions/assignments", "assignments_list"),
-    ("POST", r"/api/v1/permissions/assignments", "assignments_create"),
-    ("DELETE", r"/api/v1/permissions/assignments/(?P<aid>\d+)", "assignments_delete"),
-    ("GET", r"/api/v1/identities", "identities_list"),
-    ("GET", r"/api/v1/identities/(?P<iid>\d+)", "identities_show"),
-    ("POST", r"/api/v1/identities/(?P<iid>\d+)/roles", "identities_add_role"),
-    ("DELETE", r"/api/v1/identities/roles/(?P<aid>\d+)", "identities_remove_role"),
-    ("POST", r"/api/v1/identities/(?P<iid>\d+)/(?P<action>freeze|unfreeze)", "identities_freeze"),
-    ("GET", r"/api/v1/artifacts", "artifacts_list"),
-    ("POST", r"/api/v1/artifacts", "artifacts_create"),
-    ("GET", r"/api/v1/artifacts/ref/(?P<ref>.+)", "artifacts_show_ref"),
-    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)", "artifacts_show"),
-    ("DELETE", r"/api/v1/artifacts/(?P<aid>\d+)", "artifacts_delete"),
-    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/download", "artifacts_download"),
-    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions", "artifacts_versions"),
-    ("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions", "artifacts_version_json"),
-    ("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions/upload", "artifacts_upload"),
-    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)", "artifacts_version_show"),
-    ("DELETE", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)", "artifacts_version_delete"),
-    ("GET", r"/api/v1/artifacts/(?P<aid>\d+)/versions/(?P<number>\d+)/download", "artifacts_download"),
-    ("GET", r"/api/v1/inquiries", "inquiries_list"),
-    ("POST", r"/api/v1/inquiries", "inquiries_create"),
-    ("GET", r"/api/v1/inquiries/(?P<iid>\d+)", "inquiries_show"),
-    ("POST", r"/api/v1/inquiries/(?P<iid>\d+)/respond", "inquiries_respond"),
-    ("POST", r"/api/v1/inquiries/(?P<iid>\d+)/cancel", "inquiries_cancel"),
-    ("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream", "executions_log_stream"),
-    ("GET", r"/api/v1/rules", "rules_list"),
-    ("POST", r"/api/v1/rules", "rules_create"),
-    ("GET", r"/api/v1/rules/" + REF, "rules_show"),
-    ("PUT", r"/api/v1/rules/" + REF, "rules_update"),
-    ("DELETE", r"/api/v1/rules/" + REF, "rules_delete"),
-    ("POST", r"/api/v1/rules/%s/enable" % REF, "rules_enable"),
-    ("POST", r"/api/v1/rules/%s/disable" % REF, "rules_disable"),
-    ("GET", r"/api/v1/triggers", "triggers_list"),
-    ("GET", r"/api/v1/triggers/" + REF, "triggers_show"),
-    ("DELETE", r"/api/v1/triggers/" + REF, "triggers_delete"),
-    ("PUT", r"/api/v1/triggers/" + REF, "triggers_update"),
-    ("GET", r"/api/v1/traces/(?P<tag>[^/]+)", "traces_show"),
-    ("POST", r"/api/v1/triggers/%s/enable" % REF, "triggers_enable"),
-    ("POST", r"/api/v1/triggers/%s/disable" % REF, "triggers_disable"),
-    ("GET", r"/api/v1/sensors", "sensors_list"),
-    ("GET", r"/api/v1/sensors/" + REF, "sensors_show"),
-    ("POST", r"/api/v1/sensors/%s/enable" % REF, "sensors_enable"),
-    ("POST", r"/api/v1/sensors/%s/disable" % REF, "sensors_disable"),
-    ("GET", r"/api/v1/keys", "keys_list"),
-    ("POST", r"/api/v1/keys", "keys_create"),
-    ("GET", r"/api/v1/keys/" + REF, "keys_show"),
-    ("PUT", r"/api/v1/keys/" + REF, "keys_update"),
-    ("DELETE", r"/api/v1/keys/" + REF, "keys_delete"),
-    ("POST", r"/api/v1/packs/" + REF + "/workflow-files", "workflow_files_create"),
-    ("PUT", r"/api/v1/workflows/" + REF + "/file", "workflow_file_update"),
-    ("GET", r"/api/v1/workflows", "workflows_list"),
-    ("GET", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", "itokens_list"),
-    ("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", "itokens_create"),
-    ("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)/revoke", "itokens_revoke"),
-    ("DELETE", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)", "itokens_delete"),
-    ("GET", r"/api/v1/workflows/" + REF, "workflows_show"),
-    ("DELETE", r"/api/v1/workflows/" + REF, "workflows_delete"),
-]
-
-
-ANONYMOUS_ROUTES = {"/api/v1/info"}  # no token needed (the server's public routes under /api/v1)
-
-
-class Download:
-    """A file answer: raw bytes with their media type and Content-Disposition."""
-
-    def __init__(self, content, content_type, disposition):
-        self.content, self.content_type, self.disposition = content, content_type, disposition
-
-
-class EventStream:
-    """A text/event-stream answer: the handler writes each chunk as the generator yields it."""
-
-    def __init__(self, chunks):
-        self.chunks = chunks
-
-
-def sse_event(event, data, event_id=None):
-    lines = ["event: %s" % event] + (["id: %s" % event_id] if event_id is not None else [])
-    lines += ["data: %s" % line for line in data.split("\n")]
-    return "\n".join(lines) + "\n\n"
-
-
-def parse_multipart(body, content_type):
-    """({field: text}, {field: (filename, content type, bytes)}) of a multipart/form-data body."""
-    boundary = content_type.partition("boundary=")[2].strip('"').encode()
-    fields, files = {}, {}
-    for part in body.split(b"--" + boundary)[1:-1]:
-        head, _, data = part.partition(b"\r\n\r\n")
-        head = head.decode("utf-8", "replace")
-        name = re.search(r'name="([^"]*)"', head).group(1)
-        filename = re.search(r'filename="([^"]*)"', head)
-        ctype = re.search(r"Content-Type:\s*(\S+)", head, re.I)
-        if filename:
-            files[name] = (filename.group(1), ctype.group(1) if ctype else None, data[:-2])
-        else:
-            fields[name] = data[:-2].decode("utf-8")
-    return fields, files
 
 
 class WebSocketFrames:
@@ -2927,6 +3084,51 @@ class MessageTests(unittest.TestCase):
             "login": "a", "password": "***", "can_change_password": True, "refresh_token": None,
             "data": [{"access_token": "***", "refresh_token": "***", "expires_in": 5,
                       "token_type": "***"}]})
+
+
+class FakeRouteTests(unittest.TestCase):
+    """The fake server's route table, as @route declares it."""
+    SAMPLES = {"[^/]+": "some.ref", r"\d+": "7", ".+": "some/deep.ref", "freeze|unfreeze": "freeze"}
+
+    def sample(self, pattern):
+        """A path pattern matches: each parameter filled in with a value of its kind."""
+        return re.sub(r"\(\?P<\w+>([^()]+)\)", lambda m: self.SAMPLES[m.group(1)], pattern).replace("\\", "")
+
+    def test_every_handler_exists_and_every_route_is_declared_once(self):
+        server = FakeAttune()
+        seen = set()
+        for method, pattern, name, _ in ROUTES:
+            self.assertTrue(callable(getattr(server, name, None)), name)
+            self.assertNotIn((method, pattern), seen)
+            seen.add((method, pattern))
+        self.assertGreater(len(ROUTES), 120)
+
+    def test_no_request_matches_two_routes_with_parameters(self):
+        """A path with parameters matches no other route with parameters for the same method,
+        so which handler answers never depends on the order of the classes."""
+        for method, pattern, name, _ in ROUTES:
+            path = self.sample(pattern)
+            self.assertTrue(re.match(pattern + "$", path), (pattern, path))
+            rivals = [other for m, p, other, _ in ROUTES if m == method and other != name
+                      and "(?P" in p and "(?P" in pattern and re.match(p + "$", path)]
+            self.assertEqual(rivals, [], (method, path, name))
+
+    def test_a_route_without_parameters_wins(self):
+        server = FakeAttune()
+        for path, handler in (("/api/v1/actions/search", "actions_search"), ("/api/v1/actions/core.echo",
+                                                                             "actions_show")):
+            with mock.patch.object(server, handler, return_value=(200, {"by": handler})):
+                self.assertEqual(server.handle(Seen("GET", path, {"Authorization": "Bearer " + server.mint(
+                    "admin")}, b"")), (200, {"by": handler}))
+
+    def test_only_the_public_routes_answer_without_a_token(self):
+        server = FakeAttune()
+        public = sorted(p for m, p, _, anonymous in ROUTES if anonymous)
+        self.assertEqual(public, ["/api/v1/info"])
+        for method, pattern, name, anonymous in ROUTES:
+            if pattern.startswith("/api/v1/") and not anonymous:
+                status, body = server.handle(Seen(method, self.sample(pattern), {}, b""))
+                self.assertEqual((status, body["error"]["code"]), (401, 401), (method, pattern))
 
 
 class PathTests(unittest.TestCase):

@@ -2096,6 +2096,35 @@ def unwrap(resp):
     raise ApiError("the server answered %d %s with %s" % (resp.status, resp.reason, what), resp.status)
 
 
+def json_kind(value):
+    """'a string', 'null', ... for messages about answers of the wrong shape."""
+    for kinds, name in ((bool, "true or false"), (str, "a string"), ((int, float), "a number"),
+                        (list, "an array"), (dict, "an object")):
+        if isinstance(value, kinds):
+            return name
+    return "null"
+
+
+def list_items(body, objects=True):
+    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an
+    array; with objects, each item must be a JSON object (a resource)."""
+    items = body if isinstance(body, list) else None
+    if isinstance(body, dict):
+        items = next((body[key] for key in ("items", "data") if isinstance(body.get(key), list)), None)
+    if items is None:
+        raise ApiError("the server's answer is not a list: %s" % snippet(json.dumps(body).encode("utf-8"), 100))
+    if objects and not all(isinstance(item, dict) for item in items):
+        wrong = next(item for item in items if not isinstance(item, dict))
+        raise ApiError("the server's list holds %s where objects belong: %s"
+                       % (json_kind(wrong), snippet(json.dumps(wrong).encode("utf-8"), 100)))
+    return items
+
+
+def path_segment(value):
+    from urllib.parse import quote
+    return quote(str(value), safe="")
+
+
 class Session:
     """One profile's connection to the server: which token to send, and when and how
     to renew it. Each access token is refreshed at most once before it expires and once
@@ -2774,8 +2803,14 @@ def command(path, help, *arguments, **defaults):
 
 
 def arg(*flags, **options):
-    """One argument of a command, as argparse's add_argument takes it."""
+    """One argument of a command, as argparse's add_argument takes it, and optionally what
+    its value completes to (complete='actions': see Shell completion)."""
     return flags, options
+
+
+def parser_spec(spec):
+    """An argument's options as argparse takes them: without our own complete=."""
+    return spec if "complete" not in spec else {k: v for k, v in spec.items() if k != "complete"}
 
 
 def parse_bool(text):
@@ -2788,13 +2823,16 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
 
 
-def ref(what):
-    return arg("ref", metavar="REF", help="%s reference" % what)
+def ref(what, complete=None):
+    if complete is None:
+        return arg("ref", metavar="REF", help="%s reference" % what)
+    return arg("ref", metavar="REF", help="%s reference" % what, complete=complete)
 
 
 ALL = arg("--all", action="store_true", help="follow every page of the list (has_next)")
 YES = arg("--yes", action="store_true", help="do not ask for confirmation")
-EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution id (a whole number)")
+EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution id (a whole number)",
+                   complete="executions")
 
 
 # === Commands: auth token, the quick path ====================================
@@ -2838,7 +2876,8 @@ def cmd_auth_token(ctx, args):
 # === Argument parser =========================================================
 
 GLOBAL_OPTIONS = (
-    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)"),
+    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)",
+        complete="profiles"),
     arg("--api-url", metavar="URL", help="API URL for this run"),
     arg("--config", metavar="FILE", help="credential file"),
     arg("--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
@@ -3057,7 +3096,8 @@ def add_global_args(parser, top, own=()):
     group = parser.add_argument_group("global options")
     for flags, spec in GLOBAL_OPTIONS:
         if not set(flags) & set(own):
-            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS, **spec)
+            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS,
+                               **parser_spec(spec))
     if "--version" not in own:
         group.add_argument("--version", action="version", version=version_text())
 
@@ -3125,7 +3165,7 @@ def build_parser():
         # command_path lets the lock file say 'attune auth login' without any argument values
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
         for flags, spec in cmd.arguments:
-            parser.add_argument(*flags, **spec)
+            parser.add_argument(*flags, **parser_spec(spec))
         below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
         if below:
             sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
@@ -3137,6 +3177,323 @@ def build_parser():
 
     return CommandParser(prog="attune", formatter_class=help_formatter,
                          fill=lambda p: fill_group(p, ()))
+
+
+# === Shell completion: __complete ============================================
+# The completion scripts ask `attune __complete [--cursor N] [--] WORDS...` about the word
+# WORDS[N] (by default the last; past the end, a new empty word), WORDS being what follows
+# `attune` on the command line. The answer is one candidate a line on stdout and nothing
+# else, and the exit status is 0 whatever happens (no credential file, no session, the server
+# down or slow), within COMPLETE_BUDGET seconds. Commands, options and choices come from the
+# declarations: the installed first half reads them from COMPLETION_FILE, which self-install
+# writes beside it, so naming a command loads no more than `auth token` does. Refs, ids and
+# parameters come from the server, in one request through the session every command uses
+# (the same profile and URL precedence, refresh and origin rule).
+
+COMPLETE_BUDGET = 2.0  # seconds, for everything
+COMPLETION_FILE = "attune_commands.txt"  # completion_table(), as completion_table_text() writes it
+COMPLETION_FILE_LIMIT = 1 << 20
+CANDIDATE_LIMIT = 500
+CANDIDATE_CHARACTERS = frozenset("._-+=,:@/%")  # besides letters and digits: nothing a shell reads
+
+
+def value_completion(flags, spec):
+    """What an argument's value completes to: None for a flag that takes no value, else the
+    list of its choices ([]: anything goes) or the name of a kind the server or the
+    credential file answers (see Completion.kinds)."""
+    if flags[0].startswith("-") and spec.get("action") in FLAG_ACTIONS:
+        return None
+    if "complete" in spec:
+        return spec["complete"]
+    return [str(choice) for choice in spec.get("choices") or ()]
+
+
+def completion_table():
+    """The declarations as __complete reads them: the global options, and for the top
+    level, each group and each command its subcommands, its own options (option ->
+    value_completion) and its positional arguments in order, the last repeating when it
+    takes many."""
+    def options(arguments):
+        return {flag: value_completion(flags, spec) for flags, spec in arguments
+                if flags[0].startswith("-") for flag in flags}
+
+    def entry(path, arguments=()):
+        positional = [(value_completion(flags, spec), spec.get("nargs")) for flags, spec in arguments
+                      if not flags[0].startswith("-")]
+        return {"children": [name for name, _, _ in children(path)], "options": options(arguments),
+                "positionals": [kind for kind, _ in positional],
+                "repeats": bool(positional) and positional[-1][1] in ("*", "+", REMAINDER)}
+
+    table = {"version": __version__, "commands": {},
+             "global": dict(options(GLOBAL_OPTIONS), **{"-h": None, "--help": None, "--version": None})}
+    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
+        table["commands"][" ".join(path)] = entry(path)
+    for cmd in COMMANDS:
+        table["commands"][" ".join(cmd.path)] = entry(cmd.path, cmd.arguments)
+    return table
+
+
+def completion_value_text(value):
+    """A value_completion as COMPLETION_FILE spells it: '' a flag, '=' any value, '=a,b'
+    choices, '=@kind' a kind."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return "=@" + value
+    if any(c in choice for choice in value for c in " \t\n,=@") or "" in value:
+        raise ValueError("a choice COMPLETION_FILE cannot spell: %r" % (value,))
+    return "=" + ",".join(value)
+
+
+def completion_value(text):
+    """The value_completion COMPLETION_FILE spells as text (see completion_value_text)."""
+    if not text:
+        return None
+    return text[2:] if text.startswith("=@") else [choice for choice in text[1:].split(",") if choice]
+
+
+def completion_table_text(table):
+    """completion_table() as COMPLETION_FILE holds it: a line with the version, one with the
+    global options, then a line a command: path, subcommands, options, positional
+    arguments and whether the last repeats, separated by tabs, each list by spaces."""
+    def options(found):
+        return " ".join(name + completion_value_text(value) for name, value in found.items())
+
+    lines = ["attune.py %s" % table["version"], options(table["global"])]
+    for path, entry in table["commands"].items():
+        lines.append("\t".join([path, " ".join(entry["children"]), options(entry["options"]),
+                                " ".join(completion_value_text(v) for v in entry["positionals"]),
+                                "1" if entry["repeats"] else ""]))
+    return "\n".join(lines) + "\n"
+
+
+class CommandTable:
+    """The table completion_table_text() wrote, as __complete reads it: only the lines of the
+    commands it is asked about are parsed. ValueError for any other text."""
+    NONE = {"children": [], "options": {}, "positionals": [], "repeats": False}
+
+    def __init__(self, text):
+        lines = text.split("\n")
+        if len(lines) < 3 or not lines[0].startswith("attune.py ") or lines[-1] != "":
+            raise ValueError("not a completion table")
+        if not all(line.count("\t") == 4 for line in lines[2:-1]) or not lines[2].startswith("\t"):
+            raise ValueError("not a completion table")  # each command line has its five fields, "" first
+        self.version = lines[0][len("attune.py "):]
+        self.global_options = self.options(lines[1])
+        self.lines = dict(line.split("\t", 1) for line in lines[2:-1])
+        self.parsed = {}
+
+    @staticmethod
+    def options(field):
+        found = {}
+        for word in field.split():
+            name = word.partition("=")[0]
+            found[name] = completion_value(word[len(name):])
+        return found
+
+    def entry(self, path):
+        """(subcommands, options, positionals, repeats) of the command path ('pack list') as a
+        dict, or an entry of nothing for a path that is no command."""
+        if path not in self.parsed:
+            line = self.lines.get(path)
+            if line is None:
+                return self.NONE
+            below, own, positionals, repeats = line.split("\t")
+            self.parsed[path] = {"children": below.split(), "options": self.options(own), "repeats": repeats == "1",
+                                 "positionals": [completion_value(word) for word in positionals.split()]}
+        return self.parsed[path]
+
+
+def command_table():
+    """The CommandTable of this program; in the installed first half, from the copy
+    self-install wrote beside it (when that is missing or of another version, the rest is
+    loaded to make one)."""
+    if not REST_LOADED:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), COMPLETION_FILE)
+        try:
+            table = CommandTable(read_regular_file(path, COMPLETION_FILE_LIMIT)[0].decode("utf-8"))
+            if table.version == __version__:
+                return table
+        except (OSError, ValueError):
+            pass
+        load_rest()
+    return CommandTable(completion_table_text(completion_table()))
+
+
+def fit_candidate(text):
+    """A candidate a shell can put on the command line as it is: printable, at most 256
+    characters, letters, digits and CANDIDATE_CHARACTERS only. Whatever else a server sends
+    (spaces, quotes, $, ;, controls) is left out rather than changed."""
+    return isinstance(text, str) and 0 < len(text) <= 256 and \
+        all(c.isalnum() or c in CANDIDATE_CHARACTERS for c in text)
+
+
+class Completion:
+    """The words before the one being completed, read as the parser would read them: the
+    command they name, the positional arguments after it and the options given, values
+    included. complete() then answers for the word itself."""
+
+    def __init__(self, table, words, env, clock):
+        self.table, self.env, self.clock = table, env, clock
+        self.path, self.positionals, self.given = (), [], {}
+        self.pending = None  # the option the word being completed is the value of
+        self._context = None
+        index = 0
+        while index < len(words):
+            word, index = words[index], index + 1
+            if word == "--":
+                self.positionals += words[index:]
+                break
+            if word.startswith("-") and word != "-":
+                name, eq, value = word.partition("=")
+                if eq or self.value_of(name) is None:
+                    self.given[name] = value if eq else True
+                elif index < len(words):
+                    self.given[name], index = words[index], index + 1
+                else:
+                    self.pending = name
+            elif not self.positionals and word in self.entry()["children"]:
+                self.path += (word,)
+            else:
+                self.positionals.append(word)
+
+    def entry(self):
+        return self.table.entry(" ".join(self.path))
+
+    def options(self):
+        """The options valid here: the command's own first, then the global ones it leaves."""
+        own = self.entry()["options"]
+        return dict(own, **{k: v for k, v in self.table.global_options.items() if k not in own})
+
+    def value_of(self, option):
+        """The value_completion of an option here: None for a flag, or an option unknown here."""
+        return self.options().get(option)
+
+    def candidates(self, current):
+        """What the word `current` may become, at this place on the line."""
+        if self.pending is not None:
+            return self.values(self.value_of(self.pending), current)
+        if current.startswith("-"):
+            name, eq, value = current.partition("=")
+            if eq:
+                return [name + "=" + v for v in self.values(self.value_of(name), value)]
+            return [option for option in self.options() if option.startswith(current)]
+        entry = self.entry()
+        if entry["children"] and not self.positionals:
+            names = [name for name in entry["children"] if name.startswith(current)]
+            if names or not entry["positionals"]:
+                return names
+        kinds, index = entry["positionals"], len(self.positionals)
+        if index < len(kinds):
+            return self.values(kinds[index], current)
+        return self.values(kinds[-1], current) if kinds and entry["repeats"] else []
+
+    def values(self, kind, prefix):
+        """The values of one kind that start with prefix: choices, or what the credential
+        file or the server knows."""
+        if kind is None:
+            return []
+        if isinstance(kind, list):
+            return [choice for choice in kind if choice.startswith(prefix)]
+        return [value for value in getattr(self, "kind_" + kind)(prefix) if value.startswith(prefix)]
+
+    # -- where the values come from -----------------------------------------
+    def context(self):
+        """The Context a command would get from the options on the line, under the budget."""
+        if self._context is None:
+            given = self.given
+            args = Namespace(profile=given.get("--profile", given.get("-p")), api_url=given.get("--api-url"),
+                             config=given.get("--config"), ca_bundle=given.get("--ca-bundle"),
+                             insecure=given.get("--insecure") is True, wait_for_server=None, verbose=0,
+                             output=None, json=False, yaml=False, command_path=["__complete"])
+            self._context = Context(args, self.env, self.clock)
+            self._context.deadline.until(time.monotonic() + COMPLETE_BUDGET)
+        return self._context
+
+    def get(self, path, query=None):
+        """One GET through this line's session; None without a token to send (no request)."""
+        session = self.context().session()
+        return session.call("GET", path, query=query) if session.creds.access else None
+
+    def listed(self, path, field="ref", query=None):
+        body = self.get(path, dict(query or {"page_size": 100}))
+        items = [] if body is None else list_items(body)
+        return [str(item[field]) for item in items if type(item.get(field)) in (str, int)]
+
+    def kind_profiles(self, prefix):
+        return sorted(set(self.context().store.profiles()) | {DEFAULT_PROFILE})
+
+    def kind_packs(self, prefix):
+        return self.listed("/packs")
+
+    def kind_actions(self, prefix):
+        """Packs as PACK. until the word has a dot, then the server's action search."""
+        if "." not in prefix:
+            return [ref + "." for ref in self.listed("/packs")]
+        return self.listed("/actions/search", query={"q": prefix, "page_size": 100})
+
+    def kind_rules(self, prefix):
+        return self.listed("/rules")
+
+    def kind_triggers(self, prefix):
+        return self.listed("/triggers")
+
+    def kind_sensors(self, prefix):
+        return self.listed("/sensors")
+
+    def kind_workflows(self, prefix):
+        return self.listed("/workflows")
+
+    def kind_executions(self, prefix):
+        """Execution ids, the most recent first."""
+        ids = self.listed("/executions", "id", {"per_page": 100})
+        return sorted(ids, key=lambda i: -int(i) if i.isdigit() else 0)
+
+    def kind_parameters(self, prefix):
+        """NAME= for each parameter of the action on the line; after NAME=, its enum's values."""
+        action = self.positionals[0] if self.positionals else ""
+        if "." not in action:
+            return []  # no action ref (execution rerun takes an id)
+        body = self.get("/actions/" + path_segment(action))
+        schema = envelope_data(body).get("param_schema") if isinstance(envelope_data(body), dict) else None
+        if isinstance(schema, dict) and isinstance(schema.get("properties"), dict):
+            schema = schema["properties"]  # a JSON schema rather than the flat form
+        if not isinstance(schema, dict):
+            return []
+        name, eq, _ = prefix.partition("=")
+        if not eq:
+            return [key + "=" for key in schema]
+        enum = schema.get(name).get("enum") if isinstance(schema.get(name), dict) else None
+        return [name + "=" + (value if isinstance(value, str) else json.dumps(value))
+                for value in (enum if isinstance(enum, list) else ())
+                if isinstance(value, (str, int, float)) and value is not None]
+
+
+def complete_command(argv, env, clock=None):
+    """`attune __complete [--cursor N] [--] WORDS...`: the candidates, one a line; always 0.
+    Nothing goes to stderr: a shell's completion has no place to show it."""
+    cursor = None
+    if argv[:1] == ["--cursor"] and len(argv) > 1:
+        cursor, argv = parse_number(argv[1], 0, 1 << 20, True), argv[2:]
+        if cursor is None:
+            return 0
+    words = argv[1:] if argv[:1] == ["--"] else list(argv)
+    cursor = max(len(words) - 1, 0) if cursor is None else cursor
+    words = words[:cursor + 1] + [""] * (cursor + 1 - len(words))
+    saved, sys.stderr = sys.stderr, open(os.devnull, "w")
+    try:
+        found = Completion(command_table(), words[:-1], env, clock).candidates(words[-1])
+    except Exception:  # anything at all: no candidates, and the shell goes on
+        found = []
+    finally:
+        sys.stderr.close()
+        sys.stderr = saved
+    seen = set()
+    for candidate in found:
+        if fit_candidate(candidate) and candidate not in seen and len(seen) < CANDIDATE_LIMIT:
+            seen.add(candidate)
+            sys.stdout.write(candidate + "\n")
+    return 0
 
 
 # === Main ====================================================================
@@ -3214,6 +3571,8 @@ def main(argv=None, environ=None, clock=None):
         elif argv == ["--version"]:
             sys.stdout.write(version_text() + "\n")
             code = 0
+        elif argv[:1] == ["__complete"]:
+            code = complete_command(argv[1:], env, clock)
         else:
             args = quick_args(argv) or parse_args(argv)
             ctx = Context(args, env, clock)
@@ -4715,35 +5074,6 @@ def patch_op(value, empty_clears=False):
     return {"op": "clear"} if empty_clears and not value else {"op": "set", "value": value}
 
 
-def path_segment(value):
-    from urllib.parse import quote
-    return quote(str(value), safe="")
-
-
-def json_kind(value):
-    """'a string', 'null', ... for messages about answers of the wrong shape."""
-    for kinds, name in ((bool, "true or false"), (str, "a string"), ((int, float), "a number"),
-                        (list, "an array"), (dict, "an object")):
-        if isinstance(value, kinds):
-            return name
-    return "null"
-
-
-def list_items(body, objects=True):
-    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an
-    array; with objects, each item must be a JSON object (a resource)."""
-    items = body if isinstance(body, list) else None
-    if isinstance(body, dict):
-        items = next((body[key] for key in ("items", "data") if isinstance(body.get(key), list)), None)
-    if items is None:
-        raise ApiError("the server's answer is not a list: %s" % snippet(json.dumps(body).encode("utf-8"), 100))
-    if objects and not all(isinstance(item, dict) for item in items):
-        wrong = next(item for item in items if not isinstance(item, dict))
-        raise ApiError("the server's list holds %s where objects belong: %s"
-                       % (json_kind(wrong), snippet(json.dumps(wrong).encode("utf-8"), 100)))
-    return items
-
-
 def pagination_of(body):
     """The pagination object of a list answer, or None (a bare array has none)."""
     return body.get("pagination") if isinstance(body, dict) else None
@@ -5594,7 +5924,7 @@ def cmd_pack_list(ctx, args):
               lambda p: [p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)])
 
 
-@command("pack show", "show one pack", ref("pack"))
+@command("pack show", "show one pack", ref("pack", "packs"))
 def cmd_pack_show(ctx, args):
     pack = ctx.session().fetch("GET", "/packs/" + path_segment(args.ref))
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
@@ -5752,7 +6082,7 @@ def cmd_pack_upload(ctx, args):
     pack_report(ctx, session, unwrap(resp), "uploaded and registered")
 
 
-@command("pack update", "change a pack's label, description or version", ref("pack"),
+@command("pack update", "change a pack's label, description or version", ref("pack", "packs"),
          arg("--label"), arg("--description", help="new description (an empty one clears it)"),
          arg("--version", "--pack-version", dest="pack_version", metavar="VERSION", help="the pack's new version"))
 def cmd_pack_update(ctx, args):
@@ -5769,7 +6099,7 @@ def cmd_pack_update(ctx, args):
     ctx.ui.emit(pack, table)
 
 
-@command("pack uninstall", "uninstall a pack", ref("pack"), YES)
+@command("pack uninstall", "uninstall a pack", ref("pack", "packs"), YES)
 def cmd_pack_uninstall(ctx, args):
     delete_resource(ctx, args, "uninstall pack '%s'" % args.ref, "/packs/" + path_segment(args.ref),
                     "Pack '%s' uninstalled successfully" % args.ref, "Pack uninstalled successfully",
@@ -5783,7 +6113,7 @@ group("action", "list, show, search, execute, enable, disable and delete actions
 # the options of action execute, run and execution rerun
 EXECUTE_ARGS = (
     arg("--param", action="append", default=[], metavar="KEY=VALUE",
-        help="a parameter; the value is parsed as JSON when it parses (repeatable)"),
+        help="a parameter; the value is parsed as JSON when it parses (repeatable)", complete="parameters"),
     arg("--params-json", metavar="JSON", help="all parameters as one JSON object"),
     arg("--worker-selector", metavar="JSON", help="worker label selector (JSON object)"),
     arg("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)"),
@@ -5832,7 +6162,7 @@ def cmd_action_list(ctx, args):
                          clip(a.get("description") or "", 40)])
 
 
-@command("action show", "show one action and its parameters", ref("action"))
+@command("action show", "show one action and its parameters", ref("action", "actions"))
 def cmd_action_show(ctx, args):
     action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
@@ -5858,7 +6188,7 @@ def cmd_action_search(ctx, args):
         empty="No actions matched the search query"))
 
 
-@command("action update", "change an action (only the fields given)", ref("action"),
+@command("action update", "change an action (only the fields given)", ref("action", "actions"),
          arg("--label"), arg("--description"), arg("--entrypoint"), arg("--runtime", type=Number(1, MAX_ID),
                                                                          metavar="RUNTIME_ID", help="runtime id"),
          arg("--enabled", type=parse_bool, metavar="BOOL"),
@@ -5883,13 +6213,13 @@ def update_action(ctx, ref, body):
     ctx.ui.emit(action, table)
 
 
-@command("action disable", "disable an action", ref("action"), enable=False)
-@command("action enable", "enable an action", ref("action"), enable=True)
+@command("action disable", "disable an action", ref("action", "actions"), enable=False)
+@command("action enable", "enable an action", ref("action", "actions"), enable=True)
 def cmd_action_toggle(ctx, args):
     update_action(ctx, args.ref, {"enabled": args.enable})
 
 
-@command("action delete", "delete an action", ref("action"), YES)
+@command("action delete", "delete an action", ref("action", "actions"), YES)
 def cmd_action_delete(ctx, args):
     delete_resource(ctx, args, "delete action '%s'" % args.ref, "/actions/" + path_segment(args.ref),
                     "Action '%s' deleted successfully" % args.ref, "Action deleted successfully")
@@ -5915,8 +6245,8 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     return watch_execution(ctx, session, int(execution["id"]), timeout, notifier_base(ctx, session))
 
 
-@command("action execute", "run an action", ref("action (pack.action)"), *EXECUTE_ARGS)
-@command("run", "run an action (same as action execute)", ref("action (pack.action)"), *EXECUTE_ARGS)
+@command("action execute", "run an action", ref("action (pack.action)", "actions"), *EXECUTE_ARGS)
+@command("run", "run an action (same as action execute)", ref("action (pack.action)", "actions"), *EXECUTE_ARGS)
 def cmd_action_execute(ctx, args):
     body = execute_body(args, args.ref, execution_parameters(args))
     ctx.ui.info("Executing action: %s" % args.ref)
@@ -6052,7 +6382,8 @@ def cmd_execution_cancel(ctx, args):
 
 
 @command("execution watch", "wait for an execution to finish; without an id, follow a list of executions",
-         arg("id", metavar="ID", nargs="?", type=Number(1, MAX_ID), help="execution id (a whole number)"),
+         arg("id", metavar="ID", nargs="?", type=Number(1, MAX_ID), help="execution id (a whole number)",
+             complete="executions"),
          *(EXECUTION_FILTERS + (
              arg("--timeout", type=Number(1), default=300, metavar="SECONDS",
                  help="stop waiting after this long (default 300)"),
@@ -8190,7 +8521,7 @@ def cmd_rule_list(ctx, args):
                          r.get("enabled")])
 
 
-@command("rule show", "show one rule", ref("rule"))
+@command("rule show", "show one rule", ref("rule", "rules"))
 def cmd_rule_show(ctx, args):
     rule = ctx.session().fetch("GET", "/rules/" + path_segment(args.ref))
 
@@ -8233,7 +8564,7 @@ def cmd_rule_create(ctx, args):
     ctx.ui.emit(rule, table)
 
 
-@command("rule update", "change a rule", ref("rule"), arg("--label"),
+@command("rule update", "change a rule", ref("rule", "rules"), arg("--label"),
          arg("--clear-trace-tag-template", action="store_true", help="remove the trace tag template"), *RULE_OPTIONS)
 def cmd_rule_update(ctx, args):
     body = rule_fields(args)
@@ -8251,8 +8582,8 @@ def cmd_rule_update(ctx, args):
     ctx.ui.emit(rule, table)
 
 
-@command("rule disable", "disable a rule", ref("rule"), enable=False)
-@command("rule enable", "enable a rule", ref("rule"), enable=True)
+@command("rule disable", "disable a rule", ref("rule", "rules"), enable=False)
+@command("rule enable", "enable a rule", ref("rule", "rules"), enable=True)
 def cmd_rule_toggle(ctx, args):
     # the server's routes; the Rust CLI's PATCH /rules/{ref} has no route
     verb = "enabled" if args.enable else "disabled"
@@ -8260,7 +8591,7 @@ def cmd_rule_toggle(ctx, args):
     ctx.ui.emit(rule, lambda: ctx.ui.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
 
 
-@command("rule delete", "delete a rule", ref("rule"), YES)
+@command("rule delete", "delete a rule", ref("rule", "rules"), YES)
 def cmd_rule_delete(ctx, args):
     delete_resource(ctx, args, "delete rule '%s'" % args.ref, "/rules/" + path_segment(args.ref),
                     "Rule '%s' deleted successfully" % args.ref, "Rule deleted successfully",
@@ -8300,7 +8631,7 @@ def cmd_trigger_list(ctx, args):
                                 t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)])
 
 
-@command("trigger show", "show a trigger", ref("trigger"))
+@command("trigger show", "show a trigger", ref("trigger", "triggers"))
 def cmd_trigger_show(ctx, args):
     trigger = ctx.session().fetch("GET", "/triggers/" + path_segment(args.ref))
 
@@ -8321,7 +8652,7 @@ def cmd_trigger_show(ctx, args):
     ctx.ui.emit(trigger, table)
 
 
-@command("trigger update", "change a trigger (only the fields given)", ref("trigger"),
+@command("trigger update", "change a trigger (only the fields given)", ref("trigger", "triggers"),
          arg("--label"), arg("--description"), arg("--enabled", type=parse_bool, metavar="BOOL"),
          arg("--reference-visibility", choices=("public", "private", "restricted"),
              help="which packs may use it in rules"),
@@ -8344,11 +8675,11 @@ def cmd_trigger_update(ctx, args):
     ctx.ui.emit(trigger, table)
 
 
-command("trigger enable", "enable a trigger", ref("trigger"), kind="trigger", enable=True)(toggle_resource)
-command("trigger disable", "disable a trigger", ref("trigger"), kind="trigger", enable=False)(toggle_resource)
+command("trigger enable", "enable a trigger", ref("trigger", "triggers"), kind="trigger", enable=True)(toggle_resource)
+command("trigger disable", "disable a trigger", ref("trigger", "triggers"), kind="trigger", enable=False)(toggle_resource)
 
 
-@command("trigger delete", "delete a trigger", ref("trigger"), YES)
+@command("trigger delete", "delete a trigger", ref("trigger", "triggers"), YES)
 def cmd_trigger_delete(ctx, args):
     delete_resource(ctx, args, "delete trigger '%s'" % args.ref, "/triggers/" + path_segment(args.ref),
                     "Trigger '%s' deleted successfully" % args.ref, "Trigger deleted successfully")
@@ -8365,7 +8696,7 @@ def cmd_sensor_list(ctx, args):
                                 s.get("enabled"), clip(s.get("description") or "", 50)])
 
 
-@command("sensor show", "show a sensor", ref("sensor"))
+@command("sensor show", "show a sensor", ref("sensor", "sensors"))
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
     ctx.ui.emit(sensor, lambda: ctx.ui.pairs(
@@ -8376,8 +8707,8 @@ def cmd_sensor_show(ctx, args):
         + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
 
 
-command("sensor enable", "enable a sensor", ref("sensor"), kind="sensor", enable=True)(toggle_resource)
-command("sensor disable", "disable a sensor", ref("sensor"), kind="sensor", enable=False)(toggle_resource)
+command("sensor enable", "enable a sensor", ref("sensor", "sensors"), kind="sensor", enable=True)(toggle_resource)
+command("sensor disable", "disable a sensor", ref("sensor", "sensors"), kind="sensor", enable=False)(toggle_resource)
 
 
 # === Commands: keys ==========================================================
@@ -8649,7 +8980,7 @@ def task_transitions(task):
     return "%d target(s)" % targets if targets else "terminal"
 
 
-@command("workflow show", "show a workflow and its tasks", ref("workflow"))
+@command("workflow show", "show a workflow and its tasks", ref("workflow", "workflows"))
 def cmd_workflow_show(ctx, args):
     workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
@@ -8673,7 +9004,7 @@ def cmd_workflow_show(ctx, args):
     ctx.ui.emit(workflow, table)
 
 
-@command("workflow delete", "delete a workflow", ref("workflow"), YES)
+@command("workflow delete", "delete a workflow", ref("workflow", "workflows"), YES)
 def cmd_workflow_delete(ctx, args):
     delete_resource(ctx, args, "delete workflow '%s'" % args.ref, "/workflows/" + path_segment(args.ref),
                     "Workflow '%s' deleted successfully" % args.ref, "Workflow '%s' deleted" % args.ref)
@@ -8868,6 +9199,7 @@ def cmd_self_install(ctx, args):
         first, rest = split_program(program_source())
         put(module, first.encode("utf-8"), 0o644)
         put(os.path.join(libdir, REST_FILE), rest.encode("utf-8"), 0o644)
+        put(os.path.join(libdir, COMPLETION_FILE), completion_table_text(completion_table()).encode("utf-8"), 0o644)
         for path in (module, os.path.join(libdir, REST_FILE)):
             py_compile.compile(path, doraise=True)  # into __pycache__, for this interpreter
         put(launcher, launcher_text(python, runtime_libdir).encode("utf-8"), 0o755)
@@ -8889,8 +9221,8 @@ def cmd_self_uninstall(ctx, args):
     cache = os.path.join(libdir, "__pycache__")
     names = [os.path.join(cache, n) for n in (os.listdir(cache) if os.path.isdir(cache) else [])
              if n.startswith(("attune.", "attune_rest."))]
-    for path in ([launcher] if ours else []) + [os.path.join(libdir, "attune.py"), os.path.join(libdir, REST_FILE)] \
-            + names:
+    for path in ([launcher] if ours else []) + [os.path.join(libdir, name) for name in (
+            "attune.py", REST_FILE, COMPLETION_FILE)] + names:
         try:
             os.unlink(path)
             removed.append(path)
@@ -9168,11 +9500,38 @@ def cmd_auth_doctor(ctx, args):
 FILE_OPTIONS = ("--config", "--ca-bundle", "--data")
 
 
+# The bash function that asks `attune __complete` (zsh runs it too, through bashcompinit).
+BASH_DYNAMIC = """_attune_dynamic() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" line drop="" candidate IFS
+    local -a words
+    if [ -n "${ZSH_VERSION:-}" ]; then  # zsh (bashcompinit) hands over whole words
+        words=("${COMP_WORDS[@]:1:$COMP_CWORD}")
+    else  # bash breaks words at = and :, so read them whole from the line
+        line="${COMP_LINE:0:COMP_POINT}"
+        read -ra words <<< "$line"
+        [[ -z "$line" || "$line" == *[[:space:]] ]] && words+=("")
+        words=("${words[@]:1}")
+        drop="${words[${#words[@]}-1]}"
+        drop="${drop%"$cur"}"  # bash replaces only the part after its own word break (= or :)
+    fi
+    IFS=$'\n'
+    COMPREPLY=($("${COMP_WORDS[0]}" __complete -- "${words[@]}" 2>/dev/null))
+    [ -n "$drop" ] && COMPREPLY=("${COMPREPLY[@]#"$drop"}")
+    for candidate in "${COMPREPLY[@]}"; do
+        case "$candidate" in *.|*=) compopt -o nospace 2>/dev/null; break ;; esac
+    done
+}
+"""
+
+
 def completion_bash(tree):
     children = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(c)) for p, _, _, c in tree if c)
     options = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(o)) for p, o, _, _ in tree)
     takes_value = sorted(set(v for _, _, values, _ in tree for v in values))
     return """# bash completion for attune (attune.py %(version)s): eval "$(attune completion bash)"
+# Commands and options are in the tables below; refs, ids, profiles and parameters come from
+# `attune __complete` (at most 2 seconds, and silent when the server is down or slow).
+# (No variable is called path: in zsh, which runs this through bashcompinit, that is PATH.)
 _attune_children() {
     case "$1" in
 %(children)s    esac
@@ -9181,31 +9540,36 @@ _attune_options() {
     case "$1" in
 %(options)s    esac
 }
-_attune() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" path="" word i
+%(dynamic)s_attune() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" place="" word i
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
-        case " $(_attune_children "$path") " in *" $word "*) path="${path:+$path }$word" ;; esac
+        case " $(_attune_children "$place") " in *" $word "*) place="${place:+$place }$word" ;; esac
     done
     case "$prev" in
-        -p|--profile) COMPREPLY=($(compgen -W "$(attune config profiles --names 2>/dev/null)" -- "$cur")); return ;;
-        --output) COMPREPLY=($(compgen -W "table json yaml" -- "$cur")); return ;;
         %(files)s) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        %(values)s) COMPREPLY=(); return ;;
+        %(values)s|=|:) _attune_dynamic; return ;;
     esac
-    if [[ "$cur" == -* ]]; then
-        COMPREPLY=($(compgen -W "$(_attune_options "$path")" -- "$cur"))
-    else
-        COMPREPLY=($(compgen -W "$(_attune_children "$path")" -- "$cur"))
+    if [[ "$cur" == -*=* ]]; then  # zsh keeps --option=value whole
+        _attune_dynamic
+        return
+    elif [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$(_attune_options "$place")" -- "$cur"))
+        return
     fi
+    [[ "$cur" == "=" || "$cur" == ":" ]] || COMPREPLY=($(compgen -W "$(_attune_children "$place")" -- "$cur"))
+    [ ${#COMPREPLY[@]} -gt 0 ] || _attune_dynamic
 }
 complete -o default -F _attune attune attune.py
 """ % {"version": __version__, "children": children, "options": options, "files": "|".join(FILE_OPTIONS),
-       "values": "|".join(v for v in takes_value if v not in FILE_OPTIONS + ("-p", "--profile", "--output"))}
+       "dynamic": BASH_DYNAMIC,
+       "values": "|".join(v for v in takes_value if v not in FILE_OPTIONS)}
 
 
 def completion_fish(tree):
     lines = ["# fish completion for attune (attune.py %s): attune completion fish | source" % __version__,
+             "# Commands and options are in the rules below; refs, ids, profiles, parameters and choices",
+             "# come from `attune __complete` (at most 2 seconds, and silent when the server is down).",
              "function __attune_children",
              "    switch \"$argv[1]\""]
     for path, _, _, children in tree:
@@ -9225,17 +9589,26 @@ def completion_fish(tree):
               "    set -l path (__attune_path)",
               "    test \"$path\" = \"$argv[1]\"",
               "end",
+              "function __attune_dynamic",
+              "    command -q attune; or return",
+              "    set -l words (commandline -opc) (commandline -ct)",
+              "    command attune __complete -- $words[2..-1] 2>/dev/null",
+              "end",
+              "function __attune_value  # an option's value: fish puts back the --option= itself",
+              "    __attune_dynamic | string replace -r -- '^--[^=]*=' ''",
+              "end",
               "complete -c attune -f",
               "complete -c attune -a '(__attune_children (__attune_path))'",
-              "complete -c attune -s p -l profile -x -a '(attune config profiles --names 2>/dev/null)'",
-              "complete -c attune -l output -x -a 'table json yaml'"]
+              "complete -c attune -a '(__attune_dynamic)'"]
+    table = completion_table()
     for path, options, takes_value, _ in tree:
+        own = table["commands"][" ".join(path)]["options"]
         for option in options:
-            if option in ("-p", "--profile", "--output"):
-                continue
             flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
-            kind = " -r -F" if option in FILE_OPTIONS else " -x" if option in takes_value else ""
-            lines.append("complete -c attune -n '__attune_at \"%s\"' %s%s" % (" ".join(path), flag, kind))
+            kind = own.get(option, table["global"].get(option))
+            value = " -r -F" if option in FILE_OPTIONS else " -x -a '(__attune_value)'" if kind else \
+                " -x" if option in takes_value else ""
+            lines.append("complete -c attune -n '__attune_at \"%s\"' %s%s" % (" ".join(path), flag, value))
     return "\n".join(lines) + "\n"
 
 
@@ -9258,7 +9631,14 @@ def completion_powershell(tree):
               "        if ($AttuneChildren[$path] -contains $word) { $path = ($path + ' ' + $word).Trim() }",
               "    }",
               "    $candidates = if ($wordToComplete -like '-*') { $AttuneOptions[$path] } else { $AttuneChildren[$path] }",
-              "    $candidates | Where-Object { $_ -like \"$wordToComplete*\" } | ForEach-Object {",
+              "    $candidates = @($candidates | Where-Object { $_ -like \"$wordToComplete*\" })",
+              "    if ($candidates.Count -eq 0) {  # refs, ids, profiles, parameters: attune answers (at most 2 s)",
+              "        $words = @($commandAst.CommandElements | Select-Object -Skip 1 |",
+              "            Where-Object { $_.Extent.StartOffset -lt $cursorPosition } | ForEach-Object { $_.ToString() })",
+              "        $cursor = if ($wordToComplete -eq '') { $words.Count } else { $words.Count - 1 }",
+              "        $candidates = @(& $commandAst.CommandElements[0].ToString() __complete --cursor $cursor -- @words 2>$null)",
+              "    }",
+              "    $candidates | ForEach-Object {",
               "        [System.Management.Automation.CompletionResult]::new($_, $_, 'ParameterValue', $_)",
               "    }",
               "}"]

@@ -633,7 +633,8 @@ class FakeActions(FakeResources):
                 ("core.fail", "core.shell", "Always fails", {}, None),
                 ("core.noisy", "core.shell", "Prints ten lines", {}, None),
                 ("linux.uptime", "core.shell", "Show the uptime", None, None),
-                ("examples.deploy", None, "Build, test and notify", {"env": {"type": "string"}}, 7)):
+                ("examples.deploy", None, "Build, test and notify",
+                 {"env": {"type": "string", "enum": ["staging", "production", 3]}}, 7)):
             pack = ref.split(".")[0]
             self.actions[ref] = {
                 "id": len(self.actions) + 1, "ref": ref, "pack": self.packs[pack]["id"], "pack_ref": pack,
@@ -4854,6 +4855,41 @@ class SeamTests(AttuneTestCase):
                     outcomes.append((result.code, out, result.err))  # the seconds tick between the two
                 self.assertEqual(outcomes[0], outcomes[1])
 
+    def test_complete_through_the_installed_launcher_with_the_rest_gone(self):
+        """__complete in the installed first half: commands from the table self-install wrote,
+        refs from the server, never the rest; a missing or broken table loads the rest."""
+        self.seed()
+        prefix = os.path.join(self.tmp, "prefix")
+        self.assertEqual(self.run_process("self-install", "--prefix", prefix).code, 0)
+        libdir = os.path.join(prefix, "lib", "attune")
+        rest, table = os.path.join(libdir, attune.REST_FILE), os.path.join(libdir, attune.COMPLETION_FILE)
+        with open(table, encoding="utf-8") as f:
+            self.assertEqual(f.read(), attune.completion_table_text(attune.completion_table()))
+        os.rename(rest, rest + ".away")
+        os.remove(importlib_cache(rest))
+        launcher = os.path.join(prefix, "bin", "attune")
+
+        def complete(*words):
+            p = subprocess.run([launcher, "__complete", "--"] + list(words), env=self.process_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+            self.assertEqual((p.returncode, p.stderr), (0, ""))
+            return p.stdout.splitlines()
+
+        self.assertEqual(complete("pack", "l"), ["list"])
+        self.assertEqual(complete("run", "core.e"), ["core.echo"])
+        self.assertEqual(complete("run", "core.echo", "--param", ""), ["message=", "count="])
+        self.assertEqual(complete("--output", "j"), ["json"])
+        for broken in ("", "attune.py 0.0.0-other\n\n", "attune.py %s\n\nrun\tno tabs enough\n" % attune.__version__,
+                       "\x00\xff not text"):
+            with self.subTest(table=broken):
+                with open(table, "w", encoding="utf-8", errors="surrogateescape") as f:
+                    f.write(broken)
+                self.assertEqual(complete("pack", "l"), [])  # it would load the rest, which is gone
+                os.rename(rest + ".away", rest)
+                self.assertEqual(complete("pack", "l"), ["list"])  # ... which it then does
+                os.rename(rest, rest + ".away")
+
+
 def importlib_cache(path):
     import importlib.util
     return importlib.util.cache_from_source(path)
@@ -7763,14 +7799,19 @@ class CompletionTests(AttuneTestCase):
         with open(os.path.join(bindir, "attune"), "w") as f:
             f.write('#!/bin/sh\nexec %s "$@"\n' % " ".join('"%s"' % word for word in attune_argv()))
         os.chmod(os.path.join(bindir, "attune"), 0o755)
-        driver = ('source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _attune; '
-                  'printf "%s\\n" "${COMPREPLY[@]}"')
+        # COMP_WORDS as bash makes them: broken at = and : (COMP_WORDBREAKS), each its own word
+        line = " ".join(words)
+        broken = [part for word in words for part in re.split(r"([=:])", word) if part] or [""]
+        if not words[-1]:
+            broken.append("")
+        driver = ('source "$1"; COMP_LINE="$2"; COMP_POINT=${#COMP_LINE}; shift 2; COMP_WORDS=("$@"); '
+                  'COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _attune; printf "%s\\n" "${COMPREPLY[@]}"')
         script = os.path.join(self.tmp, "completion.bash")
         with open(script, "w") as f:
             f.write(self.script("bash"))
         env = self.process_env({"PATH": bindir + os.pathsep + os.environ.get("PATH", "")})
-        out = subprocess.check_output(["bash", "-c", driver, "bash", script] + list(words), env=env,
-                                      universal_newlines=True)
+        out = subprocess.check_output(["bash", "-c", driver, "bash", script, line] + broken, env=env,
+                                      universal_newlines=True, timeout=60)
         return out.split()
 
     @unittest.skipUnless(shutil.which("bash"), "bash")
@@ -7784,7 +7825,26 @@ class CompletionTests(AttuneTestCase):
         self.assertEqual(self.complete_in_bash(["attune", "-p", ""]), ["default", "prod", "staging"])
         self.assertEqual(self.complete_in_bash(["attune", "-p", "prod", "execution", "li"]), ["list"])
         self.assertIn("--top-level-only", self.complete_in_bash(["attune", "execution", "list", "--"]))
-        self.assertEqual(self.complete_in_bash(["attune", "--output", ""]), ["table", "json", "yaml"])
+        self.assertEqual(self.complete_in_bash(["attune", "--output", ""]), ["table", "json", "yaml", "ndjson"])
+
+    @unittest.skipUnless(shutil.which("bash"), "bash")
+    def test_bash_completes_refs_and_parameters_from_the_server(self):
+        self.seed()
+        self.assertEqual(self.complete_in_bash(["attune", "run", "core.e"]), ["core.echo"])
+        self.assertEqual(self.complete_in_bash(["attune", "run", ""]), ["core.", "linux.", "examples."])
+        self.assertEqual(self.complete_in_bash(["attune", "pack", "show", "li"]), ["linux"])
+        # bash puts each candidate in place of what follows its last word break (= or :)
+        self.assertEqual(self.complete_in_bash(["attune", "run", "core.echo", "--param="]),
+                         ["=message=", "=count="])
+        self.assertEqual(self.complete_in_bash(["attune", "run", "examples.deploy", "--param=env=p"]),
+                         ["production"])
+        self.assertEqual(self.complete_in_bash(["attune", "run", "examples.deploy", "--param", "env="]),
+                         ["=staging", "=production", "=3"])
+        self.assertEqual(self.complete_in_bash(["attune", "--output=y"]), ["yaml"])
+        self.assertEqual(self.complete_in_bash(["attune", "pack", "li"]), ["list"])  # no request for that
+        self.assertEqual(self.server.log(), ["GET /api/v1/actions/search", "GET /api/v1/packs", "GET /api/v1/packs",
+                                             "GET /api/v1/actions/core.echo", "GET /api/v1/actions/examples.deploy",
+                                             "GET /api/v1/actions/examples.deploy"])
 
     def test_install_writes_where_each_shell_looks(self):
         home = self.env["HOME"]
@@ -7848,6 +7908,61 @@ class CompletionTests(AttuneTestCase):
             f.write(self.script(shell))
         self.assertEqual(subprocess.call(check + [path]), 0, shell)
 
+    def attune_on_path(self):
+        """A PATH whose attune is this attune.py, as the scripts call it."""
+        bindir = os.path.join(self.tmp, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        with open(os.path.join(bindir, "attune"), "w") as f:
+            f.write('#!/bin/sh\nexec %s "$@"\n' % " ".join('"%s"' % word for word in attune_argv()))
+        os.chmod(os.path.join(bindir, "attune"), 0o755)
+        return bindir + os.pathsep + os.environ.get("PATH", "")
+
+    @unittest.skipUnless(shutil.which("zsh"), "zsh")
+    def test_zsh_completes_commands_refs_and_parameters(self):
+        """The zsh script in a real zsh, called as its bashcompinit calls it, the matches
+        filtered as compadd filters them."""
+        self.seed()
+        script = os.path.join(self.tmp, "completion.zsh")
+        with open(script, "w") as f:
+            f.write(self.script("zsh"))
+        driver = ('autoload -U compinit && compinit -u -D; autoload -U +X bashcompinit && bashcompinit; '
+                  'source "$1"; shift; words=("$@"); CURRENT=${#words}; COMP_LINE="$words"; '
+                  'COMP_CWORD=$((CURRENT - 1)); COMP_WORDS=("${words[@]}"); COMP_POINT=${#COMP_LINE}; '
+                  'compgen -o default -F _attune -- "${words[CURRENT]}" | while IFS= read -r m; do '
+                  '[[ "$m" == "${words[CURRENT]}"* ]] && print -r -- "$m"; done; true')
+        env = self.process_env({"PATH": self.attune_on_path(), "ZDOTDIR": self.tmp})
+
+        def complete(*words):
+            return subprocess.check_output(["zsh", "-f", "-c", driver, "zsh", script, "attune"] + list(words),
+                                           env=env, universal_newlines=True, timeout=60).split()
+
+        self.assertEqual(complete("auth", "lo"), ["login", "logout"])
+        self.assertEqual(complete("--output=y"), ["--output=yaml"])  # zsh keeps the word whole
+        self.assertEqual(complete("-p", ""), ["default"])
+        self.assertEqual(complete("run", "core.e"), ["core.echo"])
+        self.assertEqual(complete("run", "core.echo", "--param=m"), ["--param=message="])
+        self.assertEqual(self.server.log(), ["GET /api/v1/actions/search", "GET /api/v1/actions/core.echo"])
+
+    @unittest.skipUnless(shutil.which("fish"), "fish")
+    def test_fish_completes_refs_profiles_and_values(self):
+        self.seed()
+        self.seed("prod", current=False)
+        path = os.path.join(self.tmp, "completion.fish")
+        with open(path, "w") as f:
+            f.write(self.script("fish"))
+        env = self.process_env({"PATH": self.attune_on_path()})
+
+        def complete(line):
+            out = subprocess.check_output(["fish", "--no-config", "-c", "source %s; complete -C '%s'" % (path, line)],
+                                          env=env, universal_newlines=True, timeout=60)
+            return sorted(word.split("\t")[0] for word in out.splitlines())
+
+        self.assertEqual(complete("attune run core.e"), ["core.echo"])
+        self.assertLessEqual({"default", "prod"}, set(complete("attune -p ")))
+        self.assertEqual(complete("attune --output=y"), ["--output=yaml"])
+        self.assertEqual(complete("attune run core.echo --param="), ["--param=count=", "--param=message="])
+        self.assertIn("GET /api/v1/actions/search", self.server.log())
+
     @unittest.skipUnless(shutil.which("fish"), "fish")
     def test_fish_completes_options_of_the_command_at_hand(self):
         self.seed("prod")
@@ -7859,6 +7974,151 @@ class CompletionTests(AttuneTestCase):
                                       env=env, universal_newlines=True)
         self.assertEqual(sorted(out.split()), ["--password", "--password-stdin"])
 
+
+
+class CompleteTests(ResourceTestCase):
+    """`attune __complete`: what each place on the line completes to, and the exact
+    requests it costs (none for commands, options and choices; one for refs and ids)."""
+
+    def complete(self, line, *argv, env=None):
+        """The candidates for the last word of line (a trailing space: a new, empty word)."""
+        words = line.split(" ") if line else [""]
+        result = self.ok(*(("__complete",) + argv + ("--",) + tuple(words)), env=env)
+        self.assertEqual(result.err, "")
+        return result.out.splitlines()
+
+    def test_each_place_on_the_line(self):
+        table = attune.completion_table()["commands"]
+        packs = "GET /api/v1/packs?page_size=100"
+        for line, expected, requests in (
+                ("", attune.TOP_LEVEL, []),
+                ("pa", ["pack"], []),
+                ("pack ", table["pack"]["children"], []),
+                ("pack l", ["list"], []),
+                ("-p default pack l", ["list"], []),
+                ("pack list --a", ["--all", "--api-url"], []),
+                ("--output ", ["table", "json", "yaml", "ndjson"], []),
+                ("--output=y", ["--output=yaml"], []),
+                ("-p ", ["default"], []),
+                ("--profile=d", ["--profile=default"], []),
+                ("--profile=x", [], []),
+                ("auth t", ["token", "token-login"], []),
+                ("auth token ", table["auth token"]["children"], []),
+                ("completion ", ["bash", "zsh", "fish", "powershell", "install"], []),
+                ("completion install z", ["zsh"], []),
+                ("run core.echo --timeout ", [], []),
+                ("run core.echo ", [], []),
+                ("nonsense ", [], []),
+                ("run ", ["core.", "linux.", "examples."], [packs]),
+                ("run co", ["core."], [packs]),
+                ("run core.", ["core.echo", "core.sleep", "core.fail", "core.noisy"],
+                 ["GET /api/v1/actions/search?q=core.&page_size=100"]),
+                ("run core.e", ["core.echo"], ["GET /api/v1/actions/search?q=core.e&page_size=100"]),
+                ("run --watch --timeout 5 core.e", ["core.echo"], ["GET /api/v1/actions/search?q=core.e&page_size=100"]),
+                ("action execute linux.", ["linux.uptime"], ["GET /api/v1/actions/search?q=linux.&page_size=100"]),
+                ("action show ex", ["examples."], [packs]),
+                ("run core.echo --param ", ["message=", "count="], ["GET /api/v1/actions/core.echo"]),
+                ("run core.echo --param c", ["count="], ["GET /api/v1/actions/core.echo"]),
+                ("run core.echo --param=", ["--param=message=", "--param=count="], ["GET /api/v1/actions/core.echo"]),
+                ("run examples.deploy --param env=", ["env=staging", "env=production", "env=3"],
+                 ["GET /api/v1/actions/examples.deploy"]),
+                ("run examples.deploy --param=env=p", ["--param=env=production"], ["GET /api/v1/actions/examples.deploy"]),
+                ("run core.echo --param message=", [], ["GET /api/v1/actions/core.echo"]),
+                ("run --param ", [], []),
+                ("pack show ", ["core", "linux", "examples"], [packs]),
+                ("pack show l", ["linux"], [packs]),
+                ("rule enable l", ["linux.on_file"], ["GET /api/v1/rules?page_size=100"]),
+                ("rule show ", ["examples.on_timer", "linux.on_file"], ["GET /api/v1/rules?page_size=100"]),
+                ("trigger show core.", ["core.timer", "core.webhook"], ["GET /api/v1/triggers?page_size=100"]),
+                ("sensor show ", ["core.timer_sensor", "linux.file_watch_sensor"], ["GET /api/v1/sensors?page_size=100"]),
+                ("workflow show ", ["examples.deploy"], ["GET /api/v1/workflows?page_size=100"])):
+            with self.subTest(line=line):
+                self.server.requests.clear()
+                self.assertEqual(self.complete(line), list(expected))
+                self.assertEqual(self.targets(), requests)
+
+    def test_execution_ids_the_most_recent_first(self):
+        first, second = self.execute("core.echo", "message=a"), self.execute("core.echo", "message=b")
+        for line in ("execution show ", "execution watch ", "execution logs ", "execution cancel "):
+            with self.subTest(line=line):
+                self.server.requests.clear()
+                self.assertEqual(self.complete(line), [str(second), str(first)])
+                self.assertEqual(self.targets(), ["GET /api/v1/executions?per_page=100"])
+        self.assertEqual(self.complete("execution show %s" % str(second)[:-1]),
+                         [str(i) for i in (second, first) if str(i).startswith(str(second)[:-1])])
+
+    def test_the_cursor_picks_the_word(self):
+        self.assertEqual(self.complete("run co extra words", "--cursor", "1"), ["core."])
+        self.assertEqual(self.complete("run", "--cursor", "1"), ["core.", "linux.", "examples."])  # a new word
+        self.assertEqual(self.complete("pack l", "--cursor", "9"), [])  # past the end: after `l`, nothing
+        self.assertEqual(self.complete("pa", "--cursor", "0"), ["pack"])
+        for bad in ("x", "-1", ""):
+            self.assertEqual(self.complete("pa", "--cursor", bad), [])
+        self.assertEqual(self.ok("__complete").out.splitlines(), attune.TOP_LEVEL)
+
+    def test_the_profile_and_url_on_the_line_choose_the_session(self):
+        other = FakeAttune().start()
+        self.addCleanup(other.stop)
+        self.seed("elsewhere", current=False, api_url=other.url)
+        self.assertEqual(self.complete("-p elsewhere pack show c"), ["core"])
+        self.assertEqual((self.server.count(), other.count()), (0, 1))
+        self.assertEqual(self.complete("--profile=elsewhere pack show c"), ["core"])
+        self.assertEqual(other.count(), 2)
+        self.assertEqual(self.complete("pack show c", env={"ATTUNE_PROFILE": "elsewhere"}), ["core"])
+        self.assertEqual(other.count(), 3)
+        # another URL for the current profile: its tokens are not sent there (the origin rule)
+        self.assertEqual(self.complete("--api-url %s pack show c" % other.url), [])
+        self.assertEqual(other.count(), 3)
+        env_token = other.mint("admin")
+        self.assertEqual(self.complete("pack show c", env={"ATTUNE_API_URL": other.url,
+                                                           "ATTUNE_API_TOKEN": env_token}), ["core"])
+        self.assertEqual(other.requests[-1].token, env_token)
+        self.assertEqual(self.complete("-p nope pack show c"), [])
+        self.assertEqual(self.complete("-p  pack show c"), [])  # an empty profile name
+
+    def test_nothing_without_a_session_and_nothing_on_stderr_when_it_fails(self):
+        for status in (401, 403, 500, 503):
+            with self.subTest(status=status):
+                self.server.fail("/api/v1/packs", status=status, body={"error": "no", "code": "X"}, times=None)
+                self.assertEqual(self.complete("run "), [])
+                self.server.faults.clear()
+        self.server.fail("/api/v1/packs", status=200, body="not json at all", times=1)
+        self.assertEqual(self.complete("pack show "), [])
+        self.server.fail("/api/v1/packs", drop=True, times=None)
+        self.assertEqual(self.complete("pack show "), [])
+        self.server.faults.clear()
+        os.remove(self.config)
+        self.server.requests.clear()
+        self.assertEqual(self.complete("run "), [])
+        self.assertEqual(self.complete("-p "), ["default"])
+        self.assertEqual(self.server.count(), 0)  # no token: no request at all
+        self.assertFalse(os.path.exists(self.config))
+
+    def test_only_what_a_shell_can_take_as_it_is(self):
+        """Generated refs from a hostile server: each candidate printed is one the server
+        sent, made of letters, digits and ._-+=,:@/% only, at most 256 characters; every
+        such ref is printed."""
+        rng = random.Random(20261203)
+        safe = "abcxyzABC019._-+=,:@/%éж"
+        hostile = " \t\n\r\x1b\x07\x00\x7f\x9b'\"$`;|&<>()*?!#{}[]\\~^\u202e\u2066\ufeff"
+        for _ in range(5):  # five pages' worth: a page holds 100
+            refs = []
+            while len(refs) < 100:
+                text = "".join(rng.choice(safe) for _ in range(rng.randrange(1, 12)))
+                if len(refs) % 2:
+                    at = rng.randrange(len(text) + 1)
+                    text = text[:at] + rng.choice(hostile) + text[at:]
+                text = text if len(refs) % 37 else text * 40
+                if text not in refs:
+                    refs.append(text)
+            self.server.packs = {ref: self.server.new_pack(i + 1, ref, "x") for i, ref in enumerate(refs)}
+            expected = [r for r in refs if len(r) <= 256 and not any(c in hostile for c in r)]
+            self.assertEqual(self.complete("pack show "), expected)
+            self.assertTrue(35 < len(expected) < 65, len(expected))
+
+    def test_repeated_candidates_once_and_at_most_the_limit(self):
+        self.server.packs = {"p%d" % i: self.server.new_pack(i + 1, "p%d" % (i % 3), "x") for i in range(100)}
+        self.assertEqual(self.complete("pack show "), ["p0", "p1", "p2"])
 
 
 # === Tests: hardening ========================================================

@@ -4291,10 +4291,17 @@ CONFIG_ALIASES = {"output_format": "format", "default_output_format": "format",
 CONFIG_KEYS = ("api_url", "format", "profile", "description", "ca_bundle")
 
 
-def config_key(key):
+TOKEN_CONFIG_KEYS = ("auth_token", "refresh_token")  # config get shows them masked; set them by logging in
+
+
+def config_key(key, readable=False):
+    """The setting a key names (aliases resolved); readable: the token keys too."""
     key = CONFIG_ALIASES.get(key, key)
-    if key not in CONFIG_KEYS:
-        raise UsageError("unknown key '%s'; keys: %s" % (key, ", ".join(CONFIG_KEYS)))
+    known = CONFIG_KEYS + (TOKEN_CONFIG_KEYS if readable else ())
+    if key in TOKEN_CONFIG_KEYS and not readable:
+        raise UsageError("%s is set by logging in (attune auth login), not by config set" % key)
+    if key not in known:
+        raise UsageError("unknown key '%s'; keys: %s" % (key, ", ".join(known)))
     return key
 
 
@@ -4338,11 +4345,17 @@ def config_value(ctx, key):
     return (ctx.store.profile(ctx.choice.profile) or {}).get(key)
 
 
-@command("config get", "print one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)))
+@command("config get", "print one setting (the tokens only as *** or (not set))",
+         arg("key", help="one of: " + ", ".join(CONFIG_KEYS + TOKEN_CONFIG_KEYS)))
 def cmd_config_get(ctx, args):
-    key = config_key(args.key)
-    value = config_value(ctx, key)
-    ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.out("" if value is None else str(value)))
+    key = config_key(args.key, readable=True)
+    if key in TOKEN_CONFIG_KEYS:
+        value = masked(ctx.store.profile(ctx.choice.profile) or {}, key)
+        text = value or "(not set)"
+    else:
+        value = config_value(ctx, key)
+        text = "" if value is None else str(value)
+    ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.out(text))
 
 
 @command("config set", "change one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)),
@@ -5079,9 +5092,10 @@ def pagination_of(body):
     return body.get("pagination") if isinstance(body, dict) else None
 
 
-def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True):
+def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True, until=None):
     """GET a paginated list: (items, pagination of the last page read). every_page walks
-    has_next from page 1 with the biggest pages the server allows."""
+    has_next from page 1 with the biggest pages the server allows; until(item) true for an
+    item of a page stops the walk after that page."""
     query = dict(query or {})
     items, page = [], 1
     while True:
@@ -5092,7 +5106,7 @@ def fetch_list(session, path, query=None, size_param="page_size", every_page=Fal
         items.extend(chunk)
         pagination = pagination_of(body)
         more = isinstance(pagination, dict) and pagination.get("has_next") is True
-        if not (every_page and more and chunk):
+        if not (every_page and more and chunk) or (until is not None and any(until(item) for item in chunk)):
             return items, pagination
         page += 1
 
@@ -7597,8 +7611,16 @@ def cmd_queue_items_list(ctx, args):
 
 @command("queue items show", "show one item", arg("item_id", metavar="ITEM_ID", type=Number(1, MAX_ID)))
 def cmd_queue_items_show(ctx, args):
-    show_queue_item(ctx, without_lease_token(
-        ctx.session().fetch("GET", queue_path(args.queue_ref, "items", args.item_id))))
+    """The server routes only PUT and DELETE for one item: it is found in the queue's list."""
+    def wanted(item):
+        return item.get("id") == args.item_id
+
+    items, _ = fetch_list(ctx.session(), queue_path(args.queue_ref, "items"), size_param="per_page",
+                          every_page=True, until=wanted)
+    item = next((item for item in items if wanted(item)), None)
+    if item is None:
+        raise ApiError("Work queue item %d not found in queue %s" % (args.item_id, quoted(args.queue_ref, 64)), 404)
+    show_queue_item(ctx, without_lease_token(item))
 
 
 @command("queue items preview", "the pending items a selector matches",
@@ -9688,6 +9710,9 @@ def install_completion(ctx, shell):
     """Write the script atomically where the shell finds a user's completions."""
     target = completion_target(shell, ctx.env)
     script = completion_script(shell).encode("utf-8")
+    if os.path.islink(target):  # replacing it would drop what it points to from the user's setup
+        raise AttuneError("%s is a symbolic link; attune.py does not replace it: remove it first, or write the "
+                          "script where you want it: attune completion %s > FILE" % (quoted(target), shell))
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         write_atomic(target, script, shared=True)

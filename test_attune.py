@@ -1457,12 +1457,33 @@ class FakeQueues(FakeResources):
                 and q.get("enqueue_source") in (None, i["enqueue_source"])]
         return self.paginate(req, rows, "per_page")
 
-    @route("GET", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)")
-    def queue_items_show(self, req, ref, iid):
+    def queue_item(self, ref, iid):
         item = self.queue_items.get(int(iid))
         if not item or item["queue_ref"] != ref:
-            return api_error(404, "Work queue item %s not found" % iid, "NOT_FOUND")
+            return None, api_error(404, "Work queue item %s not found" % iid, "NOT_FOUND")
+        if item["status"] != "queued":  # leased, retrying or finished items are the dispatcher's
+            return None, api_error(409, "Queue item is not mutable in status %s" % item["status"], "CONFLICT")
+        return item, None
+
+    # one item: only PUT and DELETE (GET is 405), as in the server's routes/work_queues.rs
+    @route("PUT", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)")
+    def queue_item_update(self, req, ref, iid):
+        item, error = self.queue_item(ref, iid)
+        if error:
+            return error
+        body = req.json()
+        if not isinstance(body, dict) or set(body) - {"priority", "payload", "metadata"}:
+            return api_error(422, "Validation failed: priority, payload or metadata", "VALIDATION_ERROR")
+        item.update(body, updated=self.stamp())
         return 200, envelope(item)
+
+    @route("DELETE", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)")
+    def queue_item_delete(self, req, ref, iid):
+        item, error = self.queue_item(ref, iid)
+        if error:
+            return error
+        item.update(status="cancelled", updated=self.stamp())
+        return 200, {"success": True, "message": "Queue item deleted successfully"}
 
     def selected_items(self, req, ref):
         """The fake's selector: '$' is every pending item, '$.payload.KEY' those whose payload has KEY."""
@@ -4283,6 +4304,18 @@ class AuthCommandTests(AttuneTestCase):
 # === Tests: config commands ==================================================
 
 class ConfigCommandTests(AttuneTestCase):
+    def test_get_shows_the_tokens_masked_and_set_refuses_them(self):
+        self.seed()
+        self.seed("empty", current=False, auth_token=None, refresh_token=None)
+        for key in ("auth_token", "refresh_token"):
+            self.assertEqual(self.ok("config", "get", key).out, "***\n")
+            self.assertEqual(self.ok("config", "get", key, "-j").json(), {"key": key, "value": "***"})
+            self.assertEqual(self.ok("-p", "empty", "config", "get", key).out, "(not set)\n")
+            self.assertEqual(self.ok("-p", "empty", "config", "get", key, "-j").json(), {"key": key, "value": None})
+            self.assertIn("set by logging in", self.fails(2, "config", "set", key, "x").err)
+        self.assertIn("auth_token, refresh_token", self.fails(2, "config", "get", "nope").err)
+        self.assertNotIn("auth_token", self.fails(2, "config", "set", "nope", "x").err)
+
     def test_profiles_lifecycle(self):
         result = self.ok("config", "add-profile", "staging", "--api-url", "https://staging.example.com/",
                          "--description", "Staging environment")
@@ -6527,6 +6560,25 @@ class QueueCommandTests(ResourceTestCase):
             self.assertNotIn(lease, self.ok("queue", "items", "core.inbox", "list", output).out)
         self.assertIsNone(self.ok("queue", "items", "core.inbox", "show", "1", "-j").json()["lease_token"])
         self.assertIn("Work queue item 9 not found", self.fails(1, "queue", "items", "core.inbox", "show", "9").err)
+
+    def test_show_finds_the_item_in_the_list(self):
+        """The server has no GET for one item (PUT and DELETE only): show reads the list,
+        page after page, and stops at the page that holds it."""
+        for n in range(4, 251):
+            self.server.queue_items[n] = dict(self.server.queue_items[1], id=n, item_key="k%d" % n)
+        self.assertEqual(self.server.handle(Seen("GET", "/api/v1/queues/core.inbox/items/1", {
+            "Authorization": "Bearer " + self.server.mint("admin")}, b""))[0], 405)
+        self.server.requests.clear()
+        self.assertEqual(self.ok("queue", "items", "core.inbox", "show", "150", "-j").json()["item_key"], "k150")
+        self.assertEqual(self.targets(), ["GET /api/v1/queues/core.inbox/items?page=1&per_page=100",
+                                          "GET /api/v1/queues/core.inbox/items?page=2&per_page=100"])
+        self.server.requests.clear()
+        self.assertIn("Work queue item 999 not found in queue 'core.inbox'",
+                      self.fails(1, "queue", "items", "core.inbox", "show", "999").err)
+        self.assertEqual(len(self.targets()), 3)
+        self.server.requests.clear()
+        self.assertIn("not found", self.fails(1, "queue", "items", "adhoc.scratch", "show", "1").err)
+        self.assertEqual(self.targets(), ["GET /api/v1/queues/adhoc.scratch/items?page=1&per_page=100"])
         self.assertIn("queue items REF needs a command", self.fails(2, "queue", "items", "core.inbox").err)
 
     def test_preview_and_apply(self):
@@ -7867,6 +7919,24 @@ class CompletionTests(AttuneTestCase):
         self.fails(2, "completion", "bash", "zsh")
         self.assertFalse(os.path.exists(os.path.dirname(self.config)))
 
+    def test_install_refuses_a_symbolic_link_at_the_target(self):
+        target = attune.completion_target("bash", self.env)
+        os.makedirs(os.path.dirname(target))
+        kept = os.path.join(self.tmp, "my-own-script")
+        with open(kept, "w") as f:
+            f.write("# mine\n")
+        for link_to in (kept, os.path.join(self.tmp, "nothing-there")):
+            with self.subTest(link_to=link_to):
+                os.symlink(link_to, target)
+                result = self.fails(1, "completion", "install", "bash")
+                self.assertIn("is a symbolic link", result.err)
+                self.assertEqual(os.readlink(target), link_to)
+                os.unlink(target)
+        with open(kept) as f:
+            self.assertEqual(f.read(), "# mine\n")
+        self.ok("completion", "install", "bash")
+        self.assertFalse(os.path.islink(target))
+
     def test_powershell_script_names_every_command_and_option(self):
         script = self.script("powershell")
         self.assertIn("Register-ArgumentCompleter -Native -CommandName attune, attune.py", script)
@@ -8116,7 +8186,45 @@ class CompleteTests(ResourceTestCase):
             self.assertEqual(self.complete("pack show "), expected)
             self.assertTrue(35 < len(expected) < 65, len(expected))
 
-    def test_repeated_candidates_once_and_at_most_the_limit(self):
+    def test_a_rejected_token_refreshes_and_the_rotation_is_stored(self):
+        """In a real process: the 401 leads to one refresh, stored as any command stores it,
+        and the search is sent again with the new token."""
+        old = self.read_doc()["profiles"]["default"]
+        self.server.revoked.add(old["auth_token"])  # unexpired, but the server says no
+        result = self.run_process("__complete", "--cursor", "1", "run", "core.")
+        self.assertEqual((result.code, result.err), (0, ""))
+        self.assertEqual(result.out.splitlines(), ["core.echo", "core.sleep", "core.fail", "core.noisy"])
+        self.assertEqual(self.server.log(), ["GET /api/v1/actions/search", "POST /auth/refresh",
+                                             "GET /api/v1/actions/search"])
+        stored = self.read_doc()["profiles"]["default"]
+        self.assertNotEqual(stored["auth_token"], old["auth_token"])
+        self.assertNotEqual(stored["refresh_token"], old["refresh_token"])
+        self.assertEqual(self.server.requests[-1].token, stored["auth_token"])
+        self.assertIn(stored["refresh_token"], self.server.issued)
+
+    def test_a_slow_server_is_given_up_on_within_the_budget(self):
+        """A server that answers after a minute, or a byte a second: the process ends by
+        itself (the budget is 2 s; the test waits up to 50), with nothing to say."""
+        for fault in ({"delay": 60}, {"status": 200, "body": {"items": [{"ref": "core.echo"}]}, "dribble": 1.0}):
+            with self.subTest(fault=sorted(fault)):
+                self.server.faults.clear()
+                self.server.fail("/api/v1/actions/search", times=None, **fault)
+                result = self.run_process("__complete", "--", "run", "core.", timeout=50)
+                self.assertEqual((result.code, result.out, result.err), (0, "", ""))
+
+    def test_without_a_credential_file_nothing_is_created(self):
+        os.remove(self.config)
+        os.rmdir(os.path.dirname(self.config))
+        elsewhere = os.path.join(self.tmp, "not", "there", "credentials.json")
+        for env in ({}, {"ATTUNE_CONFIG": elsewhere}):
+            for words in (["run", "core."], ["-p", ""], ["pack", "show", ""], ["auth", "lo"]):
+                result = self.run_process("__complete", "--", *words, env=env)
+                self.assertEqual((result.code, result.err), (0, ""), words)
+        self.assertEqual(self.server.count(), 0)
+        self.assertFalse(os.path.exists(os.path.dirname(self.config)))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "not")))
+
+    def test_repeated_candidates_once(self):
         self.server.packs = {"p%d" % i: self.server.new_pack(i + 1, "p%d" % (i % 3), "x") for i in range(100)}
         self.assertEqual(self.complete("pack show "), ["p0", "p1", "p2"])
 
@@ -9776,6 +9884,7 @@ class UntrustedInputTests(AttuneTestCase):
              (("permission", "assignment", "list"), "/api/v1/permissions/assignments"),
              (("queue", "list"), "/api/v1/queues"),
              (("queue", "items", "core.inbox", "list"), "/api/v1/queues/core.inbox/items"),
+             (("queue", "items", "core.inbox", "show", "1"), "/api/v1/queues/core.inbox/items"),
              (("cache", "namespace", "list", "--owner-type", "system"), "/api/v1/cache/namespaces")]
     SHOWS = [(("pack", "show", "core"), "/api/v1/packs/core"),
              (("action", "show", "core.echo"), "/api/v1/actions/core.echo"),
@@ -9790,8 +9899,7 @@ class UntrustedInputTests(AttuneTestCase):
              (("identity", "show", "--identity-id", "1"), "/api/v1/identities/1"),
              (("audit", "show", "1"), "/api/v1/audit-events/1"), (("policy", "show", "core.limit"), "/api/v1/policies/core.limit"),
              (("permission", "set", "show", "core.admin"), "/api/v1/permissions/sets/by-ref/core.admin"),
-             (("queue", "show", "core.inbox"), "/api/v1/queues/core.inbox"),
-             (("queue", "items", "core.inbox", "show", "1"), "/api/v1/queues/core.inbox/items/1")]
+             (("queue", "show", "core.inbox"), "/api/v1/queues/core.inbox")]
 
     def test_answers_of_the_wrong_shape(self):
         """Whole answers of the wrong shape are one-line API errors (exit 1), as processes."""
@@ -10762,7 +10870,9 @@ def bench(argv):
             run_timed([python, ATTUNE_PY, "self-install", "--prefix", prefix], env)
             installed = [os.path.join(prefix, "bin", "attune")]
             copied = [python, ATTUNE_PY]
-            for warm in (["auth", "token"], ["--help"], ["--version"], ["--json", "pack", "list"]):
+            complete_command, complete_action = ["__complete", "--", "pack", "l"], ["__complete", "--", "run", "core."]
+            for warm in (["auth", "token"], ["--help"], ["--version"], ["--json", "pack", "list"], complete_command,
+                         complete_action):
                 run_timed(installed + warm, env)
             bare = [python, "-c", "pass"]
             compile_only = [python, "-c", "compile(open(%r).read(), 'attune.py', 'exec')" % ATTUNE_PY]
@@ -10771,6 +10881,9 @@ def bench(argv):
                      ("installed --version vs python -c pass", installed + ["--version"], bare, 1.5),
                      ("python attune.py auth token vs its compile", copied + ["auth", "token"], compile_only, 1.2),
                      ("installed --json pack list vs a bare urllib GET", installed + ["--json", "pack", "list"],
+                      [python, "-c", ONE_LINER, server.url, token], 1.1),
+                     ("installed __complete of a command vs python -c pass", installed + complete_command, bare, 1.0),
+                     ("installed __complete of an action vs a bare urllib GET", installed + complete_action,
                       [python, "-c", ONE_LINER, server.url, token], 1.1)]
             gh = shutil.which("gh")
             if gh:

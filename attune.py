@@ -6303,13 +6303,18 @@ def execution_matches(execution, args, statuses, result_text):
 
 
 # the filters of execution list and of execution watch without an id
+EXECUTION_STATUSES = ("requested", "scheduling", "scheduled", "running", "completed", "failed", "canceling",
+                      "cancelled", "timeout", "abandoned")  # the server's, in their order
+STATUS_SPELLINGS = {"succeeded": "completed", "success": "completed", "canceled": "cancelled",
+                    "cancelling": "canceling", "timed_out": "timeout", "pending": "requested"}
 EXECUTION_LIMIT = 50  # executions listed when --limit is not given
 EXECUTION_FILTERS = (
     arg("--pack", help="only actions of this pack"),
     arg("-a", "--action", help="action ref, or pack.* for a whole pack"),
     arg("--rule", help="rule ref, or pack.*"),
     arg("--trigger", help="trigger ref, or pack.*"),
-    arg("-s", "--status", action="append", help="only this status (repeatable)"),
+    arg("-s", "--status", action="append", help="only this status (repeatable): " + ", ".join(EXECUTION_STATUSES),
+        complete=list(EXECUTION_STATUSES)),
     arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
     arg("--trace-tag", help="exact trace tag"),
     arg("--top-level-only", action="store_true", help="leave out child executions"),
@@ -6327,7 +6332,14 @@ def newest_first(executions):
 
 
 def wanted_statuses(args):
-    return [s.strip().lower() for s in args.status or () if s.strip()]
+    """The --status values, each one the server knows (it answers 400 to any other)."""
+    wanted = [s.strip().lower() for s in args.status or () if s.strip()]
+    for status in wanted:
+        if status not in EXECUTION_STATUSES:
+            hint = " (did you mean %s?)" % STATUS_SPELLINGS[status] if status in STATUS_SPELLINGS else ""
+            raise UsageError("unknown execution status %s%s; statuses: %s"
+                             % (quoted(status, 40), hint, ", ".join(EXECUTION_STATUSES)))
+    return wanted
 
 
 def fetch_executions(session, args, every_page=False):
@@ -7355,11 +7367,15 @@ def cmd_permission_assignment_list(ctx, args):
     note_partial(ctx, pagination, len(items), "assignments")
 
 
-def permission_assignee(session, args):
-    """{"type": "identity", identity_id, login} or {"type": "role", role} from the flags."""
+def check_permission_target(args):
+    """Exactly one target flag: said before any request is sent."""
     given = [v for v in (args.identity, args.identity_id, args.role) if v is not None]
     if len(given) != 1 or args.role is not None and not args.role.strip():
         raise UsageError("Specify exactly one of --identity, --identity-id, or a nonempty --role")
+
+
+def permission_assignee(session, args):
+    """{"type": "identity", identity_id, login} or {"type": "role", role} from the flags."""
     if args.role is not None:
         return {"type": "role", "role": role_argument(args)}
     args.login = args.identity
@@ -7387,6 +7403,7 @@ def find_binding(session, assignee, ref):
 
 
 def change_assignment(ctx, args, assign):
+    check_permission_target(args)
     session = ctx.session()
     found = permission_set(session, args.ref)
     assignee = permission_assignee(session, args)
@@ -8927,7 +8944,10 @@ def workflow_file_path(action_file, workflow_file):
 
 
 @command("workflow upload", "upload a workflow action (its action YAML and workflow YAML) to its pack",
-         arg("action_file", metavar="ACTION_YAML", help="the action YAML, in a pack's actions/ directory"),
+         arg("action_file", metavar="ACTION_YAML",
+             help="the action YAML, directly in a pack's actions/ directory; its workflow_file field names the "
+                  "workflow YAML, relative to actions/ and under actions/workflows/ (workflow_file: "
+                  "workflows/deploy.yaml); the action's parameters and output go into the workflow"),
          arg("-f", "--force", action="store_true", help="update the workflow if it exists"))
 def cmd_workflow_upload(ctx, args):
     if not os.path.exists(args.action_file):

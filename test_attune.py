@@ -5284,6 +5284,21 @@ class ExecutionCommandTests(ResourceTestCase):
         self.assertTrue(table[2].startswith("%d  core.sleep  -          -     -        requested" % running))
         self.assertEqual(len(self.ok("execution", "list", "-l", "2", "-j").json()), 2)
 
+    def test_a_status_the_server_does_not_know_is_refused_before_the_request(self):
+        for status, hint in (("succeeded", "did you mean completed?"), ("canceled", "did you mean cancelled?"),
+                             ("success", "did you mean completed?"), ("bogus", "statuses: requested, scheduling")):
+            for argv in (["execution", "list", "--status", status], ["execution", "watch", "-s", "running",
+                                                                     "-s", status, "--timeout", "1"]):
+                with self.subTest(argv=argv):
+                    self.server.requests.clear()
+                    result = self.fails(2, *argv)
+                    self.assertIn("unknown execution status '%s'" % status, result.err)
+                    self.assertIn(hint, result.err)
+                    self.assertEqual(self.targets(), [])
+        for status in attune.EXECUTION_STATUSES:
+            self.ok("execution", "list", "--status", status.upper())
+            self.assertIn("status=%s" % status, self.server.requests[-1].target)
+
     def test_list_wildcards_on_the_client_side(self):
         self.execute("core.echo", "message=a")
         self.execute("linux.uptime")
@@ -6428,9 +6443,13 @@ class PermissionCommandTests(ResourceTestCase):
         self.assertEqual(self.targets()[-1], "DELETE /api/v1/permissions/sets/roles/%d" % mapping)
         self.assertIn("Permission set 'old.viewer' is retired and cannot be newly assigned",
                       self.fails(1, "permission", "assign", "old.viewer", "--role", "x").err)
-        for target in ((), ("--identity", "zoe", "--role", "x"), ("--role", " ")):
-            self.assertIn("Specify exactly one of --identity, --identity-id, or a nonempty --role",
-                          self.fails(2, "permission", "assign", "ops.operator", *target).err)
+        for command in ("assign", "revoke"):
+            for target in ((), ("--identity", "zoe", "--role", "x"), ("--identity", "zoe", "--identity-id", "3"),
+                           ("--role", " ")):
+                self.server.requests.clear()
+                self.assertIn("Specify exactly one of --identity, --identity-id, or a nonempty --role",
+                              self.fails(2, "permission", command, "core.executor", *target).err)
+                self.assertEqual(self.targets(), [])  # said before anything is asked of the server
         self.assertIn("Identity 'ghost' not found",
                       self.fails(1, "permission", "assign", "ops.operator", "--identity", "ghost").err)
 
@@ -7239,6 +7258,12 @@ class WorkflowCommandTests(ResourceTestCase):
         with open(os.path.join(actions, "workflows", "deploy_service.workflow.yaml"), "w") as f:
             f.write(workflow if workflow is not None else WORKFLOW_YAML)
         return path
+
+    def test_upload_help_describes_the_workflow_file_field(self):
+        text = " ".join(self.ok("workflow", "upload", "--help").out.split())
+        for words in ("its workflow_file field names the workflow YAML", "relative to actions/",
+                      "under actions/workflows/", "workflow_file: workflows/deploy.yaml"):
+            self.assertIn(words, text)
 
     def test_upload_creates_then_needs_force_to_update(self):
         path = self.pack_files()

@@ -6510,10 +6510,23 @@ def all_done(executions):
     return all(str(e.get("status") or "").lower() in TERMINAL_STATUSES for e in executions)
 
 
+def watched_done(watched):
+    """Has the watch shown at least one execution, and is each one it has shown done? A
+    watch that has shown none yet goes on following until one starts (or --timeout)."""
+    return bool(watched) and all_done(watched.values())
+
+
+def note_watched(watched, executions):
+    """Remember the latest state of each execution the watch shows (also once it has left
+    the view, as a --status running one does when it ends)."""
+    watched.update((e["id"], e) for e in executions if isinstance(e.get("id"), int))
+
+
 def watch_executions(ctx, session, args):
     """execution watch without an id: the list, then live updates from /executions/stream
-    (polling every 2 s when the stream cannot be opened), until every listed execution is
-    done (exit 0), --timeout passes (exit 1) or Ctrl-C (exit 130)."""
+    (polling every 2 s when the stream cannot be opened), until every execution it has shown
+    is done (exit 0; with none shown yet it waits for one to start), --timeout passes (exit 1)
+    or Ctrl-C (exit 130)."""
     if ctx.ui.output != "table":
         raise UsageError("execution watch without an id prints a table only; use execution list for %s"
                          % ctx.ui.output.upper())
@@ -6526,13 +6539,14 @@ def follow_executions(ctx, session, args, deadline):
     view = ExecutionsView(ctx, args)
     executions = fetch_executions(session, args)[0]
     known = {e["id"]: e for e in executions if isinstance(e.get("id"), int)}
+    watched = dict(known)
     view.show(executions)
     drops = 0
-    while not all_done(executions):
+    while not watched_done(watched):
         left = deadline - time.monotonic()
         if left <= 0:
             raise AttuneError("timed out after %gs watching executions (%d not done)"
-                              % (args.timeout, sum(1 for e in executions if not all_done([e]))))
+                              % (args.timeout, sum(1 for e in watched.values() if not all_done([e]))))
         try:
             resp = session.request("GET", "/executions/stream", stream=EVENT_STREAM, timeout=min(left, 30))
             resp.check()
@@ -6541,18 +6555,20 @@ def follow_executions(ctx, session, args, deadline):
                 ctx.ui.warn("Live stream unavailable (%s); falling back to polling every 2s" % e)
             else:
                 ctx.ui.log("the executions stream cannot be reopened (%s); polling every 2s" % e)
-            return poll_executions(ctx, session, args, view, executions, deadline)
+            return poll_executions(ctx, session, args, view, executions, watched, deadline)
         opened_with = session.creds.access
         try:
             for event, data, _ in sse_events(resp.stream):
                 if event != "comment" and data and merge_execution_update(known, data, args):
                     drops = 0
+                    note_watched(watched, [e for eid, e in known.items() if eid in watched])
                     latest = visible_executions(known, args)
+                    note_watched(watched, latest)
                     known = {e["id"]: e for e in latest}  # what leaves the view is forgotten
                     if latest != executions:
                         executions = latest
                         view.show(executions)
-                    if all_done(executions):
+                    if watched_done(watched):
                         break
                 if time.monotonic() >= deadline or (opened_with and session.token() != opened_with):
                     break  # out of time, or a renewed token: reopen with it
@@ -6574,15 +6590,19 @@ def follow_executions(ctx, session, args, deadline):
 LIST_WATCH_POLL = 2  # seconds between lists when the executions stream cannot be opened
 
 
-def poll_executions(ctx, session, args, view, executions, deadline):
-    """The list watch without a stream: the list again every 2 s."""
-    while not all_done(executions):
+def poll_executions(ctx, session, args, view, executions, watched, deadline):
+    """The list watch without a stream: the list again every 2 s; an execution the watch
+    showed that has left the list since (and was not done) is asked for by its id."""
+    while not watched_done(watched):
         if time.monotonic() + LIST_WATCH_POLL > deadline:
             time.sleep(max(0.0, deadline - time.monotonic()))
             raise AttuneError("timed out after %gs watching executions" % args.timeout)
         time.sleep(LIST_WATCH_POLL)
         try:
             latest = fetch_executions(session, args)[0]
+            listed = {e.get("id") for e in latest}
+            note_watched(watched, latest + [session.fetch("GET", "/executions/%d" % eid) for eid, e in
+                                            list(watched.items()) if eid not in listed and not all_done([e])])
         except (NetworkError, ApiError) as e:
             ctx.ui.warn("Execution watch refresh failed: %s" % e)
             continue

@@ -5883,15 +5883,46 @@ class ListWatchTests(ResourceTestCase):
         self.assertIn("completed", frames[-1])
         self.assertTrue(frames[-1].endswith("✓ All watched executions are done\n"))
 
-    def test_status_filters_and_nothing_left_to_watch(self):
+    def test_status_filters_and_nothing_to_watch_yet(self):
+        """Nothing matches yet: the watch follows the stream until an execution that matches
+        starts, shows it, and ends when it is done, though a finished one has left the
+        --status running view."""
         self.execute("core.echo")
+        self.ok("execution", "watch", "-a", "core.echo", "--timeout", "30")  # let it finish first
+        action = self.server.actions["core.sleep"]
+        self.server.fail("/api/v1/executions/stream", effect=lambda: self.server.new_execution(action, {"seconds": 1}))
         result = self.ok("execution", "watch", "--status", "Running", "-s", "canceling", "--top-level-only",
-                         "--pack", "core", "-l", "5", "-r", "Boom", "--trace-tag", "t", "--rule", "r", "--trigger", "g")
-        self.assertEqual(result.out.splitlines(), [
+                         "--pack", "core", "-l", "5", "--timeout", "30")
+        lines = result.out.splitlines()
+        self.assertEqual(lines[:5], [
             "Watching executions", "Press Ctrl+C to stop",
-            "Filters: pack=core rule=r trigger=g trace_tag=t status=running,canceling result~=Boom "
-            "scope=top-level limit=5", "", "ℹ No executions found", "✓ All watched executions are done"])
-        self.assertEqual(self.streams(), [])
+            "Filters: pack=core status=running,canceling scope=top-level limit=5", "", "ℹ No executions found"])
+        [started] = [e["id"] for e in self.server.executions.values() if e["action_ref"] == "core.sleep"]
+        self.assertEqual([line.split()[:2] + line.split()[5:6] for line in lines[5:-1]],
+                         [[str(started), "core.sleep", "running"]])
+        self.assertEqual(lines[-1], "✓ All watched executions are done")
+        self.assertEqual(self.server.executions[started]["status"], "completed")
+        self.assertEqual(len(self.streams()), 2)
+        # nothing ever starts: it follows until --timeout
+        result = self.fails(1, "execution", "watch", "--status", "running", "-a", "nope.nothing", "--timeout", "1")
+        self.assertIn("timed out after 1s watching executions (0 not done)", result.err)
+
+    def test_polling_asks_for_an_execution_that_left_the_list(self):
+        self.server.fail("/api/v1/executions/stream", "GET", *api_error(404, "Not Found", "NOT_FOUND"))
+        eid = self.execute("core.sleep", "seconds=1")
+        for _ in range(2):
+            self.server.advance(eid)  # running
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def worker():
+            while not stop.wait(0.3):
+                self.server.advance(eid)
+        threading.Thread(target=worker, daemon=True).start()
+        with mock.patch.object(attune, "LIST_WATCH_POLL", 0.2):
+            result = self.ok("execution", "watch", "--status", "running", "--timeout", "30")
+        self.assertTrue(result.out.endswith("✓ All watched executions are done\n"))
+        self.assertIn("GET /api/v1/executions/%d" % eid, self.targets())
 
     def test_usage_errors(self):
         self.assertIn("execution watch <id> observes a single execution and does not accept list-watch filters",

@@ -5474,6 +5474,23 @@ class NotifierTests(ResourceTestCase):
         self.assertEqual(upgrade.headers["Upgrade"], "websocket")
         self.assertEqual(upgrade.headers["Sec-WebSocket-Version"], "13")
 
+    def test_a_wss_notifier_whose_tls_fails_is_tried_then_polling(self):
+        """wss:// is tried like ws://: the TLS handshake fails (the peer drops it), and the
+        watch polls instead, quietly, for run -w and for execution watch ID alike."""
+        listener = DroppingListener()
+        self.addCleanup(listener.close)
+        url = "wss://127.0.0.1:%d" % listener.port
+        result = self.ok("run", "core.echo", "-w", "--notifier-url", url)
+        eid = max(self.server.executions)
+        self.assertIn("✓ Execution %d completed" % eid, result.out)
+        self.assertEqual((listener.accepted, result.err), (1, ""))
+        eid = self.execute("core.sleep", "seconds=1")  # still running when the watch starts
+        result = self.ok("-v", "execution", "watch", str(eid), "--notifier-url", url)
+        self.assertEqual(listener.accepted, 2)
+        self.assertIn("notifier %s: " % url, result.err)
+        self.assertIn("; polling instead", result.err)
+        self.assertIn("GET /api/v1/executions/%d" % eid, self.targets())
+
     def test_every_failure_falls_back_to_polling_quietly(self):
         listener = DroppingListener()
         self.addCleanup(listener.close)

@@ -9751,7 +9751,7 @@ def install_completion(ctx, shell):
     target = completion_target(shell, ctx.env)
     script = completion_script(shell).encode("utf-8")
     if os.path.islink(target):  # replacing it would drop what it points to from the user's setup
-        raise AttuneError("%s is a symbolic link; attune.py does not replace it: remove it first, or write the "
+        raise ConfigError("%s is a symbolic link; attune.py does not replace it: remove it first, or write the "
                           "script where you want it: attune completion %s > FILE" % (quoted(target), shell))
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)

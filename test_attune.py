@@ -8001,7 +8001,7 @@ class CompletionTests(AttuneTestCase):
         for link_to in (kept, os.path.join(self.tmp, "nothing-there")):
             with self.subTest(link_to=link_to):
                 os.symlink(link_to, target)
-                result = self.fails(1, "completion", "install", "bash")
+                result = self.fails(3, "completion", "install", "bash")
                 self.assertIn("is a symbolic link", result.err)
                 self.assertEqual(os.readlink(target), link_to)
                 os.unlink(target)
@@ -10210,7 +10210,8 @@ class QuickPathTests(AttuneTestCase):
     def test_quick_commands_import_no_parser_and_no_http_stack(self):
         token = self.seed()["auth_token"]
         env = self.process_env()
-        for argv, out in ((["auth", "token"], token + "\n"), (["--version"], None), (["--help"], None)):
+        for argv, out in ((["auth", "token"], token + "\n"), (["--version"], None), (["--help"], None),
+                          (["__complete", "--", "pack", "l"], "list\n"), (["__complete", "--", "-p", ""], "default\n")):
             # -S keeps site hooks of this machine (a .pth importing certifi and urllib) out of the picture
             p = subprocess.Popen([sys.executable, "-S", "-X", "importtime", ATTUNE_PY] + argv, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
@@ -10955,8 +10956,8 @@ def bench(argv):
                      ("python attune.py auth token vs its compile", copied + ["auth", "token"], compile_only, 1.2),
                      ("installed --json pack list vs a bare urllib GET", installed + ["--json", "pack", "list"],
                       [python, "-c", ONE_LINER, server.url, token], 1.1),
-                     ("installed __complete of a command vs python -c pass", installed + complete_command, bare, 1.0),
-                     ("installed __complete of an action vs a bare urllib GET", installed + complete_action,
+                     ("installed __complete pack l vs python -c pass", installed + complete_command, bare, 1.0),
+                     ("installed __complete run core. vs urllib GET", installed + complete_action,
                       [python, "-c", ONE_LINER, server.url, token], 1.1)]
             gh = shutil.which("gh")
             if gh:

@@ -1986,8 +1986,10 @@ class Choice:
             return
         known = sorted(set(self.store.profiles()) | {DEFAULT_PROFILE})
         where = " (current_profile in %s)" % self.config_path if source == "file" else ""
-        raise ConfigError("Profile %s does not exist%s; known profiles: %s"
-                          % (quoted(name, 64), where, ", ".join(terminal_safe(k[:64], keep="") for k in known)))
+        raise ConfigError("Profile %s does not exist%s; known profiles: %s; to create it: attune config "
+                          "add-profile %s --api-url URL"
+                          % (quoted(name, 64), where, ", ".join(terminal_safe(k[:64], keep="") for k in known),
+                             shell_quote(terminal_safe(name[:64], keep=""))))
 
     def api_url_for(self, profile):
         """(url, source): --api-url > ATTUNE_API_URL > the profile's api_url > the default."""
@@ -3108,6 +3110,14 @@ def help_formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, width=help_width() - 2)
 
 
+class ArgumentsRefused(Exception):
+    """argparse's error for a command line: its message and the parser that refused it."""
+
+    def __init__(self, message, parser):
+        Exception.__init__(self, message)
+        self.message, self.parser = message, parser
+
+
 def build_parser():
     """The argument parser. Each command's parser is filled in from its declaration
     only when argv reaches it: building all of them costs more than most commands."""
@@ -3134,10 +3144,8 @@ def build_parser():
             return argparse.ArgumentParser.format_help(self.filled())
 
         def error(self, message):
-            """argparse's usage error, with the words it echoes made terminal-safe."""
-            self.print_usage(sys.stderr)
-            say(sys.stderr, "%s: error: %s" % (self.prog, message))
-            sys.exit(2)
+            """argparse's usage error: parse_args() says it (terminal-safe), or a better one."""
+            raise ArgumentsRefused(message, self)
 
     def add_help(parser):  # each sub-parser is made without it: its cost is paid when filled
         if not parser.add_help:
@@ -3222,7 +3230,7 @@ def completion_table():
                       if not flags[0].startswith("-")]
         return {"children": [name for name, _, _ in children(path)], "options": options(arguments),
                 "positionals": [kind for kind, _ in positional],
-                "repeats": bool(positional) and positional[-1][1] in ("*", "+", REMAINDER)}
+                "repeats": positional[-1][1] if positional and positional[-1][1] in ("*", "+", REMAINDER) else ""}
 
     table = {"version": __version__, "commands": {},
              "global": dict(options(GLOBAL_OPTIONS), **{"-h": None, "--help": None, "--version": None})}
@@ -3255,7 +3263,8 @@ def completion_value(text):
 def completion_table_text(table):
     """completion_table() as COMPLETION_FILE holds it: a line with the version, one with the
     global options, then a line a command: path, subcommands, options, positional
-    arguments and whether the last repeats, separated by tabs, each list by spaces."""
+    arguments and how the last repeats ('', '*', '+' or '...' for all that follows), separated
+    by tabs, each list by spaces."""
     def options(found):
         return " ".join(name + completion_value_text(value) for name, value in found.items())
 
@@ -3263,14 +3272,14 @@ def completion_table_text(table):
     for path, entry in table["commands"].items():
         lines.append("\t".join([path, " ".join(entry["children"]), options(entry["options"]),
                                 " ".join(completion_value_text(v) for v in entry["positionals"]),
-                                "1" if entry["repeats"] else ""]))
+                                entry["repeats"]]))
     return "\n".join(lines) + "\n"
 
 
 class CommandTable:
     """The table completion_table_text() wrote, as __complete reads it: only the lines of the
     commands it is asked about are parsed. ValueError for any other text."""
-    NONE = {"children": [], "options": {}, "positionals": [], "repeats": False}
+    NONE = {"children": [], "options": {}, "positionals": [], "repeats": ""}
 
     def __init__(self, text):
         lines = text.split("\n")
@@ -3299,15 +3308,25 @@ class CommandTable:
             if line is None:
                 return self.NONE
             below, own, positionals, repeats = line.split("\t")
-            self.parsed[path] = {"children": below.split(), "options": self.options(own), "repeats": repeats == "1",
+            self.parsed[path] = {"children": below.split(), "options": self.options(own), "repeats": repeats,
                                  "positionals": [completion_value(word) for word in positionals.split()]}
         return self.parsed[path]
+
+
+COMMAND_TABLE = []  # the one command_table() of this process, once made
 
 
 def command_table():
     """The CommandTable of this program; in the installed first half, from the copy
     self-install wrote beside it (when that is missing or of another version, the rest is
     loaded to make one)."""
+    if COMMAND_TABLE:
+        return COMMAND_TABLE[0]
+    COMMAND_TABLE.append(read_command_table())
+    return COMMAND_TABLE[0]
+
+
+def read_command_table():
     if not REST_LOADED:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), COMPLETION_FILE)
         try:
@@ -3328,34 +3347,70 @@ def fit_candidate(text):
         all(c.isalnum() or c in CANDIDATE_CHARACTERS for c in text)
 
 
-class Completion:
-    """The words before the one being completed, read as the parser would read them: the
-    command they name, the positional arguments after it and the options given, values
-    included. complete() then answers for the word itself."""
+class CommandLine:
+    """The words after `attune`, read from the command table as the parser reads them: the
+    command they name, its positional arguments, the options given (values included), the
+    option whose value is still to come (pending), and the first word that fits nowhere
+    (unknown: the word, 'command' or 'option', and what it could have been)."""
 
-    def __init__(self, table, words, env, clock):
-        self.table, self.env, self.clock = table, env, clock
+    def __init__(self, table, words):
+        self.table = table
         self.path, self.positionals, self.given = (), [], {}
-        self.pending = None  # the option the word being completed is the value of
-        self._context = None
+        self.pending = None
+        self.unknown = None
         index = 0
         while index < len(words):
             word, index = words[index], index + 1
-            if word == "--":
-                self.positionals += words[index:]
+            entry = self.entry()
+            if word == "--" or (entry["repeats"] == REMAINDER and len(self.positionals) >= len(entry["positionals"])):
+                self.positionals += words[index - (word != "--"):]
                 break
-            if word.startswith("-") and word != "-":
-                name, eq, value = word.partition("=")
-                if eq or self.value_of(name) is None:
-                    self.given[name] = value if eq else True
-                elif index < len(words):
-                    self.given[name], index = words[index], index + 1
+            if word.startswith("-") and word != "-" and not is_number(word):
+                index = self.option(word, words, index)
+            elif entry["children"] and len(self.positionals) == len(entry["positionals"]):
+                if word in entry["children"]:
+                    self.path, self.positionals = self.path + (word,), []
                 else:
-                    self.pending = name
-            elif not self.positionals and word in self.entry()["children"]:
-                self.path += (word,)
+                    self.note("command", word, [" ".join(self.path + (name,)) for name in entry["children"]])
+                    self.positionals.append(word)
             else:
-                self.positionals.append(word)
+                self.positional(word)
+
+    def positional(self, word):
+        kinds, entry = self.entry()["positionals"], self.entry()
+        kind = kinds[len(self.positionals)] if len(self.positionals) < len(kinds) else \
+            kinds[-1] if kinds and entry["repeats"] else None
+        if isinstance(kind, list) and kind and word not in kind:
+            self.note("choice", word, kind)
+        self.positionals.append(word)
+
+    def option(self, word, words, index):
+        """Read one option (and its value, from the word or the next one); the next index."""
+        name, eq, value = word.partition("=")
+        known = self.options()
+        if name not in known and name.startswith("--"):
+            matches = [option for option in known if option.startswith(name)]  # argparse takes a unique prefix
+            name = matches[0] if len(matches) == 1 else name
+        elif name not in known and not name.startswith("--") and name[:2] in known:  # -jv, -pprod
+            name, eq, value = name[:2], "=", word[2:]
+            if known[name] is None:  # a cluster of flags
+                for flag in value:
+                    if known.get("-" + flag, []) is not None:
+                        self.note("option", word, list(known))
+                return index
+        if name not in known:
+            self.note("option", name, list(known))
+        elif eq or known[name] is None:
+            self.given[name] = value if eq else True
+        elif index < len(words) and (not words[index].startswith("-") or is_number(words[index])):
+            self.given[name], index = words[index], index + 1
+        elif index >= len(words):
+            self.pending = name
+        return index
+
+    def note(self, what, word, candidates):
+        if self.unknown is None:
+            self.unknown = (what, word, candidates)
 
     def entry(self):
         return self.table.entry(" ".join(self.path))
@@ -3369,6 +3424,36 @@ class Completion:
         """The value_completion of an option here: None for a flag, or an option unknown here."""
         return self.options().get(option)
 
+
+def is_number(word):
+    """-1 and -2.5 are values, as argparse sees them, not options."""
+    return word[1:2].isdigit()
+
+
+def usage_problem(argv):
+    """One line for the first word of argv no command or option of that place takes (with
+    the closest that exists and where to look), or None when every word has its place."""
+    line = CommandLine(command_table(), argv)
+    if line.unknown is None:
+        return None
+    import difflib
+    what, word, candidates = line.unknown
+    place = " ".join(("attune",) + line.path)
+    close = difflib.get_close_matches(" ".join(line.path + (word,)) if what == "command" else word, candidates, 1, 0.7)
+    hint = "; did you mean '%s'?" % close[0] if close else ""
+    return "unknown %s %s for %s%s (see: %s --help)" % (what, quoted(word, 64), place, hint, place)
+
+
+class Completion(CommandLine):
+    """A line being completed: the words before the one being completed, read as the parser
+    reads them (CommandLine); candidates() then answers for the word itself, from the
+    declarations, the credential file or the server."""
+
+    def __init__(self, table, words, env, clock):
+        CommandLine.__init__(self, table, words)
+        self.env, self.clock = env, clock
+        self._context = None
+
     def candidates(self, current):
         """What the word `current` may become, at this place on the line."""
         if self.pending is not None:
@@ -3379,10 +3464,8 @@ class Completion:
                 return [name + "=" + v for v in self.values(self.value_of(name), value)]
             return [option for option in self.options() if option.startswith(current)]
         entry = self.entry()
-        if entry["children"] and not self.positionals:
-            names = [name for name in entry["children"] if name.startswith(current)]
-            if names or not entry["positionals"]:
-                return names
+        if entry["children"] and len(self.positionals) == len(entry["positionals"]):
+            return [name for name in entry["children"] if name.startswith(current)]
         kinds, index = entry["positionals"], len(self.positionals)
         if index < len(kinds):
             return self.values(kinds[index], current)
@@ -3499,8 +3582,18 @@ def complete_command(argv, env, clock=None):
 # === Main ====================================================================
 
 def parse_args(argv):
+    """The parsed arguments. When argparse refuses them and a word has no place at all (a
+    typo), the one-line usage_problem() says so instead; a valid line costs no check."""
     load_rest()
-    return build_parser().parse_args(argv)
+    try:
+        return build_parser().parse_args(argv)
+    except ArgumentsRefused as refused:
+        problem = usage_problem(argv)
+        if problem is not None:
+            raise UsageError(problem)
+        refused.parser.print_usage(sys.stderr)
+        say(sys.stderr, "%s: error: %s" % (refused.parser.prog, refused.message))
+        sys.exit(2)
 
 
 # self-install writes this program as two files, split at REST_MARK: this first half, and the
@@ -3564,7 +3657,7 @@ def main(argv=None, environ=None, clock=None):
         sys.stdin = open(os.devnull)
     sys.stdout, sys.stderr = StandardStream(sys.stdout, "stdout"), StandardStream(sys.stderr, "stderr")
     try:
-        if argv in (["--help"], ["-h"]):  # the same text argparse shows, without importing it
+        if argv in (["--help"], ["-h"], []):  # the same text argparse shows, without importing it
             load_rest()
             write_text(sys.stdout, top_help(help_width()))
             code = 0

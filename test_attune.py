@@ -10059,7 +10059,7 @@ class QuickPathTests(AttuneTestCase):
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 full = vars(attune.parse_args(argv))
-        except SystemExit:
+        except (SystemExit, attune.UsageError):  # argparse's refusal, or the one-line one for a typo
             full = None
         return (None if quick is None else vars(quick)), full
 
@@ -10670,6 +10670,8 @@ class ParserTests(unittest.TestCase):
                 return attune.parse_args(argv), ""
             except SystemExit:
                 return None, err.getvalue()
+            except attune.UsageError as e:  # a word with no place, said before argparse runs
+                return None, str(e)
 
     def test_a_command_above_its_own_lists_them_all(self):
         """Each command that only stands above its own (`cache entry`) says, run alone,
@@ -10709,12 +10711,75 @@ class ParserTests(unittest.TestCase):
         self.assertEqual((args.profile, args.command_path), ("x", ["pack", "list"]))
         args, _ = self.parse(["action", "--conf", "c.json", "list", "--pack", "core"])
         self.assertEqual((args.config, args.pack), ("c.json", "core"))
-        for argv, message in ((["pack", "lst"], "invalid choice: 'lst'"), (["--prof", "x", "pack", "lst"], "lst"),
-                              (["nope"], "invalid choice: 'nope'"), ([], "required"),
+        for argv, message in ((["pack", "lst"], "unknown command 'lst'"), (["--prof", "x", "pack", "lst"], "lst"),
+                              (["nope"], "unknown command 'nope'"), (["pack"], "required"),
                               (["execution", "show", "x"], "expected a whole number")):
             args, err = self.parse(argv)
             self.assertIsNone(args, argv)
             self.assertIn(message, err)
+
+    def test_typos_get_the_closest_name_and_where_to_look(self):
+        """An unknown command, subcommand, option or choice: one line naming it, the closest
+        that exists at that place (from the declarations), and the command that lists them."""
+        for argv, expected in (
+                (["pakc"], "unknown command 'pakc' for attune; did you mean 'pack'? (see: attune --help)"),
+                (["pack", "lst"], "unknown command 'lst' for attune pack; did you mean 'pack list'? "
+                                  "(see: attune pack --help)"),
+                (["-p", "prod", "execution", "shwo", "7"], "did you mean 'execution show'?"),
+                (["queue", "items", "core.inbox", "shw", "1"], "did you mean 'queue items show'? "
+                                                               "(see: attune queue items --help)"),
+                (["auth", "token", "craete"], "did you mean 'auth token create'?"),
+                (["pack", "list", "--bogus"], "unknown option '--bogus' for attune pack list (see: attune pack list --help)"),
+                (["pack", "list", "--nme", "x"], "did you mean '--name'?"),
+                (["execution", "list", "--stauts", "running"], "did you mean '--status'?"),
+                (["--profle", "x", "pack", "list"], "unknown option '--profle' for attune; did you mean '--profile'?"),
+                (["pack", "list", "-jq"], "unknown option '-jq' for attune pack list"),
+                (["completion", "bsh"], "unknown choice 'bsh' for attune completion; did you mean 'bash'?"),
+                (["xyzzy"], "unknown command 'xyzzy' for attune (see: attune --help)")):
+            with self.subTest(argv=argv):
+                args, err = self.parse(argv)
+                self.assertIsNone(args)
+                self.assertIn(expected, err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_every_line_argparse_takes_passes_the_check(self):
+        """Each command with each of its options, spelled in full, abbreviated and attached,
+        global options before and after, -- and values that start with a dash: none of it is
+        called unknown by usage_problem."""
+        def sample(flags, spec):
+            if "choices" in spec:
+                return str(spec["choices"][0])
+            kind = spec.get("type")
+            return "1" if isinstance(kind, attune.Number) else "true" if spec.get("nargs") == "?" else "x"
+
+        checked = 0
+        for cmd in attune.COMMANDS:
+            base = []  # each word of the path, then the positionals of the command it names (queue items REF)
+            for depth in range(1, len(cmd.path) + 1):
+                above = attune.find_command(cmd.path[:depth])
+                base += [cmd.path[depth - 1]] + [sample(f, s) for f, s in (above.arguments if above else ())
+                                                 if not f[0].startswith("-")
+                                                 and s.get("nargs") not in ("?", "*", attune.REMAINDER)]
+            lines = [base, ["-p", "x", "--api-url", "http://h"] + base + ["-j", "-v"], ["-jv"] + base]
+            known = [f for fl, _ in cmd.arguments + attune.GLOBAL_OPTIONS if fl[0].startswith("-") for f in fl]
+            for flags, spec in cmd.arguments:
+                if not flags[0].startswith("-"):
+                    continue
+                flag = ([f for f in flags if f.startswith("--")] or list(flags))[0]
+                value = [] if spec.get("action") in attune.FLAG_ACTIONS else [sample(flags, spec)]
+                lines.append(base + [flag] + value)
+                if value:
+                    lines.append(base + ["%s=%s" % (flag, value[0])])
+                if flag.startswith("--") and sum(1 for f in known if f.startswith(flag[:-1])) == 1:
+                    lines.append(base + [flag[:-1]] + value)  # a prefix argparse takes
+            for argv in lines:
+                self.assertIsNone(attune.usage_problem(argv), argv)
+                checked += 1
+        for argv in (["auth", "exec", "--", "env", "-i", "--bogus"], ["auth", "exec", "env", "-i", "--bogus"],
+                     ["run", "core.echo", "--param", "n=-1"], ["api", "GET", "/x", "--data", "-"],
+                     ["--output=json", "pack", "list"], ["-pprod", "pack", "list"]):
+            self.assertIsNone(attune.usage_problem(argv), argv)
+        self.assertGreater(checked, 1000)
 
     def test_every_declaration_builds(self):
         for cmd in attune.COMMANDS:

@@ -374,10 +374,14 @@ def check_profile_name(name):
     return name
 
 
-def parse_number(text, low, high, integer):
+def parse_number(text, low, high, integer, seconds=False):
     """text as an int (ASCII digits, optional sign) or a finite float in [low, high];
-    None when it is not one. int() alone would take '٣', '1_0' and ' 5 '."""
+    None when it is not one. int() alone would take '٣', '1_0' and ' 5 '. seconds: a
+    duration, also with a unit (30s, 5m, 1h), in seconds."""
     text = text if isinstance(text, str) else ""
+    scale = dict(DURATION_UNITS).get(text[-1:].lower(), 1) if seconds else 1  # the units format_duration writes
+    if scale != 1 or (seconds and text[-1:].lower() == "s"):
+        text = text[:-1]
     body = text[1:] if text[:1] in "+-" else text
     if len(body) > 400:  # beyond any range here; int() refuses over 4,300 digits on 3.11+
         return None
@@ -392,32 +396,45 @@ def parse_number(text, low, high, integer):
             value = float(text)
         except ValueError:
             return None
+    value *= scale
     return value if low <= value <= high else None
 
 
 class Number:
     """An argparse type: a whole or decimal number from low to high (exit 2 otherwise)."""
+    seconds = False
 
     def __init__(self, low, high=MAX_SECONDS, integer=True):
         self.low, self.high, self.integer = low, high, integer
 
     def __call__(self, text):
-        value = parse_number(text, self.low, self.high, self.integer)
+        value = parse_number(text, self.low, self.high, self.integer, self.seconds)
         if value is None:
-            raise argparse.ArgumentTypeError("expected a %s from %s to %s, not %s" % (
-                "whole number" if self.integer else "number", self.low, self.high, quoted(text)))
+            raise argparse.ArgumentTypeError("expected %s from %s to %s, not %s" % (
+                self.kind(), self.low, self.high, quoted(text)))
         return value
 
+    def kind(self):
+        return "a whole number" if self.integer else "a number"
 
-def env_number(env, name, default, low, high=MAX_SECONDS, integer=False):
-    """A number from the environment; a bad value is a configuration error (exit 3)."""
+
+class Seconds(Number):
+    """A Number of seconds, also written with a unit: 30, 30s, 5m, 1h."""
+    seconds = True
+
+    def kind(self):
+        return "seconds (30, 30s, 5m or 1h)"
+
+
+def env_seconds(env, name, default, low, high=MAX_SECONDS):
+    """Seconds from the environment (30, 30s, 5m, 1h); a bad value is a configuration error (exit 3)."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    value = parse_number(raw.strip(), low, high, integer)
+    value = parse_number(raw.strip(), low, high, False, seconds=True)
     if value is None:
-        raise ConfigError("%s must be a %s from %s to %s, not %s" % (
-            name, "whole number" if integer else "number", low, high, quoted(raw)))
+        raise ConfigError("%s must be seconds (30, 30s, 5m or 1h) from %s to %s, not %s" % (
+            name, low, high, quoted(raw)))
     return value
 
 
@@ -2703,11 +2720,11 @@ class Context:
         self.ui = Printer(args, env, self.stored_format)
         self.deadline = CommandDeadline()  # set by a command with its own --timeout
         self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
-                                     env_number(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0),
+                                     env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0),
                                      " ".join(["attune"] + getattr(args, "command_path", [])), self.deadline)
         self.choice = Choice(args, env, self.store, config_path, config_source)
         insecure = getattr(args, "insecure", False)
-        self.http = HttpSettings(env, env_number(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001),
+        self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001),
                                  self.choice.ca_bundle, insecure, getattr(args, "wait_for_server", None),
                                  self.ui.verbose, self.ui.log, self.ui.note, self.deadline)
         if insecure:
@@ -2842,7 +2859,7 @@ EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution i
 
 group("auth", "log in and out, inspect and print tokens")
 
-MIN_TTL = arg("--min-ttl", type=Number(0), default=0, metavar="SECONDS",
+MIN_TTL = arg("--min-ttl", type=Seconds(0), default=0, metavar="SECONDS",
               help="refresh first unless the token has at least this long left")
 TOKEN_FORMATS = ("raw", "json", "env", "header")
 
@@ -2882,14 +2899,14 @@ GLOBAL_OPTIONS = (
         complete="profiles"),
     arg("--api-url", metavar="URL", help="API URL for this run"),
     arg("--config", metavar="FILE", help="credential file"),
-    arg("--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
+    arg("-o", "--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
                                                                  "cache entry scan --all only)"),
     arg("-j", "--json", action="store_true", help="JSON output"),
     arg("-y", "--yaml", action="store_true", help="YAML output"),
     arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
     arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
     arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
-    arg("--wait-for-server", type=Number(0, integer=False), metavar="SECONDS",
+    arg("--wait-for-server", type=Seconds(0, integer=False), metavar="SECONDS",
         help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
 )
 FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
@@ -3075,7 +3092,7 @@ def quick_args(argv):
                 return None
             value = argv.pop(0)
         if kind is not None:
-            value = parse_number(value, kind.low, kind.high, kind.integer)
+            value = parse_number(value, kind.low, kind.high, kind.integer, kind.seconds)
             if value is None:
                 return None  # argparse says what is wrong with it
         if value not in spec.get("choices", (value,)):
@@ -3097,8 +3114,9 @@ def add_global_args(parser, top, own=()):
     given before the command."""
     group = parser.add_argument_group("global options")
     for flags, spec in GLOBAL_OPTIONS:
-        if not set(flags) & set(own):
-            group.add_argument(*flags, default=option_default(spec) if top else argparse.SUPPRESS,
+        left = [flag for flag in flags if flag not in own]  # artifact download -o FILE keeps --output
+        if len(left) == len(flags) or (left and left[0].startswith("--")):
+            group.add_argument(*left, default=option_default(spec) if top else argparse.SUPPRESS,
                                **parser_spec(spec))
     if "--version" not in own:
         group.add_argument("--version", action="version", version=version_text())
@@ -3999,7 +4017,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
 
 @command("auth sso-login", "log in through the identity provider (OIDC device flow; works over SSH)",
          LOGIN_URL, SAVE_PROFILE,
-         arg("--timeout", type=Number(1), metavar="SECONDS", help="give up after this long (default: the code's life)"),
+         arg("--timeout", type=Seconds(1), metavar="SECONDS", help="give up after this long (default: the code's life)"),
          arg("--no-browser", action="store_true", help="only print the URL and code; never open a browser"),
          creates_profile=True)
 def cmd_auth_sso_login(ctx, args):
@@ -4049,6 +4067,14 @@ def token_times(creds, now):
             "refresh_token_expires_in": left(creds.refresh_expires_at)}
 
 
+def stored_current(ctx):
+    """The credential file's current profile (what config profiles marks), not the one -p picks."""
+    try:
+        return ctx.store.current_profile() or DEFAULT_PROFILE
+    except ConfigError:
+        return None
+
+
 def profile_status(ctx, name, offline, use_env):
     """One profile's status and the exit code it implies: 0 usable, 4 login needed,
     5 server unreachable (6 server error, 1 other API error). Online, the session
@@ -4065,7 +4091,7 @@ def profile_status(ctx, name, offline, use_env):
             code = e.exit_code if e.exit_code in (4, 5, 6) else 1
     creds, now = session.creds, ctx.now()  # after any refresh
     stored = ctx.store.profile(name) or {}
-    status = {"profile": name, "current": name == ctx.choice.profile, "api_url": session.api_url,
+    status = {"profile": name, "current": name == stored_current(ctx), "api_url": session.api_url,
               "api_url_source": session.selection.api_url_source, "username": stored.get("username"),
               "token_source": creds.source if creds.access else None,
               "token_origin": creds.origin if creds.access else None,
@@ -4113,7 +4139,7 @@ def cmd_auth_status(ctx, args):
         except ConfigError as e:
             if not args.all:
                 raise
-            status, status_code = {"profile": name, "current": name == ctx.choice.profile, "error": str(e),
+            status, status_code = {"profile": name, "current": name == stored_current(ctx), "error": str(e),
                                    "logged_in": False}, e.exit_code  # one broken profile spoils no other
         results.append(status)
         if status_code and code in (0, 4):
@@ -5215,8 +5241,17 @@ def note_partial(ctx, pagination, shown, noun):
     """Say on stderr when a list holds only its first page."""
     if isinstance(pagination, dict) and pagination.get("has_next") is True:
         total = pagination.get("total_items")
-        ctx.ui.note("showing the first %d%s %s; add --all for every page"
-                    % (shown, " of %d" % total if isinstance(total, int) else "", noun))
+        ctx.ui.note("showing the first %s%s; add --all for every page"
+                    % (counted(shown, noun), " of %d" % total if isinstance(total, int) else ""))
+
+
+def counted(n, noun):
+    """'1 execution', '3 executions': noun is the plural the lists use."""
+    if n == 1 and noun.endswith("ies"):
+        noun = noun[:-3] + "y"
+    elif n == 1 and noun.endswith("s"):
+        noun = noun[:-1]
+    return "%d %s" % (n, noun)
 
 
 def read_document(ctx, path, what):
@@ -5607,7 +5642,10 @@ def show_finished_execution(ctx, execution):
     def table():
         result = execution.get("result")
         stdout = result.get("stdout") if isinstance(result, dict) else None
-        ctx.ui.success("Execution %s completed" % execution.get("id"))
+        if status.lower() in SUCCESS_STATUSES:
+            ctx.ui.success("Execution %s completed" % execution.get("id"))
+        else:
+            ctx.ui.out(CROSS + " " + terminal_safe("Execution %s %s" % (execution.get("id"), status or "ended"), keep=""))
         ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
                       ("Status", status)] + timestamps(execution), "Execution Details")
         if isinstance(stdout, str):
@@ -6225,7 +6263,7 @@ EXECUTE_ARGS = (
     arg("--worker-selector", metavar="JSON", help="worker label selector (JSON object)"),
     arg("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)"),
     arg("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)"),
-    arg("--execution-timeout", type=Number(1), metavar="SECONDS",
+    arg("--execution-timeout", type=Seconds(1), metavar="SECONDS",
         help="timeout the server enforces on the execution"),
     arg("--env", action="append", metavar="KEY=VALUE", help="an environment variable for the action (repeatable)"),
     arg("--env-json", metavar="JSON", help="all environment variables as one JSON object of strings"),
@@ -6236,7 +6274,7 @@ EXECUTE_ARGS = (
     arg("--artifact-retention-limit", type=Number(1, MAX_ID), metavar="N",
         help="how many artifact versions (or days, ...) to keep"),
     arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
-    arg("--timeout", type=Number(1), metavar="SECONDS",
+    arg("--timeout", type=Seconds(1), metavar="SECONDS",
         help="with --watch: stop waiting after this long (default 300)"),
     arg("--notifier-url", metavar="URL",
         help="with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))
@@ -6299,7 +6337,7 @@ def cmd_action_search(ctx, args):
          arg("--label"), arg("--description"), arg("--entrypoint"), arg("--runtime", type=Number(1, MAX_ID),
                                                                          metavar="RUNTIME_ID", help="runtime id"),
          arg("--enabled", type=parse_bool, metavar="BOOL"),
-         arg("--timeout-seconds", type=Number(1, MAX_SECONDS), metavar="N", help="the action's execution timeout"),
+         arg("--timeout-seconds", type=Seconds(1, MAX_SECONDS), metavar="N", help="the action's execution timeout"),
          arg("--clear-timeout", action="store_true", help="remove the action's execution timeout"))
 def cmd_action_update(ctx, args):
     if args.timeout_seconds is not None and args.clear_timeout:
@@ -6504,7 +6542,7 @@ def cmd_execution_cancel(ctx, args):
          arg("id", metavar="ID", nargs="?", type=Number(1, MAX_ID), help="execution id (a whole number)",
              complete="executions"),
          *(EXECUTION_FILTERS + (
-             arg("--timeout", type=Number(1), default=300, metavar="SECONDS",
+             arg("--timeout", type=Seconds(1), default=300, metavar="SECONDS",
                  help="stop waiting after this long (default 300)"),
              arg("--notifier-url", metavar="URL",
                  help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))))
@@ -8452,21 +8490,12 @@ def cmd_audit_chain(ctx, args):
 group("policy", "list, show, create, update, enable, disable and delete execution policies")
 
 
-def parse_window(text):
-    """argparse type: a rate-limit window, 60s, 10m, 1h or plain seconds."""
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower()) if text else None
-    seconds = parse_number(text[:-1] if scale else text, 1, MAX_SECONDS, True)
-    if seconds is None or seconds * (scale or 1) > MAX_SECONDS:
-        raise argparse.ArgumentTypeError("expected seconds, or a number with s, m or h (60s, 10m, 1h), not %r" % text)
-    return seconds * (scale or 1)
-
-
 POLICY_FEATURES = (
     arg("--concurrency-limit", type=Number(0, MAX_ID), metavar="N", help="at most N running at once"),
     arg("--on-concurrency", choices=("enqueue", "cancel"), help="what happens past the limit (default enqueue)"),
     arg("--group-by", action="append", metavar="PATH", help="count concurrency per parameter value (repeatable)"),
     arg("--rate-limit-max", type=Number(1, MAX_ID), metavar="N", help="at most N starts per window"),
-    arg("--rate-limit-window", type=parse_window, metavar="WINDOW", help="the window: 60s, 10m, 1h or seconds"),
+    arg("--rate-limit-window", type=Seconds(1), metavar="WINDOW", help="the window: 60s, 10m, 1h or seconds"),
     arg("--quota-running-executions", type=Number(1, MAX_ID), metavar="N"),
     arg("--quota-executions-total", type=Number(1, MAX_ID), metavar="N"),
     arg("--tag", action="append", help="a tag (repeatable; on update, replaces the tags)"))
@@ -9240,7 +9269,7 @@ def cmd_api(ctx, args):
 
 
 @command("health", "check that the server answers GET /health",
-         arg("--wait", type=Number(0, integer=False), metavar="SECONDS",
+         arg("--wait", type=Seconds(0, integer=False), metavar="SECONDS",
              help="keep trying until the server is healthy or this long has passed (exit 5); "
                   "the same as --wait-for-server"))
 def cmd_health(ctx, args):

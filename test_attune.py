@@ -3021,6 +3021,11 @@ class YamlTests(unittest.TestCase):
 
 
 class TableTests(unittest.TestCase):
+    def test_a_count_and_its_noun(self):
+        for n, noun, text in ((1, "executions", "1 execution"), (2, "executions", "2 executions"),
+                              (1, "inquiries", "1 inquiry"), (0, "entries", "0 entries"), (1, "items", "1 item")):
+            self.assertEqual(attune.counted(n, noun), text)
+
     def test_aligned_columns_with_header_and_rule(self):
         text = attune.render_table(["Ref", "Version"], [["core", "1.0.0"], ["linux", None]])
         self.assertEqual(text.split("\n"), ["Ref    Version", "─────  ───────", "core   1.0.0", "linux"])
@@ -3535,6 +3540,8 @@ class PrecedenceTests(AttuneTestCase):
         result = self.fails(3, "-p", "nope", "auth", "status")
         self.assertIn("Profile 'nope' does not exist", result.err)
         self.assertIn("default, prod, staging", result.err)
+        self.assertIn("to create it: attune config add-profile nope --api-url URL", result.err)
+        self.assertEqual(len(result.err.splitlines()), 1)
         self.fails(3, "auth", "status", env={"ATTUNE_PROFILE": "nope"})
 
     def test_profile_flag_never_changes_the_current_profile(self):
@@ -4235,6 +4242,14 @@ class AuthCommandTests(AttuneTestCase):
         self.assertEqual([data[n]["logged_in"] for n in ("a", "b")], [True, False])
         self.assertTrue(data["a"]["current"])
 
+    def test_current_is_the_files_current_profile_not_the_one_p_picks(self):
+        self.seed()
+        self.seed("staging", current=False)
+        out = self.ok("-p", "staging", "auth", "status", "--offline").out
+        self.assertTrue(out.startswith("Profile: staging\n"), out)
+        self.assertFalse(self.ok("-p", "staging", "auth", "status", "--offline", "-j").json()["current"])
+        self.assertTrue(self.ok("auth", "status", "--offline").out.startswith("Profile: default (current)\n"))
+
     def test_status_json_says_where_values_came_from(self):
         self.seed()
         data = self.ok("auth", "status", "-j", "--offline", env={"ATTUNE_API_URL": self.server.url}).json()
@@ -4554,7 +4569,7 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "email", "errno", "fcntl", "getpass", "hashlib", "http", "importlib",
+    STDLIB = {"argparse", "binascii", "difflib", "email", "errno", "fcntl", "getpass", "hashlib", "http", "importlib",
               "io", "ipaddress", "json", "msvcrt", "os", "py_compile", "re", "select", "shlex", "shutil", "signal",
               "socket", "ssl", "stat", "struct", "subprocess", "sys", "tarfile", "tempfile", "termios", "time",
               "urllib", "warnings", "webbrowser", "datetime"}
@@ -5217,7 +5232,7 @@ class ActionCommandTests(ResourceTestCase):
                  ("--params-json", "{}", "--param", "a=1"): "not both",
                  ("--worker-affinity", "nope"): "--worker-affinity is not valid JSON",
                  ("--timeout", "5"): "--timeout only applies with --watch",
-                 ("--execution-timeout", "0"): "expected a whole number from 1"}
+                 ("--execution-timeout", "0"): "expected seconds (30, 30s, 5m or 1h) from 1"}
         for extra, message in cases.items():
             with self.subTest(extra):
                 self.assertIn(message, self.fails(2, "action", "execute", "core.echo", *extra).err)
@@ -5247,6 +5262,8 @@ class ActionCommandTests(ResourceTestCase):
     def test_execute_watch_failure_and_json(self):
         result = self.fails(1, "run", "core.fail", "-w")
         self.assertIn("Status:        failed", result.out)
+        self.assertIn("✗ Execution %d failed\n" % max(self.server.executions), result.out)
+        self.assertNotIn("completed", result.out)
         self.assertIn("attune: error: execution finished with status 'failed'", result.err)
         result = self.fails(1, "run", "core.fail", "-w", "-j")
         self.assertEqual(result.json()["status"], "failed")
@@ -6083,7 +6100,7 @@ class InquiryCommandTests(ResourceTestCase):
         self.assertEqual(self.lines("inquiry", "list", "--status", "timeout"), [
             "ID  Status  Prompt  Created by  Assigned to  Created", "──  ──────  ──────  ──────────  ───────────  ───────"])
         result = self.ok("inquiry", "list", "--limit", "1", "--offset", "1")
-        self.assertIn("showing the first 1 inquiries", result.err)
+        self.assertIn("showing the first 1 inquiry;", result.err)
         for bad in (["--limit", "0"], ["--limit", "501"], ["--offset", "-1"], ["--status", "open"]):
             self.fails(2, "inquiry", "list", *bad)
 
@@ -10673,6 +10690,43 @@ class ParserTests(unittest.TestCase):
             except attune.UsageError as e:  # a word with no place, said before argparse runs
                 return None, str(e)
 
+    def test_every_duration_takes_a_unit_through_the_one_parser(self):
+        """Each option of seconds (every SECONDS metavar, the policy window, the action
+        timeout) takes 30, 30s, 5m and 1h alike; anything else is refused with the forms."""
+        durations = [(cmd, flags, spec) for cmd in attune.COMMANDS for flags, spec in cmd.arguments
+                     if isinstance(spec.get("type"), attune.Seconds)]
+        durations += [(None, flags, spec) for flags, spec in attune.GLOBAL_OPTIONS
+                      if isinstance(spec.get("type"), attune.Seconds)]
+        self.assertGreaterEqual(len(durations), 10)
+        for flags, spec in ((f, s) for c, f, s in durations if s.get("metavar") == "SECONDS"):
+            self.assertIsInstance(spec["type"], attune.Seconds, flags)
+        for cmd, flags, spec in durations:
+            kind = spec["type"]
+            for text, seconds in (("30", 30), ("30s", 30), ("5m", 300), ("1h", 3600), ("2M", 120)):
+                with self.subTest(flags=flags, text=text):
+                    self.assertEqual(kind(text), seconds)
+            for text in ("5x", "m", "", "1.5.m", "5 m", "٣m"):
+                with self.subTest(flags=flags, text=text):
+                    with self.assertRaises(attune.argparse.ArgumentTypeError) as caught:
+                        kind(text)
+                    self.assertIn("seconds (30, 30s, 5m or 1h)", str(caught.exception))
+        for name in ("ATTUNE_TIMEOUT", "ATTUNE_LOCK_TIMEOUT"):
+            self.assertEqual(attune.env_seconds({name: "2m"}, name, 1, 0), 120)
+            self.assertEqual(attune.env_seconds({name: "1.5"}, name, 1, 0), 1.5)
+            with self.assertRaises(attune.ConfigError):
+                attune.env_seconds({name: "soon"}, name, 1, 0)
+        args = attune.parse_args(["execution", "watch", "--timeout", "5m"])
+        self.assertEqual(args.timeout, 300)
+        self.assertEqual(attune.quick_args(["auth", "token", "--min-ttl", "5m"]).min_ttl, 300)  # the quick path too
+        self.assertIsNone(attune.quick_args(["auth", "token", "--min-ttl", "5x"]))  # argparse says what is wrong
+
+    def test_o_is_output_except_where_a_command_has_its_own(self):
+        self.assertEqual(attune.parse_args(["-o", "json", "pack", "list"]).output, "json")
+        self.assertEqual(attune.parse_args(["pack", "list", "-o", "yaml"]).output, "yaml")
+        args = attune.parse_args(["artifact", "download", "1", "-o", "file.bin"])
+        self.assertEqual(args.target, "file.bin")
+        self.assertEqual(attune.parse_args(["-o", "json", "artifact", "download", "1"]).output, "json")
+
     def test_a_command_above_its_own_lists_them_all(self):
         """Each command that only stands above its own (`cache entry`) says, run alone,
         exactly the commands declared below it, with exit 2."""
@@ -10717,6 +10771,13 @@ class ParserTests(unittest.TestCase):
             args, err = self.parse(argv)
             self.assertIsNone(args, argv)
             self.assertIn(message, err)
+
+    def test_bare_attune_shows_the_overview(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = attune.main([], environ={"HOME": "/nonexistent"})
+        self.assertEqual(code, 0)
+        self.assertEqual(out.getvalue(), attune.top_help(attune.help_width()))
 
     def test_typos_get_the_closest_name_and_where_to_look(self):
         """An unknown command, subcommand, option or choice: one line naming it, the closest

@@ -5241,8 +5241,8 @@ def note_partial(ctx, pagination, shown, noun):
     """Say on stderr when a list holds only its first page."""
     if isinstance(pagination, dict) and pagination.get("has_next") is True:
         total = pagination.get("total_items")
-        ctx.ui.note("showing the first %s%s; add --all for every page"
-                    % (counted(shown, noun), " of %d" % total if isinstance(total, int) else ""))
+        ctx.ui.note("showing the first %s; add --all for every page"
+                    % ("%d of %s" % (shown, counted(total, noun)) if isinstance(total, int) else counted(shown, noun)))
 
 
 def counted(n, noun):

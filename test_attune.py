@@ -2,7 +2,7 @@
 """Tests for attune.py, and the fake Attune server they run against.
 
     python3 test_attune.py run-suite [NAME...]  the whole suite, a line per class (make test)
-    python3 test_attune.py check             the quick part, under two minutes (make check)
+    python3 test_attune.py check             the quick part, about two and a half minutes (make check)
     python3 test_attune.py test-all [--coverage MIN]
                                              the suite on every Python found (make test-all, make ci)
     python3 test_attune.py coverage MIN      the suite measured, its processes too (make coverage)
@@ -4903,6 +4903,7 @@ class SeamTests(AttuneTestCase):
                     outcomes.append((result.code, out, result.err))  # the seconds tick between the two
                 self.assertEqual(outcomes[0], outcomes[1])
 
+    @slow
     def test_complete_through_the_installed_launcher_with_the_rest_gone(self):
         """__complete in the installed first half: commands from the table self-install wrote,
         refs from the server, never the rest; a missing or broken table loads the rest."""
@@ -5491,6 +5492,7 @@ class NotifierTests(ResourceTestCase):
         self.assertEqual(upgrade.headers["Upgrade"], "websocket")
         self.assertEqual(upgrade.headers["Sec-WebSocket-Version"], "13")
 
+    @slow
     def test_a_wss_notifier_whose_tls_fails_is_tried_then_polling(self):
         """wss:// is tried like ws://: the TLS handshake fails (the peer drops it), and the
         watch polls instead, quietly, for run -w and for execution watch ID alike."""
@@ -5917,6 +5919,7 @@ class ListWatchTests(ResourceTestCase):
         self.assertIn("completed", frames[-1])
         self.assertTrue(frames[-1].endswith("✓ All watched executions are done\n"))
 
+    @slow
     def test_status_filters_and_nothing_to_watch_yet(self):
         """Nothing matches yet: the watch follows the stream until an execution that matches
         starts, shows it, and ends when it is done, though a finished one has left the
@@ -5941,6 +5944,7 @@ class ListWatchTests(ResourceTestCase):
         result = self.fails(1, "execution", "watch", "--status", "running", "-a", "nope.nothing", "--timeout", "1")
         self.assertIn("timed out after 1s watching executions (0 not done)", result.err)
 
+    @slow
     def test_polling_asks_for_an_execution_that_left_the_list(self):
         self.server.fail("/api/v1/executions/stream", "GET", *api_error(404, "Not Found", "NOT_FOUND"))
         eid = self.execute("core.sleep", "seconds=1")
@@ -7970,6 +7974,7 @@ class CompletionTests(AttuneTestCase):
         self.assertEqual(self.complete_in_bash(["attune", "--output", ""]), ["table", "json", "yaml", "ndjson"])
 
     @unittest.skipUnless(shutil.which("bash"), "bash")
+    @slow
     def test_bash_completes_refs_and_parameters_from_the_server(self):
         self.seed()
         self.assertEqual(self.complete_in_bash(["attune", "run", "core.e"]), ["core.echo"])
@@ -8078,6 +8083,7 @@ class CompletionTests(AttuneTestCase):
         return bindir + os.pathsep + os.environ.get("PATH", "")
 
     @unittest.skipUnless(shutil.which("zsh"), "zsh")
+    @slow
     def test_zsh_completes_commands_refs_and_parameters(self):
         """The zsh script in a real zsh, called as its bashcompinit calls it, the matches
         filtered as compadd filters them."""
@@ -8104,6 +8110,7 @@ class CompletionTests(AttuneTestCase):
         self.assertEqual(self.server.log(), ["GET /api/v1/actions/search", "GET /api/v1/actions/core.echo"])
 
     @unittest.skipUnless(shutil.which("fish"), "fish")
+    @slow
     def test_fish_completes_refs_profiles_and_values(self):
         self.seed()
         self.seed("prod", current=False)
@@ -8276,6 +8283,7 @@ class CompleteTests(ResourceTestCase):
             self.assertEqual(self.complete("pack show "), expected)
             self.assertTrue(35 < len(expected) < 65, len(expected))
 
+    @slow
     def test_a_rejected_token_refreshes_and_the_rotation_is_stored(self):
         """In a real process: the 401 leads to one refresh, stored as any command stores it,
         and the search is sent again with the new token."""
@@ -8292,6 +8300,7 @@ class CompleteTests(ResourceTestCase):
         self.assertEqual(self.server.requests[-1].token, stored["auth_token"])
         self.assertIn(stored["refresh_token"], self.server.issued)
 
+    @slow
     def test_a_slow_server_is_given_up_on_within_the_budget(self):
         """A server that answers after a minute, or a byte a second: the process ends by
         itself (the budget is 2 s; the test waits up to 50), with nothing to say."""
@@ -8302,6 +8311,7 @@ class CompleteTests(ResourceTestCase):
                 result = self.run_process("__complete", "--", "run", "core.", timeout=50)
                 self.assertEqual((result.code, result.out, result.err), (0, "", ""))
 
+    @slow
     def test_without_a_credential_file_nothing_is_created(self):
         os.remove(self.config)
         os.rmdir(os.path.dirname(self.config))

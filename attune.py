@@ -3017,14 +3017,15 @@ def needs_a_command(ctx, args):
 
 def command_tree():
     """(path, options, value options, subcommands) of the top level, each group and each
-    command: what the completion scripts offer."""
-    names, takes_value = option_names(GLOBAL_OPTIONS)
-    common = ["-h", "--help"] + names + ["--version"]
-    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
-        yield path, common, takes_value, [name for name, _, _ in children(path)]
-    for cmd in COMMANDS:
-        own, own_values = option_names(cmd.arguments)
-        yield cmd.path, common + own, takes_value + own_values, [name for name, _, _ in children(cmd.path)]
+    command: completion_table() as the static completion scripts take it."""
+    table = completion_table()
+    own_global = [option for option in table["global"] if option not in ("-h", "--help", "--version")]
+    common = ["-h", "--help"] + own_global + ["--version"]
+    common_values = [option for option in own_global if table["global"][option] is not None]
+    for path, entry in table["commands"].items():
+        own = entry["options"]
+        yield (tuple(path.split()), common + list(own),
+               common_values + [option for option, value in own.items() if value is not None], entry["children"])
 
 
 class Namespace:
@@ -3395,7 +3396,8 @@ class CommandLine:
                 self.positional(word)
 
     def positional(self, word):
-        kinds, entry = self.entry()["positionals"], self.entry()
+        entry = self.entry()
+        kinds = entry["positionals"]
         kind = kinds[len(self.positionals)] if len(self.positionals) < len(kinds) else \
             kinds[-1] if kinds and entry["repeats"] else None
         if isinstance(kind, list) and kind and word not in kind:

@@ -5953,7 +5953,9 @@ class ListWatchTests(ResourceTestCase):
         stop = threading.Event()
         self.addCleanup(stop.set)
 
-        def worker():
+        def worker():  # from the moment the watch has listed it (then it asks for the stream)
+            while not self.streams() and not stop.wait(0.02):
+                pass
             while not stop.wait(0.3):
                 self.server.advance(eid)
         threading.Thread(target=worker, daemon=True).start()

@@ -2796,12 +2796,13 @@ COMMANDS = []      # Command, in declaration order
 
 
 class Command:
-    def __init__(self, path, help, func, arguments, defaults):
+    def __init__(self, path, help, func, arguments, defaults, examples):
         self.path = path            # ("pack", "list")
         self.help = help
         self.func = func
         self.arguments = arguments  # arg() tuples: (flags, options)
         self.defaults = defaults    # extra attributes of the parsed arguments
+        self.examples = examples    # command lines its --help shows ("attune pack list -j")
 
 
 def group(name, help):
@@ -2810,13 +2811,14 @@ def group(name, help):
     GROUP_HELP[name] = help
 
 
-def command(path, help, *arguments, **defaults):
-    """Declare the decorated function as the command path ('pack list' or 'run')."""
+def command(path, help, *arguments, examples=(), **defaults):
+    """Declare the decorated function as the command path ('pack list' or 'run'); examples
+    are command lines its --help shows, each with an optional '  # what it does'."""
     def register(func):
         words = tuple(path.split())
         if len(words) == 1:
             TOP_LEVEL.append(words[0])
-        COMMANDS.append(Command(words, help, func, arguments, defaults))
+        COMMANDS.append(Command(words, help, func, arguments, defaults, examples))
         return func
     return register
 
@@ -2865,7 +2867,10 @@ TOKEN_FORMATS = ("raw", "json", "env", "header")
 
 
 @command("auth token", "print the access token that would be used",
-         MIN_TTL, arg("--format", choices=TOKEN_FORMATS, help="raw (default), json, env (shell exports) or header"))
+         MIN_TTL, arg("--format", choices=TOKEN_FORMATS, help="raw (default), json, env (shell exports) or header"),
+         examples=("attune auth token --min-ttl 15m  # a token with 15 minutes left at least",
+                   "curl -H \"$(attune auth token --format header)\" \"$URL/api/v1/packs\"",
+                   "eval \"$(attune auth token --format env)\"  # ATTUNE_API_URL and ATTUNE_API_TOKEN"))
 def cmd_auth_token(ctx, args):
     session = ctx.session()
     token = session.token(min_ttl=args.min_ttl)
@@ -2899,8 +2904,8 @@ GLOBAL_OPTIONS = (
         complete="profiles"),
     arg("--api-url", metavar="URL", help="API URL for this run"),
     arg("--config", metavar="FILE", help="credential file"),
-    arg("-o", "--output", choices=OUTPUT_FORMATS + ("ndjson",), help="output format (default: table; ndjson: "
-                                                                 "cache entry scan --all only)"),
+    arg("-o", "--output", choices=OUTPUT_FORMATS + ("ndjson",), metavar="FORMAT",
+        help="table (the default), json, yaml; ndjson: cache entry scan --all only"),
     arg("-j", "--json", action="store_true", help="JSON output"),
     arg("-y", "--yaml", action="store_true", help="YAML output"),
     arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
@@ -2971,22 +2976,99 @@ def help_rows(rows, width):
     return lines
 
 
+def option_usage(flags, spec, every_flag=False):
+    """How usage and help name an option: '-p NAME' (or '-p NAME, --profile NAME'), '-w'."""
+    value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
+        spec.get("metavar") or ("{%s}" % ",".join(spec["choices"]) if "choices" in spec
+                                else option_dest(flags, spec).upper()))
+    return ", ".join(flag + value for flag in flags) if every_flag else flags[0] + value
+
+
+def global_option_rows():
+    rows = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
+    return rows + [(option_usage(flags, spec, every_flag=True), spec["help"]) for flags, spec in GLOBAL_OPTIONS]
+
+
 def top_help(width):
     """`attune --help`, from the declarations: commands, global options, exit codes, environment."""
     commands = [(name, help_text) for name, help_text, _ in children(())]
-    options = [("-h, --help", "show this help message and exit"), ("--version", "show the version and exit")]
-    for flags, spec in GLOBAL_OPTIONS:
-        value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
-            spec.get("metavar") or "{%s}" % ",".join(spec["choices"]))
-        options.append((", ".join(flag + value for flag in flags), spec["help"]))
-    lines = ["usage: attune [-h] [--version] [global options] COMMAND ...", "",
-             "Command-line client for the Attune automation platform.", "", "commands:"]
+    lines = ["usage: " + TOP_USAGE, "", "Command-line client for the Attune automation platform.", "", "commands:"]
     lines += help_rows(commands, width)
-    lines += ["", "global options (before or after the command):"] + help_rows(options, width)
-    lines += ["", "exit codes:"] + ["  %-4d %s" % pair for pair in EXIT_CODES]
-    lines += ["", "environment:"] + ["  %-22s %s" % pair for pair in ENVIRONMENT]
-    lines += ["", "Run 'attune COMMAND --help' for a command's own options."]
+    lines += ["", "global options (before or after the command):"] + help_rows(global_option_rows(), width)
+    lines += ["", "exit codes:"] + exit_code_lines()
+    lines += ["", "environment:"] + environment_lines()
+    lines += ["", "Run 'attune COMMAND --help' for a command's own options and examples, "
+                  "'attune help global' for the global options alone."]
     return "\n".join(lines) + "\n"
+
+
+TOP_USAGE = "attune [-h] [--version] [global options] COMMAND ..."
+
+
+def exit_code_lines():
+    return ["  %-4d %s" % pair for pair in EXIT_CODES]
+
+
+def environment_lines():
+    return ["  %-22s %s" % pair for pair in ENVIRONMENT]
+
+
+def usage_line(path, arguments, below, width):
+    """A command's usage as argparse prints it after 'usage: ', from its declaration: its own
+    options, [global options], its positional arguments, wrapped under the command's name."""
+    words = ["[-h]"]
+    for flags, spec in arguments:
+        if flags[0].startswith("-"):
+            text = option_usage(flags, spec)
+            words.append(text if spec.get("required") else "[%s]" % text)
+    words.append("[global options]")
+    for flags, spec in arguments:
+        if not flags[0].startswith("-"):
+            name = spec.get("metavar") or ("{%s}" % ",".join(spec["choices"]) if "choices" in spec else flags[0])
+            nargs = spec.get("nargs")
+            words.append({"?": "[%s]", "*": "[%s ...]", "+": "%s [%s ...]"}.get(nargs, "%s").replace(
+                "%s", name) if nargs != REMAINDER else name)
+    if below:
+        words.append("COMMAND ..." if below == "required" else "[COMMAND ...]")
+    prog = " ".join(["attune"] + command_words(path))
+    indent = len("usage: ") + len(prog) + 1
+    lines, line = [], prog
+    for word in words:
+        if len(line) + 1 + len(word) > width - (len("usage: ") if not lines else 0) and line.strip():
+            lines.append(line)
+            line = " " * indent + word
+        else:
+            line += " " + word
+    return "\n".join(lines + [line]).replace("%", "%%")  # argparse fills in %(prog)s
+
+
+def positional_names(arguments):
+    return [spec.get("metavar") or option_dest(flags, spec) for flags, spec in arguments
+            if not flags[0].startswith("-")]
+
+
+def command_words(path):
+    """How a command is typed: its path, with the positional arguments of a command that
+    stands above others where they go (queue items REF show)."""
+    words = []
+    for i, word in enumerate(path):
+        words.append(word)
+        above = find_command(path[:i + 1]) if i + 1 < len(path) else None
+        if above is not None:
+            words.extend(positional_names(above.arguments))
+    return words
+
+
+def help_epilog(path, width):
+    """What a command's or group's --help ends with: its examples (a group's: the first of each
+    command below it, up to four), then the global options in one line and where they are told."""
+    cmd = find_command(path)
+    examples = list(cmd.examples) if cmd is not None and cmd.examples else [
+        c.examples[0] for c in COMMANDS if c.path[:len(path)] == path and c.examples][:4]
+    lines = ["examples:"] + ["  " + example for example in examples] + [""] if examples else []
+    names = ", ".join(option_usage(flags, spec) for flags, spec in GLOBAL_OPTIONS)
+    lines.append(wrap("global options (before or after the command): %s; see attune help global" % names, width, 2))
+    return "\n".join(lines)
 
 
 def find_command(path):
@@ -3008,8 +3090,7 @@ def needs_a_command(ctx, args):
     """The function of a command that only stands above its own (`cache entry`): run alone,
     it says which there are, from their declarations."""
     path = tuple(args.command_path)
-    words = list(path) + [spec.get("metavar") or option_dest(flags, spec) for flags, spec in find_command(path).arguments
-                          if not flags[0].startswith("-")]
+    words = command_words(path) + positional_names(find_command(path).arguments)
     names = [name for name, _, _ in children(path)]
     listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
     raise UsageError("%s needs a command: %s" % (" ".join(words), listed))
@@ -3117,10 +3198,13 @@ def add_global_args(parser, top, own=()):
     for flags, spec in GLOBAL_OPTIONS:
         left = [flag for flag in flags if flag not in own]  # artifact download -o FILE keeps --output
         if len(left) == len(flags) or (left and left[0].startswith("--")):
-            group.add_argument(*left, default=option_default(spec) if top else argparse.SUPPRESS,
-                               **parser_spec(spec))
+            options = dict(parser_spec(spec), default=option_default(spec) if top else argparse.SUPPRESS)
+            if not top:
+                options["help"] = argparse.SUPPRESS  # told once: the epilog names them (help_epilog)
+            group.add_argument(*left, **options)
     if "--version" not in own:
-        group.add_argument("--version", action="version", version=version_text())
+        group.add_argument("--version", action="version", version=version_text(),
+                           help="show the version and exit" if top else argparse.SUPPRESS)
 
 
 def help_formatter(prog):
@@ -3174,8 +3258,11 @@ def build_parser():
 
     def fill_group(parser, path):
         add_help(parser)
+        width = help_width() - 2
+        parser.usage = usage_line(path, (), "required", width) if path else TOP_USAGE
+        parser.epilog = help_epilog(path, width) if path else None
         add_global_args(parser, top=not path)
-        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND",
+        sub = parser.add_subparsers(dest="_".join(("cmd",) + path), metavar="COMMAND", prog=parser.prog,
                                     parser_class=CommandParser)
         sub.required = True  # add_subparsers(required=) is 3.7+
         for name, help_text, cmd in children(path):
@@ -3188,6 +3275,10 @@ def build_parser():
 
     def fill_command(parser, cmd):
         add_help(parser)
+        width = help_width() - 2
+        parser.usage = usage_line(cmd.path, cmd.arguments, children(cmd.path) and (
+            "required" if cmd.func is needs_a_command else "optional"), width)
+        parser.epilog = help_epilog(cmd.path, width)
         add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
         # command_path lets the lock file say 'attune auth login' without any argument values
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
@@ -3196,7 +3287,7 @@ def build_parser():
         below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
         if below:
             sub = parser.add_subparsers(dest="_".join(("cmd",) + cmd.path), metavar="COMMAND",
-                                        parser_class=CommandParser)
+                                        prog=parser.prog, parser_class=CommandParser)
             for name, help_text, child in below:
                 sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
                                formatter_class=help_formatter, fill=lambda p, child=child: fill_command(p, child),
@@ -3860,7 +3951,10 @@ def usable_login(ctx, args, target, url, stored):
          arg("--if-needed", action="store_true",
              help="do nothing (exit 0) when the profile already holds a usable session"),
          arg("--sso", action="store_true", help="log in through the identity provider (as auth sso-login)"),
-         creates_profile=True)
+         creates_profile=True,
+         examples=("attune auth login --url http://localhost:8080 -u admin  # asks for the password",
+                   "attune auth login -u admin --password-stdin < password.txt",
+                   "attune auth login --if-needed -u admin --password-stdin < password.txt  # in a bootstrap script"))
 def cmd_auth_login(ctx, args):
     target, url = login_target(ctx, args)
     stored = ctx.store.profile(target) or {}
@@ -3885,7 +3979,8 @@ def cmd_auth_login(ctx, args):
 @command("auth token-login", "log in with an integration token",
          arg("--token-stdin", action="store_true", help="read the token from stdin"),
          arg("--token", metavar="T", help="integration token (visible in the process list)"),
-         LOGIN_URL, SAVE_PROFILE, creates_profile=True)
+         LOGIN_URL, SAVE_PROFILE, creates_profile=True,
+         examples=("attune auth token-login --url https://attune.example.com --token-stdin < token.txt",))
 def cmd_auth_token_login(ctx, args):
     target, url = login_target(ctx, args)
     token = check_token(read_secret(ctx, "integration token", args.token_stdin, args.token, None, "--token"),
@@ -4021,14 +4116,17 @@ def device_login(ctx, target, url, timeout=None, browser=True):
          LOGIN_URL, SAVE_PROFILE,
          arg("--timeout", type=Seconds(1), metavar="SECONDS", help="give up after this long (default: the code's life)"),
          arg("--no-browser", action="store_true", help="only print the URL and code; never open a browser"),
-         creates_profile=True)
+         creates_profile=True,
+         examples=("attune auth sso-login --url https://attune.example.com --no-browser",))
 def cmd_auth_sso_login(ctx, args):
     target, url = login_target(ctx, args)
     device_login(ctx, target, url, args.timeout, browser=not args.no_browser)
 
 
 @command("auth logout", "forget the stored tokens (the server keeps no session)",
-         arg("--all", action="store_true", help="log out of every profile"))
+         arg("--all", action="store_true", help="log out of every profile"),
+         examples=("attune auth logout",
+                   "attune auth logout --all  # every profile"))
 def cmd_auth_logout(ctx, args):
     names = sorted(ctx.store.profiles()) if args.all else [ctx.choice.profile]
 
@@ -4049,7 +4147,9 @@ def cmd_auth_logout(ctx, args):
                     " of all profiles" if args.all else " (profile '%s')" % names[0])))
 
 
-@command("auth whoami", "show the identity the server sees")
+@command("auth whoami", "show the identity the server sees",
+         examples=("attune auth whoami",
+                   "attune -p staging auth whoami -j"))
 def cmd_auth_whoami(ctx, args):
     session = ctx.session()
     if not session.creds.access:
@@ -4131,7 +4231,9 @@ def status_pairs(status, now):
 
 @command("auth status", "show each profile's login state; exit 0 only when usable",
          arg("--offline", action="store_true", help="do not contact the server"),
-         arg("--all", action="store_true", help="every profile in the credential file"))
+         arg("--all", action="store_true", help="every profile in the credential file"),
+         examples=("attune auth status || attune auth login -u admin",
+                   "attune auth status --all --offline"))
 def cmd_auth_status(ctx, args):
     names = sorted(set(ctx.store.profiles()) | {ctx.choice.profile}) if args.all else [ctx.choice.profile]
     results, code = [], 0
@@ -4159,7 +4261,8 @@ def cmd_auth_status(ctx, args):
     return code
 
 
-@command("auth refresh", "refresh the access token now")
+@command("auth refresh", "refresh the access token now",
+         examples=("attune auth refresh",))
 def cmd_auth_refresh(ctx, args):
     session = ctx.session()
     if not session.creds.access and not session.creds.refresh:
@@ -4228,8 +4331,10 @@ def token_hint(token):
 
 
 @command("auth token create", "create an integration token (shown once, here)", IDENTITY_ID,
-         arg("--label", required=True, help="what the token is for"), arg("--description"),
-         arg("--expires-at", metavar="RFC3339", help="when it stops working (default: never)"))
+         arg("--label", required=True, help="what the token is for"),
+         arg("--description", help="a longer note on what it is for"),
+         arg("--expires-at", metavar="RFC3339", help="when it stops working (default: never)"),
+         examples=("attune auth token create --identity-id 7 --label ci --expires-at 2027-01-01T00:00:00Z",))
 def cmd_auth_token_create(ctx, args):
     body = {"label": args.label}
     body.update((k, v) for k, v in (("description", args.description), ("expires_at", args.expires_at)) if v)
@@ -4245,7 +4350,8 @@ def cmd_auth_token_create(ctx, args):
     ctx.ui.emit(data, table)
 
 
-@command("auth token list", "list an identity's integration tokens (prefix...suffix only)", IDENTITY_ID)
+@command("auth token list", "list an identity's integration tokens (prefix...suffix only)", IDENTITY_ID,
+         examples=("attune auth token list --identity-id 7",))
 def cmd_auth_token_list(ctx, args):
     items, _ = fetch_list(ctx.session(), integration_tokens_path(args))
     ctx.ui.emit(items, lambda: ctx.ui.table(
@@ -4256,7 +4362,8 @@ def cmd_auth_token_list(ctx, args):
 
 
 @command("auth token revoke", "revoke an integration token (it stops working at once)", IDENTITY_ID, TOKEN_ID,
-         arg("--reason", help="why, for the audit trail"))
+         arg("--reason", help="why, for the audit trail"),
+         examples=("attune auth token revoke --identity-id 7 12 --reason 'leaked in a log'",))
 def cmd_auth_token_revoke(ctx, args):
     body = {"reason": args.reason} if args.reason else {}
     token = ctx.session().fetch("POST", integration_tokens_path(args, args.token_id, "revoke"), body)
@@ -4264,7 +4371,8 @@ def cmd_auth_token_revoke(ctx, args):
         [("ID", token.get("id")), ("Label", token.get("label")), ("Revoked At", token.get("revoked_at"))])))
 
 
-@command("auth token delete", "delete an integration token's record", IDENTITY_ID, TOKEN_ID, YES)
+@command("auth token delete", "delete an integration token's record", IDENTITY_ID, TOKEN_ID, YES,
+         examples=("attune auth token delete --identity-id 7 12 --yes",))
 def cmd_auth_token_delete(ctx, args):
     if not confirm(ctx, args, "delete integration token metadata record %d" % args.token_id):
         return
@@ -4276,7 +4384,9 @@ def cmd_auth_token_delete(ctx, args):
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
          MIN_TTL, arg("--keep-fresh", action="store_true",
                       help="stay the parent and keep a token file fresh for as long as the command runs"),
-         arg("command", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]"))
+         arg("command", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run, after --"),
+         examples=("attune auth exec -- ./deploy.sh  # $ATTUNE_API_TOKEN is fresh inside",
+                   "attune auth exec --keep-fresh -- ./long-job.sh  # hours: reads $ATTUNE_TOKEN_FILE"))
 def cmd_auth_exec(ctx, args):
     """Run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN in its environment
     (never on its argv). On POSIX the command replaces this process, so signals reach it
@@ -4441,7 +4551,8 @@ def profile_view(name, profile):
     return view
 
 
-@command("config list", "show the settings in effect (tokens masked)")
+@command("config list", "show the settings in effect (tokens masked)",
+         examples=("attune config list",))
 def cmd_config_list(ctx, args):
     name = ctx.choice.profile
     profile = ctx.store.profile(name) or {}
@@ -4467,7 +4578,8 @@ def config_value(ctx, key):
 
 
 @command("config get", "print one setting (the tokens only as *** or (not set))",
-         arg("key", help="one of: " + ", ".join(CONFIG_KEYS + TOKEN_CONFIG_KEYS)))
+         arg("key", help="one of: " + ", ".join(CONFIG_KEYS + TOKEN_CONFIG_KEYS)),
+         examples=("attune config get api_url",))
 def cmd_config_get(ctx, args):
     key = config_key(args.key, readable=True)
     if key in TOKEN_CONFIG_KEYS:
@@ -4480,7 +4592,9 @@ def cmd_config_get(ctx, args):
 
 
 @command("config set", "change one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)),
-         arg("value"))
+         arg("value", help="the new value"),
+         examples=("attune config set format json",
+                   "attune config set api_url https://attune.example.com"))
 def cmd_config_set(ctx, args):
     key, value = config_key(args.key), args.value
     if key == "format":
@@ -4525,7 +4639,8 @@ def point_profile(ctx, name, profile, url):
                     "--profile %s" % (name, url, terminal_safe(str(old)), name))
 
 
-@command("config path", "print the credential file path")
+@command("config path", "print the credential file path",
+         examples=("attune config path",))
 def cmd_config_path(ctx, args):
     if ctx.choice.config_path is None:
         ctx.store.lock()  # raises: there is no place for the file
@@ -4534,7 +4649,9 @@ def cmd_config_path(ctx, args):
 
 
 @command("config profiles", "list profiles, current marked",
-         arg("--names", action="store_true", help="just the names, one per line"))
+         arg("--names", action="store_true", help="just the names, one per line"),
+         examples=("attune config profiles",
+                   "attune config profiles --names"))
 def cmd_config_profiles(ctx, args):
     current = ctx.store.current_profile() or DEFAULT_PROFILE
     profiles = dict(ctx.store.profiles())
@@ -4554,13 +4671,15 @@ def cmd_config_profiles(ctx, args):
          for r in rows]))
 
 
-@command("config current", "print the profile in effect")
+@command("config current", "print the profile in effect",
+         examples=("attune config current",))
 def cmd_config_current(ctx, args):
     name, source = ctx.choice.profile_source
     ctx.ui.emit({"profile": name, "source": source}, lambda: ctx.ui.out(name))
 
 
-@command("config use", "make a profile the current one", arg("name"))
+@command("config use", "make a profile the current one", arg("name", help="profile name"),
+         examples=("attune config use staging",))
 def cmd_config_use(ctx, args):
     ctx.choice.require_profile(args.name)
 
@@ -4576,7 +4695,10 @@ def cmd_config_use(ctx, args):
 
 # --api-url (required here) and --ca-bundle are the global options of the same names
 @command("config add-profile", "add a profile, or update its settings (--api-url URL "
-         "[--description D] [--ca-bundle FILE])", arg("name"), arg("--description"))
+         "[--description D] [--ca-bundle FILE])", arg("name", help="profile name"),
+         arg("--description", help="a note on what the profile is for"),
+         examples=("attune config add-profile staging --api-url https://staging.example.com",
+                   "attune config add-profile lab --api-url https://lab.internal --ca-bundle lab-ca.pem"))
 def cmd_config_add_profile(ctx, args):
     if not args.api_url:
         raise UsageError("config add-profile needs --api-url URL")
@@ -4598,7 +4720,8 @@ def cmd_config_add_profile(ctx, args):
     ctx.ui.emit(view, lambda: ctx.ui.success("Profile '%s' %s" % (args.name, "updated" if existed else "added")))
 
 
-@command("config show-profile", "show one profile (tokens masked)", arg("name"))
+@command("config show-profile", "show one profile (tokens masked)", arg("name", help="profile name"),
+         examples=("attune config show-profile staging",))
 def cmd_config_show_profile(ctx, args):
     ctx.choice.require_profile(args.name)
     profile = ctx.store.profile(args.name) or {"api_url": DEFAULT_API_URL}
@@ -4619,7 +4742,8 @@ def cmd_config_show_profile(ctx, args):
     ctx.ui.emit(view, table)
 
 
-@command("config remove-profile", "remove a profile (not the current one)", arg("name"))
+@command("config remove-profile", "remove a profile (not the current one)", arg("name", help="profile name"),
+         examples=("attune config remove-profile staging",))
 def cmd_config_remove_profile(ctx, args):
     name = args.name
     if name not in ctx.store.profiles():  # a malformed entry can still be removed
@@ -5994,7 +6118,7 @@ group("pack", "list, show, create, install, register, upload, update and uninsta
 SKIP_TESTS = arg("--skip-tests", action="store_true", help="do not run the pack's tests")
 ABSENT_METADATA = arg("--absent-metadata-policy", choices=("remove", "disable", "retain"), default="remove",
                       help="what happens to actions, rules, ... the new version no longer has (default remove)")
-PACK_PATH_ARGS = (arg("path", metavar="PATH"),
+PACK_PATH_ARGS = (arg("path", metavar="PATH", help="the pack directory (or .tar.gz archive for upload)"),
                   arg("-f", "--force", action="store_true", help="replace a pack with the same ref"), SKIP_TESTS,
                   ABSENT_METADATA)
 INSTALL_POLL = 2  # seconds between looks at a pack install's tests
@@ -6062,7 +6186,9 @@ def wait_for_pack_tests(ctx, session, install_id):
 
 
 @command("pack list", "list installed packs",
-         arg("-n", "--name", help="only packs whose ref contains this"), ALL)
+         arg("-n", "--name", help="only packs whose ref contains this"), ALL,
+         examples=("attune pack list",
+                   "attune pack list --name core -j"))
 def cmd_pack_list(ctx, args):
     packs, pagination = fetch_list(ctx.session(), "/packs", every_page=args.all)
     if args.name:
@@ -6071,7 +6197,8 @@ def cmd_pack_list(ctx, args):
               lambda p: [p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)])
 
 
-@command("pack show", "show one pack", ref("pack", "packs"))
+@command("pack show", "show one pack", ref("pack", "packs"),
+         examples=("attune pack show core",))
 def cmd_pack_show(ctx, args):
     pack = ctx.session().fetch("GET", "/packs/" + path_segment(args.ref))
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
@@ -6092,9 +6219,10 @@ def cmd_pack_show(ctx, args):
 @command("pack create", "create an empty pack",
          arg("-r", "--ref", help="unique pack ref (required)"),
          arg("-l", "--label", help="label (default: the ref, title-cased)"),
-         arg("-d", "--description"),
+         arg("-d", "--description", help="description"),
          arg("--pack-version", default="0.1.0", metavar="VERSION", help="version (default 0.1.0)"),
-         arg("--tags", metavar="A,B", help="comma-separated tags"))
+         arg("--tags", metavar="A,B", help="comma-separated tags"),
+         examples=("attune pack create -r mypack -d 'my actions'",))
 def cmd_pack_create(ctx, args):
     if not args.ref:
         raise UsageError("Pack ref is required. Provide --ref <value>.")
@@ -6119,13 +6247,15 @@ def pack_source_kind(source, no_registry):
 
 
 @command("pack install", "install a pack from a registry, git, a URL or a path",
-         arg("source", metavar="SOURCE"),
+         arg("source", metavar="SOURCE", help="registry pack ref, git URL, archive URL or path"),
          arg("-r", "--ref-spec", help="git branch, tag or commit"),
          arg("--registry-id", type=Number(1, MAX_ID), metavar="N", help="install from this registry (pack index)"),
          arg("-f", "--force", action="store_true", help="reinstall if it exists"),
          SKIP_TESTS,
          arg("--skip-deps", action="store_true", help="skip dependency validation"),
-         arg("--no-registry", action="store_true", help="treat SOURCE as a URL or path"), ABSENT_METADATA)
+         arg("--no-registry", action="store_true", help="treat SOURCE as a URL or path"), ABSENT_METADATA,
+         examples=("attune pack install https://github.com/example/attune-pack-demo.git -r v1.2.0",
+                   "attune pack install demo --registry-id 1"))
 def cmd_pack_install(ctx, args):
     if args.registry_id is not None and args.no_registry:
         raise UsageError("--registry-id cannot be combined with --no-registry")
@@ -6140,7 +6270,8 @@ def cmd_pack_install(ctx, args):
     pack_report(ctx, session, session.fetch("POST", "/packs/install", body), "installed")
 
 
-@command("pack register", "register a pack from a path the server can see", *PACK_PATH_ARGS)
+@command("pack register", "register a pack from a path the server can see", *PACK_PATH_ARGS,
+         examples=("attune pack register /opt/attune/packs/mypack",))
 def cmd_pack_register(ctx, args):
     if not args.path.startswith(("/opt/attune/", "/app/", "/packs")):
         ctx.ui.warn("'%s' looks like a local path; a server in a container may not see it. "
@@ -6215,7 +6346,9 @@ def multipart_body(fields, file_field, filename, content, content_type):
     return b"".join(parts), "multipart/form-data; boundary=" + boundary
 
 
-@command("pack upload", "upload a pack directory or .tar.gz and register it", *PACK_PATH_ARGS)
+@command("pack upload", "upload a pack directory or .tar.gz and register it", *PACK_PATH_ARGS,
+         examples=("attune pack upload ./mypack",
+                   "attune pack upload mypack-1.0.0.tar.gz --force"))
 def cmd_pack_upload(ctx, args):
     archive, ref = pack_archive(args.path)
     ctx.ui.info("Uploading pack '%s' from: %s" % (ref, args.path))
@@ -6230,8 +6363,9 @@ def cmd_pack_upload(ctx, args):
 
 
 @command("pack update", "change a pack's label, description or version", ref("pack", "packs"),
-         arg("--label"), arg("--description", help="new description (an empty one clears it)"),
-         arg("--version", "--pack-version", dest="pack_version", metavar="VERSION", help="the pack's new version"))
+         arg("--label", help="new label"), arg("--description", help="new description (an empty one clears it)"),
+         arg("--version", "--pack-version", dest="pack_version", metavar="VERSION", help="the pack's new version"),
+         examples=("attune pack update mypack --version 1.1.0",))
 def cmd_pack_update(ctx, args):
     body = update_body([("label", args.label), ("description", patch_op(args.description, empty_clears=True)),
                         ("version", args.pack_version)])
@@ -6246,7 +6380,8 @@ def cmd_pack_update(ctx, args):
     ctx.ui.emit(pack, table)
 
 
-@command("pack uninstall", "uninstall a pack", ref("pack", "packs"), YES)
+@command("pack uninstall", "uninstall a pack", ref("pack", "packs"), YES,
+         examples=("attune pack uninstall mypack --yes",))
 def cmd_pack_uninstall(ctx, args):
     delete_resource(ctx, args, "uninstall pack '%s'" % args.ref, "/packs/" + path_segment(args.ref),
                     "Pack '%s' uninstalled successfully" % args.ref, "Pack uninstalled successfully",
@@ -6272,7 +6407,8 @@ EXECUTE_ARGS = (
     arg("--permission-set", action="append", metavar="REF",
         help="run with this permission set's grants (repeatable)"),
     arg("--no-api-token", action="store_true", help="give the execution no API token (no permission sets)"),
-    arg("--artifact-retention-policy", choices=("versions", "days", "hours", "minutes")),
+    arg("--artifact-retention-policy", choices=("versions", "days", "hours", "minutes"),
+        help="how the execution's artifacts are kept: versions, days, hours or minutes"),
     arg("--artifact-retention-limit", type=Number(1, MAX_ID), metavar="N",
         help="how many artifact versions (or days, ...) to keep"),
     arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
@@ -6298,7 +6434,8 @@ def action_pairs(action, entry_label="Entry Point"):
 
 
 @command("action list", "list actions", arg("--pack", help="only this pack's actions"),
-         arg("-n", "--name", help="only actions whose ref contains this"), ALL)
+         arg("-n", "--name", help="only actions whose ref contains this"), ALL,
+         examples=("attune action list --pack core",))
 def cmd_action_list(ctx, args):
     path = "/packs/%s/actions" % path_segment(args.pack) if args.pack else "/actions"
     actions, pagination = fetch_list(ctx.session(), path, every_page=args.all)
@@ -6309,7 +6446,8 @@ def cmd_action_list(ctx, args):
                          clip(a.get("description") or "", 40)])
 
 
-@command("action show", "show one action and its parameters", ref("action", "actions"))
+@command("action show", "show one action and its parameters", ref("action", "actions"),
+         examples=("attune action show core.echo  # with its parameters",))
 def cmd_action_show(ctx, args):
     action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
@@ -6323,7 +6461,8 @@ def cmd_action_show(ctx, args):
 @command("action search", "search actions by keywords",
          arg("query", metavar="QUERY", nargs="?", help="keywords, all of which must match"),
          arg("--pack", action="append", metavar="P", help="only in this pack (repeatable)"),
-         arg("--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"))
+         arg("--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"),
+         examples=("attune action search http --pack core",))
 def cmd_action_search(ctx, args):
     query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
              "page_size": max(1, min(args.limit, ALL_PAGE_SIZE)), "page": 1}
@@ -6336,11 +6475,14 @@ def cmd_action_search(ctx, args):
 
 
 @command("action update", "change an action (only the fields given)", ref("action", "actions"),
-         arg("--label"), arg("--description"), arg("--entrypoint"), arg("--runtime", type=Number(1, MAX_ID),
-                                                                         metavar="RUNTIME_ID", help="runtime id"),
-         arg("--enabled", type=parse_bool, metavar="BOOL"),
+         arg("--label", help="new label"),
+         arg("--description", help="new description"),
+         arg("--entrypoint", help="new entry point (the script or workflow file)"),
+         arg("--runtime", type=Number(1, MAX_ID), metavar="RUNTIME_ID", help="runtime id"),
+         arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"),
          arg("--timeout-seconds", type=Seconds(1, MAX_SECONDS), metavar="N", help="the action's execution timeout"),
-         arg("--clear-timeout", action="store_true", help="remove the action's execution timeout"))
+         arg("--clear-timeout", action="store_true", help="remove the action's execution timeout"),
+         examples=("attune action update mypack.build --timeout-seconds 10m",))
 def cmd_action_update(ctx, args):
     if args.timeout_seconds is not None and args.clear_timeout:
         raise UsageError("--timeout-seconds and --clear-timeout contradict each other")
@@ -6360,13 +6502,16 @@ def update_action(ctx, ref, body):
     ctx.ui.emit(action, table)
 
 
-@command("action disable", "disable an action", ref("action", "actions"), enable=False)
-@command("action enable", "enable an action", ref("action", "actions"), enable=True)
+@command("action disable", "disable an action", ref("action", "actions"), enable=False,
+         examples=("attune action disable mypack.build",))
+@command("action enable", "enable an action", ref("action", "actions"), enable=True,
+         examples=("attune action enable mypack.build",))
 def cmd_action_toggle(ctx, args):
     update_action(ctx, args.ref, {"enabled": args.enable})
 
 
-@command("action delete", "delete an action", ref("action", "actions"), YES)
+@command("action delete", "delete an action", ref("action", "actions"), YES,
+         examples=("attune action delete mypack.build --yes",))
 def cmd_action_delete(ctx, args):
     delete_resource(ctx, args, "delete action '%s'" % args.ref, "/actions/" + path_segment(args.ref),
                     "Action '%s' deleted successfully" % args.ref, "Action deleted successfully")
@@ -6392,8 +6537,12 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     return watch_execution(ctx, session, int(execution["id"]), timeout, notifier_base(ctx, session))
 
 
-@command("action execute", "run an action", ref("action (pack.action)", "actions"), *EXECUTE_ARGS)
-@command("run", "run an action (same as action execute)", ref("action (pack.action)", "actions"), *EXECUTE_ARGS)
+@command("action execute", "run an action", ref("action (pack.action)", "actions"), *EXECUTE_ARGS,
+         examples=("attune action execute core.echo --param message=hello -w",))
+@command("run", "run an action (same as action execute)", ref("action (pack.action)", "actions"), *EXECUTE_ARGS,
+         examples=("attune run core.echo --param message=hello  # prints the execution id",
+                   "attune run core.echo --param message=hello -w  # waits; exit 0 only when it succeeds",
+                   "attune run core.http --params-json '{\"url\": \"https://example.com\"}' -w --timeout 10m"))
 def cmd_action_execute(ctx, args):
     body = execute_body(args, args.ref, execution_parameters(args))
     ctx.ui.info("Executing action: %s" % args.ref)
@@ -6489,7 +6638,9 @@ def fetch_executions(session, args, every_page=False):
     return (rows if every_page else rows[:args.limit]), pagination
 
 
-@command("execution list", "list executions, newest first", *(EXECUTION_FILTERS + (ALL,)))
+@command("execution list", "list executions, newest first", *(EXECUTION_FILTERS + (ALL,)),
+         examples=("attune execution list --status running",
+                   "attune execution list --action core.echo --limit 5 -j"))
 def cmd_execution_list(ctx, args):
     rows, pagination = fetch_executions(ctx.session(), args, args.all)
     emit_list(ctx, rows, pagination, "executions", EXECUTION_COLUMNS, execution_row)
@@ -6504,7 +6655,8 @@ def format_timeout_seconds(seconds):
     return "%s (%ds)" % (human, seconds)
 
 
-@command("execution show", "show one execution", EXECUTION_ID)
+@command("execution show", "show one execution", EXECUTION_ID,
+         examples=("attune execution show 42",))
 def cmd_execution_show(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
 
@@ -6523,7 +6675,8 @@ def cmd_execution_show(ctx, args):
 
 
 @command("execution result", "print an execution's result", EXECUTION_ID,
-         arg("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml"))
+         arg("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml"),
+         examples=("attune execution result 42 -f json",))
 def cmd_execution_result(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
     if execution.get("result") is None:
@@ -6532,7 +6685,8 @@ def cmd_execution_result(ctx, args):
     ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, execution["result"])
 
 
-@command("execution cancel", "cancel an execution", EXECUTION_ID, YES)
+@command("execution cancel", "cancel an execution", EXECUTION_ID, YES,
+         examples=("attune execution cancel 42 --yes",))
 def cmd_execution_cancel(ctx, args):
     if not confirm(ctx, args, "cancel execution %d" % args.id, "Cancellation aborted"):
         return
@@ -6547,7 +6701,9 @@ def cmd_execution_cancel(ctx, args):
              arg("--timeout", type=Seconds(1), default=300, metavar="SECONDS",
                  help="stop waiting after this long (default 300)"),
              arg("--notifier-url", metavar="URL",
-                 help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))))
+                 help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))),
+         examples=("attune execution watch 42",
+                   "attune execution watch --status running  # every one that starts"))
 def cmd_execution_watch(ctx, args):
     session = ctx.session()
     if args.id is None:
@@ -6746,7 +6902,9 @@ def poll_executions(ctx, session, args, view, executions, watched, deadline):
     return 0
 
 
-@command("execution trace-report", "everything that carried one trace tag", arg("tag", metavar="TAG"))
+@command("execution trace-report", "everything that carried one trace tag",
+         arg("tag", metavar="TAG", help="the trace tag"),
+         examples=("attune execution trace-report deploy-2026-12-03",))
 def cmd_execution_trace_report(ctx, args):
     report = ctx.session().fetch("GET", "/traces/" + path_segment(args.tag))
 
@@ -6768,7 +6926,9 @@ def cmd_execution_trace_report(ctx, args):
 
 @command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
          arg("--stderr", action="store_true", help="the stderr stream instead of stdout"),
-         arg("-f", "--follow", action="store_true", help="keep printing until the execution ends"))
+         arg("-f", "--follow", action="store_true", help="keep printing until the execution ends"),
+         examples=("attune execution logs 42",
+                   "attune execution logs 42 --stderr -f  # follow until it ends"))
 def cmd_execution_logs(ctx, args):
     name = "stderr" if args.stderr else "stdout"
     chunks = []
@@ -6801,7 +6961,8 @@ def secret_marker_paths(value, path=""):
 
 
 @command("execution rerun", "run an execution again, with changed parameters if you like",
-         EXECUTION_ID, *EXECUTE_ARGS)
+         EXECUTION_ID, *EXECUTE_ARGS,
+         examples=("attune execution rerun 42 --param message=again -w",))
 def cmd_execution_rerun(ctx, args):
     original = ctx.session().fetch("GET", "/executions/%d" % args.id)
     action_ref = original.get("action_ref")
@@ -6854,12 +7015,14 @@ def or_dash(value):
 
 
 @command("inquiry list", "list inquiries (offset and limit, as the server pages them)",
-         arg("--status", choices=("pending", "responded", "timeout", "cancelled")),
+         arg("--status", choices=("pending", "responded", "timeout", "cancelled"),
+             help="only inquiries in this status"),
          arg("--created-by-execution", type=Number(1, MAX_ID), metavar="ID",
              help="only those this execution asked"),
          arg("--assigned-to", type=Number(1, MAX_ID), metavar="IDENTITY_ID", help="only those assigned to this identity"),
          arg("--offset", type=Number(0, MAX_ID), default=0, help="skip this many (default 0)"),
-         arg("--limit", type=Number(1, 500), default=50, help="at most this many, 1 to 500 (default 50)"))
+         arg("--limit", type=Number(1, 500), default=50, help="at most this many, 1 to 500 (default 50)"),
+         examples=("attune inquiry list --status pending",))
 def cmd_inquiry_list(ctx, args):
     body = ctx.session().call("GET", "/inquiries", query={
         "offset": args.offset, "limit": args.limit, "status": args.status,
@@ -6960,10 +7123,15 @@ def guess_content_type(filename):
 
 
 @command("artifact list", "list artifacts",
-         arg("--scope"), arg("--owner"), arg("--type"), arg("--visibility"),
+         arg("--scope", help="only this owner type (action, pack, trigger, sensor, rule, identity)"),
+         arg("--owner", help="only artifacts of this owner ref"),
+         arg("--type", help="only this type (file_text, file_binary, progress, url, ...)"),
+         arg("--visibility", help="public or private"),
          arg("--execution", type=Number(1, MAX_ID), metavar="ID", help="only what this execution produced"),
          arg("--name", help="name contains this"),
-         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50))
+         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
+         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"),
+         examples=("attune artifact list --execution 42",))
 def cmd_artifact_list(ctx, args):
     body = ctx.session().call("GET", "/artifacts", query={
         "page": args.page, "per_page": args.per_page, "scope": args.scope, "owner": args.owner, "type": args.type,
@@ -7006,14 +7174,17 @@ def cmd_artifact_show(ctx, args):
 
 
 @command("artifact create", "create an artifact (its content comes as versions)",
-         arg("--ref", required=True), arg("--owner", required=True, help="the ref of what owns it"),
+         arg("--ref", required=True, help="unique artifact ref"),
+         arg("--owner", required=True, help="the ref of what owns it"),
          arg("--scope", default="action", help="action (default), pack, trigger, sensor, rule or identity"),
          arg("--type", default="file_text", help="file_text (default), file_binary, file_datatable, "
                                                  "file_image, progress, url, ..."),
-         arg("--visibility", choices=("public", "private")),
+         arg("--visibility", choices=("public", "private"), help="public or private (default: the server's)"),
          arg("--retention-policy", default="versions", help="versions (default), days, hours or minutes"),
          arg("--retention-limit", type=Number(1, MAX_ID), default=5, help="how many to keep (default 5)"),
-         arg("--name"), arg("--description"), arg("--content-type"))
+         arg("--name", help="display name"),
+         arg("--description", help="description"),
+         arg("--content-type", help="MIME type of its content (text/plain, ...)"))
 def cmd_artifact_create(ctx, args):
     body = {"ref": args.ref, "scope": args.scope, "owner": args.owner, "type": args.type,
             "retention_policy": args.retention_policy, "retention_limit": args.retention_limit}
@@ -7206,7 +7377,9 @@ def cmd_artifact_version_upload(ctx, args):
 
 @command("artifact version create-json", "add a version holding a JSON document", ARTIFACT_ID,
          arg("content", metavar="CONTENT", help="the document, JSON"),
-         arg("--content-type"), arg("--created-by"), arg("--meta", metavar="JSON"))
+         arg("--content-type", help="MIME type (default application/json)"),
+         arg("--created-by", help="who made this version (free text)"),
+         arg("--meta", metavar="JSON", help="metadata of the version (JSON object)"))
 def cmd_artifact_version_create_json(ctx, args):
     body = {}
     for key, text in (("content", args.content), ("meta", args.meta)):
@@ -7278,7 +7451,9 @@ def mutation_result(ctx, operation, target, dry_run, before, after):
 
 @command("identity list", "list identities",
          arg("--login", help="only this login"),
-         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50))
+         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
+         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"),
+         examples=("attune identity list",))
 def cmd_identity_list(ctx, args):
     body = ctx.session().call("GET", "/identities", query={"page": args.page, "page_size": args.per_page,
                                                            "login": args.login})
@@ -7324,7 +7499,7 @@ def role_argument(args):
 
 
 @command("identity role add", "give an identity a role", *(IDENTITY_SELECTOR + (
-    arg("role", metavar="ROLE"), DRY_RUN)))
+    arg("role", metavar="ROLE", help="role name"), DRY_RUN)))
 def cmd_identity_role_add(ctx, args):
     role = role_argument(args)
     session = ctx.session()
@@ -7340,7 +7515,7 @@ def cmd_identity_role_add(ctx, args):
 
 
 @command("identity role remove", "take a role from an identity", *(IDENTITY_SELECTOR + (
-    arg("role", metavar="ROLE"), DRY_RUN)))
+    arg("role", metavar="ROLE", help="role name"), DRY_RUN)))
 def cmd_identity_role_remove(ctx, args):
     role = role_argument(args)
     session = ctx.session()
@@ -7435,7 +7610,8 @@ command("permission set", "permission sets: list, show, export, update")(needs_a
 
 @command("permission set list", "list permission sets, who owns them and the roles they are mapped to",
          arg("--pack", metavar="PACK", help="only the sets of this pack"),
-         arg("--include-retired", action="store_true", help="also the retired sets"))
+         arg("--include-retired", action="store_true", help="also the retired sets"),
+         examples=("attune permission set list",))
 def cmd_permission_set_list(ctx, args):
     sets = list_items(ctx.session().call("GET", "/permissions/sets", query={
         "include_retired": "true" if args.include_retired else "false", "pack_ref": args.pack}))
@@ -7502,8 +7678,8 @@ command("permission assignment", "assignments of sets to identities and roles: l
 @command("permission assignment list", "list assignments (direct ones for an identity, not inherited access)",
          *(PERMISSION_TARGET + (
              arg("--set", metavar="REF", help="only assignments of this permission set"),
-             arg("--page", type=Number(1, MAX_ID), default=1),
-             arg("--per-page", type=Number(1, 100), default=50))))
+             arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
+             arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"))))
 def cmd_permission_assignment_list(ctx, args):
     if args.role is not None and (args.identity is not None or args.identity_id is not None) \
             or args.identity is not None and args.identity_id is not None:
@@ -7669,7 +7845,8 @@ def json_object_arg(text, flag):
          arg("--is-adhoc", type=parse_bool, metavar="BOOL", help="only ad-hoc (true) or declared (false) queues"),
          arg("--search", metavar="TEXT", help="ref, label or description containing this"),
          arg("--referencing-pack-ref", metavar="PACK", help="also restricted queues this pack may target"),
-         *QUEUE_PAGE)
+         *QUEUE_PAGE,
+         examples=("attune queue list --pack core",))
 def cmd_queue_list(ctx, args):
     path = "/packs/%s/queues" % path_segment(args.pack) if args.pack else "/queues"
     body = ctx.session().call("GET", path, query={
@@ -7779,7 +7956,7 @@ def cmd_queue_items_list(ctx, args):
     note_partial(ctx, pagination, len(items), "items")
 
 
-@command("queue items show", "show one item", arg("item_id", metavar="ITEM_ID", type=Number(1, MAX_ID)))
+@command("queue items show", "show one item", arg("item_id", metavar="ITEM_ID", type=Number(1, MAX_ID), help="item id"))
 def cmd_queue_items_show(ctx, args):
     """The server routes only PUT and DELETE for one item: it is found in the queue's list."""
     def wanted(item):
@@ -7840,7 +8017,8 @@ def cmd_queue_items_update(ctx, args):
 
 
 @command("queue items reprioritize", "set the priority of the pending items a selector matches",
-         *(SELECTOR + (arg("--priority", type=Number(-2 ** 31, 2 ** 31 - 1), required=True, metavar="N"),
+         *(SELECTOR + (arg("--priority", type=Number(-2 ** 31, 2 ** 31 - 1), required=True, metavar="N",
+                           help="the new priority of each matched item"),
                        PREVIEW_LIMIT)))
 def cmd_queue_items_reprioritize(ctx, args):
     apply_to_items(ctx, args, "reprioritize", priority=args.priority)
@@ -8020,7 +8198,9 @@ command("cache namespace", "cache namespaces: list, create, show, update, delete
 
 @command("cache namespace list", "list one owner's namespaces",
          *(CACHE_OWNER + (arg("--namespace", dest="name_filter", metavar="TEXT", help="names containing this (any case)"),
-                          arg("--freshness", choices=("fresh", "stale", "unpopulated")),) + METADATA_PAGE))
+                          arg("--freshness", choices=("fresh", "stale", "unpopulated"),
+                              help="only namespaces in this state"),) + METADATA_PAGE),
+         examples=("attune cache namespace list --owner-type pack --owner-pack-ref core",))
 def cmd_cache_namespace_list(ctx, args):
     query = dict(cache_owner(args), namespace=args.name_filter, freshness=args.freshness, limit=args.limit,
                  cursor=args.cursor)
@@ -8084,7 +8264,8 @@ GENERATION_FLAG = arg("--generation", type=Number(0, MAX_ID), metavar="ID",
 
 
 @command("cache entry get", "one entry of the active (or another) generation",
-         NAMESPACE, arg("external_id", metavar="EXTERNAL_ID"), *(CACHE_OWNER + (GENERATION_FLAG,)))
+         NAMESPACE, arg("external_id", metavar="EXTERNAL_ID",
+                        help="the entry's external id"), *(CACHE_OWNER + (GENERATION_FLAG,)))
 def cmd_cache_entry_get(ctx, args):
     body = dict(cache_owner(args), external_id=args.external_id, generation_id=args.generation, require_fresh=False)
     found = cache_object(cache_request(ctx, "POST", cache_path(args, "entries", "lookup"), body))
@@ -8341,8 +8522,10 @@ def seal_refresh(ctx, args, owner, generation_id, chunks, records=None, size=Non
 @command("cache refresh seal", "check a fully uploaded generation and make it ready",
          NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (
              with_options(CHUNK_COUNT, required=True),
-             arg("--expected-count", type=Number(0, MAX_ID), metavar="N"),
-             arg("--expected-bytes", type=Number(0, MAX_ID), metavar="N"))))
+             arg("--expected-count", type=Number(0, MAX_ID), metavar="N",
+                 help="fail unless the generation holds this many entries"),
+             arg("--expected-bytes", type=Number(0, MAX_ID), metavar="N",
+                 help="fail unless the generation holds this many bytes"))))
 def cmd_cache_refresh_seal(ctx, args):
     generation = seal_refresh(ctx, args, cache_owner(args), args.generation_id, args.expected_chunk_count,
                               args.expected_count, args.expected_bytes)
@@ -8428,15 +8611,24 @@ def audit_http(event):
 
 
 @command("audit list", "list audit events, newest first",
-         arg("--category", choices=("api", "auth", "rbac", "secret", "admin", "execution", "pack")),
-         arg("--event-type"), arg("--outcome", choices=("success", "failure", "denied")),
-         arg("--actor-login"), arg("--actor-identity", type=Number(1, MAX_ID), metavar="N"),
-         arg("--resource-type"), arg("--resource-id", type=Number(0, MAX_ID), metavar="N"), arg("--resource-ref"),
-         arg("--http-method"), arg("--http-status", type=Number(100, 599), metavar="N"), arg("--http-path"),
-         arg("--request-id", metavar="UUID"),
+         arg("--category", choices=("api", "auth", "rbac", "secret", "admin", "execution", "pack"),
+             help="only this category"),
+         arg("--event-type", help="only this event type (auth.login, ...)"),
+         arg("--outcome", choices=("success", "failure", "denied"), help="only this outcome"),
+         arg("--actor-login", help="only events of this login"),
+         arg("--actor-identity", type=Number(1, MAX_ID), metavar="N", help="only events of this identity id"),
+         arg("--resource-type", help="only events on this resource type (pack, action, ...)"),
+         arg("--resource-id", type=Number(0, MAX_ID), metavar="N", help="only events on this resource id"),
+         arg("--resource-ref", help="only events on this resource ref"),
+         arg("--http-method", help="only requests of this method (GET, POST, ...)"),
+         arg("--http-status", type=Number(100, 599), metavar="N", help="only requests answered with this status"),
+         arg("--http-path", help="only requests to this path"),
+         arg("--request-id", metavar="UUID", help="only events of this request"),
          arg("--after", metavar="ISO", help="created at or after this time (ISO 8601)"),
          arg("--before", metavar="ISO", help="created before this time (ISO 8601)"),
-         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50))
+         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
+         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"),
+         examples=("attune audit list --category auth --outcome failure",))
 def cmd_audit_list(ctx, args):
     body = ctx.session().call("GET", "/audit-events", query={
         "page": args.page, "per_page": args.per_page, "category": args.category, "event_type": args.event_type,
@@ -8451,7 +8643,7 @@ def cmd_audit_list(ctx, args):
                          e.get("outcome"), audit_actor(e), audit_resource(e), audit_http(e)])
 
 
-@command("audit show", "show one audit event", arg("id", metavar="ID", type=Number(1, MAX_ID)))
+@command("audit show", "show one audit event", arg("id", metavar="ID", type=Number(1, MAX_ID), help="audit event id"))
 def cmd_audit_show(ctx, args):
     event = ctx.session().fetch("GET", "/audit-events/%d" % args.id)
 
@@ -8470,7 +8662,8 @@ def cmd_audit_show(ctx, args):
     ctx.ui.emit(event, table)
 
 
-@command("audit chain", "every audit event of one request", arg("request_id", metavar="REQUEST_ID"))
+@command("audit chain", "every audit event of one request", arg("request_id", metavar="REQUEST_ID",
+                                                                help="the request id (a UUID)"))
 def cmd_audit_chain(ctx, args):
     events = list_items(ctx.session().call("GET", "/audit-events/by-request/" + path_segment(args.request_id)))
 
@@ -8498,8 +8691,9 @@ POLICY_FEATURES = (
     arg("--group-by", action="append", metavar="PATH", help="count concurrency per parameter value (repeatable)"),
     arg("--rate-limit-max", type=Number(1, MAX_ID), metavar="N", help="at most N starts per window"),
     arg("--rate-limit-window", type=Seconds(1), metavar="WINDOW", help="the window: 60s, 10m, 1h or seconds"),
-    arg("--quota-running-executions", type=Number(1, MAX_ID), metavar="N"),
-    arg("--quota-executions-total", type=Number(1, MAX_ID), metavar="N"),
+    arg("--quota-running-executions", type=Number(1, MAX_ID), metavar="N",
+        help="at most this many executions running at once"),
+    arg("--quota-executions-total", type=Number(1, MAX_ID), metavar="N", help="at most this many executions in all"),
     arg("--tag", action="append", help="a tag (repeatable; on update, replaces the tags)"))
 
 
@@ -8579,8 +8773,12 @@ def policy_feature_fields(args):
 
 
 @command("policy list", "list execution policies",
-         arg("--scope", choices=("global", "pack", "action")), arg("--pack"), arg("--action"),
-         arg("--enabled", type=parse_bool, metavar="BOOL"), arg("--tag"), ALL)
+         arg("--scope", choices=("global", "pack", "action"), help="only policies of this scope"),
+         arg("--pack", help="only policies of this pack ref"),
+         arg("--action", help="only policies of this action ref"),
+         arg("--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled (false) policies"),
+         arg("--tag", help="only policies with this tag"), ALL,
+         examples=("attune policy list --scope pack --pack core",))
 def cmd_policy_list(ctx, args):
     query = {"scope": args.scope, "pack_ref": args.pack, "action_ref": args.action, "tag": args.tag,
              "enabled": None if args.enabled is None else str(args.enabled).lower()}
@@ -8596,10 +8794,14 @@ def cmd_policy_show(ctx, args):
 
 
 @command("policy create", "create an execution policy",
-         *((arg("--policy-ref", required=True, metavar="REF"), arg("--name", required=True),
-            arg("--scope", required=True, choices=("global", "pack", "action")), arg("--description"),
+         *((arg("--policy-ref", required=True, metavar="REF", help="unique policy ref"),
+            arg("--name", required=True, help="display name"),
+            arg("--scope", required=True, choices=("global", "pack", "action"), help="global, pack or action"),
+            arg("--description", help="description"),
             arg("--disabled", action="store_true", help="create it disabled"),
-            arg("--priority", type=Number(-MAX_ID, MAX_ID), default=0), arg("--pack"), arg("--action"))
+            arg("--priority", type=Number(-MAX_ID, MAX_ID), default=0, help="the policy's priority (default 0)"),
+            arg("--pack", help="the pack ref (scope pack or action)"),
+            arg("--action", help="the action ref (scope action)"))
            + POLICY_FEATURES))
 def cmd_policy_create(ctx, args):
     scope = {"type": args.scope}
@@ -8624,10 +8826,13 @@ def cmd_policy_create(ctx, args):
 
 
 @command("policy update", "change a policy (only the fields given)",
-         *((ref("policy"), arg("--name"), arg("--description", help="new description (an empty one clears it)"),
-            arg("--enabled", type=parse_bool, metavar="BOOL"), arg("--priority", type=Number(-MAX_ID, MAX_ID)),
-            arg("--clear-concurrency", action="store_true"), arg("--clear-rate-limit", action="store_true"),
-            arg("--clear-quotas", action="store_true")) + POLICY_FEATURES))
+         *((ref("policy"), arg("--name", help="new name"),
+            arg("--description", help="new description (an empty one clears it)"),
+            arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"),
+            arg("--priority", type=Number(-MAX_ID, MAX_ID), help="new priority"),
+            arg("--clear-concurrency", action="store_true", help="remove the concurrency limit"),
+            arg("--clear-rate-limit", action="store_true", help="remove the rate limit"),
+            arg("--clear-quotas", action="store_true", help="remove both quotas")) + POLICY_FEATURES))
 def cmd_policy_update(ctx, args):
     body = policy_feature_fields(args)
     for flag, key, cleared in ((args.clear_concurrency, "concurrency", None),
@@ -8663,7 +8868,7 @@ def cmd_policy_delete(ctx, args):
 group("rule", "list, show, create, update, enable, disable and delete rules")
 
 RULE_OPTIONS = (
-    arg("-d", "--description"),
+    arg("-d", "--description", help="description"),
     arg("--conditions", "--criteria", dest="conditions", metavar="JSON", help="match conditions (JSON)"),
     arg("--action-params", metavar="JSON", help="action parameters (JSON object)"),
     arg("--trigger-params", metavar="JSON", help="trigger parameters (JSON object)"),
@@ -8695,7 +8900,8 @@ def rule_fields(args):
 
 
 @command("rule list", "list rules", arg("--pack", help="only this pack's rules"),
-         arg("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled"), ALL)
+         arg("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled"), ALL,
+         examples=("attune rule list --pack core",))
 def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
     rules, pagination = fetch_list(ctx.session(), "/rules", query, every_page=args.all)
@@ -8747,7 +8953,7 @@ def cmd_rule_create(ctx, args):
     ctx.ui.emit(rule, table)
 
 
-@command("rule update", "change a rule", ref("rule", "rules"), arg("--label"),
+@command("rule update", "change a rule", ref("rule", "rules"), arg("--label", help="new label"),
          arg("--clear-trace-tag-template", action="store_true", help="remove the trace tag template"), *RULE_OPTIONS)
 def cmd_rule_update(ctx, args):
     body = rule_fields(args)
@@ -8807,7 +9013,8 @@ def toggle_resource(ctx, args):
     ctx.ui.emit(item, table)
 
 
-@command("trigger list", "list triggers", arg("--pack", help="only this pack's triggers"), ALL)
+@command("trigger list", "list triggers", arg("--pack", help="only this pack's triggers"), ALL,
+         examples=("attune trigger list --pack core",))
 def cmd_trigger_list(ctx, args):
     list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
                      lambda t: [t.get("ref"), t.get("pack_ref") or "", t.get("label"), t.get("enabled"),
@@ -8836,7 +9043,9 @@ def cmd_trigger_show(ctx, args):
 
 
 @command("trigger update", "change a trigger (only the fields given)", ref("trigger", "triggers"),
-         arg("--label"), arg("--description"), arg("--enabled", type=parse_bool, metavar="BOOL"),
+         arg("--label", help="new label"),
+         arg("--description", help="new description"),
+         arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"),
          arg("--reference-visibility", choices=("public", "private", "restricted"),
              help="which packs may use it in rules"),
          arg("--reference-allowed-pack-refs", metavar="A,B", help="with restricted: the packs allowed"))
@@ -8872,7 +9081,8 @@ def sensor_trigger(sensor):
     return sensor.get("trigger_ref") or cell_text(sensor.get("trigger_types"))
 
 
-@command("sensor list", "list sensors", arg("--pack", help="only this pack's sensors"), ALL)
+@command("sensor list", "list sensors", arg("--pack", help="only this pack's sensors"), ALL,
+         examples=("attune sensor list",))
 def cmd_sensor_list(ctx, args):
     list_pack_scoped(ctx, args, "sensors", ["Ref", "Pack", "Label", "Trigger", "Enabled", "Description"],
                      lambda s: [s.get("ref"), s.get("pack_ref") or "", s.get("label"), sensor_trigger(s),
@@ -8938,9 +9148,13 @@ def key_pairs(key, last=("Created", "created")):
             ("Encrypted", key.get("encrypted")), (last[0], format_timestamp(key.get(last[1])))]
 
 
-@command("key list", "list keys (never their values)", arg("--owner-type", choices=KEY_OWNER_TYPES),
+@command("key list", "list keys (never their values)", arg("--owner-type", choices=KEY_OWNER_TYPES,
+                                                           help="only keys of this owner type"),
          arg("--owner", help="owner identifier"),
-         arg("--page", type=Number(1, MAX_ID), default=1), arg("--per-page", type=Number(1, 100), default=50), ALL)
+         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
+         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"), ALL,
+         examples=("attune key list",
+                   "attune key list --owner-type pack --owner core"))
 def cmd_key_list(ctx, args):
     query = {"page": args.page, "per_page": args.per_page, "owner_type": args.owner_type, "owner": args.owner}
     keys, pagination = fetch_list(ctx.session(), "/keys", query, "per_page", args.all)
@@ -8950,7 +9164,8 @@ def cmd_key_list(ctx, args):
 
 
 @command("key show", "show one key; its value only with --decrypt", ref("key"),
-         arg("-d", "--decrypt", action="store_true", help="ask the server to decrypt and show the value"))
+         arg("-d", "--decrypt", action="store_true", help="ask the server to decrypt and show the value"),
+         examples=("attune key show db_password -d  # decrypted, on a terminal",))
 def cmd_key_show(ctx, args):
     key = ctx.session().fetch("GET", "/keys/" + path_segment(args.ref),
                               query={"decrypt": "true"} if args.decrypt else None)
@@ -8987,8 +9202,11 @@ def cmd_key_show(ctx, args):
          arg("-e", "--encrypt", action="store_true", help="store the value encrypted"),
          arg("--owner-type", default="system", help="system (default), identity, pack, action or sensor"),
          arg("--owner", help="owner identifier (with --ref)"),
-         arg("--owner-identity-login", metavar="LOGIN"), arg("--owner-pack-ref", metavar="PACK"),
-         arg("--owner-action-ref", metavar="ACTION"), arg("--owner-sensor-ref", metavar="SENSOR"))
+         arg("--owner-identity-login", metavar="LOGIN", help="owner identity's login (--owner-type identity)"),
+         arg("--owner-pack-ref", metavar="PACK", help="owner pack's ref (--owner-type pack)"),
+         arg("--owner-action-ref", metavar="ACTION", help="owner action's ref (--owner-type action)"),
+         arg("--owner-sensor-ref", metavar="SENSOR", help="owner sensor's ref (--owner-type sensor)"),
+         examples=("attune key create --ref db_password --name 'DB password' --value-stdin -e < secret.txt",))
 def cmd_key_create(ctx, args):
     if args.owner_type not in KEY_OWNER_TYPES:
         raise UsageError("Invalid owner type '%s'. Must be one of: %s" % (args.owner_type, ", ".join(KEY_OWNER_TYPES)))
@@ -9028,8 +9246,9 @@ def cmd_key_create(ctx, args):
     ctx.ui.emit(key, table)
 
 
-@command("key update", "change a key's name, value or encryption", ref("key"), arg("--name"),
-         *KEY_VALUE_ARGS, arg("--encrypted", type=parse_bool, metavar="BOOL", help="true or false"))
+@command("key update", "change a key's name, value or encryption", ref("key"), arg("--name", help="new name"),
+         *KEY_VALUE_ARGS, arg("--encrypted", type=parse_bool, metavar="BOOL", help="true or false"),
+         examples=("attune key update db_password --value-stdin < new-secret.txt",))
 def cmd_key_update(ctx, args):
     body = update_body([("name", args.name), ("value", key_value(ctx, args)), ("encrypted", args.encrypted)],
                        hint=" (--name, --value, or --encrypted)")
@@ -9043,7 +9262,8 @@ def cmd_key_update(ctx, args):
     ctx.ui.emit(key, table)
 
 
-@command("key delete", "delete a key", ref("key"), YES)
+@command("key delete", "delete a key", ref("key"), YES,
+         examples=("attune key delete db_password --yes",))
 def cmd_key_delete(ctx, args):
     message = "Key '%s' deleted successfully" % args.ref
     delete_resource(ctx, args, "delete key '%s'" % args.ref, "/keys/" + path_segment(args.ref),
@@ -9144,7 +9364,8 @@ def cmd_workflow_upload(ctx, args):
 
 @command("workflow list", "list workflows", arg("--pack", help="only this pack's workflows"),
          arg("--tags", metavar="A,B", help="only workflows with these tags"),
-         arg("--search", help="text in the label or description"), ALL)
+         arg("--search", help="text in the label or description"), ALL,
+         examples=("attune workflow list --pack core",))
 def cmd_workflow_list(ctx, args):
     query = {"pack_ref": args.pack, "tags": args.tags, "search": args.search}
     workflows, pagination = fetch_list(ctx.session(), "/workflows", query, every_page=args.all)
@@ -9230,7 +9451,9 @@ def api_body(ctx, args):
          arg("-F", "--field", action="append", metavar="KEY=VALUE",
              help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses"),
          arg("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin"),
-         arg("--paginate", action="store_true", help="GET every page and print all items"))
+         arg("--paginate", action="store_true", help="GET every page and print all items"),
+         examples=("attune api GET /packs --paginate -j",
+                   "attune api POST /keys --data @key.json"))
 def cmd_api(ctx, args):
     problem = odd_character(args.path)
     if problem:
@@ -9273,7 +9496,8 @@ def cmd_api(ctx, args):
 @command("health", "check that the server answers GET /health",
          arg("--wait", type=Seconds(0, integer=False), metavar="SECONDS",
              help="keep trying until the server is healthy or this long has passed (exit 5); "
-                  "the same as --wait-for-server"))
+                  "the same as --wait-for-server"),
+         examples=("attune health --wait-for-server 2m  # until the server answers",))
 def cmd_health(ctx, args):
     session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
     if args.wait is not None:  # the wait is the command: no request outlasts it either
@@ -9296,7 +9520,8 @@ INFO_TIMEOUT = 10  # seconds: info is a quick look, not a wait
 
 
 @command("info", "this program's version and the server's build",
-         arg("--local", action="store_true", help="only this program; no request"))
+         arg("--local", action="store_true", help="only this program; no request"),
+         examples=("attune info",))
 def cmd_info(ctx, args):
     local = {"binary": "attune.py", "version": __version__, "git_sha": "unknown"}
     local_pairs = [("Local binary", local["binary"]), ("Local version", local["version"]),
@@ -9367,7 +9592,9 @@ INSTALL_ARGS = (arg("--prefix", default="/usr/local", metavar="DIR",
 
 
 @command("self-install", "install this file as the command attune: compiled, isolated, fast to start",
-         *INSTALL_ARGS)
+         *INSTALL_ARGS,
+         examples=("sudo python3 attune.py self-install",
+                   "python3 attune.py self-install --prefix ~/.local"))
 def cmd_self_install(ctx, args):
     import py_compile
     if WINDOWS:
@@ -9395,7 +9622,8 @@ def cmd_self_install(ctx, args):
                 lambda: ctx.ui.success("Installed %s (runs %s -IS, module in %s)" % (launcher, python, libdir)))
 
 
-@command("self-uninstall", "remove what self-install installed", *INSTALL_ARGS)
+@command("self-uninstall", "remove what self-install installed", *INSTALL_ARGS,
+         examples=("attune self-uninstall",))
 def cmd_self_uninstall(ctx, args):
     launcher, libdir, _ = install_paths(args)
     removed = []
@@ -9422,6 +9650,32 @@ def cmd_self_uninstall(ctx, args):
         except OSError:
             pass  # not empty, or not there: left as it is
     ctx.ui.emit({"removed": removed}, lambda: ctx.ui.success("Removed %s" % (", ".join(removed) or "nothing")))
+
+
+# === Commands: help ==========================================================
+
+HELP_TOPICS = ("global", "environment", "exit-codes")
+
+
+@command("help", "help on a command (help pack list) or a topic: global, environment, exit-codes",
+         arg("topic", nargs="*", metavar="TOPIC", help="a command (pack list) or global, environment, exit-codes"),
+         examples=("attune help global  # the options every command takes",
+                   "attune help run  # the same as attune run --help"))
+def cmd_help(ctx, args):
+    width = help_width()
+    if not args.topic:
+        write_text(ctx.ui.stdout, top_help(width))
+    elif args.topic == ["global"]:
+        write_text(ctx.ui.stdout, "\n".join(
+            ["global options: every command takes them, before or after its name", ""]
+            + help_rows(global_option_rows(), width)) + "\n")
+    elif args.topic == ["environment"]:
+        write_text(ctx.ui.stdout, "\n".join(["environment:"] + environment_lines()) + "\n")
+    elif args.topic == ["exit-codes"]:
+        write_text(ctx.ui.stdout, "\n".join(["exit codes:"] + exit_code_lines()) + "\n")
+    else:  # a command's own --help, or the one-line error that names the closest command
+        parse_args(args.topic + ["--help"])
+    return 0
 
 
 # === Commands: doctor and completion =========================================
@@ -9675,7 +9929,9 @@ class Doctor:
 
 @command("auth doctor", "check everything attune.py depends on here, offline too",
          arg("--repair", action="store_true",
-             help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one"))
+             help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one"),
+         examples=("attune auth doctor",
+                   "attune auth doctor --repair"))
 def cmd_auth_doctor(ctx, args):
     doctor = Doctor(ctx, args.repair)
     code = doctor.run()
@@ -9845,9 +10101,12 @@ def completion_script(shell):
 
 
 @command("completion", "print a shell completion script, or install one (completion install SHELL)",
-         arg("shell", choices=("bash", "zsh", "fish", "powershell", "install")),
+         arg("shell", choices=("bash", "zsh", "fish", "powershell", "install"),
+             help="bash, zsh, fish or powershell: print its script; install: write it where the shell reads it"),
          arg("install_shell", metavar="SHELL", nargs="?", choices=("bash", "zsh", "fish"),
-             help="with install: the shell (bash, zsh or fish)"))
+             help="with install: the shell (bash, zsh or fish)"),
+         examples=("attune completion install bash",
+                   "source <(attune completion bash)"))
 def cmd_completion(ctx, args):
     if args.shell == "install":
         if args.install_shell is None:

@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -10689,6 +10690,127 @@ class YamlReaderTests(unittest.TestCase):
                 attune.yaml_loads(text)
             except attune.YamlError as e:
                 self.assertRegex(str(e), r"^\d+:\d+: ", repr(text))
+
+
+class HelpTests(unittest.TestCase):
+    """What --help shows, built for every command from the declarations."""
+
+    FIRST_GROUPS = ("auth", "config", "pack", "action", "run", "execution", "key")
+
+    def help_of(self, words):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = attune.main(list(words) + ["--help"], environ={"HOME": "/nonexistent"})
+            except SystemExit as e:
+                code = e.code
+        self.assertEqual((code, err.getvalue()), (0, ""), words)
+        return out.getvalue()
+
+    def every_path(self):
+        attune.load_rest()
+        groups = [(name,) for name in attune.TOP_LEVEL if name in attune.GROUP_HELP]
+        above = {cmd.path[:i] for cmd in attune.COMMANDS for i in range(2, len(cmd.path))}
+        return groups + sorted(above - {cmd.path for cmd in attune.COMMANDS}) + [cmd.path for cmd in attune.COMMANDS]
+
+    def typed(self, path):
+        """The words that reach path: a placeholder for each positional of a command above it."""
+        return [word if word.isupper() is False else "x" for word in attune.command_words(path)]
+
+    def examples(self, text):
+        lines = text.split("\n")
+        if "examples:" not in lines:
+            return []
+        at = lines.index("examples:") + 1
+        return [line.strip() for line in lines[at:lines.index("", at)]]
+
+    def test_every_flag_and_argument_has_a_help_line(self):
+        attune.load_rest()
+        for cmd in attune.COMMANDS:
+            for flags, spec in cmd.arguments:
+                with self.subTest(command=" ".join(cmd.path), flags=flags):
+                    self.assertTrue(spec.get("help"))
+        for flags, spec in attune.GLOBAL_OPTIONS:
+            self.assertTrue(spec.get("help"), flags)
+
+    def test_usage_is_the_commands_own_and_the_global_options_are_told_once(self):
+        """Each usage line names the command as it is typed, its own options and
+        [global options], never the global options themselves; its help lists only its own
+        options and ends with one line naming the global ones and `attune help global`."""
+        globals_ = [flag for flags, _ in attune.GLOBAL_OPTIONS for flag in flags if flag.startswith("--")]
+        for path in self.every_path():
+            with self.subTest(path=path):
+                text = self.help_of(self.typed(path))
+                usage = text[:text.index("\n\n")]
+                self.assertTrue(usage.startswith("usage: attune %s " % " ".join(attune.command_words(path))), usage)
+                self.assertIn("[global options]", usage)
+                cmd = attune.find_command(path)
+                own = {flag for flags, _ in (cmd.arguments if cmd else ()) for flag in flags}
+                for flag in globals_:
+                    if flag not in own:
+                        self.assertNotIn(flag + " ", usage.replace("]", " "))
+                        self.assertNotIn("  " + flag, text[:text.index("global options (before")])  # no row
+                for flags, spec in (cmd.arguments if cmd else ()):
+                    if flags[0].startswith("-"):
+                        self.assertIn(flags[0], usage)
+                self.assertIn("see attune help global", text)
+                self.assertNotIn("program's version number", text)
+                for line in usage.split("\n")[1:]:  # longer only when one word is (a list of choices)
+                    self.assertTrue(len(line) <= attune.help_width() or line.strip().count(" [") == 0, line)
+        top = self.help_of([])
+        self.assertIn("--version             show the version and exit", top)
+        for flags, spec in attune.GLOBAL_OPTIONS:
+            self.assertIn(spec["help"].split()[0], top)
+
+    def test_examples_parse_as_the_command_they_stand_under(self):
+        """Every example is a command line argparse takes, naming the command whose help shows
+        it (a group's: one of its commands). The commands a user meets first show two or
+        more in their group's help and one or more each; every other group shows one."""
+        call = re.compile(r"(?:^|\$\(|<\()(?:sudo )?(?:python3 )?attune(?:\.py)? ([^)#<|]*)")
+        for path in self.every_path():
+            text = self.help_of(self.typed(path))
+            examples = self.examples(text)
+            with self.subTest(path=path):
+                group = path[0]
+                if len(path) == 1 and attune.find_command(path) is None:
+                    self.assertGreaterEqual(len(examples), 2 if group in self.FIRST_GROUPS else 1)
+                elif group in self.FIRST_GROUPS and attune.find_command(path) is not None:
+                    self.assertGreaterEqual(len(examples), 2 if path == ("run",) else 1)
+                for example in examples:
+                    calls = call.findall(example)
+                    self.assertTrue(calls, example)
+                    for words in calls:
+                        argv = shlex.split(words)
+                        with contextlib.redirect_stderr(io.StringIO()) as err:
+                            try:
+                                args = attune.parse_args(argv)
+                            except (SystemExit, attune.UsageError) as e:
+                                self.fail("%s: %s %s" % (example, e, err.getvalue()))
+                        if argv[:1] != ["help"]:
+                            self.assertEqual(tuple(args.command_path[:len(path)]), path, example)
+
+    def test_help_global_and_help_of_a_command(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(attune.main(["help", "global"], environ={"HOME": "/nonexistent"}), 0)
+        for flags, spec in attune.GLOBAL_OPTIONS:
+            self.assertIn(", ".join(flags) if spec.get("action") in attune.FLAG_ACTIONS else flags[-1], out.getvalue())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                attune.main(["help", "pack", "list"], environ={"HOME": "/nonexistent"})
+            except SystemExit as e:
+                self.assertEqual(e.code, 0)
+        self.assertEqual(out.getvalue(), self.help_of(["pack", "list"]))
+        for topic, first in (("environment", "environment:"), ("exit-codes", "exit codes:"), ("", "usage: attune")):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(attune.main(["help"] + ([topic] if topic else []), environ={}), 0)
+            self.assertTrue(out.getvalue().startswith(first), topic)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(attune.main(["help", "pakc"], environ={}), 2)
+        self.assertIn("did you mean 'pack'?", err.getvalue())
 
 
 class ParserTests(unittest.TestCase):

@@ -1429,6 +1429,15 @@ def no_proxy_matches(host, port, no_proxy):
     return False
 
 
+def masked_url(url):
+    """A proxy URL with any password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return "%s%s%s:***@%s" % (scheme, sep, credentials.split(":")[0], host)
+
+
 def proxy_for(url, env):
     """The proxy for url from *_PROXY variables (lowercase first, like curl), or None.
     Loopback is never proxied, as in Go."""
@@ -1758,13 +1767,13 @@ class Transport:
         except http.client.HTTPException as e:
             if isinstance(e, http.client.LineTooLong) or str(e).startswith("got more than"):
                 raise ServerError("%s has more headers than http.client reads (%s)" % (what, e))
-            raise network_error(url, e, timeout)
+            raise network_error(url, e, timeout, proxy_for(url, self.http.env))
         except (urllib.error.URLError, OSError) as e:
-            raise network_error(url, e, timeout)
+            raise network_error(url, e, timeout, proxy_for(url, self.http.env))
         except ValueError as e:  # Python 3.6 raises ssl.CertificateError (a ValueError) bare
             if type(e).__name__ != "CertificateError":
                 raise
-            raise network_error(url, e, timeout)
+            raise network_error(url, e, timeout, proxy_for(url, self.http.env))
         log("< %d %s (%d ms)" % (resp.status, resp.reason, (time.monotonic() - started) * 1000))
         if resp.body and self.http.verbose:
             log("<   %s" % describe_body(resp.body))
@@ -1886,12 +1895,15 @@ def same_origin_redirects():
     return SameOriginRedirectHandler()
 
 
-def network_error(url, exc, timeout):
-    """A NetworkError saying what failed and what to try."""
+def network_error(url, exc, timeout, proxy=None):
+    """A NetworkError saying what failed and what to try; through a proxy, it names the proxy."""
     import socket
     import ssl
     reason = getattr(exc, "reason", None) or exc
     where = "%s://%s:%s" % origin(url)
+    if proxy:
+        where += " through the proxy %s (from the *_PROXY variables; NO_PROXY lists the hosts reached " \
+                 "directly)" % masked_url(proxy)
     if isinstance(reason, ssl.SSLError) or isinstance(exc, ssl.SSLError):
         text = str(reason)
         if "CERTIFICATE_VERIFY_FAILED" in text or type(reason).__name__ == "SSLCertVerificationError":
@@ -1906,8 +1918,8 @@ def network_error(url, exc, timeout):
     if isinstance(reason, socket.gaierror):
         return NetworkError("cannot resolve host of %s: %s" % (where, reason), "dns")
     if isinstance(reason, ConnectionRefusedError):
-        return NetworkError("cannot connect to %s: connection refused (is the server running?)"
-                            % where, "refused")
+        return NetworkError("cannot connect to %s: connection refused (is the %s running?)"
+                            % (where, "proxy" if proxy else "server"), "refused")
     if isinstance(reason, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)) or \
             type(reason).__name__ in ("RemoteDisconnected", "IncompleteRead", "BadStatusLine"):
         return NetworkError("connection to %s was closed unexpectedly (%s)"
@@ -2466,11 +2478,18 @@ def shell_quote(text):
 def terminal_columns(stream, env):
     """The width of the terminal stream writes to; else COLUMNS; else None."""
     try:
-        if stream.isatty():
+        if stream.isatty() and os.get_terminal_size(stream.fileno()).columns:
             return os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, ValueError, OSError):
         pass
     return parse_number(env.get("COLUMNS", ""), 1, 100000, integer=True)
+
+
+def is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 # The controls json.dumps leaves raw (DEL, C1, bidirectional overrides), as \u escapes:
@@ -2560,6 +2579,52 @@ def cell_text(value):
     return terminal_safe(SECRETS.mask(" ".join(str(value).split("\n"))), keep="")
 
 
+def parse_fields(text):
+    """--fields a,b.c: the field names, or None when not given; a usage error before any request."""
+    if text is None:
+        return None
+    fields = [part.strip() for part in text.split(",")]
+    bad = [f for f in fields if not f or not all(c.isalnum() or c in "_-" for c in f.replace(".", "")) or
+           "" in f.split(".")]
+    if bad or not fields:
+        raise UsageError("--fields takes field names separated by commas (ref,status or config.message), not %s"
+                         % quoted(text))
+    return fields
+
+
+def field_value(item, name):
+    """item's field name; a.b is the field b of the object in a; None when it is not there."""
+    for part in name.split("."):
+        if not isinstance(item, dict):
+            return None
+        item = item.get(part)
+    return item
+
+
+def has_field(item, name):
+    for part in name.split("."):
+        if not isinstance(item, dict) or part not in item:
+            return False
+        item = item[part]
+    return True
+
+
+def pick_fields(data, fields):
+    """The fields of a result (an object, or a list of them), in the order asked. A field no
+    object of the answer has is a usage error that lists the ones it has."""
+    items = data if isinstance(data, list) else [data]
+    objects = [item for item in items if isinstance(item, dict)]
+    missing = [f for f in fields if objects and not any(has_field(item, f) for item in objects)]
+    if missing:
+        names = sorted({key for item in objects for key in item})
+        raise UsageError("no field %s in the answer; its fields: %s" % (
+            ", ".join(quoted(f) for f in missing), ", ".join(terminal_safe(n, keep="") for n in names)))
+
+    def pick(item):
+        return {f: field_value(item, f) for f in fields} if isinstance(item, dict) else item
+    return [pick(item) for item in data] if isinstance(data, list) else pick(data)
+
+
 def fit_widths(widths, limit):
     """Shrink the widest columns until the row fits in limit characters."""
     widths = list(widths)
@@ -2620,6 +2685,8 @@ class Printer:
             raise UsageError("--output ndjson is only supported by 'attune cache entry scan --all'")
         self._warned = set()
         self._printed = False
+        self.fields = parse_fields(getattr(args, "fields", None))
+        self.fields_used = False
 
     # -- messages --------------------------------------------------------------
     def warn(self, message):
@@ -2651,8 +2718,14 @@ class Printer:
         return stored if stored in OUTPUT_FORMATS else "table"
 
     def emit(self, data, table=None):
-        """Print a result: one JSON or YAML document, or the table rendering."""
+        """Print a result: one JSON or YAML document, or the table rendering; with --fields,
+        only those fields of it (a table of them for a list, key and value lines for one)."""
         fmt = self.output
+        if self.fields is not None:
+            self.fields_used = True
+            data = pick_fields(data, self.fields)
+            if fmt == "table" and data:  # an empty list keeps its 'No packs found'
+                table = lambda: self.fields_table(data)  # noqa: E731
         if fmt == "json":
             self.write_document(to_json, data)
         elif fmt == "yaml":
@@ -2661,6 +2734,14 @@ class Printer:
             table()
         else:
             self.write_document(to_json, data)
+
+    def fields_table(self, data):
+        """What --fields shows in table mode: a column each, or 'field: value' lines for one object."""
+        if isinstance(data, dict):
+            self.out(render_pairs([(f, data[f]) for f in self.fields]))
+        else:
+            self.table(self.fields, [[item[f] for f in self.fields] if isinstance(item, dict) else [item]
+                                     for item in data])
 
     def write_document(self, dump, data, secrets_ok=False):
         """One JSON or YAML document, its known secrets masked (secrets_ok: `auth token`)."""
@@ -2701,7 +2782,8 @@ class Printer:
         self.out(render_pairs(pairs))
 
     def terminal_width(self):
-        return terminal_columns(self.stdout, self.env)
+        """Tables are cut to fit a terminal; into a pipe or a file every cell is whole."""
+        return terminal_columns(self.stdout, self.env) if is_terminal(self.stdout) else None
 
 
 # === Context =================================================================
@@ -2908,6 +2990,8 @@ GLOBAL_OPTIONS = (
         help="table (the default), json, yaml; ndjson: cache entry scan --all only"),
     arg("-j", "--json", action="store_true", help="JSON output"),
     arg("-y", "--yaml", action="store_true", help="YAML output"),
+    arg("--fields", metavar="A,B", help="only these fields of each result, in this order: a table of them, or "
+                                        "JSON/YAML holding only them (a.b for a field inside another)"),
     arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
     arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
     arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
@@ -2997,8 +3081,8 @@ def top_help(width):
     lines += ["", "global options (before or after the command):"] + help_rows(global_option_rows(), width)
     lines += ["", "exit codes:"] + exit_code_lines()
     lines += ["", "environment:"] + environment_lines()
-    lines += ["", "Run 'attune COMMAND --help' for a command's own options and examples, "
-                  "'attune help global' for the global options alone."]
+    lines += ["", wrap("Run 'attune COMMAND --help' for a command's own options and examples, "
+                       "'attune help global' for the global options alone.", width, 0)]
     return "\n".join(lines) + "\n"
 
 
@@ -3781,6 +3865,8 @@ def main(argv=None, environ=None, clock=None):
             args = quick_args(argv) or parse_args(argv)
             ctx = Context(args, env, clock)
             code = args.func(ctx, args) or 0
+            if ctx.ui.fields is not None and not ctx.ui.fields_used:
+                ctx.ui.warn("--fields has no effect on attune %s" % " ".join(args.command_path))
         sys.stdout.flush()  # a closed pipe or a full disk shows up here, inside the handlers below
         return code
     except AttuneError as e:
@@ -3877,6 +3963,9 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     resp = session.request("POST", path, body, auth=False)
     if resp.status in (401, 403):
         raise AuthRequired("login failed: %s" % error_message(resp))
+    if resp.status in (404, 405):  # most often a URL with /api/v1 or a web page's path in it
+        raise AttuneError("no Attune login at %s (%d %s); the API URL is the server's address alone, such as "
+                          "https://attune.example.com" % (quoted(url), resp.status, resp.reason))
     resp.check()
     store_login(ctx, target, url, envelope_data(resp.json()), sent_at, method, username)
 
@@ -4225,8 +4314,19 @@ def status_pairs(status, now):
     server = status.get("server")
     if server:
         pairs.append(("Server", server.get("error") or "ok, logged in as %s" % server.get("login")))
-    pairs.append(("Status", "logged in" if status["logged_in"] else "login needed"))
+    pairs.append(("Status", status_text(status)))
     return pairs
+
+
+def status_text(status):
+    """One word for a profile's state: an invalidated session whose access token still works
+    is usable only until that token expires, and says so."""
+    if not status["logged_in"]:
+        return "login needed"
+    if status["invalidated_at"]:
+        return ("usable until the access token expires, not after (the refresh was refused); "
+                "run: attune auth login --profile %s" % status["profile"])
+    return "logged in"
 
 
 @command("auth status", "show each profile's login state; exit 0 only when usable",
@@ -5531,8 +5631,9 @@ def timestamps(obj):
     return [("Created", format_timestamp(obj.get("created"))), ("Updated", format_timestamp(obj.get("updated")))]
 
 
-def or_none(value, missing="None"):
-    return missing if value is None or value == "" else value
+def or_dash(value):
+    """A field the server left empty, as every table and list shows it."""
+    return "-" if value is None or value == "" else value
 
 
 def label_from_ref(ref):
@@ -6206,7 +6307,7 @@ def cmd_pack_show(ctx, args):
     def table():
         ctx.ui.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
                       ("Author", pack.get("author") or meta.get("author") or "Unknown"),
-                      ("Description", or_none(pack.get("description"))),
+                      ("Description", or_dash(pack.get("description"))),
                       ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
                       ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0)]
                      + timestamps(pack), "Pack: %s" % pack.get("label"))
@@ -6374,7 +6475,7 @@ def cmd_pack_update(ctx, args):
     def table():
         ctx.ui.success("Pack '%s' updated successfully" % pack.get("ref"))
         ctx.ui.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
-                      ("Description", or_none(pack.get("description"))),
+                      ("Description", or_dash(pack.get("description"))),
                       ("Updated", format_timestamp(pack.get("updated")))])
 
     ctx.ui.emit(pack, table)
@@ -6429,7 +6530,7 @@ def runtime_text(item, is_workflow=None):
 
 def action_pairs(action, entry_label="Entry Point"):
     return [("Reference", action.get("ref")), ("Pack", action.get("pack_ref")), ("Label", action.get("label")),
-            ("Description", or_none(action.get("description"))), (entry_label, action.get("entrypoint")),
+            ("Description", or_dash(action.get("description"))), (entry_label, action.get("entrypoint")),
             ("Runtime", runtime_text(action)), ("Enabled", action.get("enabled"))]
 
 
@@ -6662,11 +6763,11 @@ def cmd_execution_show(ctx, args):
 
     def table():
         ctx.ui.pairs([("ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                      ("Status", execution.get("status")), ("Trace Tag", or_none(execution.get("trace_tag"))),
+                      ("Status", execution.get("status")), ("Trace Tag", or_dash(execution.get("trace_tag"))),
                       ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
-                      ("Parent ID", or_none(execution.get("parent"))),
-                      ("Enforcement ID", or_none(execution.get("enforcement"))),
-                      ("Executor ID", or_none(execution.get("executor")))]
+                      ("Parent ID", or_dash(execution.get("parent"))),
+                      ("Enforcement ID", or_dash(execution.get("enforcement"))),
+                      ("Executor ID", or_dash(execution.get("executor")))]
                      + timestamps(execution), "Execution: %s" % execution.get("id"))
         show_json_section(ctx, "Configuration", execution.get("config"))
         show_json_section(ctx, "Result", execution.get("result"))
@@ -7008,10 +7109,6 @@ def show_inquiry(ctx, inquiry):
         ("Response schema", compact_json(inquiry.get("response_schema"))),
         ("Response options", compact_json(inquiry.get("response_options") or [])),
         ("Response", compact_json(inquiry.get("response")))] + timestamps(inquiry)))
-
-
-def or_dash(value):
-    return "-" if value is None or value == "" else value
 
 
 @command("inquiry list", "list inquiries (offset and limit, as the server pages them)",
@@ -7804,13 +7901,13 @@ def show_queue(ctx, queue, message=None):
             ctx.ui.section("Queue: %s" % queue.get("ref"))
         allowed = queue.get("reference_allowed_pack_refs")
         ctx.ui.pairs([
-            ("Ref", queue.get("ref")), ("Pack", or_none(queue.get("pack_ref"))), ("Label", queue.get("label")),
-            ("Description", or_none(queue.get("description"))), ("Enabled", queue.get("enabled")),
+            ("Ref", queue.get("ref")), ("Pack", or_dash(queue.get("pack_ref"))), ("Label", queue.get("label")),
+            ("Description", or_dash(queue.get("description"))), ("Enabled", queue.get("enabled")),
             ("Accepting Items", queue.get("accepting_new_items")),
             ("Reference Visibility", queue.get("reference_visibility")),
-            ("Allowed Pack Refs", or_none(", ".join(map(str, allowed)) if isinstance(allowed, list) else allowed)),
+            ("Allowed Pack Refs", or_dash(", ".join(map(str, allowed)) if isinstance(allowed, list) else allowed)),
             ("Dispatch Action", queue.get("dispatch_action_ref")),
-            ("Trace Tag Template", or_none(queue.get("trace_tag_template")))] + timestamps(queue))
+            ("Trace Tag Template", or_dash(queue.get("trace_tag_template")))] + timestamps(queue))
 
     ctx.ui.emit(queue, table)
 
@@ -8878,9 +8975,9 @@ RULE_OPTIONS = (
 
 def rule_pairs(rule):
     return [("Ref", rule.get("ref")), ("Pack", rule.get("pack_ref")), ("Label", rule.get("label")),
-            ("Description", or_none(rule.get("description"))), ("Trigger", rule.get("trigger_ref")),
+            ("Description", or_dash(rule.get("description"))), ("Trigger", rule.get("trigger_ref")),
             ("Action", rule.get("action_ref")), ("Enabled", rule.get("enabled")),
-            ("Trace Tag Template", or_none(rule.get("trace_tag_template")))]
+            ("Trace Tag Template", or_dash(rule.get("trace_tag_template")))]
 
 
 def rule_fields(args):
@@ -9027,11 +9124,11 @@ def cmd_trigger_show(ctx, args):
 
     def table():
         allowed = trigger.get("reference_allowed_pack_refs") or []
-        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_none(trigger.get("pack_ref"))),
-                      ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
+        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_dash(trigger.get("pack_ref"))),
+                      ("Label", trigger.get("label")), ("Description", or_dash(trigger.get("description"))),
                       ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
-                      ("Allowed Caller Packs", cell_text(allowed) or "None")]
+                      ("Allowed Caller Packs", cell_text(allowed) or "-")]
                      + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
         if trigger.get("webhook_key"):
             ctx.ui.section("Webhook")
@@ -9058,8 +9155,8 @@ def cmd_trigger_update(ctx, args):
 
     def table():
         ctx.ui.success("Trigger '%s' updated successfully" % trigger.get("ref"))
-        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_none(trigger.get("pack_ref"))),
-                      ("Label", trigger.get("label")), ("Description", or_none(trigger.get("description"))),
+        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_dash(trigger.get("pack_ref"))),
+                      ("Label", trigger.get("label")), ("Description", or_dash(trigger.get("description"))),
                       ("Enabled", trigger.get("enabled")),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
                       ("Updated", format_timestamp(trigger.get("updated")))])
@@ -9093,10 +9190,10 @@ def cmd_sensor_list(ctx, args):
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
     ctx.ui.emit(sensor, lambda: ctx.ui.pairs(
-        [("Ref", sensor.get("ref")), ("Pack", or_none(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
-         ("Description", or_none(sensor.get("description"))), ("Trigger", or_none(sensor_trigger(sensor))),
+        [("Ref", sensor.get("ref")), ("Pack", or_dash(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
+         ("Description", or_dash(sensor.get("description"))), ("Trigger", or_dash(sensor_trigger(sensor))),
          ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
-         ("Runtime", or_none(sensor.get("runtime_ref"))), ("Enabled", sensor.get("enabled"))]
+         ("Runtime", or_dash(sensor.get("runtime_ref"))), ("Enabled", sensor.get("enabled"))]
         + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
 
 
@@ -9679,15 +9776,6 @@ def cmd_help(ctx, args):
 
 
 # === Commands: doctor and completion =========================================
-
-def masked_url(url):
-    """A proxy URL with any password replaced by ***."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return "%s%s%s:***@%s" % (scheme, sep, credentials.split(":")[0], host)
-
 
 def lock_probe(lock_path):
     """One try at the credential lock: 'refused' is what a working lock answers while held."""

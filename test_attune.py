@@ -3804,6 +3804,25 @@ class TokenLifecycleTests(AttuneTestCase):
         self.ok("auth", "whoami")
         self.assertEqual(self.server.log(), ["GET /auth/me"])
 
+    def test_status_of_an_invalidated_session_says_how_long_it_lasts_not_logged_in(self):
+        """Invalidated with a live access token: usable (exit 0) until it expires, and the
+        status says exactly that and what to run; once it has expired: login needed, exit 4."""
+        self.seed(access_left=3000, invalidated_at=int(time.time()) - 10)
+        for extra in (["--offline"], []):
+            out = self.ok("auth", "status", *extra).out
+            status = [line for line in out.splitlines() if line.startswith("Status:")]
+            self.assertEqual(len(status), 1, out)
+            self.assertIn("usable until the access token expires, not after (the refresh was refused); "
+                          "run: attune auth login --profile default", status[0])
+            self.assertNotIn("logged in", status[0])
+            self.assertIn("Session:", out)
+            self.assertIn("invalidated at", out)
+        self.assertTrue(self.ok("auth", "status", "--offline", "-j").json()["logged_in"])
+        self.seed(access_left=-100, invalidated_at=int(time.time()) - 10)
+        out = self.fails(4, "auth", "status", "--offline").out
+        self.assertIn("Status:", out)
+        self.assertIn("login needed", out)
+
     def test_a_rejected_refresh_retries_with_a_refresh_token_stored_meanwhile(self):
         self.seed(access_left=-100)
         newer = self.server.mint("admin", "refresh")
@@ -4413,11 +4432,46 @@ class OutputTests(AttuneTestCase):
         out = self.ok("auth", "whoami", "-j").out
         self.assertTrue(out.startswith('{\n  "id": 1,\n  "login": "admin",'), out)
 
-    def test_table_fits_the_terminal_width(self):
+    def test_a_table_into_a_pipe_is_whole_whatever_columns_says(self):
         self.seed()
         self.ok("config", "add-profile", "wide", "--api-url", "http://x.invalid", "--description", "d" * 200)
-        for line in self.ok("config", "profiles", env={"COLUMNS": "60"}).out.splitlines():
-            self.assertLessEqual(len(line), 60)
+        out = self.run_process("config", "profiles", env={"COLUMNS": "60"}).out
+        self.assertIn("d" * 200, out)
+        self.assertNotIn(attune.ELLIPSIS, out)
+
+    @unittest.skipUnless(POSIX, "pseudo-terminals")
+    def test_a_table_on_a_terminal_fits_its_width(self):
+        """The terminal's own width wins; COLUMNS stands in when the terminal reports none."""
+        import pty
+        import termios
+        import fcntl
+        self.seed()
+        self.ok("config", "add-profile", "wide", "--api-url", "http://x.invalid", "--description", "d" * 200)
+        for size, env, width in (((24, 60), {"COLUMNS": "100"}, 60), ((0, 0), {"COLUMNS": "50"}, 50)):
+            master, slave = pty.openpty()
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+            attrs = termios.tcgetattr(slave)
+            attrs[1] &= ~termios.OPOST  # the lines as written, without \r
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            p = subprocess.Popen(attune_argv() + ["config", "profiles"], env=self.process_env(env),
+                                 stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE)
+            os.close(slave)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed its end
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.close(master)
+            self.assertEqual(p.wait(timeout=60), 0)
+            p.stderr.close()
+            lines = out.decode("utf-8").splitlines()
+            self.assertIn(attune.ELLIPSIS, out.decode("utf-8"))
+            for line in lines:
+                self.assertLessEqual(len(line), width, line)
 
     def test_ascii_stdout_gets_plain_symbols(self):
         result = self.run_process("config", "use", "default", env={"PYTHONIOENCODING": "ascii"})
@@ -4972,6 +5026,55 @@ class ResourceTestCase(AttuneTestCase):
         return self.ok(*argv).json()["id"]
 
 
+class FieldsTests(ResourceTestCase):
+    """--fields: the fields asked for, in their order, in every output format."""
+
+    def test_a_list_shows_a_column_per_field_in_every_format(self):
+        self.assertEqual(self.lines("pack", "list", "--fields", "version,ref"), [
+            "version  ref", "───────  ────────", "1.0.0    core", "1.0.0    linux", "1.0.0    examples"])
+        self.assertEqual(self.ok("pack", "list", "--fields", "ref,version", "-j").json(),
+                         [{"ref": r, "version": "1.0.0"} for r in ("core", "linux", "examples")])
+        self.assertEqual(list(self.ok("pack", "list", "--fields", "version,ref", "-j").json()[0]), ["version", "ref"])
+        self.assertTrue(self.ok("pack", "list", "--fields", "ref", "-y").out.startswith("- ref: core\n- ref: linux\n"))
+        self.assertEqual(self.targets(), ["GET /api/v1/packs"] * 4)
+
+    def test_one_object_shows_field_lines_and_nested_fields(self):
+        eid = self.execute("core.echo", "message=hi")
+        self.assertEqual(self.lines("execution", "show", str(eid), "--fields", "id,config.message,status"),
+                         ["id:              %d" % eid, "config.message:  hi", "status:          %s"
+                          % self.server.executions[eid]["status"]])
+        self.assertEqual(self.ok("execution", "show", str(eid), "--fields", "config.message", "-j").json(),
+                         {"config.message": "hi"})
+
+    def test_an_empty_list_and_a_field_no_object_has(self):
+        self.assertEqual(self.lines("pack", "list", "--name", "nothing-like-it", "--fields", "ref"), ["ℹ No packs found"])
+        result = self.fails(2, "pack", "list", "--fields", "ref,colour")
+        self.assertIn("no field 'colour' in the answer; its fields: created, description, id", result.err)
+        self.assertEqual(result.out, "")
+
+    def test_a_field_value_from_the_server_is_data_on_the_terminal(self):
+        self.server.packs["core"]["label"] = "Core\x1b]0;owned\x07\x1b[2J"
+        out = self.ok("pack", "list", "--fields", "ref,label").out
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn("\x07", out)
+
+    def test_a_malformed_list_is_refused_before_any_request(self):
+        hostile = [chr(c) for c in list(range(0, 32)) + [127, 0x85, 0x202e, 0x2066]] + [
+            c for c in "!\"#$%&'()*+/:;<=>?@[\\]^`{|}~ "]
+        for text in ["", ",", "ref,", ",ref", "ref,,status", "a..b", ".a", "a."] + [
+                "ref,st%satus" % c for c in hostile] + ["%sref" % c for c in hostile if not c.isspace()]:
+            with self.subTest(text=text):
+                before = len(self.server.requests)
+                result = self.fails(2, "pack", "list", "--fields", text)
+                self.assertIn("--fields takes field names separated by commas", result.err)
+                self.assertNotIn("\x1b", result.err)
+                self.assertEqual(len(self.server.requests), before)
+
+    def test_a_command_that_prints_no_result_says_fields_did_nothing(self):
+        result = self.ok("auth", "token", "--fields", "ref", secrets_ok=True)
+        self.assertEqual(result.err, "attune: warning: --fields has no effect on attune auth token\n")
+
+
 class PackCommandTests(ResourceTestCase):
     def test_list_table_and_json(self):
         self.assertEqual(self.lines("pack", "list"), [
@@ -5340,8 +5443,8 @@ class ExecutionCommandTests(ResourceTestCase):
         self.server.executions[eid]["timeout_seconds"] = 90
         out = self.ok("execution", "show", str(eid)).out
         self.assertTrue(out.startswith("Execution: %d\n" % eid))
-        for row in ("Action:          core.echo", "Timeout:         1m 30s (90s)", "Parent ID:       None",
-                    "Trace Tag:       None", '\nConfiguration\n─────────────\n{\n  "message": "hi"\n}'):
+        for row in ("Action:          core.echo", "Timeout:         1m 30s (90s)", "Parent ID:       -",
+                    "Trace Tag:       -", '\nConfiguration\n─────────────\n{\n  "message": "hi"\n}'):
             self.assertIn(row, out)
         self.assertEqual(self.ok("execution", "show", str(eid), "-j").json()["config"], {"message": "hi"})
         self.assertIn("Execution with ID 999 not found", self.fails(1, "execution", "show", "999").err)
@@ -6575,11 +6678,11 @@ class QueueCommandTests(ResourceTestCase):
         self.assertTrue(out.startswith("Queue: core.inbox\n─────────────────\nRef:                   core.inbox\n"), out)
         for row in ("Pack:                  core", "Description:           Work for core.echo", "Enabled:               ✓",
                     "Reference Visibility:  restricted", "Allowed Pack Refs:     ops, deploy",
-                    "Dispatch Action:       core.echo", "Trace Tag Template:    None"):
+                    "Dispatch Action:       core.echo", "Trace Tag Template:    -"):
             self.assertIn(row + "\n", out)
         self.assertEqual(self.ok("queue", "show", "adhoc.scratch", "-j").json()["trace_tag_template"],
                          "scratch.{{ queue_item.id }}")
-        self.assertIn("Pack:                  None", self.ok("queue", "show", "adhoc.scratch").out)
+        self.assertIn("Pack:                  -", self.ok("queue", "show", "adhoc.scratch").out)
         self.assertIn("API error (404 Not Found, code NOT_FOUND): Work queue 'a/b' not found",
                       self.fails(1, "queue", "show", "a/b").err)
         self.assertEqual(self.targets()[-1], "GET /api/v1/queues/a%2Fb")
@@ -7115,7 +7218,7 @@ class RuleCommandTests(ResourceTestCase):
 
     def test_show(self):
         out = self.ok("rule", "show", "examples.on_timer").out
-        for text in ("Rule: examples.on_timer", "Trigger:             core.timer", "Trace Tag Template:  None",
+        for text in ("Rule: examples.on_timer", "Trigger:             core.timer", "Trace Tag Template:  -",
                      '\nConditions\n──────────\n{\n  "all": []\n}', '\nAction Parameters\n',
                      '\nTrigger Parameters\n──────────────────\n{\n  "interval": 60\n}'):
             self.assertIn(text, out)

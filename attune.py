@@ -989,7 +989,7 @@ class FileLock:
             raw = read_regular_file(self.path, 4096)[0]
         except OSError:
             return ""
-        pid, _, command = raw[:300].decode("utf-8", "replace").strip().partition(" ")
+        pid, _, command = raw[:300].decode("utf-8", "replace").strip().split("\n")[0].partition(" ")
         if not pid or not set(pid) <= DIGITS:
             return ""
         return "%spid %s (%s)" % (prefix, pid, terminal_safe(command) or "?")
@@ -1624,14 +1624,17 @@ def error_context(resp):
     return "".join(", " + part for part in parts)
 
 
-def api_error(resp, label="API error"):
+def api_error(resp, label="API error", detail=""):
     """The AttuneError for a non-2xx response, with its documented exit code (README: Exit codes)."""
-    message = "%s (%d %s%s): %s" % (label, resp.status, resp.reason, error_context(resp), error_message(resp))
+    message = "%s (%d %s%s): %s%s" % (label, resp.status, resp.reason, error_context(resp), error_message(resp),
+                                      detail)
     retry_after = resp.headers.get("Retry-After") if resp.status == 429 and resp.headers is not None else None
     if retry_after:
         message += " (the server asks to retry after %s s)" % retry_after
     if resp.status == 401:
         return AuthRequired(message)
+    if resp.status == 403:  # never a login problem: this identity may not do it
+        message += " (the server refused this identity; attune auth whoami shows which one the profile uses)"
     if resp.status >= 500:
         return ServerError(message, resp.status)
     return ApiError(message, resp.status)
@@ -8167,6 +8170,9 @@ NAMESPACE_POLICY = tuple(
                        ("max_retained_bytes", "the most bytes kept across generations"),
                        ("max_retained_generations", "how many generations are kept"),
                        ("max_staging_generations", "how many generations may be staged at once")))
+REFRESH_CONCURRENCY = arg("--refresh-concurrency", choices=("reuse", "conflict", "parallel"),
+                          help="a begin while another refresh is unpublished: reuse answers with that one's "
+                               "generation, conflict refuses (409), parallel stages another")
 EXPECTED_ACTIVE = (arg("--expected-active", type=Number(0, MAX_ID), metavar="GENERATION",
                        help="the active generation seen before this refresh began"),
                    arg("--expect-empty", action="store_true", help="this is the namespace's first publication"))
@@ -8198,9 +8204,34 @@ def cache_request(ctx, method, path, body=None, query=None):
     says 'Cache API error'; an empty body (a DELETE) is None."""
     resp = ctx.session().request(method, path, body, query)
     if not resp.ok:
-        raise api_error(resp, "Cache API error")
+        raise api_error(resp, "Cache API error", refresh_in_progress(resp))
     answer = resp.json()
     return answer["data"] if isinstance(answer, dict) and isinstance(answer.get("data"), (dict, list)) else answer
+
+
+def owner_flags(owner):
+    """The flags that select an owner, as a command line repeats them."""
+    flags = " --owner-type " + owner["owner_type"]
+    if owner.get("owner_ref") is not None:
+        flags += " --owner-%s-ref %s" % (owner["owner_type"], shell_quote(owner["owner_ref"]))
+    return flags
+
+
+def refresh_in_progress(resp):
+    """' (generation G, begun by execution E)': which refresh a 409 cache_refresh_in_progress names."""
+    try:
+        details = json_loads(resp.body.decode("utf-8")).get("details")
+    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        return ""
+    if resp.status != 409 or not isinstance(details, dict) or not is_id(details.get("generation_id")):
+        return ""
+    execution = details.get("created_by_execution")
+    return " (generation %d%s)" % (details["generation_id"],
+                                   ", begun by execution %d" % execution if is_id(execution) else "")
+
+
+def is_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def cache_object(answer):
@@ -8248,6 +8279,7 @@ def show_namespace(ctx, namespace, done=None):
             ("Max Retained Bytes", or_dash(namespace.get("max_retained_bytes"))),
             ("Max Retained Generations", or_dash(namespace.get("max_retained_generations"))),
             ("Max Staging Generations", or_dash(namespace.get("max_staging_generations"))),
+            ("Refresh Concurrency", or_dash(namespace.get("refresh_concurrency"))),
             ("Created", or_dash(format_timestamp(namespace.get("created")))),
             ("Updated", or_dash(format_timestamp(namespace.get("updated"))))])
 
@@ -8266,7 +8298,9 @@ def show_generation(ctx, generation, done=None):
             ("Expected Records", or_dash(generation.get("expected_record_count"))),
             ("Expected Bytes", or_dash(generation.get("expected_size_bytes"))),
             ("Records", generation.get("record_count")), ("Bytes", generation.get("size_bytes")),
-            ("Source Revision", or_dash(generation.get("source_revision")))] + [
+            ("Source Revision", or_dash(generation.get("source_revision"))),
+            ("Created By", or_dash(generation.get("created_by"))),
+            ("Created By Execution", or_dash(generation.get("created_by_execution")))] + [
             (label, or_dash(format_timestamp(generation.get(key))))
             for label, key in (("Sealed", "sealed"), ("Activated", "activated"), ("Readable Until", "readable_until"))]
             + [("Failure", or_dash(generation.get("failure_reason")))])
@@ -8323,9 +8357,11 @@ NAMESPACE_POLICY_FIELDS = [options["dest"] for _, options in NAMESPACE_POLICY]
 
 
 @command("cache namespace create", "create a namespace (its owner and name cannot change later)",
-         NAMESPACE, *(CACHE_OWNER + NAMESPACE_POLICY))
+         NAMESPACE, *(CACHE_OWNER + NAMESPACE_POLICY + (REFRESH_CONCURRENCY,)))
 def cmd_cache_namespace_create(ctx, args):
     body = dict(cache_owner(args), namespace=args.namespace, **namespace_policy(args))
+    if args.refresh_concurrency is not None:
+        body["refresh_concurrency"] = args.refresh_concurrency
     show_namespace(ctx, cache_object(cache_request(ctx, "POST", "/cache/namespaces", body)), "created")
 
 
@@ -8505,7 +8541,18 @@ def begin_refresh(ctx, args, owner, chunks, records=None, size=None):
                        ("source_revision", args.source_revision)):
         if value is not None:
             body[key] = value
-    return cache_object(cache_request(ctx, "POST", cache_path(args, "generations"), body))
+    generation = cache_object(cache_request(ctx, "POST", cache_path(args, "generations"), body))
+    if generation.get("client_refresh_id") != body["client_refresh_id"]:
+        # the namespace reuses an unpublished refresh: that one is another writer's, never this one's to continue
+        gid, execution = generation.get("generation_id"), generation.get("created_by_execution")
+        raise AttuneError(
+            "the server answered with generation %s of refresh %s%s, which is still unpublished, instead of "
+            "beginning this refresh (the namespace's refresh concurrency is reuse); nothing was uploaded, sealed, "
+            "promoted or abandoned: let that refresh finish, or abandon it with attune cache refresh abort %s %s%s"
+            % (gid if is_id(gid) else "?", quoted(str(generation.get("client_refresh_id"))),
+               " begun by execution %d" % execution if is_id(execution) else "",
+               shell_quote(args.namespace), gid if is_id(gid) else "GENERATION", owner_flags(owner)))
+    return generation
 
 
 @command("cache refresh begin", "begin a staging generation (a retried begin with the same refresh id is one)",

@@ -1548,7 +1548,8 @@ class FakeCache(FakeResources):
             "id": len(self.cache_namespaces) + 1, "owner_type": owner_type, "owner_ref": owner_ref, "namespace": name,
             "active_generation": None, "freshness_target_seconds": None, "max_records_per_generation": None,
             "max_generation_bytes": None, "max_retained_bytes": None, "max_retained_generations": 3,
-            "max_staging_generations": 2, "stale": False, "refresh_health": "healthy", "record_count": None,
+            "max_staging_generations": 2, "refresh_concurrency": "parallel", "stale": False,
+            "refresh_health": "healthy", "record_count": None,
             "size_bytes": None, "created": self.stamp(), "updated": self.stamp()}, **policy)
         return key
 
@@ -1560,7 +1561,8 @@ class FakeCache(FakeResources):
             "client_refresh_id": "seed-%d" % gid, "expected_active_generation_id": None, "expected_chunk_count": 1,
             "expected_record_count": None, "expected_size_bytes": None, "record_count": len(entries),
             "size_bytes": sum(e["size_bytes"] for e in entries), "checksum_algorithm": None, "checksum": None,
-            "source_revision": None, "created_by": 1, "created": self.stamp(), "sealed": None, "activated": None,
+            "source_revision": None, "created_by": 1, "created_by_execution": None, "created": self.stamp(),
+            "sealed": None, "activated": None,
             "retired": None, "readable_until": None, "failed": None, "failure_reason": None,
             "key": key, "chunks": {0: entries} if entries else {}}, **fields)
         self.cache_namespaces[key].update(record_count=len(entries) or None)
@@ -1611,7 +1613,10 @@ class FakeCache(FakeResources):
         key = key[:2] + (body.get("namespace"),)
         if key in self.cache_namespaces:
             return api_error(409, "Cache namespace '%s' already exists" % key[2], "CONFLICT")
-        policy = {k: v for k, v in body.items() if k.startswith(("max_", "freshness_"))}
+        policy = {k: v for k, v in body.items() if k.startswith(("max_", "freshness_", "refresh_concurrency"))}
+        if policy.get("refresh_concurrency", "parallel") not in ("reuse", "conflict", "parallel"):
+            return 422, "Failed to deserialize the JSON body into the target type: refresh_concurrency: unknown " \
+                        "variant, expected one of `reuse`, `conflict`, `parallel`"
         return 201, envelope(self.cache_namespaces[self.new_cache_namespace(*key, **policy)])
 
     @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
@@ -1704,7 +1709,19 @@ class FakeCache(FakeResources):
         for gid, g in self.cache_generations.items():  # a retried begin is the same generation
             if g["key"] == key and g["client_refresh_id"] == body.get("client_refresh_id"):
                 return 200, envelope(self.public(g))
-        gid = self.new_cache_generation(key, "staging", client_refresh_id=body.get("client_refresh_id"), **{
+        unpublished = [g for _, g in sorted(self.cache_generations.items())
+                       if g["key"] == key and g["status"] in ("staging", "ready")]
+        policy = self.cache_namespaces[key]["refresh_concurrency"]
+        if unpublished and policy == "reuse":  # another writer's refresh answers, with its own refresh id
+            return 200, envelope(self.public(unpublished[0]))
+        if unpublished and policy == "conflict":
+            return 409, {"error": "cache namespace already has an unpublished generation",
+                         "code": "cache_refresh_in_progress",
+                         "details": {"generation_id": unpublished[0]["generation_id"],
+                                     "created_by_execution": unpublished[0]["created_by_execution"]}}
+        execution = req.claims.get("execution_id") if req.claims.get("token_type") == "execution" else None
+        gid = self.new_cache_generation(key, "staging", client_refresh_id=body.get("client_refresh_id"),
+                                        created_by_execution=execution, **{
             k: body.get(k) for k in ("expected_active_generation_id", "expected_chunk_count", "expected_record_count",
                                      "expected_size_bytes", "source_revision")})
         self.cache_generations[gid].update(record_count=0, size_bytes=0)
@@ -6830,7 +6847,8 @@ class ForbiddenTests(ResourceTestCase):
                 result = self.fails(1, *argv)
                 self.assertEqual(result.out, "")
                 self.assertRegex(result.err, r"^attune: error: (Cache )?API error \(403 Forbidden, code FORBIDDEN\): "
-                                             r"Insufficient permissions\n$")
+                                             r"Insufficient permissions \(the server refused this identity; "
+                                             r"attune auth whoami shows which one the profile uses\)\n$")
 
 
 class CacheCommandTests(ResourceTestCase):
@@ -6945,7 +6963,7 @@ class CacheCommandTests(ResourceTestCase):
     def test_generations_and_a_refresh_step_by_step(self):
         self.assertEqual(self.lines("cache", "generation", "list", "users", *self.SYSTEM)[2].split()[:4],
                          ["101", "active", "5", str(self.server.cache_generations[101]["size_bytes"])])
-        self.assertIn("State:              active\n", self.ok("cache", "generation", "show", "users", "101",
+        self.assertIn("State:                 active\n", self.ok("cache", "generation", "show", "users", "101",
                                                               *self.SYSTEM).out)
         begun = self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
                         "--expected-active", "101", "--source-revision", "r2", "-j").json()
@@ -7023,6 +7041,65 @@ class CacheCommandTests(ResourceTestCase):
         self.assertIn("Failed to read upload input", self.fails(2, "cache", "refresh", "apply", "users", *self.SYSTEM,
                                                                 "--input", self.tmp, "--expect-empty").err)
 
+
+    def test_refresh_concurrency_is_sent_and_shown(self):
+        for policy in ("reuse", "conflict", "parallel"):
+            out = self.ok("cache", "namespace", "create", "ns-" + policy, "--owner-type", "pack", "--owner-pack-ref",
+                          "core", "--refresh-concurrency", policy).out
+            self.assertIn("Refresh Concurrency:       %s" % policy, out)
+            self.assertEqual(self.server.requests[-1].json(), {"owner_type": "pack", "owner_ref": "core",
+                                                               "namespace": "ns-" + policy,
+                                                               "refresh_concurrency": policy})
+        before = len(self.server.requests)
+        self.assertIn("invalid choice: 'wait'", self.fails(2, "cache", "namespace", "create", "x", *self.SYSTEM,
+                                                           "--refresh-concurrency", "wait").err)
+        self.assertEqual(len(self.server.requests), before)
+
+    def reuse_namespace(self, policy):
+        """users with refresh concurrency policy and another writer's refresh staged in it, begun by execution 77."""
+        self.server.cache_namespaces[("system", None, "users")]["refresh_concurrency"] = policy
+        other = self.server.new_cache_generation(("system", None, "users"), "staging", client_refresh_id="theirs",
+                                                 created_by_execution=77)
+        return other
+
+    def test_apply_fails_on_a_reused_refresh_and_touches_nothing(self):
+        """The server answers the begin with another writer's unpublished generation: apply stops
+        there, uploading, sealing, promoting and abandoning nothing (exit 1); begin alone too."""
+        other = self.reuse_namespace("reuse")
+        source = os.path.join(self.tmp, "users.ndjson")
+        with open(source, "w") as f:
+            f.write('{"external_id": "a", "value": 1}\n')
+        result = self.fails(1, "cache", "refresh", "apply", "users", *self.SYSTEM, "--input", source,
+                            "--expected-active", "101", "--client-refresh-id", "mine")
+        self.assertEqual(result.err, "attune: error: the server answered with generation %d of refresh 'theirs' begun "
+                         "by execution 77, which is still unpublished, instead of beginning this refresh (the "
+                         "namespace's refresh concurrency is reuse); nothing was uploaded, sealed, promoted or "
+                         "abandoned: let that refresh finish, or abandon it with attune cache refresh abort users %d "
+                         "--owner-type system\n" % (other, other))
+        self.assertEqual([t for t in self.targets() if not t.startswith("GET")],
+                         ["POST /api/v1/cache/namespaces/users/generations"])
+        self.assertEqual(self.server.cache_generations[other]["status"], "staging")
+        self.fails(1, "cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
+                   "--expect-empty")
+        # the same refresh id again is this refresh's own retried begin: it goes on
+        self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
+                "--expect-empty", "--client-refresh-id", "theirs")
+
+    def test_a_refused_begin_names_the_refresh_in_progress(self):
+        other = self.reuse_namespace("conflict")
+        result = self.fails(1, "cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
+                            "--expect-empty")
+        self.assertEqual(result.err, "attune: error: Cache API error (409 Conflict, code cache_refresh_in_progress): "
+                         "cache namespace already has an unpublished generation (generation %d, begun by execution "
+                         "77)\n" % other)
+
+    def test_generation_show_says_who_began_it(self):
+        other = self.reuse_namespace("parallel")
+        out = self.ok("cache", "generation", "show", "users", str(other), *self.SYSTEM).out
+        self.assertIn("Created By:            1\n", out)
+        self.assertIn("Created By Execution:  77\n", out)
+        self.assertIn("Created By Execution:  -\n", self.ok("cache", "generation", "show", "users", "101",
+                                                          *self.SYSTEM).out)
 
 class AuditCommandTests(ResourceTestCase):
     def test_list_with_every_filter(self):
@@ -10178,6 +10255,213 @@ class UntrustedInputTests(AttuneTestCase):
         result = self.run_cli("execution", "logs", str(eid), "--follow")
         self.assertEqual(result.code, 0, result)
         self.assertIn("colour \x1b[32mgreen\x1b[0m\n", result.out)  # the action's own colours
+
+
+# === Tests: the README =======================================================
+
+README = os.path.join(HERE, "README.md")
+SANDBOX_URL = "http://127.0.0.1:8080"  # where the README's samples find the sandbox
+
+
+def readme_samples(sections=("Walkthrough", "Troubleshooting")):
+    """The samples of these README sections, in order: ("console", title, command, expected
+    lines) for each `$ command` of a console block and ("text", title, None, lines) for a text
+    block; title is the bold start of the paragraph above it ('The wrong URL')."""
+    samples, section, title, block = [], None, None, None
+    with open(README, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for line in lines:
+        if block is None:
+            if line.startswith("## ") or line.startswith("# "):
+                section = line.lstrip("#").strip()
+            elif line.startswith("**") and "**" in line[2:]:
+                title = line[2:line.index("**", 2)].rstrip(".")
+            elif line.startswith("```"):
+                block = line[3:] if section in sections else "elsewhere"
+                if block == "text":
+                    samples.append(("text", title, None, []))
+        elif line == "```":
+            block = None
+        elif block == "console" and line.startswith("$ "):
+            samples.append(("console", title, line[2:], []))
+        elif block in ("console", "text"):
+            samples[-1][3].append(line)
+    return samples
+
+
+def matches_sample(expected, actual):
+    """actual (a list of lines) is what expected shows: '...' in a line stands for any text, a
+    line of '...' alone for any number of lines."""
+    pattern = "".join(r"(?:[^\n]*\n)*?" if line == "..." else
+                      ".*".join(re.escape(part) for part in line.split("...")) + r"\n" for line in expected)
+    return re.fullmatch(pattern, "".join(line.rstrip() + "\n" for line in actual)) is not None
+
+
+@unittest.skipUnless(POSIX, "the samples are sh command lines")
+class ReadmeTests(AttuneTestCase):
+    """What the README shows is what attune.py does: every sample of the walkthrough and of
+    Troubleshooting is run (against the sandbox it starts, as the README says), and each
+    message it quotes is provoked here and compared."""
+
+    def setUp(self):
+        super().setUp()
+        self.samples = readme_samples()
+        self.assertGreater(len(self.samples), 20)
+
+    def check(self, expected, actual, what):
+        self.assertTrue(matches_sample(expected, actual), "%s\n--- the README shows:\n%s\n--- attune.py printed:\n%s"
+                        % (what, "\n".join(expected), "\n".join(actual)))
+
+    def test_matching_a_sample(self):
+        self.assertTrue(matches_sample(["a ... c", "...", "z"], ["a b c", "x", "y", "z"]))
+        self.assertTrue(matches_sample(["...", "z"], ["z"]))
+        self.assertFalse(matches_sample(["a ... c"], ["a b d"]))
+        self.assertFalse(matches_sample(["a"], ["a", "b"]))
+        self.assertFalse(matches_sample(["a.c"], ["abc"]))
+
+    def test_every_console_sample_shows_what_it_prints(self):
+        """The samples in order, in one home directory (shown as /home/me), as a newcomer pastes
+        them: the first starts the sandbox (on a free port instead of 8080), the others run in
+        sh with stdout and stderr as one stream, as a terminal shows them."""
+        home = os.path.join(self.tmp, "walk")
+        bindir = os.path.join(home, "bin")
+        os.makedirs(bindir)
+        with open(os.path.join(bindir, "attune"), "w") as f:
+            f.write("#!/bin/sh\nexec %s \"$@\"\n" % " ".join(shlex.quote(a) for a in attune_argv()))
+        os.chmod(os.path.join(bindir, "attune"), 0o755)
+        env = child_env({"HOME": home, "PATH": bindir + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+                         "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"})
+        consoles = [s for s in self.samples if s[0] == "console"]
+        kind, title, command, expected = consoles[0]
+        self.assertEqual(command, "python3 test_attune.py serve --port 8080")
+        sandbox = subprocess.Popen([sys.executable, os.path.join(HERE, "test_attune.py"), "serve", "--port", "0"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+        self.addCleanup(sandbox.wait)
+        self.addCleanup(sandbox.stdout.close)
+        self.addCleanup(sandbox.terminate)
+        first = sandbox.stdout.readline().rstrip("\n")
+        url = re.search(r"http://127\.0\.0\.1:\d+", first).group(0)
+        self.check(expected, [first.replace(url, SANDBOX_URL)], command)
+        ran = 1
+        for kind, title, command, expected in consoles[1:]:
+            if "curl " in command and shutil.which("curl") is None:
+                continue  # this machine has no curl; the command is the README's, not attune.py's
+            p = subprocess.run(["sh", "-c", command.replace(SANDBOX_URL, url)], cwd=home, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               timeout=120, preexec_fn=lambda: os.umask(0o022))  # a newcomer's usual umask
+            actual = p.stdout.decode("utf-8").replace(url, SANDBOX_URL).replace(home, "/home/me").split("\n")
+            with self.subTest(command=command):
+                self.check(expected, actual[:-1] if actual[-1] == "" else actual, "%s: $ %s" % (title, command))
+            ran += 1
+        self.assertEqual(ran, len(consoles) - (shutil.which("curl") is None))
+
+    def test_every_command_line_in_the_readme_parses(self):
+        """Every attune command line in a script sample anywhere in the README (the first
+        screen, bootstrap scripts, the reference) is one argparse takes; the console samples
+        are run by the test above, and a text sample is a message."""
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        blocks, fence = [], None
+        for line in text.split("\n"):
+            if line.startswith("```"):
+                fence = None if fence is not None else (line[3:], [])
+                if fence is not None and fence[0] in ("sh", "bash", ""):
+                    blocks.append(fence[1])
+            elif fence is not None:
+                fence[1].append(line)
+        blocks = ["\n".join(lines) for lines in blocks]
+        blocks += re.findall(r"(?:^    .*\n)+", re.sub(r"^```.*?^```$", "", text, flags=re.M | re.S), re.M)
+        call = re.compile(r"(?:^|\$\(|<\(|\|\| |&& |; )(?:\$ )?(?:sudo )?(?:python3 )?attune(?:\.py)? ([^)<>|;&]*)")
+        seen = 0
+        for block in blocks:
+            for line in block.replace("\\\n", " ").split("\n"):
+                line = re.sub(r"\$\((?!attune)[^)]*\)", "X", line.strip())
+                for words in call.findall(line):
+                    try:
+                        argv = shlex.split(words, comments=True)
+                    except ValueError:
+                        self.fail("%r: %r" % (line, words))
+                    if not argv or argv[0] in ("serve",):
+                        continue
+                    with self.subTest(line=line), contextlib.redirect_stderr(io.StringIO()) as err:
+                        try:
+                            attune.parse_args(argv)
+                        except (SystemExit, attune.UsageError) as e:
+                            self.fail("%s: %s %s" % (line, e, err.getvalue()))
+                    seen += 1
+        self.assertGreater(seen, 10)
+
+    # -- the messages Troubleshooting quotes without a command to run ----------
+    def quoted(self, title):
+        found = [lines for kind, t, _, lines in self.samples if kind == "text" and t == title]
+        self.assertEqual(len(found), 1, title)
+        return found[0]
+
+    def provoke(self, title, actual):
+        """Each line the README quotes under title is a line attune.py printed."""
+        for line in self.quoted(title):
+            self.assertTrue(any(matches_sample([line], [a]) for a in actual), "%s\n--- the README shows:\n%s\n"
+                            "--- attune.py printed:\n%s" % (title, line, "\n".join(actual)))
+
+    def test_every_quoted_message_has_a_case_here(self):
+        titles = [t for kind, t, _, _ in self.samples if kind == "text"]
+        cases = [getattr(self, name).__doc__.strip() for name in dir(self) if name.startswith("test_message_")]
+        self.assertEqual(sorted(titles), sorted(cases))
+
+    def test_message_tls(self):
+        """TLS and CA bundles"""
+        tls = FakeAttune(tls=True).start()
+        self.addCleanup(tls.stop)
+        where = "https://127.0.0.1:%d" % tls.port
+        result = self.run_process("--api-url", where, "pack", "list")
+        self.assertEqual(result.code, 5, result)
+        self.provoke("TLS and CA bundles", [line.replace(where + ":%d" % tls.port, "https://attune.internal:443")
+                                            .replace(where, "https://attune.internal:443")
+                                            for line in result.err.splitlines()])
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write(TEST_CA_PEM)
+        self.assertEqual(self.run_process("--api-url", where, "--ca-bundle", ca, "health").code, 0)
+
+    def test_message_expired(self):
+        """An expired or invalidated session"""
+        self.seed(access_left=-100, refresh_left=-10)
+        self.provoke("An expired or invalidated session", self.fails(4, "pack", "list").err.splitlines())
+        self.seed(access_left=-100)
+        self.server.fail("/auth/refresh", status=401, body={"error": "Invalid refresh token", "code": "UNAUTHORIZED"})
+        self.provoke("An expired or invalidated session", self.fails(4, "pack", "list").err.splitlines())
+
+    @unittest.skipUnless(POSIX, "fcntl locks")
+    def test_message_lock(self):
+        """The lock is held by another process"""
+        self.seed()
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, self.config + ".lock", "120"],
+                                  stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.stdout.close)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), "locked\n")
+        result = self.run_process("config", "set", "description", "x", env={"ATTUNE_LOCK_TIMEOUT": "2"})
+        self.assertEqual(result.code, 0, result)
+        home = os.path.join(self.tmp, "home")
+        self.provoke("The lock is held by another process", [
+            re.sub(r"pid \d+", "pid 4121", line).replace(home, "/home/me").replace("waiting 2s", "waiting 30s")
+            for line in result.err.splitlines()])
+
+    def test_message_clock(self):
+        """Clock skew"""
+        self.seed()
+        self.server.clock_offset = 7200.5  # Date has whole seconds: half a second either way rounds to 2h
+        out = self.run_process("auth", "doctor").out
+        # a request slower than a second on a loaded machine may still measure a second off
+        self.provoke("Clock skew", re.sub(r"differ by (1h 59m 59s|2h 1s);", "differ by 2h;", out).splitlines())
+
+    def test_message_permission(self):
+        """A permission error"""
+        self.seed()
+        self.server.fail("/api/v1/packs", status=403, body={"error": "Insufficient permissions", "code": "FORBIDDEN"})
+        self.provoke("A permission error", self.fails(1, "pack", "list").err.splitlines())
+        self.assertEqual(self.server.log(), ["GET /api/v1/packs"])  # no refresh, no login
 
 
 # === Tests: start-up =========================================================

@@ -2481,10 +2481,11 @@ def shell_quote(text):
 def terminal_columns(stream, env):
     """The width of the terminal stream writes to; else COLUMNS; else None."""
     try:
-        if stream.isatty() and os.get_terminal_size(stream.fileno()).columns:
-            return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
     except (AttributeError, ValueError, OSError):
-        pass
+        columns = 0
+    if columns:  # a terminal that reports no size (0 x 0) has COLUMNS stand in
+        return columns
     return parse_number(env.get("COLUMNS", ""), 1, 100000, integer=True)
 
 
@@ -2587,29 +2588,20 @@ def parse_fields(text):
     if text is None:
         return None
     fields = [part.strip() for part in text.split(",")]
-    bad = [f for f in fields if not f or not all(c.isalnum() or c in "_-" for c in f.replace(".", "")) or
-           "" in f.split(".")]
-    if bad or not fields:
+    if any(not name or not all(c.isalnum() or c in "_-" for c in name) for f in fields for name in f.split(".")):
         raise UsageError("--fields takes field names separated by commas (ref,status or config.message), not %s"
                          % quoted(text))
     return fields
 
 
-def field_value(item, name):
-    """item's field name; a.b is the field b of the object in a; None when it is not there."""
-    for part in name.split("."):
-        if not isinstance(item, dict):
-            return None
-        item = item.get(part)
-    return item
-
-
-def has_field(item, name):
+def field_of(item, name):
+    """(True, value) of item's field name, a.b being the field b of the object in a; (False, None)
+    when it is not there."""
     for part in name.split("."):
         if not isinstance(item, dict) or part not in item:
-            return False
+            return False, None
         item = item[part]
-    return True
+    return True, item
 
 
 def pick_fields(data, fields):
@@ -2617,14 +2609,14 @@ def pick_fields(data, fields):
     object of the answer has is a usage error that lists the ones it has."""
     items = data if isinstance(data, list) else [data]
     objects = [item for item in items if isinstance(item, dict)]
-    missing = [f for f in fields if objects and not any(has_field(item, f) for item in objects)]
+    missing = [f for f in fields if objects and not any(field_of(item, f)[0] for item in objects)]
     if missing:
         names = sorted({key for item in objects for key in item})
         raise UsageError("no field %s in the answer; its fields: %s" % (
             ", ".join(quoted(f) for f in missing), ", ".join(terminal_safe(n, keep="") for n in names)))
 
     def pick(item):
-        return {f: field_value(item, f) for f in fields} if isinstance(item, dict) else item
+        return {f: field_of(item, f)[1] for f in fields} if isinstance(item, dict) else item
     return [pick(item) for item in data] if isinstance(data, list) else pick(data)
 
 
@@ -3063,11 +3055,20 @@ def help_rows(rows, width):
     return lines
 
 
+def value_name(flags, spec):
+    """What usage calls an argument's value, as argparse does: its metavar, else its choices,
+    else its name (upper case for an option: --label LABEL)."""
+    if spec.get("metavar"):
+        return spec["metavar"]
+    if "choices" in spec:
+        return "{%s}" % ",".join(spec["choices"])
+    dest = option_dest(flags, spec)
+    return dest.upper() if flags[0].startswith("-") else dest
+
+
 def option_usage(flags, spec, every_flag=False):
     """How usage and help name an option: '-p NAME' (or '-p NAME, --profile NAME'), '-w'."""
-    value = "" if spec.get("action") in FLAG_ACTIONS else " " + (
-        spec.get("metavar") or ("{%s}" % ",".join(spec["choices"]) if "choices" in spec
-                                else option_dest(flags, spec).upper()))
+    value = "" if spec.get("action") in FLAG_ACTIONS else " " + value_name(flags, spec)
     return ", ".join(flag + value for flag in flags) if every_flag else flags[0] + value
 
 
@@ -3111,10 +3112,8 @@ def usage_line(path, arguments, below, width):
     words.append("[global options]")
     for flags, spec in arguments:
         if not flags[0].startswith("-"):
-            name = spec.get("metavar") or ("{%s}" % ",".join(spec["choices"]) if "choices" in spec else flags[0])
-            nargs = spec.get("nargs")
-            words.append({"?": "[%s]", "*": "[%s ...]", "+": "%s [%s ...]"}.get(nargs, "%s").replace(
-                "%s", name) if nargs != REMAINDER else name)
+            name, nargs = value_name(flags, spec), spec.get("nargs")
+            words.append("[%s]" % name if nargs == "?" else "[%s ...]" % name if nargs == "*" else name)
     if below:
         words.append("COMMAND ..." if below == "required" else "[COMMAND ...]")
     prog = " ".join(["attune"] + command_words(path))
@@ -3130,8 +3129,7 @@ def usage_line(path, arguments, below, width):
 
 
 def positional_names(arguments):
-    return [spec.get("metavar") or option_dest(flags, spec) for flags, spec in arguments
-            if not flags[0].startswith("-")]
+    return [value_name(flags, spec) for flags, spec in arguments if not flags[0].startswith("-")]
 
 
 def command_words(path):

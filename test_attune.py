@@ -2774,6 +2774,21 @@ MU7GjYNLqOvejHTCpFzMvno4
 
 # === Test helpers ============================================================
 
+def read_terminal(master):
+    """Everything written to a pseudo-terminal until its last writer closes it; closes master."""
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return out
+
+
 def slow(test):
     """Marks a test (or class) that `make check`, the everyday quick run, leaves out."""
     test.slow = True
@@ -4473,16 +4488,7 @@ class OutputTests(AttuneTestCase):
             p = subprocess.Popen(attune_argv() + ["config", "profiles"], env=self.process_env(env),
                                  stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE)
             os.close(slave)
-            out = b""
-            while True:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: the child closed its end
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            os.close(master)
+            out = read_terminal(master)
             self.assertEqual(p.wait(timeout=60), 0)
             p.stderr.close()
             lines = out.decode("utf-8").splitlines()
@@ -7640,16 +7646,7 @@ class OutputFormTests(ResourceTestCase):
                              stdout=subprocess.PIPE, universal_newlines=True)
         os.close(slave)
         out = p.communicate(timeout=60)[0]
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the child closed its end
-                break
-            if not chunk:
-                break
-            seen += chunk
-        os.close(master)
+        seen = read_terminal(master)
         self.assertEqual(p.returncode, 0)
         self.assertRegex(seen.decode(), r"\rExecution \d+: (requested|scheduled|running) \(\d+s\)")
         self.assertNotIn("Execution %d: " % max(self.server.executions), out)

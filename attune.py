@@ -5443,18 +5443,33 @@ def fetch_list(session, path, query=None, size_param="page_size", every_page=Fal
     has_next from page 1 with the biggest pages the server allows; until(item) true for an
     item of a page stops the walk after that page."""
     query = dict(query or {})
-    items, page = [], 1
+    items, page, previous = [], 1, None
     while True:
         if every_page:
             query.update({"page": page, size_param: ALL_PAGE_SIZE})
         body = session.call("GET", path, query=query)
         chunk = list_items(body, objects)
+        check_next_page(path, page, chunk, previous, len(items))
         items.extend(chunk)
         pagination = pagination_of(body)
         more = isinstance(pagination, dict) and pagination.get("has_next") is True
         if not (every_page and more and chunk) or (until is not None and any(until(item) for item in chunk)):
             return items, pagination
-        page += 1
+        page, previous = page + 1, chunk
+
+
+LIST_ITEM_LIMIT = 200000  # items of one list walked page by page (--all) held in memory
+
+
+def check_next_page(path, page, chunk, previous, held):
+    """A page walk ends: a page that repeats the one before (a server that ignores `page`) or a
+    list past LIST_ITEM_LIMIT items is a server error (exit 6), not a walk without end."""
+    if previous is not None and chunk == previous:
+        raise ServerError("page %d of %s repeats page %d (the server ignores the page number); stopped"
+                          % (page, path, page - 1))
+    if held + len(chunk) > LIST_ITEM_LIMIT:
+        raise ServerError("%s still says has_next after %d items on %d pages, more than attune.py holds (%d); "
+                          "narrow the list with its filters" % (path, held, page - 1, LIST_ITEM_LIMIT))
 
 
 def emit_list(ctx, items, pagination, noun, columns, row):
@@ -7816,17 +7831,19 @@ def find_binding(session, assignee, ref):
         query = binding_filters(identity_id=assignee["identity_id"], set_ref=ref)
     else:
         query = binding_filters(role=assignee["role"], set_ref=ref)
-    items, page = [], 1
+    items, page, previous = [], 1, None
     while True:
         query.update(page=page, page_size=100)
         body = session.call("GET", "/permissions/assignments", query=query)
-        items.extend(list_items(body))
+        chunk = list_items(body)
+        check_next_page("/permissions/assignments", page, chunk, previous, len(items))
+        items.extend(chunk)
         pagination = pagination_of(body)
         if not isinstance(pagination, dict) or not isinstance(pagination.get("has_next"), bool):
             raise ApiError("API pagination is missing has_next")
         if not pagination["has_next"]:
             return items[-1] if items else None
-        page += 1
+        page, previous = page + 1, chunk
 
 
 def change_assignment(ctx, args, assign):
@@ -8476,6 +8493,8 @@ def cmd_cache_entry_scan(ctx, args):
         ctx.ui.stderr.write(json.dumps({"generation": generation, "cursor_expires_at": page.get("cursor_expires_at"),
                                         "next_cursor": page.get("next_cursor"), "record_count": page.get("record_count"),
                                         "stale": page.get("stale")}).translate(UNICODE_CONTROL_ESCAPES) + "\n")
+        if page.get("next_cursor") is not None and page.get("next_cursor") == cursor:
+            raise ServerError("the server answered cursor %s with the same cursor; stopped" % quoted(str(cursor)))
         cursor = page.get("next_cursor")
         if not cursor:
             return 0

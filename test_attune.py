@@ -5099,6 +5099,35 @@ class FieldsTests(ResourceTestCase):
 
 
 class PackCommandTests(ResourceTestCase):
+    def endless_pages(self, distinct):
+        """/api/v1/packs says has_next on every page: the same page each time, or a new one."""
+        body = {"data": [], "pagination": {"page": 1, "page_size": 100, "has_next": True}}
+        served = []
+
+        def next_page():
+            served.append(None)
+            start = len(served) * 100 if distinct else 0
+            body["data"] = [dict(self.server.packs["core"], id=n, ref="p%d" % n) for n in range(start, start + 100)]
+        self.server.fail("/api/v1/packs", "GET", 200, body, effect=next_page, times=None)
+        return served
+
+    def test_a_page_walk_that_never_ends_is_stopped(self):
+        """--all follows has_next, but a page that repeats the one before (a server that ignores
+        the page number) ends it at once, and so does a list past the items attune.py holds:
+        exit 6, nothing on stdout."""
+        served = self.endless_pages(distinct=False)
+        result = self.fails(6, "pack", "list", "--all")
+        self.assertEqual(result.err, "attune: error: page 2 of /packs repeats page 1 (the server ignores the page "
+                                     "number); stopped\n")
+        self.assertEqual((result.out, len(served)), ("", 2))
+        self.server.faults.clear()
+        served = self.endless_pages(distinct=True)
+        with mock.patch.object(attune, "LIST_ITEM_LIMIT", 250):
+            result = self.fails(6, "pack", "list", "--all", "-j")
+        self.assertEqual(result.err, "attune: error: /packs still says has_next after 200 items on 2 pages, more than "
+                                     "attune.py holds (250); narrow the list with its filters\n")
+        self.assertEqual((result.out, len(served)), ("", 3))
+
     def test_list_table_and_json(self):
         self.assertEqual(self.lines("pack", "list"), [
             "Ref       Version  Description", "────────  ───────  ──────────────────────────────────",
@@ -6965,6 +6994,16 @@ class CacheCommandTests(ResourceTestCase):
             self.assertIn("--output ndjson is only supported by 'attune cache entry scan --all'",
                           self.fails(2, *argv, "--output", "ndjson").err)
         self.assertEqual(len(self.server.requests), before)
+
+    def test_a_scan_whose_cursor_answers_itself_is_stopped(self):
+        page = {"data": {"generation_id": 101, "items": [], "next_cursor": "c1", "record_count": 5, "stale": False}}
+        self.server.fail("/api/v1/cache/namespaces/users/entries", "GET", 200, page, times=None)
+        result = self.run_cli("cache", "entry", "scan", "users", *self.SYSTEM, "--all", "--output", "ndjson",
+                              "--cursor", "c0")  # stderr holds each page's metadata line first
+        self.assertEqual(result.code, 6, result)
+        self.assertTrue(result.err.endswith("attune: error: the server answered cursor 'c1' with the same cursor; "
+                                            "stopped\n"), result.err)
+        self.assertEqual(self.server.count("GET", "/api/v1/cache/namespaces/users/entries"), 2)
 
     def test_generations_and_a_refresh_step_by_step(self):
         self.assertEqual(self.lines("cache", "generation", "list", "users", *self.SYSTEM)[2].split()[:4],

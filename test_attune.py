@@ -10427,6 +10427,28 @@ class ReadmeTests(AttuneTestCase):
                     seen += 1
         self.assertGreater(seen, 10)
 
+    def test_the_sample_credential_file_is_one_attune_writes(self):
+        """The README's credential file has the keys, value types and auth_method of a file a
+        password login, config set description and config set ca_bundle write."""
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        sample = json.loads(re.search(r"^## The credential file\n.*?^```json\n(.*?)^```$", text, re.M | re.S).group(1))
+        self.assertEqual(self.run_cli("auth", "login", "--url", self.server.url, "-u", "admin", "--password-stdin",
+                                      stdin=PASSWORD).code, 0)
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write(TEST_CA_PEM)
+        self.ok("config", "set", "description", "production")
+        self.ok("config", "set", "ca_bundle", ca)
+        doc = self.read_doc()
+        self.assertEqual(sorted(sample), sorted(doc))
+        self.assertEqual(sample["version"], doc["version"])
+        written, shown = doc["profiles"]["default"], list(sample["profiles"].values())[0]
+        self.assertEqual(sorted(shown), sorted(written))
+        for key, value in written.items():
+            self.assertEqual(type(shown[key]), type(value), key)
+        self.assertEqual(shown["auth_method"], written["auth_method"])
+
     # -- the messages Troubleshooting quotes without a command to run ----------
     def quoted(self, title):
         found = [lines for kind, t, _, lines in self.samples if kind == "text" and t == title]

@@ -2928,6 +2928,8 @@ def ref(what, complete=None):
 
 
 ALL = arg("--all", action="store_true", help="follow every page of the list (has_next)")
+PAGE = arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)")
+PER_PAGE = arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)")
 YES = arg("--yes", action="store_true", help="do not ask for confirmation")
 EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution id (a whole number)",
                    complete="executions")
@@ -7242,8 +7244,7 @@ def guess_content_type(filename):
          arg("--visibility", help="public or private"),
          arg("--execution", type=Number(1, MAX_ID), metavar="ID", help="only what this execution produced"),
          arg("--name", help="name contains this"),
-         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
-         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"),
+         PAGE, PER_PAGE,
          examples=("attune artifact list --execution 42",))
 def cmd_artifact_list(ctx, args):
     body = ctx.session().call("GET", "/artifacts", query={
@@ -7564,8 +7565,7 @@ def mutation_result(ctx, operation, target, dry_run, before, after):
 
 @command("identity list", "list identities",
          arg("--login", help="only this login"),
-         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
-         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"),
+         PAGE, PER_PAGE,
          examples=("attune identity list",))
 def cmd_identity_list(ctx, args):
     body = ctx.session().call("GET", "/identities", query={"page": args.page, "page_size": args.per_page,
@@ -7791,8 +7791,7 @@ command("permission assignment", "assignments of sets to identities and roles: l
 @command("permission assignment list", "list assignments (direct ones for an identity, not inherited access)",
          *(PERMISSION_TARGET + (
              arg("--set", metavar="REF", help="only assignments of this permission set"),
-             arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
-             arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"))))
+             PAGE, PER_PAGE)))
 def cmd_permission_assignment_list(ctx, args):
     if args.role is not None and (args.identity is not None or args.identity_id is not None) \
             or args.identity is not None and args.identity_id is not None:
@@ -7897,8 +7896,7 @@ def cmd_permission_revoke(ctx, args):
 group("queue", "work queues and their items: list, show, enable, update, enqueue")
 
 QUEUE_REF = arg("ref", metavar="REF", help="the queue's ref")
-QUEUE_PAGE = (arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
-              arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"))
+QUEUE_PAGE = (PAGE, PER_PAGE)
 QUEUE_ITEM_STATUSES = ("queued", "leased", "retry", "completed", "failed", "skipped", "cancelled")
 SELECTOR = (arg("--selector", metavar="PATH", required=True,
                 help="a SQL/JSONPath selector over the items' payload, metadata and fields"),
@@ -8787,8 +8785,7 @@ def audit_http(event):
          arg("--request-id", metavar="UUID", help="only events of this request"),
          arg("--after", metavar="ISO", help="created at or after this time (ISO 8601)"),
          arg("--before", metavar="ISO", help="created before this time (ISO 8601)"),
-         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
-         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"),
+         PAGE, PER_PAGE,
          examples=("attune audit list --category auth --outcome failure",))
 def cmd_audit_list(ctx, args):
     body = ctx.session().call("GET", "/audit-events", query={
@@ -9312,8 +9309,7 @@ def key_pairs(key, last=("Created", "created")):
 @command("key list", "list keys (never their values)", arg("--owner-type", choices=KEY_OWNER_TYPES,
                                                            help="only keys of this owner type"),
          arg("--owner", help="owner identifier"),
-         arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)"),
-         arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)"), ALL,
+         PAGE, PER_PAGE, ALL,
          examples=("attune key list",
                    "attune key list --owner-type pack --owner core"))
 def cmd_key_list(ctx, args):
@@ -9815,25 +9811,24 @@ def cmd_self_uninstall(ctx, args):
 
 # === Commands: help ==========================================================
 
-HELP_TOPICS = ("global", "environment", "exit-codes")
+# what `attune help TOPIC` prints for each topic that is not a command (a function of the width)
+HELP_TOPICS = {
+    "global": lambda width: ["global options: every command takes them, before or after its name", ""]
+    + help_rows(global_option_rows(), width),
+    "environment": lambda width: ["environment:"] + environment_lines(),
+    "exit-codes": lambda width: ["exit codes:"] + exit_code_lines()}
 
 
-@command("help", "help on a command (help pack list) or a topic: global, environment, exit-codes",
-         arg("topic", nargs="*", metavar="TOPIC", help="a command (pack list) or global, environment, exit-codes"),
+@command("help", "help on a command (help pack list) or a topic: " + ", ".join(HELP_TOPICS),
+         arg("topic", nargs="*", metavar="TOPIC", help="a command (pack list) or " + ", ".join(HELP_TOPICS)),
          examples=("attune help global  # the options every command takes",
                    "attune help run  # the same as attune run --help"))
 def cmd_help(ctx, args):
     width = help_width()
     if not args.topic:
         write_text(ctx.ui.stdout, top_help(width))
-    elif args.topic == ["global"]:
-        write_text(ctx.ui.stdout, "\n".join(
-            ["global options: every command takes them, before or after its name", ""]
-            + help_rows(global_option_rows(), width)) + "\n")
-    elif args.topic == ["environment"]:
-        write_text(ctx.ui.stdout, "\n".join(["environment:"] + environment_lines()) + "\n")
-    elif args.topic == ["exit-codes"]:
-        write_text(ctx.ui.stdout, "\n".join(["exit codes:"] + exit_code_lines()) + "\n")
+    elif len(args.topic) == 1 and args.topic[0] in HELP_TOPICS:
+        write_text(ctx.ui.stdout, "\n".join(HELP_TOPICS[args.topic[0]](width)) + "\n")
     else:  # a command's own --help, or the one-line error that names the closest command
         parse_args(args.topic + ["--help"])
     return 0

@@ -5096,6 +5096,10 @@ class FieldsTests(ResourceTestCase):
     def test_a_command_that_prints_no_result_says_fields_did_nothing(self):
         result = self.ok("auth", "token", "--fields", "ref", secrets_ok=True)
         self.assertEqual(result.err, "attune: warning: --fields has no effect on attune auth token\n")
+        eid = self.ok("run", "core.echo", "--param", "message=hi", "-w", "-j").json()["id"]
+        result = self.ok("execution", "logs", str(eid), "--fields", "ref")
+        self.assertEqual((result.out, result.err), ("hi\n", "attune: warning: --fields has no effect on attune "
+                                                             "execution logs\n"))
 
 
 class PackCommandTests(ResourceTestCase):
@@ -10375,6 +10379,8 @@ class ReadmeTests(AttuneTestCase):
         self.addCleanup(sandbox.wait)
         self.addCleanup(sandbox.stdout.close)
         self.addCleanup(sandbox.terminate)
+        import select  # a hang guard: the sandbox says where it listens at once
+        self.assertTrue(select.select([sandbox.stdout], [], [], 60)[0], "the sandbox did not start")
         first = sandbox.stdout.readline().rstrip("\n")
         url = re.search(r"http://127\.0\.0\.1:\d+", first).group(0)
         self.check(expected, [first.replace(url, SANDBOX_URL)], command)
@@ -11160,7 +11166,7 @@ class HelpTests(unittest.TestCase):
 
     def typed(self, path):
         """The words that reach path: a placeholder for each positional of a command above it."""
-        return [word if word.isupper() is False else "x" for word in attune.command_words(path)]
+        return ["x" if word.isupper() else word for word in attune.command_words(path)]
 
     def examples(self, text):
         lines = text.split("\n")

@@ -893,8 +893,9 @@ class FileLock:
     passes, work goes on unlocked: atomic writes and compare-and-refresh keep that
     safe, the lock only saves refresh calls and lost updates."""
 
-    def __init__(self, path, timeout, command, warn, log, done_waiting=None):
+    def __init__(self, path, timeout, command, warn, log, done_waiting=None, owner=None):
         self.path = path
+        self.owner = owner  # (uid, gid) root gives a lock file it creates in another user's directory
         self.timeout = timeout
         self.command = command
         self.warn = warn
@@ -921,10 +922,16 @@ class FileLock:
                                   "write through links)" % quoted(self.path))
             self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
             return False
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(self.fd)
             self.fd = None
             raise ConfigError("the lock file %s is not a regular file; remove it" % quoted(self.path))
+        if self.owner and st.st_uid != self.owner[0]:  # root under sudo: the user's next run opens it too
+            try:
+                os.fchown(self.fd, self.owner[0], self.owner[1])
+            except OSError as e:
+                self.log("cannot give the lock file %s to uid %d (%s)" % (self.path, self.owner[0], e))
         start = time.monotonic()
         backoff = Backoff(0.002, 1.5, 0.05, start + self.timeout)  # short: waiters wake soon after release
         announced = False
@@ -1017,9 +1024,9 @@ def credential_path(config, env):
     """Where the credential file is, and what chose it: (path, 'flag'|'env'|'default'),
     or (None, 'none') when there is no home directory to keep it in."""
     if config:
-        return absolute_path(config, "--config"), "flag"
+        return absolute_path(config, "--config", env), "flag"
     if env.get("ATTUNE_CONFIG"):
-        return absolute_path(env["ATTUNE_CONFIG"], "ATTUNE_CONFIG"), "env"
+        return absolute_path(env["ATTUNE_CONFIG"], "ATTUNE_CONFIG", env), "env"
     if WINDOWS and env.get("APPDATA"):
         return os.path.join(env["APPDATA"], "attune", "credentials.json"), "default"
     xdg = env.get("XDG_CONFIG_HOME", "")
@@ -1031,8 +1038,11 @@ def credential_path(config, env):
     return os.path.join(home, ".config", "attune", "credentials.json"), "default"
 
 
-def absolute_path(path, where):
-    """path made absolute; a relative one needs the working directory, which may be gone."""
+def absolute_path(path, where, env=None):
+    """path made absolute (~ is this run's HOME); a relative one needs the working directory,
+    which may be gone. Paths are kept absolute: the next run may start anywhere."""
+    if env is not None and env.get("HOME") and (path == "~" or path.startswith("~" + os.sep)):
+        path = env["HOME"] + path[1:]
     try:
         return os.path.abspath(os.path.expanduser(path))
     except OSError as e:
@@ -1040,8 +1050,47 @@ def absolute_path(path, where):
                           % (quoted(path), where, e.strerror or e))
 
 
-def make_private_dirs(directory):
-    """Create missing directories with mode 0700; an existing one is never chmod-ed."""
+def creation_root(source, env):
+    """The existing directory under which attune.py may create the credential file's
+    directories, or None when the user named the file (--config, ATTUNE_CONFIG: create
+    what it takes). The default place lives in the home directory: nothing is made
+    outside one that exists (a service user with HOME=/nonexistent gets no /nonexistent)."""
+    if source == "flag" or (source == "env" and env.get("ATTUNE_CONFIG")) or WINDOWS:
+        return None
+    home = env.get("HOME") or os.path.expanduser("~")
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg) and not (xdg + os.sep).startswith(home.rstrip(os.sep) + os.sep):
+        return xdg  # an XDG directory outside the home must exist already
+    return home
+
+
+def existing_parent(path):
+    """path, or the nearest directory above it that exists (lstat: a link counts)."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def root_keeps_owner(path):
+    """(uid, gid) that what root writes at path must keep: those of the file there, else of
+    the nearest directory above it, when that is another user's (sudo with the user's HOME,
+    cloud-init writing into a user's home); None for everyone else."""
+    if WINDOWS or os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(existing_parent(path))
+    except OSError:
+        return None
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def make_private_dirs(directory, root=None):
+    """Create missing directories with mode 0700 (root making them in another user's home
+    gives them to that user); an existing one is never chmod-ed. root: the directory that
+    must exist already (the home), nothing is created outside it."""
     missing = []
     while directory and not os.path.isdir(directory):
         missing.append(directory)
@@ -1049,12 +1098,55 @@ def make_private_dirs(directory):
         if parent == directory:
             break
         directory = parent
+    if root is not None and missing and (not os.path.isdir(root) or any(
+            not (path + os.sep).startswith(root.rstrip(os.sep) + os.sep) or path == root.rstrip(os.sep)
+            for path in missing)):
+        raise FileNotFoundError(errno.ENOENT, "the home directory %s does not exist" % root)
+    owner = root_keeps_owner(missing[-1]) if missing else None
     for path in reversed(missing):
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:  # another process made it first
             continue
         os.chmod(path, 0o700)  # ours, so exact, whatever the umask
+        if owner:
+            os.chown(path, owner[0], owner[1])
+
+
+LINK_HOPS = 40  # as the kernel's own limit on a chain of symbolic links
+
+
+def own_link_target(path):
+    """(the file to write, its lstat, or None when there is no file yet) for the credential
+    file at path. A symbolic link the user owns (dotfiles: stow, chezmoi, home-manager) is
+    followed to the regular file it names, which is what gets written: the link stays a
+    link. A link or target someone else owns, a dangling link or anything but a regular
+    file is refused (exit 3): root running with another user's HOME never writes where that
+    user's link points."""
+    me = None if WINDOWS else os.geteuid()
+    current = path
+    for _ in range(LINK_HOPS):
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            if current == path:
+                return path, None
+            raise ConfigError("%s is a symbolic link to %s, which does not exist; attune.py writes through "
+                              "a link only to an existing file (create it, or use --config FILE or "
+                              "ATTUNE_CONFIG)" % (quoted(path), quoted(current)))
+        except OSError as e:
+            raise ConfigError("cannot write %s: %s" % (quoted(current), e.strerror or e))
+        if me is not None and st.st_uid != me and (stat.S_ISLNK(st.st_mode) or current != path):
+            raise ConfigError("%s %s owned by uid %d, not by you (uid %d); attune.py does not write "
+                              "through another user's link; use --config FILE or ATTUNE_CONFIG"
+                              % (quoted(path), "is a symbolic link" if current == path else
+                                 "leads to %s," % quoted(current), st.st_uid, me))
+        if not stat.S_ISLNK(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError("%s is not a regular file; attune.py will not replace it" % quoted(current))
+            return current, st
+        current = os.path.join(os.path.dirname(current), os.readlink(current))
+    raise ConfigError("%s: too many levels of symbolic links" % quoted(path))
 
 
 def check_write_target(path):
@@ -1085,13 +1177,14 @@ def fresh_name(directory, prefix, suffix=""):
     return os.path.join(directory, prefix + binascii.hexlify(os.urandom(8)).decode("ascii") + suffix)
 
 
-def write_atomic(path, data, shared=False, links_ok=False):
+def write_atomic(path, data, shared=False, links_ok=False, keep=None):
     """Write to path so that a reader sees the old or the new file, never a mix: a temp
     file in the same directory (created 0600; shared gives it the mode a new file
-    gets under the umask), fsync, rename over, fsync the directory. data is bytes, or a
-    function that writes to the file; its result is returned. On any failure the temp file
-    is removed and path is untouched. A link or non-regular file at path is refused
-    (check_write_target) unless links_ok, where the rename replaces the link itself."""
+    gets under the umask; keep, a (uid, gid, mode), that owner and mode), fsync, rename
+    over, fsync the directory. data is bytes, or a function that writes to the file; its
+    result is returned. On any failure the temp file is removed and path is untouched. A
+    link or non-regular file at path is refused (check_write_target) unless links_ok,
+    where the rename replaces the link itself."""
     if not links_ok:
         check_write_target(path)
     EXIT_SIGNALS.arm()  # a SIGTERM from here on still removes the temp file
@@ -1105,6 +1198,9 @@ def write_atomic(path, data, shared=False, links_ok=False):
             except FileExistsError:  # another writer's name: not ours to remove
                 tmp = None
         with os.fdopen(fd, "wb") as f:
+            if keep:  # root rewriting another user's file: it stays theirs
+                os.fchown(f.fileno(), keep[0], keep[1])
+                os.fchmod(f.fileno(), keep[2])
             result = data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -1130,6 +1226,25 @@ def write_atomic(path, data, shared=False, links_ok=False):
         except OSError:
             pass
     return result
+
+
+def write_in_place(path, data):
+    """Rewrite the content of the regular file at path where no rename can replace it (a
+    single bind-mounted file: EBUSY or EXDEV): write, truncate, fsync. Not atomic: the
+    caller holds the lock, and a reader that meets a half-written file reads it again."""
+    EXIT_SIGNALS.arm()
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+NOT_REPLACEABLE = (errno.EBUSY, errno.EXDEV)  # rename over a mount point
 
 
 STALE_TEMP_AGE = 600  # seconds; a writer killed mid-write leaves its temp file behind
@@ -1167,6 +1282,10 @@ def file_safety_problems(path, st):
     return problems
 
 
+ELSEWHERE = ("choose another location with --config FILE or ATTUNE_CONFIG, or give a token in "
+             "ATTUNE_API_TOKEN or ATTUNE_TOKEN_FILE")
+
+
 def empty_document():
     return {"version": FILE_VERSION, "profiles": {}}
 
@@ -1175,8 +1294,9 @@ class CredentialStore:
     """The JSON credential file. Reads are lock-free (writes are atomic renames);
     every write re-reads the file under the lock and changes only what it must."""
 
-    def __init__(self, path, warn, log, lock_timeout=LOCK_TIMEOUT, command="attune", deadline=None):
+    def __init__(self, path, warn, log, lock_timeout=LOCK_TIMEOUT, command="attune", deadline=None, root=None):
         self.path = path
+        self.root = root  # the home directory that must exist for anything to be created (creation_root)
         self.warn = warn
         self.log = log
         self.lock_timeout = lock_timeout
@@ -1266,24 +1386,48 @@ class CredentialStore:
 
     # -- writing ---------------------------------------------------------------
     def check_writable(self):
+        """(the file to write, its lstat or None) once it is clear that a write can succeed:
+        asked before anything is spent (a refresh, a login), so that a result that could not
+        be stored is never asked for. Exit 3 naming the file and where else a session can live."""
         version = self.version
         if version > FILE_VERSION:
             raise ConfigError("credential file %s was written by a newer attune.py (version %d); "
                               "not rewriting it. Upgrade attune.py, or use --config FILE for another file"
                               % (self.path, version))
+        if self.path is None:
+            raise self._no_place()
+        target, st = own_link_target(self.path)
+        directory = os.path.dirname(target)
+        problem = None
+        if st is not None:
+            if not WINDOWS and os.geteuid() not in (0, st.st_uid):
+                problem = "it is owned by uid %d, not by you (uid %d)" % (st.st_uid, os.geteuid())
+            elif not os.access(target, os.W_OK):
+                problem = "it is read-only (a read-only mount or secret volume, or its mode)"
+            elif not os.access(directory, os.W_OK | os.X_OK):
+                problem = "its directory %s is not writable" % directory
+        elif self.root is not None and not os.path.isdir(self.root):
+            problem = "the home directory %s does not exist" % self.root
+        elif not os.access(existing_parent(directory), os.W_OK | os.X_OK):
+            problem = "%s is not writable" % existing_parent(directory)
+        if problem:
+            raise ConfigError("cannot write credential file %s: %s; %s" % (self.path, problem, ELSEWHERE))
+        return target, st
+
+    def _no_place(self):
+        return ConfigError("there is no place for the credential file: HOME is not set; " + ELSEWHERE)
 
     def lock(self, done_waiting=None):
         """The lock around a read-modify-write. done_waiting, checked while another
         process holds it, ends the wait early when it says the wait is pointless."""
         if self.path is None:
-            raise ConfigError("there is no place for the credential file: HOME is not set; "
-                              "choose one with --config FILE or ATTUNE_CONFIG")
+            raise self._no_place()
         try:
-            make_private_dirs(os.path.dirname(os.path.abspath(self.path)))
+            make_private_dirs(os.path.dirname(os.path.abspath(self.path)), self.root)
         except OSError as e:
             raise self._write_error(e)
         return FileLock(self.path + ".lock", self.deadline.cap(self.lock_timeout), self.command, self.warn,
-                        self.log, done_waiting)
+                        self.log, done_waiting, root_keeps_owner(self.path))
 
     def modify(self, change):
         """Read-modify-write under the lock; change(doc) edits the freshly read document."""
@@ -1292,25 +1436,31 @@ class CredentialStore:
 
     def modify_locked(self, change):
         """The same, for a caller that already holds the lock (or gave up waiting for it)."""
-        if self.path is None:
-            self.lock()  # raises: there is no place to write
         self.reload()
-        self.check_writable()
+        target, st = self.check_writable()
         doc = self._doc
         result = change(doc)
         doc.setdefault("version", FILE_VERSION)
         data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+        owner = root_keeps_owner(target)
+        keep = owner + (stat.S_IMODE(st.st_mode) if st else 0o600,) if owner else None
         try:
-            write_atomic(self.path, data)
+            write_atomic(target, data, keep=keep)
         except OSError as e:
-            raise self._write_error(e)
+            if st is None or e.errno not in NOT_REPLACEABLE:
+                raise self._write_error(e)
+            self.log("%s cannot be replaced (%s: a file mounted on its own?); rewriting it in place"
+                     % (target, e.strerror or e))
+            try:
+                write_in_place(target, data)
+            except OSError as e:
+                raise self._write_error(e)
         self.exists = True
-        remove_stale_temp_files(self.path)
+        remove_stale_temp_files(target)
         return result
 
     def _write_error(self, e):
-        return ConfigError("cannot write credential file %s: %s; choose another location with "
-                           "--config FILE or ATTUNE_CONFIG" % (self.path, e.strerror or e))
+        return ConfigError("cannot write credential file %s: %s; %s" % (self.path, e.strerror or e, ELSEWHERE))
 
 
 # === HTTP settings ===========================================================
@@ -2239,7 +2389,8 @@ class Session:
                  % (self.profile, describe_expiry(c.access_expires_at, now), refresh_margin(c.lifetime)))
         try:
             self.refresh()
-        except (NetworkError, ApiError) as e:  # down, 5xx or a junk answer: nothing was stored
+        except (NetworkError, ApiError, ConfigError) as e:  # down, 5xx, a junk answer, a file that
+            # cannot be written (found out before the refresh was sent): nothing was stored
             if left > STILL_USABLE:
                 self._proactive_retry_at = now + max(1.0, (left - STILL_USABLE) / 2)
                 self.log("refresh failed (%s); the current token is still valid for %s"
@@ -2798,7 +2949,8 @@ class Context:
         self.deadline = CommandDeadline()  # set by a command with its own --timeout
         self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
                                      env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0),
-                                     " ".join(["attune"] + getattr(args, "command_path", [])), self.deadline)
+                                     " ".join(["attune"] + getattr(args, "command_path", [])), self.deadline,
+                                     creation_root(config_source, env))
         self.choice = Choice(args, env, self.store, config_path, config_source)
         insecure = getattr(args, "insecure", False)
         self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001),
@@ -4055,6 +4207,7 @@ def cmd_auth_login(ctx, args):
         if session is not None:
             report_login(ctx, target, url, stored.get("username"), session.creds.access_expires_at, already=True)
             return
+    ctx.store.check_writable()  # before a password is asked for or a session spent
     if args.sso:
         return device_login(ctx, target, url)
     username = args.username or stored.get("username") or ask(ctx, "Username: ")
@@ -4075,6 +4228,7 @@ def cmd_auth_login(ctx, args):
          examples=("attune auth token-login --url https://attune.example.com --token-stdin < token.txt",))
 def cmd_auth_token_login(ctx, args):
     target, url = login_target(ctx, args)
+    ctx.store.check_writable()
     token = check_token(read_secret(ctx, "integration token", args.token_stdin, args.token, None, "--token"),
                         "--token-stdin" if args.token_stdin else "--token", UsageError)
     session = ctx.session(profile=target, api_url=url, use_env=False)
@@ -4146,6 +4300,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
     (no token, no refresh), the newest device_code resent every time and never shown,
     interval, slow_down and the deadline honoured; tokens stored as a password login's."""
     check_device_url(url, ConfigError)
+    ctx.store.check_writable()  # an approval whose tokens could not be stored would be lost
     session = ctx.session(profile=target, api_url=url, use_env=False)
     resp = session.request("POST", "/auth/oidc/device/start", {}, auth=False)
     if resp.status == 501:
@@ -4708,6 +4863,8 @@ def cmd_config_set(ctx, args):
         ctx.choice.require_profile(value)
     if key == "api_url":
         value = check_api_url(value, "config set api_url")
+    if key == "ca_bundle" and value:  # the next run may start in another directory
+        value = absolute_path(value, "config set ca_bundle", ctx.env)
     name = ctx.choice.profile
 
     def change(doc):
@@ -4816,7 +4973,7 @@ def cmd_config_add_profile(ctx, args):
         for key in ("description", "ca_bundle"):
             value = getattr(args, key)
             if value is not None:
-                profile[key] = value
+                profile[key] = absolute_path(value, "--ca-bundle", ctx.env) if key == "ca_bundle" and value else value
         return profile_view(args.name, profile)
 
     view = ctx.store.modify(change)

@@ -3363,8 +3363,8 @@ class CredentialFileTests(AttuneTestCase):
         os.makedirs(os.path.dirname(self.config))
         os.symlink(target, self.config)
         result = self.fails(3, "auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url,
-                            stdin=PASSWORD)
-        self.assertIn("is a symbolic link; attune.py does not write through links", result.err)
+                            stdin=PASSWORD)  # dangling: written through only to an existing file
+        self.assertIn("is a symbolic link to %r, which does not exist" % target, result.err)
         self.assertTrue(os.path.islink(self.config))
         self.assertFalse(os.path.exists(target))
         self.ok("auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url, stdin=PASSWORD,
@@ -8045,6 +8045,245 @@ class HomeDirectoryTests(AttuneTestCase):
         self.assertEqual(os.listdir(home), [])
 
 
+def can_unshare_mounts():
+    """True when this process may make a private mount namespace (root, a kernel that allows it)."""
+    if not (IS_ROOT and shutil.which("unshare") and shutil.which("mount")):
+        return False
+    return subprocess.call(["unshare", "-m", "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+
+
+def in_mount_namespace(test, mounts, argv, env, input=None):
+    """Run argv in a private mount namespace where each (source, target, read_only) of mounts
+    is bind-mounted first: the container's view of a single file or a secret volume, made
+    with `unshare -m` and gone when the process ends."""
+    steps = []
+    for source, target, read_only in mounts:
+        steps.append("mount --bind %s %s" % (shlex.quote(source), shlex.quote(target)))
+        if read_only:
+            steps.append("mount -o remount,ro,bind %s" % shlex.quote(target))
+    steps.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    p = subprocess.Popen(["unshare", "-m", "sh", "-c", " && ".join(steps)], env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = p.communicate(input, timeout=60)
+    result = Result(p.returncode, out, err)
+    test.assert_no_leak(result)
+    return result
+
+
+@unittest.skipUnless(POSIX, "owners, modes, links and mounts")
+class WhereItLivesTests(AttuneTestCase):
+    """The credential file where users put it: a symlink into a dotfiles checkout, another
+    user's file rewritten under sudo, a read-only mount, a file bind-mounted on its own, a
+    home that is missing or not writable. Nothing is spent (no refresh, no login) when its
+    result could not be stored."""
+
+    def refreshes(self):
+        return self.server.count("POST", "/auth/refresh")
+
+    def stow(self):
+        """The credential file as GNU stow lays it out: the real file in ~/dotfiles, a relative
+        link at ~/.config/attune/credentials.json; the real file's path."""
+        real = os.path.join(self.tmp, "home", "dotfiles", "attune", ".config", "attune", "credentials.json")
+        os.makedirs(os.path.dirname(real))
+        os.makedirs(os.path.dirname(self.config))
+        self.seed(access_left=-100)
+        os.replace(self.config, real)
+        os.symlink(os.path.relpath(real, os.path.dirname(self.config)), self.config)
+        return real
+
+    def test_a_link_the_user_owns_is_written_through_and_stays_a_link(self):
+        real = self.stow()
+        old = self.profile()["auth_token"]
+        self.ok("auth", "whoami")  # expired: refreshed, and stored through the link
+        self.assertEqual(self.refreshes(), 1)
+        self.assertTrue(os.path.islink(self.config))
+        self.assertNotEqual(self.profile()["auth_token"], old)
+        with open(real) as f:
+            self.assertEqual(json.load(f)["profiles"]["default"]["auth_token"], self.profile()["auth_token"])
+        self.assertEqual(stat.S_IMODE(os.stat(real).st_mode), 0o600)
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url, stdin=PASSWORD)
+        self.ok("config", "set", "description", "through the link")
+        self.assertTrue(os.path.islink(self.config))
+        self.assertEqual(self.profile()["description"], "through the link")
+        for directory in (os.path.dirname(real), os.path.dirname(self.config)):  # no temp file left
+            self.assertEqual([n for n in os.listdir(directory) if n.endswith(".tmp")], [])
+        self.assertFalse(os.path.islink(self.config + ".lock"))
+
+    def test_a_dangling_link_spends_nothing(self):
+        os.makedirs(os.path.dirname(self.config))
+        os.symlink(os.path.join(self.tmp, "gone", "creds.json"), self.config)
+        result = self.fails(3, "auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url,
+                            stdin=PASSWORD)
+        self.assertIn("which does not exist", result.err)
+        self.assertIn("--config FILE or ATTUNE_CONFIG", result.err)
+        self.assertEqual(self.server.count("POST", "/auth/login"), 0)
+        self.assertTrue(os.path.islink(self.config))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "gone")))
+
+    @unittest.skipUnless(IS_ROOT, "root with another user's link")
+    def test_root_never_follows_another_users_link(self):
+        real = self.stow()
+        for owned in ("link", "target"):
+            with self.subTest(owned=owned):
+                os.lchown(self.config, 65534 if owned == "link" else 0, 65534 if owned == "link" else 0)
+                os.chown(real, 65534 if owned == "target" else 0, 0)
+                with open(real, "rb") as f:
+                    before = f.read()
+                result = self.fails(3, "auth", "whoami")
+                self.assertIn("owned by uid 65534, not by you (uid 0)", result.err)
+                self.assertIn("--config FILE or ATTUNE_CONFIG", result.err)
+                self.assertEqual(self.refreshes(), 0)
+                with open(real, "rb") as f:
+                    self.assertEqual(f.read(), before)
+                self.assertTrue(os.path.islink(self.config))
+
+    @unittest.skipUnless(IS_ROOT, "sudo: root with the user's HOME")
+    def test_root_keeps_the_owner_group_and_mode_of_the_users_file_and_lock(self):
+        self.seed(access_left=-100)
+        directory = os.path.dirname(self.config)
+        for path in (self.env["HOME"], os.path.dirname(directory)):
+            os.chmod(path, 0o755)
+        for path in (directory, self.config):
+            os.chown(path, 65534, 65534)
+        os.chmod(self.config, 0o640)
+        self.ok("auth", "whoami")  # as root: refreshed and stored
+        self.assertEqual(self.refreshes(), 1)
+        for path, mode in ((self.config, 0o640), (self.config + ".lock", 0o600)):
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (65534, 65534, mode), path)
+        # the user's own next command still works, and can refresh again
+        doc = self.read_doc()
+        doc["profiles"]["default"]["auth_token_expires_at"] = int(time.time()) - 10
+        with open(self.config, "w") as f:
+            json.dump(doc, f)
+        result = run_unprivileged(self, ["auth", "whoami"], self.process_env())
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual(self.refreshes(), 2)
+        self.assertEqual(os.stat(self.config).st_uid, 65534)
+
+    @unittest.skipUnless(IS_ROOT, "sudo into a home that has no credential directory yet")
+    def test_root_creates_the_users_directories_as_the_users(self):
+        home = self.env["HOME"]
+        os.makedirs(home)
+        os.chown(home, 65534, 65534)
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url, stdin=PASSWORD,
+                env={"ATTUNE_CONFIG": None})
+        for path in (os.path.join(home, ".config"), os.path.dirname(self.config), self.config, self.config + ".lock"):
+            self.assertEqual(os.stat(path).st_uid, 65534, path)
+        result = run_unprivileged(self, ["auth", "whoami"], self.process_env({"ATTUNE_CONFIG": None}))
+        self.assertEqual(result.code, 0, result)
+
+    def test_another_users_file_is_read_but_no_refresh_is_spent(self):
+        self.seed(access_left=-100)
+        directory = os.path.dirname(self.config)
+        for path in (self.env["HOME"], os.path.dirname(directory), directory):
+            os.chmod(path, 0o755)
+        os.chmod(self.config, 0o644)  # root's (or the test user's) file, readable by all
+        env = self.process_env()
+        before = self.snapshot()[0]
+        if IS_ROOT:
+            result = run_unprivileged(self, ["auth", "whoami"], env)
+            self.assertIn("owned by uid 0, not by you (uid 65534)", result.err)
+        else:
+            os.chmod(self.config, 0o444)
+            os.chmod(directory, 0o555)
+            self.addCleanup(os.chmod, directory, 0o700)
+            result = run_unprivileged(self, ["auth", "whoami"], env)
+        self.assertEqual(result.code, 3, result)
+        self.assertIn("cannot write credential file %s" % self.config, result.err)
+        self.assertIn("ATTUNE_API_TOKEN", result.err)
+        self.assertEqual(self.refreshes(), 0)  # a refresh that could not be stored is never sent
+        self.assertEqual(self.snapshot()[0], before)
+
+    def test_a_valid_token_due_for_refresh_is_used_when_the_file_cannot_be_written(self):
+        self.seed(access_left=100)  # inside the refresh margin, still valid
+        with mock.patch.object(attune.CredentialStore, "check_writable",
+                               side_effect=attune.ConfigError("cannot write credential file: read-only")):
+            result = self.ok("-v", "auth", "whoami")
+        self.assertIn("read-only", result.err)
+        self.assertEqual(self.refreshes(), 0)
+
+    @unittest.skipUnless(can_unshare_mounts(), "needs root and unshare -m")
+    def test_a_read_only_mount_spends_nothing(self):
+        self.seed(access_left=-100)
+        directory = os.path.dirname(self.config)
+        before = self.snapshot()[0]
+        result = in_mount_namespace(self, [(directory, directory, True)], attune_argv() + ["auth", "whoami"],
+                                    self.process_env())
+        self.assertEqual(result.code, 3, result)
+        self.assertIn("it is read-only", result.err)
+        self.assertEqual(self.refreshes(), 0)
+        self.assertEqual(self.snapshot()[0], before)
+
+    @unittest.skipUnless(can_unshare_mounts(), "needs root and unshare -m")
+    def test_a_file_bind_mounted_on_its_own_is_rewritten_in_place(self):
+        self.seed(access_left=-100)
+        outside = os.path.join(self.tmp, "creds.json")  # docker run -v $PWD/creds.json:...
+        shutil.copy(self.config, outside)
+        old = self.profile()["auth_token"]
+        result = in_mount_namespace(self, [(outside, self.config, False)],
+                                    attune_argv() + ["-v", "auth", "whoami"], self.process_env())
+        self.assertEqual(result.code, 0, result)
+        self.assertIn("rewriting it in place", result.err)
+        self.assertEqual(self.refreshes(), 1)
+        with open(outside) as f:
+            stored = json.load(f)["profiles"]["default"]
+        self.assertNotEqual(stored["auth_token"], old)
+        self.assertEqual([n for n in os.listdir(os.path.dirname(self.config)) if n.endswith(".tmp")], [])
+
+    def test_a_rename_refused_with_ebusy_falls_back_to_an_in_place_write(self):
+        self.seed(access_left=-100)
+        inode = os.stat(self.config).st_ino
+
+        def busy(src, dst):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+
+        with mock.patch("os.replace", busy):
+            self.ok("auth", "whoami")
+        self.assertEqual(os.stat(self.config).st_ino, inode)  # the same file, rewritten
+        self.assertEqual(self.profile()["invalidated_at"], None)
+        self.assertEqual(self.refreshes(), 1)
+        self.ok("auth", "whoami")  # and it parses
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.config))),
+                         ["credentials.json", "credentials.json.lock"])
+
+    def test_nothing_is_created_outside_an_existing_home(self):
+        for home in (os.path.join(self.tmp, "nonexistent"), "/dev/null"):
+            with self.subTest(home=home):
+                env = {"HOME": home, "ATTUNE_CONFIG": None, "XDG_CONFIG_HOME": None}
+                self.ok("config", "list", env=env)  # reads see no file
+                result = self.fails(3, "config", "set", "description", "x", env=env)
+                for name in ("--config", "ATTUNE_CONFIG", "ATTUNE_API_TOKEN"):
+                    self.assertIn(name, result.err)
+                result = self.fails(3, "auth", "login", "-u", "admin", "--password-stdin", "--url",
+                                    self.server.url, stdin=PASSWORD, env=env)
+                self.assertEqual(self.server.count("POST", "/auth/login"), 0)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "nonexistent")))
+        xdg = os.path.join(self.tmp, "no-xdg", ".config")
+        self.fails(3, "config", "set", "description", "x", env={"ATTUNE_CONFIG": None, "XDG_CONFIG_HOME": xdg})
+        self.assertFalse(os.path.exists(os.path.dirname(xdg)))
+
+    @unittest.skipUnless(IS_ROOT and os.path.exists("/usr/bin/python3"), "a service user whose home is /")
+    def test_a_home_the_user_cannot_write(self):
+        env = self.process_env({"HOME": "/", "ATTUNE_CONFIG": None, "XDG_CONFIG_HOME": None})
+        result = run_unprivileged(self, ["config", "set", "description", "x"], env)
+        self.assertEqual(result.code, 3, result)
+        self.assertIn("ATTUNE_API_TOKEN", result.err)
+        self.assertFalse(os.path.exists("/.config/attune"))
+
+    def test_paths_are_stored_absolute(self):
+        os.makedirs(os.path.join(self.tmp, "certs"))
+        cwd = os.getcwd()
+        os.chdir(os.path.join(self.tmp, "certs"))
+        self.addCleanup(os.chdir, cwd)
+        self.ok("config", "add-profile", "lab", "--api-url", "https://lab.invalid", "--ca-bundle", "lab.pem")
+        self.ok("config", "set", "ca_bundle", "ca.pem")
+        self.ok("config", "set", "ca_bundle", "~/ca.pem")
+        doc = self.read_doc()["profiles"]
+        self.assertEqual(doc["lab"]["ca_bundle"], os.path.join(self.tmp, "certs", "lab.pem"))
+        self.assertEqual(doc["default"]["ca_bundle"], os.path.join(self.env["HOME"], "ca.pem"))
+
+
 class DoctorTests(AttuneTestCase):
     def doctor(self, *extra, **kwargs):
         result = self.run_cli("auth", "doctor", "-j", *extra, **kwargs)
@@ -8636,7 +8875,8 @@ class HardeningTests(AttuneTestCase):
             self.ok("auth", "whoami", env=env)
             self.ok("auth", "status", env=env)
             line = self.assert_clean_failure(3, "config", "set", "description", "x", env=env)
-            self.assertIn("HOME is not set; choose one with --config FILE or ATTUNE_CONFIG", line)
+            self.assertIn("HOME is not set; choose another location with --config FILE or ATTUNE_CONFIG, or give a "
+                          "token in ATTUNE_API_TOKEN", line)
             report = json.loads(self.run_cli("auth", "doctor", "-j", env=env).out)
             self.assertIn("HOME is not set", " ".join(report["notes"]))
         self.assertEqual(os.listdir(self.tmp), [])

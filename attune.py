@@ -1469,18 +1469,17 @@ class HttpSettings:
     """How to talk HTTP: timeout, TLS, proxies (from env), --wait-for-server, and where
     to log. A transport reads these; it never reaches back into a command."""
 
-    def __init__(self, env, timeout, ca_bundle, insecure, wait_seconds, verbose, log, note, deadline=None):
+    def __init__(self, env, timeout, insecure, wait_seconds, verbose, log, note, deadline=None):
         self.env = env
         self.timeout = timeout
         self.deadline = deadline or CommandDeadline()  # a command's --timeout caps each request
-        self.ca_bundle = ca_bundle  # () -> (path, source) or (None, None), asked when TLS is first used
         self.insecure = insecure
         self.log, self.note = log, note
         self.verbose = verbose
         self.wait_for(wait_seconds)
         self.ready = set()  # API URLs whose /health answered, with --wait-for-server
         self._announced = False
-        self._ssl = None
+        self._ssl = {}  # CA bundle path (or None) -> its SSL context
 
     def wait_for(self, seconds):
         """Wait up to seconds (None: not at all) for a server that is not up yet."""
@@ -1493,11 +1492,13 @@ class HttpSettings:
             self._announced = True
             self.note("waiting up to %gs for %s://%s:%s to come up ..." % ((self.wait_seconds,) + origin(url)))
 
-    def ssl_context(self):
-        if self._ssl is None:
+    def ssl_context(self, ca_bundle=(None, None)):
+        """The TLS settings for a session: the system's trust store, plus the CA bundle
+        (path, source) of the profile whose session it carries, one context per bundle."""
+        bundle, source = ca_bundle
+        if bundle not in self._ssl:
             import ssl
             context = ssl.create_default_context()
-            bundle, source = self.ca_bundle()
             if bundle:
                 try:
                     pem = read_regular_file(os.path.expanduser(bundle), DATA_FILE_LIMIT)[0]
@@ -1508,8 +1509,8 @@ class HttpSettings:
             if self.insecure:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
-        return self._ssl
+            self._ssl[bundle] = context
+        return self._ssl[bundle]
 
 
 # === HTTP transport ==========================================================
@@ -1840,8 +1841,9 @@ class Transport:
     """HTTP over urllib: timeouts, TLS settings, proxies, same-origin redirects only,
     retries for idempotent requests, and a redacted -v log."""
 
-    def __init__(self, http):
+    def __init__(self, http, ca_bundle=(None, None)):
         self.http = http
+        self.ca_bundle = ca_bundle  # (path, source) of the session's profile: its TLS settings
         self._openers = {}
 
     def request(self, request):
@@ -1961,7 +1963,7 @@ class Transport:
         if key not in self._openers:
             handlers = [urllib.request.ProxyHandler({scheme: proxy} if proxy else {}),
                         same_origin_redirects()]
-            handlers.extend(deadline_handlers(self.http.ssl_context() if scheme == "https" else None))
+            handlers.extend(deadline_handlers(self.http.ssl_context(self.ca_bundle) if scheme == "https" else None))
             self._openers[key] = urllib.request.build_opener(*handlers)
         return self._openers[key]
 
@@ -2105,12 +2107,13 @@ class Selection:
     """The profile, API URL and tokens one session works with, each with where it came
     from: 'flag', 'env', 'file' or 'default', or 'command' for a profile or URL the command
     itself names (auth status --all, login --save-profile); the tokens carry their own."""
-    __slots__ = ("profile", "profile_source", "api_url", "api_url_source", "creds")
+    __slots__ = ("profile", "profile_source", "api_url", "api_url_source", "creds", "ca_bundle")
 
-    def __init__(self, profile, profile_source, api_url, api_url_source, creds):
+    def __init__(self, profile, profile_source, api_url, api_url_source, creds, ca_bundle=(None, None)):
         self.profile, self.profile_source = profile, profile_source
         self.api_url, self.api_url_source = api_url, api_url_source
         self.creds = creds
+        self.ca_bundle = ca_bundle  # (path, source): the TLS settings of this profile's requests
 
 
 class Choice:
@@ -2140,7 +2143,7 @@ class Choice:
             api_url_source = "command"
         api_url = api_url.rstrip("/")
         return Selection(profile, profile_source, api_url, api_url_source,
-                         self.credentials_for(profile, use_env, api_url))
+                         self.credentials_for(profile, use_env, api_url), self.ca_bundle(profile))
 
     @property
     def profile(self):
@@ -2211,14 +2214,15 @@ class Choice:
             return Credentials(source="file", origin=profile, withheld=home)
         return stored
 
-    def ca_bundle(self):
-        """(path, source) of extra CAs: --ca-bundle > ATTUNE_CA_BUNDLE > profile ca_bundle."""
+    def ca_bundle(self, profile):
+        """(path, source) of extra CAs for profile's requests: --ca-bundle > ATTUNE_CA_BUNDLE >
+        the profile's ca_bundle."""
         if getattr(self.args, "ca_bundle", None):
             return self.args.ca_bundle, "flag"
         if self.env.get("ATTUNE_CA_BUNDLE"):
             return self.env["ATTUNE_CA_BUNDLE"], "env"
         try:
-            stored = (self.store.profile(self.profile) or {}).get("ca_bundle")
+            stored = (self.store.profile(profile) or {}).get("ca_bundle")
         except ConfigError:
             stored = None
         return (stored, "file") if isinstance(stored, str) and stored else (None, None)
@@ -2328,7 +2332,7 @@ class Session:
     @property
     def transport(self):
         if self._transport is None:
-            self._transport = Transport(self.http)
+            self._transport = Transport(self.http, self.selection.ca_bundle)
         return self._transport
 
     def url(self, path, query=None):
@@ -2953,8 +2957,7 @@ class Context:
                                      creation_root(config_source, env))
         self.choice = Choice(args, env, self.store, config_path, config_source)
         insecure = getattr(args, "insecure", False)
-        self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001),
-                                 self.choice.ca_bundle, insecure, getattr(args, "wait_for_server", None),
+        self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001), insecure, getattr(args, "wait_for_server", None),
                                  self.ui.verbose, self.ui.log, self.ui.note, self.deadline)
         if insecure:
             self.ui.warn("--insecure: TLS certificates are not verified; anyone on the network "
@@ -6159,19 +6162,36 @@ WEBSOCKET_MESSAGE_LIMIT = 1 << 20  # bytes: a notification is a few hundred
 
 
 def notifier_base(ctx, session):
-    """The notifier's URL: --notifier-url, ATTUNE_NOTIFIER_WS_URL, or the API URL with ws(s)
-    for http(s) and port 8081 for 8080 (the server's defaults)."""
+    """The notifier's URL (its /ws is added when connecting): --notifier-url,
+    ATTUNE_NOTIFIER_WS_URL, or the API URL with ws(s) for http(s), port 8081 for 8080 (the
+    server's defaults) and its path kept (a reverse proxy's https://gw/attune gives
+    wss://gw/attune/ws). None when the watch must poll instead: a stored session is sent
+    only to a notifier on its API's host, over wss when the API is https."""
     flag = getattr(ctx.args, "notifier_url", None)
-    if flag is not None:
-        return check_api_url(flag, "--notifier-url", "notifier URL", ("ws", "wss"))
     env = (ctx.env.get("ATTUNE_NOTIFIER_WS_URL") or "").strip()
-    if env:
-        return check_api_url(env, "ATTUNE_NOTIFIER_WS_URL", "notifier URL", ("ws", "wss"))
-    scheme, _, rest = session.api_url.partition("://")
-    authority = rest.split("/", 1)[0]
-    if authority.endswith(":8080"):
-        authority = authority[:-4] + "8081"
-    return ("wss" if scheme.lower() == "https" else "ws") + "://" + authority
+    if flag is not None:
+        url, where = check_api_url(flag, "--notifier-url", "notifier URL", ("ws", "wss")), "--notifier-url"
+    elif env:
+        url, where = check_api_url(env, "ATTUNE_NOTIFIER_WS_URL", "notifier URL", ("ws", "wss")), \
+            "ATTUNE_NOTIFIER_WS_URL"
+    else:
+        scheme, _, rest = session.api_url.partition("://")
+        authority, slash, path = rest.partition("/")
+        if authority.endswith(":8080"):
+            authority = authority[:-4] + "8081"
+        return ("wss" if scheme.lower() == "https" else "ws") + "://" + authority + slash + path
+    if session.creds.source == "file" and not notifier_may_carry(url, session.api_url):
+        ctx.ui.log("the notifier %s (%s) is not on the host of %s over the same security: the stored session "
+                   "is not sent there; polling instead" % (url, where, session.api_url))
+        return None
+    return url
+
+
+def notifier_may_carry(url, api_url):
+    """True when a stored session may go to the notifier at url: the API's host, wss for https."""
+    notifier, api = origin(url), origin(api_url)
+    secure = {"ws": "http", "wss": "https"}.get(notifier[0])
+    return notifier[1] == api[1] and (secure == api[0] or (api[0] == "http" and secure == "https"))
 
 
 class WebSocket:
@@ -6182,9 +6202,10 @@ class WebSocket:
         self.buffer = buffered
 
     @classmethod
-    def connect(cls, url, token, deadline, http):
-        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token; each
-        step of it, and of what follows, under deadline (a RequestDeadline)."""
+    def connect(cls, url, token, deadline, tls):
+        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token (None:
+        none); each step of it, and of what follows, under deadline (a RequestDeadline).
+        tls() gives the SSL context of the session whose token it carries."""
         import hashlib
         import socket
         from urllib.parse import urlsplit
@@ -6195,7 +6216,7 @@ class WebSocket:
         try:
             if secure:
                 sock.settimeout(deadline.left())  # the bound of the whole handshake
-                sock = http.ssl_context().wrap_socket(sock, server_hostname=host)
+                sock = tls().wrap_socket(sock, server_hostname=host)
             sock = DeadlineSocket(sock, deadline)
             key = binascii.b2a_base64(os.urandom(16)).decode("ascii").strip()
             lines = ["GET %s HTTP/1.1" % (parts.path or "/"), "Host: %s" % parts.netloc,
@@ -6355,7 +6376,7 @@ def notifier_subscribe(ctx, session, execution_id, url, until):
     deadline = RequestDeadline(limit, limit)
     ws = None
     try:
-        ws = WebSocket.connect(url + "/ws", session.creds.access, deadline, ctx.http)
+        ws = WebSocket.connect(url + "/ws", session.creds.access, deadline, lambda: ctx.http.ssl_context(session.selection.ca_bundle))
         welcome = json_loads(ws.receive())
         if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
             raise WebSocketError("no welcome message")
@@ -10133,7 +10154,7 @@ class Doctor:
     def check_network(self, session):
         ctx = self.ctx
         proxy = proxy_for(session.api_url, ctx.env)
-        bundle, bundle_source = ctx.choice.ca_bundle()
+        bundle, bundle_source = session.selection.ca_bundle
         info = {"proxy": masked_url(proxy) if proxy else None,
                 "no_proxy": ctx.env.get("no_proxy") or ctx.env.get("NO_PROXY") or None,
                 "ca_bundle": bundle, "ca_bundle_source": bundle_source,
@@ -10141,7 +10162,7 @@ class Doctor:
         self.report["network"] = info
         if session.api_url.startswith("https:") or bundle:
             try:
-                ctx.http.ssl_context()
+                ctx.http.ssl_context(session.selection.ca_bundle)
             except ConfigError as e:
                 self.problems.append(str(e))
 

@@ -2208,8 +2208,11 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
     strict OAuth server would."""
 
     def __init__(self, access_ttl=3600, refresh_ttl=7 * 86400, refresh_mode="reusable",
-                 clock_offset=0, tls=False, admin_password="s3cret-Admin-pw", leeway=60):
+                 clock_offset=0, tls=False, admin_password="s3cret-Admin-pw", leeway=60, prefix=""):
         self.access_ttl, self.refresh_ttl, self.leeway = access_ttl, refresh_ttl, leeway
+        # prefix: the server behind a reverse proxy that routes https://gw/attune/... to it;
+        # a request outside the prefix gets the gateway's 404 and is kept in gateway_misses
+        self.prefix, self.gateway_misses = prefix, []
         self.expired_sent = []  # (path, seconds past exp) of every access token sent after its exp
         self.unauthorized = []  # paths answered 401
         self.refresh_mode, self.clock_offset, self.tls = refresh_mode, clock_offset, tls
@@ -2295,7 +2298,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
 
     @property
     def url(self):
-        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
+        return "%s://127.0.0.1:%d%s" % ("https" if self.tls else "http", self.port, self.prefix)
 
     def now(self):
         return time.time() + self.clock_offset
@@ -2479,8 +2482,25 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return self.date_override
         return formatdate(self.server.fake.now() if timestamp is None else timestamp, usegmt=True)
 
+    def behind_the_gateway(self):
+        """False (answered 404, as a gateway does) when the fake has a prefix and the request
+        is outside it; otherwise True, self.path without the prefix."""
+        fake = self.server.fake
+        if not fake.prefix:
+            return True
+        if self.path.startswith(fake.prefix + "/"):
+            self.path = self.path[len(fake.prefix):]
+            return True
+        with fake.lock:
+            fake.gateway_misses.append((self.command, self.path))
+        self.close_connection = True
+        self.reply(404, "no route at the gateway", {"Content-Type": "text/plain"})
+        return False
+
     def do_any(self):
         fake = self.server.fake
+        if not self.behind_the_gateway():
+            return
         if self.headers.get("Upgrade", "").lower() == "websocket":
             return self.websocket()
         length = int(self.headers.get("Content-Length") or 0)
@@ -4073,6 +4093,22 @@ class HttpTests(AttuneTestCase):
         missing = self.fails(3, "--ca-bundle", os.path.join(self.tmp, "nope.pem"), "auth", "whoami")
         self.assertIn("cannot load CA bundle", missing.err)
 
+    def test_each_profile_is_checked_with_its_own_ca_bundle(self):
+        """auth status --all speaks for several profiles: each server is checked with the TLS
+        settings of the profile whose session it carries, not the current profile's."""
+        tls, ca = self.tls_server()
+        self.seed("plain")  # the current profile: http, no CA bundle
+        self.seed("lab", api_url=tls.url, ca_bundle=ca, current=False)
+        result = self.run_cli("auth", "status", "--all", "-j")
+        self.assertEqual(result.code, 0, result)
+        report = {entry["profile"]: entry for entry in json.loads(result.out)}
+        self.assertEqual(report["lab"]["server"], {"reachable": True, "login": "admin"}, report["lab"])
+        self.assertEqual(tls.count("GET", "/auth/me"), 1)
+        self.ok("-p", "lab", "auth", "status")
+        self.seed("other", api_url=tls.url, current=False)  # the same server, no bundle: not trusted
+        result = self.run_cli("-p", "other", "auth", "whoami")
+        self.assertEqual(result.code, 5, result)
+
     def test_insecure_connects_and_warns(self):
         tls, _ = self.tls_server()
         self.seed(api_url=tls.url)
@@ -5610,13 +5646,14 @@ class ExecutionCommandTests(ResourceTestCase):
 
 class DroppingListener:
     """A TCP port that accepts each connection and closes it at once (a notifier that
-    refuses TLS, or anything else that is not a WebSocket server)."""
+    refuses TLS, or anything else that is not a WebSocket server). With record, it first
+    keeps what the client sent up to the end of its request head (a WebSocket handshake)."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1", record=False):
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.listen(16)
-        self.accepted = 0
+        self.accepted, self.record, self.received = 0, record, []
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self.serve, daemon=True).start()
 
@@ -5626,6 +5663,18 @@ class DroppingListener:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if self.record:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data and len(data) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                except OSError:
+                    pass
+                self.received.append(data)
             self.accepted += 1
             conn.close()
 
@@ -5722,7 +5771,8 @@ class NotifierTests(ResourceTestCase):
         self.ok("run", "core.echo", "-w", env={"ATTUNE_NOTIFIER_WS_URL": "  "})  # blank: from the API URL
         self.assertEqual(len(self.server.ws_sessions), 1)
         cases = [("http://localhost:8080", "ws://localhost:8081"), ("https://api.example.com", "wss://api.example.com"),
-                 ("https://api.example.com:8443/attune", "wss://api.example.com:8443"),
+                 ("https://api.example.com:8443/attune", "wss://api.example.com:8443/attune"),
+                 ("https://gw.example.com/attune/", "wss://gw.example.com/attune/"),
                  ("http://[::1]:8080", "ws://[::1]:8081"), ("HTTPS://h:18080", "wss://h:18080")]
         ctx = types.SimpleNamespace(args=types.SimpleNamespace(notifier_url=None), env={})
         for api_url, expected in cases:
@@ -5735,6 +5785,42 @@ class NotifierTests(ResourceTestCase):
             self.assertIn("the notifier URL from ATTUNE_NOTIFIER_WS_URL is not usable", result.err)
         self.assertIn("--notifier-url only applies with --watch",
                       self.fails(2, "run", "core.echo", "--notifier-url", "ws://h").err)
+
+    def test_behind_a_reverse_proxy_with_a_path_every_request_keeps_it(self):
+        gateway = FakeAttune(prefix="/attune").start()
+        self.addCleanup(gateway.stop)
+        self.seed(api_url=gateway.url, access_left=-100)  # a refresh too goes through the gateway
+        result = self.ok("run", "core.echo", "--param", "message=proxied", "-w")
+        self.assertIn("\nStdout\n──────\nproxied\n", result.out)
+        self.assertEqual(result.err, "")
+        self.assertEqual(gateway.gateway_misses, [])
+        [ws] = gateway.ws_sessions
+        self.assertEqual(ws["filters"], ["entity:execution:%d" % max(gateway.executions)])
+        self.assertEqual(gateway.count("POST", "/auth/refresh"), 1)
+
+    def test_a_stored_session_goes_to_no_notifier_on_another_host(self):
+        """The origin rule covers the notifier: a stored token goes only to the API's host
+        (wss for https); any other notifier URL gets nothing and the watch polls. An
+        environment token goes where the user points it."""
+        elsewhere = DroppingListener(host="127.0.0.2", record=True)
+        self.addCleanup(elsewhere.close)
+        url = "ws://127.0.0.2:%d" % elsewhere.port
+        result = self.ok("-v", "run", "core.echo", "-w", "--notifier-url", url)
+        self.assertIn("✓ Execution %d completed" % max(self.server.executions), result.out)
+        self.assertIn("the stored session is not sent there; polling instead", result.err)
+        self.ok("execution", "watch", str(max(self.server.executions)), env={"ATTUNE_NOTIFIER_WS_URL": url})
+        self.assertEqual((elsewhere.accepted, elsewhere.received), (0, []))
+        token = self.server.mint("admin")
+        self.ok("run", "core.echo", "-w", "--notifier-url", url, env={"ATTUNE_API_TOKEN": token,
+                                                                      "ATTUNE_API_URL": self.server.url})
+        self.assertEqual(elsewhere.accepted, 1)
+        self.assertIn(b"Authorization: Bearer " + token.encode(), elsewhere.received[0])
+        for notifier, api, allowed in (
+                ("wss://h:8081", "https://h", True), ("ws://h:8081", "https://h", False),
+                ("wss://h", "http://h:8080", True), ("ws://H.:9", "http://h", True),
+                ("ws://other", "http://h", False), ("wss://h.evil", "https://h", False),
+                ("ws://[::1]:1", "http://[::1]:8080", True), ("ws://127.0.0.2", "http://127.0.0.1", False)):
+            self.assertEqual(attune.notifier_may_carry(notifier, api), allowed, (notifier, api))
 
     def test_a_renewed_token_reopens_the_socket(self):
         eid = self.execute("core.sleep")

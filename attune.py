@@ -500,6 +500,34 @@ def terminal_safe(text, keep="\n\t"):
     return "".join(escape_control(c) if c not in keep and is_control(c) else c for c in text)
 
 
+def as_given(text):
+    """text as the characters of the bytes the user gave. Read through a C locale (LANG=C
+    on Python 3.6, PyPy, or a newer Python with locale coercion off), argv, the environment
+    and stdin hold each byte of a non-ASCII character as a lone surrogate ('ä' is
+    '\\udcc3\\udca4'); sent as it is, the server would get garbage. Bytes that are not
+    UTF-8 are a usage error: JSON can only carry text."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise UsageError("%s is not UTF-8 text; attune.py sends only what it can send as given" % quoted(text))
+
+
+def as_given_data(data):
+    """as_given for every string of JSON-shaped data on its way to the server."""
+    if isinstance(data, str):
+        return as_given(data)
+    if isinstance(data, dict):
+        return {as_given_data(k): as_given_data(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [as_given_data(v) for v in data]
+    return data
+
+
 # === JSON and time ===========================================================
 
 def refuse_constant(name):
@@ -2310,7 +2338,7 @@ def list_items(body, objects=True):
 
 def path_segment(value):
     from urllib.parse import quote
-    return quote(str(value), safe="")
+    return quote(as_given(str(value)), safe="")
 
 
 class Session:
@@ -2342,7 +2370,7 @@ class Session:
             path = "/api/v1" + path
         if query:
             from urllib.parse import urlencode
-            pairs = [(k, v) for k, v in query.items() if v is not None]
+            pairs = [(k, as_given_data(v)) for k, v in query.items() if v is not None]
             if pairs:
                 path += ("&" if "?" in path else "?") + urlencode(pairs, doseq=True)
         return self.api_url + path
@@ -2515,7 +2543,7 @@ class Session:
             self.http.ready.add(self.api_url)
         url = self.url(path, query)
         data = raw_body if raw_body is not None else (
-            None if body is None else json.dumps(body).encode("utf-8"))
+            None if body is None else json.dumps(as_given_data(body)).encode("utf-8"))
         token = self.token() if auth and self.creds.access else None
         request = HttpRequest(method, url, data, token, content_type, stream, timeout)
         resp = self.transport.request(request)
@@ -2649,6 +2677,13 @@ def is_terminal(stream):
         return stream.isatty()
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def can_redraw(stream, env):
+    """May output to stream move the cursor or clear the screen (a status line rewritten in
+    place, a redrawn list)? Only on a terminal that is not TERM=dumb (Emacs shells, some CI
+    consoles, serial lines), which shows such codes as garbage."""
+    return is_terminal(stream) and env.get("TERM") != "dumb"
 
 
 # The controls json.dumps leaves raw (DEL, C1, bidirectional overrides), as \u escapes:
@@ -2982,22 +3017,39 @@ def can_prompt(ctx):
         return False
 
 
+def read_input(stream, line=False):
+    """Standard input (one line, or all of it) as the text of the bytes the user gave: read
+    as bytes and decoded as UTF-8, never through the locale (under LANG=C, Python 3.6 would
+    read 'ä' as two lone surrogates). Line ends become \\n, as in text mode."""
+    raw = getattr(stream, "buffer", None)
+    if raw is None:  # a text stream with no bytes under it (an embedding program, tests)
+        text = as_given(stream.readline() if line else stream.read())
+    else:
+        data = raw.readline() if line else raw.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("standard input is not UTF-8 text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_secret(ctx, what, stdin_flag, value, env_name, flag_name):
     """A secret from --X-stdin, --X (warned: visible in the process list), an
-    environment variable, or a prompt on a terminal; otherwise a usage error."""
+    environment variable, or a prompt on a terminal; otherwise a usage error. Empty
+    input is refused (exit 2) before anything is sent."""
     if stdin_flag and value:
         raise UsageError("give %s either on stdin or as %s, not both" % (what, flag_name))
     if stdin_flag:
-        secret = ctx.ui.stdin.readline().rstrip("\r\n")
+        secret = read_input(ctx.ui.stdin, line=True).rstrip("\n")
         if not secret:
             raise UsageError("no %s on standard input" % what)
         return SECRETS.add(secret)
     if value:
         ctx.ui.warn("%s exposes the %s in the process list; prefer %s-stdin%s"
                     % (flag_name, what, flag_name, " or " + env_name if env_name else ""))
-        return SECRETS.add(value)
+        return SECRETS.add(as_given(value))
     if env_name and ctx.env.get(env_name):
-        return SECRETS.add(ctx.env[env_name])
+        return SECRETS.add(as_given(ctx.env[env_name]))
     if can_prompt(ctx):
         import getpass
         secret = getpass.getpass("%s: " % what.capitalize(), stream=ctx.ui.stderr)
@@ -3012,7 +3064,7 @@ def ask(ctx, prompt):
         return None
     ctx.ui.stderr.write(prompt)
     ctx.ui.stderr.flush()
-    return ctx.ui.stdin.readline().strip() or None
+    return read_input(ctx.ui.stdin, line=True).strip() or None
 
 
 # === Command declarations ====================================================
@@ -5664,7 +5716,7 @@ def read_document(ctx, path, what):
     name = "stdin" if path == "-" else path
     try:
         if path == "-":
-            text = ctx.ui.stdin.read()
+            text = read_input(ctx.ui.stdin)
         else:
             text = read_regular_file(path, DATA_FILE_LIMIT)[0].decode("utf-8")
         return yaml_loads(text)
@@ -5867,13 +5919,11 @@ def show_list_section(ctx, title, values):
 # === Waiting for executions and reading log streams ==========================
 
 class Progress:
-    """One self-overwriting status line on stderr, only when stderr is a terminal."""
+    """One self-overwriting status line on stderr, only when stderr is a terminal that can
+    take it (can_redraw)."""
 
     def __init__(self, ctx):
-        try:
-            self.enabled = ctx.ui.stderr.isatty()
-        except (AttributeError, ValueError):
-            self.enabled = False
+        self.enabled = can_redraw(ctx.ui.stderr, ctx.env)
         self.stream = ctx.ui.stderr
         self.width = 0
 
@@ -7036,7 +7086,7 @@ class ExecutionsView:
 
     def __init__(self, ctx, args):
         self.ui, self.args = ctx.ui, args
-        self.redraw = ctx.ui.stdout.isatty()
+        self.redraw = can_redraw(ctx.ui.stdout, ctx.env)
         self.widths = None
         self.shown = {}  # id -> the row last printed
 
@@ -9468,14 +9518,17 @@ def key_value(ctx, args):
     if args.value is not None and args.value_stdin:
         raise UsageError("give the value either with --value or on stdin (--value-stdin), not both")
     if args.value_stdin:
-        text = ctx.ui.stdin.read()
+        text = read_input(ctx.ui.stdin)
         text = text[:-1] if text.endswith("\n") else text
     elif args.value is not None:
-        text = args.value
+        text = as_given(args.value)
         if getattr(args, "encrypt", False) or getattr(args, "encrypted", False):
             ctx.ui.warn("--value exposes the secret in the process list; prefer --value-stdin")
     else:
         return None
+    if not text:  # `cat missing | attune key update K --value-stdin` must not store ""
+        raise UsageError("the value is empty (%s); nothing was sent" % (
+            "nothing on standard input" if args.value_stdin else "--value ''"))
     return json_or_string(text)
 
 
@@ -9769,14 +9822,14 @@ def api_body(ctx, args):
     if args.data is None:
         return None
     if args.data == "-":
-        text = ctx.ui.stdin.read()
+        text = read_input(ctx.ui.stdin)
     elif args.data.startswith("@"):
         try:
             text = read_regular_file(args.data[1:], DATA_FILE_LIMIT)[0].decode("utf-8")
         except (OSError, UnicodeError) as e:
             raise UsageError("cannot read %s: %s" % (args.data[1:], getattr(e, "strerror", None) or "not UTF-8"))
     else:
-        text = args.data
+        text = as_given(args.data)
     return text.encode("utf-8")
 
 

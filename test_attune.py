@@ -320,7 +320,9 @@ class FakeAuth(FakeResources):
         if not isinstance(login, str) or not login or not isinstance(password, str) or not password:
             return api_error(422, "Validation failed: login and password are required", "VALIDATION_ERROR")
         user = users.get(login)
-        if not user or not hmac.compare_digest(user["password"], password):
+        # the server compares the password's UTF-8 bytes (with its hash); a lone surrogate never matches
+        if not user or not hmac.compare_digest(user["password"].encode("utf-8"),
+                                               password.encode("utf-8", "surrogatepass")):
             return api_error(401, "Invalid login or password", "UNAUTHORIZED")
         return self.token_body(login)
 
@@ -7781,6 +7783,132 @@ class OutputFormTests(ResourceTestCase):
         self.assertNotIn("Execution %d: " % max(self.server.executions), out)
         piped = self.run_cli("run", "core.echo", "--param", "message=hi", "-w")
         self.assertEqual(piped.err, "")
+
+
+# A C locale that Python reads byte for byte: no UTF-8 mode, no locale coercion (3.7+);
+# what Python 3.6 and PyPy do under LANG=C anyway. Non-ASCII input arrives as lone surrogates.
+C_LOCALE = {"LANG": "C", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONIOENCODING": None}
+
+
+class LocaleTests(ResourceTestCase):
+    """Bytes, not the locale: what the user types reaches the server as the UTF-8 text it is,
+    under any locale; output never fails on any stream encoding; TERM=dumb and NO_COLOR get
+    no cursor, screen or colour codes. Real processes: the locale is a process's."""
+    NAME, PASSWORD = "jürgen", "Pässwörd ✓"
+
+    def setUp(self):
+        super().setUp()
+        self.server.users[self.NAME] = {"id": 9, "password": self.PASSWORD, "display_name": "Jürgen Ünal"}
+
+    def run_bytes(self, argv, env, stdin=b""):
+        """attune.py in a process with bytes in and out (the test's own locale stays out of it);
+        its output read in the encoding it was asked to write."""
+        p = subprocess.Popen(attune_argv() + argv, env=self.process_env(env), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = p.communicate(stdin, timeout=60)
+        encoding = env.get("PYTHONIOENCODING") or "utf-8"
+        result = Result(p.returncode, out.decode(encoding), err.decode(encoding))
+        self.assert_no_leak(result)
+        self.assertNotIn("Traceback", result.err)
+        return result
+
+    def logins(self):
+        return [r.json() for r in self.server.requests if r.path == "/auth/login"]
+
+    def test_a_c_locale_sends_the_bytes_the_user_gave(self):
+        login = ["auth", "login", "--url", self.server.url, "--save-profile", "j"]
+        for name, argv, stdin, extra in (
+                ("stdin", login + ["-u", self.NAME, "--password-stdin"], (self.PASSWORD + "\n").encode(), {}),
+                ("environment", login + ["-u", self.NAME], b"", {"ATTUNE_PASSWORD": self.PASSWORD}),
+                ("argv", login + ["-u", self.NAME, "--password", self.PASSWORD], b"", {}),
+                ("stdin with CRLF", login + ["-u", self.NAME, "--password-stdin"],
+                 (self.PASSWORD + "\r\n").encode(), {})):
+            with self.subTest(name):
+                env = dict(C_LOCALE, ATTUNE_PASSWORD=None)
+                env.update(extra)
+                result = self.run_bytes(argv, env, stdin)
+                self.assertEqual(result.code, 0, result)
+                self.assertEqual(self.logins()[-1], {"login": self.NAME, "password": self.PASSWORD})
+        # a value, a name, a query and a path segment, each through the C locale
+        secret = "geheim-Äöü-🔑"
+        self.assertEqual(self.run_bytes(["key", "create", "--ref", "k1", "--name", "Schlüssel", "--value-stdin"],
+                                        C_LOCALE, secret.encode() + b"\n").code, 0)
+        self.assertEqual(self.sent("POST", "/api/v1/keys").json()["value"], secret)
+        self.assertEqual(self.sent("POST", "/api/v1/keys").json()["name"], "Schlüssel")
+        self.assertEqual(self.run_bytes(["key", "update", "k1", "--value", "wert-ß"], C_LOCALE).code, 0)
+        self.assertEqual(self.sent("PUT", "/api/v1/keys/k1").json()["value"], "wert-ß")
+        self.run_bytes(["pack", "show", "pâck"], C_LOCALE)
+        self.assertIn("GET /api/v1/packs/p%C3%A2ck", self.targets())
+        self.run_bytes(["api", "POST", "/echo", "--data", '{"grüß": "dich"}'], C_LOCALE)
+        self.assertEqual([r.json() for r in self.server.requests if r.path == "/api/v1/echo"], [{"grüß": "dich"}])
+
+    def test_input_that_is_not_utf8_is_refused(self):
+        result = self.run_bytes(["auth", "login", "--url", self.server.url, "-u", "admin", "--password-stdin"],
+                                {}, b"P\xe4ssword\n")
+        self.assertEqual(result.code, 2, result)
+        self.assertIn("standard input is not UTF-8 text", result.err)
+        self.assertEqual(self.logins(), [])
+
+    def test_output_never_fails_whatever_the_stream_encoding(self):
+        rng = random.Random(26)
+        alphabet = "äöüßÆØÅçñ€✓⚠…─•中文字🚀👩‍💻\u0301\u200b\ufeff" + "".join(CONTROL_SAMPLES)
+        descriptions = hostile_strings(rng, alphabet, 12, 20)
+        for i, text in enumerate(descriptions):
+            self.server.packs["core"]["description"] = text
+            self.server.packs["core"]["label"] = text[::-1]
+            for env in (C_LOCALE, {"PYTHONIOENCODING": "latin-1"}, {"PYTHONIOENCODING": "ascii"},
+                        {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": None}):
+                for fmt in ((), ("-j",), ("-y",)):
+                    with self.subTest(i=i, env=env, fmt=fmt):
+                        result = self.run_bytes(["pack", "show", "core"] + list(fmt), env)
+                        self.assertEqual(result.code, 0, result)
+                        self.assertEqual(result.err, "")
+                        self.assertEqual(raw_controls(result.out), [])
+                        if fmt == ("-j",):
+                            self.assertEqual(json.loads(result.out)["description"], text)
+
+    @unittest.skipUnless(POSIX, "pseudo-terminals")
+    def test_a_dumb_terminal_gets_no_cursor_or_screen_control(self):
+        import pty
+        for term, controlled in (("xterm-256color", True), ("dumb", False)):
+            for extra in ({}, {"NO_COLOR": "1"}):
+                with self.subTest(term=term, extra=extra):
+                    self.execute("core.echo", "message=x")
+                    master, slave = pty.openpty()
+                    p = subprocess.Popen(attune_argv() + ["execution", "watch", "--timeout", "30"],
+                                         env=self.process_env(dict(extra, TERM=term)), stdin=subprocess.DEVNULL,
+                                         stdout=slave, stderr=slave)
+                    os.close(slave)
+                    screen = read_terminal(master)
+                    self.assertEqual(p.wait(timeout=60), 0, screen)
+                    self.assertIn(b"All watched executions are done", screen)
+                    self.assertEqual(b"\x1b[2J" in screen, controlled, screen)
+                    if not controlled:
+                        self.assertNotIn(b"\x1b", screen)
+                    self.assertIsNone(re.search(rb"\x1b\[[0-9;]*m", screen))  # never colour
+                    master, slave = pty.openpty()
+                    p = subprocess.Popen(attune_argv() + ["run", "core.echo", "--param", "message=hi", "-w"],
+                                         env=self.process_env(dict(extra, TERM=term)), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=slave)
+                    os.close(slave)
+                    status = read_terminal(master)
+                    self.assertEqual(p.wait(timeout=60), 0, status)
+                    self.assertEqual(b"\rExecution " in status, controlled, status)
+
+    def test_empty_secret_input_is_refused_and_nothing_is_sent(self):
+        cases = [["key", "update", "region", "--value-stdin"],
+                 ["key", "create", "--ref", "k2", "--name", "K", "--value-stdin"],
+                 ["key", "update", "region", "--value", ""],
+                 ["auth", "login", "-u", "admin", "--password-stdin", "--url", self.server.url],
+                 ["auth", "token-login", "--token-stdin", "--url", self.server.url]]
+        for argv in cases:
+            for stdin in ("", "\n", "\r\n"):
+                with self.subTest(argv=argv, stdin=stdin):
+                    before = self.server.count()
+                    result = self.fails(2, *argv, stdin=stdin)
+                    self.assertRegex(result.err, r"empty|no (password|integration token) on standard input")
+                    self.assertEqual(self.server.count(), before, self.targets()[before:])
+                    self.assertNotIn("✓", result.out)
 
 
 class ConfirmationTests(ResourceTestCase):

@@ -556,6 +556,17 @@ JSON_NUMBER = frozenset("0123456789+-.eE")
 JSON_DEPTH = 200  # two frames a level: well inside the recursion limit
 
 
+LARGE_JSON = 128 * 1024  # characters: past this json's C parser is quicker, import and all
+
+
+def read_json(text):
+    """The value of a JSON document read on every run (the credential file): by hand while
+    it is small (json's import costs more than the whole of `auth token`), by json's C
+    parser once it is large (thousands of profiles: a 4 MB file takes the hand parser 0.2 s,
+    the C parser 0.02 s). The two accept the same documents; test_attune.py checks it."""
+    return json_loads(text) if len(text) > LARGE_JSON else parse_json(text)
+
+
 def parse_json(text):
     """The value of a JSON document; ValueError saying where it is wrong."""
     value, end = json_value(text, json_space(text, 0), 0)
@@ -1369,7 +1380,7 @@ class CredentialStore:
 
     def _parse(self, raw):
         try:
-            doc = parse_json(raw[3:].decode("utf-8") if raw.startswith(b"\xef\xbb\xbf") else raw.decode("utf-8"))
+            doc = read_json(raw[3:].decode("utf-8") if raw.startswith(b"\xef\xbb\xbf") else raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError("not UTF-8: %s" % e.reason)
         if not isinstance(doc, dict):
@@ -2927,6 +2938,45 @@ class Printer:
         else:
             self.table(self.fields, [[item[f] for f in self.fields] if isinstance(item, dict) else [item]
                                      for item in data])
+
+    def emit_items(self, items, table):
+        """Print a list result that may come a page at a time (any iterable): in JSON and YAML
+        an item at a time, the same text as emit() gives the whole list, holding no more than
+        the page it came in; a table keeps only what table(items) keeps of each (its rows), and
+        --fields, which looks at every item, the whole list. The number of items."""
+        seen = [0]
+
+        def counted():
+            for item in items:
+                seen[0] += 1
+                yield item
+        fmt = self.output
+        if self.fields is not None:
+            data = list(counted())
+            self.emit(data, lambda: table(data))
+        elif fmt == "table":
+            table(counted())
+        else:
+            self.write_items(to_json if fmt == "json" else to_yaml, fmt, counted())
+        return seen[0]
+
+    def write_items(self, dump, fmt, items):
+        """A JSON array or YAML sequence written an item at a time: each item is dumped as the
+        one item of a list, and the pieces joined as the whole list's dump would join them."""
+        first = True
+        for item in items:
+            item = SECRETS.mask_data(item)
+            for ascii_only in (False, True):
+                text = dump([item], ascii_only)
+                piece = (("[\n" if first else ",\n") + text[2:-2]) if fmt == "json" else text + "\n"
+                try:
+                    self.stdout.write(piece)
+                    break
+                except UnicodeEncodeError:  # keep the document valid: escape instead of replace
+                    if ascii_only:
+                        raise
+            first = False
+        self.stdout.write("[]\n" if first else "\n]\n" if fmt == "json" else "")
 
     def write_document(self, dump, data, secrets_ok=False):
         """One JSON or YAML document, its known secrets masked (secrets_ok: `auth token`)."""
@@ -5652,45 +5702,66 @@ def pagination_of(body):
     return body.get("pagination") if isinstance(body, dict) else None
 
 
+class ListWalk:
+    """The items of a paginated list, a page read each time the last one is used up, so that
+    a walk of every page (--all) holds one page at a time. every_page walks has_next from
+    page 1 with the biggest pages the server allows; until(item) true for an item of a page
+    stops the walk after that page. Once walked, pagination is that of the last page read."""
+
+    def __init__(self, session, path, query=None, size_param="page_size", every_page=False, objects=True,
+                 until=None):
+        self.session, self.path, self.query = session, path, dict(query or {})
+        self.size_param, self.every_page, self.objects, self.until = size_param, every_page, objects, until
+        self.pagination = None
+
+    def __iter__(self):
+        query, page, previous, walked = dict(self.query), 1, None, 0
+        while True:
+            if self.every_page:
+                query.update({"page": page, self.size_param: ALL_PAGE_SIZE})
+            body = self.session.call("GET", self.path, query=query)
+            chunk = list_items(body, self.objects)
+            check_next_page(self.path, page, chunk, previous, walked)
+            walked += len(chunk)
+            self.pagination = pagination_of(body)
+            for item in chunk:
+                yield item
+            more = isinstance(self.pagination, dict) and self.pagination.get("has_next") is True
+            if not (self.every_page and more and chunk) or (
+                    self.until is not None and any(self.until(item) for item in chunk)):
+                return
+            page, previous = page + 1, chunk
+
+
 def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True, until=None):
-    """GET a paginated list: (items, pagination of the last page read). every_page walks
-    has_next from page 1 with the biggest pages the server allows; until(item) true for an
-    item of a page stops the walk after that page."""
-    query = dict(query or {})
-    items, page, previous = [], 1, None
-    while True:
-        if every_page:
-            query.update({"page": page, size_param: ALL_PAGE_SIZE})
-        body = session.call("GET", path, query=query)
-        chunk = list_items(body, objects)
-        check_next_page(path, page, chunk, previous, len(items))
-        items.extend(chunk)
-        pagination = pagination_of(body)
-        more = isinstance(pagination, dict) and pagination.get("has_next") is True
-        if not (every_page and more and chunk) or (until is not None and any(until(item) for item in chunk)):
-            return items, pagination
-        page, previous = page + 1, chunk
+    """A paginated list read whole: (items, pagination of the last page read); see ListWalk."""
+    walk = ListWalk(session, path, query, size_param, every_page, objects, until)
+    return list(walk), walk.pagination
 
 
-LIST_ITEM_LIMIT = 200000  # items of one list walked page by page (--all) held in memory
+LIST_ITEM_LIMIT = 200000  # items of one list walked page by page (--all)
 
 
-def check_next_page(path, page, chunk, previous, held):
+def check_next_page(path, page, chunk, previous, walked):
     """A page walk ends: a page that repeats the one before (a server that ignores `page`) or a
     list past LIST_ITEM_LIMIT items is a server error (exit 6), not a walk without end."""
     if previous is not None and chunk == previous:
         raise ServerError("page %d of %s repeats page %d (the server ignores the page number); stopped"
                           % (page, path, page - 1))
-    if held + len(chunk) > LIST_ITEM_LIMIT:
-        raise ServerError("%s still says has_next after %d items on %d pages, more than attune.py holds (%d); "
-                          "narrow the list with its filters" % (path, held, page - 1, LIST_ITEM_LIMIT))
+    if walked + len(chunk) > LIST_ITEM_LIMIT:
+        raise ServerError("%s still says has_next after %d items on %d pages, more than attune.py walks (%d); "
+                          "narrow the list with its filters" % (path, walked, page - 1, LIST_ITEM_LIMIT))
 
 
 def emit_list(ctx, items, pagination, noun, columns, row):
     """A list command's output: the array in JSON and YAML, else a table of row(item)
-    ("No <noun> found" when empty); then a note when more pages remain."""
-    ctx.ui.emit(items, lambda: ctx.ui.table(columns, [row(i) for i in items], empty="No %s found" % noun))
-    note_partial(ctx, pagination, len(items), noun)
+    ("No <noun> found" when empty); then a note when more pages remain. items may be a
+    ListWalk (or a generator over one): it is printed as it is read, and pagination is then
+    the walk's (the last page's)."""
+    walk = pagination if isinstance(pagination, ListWalk) else None
+    shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(columns, [row(i) for i in rows],
+                                                               empty="No %s found" % noun))
+    note_partial(ctx, walk.pagination if walk else pagination, shown, noun)
 
 
 def note_partial(ctx, pagination, shown, noun):
@@ -6537,10 +6608,9 @@ def wait_for_pack_tests(ctx, session, install_id):
          examples=("attune pack list",
                    "attune pack list --name core -j"))
 def cmd_pack_list(ctx, args):
-    packs, pagination = fetch_list(ctx.session(), "/packs", every_page=args.all)
-    if args.name:
-        packs = [p for p in packs if args.name in str(p.get("ref", ""))]
-    emit_list(ctx, packs, pagination, "packs", ["Ref", "Version", "Description"],
+    walk = ListWalk(ctx.session(), "/packs", every_page=args.all)
+    packs = (p for p in walk if not args.name or args.name in str(p.get("ref", "")))
+    emit_list(ctx, packs, walk, "packs", ["Ref", "Version", "Description"],
               lambda p: [p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)])
 
 
@@ -6785,10 +6855,9 @@ def action_pairs(action, entry_label="Entry Point"):
          examples=("attune action list --pack core",))
 def cmd_action_list(ctx, args):
     path = "/packs/%s/actions" % path_segment(args.pack) if args.pack else "/actions"
-    actions, pagination = fetch_list(ctx.session(), path, every_page=args.all)
-    if args.name:
-        actions = [a for a in actions if args.name in str(a.get("ref", ""))]
-    emit_list(ctx, actions, pagination, "actions", ["Ref", "Label", "Runtime", "Enabled", "Description"],
+    walk = ListWalk(ctx.session(), path, every_page=args.all)
+    actions = (a for a in walk if not args.name or args.name in str(a.get("ref", "")))
+    emit_list(ctx, actions, walk, "actions", ["Ref", "Label", "Runtime", "Enabled", "Description"],
               lambda a: [a.get("ref"), a.get("label"), runtime_text(a), a.get("enabled"),
                          clip(a.get("description") or "", 40)])
 
@@ -9168,8 +9237,8 @@ def policy_feature_fields(args):
 def cmd_policy_list(ctx, args):
     query = {"scope": args.scope, "pack_ref": args.pack, "action_ref": args.action, "tag": args.tag,
              "enabled": None if args.enabled is None else str(args.enabled).lower()}
-    policies, pagination = fetch_list(ctx.session(), "/policies", query, every_page=args.all)
-    emit_list(ctx, policies, pagination, "policies", ["Ref", "Name", "Scope", "Features", "Priority", "Enabled"],
+    walk = ListWalk(ctx.session(), "/policies", query, every_page=args.all)
+    emit_list(ctx, walk, walk, "policies", ["Ref", "Name", "Scope", "Features", "Priority", "Enabled"],
               lambda p: [p.get("ref"), p.get("name"), policy_scope_text(p), policy_features(p), p.get("priority"),
                          p.get("enabled")])
 
@@ -9290,8 +9359,8 @@ def rule_fields(args):
          examples=("attune rule list --pack core",))
 def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
-    rules, pagination = fetch_list(ctx.session(), "/rules", query, every_page=args.all)
-    emit_list(ctx, rules, pagination, "rules", ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
+    walk = ListWalk(ctx.session(), "/rules", query, every_page=args.all)
+    emit_list(ctx, walk, walk, "rules", ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
               lambda r: [r.get("ref"), r.get("pack_ref"), r.get("label"), r.get("trigger_ref"), r.get("action_ref"),
                          r.get("enabled")])
 
@@ -9382,8 +9451,8 @@ group("sensor", "list, show, enable and disable sensors")
 def list_pack_scoped(ctx, args, kind, columns, row):
     """trigger/sensor list: /packs/{p}/<kind> for one pack (the server ignores ?pack=)."""
     path = "/packs/%s/%s" % (path_segment(args.pack), kind) if args.pack else "/" + kind
-    items, pagination = fetch_list(ctx.session(), path, every_page=args.all)
-    emit_list(ctx, items, pagination, kind, columns, row)
+    walk = ListWalk(ctx.session(), path, every_page=args.all)
+    emit_list(ctx, walk, walk, kind, columns, row)
 
 
 def toggle_resource(ctx, args):
@@ -9545,8 +9614,8 @@ def key_pairs(key, last=("Created", "created")):
                    "attune key list --owner-type pack --owner core"))
 def cmd_key_list(ctx, args):
     query = {"page": args.page, "per_page": args.per_page, "owner_type": args.owner_type, "owner": args.owner}
-    keys, pagination = fetch_list(ctx.session(), "/keys", query, "per_page", args.all)
-    emit_list(ctx, keys, pagination, "keys", ["Ref", "Name", "Owner", "Encrypted", "Created"],
+    walk = ListWalk(ctx.session(), "/keys", query, "per_page", args.all)
+    emit_list(ctx, walk, walk, "keys", ["Ref", "Name", "Owner", "Encrypted", "Created"],
               lambda k: [k.get("ref"), k.get("name"), key_owner(k), k.get("encrypted"),
                          format_timestamp(k.get("created"))])
 

@@ -7977,6 +7977,44 @@ class LocaleTests(ResourceTestCase):
                     self.assertNotIn("✓", result.out)
 
 
+@slow
+class InterpreterFlagTests(AttuneTestCase):
+    """The interpreter flags people run attune.py under keep working: -OO (no docstrings: help
+    never comes from them), -W error (a deprecation on 3.12 or 3.13 would end the run),
+    PYTHONDEVMODE=1 (an unclosed socket or file would warn), -I -E -S (the installed
+    launcher's isolation). Each command of a day's work, in a real process, exits as it
+    should and says nothing on stderr it would not say anyway."""
+    FLAGS = ((["-OO"], {}), (["-W", "error"], {}), ([], {"PYTHONDEVMODE": "1"}), (["-I", "-E", "-S"], {}),
+             (["-X", "dev", "-W", "error"], {}))
+
+    def commands(self):
+        login = ["auth", "login", "--url", self.server.url, "-u", "admin", "--password-stdin"]
+        return [(["--help"], 0), (["--version"], 0), (["pack", "list", "--help"], 0), (["help", "exit-codes"], 0),
+                (login, 0), (["auth", "token"], 0), (["-j", "pack", "list", "--all"], 0),
+                (["run", "core.echo", "--param", "message=hi", "-w"], 0), (["execution", "list"], 0),
+                (["config", "set", "description", "x"], 0), (["auth", "status"], 0), (["auth", "doctor"], 0),
+                (["__complete", "--", "run", "core."], 0), (["auth", "refresh"], 0), (["pack", "show", "nope"], 1),
+                (["--api-url", "http://127.0.0.1:%d" % free_port(), "auth", "whoami"], 4), (["auth", "logout"], 0)]
+
+    def test_every_flag_and_command(self):
+        plain_help = None
+        for flags, extra in self.FLAGS:
+            for argv, code in self.commands():
+                with self.subTest(flags=flags, extra=extra, argv=argv[:3]):
+                    p = subprocess.Popen([sys.executable] + flags + [ATTUNE_PY] + argv,
+                                         env=self.process_env(extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, universal_newlines=True)
+                    out, err = p.communicate(PASSWORD + "\n", timeout=120)
+                    self.assert_no_leak(Result(p.returncode, out, err), argv == ["auth", "token"])
+                    self.assertEqual(p.returncode, code, err)
+                    self.assertNotIn("Traceback", err)
+                    self.assertNotIn("Warning", err)
+                    if argv == ["--help"]:
+                        plain_help = plain_help or out
+                        self.assertEqual(out, plain_help)  # -OO drops docstrings, never a line of help
+                        self.assertIn("pack", out)
+
+
 class ConfirmationTests(ResourceTestCase):
     DESTRUCTIVE = (("pack", "uninstall", "linux"), ("action", "delete", "core.echo"),
                    ("rule", "delete", "linux.on_file"), ("trigger", "delete", "core.timer"),

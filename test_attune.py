@@ -11078,6 +11078,18 @@ class ReadmeTests(AttuneTestCase):
         # a request slower than a second on a loaded machine may still measure a second off
         self.provoke("Clock skew", re.sub(r"differ by (1h 59m 59s|2h 1s);", "differ by 2h;", out).splitlines())
 
+    @unittest.skipUnless(can_unshare_mounts(), "needs root and unshare -m for a read-only mount")
+    def test_message_read_only(self):
+        """A credential file attune.py cannot write"""
+        self.seed(access_left=-100)
+        directory = os.path.dirname(self.config)
+        result = in_mount_namespace(self, [(directory, directory, True)], attune_argv() + ["pack", "list"],
+                                    self.process_env())
+        self.assertEqual(result.code, 3, result)
+        self.provoke("A credential file attune.py cannot write",
+                     [line.replace(os.path.join(self.tmp, "home"), "/home/me") for line in result.err.splitlines()])
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+
     def test_message_permission(self):
         """A permission error"""
         self.seed()

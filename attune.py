@@ -12,6 +12,10 @@ one compare-and-refresh function.
 
 Start-up is kept short by importing late: `auth token` with a fresh token, `--help`
 and `--version` import only built-in modules (no json, re, argparse or urllib).
+Two layers: every section above "# === Output" is the kernel (credential file, lock,
+tokens, transport, session, lists, and session() for `import attune`): it returns or raises
+and never prints, prompts or exits (test_attune.py's LayerTests check it). From "Output" on
+is the command line, the kernel's first user; main() alone turns errors into exit codes.
 Table of contents: grep -n '^# ===' attune.py
 """
 
@@ -24,6 +28,11 @@ import sys
 import time
 
 __version__ = "0.1.0"
+
+# What `import attune` offers Python code (the README's "From Python"); everything else in
+# this file is the command line's and may change.
+__all__ = ["session", "Session", "AttuneError", "UsageError", "ConfigError", "AuthError", "NetworkError",
+           "ApiError", "ServerError", "main", "__version__"]
 
 # === Compatibility ===========================================================
 # Each shim says why it exists, so it can go when the floor rises.
@@ -134,7 +143,7 @@ class ConfigError(AttuneError):
     exit_code = 3
 
 
-class AuthRequired(AttuneError):
+class AuthError(AttuneError):
     exit_code = 4
 
 
@@ -227,12 +236,12 @@ EXIT_SIGNALS = ExitSignals()
 
 
 def session_expired(profile):
-    return AuthRequired("Session for profile '%s' has expired; run: attune auth login --profile %s"
+    return AuthError("Session for profile '%s' has expired; run: attune auth login --profile %s"
                         % (profile, profile))
 
 
 def not_logged_in():
-    return AuthRequired("Not logged in. Use 'attune auth login'")
+    return AuthError("Not logged in. Use 'attune auth login'")
 
 
 # === Input from outside: URLs, tokens, names, numbers, files, text ===========
@@ -1822,7 +1831,7 @@ def api_error(resp, label="API error", detail=""):
     if retry_after:
         message += " (the server asks to retry after %s s)" % retry_after
     if resp.status == 401:
-        return AuthRequired(message)
+        return AuthError(message)
     if resp.status == 403:  # never a login problem: this identity may not do it
         message += " (the server refused this identity; attune auth whoami shows which one the profile uses)"
     if resp.status >= 500:
@@ -2267,6 +2276,127 @@ class Choice:
         return (stored, "file") if isinstance(stored, str) and stored else (None, None)
 
 
+# === Lists and executions: what a session walks and waits for ================
+
+TERMINAL_STATUSES = ("completed", "succeeded", "failed", "canceled", "cancelled", "timeout",
+                     "timed_out", "abandoned")
+SUCCESS_STATUSES = ("completed", "succeeded")
+ALL_PAGE_SIZE = 100  # the biggest page the server hands out
+WATCH_TIMEOUT = 300  # seconds a watch waits for an execution unless told otherwise
+EXECUTION_POLL = (0.2, 1.5, 2.0)  # first interval, growth, longest interval of GET /executions/{id}
+
+
+def json_kind(value):
+    """'a string', 'null', ... for messages about answers of the wrong shape."""
+    for kinds, name in ((bool, "true or false"), (str, "a string"), ((int, float), "a number"),
+                        (list, "an array"), (dict, "an object")):
+        if isinstance(value, kinds):
+            return name
+    return "null"
+
+
+def list_items(body, objects=True):
+    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an
+    array; with objects, each item must be a JSON object (a resource)."""
+    items = body if isinstance(body, list) else None
+    if isinstance(body, dict):
+        items = next((body[key] for key in ("items", "data") if isinstance(body.get(key), list)), None)
+    if items is None:
+        raise ApiError("the server's answer is not a list: %s" % snippet(json.dumps(body).encode("utf-8"), 100))
+    if objects and not all(isinstance(item, dict) for item in items):
+        wrong = next(item for item in items if not isinstance(item, dict))
+        raise ApiError("the server's list holds %s where objects belong: %s"
+                       % (json_kind(wrong), snippet(json.dumps(wrong).encode("utf-8"), 100)))
+    return items
+
+
+def pagination_of(body):
+    """The pagination object of a list answer, or None (a bare array has none)."""
+    return body.get("pagination") if isinstance(body, dict) else None
+
+
+class ListWalk:
+    """The items of a paginated list, a page read each time the last one is used up, so that
+    a walk of every page (--all) holds one page at a time. every_page walks has_next from
+    page 1 with the biggest pages the server allows; until(item) true for an item of a page
+    stops the walk after that page. Once walked, pagination is that of the last page read."""
+
+    def __init__(self, session, path, query=None, size_param="page_size", every_page=False, objects=True,
+                 until=None):
+        self.session, self.path, self.query = session, path, dict(query or {})
+        self.size_param, self.every_page, self.objects, self.until = size_param, every_page, objects, until
+        self.pagination = None
+
+    def __iter__(self):
+        query, page, previous, walked = dict(self.query), 1, None, 0
+        while True:
+            if self.every_page:
+                query.update({"page": page, self.size_param: ALL_PAGE_SIZE})
+            body = self.session.call("GET", self.path, query=query)
+            chunk = list_items(body, self.objects)
+            check_next_page(self.path, page, chunk, previous, walked)
+            walked += len(chunk)
+            self.pagination = pagination_of(body)
+            for item in chunk:
+                yield item
+            more = isinstance(self.pagination, dict) and self.pagination.get("has_next") is True
+            if not (self.every_page and more and chunk) or (
+                    self.until is not None and any(self.until(item) for item in chunk)):
+                return
+            page, previous = page + 1, chunk
+
+
+def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True, until=None):
+    """A paginated list read whole: (items, pagination of the last page read); see ListWalk."""
+    walk = ListWalk(session, path, query, size_param, every_page, objects, until)
+    return list(walk), walk.pagination
+
+
+LIST_ITEM_LIMIT = 200000  # items of one list walked page by page (--all)
+
+
+def check_next_page(path, page, chunk, previous, walked):
+    """A page walk ends: a page that repeats the one before (a server that ignores `page`) or a
+    list past LIST_ITEM_LIMIT items is a server error (exit 6), not a walk without end."""
+    if previous is not None and chunk == previous:
+        raise ServerError("page %d of %s repeats page %d (the server ignores the page number); stopped"
+                          % (page, path, page - 1))
+    if walked + len(chunk) > LIST_ITEM_LIMIT:
+        raise ServerError("%s still says has_next after %d items on %d pages, more than attune.py walks (%d); "
+                          "narrow the list with its filters" % (path, walked, page - 1, LIST_ITEM_LIMIT))
+
+
+PER_PAGE_LISTS = ("/executions", "/keys", "/events", "/enforcements", "/audit-events", "/artifacts")
+
+
+def page_size_param(path):
+    """The page-size query parameter of a list endpoint: most say page_size, a few per_page."""
+    path = path.split("?")[0]
+    path = path[len("/api/v1"):] if path.startswith("/api/v1") else path
+    return "per_page" if path.startswith(PER_PAGE_LISTS) else "page_size"
+
+
+def poll_execution(session, execution_id, timeout, deadline=None, pause=time.sleep, on_status=None):
+    """The execution once its status is terminal: GET /executions/{id} at a growing interval,
+    on_status(status) after each answer that is not the end, pause(seconds) between them. An
+    AttuneError (exit 1) when timeout seconds (or the deadline, a time.monotonic() value) pass
+    first."""
+    backoff = Backoff(EXECUTION_POLL[0], EXECUTION_POLL[1], EXECUTION_POLL[2],
+                      time.monotonic() + timeout if deadline is None else deadline)
+    while True:
+        execution = session.fetch("GET", "/executions/%d" % execution_id)
+        status = str(execution.get("status") or "")
+        if status.lower() in TERMINAL_STATUSES:
+            return execution
+        if on_status is not None:
+            on_status(status)
+        delay = backoff.next_delay()
+        if delay is None:
+            raise AttuneError("timed out after %gs waiting for execution %d (status '%s')"
+                              % (timeout, execution_id, status))
+        pause(delay)
+
+
 # === Session: tokens and refresh =============================================
 
 def describe_source(source, origin):
@@ -2323,30 +2453,6 @@ def unwrap(resp):
     raise ApiError("the server answered %d %s with %s" % (resp.status, resp.reason, what), resp.status)
 
 
-def json_kind(value):
-    """'a string', 'null', ... for messages about answers of the wrong shape."""
-    for kinds, name in ((bool, "true or false"), (str, "a string"), ((int, float), "a number"),
-                        (list, "an array"), (dict, "an object")):
-        if isinstance(value, kinds):
-            return name
-    return "null"
-
-
-def list_items(body, objects=True):
-    """The items of a list answer: {"items": [...]}, a {"data": [...]} envelope, or an
-    array; with objects, each item must be a JSON object (a resource)."""
-    items = body if isinstance(body, list) else None
-    if isinstance(body, dict):
-        items = next((body[key] for key in ("items", "data") if isinstance(body.get(key), list)), None)
-    if items is None:
-        raise ApiError("the server's answer is not a list: %s" % snippet(json.dumps(body).encode("utf-8"), 100))
-    if objects and not all(isinstance(item, dict) for item in items):
-        wrong = next(item for item in items if not isinstance(item, dict))
-        raise ApiError("the server's list holds %s where objects belong: %s"
-                       % (json_kind(wrong), snippet(json.dumps(wrong).encode("utf-8"), 100)))
-    return items
-
-
 def path_segment(value):
     from urllib.parse import quote
     return quote(as_given(str(value)), safe="")
@@ -2388,20 +2494,20 @@ class Session:
 
     # -- the token to send -----------------------------------------------------
     def expired_error(self):
-        """The AuthRequired for tokens that are expired (or rejected) and cannot be renewed."""
+        """The AuthError for tokens that are expired (or rejected) and cannot be renewed."""
         c = self.creds
         if c.source == "env":
-            return AuthRequired("the access token in %s has expired or was rejected; set a fresh one%s"
+            return AuthError("the access token in %s has expired or was rejected; set a fresh one%s"
                                 % (c.origin, "" if c.refresh else " or ATTUNE_REFRESH_TOKEN"))
         if c.source == "token_file":
-            return AuthRequired("the access token in %s (ATTUNE_TOKEN_FILE) has expired or was "
+            return AuthError("the access token in %s (ATTUNE_TOKEN_FILE) has expired or was "
                                 "rejected" % c.origin)
         return session_expired(self.profile)
 
     def no_session(self):
-        """The AuthRequired for a command that needs a session this run does not have."""
+        """The AuthError for a command that needs a session this run does not have."""
         if self.creds.withheld:
-            return AuthRequired("profile '%s' is logged in to %s, and its tokens are sent nowhere else; for "
+            return AuthError("profile '%s' is logged in to %s, and its tokens are sent nowhere else; for "
                                 "%s run: attune auth login --url %s --save-profile NAME (or set "
                                 "ATTUNE_API_TOKEN)" % (self.profile, terminal_safe(self.creds.withheld),
                                                        terminal_safe(self.api_url), terminal_safe(self.api_url)))
@@ -2424,7 +2530,7 @@ class Session:
             if left > 0 and left >= min_ttl:
                 return c.access
             if left > 0:
-                raise AuthRequired("the access token has %s left, less than --min-ttl %ds, and cannot "
+                raise AuthError("the access token has %s left, less than --min-ttl %ds, and cannot "
                                    "be refreshed (%s)" % (format_duration(left), min_ttl,
                                                           describe_source(c.source, c.origin)))
             raise self.expired_error()
@@ -2521,7 +2627,7 @@ class Session:
             raise self.expired_error()
         pair = self._post_refresh(c)
         if pair is None:
-            raise AuthRequired("the refresh token in ATTUNE_REFRESH_TOKEN was rejected by the server")
+            raise AuthError("the refresh token in ATTUNE_REFRESH_TOKEN was rejected by the server")
         self.creds = Credentials(pair["auth_token"], pair["refresh_token"], pair["auth_token_expires_at"],
                                  pair["refresh_token_expires_at"], c.source, c.origin)
 
@@ -2563,14 +2669,14 @@ class Session:
                 raise self.no_session()
             return resp
         if self._reactive_for == token:
-            raise AuthRequired("the server rejected the token (%s); run: attune auth login --profile %s"
+            raise AuthError("the server rejected the token (%s); run: attune auth login --profile %s"
                                % (error_message(resp), self.profile))
         self._reactive_for = token
         self.log("401 from the server; refreshing and retrying once")
         self.refresh()
         resp = self.transport.request(request.with_token(self.creds.access))
         if resp.status == 401:
-            raise AuthRequired("the server rejected the refreshed token too (%s); run: attune auth "
+            raise AuthError("the server rejected the refreshed token too (%s); run: attune auth "
                                "login --profile %s" % (error_message(resp), self.profile))
         return resp
 
@@ -2585,6 +2691,88 @@ class Session:
         resp = self.request(method, path, body, query, timeout=timeout)
         resp.check()
         return unwrap(resp)
+
+    # -- for Python code: the surface attune.session() documents ----------------
+    def get(self, path, params=None):
+        """GET path (/packs, /api/v1/packs, /auth/me): the answer's data, parsed."""
+        return self.send("GET", path, None, params)
+
+    def post(self, path, json=None, params=None):
+        return self.send("POST", path, json, params)
+
+    def put(self, path, json=None, params=None):
+        return self.send("PUT", path, json, params)
+
+    def patch(self, path, json=None, params=None):
+        return self.send("PATCH", path, json, params)
+
+    def delete(self, path, json=None, params=None):
+        return self.send("DELETE", path, json, params)
+
+    def send(self, method, path, body=None, params=None):
+        """A JSON request through this session (its refresh, origin rule, deadline and size
+        bounds): the data of the answer's {"data": ...} envelope, or the whole answer when it
+        has none, or None for an empty one; an error status raises ApiError or ServerError."""
+        resp = self.request(method, path, body, params)
+        resp.check()
+        return envelope_data(resp.json())
+
+    def paginate(self, path, params=None):
+        """Every item of a paginated list, a page requested each time the last is used up."""
+        return iter(ListWalk(self, path, params, page_size_param(path), every_page=True, objects=False))
+
+    def run(self, action_ref, parameters=None, wait=False, timeout=None):
+        """Start action_ref with parameters: the new execution, or with wait, the finished one
+        (whatever its status) once it ends; AttuneError when timeout seconds (default 300)
+        pass first."""
+        execution = self.fetch("POST", "/executions/execute",
+                               {"action_ref": action_ref, "parameters": dict(parameters or {})})
+        if not wait:
+            return execution
+        return poll_execution(self, int(execution["id"]), WATCH_TIMEOUT if timeout is None else timeout)
+
+
+# === attune as a Python module: session() ====================================
+# The command line's sessions for Python code: a script beside a copied attune.py, or any
+# program once attune is installed. Below the command line nothing prints, prompts or ends
+# the process: it returns or raises. What attune.py would warn about or log under -v goes to
+# the logger "attune", silent unless the program configures logging.
+
+class ModuleChoices:
+    """What the command line's flags say, for a session() made from Python."""
+
+    def __init__(self, profile, api_url):
+        if profile is not None and not isinstance(profile, str):
+            raise UsageError("profile must be a string")
+        self.profile, self.api_url = profile, api_url
+
+
+def session(profile=None, api_url=None):
+    """A Session for the profile chosen as the command line chooses it (profile, else
+    ATTUNE_PROFILE, else the file's current profile), with the same URL and token precedence,
+    origin rule, lock, refresh and bounds. The environment is read now, not at import."""
+    import logging
+    logger = logging.getLogger("attune")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())  # a library says nothing unless asked
+    env, deadline = os.environ, CommandDeadline()
+    store, source = open_store(None, env, logger.warning, logger.debug, "attune (python)", deadline)
+    choice = Choice(ModuleChoices(profile, api_url), env, store, store.path, source)
+    http = HttpSettings(env, request_timeout(env), False, None, 0, logger.debug, logger.info, deadline)
+    return Session(choice.select(), store, http, logger.debug, time.time)
+
+
+def open_store(config, env, warn, log, command, deadline):
+    """(the CredentialStore, what chose its path) for --config (or None) and the environment."""
+    path, source = credential_path(config, env)
+    store = CredentialStore(path, warn, log, env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0), command,
+                            deadline, creation_root(source, env))
+    return store, source
+
+
+def request_timeout(env):
+    """Seconds each HTTP request may take: ATTUNE_TIMEOUT, or 60."""
+    return env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001)
 
 
 # === Output ==================================================================
@@ -3033,16 +3221,14 @@ class Context:
         self.args = args
         self.env = env
         self.now = clock or time.time
-        config_path, config_source = credential_path(getattr(args, "config", None), env)
         self.ui = Printer(args, env, self.stored_format)
         self.deadline = CommandDeadline()  # set by a command with its own --timeout
-        self.store = CredentialStore(config_path, self.ui.warn, self.ui.log,
-                                     env_seconds(env, "ATTUNE_LOCK_TIMEOUT", LOCK_TIMEOUT, 0),
-                                     " ".join(["attune"] + getattr(args, "command_path", [])), self.deadline,
-                                     creation_root(config_source, env))
-        self.choice = Choice(args, env, self.store, config_path, config_source)
+        self.store, config_source = open_store(getattr(args, "config", None), env, self.ui.warn, self.ui.log,
+                                               " ".join(["attune"] + getattr(args, "command_path", [])),
+                                               self.deadline)
+        self.choice = Choice(args, env, self.store, self.store.path, config_source)
         insecure = getattr(args, "insecure", False)
-        self.http = HttpSettings(env, env_seconds(env, "ATTUNE_TIMEOUT", HTTP_TIMEOUT, 0.001), insecure, getattr(args, "wait_for_server", None),
+        self.http = HttpSettings(env, request_timeout(env), insecure, getattr(args, "wait_for_server", None),
                                  self.ui.verbose, self.ui.log, self.ui.note, self.deadline)
         if insecure:
             self.ui.warn("--insecure: TLS certificates are not verified; anyone on the network "
@@ -3124,6 +3310,8 @@ def ask(ctx, prompt):
 # argv names; command_tree() reads them for shell completion; top_help() for --help.
 
 REMAINDER = "..."  # argparse.REMAINDER, named without importing argparse
+# Filled once by the @command declarations as the module is defined (the rest's too, when
+# load_rest() runs), read-only after that.
 TOP_LEVEL = []     # names of groups and top-level commands, in the order of --help
 GROUP_HELP = {}    # group name -> help
 COMMANDS = []      # Command, in declaration order
@@ -3767,7 +3955,7 @@ class CommandTable:
         return self.parsed[path]
 
 
-COMMAND_TABLE = []  # the one command_table() of this process, once made
+COMMAND_TABLE = []  # process state, a list used as a cell: the one command_table() of this process, once made
 
 
 def command_table():
@@ -4222,7 +4410,7 @@ def finish_login(ctx, session, target, url, path, body, method, username=None):
     sent_at = ctx.now()
     resp = session.request("POST", path, body, auth=False)
     if resp.status in (401, 403):
-        raise AuthRequired("login failed: %s" % error_message(resp))
+        raise AuthError("login failed: %s" % error_message(resp))
     if resp.status in (404, 405):  # most often a URL with /api/v1 or a web page's path in it
         raise AttuneError("no Attune login at %s (%d %s); the API URL is the server's address alone, such as "
                           "https://attune.example.com" % (quoted(url), resp.status, resp.reason))
@@ -4286,7 +4474,7 @@ def usable_login(ctx, args, target, url, stored):
         return None
     try:
         session.token()
-    except AuthRequired as e:
+    except AuthError as e:
         ctx.ui.log("stored session not usable (%s); logging in" % e)
         return None
     return session
@@ -4631,11 +4819,11 @@ def cmd_auth_refresh(ctx, args):
     if not session.creds.access and not session.creds.refresh:
         raise session.no_session()
     if not session.creds.refresh and session.creds.source != "token_file":
-        raise AuthRequired("profile '%s' has no refresh token; run: attune auth login --profile %s"
+        raise AuthError("profile '%s' has no refresh token; run: attune auth login --profile %s"
                            % (session.profile, session.profile))
     try:
         session.refresh()
-    except AuthRequired:
+    except AuthError:
         if session.creds.source != "file":
             raise
         return log_in_again(ctx, session)
@@ -4665,7 +4853,7 @@ def log_in_again(ctx, session):
     if method in ("direct", "ldap"):
         command += " -u %s" % shell_quote(username) if username else " -u <username>"
     if method not in ("sso", "direct", "ldap") or not can_prompt(ctx) or (method != "sso" and not username):
-        raise AuthRequired("Session for profile '%s' has expired; run: %s" % (session.profile, command))
+        raise AuthError("Session for profile '%s' has expired; run: %s" % (session.profile, command))
     if method == "sso":
         ctx.ui.warn("Session expired. Re-initiating SSO login in your browser...")
         return device_login(ctx, session.profile, session.api_url)
@@ -5672,10 +5860,6 @@ def yaml_loads(text):
 # Shared by the resource commands below: lists and pages, JSON-ish arguments,
 # confirmations, timestamps and the small pieces of table layout they repeat.
 
-TERMINAL_STATUSES = ("completed", "succeeded", "failed", "canceled", "cancelled", "timeout",
-                     "timed_out", "abandoned")
-SUCCESS_STATUSES = ("completed", "succeeded")
-ALL_PAGE_SIZE = 100  # the biggest page the server hands out
 KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
 
 
@@ -5695,62 +5879,6 @@ def patch_op(value, empty_clears=False):
     if value is None:
         return None
     return {"op": "clear"} if empty_clears and not value else {"op": "set", "value": value}
-
-
-def pagination_of(body):
-    """The pagination object of a list answer, or None (a bare array has none)."""
-    return body.get("pagination") if isinstance(body, dict) else None
-
-
-class ListWalk:
-    """The items of a paginated list, a page read each time the last one is used up, so that
-    a walk of every page (--all) holds one page at a time. every_page walks has_next from
-    page 1 with the biggest pages the server allows; until(item) true for an item of a page
-    stops the walk after that page. Once walked, pagination is that of the last page read."""
-
-    def __init__(self, session, path, query=None, size_param="page_size", every_page=False, objects=True,
-                 until=None):
-        self.session, self.path, self.query = session, path, dict(query or {})
-        self.size_param, self.every_page, self.objects, self.until = size_param, every_page, objects, until
-        self.pagination = None
-
-    def __iter__(self):
-        query, page, previous, walked = dict(self.query), 1, None, 0
-        while True:
-            if self.every_page:
-                query.update({"page": page, self.size_param: ALL_PAGE_SIZE})
-            body = self.session.call("GET", self.path, query=query)
-            chunk = list_items(body, self.objects)
-            check_next_page(self.path, page, chunk, previous, walked)
-            walked += len(chunk)
-            self.pagination = pagination_of(body)
-            for item in chunk:
-                yield item
-            more = isinstance(self.pagination, dict) and self.pagination.get("has_next") is True
-            if not (self.every_page and more and chunk) or (
-                    self.until is not None and any(self.until(item) for item in chunk)):
-                return
-            page, previous = page + 1, chunk
-
-
-def fetch_list(session, path, query=None, size_param="page_size", every_page=False, objects=True, until=None):
-    """A paginated list read whole: (items, pagination of the last page read); see ListWalk."""
-    walk = ListWalk(session, path, query, size_param, every_page, objects, until)
-    return list(walk), walk.pagination
-
-
-LIST_ITEM_LIMIT = 200000  # items of one list walked page by page (--all)
-
-
-def check_next_page(path, page, chunk, previous, walked):
-    """A page walk ends: a page that repeats the one before (a server that ignores `page`) or a
-    list past LIST_ITEM_LIMIT items is a server error (exit 6), not a walk without end."""
-    if previous is not None and chunk == previous:
-        raise ServerError("page %d of %s repeats page %d (the server ignores the page number); stopped"
-                          % (page, path, page - 1))
-    if walked + len(chunk) > LIST_ITEM_LIMIT:
-        raise ServerError("%s still says has_next after %d items on %d pages, more than attune.py walks (%d); "
-                          "narrow the list with its filters" % (path, walked, page - 1, LIST_ITEM_LIMIT))
 
 
 def emit_list(ctx, items, pagination, noun, columns, row):
@@ -6145,18 +6273,8 @@ def wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_u
                     return execution
             except (OSError, ValueError, WebSocketError) as e:
                 ctx.ui.log("notifier %s: %s; polling instead" % (notifier_url, e))
-        backoff = Backoff(0.2, 1.5, 2.0, deadline)
-        while True:
-            execution = session.fetch("GET", "/executions/%d" % execution_id)
-            status = str(execution.get("status") or "")
-            if status.lower() in TERMINAL_STATUSES:
-                return execution
-            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started))
-            delay = backoff.next_delay()
-            if delay is None:
-                raise AttuneError("timed out after %gs waiting for execution %d (status '%s')"
-                                  % (timeout, execution_id, status))
-            controls.pause(delay)
+        return poll_execution(session, execution_id, timeout, deadline, controls.pause, lambda status: progress.show(
+            "Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started)))
     finally:
         progress.clear()
 
@@ -6830,7 +6948,7 @@ EXECUTE_ARGS = (
         help="how many artifact versions (or days, ...) to keep"),
     arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
     arg("--timeout", type=Seconds(1), metavar="SECONDS",
-        help="with --watch: stop waiting after this long (default 300)"),
+        help="with --watch: stop waiting after this long (default %d)" % WATCH_TIMEOUT),
     arg("--notifier-url", metavar="URL",
         help="with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))
 
@@ -6949,7 +7067,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
         ctx.ui.emit(execution, table)
         return
     ctx.ui.info("Waiting for execution %s to complete..." % execution.get("id"))
-    timeout = args.timeout if args.timeout is not None else 300
+    timeout = args.timeout if args.timeout is not None else WATCH_TIMEOUT
     return watch_execution(ctx, session, int(execution["id"]), timeout, notifier_base(ctx, session))
 
 
@@ -7114,8 +7232,8 @@ def cmd_execution_cancel(ctx, args):
          arg("id", metavar="ID", nargs="?", type=Number(1, MAX_ID), help="execution id (a whole number)",
              complete="executions"),
          *(EXECUTION_FILTERS + (
-             arg("--timeout", type=Seconds(1), default=300, metavar="SECONDS",
-                 help="stop waiting after this long (default 300)"),
+             arg("--timeout", type=Seconds(1), default=WATCH_TIMEOUT, metavar="SECONDS",
+                 help="stop waiting after this long (default %d)" % WATCH_TIMEOUT),
              arg("--notifier-url", metavar="URL",
                  help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))),
          examples=("attune execution watch 42",
@@ -8838,7 +8956,7 @@ REFRESH_ID = arg("--client-refresh-id", metavar="ID", help="your id for this ref
                                                            "(default: cli-<ms>-<pid>-<n>)")
 CHUNK_COUNT = arg("--expected-chunk-count", type=Number(0, 2 ** 31 - 1), metavar="N",
                   help="how many chunks will be uploaded")
-REFRESH_SEQUENCE = []
+REFRESH_SEQUENCE = []  # process state, a list used as a counter: refresh ids this process made
 
 
 def new_refresh_id():
@@ -9875,16 +9993,6 @@ def cmd_workflow_delete(ctx, args):
 
 
 # === Commands: api and health ================================================
-
-PER_PAGE_LISTS = ("/executions", "/keys", "/events", "/enforcements", "/audit-events", "/artifacts")
-
-
-def page_size_param(path):
-    """The page-size query parameter of a list endpoint: most say page_size, a few per_page."""
-    path = path.split("?")[0]
-    path = path[len("/api/v1"):] if path.startswith("/api/v1") else path
-    return "per_page" if path.startswith(PER_PAGE_LISTS) else "page_size"
-
 
 def api_body(ctx, args):
     """The raw bytes of --data (JSON text, @FILE or - for stdin), or None."""

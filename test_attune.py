@@ -3152,7 +3152,7 @@ class MessageTests(unittest.TestCase):
                          "API error (409 Conflict, code CONFLICT): Pack with ref 'x' already exists")
         nested = self.response(401, '{"error": {"code": 401, "message": "Authentication token expired"}}')
         self.assertEqual(attune.error_message(nested), "Authentication token expired")
-        self.assertIsInstance(attune.api_error(nested), attune.AuthRequired)
+        self.assertIsInstance(attune.api_error(nested), attune.AuthError)
 
     def test_html_is_status_line_and_first_200_characters(self):
         html = "<html><body>" + "Bad gateway " * 50 + "</body></html>"
@@ -4709,7 +4709,7 @@ class ProcessTests(AttuneTestCase):
 
 class GuardTests(unittest.TestCase):
     STDLIB = {"argparse", "binascii", "difflib", "email", "errno", "fcntl", "getpass", "hashlib", "http", "importlib",
-              "io", "ipaddress", "json", "msvcrt", "os", "py_compile", "re", "select", "shlex", "shutil", "signal",
+              "io", "ipaddress", "json", "logging", "msvcrt", "os", "py_compile", "re", "select", "shlex", "shutil", "signal",
               "socket", "ssl", "stat", "struct", "subprocess", "sys", "tarfile", "tempfile", "termios", "time",
               "urllib", "warnings", "webbrowser", "datetime"}
 
@@ -4963,13 +4963,13 @@ class SeamTests(AttuneTestCase):
             text = f.read()
         self.assertEqual(seam_violations(text), [])
         marker = '\n@command("auth token", '  # in the first half
-        plants = [("def planted():\n    return fetch_list\n", [("planted", "fetch_list")]),
+        plants = [("def planted():\n    return emit_list\n", [("planted", "emit_list")]),
                   ("class Planted:\n    def look(self):\n        return confirm()\n", [("Planted.look", "confirm")]),
-                  ("def planted():\n    def inner():\n        return fetch_list\n    return inner\n",
-                   [("planted.inner", "fetch_list")]),
+                  ("def planted():\n    def inner():\n        return emit_list\n    return inner\n",
+                   [("planted.inner", "emit_list")]),
                   ("PLANTED = [cmd_pack_list]\n", [("(module)", "cmd_pack_list")]),
                   ("def planted(step=cmd_pack_list):\n    return step\n", [("(module)", "cmd_pack_list")]),
-                  ("def planted():\n    fetch_list = 1\n    return fetch_list\n", []),  # a local
+                  ("def planted():\n    emit_list = 1\n    return emit_list\n", []),  # a local
                   ("def planted(confirm):\n    return confirm\n", [])]  # a parameter
         for plant, expected in plants:
             with self.subTest(plant=plant):
@@ -8292,6 +8292,8 @@ class AuthExecTests(AttuneTestCase):
 
 
 def become_nobody():
+    """What setpriv --reuid=65534 --regid=65534 --clear-groups does: no group of root's is kept."""
+    os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
 
@@ -9822,7 +9824,7 @@ class LongSessionTests(AttuneTestCase):
         self.assertEqual(self.server.count("POST", "/auth/refresh"), 6)
         self.server.revoked.update(self.server.issued)  # and the refresh hands out a revoked token:
         self.server.mint = lambda *a, **k: self.server.issued[0]  # the retry's 401 is exit 4
-        with self.assertRaises(attune.AuthRequired):
+        with self.assertRaises(attune.AuthError):
             session.request("GET", "/packs")
 
 
@@ -11098,6 +11100,213 @@ class ReadmeTests(AttuneTestCase):
         self.assertEqual(self.server.log(), ["GET /api/v1/packs"])  # no refresh, no login
 
 
+# === Tests: attune as a Python module ========================================
+
+KERNEL_END = "# === Output ====="  # the sections above it are the kernel: they return or raise
+FORBIDDEN_IN_KERNEL = {"print", "input", "exit", "quit", "breakpoint"}
+FORBIDDEN_ATTRIBUTES = {("sys", "exit"), ("os", "_exit"), ("sys", "stdout"), ("sys", "stderr"), ("sys", "stdin"),
+                        ("getpass", "getpass"), ("os", "abort"), ("os", "kill")}
+
+
+def layer_violations(text):
+    """[(function, what)] for each function of the kernel (everything above the Output
+    section, and the module section) that prints, prompts or ends the process. Below the
+    command line nothing may: it returns or raises, and main() alone turns that into words
+    and an exit code. StandardStream (main's wrapper of the streams) is the command line's."""
+    import ast
+    kernel = text[:text.index(KERNEL_END)]
+    found = []
+
+    def visit(node, where):
+        for child in ast.iter_child_nodes(node):
+            name = where
+            if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
+                name = child.name if where == "(module)" else where + "." + child.name
+            if isinstance(child, ast.Name) and child.id in FORBIDDEN_IN_KERNEL:
+                found.append((name, child.id))
+            if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and \
+                    (child.value.id, child.attr) in FORBIDDEN_ATTRIBUTES:
+                found.append((name, "%s.%s" % (child.value.id, child.attr)))
+            visit(child, name)
+    visit(ast.parse(kernel), "(module)")
+    return found
+
+
+class LayerTests(unittest.TestCase):
+    """Below the command layer (credential file, lock, tokens, transport, session, lists,
+    the module's session()) nothing prints, prompts or exits; the guard is shown to fail."""
+
+    def test_the_kernel_neither_prints_nor_exits(self):
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            text = f.read()
+        self.assertEqual(layer_violations(text), [])
+        marker = "\ndef session_expired(profile):"
+        self.assertIn(marker, text)
+        for plant, expected in (("def planted():\n    print('hi')\n", [("planted", "print")]),
+                                ("def planted():\n    sys.exit(4)\n", [("planted", "sys.exit")]),
+                                ("class P:\n    def m(self):\n        sys.stderr.write('x')\n", [("P.m", "sys.stderr")]),
+                                ("def planted():\n    return input()\n", [("planted", "input")]),
+                                ("def planted():\n    os._exit(1)\n", [("planted", "os._exit")]),
+                                ("def planted(out):\n    out.write('fine: a stream handed in')\n", [])):
+            with self.subTest(plant=plant):
+                self.assertEqual(layer_violations(text.replace(marker, "\n" + plant + marker, 1)), expected)
+        after = text.index("\n", text.index(KERNEL_END)) + 1  # the command layer may
+        self.assertEqual(layer_violations(text[:after] + "def ui():\n    print('ok')\n" + text[after:]), [])
+
+
+MODULE_SCRIPT = r"""
+import json, sys
+import attune
+api = attune.session()
+out = {"me": api.get("/auth/me")["login"]}
+try:
+    api.get("/packs/nope")
+except attune.ApiError as e:
+    out["missing"] = [e.status, e.exit_code]
+out["token"] = api.token(min_ttl=10) == api.creds.access
+print(json.dumps(out))
+"""
+
+
+class ModuleTests(AttuneTestCase):
+    """import attune as a user would: a script beside a copied attune.py, and the installed
+    module, in real processes against the fake with short token lifetimes."""
+    server_options = {"refresh_mode": "single-use", "access_ttl": 60}
+
+    def script(self, text, name="deploy.py"):
+        """A script in its own directory beside a copy of attune.py; its path."""
+        directory = os.path.join(self.tmp, "scripts")
+        os.makedirs(directory, exist_ok=True)
+        shutil.copy(ATTUNE_PY, os.path.join(directory, "attune.py"))
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def run_script(self, path, env=None, python=None, flags=()):
+        environ = self.process_env(env)
+        environ.pop("PYTHONPATH", None)  # only what the script's own directory holds
+        p = subprocess.run([python or sys.executable] + list(flags) + [path], env=environ, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        result = Result(p.returncode, p.stdout, p.stderr)
+        self.assert_no_leak(result)
+        return result
+
+    def test_a_script_beside_a_copied_file(self):
+        old = self.seed(access_left=-100)  # the first request refreshes, and the rotation is stored
+        result = self.run_script(self.script(MODULE_SCRIPT))
+        self.assertEqual((result.code, result.err), (0, ""), result)
+        self.assertEqual(json.loads(result.out), {"me": "admin", "missing": [404, 1], "token": True})
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 1)
+        stored = self.profile()
+        self.assertNotEqual((stored["auth_token"], stored["refresh_token"]), (old["auth_token"], old["refresh_token"]))
+
+    def test_the_installed_module(self):
+        prefix = os.path.join(self.tmp, "prefix")
+        installed = self.run_process("self-install", "--prefix", prefix)
+        self.assertEqual(installed.code, 0, installed)
+        self.seed()
+        path = self.script("import sys\nsys.path.insert(0, %r)\n" % os.path.join(prefix, "lib", "attune")
+                           + MODULE_SCRIPT, name="installed.py")
+        os.unlink(os.path.join(os.path.dirname(path), "attune.py"))
+        result = self.run_script(path, flags=["-I", "-S"])
+        self.assertEqual((result.code, result.err), (0, ""), result)
+        self.assertEqual(json.loads(result.out)["me"], "admin")
+
+    def test_the_readme_example_runs_as_written(self):
+        with open(README, encoding="utf-8") as f:
+            readme = f.read()
+        section = readme[readme.index("\n## From Python\n"):]
+        example = section[section.index("```python\n") + 10:section.index("\n```", section.index("```python"))]
+        self.seed(access_left=-100)
+        result = self.run_script(self.script(example + "\nprint(token == api.creds.access)\n", name="example.py"))
+        self.assertEqual((result.code, result.err), (0, ""), result)
+        lines = result.out.splitlines()
+        packs = sorted(self.server.packs.values(), key=lambda p: p["id"])
+        self.assertEqual(lines[0], "logged in as admin")
+        self.assertEqual(lines[1:1 + len(packs)], ["%s %s" % (p["ref"], p["version"]) for p in packs])
+        self.assertRegex(lines[-3], r"^execution \d+ completed$")
+        self.assertEqual(lines[-2:], ["no such pack: 404", "True"])
+        # expired at the start: one refresh; token(min_ttl=300) of a 60 s token: one more
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 2)
+
+    def test_two_processes_refresh_once(self):
+        self.seed(access_left=-100)
+        path = self.script("import attune, sys\nattune.session().get('/auth/me')\nprint('ok')\n", name="two.py")
+        environ = self.process_env()
+        environ.pop("PYTHONPATH", None)
+        procs = [subprocess.Popen([sys.executable, path], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True) for _ in range(2)]
+        results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+        self.assertEqual(results, [("ok\n", "", 0)] * 2)
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 1)
+
+    def test_an_expired_session_raises_auth_error_and_prints_nothing(self):
+        self.seed(access_left=-100, refresh_left=-10)
+        path = self.script("import attune, sys\ntry:\n    attune.session().get('/packs')\n"
+                           "except attune.AuthError as e:\n    sys.exit(e.exit_code)\n", name="expired.py")
+        result = self.run_script(path)
+        self.assertEqual((result.code, result.out, result.err), (4, "", ""))
+        self.assertEqual(self.server.count(), 0)
+        for exc, code in ((attune.AuthError, 4), (attune.ConfigError, 3), (attune.NetworkError, 5),
+                          (attune.ServerError, 6), (attune.ApiError, 1), (attune.UsageError, 2)):
+            self.assertTrue(issubclass(exc, attune.AttuneError))
+            self.assertEqual(exc.exit_code, code)
+
+    def test_paginate_asks_for_a_page_only_when_the_last_is_used_up(self):
+        for i in range(230):
+            self.server.packs["bulk%03d" % i] = self.server.new_pack(500 + i, "bulk%03d" % i, "Bulk %d" % i)
+        self.seed()
+        with mock.patch.dict(os.environ, self.environ(), clear=True):
+            api = attune.session()
+        pages = lambda: self.server.count("GET", "/api/v1/packs")  # noqa: E731
+        items = api.paginate("/packs")
+        self.assertEqual(pages(), 0)
+        first = next(items)
+        self.assertEqual((first["ref"], pages()), ("core", 1))
+        rest = [next(items) for _ in range(99)]
+        self.assertEqual(pages(), 1)
+        rest.append(next(items))
+        self.assertEqual(pages(), 2)
+        self.assertEqual(len([first] + rest + list(items)), 233)
+        self.assertEqual(pages(), 3)
+        self.assertEqual([r.query.get("page_size") for r in self.server.requests if r.path == "/api/v1/packs"],
+                         [["100"]] * 3)
+        self.assertEqual(len(list(api.paginate("/keys"))), len(self.server.keys))
+        self.assertEqual(self.server.requests[-1].query.get("per_page"), ["100"])
+
+    def test_run_and_wait_returns_the_finished_execution(self):
+        self.seed()
+        with mock.patch.dict(os.environ, self.environ(), clear=True):
+            api = attune.session()
+        started = api.run("core.echo", {"message": "from python"})
+        self.assertIn(started["status"], ("requested", "scheduled"))
+        finished = api.run("core.echo", {"message": "waited"}, wait=True, timeout=60)
+        self.assertEqual(finished["status"], "completed")
+        self.assertEqual(finished["result"]["stdout"].strip(), "waited")
+        self.assertEqual(api.post("/executions/execute", {"action_ref": "core.echo", "parameters": {}})["action_ref"],
+                         "core.echo")
+        with self.assertRaises(attune.AttuneError) as caught:
+            api.run("core.sleep", {"seconds": 30}, wait=True, timeout=0.5)
+        self.assertIn("timed out after 0.5s waiting for execution", str(caught.exception))
+
+    def test_importing_has_no_side_effects(self):
+        home = os.path.join(self.tmp, "home")
+        os.makedirs(home)
+        probe = ("import signal, sys\nsys.argv = ['x', '--help']\n"
+                 "before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)]\n"
+                 "import attune\n"
+                 "assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)] == before\n"
+                 "assert sorted(attune.__all__) == sorted(n for n in attune.__all__ if hasattr(attune, n))\n"
+                 "assert 'json' not in sys.modules and 'argparse' not in sys.modules\n")
+        result = self.run_script(self.script(probe, name="probe.py"), env={"HOME": home})
+        self.assertEqual((result.code, result.out, result.err), (0, "", ""), result)
+        self.assertEqual(os.listdir(home), [])
+        self.assertEqual(sorted(attune.__all__), sorted(["session", "Session", "AttuneError", "UsageError",
+                                                         "ConfigError", "AuthError", "NetworkError", "ApiError",
+                                                         "ServerError", "main", "__version__"]))
+
+
 # === Tests: start-up =========================================================
 
 class QuickPathTests(AttuneTestCase):
@@ -12265,6 +12474,15 @@ def bench(argv):
                          complete_action):
                 run_timed(installed + warm, env)
             bare = [python, "-c", "pass"]
+            beside = os.path.join(tmp, "script-%d" % n)  # a script with attune.py copied beside it
+            os.makedirs(beside)
+            shutil.copy(ATTUNE_PY, beside)
+            with open(os.path.join(beside, "deploy.py"), "w") as f:
+                f.write("import attune\n")
+            import_copied = [python, os.path.join(beside, "deploy.py")]
+            import_installed = [python, "-c", "import sys; sys.path.insert(0, %r); import attune"
+                                % os.path.join(prefix, "lib", "attune")]
+            run_timed(import_copied, env)  # its bytecode cache, as a second run has it
             compile_only = [python, "-c", "compile(open(%r).read(), 'attune.py', 'exec')" % ATTUNE_PY]
             pairs = [("installed auth token vs python -c pass", installed + ["auth", "token"], bare, 1.0),
                      ("installed --help vs python -c pass", installed + ["--help"], bare, 1.5),
@@ -12282,7 +12500,9 @@ def bench(argv):
                                                                                    "token"],
                       copied + ["--config", config, "auth", "token"], 1.5),
                      ("installed auth token, 10,000 profiles vs 1", installed + ["--config", fleet, "auth", "token"],
-                      installed + ["--config", config, "auth", "token"], 3.5)]
+                      installed + ["--config", config, "auth", "token"], 3.5),
+                     ("import attune, installed, vs python -c pass", import_installed, bare, 1.3),
+                     ("import attune, copied beside a script, vs -c pass", import_copied, bare, 1.6)]
             gh = shutil.which("gh")
             if gh:
                 pairs.insert(1, ("installed auth token vs gh auth token", installed + ["auth", "token"],

@@ -744,6 +744,14 @@ def epoch(value):
 
 # === Tokens: JWT claims, lifetimes, the credentials in use ===================
 
+def describe_source(source, origin):
+    """'environment (ATTUNE_API_TOKEN)', 'token file /run/token', ... for messages."""
+    if source is None:
+        return "none"
+    return {"env": "environment (%s)", "token_file": "token file %s",
+            "file": "credential file, profile '%s'"}[source] % origin
+
+
 def jwt_claims(token):
     """The payload of a JWT as a dict, or None for anything malformed. No signature check:
     the client only wants to know when the token expires."""
@@ -2399,14 +2407,6 @@ def poll_execution(session, execution_id, timeout, deadline=None, pause=time.sle
 
 # === Session: tokens and refresh =============================================
 
-def describe_source(source, origin):
-    """'environment (ATTUNE_API_TOKEN)', 'token file /run/token', ... for messages."""
-    if source is None:
-        return "none"
-    return {"env": "environment (%s)", "token_file": "token file %s",
-            "file": "credential file, profile '%s'"}[source] % origin
-
-
 def read_token_file(path):
     """The token in the file ATTUNE_TOKEN_FILE names (a regular file of at most 64 KiB)."""
     try:
@@ -3064,8 +3064,10 @@ class Printer:
         self.stdout, self.stderr, self.stdin = sys.stdout, sys.stderr, sys.stdin
         self.verbose = getattr(args, "verbose", 0) or 0
         self.stored_format = stored_format  # the credential file's format setting, read when needed
-        if getattr(args, "output", None) == "ndjson" and getattr(args, "command_path", None) != [
-                "cache", "entry", "scan"]:
+        # --output ndjson: the one command that writes it (cache entry scan --all) writes it
+        # itself; everywhere else it is refused, and as a format it reads as json
+        self.ndjson = getattr(args, "output", None) == "ndjson"
+        if self.ndjson and getattr(args, "command_path", None) != ["cache", "entry", "scan"]:
             raise UsageError("--output ndjson is only supported by 'attune cache entry scan --all'")
         self._warned = set()
         self._printed = False
@@ -3096,8 +3098,7 @@ class Printer:
         if len(chosen) > 1:
             raise UsageError("choose one output format: --output, -j/--json or -y/--yaml")
         if chosen:
-            chosen = chosen.pop()
-            return "json" if chosen == "ndjson" else chosen  # ndjson: what cache entry scan --all writes itself
+            return "json" if self.ndjson else chosen.pop()
         stored = self.stored_format()
         return stored if stored in OUTPUT_FORMATS else "table"
 
@@ -5061,6 +5062,284 @@ def run_keeping_fresh(ctx, session, command, env):
             signal.signal(signum, handler)
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- auth doctor: everything attune.py depends on here, in one report --------------
+def lock_probe(lock_path):
+    """One try at the credential lock: 'refused' is what a working lock answers while held."""
+    lock = FileLock(lock_path, 0.0, "attune lock probe", lambda message: None, lambda message: None)
+    if not lock.acquire():
+        return "refused"
+    lock.release()
+    return "acquired"
+
+
+def probe_lock_from_child(lock_path):
+    """lock_probe() from another process: a forked child. Where there is no fork (Windows)
+    it runs here with a handle of its own, which msvcrt locks refuse as another process."""
+    if not hasattr(os, "fork"):
+        return lock_probe(lock_path)
+    import warnings
+    with warnings.catch_warnings():  # 3.12+ warn about forking beside threads (a test's server)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: only the probe, then out without running anything of the parent's
+        code = 2
+        try:
+            code = 0 if lock_probe(lock_path) == "refused" else 1
+        finally:
+            os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    return {0: "refused", 1: "acquired"}.get(code, "the probe failed")
+
+
+class Doctor:
+    """auth doctor: one report of everything that decides whether attune.py will work here.
+    Local problems exit 3, an unreachable server 5; --repair fixes what it safely can."""
+
+    def __init__(self, ctx, repair):
+        self.ctx, self.repair = ctx, repair
+        self.report, self.problems, self.notes = {}, [], []
+        self.unreachable = False
+
+    def run(self):
+        self.check_file()
+        session = self.check_profile()
+        self.check_lock()
+        if session is not None:
+            self.check_network(session)
+            self.check_server(session)
+            self.check_token(session)
+        code = 3 if self.problems else 5 if self.unreachable else 0
+        self.report.update(problems=self.problems, notes=self.notes, exit_code=code)
+        return code
+
+    def check_file(self):
+        ctx = self.ctx
+        info = {"path": ctx.choice.config_path, "source": ctx.choice.config_source, "exists": False}
+        self.report["credential_file"] = info
+        if ctx.choice.config_path is None:
+            self.notes.append("HOME is not set, so there is no credential file: tokens must come from the "
+                              "environment, or choose a file with --config FILE or ATTUNE_CONFIG")
+            return
+        try:
+            st = os.stat(ctx.choice.config_path)
+        except (FileNotFoundError, NotADirectoryError):
+            self.notes.append("no credential file yet; there is one implicit profile, 'default'")
+            return
+        except OSError as e:
+            self.problems.append("cannot inspect %s: %s" % (ctx.choice.config_path, e.strerror or e))
+            return
+        info.update(exists=True, mode="%03o" % (st.st_mode & 0o777), owner_uid=st.st_uid)
+        problems = file_safety_problems(ctx.choice.config_path, st)
+        if "mode" in problems and self.repair:
+            os.chmod(ctx.choice.config_path, 0o600)
+            info["mode"] = "600"
+            self.notes.append("repaired: mode of %s set to 600" % ctx.choice.config_path)
+            del problems["mode"]
+        self.problems.extend(problems.values())
+        ctx.store._checked_safety = True  # reported here; no second warning from the store
+        try:
+            doc = ctx.store.load()
+            info.update(parses=True, version=doc.get("version", FILE_VERSION), profiles=sorted(doc["profiles"]))
+        except ConfigError as e:
+            info.update(parses=False, error=str(e))
+            if self.repair:
+                info["moved_aside_to"] = self.move_aside()
+                info["parses"] = True
+                self.notes.append("repaired: the corrupt file was moved to %s and a fresh one started"
+                                  % info["moved_aside_to"])
+            else:
+                self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.choice.config_path)
+
+    def move_aside(self):
+        store = self.ctx.store
+        aside = "%s.corrupt-%s" % (store.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        with store.lock():
+            os.rename(store.path, aside)
+            store.modify_locked(lambda doc: None)
+        return aside
+
+    def check_profile(self):
+        ctx = self.ctx
+        try:
+            session = ctx.session()
+        except ConfigError as e:
+            self.problems.append(str(e))
+            return None
+        creds, chosen = session.creds, session.selection
+        self.report["profile"] = {"name": chosen.profile, "source": chosen.profile_source, "api_url": chosen.api_url,
+                                  "api_url_source": chosen.api_url_source,
+                                  "token_source": creds.source if creds.access else None,
+                                  "token_origin": creds.origin if creds.access else None}
+        return session
+
+    def check_lock(self):
+        if self.ctx.choice.config_path is None:
+            self.report["lock"] = {"path": None, "status": "not checked: there is no credential file"}
+            return
+        lock_path = self.ctx.choice.config_path + ".lock"
+        info = {"path": lock_path}
+        self.report["lock"] = info
+        if not os.path.isdir(os.path.dirname(lock_path)):
+            info["status"] = "not checked: %s does not exist yet" % os.path.dirname(lock_path)
+            return
+        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.ui.log, self.ctx.ui.log)
+        if not lock.acquire():
+            info["status"] = "not available (the file system refuses locks, or another process holds it)"
+            self.notes.append("the credential lock is not available; attune.py goes on without it (still safe)")
+            lock.release()
+            return
+        try:
+            info["method"] = "msvcrt" if fcntl is None else ("flock", "lockf")[lock._method]
+            outcome = probe_lock_from_child(lock_path)
+        finally:
+            lock.release()
+        if outcome == "refused":
+            info["status"] = "works: another process was refused while it was held"
+        else:
+            info["status"] = "another process got the lock while it was held (%s)" % outcome
+            self.problems.append("the credential lock %s does not keep other processes out (%s)" % (lock_path, outcome))
+
+    def check_network(self, session):
+        ctx = self.ctx
+        proxy = proxy_for(session.api_url, ctx.env)
+        bundle, bundle_source = session.selection.ca_bundle
+        info = {"proxy": masked_url(proxy) if proxy else None,
+                "no_proxy": ctx.env.get("no_proxy") or ctx.env.get("NO_PROXY") or None,
+                "ca_bundle": bundle, "ca_bundle_source": bundle_source,
+                "insecure": bool(getattr(ctx.args, "insecure", False))}
+        self.report["network"] = info
+        if session.api_url.startswith("https:") or bundle:
+            try:
+                ctx.http.ssl_context(session.selection.ca_bundle)
+            except ConfigError as e:
+                self.problems.append(str(e))
+
+    def check_server(self, session):
+        info = {"reachable": False}
+        self.report["server"] = info
+        sent = time.time()
+        try:
+            resp = session.transport.request(HttpRequest("GET", session.url("/health")))
+        except (NetworkError, ConfigError) as e:
+            info["error"] = str(e)
+            self.unreachable = isinstance(e, NetworkError)
+            if not self.unreachable:
+                self.problems.append(str(e))
+            return
+        received = time.time()
+        info.update(reachable=True, health_status=resp.status)
+        if not resp.ok:
+            info["error"] = str(api_error(resp))
+        date = http_date(resp.headers.get("Date") if resp.headers is not None else None)
+        if date is not None:
+            # Date has one-second resolution: the whole seconds are all the report can claim.
+            skew = int(round(date - (sent + received) / 2))
+            info["clock_skew_seconds"] = skew
+            if abs(skew) > 60:
+                self.notes.append("this clock and the server's differ by %s; tokens attune.py received itself "
+                                  "are not affected, tokens from the environment are judged by their JWT exp"
+                                  % format_duration(abs(skew)))
+
+    def check_token(self, session):
+        creds, now = session.creds, self.ctx.now()
+        claims = jwt_claims(creds.access) or {}
+        info = {"source": creds.source if creds.access else None, "issued_at": epoch(claims.get("iat"))}
+        info.update(token_times(creds, now))
+        info.update(invalidated_at=creds.invalidated_at, usable=creds.usable(now))
+        self.report["token"] = info
+        if not creds.access:
+            self.notes.append("not logged in; run: attune auth login")
+        elif not info["usable"]:
+            self.notes.append("the session needs a new login; run: attune auth login --profile %s" % session.profile)
+
+    def print_table(self):
+        ctx, report = self.ctx, self.report
+        now = ctx.now()
+        when = lambda at: "-" if at is None else describe_expiry(at, now)  # noqa: E731
+        profile = report.get("profile")
+        if profile:
+            ctx.ui.pairs([("Profile", "%s (from %s)" % (profile["name"], profile["source"])),
+                          ("API URL", "%s (from %s)" % (profile["api_url"], profile["api_url_source"])),
+                          ("Token", describe_source(profile["token_source"], profile["token_origin"]))], "Profile")
+        info = report["credential_file"]
+        pairs = [("Path", "%s (from %s)" % (info["path"] or "none", info["source"])), ("Exists", info["exists"])]
+        if info["exists"]:
+            pairs += [("Mode", info.get("mode")), ("Owner uid", info.get("owner_uid")),
+                      ("Parses", info.get("parses") if not info.get("error") else info["error"])]
+        ctx.ui.pairs(pairs, "Credential file")
+        lock = report["lock"]
+        ctx.ui.pairs([("Path", lock["path"] or "-"), ("Status", lock["status"])] +
+                     ([("Method", lock["method"])] if lock.get("method") else []), "Lock")
+        network = report.get("network")
+        if network:
+            ctx.ui.pairs([("Proxy", network["proxy"] or "none"), ("NO_PROXY", network["no_proxy"] or "-"),
+                          ("CA bundle", "%s (from %s)" % (network["ca_bundle"], network["ca_bundle_source"])
+                           if network["ca_bundle"] else "system trust store only"),
+                          ("Verify TLS", not network["insecure"])], "Network")
+        server = report.get("server")
+        if server:
+            pairs = [("Reachable", server["reachable"] if "error" not in server else server["error"])]
+            if "clock_skew_seconds" in server:
+                pairs.append(("Clock skew", "%+d s (server minus this machine)" % server["clock_skew_seconds"]))
+            ctx.ui.pairs(pairs, "Server")
+        token = report.get("token")
+        if token:
+            ctx.ui.pairs([("Source", token["source"] or "none"),
+                          ("Issued", "-" if token["issued_at"] is None else format_time(token["issued_at"])),
+                          ("Access token", when(token["access_token_expires_at"])),
+                          ("Refresh token", when(token["refresh_token_expires_at"])),
+                          ("Usable", token["usable"])], "Token")
+        ctx.ui.section("Summary")
+        for note in self.notes:
+            ctx.ui.out(INFO + " " + note)
+        for problem in self.problems:
+            ctx.ui.out(CROSS + " " + problem)
+        if self.unreachable:
+            ctx.ui.out(CROSS + " the server is unreachable: %s" % server["error"])
+        if not self.problems and not self.unreachable:
+            ctx.ui.out(CHECK + " no problems found")
+
+
+@command("auth doctor", "check everything attune.py depends on here, offline too",
+         arg("--repair", action="store_true",
+             help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one"),
+         examples=("attune auth doctor",
+                   "attune auth doctor --repair"))
+def cmd_auth_doctor(ctx, args):
+    doctor = Doctor(ctx, args.repair)
+    code = doctor.run()
+    ctx.ui.emit(doctor.report, doctor.print_table)
+    return code
+
+
+FILE_OPTIONS = ("--config", "--ca-bundle", "--data")
+
+
+# The bash function that asks `attune __complete` (zsh runs it too, through bashcompinit).
+BASH_DYNAMIC = """_attune_dynamic() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" line drop="" candidate IFS
+    local -a words
+    if [ -n "${ZSH_VERSION:-}" ]; then  # zsh (bashcompinit) hands over whole words
+        words=("${COMP_WORDS[@]:1:$COMP_CWORD}")
+    else  # bash breaks words at = and :, so read them whole from the line
+        line="${COMP_LINE:0:COMP_POINT}"
+        read -ra words <<< "$line"
+        [[ -z "$line" || "$line" == *[[:space:]] ]] && words+=("")
+        words=("${words[@]:1}")
+        drop="${words[${#words[@]}-1]}"
+        drop="${drop%"$cur"}"  # bash replaces only the part after its own word break (= or :)
+    fi
+    IFS=$'\n'
+    COMPREPLY=($("${COMP_WORDS[0]}" __complete -- "${words[@]}" 2>/dev/null))
+    [ -n "$drop" ] && COMPREPLY=("${COMPREPLY[@]#"$drop"}")
+    for candidate in "${COMPREPLY[@]}"; do
+        case "$candidate" in *.|*=) compopt -o nospace 2>/dev/null; break ;; esac
+    done
+}
+"""
 
 
 # === Commands: config ========================================================
@@ -8884,7 +9163,7 @@ def cmd_cache_entry_get_many(ctx, args):
              arg("--include-values", action="store_true", help="show each entry's value in the table"),
              arg("--all", action="store_true", help="every page, as NDJSON on stdout (needs --output ndjson)"))))
 def cmd_cache_entry_scan(ctx, args):
-    ndjson = getattr(args, "output", None) == "ndjson"
+    ndjson = ctx.ui.ndjson
     if ndjson != args.all:
         raise UsageError("--output ndjson requires '--all' for cache entry scans" if ndjson
                          else "'cache entry scan --all' requires '--output ndjson'")
@@ -10242,284 +10521,7 @@ def cmd_help(ctx, args):
     return 0
 
 
-# === Commands: doctor and completion =========================================
-
-def lock_probe(lock_path):
-    """One try at the credential lock: 'refused' is what a working lock answers while held."""
-    lock = FileLock(lock_path, 0.0, "attune lock probe", lambda message: None, lambda message: None)
-    if not lock.acquire():
-        return "refused"
-    lock.release()
-    return "acquired"
-
-
-def probe_lock_from_child(lock_path):
-    """lock_probe() from another process: a forked child. Where there is no fork (Windows)
-    it runs here with a handle of its own, which msvcrt locks refuse as another process."""
-    if not hasattr(os, "fork"):
-        return lock_probe(lock_path)
-    import warnings
-    with warnings.catch_warnings():  # 3.12+ warn about forking beside threads (a test's server)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: only the probe, then out without running anything of the parent's
-        code = 2
-        try:
-            code = 0 if lock_probe(lock_path) == "refused" else 1
-        finally:
-            os._exit(code)
-    status = os.waitpid(pid, 0)[1]
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    return {0: "refused", 1: "acquired"}.get(code, "the probe failed")
-
-
-class Doctor:
-    """auth doctor: one report of everything that decides whether attune.py will work here.
-    Local problems exit 3, an unreachable server 5; --repair fixes what it safely can."""
-
-    def __init__(self, ctx, repair):
-        self.ctx, self.repair = ctx, repair
-        self.report, self.problems, self.notes = {}, [], []
-        self.unreachable = False
-
-    def run(self):
-        self.check_file()
-        session = self.check_profile()
-        self.check_lock()
-        if session is not None:
-            self.check_network(session)
-            self.check_server(session)
-            self.check_token(session)
-        code = 3 if self.problems else 5 if self.unreachable else 0
-        self.report.update(problems=self.problems, notes=self.notes, exit_code=code)
-        return code
-
-    def check_file(self):
-        ctx = self.ctx
-        info = {"path": ctx.choice.config_path, "source": ctx.choice.config_source, "exists": False}
-        self.report["credential_file"] = info
-        if ctx.choice.config_path is None:
-            self.notes.append("HOME is not set, so there is no credential file: tokens must come from the "
-                              "environment, or choose a file with --config FILE or ATTUNE_CONFIG")
-            return
-        try:
-            st = os.stat(ctx.choice.config_path)
-        except (FileNotFoundError, NotADirectoryError):
-            self.notes.append("no credential file yet; there is one implicit profile, 'default'")
-            return
-        except OSError as e:
-            self.problems.append("cannot inspect %s: %s" % (ctx.choice.config_path, e.strerror or e))
-            return
-        info.update(exists=True, mode="%03o" % (st.st_mode & 0o777), owner_uid=st.st_uid)
-        problems = file_safety_problems(ctx.choice.config_path, st)
-        if "mode" in problems and self.repair:
-            os.chmod(ctx.choice.config_path, 0o600)
-            info["mode"] = "600"
-            self.notes.append("repaired: mode of %s set to 600" % ctx.choice.config_path)
-            del problems["mode"]
-        self.problems.extend(problems.values())
-        ctx.store._checked_safety = True  # reported here; no second warning from the store
-        try:
-            doc = ctx.store.load()
-            info.update(parses=True, version=doc.get("version", FILE_VERSION), profiles=sorted(doc["profiles"]))
-        except ConfigError as e:
-            info.update(parses=False, error=str(e))
-            if self.repair:
-                info["moved_aside_to"] = self.move_aside()
-                info["parses"] = True
-                self.notes.append("repaired: the corrupt file was moved to %s and a fresh one started"
-                                  % info["moved_aside_to"])
-            else:
-                self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.choice.config_path)
-
-    def move_aside(self):
-        store = self.ctx.store
-        aside = "%s.corrupt-%s" % (store.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        with store.lock():
-            os.rename(store.path, aside)
-            store.modify_locked(lambda doc: None)
-        return aside
-
-    def check_profile(self):
-        ctx = self.ctx
-        try:
-            session = ctx.session()
-        except ConfigError as e:
-            self.problems.append(str(e))
-            return None
-        creds, chosen = session.creds, session.selection
-        self.report["profile"] = {"name": chosen.profile, "source": chosen.profile_source, "api_url": chosen.api_url,
-                                  "api_url_source": chosen.api_url_source,
-                                  "token_source": creds.source if creds.access else None,
-                                  "token_origin": creds.origin if creds.access else None}
-        return session
-
-    def check_lock(self):
-        if self.ctx.choice.config_path is None:
-            self.report["lock"] = {"path": None, "status": "not checked: there is no credential file"}
-            return
-        lock_path = self.ctx.choice.config_path + ".lock"
-        info = {"path": lock_path}
-        self.report["lock"] = info
-        if not os.path.isdir(os.path.dirname(lock_path)):
-            info["status"] = "not checked: %s does not exist yet" % os.path.dirname(lock_path)
-            return
-        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.ui.log, self.ctx.ui.log)
-        if not lock.acquire():
-            info["status"] = "not available (the file system refuses locks, or another process holds it)"
-            self.notes.append("the credential lock is not available; attune.py goes on without it (still safe)")
-            lock.release()
-            return
-        try:
-            info["method"] = "msvcrt" if fcntl is None else ("flock", "lockf")[lock._method]
-            outcome = probe_lock_from_child(lock_path)
-        finally:
-            lock.release()
-        if outcome == "refused":
-            info["status"] = "works: another process was refused while it was held"
-        else:
-            info["status"] = "another process got the lock while it was held (%s)" % outcome
-            self.problems.append("the credential lock %s does not keep other processes out (%s)" % (lock_path, outcome))
-
-    def check_network(self, session):
-        ctx = self.ctx
-        proxy = proxy_for(session.api_url, ctx.env)
-        bundle, bundle_source = session.selection.ca_bundle
-        info = {"proxy": masked_url(proxy) if proxy else None,
-                "no_proxy": ctx.env.get("no_proxy") or ctx.env.get("NO_PROXY") or None,
-                "ca_bundle": bundle, "ca_bundle_source": bundle_source,
-                "insecure": bool(getattr(ctx.args, "insecure", False))}
-        self.report["network"] = info
-        if session.api_url.startswith("https:") or bundle:
-            try:
-                ctx.http.ssl_context(session.selection.ca_bundle)
-            except ConfigError as e:
-                self.problems.append(str(e))
-
-    def check_server(self, session):
-        info = {"reachable": False}
-        self.report["server"] = info
-        sent = time.time()
-        try:
-            resp = session.transport.request(HttpRequest("GET", session.url("/health")))
-        except (NetworkError, ConfigError) as e:
-            info["error"] = str(e)
-            self.unreachable = isinstance(e, NetworkError)
-            if not self.unreachable:
-                self.problems.append(str(e))
-            return
-        received = time.time()
-        info.update(reachable=True, health_status=resp.status)
-        if not resp.ok:
-            info["error"] = str(api_error(resp))
-        date = http_date(resp.headers.get("Date") if resp.headers is not None else None)
-        if date is not None:
-            # Date has one-second resolution: the whole seconds are all the report can claim.
-            skew = int(round(date - (sent + received) / 2))
-            info["clock_skew_seconds"] = skew
-            if abs(skew) > 60:
-                self.notes.append("this clock and the server's differ by %s; tokens attune.py received itself "
-                                  "are not affected, tokens from the environment are judged by their JWT exp"
-                                  % format_duration(abs(skew)))
-
-    def check_token(self, session):
-        creds, now = session.creds, self.ctx.now()
-        claims = jwt_claims(creds.access) or {}
-        info = {"source": creds.source if creds.access else None, "issued_at": epoch(claims.get("iat"))}
-        info.update(token_times(creds, now))
-        info.update(invalidated_at=creds.invalidated_at, usable=creds.usable(now))
-        self.report["token"] = info
-        if not creds.access:
-            self.notes.append("not logged in; run: attune auth login")
-        elif not info["usable"]:
-            self.notes.append("the session needs a new login; run: attune auth login --profile %s" % session.profile)
-
-    def print_table(self):
-        ctx, report = self.ctx, self.report
-        now = ctx.now()
-        when = lambda at: "-" if at is None else describe_expiry(at, now)  # noqa: E731
-        profile = report.get("profile")
-        if profile:
-            ctx.ui.pairs([("Profile", "%s (from %s)" % (profile["name"], profile["source"])),
-                          ("API URL", "%s (from %s)" % (profile["api_url"], profile["api_url_source"])),
-                          ("Token", describe_source(profile["token_source"], profile["token_origin"]))], "Profile")
-        info = report["credential_file"]
-        pairs = [("Path", "%s (from %s)" % (info["path"] or "none", info["source"])), ("Exists", info["exists"])]
-        if info["exists"]:
-            pairs += [("Mode", info.get("mode")), ("Owner uid", info.get("owner_uid")),
-                      ("Parses", info.get("parses") if not info.get("error") else info["error"])]
-        ctx.ui.pairs(pairs, "Credential file")
-        lock = report["lock"]
-        ctx.ui.pairs([("Path", lock["path"] or "-"), ("Status", lock["status"])] +
-                     ([("Method", lock["method"])] if lock.get("method") else []), "Lock")
-        network = report.get("network")
-        if network:
-            ctx.ui.pairs([("Proxy", network["proxy"] or "none"), ("NO_PROXY", network["no_proxy"] or "-"),
-                          ("CA bundle", "%s (from %s)" % (network["ca_bundle"], network["ca_bundle_source"])
-                           if network["ca_bundle"] else "system trust store only"),
-                          ("Verify TLS", not network["insecure"])], "Network")
-        server = report.get("server")
-        if server:
-            pairs = [("Reachable", server["reachable"] if "error" not in server else server["error"])]
-            if "clock_skew_seconds" in server:
-                pairs.append(("Clock skew", "%+d s (server minus this machine)" % server["clock_skew_seconds"]))
-            ctx.ui.pairs(pairs, "Server")
-        token = report.get("token")
-        if token:
-            ctx.ui.pairs([("Source", token["source"] or "none"),
-                          ("Issued", "-" if token["issued_at"] is None else format_time(token["issued_at"])),
-                          ("Access token", when(token["access_token_expires_at"])),
-                          ("Refresh token", when(token["refresh_token_expires_at"])),
-                          ("Usable", token["usable"])], "Token")
-        ctx.ui.section("Summary")
-        for note in self.notes:
-            ctx.ui.out(INFO + " " + note)
-        for problem in self.problems:
-            ctx.ui.out(CROSS + " " + problem)
-        if self.unreachable:
-            ctx.ui.out(CROSS + " the server is unreachable: %s" % server["error"])
-        if not self.problems and not self.unreachable:
-            ctx.ui.out(CHECK + " no problems found")
-
-
-@command("auth doctor", "check everything attune.py depends on here, offline too",
-         arg("--repair", action="store_true",
-             help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one"),
-         examples=("attune auth doctor",
-                   "attune auth doctor --repair"))
-def cmd_auth_doctor(ctx, args):
-    doctor = Doctor(ctx, args.repair)
-    code = doctor.run()
-    ctx.ui.emit(doctor.report, doctor.print_table)
-    return code
-
-
-FILE_OPTIONS = ("--config", "--ca-bundle", "--data")
-
-
-# The bash function that asks `attune __complete` (zsh runs it too, through bashcompinit).
-BASH_DYNAMIC = """_attune_dynamic() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" line drop="" candidate IFS
-    local -a words
-    if [ -n "${ZSH_VERSION:-}" ]; then  # zsh (bashcompinit) hands over whole words
-        words=("${COMP_WORDS[@]:1:$COMP_CWORD}")
-    else  # bash breaks words at = and :, so read them whole from the line
-        line="${COMP_LINE:0:COMP_POINT}"
-        read -ra words <<< "$line"
-        [[ -z "$line" || "$line" == *[[:space:]] ]] && words+=("")
-        words=("${words[@]:1}")
-        drop="${words[${#words[@]}-1]}"
-        drop="${drop%"$cur"}"  # bash replaces only the part after its own word break (= or :)
-    fi
-    IFS=$'\n'
-    COMPREPLY=($("${COMP_WORDS[0]}" __complete -- "${words[@]}" 2>/dev/null))
-    [ -n "$drop" ] && COMPREPLY=("${COMPREPLY[@]#"$drop"}")
-    for candidate in "${COMPREPLY[@]}"; do
-        case "$candidate" in *.|*=) compopt -o nospace 2>/dev/null; break ;; esac
-    done
-}
-"""
-
+# === Commands: completion ====================================================
 
 def completion_bash(tree):
     children = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(c)) for p, _, _, c in tree if c)

@@ -12502,7 +12502,7 @@ def bench(argv):
                      ("installed auth token, 10,000 profiles vs 1", installed + ["--config", fleet, "auth", "token"],
                       installed + ["--config", config, "auth", "token"], 3.5),
                      ("import attune, installed, vs python -c pass", import_installed, bare, 1.3),
-                     ("import attune, copied beside a script, vs -c pass", import_copied, bare, 1.6)]
+                     ("import attune, copied beside a script, vs -c pass", import_copied, bare, 1.8)]
             gh = shutil.which("gh")
             if gh:
                 pairs.insert(1, ("installed auth token vs gh auth token", installed + ["auth", "token"],

@@ -237,7 +237,7 @@ EXIT_SIGNALS = ExitSignals()
 
 def session_expired(profile):
     return AuthError("Session for profile '%s' has expired; run: attune auth login --profile %s"
-                        % (profile, profile))
+                     % (profile, profile))
 
 
 def not_logged_in():
@@ -2498,19 +2498,19 @@ class Session:
         c = self.creds
         if c.source == "env":
             return AuthError("the access token in %s has expired or was rejected; set a fresh one%s"
-                                % (c.origin, "" if c.refresh else " or ATTUNE_REFRESH_TOKEN"))
+                             % (c.origin, "" if c.refresh else " or ATTUNE_REFRESH_TOKEN"))
         if c.source == "token_file":
             return AuthError("the access token in %s (ATTUNE_TOKEN_FILE) has expired or was "
-                                "rejected" % c.origin)
+                             "rejected" % c.origin)
         return session_expired(self.profile)
 
     def no_session(self):
         """The AuthError for a command that needs a session this run does not have."""
         if self.creds.withheld:
             return AuthError("profile '%s' is logged in to %s, and its tokens are sent nowhere else; for "
-                                "%s run: attune auth login --url %s --save-profile NAME (or set "
-                                "ATTUNE_API_TOKEN)" % (self.profile, terminal_safe(self.creds.withheld),
-                                                       terminal_safe(self.api_url), terminal_safe(self.api_url)))
+                             "%s run: attune auth login --url %s --save-profile NAME (or set "
+                             "ATTUNE_API_TOKEN)" % (self.profile, terminal_safe(self.creds.withheld),
+                                                    terminal_safe(self.api_url), terminal_safe(self.api_url)))
         return not_logged_in()
 
     def token(self, min_ttl=0):
@@ -2531,8 +2531,8 @@ class Session:
                 return c.access
             if left > 0:
                 raise AuthError("the access token has %s left, less than --min-ttl %ds, and cannot "
-                                   "be refreshed (%s)" % (format_duration(left), min_ttl,
-                                                          describe_source(c.source, c.origin)))
+                                "be refreshed (%s)" % (format_duration(left), min_ttl,
+                                                       describe_source(c.source, c.origin)))
             raise self.expired_error()
         self.log("access token for profile '%s' %s (refresh margin %ds); refreshing"
                  % (self.profile, describe_expiry(c.access_expires_at, now), refresh_margin(c.lifetime)))
@@ -2670,14 +2670,14 @@ class Session:
             return resp
         if self._reactive_for == token:
             raise AuthError("the server rejected the token (%s); run: attune auth login --profile %s"
-                               % (error_message(resp), self.profile))
+                            % (error_message(resp), self.profile))
         self._reactive_for = token
         self.log("401 from the server; refreshing and retrying once")
         self.refresh()
         resp = self.transport.request(request.with_token(self.creds.access))
         if resp.status == 401:
             raise AuthError("the server rejected the refreshed token too (%s); run: attune auth "
-                               "login --profile %s" % (error_message(resp), self.profile))
+                            "login --profile %s" % (error_message(resp), self.profile))
         return resp
 
     def call(self, method, path, body=None, query=None, auth=True):
@@ -2755,11 +2755,14 @@ def session(profile=None, api_url=None):
     logger = logging.getLogger("attune")
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())  # a library says nothing unless asked
+    warn, log, note = (lambda message: logger.warning(SECRETS.mask(message)),  # masked as the
+                       lambda message: logger.debug(SECRETS.mask(message)),  # command line's
+                       lambda message: logger.info(SECRETS.mask(message)))  # output is
     env, deadline = os.environ, CommandDeadline()
-    store, source = open_store(None, env, logger.warning, logger.debug, "attune (python)", deadline)
+    store, source = open_store(None, env, warn, log, "attune (python)", deadline)
     choice = Choice(ModuleChoices(profile, api_url), env, store, store.path, source)
-    http = HttpSettings(env, request_timeout(env), False, None, 0, logger.debug, logger.info, deadline)
-    return Session(choice.select(), store, http, logger.debug, time.time)
+    http = HttpSettings(env, request_timeout(env), False, None, 0, log, note, deadline)
+    return Session(choice.select(), store, http, log, time.time)
 
 
 def open_store(config, env, warn, log, command, deadline):
@@ -4821,7 +4824,7 @@ def cmd_auth_refresh(ctx, args):
         raise session.no_session()
     if not session.creds.refresh and session.creds.source != "token_file":
         raise AuthError("profile '%s' has no refresh token; run: attune auth login --profile %s"
-                           % (session.profile, session.profile))
+                        % (session.profile, session.profile))
     try:
         session.refresh()
     except AuthError:

@@ -37,6 +37,7 @@ import hmac
 import http.server
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -11274,6 +11275,31 @@ class ModuleTests(AttuneTestCase):
                          [["100"]] * 3)
         self.assertEqual(len(list(api.paginate("/keys"))), len(self.server.keys))
         self.assertEqual(self.server.requests[-1].query.get("per_page"), ["100"])
+
+    def test_warnings_and_logs_go_to_the_attune_logger_masked(self):
+        entry = self.seed(access_left=-100)
+        os.chmod(self.config, 0o644)  # worth a warning
+        records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append((record.levelname, record.getMessage()))
+        logger = logging.getLogger("attune")
+        keep = Keep(level=logging.DEBUG)
+        logger.addHandler(keep)
+        self.addCleanup(logger.removeHandler, keep)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.DEBUG)
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, self.environ(), clear=True), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            self.assertEqual(attune.session().get("/auth/me")["login"], "admin")
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
+        self.assertIn("WARNING", [level for level, _ in records])
+        self.assertTrue(any("refreshing" in message for _, message in records), records)
+        for _, message in records:
+            for secret in (entry["auth_token"], entry["refresh_token"], self.profile()["auth_token"]):
+                self.assertNotIn(secret, message)
 
     def test_run_and_wait_returns_the_finished_execution(self):
         self.seed()

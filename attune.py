@@ -1473,6 +1473,15 @@ class CredentialStore:
     def _no_place(self):
         return ConfigError("there is no place for the credential file: HOME is not set; " + ELSEWHERE)
 
+    def homeless(self):
+        """Why no credential file can be made where this run looks for one (no HOME, or a
+        home that does not exist), or None."""
+        if self.path is None:
+            return "HOME is not set"
+        if self.root is not None and not os.path.isdir(self.root) and not self.exists:
+            return "the home directory %s does not exist" % self.root
+        return None
+
     def lock(self, done_waiting=None):
         """The lock around a read-modify-write. done_waiting, checked while another
         process holds it, ends the wait early when it says the wait is pointless."""
@@ -2511,6 +2520,11 @@ class Session:
                              "%s run: attune auth login --url %s --save-profile NAME (or set "
                              "ATTUNE_API_TOKEN)" % (self.profile, terminal_safe(self.creds.withheld),
                                                     terminal_safe(self.api_url), terminal_safe(self.api_url)))
+        homeless = self.store.homeless()
+        if homeless:  # auth login could not store a session here: say what works instead
+            return AuthError("Not logged in, and no session can be stored here (%s); give a token in "
+                             "ATTUNE_API_TOKEN or ATTUNE_TOKEN_FILE, or a credential file with --config FILE or "
+                             "ATTUNE_CONFIG" % homeless)
         return not_logged_in()
 
     def token(self, min_ttl=0):

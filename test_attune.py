@@ -8580,6 +8580,17 @@ class WhereItLivesTests(AttuneTestCase):
                                     self.server.url, stdin=PASSWORD, env=env)
                 self.assertEqual(self.server.count("POST", "/auth/login"), 0)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "nonexistent")))
+        # not logged in there: the advice is what can work there, not `auth login`
+        result = self.fails(4, "pack", "list", env={"HOME": os.path.join(self.tmp, "nonexistent"),
+                                                    "ATTUNE_CONFIG": None, "XDG_CONFIG_HOME": None,
+                                                    "ATTUNE_API_URL": self.server.url})
+        self.assertIn("no session can be stored here (the home directory %s does not exist); give a token in "
+                      "ATTUNE_API_TOKEN or ATTUNE_TOKEN_FILE" % os.path.join(self.tmp, "nonexistent"), result.err)
+        with mock.patch("os.path.expanduser", lambda path: path):  # no HOME, no password entry
+            result = self.fails(4, "pack", "list", env={"HOME": None, "ATTUNE_CONFIG": None,
+                                                        "XDG_CONFIG_HOME": None, "ATTUNE_API_URL": self.server.url})
+        self.assertIn("no session can be stored here (HOME is not set)", result.err)
+        self.assertEqual(self.server.log(), ["GET /api/v1/packs"] * 2)  # asked without a token, answered 401
         xdg = os.path.join(self.tmp, "no-xdg", ".config")
         self.fails(3, "config", "set", "description", "x", env={"ATTUNE_CONFIG": None, "XDG_CONFIG_HOME": xdg})
         self.assertFalse(os.path.exists(os.path.dirname(xdg)))

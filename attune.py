@@ -3847,22 +3847,14 @@ def build_parser():
                          fill=lambda p: fill_group(p, ()))
 
 
-# === Shell completion: __complete ============================================
-# The completion scripts ask `attune __complete [--cursor N] [--] WORDS...` about the word
-# WORDS[N] (by default the last; past the end, a new empty word), WORDS being what follows
-# `attune` on the command line. The answer is one candidate a line on stdout and nothing
-# else, and the exit status is 0 whatever happens (no credential file, no session, the server
-# down or slow), within COMPLETE_BUDGET seconds. Commands, options and choices come from the
-# declarations: the installed first half reads them from COMPLETION_FILE, which self-install
-# writes beside it, so naming a command loads no more than `auth token` does. Refs, ids and
-# parameters come from the server, in one request through the session every command uses
-# (the same profile and URL precedence, refresh and origin rule).
+# === The command table: the declarations as data, for typos and completion ===
+# The parser's typo check (usage_problem: the closest command or option that exists) and
+# __complete read the command line the same way, from one table of the declarations. The
+# installed first half reads that table from COMPLETION_FILE, which self-install writes
+# beside it, so neither needs the rest of the program to name a command.
 
-COMPLETE_BUDGET = 2.0  # seconds, for everything
 COMPLETION_FILE = "attune_commands.txt"  # completion_table(), as completion_table_text() writes it
 COMPLETION_FILE_LIMIT = 1 << 20
-CANDIDATE_LIMIT = 500
-CANDIDATE_CHARACTERS = frozenset("._-+=,:@/%")  # besides letters and digits: nothing a shell reads
 
 
 def value_completion(flags, spec):
@@ -3999,14 +3991,6 @@ def read_command_table():
     return CommandTable(completion_table_text(completion_table()))
 
 
-def fit_candidate(text):
-    """A candidate a shell can put on the command line as it is: printable, at most 256
-    characters, letters, digits and CANDIDATE_CHARACTERS only. Whatever else a server sends
-    (spaces, quotes, $, ;, controls) is left out rather than changed."""
-    return isinstance(text, str) and 0 < len(text) <= 256 and \
-        all(c.isalnum() or c in CANDIDATE_CHARACTERS for c in text)
-
-
 class CommandLine:
     """The words after `attune`, read from the command table as the parser reads them: the
     command they name, its positional arguments, the options given (values included), the
@@ -4103,6 +4087,29 @@ def usage_problem(argv):
     close = difflib.get_close_matches(" ".join(line.path + (word,)) if what == "command" else word, candidates, 1, 0.7)
     hint = "; did you mean '%s'?" % close[0] if close else ""
     return "unknown %s %s for %s%s (see: %s --help)" % (what, quoted(word, 64), place, hint, place)
+
+
+# === Shell completion: __complete ============================================
+# The completion scripts ask `attune __complete [--cursor N] [--] WORDS...` about the word
+# WORDS[N] (by default the last; past the end, a new empty word), WORDS being what follows
+# `attune` on the command line. The answer is one candidate a line on stdout and nothing
+# else, and the exit status is 0 whatever happens (no credential file, no session, the server
+# down or slow), within COMPLETE_BUDGET seconds. Commands, options and choices come from the
+# command table, so naming a command loads no more than `auth token` does. Refs, ids and
+# parameters come from the server, in one request through the session every command uses
+# (the same profile and URL precedence, refresh and origin rule).
+
+COMPLETE_BUDGET = 2.0  # seconds, for everything
+CANDIDATE_LIMIT = 500
+CANDIDATE_CHARACTERS = frozenset("._-+=,:@/%")  # besides letters and digits: nothing a shell reads
+
+
+def fit_candidate(text):
+    """A candidate a shell can put on the command line as it is: printable, at most 256
+    characters, letters, digits and CANDIDATE_CHARACTERS only. Whatever else a server sends
+    (spaces, quotes, $, ;, controls) is left out rather than changed."""
+    return isinstance(text, str) and 0 < len(text) <= 256 and \
+        all(c.isalnum() or c in CANDIDATE_CHARACTERS for c in text)
 
 
 class Completion(CommandLine):

@@ -1462,8 +1462,8 @@ class CredentialStore:
                 problem = "it is read-only (a read-only mount or secret volume, or its mode)"
             elif not os.access(directory, os.W_OK | os.X_OK):
                 problem = "its directory %s is not writable" % directory
-        elif self.root is not None and not os.path.isdir(self.root):
-            problem = "the home directory %s does not exist" % self.root
+        elif self.homeless():
+            problem = self.homeless()
         elif not os.access(existing_parent(directory), os.W_OK | os.X_OK):
             problem = "%s is not writable" % existing_parent(directory)
         if problem:
@@ -5167,6 +5167,12 @@ class Doctor:
         try:
             doc = ctx.store.load()
             info.update(parses=True, version=doc.get("version", FILE_VERSION), profiles=sorted(doc["profiles"]))
+            try:  # the same question a refresh asks before it is sent
+                ctx.store.check_writable()
+                info["writable"] = True
+            except ConfigError as e:
+                info["writable"] = False
+                self.notes.append("%s: a refresh or login here will stop with this" % e)
         except ConfigError as e:
             info.update(parses=False, error=str(e))
             if self.repair:

@@ -8537,6 +8537,17 @@ class WhereItLivesTests(AttuneTestCase):
         self.assertEqual(self.snapshot()[0], before)
 
     @unittest.skipUnless(can_unshare_mounts(), "needs root and unshare -m")
+    def test_auth_doctor_says_when_the_file_cannot_be_written(self):
+        self.seed()
+        directory = os.path.dirname(self.config)
+        result = in_mount_namespace(self, [(directory, directory, True)], attune_argv() + ["auth", "doctor", "-j"],
+                                    self.process_env())
+        report = json.loads(result.out)
+        self.assertFalse(report["credential_file"]["writable"])
+        self.assertIn("it is read-only", " ".join(report["notes"]))
+        self.assertTrue(json.loads(self.ok("auth", "doctor", "-j").out)["credential_file"]["writable"])
+
+    @unittest.skipUnless(can_unshare_mounts(), "needs root and unshare -m")
     def test_a_file_bind_mounted_on_its_own_is_rewritten_in_place(self):
         self.seed(access_left=-100)
         outside = os.path.join(self.tmp, "creds.json")  # docker run -v $PWD/creds.json:...

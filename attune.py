@@ -2202,13 +2202,14 @@ class Choice:
             profile, profile_source = self.profile_source
         else:
             profile_source = "command"
+        entry = self.store.profile(profile)  # the profile's stored entry: read once for all of the selection
         if api_url is None:
-            api_url, api_url_source = self.api_url_for(profile)
+            api_url, api_url_source = self.api_url_for(profile, entry)
         else:
             api_url_source = "command"
         api_url = api_url.rstrip("/")
         return Selection(profile, profile_source, api_url, api_url_source,
-                         self.credentials_for(profile, use_env, api_url), self.ca_bundle(profile))
+                         self.credentials_for(profile, entry, use_env, api_url), self.ca_bundle(entry))
 
     @property
     def profile(self):
@@ -2241,25 +2242,31 @@ class Choice:
                           % (quoted(name, 64), where, ", ".join(terminal_safe(k[:64], keep="") for k in known),
                              shell_quote(terminal_safe(name[:64], keep=""))))
 
-    def api_url_for(self, profile):
-        """(url, source): --api-url > ATTUNE_API_URL > the profile's api_url > the default."""
+    def own_url(self, profile, entry):
+        """The API URL profile itself names, the one origin its stored tokens belong to: its
+        api_url, or the default for a profile not stored. ConfigError when the entry names none."""
+        if entry is None:
+            return DEFAULT_API_URL
+        if entry.get("api_url") is None:
+            raise ConfigError("profile '%s' in %s has no api_url; run: attune config set api_url URL"
+                              % (profile, self.config_path))
+        return check_api_url(entry["api_url"], "profile '%s' in %s" % (profile, self.config_path))
+
+    def api_url_for(self, profile, entry=None):
+        """(url, source): --api-url > ATTUNE_API_URL > the profile's own (own_url) > the default."""
         if getattr(self.args, "api_url", None):
             return check_api_url(self.args.api_url, "--api-url"), "flag"
         if self.env.get("ATTUNE_API_URL"):
             return check_api_url(self.env["ATTUNE_API_URL"], "ATTUNE_API_URL"), "env"
-        stored = (self.store.profile(profile) or {}).get("api_url")
-        if stored is not None:
-            return check_api_url(stored, "profile '%s' in %s" % (profile, self.config_path)), "file"
-        if self.store.profile(profile) is not None:
-            raise ConfigError("profile '%s' in %s has no api_url; run: attune config set api_url URL"
-                              % (profile, self.config_path))
-        return DEFAULT_API_URL, "default"
+        entry = self.store.profile(profile) if entry is None else entry
+        return self.own_url(profile, entry), "default" if entry is None else "file"
 
-    def credentials_for(self, profile, use_env=True, api_url=None):
+    def credentials_for(self, profile, entry, use_env=True, api_url=None):
         """Tokens: with --profile, the profile's stored tokens; otherwise ATTUNE_API_TOKEN
         (ATTUNE_AUTH_TOKEN) > ATTUNE_TOKEN_FILE > stored. Stored tokens go only to the
-        origin the profile logged in to: for another api_url, none (Credentials.withheld
-        says whose they are). Environment tokens go wherever the user points them."""
+        origin of the profile's own URL: for another api_url, or when the entry names no
+        usable one, none (Credentials.withheld says whose they are). Environment tokens go
+        wherever the user points them."""
         env = self.env
         if use_env and not self.named:
             refresh = env.get("ATTUNE_REFRESH_TOKEN") or None
@@ -2272,24 +2279,25 @@ class Choice:
             if env.get("ATTUNE_TOKEN_FILE"):
                 path = env["ATTUNE_TOKEN_FILE"]
                 return Credentials.from_token(read_token_file(path), "token_file", path, refresh)
-        stored = Credentials.from_profile(profile, self.store.profile(profile))
-        home = (self.store.profile(profile) or {}).get("api_url") or DEFAULT_API_URL
-        home = home if isinstance(home, str) else repr(home)  # no origin: goes nowhere
-        if api_url is not None and (stored.access or stored.refresh) and url_origin(api_url) != url_origin(home):
+        stored = Credentials.from_profile(profile, entry)
+        if api_url is None or not (stored.access or stored.refresh):
+            return stored
+        try:
+            home = self.own_url(profile, entry)
+        except ConfigError:  # no usable origin of its own: the tokens go nowhere
+            home = "(no usable api_url)"
+        if url_origin(api_url) != url_origin(home):
             return Credentials(source="file", origin=profile, withheld=home)
         return stored
 
-    def ca_bundle(self, profile):
-        """(path, source) of extra CAs for profile's requests: --ca-bundle > ATTUNE_CA_BUNDLE >
-        the profile's ca_bundle."""
+    def ca_bundle(self, entry):
+        """(path, source) of extra CAs for the requests of the profile whose stored entry this
+        is: --ca-bundle > ATTUNE_CA_BUNDLE > the entry's ca_bundle."""
         if getattr(self.args, "ca_bundle", None):
             return self.args.ca_bundle, "flag"
         if self.env.get("ATTUNE_CA_BUNDLE"):
             return self.env["ATTUNE_CA_BUNDLE"], "env"
-        try:
-            stored = (self.store.profile(profile) or {}).get("ca_bundle")
-        except ConfigError:
-            stored = None
+        stored = (entry or {}).get("ca_bundle")
         return (stored, "file") if isinstance(stored, str) and stored else (None, None)
 
 

@@ -10106,6 +10106,23 @@ class OriginTests(ResourceTestCase):
         self.assertEqual(self.snapshot()[0], before)
         self.ok("pack", "list")  # the real session is fine
 
+    def test_a_profile_without_a_usable_url_of_its_own_sends_its_tokens_nowhere(self):
+        """The profile's own URL is worked out in one place: an entry without a usable api_url
+        has no origin, so --api-url (even the default URL's) gets no stored session."""
+        for broken in (None, 42, "ftp://x"):
+            with self.subTest(api_url=broken):
+                self.seed()
+                doc = self.read_doc()
+                doc["profiles"]["default"].pop("api_url")
+                if broken is not None:
+                    doc["profiles"]["default"]["api_url"] = broken
+                self.write_doc(doc)
+                result = self.fails(4, "--api-url", self.server.url, "pack", "list")
+                self.assertIn("profile 'default' is logged in to (no usable api_url), and its tokens are sent "
+                              "nowhere else", result.err)
+                self.assertEqual(self.server.received, set())
+                self.fails(3, "pack", "list")  # without --api-url the entry itself is the problem
+
     def test_the_same_origin_written_differently_is_the_same(self):
         token = self.seed()["auth_token"]
         host, port = "127.0.0.1", self.server.port

@@ -2920,71 +2920,6 @@ def to_json(data, ascii_only=False):
     return json.dumps(data, indent=2, ensure_ascii=ascii_only).translate(UNICODE_CONTROL_ESCAPES)
 
 
-YAML_WORDS = {"", "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n"}
-YAML_INDICATORS = "-?:,[]{}#&*!|>'\"%@`"
-
-
-def yaml_needs_quotes(s):
-    """True when YAML would read the plain scalar s as something other than this string."""
-    if s.lower() in YAML_WORDS or s != s.strip() or s[0] in YAML_INDICATORS:
-        return True
-    if ": " in s or " #" in s or s.endswith(":") or any(is_control(c) for c in s):
-        return True
-    first = s[0]
-    return first.isdigit() or (first in "+." and len(s) > 1) or s.lower() in (".inf", ".nan")
-
-
-def yaml_scalar(value, ascii_only=False):
-    if value is None:
-        return "null"
-    if value is True or value is False:
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if value != value:
-            return ".nan"
-        if value in (float("inf"), float("-inf")):
-            return ".inf" if value > 0 else "-.inf"
-        return repr(value)
-    text = str(value)
-    if yaml_needs_quotes(text) or (ascii_only and not all(ord(c) < 128 for c in text)):
-        return json.dumps(text, ensure_ascii=ascii_only)
-    return text
-
-
-def yaml_lines(value, indent, ascii_only):
-    pad = " " * indent
-    if isinstance(value, dict):
-        if not value:
-            return [pad + "{}"]
-        lines = []
-        for key, item in value.items():
-            head = pad + yaml_scalar(str(key), ascii_only) + ":"
-            if isinstance(item, dict) and item:
-                lines.append(head)
-                lines.extend(yaml_lines(item, indent + 2, ascii_only))
-            elif isinstance(item, list) and item:
-                lines.append(head)
-                lines.extend(yaml_lines(item, indent, ascii_only))  # block sequences sit at key level
-            else:
-                lines.append(head + " " + yaml_lines(item, 0, ascii_only)[0])
-        return lines
-    if isinstance(value, list):
-        if not value:
-            return [pad + "[]"]
-        lines = []
-        for item in value:
-            sub = yaml_lines(item, indent + 2, ascii_only)
-            sub[0] = pad + "- " + sub[0][indent + 2:]
-            lines.extend(sub)
-        return lines
-    return [pad + yaml_scalar(value, ascii_only)]
-
-
-def to_yaml(data, ascii_only=False):
-    """A small YAML emitter for JSON-shaped data: block style, quoting only when needed."""
-    return "\n".join(yaml_lines(data, 0, ascii_only)).translate(UNICODE_CONTROL_ESCAPES)
-
-
 def cell_text(value):
     if value is None:
         return ""
@@ -3235,6 +3170,621 @@ class Printer:
         return terminal_columns(self.stdout, self.env) if is_terminal(self.stdout) else None
 
 
+# === YAML: the writer and the reader =========================================
+# Output (-o yaml) and input (definition files) in one place; both keep to JSON-shaped data.
+
+# -- writing: block style, quoting only where a reader would take a scalar for something else --
+YAML_WORDS = {"", "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n"}
+YAML_INDICATORS = "-?:,[]{}#&*!|>'\"%@`"
+
+
+def yaml_needs_quotes(s):
+    """True when YAML would read the plain scalar s as something other than this string."""
+    if s.lower() in YAML_WORDS or s != s.strip() or s[0] in YAML_INDICATORS:
+        return True
+    if ": " in s or " #" in s or s.endswith(":") or any(is_control(c) for c in s):
+        return True
+    first = s[0]
+    return first.isdigit() or (first in "+." and len(s) > 1) or s.lower() in (".inf", ".nan")
+
+
+def yaml_scalar(value, ascii_only=False):
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if value != value:
+            return ".nan"
+        if value in (float("inf"), float("-inf")):
+            return ".inf" if value > 0 else "-.inf"
+        return repr(value)
+    text = str(value)
+    if yaml_needs_quotes(text) or (ascii_only and not all(ord(c) < 128 for c in text)):
+        return json.dumps(text, ensure_ascii=ascii_only)
+    return text
+
+
+def yaml_lines(value, indent, ascii_only):
+    pad = " " * indent
+    if isinstance(value, dict):
+        if not value:
+            return [pad + "{}"]
+        lines = []
+        for key, item in value.items():
+            head = pad + yaml_scalar(str(key), ascii_only) + ":"
+            if isinstance(item, dict) and item:
+                lines.append(head)
+                lines.extend(yaml_lines(item, indent + 2, ascii_only))
+            elif isinstance(item, list) and item:
+                lines.append(head)
+                lines.extend(yaml_lines(item, indent, ascii_only))  # block sequences sit at key level
+            else:
+                lines.append(head + " " + yaml_lines(item, 0, ascii_only)[0])
+        return lines
+    if isinstance(value, list):
+        if not value:
+            return [pad + "[]"]
+        lines = []
+        for item in value:
+            sub = yaml_lines(item, indent + 2, ascii_only)
+            sub[0] = pad + "- " + sub[0][indent + 2:]
+            lines.extend(sub)
+        return lines
+    return [pad + yaml_scalar(value, ascii_only)]
+
+
+def to_yaml(data, ascii_only=False):
+    """A small YAML emitter for JSON-shaped data: block style, quoting only when needed."""
+    return "\n".join(yaml_lines(data, 0, ascii_only)).translate(UNICODE_CONTROL_ESCAPES)
+
+
+# -- reading ---------------------------------------------------------------------
+# Definition and request files (permission sets, queue items, workflows) are YAML, so
+# attune.py reads the subset they use, strictly: block and flow mappings and sequences,
+# plain, single- and double-quoted scalars, literal | and folded > blocks, comments, one
+# document, the YAML 1.2 core schema (null, bool, int, float); JSON is YAML too. Keys are
+# strings. Anchors, aliases, tags, directives, several documents, complex keys, duplicate
+# keys and tabs in indentation are errors that say line:column, never a guess.
+
+class YamlError(ValueError):
+    pass
+
+
+YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
+                "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85",
+                "_": "\xa0", "L": "\u2028", "P": "\u2029"}
+YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+YAML_MAX_DEPTH = 200
+
+
+def yaml_plain_value(text):
+    """A plain scalar by the YAML 1.2 core schema: null, true/false, int, float or the string."""
+    import re
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text[0] in "tT"
+    if re.match(r"[-+]?[0-9]+\Z", text):
+        return int(text)
+    if re.match(r"0o[0-7]+\Z", text):
+        return int(text[2:], 8)
+    if re.match(r"0x[0-9a-fA-F]+\Z", text):
+        return int(text[2:], 16)
+    if re.match(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z", text):
+        return float(text)
+    if re.match(r"[-+]?\.(inf|Inf|INF)\Z", text):
+        return float("-inf") if text[0] == "-" else float("inf")
+    if text in (".nan", ".NaN", ".NAN"):
+        return float("nan")
+    return text
+
+
+def yaml_fold(lines):
+    """The lines of a folded (>) block as text: a break between two lines of text becomes a
+    space, each empty line a break; more-indented lines keep their breaks."""
+    text, previous, empties = "", None, 0
+    for line in lines:
+        if not line:
+            empties += 1
+            continue
+        normal = line[0] not in " \t"
+        if previous is None:
+            text += "\n" * empties
+        elif previous and normal:
+            text += "\n" * empties if empties else " "
+        else:
+            text += "\n" * (empties + 1)
+        text += line
+        previous, empties = normal, 0
+    return text
+
+
+class YamlReader:
+    """A recursive-descent reader over the whole text; self.pos is where it is. Each block
+    node is read up to the first character of the next line with content (or the end)."""
+
+    def __init__(self, text):
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        self.s = text.replace("\r\n", "\n").replace("\r", "\n")
+        self.pos = self.depth = self.empty_lines = self.comment_lines = 0
+        self.tab = None
+
+    # -- where the reader is -----------------------------------------------------
+    def fail(self, message, pos=None):
+        pos = self.pos if pos is None else pos
+        raise YamlError("%d:%d: %s" % (self.s.count("\n", 0, pos) + 1, self.column(pos) + 1, message))
+
+    def column(self, pos=None):
+        pos = self.pos if pos is None else pos
+        return pos - (self.s.rfind("\n", 0, pos) + 1)
+
+    def char(self, pos=None):
+        pos = self.pos if pos is None else pos
+        return self.s[pos] if pos < len(self.s) else ""
+
+    def line_end(self, pos):
+        end = self.s.find("\n", pos)
+        return len(self.s) if end < 0 else end
+
+    def separated(self, pos):
+        """Is pos the end of the text, a space, a tab or a line break?"""
+        return pos >= len(self.s) or self.s[pos] in " \t\n"
+
+    def at_marker(self, marker="---"):
+        return self.column() == 0 and self.s.startswith(marker, self.pos) and self.separated(self.pos + 3)
+
+    def at_block_end(self, indent):
+        """Has the block indented by indent ended at self.pos?"""
+        return (self.pos >= len(self.s) or self.column() < indent or self.at_marker()
+                or self.at_marker("..."))
+
+    def at_entry(self):
+        return self.char() == "-" and self.separated(self.pos + 1)
+
+    def enter(self):
+        self.depth += 1
+        if self.depth > YAML_MAX_DEPTH:
+            self.fail("nested more than %d levels deep" % YAML_MAX_DEPTH)
+
+    # -- lines -----------------------------------------------------------------
+    def skip_spaces(self):
+        while self.char() in (" ", "\t") and self.char():
+            self.pos += 1
+
+    def end_of_line(self):
+        """Only spaces and a comment may follow on this line; stops at its line break."""
+        self.skip_spaces()
+        if self.char() == "#" and (self.pos == 0 or self.s[self.pos - 1] in " \t\n"):
+            self.pos = self.line_end(self.pos)
+        if self.char() not in ("", "\n"):
+            self.fail("unexpected %s after the value" % json.dumps(self.char()))
+
+    def next_content(self):
+        """From a line break (or a line's start), on to the first character of the next line
+        that holds more than spaces and a comment; False at the end. Counts the empty lines
+        (self.empty_lines) and comment lines (self.comment_lines) passed, and notes where a
+        tab is among the line's leading blanks (self.tab, checked by check_indent())."""
+        s = self.s
+        self.empty_lines = self.comment_lines = 0
+        self.tab = None
+        while self.pos < len(s):
+            if s[self.pos] == "\n":
+                self.pos += 1
+            start = self.pos
+            self.skip_spaces()
+            c = self.char()
+            if c == "\n":
+                self.empty_lines += 1
+            elif c == "#":
+                self.comment_lines += 1
+                self.pos = self.line_end(self.pos)
+            elif c:
+                if "\t" in s[start:self.pos]:
+                    self.tab = (start, s.index("\t", start))
+                return True
+        return False
+
+    def check_indent(self, spaces=None):
+        """Tabs cannot indent a line; a line that continues a plain scalar may have them
+        after the spaces its indentation needs."""
+        if self.tab and (spaces is None or self.tab[1] - self.tab[0] < spaces):
+            self.fail("a tab cannot indent a line", self.tab[1])
+
+    # -- the document ----------------------------------------------------------
+    def document(self):
+        import re
+        bad = re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", self.s)  # DEL and C1 are data, as in JSON
+        if bad:
+            self.fail("control character U+%04X is not allowed" % ord(bad.group()), bad.start())
+        if not self.next_content():
+            return None
+        self.check_indent()
+        if self.char() == "%":
+            self.fail("directives are not supported")
+        value = None
+        if self.at_marker():
+            self.pos += 3
+            self.skip_spaces()
+            if self.char() not in ("", "\n", "#"):
+                value = self.block_node(-1, inline=True)
+            else:
+                self.end_of_line()
+                if self.next_content() and not self.at_marker() and not self.at_marker("..."):
+                    self.check_indent()
+                    value = self.block_node(-1)
+        else:
+            value = self.block_node(-1)
+        if self.at_marker("..."):
+            self.pos += 3
+            self.end_of_line()
+            self.next_content()
+        if self.pos < len(self.s):
+            self.check_indent()
+            self.fail("only one document is allowed" if self.at_marker() else "unexpected content after the document")
+        return value
+
+    # -- block context -----------------------------------------------------------
+    def block_node(self, indent, inline=False):
+        """The node whose first character is at self.pos, in a block indented by indent;
+        inline when it follows 'key:' on the same line (no block collection starts there)."""
+        self.enter()
+        c, start = self.char(), self.pos
+        if c in ("&", "*", "!"):
+            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
+        if c == "?" and self.separated(start + 1):
+            self.fail("complex keys are not supported")
+        if self.at_entry():
+            if inline:
+                self.fail("a sequence cannot start on the line of its key")
+            value = self.block_sequence(self.column())
+        elif c in ("|", ">"):
+            value = self.block_scalar(indent)
+        elif self.key_ahead():
+            if inline:
+                self.fail("a mapping cannot start on the line of its key")
+            value = self.block_mapping(self.column())
+        elif c in ("[", "{", '"', "'"):
+            value = self.flow_node() if c in "[{" else self.quoted()
+            self.skip_spaces()
+            if self.char() == ":":
+                self.fail("complex keys are not supported" if c in "[{" else "a key must be on one line", start)
+            self.end_of_line()
+            self.next_content()
+        else:
+            value = self.plain_block(indent)
+        self.depth -= 1
+        return value
+
+    def key_ahead(self):
+        """Does 'key:' start here (a plain or one-line quoted scalar, ':', then a space)?"""
+        s, pos = self.s, self.pos
+        if s[pos] in "\"'":
+            self.quoted()
+            end, self.pos = self.pos, pos
+            if "\n" in s[pos:end]:
+                return False
+            while end < len(s) and s[end] in " \t":
+                end += 1
+            return end < len(s) and s[end] == ":" and self.separated(end + 1)
+        if s[pos] in "[{":
+            return False
+        for p in range(pos, self.line_end(pos)):
+            if s[p] == "#" and s[p - 1] in " \t":
+                return False
+            if s[p] == ":" and self.separated(p + 1):
+                return True
+        return False
+
+    def mapping_key(self):
+        """The key at self.pos (key_ahead() said there is one); stops past its ':'."""
+        if self.char() in ("\"", "'"):
+            key = self.quoted()
+            self.skip_spaces()
+        else:
+            self.check_plain_start()
+            end = self.pos
+            while not (self.s[end] == ":" and self.separated(end + 1)):
+                end += 1
+            key, self.pos = self.s[self.pos:end].rstrip(" \t"), end
+        self.pos += 1
+        return key
+
+    def block_mapping(self, indent):
+        mapping = {}
+        while True:
+            start = self.pos
+            key = self.mapping_key()
+            if key in mapping:
+                self.fail("duplicate key %s" % json.dumps(key), start)
+            mapping[key] = self.block_value(indent, True)
+            if self.at_block_end(indent):
+                return mapping
+            self.check_indent()
+            if self.column() > indent:
+                self.fail("this line is indented more than the keys of its mapping")
+            if not self.key_ahead():
+                self.fail("expected a key of the mapping above (key: value)")
+
+    def block_sequence(self, indent):
+        items = []
+        while True:
+            self.pos += 1  # the '-'
+            items.append(self.block_value(indent, False))
+            if self.at_block_end(indent):
+                return items
+            self.check_indent()
+            if self.column() > indent:
+                self.fail("this line is indented more than the entries of its sequence")
+            if not self.at_entry():
+                return items  # the next key of the mapping whose value this sequence is
+
+    def block_value(self, indent, in_mapping):
+        """The value after 'key:' or '-': on the same line, or indented on the lines below."""
+        self.skip_spaces()
+        if self.char() not in ("", "\n", "#"):
+            return self.block_node(indent, inline=in_mapping)
+        self.end_of_line()
+        if not self.next_content() or self.at_marker() or self.at_marker("..."):
+            return None
+        self.check_indent()
+        if self.column() > indent:
+            return self.block_node(indent)
+        if in_mapping and self.column() == indent and self.at_entry():
+            return self.block_sequence(indent)  # a sequence may sit at the level of its key
+        return None
+
+    def check_plain_start(self):
+        c = self.char()
+        if c in ",[]{}#&*!|>'\"%@`" or (c in "-?:" and self.separated(self.pos + 1)):
+            self.fail("a plain scalar cannot start with %s" % json.dumps(c))
+
+    def plain_line(self):
+        """The rest of a plain scalar's line, up to a comment; ': ' in it is an error."""
+        s, start = self.s, self.pos
+        end = self.line_end(start)
+        while self.pos < end:
+            if s[self.pos] == "#" and self.pos > start and s[self.pos - 1] in " \t":
+                break
+            if s[self.pos] == ":" and self.separated(self.pos + 1):
+                self.fail("a mapping cannot start inside a value (quote the value if ': ' is meant)")
+            self.pos += 1
+        return s[start:self.pos].rstrip(" \t")
+
+    def plain_block(self, indent):
+        """A plain scalar in block context; lines indented deeper than indent continue it."""
+        self.check_plain_start()
+        text = self.plain_line()
+        while True:
+            self.end_of_line()
+            if not self.next_content() or self.at_block_end(indent + 1):
+                return yaml_plain_value(text)
+            if self.comment_lines:
+                self.fail("a comment cannot sit inside a multi-line value")
+            self.check_indent(indent + 1)
+            text += ("\n" * self.empty_lines if self.empty_lines else " ") + self.plain_line()
+
+    def block_scalar(self, indent):
+        """| (literal) or > (folded), then at most a chomping indicator (+ keeps the final
+        empty lines, - drops the last line break) and an indentation digit."""
+        s, start = self.s, self.pos
+        folded, chomp, explicit = s[start] == ">", "", None
+        self.pos += 1
+        for _ in range(2):
+            c = self.char()
+            if c and c in "+-" and not chomp:
+                chomp = c
+            elif c and c in "123456789" and explicit is None:
+                explicit = int(c)
+            else:
+                break
+            self.pos += 1
+        if not self.separated(self.pos):
+            self.fail("a block scalar's header is | or > with at most + or - and one digit 1-9", start)
+        self.end_of_line()
+        width = None if explicit is None else max(indent, 0) + explicit
+        lines, text_lines, leading, final_break = [], 0, 0, False
+        pos = self.pos + 1
+        while pos < len(s):
+            end = self.line_end(pos)
+            line = s[pos:end]
+            spaces = len(line) - len(line.lstrip(" "))
+            if spaces == len(line) and (width is None or spaces <= width):  # an empty line
+                leading = max(leading, spaces) if width is None else leading
+                lines.append("")
+            else:
+                if width is None:
+                    if leading > spaces and spaces > indent:
+                        self.fail("an empty line above the text is indented more than the text", pos)
+                    width = spaces
+                if spaces < width or width <= indent:
+                    break
+                lines.append(line[width:])
+                text_lines, final_break = len(lines), end < len(s)
+            pos = end + 1
+        self.pos = min(pos, len(s + "\n")) - 1
+        self.next_content()
+        body, trailing = lines[:text_lines], len(lines) - text_lines
+        text = yaml_fold(body) if folded else "\n".join(body)
+        if chomp == "-" or not body and chomp != "+":
+            return text
+        return text + ("\n" if body and final_break else "") + ("\n" * trailing if chomp == "+" else "")
+
+    # -- scalars and flow context --------------------------------------------------
+    def quoted(self):
+        """A single- or double-quoted scalar; a line break inside folds like plain text."""
+        s, start = self.s, self.pos
+        quote = s[start]
+        self.pos += 1
+        out, pending = [], ""  # pending: spaces that only count if more text follows on the line
+        while True:
+            c = self.char()
+            if not c:
+                self.fail("this quoted scalar never ends", start)
+            if c == quote and quote == "'" and self.char(self.pos + 1) == "'":
+                out.append(pending + "'")
+                pending, self.pos = "", self.pos + 2
+            elif c == quote:
+                self.pos += 1
+                return "".join(out) + pending
+            elif c in " \t":
+                pending += c
+                self.pos += 1
+            elif c == "\n":
+                pending, self.pos = "", self.pos + 1
+                breaks = 0
+                while True:
+                    self.skip_spaces()
+                    if self.char() != "\n":
+                        break
+                    breaks, self.pos = breaks + 1, self.pos + 1
+                if self.at_marker() or self.at_marker("..."):
+                    self.fail("this quoted scalar never ends", start)
+                out.append("\n" * breaks if breaks else " ")
+            elif c == "\\" and quote == '"':
+                out.append(pending)
+                pending = ""
+                out.append(self.escape())
+            else:
+                out.append(pending + c)
+                pending, self.pos = "", self.pos + 1
+
+    def escape(self):
+        """The character of the escape at self.pos (a backslash), and past it."""
+        s, start = self.s, self.pos
+        e = self.char(start + 1)
+        self.pos += 2
+        if e == "\n":  # an escaped line break: the lines join without a space
+            self.skip_spaces()
+            return ""
+        if e in YAML_ESCAPES:
+            return YAML_ESCAPES[e]
+        if not e or e not in YAML_HEX_ESCAPES:
+            self.fail("unknown escape \\%s" % e, start)
+        digits = s[self.pos:self.pos + YAML_HEX_ESCAPES[e]]
+        if len(digits) != YAML_HEX_ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
+            self.fail("\\%s needs %d hexadecimal digits" % (e, YAML_HEX_ESCAPES[e]), start)
+        self.pos += len(digits)
+        code = int(digits, 16)
+        low = s[self.pos + 2:self.pos + 6] if s.startswith("\\u", self.pos) else ""
+        if 0xd800 <= code < 0xdc00 and len(low) == 4 and all(d in "0123456789abcdefABCDEF" for d in low) \
+                and 0xdc00 <= int(low, 16) < 0xe000:  # JSON's surrogate pair
+            self.pos += 6
+            return chr(0x10000 + ((code - 0xd800) << 10) + int(low, 16) - 0xdc00)
+        if 0xd800 <= code < 0xe000 or code > 0x10ffff:
+            self.fail("\\%s%s is not a character" % (e, digits), start)
+        return chr(code)
+
+    def skip_flow_space(self):
+        while True:
+            c = self.char()
+            if c and c in " \t\n":
+                self.pos += 1
+            elif c == "#" and self.s[self.pos - 1] in " \t\n":
+                self.pos = self.line_end(self.pos)
+            else:
+                return
+
+    def flow_node(self):
+        self.enter()
+        self.skip_flow_space()
+        c = self.char()
+        if c == "[":
+            value = self.flow_collection("]")
+        elif c == "{":
+            value = self.flow_collection("}")
+        elif c and c in "\"'":
+            value = self.quoted()
+        elif c and c in "&*!":
+            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
+        elif c == "?" and self.separated(self.pos + 1):
+            self.fail("complex keys are not supported")
+        elif not c:
+            self.fail("the text ends inside [ ] or { }")
+        else:
+            value = yaml_plain_value(self.plain_flow())
+        self.depth -= 1
+        return value
+
+    def flow_collection(self, close):
+        """[a, b] or {k: v, k2: v2}, on one line or several."""
+        start = self.pos
+        self.pos += 1
+        result = {} if close == "}" else []
+        while True:
+            self.skip_flow_space()
+            c = self.char()
+            if c == close:
+                self.pos += 1
+                return result
+            if not c:
+                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
+            if c in ",]}":
+                self.fail("expected an entry, not %s" % json.dumps(c))
+            if close == "]":
+                result.append(self.flow_node())
+                self.skip_flow_space()
+                if self.char() == ":":
+                    self.fail("key: value inside [ ] is not supported; write {key: value}")
+            else:
+                key_start = self.pos
+                if c in "[{" or c == "?" and self.separated(self.pos + 1):
+                    self.fail("complex keys are not supported")
+                key = self.quoted() if c in "\"'" else self.plain_flow()
+                if key in result:
+                    self.fail("duplicate key %s" % json.dumps(key), key_start)
+                self.skip_flow_space()
+                value = None
+                if self.char() == ":":
+                    self.pos += 1
+                    self.skip_flow_space()
+                    if self.char() not in (",", "}"):
+                        value = self.flow_node()
+                result[key] = value
+                self.skip_flow_space()
+            if self.char() == ",":
+                self.pos += 1
+            elif not self.char():
+                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
+            elif self.char() != close:
+                self.fail("expected ',' or %s" % json.dumps(close))
+
+    def plain_flow(self):
+        """A plain scalar inside [ ] or { }: up to , [ ] { }, ': ' or a comment; it may
+        continue on the next lines."""
+        self.check_plain_start()
+        s, text = self.s, ""
+        while True:
+            start = self.pos
+            while True:
+                c = self.char()
+                if not c or c in ",[]{}\n":
+                    break
+                if c == ":" and (self.separated(self.pos + 1) or self.char(self.pos + 1) in ",[]{}"):
+                    break
+                if c == "#" and self.pos > start and s[self.pos - 1] in " \t":
+                    break
+                self.pos += 1
+            text += s[start:self.pos].rstrip(" \t")
+            if self.char() != "\n":
+                return text
+            saved, breaks = self.pos, 0
+            while self.char() == "\n":
+                self.pos += 1
+                self.skip_spaces()
+                breaks += 1
+            if not self.char() or self.char() in ",[]{}:#":
+                self.pos = saved
+                return text
+            text += "\n" * (breaks - 1) if breaks > 1 else " "
+
+
+def yaml_loads(text):
+    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
+    return YamlReader(text).document()
+
+
 # === Context =================================================================
 
 class Context:
@@ -3327,6 +3877,48 @@ def ask(ctx, prompt):
     ctx.ui.stderr.write(prompt)
     ctx.ui.stderr.flush()
     return read_input(ctx.ui.stdin, line=True).strip() or None
+
+
+# === The two halves: what loads the commands =================================
+# self-install writes this program as two files, split at REST_MARK: this first half, and the
+# rest in REST_FILE beside it (padded with blank lines, so line numbers stay those of the whole
+# file), each with its own bytecode cache. `auth token` and `--version` then load about half
+# of the bytecode; any other command loads the rest first. As a single file nothing changes.
+REST_MARK = "# === Loaded on demand "
+REST_FILE = "attune_rest.py"
+REST_LOADED = False  # set to True by the last line of the rest
+
+
+def load_rest():
+    """Define every command: nothing to do in the single file; in the installed first half,
+    run the second half in this module's namespace through the standard import machinery
+    (its own bytecode cache; no text is executed here)."""
+    if REST_LOADED:
+        return
+    from importlib.machinery import SourceFileLoader
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), REST_FILE)
+    try:
+        SourceFileLoader(__name__, path).exec_module(sys.modules[__name__])
+    except OSError as e:
+        raise ConfigError("this installation is incomplete: cannot read %s (%s); install it again"
+                          % (quoted(path), e.strerror or e))
+
+
+def split_program(text):
+    """The two installed halves of this program's source text."""
+    at = text.index("\n" + REST_MARK) + 1
+    return text[:at], "\n" * text.count("\n", 0, at) + text[at:]
+
+
+def program_source():
+    """This program's whole source text: this file, and the rest when it is the installed first half."""
+    here = os.path.abspath(__file__)
+    with open(here, "rb") as f:
+        text = f.read().decode("utf-8")
+    if "\n" + REST_MARK not in text:
+        with open(os.path.join(os.path.dirname(here), REST_FILE), "rb") as f:
+            text += f.read().decode("utf-8").lstrip("\n")
+    return text
 
 
 # === Command declarations ====================================================
@@ -3652,19 +4244,6 @@ def needs_a_command(ctx, args):
     names = [name for name, _, _ in children(path)]
     listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
     raise UsageError("%s needs a command: %s" % (" ".join(words), listed))
-
-
-def command_tree():
-    """(path, options, value options, subcommands) of the top level, each group and each
-    command: completion_table() as the static completion scripts take it."""
-    table = completion_table()
-    own_global = [option for option in table["global"] if option not in ("-h", "--help", "--version")]
-    common = ["-h", "--help"] + own_global + ["--version"]
-    common_values = [option for option in own_global if table["global"][option] is not None]
-    for path, entry in table["commands"].items():
-        own = entry["options"]
-        yield (tuple(path.split()), common + list(own),
-               common_values + [option for option, value in own.items() if value is not None], entry["children"])
 
 
 class Namespace:
@@ -4097,7 +4676,7 @@ def usage_problem(argv):
     return "unknown %s %s for %s%s (see: %s --help)" % (what, quoted(word, 64), place, hint, place)
 
 
-# === Shell completion: __complete ============================================
+# === Shell completion: __complete and the scripts ============================
 # The completion scripts ask `attune __complete [--cursor N] [--] WORDS...` about the word
 # WORDS[N] (by default the last; past the end, a new empty word), WORDS being what follows
 # `attune` on the command line. The answer is one candidate a line on stdout and nothing
@@ -4255,6 +4834,196 @@ def complete_command(argv, env, clock=None):
     return 0
 
 
+# -- the scripts: bash, zsh, fish and PowerShell (`attune completion SHELL` prints one) -------
+# Commands and options are written into each script as tables (command_tree()); everything
+# else the script asks of `attune __complete` above.
+
+FILE_OPTIONS = ("--config", "--ca-bundle", "--data")  # completed with file names
+
+
+# The bash function that asks `attune __complete` (zsh runs it too, through bashcompinit).
+BASH_DYNAMIC = """_attune_dynamic() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" line drop="" candidate IFS
+    local -a words
+    if [ -n "${ZSH_VERSION:-}" ]; then  # zsh (bashcompinit) hands over whole words
+        words=("${COMP_WORDS[@]:1:$COMP_CWORD}")
+    else  # bash breaks words at = and :, so read them whole from the line
+        line="${COMP_LINE:0:COMP_POINT}"
+        read -ra words <<< "$line"
+        [[ -z "$line" || "$line" == *[[:space:]] ]] && words+=("")
+        words=("${words[@]:1}")
+        drop="${words[${#words[@]}-1]}"
+        drop="${drop%"$cur"}"  # bash replaces only the part after its own word break (= or :)
+    fi
+    IFS=$'\n'
+    COMPREPLY=($("${COMP_WORDS[0]}" __complete -- "${words[@]}" 2>/dev/null))
+    [ -n "$drop" ] && COMPREPLY=("${COMPREPLY[@]#"$drop"}")
+    for candidate in "${COMPREPLY[@]}"; do
+        case "$candidate" in *.|*=) compopt -o nospace 2>/dev/null; break ;; esac
+    done
+}
+"""
+
+
+def command_tree():
+    """(path, options, value options, subcommands) of the top level, each group and each
+    command: completion_table() as the static completion scripts take it."""
+    table = completion_table()
+    own_global = [option for option in table["global"] if option not in ("-h", "--help", "--version")]
+    common = ["-h", "--help"] + own_global + ["--version"]
+    common_values = [option for option in own_global if table["global"][option] is not None]
+    for path, entry in table["commands"].items():
+        own = entry["options"]
+        yield (tuple(path.split()), common + list(own),
+               common_values + [option for option, value in own.items() if value is not None], entry["children"])
+
+
+def completion_bash(tree):
+    children = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(c)) for p, _, _, c in tree if c)
+    options = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(o)) for p, o, _, _ in tree)
+    takes_value = sorted(set(v for _, _, values, _ in tree for v in values))
+    return """# bash completion for attune (attune.py %(version)s): eval "$(attune completion bash)"
+# Commands and options are in the tables below; refs, ids, profiles and parameters come from
+# `attune __complete` (at most 2 seconds, and silent when the server is down or slow).
+# (No variable is called path: in zsh, which runs this through bashcompinit, that is PATH.)
+_attune_children() {
+    case "$1" in
+%(children)s    esac
+}
+_attune_options() {
+    case "$1" in
+%(options)s    esac
+}
+%(dynamic)s_attune() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" place="" word i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${COMP_WORDS[i]}"
+        case " $(_attune_children "$place") " in *" $word "*) place="${place:+$place }$word" ;; esac
+    done
+    case "$prev" in
+        %(files)s) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        %(values)s|=|:) _attune_dynamic; return ;;
+    esac
+    if [[ "$cur" == -*=* ]]; then  # zsh keeps --option=value whole
+        _attune_dynamic
+        return
+    elif [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$(_attune_options "$place")" -- "$cur"))
+        return
+    fi
+    [[ "$cur" == "=" || "$cur" == ":" ]] || COMPREPLY=($(compgen -W "$(_attune_children "$place")" -- "$cur"))
+    [ ${#COMPREPLY[@]} -gt 0 ] || _attune_dynamic
+}
+complete -o default -F _attune attune attune.py
+""" % {"version": __version__, "children": children, "options": options, "files": "|".join(FILE_OPTIONS),
+       "dynamic": BASH_DYNAMIC,
+       "values": "|".join(v for v in takes_value if v not in FILE_OPTIONS)}
+
+
+def completion_fish(tree):
+    lines = ["# fish completion for attune (attune.py %s): attune completion fish | source" % __version__,
+             "# Commands and options are in the rules below; refs, ids, profiles, parameters and choices",
+             "# come from `attune __complete` (at most 2 seconds, and silent when the server is down).",
+             "function __attune_children",
+             "    switch \"$argv[1]\""]
+    for path, _, _, children in tree:
+        if children:
+            lines += ["        case '%s'" % " ".join(path), "            printf '%%s\\n' %s" % " ".join(children)]
+    lines += ["    end", "end",
+              "function __attune_path",
+              "    set -l path ''",
+              "    for word in (commandline -opc)[2..-1]",
+              "        if contains -- $word (__attune_children \"$path\")",
+              "            set path (string trim -- \"$path $word\")",
+              "        end",
+              "    end",
+              "    echo $path",
+              "end",
+              "function __attune_at  # fish expands no (command) inside quotes, so compare here",
+              "    set -l path (__attune_path)",
+              "    test \"$path\" = \"$argv[1]\"",
+              "end",
+              "function __attune_dynamic",
+              "    command -q attune; or return",
+              "    set -l words (commandline -opc) (commandline -ct)",
+              "    command attune __complete -- $words[2..-1] 2>/dev/null",
+              "end",
+              "function __attune_value  # an option's value: fish puts back the --option= itself",
+              "    __attune_dynamic | string replace -r -- '^--[^=]*=' ''",
+              "end",
+              "complete -c attune -f",
+              "complete -c attune -a '(__attune_children (__attune_path))'",
+              "complete -c attune -a '(__attune_dynamic)'"]
+    table = completion_table()
+    for path, options, takes_value, _ in tree:
+        own = table["commands"][" ".join(path)]["options"]
+        for option in options:
+            flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
+            kind = own.get(option, table["global"].get(option))
+            value = " -r -F" if option in FILE_OPTIONS else " -x -a '(__attune_value)'" if kind else \
+                " -x" if option in takes_value else ""
+            lines.append("complete -c attune -n '__attune_at \"%s\"' %s%s" % (" ".join(path), flag, value))
+    return "\n".join(lines) + "\n"
+
+
+def completion_powershell(tree):
+    def table(name, rows):
+        lines = ["$%s = @{" % name]
+        lines += ["    '%s' = @(%s)" % (" ".join(path), ", ".join("'%s'" % w for w in words)) for path, words in rows]
+        return lines + ["}"]
+
+    lines = ["# PowerShell completion for attune (attune.py %s):" % __version__,
+             "#   attune completion powershell | Out-String | Invoke-Expression"]
+    lines += table("AttuneChildren", [(p, c) for p, _, _, c in tree if c])
+    lines += table("AttuneOptions", [(p, o) for p, o, _, _ in tree])
+    lines += ["Register-ArgumentCompleter -Native -CommandName attune, attune.py -ScriptBlock {",
+              "    param($wordToComplete, $commandAst, $cursorPosition)",
+              "    $path = ''",
+              "    foreach ($element in ($commandAst.CommandElements | Select-Object -Skip 1)) {",
+              "        if ($element.Extent.EndOffset -ge $cursorPosition) { break }",
+              "        $word = $element.ToString()",
+              "        if ($AttuneChildren[$path] -contains $word) { $path = ($path + ' ' + $word).Trim() }",
+              "    }",
+              "    $candidates = if ($wordToComplete -like '-*') { $AttuneOptions[$path] } else { $AttuneChildren[$path] }",
+              "    $candidates = @($candidates | Where-Object { $_ -like \"$wordToComplete*\" })",
+              "    if ($candidates.Count -eq 0) {  # refs, ids, profiles, parameters: attune answers (at most 2 s)",
+              "        $words = @($commandAst.CommandElements | Select-Object -Skip 1 |",
+              "            Where-Object { $_.Extent.StartOffset -lt $cursorPosition } | ForEach-Object { $_.ToString() })",
+              "        $cursor = if ($wordToComplete -eq '') { $words.Count } else { $words.Count - 1 }",
+              "        $candidates = @(& $commandAst.CommandElements[0].ToString() __complete --cursor $cursor -- @words 2>$null)",
+              "    }",
+              "    $candidates | ForEach-Object {",
+              "        [System.Management.Automation.CompletionResult]::new($_, $_, 'ParameterValue', $_)",
+              "    }",
+              "}"]
+    return "\n".join(lines) + "\n"
+
+
+def completion_script(shell):
+    tree = list(command_tree())
+    if shell == "fish":
+        return completion_fish(tree)
+    if shell == "powershell":
+        return completion_powershell(tree)
+    script = completion_bash(tree)
+    if shell == "zsh":
+        script = ("#compdef attune\n# zsh completion for attune: eval \"$(attune completion zsh)\"\n"
+                  "autoload -U +X bashcompinit && bashcompinit\n") + script
+    return script
+
+
+def completion_target(shell, env):
+    """Where each shell looks for a user's completion scripts."""
+    home = os.path.expanduser("~") if "HOME" not in env else env["HOME"]
+    if shell == "bash":
+        data = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+        return os.path.join(data, "bash-completion", "completions", "attune")
+    if shell == "fish":
+        config = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        return os.path.join(config, "fish", "completions", "attune.fish")
+    return os.path.join(home, ".zsh", "completions", "_attune")
+
+
 # === Main ====================================================================
 
 def parse_args(argv):
@@ -4270,47 +5039,6 @@ def parse_args(argv):
         refused.parser.print_usage(sys.stderr)
         say(sys.stderr, "%s: error: %s" % (refused.parser.prog, refused.message))
         sys.exit(2)
-
-
-# self-install writes this program as two files, split at REST_MARK: this first half, and the
-# rest in REST_FILE beside it (padded with blank lines, so line numbers stay those of the whole
-# file), each with its own bytecode cache. `auth token` and `--version` then load about half
-# of the bytecode; any other command loads the rest first. As a single file nothing changes.
-REST_MARK = "# === Loaded on demand "
-REST_FILE = "attune_rest.py"
-REST_LOADED = False  # set to True by the last line of the rest
-
-
-def load_rest():
-    """Define every command: nothing to do in the single file; in the installed first half,
-    run the second half in this module's namespace through the standard import machinery
-    (its own bytecode cache; no text is executed here)."""
-    if REST_LOADED:
-        return
-    from importlib.machinery import SourceFileLoader
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), REST_FILE)
-    try:
-        SourceFileLoader(__name__, path).exec_module(sys.modules[__name__])
-    except OSError as e:
-        raise ConfigError("this installation is incomplete: cannot read %s (%s); install it again"
-                          % (quoted(path), e.strerror or e))
-
-
-def split_program(text):
-    """The two installed halves of this program's source text."""
-    at = text.index("\n" + REST_MARK) + 1
-    return text[:at], "\n" * text.count("\n", 0, at) + text[at:]
-
-
-def program_source():
-    """This program's whole source text: this file, and the rest when it is the installed first half."""
-    here = os.path.abspath(__file__)
-    with open(here, "rb") as f:
-        text = f.read().decode("utf-8")
-    if "\n" + REST_MARK not in text:
-        with open(os.path.join(os.path.dirname(here), REST_FILE), "rb") as f:
-            text += f.read().decode("utf-8").lstrip("\n")
-    return text
 
 
 def silence_stdout():
@@ -5353,33 +6081,6 @@ def cmd_auth_doctor(ctx, args):
     return code
 
 
-FILE_OPTIONS = ("--config", "--ca-bundle", "--data")
-
-
-# The bash function that asks `attune __complete` (zsh runs it too, through bashcompinit).
-BASH_DYNAMIC = """_attune_dynamic() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" line drop="" candidate IFS
-    local -a words
-    if [ -n "${ZSH_VERSION:-}" ]; then  # zsh (bashcompinit) hands over whole words
-        words=("${COMP_WORDS[@]:1:$COMP_CWORD}")
-    else  # bash breaks words at = and :, so read them whole from the line
-        line="${COMP_LINE:0:COMP_POINT}"
-        read -ra words <<< "$line"
-        [[ -z "$line" || "$line" == *[[:space:]] ]] && words+=("")
-        words=("${words[@]:1}")
-        drop="${words[${#words[@]}-1]}"
-        drop="${drop%"$cur"}"  # bash replaces only the part after its own word break (= or :)
-    fi
-    IFS=$'\n'
-    COMPREPLY=($("${COMP_WORDS[0]}" __complete -- "${words[@]}" 2>/dev/null))
-    [ -n "$drop" ] && COMPREPLY=("${COMPREPLY[@]#"$drop"}")
-    for candidate in "${COMPREPLY[@]}"; do
-        case "$candidate" in *.|*=) compopt -o nospace 2>/dev/null; break ;; esac
-    done
-}
-"""
-
-
 # === Commands: config ========================================================
 
 group("config", "manage profiles and settings in the credential file")
@@ -5625,552 +6326,6 @@ def cmd_config_remove_profile(ctx, args):
         raise AttuneError("Cannot remove the default profile")
     ctx.store.modify(lambda doc: doc["profiles"].pop(name, None))
     ctx.ui.emit({"removed": name}, lambda: ctx.ui.success("Profile '%s' removed" % name))
-
-
-# === Reading YAML ============================================================
-# Definition and request files (permission sets, queue items, workflows) are YAML, so
-# attune.py reads the subset they use, strictly: block and flow mappings and sequences,
-# plain, single- and double-quoted scalars, literal | and folded > blocks, comments, one
-# document, the YAML 1.2 core schema (null, bool, int, float); JSON is YAML too. Keys are
-# strings. Anchors, aliases, tags, directives, several documents, complex keys, duplicate
-# keys and tabs in indentation are errors that say line:column, never a guess.
-
-class YamlError(ValueError):
-    pass
-
-
-YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
-                "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85",
-                "_": "\xa0", "L": "\u2028", "P": "\u2029"}
-YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
-YAML_MAX_DEPTH = 200
-
-
-def yaml_plain_value(text):
-    """A plain scalar by the YAML 1.2 core schema: null, true/false, int, float or the string."""
-    import re
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
-        return text[0] in "tT"
-    if re.match(r"[-+]?[0-9]+\Z", text):
-        return int(text)
-    if re.match(r"0o[0-7]+\Z", text):
-        return int(text[2:], 8)
-    if re.match(r"0x[0-9a-fA-F]+\Z", text):
-        return int(text[2:], 16)
-    if re.match(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z", text):
-        return float(text)
-    if re.match(r"[-+]?\.(inf|Inf|INF)\Z", text):
-        return float("-inf") if text[0] == "-" else float("inf")
-    if text in (".nan", ".NaN", ".NAN"):
-        return float("nan")
-    return text
-
-
-def yaml_fold(lines):
-    """The lines of a folded (>) block as text: a break between two lines of text becomes a
-    space, each empty line a break; more-indented lines keep their breaks."""
-    text, previous, empties = "", None, 0
-    for line in lines:
-        if not line:
-            empties += 1
-            continue
-        normal = line[0] not in " \t"
-        if previous is None:
-            text += "\n" * empties
-        elif previous and normal:
-            text += "\n" * empties if empties else " "
-        else:
-            text += "\n" * (empties + 1)
-        text += line
-        previous, empties = normal, 0
-    return text
-
-
-class YamlReader:
-    """A recursive-descent reader over the whole text; self.pos is where it is. Each block
-    node is read up to the first character of the next line with content (or the end)."""
-
-    def __init__(self, text):
-        if text.startswith("\ufeff"):
-            text = text[1:]
-        self.s = text.replace("\r\n", "\n").replace("\r", "\n")
-        self.pos = self.depth = self.empty_lines = self.comment_lines = 0
-        self.tab = None
-
-    # -- where the reader is -----------------------------------------------------
-    def fail(self, message, pos=None):
-        pos = self.pos if pos is None else pos
-        raise YamlError("%d:%d: %s" % (self.s.count("\n", 0, pos) + 1, self.column(pos) + 1, message))
-
-    def column(self, pos=None):
-        pos = self.pos if pos is None else pos
-        return pos - (self.s.rfind("\n", 0, pos) + 1)
-
-    def char(self, pos=None):
-        pos = self.pos if pos is None else pos
-        return self.s[pos] if pos < len(self.s) else ""
-
-    def line_end(self, pos):
-        end = self.s.find("\n", pos)
-        return len(self.s) if end < 0 else end
-
-    def separated(self, pos):
-        """Is pos the end of the text, a space, a tab or a line break?"""
-        return pos >= len(self.s) or self.s[pos] in " \t\n"
-
-    def at_marker(self, marker="---"):
-        return self.column() == 0 and self.s.startswith(marker, self.pos) and self.separated(self.pos + 3)
-
-    def at_block_end(self, indent):
-        """Has the block indented by indent ended at self.pos?"""
-        return (self.pos >= len(self.s) or self.column() < indent or self.at_marker()
-                or self.at_marker("..."))
-
-    def at_entry(self):
-        return self.char() == "-" and self.separated(self.pos + 1)
-
-    def enter(self):
-        self.depth += 1
-        if self.depth > YAML_MAX_DEPTH:
-            self.fail("nested more than %d levels deep" % YAML_MAX_DEPTH)
-
-    # -- lines -----------------------------------------------------------------
-    def skip_spaces(self):
-        while self.char() in (" ", "\t") and self.char():
-            self.pos += 1
-
-    def end_of_line(self):
-        """Only spaces and a comment may follow on this line; stops at its line break."""
-        self.skip_spaces()
-        if self.char() == "#" and (self.pos == 0 or self.s[self.pos - 1] in " \t\n"):
-            self.pos = self.line_end(self.pos)
-        if self.char() not in ("", "\n"):
-            self.fail("unexpected %s after the value" % json.dumps(self.char()))
-
-    def next_content(self):
-        """From a line break (or a line's start), on to the first character of the next line
-        that holds more than spaces and a comment; False at the end. Counts the empty lines
-        (self.empty_lines) and comment lines (self.comment_lines) passed, and notes where a
-        tab is among the line's leading blanks (self.tab, checked by check_indent())."""
-        s = self.s
-        self.empty_lines = self.comment_lines = 0
-        self.tab = None
-        while self.pos < len(s):
-            if s[self.pos] == "\n":
-                self.pos += 1
-            start = self.pos
-            self.skip_spaces()
-            c = self.char()
-            if c == "\n":
-                self.empty_lines += 1
-            elif c == "#":
-                self.comment_lines += 1
-                self.pos = self.line_end(self.pos)
-            elif c:
-                if "\t" in s[start:self.pos]:
-                    self.tab = (start, s.index("\t", start))
-                return True
-        return False
-
-    def check_indent(self, spaces=None):
-        """Tabs cannot indent a line; a line that continues a plain scalar may have them
-        after the spaces its indentation needs."""
-        if self.tab and (spaces is None or self.tab[1] - self.tab[0] < spaces):
-            self.fail("a tab cannot indent a line", self.tab[1])
-
-    # -- the document ----------------------------------------------------------
-    def document(self):
-        import re
-        bad = re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", self.s)  # DEL and C1 are data, as in JSON
-        if bad:
-            self.fail("control character U+%04X is not allowed" % ord(bad.group()), bad.start())
-        if not self.next_content():
-            return None
-        self.check_indent()
-        if self.char() == "%":
-            self.fail("directives are not supported")
-        value = None
-        if self.at_marker():
-            self.pos += 3
-            self.skip_spaces()
-            if self.char() not in ("", "\n", "#"):
-                value = self.block_node(-1, inline=True)
-            else:
-                self.end_of_line()
-                if self.next_content() and not self.at_marker() and not self.at_marker("..."):
-                    self.check_indent()
-                    value = self.block_node(-1)
-        else:
-            value = self.block_node(-1)
-        if self.at_marker("..."):
-            self.pos += 3
-            self.end_of_line()
-            self.next_content()
-        if self.pos < len(self.s):
-            self.check_indent()
-            self.fail("only one document is allowed" if self.at_marker() else "unexpected content after the document")
-        return value
-
-    # -- block context -----------------------------------------------------------
-    def block_node(self, indent, inline=False):
-        """The node whose first character is at self.pos, in a block indented by indent;
-        inline when it follows 'key:' on the same line (no block collection starts there)."""
-        self.enter()
-        c, start = self.char(), self.pos
-        if c in ("&", "*", "!"):
-            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
-        if c == "?" and self.separated(start + 1):
-            self.fail("complex keys are not supported")
-        if self.at_entry():
-            if inline:
-                self.fail("a sequence cannot start on the line of its key")
-            value = self.block_sequence(self.column())
-        elif c in ("|", ">"):
-            value = self.block_scalar(indent)
-        elif self.key_ahead():
-            if inline:
-                self.fail("a mapping cannot start on the line of its key")
-            value = self.block_mapping(self.column())
-        elif c in ("[", "{", '"', "'"):
-            value = self.flow_node() if c in "[{" else self.quoted()
-            self.skip_spaces()
-            if self.char() == ":":
-                self.fail("complex keys are not supported" if c in "[{" else "a key must be on one line", start)
-            self.end_of_line()
-            self.next_content()
-        else:
-            value = self.plain_block(indent)
-        self.depth -= 1
-        return value
-
-    def key_ahead(self):
-        """Does 'key:' start here (a plain or one-line quoted scalar, ':', then a space)?"""
-        s, pos = self.s, self.pos
-        if s[pos] in "\"'":
-            self.quoted()
-            end, self.pos = self.pos, pos
-            if "\n" in s[pos:end]:
-                return False
-            while end < len(s) and s[end] in " \t":
-                end += 1
-            return end < len(s) and s[end] == ":" and self.separated(end + 1)
-        if s[pos] in "[{":
-            return False
-        for p in range(pos, self.line_end(pos)):
-            if s[p] == "#" and s[p - 1] in " \t":
-                return False
-            if s[p] == ":" and self.separated(p + 1):
-                return True
-        return False
-
-    def mapping_key(self):
-        """The key at self.pos (key_ahead() said there is one); stops past its ':'."""
-        if self.char() in ("\"", "'"):
-            key = self.quoted()
-            self.skip_spaces()
-        else:
-            self.check_plain_start()
-            end = self.pos
-            while not (self.s[end] == ":" and self.separated(end + 1)):
-                end += 1
-            key, self.pos = self.s[self.pos:end].rstrip(" \t"), end
-        self.pos += 1
-        return key
-
-    def block_mapping(self, indent):
-        mapping = {}
-        while True:
-            start = self.pos
-            key = self.mapping_key()
-            if key in mapping:
-                self.fail("duplicate key %s" % json.dumps(key), start)
-            mapping[key] = self.block_value(indent, True)
-            if self.at_block_end(indent):
-                return mapping
-            self.check_indent()
-            if self.column() > indent:
-                self.fail("this line is indented more than the keys of its mapping")
-            if not self.key_ahead():
-                self.fail("expected a key of the mapping above (key: value)")
-
-    def block_sequence(self, indent):
-        items = []
-        while True:
-            self.pos += 1  # the '-'
-            items.append(self.block_value(indent, False))
-            if self.at_block_end(indent):
-                return items
-            self.check_indent()
-            if self.column() > indent:
-                self.fail("this line is indented more than the entries of its sequence")
-            if not self.at_entry():
-                return items  # the next key of the mapping whose value this sequence is
-
-    def block_value(self, indent, in_mapping):
-        """The value after 'key:' or '-': on the same line, or indented on the lines below."""
-        self.skip_spaces()
-        if self.char() not in ("", "\n", "#"):
-            return self.block_node(indent, inline=in_mapping)
-        self.end_of_line()
-        if not self.next_content() or self.at_marker() or self.at_marker("..."):
-            return None
-        self.check_indent()
-        if self.column() > indent:
-            return self.block_node(indent)
-        if in_mapping and self.column() == indent and self.at_entry():
-            return self.block_sequence(indent)  # a sequence may sit at the level of its key
-        return None
-
-    def check_plain_start(self):
-        c = self.char()
-        if c in ",[]{}#&*!|>'\"%@`" or (c in "-?:" and self.separated(self.pos + 1)):
-            self.fail("a plain scalar cannot start with %s" % json.dumps(c))
-
-    def plain_line(self):
-        """The rest of a plain scalar's line, up to a comment; ': ' in it is an error."""
-        s, start = self.s, self.pos
-        end = self.line_end(start)
-        while self.pos < end:
-            if s[self.pos] == "#" and self.pos > start and s[self.pos - 1] in " \t":
-                break
-            if s[self.pos] == ":" and self.separated(self.pos + 1):
-                self.fail("a mapping cannot start inside a value (quote the value if ': ' is meant)")
-            self.pos += 1
-        return s[start:self.pos].rstrip(" \t")
-
-    def plain_block(self, indent):
-        """A plain scalar in block context; lines indented deeper than indent continue it."""
-        self.check_plain_start()
-        text = self.plain_line()
-        while True:
-            self.end_of_line()
-            if not self.next_content() or self.at_block_end(indent + 1):
-                return yaml_plain_value(text)
-            if self.comment_lines:
-                self.fail("a comment cannot sit inside a multi-line value")
-            self.check_indent(indent + 1)
-            text += ("\n" * self.empty_lines if self.empty_lines else " ") + self.plain_line()
-
-    def block_scalar(self, indent):
-        """| (literal) or > (folded), then at most a chomping indicator (+ keeps the final
-        empty lines, - drops the last line break) and an indentation digit."""
-        s, start = self.s, self.pos
-        folded, chomp, explicit = s[start] == ">", "", None
-        self.pos += 1
-        for _ in range(2):
-            c = self.char()
-            if c and c in "+-" and not chomp:
-                chomp = c
-            elif c and c in "123456789" and explicit is None:
-                explicit = int(c)
-            else:
-                break
-            self.pos += 1
-        if not self.separated(self.pos):
-            self.fail("a block scalar's header is | or > with at most + or - and one digit 1-9", start)
-        self.end_of_line()
-        width = None if explicit is None else max(indent, 0) + explicit
-        lines, text_lines, leading, final_break = [], 0, 0, False
-        pos = self.pos + 1
-        while pos < len(s):
-            end = self.line_end(pos)
-            line = s[pos:end]
-            spaces = len(line) - len(line.lstrip(" "))
-            if spaces == len(line) and (width is None or spaces <= width):  # an empty line
-                leading = max(leading, spaces) if width is None else leading
-                lines.append("")
-            else:
-                if width is None:
-                    if leading > spaces and spaces > indent:
-                        self.fail("an empty line above the text is indented more than the text", pos)
-                    width = spaces
-                if spaces < width or width <= indent:
-                    break
-                lines.append(line[width:])
-                text_lines, final_break = len(lines), end < len(s)
-            pos = end + 1
-        self.pos = min(pos, len(s + "\n")) - 1
-        self.next_content()
-        body, trailing = lines[:text_lines], len(lines) - text_lines
-        text = yaml_fold(body) if folded else "\n".join(body)
-        if chomp == "-" or not body and chomp != "+":
-            return text
-        return text + ("\n" if body and final_break else "") + ("\n" * trailing if chomp == "+" else "")
-
-    # -- scalars and flow context --------------------------------------------------
-    def quoted(self):
-        """A single- or double-quoted scalar; a line break inside folds like plain text."""
-        s, start = self.s, self.pos
-        quote = s[start]
-        self.pos += 1
-        out, pending = [], ""  # pending: spaces that only count if more text follows on the line
-        while True:
-            c = self.char()
-            if not c:
-                self.fail("this quoted scalar never ends", start)
-            if c == quote and quote == "'" and self.char(self.pos + 1) == "'":
-                out.append(pending + "'")
-                pending, self.pos = "", self.pos + 2
-            elif c == quote:
-                self.pos += 1
-                return "".join(out) + pending
-            elif c in " \t":
-                pending += c
-                self.pos += 1
-            elif c == "\n":
-                pending, self.pos = "", self.pos + 1
-                breaks = 0
-                while True:
-                    self.skip_spaces()
-                    if self.char() != "\n":
-                        break
-                    breaks, self.pos = breaks + 1, self.pos + 1
-                if self.at_marker() or self.at_marker("..."):
-                    self.fail("this quoted scalar never ends", start)
-                out.append("\n" * breaks if breaks else " ")
-            elif c == "\\" and quote == '"':
-                out.append(pending)
-                pending = ""
-                out.append(self.escape())
-            else:
-                out.append(pending + c)
-                pending, self.pos = "", self.pos + 1
-
-    def escape(self):
-        """The character of the escape at self.pos (a backslash), and past it."""
-        s, start = self.s, self.pos
-        e = self.char(start + 1)
-        self.pos += 2
-        if e == "\n":  # an escaped line break: the lines join without a space
-            self.skip_spaces()
-            return ""
-        if e in YAML_ESCAPES:
-            return YAML_ESCAPES[e]
-        if not e or e not in YAML_HEX_ESCAPES:
-            self.fail("unknown escape \\%s" % e, start)
-        digits = s[self.pos:self.pos + YAML_HEX_ESCAPES[e]]
-        if len(digits) != YAML_HEX_ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
-            self.fail("\\%s needs %d hexadecimal digits" % (e, YAML_HEX_ESCAPES[e]), start)
-        self.pos += len(digits)
-        code = int(digits, 16)
-        low = s[self.pos + 2:self.pos + 6] if s.startswith("\\u", self.pos) else ""
-        if 0xd800 <= code < 0xdc00 and len(low) == 4 and all(d in "0123456789abcdefABCDEF" for d in low) \
-                and 0xdc00 <= int(low, 16) < 0xe000:  # JSON's surrogate pair
-            self.pos += 6
-            return chr(0x10000 + ((code - 0xd800) << 10) + int(low, 16) - 0xdc00)
-        if 0xd800 <= code < 0xe000 or code > 0x10ffff:
-            self.fail("\\%s%s is not a character" % (e, digits), start)
-        return chr(code)
-
-    def skip_flow_space(self):
-        while True:
-            c = self.char()
-            if c and c in " \t\n":
-                self.pos += 1
-            elif c == "#" and self.s[self.pos - 1] in " \t\n":
-                self.pos = self.line_end(self.pos)
-            else:
-                return
-
-    def flow_node(self):
-        self.enter()
-        self.skip_flow_space()
-        c = self.char()
-        if c == "[":
-            value = self.flow_collection("]")
-        elif c == "{":
-            value = self.flow_collection("}")
-        elif c and c in "\"'":
-            value = self.quoted()
-        elif c and c in "&*!":
-            self.fail({"&": "anchors", "*": "aliases", "!": "tags"}[c] + " are not supported")
-        elif c == "?" and self.separated(self.pos + 1):
-            self.fail("complex keys are not supported")
-        elif not c:
-            self.fail("the text ends inside [ ] or { }")
-        else:
-            value = yaml_plain_value(self.plain_flow())
-        self.depth -= 1
-        return value
-
-    def flow_collection(self, close):
-        """[a, b] or {k: v, k2: v2}, on one line or several."""
-        start = self.pos
-        self.pos += 1
-        result = {} if close == "}" else []
-        while True:
-            self.skip_flow_space()
-            c = self.char()
-            if c == close:
-                self.pos += 1
-                return result
-            if not c:
-                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
-            if c in ",]}":
-                self.fail("expected an entry, not %s" % json.dumps(c))
-            if close == "]":
-                result.append(self.flow_node())
-                self.skip_flow_space()
-                if self.char() == ":":
-                    self.fail("key: value inside [ ] is not supported; write {key: value}")
-            else:
-                key_start = self.pos
-                if c in "[{" or c == "?" and self.separated(self.pos + 1):
-                    self.fail("complex keys are not supported")
-                key = self.quoted() if c in "\"'" else self.plain_flow()
-                if key in result:
-                    self.fail("duplicate key %s" % json.dumps(key), key_start)
-                self.skip_flow_space()
-                value = None
-                if self.char() == ":":
-                    self.pos += 1
-                    self.skip_flow_space()
-                    if self.char() not in (",", "}"):
-                        value = self.flow_node()
-                result[key] = value
-                self.skip_flow_space()
-            if self.char() == ",":
-                self.pos += 1
-            elif not self.char():
-                self.fail("this %s never ends" % ("mapping" if close == "}" else "sequence"), start)
-            elif self.char() != close:
-                self.fail("expected ',' or %s" % json.dumps(close))
-
-    def plain_flow(self):
-        """A plain scalar inside [ ] or { }: up to , [ ] { }, ': ' or a comment; it may
-        continue on the next lines."""
-        self.check_plain_start()
-        s, text = self.s, ""
-        while True:
-            start = self.pos
-            while True:
-                c = self.char()
-                if not c or c in ",[]{}\n":
-                    break
-                if c == ":" and (self.separated(self.pos + 1) or self.char(self.pos + 1) in ",[]{}"):
-                    break
-                if c == "#" and self.pos > start and s[self.pos - 1] in " \t":
-                    break
-                self.pos += 1
-            text += s[start:self.pos].rstrip(" \t")
-            if self.char() != "\n":
-                return text
-            saved, breaks = self.pos, 0
-            while self.char() == "\n":
-                self.pos += 1
-                self.skip_spaces()
-                breaks += 1
-            if not self.char() or self.char() in ",[]{}:#":
-                self.pos = saved
-                return text
-            text += "\n" * (breaks - 1) if breaks > 1 else " "
-
-
-def yaml_loads(text):
-    """The one document of text (YAML, or JSON) as JSON-shaped data; YamlError otherwise."""
-    return YamlReader(text).document()
 
 
 # === Resource helpers ========================================================
@@ -10560,140 +10715,7 @@ def cmd_help(ctx, args):
 
 
 # === Commands: completion ====================================================
-
-def completion_bash(tree):
-    children = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(c)) for p, _, _, c in tree if c)
-    options = "".join('        "%s") echo "%s" ;;\n' % (" ".join(p), " ".join(o)) for p, o, _, _ in tree)
-    takes_value = sorted(set(v for _, _, values, _ in tree for v in values))
-    return """# bash completion for attune (attune.py %(version)s): eval "$(attune completion bash)"
-# Commands and options are in the tables below; refs, ids, profiles and parameters come from
-# `attune __complete` (at most 2 seconds, and silent when the server is down or slow).
-# (No variable is called path: in zsh, which runs this through bashcompinit, that is PATH.)
-_attune_children() {
-    case "$1" in
-%(children)s    esac
-}
-_attune_options() {
-    case "$1" in
-%(options)s    esac
-}
-%(dynamic)s_attune() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" place="" word i
-    for ((i = 1; i < COMP_CWORD; i++)); do
-        word="${COMP_WORDS[i]}"
-        case " $(_attune_children "$place") " in *" $word "*) place="${place:+$place }$word" ;; esac
-    done
-    case "$prev" in
-        %(files)s) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        %(values)s|=|:) _attune_dynamic; return ;;
-    esac
-    if [[ "$cur" == -*=* ]]; then  # zsh keeps --option=value whole
-        _attune_dynamic
-        return
-    elif [[ "$cur" == -* ]]; then
-        COMPREPLY=($(compgen -W "$(_attune_options "$place")" -- "$cur"))
-        return
-    fi
-    [[ "$cur" == "=" || "$cur" == ":" ]] || COMPREPLY=($(compgen -W "$(_attune_children "$place")" -- "$cur"))
-    [ ${#COMPREPLY[@]} -gt 0 ] || _attune_dynamic
-}
-complete -o default -F _attune attune attune.py
-""" % {"version": __version__, "children": children, "options": options, "files": "|".join(FILE_OPTIONS),
-       "dynamic": BASH_DYNAMIC,
-       "values": "|".join(v for v in takes_value if v not in FILE_OPTIONS)}
-
-
-def completion_fish(tree):
-    lines = ["# fish completion for attune (attune.py %s): attune completion fish | source" % __version__,
-             "# Commands and options are in the rules below; refs, ids, profiles, parameters and choices",
-             "# come from `attune __complete` (at most 2 seconds, and silent when the server is down).",
-             "function __attune_children",
-             "    switch \"$argv[1]\""]
-    for path, _, _, children in tree:
-        if children:
-            lines += ["        case '%s'" % " ".join(path), "            printf '%%s\\n' %s" % " ".join(children)]
-    lines += ["    end", "end",
-              "function __attune_path",
-              "    set -l path ''",
-              "    for word in (commandline -opc)[2..-1]",
-              "        if contains -- $word (__attune_children \"$path\")",
-              "            set path (string trim -- \"$path $word\")",
-              "        end",
-              "    end",
-              "    echo $path",
-              "end",
-              "function __attune_at  # fish expands no (command) inside quotes, so compare here",
-              "    set -l path (__attune_path)",
-              "    test \"$path\" = \"$argv[1]\"",
-              "end",
-              "function __attune_dynamic",
-              "    command -q attune; or return",
-              "    set -l words (commandline -opc) (commandline -ct)",
-              "    command attune __complete -- $words[2..-1] 2>/dev/null",
-              "end",
-              "function __attune_value  # an option's value: fish puts back the --option= itself",
-              "    __attune_dynamic | string replace -r -- '^--[^=]*=' ''",
-              "end",
-              "complete -c attune -f",
-              "complete -c attune -a '(__attune_children (__attune_path))'",
-              "complete -c attune -a '(__attune_dynamic)'"]
-    table = completion_table()
-    for path, options, takes_value, _ in tree:
-        own = table["commands"][" ".join(path)]["options"]
-        for option in options:
-            flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
-            kind = own.get(option, table["global"].get(option))
-            value = " -r -F" if option in FILE_OPTIONS else " -x -a '(__attune_value)'" if kind else \
-                " -x" if option in takes_value else ""
-            lines.append("complete -c attune -n '__attune_at \"%s\"' %s%s" % (" ".join(path), flag, value))
-    return "\n".join(lines) + "\n"
-
-
-def completion_powershell(tree):
-    def table(name, rows):
-        lines = ["$%s = @{" % name]
-        lines += ["    '%s' = @(%s)" % (" ".join(path), ", ".join("'%s'" % w for w in words)) for path, words in rows]
-        return lines + ["}"]
-
-    lines = ["# PowerShell completion for attune (attune.py %s):" % __version__,
-             "#   attune completion powershell | Out-String | Invoke-Expression"]
-    lines += table("AttuneChildren", [(p, c) for p, _, _, c in tree if c])
-    lines += table("AttuneOptions", [(p, o) for p, o, _, _ in tree])
-    lines += ["Register-ArgumentCompleter -Native -CommandName attune, attune.py -ScriptBlock {",
-              "    param($wordToComplete, $commandAst, $cursorPosition)",
-              "    $path = ''",
-              "    foreach ($element in ($commandAst.CommandElements | Select-Object -Skip 1)) {",
-              "        if ($element.Extent.EndOffset -ge $cursorPosition) { break }",
-              "        $word = $element.ToString()",
-              "        if ($AttuneChildren[$path] -contains $word) { $path = ($path + ' ' + $word).Trim() }",
-              "    }",
-              "    $candidates = if ($wordToComplete -like '-*') { $AttuneOptions[$path] } else { $AttuneChildren[$path] }",
-              "    $candidates = @($candidates | Where-Object { $_ -like \"$wordToComplete*\" })",
-              "    if ($candidates.Count -eq 0) {  # refs, ids, profiles, parameters: attune answers (at most 2 s)",
-              "        $words = @($commandAst.CommandElements | Select-Object -Skip 1 |",
-              "            Where-Object { $_.Extent.StartOffset -lt $cursorPosition } | ForEach-Object { $_.ToString() })",
-              "        $cursor = if ($wordToComplete -eq '') { $words.Count } else { $words.Count - 1 }",
-              "        $candidates = @(& $commandAst.CommandElements[0].ToString() __complete --cursor $cursor -- @words 2>$null)",
-              "    }",
-              "    $candidates | ForEach-Object {",
-              "        [System.Management.Automation.CompletionResult]::new($_, $_, 'ParameterValue', $_)",
-              "    }",
-              "}"]
-    return "\n".join(lines) + "\n"
-
-
-def completion_script(shell):
-    tree = list(command_tree())
-    if shell == "fish":
-        return completion_fish(tree)
-    if shell == "powershell":
-        return completion_powershell(tree)
-    script = completion_bash(tree)
-    if shell == "zsh":
-        script = ("#compdef attune\n# zsh completion for attune: eval \"$(attune completion zsh)\"\n"
-                  "autoload -U +X bashcompinit && bashcompinit\n") + script
-    return script
-
+# The scripts it prints and installs are written in Shell completion (before Main).
 
 @command("completion", "print a shell completion script, or install one (completion install SHELL)",
          arg("shell", choices=("bash", "zsh", "fish", "powershell", "install"),
@@ -10710,18 +10732,6 @@ def cmd_completion(ctx, args):
     if args.install_shell is not None:
         raise UsageError("completion %s takes no further argument" % args.shell)
     ctx.ui.stdout.write(completion_script(args.shell))
-
-
-def completion_target(shell, env):
-    """Where each shell looks for a user's completion scripts."""
-    home = os.path.expanduser("~") if "HOME" not in env else env["HOME"]
-    if shell == "bash":
-        data = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
-        return os.path.join(data, "bash-completion", "completions", "attune")
-    if shell == "fish":
-        config = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-        return os.path.join(config, "fish", "completions", "attune.fish")
-    return os.path.join(home, ".zsh", "completions", "_attune")
 
 
 def install_completion(ctx, shell):

@@ -232,7 +232,7 @@ class ExitSignals:
         raise Terminated(signum)
 
 
-EXIT_SIGNALS = ExitSignals()
+EXIT_SIGNALS = ExitSignals()  # process state: the handlers main() arms for its run and puts back after it
 
 
 def session_expired(profile):
@@ -311,7 +311,7 @@ class KnownSecrets:
         return data
 
 
-SECRETS = KnownSecrets()  # the process's one registry; main() empties it when a run starts
+SECRETS = KnownSecrets()  # process state: the one registry of secrets met; main() empties it when a run starts
 
 
 def check_token(value, where, error=None):
@@ -5128,6 +5128,174 @@ def exit_process(code):
 # SeamTests check it with the symbol table of the first half, and run `auth token` in every
 # token state through the installed launcher.
 
+# === Shared by the commands: lists, arguments, confirmations, tables =========
+# What many of the command groups below use: lists and pages, JSON-ish arguments,
+# confirmations, timestamps, a status line and the small pieces of table layout they repeat.
+# What one group alone uses is written in that group's section.
+
+def update_body(pairs, body=None, hint=""):
+    """The body of an update: the fields already decided (body) and each (key, value) of
+    pairs that was given (not None); a usage error when there is none, before any request."""
+    body = dict(body or {})
+    body.update((key, value) for key, value in pairs if value is not None)
+    if not body:
+        raise UsageError("At least one field must be provided to update" + hint)
+    return body
+
+
+def patch_op(value, empty_clears=False):
+    """A field the server patches: {"op": "set", "value": V}, {"op": "clear"} for an empty
+    value when empty_clears, None when not given."""
+    if value is None:
+        return None
+    return {"op": "clear"} if empty_clears and not value else {"op": "set", "value": value}
+
+
+def emit_list(ctx, items, pagination, noun, columns, row):
+    """A list command's output: the array in JSON and YAML, else a table of row(item)
+    ("No <noun> found" when empty); then a note when more pages remain. items may be a
+    ListWalk (or a generator over one): it is printed as it is read, and pagination is then
+    the walk's (the last page's)."""
+    walk = pagination if isinstance(pagination, ListWalk) else None
+    shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(columns, [row(i) for i in rows],
+                                                               empty="No %s found" % noun))
+    note_partial(ctx, walk.pagination if walk else pagination, shown, noun)
+
+
+def note_partial(ctx, pagination, shown, noun):
+    """Say on stderr when a list holds only its first page."""
+    if isinstance(pagination, dict) and pagination.get("has_next") is True:
+        total = pagination.get("total_items")
+        ctx.ui.note("showing the first %s; add --all for every page"
+                    % ("%d of %s" % (shown, counted(total, noun)) if isinstance(total, int) else counted(shown, noun)))
+
+
+def counted(n, noun):
+    """'1 execution', '3 executions': noun is the plural the lists use."""
+    if n == 1 and noun.endswith("ies"):
+        noun = noun[:-3] + "y"
+    elif n == 1 and noun.endswith("s"):
+        noun = noun[:-1]
+    return "%d %s" % (n, noun)
+
+
+def read_document(ctx, path, what):
+    """The YAML (or JSON) document of a file, or of stdin for '-'; a file that cannot be
+    read or parsed is a usage error naming it, with line:column."""
+    name = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            text = read_input(ctx.ui.stdin)
+        else:
+            text = read_regular_file(path, DATA_FILE_LIMIT)[0].decode("utf-8")
+        return yaml_loads(text)
+    except YamlError as e:
+        raise UsageError("Invalid %s: %s:%s" % (what, terminal_safe(name, keep=""), e))
+    except UnicodeError:
+        raise UsageError("Failed to read %s %s: it is not UTF-8 text" % (what, quoted(name)))
+    except OSError as e:
+        raise UsageError("Failed to read %s %s: %s" % (what, quoted(name), e.strerror or e))
+
+
+def json_or_string(text):
+    """A value given on the command line: JSON when it parses, else the string itself."""
+    try:
+        return json_loads(text)
+    except ValueError:
+        return text
+
+
+def parse_json_arg(text, flag):
+    try:
+        return json_loads(text)
+    except ValueError as e:
+        raise UsageError("%s is not valid JSON: %s" % (flag, e))
+
+
+def split_list(text):
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def parse_param_pairs(pairs, parse=json_or_string):
+    """KEY=VALUE arguments as a dict; values parsed as JSON when they parse (by default)."""
+    params = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError("Invalid parameter format: '%s'. Expected key=value" % pair)
+        params[key] = parse(value)
+    return params
+
+
+def confirm(ctx, args, what, cancelled="Delete cancelled"):
+    """Go ahead with a destructive command? --yes, or 'y' typed on a terminal; without
+    a terminal and without --yes it is a usage error."""
+    if getattr(args, "yes", False):
+        return True
+    if not can_prompt(ctx):
+        raise UsageError("refusing to %s without confirmation (no terminal to ask on); add --yes" % what)
+    if (ask(ctx, "Are you sure you want to %s? [y/N] " % what) or "").lower() in ("y", "yes"):
+        return True
+    ctx.ui.info(cancelled)
+    return False
+
+
+def delete_resource(ctx, args, what, path, success, json_message, cancelled="Delete cancelled"):
+    """Confirm, DELETE, accept any 2xx with or without a body."""
+    if not confirm(ctx, args, what, cancelled):
+        return
+    resp = ctx.session().request("DELETE", path)
+    resp.check()
+    ctx.ui.emit({"message": json_message}, lambda: ctx.ui.success(success))
+
+
+def format_timestamp(value):
+    """'2026-11-24T12:00:00.123Z' as '2026-11-24 12:00:00' (UTC); anything else as is."""
+    if not isinstance(value, str):
+        return "" if value is None else str(value)
+    if len(value) >= 19 and value[10] == "T":
+        return value[:10] + " " + value[11:19]
+    return value
+
+
+def timestamps(obj):
+    """The Created and Updated rows of a show table."""
+    return [("Created", format_timestamp(obj.get("created"))), ("Updated", format_timestamp(obj.get("updated")))]
+
+
+def or_dash(value):
+    """A field the server left empty, as every table and list shows it."""
+    return "-" if value is None or value == "" else value
+
+
+def show_json_section(ctx, title, value):
+    if value is not None:
+        ctx.ui.section(title)
+        ctx.ui.out(to_json(value))
+
+
+class Progress:
+    """One self-overwriting status line on stderr, only when stderr is a terminal that can
+    take it (can_redraw)."""
+
+    def __init__(self, ctx):
+        self.enabled = can_redraw(ctx.ui.stderr, ctx.env)
+        self.stream = ctx.ui.stderr
+        self.width = 0
+
+    def show(self, text):
+        if self.enabled:
+            write_text(self.stream, "\r" + terminal_safe(text).ljust(self.width), raw=True)
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
 # === Commands: auth ==========================================================
 
 LOGIN_URL = arg("--url", help="API URL to log in to (stored in the profile)")
@@ -6328,797 +6496,6 @@ def cmd_config_remove_profile(ctx, args):
     ctx.ui.emit({"removed": name}, lambda: ctx.ui.success("Profile '%s' removed" % name))
 
 
-# === Resource helpers ========================================================
-# Shared by the resource commands below: lists and pages, JSON-ish arguments,
-# confirmations, timestamps and the small pieces of table layout they repeat.
-
-KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
-
-
-def update_body(pairs, body=None, hint=""):
-    """The body of an update: the fields already decided (body) and each (key, value) of
-    pairs that was given (not None); a usage error when there is none, before any request."""
-    body = dict(body or {})
-    body.update((key, value) for key, value in pairs if value is not None)
-    if not body:
-        raise UsageError("At least one field must be provided to update" + hint)
-    return body
-
-
-def patch_op(value, empty_clears=False):
-    """A field the server patches: {"op": "set", "value": V}, {"op": "clear"} for an empty
-    value when empty_clears, None when not given."""
-    if value is None:
-        return None
-    return {"op": "clear"} if empty_clears and not value else {"op": "set", "value": value}
-
-
-def emit_list(ctx, items, pagination, noun, columns, row):
-    """A list command's output: the array in JSON and YAML, else a table of row(item)
-    ("No <noun> found" when empty); then a note when more pages remain. items may be a
-    ListWalk (or a generator over one): it is printed as it is read, and pagination is then
-    the walk's (the last page's)."""
-    walk = pagination if isinstance(pagination, ListWalk) else None
-    shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(columns, [row(i) for i in rows],
-                                                               empty="No %s found" % noun))
-    note_partial(ctx, walk.pagination if walk else pagination, shown, noun)
-
-
-def note_partial(ctx, pagination, shown, noun):
-    """Say on stderr when a list holds only its first page."""
-    if isinstance(pagination, dict) and pagination.get("has_next") is True:
-        total = pagination.get("total_items")
-        ctx.ui.note("showing the first %s; add --all for every page"
-                    % ("%d of %s" % (shown, counted(total, noun)) if isinstance(total, int) else counted(shown, noun)))
-
-
-def counted(n, noun):
-    """'1 execution', '3 executions': noun is the plural the lists use."""
-    if n == 1 and noun.endswith("ies"):
-        noun = noun[:-3] + "y"
-    elif n == 1 and noun.endswith("s"):
-        noun = noun[:-1]
-    return "%d %s" % (n, noun)
-
-
-def read_document(ctx, path, what):
-    """The YAML (or JSON) document of a file, or of stdin for '-'; a file that cannot be
-    read or parsed is a usage error naming it, with line:column."""
-    name = "stdin" if path == "-" else path
-    try:
-        if path == "-":
-            text = read_input(ctx.ui.stdin)
-        else:
-            text = read_regular_file(path, DATA_FILE_LIMIT)[0].decode("utf-8")
-        return yaml_loads(text)
-    except YamlError as e:
-        raise UsageError("Invalid %s: %s:%s" % (what, terminal_safe(name, keep=""), e))
-    except UnicodeError:
-        raise UsageError("Failed to read %s %s: it is not UTF-8 text" % (what, quoted(name)))
-    except OSError as e:
-        raise UsageError("Failed to read %s %s: %s" % (what, quoted(name), e.strerror or e))
-
-
-def json_or_string(text):
-    """A value given on the command line: JSON when it parses, else the string itself."""
-    try:
-        return json_loads(text)
-    except ValueError:
-        return text
-
-
-def parse_json_arg(text, flag):
-    try:
-        return json_loads(text)
-    except ValueError as e:
-        raise UsageError("%s is not valid JSON: %s" % (flag, e))
-
-
-def split_list(text):
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
-def parse_param_pairs(pairs, parse=json_or_string):
-    """KEY=VALUE arguments as a dict; values parsed as JSON when they parse (by default)."""
-    params = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError("Invalid parameter format: '%s'. Expected key=value" % pair)
-        params[key] = parse(value)
-    return params
-
-
-def execution_parameters(args, base=None):
-    """--params-json replaces everything; --param k=v pairs go on top of base."""
-    if args.params_json is not None and args.param:
-        raise UsageError("use either --param or --params-json, not both")
-    if args.params_json is not None:
-        params = parse_json_arg(args.params_json, "--params-json")
-        if not isinstance(params, dict):
-            raise UsageError("--params-json must be a JSON object")
-        return params
-    params = dict(base or {})
-    params.update(parse_param_pairs(args.param))
-    return params
-
-
-def execute_body(args, action_ref, parameters):
-    """The POST /executions/execute body, optional fields only when given."""
-    body = {"action_ref": action_ref, "parameters": parameters}
-    for flag in ("worker_selector", "worker_tolerations", "worker_affinity"):
-        value = getattr(args, flag)
-        if value is not None:
-            body[flag] = parse_json_arg(value, "--" + flag.replace("_", "-"))
-    if args.execution_timeout is not None:
-        body["timeout_seconds"] = args.execution_timeout
-    env = environment_variables(args)
-    if env is not None:
-        body["env_vars"] = env
-    if args.permission_set is not None and args.no_api_token:
-        raise UsageError("--permission-set and --no-api-token contradict each other")
-    if args.permission_set is not None:
-        if not all(ref.strip() for ref in args.permission_set):
-            raise UsageError("Permission set refs cannot be empty")
-        body["permission_set_refs"] = args.permission_set
-    elif args.no_api_token:
-        body["permission_set_refs"] = []  # an explicit empty list: not the action's default sets
-    if args.artifact_retention_policy is not None:
-        body["artifact_retention_policy"] = args.artifact_retention_policy
-    if args.artifact_retention_limit is not None:
-        body["artifact_retention_limit"] = args.artifact_retention_limit
-    return body
-
-
-def environment_variables(args):
-    """env_vars from --env KEY=VALUE or --env-json; None when neither is given. Names with
-    the ATTUNE_ prefix are the worker's own and are refused."""
-    if args.env and args.env_json is not None:
-        raise UsageError("--env and --env-json contradict each other")
-    if args.env_json is not None:
-        env = parse_json_arg(args.env_json, "--env-json")
-        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-            raise UsageError("Invalid --env-json: it must be a JSON object of strings")
-    elif args.env:
-        env = {}
-        for item in args.env:
-            name, eq, value = item.partition("=")
-            if not eq:
-                raise UsageError("Invalid environment variable %s. Expected KEY=VALUE" % quoted(item))
-            if not name:
-                raise UsageError("Environment variable name cannot be empty")
-            env[name] = value
-    else:
-        return None
-    reserved = sorted(name for name in env if name.upper().startswith("ATTUNE_"))
-    if reserved:
-        raise UsageError("environment variable %s uses the reserved ATTUNE_ prefix" % quoted(reserved[0]))
-    return env
-
-
-def confirm(ctx, args, what, cancelled="Delete cancelled"):
-    """Go ahead with a destructive command? --yes, or 'y' typed on a terminal; without
-    a terminal and without --yes it is a usage error."""
-    if getattr(args, "yes", False):
-        return True
-    if not can_prompt(ctx):
-        raise UsageError("refusing to %s without confirmation (no terminal to ask on); add --yes" % what)
-    if (ask(ctx, "Are you sure you want to %s? [y/N] " % what) or "").lower() in ("y", "yes"):
-        return True
-    ctx.ui.info(cancelled)
-    return False
-
-
-def delete_resource(ctx, args, what, path, success, json_message, cancelled="Delete cancelled"):
-    """Confirm, DELETE, accept any 2xx with or without a body."""
-    if not confirm(ctx, args, what, cancelled):
-        return
-    resp = ctx.session().request("DELETE", path)
-    resp.check()
-    ctx.ui.emit({"message": json_message}, lambda: ctx.ui.success(success))
-
-
-def format_timestamp(value):
-    """'2026-11-24T12:00:00.123Z' as '2026-11-24 12:00:00' (UTC); anything else as is."""
-    if not isinstance(value, str):
-        return "" if value is None else str(value)
-    if len(value) >= 19 and value[10] == "T":
-        return value[:10] + " " + value[11:19]
-    return value
-
-
-def timestamps(obj):
-    """The Created and Updated rows of a show table."""
-    return [("Created", format_timestamp(obj.get("created"))), ("Updated", format_timestamp(obj.get("updated")))]
-
-
-def or_dash(value):
-    """A field the server left empty, as every table and list shows it."""
-    return "-" if value is None or value == "" else value
-
-
-def label_from_ref(ref):
-    """'my_pack-name' -> 'My Pack Name', as the Rust CLI derives a pack label."""
-    words = ref.replace("-", "_").replace(".", "_").split("_")
-    return " ".join(w[:1].upper() + w[1:] for w in words if w)
-
-
-def schema_rows(schema):
-    """Rows (name, type, required, default, description) of a parameter schema, in the
-    flat form packs use ({"name": {"type": ...}}) or as a JSON Schema object."""
-    if not isinstance(schema, dict):
-        return []
-    required = set()
-    properties = schema
-    if isinstance(schema.get("properties"), dict):
-        properties = schema["properties"]
-        required = set(schema.get("required") or ())
-    rows = []
-    for name, spec in properties.items():
-        spec = spec if isinstance(spec, dict) else {"type": spec}
-        default = spec.get("default")
-        rows.append([name, spec.get("type"), name in required or spec.get("required") is True,
-                     default if default is None or isinstance(default, str) else json.dumps(default),
-                     spec.get("description")])
-    return rows
-
-
-def show_schema(ctx, title, schema):
-    if schema in (None, {}, []):
-        return
-    ctx.ui.section(title)
-    rows = schema_rows(schema)
-    if rows and all(isinstance(v, dict) for v in (schema.get("properties") or schema).values()):
-        ctx.ui.table(["Name", "Type", "Required", "Default", "Description"], rows)
-    else:
-        ctx.ui.out(to_json(schema))
-
-
-def show_json_section(ctx, title, value):
-    if value is not None:
-        ctx.ui.section(title)
-        ctx.ui.out(to_json(value))
-
-
-def show_list_section(ctx, title, values):
-    if values:
-        ctx.ui.section(title)
-        for value in values if isinstance(values, list) else [values]:
-            ctx.ui.out("  %s %s" % (BULLET, cell_text(value)))
-
-
-# === Waiting for executions and reading log streams ==========================
-
-class Progress:
-    """One self-overwriting status line on stderr, only when stderr is a terminal that can
-    take it (can_redraw)."""
-
-    def __init__(self, ctx):
-        self.enabled = can_redraw(ctx.ui.stderr, ctx.env)
-        self.stream = ctx.ui.stderr
-        self.width = 0
-
-    def show(self, text):
-        if self.enabled:
-            write_text(self.stream, "\r" + terminal_safe(text).ljust(self.width), raw=True)
-            self.stream.flush()
-            self.width = len(text)
-
-    def clear(self):
-        if self.enabled and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
-
-
-class Detached(Exception):
-    """Ctrl+D during a watch: stop watching, leave the execution running."""
-
-
-class WatchControls:
-    """The keys and signals of a watch. SIGINT (Ctrl+C) always means cancel, even when the
-    shell started us with SIGINT ignored. When stdin is the terminal in whose foreground we
-    run, the terminal stops echoing and line-buffering (signals and output processing stay
-    as they were) so Ctrl+D arrives as a key and detaches; the mode is restored on every
-    way out, before any cancel request is sent. Use it as a `with` block; keys=False arms
-    SIGINT only (the list watch, which Ctrl+C just ends)."""
-
-    def __init__(self, ctx, keys=True):
-        self.ui = ctx.ui
-        self.keys = keys
-        self.fd = None  # the terminal's descriptor while keys are read
-        self.saved_mode = self.saved_sigint = None
-
-    def __enter__(self):
-        import signal
-        EXIT_SIGNALS.arm()  # SIGTERM and SIGHUP restore the terminal too
-        try:
-            self.saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
-        except ValueError:  # not the main thread (attune.main() called from a thread): signals stay as they are
-            self.saved_sigint = None
-        try:
-            fd = self.ui.stdin.fileno()
-            if not self.keys or not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
-                return self  # piped, closed, /dev/null or a background job: no keys
-            import termios
-            self.saved_mode = termios.tcgetattr(fd)
-            mode = termios.tcgetattr(fd)
-            mode[3] &= ~(termios.ICANON | termios.ECHO)
-            mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
-            termios.tcsetattr(fd, termios.TCSANOW, mode)
-            self.fd = fd
-        except (AttributeError, ValueError, OSError, ImportError):
-            self.saved_mode = None
-            return self
-        say(self.ui.stderr, "Ctrl+C requests cancellation; Ctrl+D detaches.")
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-        if self.fd is not None:
-            import termios
-            try:
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved_mode)
-            except (OSError, termios.error):
-                self.ui.warn("Failed to restore terminal mode")
-            self.fd = None
-        if self.saved_sigint is not None:
-            signal.signal(signal.SIGINT, self.saved_sigint)
-
-    def pause(self, seconds, sock=None):
-        """Sleep up to seconds; True as soon as sock (if any) has something to read. Ctrl+D
-        raises Detached, a Ctrl+C that arrives as a key raises KeyboardInterrupt."""
-        watched = [f for f in (self.fd, sock) if f is not None]
-        if not watched:
-            time.sleep(max(0.0, seconds))
-            return False
-        import select
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            ready = select.select(watched, [], [], left)[0]
-            if self.fd is not None and self.fd in ready:
-                try:
-                    keys = os.read(self.fd, 64)
-                except OSError:  # EIO: the terminal hung up
-                    keys = b""
-                if not keys:
-                    raise AttuneError("Terminal input stream closed")
-                if b"\x04" in keys:
-                    raise Detached()
-                if b"\x03" in keys:
-                    raise KeyboardInterrupt()
-            if sock is not None and sock in ready:
-                return True
-
-
-def watch_execution(ctx, session, execution_id, timeout, notifier_url):
-    """The one watch behind run -w, action execute --watch, execution rerun --watch and
-    execution watch ID: wait for the end, or cancel on Ctrl+C (exit 130), or detach on
-    Ctrl+D (exit 0); the finished execution's summary otherwise."""
-    try:
-        with WatchControls(ctx) as controls:
-            execution = wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_url)
-    except KeyboardInterrupt:
-        return cancel_watched(ctx, session, execution_id)
-    except Detached:
-        ctx.ui.emit({"execution_id": execution_id, "watch_status": "detached", "execution_status": None},
-                    lambda: ctx.ui.info("Detached from execution %d. No cancellation was requested."
-                                        % execution_id))
-        return 0
-    show_finished_execution(ctx, execution)
-    return 0
-
-
-CANCEL_TIMEOUT = 10  # seconds a watch's cancel request may take
-
-
-def cancel_watched(ctx, session, execution_id):
-    """Ctrl+C during a watch: ask the server to cancel, without a prompt; exit 130."""
-    try:
-        execution = session.fetch("POST", "/executions/%d/cancel" % execution_id, {}, timeout=CANCEL_TIMEOUT)
-    except NetworkError as e:
-        if e.kind != "timeout":
-            raise
-        raise AttuneError("Cancellation request timed out; its server-side outcome is unknown")
-    status = execution.get("status") if isinstance(execution, dict) else None
-    ctx.ui.emit({"execution_id": execution_id, "watch_status": "cancel_requested", "execution_status": status},
-                lambda: ctx.ui.info("Cancellation requested for execution %d" % execution_id))
-    return 130
-
-
-def wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_url=None):
-    """The execution once its status is terminal, or exit 1 when the timeout passes first.
-    Live updates come from the notifier while it answers (all but the last 10 s of the
-    timeout); then GET /executions/{id} with a growing interval, up to 2 s."""
-    started = time.monotonic()
-    deadline = ctx.deadline.until(started + timeout)
-    progress = Progress(ctx)
-    try:
-        if notifier_url:
-            live_until = deadline - 10 if timeout > 10 else deadline
-            try:
-                execution = notifier_wait(ctx, session, execution_id, notifier_url, live_until, controls, progress)
-                if execution is not None:
-                    return execution
-            except (OSError, ValueError, WebSocketError) as e:
-                ctx.ui.log("notifier %s: %s; polling instead" % (notifier_url, e))
-        return poll_execution(session, execution_id, timeout, deadline, controls.pause, lambda status: progress.show(
-            "Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started)))
-    finally:
-        progress.clear()
-
-
-def show_finished_execution(ctx, execution):
-    """'Execution N completed', its details, stdout and result; exit 1 unless it succeeded."""
-    status = str(execution.get("status") or "")
-
-    def table():
-        result = execution.get("result")
-        stdout = result.get("stdout") if isinstance(result, dict) else None
-        if status.lower() in SUCCESS_STATUSES:
-            ctx.ui.success("Execution %s completed" % execution.get("id"))
-        else:
-            ctx.ui.out(CROSS + " " + terminal_safe("Execution %s %s" % (execution.get("id"), status or "ended"), keep=""))
-        ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                      ("Status", status)] + timestamps(execution), "Execution Details")
-        if isinstance(stdout, str):
-            ctx.ui.section("Stdout")
-            ctx.ui.out(stdout.rstrip("\n"))
-            result = {k: v for k, v in result.items() if k != "stdout"}
-        show_json_section(ctx, "Result", result)
-
-    ctx.ui.emit(execution, table)
-    if status.lower() not in SUCCESS_STATUSES:
-        raise AttuneError("execution finished with status '%s'" % status)
-
-
-EVENT_STREAM = "text/event-stream"  # what session.request(stream=...) asks for to read server-sent events
-
-
-def sse_events(stream):
-    """(event, data, id) for each server-sent event; comments come as ('comment', text, None).
-    Ends at the end of the stream; a dropped connection raises OSError or HTTPException."""
-    event, data, event_id, size = None, [], None, 0
-    while True:
-        raw = stream.readline(EVENT_LIMIT + 1)
-        size += len(raw)
-        if size > EVENT_LIMIT:
-            raise ServerError("an event of the server's stream is larger than %d MiB, the most "
-                              "attune.py reads into memory" % (EVENT_LIMIT >> 20))
-        if not raw:
-            return
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data or event:
-                yield event or "message", "\n".join(data), event_id
-            event, data, event_id, size = None, [], None, 0
-        elif line.startswith(":"):
-            size = size if data else 0  # a keep-alive comment between events
-            yield "comment", line[1:].strip(), None
-        else:
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
-            elif field == "id":
-                event_id = value
-
-
-def read_log_stream(ctx, session, execution_id, name, follow, write):
-    """Read /executions/{id}/logs/{name}/stream, passing content to write(text).
-    Without follow: the catch-up only. With follow: until the 'done' event,
-    reconnecting from the last byte offset when the connection drops (a 401 on
-    reconnect refreshes the token, as every request does) and when the token it was
-    opened with is renewed, so an hours-long follow always holds a live token. Returns
-    the offset."""
-    import http.client
-    path = "/executions/%d/logs/%s/stream" % (execution_id, name)
-    offset, drops = 0, 0
-    while True:
-        resp = session.request("GET", path, query={"offset": offset} if offset else None,
-                               stream=EVENT_STREAM)
-        resp.check()
-        opened_with = session.creds.access
-        events = sse_events(resp.stream)
-        renewed = False
-        try:
-            while True:
-                try:  # only reading the stream counts as a drop; a failing write() is not one
-                    event, data, event_id = next(events)
-                except StopIteration:
-                    break
-                except (OSError, http.client.HTTPException) as e:
-                    ctx.ui.log("log stream interrupted: %s" % e.__class__.__name__)
-                    break
-                if event in ("content", "append"):
-                    write(data)
-                    if event_id and set(event_id) <= DIGITS:
-                        offset = int(event_id)
-                    drops = 0
-                elif event == "done":
-                    return offset
-                elif event == "error":
-                    raise ApiError("the log stream failed: %s" % data)
-                elif not follow and (data == "initial-catchup-complete" or (
-                        event == "waiting" and data == "Waiting for log output")):
-                    return offset
-                if follow and opened_with and session.token() != opened_with:  # refreshed when due
-                    renewed = True
-                    break
-        finally:
-            resp.stream.close()
-        if renewed:
-            ctx.ui.log("the access token was renewed; reopening the log stream at byte %d" % offset)
-            continue
-        drops += 1
-        if drops > 5:
-            raise NetworkError("the log stream of execution %d keeps dropping (at byte %d)"
-                               % (execution_id, offset))
-        ctx.ui.log("log stream ended before 'done'; reconnecting from byte %d" % offset)
-        time.sleep(min(0.2 * drops, 2.0))
-
-
-# === The notifier's WebSocket ================================================
-# Attune's notifier pushes status changes over a WebSocket (RFC 6455). The client side
-# needs little: an HTTP/1.1 upgrade, masked text frames out, unmasked frames in, pongs for
-# pings, and a close. Whatever goes wrong, the watch falls back to polling.
-
-WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-WEBSOCKET_MESSAGE_LIMIT = 1 << 20  # bytes: a notification is a few hundred
-
-
-def notifier_base(ctx, session):
-    """The notifier's URL (its /ws is added when connecting): --notifier-url,
-    ATTUNE_NOTIFIER_WS_URL, or the API URL with ws(s) for http(s), port 8081 for 8080 (the
-    server's defaults) and its path kept (a reverse proxy's https://gw/attune gives
-    wss://gw/attune/ws). None when the watch must poll instead: a stored session is sent
-    only to a notifier on its API's host, over wss when the API is https."""
-    flag = getattr(ctx.args, "notifier_url", None)
-    env = (ctx.env.get("ATTUNE_NOTIFIER_WS_URL") or "").strip()
-    if flag is not None:
-        url, where = check_api_url(flag, "--notifier-url", "notifier URL", ("ws", "wss")), "--notifier-url"
-    elif env:
-        url, where = check_api_url(env, "ATTUNE_NOTIFIER_WS_URL", "notifier URL", ("ws", "wss")), \
-            "ATTUNE_NOTIFIER_WS_URL"
-    else:
-        scheme, _, rest = session.api_url.partition("://")
-        authority, slash, path = rest.partition("/")
-        if authority.endswith(":8080"):
-            authority = authority[:-4] + "8081"
-        return ("wss" if scheme.lower() == "https" else "ws") + "://" + authority + slash + path
-    if session.creds.source == "file" and not notifier_may_carry(url, session.api_url):
-        ctx.ui.log("the notifier %s (%s) is not on the host of %s over the same security: the stored session "
-                   "is not sent there; polling instead" % (url, where, session.api_url))
-        return None
-    return url
-
-
-def notifier_may_carry(url, api_url):
-    """True when a stored session may go to the notifier at url: the API's host, wss for https."""
-    notifier, api = origin(url), origin(api_url)
-    secure = {"ws": "http", "wss": "https"}.get(notifier[0])
-    return notifier[1] == api[1] and (secure == api[0] or (api[0] == "http" and secure == "https"))
-
-
-class WebSocket:
-    """One client connection to a WebSocket server."""
-
-    def __init__(self, sock, buffered=b""):
-        self.sock = sock
-        self.buffer = buffered
-
-    @classmethod
-    def connect(cls, url, token, deadline, tls):
-        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token (None:
-        none); each step of it, and of what follows, under deadline (a RequestDeadline).
-        tls() gives the SSL context of the session whose token it carries."""
-        import hashlib
-        import socket
-        from urllib.parse import urlsplit
-        parts = urlsplit(url)
-        secure = parts.scheme == "wss"
-        host, port = parts.hostname, parts.port or (443 if secure else 80)
-        sock = socket.create_connection((host, port), deadline.left())
-        try:
-            if secure:
-                sock.settimeout(deadline.left())  # the bound of the whole handshake
-                sock = tls().wrap_socket(sock, server_hostname=host)
-            sock = DeadlineSocket(sock, deadline)
-            key = binascii.b2a_base64(os.urandom(16)).decode("ascii").strip()
-            lines = ["GET %s HTTP/1.1" % (parts.path or "/"), "Host: %s" % parts.netloc,
-                     "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
-                     "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: attune.v1",
-                     "User-Agent: " + user_agent()]
-            if token:
-                lines.append("Authorization: Bearer " + token)
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = sock.recv(4096)
-                if not chunk or len(head) > 16384:
-                    raise WebSocketError("no upgrade answer")
-                head += chunk
-            head, _, rest = head.partition(b"\r\n\r\n")
-            status, _, fields = head.decode("latin-1").partition("\r\n")
-            if status.split(" ")[1:2] != ["101"]:
-                raise WebSocketError("the upgrade was refused (%s)" % terminal_safe(status[:80]))
-            headers = {}
-            for field in fields.split("\r\n"):
-                name, _, value = field.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            expected = binascii.b2a_base64(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode().strip()
-            if headers.get("sec-websocket-accept") != expected:
-                raise WebSocketError("the upgrade answer has a wrong Sec-WebSocket-Accept")
-            return cls(sock, rest)
-        except BaseException:
-            sock.close()
-            raise
-
-    def _read(self, count):
-        while len(self.buffer) < count:
-            chunk = self.sock.recv(max(4096, count - len(self.buffer)))
-            if not chunk:
-                raise WebSocketError("the connection closed")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:count], self.buffer[count:]
-        return data
-
-    def pending(self):
-        """Bytes already received but not yet read (select() cannot see them)."""
-        return bool(self.buffer) or bool(getattr(self.sock, "pending", lambda: 0)())
-
-    def receive(self):
-        """The next text message as a str; pings are answered on the way, a close frame or
-        anything outside the protocol raises WebSocketError."""
-        import struct
-        message = None
-        while True:
-            first, second = bytearray(self._read(2))
-            opcode, final = first & 0x0F, first & 0x80
-            if first & 0x70 or second & 0x80:
-                raise WebSocketError("a frame with reserved bits or a mask")
-            length = second & 0x7F
-            if length == 126:
-                length = struct.unpack(">H", self._read(2))[0]
-            elif length == 127:
-                length = struct.unpack(">Q", self._read(8))[0]
-            if length > WEBSOCKET_MESSAGE_LIMIT or (opcode >= 8 and (length > 125 or not final)):
-                raise WebSocketError("a frame of %d bytes" % length)
-            payload = self._read(length)
-            if opcode == 9:
-                self.send(10, payload)
-            elif opcode == 8:
-                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
-                raise WebSocketError("closed by the server (%d %s)"
-                                     % (code, terminal_safe(payload[2:].decode("utf-8", "replace")[:80])))
-            elif (opcode == 1 and message is None) or (opcode == 0 and message is not None):
-                message = (message or b"") + payload
-                if len(message) > WEBSOCKET_MESSAGE_LIMIT:
-                    raise WebSocketError("a message over %d bytes" % WEBSOCKET_MESSAGE_LIMIT)
-                if final:
-                    return message.decode("utf-8")
-            elif opcode != 10:
-                raise WebSocketError("an unexpected frame (opcode %d)" % opcode)
-
-    def send(self, opcode, payload):
-        """One final frame, masked as a client must."""
-        import struct
-        mask = bytearray(os.urandom(4))
-        size = len(payload)
-        header = bytearray([0x80 | opcode])
-        if size < 126:
-            header.append(0x80 | size)
-        elif size < 65536:
-            header += bytearray([0x80 | 126]) + struct.pack(">H", size)
-        else:
-            header += bytearray([0x80 | 127]) + struct.pack(">Q", size)
-        masked = bytearray(b ^ mask[i % 4] for i, b in enumerate(bytearray(payload)))
-        self.sock.sendall(bytes(header + mask + masked))
-
-    def send_json(self, value):
-        self.send(1, json.dumps(value).encode("utf-8"))
-
-    def close(self):
-        try:
-            self.send(8, b"\x03\xe8")  # 1000: normal closure
-        except OSError:
-            pass
-        self.sock.close()
-
-
-NOTIFIER_POLL = 2  # seconds between GETs while the notifier is quiet
-NOTIFIER_PING = 15  # seconds between pings
-
-
-def notifier_wait(ctx, session, execution_id, url, until, controls, progress):
-    """Wait for execution_id over the notifier until `until` (time.monotonic()): the
-    finished execution, or None when time runs out. The socket is reopened with the new
-    token whenever the session's token is renewed (the server closes it when the token it
-    was opened with expires)."""
-    started = time.monotonic()
-    ws, ws_token, last_ping = None, None, started
-    try:
-        while True:
-            execution = session.fetch("GET", "/executions/%d" % execution_id)
-            status = str(execution.get("status") or "")
-            if status.lower() in TERMINAL_STATUSES:
-                return execution
-            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started))
-            if ws is None or ws_token != session.creds.access:
-                if ws is not None:
-                    ws.close()
-                    ws = None
-                ws, ws_token = notifier_subscribe(ctx, session, execution_id, url, until), session.creds.access
-                continue  # the GET after subscribing closes the gap before it
-            quiet_until = min(time.monotonic() + NOTIFIER_POLL, until)
-            while time.monotonic() < quiet_until:
-                if not (ws.pending() or controls.pause(quiet_until - time.monotonic(), ws.sock)):
-                    break
-                update = notifier_update(ws.receive(), execution_id)
-                if update is not None and str(update.get("status") or "").lower() in TERMINAL_STATUSES:
-                    try:
-                        return session.fetch("GET", "/executions/%d" % execution_id)
-                    except AttuneError:  # the payload has no result, but it is the outcome
-                        return update
-            if time.monotonic() >= until:
-                return None
-            if time.monotonic() - last_ping >= NOTIFIER_PING:
-                ws.send_json({"type": "ping"})
-                last_ping = time.monotonic()
-    finally:
-        if ws is not None:
-            ws.close()
-
-
-def notifier_subscribe(ctx, session, execution_id, url, until):
-    """Connect, get the welcome and subscribe to one execution: all of it within 5 s (and
-    the watch's own deadline), however slowly the notifier answers."""
-    left = until - time.monotonic()
-    if left <= 0:
-        raise WebSocketError("no time left for the notifier")
-    ctx.ui.log("> WebSocket %s/ws" % url)
-    import socket
-    limit = min(5.0, left)
-    deadline = RequestDeadline(limit, limit)
-    ws = None
-    try:
-        ws = WebSocket.connect(url + "/ws", session.creds.access, deadline, lambda: ctx.http.ssl_context(session.selection.ca_bundle))
-        welcome = json_loads(ws.receive())
-        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
-            raise WebSocketError("no welcome message")
-        ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
-        deadline.lift()  # from now on each read is bounded, the watch its own deadline
-        return ws
-    except socket.timeout:
-        if ws is not None:
-            ws.sock.close()
-        raise WebSocketError("the notifier did not answer within %gs" % limit)
-    except BaseException:
-        if ws is not None:
-            ws.sock.close()
-        raise
-
-
-def notifier_update(text, execution_id):
-    """The payload of a notification about execution_id, None for other messages; an
-    error message from the server raises WebSocketError."""
-    message = json_loads(text)
-    if not isinstance(message, dict):
-        raise WebSocketError("a message that is not an object")
-    if message.get("type") == "error":
-        raise WebSocketError("the notifier said: %s" % clip(str(message.get("message")), 80))
-    payload = message.get("payload")
-    if (message.get("type") == "notification" and message.get("entity_type") == "execution"
-            and message.get("entity_id") == execution_id and isinstance(payload, dict)):
-        return payload
-    return None
-
-
 # === Commands: packs =========================================================
 
 group("pack", "list, show, create, install, register, upload, update and uninstall packs")
@@ -7132,6 +6509,19 @@ PACK_PATH_ARGS = (arg("path", metavar="PATH", help="the pack directory (or .tar.
 INSTALL_POLL = 2  # seconds between looks at a pack install's tests
 INSTALL_WAIT = 300  # seconds to wait for them
 INSTALL_DONE = ("succeeded", "failed", "rolled_back")
+
+
+def label_from_ref(ref):
+    """'my_pack-name' -> 'My Pack Name', as the Rust CLI derives a pack label."""
+    words = ref.replace("-", "_").replace(".", "_").split("_")
+    return " ".join(w[:1].upper() + w[1:] for w in words if w)
+
+
+def show_list_section(ctx, title, values):
+    if values:
+        ctx.ui.section(title)
+        for value in values if isinstance(values, list) else [values]:
+            ctx.ui.out("  %s %s" % (BULLET, cell_text(value)))
 
 
 def pack_report(ctx, session, result, verb):
@@ -7425,6 +6815,104 @@ EXECUTE_ARGS = (
         help="with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))
 
 
+def execution_parameters(args, base=None):
+    """--params-json replaces everything; --param k=v pairs go on top of base."""
+    if args.params_json is not None and args.param:
+        raise UsageError("use either --param or --params-json, not both")
+    if args.params_json is not None:
+        params = parse_json_arg(args.params_json, "--params-json")
+        if not isinstance(params, dict):
+            raise UsageError("--params-json must be a JSON object")
+        return params
+    params = dict(base or {})
+    params.update(parse_param_pairs(args.param))
+    return params
+
+
+def execute_body(args, action_ref, parameters):
+    """The POST /executions/execute body, optional fields only when given."""
+    body = {"action_ref": action_ref, "parameters": parameters}
+    for flag in ("worker_selector", "worker_tolerations", "worker_affinity"):
+        value = getattr(args, flag)
+        if value is not None:
+            body[flag] = parse_json_arg(value, "--" + flag.replace("_", "-"))
+    if args.execution_timeout is not None:
+        body["timeout_seconds"] = args.execution_timeout
+    env = environment_variables(args)
+    if env is not None:
+        body["env_vars"] = env
+    if args.permission_set is not None and args.no_api_token:
+        raise UsageError("--permission-set and --no-api-token contradict each other")
+    if args.permission_set is not None:
+        if not all(ref.strip() for ref in args.permission_set):
+            raise UsageError("Permission set refs cannot be empty")
+        body["permission_set_refs"] = args.permission_set
+    elif args.no_api_token:
+        body["permission_set_refs"] = []  # an explicit empty list: not the action's default sets
+    if args.artifact_retention_policy is not None:
+        body["artifact_retention_policy"] = args.artifact_retention_policy
+    if args.artifact_retention_limit is not None:
+        body["artifact_retention_limit"] = args.artifact_retention_limit
+    return body
+
+
+def environment_variables(args):
+    """env_vars from --env KEY=VALUE or --env-json; None when neither is given. Names with
+    the ATTUNE_ prefix are the worker's own and are refused."""
+    if args.env and args.env_json is not None:
+        raise UsageError("--env and --env-json contradict each other")
+    if args.env_json is not None:
+        env = parse_json_arg(args.env_json, "--env-json")
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise UsageError("Invalid --env-json: it must be a JSON object of strings")
+    elif args.env:
+        env = {}
+        for item in args.env:
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise UsageError("Invalid environment variable %s. Expected KEY=VALUE" % quoted(item))
+            if not name:
+                raise UsageError("Environment variable name cannot be empty")
+            env[name] = value
+    else:
+        return None
+    reserved = sorted(name for name in env if name.upper().startswith("ATTUNE_"))
+    if reserved:
+        raise UsageError("environment variable %s uses the reserved ATTUNE_ prefix" % quoted(reserved[0]))
+    return env
+
+
+def schema_rows(schema):
+    """Rows (name, type, required, default, description) of a parameter schema, in the
+    flat form packs use ({"name": {"type": ...}}) or as a JSON Schema object."""
+    if not isinstance(schema, dict):
+        return []
+    required = set()
+    properties = schema
+    if isinstance(schema.get("properties"), dict):
+        properties = schema["properties"]
+        required = set(schema.get("required") or ())
+    rows = []
+    for name, spec in properties.items():
+        spec = spec if isinstance(spec, dict) else {"type": spec}
+        default = spec.get("default")
+        rows.append([name, spec.get("type"), name in required or spec.get("required") is True,
+                     default if default is None or isinstance(default, str) else json.dumps(default),
+                     spec.get("description")])
+    return rows
+
+
+def show_schema(ctx, title, schema):
+    if schema in (None, {}, []):
+        return
+    ctx.ui.section(title)
+    rows = schema_rows(schema)
+    if rows and all(isinstance(v, dict) for v in (schema.get("properties") or schema).values()):
+        ctx.ui.table(["Name", "Type", "Required", "Default", "Description"], rows)
+    else:
+        ctx.ui.out(to_json(schema))
+
+
 def runtime_text(item, is_workflow=None):
     if item.get("workflow_def") is not None if is_workflow is None else is_workflow:
         return "Workflow"
@@ -7559,6 +7047,518 @@ def cmd_action_execute(ctx, args):
 
 group("execution", "list, show, watch, cancel and rerun executions, read logs")
 
+
+# -- waiting for an execution (run --wait, execution watch) and reading its logs ----------
+
+class Detached(Exception):
+    """Ctrl+D during a watch: stop watching, leave the execution running."""
+
+
+class WatchControls:
+    """The keys and signals of a watch. SIGINT (Ctrl+C) always means cancel, even when the
+    shell started us with SIGINT ignored. When stdin is the terminal in whose foreground we
+    run, the terminal stops echoing and line-buffering (signals and output processing stay
+    as they were) so Ctrl+D arrives as a key and detaches; the mode is restored on every
+    way out, before any cancel request is sent. Use it as a `with` block; keys=False arms
+    SIGINT only (the list watch, which Ctrl+C just ends)."""
+
+    def __init__(self, ctx, keys=True):
+        self.ui = ctx.ui
+        self.keys = keys
+        self.fd = None  # the terminal's descriptor while keys are read
+        self.saved_mode = self.saved_sigint = None
+
+    def __enter__(self):
+        import signal
+        EXIT_SIGNALS.arm()  # SIGTERM and SIGHUP restore the terminal too
+        try:
+            self.saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread (attune.main() called from a thread): signals stay as they are
+            self.saved_sigint = None
+        try:
+            fd = self.ui.stdin.fileno()
+            if not self.keys or not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+                return self  # piped, closed, /dev/null or a background job: no keys
+            import termios
+            self.saved_mode = termios.tcgetattr(fd)
+            mode = termios.tcgetattr(fd)
+            mode[3] &= ~(termios.ICANON | termios.ECHO)
+            mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+            termios.tcsetattr(fd, termios.TCSANOW, mode)
+            self.fd = fd
+        except (AttributeError, ValueError, OSError, ImportError):
+            self.saved_mode = None
+            return self
+        say(self.ui.stderr, "Ctrl+C requests cancellation; Ctrl+D detaches.")
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.fd is not None:
+            import termios
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved_mode)
+            except (OSError, termios.error):
+                self.ui.warn("Failed to restore terminal mode")
+            self.fd = None
+        if self.saved_sigint is not None:
+            signal.signal(signal.SIGINT, self.saved_sigint)
+
+    def pause(self, seconds, sock=None):
+        """Sleep up to seconds; True as soon as sock (if any) has something to read. Ctrl+D
+        raises Detached, a Ctrl+C that arrives as a key raises KeyboardInterrupt."""
+        watched = [f for f in (self.fd, sock) if f is not None]
+        if not watched:
+            time.sleep(max(0.0, seconds))
+            return False
+        import select
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready = select.select(watched, [], [], left)[0]
+            if self.fd is not None and self.fd in ready:
+                try:
+                    keys = os.read(self.fd, 64)
+                except OSError:  # EIO: the terminal hung up
+                    keys = b""
+                if not keys:
+                    raise AttuneError("Terminal input stream closed")
+                if b"\x04" in keys:
+                    raise Detached()
+                if b"\x03" in keys:
+                    raise KeyboardInterrupt()
+            if sock is not None and sock in ready:
+                return True
+
+
+def watch_execution(ctx, session, execution_id, timeout, notifier_url):
+    """The one watch behind run -w, action execute --watch, execution rerun --watch and
+    execution watch ID: wait for the end, or cancel on Ctrl+C (exit 130), or detach on
+    Ctrl+D (exit 0); the finished execution's summary otherwise."""
+    try:
+        with WatchControls(ctx) as controls:
+            execution = wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_url)
+    except KeyboardInterrupt:
+        return cancel_watched(ctx, session, execution_id)
+    except Detached:
+        ctx.ui.emit({"execution_id": execution_id, "watch_status": "detached", "execution_status": None},
+                    lambda: ctx.ui.info("Detached from execution %d. No cancellation was requested."
+                                        % execution_id))
+        return 0
+    show_finished_execution(ctx, execution)
+    return 0
+
+
+CANCEL_TIMEOUT = 10  # seconds a watch's cancel request may take
+
+
+def cancel_watched(ctx, session, execution_id):
+    """Ctrl+C during a watch: ask the server to cancel, without a prompt; exit 130."""
+    try:
+        execution = session.fetch("POST", "/executions/%d/cancel" % execution_id, {}, timeout=CANCEL_TIMEOUT)
+    except NetworkError as e:
+        if e.kind != "timeout":
+            raise
+        raise AttuneError("Cancellation request timed out; its server-side outcome is unknown")
+    status = execution.get("status") if isinstance(execution, dict) else None
+    ctx.ui.emit({"execution_id": execution_id, "watch_status": "cancel_requested", "execution_status": status},
+                lambda: ctx.ui.info("Cancellation requested for execution %d" % execution_id))
+    return 130
+
+
+def wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_url=None):
+    """The execution once its status is terminal, or exit 1 when the timeout passes first.
+    Live updates come from the notifier while it answers (all but the last 10 s of the
+    timeout); then GET /executions/{id} with a growing interval, up to 2 s."""
+    started = time.monotonic()
+    deadline = ctx.deadline.until(started + timeout)
+    progress = Progress(ctx)
+    try:
+        if notifier_url:
+            live_until = deadline - 10 if timeout > 10 else deadline
+            try:
+                execution = notifier_wait(ctx, session, execution_id, notifier_url, live_until, controls, progress)
+                if execution is not None:
+                    return execution
+            except (OSError, ValueError, WebSocketError) as e:
+                ctx.ui.log("notifier %s: %s; polling instead" % (notifier_url, e))
+        return poll_execution(session, execution_id, timeout, deadline, controls.pause, lambda status: progress.show(
+            "Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started)))
+    finally:
+        progress.clear()
+
+
+def show_finished_execution(ctx, execution):
+    """'Execution N completed', its details, stdout and result; exit 1 unless it succeeded."""
+    status = str(execution.get("status") or "")
+
+    def table():
+        result = execution.get("result")
+        stdout = result.get("stdout") if isinstance(result, dict) else None
+        if status.lower() in SUCCESS_STATUSES:
+            ctx.ui.success("Execution %s completed" % execution.get("id"))
+        else:
+            ctx.ui.out(CROSS + " " + terminal_safe("Execution %s %s" % (execution.get("id"), status or "ended"), keep=""))
+        ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
+                      ("Status", status)] + timestamps(execution), "Execution Details")
+        if isinstance(stdout, str):
+            ctx.ui.section("Stdout")
+            ctx.ui.out(stdout.rstrip("\n"))
+            result = {k: v for k, v in result.items() if k != "stdout"}
+        show_json_section(ctx, "Result", result)
+
+    ctx.ui.emit(execution, table)
+    if status.lower() not in SUCCESS_STATUSES:
+        raise AttuneError("execution finished with status '%s'" % status)
+
+
+EVENT_STREAM = "text/event-stream"  # what session.request(stream=...) asks for to read server-sent events
+
+
+def sse_events(stream):
+    """(event, data, id) for each server-sent event; comments come as ('comment', text, None).
+    Ends at the end of the stream; a dropped connection raises OSError or HTTPException."""
+    event, data, event_id, size = None, [], None, 0
+    while True:
+        raw = stream.readline(EVENT_LIMIT + 1)
+        size += len(raw)
+        if size > EVENT_LIMIT:
+            raise ServerError("an event of the server's stream is larger than %d MiB, the most "
+                              "attune.py reads into memory" % (EVENT_LIMIT >> 20))
+        if not raw:
+            return
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data or event:
+                yield event or "message", "\n".join(data), event_id
+            event, data, event_id, size = None, [], None, 0
+        elif line.startswith(":"):
+            size = size if data else 0  # a keep-alive comment between events
+            yield "comment", line[1:].strip(), None
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+            elif field == "id":
+                event_id = value
+
+
+def read_log_stream(ctx, session, execution_id, name, follow, write):
+    """Read /executions/{id}/logs/{name}/stream, passing content to write(text).
+    Without follow: the catch-up only. With follow: until the 'done' event,
+    reconnecting from the last byte offset when the connection drops (a 401 on
+    reconnect refreshes the token, as every request does) and when the token it was
+    opened with is renewed, so an hours-long follow always holds a live token. Returns
+    the offset."""
+    import http.client
+    path = "/executions/%d/logs/%s/stream" % (execution_id, name)
+    offset, drops = 0, 0
+    while True:
+        resp = session.request("GET", path, query={"offset": offset} if offset else None,
+                               stream=EVENT_STREAM)
+        resp.check()
+        opened_with = session.creds.access
+        events = sse_events(resp.stream)
+        renewed = False
+        try:
+            while True:
+                try:  # only reading the stream counts as a drop; a failing write() is not one
+                    event, data, event_id = next(events)
+                except StopIteration:
+                    break
+                except (OSError, http.client.HTTPException) as e:
+                    ctx.ui.log("log stream interrupted: %s" % e.__class__.__name__)
+                    break
+                if event in ("content", "append"):
+                    write(data)
+                    if event_id and set(event_id) <= DIGITS:
+                        offset = int(event_id)
+                    drops = 0
+                elif event == "done":
+                    return offset
+                elif event == "error":
+                    raise ApiError("the log stream failed: %s" % data)
+                elif not follow and (data == "initial-catchup-complete" or (
+                        event == "waiting" and data == "Waiting for log output")):
+                    return offset
+                if follow and opened_with and session.token() != opened_with:  # refreshed when due
+                    renewed = True
+                    break
+        finally:
+            resp.stream.close()
+        if renewed:
+            ctx.ui.log("the access token was renewed; reopening the log stream at byte %d" % offset)
+            continue
+        drops += 1
+        if drops > 5:
+            raise NetworkError("the log stream of execution %d keeps dropping (at byte %d)"
+                               % (execution_id, offset))
+        ctx.ui.log("log stream ended before 'done'; reconnecting from byte %d" % offset)
+        time.sleep(min(0.2 * drops, 2.0))
+
+
+# -- the notifier's WebSocket: what a watch listens to before it polls --------------
+# Attune's notifier pushes status changes over a WebSocket (RFC 6455). The client side
+# needs little: an HTTP/1.1 upgrade, masked text frames out, unmasked frames in, pongs for
+# pings, and a close. Whatever goes wrong, the watch falls back to polling.
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WEBSOCKET_MESSAGE_LIMIT = 1 << 20  # bytes: a notification is a few hundred
+
+
+def notifier_base(ctx, session):
+    """The notifier's URL (its /ws is added when connecting): --notifier-url,
+    ATTUNE_NOTIFIER_WS_URL, or the API URL with ws(s) for http(s), port 8081 for 8080 (the
+    server's defaults) and its path kept (a reverse proxy's https://gw/attune gives
+    wss://gw/attune/ws). None when the watch must poll instead: a stored session is sent
+    only to a notifier on its API's host, over wss when the API is https."""
+    flag = getattr(ctx.args, "notifier_url", None)
+    env = (ctx.env.get("ATTUNE_NOTIFIER_WS_URL") or "").strip()
+    if flag is not None:
+        url, where = check_api_url(flag, "--notifier-url", "notifier URL", ("ws", "wss")), "--notifier-url"
+    elif env:
+        url, where = check_api_url(env, "ATTUNE_NOTIFIER_WS_URL", "notifier URL", ("ws", "wss")), \
+            "ATTUNE_NOTIFIER_WS_URL"
+    else:
+        scheme, _, rest = session.api_url.partition("://")
+        authority, slash, path = rest.partition("/")
+        if authority.endswith(":8080"):
+            authority = authority[:-4] + "8081"
+        return ("wss" if scheme.lower() == "https" else "ws") + "://" + authority + slash + path
+    if session.creds.source == "file" and not notifier_may_carry(url, session.api_url):
+        ctx.ui.log("the notifier %s (%s) is not on the host of %s over the same security: the stored session "
+                   "is not sent there; polling instead" % (url, where, session.api_url))
+        return None
+    return url
+
+
+def notifier_may_carry(url, api_url):
+    """True when a stored session may go to the notifier at url: the API's host, wss for https."""
+    notifier, api = origin(url), origin(api_url)
+    secure = {"ws": "http", "wss": "https"}.get(notifier[0])
+    return notifier[1] == api[1] and (secure == api[0] or (api[0] == "http" and secure == "https"))
+
+
+class WebSocket:
+    """One client connection to a WebSocket server."""
+
+    def __init__(self, sock, buffered=b""):
+        self.sock = sock
+        self.buffer = buffered
+
+    @classmethod
+    def connect(cls, url, token, deadline, tls):
+        """Open url (ws:// or wss://) with the attune.v1 protocol and the bearer token (None:
+        none); each step of it, and of what follows, under deadline (a RequestDeadline).
+        tls() gives the SSL context of the session whose token it carries."""
+        import hashlib
+        import socket
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        host, port = parts.hostname, parts.port or (443 if secure else 80)
+        sock = socket.create_connection((host, port), deadline.left())
+        try:
+            if secure:
+                sock.settimeout(deadline.left())  # the bound of the whole handshake
+                sock = tls().wrap_socket(sock, server_hostname=host)
+            sock = DeadlineSocket(sock, deadline)
+            key = binascii.b2a_base64(os.urandom(16)).decode("ascii").strip()
+            lines = ["GET %s HTTP/1.1" % (parts.path or "/"), "Host: %s" % parts.netloc,
+                     "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
+                     "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: attune.v1",
+                     "User-Agent: " + user_agent()]
+            if token:
+                lines.append("Authorization: Bearer " + token)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk or len(head) > 16384:
+                    raise WebSocketError("no upgrade answer")
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            status, _, fields = head.decode("latin-1").partition("\r\n")
+            if status.split(" ")[1:2] != ["101"]:
+                raise WebSocketError("the upgrade was refused (%s)" % terminal_safe(status[:80]))
+            headers = {}
+            for field in fields.split("\r\n"):
+                name, _, value = field.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            expected = binascii.b2a_base64(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode().strip()
+            if headers.get("sec-websocket-accept") != expected:
+                raise WebSocketError("the upgrade answer has a wrong Sec-WebSocket-Accept")
+            return cls(sock, rest)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _read(self, count):
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(max(4096, count - len(self.buffer)))
+            if not chunk:
+                raise WebSocketError("the connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def pending(self):
+        """Bytes already received but not yet read (select() cannot see them)."""
+        return bool(self.buffer) or bool(getattr(self.sock, "pending", lambda: 0)())
+
+    def receive(self):
+        """The next text message as a str; pings are answered on the way, a close frame or
+        anything outside the protocol raises WebSocketError."""
+        import struct
+        message = None
+        while True:
+            first, second = bytearray(self._read(2))
+            opcode, final = first & 0x0F, first & 0x80
+            if first & 0x70 or second & 0x80:
+                raise WebSocketError("a frame with reserved bits or a mask")
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            if length > WEBSOCKET_MESSAGE_LIMIT or (opcode >= 8 and (length > 125 or not final)):
+                raise WebSocketError("a frame of %d bytes" % length)
+            payload = self._read(length)
+            if opcode == 9:
+                self.send(10, payload)
+            elif opcode == 8:
+                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+                raise WebSocketError("closed by the server (%d %s)"
+                                     % (code, terminal_safe(payload[2:].decode("utf-8", "replace")[:80])))
+            elif (opcode == 1 and message is None) or (opcode == 0 and message is not None):
+                message = (message or b"") + payload
+                if len(message) > WEBSOCKET_MESSAGE_LIMIT:
+                    raise WebSocketError("a message over %d bytes" % WEBSOCKET_MESSAGE_LIMIT)
+                if final:
+                    return message.decode("utf-8")
+            elif opcode != 10:
+                raise WebSocketError("an unexpected frame (opcode %d)" % opcode)
+
+    def send(self, opcode, payload):
+        """One final frame, masked as a client must."""
+        import struct
+        mask = bytearray(os.urandom(4))
+        size = len(payload)
+        header = bytearray([0x80 | opcode])
+        if size < 126:
+            header.append(0x80 | size)
+        elif size < 65536:
+            header += bytearray([0x80 | 126]) + struct.pack(">H", size)
+        else:
+            header += bytearray([0x80 | 127]) + struct.pack(">Q", size)
+        masked = bytearray(b ^ mask[i % 4] for i, b in enumerate(bytearray(payload)))
+        self.sock.sendall(bytes(header + mask + masked))
+
+    def send_json(self, value):
+        self.send(1, json.dumps(value).encode("utf-8"))
+
+    def close(self):
+        try:
+            self.send(8, b"\x03\xe8")  # 1000: normal closure
+        except OSError:
+            pass
+        self.sock.close()
+
+
+NOTIFIER_POLL = 2  # seconds between GETs while the notifier is quiet
+NOTIFIER_PING = 15  # seconds between pings
+
+
+def notifier_wait(ctx, session, execution_id, url, until, controls, progress):
+    """Wait for execution_id over the notifier until `until` (time.monotonic()): the
+    finished execution, or None when time runs out. The socket is reopened with the new
+    token whenever the session's token is renewed (the server closes it when the token it
+    was opened with expires)."""
+    started = time.monotonic()
+    ws, ws_token, last_ping = None, None, started
+    try:
+        while True:
+            execution = session.fetch("GET", "/executions/%d" % execution_id)
+            status = str(execution.get("status") or "")
+            if status.lower() in TERMINAL_STATUSES:
+                return execution
+            progress.show("Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started))
+            if ws is None or ws_token != session.creds.access:
+                if ws is not None:
+                    ws.close()
+                    ws = None
+                ws, ws_token = notifier_subscribe(ctx, session, execution_id, url, until), session.creds.access
+                continue  # the GET after subscribing closes the gap before it
+            quiet_until = min(time.monotonic() + NOTIFIER_POLL, until)
+            while time.monotonic() < quiet_until:
+                if not (ws.pending() or controls.pause(quiet_until - time.monotonic(), ws.sock)):
+                    break
+                update = notifier_update(ws.receive(), execution_id)
+                if update is not None and str(update.get("status") or "").lower() in TERMINAL_STATUSES:
+                    try:
+                        return session.fetch("GET", "/executions/%d" % execution_id)
+                    except AttuneError:  # the payload has no result, but it is the outcome
+                        return update
+            if time.monotonic() >= until:
+                return None
+            if time.monotonic() - last_ping >= NOTIFIER_PING:
+                ws.send_json({"type": "ping"})
+                last_ping = time.monotonic()
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def notifier_subscribe(ctx, session, execution_id, url, until):
+    """Connect, get the welcome and subscribe to one execution: all of it within 5 s (and
+    the watch's own deadline), however slowly the notifier answers."""
+    left = until - time.monotonic()
+    if left <= 0:
+        raise WebSocketError("no time left for the notifier")
+    ctx.ui.log("> WebSocket %s/ws" % url)
+    import socket
+    limit = min(5.0, left)
+    deadline = RequestDeadline(limit, limit)
+    ws = None
+    try:
+        ws = WebSocket.connect(url + "/ws", session.creds.access, deadline, lambda: ctx.http.ssl_context(session.selection.ca_bundle))
+        welcome = json_loads(ws.receive())
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+            raise WebSocketError("no welcome message")
+        ws.send_json({"type": "subscribe", "filter": "entity:execution:%d" % execution_id})
+        deadline.lift()  # from now on each read is bounded, the watch its own deadline
+        return ws
+    except socket.timeout:
+        if ws is not None:
+            ws.sock.close()
+        raise WebSocketError("the notifier did not answer within %gs" % limit)
+    except BaseException:
+        if ws is not None:
+            ws.sock.close()
+        raise
+
+
+def notifier_update(text, execution_id):
+    """The payload of a notification about execution_id, None for other messages; an
+    error message from the server raises WebSocketError."""
+    message = json_loads(text)
+    if not isinstance(message, dict):
+        raise WebSocketError("a message that is not an object")
+    if message.get("type") == "error":
+        raise WebSocketError("the notifier said: %s" % clip(str(message.get("message")), 80))
+    payload = message.get("payload")
+    if (message.get("type") == "notification" and message.get("entity_type") == "execution"
+            and message.get("entity_id") == execution_id and isinstance(payload, dict)):
+        return payload
+    return None
+
+
+# -- the commands ---------------------------------------------------------------
 
 def matches_ref(actual, pattern):
     """Exact match, or 'pack.*' for every ref in a pack."""
@@ -10156,6 +10156,9 @@ group("key", "list, show, create, update and delete keys (secrets)")
 KEY_VALUE_ARGS = (
     arg("--value", help="the value; parsed as JSON when it parses (visible in the process list)"),
     arg("--value-stdin", action="store_true", help="read the value from stdin"))
+
+
+KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
 
 
 def key_owner(key):

@@ -4737,6 +4737,41 @@ class GuardTests(unittest.TestCase):
             if isinstance(node, ast.Name) and node.id in classes:
                 self.assertGreater(node.lineno, classes[node.id], "%s is named before it is defined" % node.id)
 
+    def test_each_command_group_is_one_section_with_its_helpers(self):
+        """Every command of a group is declared in the group's own section (auth token alone
+        has one of its own: the quick path), so the file reads as --help lists the groups
+        (that order is the order of declaration). A helper written in a group's section is
+        used there; one in the shared section is used by two groups at least."""
+        import ast
+        with open(ATTUNE_PY, encoding="utf-8") as f:
+            text = f.read()
+        lines = text.split("\n")
+        section_of, section, homes = [], "", {}
+        for line in lines:
+            if line.startswith("# === "):
+                section = line
+            section_of.append(section)
+            found = re.match(r'(?:group\(|@command\()"([a-z-]+)', line)
+            if found:
+                homes.setdefault(found.group(1), set()).add(section)
+        for name, sections in homes.items():
+            self.assertEqual(len(sections), 2 if name == "auth" else 1, (name, sorted(sections)))
+        defined, users = {}, {}
+        for node in ast.parse(text).body:
+            names = [node.name] if hasattr(node, "name") else \
+                [t.id for t in getattr(node, "targets", ()) if isinstance(t, ast.Name)]
+            for name in names:
+                defined.setdefault(name, section_of[node.lineno - 1])  # where it is first written
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and sub.id not in names:
+                    users.setdefault(sub.id, set()).add(section_of[node.lineno - 1])
+        for name, home in defined.items():
+            used = users.get(name, set())
+            if home.startswith("# === Commands: ") and used:
+                self.assertIn(home, used, "%s is written in %s but used only in %s" % (name, home, sorted(used)))
+            if home.startswith("# === Shared by the commands"):
+                self.assertGreaterEqual(len(used - {home}), 2, "%s is shared but used by %s" % (name, sorted(used)))
+
     def test_attune_imports_only_the_standard_library(self):
         import ast
         imported = set()

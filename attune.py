@@ -4039,6 +4039,234 @@ def cmd_auth_token(ctx, args):
         ctx.ui.write_document(to_yaml if fmt == "yaml" else to_json, doc, secrets_ok=True)
 
 
+# === The command table: the declarations as data, for typos and completion ===
+# The parser's typo check (usage_problem: the closest command or option that exists) and
+# __complete read the command line the same way, from one table of the declarations. The
+# installed first half reads that table from COMPLETION_FILE, which self-install writes
+# beside it, so neither needs the rest of the program to name a command.
+
+COMPLETION_FILE = "attune_commands.txt"  # completion_table(), as completion_table_text() writes it
+COMPLETION_FILE_LIMIT = 1 << 20
+
+
+def value_completion(flags, spec):
+    """What an argument's value completes to: None for a flag that takes no value, else the
+    list of its choices ([]: anything goes) or the name of a kind the server or the
+    credential file answers (see Completion.kinds)."""
+    if flags[0].startswith("-") and spec.get("action") in FLAG_ACTIONS:
+        return None
+    if "complete" in spec:
+        return spec["complete"]
+    return [str(choice) for choice in spec.get("choices") or ()]
+
+
+def completion_table():
+    """The declarations as __complete reads them: the global options, and for the top
+    level, each group and each command its subcommands, its own options (option ->
+    value_completion) and its positional arguments in order, the last repeating when it
+    takes many."""
+    def options(arguments):
+        return {flag: value_completion(flags, spec) for flags, spec in arguments
+                if flags[0].startswith("-") for flag in flags}
+
+    def entry(path, arguments=()):
+        positional = [(value_completion(flags, spec), spec.get("nargs")) for flags, spec in arguments
+                      if not flags[0].startswith("-")]
+        return {"children": [name for name, _, _ in children(path)], "options": options(arguments),
+                "positionals": [kind for kind, _ in positional],
+                "repeats": positional[-1][1] if positional and positional[-1][1] in ("*", "+", REMAINDER) else ""}
+
+    table = {"version": __version__, "commands": {},
+             "global": dict(options(GLOBAL_OPTIONS), **{"-h": None, "--help": None, "--version": None})}
+    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
+        table["commands"][" ".join(path)] = entry(path)
+    for cmd in COMMANDS:
+        table["commands"][" ".join(cmd.path)] = entry(cmd.path, cmd.arguments)
+    return table
+
+
+def completion_value_text(value):
+    """A value_completion as COMPLETION_FILE spells it: '' a flag, '=' any value, '=a,b'
+    choices, '=@kind' a kind."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return "=@" + value
+    if any(c in choice for choice in value for c in " \t\n,=@") or "" in value:
+        raise ValueError("a choice COMPLETION_FILE cannot spell: %r" % (value,))
+    return "=" + ",".join(value)
+
+
+def completion_value(text):
+    """The value_completion COMPLETION_FILE spells as text (see completion_value_text)."""
+    if not text:
+        return None
+    return text[2:] if text.startswith("=@") else [choice for choice in text[1:].split(",") if choice]
+
+
+def completion_table_text(table):
+    """completion_table() as COMPLETION_FILE holds it: a line with the version, one with the
+    global options, then a line a command: path, subcommands, options, positional
+    arguments and how the last repeats ('', '*', '+' or '...' for all that follows), separated
+    by tabs, each list by spaces."""
+    def options(found):
+        return " ".join(name + completion_value_text(value) for name, value in found.items())
+
+    lines = ["attune.py %s" % table["version"], options(table["global"])]
+    for path, entry in table["commands"].items():
+        lines.append("\t".join([path, " ".join(entry["children"]), options(entry["options"]),
+                                " ".join(completion_value_text(v) for v in entry["positionals"]),
+                                entry["repeats"]]))
+    return "\n".join(lines) + "\n"
+
+
+class CommandTable:
+    """The table completion_table_text() wrote, as __complete reads it: only the lines of the
+    commands it is asked about are parsed. ValueError for any other text."""
+    NONE = {"children": [], "options": {}, "positionals": [], "repeats": ""}
+
+    def __init__(self, text):
+        lines = text.split("\n")
+        if len(lines) < 3 or not lines[0].startswith("attune.py ") or lines[-1] != "":
+            raise ValueError("not a completion table")
+        if not all(line.count("\t") == 4 for line in lines[2:-1]) or not lines[2].startswith("\t"):
+            raise ValueError("not a completion table")  # each command line has its five fields, "" first
+        self.version = lines[0][len("attune.py "):]
+        self.global_options = self.options(lines[1])
+        self.lines = dict(line.split("\t", 1) for line in lines[2:-1])
+        self.parsed = {}
+
+    @staticmethod
+    def options(field):
+        found = {}
+        for word in field.split():
+            name = word.partition("=")[0]
+            found[name] = completion_value(word[len(name):])
+        return found
+
+    def entry(self, path):
+        """(subcommands, options, positionals, repeats) of the command path ('pack list') as a
+        dict, or an entry of nothing for a path that is no command."""
+        if path not in self.parsed:
+            line = self.lines.get(path)
+            if line is None:
+                return self.NONE
+            below, own, positionals, repeats = line.split("\t")
+            self.parsed[path] = {"children": below.split(), "options": self.options(own), "repeats": repeats,
+                                 "positionals": [completion_value(word) for word in positionals.split()]}
+        return self.parsed[path]
+
+
+COMMAND_TABLE = []  # process state, a list used as a cell: the one command_table() of this process, once made
+
+
+def command_table():
+    """The CommandTable of this program; in the installed first half, from the copy
+    self-install wrote beside it (when that is missing or of another version, the rest is
+    loaded to make one)."""
+    if COMMAND_TABLE:
+        return COMMAND_TABLE[0]
+    COMMAND_TABLE.append(read_command_table())
+    return COMMAND_TABLE[0]
+
+
+def read_command_table():
+    if not REST_LOADED:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), COMPLETION_FILE)
+        try:
+            table = CommandTable(read_regular_file(path, COMPLETION_FILE_LIMIT)[0].decode("utf-8"))
+            if table.version == __version__:
+                return table
+        except (OSError, ValueError):
+            pass
+        load_rest()
+    return CommandTable(completion_table_text(completion_table()))
+
+
+class CommandLine:
+    """The words after `attune`, read from the command table as the parser reads them: the
+    command they name, its positional arguments, the options given (values included), the
+    option whose value is still to come (pending), and the first word that fits nowhere
+    (unknown: the word, 'command' or 'option', and what it could have been)."""
+
+    def __init__(self, table, words):
+        self.table = table
+        self.path, self.positionals, self.given = (), [], {}
+        self.pending = None
+        self.unknown = None
+        index = 0
+        while index < len(words):
+            word, index = words[index], index + 1
+            entry = self.entry()
+            if word == "--" or (entry["repeats"] == REMAINDER and len(self.positionals) >= len(entry["positionals"])):
+                self.positionals += words[index - (word != "--"):]
+                break
+            if word.startswith("-") and word != "-" and not is_number(word):
+                index = self.option(word, words, index)
+            elif entry["children"] and len(self.positionals) == len(entry["positionals"]):
+                if word in entry["children"]:
+                    self.path, self.positionals = self.path + (word,), []
+                else:
+                    self.note("command", word, [" ".join(self.path + (name,)) for name in entry["children"]])
+                    self.positionals.append(word)
+            else:
+                self.positional(word)
+
+    def positional(self, word):
+        entry = self.entry()
+        kinds = entry["positionals"]
+        kind = kinds[len(self.positionals)] if len(self.positionals) < len(kinds) else \
+            kinds[-1] if kinds and entry["repeats"] else None
+        if isinstance(kind, list) and kind and word not in kind:
+            self.note("choice", word, kind)
+        self.positionals.append(word)
+
+    def option(self, word, words, index):
+        """Read one option (and its value, from the word or the next one); the next index."""
+        name, eq, value = word.partition("=")
+        known = self.options()
+        if name not in known and name.startswith("--"):
+            matches = [option for option in known if option.startswith(name)]  # argparse takes a unique prefix
+            name = matches[0] if len(matches) == 1 else name
+        elif name not in known and not name.startswith("--") and name[:2] in known:  # -jv, -pprod
+            name, eq, value = name[:2], "=", word[2:]
+            if known[name] is None:  # a cluster of flags
+                for flag in value:
+                    if known.get("-" + flag, []) is not None:
+                        self.note("option", word, list(known))
+                return index
+        if name not in known:
+            self.note("option", name, list(known))
+        elif eq or known[name] is None:
+            self.given[name] = value if eq else True
+        elif index < len(words) and (not words[index].startswith("-") or is_number(words[index])):
+            self.given[name], index = words[index], index + 1
+        elif index >= len(words):
+            self.pending = name
+        return index
+
+    def note(self, what, word, candidates):
+        if self.unknown is None:
+            self.unknown = (what, word, candidates)
+
+    def entry(self):
+        return self.table.entry(" ".join(self.path))
+
+    def options(self):
+        """The options valid here: the command's own first, then the global ones it leaves."""
+        own = self.entry()["options"]
+        return dict(own, **{k: v for k, v in self.table.global_options.items() if k not in own})
+
+    def value_of(self, option):
+        """The value_completion of an option here: None for a flag, or an option unknown here."""
+        return self.options().get(option)
+
+
+def is_number(word):
+    """-1 and -2.5 are values, as argparse sees them, not options."""
+    return word[1:2].isdigit()
+
+
 # === Argument parser =========================================================
 
 GLOBAL_OPTIONS = (
@@ -4434,233 +4662,7 @@ def build_parser():
                          fill=lambda p: fill_group(p, ()))
 
 
-# === The command table: the declarations as data, for typos and completion ===
-# The parser's typo check (usage_problem: the closest command or option that exists) and
-# __complete read the command line the same way, from one table of the declarations. The
-# installed first half reads that table from COMPLETION_FILE, which self-install writes
-# beside it, so neither needs the rest of the program to name a command.
-
-COMPLETION_FILE = "attune_commands.txt"  # completion_table(), as completion_table_text() writes it
-COMPLETION_FILE_LIMIT = 1 << 20
-
-
-def value_completion(flags, spec):
-    """What an argument's value completes to: None for a flag that takes no value, else the
-    list of its choices ([]: anything goes) or the name of a kind the server or the
-    credential file answers (see Completion.kinds)."""
-    if flags[0].startswith("-") and spec.get("action") in FLAG_ACTIONS:
-        return None
-    if "complete" in spec:
-        return spec["complete"]
-    return [str(choice) for choice in spec.get("choices") or ()]
-
-
-def completion_table():
-    """The declarations as __complete reads them: the global options, and for the top
-    level, each group and each command its subcommands, its own options (option ->
-    value_completion) and its positional arguments in order, the last repeating when it
-    takes many."""
-    def options(arguments):
-        return {flag: value_completion(flags, spec) for flags, spec in arguments
-                if flags[0].startswith("-") for flag in flags}
-
-    def entry(path, arguments=()):
-        positional = [(value_completion(flags, spec), spec.get("nargs")) for flags, spec in arguments
-                      if not flags[0].startswith("-")]
-        return {"children": [name for name, _, _ in children(path)], "options": options(arguments),
-                "positionals": [kind for kind, _ in positional],
-                "repeats": positional[-1][1] if positional and positional[-1][1] in ("*", "+", REMAINDER) else ""}
-
-    table = {"version": __version__, "commands": {},
-             "global": dict(options(GLOBAL_OPTIONS), **{"-h": None, "--help": None, "--version": None})}
-    for path in [()] + [(name,) for name in TOP_LEVEL if name in GROUP_HELP]:
-        table["commands"][" ".join(path)] = entry(path)
-    for cmd in COMMANDS:
-        table["commands"][" ".join(cmd.path)] = entry(cmd.path, cmd.arguments)
-    return table
-
-
-def completion_value_text(value):
-    """A value_completion as COMPLETION_FILE spells it: '' a flag, '=' any value, '=a,b'
-    choices, '=@kind' a kind."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return "=@" + value
-    if any(c in choice for choice in value for c in " \t\n,=@") or "" in value:
-        raise ValueError("a choice COMPLETION_FILE cannot spell: %r" % (value,))
-    return "=" + ",".join(value)
-
-
-def completion_value(text):
-    """The value_completion COMPLETION_FILE spells as text (see completion_value_text)."""
-    if not text:
-        return None
-    return text[2:] if text.startswith("=@") else [choice for choice in text[1:].split(",") if choice]
-
-
-def completion_table_text(table):
-    """completion_table() as COMPLETION_FILE holds it: a line with the version, one with the
-    global options, then a line a command: path, subcommands, options, positional
-    arguments and how the last repeats ('', '*', '+' or '...' for all that follows), separated
-    by tabs, each list by spaces."""
-    def options(found):
-        return " ".join(name + completion_value_text(value) for name, value in found.items())
-
-    lines = ["attune.py %s" % table["version"], options(table["global"])]
-    for path, entry in table["commands"].items():
-        lines.append("\t".join([path, " ".join(entry["children"]), options(entry["options"]),
-                                " ".join(completion_value_text(v) for v in entry["positionals"]),
-                                entry["repeats"]]))
-    return "\n".join(lines) + "\n"
-
-
-class CommandTable:
-    """The table completion_table_text() wrote, as __complete reads it: only the lines of the
-    commands it is asked about are parsed. ValueError for any other text."""
-    NONE = {"children": [], "options": {}, "positionals": [], "repeats": ""}
-
-    def __init__(self, text):
-        lines = text.split("\n")
-        if len(lines) < 3 or not lines[0].startswith("attune.py ") or lines[-1] != "":
-            raise ValueError("not a completion table")
-        if not all(line.count("\t") == 4 for line in lines[2:-1]) or not lines[2].startswith("\t"):
-            raise ValueError("not a completion table")  # each command line has its five fields, "" first
-        self.version = lines[0][len("attune.py "):]
-        self.global_options = self.options(lines[1])
-        self.lines = dict(line.split("\t", 1) for line in lines[2:-1])
-        self.parsed = {}
-
-    @staticmethod
-    def options(field):
-        found = {}
-        for word in field.split():
-            name = word.partition("=")[0]
-            found[name] = completion_value(word[len(name):])
-        return found
-
-    def entry(self, path):
-        """(subcommands, options, positionals, repeats) of the command path ('pack list') as a
-        dict, or an entry of nothing for a path that is no command."""
-        if path not in self.parsed:
-            line = self.lines.get(path)
-            if line is None:
-                return self.NONE
-            below, own, positionals, repeats = line.split("\t")
-            self.parsed[path] = {"children": below.split(), "options": self.options(own), "repeats": repeats,
-                                 "positionals": [completion_value(word) for word in positionals.split()]}
-        return self.parsed[path]
-
-
-COMMAND_TABLE = []  # process state, a list used as a cell: the one command_table() of this process, once made
-
-
-def command_table():
-    """The CommandTable of this program; in the installed first half, from the copy
-    self-install wrote beside it (when that is missing or of another version, the rest is
-    loaded to make one)."""
-    if COMMAND_TABLE:
-        return COMMAND_TABLE[0]
-    COMMAND_TABLE.append(read_command_table())
-    return COMMAND_TABLE[0]
-
-
-def read_command_table():
-    if not REST_LOADED:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), COMPLETION_FILE)
-        try:
-            table = CommandTable(read_regular_file(path, COMPLETION_FILE_LIMIT)[0].decode("utf-8"))
-            if table.version == __version__:
-                return table
-        except (OSError, ValueError):
-            pass
-        load_rest()
-    return CommandTable(completion_table_text(completion_table()))
-
-
-class CommandLine:
-    """The words after `attune`, read from the command table as the parser reads them: the
-    command they name, its positional arguments, the options given (values included), the
-    option whose value is still to come (pending), and the first word that fits nowhere
-    (unknown: the word, 'command' or 'option', and what it could have been)."""
-
-    def __init__(self, table, words):
-        self.table = table
-        self.path, self.positionals, self.given = (), [], {}
-        self.pending = None
-        self.unknown = None
-        index = 0
-        while index < len(words):
-            word, index = words[index], index + 1
-            entry = self.entry()
-            if word == "--" or (entry["repeats"] == REMAINDER and len(self.positionals) >= len(entry["positionals"])):
-                self.positionals += words[index - (word != "--"):]
-                break
-            if word.startswith("-") and word != "-" and not is_number(word):
-                index = self.option(word, words, index)
-            elif entry["children"] and len(self.positionals) == len(entry["positionals"]):
-                if word in entry["children"]:
-                    self.path, self.positionals = self.path + (word,), []
-                else:
-                    self.note("command", word, [" ".join(self.path + (name,)) for name in entry["children"]])
-                    self.positionals.append(word)
-            else:
-                self.positional(word)
-
-    def positional(self, word):
-        entry = self.entry()
-        kinds = entry["positionals"]
-        kind = kinds[len(self.positionals)] if len(self.positionals) < len(kinds) else \
-            kinds[-1] if kinds and entry["repeats"] else None
-        if isinstance(kind, list) and kind and word not in kind:
-            self.note("choice", word, kind)
-        self.positionals.append(word)
-
-    def option(self, word, words, index):
-        """Read one option (and its value, from the word or the next one); the next index."""
-        name, eq, value = word.partition("=")
-        known = self.options()
-        if name not in known and name.startswith("--"):
-            matches = [option for option in known if option.startswith(name)]  # argparse takes a unique prefix
-            name = matches[0] if len(matches) == 1 else name
-        elif name not in known and not name.startswith("--") and name[:2] in known:  # -jv, -pprod
-            name, eq, value = name[:2], "=", word[2:]
-            if known[name] is None:  # a cluster of flags
-                for flag in value:
-                    if known.get("-" + flag, []) is not None:
-                        self.note("option", word, list(known))
-                return index
-        if name not in known:
-            self.note("option", name, list(known))
-        elif eq or known[name] is None:
-            self.given[name] = value if eq else True
-        elif index < len(words) and (not words[index].startswith("-") or is_number(words[index])):
-            self.given[name], index = words[index], index + 1
-        elif index >= len(words):
-            self.pending = name
-        return index
-
-    def note(self, what, word, candidates):
-        if self.unknown is None:
-            self.unknown = (what, word, candidates)
-
-    def entry(self):
-        return self.table.entry(" ".join(self.path))
-
-    def options(self):
-        """The options valid here: the command's own first, then the global ones it leaves."""
-        own = self.entry()["options"]
-        return dict(own, **{k: v for k, v in self.table.global_options.items() if k not in own})
-
-    def value_of(self, option):
-        """The value_completion of an option here: None for a flag, or an option unknown here."""
-        return self.options().get(option)
-
-
-def is_number(word):
-    """-1 and -2.5 are values, as argparse sees them, not options."""
-    return word[1:2].isdigit()
-
+# -- when argparse refuses a line: the one-line typo message -------------------------
 
 def usage_problem(argv):
     """One line for the first word of argv no command or option of that place takes (with
@@ -4674,6 +4676,21 @@ def usage_problem(argv):
     close = difflib.get_close_matches(" ".join(line.path + (word,)) if what == "command" else word, candidates, 1, 0.7)
     hint = "; did you mean '%s'?" % close[0] if close else ""
     return "unknown %s %s for %s%s (see: %s --help)" % (what, quoted(word, 64), place, hint, place)
+
+
+def parse_args(argv):
+    """The parsed arguments. When argparse refuses them and a word has no place at all (a
+    typo), the one-line usage_problem() says so instead; a valid line costs no check."""
+    load_rest()
+    try:
+        return build_parser().parse_args(argv)
+    except ArgumentsRefused as refused:
+        problem = usage_problem(argv)
+        if problem is not None:
+            raise UsageError(problem)
+        refused.parser.print_usage(sys.stderr)
+        say(sys.stderr, "%s: error: %s" % (refused.parser.prog, refused.message))
+        sys.exit(2)
 
 
 # === Shell completion: __complete and the scripts ============================
@@ -5025,21 +5042,6 @@ def completion_target(shell, env):
 
 
 # === Main ====================================================================
-
-def parse_args(argv):
-    """The parsed arguments. When argparse refuses them and a word has no place at all (a
-    typo), the one-line usage_problem() says so instead; a valid line costs no check."""
-    load_rest()
-    try:
-        return build_parser().parse_args(argv)
-    except ArgumentsRefused as refused:
-        problem = usage_problem(argv)
-        if problem is not None:
-            raise UsageError(problem)
-        refused.parser.print_usage(sys.stderr)
-        say(sys.stderr, "%s: error: %s" % (refused.parser.prog, refused.message))
-        sys.exit(2)
-
 
 def silence_stdout():
     """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""

@@ -118,6 +118,7 @@ ENVIRONMENT = (
     ("ATTUNE_TOKEN_FILE", "file holding an access token, re-read on every run"),
     ("ATTUNE_REFRESH_TOKEN", "refresh token paired with ATTUNE_API_TOKEN (never stored)"),
     ("ATTUNE_KEEP_FRESH", "set by auth exec --keep-fresh: its token file outranks ATTUNE_API_TOKEN"),
+    ("ATTUNE_LOGIN", "login name for auth login, unless -u/--username is given"),
     ("ATTUNE_PASSWORD", "password for auth login when no terminal is available"),
     ("ATTUNE_CA_BUNDLE", "extra CA certificates (PEM) to trust, like --ca-bundle"),
     ("ATTUNE_TIMEOUT", "seconds each HTTP request may take, start to end (default 60)"),
@@ -2674,9 +2675,10 @@ class Session:
 
     # -- requests --------------------------------------------------------------
     def request(self, method, path, body=None, query=None, auth=True, raw_body=None,
-                content_type="application/json", stream=None, timeout=None):
+                content_type="application/json", stream=None, timeout=None, reactive=True):
         """Send a request; on a 401 with token T, compare-and-refresh and retry once with
-        the same bytes. A second 401 means authentication is required (exit 4)."""
+        the same bytes. A second 401 means authentication is required (exit 4). reactive=False:
+        a 401 is the caller's to read (a route whose 401 judges a password, not the token)."""
         if self.http.wait_deadline is not None and self.api_url not in self.http.ready:
             wait_for_health(self.http, self)  # --wait-for-server: once per server and run
             self.http.ready.add(self.api_url)
@@ -2686,8 +2688,8 @@ class Session:
         token = self.token() if auth and self.creds.access else None
         request = HttpRequest(method, url, data, token, content_type, stream, timeout)
         resp = self.transport.request(request)
-        if resp.status != 401 or not token:
-            if resp.status == 401 and auth:
+        if resp.status != 401 or not token or not reactive:
+            if resp.status == 401 and auth and reactive:
                 raise self.no_session()
             return resp
         if self._reactive_for == token:
@@ -5434,7 +5436,7 @@ def cmd_auth_login(ctx, args):
     ctx.store.check_writable()  # before a password is asked for or a session spent
     if args.sso:
         return device_login(ctx, target, url)
-    username = args.username or stored.get("username") or ask(ctx, "Username: ")
+    username = args.username or ctx.env.get("ATTUNE_LOGIN") or stored.get("username") or ask(ctx, "Username: ")
     if not username:
         raise UsageError("a username is needed: use -u/--username")
     password = read_secret(ctx, "password", args.password_stdin, args.password,
@@ -5592,6 +5594,84 @@ def device_login(ctx, target, url, timeout=None, browser=True):
 def cmd_auth_sso_login(ctx, args):
     target, url = login_target(ctx, args)
     device_login(ctx, target, url, args.timeout, browser=not args.no_browser)
+
+
+PASSWORD_LENGTH = (8, 128)  # characters, the server's rule for a new password
+
+
+def check_new_password(password, what="the new password"):
+    low, high = PASSWORD_LENGTH
+    if not low <= len(password) <= high:
+        raise UsageError("%s must be %d to %d characters long (it has %d)" % (what, low, high, len(password)))
+    return password
+
+
+def read_password_lines(ctx, names):
+    """One password a line on stdin, for each of names; empty lines refused (exit 2)."""
+    values = []
+    for name in names:
+        value = read_input(ctx.ui.stdin, line=True).rstrip("\n")
+        if not value:
+            raise UsageError("no %s on standard input (expected %s, one a line)" % (name, " and ".join(names)))
+        values.append(SECRETS.add(value))
+    return values
+
+
+def ask_new_password(ctx):
+    """The new password typed twice on a terminal."""
+    import getpass
+    first = getpass.getpass("New password: ", stream=ctx.ui.stderr)
+    check_new_password(first)
+    if SECRETS.add(first) != getpass.getpass("New password again: ", stream=ctx.ui.stderr):
+        raise UsageError("the two new passwords differ; nothing was changed")
+    return first
+
+
+@command("auth change-password", "change your own password (the server checks the current one)",
+         arg("--password-stdin", action="store_true",
+             help="read the current password, then the new one, from stdin (one a line)"),
+         arg("--if-needed", action="store_true",
+             help="exit 0 without a change when the new password is already the current one"),
+         examples=("attune auth change-password  # asks for both, the new one twice",
+                   "printf '%s\\n%s\\n' \"$INITIAL\" \"$NEW\" | attune auth change-password --password-stdin --if-needed"))
+def cmd_auth_change_password(ctx, args):
+    if args.password_stdin:
+        current, new = read_password_lines(ctx, ("current password", "new password"))
+    elif can_prompt(ctx):
+        import getpass
+        current = SECRETS.add(getpass.getpass("Current password: ", stream=ctx.ui.stderr))
+        new = ask_new_password(ctx)
+    else:
+        raise UsageError("the passwords are needed but there is no terminal to ask on; use --password-stdin "
+                         "(the current password, then the new one, one a line)")
+    check_new_password(new)
+    if new == current:
+        raise UsageError("the new password is the current one; nothing to change")
+    session = ctx.session()
+    login = session.fetch("GET", "/auth/me").get("login")  # a live session first: a 401 below is the password's
+    resp = session.request("POST", "/auth/change-password", {"current_password": current, "new_password": new},
+                           reactive=False)
+    if resp.status == 401:
+        if args.if_needed and password_accepted(session, login, new):
+            ctx.ui.emit({"login": login, "changed": False},
+                        lambda: ctx.ui.info("The password of %s is already the new one; nothing changed"
+                                            % quoted(login)))
+            return
+        raise AuthError("the server refused the current password of %s (%s); the password is unchanged"
+                        % (quoted(login), error_message(resp)))
+    resp.check()
+    ctx.ui.emit({"login": login, "changed": True},
+                lambda: ctx.ui.success("Password changed for %s" % quoted(login)))
+
+
+def password_accepted(session, login, password):
+    """Does the server take password for login? A login whose tokens are dropped unused."""
+    resp = session.request("POST", "/auth/login", {"login": login, "password": password}, auth=False)
+    if resp.ok:
+        for value in (envelope_data(resp.json()) or {}).values():
+            if isinstance(value, str):
+                SECRETS.add(value)
+    return resp.ok
 
 
 @command("auth logout", "forget the stored tokens (the server keeps no session)",
@@ -8411,7 +8491,7 @@ def cmd_artifact_version_delete(ctx, args):
 # result {operation, target, dry_run, changed, would_change, before, after}, and with
 # --dry-run nothing is sent; a change that is already in place sends nothing either.
 
-group("identity", "list and show identities; add and remove roles; freeze and unfreeze")
+group("identity", "list, show, create, update and delete identities; roles; freeze and unfreeze")
 
 IDENTITY_SELECTOR = (
     arg("login", metavar="LOGIN", nargs="?", help="the identity's login"),
@@ -8470,18 +8550,112 @@ def cmd_identity_list(ctx, args):
 
 @command("identity show", "show an identity, its roles and direct permissions", *IDENTITY_SELECTOR)
 def cmd_identity_show(ctx, args):
-    identity = selected_identity(ctx.session(), args)
+    show_identity(ctx, selected_identity(ctx.session(), args))
 
+
+def show_identity(ctx, identity):
     def table():
         ctx.ui.pairs([("ID", identity.get("id")), ("Login", identity.get("login")),
                       ("Display name", identity.get("display_name")),
                       ("Frozen", "true" if identity.get("frozen") else "false")])
+        if identity.get("attributes"):
+            ctx.ui.section("Attributes")
+            ctx.ui.out(to_yaml(identity["attributes"]).rstrip("\n"))
         ctx.ui.section("Roles")
         ctx.ui.table(["ID", "Role", "Source", "Managed"], role_rows(identity), empty="No roles")
         ctx.ui.section("Direct permissions")
         ctx.ui.out(to_yaml(identity.get("direct_permissions") or []).rstrip("\n"))
 
     ctx.ui.emit(identity, table)
+
+
+LOGIN_LENGTH = (3, 255)  # characters, the server's rule for a login
+IDENTITY_FIELDS = (
+    arg("--display-name", metavar="TEXT", help="the name shown for it"),
+    arg("--password-stdin", action="store_true", help="read its password from stdin (8 to 128 characters)"),
+    arg("--attribute", action="append", default=[], metavar="KEY=VALUE",
+        help="an attribute; the value is parsed as JSON when it parses (repeatable)"))
+
+
+def identity_body(ctx, args):
+    """The fields of identity create/update that were given; the password from stdin."""
+    body = {"display_name": args.display_name}
+    if args.password_stdin:
+        body["password"] = check_new_password(read_password_lines(ctx, ("password",))[0], "the password")
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def identity_target(identity):
+    return {"identity_id": identity.get("id"), "login": identity.get("login")}
+
+
+@command("identity create", "create an identity (a person or a service that logs in or holds tokens)",
+         arg("login", metavar="LOGIN", help="its login, 3 to 255 characters"), *(IDENTITY_FIELDS + (
+             arg("--if-missing", action="store_true",
+                 help="when the login exists already, show that identity and exit 0 (nothing changed)"),)),
+         examples=("attune identity create ci-bot --display-name 'CI' --if-missing",
+                   "attune identity create alice --password-stdin < password.txt"))
+def cmd_identity_create(ctx, args):
+    low, high = LOGIN_LENGTH
+    if not low <= len(args.login) <= high:
+        raise UsageError("a login must be %d to %d characters long" % (low, high))
+    body = dict(identity_body(ctx, args), login=args.login)
+    attributes = parse_param_pairs(args.attribute)
+    if attributes:
+        body["attributes"] = attributes
+    session = ctx.session()
+    resp = session.request("POST", "/identities", body)
+    if resp.status == 409 and args.if_missing:
+        args.identity_id = None
+        identity = selected_identity(session, args)
+        ctx.ui.info("Identity %s exists already (id %s); nothing changed" % (quoted(args.login), identity.get("id")))
+    else:
+        resp.check()
+        identity = unwrap(resp)
+        ctx.ui.info("Identity %s created (id %s)" % (quoted(args.login), identity.get("id")))
+    show_identity(ctx, identity)
+
+
+@command("identity update", "change an identity's display name, password or attributes",
+         *(IDENTITY_SELECTOR + IDENTITY_FIELDS + (
+             arg("--replace-attributes", action="store_true",
+                 help="the attributes become exactly the --attribute pairs (default: they are added)"), DRY_RUN)),
+         examples=("attune identity update ci-bot --display-name 'CI robot'",
+                   "attune identity update alice --password-stdin < new-password.txt"))
+def cmd_identity_update(ctx, args):
+    session = ctx.session()
+    identity = selected_identity(session, args)
+    body = identity_body(ctx, args)
+    pairs = parse_param_pairs(args.attribute)
+    if pairs or args.replace_attributes:
+        old = identity.get("attributes") if isinstance(identity.get("attributes"), dict) else {}
+        hidden = sorted(k for k, v in old.items() if v == "***" and k not in pairs)
+        if hidden and not args.replace_attributes:  # sending *** back would overwrite the secret with it
+            raise UsageError("the server shows attribute(s) %s only as ***, so they cannot be kept while others "
+                             "change; give every attribute with --attribute and add --replace-attributes"
+                             % ", ".join(quoted(k) for k in hidden))
+        body["attributes"] = pairs if args.replace_attributes else dict(old, **pairs)
+    if not body:
+        raise UsageError("nothing to update: give --display-name, --password-stdin or --attribute")
+    before = {k: identity.get(k) for k in body if k != "password"}
+    after = {k: v for k, v in body.items() if k != "password"}
+    if "password" in body:
+        before["password"], after["password"] = "(unchanged)", "(new)"
+    if before != after and not args.dry_run:
+        session.request("PUT", "/identities/%d" % identity["id"], body).check()
+    mutation_result(ctx, "update", identity_target(identity), args.dry_run, before, after)
+
+
+@command("identity delete", "delete an identity (not your own)", *(IDENTITY_SELECTOR + (YES,)),
+         examples=("attune identity delete ci-bot --yes",))
+def cmd_identity_delete(ctx, args):
+    session = ctx.session()
+    identity = selected_identity(session, args)
+    if not confirm(ctx, args, "delete identity %s (id %s)" % (quoted(identity.get("login")), identity.get("id"))):
+        return
+    session.request("DELETE", "/identities/%d" % identity["id"]).check()
+    ctx.ui.emit({"message": "Identity deleted successfully", "identity_id": identity.get("id")},
+                lambda: ctx.ui.success("Identity %s deleted" % quoted(identity.get("login"))))
 
 
 command("identity role", "an identity's roles: list, add, remove")(needs_a_command)

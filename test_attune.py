@@ -179,6 +179,31 @@ def api_error(status, message, code):
     return status, {"error": message, "code": code}
 
 
+SECRET_ATTRIBUTE_WORDS = ("password", "secret", "token", "api_key", "authorization", "private_key", "encryption_key")
+
+
+def identity_answer(identity):
+    """An identity as the server answers it: attributes whose key names a secret as ***
+    (routes/permissions.rs, sanitize_identity_attributes)."""
+    attributes = identity.get("attributes")
+    if isinstance(attributes, dict):
+        attributes = {k: "***" if any(w in k.lower() for w in SECRET_ATTRIBUTE_WORDS) else v
+                      for k, v in attributes.items()}
+    return dict(identity, attributes=attributes)
+
+
+def identity_problem(body, creating):
+    """The validator's message for a create or update identity body, or None."""
+    login, password = body.get("login"), body.get("password")
+    if creating and (not isinstance(login, str) or not 3 <= len(login) <= 255):
+        return "Validation failed: login: length"
+    if password is not None and (not isinstance(password, str) or not 8 <= len(password) <= 128):
+        return "Validation failed: password: length"
+    if body.get("attributes") is not None and not isinstance(body["attributes"], dict):
+        return "Failed to deserialize the JSON body into the target type: attributes"
+    return None
+
+
 # === Fake server: what every group shares ====================================
 
 SEED_STAMP = "2026-11-01T12:00:00.000000Z"
@@ -437,6 +462,38 @@ class FakeAuth(FakeResources):
             "is_local": login not in self.ldap_users, "can_change_password": True,
             "effective_permissions": [{"resource": "packs", "actions": ["read", "create"]}],
             "assigned_permission_set_refs": ["core.admin"]})
+
+    @route("POST", r"/auth/change-password")
+    def auth_change_password(self, req):
+        """routes/auth.rs: a user access token; the new password 8..128 characters (422); a
+        wrong current one is 401 in the flat shape; provider-managed or frozen identities 403."""
+        claims, problem = self.bearer_claims(req)
+        if problem:
+            return api_error(401, "Unauthorized", "UNAUTHORIZED")
+        body = req.json() if req.body else None
+        current, new = (body.get("current_password"), body.get("new_password")) if isinstance(body, dict) else (0, 0)
+        for value in (current, new):
+            if isinstance(value, str):
+                self.received.add(value)
+        if not isinstance(current, str) or not isinstance(new, str):
+            return api_error(422, "Failed to deserialize the JSON body into the target type", "VALIDATION_ERROR")
+        if not current or not 8 <= len(new) <= 128:
+            return api_error(422, "Invalid change password request: new_password: length", "VALIDATION_ERROR")
+        login = claims["login"]
+        if login in self.ldap_users:
+            return api_error(403, "Passwords for this identity are managed by the configured identity provider",
+                             "FORBIDDEN")
+        if any(i["login"] == login and i["frozen"] for i in self.identities.values()):
+            return api_error(403, "Identity is frozen and cannot change its password", "FORBIDDEN")
+        user = self.users.get(login)
+        if not user or not user.get("password"):
+            return api_error(401, "No password set", "UNAUTHORIZED")
+        if not hmac.compare_digest(user["password"].encode("utf-8"), current.encode("utf-8", "surrogatepass")):
+            return api_error(401, "Invalid current password", "UNAUTHORIZED")
+        with self.lock:
+            user["password"] = new
+            self.password_changes.append(login)
+        return 200, envelope({"success": True, "message": "Password changed successfully"})
 
     def itoken(self, iid, tid):
         for record in self.itoken_records.values():
@@ -1206,7 +1263,63 @@ class FakeIdentities(FakeResources):
     @route("GET", r"/api/v1/identities/(?P<iid>\d+)")
     def identities_show(self, req, iid):
         identity, error = self.identity(iid)
-        return error or (200, envelope(identity))
+        return error or (200, envelope(identity_answer(identity)))
+
+    @route("POST", r"/api/v1/identities")
+    def identities_create(self, req):
+        """routes/permissions.rs: login 3..255, password 8..128 (422), 201, 409 on a login
+        that exists; a password given makes the identity able to log in."""
+        body = req.json() if req.body else None
+        body = body if isinstance(body, dict) else {}
+        login, password = body.get("login"), body.get("password")
+        if isinstance(password, str):
+            self.received.add(password)
+        problem = identity_problem(body, creating=True)
+        if problem:
+            return api_error(422, problem, "VALIDATION_ERROR")
+        with self.lock:
+            if any(i["login"] == login for i in self.identities.values()) or login in self.users:
+                return api_error(409, "Identity with login '%s' already exists" % login, "CONFLICT")
+            iid = self.new_id()
+            identity = {"id": iid, "login": login, "display_name": body.get("display_name"), "frozen": False,
+                        "attributes": body.get("attributes") or {}, "roles": [], "direct_permissions": []}
+            self.identities[iid] = identity
+            if password is not None:
+                self.users[login] = {"id": iid, "password": password, "display_name": identity["display_name"]}
+        return 201, envelope(identity_answer(identity))
+
+    @route("PUT", r"/api/v1/identities/(?P<iid>\d+)")
+    def identities_update(self, req, iid):
+        identity, error = self.identity(iid)
+        if error:
+            return error
+        body = req.json() if req.body else None
+        body = body if isinstance(body, dict) else {}
+        if isinstance(body.get("password"), str):
+            self.received.add(body["password"])
+        problem = identity_problem(body, creating=False)
+        if problem:
+            return api_error(422, problem, "VALIDATION_ERROR")
+        with self.lock:
+            for key in ("display_name", "attributes", "frozen"):
+                if body.get(key) is not None:
+                    identity[key] = body[key]
+            if body.get("password") is not None:
+                self.users[identity["login"]] = {"id": identity["id"], "password": body["password"],
+                                                 "display_name": identity["display_name"]}
+        return 200, envelope(identity_answer(identity))
+
+    @route("DELETE", r"/api/v1/identities/(?P<iid>\d+)")
+    def identities_delete(self, req, iid):
+        identity, error = self.identity(iid)
+        if str(req.claims.get("sub")) == str(iid):
+            return api_error(400, "Refusing to delete the currently authenticated identity", "BAD_REQUEST")
+        if error:
+            return error
+        with self.lock:
+            del self.identities[identity["id"]]
+            self.users.pop(identity["login"], None)
+        return 200, envelope({"success": True, "message": "Identity deleted successfully"})
 
     @route("POST", r"/api/v1/identities/(?P<iid>\d+)/roles")
     def identities_add_role(self, req, iid):
@@ -2223,6 +2336,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         self.requests, self.faults, self.issued = [], [], []
         self.revoked, self.used_refresh = set(), set()
         self.received = set()  # every secret a client sent: passwords, tokens
+        self.password_changes = []  # logins whose password /auth/change-password changed
         self.opaque = {}  # non-JWT access tokens the server accepts: token -> login
         self.nonce = 0
         self.users = {"admin": {"id": 1, "password": admin_password, "display_name": "Administrator"},
@@ -6646,6 +6760,171 @@ class ArtifactCommandTests(ResourceTestCase):
         for size, text in ((0, "0 B"), (1023, "1023 B"), (1024, "1.0 KB"), (1536, "1.5 KB"), (1 << 20, "1.0 MB"),
                            (5 * (1 << 30) // 2, "2.50 GB"), (None, "-"), ("x", "x")):
             self.assertEqual(attune.human_size(size), text)
+
+
+class ChangePasswordTests(ResourceTestCase):
+    """auth change-password: the passwords only on stdin or a terminal, the server's length
+    rule first, a refused current password never mistaken for an expired session."""
+    NEW = "n3w-Admin-passw0rd"
+
+    def change(self, current, new, *extra, code=0):
+        return self.fails(code, "auth", "change-password", "--password-stdin", *extra,
+                          stdin="%s\n%s\n" % (current, new))
+
+    def test_change_then_the_session_goes_on_and_the_new_password_logs_in(self):
+        self.extra_secrets = {self.NEW}
+        before = self.profile()
+        result = self.change(PASSWORD, self.NEW)
+        self.assertIn("Password changed for 'admin'", result.out)
+        self.assertEqual(self.sent("POST", "/auth/change-password").json(),
+                         {"current_password": PASSWORD, "new_password": self.NEW})
+        self.assertEqual(self.server.password_changes, ["admin"])
+        self.assertEqual(self.profile(), before)  # the session is the same one, and still works
+        self.ok("pack", "list")
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", stdin=self.NEW + "\n")
+        self.assertEqual(self.change(self.NEW, PASSWORD, "-j").json(), {"login": "admin", "changed": True})
+
+    def test_a_refused_current_password_is_exit_4_and_changes_nothing(self):
+        before = self.read_doc()
+        result = self.change("not-the-password", self.NEW, code=4)
+        self.assertIn("the server refused the current password of 'admin' (Invalid current password); the "
+                      "password is unchanged", result.err)
+        self.assertNotIn("expired", result.err)
+        self.assertNotIn("auth login", result.err)
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)  # not a token problem
+        self.assertEqual(self.server.count("POST", "/auth/change-password"), 1)  # and not sent again
+        self.assertEqual(self.read_doc(), before)
+        self.assertEqual(self.server.password_changes, [])
+
+    def test_if_needed_when_the_new_password_is_already_in_place(self):
+        self.extra_secrets = {self.NEW}
+        self.change(PASSWORD, self.NEW, "--if-needed")
+        self.server.requests.clear()
+        again = self.change(PASSWORD, self.NEW, "--if-needed", "-j")  # the bootstrap run a second time
+        self.assertEqual(again.json(), {"login": "admin", "changed": False})
+        self.assertEqual(self.server.password_changes, ["admin"])
+        self.assertEqual(self.server.count("POST", "/auth/login"), 1)  # the new password checked, nothing stored
+        self.change("wrong-old-pass", "wrong-new-pass", "--if-needed", code=4)  # neither works: refused
+
+    def test_bad_input_is_refused_before_any_request(self):
+        cases = [("", self.NEW, "no current password on standard input"),
+                 (PASSWORD, "", "no new password on standard input"),
+                 (PASSWORD, "short", "the new password must be 8 to 128 characters long (it has 5)"),
+                 (PASSWORD, "x" * 129, "the new password must be 8 to 128 characters long (it has 129)"),
+                 (PASSWORD, PASSWORD, "the new password is the current one")]
+        for current, new, message in cases:
+            with self.subTest(new=new[:10]):
+                self.assertIn(message, self.change(current, new, code=2).err)
+        self.assertIn("there is no terminal to ask on; use --password-stdin",
+                      self.fails(2, "auth", "change-password").err)
+        self.assertEqual(self.server.requests, [])
+
+    def test_the_server_refusing_for_its_own_reasons(self):
+        self.server.identities[1]["frozen"] = True
+        self.assertIn("Identity is frozen and cannot change its password", self.change(PASSWORD, self.NEW, code=1).err)
+        self.fails(4, "auth", "change-password", "--password-stdin", stdin="a\nb-long-enough\n",
+                   env={"ATTUNE_API_TOKEN": "not-a-token"})  # no session at all: the usual exit 4
+
+    def test_a_prompt_asks_for_the_new_password_twice(self):
+        answers = iter([PASSWORD, self.NEW, self.NEW])
+        with mock.patch.object(attune, "can_prompt", return_value=True), \
+                mock.patch("getpass.getpass", side_effect=lambda prompt, stream=None: next(answers)):
+            self.extra_secrets = {self.NEW}
+            self.ok("auth", "change-password")
+        answers = iter([self.NEW, "another-passw0rd", "a-typo-passw0rd"])
+        with mock.patch.object(attune, "can_prompt", return_value=True), \
+                mock.patch("getpass.getpass", side_effect=lambda prompt, stream=None: next(answers)):
+            self.assertIn("the two new passwords differ", self.fails(2, "auth", "change-password").err)
+        self.assertEqual(self.server.password_changes, ["admin"])
+
+
+class LoginNameTests(AttuneTestCase):
+    def test_attune_login_is_read_like_username(self):
+        """ATTUNE_LOGIN (the Rust tools' variable) names the login; -u outranks it; the stored
+        username comes after both."""
+        env = {"ATTUNE_LOGIN": "zoe", "ATTUNE_PASSWORD": "zoe-pass"}
+        self.ok("auth", "login", "--url", self.server.url, env=env)
+        self.assertEqual([r.json()["login"] for r in self.server.requests if r.path == "/auth/login"], ["zoe"])
+        self.assertEqual(self.profile()["username"], "zoe")
+        self.ok("auth", "login", "-u", "admin", "--password-stdin", stdin=PASSWORD + "\n", env={"ATTUNE_LOGIN": "zoe"})
+        self.ok("auth", "login", "--password-stdin", stdin="zoe-pass\n", env={"ATTUNE_LOGIN": "zoe"})
+        self.assertEqual([r.json()["login"] for r in self.server.requests if r.path == "/auth/login"],
+                         ["zoe", "admin", "zoe"])
+        self.assertEqual(self.profile()["username"], "zoe")
+
+
+class IdentityLifecycleTests(ResourceTestCase):
+    """identity create / update / delete: the server's rules first, --if-missing on its 409,
+    masked attributes never written back."""
+
+    def test_create_with_a_password_from_stdin_and_attributes(self):
+        secret = "svc-passw0rd-1"
+        self.extra_secrets = {secret}
+        result = self.ok("identity", "create", "ci-bot", "--display-name", "CI", "--password-stdin",
+                         "--attribute", "team=ops", "--attribute", "api_key=abc", "-j", stdin=secret + "\n")
+        created = result.json()
+        self.assertEqual((created["login"], created["display_name"], created["attributes"]),
+                         ("ci-bot", "CI", {"team": "ops", "api_key": "***"}))
+        self.assertEqual(self.sent("POST", "/api/v1/identities").json(),
+                         {"login": "ci-bot", "display_name": "CI", "password": secret,
+                          "attributes": {"team": "ops", "api_key": "abc"}})
+        self.assertEqual(self.server.users["ci-bot"]["password"], secret)
+        table = self.ok("identity", "show", "ci-bot").out
+        self.assertIn('Attributes\n──────────\nteam: ops\napi_key: "***"', table)
+
+    def test_if_missing_shows_the_existing_identity(self):
+        self.fails(1, "identity", "create", "zoe")  # 409 without --if-missing
+        result = self.ok("identity", "create", "zoe", "--if-missing")
+        self.assertIn("Identity 'zoe' exists already (id 3); nothing changed", result.out)
+        self.assertIn("Login:         zoe", result.out)
+        self.assertEqual(self.ok("identity", "create", "zoe", "--if-missing", "-j").json()["id"], 3)
+        first = self.ok("identity", "create", "svc", "--if-missing", "-j").json()
+        self.assertEqual(self.ok("identity", "create", "svc", "--if-missing", "-j").json()["id"], first["id"])
+
+    def test_the_server_rules_are_checked_first(self):
+        for argv, stdin, message in (
+                (["ab"], "", "a login must be 3 to 255 characters long"),
+                (["x" * 256], "", "a login must be 3 to 255 characters long"),
+                (["okay", "--password-stdin"], "short\n", "the password must be 8 to 128 characters long"),
+                (["okay", "--password-stdin"], "", "no password on standard input"),
+                (["okay", "--attribute", "novalue"], "", "Expected key=value")):
+            with self.subTest(argv=argv[:2]):
+                self.assertIn(message, self.fails(2, "identity", "create", *argv, stdin=stdin).err)
+        self.assertEqual(self.server.requests, [])
+
+    def test_update_adds_attributes_and_never_writes_a_masked_one_back(self):
+        self.server.identities[3]["attributes"] = {"team": "ops", "api_token": "real-secret-value"}
+        dry = self.ok("identity", "update", "zoe", "--display-name", "Zoë", "--dry-run", "-j").json()
+        self.assertEqual((dry["before"], dry["after"], dry["changed"]),
+                         ({"display_name": "Zoë Ørsted"}, {"display_name": "Zoë"}, False))
+        self.assertEqual([r.method for r in self.server.requests if r.method != "GET"], [])
+        message = self.fails(2, "identity", "update", "zoe", "--attribute", "team=dev").err
+        self.assertIn("the server shows attribute(s) 'api_token' only as ***", message)
+        self.ok("identity", "update", "zoe", "--attribute", "team=dev", "--attribute", "api_token=new-secret-value",
+                "--replace-attributes")
+        self.assertEqual(self.server.identities[3]["attributes"], {"team": "dev", "api_token": "new-secret-value"})
+        self.ok("identity", "update", "--identity-id", "3", "--display-name", "Zoë")
+        self.assertEqual(self.server.identities[3]["display_name"], "Zoë")
+        again = self.ok("identity", "update", "zoe", "--display-name", "Zoë", "-j").json()
+        self.assertEqual((again["changed"], again["would_change"]), (False, False))
+        self.assertEqual(self.server.count("PUT", "/api/v1/identities/3"), 2)
+        self.assertIn("nothing to update", self.fails(2, "identity", "update", "zoe").err)
+
+    def test_update_a_password(self):
+        secret = "zoe-new-passw0rd"
+        self.extra_secrets = {secret}
+        result = self.ok("identity", "update", "zoe", "--password-stdin", "-j", stdin=secret + "\n").json()
+        self.assertEqual((result["before"], result["after"]), ({"password": "(unchanged)"}, {"password": "(new)"}))
+        self.assertEqual(self.server.users["zoe"]["password"], secret)
+
+    def test_delete_needs_yes_and_never_deletes_yourself(self):
+        self.assertIn("add --yes", self.fails(2, "identity", "delete", "zoe").err)
+        self.assertIn(3, self.server.identities)
+        self.assertIn("Identity 'zoe' deleted", self.ok("identity", "delete", "zoe", "--yes").out)
+        self.assertNotIn(3, self.server.identities)
+        self.assertIn("Identity 'zoe' not found", self.fails(1, "identity", "delete", "zoe", "--yes").err)
+        self.assertIn("Refusing to delete the currently authenticated identity",
+                      self.fails(1, "identity", "delete", "admin", "--yes").err)
 
 
 class IdentityCommandTests(ResourceTestCase):

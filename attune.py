@@ -91,7 +91,9 @@ ANSWER_LIMIT = 32 * 1024 * 1024  # bytes of an API answer read into memory (a pa
 ERROR_LIMIT = 1024 * 1024        # bytes of an error answer (only its message is shown)
 EVENT_LIMIT = 4 * 1024 * 1024    # bytes of one server-sent event (a log chunk)
 OUTPUT_FORMATS = ("table", "json", "yaml")
-TOKEN_VARIABLES = ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN", "ATTUNE_TOKEN_FILE")  # in precedence order
+TOKEN_VARIABLES = ("ATTUNE_SENSOR_TOKEN_STATE_PATH", "ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN",
+                   "ATTUNE_TOKEN_FILE")  # in precedence order
+EXPIRY_VARIABLES = ("ATTUNE_API_TOKEN_EXPIRES_AT", "ATTUNE_SENSOR_TOKEN_EXPIRES_AT")  # the second is legacy
 TOKEN_KEYS = ("auth_token", "refresh_token", "auth_token_expires_at",
               "refresh_token_expires_at", "invalidated_at")
 
@@ -116,6 +118,10 @@ ENVIRONMENT = (
     ("ATTUNE_API_URL", "API URL, unless --api-url is given"),
     ("ATTUNE_API_TOKEN", "access token to use instead of the stored one (alias ATTUNE_AUTH_TOKEN)"),
     ("ATTUNE_TOKEN_FILE", "file holding an access token, re-read on every run"),
+    ("ATTUNE_SENSOR_TOKEN_STATE_PATH", "inside Attune: the managed sensor's token state file, read for every "
+                                       "request; outranks ATTUNE_API_TOKEN"),
+    ("ATTUNE_API_TOKEN_EXPIRES_AT", "when ATTUNE_API_TOKEN expires (RFC 3339 or epoch seconds; legacy name "
+                                    "ATTUNE_SENSOR_TOKEN_EXPIRES_AT)"),
     ("ATTUNE_REFRESH_TOKEN", "refresh token paired with ATTUNE_API_TOKEN (never stored)"),
     ("ATTUNE_KEEP_FRESH", "set by auth exec --keep-fresh: its token file outranks ATTUNE_API_TOKEN"),
     ("ATTUNE_LOGIN", "login name for auth login, unless -u/--username is given"),
@@ -743,6 +749,54 @@ def epoch(value):
     return int(value)
 
 
+def days_from_civil(year, month, day):
+    """Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year - 719468
+
+
+def is_digits(text):
+    """Only the ASCII digits: str.isdigit() takes '١٢' (Arabic-Indic) and '²' too."""
+    return bool(text) and all("0" <= c <= "9" for c in text)
+
+
+def time_epoch(value):
+    """An expiry the platform hands over as epoch seconds: a number, a string of digits, or an
+    RFC 3339 time ('2026-12-31T00:00:00Z', '...T01:30:00.5+02:00'); None for anything else.
+    By hand: datetime would cost more than the rest of `auth token`."""
+    if not isinstance(value, str):
+        return epoch(value)
+    text = value.strip()
+    if is_digits(text) and len(text) < 12:
+        return epoch(int(text))
+    date, _, clock = text.upper().partition("T")
+    offset, zone = 0, ""
+    if clock.endswith("Z"):
+        clock = clock[:-1]
+    elif "+" in clock or "-" in clock:
+        sign = "+" if "+" in clock else "-"
+        clock, _, zone = clock.partition(sign)
+        hours, _, minutes = zone.partition(":")
+        if not (is_digits(hours) and is_digits(minutes) and len(hours) == len(minutes) == 2):
+            return None
+        offset = (int(hours) * 3600 + int(minutes) * 60) * (1 if sign == "+" else -1)
+    else:
+        return None  # no zone: a local time, which is nobody's
+    parts, clock_parts = date.split("-"), clock.split(":")
+    if len(parts) != 3 or len(clock_parts) != 3 or not all(is_digits(p) for p in parts + clock_parts[:2]):
+        return None
+    whole, _, fraction = clock_parts[2].partition(".")
+    if not is_digits(whole) or (fraction and not is_digits(fraction)):
+        return None
+    (year, month, day), (hour, minute), second = (int(p) for p in parts), (int(p) for p in clock_parts[:2]), int(whole)
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
+        return None
+    return epoch(days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset)
+
+
 # === Tokens: JWT claims, lifetimes, the credentials in use ===================
 
 def describe_source(source, origin):
@@ -750,6 +804,7 @@ def describe_source(source, origin):
     if source is None:
         return "none"
     return {"env": "environment (%s)", "token_file": "token file %s",
+            "state_file": "token state file %s (ATTUNE_SENSOR_TOKEN_STATE_PATH)",
             "file": "credential file, profile '%s'"}[source] % origin
 
 
@@ -800,10 +855,14 @@ class Credentials:
         self.refresh = refresh
         self.access_expires_at = access_expires_at
         self.refresh_expires_at = refresh_expires_at
-        self.source = source    # 'env', 'token_file', 'file' or None
+        self.source = source    # 'env', 'token_file', 'state_file', 'file' or None
         self.origin = origin    # variable name, token file path, or profile name
         self.invalidated_at = invalidated_at
         self.withheld = withheld  # the API URL whose stored session is not sent elsewhere
+        # Inside Attune: what the platform issued the token for ('sensor core.timer'), never refreshed
+        self.platform = None
+        self.state_path = None  # a managed sensor's token state file, read again for every request
+        self.fallback = None    # the environment's token, for when that file cannot be read
 
     @classmethod
     def from_profile(cls, name, profile):
@@ -2274,9 +2333,25 @@ class Choice:
             keep_fresh = env.get("ATTUNE_KEEP_FRESH")
             if keep_fresh and keep_fresh == env.get("ATTUNE_TOKEN_FILE"):  # under auth exec --keep-fresh
                 return Credentials.from_token(read_token_file(keep_fresh), "token_file", keep_fresh, refresh)
-            for name in TOKEN_VARIABLES[:2]:
+            platform = None if refresh else platform_issuer(env)
+            state = env.get("ATTUNE_SENSOR_TOKEN_STATE_PATH")
+            creds = None
+            for name in ("ATTUNE_API_TOKEN", "ATTUNE_AUTH_TOKEN"):
                 if env.get(name):
-                    return Credentials.from_token(env[name], "env", name, refresh)
+                    try:
+                        creds = Credentials.from_token(env[name], "env", name, refresh)
+                    except ConfigError:
+                        if not state:  # beside a state file, a bad one is only a fallback that is missing
+                            raise
+                    break
+            if creds is not None:
+                creds.platform = platform
+                expiry = next((time_epoch(env[n]) for n in EXPIRY_VARIABLES if env.get(n)), None)
+                creds.access_expires_at = expiry or creds.access_expires_at
+            if state:
+                return platform_credentials(state, creds, platform or platform_issuer(env))
+            if creds is not None:
+                return creds
             if env.get("ATTUNE_TOKEN_FILE"):
                 path = env["ATTUNE_TOKEN_FILE"]
                 return Credentials.from_token(read_token_file(path), "token_file", path, refresh)
@@ -2425,6 +2500,45 @@ def poll_execution(session, execution_id, timeout, deadline=None, pause=time.sle
 
 # === Session: tokens and refresh =============================================
 
+def read_token_state(path):
+    """(token, expiry) from a managed sensor's token state file: the JSON object
+    {"token": ..., "expires_at": RFC 3339} (aliases api_token, token_expires_at) that Attune's
+    sensor runtime rewrites atomically before the token expires."""
+    where = "token state file %s (ATTUNE_SENSOR_TOKEN_STATE_PATH)" % terminal_safe(path)
+    try:
+        data = parse_json(read_regular_file(path, TOKEN_FILE_LIMIT)[0].decode("utf-8"))
+    except (OSError, UnicodeError, ValueError) as e:
+        raise ConfigError("cannot read the %s: %s" % (where, getattr(e, "strerror", None) or "not JSON"))
+    data = data if isinstance(data, dict) else {}
+    token = check_token(data.get("token") or data.get("api_token") or "", where)
+    expires = data.get("expires_at", data.get("token_expires_at"))
+    return token, jwt_expiry(token) if expires is None else time_epoch(expires)
+
+
+def platform_credentials(path, fallback, platform):
+    """A managed sensor's tokens, read again on every call: the state file's; when it cannot be
+    read, the environment's token (fallback); a ConfigError naming both when neither works."""
+    try:
+        token, expires_at = read_token_state(path)
+        creds = Credentials(token, None, expires_at, source="state_file", origin=path)
+    except ConfigError as e:
+        if fallback is None:
+            raise ConfigError("%s, and ATTUNE_API_TOKEN holds no token to use instead" % e)
+        creds = Credentials(fallback.access, None, fallback.access_expires_at, source="env", origin=fallback.origin)
+    creds.state_path, creds.fallback, creds.platform = path, fallback, platform
+    return creds
+
+
+def platform_issuer(env):
+    """What Attune issued the environment's token for, when attune.py runs inside Attune (a
+    sensor or an action it started): 'sensor core.timer', 'execution 42'; None elsewhere."""
+    for name, what in (("ATTUNE_SENSOR_REF", "sensor"), ("ATTUNE_SENSOR_ID", "sensor"),
+                       ("ATTUNE_EXEC_ID", "execution")):
+        if env.get(name):
+            return "%s %s" % (what, terminal_safe(env[name][:100], keep=""))
+    return "a sensor" if env.get("ATTUNE_SENSOR_TOKEN_STATE_PATH") else None
+
+
 def read_token_file(path):
     """The token in the file ATTUNE_TOKEN_FILE names (a regular file of at most 64 KiB)."""
     try:
@@ -2514,6 +2628,8 @@ class Session:
     def expired_error(self):
         """The AuthError for tokens that are expired (or rejected) and cannot be renewed."""
         c = self.creds
+        if c.platform:
+            return self.platform_error("has expired or was rejected")
         if c.source == "env":
             return AuthError("the access token in %s has expired or was rejected; set a fresh one%s"
                              % (c.origin, "" if c.refresh else " or ATTUNE_REFRESH_TOKEN"))
@@ -2521,6 +2637,11 @@ class Session:
             return AuthError("the access token in %s (ATTUNE_TOKEN_FILE) has expired or was "
                              "rejected" % c.origin)
         return session_expired(self.profile)
+
+    def platform_error(self, what):
+        c = self.creds
+        return AuthError("the access token Attune issued for %s (%s) %s; Attune issues these tokens itself and "
+                         "attune.py never renews one" % (c.platform, describe_source(c.source, c.origin), what))
 
     def no_session(self):
         """The AuthError for a command that needs a session this run does not have."""
@@ -2540,6 +2661,8 @@ class Session:
         """The access token to send, refreshed first when it has less than
         max(margin, min_ttl) left. A valid token costs no request at all."""
         c = self.creds
+        if c.state_path:  # a managed sensor: its runtime rotates the file, so read it for every request
+            c = self.creds = platform_credentials(c.state_path, c.fallback, c.platform)
         if not c.access:
             raise self.no_session()
         now = self.now()
@@ -2576,7 +2699,13 @@ class Session:
         """Renew the tokens: the one refresh path for proactive, reactive and `auth refresh`."""
         if self.creds.withheld:
             raise self.no_session()
-        if self.creds.source == "file":
+        if self.creds.platform:  # Attune issues it: never a refresh, only the state file read again
+            fresh = self.creds.state_path and platform_credentials(self.creds.state_path, self.creds.fallback,
+                                                                   self.creds.platform)
+            if not fresh or fresh.access == self.creds.access:
+                raise self.expired_error()
+            self.creds = fresh
+        elif self.creds.source == "file":
             self._refresh_stored()
         elif self.creds.source == "token_file":
             fresh = read_token_file(self.creds.origin)
@@ -5829,7 +5958,12 @@ def cmd_auth_refresh(ctx, args):
     session = ctx.session()
     if not session.creds.access and not session.creds.refresh:
         raise session.no_session()
-    if not session.creds.refresh and session.creds.source != "token_file":
+    if session.creds.platform and not session.creds.state_path:
+        raise session.platform_error("is not refreshed here")
+    if not session.creds.refresh and session.creds.source == "env":
+        raise AuthError("%s comes without a refresh token (ATTUNE_REFRESH_TOKEN); set a fresh token instead"
+                        % session.creds.origin)
+    if not session.creds.refresh and session.creds.source == "file":
         raise AuthError("profile '%s' has no refresh token; run: attune auth login --profile %s"
                         % (session.profile, session.profile))
     try:

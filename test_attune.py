@@ -6853,6 +6853,188 @@ class LoginNameTests(AttuneTestCase):
         self.assertEqual(self.profile()["username"], "zoe")
 
 
+SENSOR_SCRIPT = r"""
+import sys
+import attune
+api = attune.session()
+while sys.stdin.readline():  # one request for each line the test writes: it rotates the file in between
+    print(api.get("/auth/me")["login"], api.creds.source, flush=True)
+"""
+
+
+class InsideAttuneTests(AttuneTestCase):
+    """Inside Attune: the managed sensor's token state file first and read for every request,
+    the environment's token as its fallback, platform tokens never refreshed, and messages that
+    say Attune issues them."""
+
+    def state(self, token, expires_at=None, keys=("token", "expires_at"), path=None):
+        """Write the state file as the sensor runtime does: a new file renamed over the old."""
+        path = path or os.path.join(self.tmp, "sensor-token.json")
+        doc = {keys[0]: token}
+        if expires_at is not None:
+            doc[keys[1]] = expires_at
+        with open(path + ".new", "w") as f:
+            json.dump(doc, f)
+        os.replace(path + ".new", path)
+        return path
+
+    def sensor_env(self, path, **extra):
+        env = {"ATTUNE_API_URL": self.server.url, "ATTUNE_SENSOR_TOKEN_STATE_PATH": path,
+               "ATTUNE_SENSOR_REF": "core.timer"}
+        env.update(extra)
+        return env
+
+    def test_rfc3339_and_epoch_expiries_by_a_generated_table(self):
+        import calendar
+        import random
+        rng = random.Random(28)
+        for _ in range(500):
+            moment = rng.randrange(-2 * 10 ** 9, 5 * 10 ** 9)
+            offset = rng.choice([0, 3600, -18000, 19800, 50400, -43200])
+            shifted = time.gmtime(moment + offset)
+            zone = "Z" if offset == 0 and rng.random() < 0.5 else "%s%02d:%02d" % (
+                "+" if offset >= 0 else "-", abs(offset) // 3600, abs(offset) % 3600 // 60)
+            fraction = rng.choice(["", ".5", ".123456", ".000000001"])
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", shifted) + fraction + zone
+            with self.subTest(text=text):
+                self.assertEqual(attune.time_epoch(text), calendar.timegm(time.gmtime(moment)))
+                self.assertEqual(attune.time_epoch(text.lower()), moment)
+        self.assertEqual(attune.time_epoch("1767225600"), 1767225600)
+        self.assertEqual(attune.time_epoch(1767225600.5), 1767225600)
+        for bad in ("", "soon", "2026-12-31", "2026-12-31T00:00:00", "2026-13-01T00:00:00Z", "2026-12-32T00:00:00Z",
+                    "2026-12-31T24:00:00Z", "2026-12-31T00:60:00Z", "2026-12-31T00:00:00+2", "2026-1x-31T00:00:00Z",
+                    "2026-12-31T00:00:00.Z1", "99999999999999", None, True, [], "2026-12-31T00:00Z", "\u0661\u0662"):
+            with self.subTest(bad=bad):
+                self.assertIsNone(attune.time_epoch(bad))
+
+    def test_the_state_file_comes_first_and_names_itself(self):
+        sensor = self.server.mint("admin", "sensor")
+        fallback = self.server.mint("admin")
+        path = self.state(sensor, "2099-01-01T00:00:00Z")
+        env = self.sensor_env(path, ATTUNE_API_TOKEN=fallback)
+        self.ok("pack", "list", env=env)
+        self.assertEqual(self.server.requests[-1].token, sensor)
+        got = self.ok("auth", "token", "--format", "json", env=env, secrets_ok=True).json()
+        self.assertEqual((got["token"], got["source"], got["source_detail"], got["expires_at"]),
+                         (sensor, "state_file", path, 4070908800))
+        status = self.ok("auth", "status", env=env).out
+        self.assertIn("token state file %s (ATTUNE_SENSOR_TOKEN_STATE_PATH)" % path, status)
+        aliased = self.state(sensor, "2099-01-01T00:00:00+01:00", keys=("api_token", "token_expires_at"))
+        got = self.ok("auth", "token", "--format", "json", env=self.sensor_env(aliased), secrets_ok=True).json()
+        self.assertEqual((got["token"], got["expires_at"]), (sensor, 4070905200))
+        stored = self.seed()["auth_token"]  # -p: the stored session, as with every environment token
+        got = self.ok("-p", "default", "auth", "token", "--format", "json", env=env, secrets_ok=True).json()
+        self.assertEqual((got["token"], got["source"]), (stored, "file"))
+
+    def test_an_unreadable_state_file_falls_back_to_the_environment_token(self):
+        fallback = self.server.mint("admin")
+        path = os.path.join(self.tmp, "sensor-token.json")
+        for content in (None, "", "{not json", "[]", '{"token": ""}', '{"expires_at": "2099-01-01T00:00:00Z"}',
+                        '{"token": "bad token with spaces"}', "\xff\xfe"):
+            with self.subTest(content=content):
+                if content is None:
+                    if os.path.exists(path):
+                        os.remove(path)
+                else:
+                    with open(path, "w", encoding="latin-1") as f:
+                        f.write(content)
+                self.ok("auth", "whoami", env=self.sensor_env(path, ATTUNE_API_TOKEN=fallback))
+                self.assertEqual(self.server.requests[-1].token, fallback)
+                got = self.ok("auth", "token", "--format", "json", env=self.sensor_env(path, ATTUNE_API_TOKEN=fallback),
+                              secrets_ok=True).json()
+                self.assertEqual((got["source"], got["source_detail"]), ("env", "ATTUNE_API_TOKEN"))
+                result = self.fails(3, "auth", "whoami", env=self.sensor_env(path))
+                self.assertIn("token state file %s (ATTUNE_SENSOR_TOKEN_STATE_PATH)" % path, result.err)
+                self.assertIn("and ATTUNE_API_TOKEN holds no token to use instead", result.err)
+
+    def test_platform_tokens_are_never_refreshed_and_expiry_says_who_issues_them(self):
+        now = int(time.time())
+        expired = self.server.mint("admin", "sensor", ttl=3600, iat=now - 4000)
+        refresh = self.server.mint("admin", "refresh")
+        self.seed()  # a stored session too: it must not be touched either
+        before = self.read_doc()
+        cases = [("state file", self.sensor_env(self.state(expired)), "sensor core.timer",
+                  "token state file"),
+                 ("execution token", {"ATTUNE_API_URL": self.server.url, "ATTUNE_API_TOKEN": expired,
+                                      "ATTUNE_EXEC_ID": "42"}, "execution 42", "environment (ATTUNE_API_TOKEN)"),
+                 ("sensor token", {"ATTUNE_API_URL": self.server.url, "ATTUNE_API_TOKEN": expired,
+                                   "ATTUNE_SENSOR_ID": "7"}, "sensor 7", "environment (ATTUNE_API_TOKEN)")]
+        for name, env, issuer, source in cases:
+            for argv in (("auth", "whoami"), ("pack", "list"), ("auth", "token"), ("auth", "refresh")):
+                with self.subTest(case=name, argv=argv):
+                    result = self.fails(4, *argv, env=env)
+                    self.assertIn("the access token Attune issued for %s (%s" % (issuer, source), result.err)
+                    self.assertIn("Attune issues these tokens itself and attune.py never renews one", result.err)
+                    for wrong in ("auth login", "ATTUNE_REFRESH_TOKEN", "expired; run"):
+                        self.assertNotIn(wrong, result.err)
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+        self.assertEqual(self.read_doc(), before)
+        # the expiry the platform hands over counts for ATTUNE_API_TOKEN, and the legacy name too
+        valid = self.server.mint("admin", "sensor")
+        for name in ("ATTUNE_API_TOKEN_EXPIRES_AT", "ATTUNE_SENSOR_TOKEN_EXPIRES_AT"):
+            with self.subTest(variable=name):
+                env = {"ATTUNE_API_URL": self.server.url, "ATTUNE_API_TOKEN": valid, "ATTUNE_SENSOR_REF": "s",
+                       name: "2001-01-01T00:00:00Z"}
+                self.assertIn("never renews one", self.fails(4, "auth", "token", env=env).err)
+                env[name] = str(now + 7200)
+                self.assertEqual(self.ok("auth", "token", "--format", "json", env=env, secrets_ok=True).json()[
+                    "expires_at"], now + 7200)
+        # with ATTUNE_REFRESH_TOKEN the user chose to refresh: that is not the platform's token
+        self.ok("auth", "whoami", env={"ATTUNE_API_URL": self.server.url, "ATTUNE_API_TOKEN": expired,
+                                       "ATTUNE_EXEC_ID": "42", "ATTUNE_REFRESH_TOKEN": refresh})
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 1)
+
+    def test_a_rejected_token_reads_the_state_file_again_before_it_gives_up(self):
+        old, new = (self.server.mint("admin", "sensor", ttl=ttl) for ttl in (3600, 3601))  # two tokens
+        path = self.state(old)
+        self.server.revoked.add(old)
+        self.assertIn("never renews one", self.fails(4, "auth", "whoami", env=self.sensor_env(path)).err)
+        rejected = len(self.server.requests)
+        self.assertEqual(rejected, 1)  # nothing new in the file: no second request, no refresh
+        def rotated_after_the_first_request(path):
+            return (new if self.server.requests[rejected:] else old), None
+
+        with mock.patch.object(attune, "read_token_state", side_effect=rotated_after_the_first_request):
+            self.ok("auth", "whoami", env=self.sensor_env(path))  # rotated between the read and the 401
+        self.assertEqual([r.token for r in self.server.requests[rejected:]], [old, new])
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+
+    def test_a_sensor_process_follows_rotations_of_the_state_file(self):
+        """A long-running child (a sensor's Python code using import attune): each rewrite of
+        the file is used by the next request, with no refresh request ever."""
+        tokens = [self.server.mint("admin", "sensor", ttl=3600 + n) for n in range(4)]  # four different ones
+        path = self.state(tokens[0], "2099-01-01T00:00:00Z")
+        directory = os.path.join(self.tmp, "sensor")
+        os.makedirs(directory)
+        shutil.copy(ATTUNE_PY, os.path.join(directory, "attune.py"))
+        with open(os.path.join(directory, "sensor.py"), "w") as f:
+            f.write(SENSOR_SCRIPT)
+        env = self.process_env(self.sensor_env(path))
+        env.pop("PYTHONPATH", None)
+        child = subprocess.Popen([sys.executable, os.path.join(directory, "sensor.py")], env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.addCleanup(child.wait, 60)
+        self.addCleanup(child.kill)
+        seen = []
+        for n, token in enumerate(tokens):
+            if n:
+                self.state(token, "2099-01-01T00:00:00Z")  # the runtime rotates it
+                self.server.revoked.add(tokens[n - 1])  # and the old one stops working
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            self.assertEqual(child.stdout.readline(), "admin state_file\n")  # waits for the answer (an event)
+            seen.append(self.server.requests[-1].token)
+        child.stdin.close()
+        self.assertEqual(child.wait(60), 0)
+        self.assertEqual(child.stderr.read(), "")
+        child.stdout.close()
+        child.stderr.close()
+        self.assertEqual(seen, tokens)
+        self.assertEqual(self.server.count("GET", "/auth/me"), 4)  # read before each request: never a 401 first
+        self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
+
+
 class IdentityLifecycleTests(ResourceTestCase):
     """identity create / update / delete: the server's rules first, --if-missing on its 409,
     masked attributes never written back."""

@@ -6712,6 +6712,89 @@ def cmd_config_remove_profile(ctx, args):
     ctx.ui.emit({"removed": name}, lambda: ctx.ui.success("Profile '%s' removed" % name))
 
 
+def rust_config_path(env):
+    """Where the Rust CLI keeps config.yaml: $XDG_CONFIG_HOME/attune, else the platform's
+    configuration directory (~/.config, ~/Library/Application Support, %APPDATA%)."""
+    if env.get("XDG_CONFIG_HOME"):
+        base = env["XDG_CONFIG_HOME"]
+    elif WINDOWS:
+        base = env.get("APPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Roaming")
+    else:
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, "Library", "Application Support") if sys.platform == "darwin" \
+            else os.path.join(home, ".config")
+    return os.path.join(base, "attune", "config.yaml")
+
+
+def rust_profiles(doc, where):
+    """(current profile, {name: our profile entry}) of the Rust CLI's config document, every
+    value checked as if typed (names, URLs, tokens); ConfigError naming the first bad one."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("profiles", {}), dict):
+        raise ConfigError("%s is not the Rust CLI's config.yaml (no profiles: mapping)" % where)
+    profiles = {}
+    for name, entry in sorted(doc.get("profiles", {}).items()):
+        check_profile_name(name)
+        place = "profile %s in %s" % (quoted(name, 64), where)
+        if not isinstance(entry, dict) or entry.get("api_url") is None:
+            raise ConfigError("%s has no api_url" % place)
+        ours = {"api_url": check_api_url(entry["api_url"], place)}
+        for key in ("auth_token", "refresh_token"):
+            if entry.get(key):
+                ours[key] = check_token(entry[key], "%s (%s)" % (place, key))
+        for key in ("description", "auth_method", "username"):
+            if isinstance(entry.get(key), str) and entry[key]:
+                ours[key] = entry[key]
+        profiles[name] = ours
+    current = doc.get("profile", doc.get("current_profile"))
+    return (current if current in profiles else None), profiles
+
+
+@command("config import", "bring the Rust CLI's profiles (its config.yaml) into the credential file",
+         arg("path", metavar="PATH", nargs="?", help="the config.yaml (default: where the Rust CLI keeps it)"),
+         arg("--overwrite", action="store_true", help="replace profiles of the same name (default: keep ours)"),
+         arg("--dry-run", action="store_true", help="say what would change; write nothing"),
+         examples=("attune config import  # ~/.config/attune/config.yaml",
+                   "attune config import old-config.yaml --dry-run"))
+def cmd_config_import(ctx, args):
+    path = args.path or rust_config_path(ctx.env)
+    try:
+        data, st = read_regular_file(path, DATA_FILE_LIMIT)
+        doc = yaml_loads(data.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError("cannot read %s: %s" % (quoted(path), e.strerror or e))
+    except (UnicodeError, YamlError) as e:
+        raise ConfigError("%s is not readable YAML: %s" % (quoted(path), e))
+    current, imported = rust_profiles(doc, quoted(path))
+    if not WINDOWS and stat.S_IMODE(st.st_mode) & 0o077 and any("auth_token" in p or "refresh_token" in p
+                                                          for p in imported.values()):
+        ctx.ui.warn("%s holds tokens and is readable by others (mode %03o; the Rust CLI writes it so); "
+                    "run: chmod 600 %s" % (quoted(path), stat.S_IMODE(st.st_mode), shell_quote(path)))
+    existing = ctx.store.profiles()
+    verbs = {}
+    for name in imported:
+        verbs[name] = ("replace" if args.overwrite else "keep") if name in existing else "add"
+
+    def merge(doc):
+        for name, profile in imported.items():
+            if verbs[name] != "keep":
+                doc["profiles"][name] = dict(profile)
+        if doc.get("current_profile") is None and current is not None and verbs[current] != "keep":
+            doc["current_profile"] = current  # kept when the file names one already
+
+    if not args.dry_run and any(verb != "keep" for verb in verbs.values()):
+        ctx.store.check_writable()
+        ctx.store.modify(merge)
+    done = {"add": "added", "replace": "replaced", "keep": "kept (exists; --overwrite replaces it)"}
+    rows = [{"profile": name, "api_url": profile["api_url"],
+             "tokens": "auth_token" in profile or "refresh_token" in profile,
+             "result": ("would " + verbs[name]) if args.dry_run and verbs[name] != "keep" else done[verbs[name]]}
+            for name, profile in imported.items()]
+    ctx.ui.emit({"source": path, "dry_run": args.dry_run, "profiles": rows}, lambda: ctx.ui.table(
+        ["Profile", "API URL", "Session", "Result"],
+        [[r["profile"], r["api_url"], "yes" if r["tokens"] else "no", r["result"]] for r in rows],
+        empty="No profiles in %s" % path))
+
+
 # === Commands: packs =========================================================
 
 group("pack", "list, show, create, install, register, upload, update and uninstall packs")

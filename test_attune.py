@@ -7035,6 +7035,109 @@ class InsideAttuneTests(AttuneTestCase):
         self.assertEqual(self.server.count("POST", "/auth/refresh"), 0)
 
 
+RUST_CONFIG = """profile: staging
+profiles:
+  staging:
+    api_url: %(url)s
+    auth_token: %(access)s
+    refresh_token: %(refresh)s
+    description: Staging
+    auth_method: direct
+    username: admin
+  default:
+    api_url: http://localhost:8080
+    description: Default local server
+format: json
+"""
+RUST_CONFIG_LEGACY = """current_profile: lab
+default_output_format: yaml
+profiles:
+  lab:
+    api_url: '%(url)s'
+    auth_token: "%(access)s"
+    output_format: table
+"""
+
+
+class ConfigImportTests(AttuneTestCase):
+    """config import: the Rust CLI's config.yaml, in the shapes it writes, through the locked
+    write; tokens never printed."""
+
+    def rust_config(self, template=RUST_CONFIG, mode=0o644, path=None):
+        access, refresh = self.server.mint("admin"), self.server.mint("admin", "refresh")
+        self.extra_secrets = {access, refresh}
+        path = path or os.path.join(self.tmp, "home", ".config", "attune", "config.yaml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(template % {"url": self.server.url, "access": access, "refresh": refresh})
+        os.chmod(path, mode)
+        return path, access, refresh
+
+    def test_import_from_where_the_rust_cli_keeps_it_and_use_the_session(self):
+        path, access, refresh = self.rust_config()
+        result = self.ok("config", "import")
+        self.assertIn("%s holds tokens and is readable by others (mode 644; the Rust CLI writes it so); run: "
+                      "chmod 600 %s" % (attune.quoted(path), path), result.err)
+        self.assertEqual([line.split()[0] for line in result.out.splitlines()[2:]], ["default", "staging"])
+        self.assertIn("yes      added", result.out)
+        doc = self.read_doc()
+        self.assertEqual(doc["current_profile"], "staging")
+        self.assertEqual(doc["profiles"]["staging"], {"api_url": self.server.url, "auth_token": access,
+                                                      "refresh_token": refresh, "description": "Staging",
+                                                      "auth_method": "direct", "username": "admin"})
+        self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
+        self.ok("pack", "list")
+        self.assertEqual(self.server.requests[-1].token, access)
+        # XDG_CONFIG_HOME moves it, as for the Rust CLI
+        elsewhere = os.path.join(self.tmp, "xdg")
+        self.rust_config(RUST_CONFIG_LEGACY, 0o600, os.path.join(elsewhere, "attune", "config.yaml"))
+        result = self.ok("config", "import", "-j", env={"XDG_CONFIG_HOME": elsewhere})
+        self.assertEqual(result.err, "")  # 0600: no warning
+        self.assertEqual(result.json()["profiles"], [{"profile": "lab", "api_url": self.server.url, "tokens": True,
+                                                      "result": "added"}])
+        self.assertEqual(self.read_doc()["current_profile"], "staging")  # ours is kept
+
+    def test_existing_profiles_are_kept_unless_overwrite(self):
+        self.seed("staging")
+        ours = self.profile("staging")
+        path, access, _ = self.rust_config()
+        rows = self.ok("config", "import", path, "-j").json()["profiles"]
+        self.assertEqual([(r["profile"], r["result"]) for r in rows],
+                         [("default", "added"), ("staging", "kept (exists; --overwrite replaces it)")])
+        self.assertEqual(self.profile("staging"), ours)
+        rows = self.ok("config", "import", path, "--overwrite", "-j").json()["profiles"]
+        self.assertEqual([r["result"] for r in rows], ["replaced", "replaced"])
+        self.assertEqual(self.profile("staging")["auth_token"], access)
+
+    def test_dry_run_creates_nothing(self):
+        path, _, _ = self.rust_config(mode=0o600)
+        result = self.ok("config", "import", path, "--dry-run", "-j").json()
+        self.assertEqual([r["result"] for r in result["profiles"]], ["would add", "would add"])
+        self.assertTrue(result["dry_run"])
+        self.assertFalse(os.path.exists(self.config))
+
+    def test_what_cannot_be_imported_writes_nothing(self):
+        self.seed()
+        before = self.read_doc()
+        bad = os.path.join(self.tmp, "bad.yaml")
+        cases = [("profile: x\nprofiles:\n  x:\n    description: no url\n", "has no api_url"),
+                 ("profiles:\n  x:\n    api_url: ftp://nope\n", "it must start with http:// or https://"),
+                 ("profiles:\n  x:\n    api_url: http://h\n    auth_token: 'two words'\n", "is malformed"),
+                 ("profiles: [a, b]\n", "no profiles: mapping"),
+                 ("profiles:\n  x: [\n", "is not readable YAML"),
+                 ("\xff", "is not readable YAML")]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with open(bad, "w", encoding="latin-1") as f:
+                    f.write(text)
+                self.assertIn(message, self.fails(3, "config", "import", bad).err)
+        with open(bad, "w") as f:
+            f.write("profiles:\n  'bad name\u202e':\n    api_url: http://h\n")
+        self.assertNotEqual(self.run_cli("config", "import", bad).code, 0)
+        self.assertIn("cannot read", self.fails(3, "config", "import", os.path.join(self.tmp, "none.yaml")).err)
+        self.assertEqual(self.read_doc(), before)
+
+
 class IdentityLifecycleTests(ResourceTestCase):
     """identity create / update / delete: the server's rules first, --if-missing on its 409,
     masked attributes never written back."""

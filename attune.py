@@ -6012,12 +6012,17 @@ def log_in_again(ctx, session):
 
 # -- integration tokens: long-lived machine credentials, managed per identity -------
 
-IDENTITY_ID = arg("--identity-id", type=Number(1, MAX_ID), required=True, metavar="N",
-                  help="the identity the tokens belong to")
+IDENTITY_ID = (arg("--identity", metavar="LOGIN", help="the identity the tokens belong to, by its login"),
+               arg("--identity-id", type=Number(1, MAX_ID), metavar="N", help="the same, by its id"))
 TOKEN_ID = arg("token_id", type=Number(1, MAX_ID), metavar="TOKEN_ID", help="integration token id")
 
 
-def integration_tokens_path(args, *rest):
+def integration_tokens_path(session, args, *rest):
+    """The identity's integration-tokens path; --identity LOGIN is looked up once."""
+    if (args.identity is None) == (args.identity_id is None):
+        raise UsageError("name the identity by --identity LOGIN or --identity-id N (one of them)")
+    if args.identity_id is None:
+        args.identity_id = identity_id_of(session, args.identity)
     return "/".join(["/identities/%d/integration-tokens" % args.identity_id] + [str(r) for r in rest])
 
 
@@ -6026,16 +6031,34 @@ def token_hint(token):
     return "%s...%s" % (token.get("token_prefix") or "", token.get("token_suffix") or "")
 
 
-@command("auth token create", "create an integration token (shown once, here)", IDENTITY_ID,
+@command("auth token create", "create an integration token (shown once, here)", *(IDENTITY_ID + (
          arg("--label", required=True, help="what the token is for"),
          arg("--description", help="a longer note on what it is for"),
          arg("--expires-at", metavar="RFC3339", help="when it stops working (default: never)"),
-         examples=("attune auth token create --identity-id 7 --label ci --expires-at 2027-01-01T00:00:00Z",))
+         arg("--if-missing", action="store_true",
+             help="create none when the identity has an active token with this label (exit 0)"),
+         arg("--raw", action="store_true", help="print the token alone, for a pipe or a secret store"))),
+         examples=("attune auth token create --identity ci-bot --label ci --expires-at 2027-01-01T00:00:00Z",
+                   "token=$(attune auth token create --identity ci-bot --label ci --if-missing --raw)"))
 def cmd_auth_token_create(ctx, args):
     body = {"label": args.label}
     body.update((k, v) for k, v in (("description", args.description), ("expires_at", args.expires_at)) if v)
-    data = ctx.session().fetch("POST", integration_tokens_path(args), body)
+    session = ctx.session()
+    path = integration_tokens_path(session, args)
+    if args.if_missing:
+        held = [t for t in list_items(session.call("GET", path)) if isinstance(t, dict)
+                and t.get("label") == args.label and t.get("active")]
+        if held:  # its token was shown once, when it was made: nothing to print now
+            if not args.raw:
+                ctx.ui.emit({"created": False, "integration_token": held[0]}, lambda: ctx.ui.info(
+                    "Identity %d has an active integration token labelled %s (id %s, %s); none created"
+                    % (args.identity_id, quoted(args.label), held[0].get("id"), token_hint(held[0]))))
+            return
+    data = session.fetch("POST", path, body)
     token = data.get("integration_token") if isinstance(data.get("integration_token"), dict) else {}
+    if args.raw:
+        ctx.ui.stdout.write(check_token(data.get("token"), "the server's answer", ApiError) + "\n")
+        return
 
     def table():
         ctx.ui.success("Integration token created")
@@ -6046,10 +6069,11 @@ def cmd_auth_token_create(ctx, args):
     ctx.ui.emit(data, table)
 
 
-@command("auth token list", "list an identity's integration tokens (prefix...suffix only)", IDENTITY_ID,
-         examples=("attune auth token list --identity-id 7",))
+@command("auth token list", "list an identity's integration tokens (prefix...suffix only)", *IDENTITY_ID,
+         examples=("attune auth token list --identity ci-bot",))
 def cmd_auth_token_list(ctx, args):
-    items, _ = fetch_list(ctx.session(), integration_tokens_path(args))
+    session = ctx.session()
+    items, _ = fetch_list(session, integration_tokens_path(session, args))
     ctx.ui.emit(items, lambda: ctx.ui.table(
         ["ID", "Label", "Token", "Active", "Expires", "Last Used"],
         [[t.get("id"), t.get("label"), token_hint(t), "true" if t.get("active") else "false",
@@ -6057,22 +6081,24 @@ def cmd_auth_token_list(ctx, args):
         empty="No integration tokens found"))
 
 
-@command("auth token revoke", "revoke an integration token (it stops working at once)", IDENTITY_ID, TOKEN_ID,
-         arg("--reason", help="why, for the audit trail"),
+@command("auth token revoke", "revoke an integration token (it stops working at once)", *(IDENTITY_ID + (
+         TOKEN_ID, arg("--reason", help="why, for the audit trail"))),
          examples=("attune auth token revoke --identity-id 7 12 --reason 'leaked in a log'",))
 def cmd_auth_token_revoke(ctx, args):
     body = {"reason": args.reason} if args.reason else {}
-    token = ctx.session().fetch("POST", integration_tokens_path(args, args.token_id, "revoke"), body)
+    session = ctx.session()
+    token = session.fetch("POST", integration_tokens_path(session, args, args.token_id, "revoke"), body)
     ctx.ui.emit(token, lambda: (ctx.ui.success("Integration token revoked"), ctx.ui.pairs(
         [("ID", token.get("id")), ("Label", token.get("label")), ("Revoked At", token.get("revoked_at"))])))
 
 
-@command("auth token delete", "delete an integration token's record", IDENTITY_ID, TOKEN_ID, YES,
+@command("auth token delete", "delete an integration token's record", *(IDENTITY_ID + (TOKEN_ID, YES)),
          examples=("attune auth token delete --identity-id 7 12 --yes",))
 def cmd_auth_token_delete(ctx, args):
     if not confirm(ctx, args, "delete integration token metadata record %d" % args.token_id):
         return
-    data = ctx.session().fetch("DELETE", integration_tokens_path(args, args.token_id))
+    session = ctx.session()
+    data = session.fetch("DELETE", integration_tokens_path(session, args, args.token_id))
     message = data.get("message") if isinstance(data.get("message"), str) else "Integration token deleted"
     ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
 
@@ -8720,13 +8746,23 @@ def selected_identity(session, args):
     """GET /identities/ID of LOGIN (resolved through ?login=) or --identity-id."""
     if (args.login is None) == (args.identity_id is None):
         raise UsageError("name the identity by LOGIN or --identity-id N (one of them)")
-    identity_id = args.identity_id
-    if identity_id is None:
-        found = list_items(session.call("GET", "/identities", query={"login": args.login}))
-        if not found or not isinstance(found[-1].get("id"), int):
-            raise ApiError("Identity %s not found" % quoted(args.login), 404)
-        identity_id = found[-1]["id"]
+    identity_id = args.identity_id if args.identity_id is not None else identity_id_of(session, args.login)
     return session.fetch("GET", "/identities/%d" % identity_id)
+
+
+def identities_named(session, login):
+    """The identities whose login is exactly login. The server lists identities without a
+    login filter (?login= is sent for one that has it), so the pages are walked until it shows."""
+    def match(item):
+        return item.get("login") == login
+    return [i for i in ListWalk(session, "/identities", {"login": login}, every_page=True, until=match) if match(i)]
+
+
+def identity_id_of(session, login):
+    found = [i for i in identities_named(session, login) if isinstance(i.get("id"), int)]
+    if not found:
+        raise ApiError("Identity %s not found" % quoted(login), 404)
+    return found[0]["id"]
 
 
 def identity_roles(identity):
@@ -8754,9 +8790,13 @@ def mutation_result(ctx, operation, target, dry_run, before, after):
          PAGE, PER_PAGE,
          examples=("attune identity list",))
 def cmd_identity_list(ctx, args):
-    body = ctx.session().call("GET", "/identities", query={"page": args.page, "page_size": args.per_page,
-                                                           "login": args.login})
-    items = list_items(body)
+    session = ctx.session()
+    if args.login is not None:  # the server has no such filter: the pages are looked through
+        items = identities_named(session, args.login)
+        body = {"items": items, "pagination": None}
+    else:
+        body = session.call("GET", "/identities", query={"page": args.page, "page_size": args.per_page})
+        items = list_items(body)
     ctx.ui.emit(body, lambda: ctx.ui.table(
         ["ID", "Login", "Display name", "Frozen", "Roles"],
         [[i.get("id"), i.get("login"), i.get("display_name"), "true" if i.get("frozen") else "false",

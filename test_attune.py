@@ -514,7 +514,8 @@ class FakeAuth(FakeResources):
             return api_error(422, "Validation failed: label is required", "VALIDATION_ERROR")
         if body.get("expires_at") and body["expires_at"] < self.stamp():
             return api_error(400, "Integration token expiration must be in the future", "BAD_REQUEST")
-        login = next((name for name, u in self.users.items() if u["id"] == int(iid)), None)
+        identity = self.identities.get(int(iid))
+        login = identity["login"] if identity else next((n for n, u in self.users.items() if u["id"] == int(iid)), None)
         if login is None:
             return api_error(404, "Identity %s not found" % iid, "NOT_FOUND")
         with self.lock:
@@ -1250,10 +1251,9 @@ class FakeIdentities(FakeResources):
 
     @route("GET", r"/api/v1/identities")
     def identities_list(self, req):
-        login = req.query.get("login", [None])[0]
+        """routes/permissions.rs: pagination only (no login filter)."""
         rows = [{"id": i["id"], "login": i["login"], "display_name": i["display_name"], "frozen": i["frozen"],
-                 "roles": [r["role"] for r in i["roles"]]}
-                for _, i in sorted(self.identities.items()) if login in (None, i["login"])]
+                 "roles": [r["role"] for r in i["roles"]]} for _, i in sorted(self.identities.items())]
         return self.paginate(req, rows)
 
     def identity(self, iid):
@@ -2472,7 +2472,8 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
     def mint(self, login, token_type="access", ttl=None, iat=None, **extra):
         """A signed token; extra claims (execution_id for an execution token) go in as given."""
         with self.lock:
-            user = self.users.get(login) or self.ldap_users.get(login) or {"id": 99}
+            user = self.users.get(login) or self.ldap_users.get(login) or next(
+                (i for i in self.identities.values() if i["login"] == login), {"id": 99})
             iat = int(self.now()) if iat is None else int(iat)
             if ttl is None:
                 ttl = self.access_ttl if token_type == "access" else self.refresh_ttl
@@ -2490,7 +2491,8 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         data = {"access_token": self.mint(login, "access"), "refresh_token": self.mint(login, "refresh"),
                 "token_type": "Bearer", "expires_in": self.access_ttl}
         if with_user:
-            user = self.users.get(login) or self.ldap_users[login]
+            user = self.users.get(login) or self.ldap_users.get(login) or next(
+                i for i in self.identities.values() if i["login"] == login)  # a service identity, no password
             data["user"] = {"id": user["id"], "login": login, "display_name": user["display_name"]}
         return 200, envelope(data)
 
@@ -7221,10 +7223,11 @@ class IdentityCommandTests(ResourceTestCase):
         page = self.ok("identity", "list", "--login", "zoe", "--per-page", "100", "-j").json()
         self.assertEqual([i["login"] for i in page["items"]], ["zoe"])
         self.assertIn("pagination", page)
-        self.assertEqual(self.targets()[-1], "GET /api/v1/identities?page=1&page_size=100&login=zoe")
+        self.assertEqual(self.targets()[-1], "GET /api/v1/identities?login=zoe&page=1&page_size=100")
         self.fails(2, "identity", "list", "--per-page", "101")
         out = self.ok("identity", "show", "admin").out
-        self.assertEqual(self.targets()[-2:], ["GET /api/v1/identities?login=admin", "GET /api/v1/identities/1"])
+        self.assertEqual(self.targets()[-2:], ["GET /api/v1/identities?login=admin&page=1&page_size=100",
+                                               "GET /api/v1/identities/1"])
         self.assertIn("Display name:  Administrator\nFrozen:        false\n\nRoles\n─────\n", out)
         self.assertIn("11  admin  local   ✗", out)
         self.assertIn("- id: 21\n  identity_id: 1\n  permission_set_id: 5\n  permission_set_ref: core.admin", out)
@@ -7234,6 +7237,18 @@ class IdentityCommandTests(ResourceTestCase):
         self.assertIn("Identity 'nobody' not found", self.fails(1, "identity", "show", "nobody").err)
         self.assertIn("name the identity by LOGIN or --identity-id N", self.fails(2, "identity", "show").err)
         self.fails(2, "identity", "show", "zoe", "--identity-id", "3")
+
+    def test_a_login_is_found_on_any_page_because_the_server_does_not_filter(self):
+        for n in range(150):
+            self.server.identities[1000 + n] = {"id": 1000 + n, "login": "user%03d" % n, "display_name": None,
+                                                "frozen": False, "attributes": {}, "roles": [], "direct_permissions": []}
+        self.assertEqual(self.ok("identity", "show", "user149", "-j").json()["id"], 1149)
+        self.assertEqual([t for t in self.targets() if "?" in t], [
+            "GET /api/v1/identities?login=user149&page=1&page_size=100",
+            "GET /api/v1/identities?login=user149&page=2&page_size=100"])
+        listed = self.ok("identity", "list", "--login", "user000", "-j").json()
+        self.assertEqual([i["login"] for i in listed["items"]], ["user000"])
+        self.assertIn("Identity 'user1' not found", self.fails(1, "identity", "show", "user1").err)  # exact only
 
     def test_roles(self):
         self.assertEqual(self.ok("identity", "role", "list", "zoe", "-j").json()[0]["role"], "operators")
@@ -10157,6 +10172,31 @@ class SsoLoginTests(AttuneTestCase):
 
 
 class IntegrationTokenTests(ResourceTestCase):
+    def test_by_login_once_and_raw_for_a_script(self):
+        """--identity LOGIN, --raw prints the token alone, and --if-missing makes none when the
+        identity holds an active one with the label: a bootstrap run twice creates one token."""
+        first = self.ok("auth", "token", "create", "--identity", "zoe", "--label", "ci", "--if-missing", "--raw",
+                        secrets_ok=True).out
+        self.assertRegex(first, r"^attune_it_\S+\n$")
+        self.assertEqual(self.server.integration_tokens[first.strip()], "zoe")
+        again = self.ok("auth", "token", "create", "--identity", "zoe", "--label", "ci", "--if-missing", "--raw")
+        self.assertEqual(again.out, "")
+        told = self.ok("auth", "token", "create", "--identity", "zoe", "--label", "ci", "--if-missing")
+        self.assertIn("Identity 3 has an active integration token labelled 'ci' (id ", told.out)
+        self.assertEqual(self.server.count("POST", "/api/v1/identities/3/integration-tokens"), 1)
+        other = self.ok("auth", "token", "create", "--identity-id", "3", "--label", "deploy", "--if-missing", "-j",
+                        secrets_ok=True).json()
+        self.assertTrue(other["token"].startswith("attune_it_"))
+        record = self.server.itoken_records[first.strip()]
+        self.ok("auth", "token", "revoke", "--identity", "zoe", str(record["id"]))
+        replaced = self.ok("auth", "token", "create", "--identity", "zoe", "--label", "ci", "--if-missing", "--raw",
+                           secrets_ok=True).out  # the revoked one does not count
+        self.assertNotEqual(replaced, first)
+        self.assertIn("name the identity by --identity LOGIN or --identity-id N",
+                      self.fails(2, "auth", "token", "list").err)
+        self.fails(2, "auth", "token", "list", "--identity", "zoe", "--identity-id", "3")
+        self.assertIn("Identity 'nobody' not found", self.fails(1, "auth", "token", "list", "--identity", "nobody").err)
+
     def test_create_list_use_revoke_delete(self):
         created = self.ok("auth", "token", "create", "--identity-id", "3", "--label", "ci", "--json",
                           secrets_ok=True).json()

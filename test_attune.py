@@ -7140,6 +7140,87 @@ class ConfigImportTests(AttuneTestCase):
         self.assertEqual(self.read_doc(), before)
 
 
+def readme_script(marker):
+    """The README's sh block whose first lines hold marker, as written."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```sh\n(.*?)^```$", f.read(), re.M | re.S)
+    found = [b for b in blocks if marker in b.split("\n", 3)[1]]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+class BootstrapScriptTests(AttuneTestCase):
+    """The README's bootstrap.sh against a fresh server (an admin with its initial password),
+    run twice as written: every step done once, nothing changed the second time, no secret in
+    any argv or output."""
+    INITIAL, NEW = "initial-Admin-pw1", "the-n3w-Admin-pw"
+    server_options = {"admin_password": INITIAL}
+
+    def setUp(self):
+        super().setUp()
+        self.secrets_dir = os.path.join(self.tmp, "secrets")
+        os.makedirs(self.secrets_dir, mode=0o700)
+        for name, value in (("admin-initial", self.INITIAL), ("admin-password", self.NEW)):
+            with open(os.path.join(self.secrets_dir, name), "w") as f:
+                f.write(value + "\n")
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.makedirs(bin_dir)
+        self.argv_log = os.path.join(self.tmp, "argv.log")
+        shim = os.path.join(bin_dir, "attune")
+        with open(shim, "w") as f:  # the attune the script calls: records its arguments, runs attune.py
+            f.write('#!/bin/sh\nprintf "%%s\\n" "$*" >> %s\nexec %s %s "$@"\n'
+                    % (shlex.quote(self.argv_log), shlex.quote(sys.executable), shlex.quote(ATTUNE_PY)))
+        os.chmod(shim, 0o755)
+        self.script = os.path.join(self.tmp, "bootstrap.sh")
+        with open(self.script, "w") as f:
+            f.write(readme_script("bootstrap.sh"))
+        self.path = bin_dir + os.pathsep + "/usr/bin:/bin"
+
+    def bootstrap(self):
+        env = self.process_env({"PATH": self.path, "ATTUNE_API_URL": self.server.url, "SECRETS": self.secrets_dir})
+        p = subprocess.run(["sh", self.script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    def state(self):
+        server = self.server
+        return (list(server.password_changes), json.dumps(server.identities, sort_keys=True),
+                sorted((r["identity_id"], r["label"], r["active"]) for r in server.itoken_records.values()))
+
+    def test_from_a_fresh_server_to_a_token_for_ci_twice(self):
+        first = self.bootstrap()
+        self.assertEqual(first.code, 0, first)
+        after_first = self.state()
+        changes, _, tokens = after_first
+        self.assertEqual(changes, ["admin"])
+        bot = next(i for i in self.server.identities.values() if i["login"] == "ci-bot")
+        self.assertEqual(bot["display_name"], "CI pipeline")
+        self.assertEqual([p["permission_set_ref"] for p in bot["direct_permissions"]], ["ops.operator"])
+        self.assertEqual(tokens, [(bot["id"], "ci", True)])
+        token_file = os.path.join(self.secrets_dir, "ci-token")
+        self.assertEqual(stat.S_IMODE(os.stat(token_file).st_mode), 0o600)
+        with open(token_file) as f:
+            ci_token = f.read().strip()
+        self.assertEqual(self.server.integration_tokens[ci_token], "ci-bot")  # CI can use it
+        self.extra_secrets = {ci_token, self.INITIAL, self.NEW}
+        second = self.bootstrap()
+        self.assertEqual(second.code, 0, second)
+        self.assertEqual(self.state(), after_first)  # nothing changed
+        with open(token_file) as f:
+            self.assertEqual(f.read().strip(), ci_token)
+        for result in (first, second):
+            self.assert_no_leak(result)
+        with open(self.argv_log) as f:
+            argv = f.read()
+        self.assertEqual(argv.count("\n"), 11)  # 6 commands the first time, 5 the second (logged in)
+        for secret in self.server.secrets() | self.extra_secrets:
+            self.assertNotIn(secret, argv, "a secret was on a command line")
+        # and the admin now logs in with the new password only
+        self.ok("auth", "login", "--url", self.server.url, "-u", "admin", "--password-stdin", stdin=self.NEW + "\n")
+        self.fails(4, "auth", "login", "--url", self.server.url, "-u", "admin", "--password-stdin",
+                   stdin=self.INITIAL + "\n")
+
+
 class IdentityLifecycleTests(ResourceTestCase):
     """identity create / update / delete: the server's rules first, --if-missing on its 409,
     masked attributes never written back."""

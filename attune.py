@@ -118,10 +118,8 @@ ENVIRONMENT = (
     ("ATTUNE_API_URL", "API URL, unless --api-url is given"),
     ("ATTUNE_API_TOKEN", "access token to use instead of the stored one (alias ATTUNE_AUTH_TOKEN)"),
     ("ATTUNE_TOKEN_FILE", "file holding an access token, re-read on every run"),
-    ("ATTUNE_SENSOR_TOKEN_STATE_PATH", "inside Attune: the managed sensor's token state file, read for every "
-                                       "request; outranks ATTUNE_API_TOKEN"),
-    ("ATTUNE_API_TOKEN_EXPIRES_AT", "when ATTUNE_API_TOKEN expires (RFC 3339 or epoch seconds; legacy name "
-                                    "ATTUNE_SENSOR_TOKEN_EXPIRES_AT)"),
+    ("ATTUNE_SENSOR_TOKEN_STATE_PATH", "inside Attune: a sensor's token state file, read per request"),
+    ("ATTUNE_API_TOKEN_EXPIRES_AT", "expiry of ATTUNE_API_TOKEN: RFC 3339 or epoch seconds"),
     ("ATTUNE_REFRESH_TOKEN", "refresh token paired with ATTUNE_API_TOKEN (never stored)"),
     ("ATTUNE_KEEP_FRESH", "set by auth exec --keep-fresh: its token file outranks ATTUNE_API_TOKEN"),
     ("ATTUNE_LOGIN", "login name for auth login, unless -u/--username is given"),
@@ -5762,7 +5760,7 @@ def ask_new_password(ctx):
          arg("--if-needed", action="store_true",
              help="exit 0 without a change when the new password is already the current one"),
          examples=("attune auth change-password  # asks for both, the new one twice",
-                   "printf '%s\\n%s\\n' \"$INITIAL\" \"$NEW\" | attune auth change-password --password-stdin --if-needed"))
+                   "attune auth change-password --password-stdin --if-needed < passwords  # current, new"))
 def cmd_auth_change_password(ctx, args):
     if args.password_stdin:
         current, new = read_password_lines(ctx, ("current password", "new password"))
@@ -8734,7 +8732,7 @@ def cmd_artifact_version_delete(ctx, args):
 # result {operation, target, dry_run, changed, would_change, before, after}, and with
 # --dry-run nothing is sent; a change that is already in place sends nothing either.
 
-group("identity", "list, show, create, update and delete identities; roles; freeze and unfreeze")
+group("identity", "identities: list, show, create, update, delete; their roles; freeze")
 
 IDENTITY_SELECTOR = (
     arg("login", metavar="LOGIN", nargs="?", help="the identity's login"),
@@ -8880,6 +8878,9 @@ def cmd_identity_create(ctx, args):
          examples=("attune identity update ci-bot --display-name 'CI robot'",
                    "attune identity update alice --password-stdin < new-password.txt"))
 def cmd_identity_update(ctx, args):
+    if not (args.display_name is not None or args.password_stdin or args.attribute or args.replace_attributes):
+        raise UsageError("At least one field must be provided to update (--display-name, --password-stdin, "
+                         "--attribute)")
     session = ctx.session()
     identity = selected_identity(session, args)
     body = identity_body(ctx, args)
@@ -8892,8 +8893,6 @@ def cmd_identity_update(ctx, args):
                              "change; give every attribute with --attribute and add --replace-attributes"
                              % ", ".join(quoted(k) for k in hidden))
         body["attributes"] = pairs if args.replace_attributes else dict(old, **pairs)
-    if not body:
-        raise UsageError("nothing to update: give --display-name, --password-stdin or --attribute")
     before = {k: identity.get(k) for k in body if k != "password"}
     after = {k: v for k, v in body.items() if k != "password"}
     if "password" in body:

@@ -7276,7 +7276,7 @@ class IdentityLifecycleTests(ResourceTestCase):
         again = self.ok("identity", "update", "zoe", "--display-name", "Zoë", "-j").json()
         self.assertEqual((again["changed"], again["would_change"]), (False, False))
         self.assertEqual(self.server.count("PUT", "/api/v1/identities/3"), 2)
-        self.assertIn("nothing to update", self.fails(2, "identity", "update", "zoe").err)
+        self.assertIn("At least one field must be provided to update", self.fails(2, "identity", "update", "zoe").err)
 
     def test_update_a_password(self):
         secret = "zoe-new-passw0rd"

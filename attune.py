@@ -8892,7 +8892,8 @@ def cmd_identity_update(ctx, args):
             raise UsageError("the server shows attribute(s) %s only as ***, so they cannot be kept while others "
                              "change; give every attribute with --attribute and add --replace-attributes"
                              % ", ".join(quoted(k) for k in hidden))
-        body["attributes"] = pairs if args.replace_attributes else dict(old, **pairs)
+        body["attributes"] = {} if args.replace_attributes else dict(old)
+        body["attributes"].update(pairs)
     before = {k: identity.get(k) for k in body if k != "password"}
     after = {k: v for k, v in body.items() if k != "password"}
     if "password" in body:

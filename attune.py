@@ -965,6 +965,7 @@ class CommandDeadline:
         return max(least, min(seconds, self.at - time.monotonic()))
 
 
+
 class Backoff:
     """The one way attune.py waits and tries again: sleeps that grow from `first` by
     `factor` up to `most`, never past `deadline` (a time.monotonic() value, or None)."""
@@ -2320,8 +2321,9 @@ class Choice:
         return self.own_url(profile, entry), "default" if entry is None else "file"
 
     def credentials_for(self, profile, entry, use_env=True, api_url=None):
-        """Tokens: with --profile, the profile's stored tokens; otherwise ATTUNE_API_TOKEN
-        (ATTUNE_AUTH_TOKEN) > ATTUNE_TOKEN_FILE > stored. Stored tokens go only to the
+        """Tokens: with --profile, the profile's stored tokens; otherwise (auth exec --keep-fresh's
+        file) > ATTUNE_SENSOR_TOKEN_STATE_PATH > ATTUNE_API_TOKEN (ATTUNE_AUTH_TOKEN) >
+        ATTUNE_TOKEN_FILE > stored; a token Attune issued says so (platform). Stored tokens go only to the
         origin of the profile's own URL: for another api_url, or when the entry names no
         usable one, none (Credentials.withheld says whose they are). Environment tokens go
         wherever the user points them."""
@@ -2475,6 +2477,15 @@ def page_size_param(path):
     return "per_page" if path.startswith(PER_PAGE_LISTS) else "page_size"
 
 
+def wait_timed_out(error, deadline, timeout, execution_id):
+    """A request that was still waiting for its answer when a wait's deadline came (the deadline
+    shortens every request) ends the wait as its timeout does (exit 1), not as a network error."""
+    if error.kind == "timeout" and time.monotonic() >= deadline:
+        return AttuneError("timed out after %gs waiting for execution %d (the server had not answered in the "
+                           "time left)" % (timeout, execution_id))
+    return error
+
+
 def poll_execution(session, execution_id, timeout, deadline=None, pause=time.sleep, on_status=None):
     """The execution once its status is terminal: GET /executions/{id} at a growing interval,
     on_status(status) after each answer that is not the end, pause(seconds) between them. An
@@ -2483,7 +2494,10 @@ def poll_execution(session, execution_id, timeout, deadline=None, pause=time.sle
     backoff = Backoff(EXECUTION_POLL[0], EXECUTION_POLL[1], EXECUTION_POLL[2],
                       time.monotonic() + timeout if deadline is None else deadline)
     while True:
-        execution = session.fetch("GET", "/executions/%d" % execution_id)
+        try:
+            execution = session.fetch("GET", "/executions/%d" % execution_id)
+        except NetworkError as e:
+            raise wait_timed_out(e, backoff.deadline, timeout, execution_id)
         status = str(execution.get("status") or "")
         if status.lower() in TERMINAL_STATUSES:
             return execution
@@ -5775,7 +5789,8 @@ def cmd_auth_change_password(ctx, args):
     if new == current:
         raise UsageError("the new password is the current one; nothing to change")
     session = ctx.session()
-    login = session.fetch("GET", "/auth/me").get("login")  # a live session first: a 401 below is the password's
+    me = session.fetch("GET", "/auth/me")  # a live session first: a 401 below is the password's
+    login = str(me.get("login")) if isinstance(me, dict) else "?"
     resp = session.request("POST", "/auth/change-password", {"current_password": current, "new_password": new},
                            reactive=False)
     if resp.status == 401:
@@ -5794,10 +5809,10 @@ def cmd_auth_change_password(ctx, args):
 def password_accepted(session, login, password):
     """Does the server take password for login? A login whose tokens are dropped unused."""
     resp = session.request("POST", "/auth/login", {"login": login, "password": password}, auth=False)
-    if resp.ok:
-        for value in (envelope_data(resp.json()) or {}).values():
-            if isinstance(value, str):
-                SECRETS.add(value)
+    data = envelope_data(resp.json()) if resp.ok else None
+    for value in (data.values() if isinstance(data, dict) else ()):
+        if isinstance(value, str):
+            SECRETS.add(value)
     return resp.ok
 
 
@@ -7509,6 +7524,8 @@ def wait_for_execution(ctx, session, execution_id, timeout, controls, notifier_u
                 ctx.ui.log("notifier %s: %s; polling instead" % (notifier_url, e))
         return poll_execution(session, execution_id, timeout, deadline, controls.pause, lambda status: progress.show(
             "Execution %d: %s (%ds)" % (execution_id, status or "?", time.monotonic() - started)))
+    except NetworkError as e:  # the notifier's first look at the execution, cut short by the deadline
+        raise wait_timed_out(e, deadline, timeout, execution_id)
     finally:
         progress.clear()
 

@@ -4942,6 +4942,9 @@ class Completion(CommandLine):
     def kind_workflows(self, prefix):
         return self.listed("/workflows")
 
+    def kind_workers(self, prefix):
+        return self.listed("/workers", "id")
+
     def kind_executions(self, prefix):
         """Execution ids, the most recent first."""
         ids = self.listed("/executions", "id", {"per_page": 100})
@@ -8020,6 +8023,26 @@ def cmd_execution_show(ctx, args):
     ctx.ui.emit(execution, table)
 
 
+HISTORY_ARGS = (PAGE, arg("--per-page", type=Number(1, 1000), default=50,
+                               help="records per page, 1 to 1000 (default 50)"), ALL,
+                arg("--field", metavar="NAME", help="only the records in which this field changed"))
+
+
+def emit_history(ctx, path, args):
+    """An entity's change records (GET .../history, the server's history tables), newest first."""
+    walk = ListWalk(ctx.session(), path, {"page": args.page, "page_size": args.per_page,
+                                          "changed_field": args.field}, every_page=args.all)
+    emit_list(ctx, walk, walk, "history records", ["Time", "Operation", "Changed", "Before", "After"],
+              lambda r: [format_timestamp(r.get("time")), r.get("operation"), cell_text(r.get("changed_fields")),
+                         clip(compact_json(r.get("old_values")), 40), clip(compact_json(r.get("new_values")), 40)])
+
+
+@command("execution history", "what changed in an execution, and when (newest first)", EXECUTION_ID,
+         *HISTORY_ARGS, examples=("attune execution history 812 --field status",))
+def cmd_execution_history(ctx, args):
+    emit_history(ctx, "/executions/%d/history" % args.id, args)
+
+
 @command("execution result", "print an execution's result", EXECUTION_ID,
          arg("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml"),
          examples=("attune execution result 42 -f json",))
@@ -10519,6 +10542,8 @@ def cmd_trigger_list(ctx, args):
 @command("trigger show", "show a trigger", ref("trigger", "triggers"))
 def cmd_trigger_show(ctx, args):
     trigger = ctx.session().fetch("GET", "/triggers/" + path_segment(args.ref))
+    if isinstance(trigger.get("webhook_key"), str):
+        SECRETS.add(trigger["webhook_key"])  # masked in every output form
 
     def table():
         allowed = trigger.get("reference_allowed_pack_refs") or []
@@ -10530,7 +10555,7 @@ def cmd_trigger_show(ctx, args):
                      + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
         if trigger.get("webhook_key"):
             ctx.ui.section("Webhook")
-            ctx.ui.info("Key: %s" % trigger["webhook_key"])
+            ctx.ui.info("Key: *** (shown once, by trigger webhook enable or regenerate)")
         show_json_section(ctx, "Parameter Schema", trigger.get("param_schema"))
         show_json_section(ctx, "Output Schema", trigger.get("out_schema"))
 
@@ -10564,6 +10589,29 @@ def cmd_trigger_update(ctx, args):
 
 command("trigger enable", "enable a trigger", ref("trigger", "triggers"), kind="trigger", enable=True)(toggle_resource)
 command("trigger disable", "disable a trigger", ref("trigger", "triggers"), kind="trigger", enable=False)(toggle_resource)
+
+
+command("trigger webhook", "a trigger's webhook: enable, disable, regenerate its key")(needs_a_command)
+
+
+@command("trigger webhook enable", "let the trigger's webhook receive events (prints its key once)",
+         ref("trigger", "triggers"), verb="enable", examples=("attune trigger webhook enable core.webhook",))
+@command("trigger webhook disable", "stop the trigger's webhook (its key stops working)",
+         ref("trigger", "triggers"), verb="disable")
+@command("trigger webhook regenerate", "give the webhook a new key (the old one stops working; printed once)",
+         ref("trigger", "triggers"), verb="regenerate", examples=("attune trigger webhook regenerate core.webhook",))
+def cmd_trigger_webhook(ctx, args):
+    session = ctx.session()
+    trigger = session.fetch("POST", "/triggers/%s/webhooks/%s" % (path_segment(args.ref), args.verb), {})
+    key = trigger.get("webhook_key") if args.verb != "disable" and isinstance(trigger.get("webhook_key"), str) else None
+    done = {"enable": "enabled", "disable": "disabled", "regenerate": "given a new key"}[args.verb]
+
+    def table():
+        ctx.ui.success("Webhook of trigger %s %s" % (quoted(str(trigger.get("ref") or args.ref)), done))
+        if key:
+            ctx.ui.warn("Copy the key now: attune.py shows it only here (trigger show masks it)")
+            ctx.ui.pairs([("Key", key), ("URL", "%s/api/v1/webhooks/%s" % (session.api_url, key))])
+    ctx.ui.emit(trigger, table)
 
 
 @command("trigger delete", "delete a trigger", ref("trigger", "triggers"), YES)
@@ -10915,6 +10963,91 @@ def cmd_workflow_show(ctx, args):
 def cmd_workflow_delete(ctx, args):
     delete_resource(ctx, args, "delete workflow '%s'" % args.ref, "/workflows/" + path_segment(args.ref),
                     "Workflow '%s' deleted successfully" % args.ref, "Workflow '%s' deleted" % args.ref)
+
+
+# === Commands: workers =======================================================
+# The processes that run actions and sensors: their health as the server works it out
+# (heartbeat age, status, cordon), their load, and cordon/uncordon to drain one.
+
+group("worker", "workers: list, show, cordon and uncordon, history")
+
+WORKER_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="worker id (a whole number)", complete="workers")
+WORKER_HEALTH = ("active", "busy", "cordoned", "offline", "error", "inactive")
+
+
+def heartbeat_text(worker):
+    age = worker.get("heartbeat_age_seconds")
+    if not isinstance(age, int):
+        return "never"
+    return "%s ago%s" % (format_duration(age), " (stale)" if worker.get("heartbeat_stale") else "")
+
+
+def load_text(worker):
+    load = worker.get("load") if isinstance(worker.get("load"), dict) else {}
+    active, most = load.get("total_active"), load.get("max_concurrent_executions")
+    text = "%s/%s" % (or_dash(active), most) if most else str(or_dash(active))
+    return text + (" (%s%%)" % load["utilization_percent"] if isinstance(load.get("utilization_percent"), int) else "")
+
+
+def show_worker(ctx, worker, message=None):
+    def table():
+        if message:
+            ctx.ui.success(message)
+        runtimes = [r for r in worker.get("supported_runtimes") or [] if isinstance(r, dict)]
+        ctx.ui.pairs([("ID", worker.get("id")), ("Name", worker.get("name")), ("Type", worker.get("worker_type")),
+                      ("Role", worker.get("worker_role")), ("Host", or_dash(worker.get("host"))),
+                      ("Port", or_dash(worker.get("port"))), ("Status", or_dash(worker.get("status"))),
+                      ("Health", worker.get("health_state")), ("Heartbeat", heartbeat_text(worker)),
+                      ("Load", load_text(worker)), ("Cordoned", bool(worker.get("cordoned"))),
+                      ("Cordon Reason", or_dash(worker.get("cordon_reason"))),
+                      ("Runtimes", ", ".join("%s %s" % (r.get("name"), " ".join(map(str, r.get("versions") or [])))
+                                             for r in runtimes).strip() or "-")]
+                     + timestamps(worker), "Worker: %s" % worker.get("name"))
+    ctx.ui.emit(worker, table)
+
+
+@command("worker list", "list workers with their health, heartbeat and load",
+         arg("-q", "--query", metavar="WORDS", help="words to match in name, host, status, type and role"),
+         arg("--role", help="only workers of this role (action, sensor, ...)"),
+         arg("--status", help="only workers with this status (active, busy, inactive, error)"),
+         arg("--health", choices=WORKER_HEALTH, help="only workers in this health state"),
+         arg("--cordoned", type=parse_bool, metavar="BOOL", help="only cordoned (true) or not (false)"),
+         PAGE, PER_PAGE, ALL, examples=("attune worker list --health offline",))
+def cmd_worker_list(ctx, args):
+    query = {"q": args.query, "role": args.role, "status": args.status, "health_state": args.health,
+             "cordoned": None if args.cordoned is None else str(args.cordoned).lower(),
+             "page": args.page, "page_size": args.per_page}
+    walk = ListWalk(ctx.session(), "/workers", query, every_page=args.all)
+    emit_list(ctx, walk, walk, "workers", ["ID", "Name", "Role", "Health", "Heartbeat", "Load", "Cordoned"],
+              lambda w: [w.get("id"), w.get("name"), w.get("worker_role"), w.get("health_state"), heartbeat_text(w),
+                         load_text(w), bool(w.get("cordoned"))])
+
+
+@command("worker show", "show a worker: health, heartbeat, load, runtimes", WORKER_ID)
+def cmd_worker_show(ctx, args):
+    show_worker(ctx, ctx.session().send("GET", "/workers/%d" % args.id))  # unwrapped, as the server answers
+
+
+@command("worker cordon", "stop giving a worker new work (it finishes what it runs)", WORKER_ID,
+         arg("--reason", help="why, shown with the worker"), YES,
+         examples=("attune worker cordon 3 --reason 'kernel update' --yes",))
+def cmd_worker_cordon(ctx, args):
+    if not confirm(ctx, args, "cordon worker %d" % args.id, "Cordon cancelled"):
+        return
+    body = {"reason": args.reason} if args.reason else {}  # the server wants a JSON body, even an empty one
+    show_worker(ctx, ctx.session().send("POST", "/workers/%d/cordon" % args.id, body),
+                "Worker %d cordoned" % args.id)
+
+
+@command("worker uncordon", "give a cordoned worker work again", WORKER_ID)
+def cmd_worker_uncordon(ctx, args):
+    show_worker(ctx, ctx.session().send("POST", "/workers/%d/uncordon" % args.id, {}), "Worker %d uncordoned" % args.id)
+
+
+@command("worker history", "what changed in a worker, and when (newest first)", WORKER_ID, *HISTORY_ARGS,
+         examples=("attune worker history 3 --field status",))
+def cmd_worker_history(ctx, args):
+    emit_history(ctx, "/workers/%d/history" % args.id, args)
 
 
 # === Commands: api and health ================================================

@@ -2076,7 +2076,7 @@ class FakeTriggersAndSensors(FakeResources):
     """Triggers and sensors."""
 
     def seed_triggers_sensors(self):
-        self.triggers, self.sensors = {}, {}
+        self.triggers, self.sensors, self.webhook_keys = {}, {}, set()
         for ref, label, webhook in (("core.timer", "Timer", None), ("core.webhook", "Webhook", "wh_test_key"),
                                     ("linux.file_watch", "File watch", None)):
             self.triggers[ref] = {
@@ -2125,6 +2125,24 @@ class FakeTriggersAndSensors(FakeResources):
     @route("POST", r"/api/v1/triggers/%s/disable" % REF)
     def triggers_disable(self, req, ref):
         return self.toggled(self.triggers, ref, "Trigger", False)
+
+    @route("POST", r"/api/v1/triggers/%s/webhooks/(?P<verb>enable|disable|regenerate)" % REF)
+    def triggers_webhooks(self, req, ref, verb):
+        """routes/webhooks.rs: the trigger in {data}; a new key when webhooks are enabled and on
+        regenerate (400 while they are off); disable drops the key."""
+        trigger, error = self.lookup(self.triggers, ref, "Trigger")
+        if error:
+            return error
+        if verb == "regenerate" and not trigger["webhook_enabled"]:
+            return api_error(400, "Webhooks are not enabled for this trigger. Enable webhooks first.", "BAD_REQUEST")
+        if verb == "enable" and trigger["webhook_enabled"]:
+            return 200, envelope(trigger)  # the key it has stays
+        with self.lock:
+            trigger.update(webhook_enabled=verb != "disable", updated=self.stamp(),
+                           webhook_key=None if verb == "disable" else "wh_" + b64url(os.urandom(24)))
+            if trigger["webhook_key"]:
+                self.webhook_keys.add(trigger["webhook_key"])
+        return 200, envelope(trigger)
 
     @route("DELETE", r"/api/v1/triggers/" + REF)
     def triggers_delete(self, req, ref):
@@ -2297,6 +2315,74 @@ class FakeWorkflows(FakeResources):
         return error or (200, envelope(workflow, "Workflow file updated successfully"))
 
 
+# === Fake server: workers and history ========================================
+
+class FakeWorkers(FakeResources):
+    """Workers (routes/workers.rs: the summary unwrapped, the list paginated, cordon wants a
+    JSON body) and the history tables (routes/history.rs)."""
+
+    def seed_workers(self, stamp):
+        def worker(wid, name, role, age, health, active, most):
+            return {"id": wid, "name": name, "worker_type": "local", "worker_role": role, "host": name,
+                    "port": None, "status": "active" if health != "offline" else "inactive",
+                    "last_heartbeat": stamp, "heartbeat_age_seconds": age, "heartbeat_stale": age > 90,
+                    "cordoned": False, "cordon_reason": None, "cordoned_by": None, "cordoned_at": None,
+                    "health_state": health, "supported_runtimes": [{"name": "python", "versions": ["3.11.9"]}],
+                    "load": {"requested": 0, "scheduling": 0, "scheduled": 0, "running": active, "canceling": 0,
+                             "total_active": active, "max_concurrent_executions": most,
+                             "utilization_percent": active * 100 // most if most else None, "queue_depth": None,
+                             "sensor_processes_running": None, "sensor_processes_monitored": None,
+                             "active_rules": None, "max_concurrent_sensors": None},
+                    "created": stamp, "updated": stamp}
+        self.workers = {1: worker(1, "worker-build-01", "action", 12, "busy", 3, 10),
+                        2: worker(2, "sensor-01", "sensor", 400, "offline", 0, None)}
+        self.history = {("worker", 1): [{"time": stamp, "operation": "UPDATE", "entity_id": 1,
+                                         "entity_ref": "worker-build-01", "changed_fields": ["status"],
+                                         "old_values": {"status": "inactive"}, "new_values": {"status": "active"}}]}
+
+    def a_worker(self, wid):
+        found = self.workers.get(int(wid))
+        return (found, None) if found else (None, api_error(404, "Worker with ID %s not found" % wid, "NOT_FOUND"))
+
+    @route("GET", r"/api/v1/workers")
+    def workers_list(self, req):
+        def wanted(w):
+            q = req.query
+            words = (q.get("q", [""])[0] or "").lower().split()
+            text = " ".join(str(w[k]) for k in ("name", "host", "status", "worker_type", "worker_role")).lower()
+            return all(word in text for word in words) and all(
+                q.get(param, [None])[0] in (None, str(w[key]).lower())
+                for param, key in (("role", "worker_role"), ("status", "status"), ("health_state", "health_state"),
+                                   ("cordoned", "cordoned")))
+        return self.paginate(req, [w for _, w in sorted(self.workers.items()) if wanted(w)])
+
+    @route("GET", r"/api/v1/workers/(?P<wid>\d+)")
+    def workers_show(self, req, wid):
+        found, error = self.a_worker(wid)
+        return error or (200, found)
+
+    @route("POST", r"/api/v1/workers/(?P<wid>\d+)/(?P<verb>cordon|uncordon)")
+    def workers_cordon(self, req, wid, verb):
+        if verb == "cordon" and "json" not in (req.headers.get("Content-Type") or ""):
+            return 415, "Expected request with `Content-Type: application/json`"
+        body = req.json() if req.body else None
+        if verb == "cordon" and not isinstance(body, dict):
+            return 400, "Failed to parse the request body as JSON"
+        found, error = self.a_worker(wid)
+        if error:
+            return error
+        reason = (body.get("reason") or "").strip() or None if verb == "cordon" else None
+        found.update(cordoned=verb == "cordon", cordon_reason=reason, health_state="cordoned" if verb == "cordon"
+                     else "busy", cordoned_by=int(req.claims["sub"]) if verb == "cordon" else None)
+        return 200, found
+
+    @route("GET", r"/api/v1/(?P<kind>workers|executions)/(?P<eid>\d+)/history")
+    def entity_history(self, req, kind, eid):
+        field = req.query.get("changed_field", [None])[0]
+        records = [r for r in self.history.get((kind[:-1], int(eid)), []) if field in (None, *r["changed_fields"])]
+        return self.paginate(req, records)
+
+
 # === Fake server: api and health =============================================
 
 class FakeHealth(FakeResources):
@@ -2315,7 +2401,7 @@ class FakeHealth(FakeResources):
 
 class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries, FakeArtifacts,
                  FakeIdentities, FakePermissions, FakeQueues, FakeCache, FakeAudit, FakePolicies, FakeRules,
-                 FakeTriggersAndSensors, FakeKeys, FakeWorkflows, FakeHealth):
+                 FakeTriggersAndSensors, FakeKeys, FakeWorkflows, FakeWorkers, FakeHealth):
     """A small Attune API on 127.0.0.1, threaded, with a request log, counters
     and fault injection.
 
@@ -2368,6 +2454,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         self.last_id = 100
         stamp = self.stamp()
         self.seed_identities(stamp)
+        self.seed_workers(stamp)
         self.seed_permissions(stamp)
         self.seed_work_queues(stamp)
         self.seed_cache(stamp)
@@ -2463,6 +2550,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         """Every token and password this server handed out, knows or received: none may leak."""
         with self.lock:
             found = set(self.issued) | set(self.integration_tokens) | set(self.opaque) | self.device_codes
+            found |= self.webhook_keys
             found |= {s for s in self.received if len(s) >= 8}
         for users in (self.users, self.ldap_users):
             found |= {u["password"] for u in users.values()}
@@ -3302,7 +3390,8 @@ class MessageTests(unittest.TestCase):
 
 class FakeRouteTests(unittest.TestCase):
     """The fake server's route table, as @route declares it."""
-    SAMPLES = {"[^/]+": "some.ref", r"\d+": "7", ".+": "some/deep.ref", "freeze|unfreeze": "freeze"}
+    SAMPLES = {"[^/]+": "some.ref", r"\d+": "7", ".+": "some/deep.ref", "freeze|unfreeze": "freeze",
+               "cordon|uncordon": "cordon", "workers|executions": "workers", "enable|disable|regenerate": "regenerate"}
 
     def sample(self, pattern):
         """A path pattern matches: each parameter filled in with a value of its kind."""
@@ -7221,6 +7310,86 @@ class BootstrapScriptTests(AttuneTestCase):
                    stdin=self.INITIAL + "\n")
 
 
+class WorkerCommandTests(ResourceTestCase):
+    """worker list/show/cordon/uncordon/history and execution history: the exact requests,
+    and the liveness the server works out, shown as it is."""
+
+    def test_list_and_show(self):
+        lines = self.lines("worker", "list")
+        self.assertEqual(lines[0].split(), ["ID", "Name", "Role", "Health", "Heartbeat", "Load", "Cordoned"])
+        self.assertRegex(lines[2], r"^1\s+worker-build-01\s+action\s+busy\s+12s ago\s+3/10 \(30%\)\s+✗$")
+        self.assertRegex(lines[3], r"^2\s+sensor-01\s+sensor\s+offline\s+6m 40s ago \(stale\)\s+0\s+✗$")
+        self.assertEqual(self.targets(), ["GET /api/v1/workers?page=1&page_size=50"])
+        listed = self.ok("worker", "list", "--health", "offline", "--cordoned", "false", "-q", "sensor", "-j").json()
+        self.assertEqual([w["id"] for w in listed], [2])
+        self.assertEqual(self.targets()[-1],
+                         "GET /api/v1/workers?q=sensor&health_state=offline&cordoned=false&page=1&page_size=50")
+        self.fails(2, "worker", "list", "--health", "sleepy")
+        shown = self.ok("worker", "show", "1").out
+        self.assertIn("Worker: worker-build-01", shown)
+        self.assertRegex(shown, r"Health:\s+busy\n")
+        self.assertRegex(shown, r"Runtimes:\s+python 3.11.9\n")
+        self.assertEqual(self.ok("worker", "show", "2", "-j").json()["heartbeat_stale"], True)
+        self.assertIn("Worker with ID 9 not found", self.fails(1, "worker", "show", "9").err)
+
+    def test_cordon_needs_yes_and_always_sends_a_json_body(self):
+        self.assertIn("add --yes", self.fails(2, "worker", "cordon", "1").err)
+        self.assertEqual(self.server.count("POST", "/api/v1/workers/1/cordon"), 0)
+        done = self.ok("worker", "cordon", "1", "--yes")
+        self.assertIn("Worker 1 cordoned", done.out)
+        self.assertEqual(self.sent("POST", "/api/v1/workers/1/cordon").json(), {})  # never bodiless (415)
+        self.assertEqual(self.server.workers[1]["health_state"], "cordoned")
+        self.server.requests.clear()
+        self.ok("worker", "cordon", "1", "--reason", "kernel update", "--yes", "-j")
+        self.assertEqual(self.sent("POST", "/api/v1/workers/1/cordon").json(), {"reason": "kernel update"})
+        self.assertEqual(self.server.workers[1]["cordon_reason"], "kernel update")
+        self.assertIn("Worker 1 uncordoned", self.ok("worker", "uncordon", "1").out)
+        self.assertFalse(self.server.workers[1]["cordoned"])
+
+    def test_history_of_a_worker_and_of_an_execution(self):
+        lines = self.lines("worker", "history", "1")
+        self.assertEqual(lines[0].split(), ["Time", "Operation", "Changed", "Before", "After"])
+        self.assertIn('UPDATE     status   {"status":"inactive"}  {"status":"active"}', lines[2])
+        self.assertEqual(self.targets(), ["GET /api/v1/workers/1/history?page=1&page_size=50"])
+        self.server.history[("execution", 812)] = [
+            {"time": SEED_STAMP, "operation": "UPDATE", "entity_id": 812, "entity_ref": "core.echo",
+             "changed_fields": ["status"], "old_values": {"status": "running"}, "new_values": {"status": "failed"}},
+            {"time": SEED_STAMP, "operation": "INSERT", "entity_id": 812, "entity_ref": "core.echo",
+             "changed_fields": [], "old_values": None, "new_values": None}]
+        records = self.ok("execution", "history", "812", "--field", "status", "-j").json()
+        self.assertEqual([r["operation"] for r in records], ["UPDATE"])
+        self.assertEqual(self.targets()[-1], "GET /api/v1/executions/812/history?page=1&page_size=50&changed_field=status")
+        self.assertEqual(len(self.ok("execution", "history", "812", "--all", "-j").json()), 2)
+        self.assertIn("No history records found", self.ok("worker", "history", "2").out)
+        self.fails(2, "worker", "history", "1", "--per-page", "1001")
+
+
+class WebhookKeyTests(ResourceTestCase):
+    """trigger webhook enable|disable|regenerate: a new key on the stdout of that command only;
+    trigger show masks it in every output form (the suite's secret scan checks the rest)."""
+
+    def test_enable_regenerate_disable_and_the_key_shown_once(self):
+        enabled = self.ok("trigger", "webhook", "enable", "core.timer", secrets_ok=True)
+        key = self.server.triggers["core.timer"]["webhook_key"]
+        self.assertIn(key, enabled.out)
+        self.assertIn("/api/v1/webhooks/%s" % key, enabled.out)
+        self.assertIn("Copy the key now", enabled.err)
+        self.assertEqual(self.sent("POST", "/api/v1/triggers/core.timer/webhooks/enable").json(), {})
+        for form in ((), ("-j",), ("-y",)):
+            with self.subTest(form=form):
+                shown = self.ok("trigger", "show", "core.timer", *form)  # scanned: the key in no output
+                self.assertIn("***", shown.out)
+        self.assertEqual(self.ok("trigger", "show", "core.timer", "-j").json()["webhook_key"], "***")
+        regenerated = self.ok("trigger", "webhook", "regenerate", "core.timer", "-j", secrets_ok=True).json()
+        self.assertNotEqual(regenerated["webhook_key"], key)
+        self.assertEqual(regenerated["webhook_key"], self.server.triggers["core.timer"]["webhook_key"])
+        self.assertIn("Webhook of trigger 'core.timer' disabled",
+                      self.ok("trigger", "webhook", "disable", "core.timer").out)
+        self.assertIn("Webhooks are not enabled for this trigger",
+                      self.fails(1, "trigger", "webhook", "regenerate", "core.timer").err)
+        self.assertIn("trigger webhook", self.fails(2, "trigger", "webhook").err)
+
+
 class IdentityLifecycleTests(ResourceTestCase):
     """identity create / update / delete: the server's rules first, --if-missing on its 409,
     masked attributes never written back."""
@@ -8236,7 +8405,7 @@ class TriggerAndSensorCommandTests(ResourceTestCase):
         self.assertEqual(self.targets(), ["GET /api/v1/triggers", "GET /api/v1/packs/core/triggers"])
         out = self.ok("trigger", "show", "core.webhook").out
         self.assertIn("Webhook Enabled:          ✓", out)
-        self.assertIn("\nWebhook\n───────\nℹ Key: wh_test_key\n", out)
+        self.assertIn("\nWebhook\n───────\nℹ Key: *** (shown once, by trigger webhook enable or regenerate)\n", out)
         result = self.ok("trigger", "disable", "core.timer")
         self.assertEqual(self.sent("POST", "/api/v1/triggers/core.timer/disable").json(), {})
         self.assertIn("✓ Trigger 'core.timer' disabled successfully", result.out)

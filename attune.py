@@ -10647,6 +10647,91 @@ command("sensor enable", "enable a sensor", ref("sensor", "sensors"), kind="sens
 command("sensor disable", "disable a sensor", ref("sensor", "sensors"), kind="sensor", enable=False)(toggle_resource)
 
 
+# === Commands: events and enforcements =======================================
+# Why a rule did or did not fire: the events a trigger's sensor emitted, the enforcements a
+# rule made of them, and the executions those started. Each show names the next step's ids.
+
+group("event", "what triggers emitted: list and show, with the enforcements they caused")
+group("enforcement", "what rules made of events: list and show, with the executions they started")
+
+EVENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="event id (a whole number)")
+ENFORCEMENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="enforcement id (a whole number)")
+ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", "Created"]
+
+
+def enforcement_row(e):
+    return [e.get("id"), e.get("rule_ref"), e.get("trigger_ref"), or_dash(e.get("event")), e.get("status"),
+            e.get("condition"), format_timestamp(e.get("created"))]
+
+
+def page_query(args, **filters):
+    return dict(filters, page=args.page, per_page=args.per_page)
+
+
+@command("event list", "list events, newest first", arg("--trigger", metavar="REF", help="only this trigger's events",
+                                                         complete="triggers"),
+         arg("--rule", metavar="REF", help="only events of this rule"), arg("--source", type=Number(1, MAX_ID),
+                                                                            metavar="ID", help="only this sensor's"),
+         PAGE, PER_PAGE, ALL, examples=("attune event list --trigger core.webhook",))
+def cmd_event_list(ctx, args):
+    walk = ListWalk(ctx.session(), "/events", page_query(args, trigger_ref=args.trigger, rule_ref=args.rule,
+                                                         source=args.source), "per_page", every_page=args.all)
+    emit_list(ctx, walk, walk, "events", ["ID", "Trigger", "Source", "Rule", "Payload", "Created"],
+              lambda e: [e.get("id"), e.get("trigger_ref"), or_dash(e.get("source_ref")), or_dash(e.get("rule_ref")),
+                         bool(e.get("has_payload")), format_timestamp(e.get("created"))])
+
+
+@command("event show", "show an event, its payload and the enforcements it caused", EVENT_ID,
+         examples=("attune event show 512  # then: attune enforcement show ID",))
+def cmd_event_show(ctx, args):
+    session = ctx.session()
+    event = session.fetch("GET", "/events/%d" % args.id)
+    caused, more = fetch_list(session, "/enforcements", {"event": args.id, "per_page": 100}, "per_page")
+    ctx.ui.emit(dict(event, enforcements=caused), lambda: (
+        ctx.ui.pairs([("ID", event.get("id")), ("Trigger", event.get("trigger_ref")),
+                      ("Source", or_dash(event.get("source_ref"))), ("Rule", or_dash(event.get("rule_ref"))),
+                      ("Created", format_timestamp(event.get("created")))], "Event: %s" % event.get("id")),
+        show_json_section(ctx, "Payload", event.get("payload")),
+        ctx.ui.section("Enforcements"),
+        ctx.ui.table(ENFORCEMENT_COLUMNS, [enforcement_row(e) for e in caused], empty="No enforcements: no rule "
+                     "matched this event")))
+    note_partial(ctx, more, len(caused), "enforcements")
+
+
+@command("enforcement list", "list enforcements, newest first",
+         arg("--event", type=Number(1, MAX_ID), metavar="ID", help="only those of this event"),
+         arg("--rule", metavar="REF", help="only this rule's", complete="rules"),
+         arg("--trigger", metavar="REF", help="only this trigger's", complete="triggers"),
+         arg("--status", choices=("created", "processed", "disabled"), help="created, processed or disabled"),
+         PAGE, PER_PAGE, ALL, examples=("attune enforcement list --rule monitoring.on_disk_full",))
+def cmd_enforcement_list(ctx, args):
+    walk = ListWalk(ctx.session(), "/enforcements", page_query(args, event=args.event, rule_ref=args.rule,
+                                                               trigger_ref=args.trigger, status=args.status),
+                    "per_page", every_page=args.all)
+    emit_list(ctx, walk, walk, "enforcements", ENFORCEMENT_COLUMNS, enforcement_row)
+
+
+@command("enforcement show", "show an enforcement and the executions it started", ENFORCEMENT_ID,
+         examples=("attune enforcement show 77  # then: attune execution show ID",))
+def cmd_enforcement_show(ctx, args):
+    session = ctx.session()
+    enforcement = session.fetch("GET", "/enforcements/%d" % args.id)
+    started, more = fetch_list(session, "/executions", {"enforcement": args.id, "per_page": 100}, "per_page")
+    ctx.ui.emit(dict(enforcement, executions=started), lambda: (
+        ctx.ui.pairs([("ID", enforcement.get("id")), ("Rule", enforcement.get("rule_ref")),
+                      ("Trigger", enforcement.get("trigger_ref")), ("Event", or_dash(enforcement.get("event"))),
+                      ("Status", enforcement.get("status")), ("Condition", enforcement.get("condition")),
+                      ("Created", format_timestamp(enforcement.get("created"))),
+                      ("Resolved", format_timestamp(enforcement.get("resolved_at")) or "-")],
+                     "Enforcement: %s" % enforcement.get("id")),
+        show_json_section(ctx, "Conditions", enforcement.get("conditions")),
+        ctx.ui.section("Executions"),
+        ctx.ui.table(["ID", "Action", "Status", "Created"],
+                     [[x.get("id"), x.get("action_ref"), x.get("status"), format_timestamp(x.get("created"))]
+                      for x in started], empty="No executions")))
+    note_partial(ctx, more, len(started), "executions")
+
+
 # === Commands: keys ==========================================================
 
 group("key", "list, show, create, update and delete keys (secrets)")

@@ -863,6 +863,8 @@ class FakeExecutions(FakeResources):
                 continue
             if q.get("top_level_only") == "true" and e["parent"] is not None:
                 continue
+            if q.get("enforcement") and str(e.get("enforcement")) != q["enforcement"]:
+                continue
             if q.get("result_contains") and q["result_contains"].lower() not in json.dumps(e["result"]).lower():
                 continue
             rows.append({k: e[k] for k in EXECUTION_SUMMARY_FIELDS})
@@ -2383,6 +2385,52 @@ class FakeWorkers(FakeResources):
         return self.paginate(req, records)
 
 
+# === Fake server: events and enforcements ====================================
+
+class FakeEvents(FakeResources):
+    """Events and enforcements (routes/events.rs: lists paginated with per_page, shows in {data})."""
+
+    def seed_events(self, stamp):
+        self.events = {501: {"id": 501, "trigger": 2, "trigger_ref": "core.webhook", "config": None,
+                             "payload": {"path": "/hook", "body": {"disk": "full"}}, "source": 1,
+                             "source_ref": "core.webhook_sensor", "rule": None, "rule_ref": None, "created": stamp},
+                       502: {"id": 502, "trigger": 1, "trigger_ref": "core.timer", "config": None, "payload": None,
+                             "source": 1, "source_ref": "core.timer_sensor", "rule": None, "rule_ref": None,
+                             "created": stamp}}
+        self.enforcements = {601: {"id": 601, "rule": 1, "rule_ref": "examples.on_hook",
+                                   "trigger_ref": "core.webhook", "config": None, "event": 501, "status": "processed",
+                                   "payload": {"disk": "full"}, "condition": "all", "conditions": [],
+                                   "created": stamp, "resolved_at": stamp}}
+
+    @route("GET", r"/api/v1/events")
+    def events_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [dict({k: e[k] for k in ("id", "trigger", "trigger_ref", "source", "source_ref", "rule", "rule_ref",
+                                        "payload", "created")}, has_payload=e["payload"] is not None)
+                for _, e in sorted(self.events.items(), reverse=True)
+                if all(q.get(k) in (None, str(e[k])) for k in ("trigger_ref", "rule_ref", "source"))]
+        return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
+
+    @route("GET", r"/api/v1/events/(?P<eid>\d+)")
+    def events_show(self, req, eid):
+        found = self.events.get(int(eid))
+        return (200, envelope(found)) if found else api_error(404, "Event with ID %s not found" % eid, "NOT_FOUND")
+
+    @route("GET", r"/api/v1/enforcements")
+    def enforcements_list(self, req):
+        q = {k: v[0] for k, v in req.query.items()}
+        rows = [{k: e[k] for k in ("id", "rule", "rule_ref", "trigger_ref", "event", "status", "condition", "created")}
+                for _, e in sorted(self.enforcements.items(), reverse=True)
+                if all(q.get(k) in (None, str(e[k])) for k in ("event", "rule_ref", "trigger_ref", "status"))]
+        return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
+
+    @route("GET", r"/api/v1/enforcements/(?P<nid>\d+)")
+    def enforcements_show(self, req, nid):
+        found = self.enforcements.get(int(nid))
+        return (200, envelope(found)) if found else api_error(404, "Enforcement with ID %s not found" % nid,
+                                                              "NOT_FOUND")
+
+
 # === Fake server: api and health =============================================
 
 class FakeHealth(FakeResources):
@@ -2401,7 +2449,7 @@ class FakeHealth(FakeResources):
 
 class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries, FakeArtifacts,
                  FakeIdentities, FakePermissions, FakeQueues, FakeCache, FakeAudit, FakePolicies, FakeRules,
-                 FakeTriggersAndSensors, FakeKeys, FakeWorkflows, FakeWorkers, FakeHealth):
+                 FakeTriggersAndSensors, FakeKeys, FakeWorkflows, FakeWorkers, FakeEvents, FakeHealth):
     """A small Attune API on 127.0.0.1, threaded, with a request log, counters
     and fault injection.
 
@@ -2455,6 +2503,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         stamp = self.stamp()
         self.seed_identities(stamp)
         self.seed_workers(stamp)
+        self.seed_events(stamp)
         self.seed_permissions(stamp)
         self.seed_work_queues(stamp)
         self.seed_cache(stamp)
@@ -7388,6 +7437,36 @@ class WebhookKeyTests(ResourceTestCase):
         self.assertIn("Webhooks are not enabled for this trigger",
                       self.fails(1, "trigger", "webhook", "regenerate", "core.timer").err)
         self.assertIn("trigger webhook", self.fails(2, "trigger", "webhook").err)
+
+
+class EventChainTests(ResourceTestCase):
+    """Why did my rule (not) fire: event -> enforcements -> executions, each show naming the
+    ids the next command takes; the lists page with per_page, as the server's do."""
+
+    def test_from_an_event_to_the_execution_it_started(self):
+        lines = self.lines("event", "list", "--trigger", "core.webhook")
+        self.assertEqual(lines[0].split(), ["ID", "Trigger", "Source", "Rule", "Payload", "Created"])
+        self.assertTrue(lines[2].startswith("501  core.webhook  core.webhook_sensor  -     ✓"), lines)
+        self.assertEqual(self.targets(), ["GET /api/v1/events?trigger_ref=core.webhook&page=1&per_page=50"])
+        shown = self.ok("event", "show", "501").out
+        self.assertIn('"disk": "full"', shown)
+        self.assertRegex(shown, r"Enforcements\n─+\nID +Rule +Trigger +Event +Status +Condition +Created\n.*\n"
+                                r"601 +examples.on_hook +core.webhook +501 +processed +all ")
+        self.assertEqual(self.targets()[-2:], ["GET /api/v1/events/501",
+                                               "GET /api/v1/enforcements?event=501&per_page=100"])
+        self.assertIn("No enforcements: no rule matched this event", self.ok("event", "show", "502").out)
+        eid = self.execute("core.echo", "message=disk")
+        self.server.executions[eid]["enforcement"] = 601
+        doc = self.ok("enforcement", "show", "601", "-j").json()
+        self.assertEqual([x["id"] for x in doc["executions"]], [eid])
+        self.assertEqual(self.targets()[-1], "GET /api/v1/executions?enforcement=601&per_page=100")
+        self.assertRegex(self.ok("enforcement", "show", "601").out, r"\n%d +core.echo +" % eid)
+        self.ok("execution", "show", str(eid))  # the id the chain ends with
+        listed = self.ok("enforcement", "list", "--rule", "examples.on_hook", "--status", "processed", "-j").json()
+        self.assertEqual([e["id"] for e in listed], [601])
+        self.assertEqual(self.ok("enforcement", "list", "--event", "502", "-j").json(), [])
+        self.fails(2, "enforcement", "list", "--status", "lost")
+        self.assertIn("Event with ID 9 not found", self.fails(1, "event", "show", "9").err)
 
 
 class IdentityLifecycleTests(ResourceTestCase):

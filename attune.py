@@ -8037,6 +8037,23 @@ def emit_history(ctx, path, args):
                          clip(compact_json(r.get("old_values")), 40), clip(compact_json(r.get("new_values")), 40)])
 
 
+@command("execution reschedule", "hand an execution stuck in 'requested' to the scheduler again", EXECUTION_ID, YES,
+         examples=("attune execution reschedule 815 --yes",))
+def cmd_execution_reschedule(ctx, args):
+    if not confirm(ctx, args, "reschedule execution %d" % args.id, "Reschedule cancelled"):
+        return
+    resp = ctx.session().request("POST", "/executions/%d/reschedule" % args.id, {})  # a POST: never sent twice
+    if resp.status == 409:
+        raise ApiError("execution %d was not rescheduled: %s (only an execution still 'requested' can be, a few times "
+                       "at most; see: attune execution show %d)" % (args.id, error_message(resp), args.id), 409)
+    resp.check()
+    done = unwrap(resp)
+    execution = done.get("execution") if isinstance(done.get("execution"), dict) else {}
+    ctx.ui.emit(done, lambda: (ctx.ui.success("Execution %d handed to the scheduler again" % args.id), ctx.ui.pairs(
+        [("Status", execution.get("status")), ("Attempt", done.get("attempt_count")),
+         ("Last Attempt", format_timestamp(done.get("last_attempt_at")))])))
+
+
 @command("execution history", "what changed in an execution, and when (newest first)", EXECUTION_ID,
          *HISTORY_ARGS, examples=("attune execution history 812 --field status",))
 def cmd_execution_history(ctx, args):

@@ -870,6 +870,22 @@ class FakeExecutions(FakeResources):
             rows.append({k: e[k] for k in EXECUTION_SUMMARY_FIELDS})
         return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
 
+    @route("POST", r"/api/v1/executions/(?P<eid>\d+)/reschedule")
+    def executions_reschedule(self, req, eid):
+        """routes/executions.rs: only a requested execution, at most three times (409 otherwise)."""
+        execution, error = self.execution(eid)
+        if error:
+            return error
+        if execution["status"] != "requested":
+            return api_error(409, "Execution %s is in status '%s' and cannot be rescheduled; only requested executions "
+                             "are eligible" % (eid, execution["status"]), "CONFLICT")
+        attempts = execution["reschedules"] = execution.get("reschedules", 0) + 1
+        if attempts > 3:
+            return api_error(409, "Execution %s is not eligible for reschedule because it is no longer requested, is "
+                             "admission-queued, or has reached the reschedule attempt limit" % eid, "CONFLICT")
+        return 200, envelope({"message": "Execution request republished; pending scheduling", "attempt_count": attempts,
+                              "last_attempt_at": self.stamp(), "execution": execution})
+
     @route("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel")
     def executions_cancel(self, req, eid):
         execution, error = self.execution(eid)
@@ -7467,6 +7483,26 @@ class EventChainTests(ResourceTestCase):
         self.assertEqual(self.ok("enforcement", "list", "--event", "502", "-j").json(), [])
         self.fails(2, "enforcement", "list", "--status", "lost")
         self.assertIn("Event with ID 9 not found", self.fails(1, "event", "show", "9").err)
+
+
+class RescheduleTests(ResourceTestCase):
+    def test_only_a_requested_execution_and_never_sent_twice(self):
+        eid = self.execute("core.echo", "message=x")
+        self.server.executions[eid]["status"] = "requested"
+        self.assertIn("add --yes", self.fails(2, "execution", "reschedule", str(eid)).err)
+        done = self.ok("execution", "reschedule", str(eid), "--yes")
+        self.assertIn("Execution %d handed to the scheduler again" % eid, done.out)
+        self.assertRegex(done.out, r"Attempt:\s+1\n")
+        self.assertEqual(self.ok("execution", "reschedule", str(eid), "--yes", "-j").json()["attempt_count"], 2)
+        self.server.executions[eid]["status"] = "running"
+        message = self.fails(1, "execution", "reschedule", str(eid), "--yes").err
+        self.assertIn("execution %d was not rescheduled: Execution %d is in status 'running'" % (eid, eid), message)
+        self.assertIn("see: attune execution show %d" % eid, message)
+        self.server.executions[eid]["status"] = "requested"
+        self.server.requests.clear()
+        self.server.fail("/api/v1/executions/%d/reschedule" % eid, status=502, times=None)
+        self.fails(6, "execution", "reschedule", str(eid), "--yes")
+        self.assertEqual(self.server.count("POST", "/api/v1/executions/%d/reschedule" % eid), 1)  # a POST: once
 
 
 class IdentityLifecycleTests(ResourceTestCase):

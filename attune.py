@@ -10664,6 +10664,74 @@ command("sensor enable", "enable a sensor", ref("sensor", "sensors"), kind="sens
 command("sensor disable", "disable a sensor", ref("sensor", "sensors"), kind="sensor", enable=False)(toggle_resource)
 
 
+SENSOR_LOG_POLL = 2        # seconds between looks at a followed sensor log
+SENSOR_LOG_WINDOW = 100    # lines a follow compares between looks, unless --tail says
+SENSOR_LOG_FAILURES = 5    # looks in a row that may fail before a follow gives up
+
+
+def new_lines(seen, lines):
+    """The lines of a log's latest tail that follow what the last look saw: after the longest
+    end of seen that the tail starts with. No overlap: every line is new (some may be lost)."""
+    for start in range(len(seen)):
+        if seen[start] == lines[0] and seen[start:] == lines[:len(seen) - start]:
+            return lines[len(seen) - start:]
+    return None
+
+
+def copy_text(resp, write):
+    """The body of an open answer, as text, to write() chunk by chunk."""
+    import codecs
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    try:
+        for chunk in iter(lambda: resp.stream.read(1 << 16), b""):
+            write(decode(chunk))
+        write(decode(b"", True))
+    finally:
+        resp.stream.close()
+
+
+@command("sensor logs", "print a sensor's log, or its last lines; --follow keeps printing new ones",
+         ref("sensor", "sensors"), arg("--stream", choices=("stdout", "stderr"), default="stdout",
+                                       help="stdout (the default) or stderr"),
+         arg("--tail", type=Number(1, 10000), metavar="N", help="only the last N lines"),
+         arg("-f", "--follow", action="store_true",
+             help="look again every %d s and print what is new, until interrupted" % SENSOR_LOG_POLL),
+         examples=("attune sensor logs core.timer_sensor --tail 50",
+                   "attune sensor logs core.timer_sensor --stream stderr --follow"))
+def cmd_sensor_logs(ctx, args):
+    session = ctx.session()
+    path = "/sensors/%s/logs/%s" % (path_segment(args.ref), args.stream)
+
+    def write(text):
+        write_text(ctx.ui.stdout, text, raw=True)  # the sensor's own output, as it wrote it
+        ctx.ui.stdout.flush()
+
+    if not args.follow:
+        resp = session.request("GET", path, query={"tail": args.tail}, stream="*/*")
+        resp.check()
+        return copy_text(resp, write)
+    window, seen, failures = args.tail or SENSOR_LOG_WINDOW, None, 0
+    while True:  # the server has no offset to resume from: the tail is read again, and compared
+        try:
+            resp = session.request("GET", path, query={"tail": window})
+            resp.check()
+            failures = 0
+        except (NetworkError, ServerError) as e:
+            failures += 1
+            if failures > SENSOR_LOG_FAILURES:
+                raise
+            ctx.ui.log("sensor log not read (%s); trying again" % e)
+        else:
+            lines = resp.body.decode("utf-8", "replace").splitlines(True)
+            fresh = lines if seen is None or not lines else new_lines(seen, lines)
+            if fresh is None:
+                ctx.ui.note("more than %d lines came between two looks: some may be missing above" % window)
+                fresh = lines
+            write("".join(fresh))
+            seen = lines or seen
+        time.sleep(SENSOR_LOG_POLL)
+
+
 # === Commands: events and enforcements =======================================
 # Why a rule did or did not fire: the events a trigger's sensor emitted, the enforcements a
 # rule made of them, and the executions those started. Each show names the next step's ids.

@@ -2095,6 +2095,7 @@ class FakeTriggersAndSensors(FakeResources):
 
     def seed_triggers_sensors(self):
         self.triggers, self.sensors, self.webhook_keys = {}, {}, set()
+        self.sensor_logs = {("core.timer_sensor", "stdout"): "".join("tick %d\n" % n for n in range(1, 6))}
         for ref, label, webhook in (("core.timer", "Timer", None), ("core.webhook", "Webhook", "wh_test_key"),
                                     ("linux.file_watch", "File watch", None)):
             self.triggers[ref] = {
@@ -2165,6 +2166,23 @@ class FakeTriggersAndSensors(FakeResources):
     @route("DELETE", r"/api/v1/triggers/" + REF)
     def triggers_delete(self, req, ref):
         return self.removed(self.triggers, ref, "Trigger")
+
+    @route("GET", r"/api/v1/sensors/%s/logs/(?P<stream>[^/]+)" % REF)
+    def sensors_log(self, req, ref, stream):
+        """routes/sensor_logs.rs: text/plain, the whole log or its last `tail` lines; no offset."""
+        if stream not in ("stdout", "stderr"):
+            return api_error(422, "stream must be 'stdout' or 'stderr'", "VALIDATION_ERROR")
+        _, error = self.lookup(self.sensors, ref, "Sensor")
+        if error:
+            return error
+        text = self.sensor_logs.get((ref, stream))
+        if text is None:
+            return api_error(404, "Sensor log not found", "NOT_FOUND")
+        tail = int(req.query.get("tail", ["0"])[0] or 0)
+        if tail > 0:
+            lines = text.splitlines()[-tail:]
+            text = "\n".join(lines) + ("\n" if lines else "")
+        return 200, Download(text.encode("utf-8"), "text/plain; charset=utf-8", "inline")
 
     @route("GET", r"/api/v1/sensors")
     def sensors_list(self, req):
@@ -4986,7 +5004,7 @@ class ProcessTests(AttuneTestCase):
 
 
 class GuardTests(unittest.TestCase):
-    STDLIB = {"argparse", "binascii", "difflib", "email", "errno", "fcntl", "getpass", "hashlib", "http", "importlib",
+    STDLIB = {"argparse", "binascii", "codecs", "difflib", "email", "errno", "fcntl", "getpass", "hashlib", "http", "importlib",
               "io", "ipaddress", "json", "logging", "msvcrt", "os", "py_compile", "re", "select", "shlex", "shutil", "signal",
               "socket", "ssl", "stat", "struct", "subprocess", "sys", "tarfile", "tempfile", "termios", "time",
               "urllib", "warnings", "webbrowser", "datetime"}
@@ -7503,6 +7521,54 @@ class RescheduleTests(ResourceTestCase):
         self.server.fail("/api/v1/executions/%d/reschedule" % eid, status=502, times=None)
         self.fails(6, "execution", "reschedule", str(eid), "--yes")
         self.assertEqual(self.server.count("POST", "/api/v1/executions/%d/reschedule" % eid), 1)  # a POST: once
+
+
+class SensorLogTests(ResourceTestCase):
+    """sensor logs: the whole log or its tail; --follow looks again and prints only what is
+    new, through a revoked token (the session refreshes) and a dropped answer."""
+    PATH = "/api/v1/sensors/core.timer_sensor/logs/stdout"
+
+    def test_whole_log_and_tail(self):
+        self.assertEqual(self.ok("sensor", "logs", "core.timer_sensor").out, "".join("tick %d\n" % n for n in range(1, 6)))
+        self.assertEqual(self.ok("sensor", "logs", "core.timer_sensor", "--tail", "2").out, "tick 4\ntick 5\n")
+        self.assertEqual(self.targets(), ["GET %s" % self.PATH, "GET %s?tail=2" % self.PATH])
+        self.assertIn("Sensor log not found",
+                      self.fails(1, "sensor", "logs", "core.timer_sensor", "--stream", "stderr").err)
+        self.fails(2, "sensor", "logs", "core.timer_sensor", "--stream", "stdin")
+        self.fails(2, "sensor", "logs", "core.timer_sensor", "--tail", "0")
+
+    def test_new_lines_are_found_after_the_overlap(self):
+        self.assertEqual(attune.new_lines(["a", "b", "c"], ["b", "c", "d", "e"]), ["d", "e"])
+        self.assertEqual(attune.new_lines(["a", "b", "c"], ["a", "b", "c"]), [])
+        self.assertIsNone(attune.new_lines(["a", "b"], ["x", "y"]))
+        self.assertEqual(attune.new_lines(["x", "a", "x"], ["x", "b"]), ["b"])
+
+    def test_follow_prints_only_what_is_new_across_a_refresh_and_a_drop(self):
+        server, looks = self.server, []
+
+        def between_looks(seconds):  # instead of waiting: the sensor writes, tokens come and go
+            if seconds != attune.SENSOR_LOG_POLL:
+                return  # the transport's own short waits before it tries a GET again
+            looks.append(seconds)
+            key = ("core.timer_sensor", "stdout")
+            if len(looks) == 1:
+                server.sensor_logs[key] += "tick 6\ntick 7\n"
+                server.revoked.add(self.profile()["auth_token"])  # the next look refreshes first
+            elif len(looks) == 2:
+                server.fail(self.PATH, drop=True, times=3)  # the next look finds no answer, retries included
+                server.sensor_logs[key] += "tick 8\n"
+            elif len(looks) == 4:
+                server.sensor_logs[key] = "".join("burst %d\n" % n for n in range(20))  # rotated, then busy
+            elif len(looks) == 5:
+                raise KeyboardInterrupt
+        with mock.patch.object(attune.time, "sleep", side_effect=between_looks):
+            result = self.run_cli("sensor", "logs", "core.timer_sensor", "--follow", "--tail", "3")
+        self.assertEqual(result.code, 130, result)
+        self.assertEqual(result.out, "tick 3\ntick 4\ntick 5\ntick 6\ntick 7\ntick 8\nburst 17\nburst 18\nburst 19\n")
+        self.assertIn("more than 3 lines came between two looks", result.err)
+        self.assertEqual(looks, [2] * 5)  # one look failed and the follow went on
+        self.assertEqual(server.count("POST", "/auth/refresh"), 1)
+        self.assertTrue(all(r.query.get("tail") == ["3"] for r in server.requests if r.path == self.PATH))
 
 
 class IdentityLifecycleTests(ResourceTestCase):

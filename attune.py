@@ -5397,6 +5397,22 @@ def delete_resource(ctx, args, what, path, success, json_message, cancelled="Del
     ctx.ui.emit({"message": json_message}, lambda: ctx.ui.success(success))
 
 
+def labelled(item, spec):
+    """(label, value) pairs for a table from 'Label=key|Other=key2?': each key's value in
+    item, '-' for an empty one where the key ends in '?'. Written as data, not as code: a
+    copied attune.py compiles every line on every run."""
+    pairs = []
+    for part in spec.split("|"):
+        label, _, key = part.partition("=")
+        pairs.append((label, or_dash(item.get(key[:-1])) if key.endswith("?") else item.get(key)))
+    return pairs
+
+
+def cells(item, keys):
+    """A table row's cells: the values of the space-separated keys of item."""
+    return [item.get(key) for key in keys.split()]
+
+
 def format_timestamp(value):
     """'2026-11-24T12:00:00.123Z' as '2026-11-24 12:00:00' (UTC); anything else as is."""
     if not isinstance(value, str):
@@ -5852,7 +5868,7 @@ def cmd_auth_whoami(ctx, args):
         raise session.no_session()
     me = session.fetch("GET", "/auth/me")
     ctx.ui.emit({key: me.get(key) for key in ("id", "login", "display_name")},  # as the Rust CLI
-                lambda: ctx.ui.pairs([("Login", me.get("login")), ("Display Name", me.get("display_name")),
+                lambda: ctx.ui.pairs([*labelled(me, "Login=login|Display Name=display_name"),
                                       ("API Host", session.api_url), ("ID", me.get("id"))], "Current Identity"))
 
 
@@ -6079,8 +6095,7 @@ def cmd_auth_token_create(ctx, args):
     def table():
         ctx.ui.success("Integration token created")
         ctx.ui.warn("Copy this token now. It will not be shown again after this response.")
-        ctx.ui.pairs([("Token", data.get("token")), ("ID", token.get("id")),
-                      ("Identity ID", token.get("identity_id")), ("Label", token.get("label")),
+        ctx.ui.pairs([("Token", data.get("token")), *labelled(token, "ID=id|Identity ID=identity_id|Label=label"),
                       ("Expires", token.get("expires_at") or "never")])
     ctx.ui.emit(data, table)
 
@@ -6092,7 +6107,7 @@ def cmd_auth_token_list(ctx, args):
     items, _ = fetch_list(session, integration_tokens_path(session, args))
     ctx.ui.emit(items, lambda: ctx.ui.table(
         ["ID", "Label", "Token", "Active", "Expires", "Last Used"],
-        [[t.get("id"), t.get("label"), token_hint(t), "true" if t.get("active") else "false",
+        [[*cells(t, "id label"), token_hint(t), "true" if t.get("active") else "false",
           t.get("expires_at") or "never", t.get("last_used_at") or "-"] for t in items],
         empty="No integration tokens found"))
 
@@ -6105,7 +6120,7 @@ def cmd_auth_token_revoke(ctx, args):
     session = ctx.session()
     token = session.fetch("POST", integration_tokens_path(session, args, args.token_id, "revoke"), body)
     ctx.ui.emit(token, lambda: (ctx.ui.success("Integration token revoked"), ctx.ui.pairs(
-        [("ID", token.get("id")), ("Label", token.get("label")), ("Revoked At", token.get("revoked_at"))])))
+        [*labelled(token, "ID=id|Label=label|Revoked At=revoked_at")])))
 
 
 @command("auth token delete", "delete an integration token's record", *(IDENTITY_ID + (TOKEN_ID, YES)),
@@ -6459,7 +6474,7 @@ class Doctor:
         info = report["credential_file"]
         pairs = [("Path", "%s (from %s)" % (info["path"] or "none", info["source"])), ("Exists", info["exists"])]
         if info["exists"]:
-            pairs += [("Mode", info.get("mode")), ("Owner uid", info.get("owner_uid")),
+            pairs += [*labelled(info, "Mode=mode|Owner uid=owner_uid"),
                       ("Parses", info.get("parses") if not info.get("error") else info["error"])]
         ctx.ui.pairs(pairs, "Credential file")
         lock = report["lock"]
@@ -6932,7 +6947,7 @@ def cmd_pack_list(ctx, args):
     walk = ListWalk(ctx.session(), "/packs", every_page=args.all)
     packs = (p for p in walk if not args.name or args.name in str(p.get("ref", "")))
     emit_list(ctx, packs, walk, "packs", ["Ref", "Version", "Description"],
-              lambda p: [p.get("ref"), p.get("version"), clip(p.get("description") or "", 50)])
+              lambda p: [*cells(p, "ref version"), clip(p.get("description") or "", 50)])
 
 
 @command("pack show", "show one pack", ref("pack", "packs"),
@@ -6942,7 +6957,7 @@ def cmd_pack_show(ctx, args):
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
 
     def table():
-        ctx.ui.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
+        ctx.ui.pairs([*labelled(pack, "Ref=ref|Label=label|Version=version"),
                       ("Author", pack.get("author") or meta.get("author") or "Unknown"),
                       ("Description", or_dash(pack.get("description"))),
                       ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
@@ -7111,8 +7126,7 @@ def cmd_pack_update(ctx, args):
 
     def table():
         ctx.ui.success("Pack '%s' updated successfully" % pack.get("ref"))
-        ctx.ui.pairs([("Ref", pack.get("ref")), ("Label", pack.get("label")), ("Version", pack.get("version")),
-                      ("Description", or_dash(pack.get("description"))),
+        ctx.ui.pairs([*labelled(pack, "Ref=ref|Label=label|Version=version|Description=description?"),
                       ("Updated", format_timestamp(pack.get("updated")))])
 
     ctx.ui.emit(pack, table)
@@ -7264,8 +7278,7 @@ def runtime_text(item, is_workflow=None):
 
 
 def action_pairs(action, entry_label="Entry Point"):
-    return [("Reference", action.get("ref")), ("Pack", action.get("pack_ref")), ("Label", action.get("label")),
-            ("Description", or_dash(action.get("description"))), (entry_label, action.get("entrypoint")),
+    return [*labelled(action, "Reference=ref|Pack=pack_ref|Label=label|Description=description?"), (entry_label, action.get("entrypoint")),
             ("Runtime", runtime_text(action)), ("Enabled", action.get("enabled"))]
 
 
@@ -7277,7 +7290,7 @@ def cmd_action_list(ctx, args):
     walk = ListWalk(ctx.session(), path, every_page=args.all)
     actions = (a for a in walk if not args.name or args.name in str(a.get("ref", "")))
     emit_list(ctx, actions, walk, "actions", ["Ref", "Label", "Runtime", "Enabled", "Description"],
-              lambda a: [a.get("ref"), a.get("label"), runtime_text(a), a.get("enabled"),
+              lambda a: [*cells(a, "ref label"), runtime_text(a), a.get("enabled"),
                          clip(a.get("description") or "", 40)])
 
 
@@ -7304,7 +7317,7 @@ def cmd_action_search(ctx, args):
     hits, _ = fetch_list(ctx.session(), "/actions/search", query)
     ctx.ui.emit(hits, lambda: ctx.ui.table(
         ["Ref", "Pack", "Label", "Runtime", "MCP", "Description"],
-        [[h.get("ref"), h.get("pack_ref"), h.get("label"), runtime_text(h, bool(h.get("is_workflow"))),
+        [[*cells(h, "ref pack_ref label"), runtime_text(h, bool(h.get("is_workflow"))),
           "yes" if h.get("accesses_mcp") else "", clip(h.get("description") or "", 50)] for h in hits],
         empty="No actions matched the search query"))
 
@@ -7363,8 +7376,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     if not args.watch:
         def table():
             ctx.ui.success(started_message % execution.get("id"))
-            ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                          ("Status", execution.get("status"))] + list(extra_pairs))
+            ctx.ui.pairs([*labelled(execution, "Execution ID=id|Action=action_ref|Status=status")] + list(extra_pairs))
         ctx.ui.emit(execution, table)
         return
     ctx.ui.info("Waiting for execution %s to complete..." % execution.get("id"))
@@ -7544,7 +7556,7 @@ def show_finished_execution(ctx, execution):
             ctx.ui.success("Execution %s completed" % execution.get("id"))
         else:
             ctx.ui.out(CROSS + " " + terminal_safe("Execution %s %s" % (execution.get("id"), status or "ended"), keep=""))
-        ctx.ui.pairs([("Execution ID", execution.get("id")), ("Action", execution.get("action_ref")),
+        ctx.ui.pairs([*labelled(execution, "Execution ID=id|Action=action_ref"),
                       ("Status", status)] + timestamps(execution), "Execution Details")
         if isinstance(stdout, str):
             ctx.ui.section("Stdout")
@@ -7954,7 +7966,7 @@ EXECUTION_COLUMNS = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "
 
 
 def execution_row(e):
-    return [e.get("id"), e.get("action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
+    return [*cells(e, "id action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
             e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))]
 
 
@@ -8010,12 +8022,9 @@ def cmd_execution_show(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
 
     def table():
-        ctx.ui.pairs([("ID", execution.get("id")), ("Action", execution.get("action_ref")),
-                      ("Status", execution.get("status")), ("Trace Tag", or_dash(execution.get("trace_tag"))),
+        ctx.ui.pairs([*labelled(execution, "ID=id|Action=action_ref|Status=status|Trace Tag=trace_tag?"),
                       ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
-                      ("Parent ID", or_dash(execution.get("parent"))),
-                      ("Enforcement ID", or_dash(execution.get("enforcement"))),
-                      ("Executor ID", or_dash(execution.get("executor")))]
+                      *labelled(execution, "Parent ID=parent?|Enforcement ID=enforcement?|Executor ID=executor?")]
                      + timestamps(execution), "Execution: %s" % execution.get("id"))
         show_json_section(ctx, "Configuration", execution.get("config"))
         show_json_section(ctx, "Result", execution.get("result"))
@@ -8388,7 +8397,7 @@ def inquiry_creator(inquiry):
 
 def show_inquiry(ctx, inquiry):
     ctx.ui.emit(inquiry, lambda: ctx.ui.pairs([
-        ("ID", inquiry.get("id")), ("Status", inquiry.get("status")), ("Prompt", inquiry.get("prompt")),
+        *labelled(inquiry, "ID=id|Status=status|Prompt=prompt"),
         ("Purpose", inquiry.get("purpose") or "-"), ("Created by", inquiry_creator(inquiry)),
         ("Assigned to", or_dash(inquiry.get("assigned_to"))),
         ("Response schema", compact_json(inquiry.get("response_schema"))),
@@ -8413,7 +8422,7 @@ def cmd_inquiry_list(ctx, args):
     pagination = pagination_of(body)
     ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
         ["ID", "Status", "Prompt", "Created by", "Assigned to", "Created"],
-        [[i.get("id"), i.get("status"), clip(i.get("prompt") or "", 60), inquiry_creator(i),
+        [[*cells(i, "id status"), clip(i.get("prompt") or "", 60), inquiry_creator(i),
           or_dash(i.get("assigned_to")), format_timestamp(i.get("created"))] for i in items]))
     note_partial(ctx, pagination, len(items), "inquiries")
 
@@ -8523,7 +8532,7 @@ def cmd_artifact_list(ctx, args):
         if not items:
             return ctx.ui.info("No artifacts found")
         ctx.ui.table(["Ref", "Name", "Type", "Visibility", "Size", "Created", "ID"],
-                     [[a.get("ref"), or_dash(a.get("name")), a.get("type"), a.get("visibility"),
+                     [[a.get("ref"), or_dash(a.get("name")), *cells(a, "type visibility"),
                        human_size(a.get("size_bytes")), format_timestamp(a.get("created")), a.get("id")]
                       for a in items])
         ctx.ui.info("%d artifact(s)" % len(items))
@@ -8540,9 +8549,7 @@ def cmd_artifact_show(ctx, args):
 
     def table():
         policy, limit = artifact.get("retention_policy"), artifact.get("retention_limit")
-        pairs = [("Reference", artifact.get("ref")), ("ID", artifact.get("id")), ("Name", or_dash(artifact.get("name"))),
-                 ("Type", artifact.get("type")), ("Visibility", artifact.get("visibility")),
-                 ("Scope", artifact.get("scope")), ("Owner", artifact.get("owner")),
+        pairs = [*labelled(artifact, "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|Owner=owner"),
                  ("Retention", "%s (limit: %s)" % (policy, limit)),
                  ("Content Type", or_dash(artifact.get("content_type"))), ("Size", human_size(artifact.get("size_bytes")))]
         if artifact.get("description"):
@@ -8576,10 +8583,7 @@ def cmd_artifact_create(ctx, args):
 
     def table():
         ctx.ui.success("Artifact '%s' created successfully" % artifact.get("ref"))
-        ctx.ui.pairs([("Reference", artifact.get("ref")), ("ID", artifact.get("id")),
-                      ("Name", or_dash(artifact.get("name"))), ("Type", artifact.get("type")),
-                      ("Visibility", artifact.get("visibility")), ("Scope", artifact.get("scope")),
-                      ("Owner", artifact.get("owner")), ("Created", format_timestamp(artifact.get("created")))])
+        ctx.ui.pairs([*labelled(artifact, "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|Owner=owner"), ("Created", format_timestamp(artifact.get("created")))])
 
     ctx.ui.emit(artifact, table)
 
@@ -8692,8 +8696,7 @@ def upload_version(ctx, args):
 
 
 def version_pairs(version):
-    return [("Version ID", version.get("id")), ("Version Number", version.get("version")),
-            ("Artifact ID", version.get("artifact")), ("Content Type", or_dash(version.get("content_type"))),
+    return [*labelled(version, "Version ID=id|Version Number=version|Artifact ID=artifact|Content Type=content_type?"),
             ("Size", human_size(version.get("size_bytes"))), ("Created By", or_dash(version.get("created_by"))),
             ("Created", format_timestamp(version.get("created")))]
 
@@ -8826,7 +8829,7 @@ def identity_roles(identity):
 
 
 def role_rows(identity):
-    return [[r.get("id"), r.get("role"), r.get("source"), r.get("managed")] for r in identity_roles(identity)]
+    return [[*cells(r, "id role source managed")] for r in identity_roles(identity)]
 
 
 def role_names(identity):
@@ -8854,7 +8857,7 @@ def cmd_identity_list(ctx, args):
         items = list_items(body)
     ctx.ui.emit(body, lambda: ctx.ui.table(
         ["ID", "Login", "Display name", "Frozen", "Roles"],
-        [[i.get("id"), i.get("login"), i.get("display_name"), "true" if i.get("frozen") else "false",
+        [[*cells(i, "id login display_name"), "true" if i.get("frozen") else "false",
           cell_text([r.get("role") if isinstance(r, dict) else r for r in i["roles"]]
                     if isinstance(i.get("roles"), list) else i.get("roles"))] for i in items]))
     note_partial(ctx, pagination_of(body), len(items), "identities")
@@ -8867,8 +8870,7 @@ def cmd_identity_show(ctx, args):
 
 def show_identity(ctx, identity):
     def table():
-        ctx.ui.pairs([("ID", identity.get("id")), ("Login", identity.get("login")),
-                      ("Display name", identity.get("display_name")),
+        ctx.ui.pairs([*labelled(identity, "ID=id|Login=login|Display name=display_name"),
                       ("Frozen", "true" if identity.get("frozen") else "false")])
         if identity.get("attributes"):
             ctx.ui.section("Attributes")
@@ -9107,7 +9109,7 @@ def cmd_permission_set_list(ctx, args):
         "include_retired": "true" if args.include_retired else "false", "pack_ref": args.pack}))
     ctx.ui.emit(sets, lambda: ctx.ui.table(
         ["ID", "Ref", "Pack", "Origin", "Status", "Roles"],
-        [[s.get("id"), s.get("ref"), s.get("pack_ref") or "", s.get("management_origin") or "",
+        [[*cells(s, "id ref"), s.get("pack_ref") or "", s.get("management_origin") or "",
           "retired" if s.get("retired_at") else "active",
           ", ".join(str(r.get("role")) for r in set_roles(s))] for s in sets]))
 
@@ -9180,7 +9182,7 @@ def cmd_permission_assignment_list(ctx, args):
     pagination = pagination_of(body)
     ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
         ["ID", "Permission set", "Target type", "Target", "Created"],
-        [[b.get("id"), b.get("permission_set_ref")] + list(binding_target(b)) + [format_timestamp(b.get("created"))]
+        [[*cells(b, "id permission_set_ref")] + list(binding_target(b)) + [format_timestamp(b.get("created"))]
          for b in items], empty="No permission assignments found"))
     note_partial(ctx, pagination, len(items), "assignments")
 
@@ -9294,13 +9296,9 @@ def show_queue(ctx, queue, message=None):
             ctx.ui.section("Queue: %s" % queue.get("ref"))
         allowed = queue.get("reference_allowed_pack_refs")
         ctx.ui.pairs([
-            ("Ref", queue.get("ref")), ("Pack", or_dash(queue.get("pack_ref"))), ("Label", queue.get("label")),
-            ("Description", or_dash(queue.get("description"))), ("Enabled", queue.get("enabled")),
-            ("Accepting Items", queue.get("accepting_new_items")),
-            ("Reference Visibility", queue.get("reference_visibility")),
+            *labelled(queue, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled|Accepting Items=accepting_new_items|Reference Visibility=reference_visibility"),
             ("Allowed Pack Refs", or_dash(", ".join(map(str, allowed)) if isinstance(allowed, list) else allowed)),
-            ("Dispatch Action", queue.get("dispatch_action_ref")),
-            ("Trace Tag Template", or_dash(queue.get("trace_tag_template")))] + timestamps(queue))
+            *labelled(queue, "Dispatch Action=dispatch_action_ref|Trace Tag Template=trace_tag_template?")] + timestamps(queue))
 
     ctx.ui.emit(queue, table)
 
@@ -9314,7 +9312,7 @@ def without_lease_token(item):
 
 def queue_items_table(ctx, items, empty):
     ctx.ui.table(["ID", "Key", "Status", "Priority", "Attempts", "Payload", "Created"],
-                 [[i.get("id"), i.get("item_key") or "", i.get("status"), i.get("priority"), i.get("attempt_count"),
+                 [[i.get("id"), i.get("item_key") or "", *cells(i, "status priority attempt_count"),
                    clip(compact_json(i.get("payload")), 96), format_timestamp(i.get("created"))] for i in items],
                  empty=empty)
 
@@ -9348,8 +9346,7 @@ def cmd_queue_list(ctx, args):
     pagination = pagination_of(body)
     ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
         ["ID", "Ref", "Pack", "Label", "Enabled", "Accepting", "Dispatch action", "Created"],
-        [[q.get("id"), q.get("ref"), q.get("pack_ref") or "-", q.get("label"), q.get("enabled"),
-          q.get("accepting_new_items"), q.get("dispatch_action_ref"), format_timestamp(q.get("created"))]
+        [[*cells(q, "id ref"), q.get("pack_ref") or "-", *cells(q, "label enabled accepting_new_items dispatch_action_ref"), format_timestamp(q.get("created"))]
          for q in items], empty="No work queues found."))
     note_partial(ctx, pagination, len(items), "queues")
 
@@ -9412,14 +9409,7 @@ def cmd_queue_enqueue(ctx, args):
 def show_queue_item(ctx, item):
     ctx.ui.emit(item, lambda: ctx.ui.pairs([
         ("ID", item.get("id")), ("Queue", item.get("queue_ref", item.get("queue"))),
-        ("Item key", or_dash(item.get("item_key"))), ("Status", item.get("status")),
-        ("Priority", item.get("priority")), ("Attempts", item.get("attempt_count")),
-        ("Enqueue source", or_dash(item.get("enqueue_source"))), ("Trace tag", or_dash(item.get("trace_tag"))),
-        ("Requested by identity", or_dash(item.get("requested_by_identity"))),
-        ("Requested by execution", or_dash(item.get("requested_by_execution"))),
-        ("Requested by enforcement", or_dash(item.get("requested_by_enforcement"))),
-        ("Leased execution", or_dash(item.get("leased_execution"))),
-        ("Lease token", or_dash(item.get("lease_token"))),
+        *labelled(item, "Item key=item_key?|Status=status|Priority=priority|Attempts=attempt_count|Enqueue source=enqueue_source?|Trace tag=trace_tag?|Requested by identity=requested_by_identity?|Requested by execution=requested_by_execution?|Requested by enforcement=requested_by_enforcement?|Leased execution=leased_execution?|Lease token=lease_token?"),
         ("Lease expires", or_dash(format_timestamp(item.get("lease_expires_at")))),
         ("Payload", compact_json(item.get("payload"))), ("Metadata", compact_json(item.get("metadata"))),
         ("Last error", compact_json(item.get("last_error"))),
@@ -9472,7 +9462,7 @@ def cmd_queue_items_preview(ctx, args):
 
     def table():
         ctx.ui.section("Queue Item Selector Preview")
-        ctx.ui.pairs([("Matched", result.get("matched_count")), ("Previewed", result.get("preview_count"))])
+        ctx.ui.pairs([*labelled(result, "Matched=matched_count|Previewed=preview_count")])
         queue_items_table(ctx, items, "No matching pending queue items.")
 
     ctx.ui.emit(result, table)
@@ -9491,9 +9481,7 @@ def apply_to_items(ctx, args, operation, **fields):
 
     def table():
         ctx.ui.success("Applied %s to %s pending queue item(s)" % (label, result.get("affected_count")))
-        ctx.ui.pairs([("Operation", label), ("Matched", result.get("matched_count")),
-                      ("Affected", result.get("affected_count")), ("Skipped", result.get("skipped_count")),
-                      ("Previewed", result.get("preview_count"))])
+        ctx.ui.pairs([("Operation", label), *labelled(result, "Matched=matched_count|Affected=affected_count|Skipped=skipped_count|Previewed=preview_count")])
         queue_items_table(ctx, items, "No matching pending queue items.")
 
     ctx.ui.emit(result, table)
@@ -9659,17 +9647,9 @@ def show_namespace(ctx, namespace, done=None):
         if done:
             ctx.ui.success("Cache namespace '%s' %s" % (namespace.get("namespace"), done))
         ctx.ui.pairs([
-            ("Namespace", namespace.get("namespace")), ("ID", namespace.get("id")), ("Owner", namespace_owner(namespace)),
+            *labelled(namespace, "Namespace=namespace|ID=id"), ("Owner", namespace_owner(namespace)),
             ("Active Generation", or_dash(namespace.get("active_generation", namespace.get("active_generation_id")))),
-            ("Records", or_dash(namespace.get("record_count"))), ("Bytes", or_dash(namespace.get("size_bytes"))),
-            ("Freshness Target", or_dash(namespace.get("freshness_target_seconds"))),
-            ("Stale", or_dash(namespace.get("stale"))), ("Refresh Health", or_dash(namespace.get("refresh_health"))),
-            ("Max Records / Generation", or_dash(namespace.get("max_records_per_generation"))),
-            ("Max Generation Bytes", or_dash(namespace.get("max_generation_bytes"))),
-            ("Max Retained Bytes", or_dash(namespace.get("max_retained_bytes"))),
-            ("Max Retained Generations", or_dash(namespace.get("max_retained_generations"))),
-            ("Max Staging Generations", or_dash(namespace.get("max_staging_generations"))),
-            ("Refresh Concurrency", or_dash(namespace.get("refresh_concurrency"))),
+            *labelled(namespace, "Records=record_count?|Bytes=size_bytes?|Freshness Target=freshness_target_seconds?|Stale=stale?|Refresh Health=refresh_health?|Max Records / Generation=max_records_per_generation?|Max Generation Bytes=max_generation_bytes?|Max Retained Bytes=max_retained_bytes?|Max Retained Generations=max_retained_generations?|Max Staging Generations=max_staging_generations?|Refresh Concurrency=refresh_concurrency?"),
             ("Created", or_dash(format_timestamp(namespace.get("created")))),
             ("Updated", or_dash(format_timestamp(namespace.get("updated"))))])
 
@@ -9681,16 +9661,7 @@ def show_generation(ctx, generation, done=None):
         if done:
             ctx.ui.success(done)
         ctx.ui.pairs([
-            ("Generation", generation.get("generation_id")), ("Namespace", generation.get("namespace_id")),
-            ("State", generation.get("status")), ("Client Refresh ID", generation.get("client_refresh_id")),
-            ("Expected Chunks", generation.get("expected_chunk_count")),
-            ("Expected Active", or_dash(generation.get("expected_active_generation_id"))),
-            ("Expected Records", or_dash(generation.get("expected_record_count"))),
-            ("Expected Bytes", or_dash(generation.get("expected_size_bytes"))),
-            ("Records", generation.get("record_count")), ("Bytes", generation.get("size_bytes")),
-            ("Source Revision", or_dash(generation.get("source_revision"))),
-            ("Created By", or_dash(generation.get("created_by"))),
-            ("Created By Execution", or_dash(generation.get("created_by_execution")))] + [
+            *labelled(generation, "Generation=generation_id|Namespace=namespace_id|State=status|Client Refresh ID=client_refresh_id|Expected Chunks=expected_chunk_count|Expected Active=expected_active_generation_id?|Expected Records=expected_record_count?|Expected Bytes=expected_size_bytes?|Records=record_count|Bytes=size_bytes|Source Revision=source_revision?|Created By=created_by?|Created By Execution=created_by_execution?")] + [
             (label, or_dash(format_timestamp(generation.get(key))))
             for label, key in (("Sealed", "sealed"), ("Activated", "activated"), ("Readable Until", "readable_until"))]
             + [("Failure", or_dash(generation.get("failure_reason")))])
@@ -9878,8 +9849,7 @@ def cmd_cache_entry_scan(ctx, args):
         entries_table(ctx, items, args.include_values)
         ctx.ui.pairs([("Pinned Generation", page.get("generation_id")),
                       ("Cursor Expires", or_dash(format_timestamp(page.get("cursor_expires_at")))),
-                      ("Next Cursor", or_dash(page.get("next_cursor"))), ("Record Count", or_dash(page.get("record_count"))),
-                      ("Stale", page.get("stale"))])
+                      *labelled(page, "Next Cursor=next_cursor?|Record Count=record_count?|Stale=stale")])
 
     ctx.ui.emit(page, table)
 
@@ -9895,7 +9865,7 @@ def cmd_cache_generation_list(ctx, args):
 
     def table():
         ctx.ui.table(["ID", "State", "Records", "Bytes", "Source Revision", "Created"],
-                     [[g.get("generation_id"), g.get("status"), g.get("record_count"), g.get("size_bytes"),
+                     [[*cells(g, "generation_id status record_count size_bytes"),
                        or_dash(g.get("source_revision")), format_timestamp(g.get("created"))] for g in generations],
                      empty="No cache generations found")
         if cursor:
@@ -10174,8 +10144,7 @@ def cmd_audit_list(ctx, args):
     events = list_items(body)
     emit_list(ctx, events, pagination_of(body), "audit events",
               ["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Resource", "HTTP"],
-              lambda e: [e.get("id"), format_timestamp(e.get("created")), e.get("category"), e.get("event_type"),
-                         e.get("outcome"), audit_actor(e), audit_resource(e), audit_http(e)])
+              lambda e: [e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"), audit_actor(e), audit_resource(e), audit_http(e)])
 
 
 @command("audit show", "show one audit event", arg("id", metavar="ID", type=Number(1, MAX_ID), help="audit event id"))
@@ -10207,8 +10176,7 @@ def cmd_audit_chain(ctx, args):
             return ctx.ui.info("No audit events found for that request id")
         ctx.ui.section("Audit chain for request %s (%d events)" % (args.request_id, len(events)))
         ctx.ui.table(["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Path"],
-                     [[e.get("id"), format_timestamp(e.get("created")), e.get("category"), e.get("event_type"),
-                       e.get("outcome"), audit_actor(e), or_dash(e.get("http_path"))] for e in events])
+                     [[e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"), audit_actor(e), or_dash(e.get("http_path"))] for e in events])
 
     ctx.ui.emit(events, table)
 
@@ -10260,8 +10228,7 @@ def show_policy(ctx, policy, message=None):
     def table():
         if message:
             ctx.ui.success(message)
-        ctx.ui.pairs([("Ref", policy.get("ref")), ("Name", policy.get("name")),
-                      ("Description", or_dash(policy.get("description"))), ("Enabled", policy.get("enabled")),
+        ctx.ui.pairs([*labelled(policy, "Ref=ref|Name=name|Description=description?|Enabled=enabled"),
                       ("Scope", policy_scope_text(policy)), ("Priority", policy.get("priority")),
                       ("Features", policy_features(policy)), ("Tags", cell_text(policy.get("tags")) or "-")])
         concurrency, rate, quotas = policy.get("concurrency"), policy.get("rate_limit"), policy.get("quotas")
@@ -10269,15 +10236,14 @@ def show_policy(ctx, policy, message=None):
             ctx.ui.section("Concurrency")
             group_by = (concurrency.get("parameters") or {}).get("group_by") \
                 if isinstance(concurrency.get("parameters"), dict) else None
-            ctx.ui.pairs([("Limit", concurrency.get("limit")), ("Behavior", concurrency.get("method")),
+            ctx.ui.pairs([*labelled(concurrency, "Limit=limit|Behavior=method"),
                           ("Group By", cell_text(group_by) or "-")])
         if isinstance(rate, dict):
             ctx.ui.section("Rate Limit")
-            ctx.ui.pairs([("Max Executions", rate.get("max_executions")),
-                          ("Window Seconds", rate.get("window_seconds"))])
+            ctx.ui.pairs([*labelled(rate, "Max Executions=max_executions|Window Seconds=window_seconds")])
         if isinstance(quotas, list) and quotas:
             ctx.ui.section("Quotas")
-            ctx.ui.table(["Type", "Limit"], [[q.get("quota_type"), q.get("limit")] for q in quotas
+            ctx.ui.table(["Type", "Limit"], [[*cells(q, "quota_type limit")] for q in quotas
                                              if isinstance(q, dict)])
 
     ctx.ui.emit(policy, table)
@@ -10319,8 +10285,7 @@ def cmd_policy_list(ctx, args):
              "enabled": None if args.enabled is None else str(args.enabled).lower()}
     walk = ListWalk(ctx.session(), "/policies", query, every_page=args.all)
     emit_list(ctx, walk, walk, "policies", ["Ref", "Name", "Scope", "Features", "Priority", "Enabled"],
-              lambda p: [p.get("ref"), p.get("name"), policy_scope_text(p), policy_features(p), p.get("priority"),
-                         p.get("enabled")])
+              lambda p: [*cells(p, "ref name"), policy_scope_text(p), policy_features(p), *cells(p, "priority enabled")])
 
 
 @command("policy show", "show one policy", ref("policy"))
@@ -10412,10 +10377,7 @@ RULE_OPTIONS = (
 
 
 def rule_pairs(rule):
-    return [("Ref", rule.get("ref")), ("Pack", rule.get("pack_ref")), ("Label", rule.get("label")),
-            ("Description", or_dash(rule.get("description"))), ("Trigger", rule.get("trigger_ref")),
-            ("Action", rule.get("action_ref")), ("Enabled", rule.get("enabled")),
-            ("Trace Tag Template", or_dash(rule.get("trace_tag_template")))]
+    return [*labelled(rule, "Ref=ref|Pack=pack_ref|Label=label|Description=description?|Trigger=trigger_ref|Action=action_ref|Enabled=enabled|Trace Tag Template=trace_tag_template?")]
 
 
 def rule_fields(args):
@@ -10441,8 +10403,7 @@ def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
     walk = ListWalk(ctx.session(), "/rules", query, every_page=args.all)
     emit_list(ctx, walk, walk, "rules", ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
-              lambda r: [r.get("ref"), r.get("pack_ref"), r.get("label"), r.get("trigger_ref"), r.get("action_ref"),
-                         r.get("enabled")])
+              lambda r: [*cells(r, "ref pack_ref label trigger_ref action_ref enabled")])
 
 
 @command("rule show", "show one rule", ref("rule", "rules"))
@@ -10542,7 +10503,7 @@ def toggle_resource(ctx, args):
 
     def table():
         ctx.ui.success("%s '%s' %s successfully" % (kind.title(), item.get("ref") or ref, verb))
-        ctx.ui.pairs([("Ref", item.get("ref")), ("Enabled", item.get("enabled")),
+        ctx.ui.pairs([*labelled(item, "Ref=ref|Enabled=enabled"),
                       ("Updated", format_timestamp(item.get("updated")))])
 
     ctx.ui.emit(item, table)
@@ -10552,7 +10513,7 @@ def toggle_resource(ctx, args):
          examples=("attune trigger list --pack core",))
 def cmd_trigger_list(ctx, args):
     list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
-                     lambda t: [t.get("ref"), t.get("pack_ref") or "", t.get("label"), t.get("enabled"),
+                     lambda t: [t.get("ref"), t.get("pack_ref") or "", *cells(t, "label enabled"),
                                 t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)])
 
 
@@ -10564,9 +10525,7 @@ def cmd_trigger_show(ctx, args):
 
     def table():
         allowed = trigger.get("reference_allowed_pack_refs") or []
-        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_dash(trigger.get("pack_ref"))),
-                      ("Label", trigger.get("label")), ("Description", or_dash(trigger.get("description"))),
-                      ("Enabled", trigger.get("enabled")), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
+        ctx.ui.pairs([*labelled(trigger, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
                       ("Allowed Caller Packs", cell_text(allowed) or "-")]
                      + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
@@ -10595,9 +10554,7 @@ def cmd_trigger_update(ctx, args):
 
     def table():
         ctx.ui.success("Trigger '%s' updated successfully" % trigger.get("ref"))
-        ctx.ui.pairs([("Ref", trigger.get("ref")), ("Pack", or_dash(trigger.get("pack_ref"))),
-                      ("Label", trigger.get("label")), ("Description", or_dash(trigger.get("description"))),
-                      ("Enabled", trigger.get("enabled")),
+        ctx.ui.pairs([*labelled(trigger, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
                       ("Updated", format_timestamp(trigger.get("updated")))])
 
@@ -10653,10 +10610,9 @@ def cmd_sensor_list(ctx, args):
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
     ctx.ui.emit(sensor, lambda: ctx.ui.pairs(
-        [("Ref", sensor.get("ref")), ("Pack", or_dash(sensor.get("pack_ref"))), ("Label", sensor.get("label")),
-         ("Description", or_dash(sensor.get("description"))), ("Trigger", or_dash(sensor_trigger(sensor))),
+        [*labelled(sensor, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?"), ("Trigger", or_dash(sensor_trigger(sensor))),
          ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
-         ("Runtime", or_dash(sensor.get("runtime_ref"))), ("Enabled", sensor.get("enabled"))]
+         *labelled(sensor, "Runtime=runtime_ref?|Enabled=enabled")]
         + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
 
 
@@ -10745,8 +10701,7 @@ ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", 
 
 
 def enforcement_row(e):
-    return [e.get("id"), e.get("rule_ref"), e.get("trigger_ref"), or_dash(e.get("event")), e.get("status"),
-            e.get("condition"), format_timestamp(e.get("created"))]
+    return [*cells(e, "id rule_ref trigger_ref"), or_dash(e.get("event")), *cells(e, "status condition"), format_timestamp(e.get("created"))]
 
 
 def page_query(args, **filters):
@@ -10762,7 +10717,7 @@ def cmd_event_list(ctx, args):
     walk = ListWalk(ctx.session(), "/events", page_query(args, trigger_ref=args.trigger, rule_ref=args.rule,
                                                          source=args.source), "per_page", every_page=args.all)
     emit_list(ctx, walk, walk, "events", ["ID", "Trigger", "Source", "Rule", "Payload", "Created"],
-              lambda e: [e.get("id"), e.get("trigger_ref"), or_dash(e.get("source_ref")), or_dash(e.get("rule_ref")),
+              lambda e: [*cells(e, "id trigger_ref"), or_dash(e.get("source_ref")), or_dash(e.get("rule_ref")),
                          bool(e.get("has_payload")), format_timestamp(e.get("created"))])
 
 
@@ -10773,8 +10728,7 @@ def cmd_event_show(ctx, args):
     event = session.fetch("GET", "/events/%d" % args.id)
     caused, more = fetch_list(session, "/enforcements", {"event": args.id, "per_page": 100}, "per_page")
     ctx.ui.emit(dict(event, enforcements=caused), lambda: (
-        ctx.ui.pairs([("ID", event.get("id")), ("Trigger", event.get("trigger_ref")),
-                      ("Source", or_dash(event.get("source_ref"))), ("Rule", or_dash(event.get("rule_ref"))),
+        ctx.ui.pairs([*labelled(event, "ID=id|Trigger=trigger_ref|Source=source_ref?|Rule=rule_ref?"),
                       ("Created", format_timestamp(event.get("created")))], "Event: %s" % event.get("id")),
         show_json_section(ctx, "Payload", event.get("payload")),
         ctx.ui.section("Enforcements"),
@@ -10803,16 +10757,14 @@ def cmd_enforcement_show(ctx, args):
     enforcement = session.fetch("GET", "/enforcements/%d" % args.id)
     started, more = fetch_list(session, "/executions", {"enforcement": args.id, "per_page": 100}, "per_page")
     ctx.ui.emit(dict(enforcement, executions=started), lambda: (
-        ctx.ui.pairs([("ID", enforcement.get("id")), ("Rule", enforcement.get("rule_ref")),
-                      ("Trigger", enforcement.get("trigger_ref")), ("Event", or_dash(enforcement.get("event"))),
-                      ("Status", enforcement.get("status")), ("Condition", enforcement.get("condition")),
+        ctx.ui.pairs([*labelled(enforcement, "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|Condition=condition"),
                       ("Created", format_timestamp(enforcement.get("created"))),
                       ("Resolved", format_timestamp(enforcement.get("resolved_at")) or "-")],
                      "Enforcement: %s" % enforcement.get("id")),
         show_json_section(ctx, "Conditions", enforcement.get("conditions")),
         ctx.ui.section("Executions"),
         ctx.ui.table(["ID", "Action", "Status", "Created"],
-                     [[x.get("id"), x.get("action_ref"), x.get("status"), format_timestamp(x.get("created"))]
+                     [[*cells(x, "id action_ref status"), format_timestamp(x.get("created"))]
                       for x in started], empty="No executions")))
     note_partial(ctx, more, len(started), "executions")
 
@@ -10863,7 +10815,7 @@ def key_value(ctx, args):
 
 
 def key_pairs(key, last=("Created", "created")):
-    return [("Reference", key.get("ref")), ("Name", key.get("name")), ("Owner", key_owner(key)),
+    return [*labelled(key, "Reference=ref|Name=name"), ("Owner", key_owner(key)),
             ("Encrypted", key.get("encrypted")), (last[0], format_timestamp(key.get(last[1])))]
 
 
@@ -10877,7 +10829,7 @@ def cmd_key_list(ctx, args):
     query = {"page": args.page, "per_page": args.per_page, "owner_type": args.owner_type, "owner": args.owner}
     walk = ListWalk(ctx.session(), "/keys", query, "per_page", args.all)
     emit_list(ctx, walk, walk, "keys", ["Ref", "Name", "Owner", "Encrypted", "Created"],
-              lambda k: [k.get("ref"), k.get("name"), key_owner(k), k.get("encrypted"),
+              lambda k: [*cells(k, "ref name"), key_owner(k), k.get("encrypted"),
                          format_timestamp(k.get("created"))])
 
 
@@ -10893,7 +10845,7 @@ def cmd_key_show(ctx, args):
         shown["value"] = "[REDACTED]" if value is None else canonical_hash(value)
 
     def table():
-        pairs = [("Reference", key.get("ref")), ("Name", key.get("name")), ("Owner", key_owner(key))]
+        pairs = [*labelled(key, "Reference=ref|Name=name"), ("Owner", key_owner(key))]
         for label, field in (("Owner Pack", "owner_pack_ref"), ("Owner Action", "owner_action_ref"),
                              ("Owner Sensor", "owner_sensor_ref")):
             if key.get(field):
@@ -11073,8 +11025,7 @@ def cmd_workflow_upload(ctx, args):
     def table():
         ctx.ui.out()
         ctx.ui.success("Workflow '%s' uploaded successfully" % workflow.get("ref"))
-        ctx.ui.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
-                      ("Label", workflow.get("label")), ("Version", workflow.get("version")),
+        ctx.ui.pairs([*labelled(workflow, "Reference=ref|Pack=pack_ref|Label=label|Version=version"),
                       ("Tags", cell_text(workflow.get("tags")) or "none")])
 
     ctx.ui.emit(workflow, table)
@@ -11090,7 +11041,7 @@ def cmd_workflow_list(ctx, args):
 
     def table():
         ctx.ui.table(["Reference", "Pack", "Label", "Version", "Tags"],
-                     [[w.get("ref"), w.get("pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
+                     [[*cells(w, "ref pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
                        clip(cell_text(w.get("tags")), 25) or "-"] for w in workflows],
                      empty="No workflows found")
         if workflows:
@@ -11110,8 +11061,7 @@ def cmd_workflow_show(ctx, args):
     workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
     def table():
-        ctx.ui.pairs([("Reference", workflow.get("ref")), ("Pack", workflow.get("pack_ref")),
-                      ("Label", workflow.get("label")), ("Description", workflow.get("description") or "-"),
+        ctx.ui.pairs([*labelled(workflow, "Reference=ref|Pack=pack_ref|Label=label"), ("Description", workflow.get("description") or "-"),
                       ("Version", workflow.get("version")), ("Tags", cell_text(workflow.get("tags")) or "none")]
                      + timestamps(workflow), "Workflow: %s" % workflow.get("ref"))
         for title, field in (("Parameters", "param_schema"), ("Output Schema", "out_schema")):
@@ -11164,10 +11114,7 @@ def show_worker(ctx, worker, message=None):
         if message:
             ctx.ui.success(message)
         runtimes = [r for r in worker.get("supported_runtimes") or [] if isinstance(r, dict)]
-        ctx.ui.pairs([("ID", worker.get("id")), ("Name", worker.get("name")), ("Type", worker.get("worker_type")),
-                      ("Role", worker.get("worker_role")), ("Host", or_dash(worker.get("host"))),
-                      ("Port", or_dash(worker.get("port"))), ("Status", or_dash(worker.get("status"))),
-                      ("Health", worker.get("health_state")), ("Heartbeat", heartbeat_text(worker)),
+        ctx.ui.pairs([*labelled(worker, "ID=id|Name=name|Type=worker_type|Role=worker_role|Host=host?|Port=port?|Status=status?|Health=health_state"), ("Heartbeat", heartbeat_text(worker)),
                       ("Load", load_text(worker)), ("Cordoned", bool(worker.get("cordoned"))),
                       ("Cordon Reason", or_dash(worker.get("cordon_reason"))),
                       ("Runtimes", ", ".join("%s %s" % (r.get("name"), " ".join(map(str, r.get("versions") or [])))
@@ -11189,7 +11136,7 @@ def cmd_worker_list(ctx, args):
              "page": args.page, "page_size": args.per_page}
     walk = ListWalk(ctx.session(), "/workers", query, every_page=args.all)
     emit_list(ctx, walk, walk, "workers", ["ID", "Name", "Role", "Health", "Heartbeat", "Load", "Cordoned"],
-              lambda w: [w.get("id"), w.get("name"), w.get("worker_role"), w.get("health_state"), heartbeat_text(w),
+              lambda w: [*cells(w, "id name worker_role health_state"), heartbeat_text(w),
                          load_text(w), bool(w.get("cordoned"))])
 
 

@@ -7278,7 +7278,8 @@ def runtime_text(item, is_workflow=None):
 
 
 def action_pairs(action, entry_label="Entry Point"):
-    return [*labelled(action, "Reference=ref|Pack=pack_ref|Label=label|Description=description?"), (entry_label, action.get("entrypoint")),
+    return [*labelled(action, "Reference=ref|Pack=pack_ref|Label=label|Description=description?"),
+            (entry_label, action.get("entrypoint")),
             ("Runtime", runtime_text(action)), ("Enabled", action.get("enabled"))]
 
 
@@ -8549,7 +8550,8 @@ def cmd_artifact_show(ctx, args):
 
     def table():
         policy, limit = artifact.get("retention_policy"), artifact.get("retention_limit")
-        pairs = [*labelled(artifact, "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|Owner=owner"),
+        pairs = [*labelled(artifact,
+                           "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|Owner=owner"),
                  ("Retention", "%s (limit: %s)" % (policy, limit)),
                  ("Content Type", or_dash(artifact.get("content_type"))), ("Size", human_size(artifact.get("size_bytes")))]
         if artifact.get("description"):
@@ -8583,7 +8585,9 @@ def cmd_artifact_create(ctx, args):
 
     def table():
         ctx.ui.success("Artifact '%s' created successfully" % artifact.get("ref"))
-        ctx.ui.pairs([*labelled(artifact, "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|Owner=owner"), ("Created", format_timestamp(artifact.get("created")))])
+        ctx.ui.pairs([*labelled(artifact,
+                                "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|"
+                                "Owner=owner"), ("Created", format_timestamp(artifact.get("created")))])
 
     ctx.ui.emit(artifact, table)
 
@@ -9296,9 +9300,13 @@ def show_queue(ctx, queue, message=None):
             ctx.ui.section("Queue: %s" % queue.get("ref"))
         allowed = queue.get("reference_allowed_pack_refs")
         ctx.ui.pairs([
-            *labelled(queue, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled|Accepting Items=accepting_new_items|Reference Visibility=reference_visibility"),
+            *labelled(queue,
+                      "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled|"
+                      "Accepting Items=accepting_new_items|Reference Visibility=reference_visibility"),
             ("Allowed Pack Refs", or_dash(", ".join(map(str, allowed)) if isinstance(allowed, list) else allowed)),
-            *labelled(queue, "Dispatch Action=dispatch_action_ref|Trace Tag Template=trace_tag_template?")] + timestamps(queue))
+            *labelled(queue,
+                      "Dispatch Action=dispatch_action_ref|"
+                      "Trace Tag Template=trace_tag_template?")] + timestamps(queue))
 
     ctx.ui.emit(queue, table)
 
@@ -9346,7 +9354,8 @@ def cmd_queue_list(ctx, args):
     pagination = pagination_of(body)
     ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
         ["ID", "Ref", "Pack", "Label", "Enabled", "Accepting", "Dispatch action", "Created"],
-        [[*cells(q, "id ref"), q.get("pack_ref") or "-", *cells(q, "label enabled accepting_new_items dispatch_action_ref"), format_timestamp(q.get("created"))]
+        [[*cells(q, "id ref"), q.get("pack_ref") or "-",
+          *cells(q, "label enabled accepting_new_items dispatch_action_ref"), format_timestamp(q.get("created"))]
          for q in items], empty="No work queues found."))
     note_partial(ctx, pagination, len(items), "queues")
 
@@ -9409,7 +9418,11 @@ def cmd_queue_enqueue(ctx, args):
 def show_queue_item(ctx, item):
     ctx.ui.emit(item, lambda: ctx.ui.pairs([
         ("ID", item.get("id")), ("Queue", item.get("queue_ref", item.get("queue"))),
-        *labelled(item, "Item key=item_key?|Status=status|Priority=priority|Attempts=attempt_count|Enqueue source=enqueue_source?|Trace tag=trace_tag?|Requested by identity=requested_by_identity?|Requested by execution=requested_by_execution?|Requested by enforcement=requested_by_enforcement?|Leased execution=leased_execution?|Lease token=lease_token?"),
+        *labelled(item,
+                  "Item key=item_key?|Status=status|Priority=priority|Attempts=attempt_count|"
+                  "Enqueue source=enqueue_source?|Trace tag=trace_tag?|Requested by identity=requested_by_identity?|"
+                  "Requested by execution=requested_by_execution?|Requested by enforcement=requested_by_enforcement?|"
+                  "Leased execution=leased_execution?|Lease token=lease_token?"),
         ("Lease expires", or_dash(format_timestamp(item.get("lease_expires_at")))),
         ("Payload", compact_json(item.get("payload"))), ("Metadata", compact_json(item.get("metadata"))),
         ("Last error", compact_json(item.get("last_error"))),
@@ -9481,7 +9494,10 @@ def apply_to_items(ctx, args, operation, **fields):
 
     def table():
         ctx.ui.success("Applied %s to %s pending queue item(s)" % (label, result.get("affected_count")))
-        ctx.ui.pairs([("Operation", label), *labelled(result, "Matched=matched_count|Affected=affected_count|Skipped=skipped_count|Previewed=preview_count")])
+        ctx.ui.pairs([("Operation", label),
+                      *labelled(result,
+                                "Matched=matched_count|Affected=affected_count|Skipped=skipped_count|"
+                                "Previewed=preview_count")])
         queue_items_table(ctx, items, "No matching pending queue items.")
 
     ctx.ui.emit(result, table)
@@ -9649,7 +9665,13 @@ def show_namespace(ctx, namespace, done=None):
         ctx.ui.pairs([
             *labelled(namespace, "Namespace=namespace|ID=id"), ("Owner", namespace_owner(namespace)),
             ("Active Generation", or_dash(namespace.get("active_generation", namespace.get("active_generation_id")))),
-            *labelled(namespace, "Records=record_count?|Bytes=size_bytes?|Freshness Target=freshness_target_seconds?|Stale=stale?|Refresh Health=refresh_health?|Max Records / Generation=max_records_per_generation?|Max Generation Bytes=max_generation_bytes?|Max Retained Bytes=max_retained_bytes?|Max Retained Generations=max_retained_generations?|Max Staging Generations=max_staging_generations?|Refresh Concurrency=refresh_concurrency?"),
+            *labelled(namespace,
+                      "Records=record_count?|Bytes=size_bytes?|Freshness Target=freshness_target_seconds?|"
+                      "Stale=stale?|Refresh Health=refresh_health?|"
+                      "Max Records / Generation=max_records_per_generation?|"
+                      "Max Generation Bytes=max_generation_bytes?|Max Retained Bytes=max_retained_bytes?|"
+                      "Max Retained Generations=max_retained_generations?|"
+                      "Max Staging Generations=max_staging_generations?|Refresh Concurrency=refresh_concurrency?"),
             ("Created", or_dash(format_timestamp(namespace.get("created")))),
             ("Updated", or_dash(format_timestamp(namespace.get("updated"))))])
 
@@ -9661,7 +9683,13 @@ def show_generation(ctx, generation, done=None):
         if done:
             ctx.ui.success(done)
         ctx.ui.pairs([
-            *labelled(generation, "Generation=generation_id|Namespace=namespace_id|State=status|Client Refresh ID=client_refresh_id|Expected Chunks=expected_chunk_count|Expected Active=expected_active_generation_id?|Expected Records=expected_record_count?|Expected Bytes=expected_size_bytes?|Records=record_count|Bytes=size_bytes|Source Revision=source_revision?|Created By=created_by?|Created By Execution=created_by_execution?")] + [
+            *labelled(generation,
+                      "Generation=generation_id|Namespace=namespace_id|State=status|"
+                      "Client Refresh ID=client_refresh_id|Expected Chunks=expected_chunk_count|"
+                      "Expected Active=expected_active_generation_id?|Expected Records=expected_record_count?|"
+                      "Expected Bytes=expected_size_bytes?|Records=record_count|Bytes=size_bytes|"
+                      "Source Revision=source_revision?|Created By=created_by?|"
+                      "Created By Execution=created_by_execution?")] + [
             (label, or_dash(format_timestamp(generation.get(key))))
             for label, key in (("Sealed", "sealed"), ("Activated", "activated"), ("Readable Until", "readable_until"))]
             + [("Failure", or_dash(generation.get("failure_reason")))])
@@ -10144,7 +10172,8 @@ def cmd_audit_list(ctx, args):
     events = list_items(body)
     emit_list(ctx, events, pagination_of(body), "audit events",
               ["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Resource", "HTTP"],
-              lambda e: [e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"), audit_actor(e), audit_resource(e), audit_http(e)])
+              lambda e: [e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"),
+                         audit_actor(e), audit_resource(e), audit_http(e)])
 
 
 @command("audit show", "show one audit event", arg("id", metavar="ID", type=Number(1, MAX_ID), help="audit event id"))
@@ -10176,7 +10205,8 @@ def cmd_audit_chain(ctx, args):
             return ctx.ui.info("No audit events found for that request id")
         ctx.ui.section("Audit chain for request %s (%d events)" % (args.request_id, len(events)))
         ctx.ui.table(["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Path"],
-                     [[e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"), audit_actor(e), or_dash(e.get("http_path"))] for e in events])
+                     [[e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"),
+                       audit_actor(e), or_dash(e.get("http_path"))] for e in events])
 
     ctx.ui.emit(events, table)
 
@@ -10285,7 +10315,8 @@ def cmd_policy_list(ctx, args):
              "enabled": None if args.enabled is None else str(args.enabled).lower()}
     walk = ListWalk(ctx.session(), "/policies", query, every_page=args.all)
     emit_list(ctx, walk, walk, "policies", ["Ref", "Name", "Scope", "Features", "Priority", "Enabled"],
-              lambda p: [*cells(p, "ref name"), policy_scope_text(p), policy_features(p), *cells(p, "priority enabled")])
+              lambda p: [*cells(p, "ref name"), policy_scope_text(p), policy_features(p),
+                         *cells(p, "priority enabled")])
 
 
 @command("policy show", "show one policy", ref("policy"))
@@ -10377,7 +10408,9 @@ RULE_OPTIONS = (
 
 
 def rule_pairs(rule):
-    return [*labelled(rule, "Ref=ref|Pack=pack_ref|Label=label|Description=description?|Trigger=trigger_ref|Action=action_ref|Enabled=enabled|Trace Tag Template=trace_tag_template?")]
+    return [*labelled(rule,
+                      "Ref=ref|Pack=pack_ref|Label=label|Description=description?|Trigger=trigger_ref|"
+                      "Action=action_ref|Enabled=enabled|Trace Tag Template=trace_tag_template?")]
 
 
 def rule_fields(args):
@@ -10525,7 +10558,9 @@ def cmd_trigger_show(ctx, args):
 
     def table():
         allowed = trigger.get("reference_allowed_pack_refs") or []
-        ctx.ui.pairs([*labelled(trigger, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"), ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
+        ctx.ui.pairs([*labelled(trigger,
+                                "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"),
+                      ("Webhook Enabled", bool(trigger.get("webhook_enabled"))),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
                       ("Allowed Caller Packs", cell_text(allowed) or "-")]
                      + timestamps(trigger), "Trigger: %s" % trigger.get("ref"))
@@ -10554,7 +10589,8 @@ def cmd_trigger_update(ctx, args):
 
     def table():
         ctx.ui.success("Trigger '%s' updated successfully" % trigger.get("ref"))
-        ctx.ui.pairs([*labelled(trigger, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"),
+        ctx.ui.pairs([*labelled(trigger,
+                                "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
                       ("Updated", format_timestamp(trigger.get("updated")))])
 
@@ -10610,7 +10646,8 @@ def cmd_sensor_list(ctx, args):
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
     ctx.ui.emit(sensor, lambda: ctx.ui.pairs(
-        [*labelled(sensor, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?"), ("Trigger", or_dash(sensor_trigger(sensor))),
+        [*labelled(sensor, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?"),
+         ("Trigger", or_dash(sensor_trigger(sensor))),
          ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
          *labelled(sensor, "Runtime=runtime_ref?|Enabled=enabled")]
         + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
@@ -10701,7 +10738,8 @@ ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", 
 
 
 def enforcement_row(e):
-    return [*cells(e, "id rule_ref trigger_ref"), or_dash(e.get("event")), *cells(e, "status condition"), format_timestamp(e.get("created"))]
+    return [*cells(e, "id rule_ref trigger_ref"), or_dash(e.get("event")), *cells(e, "status condition"),
+            format_timestamp(e.get("created"))]
 
 
 def page_query(args, **filters):
@@ -10757,7 +10795,9 @@ def cmd_enforcement_show(ctx, args):
     enforcement = session.fetch("GET", "/enforcements/%d" % args.id)
     started, more = fetch_list(session, "/executions", {"enforcement": args.id, "per_page": 100}, "per_page")
     ctx.ui.emit(dict(enforcement, executions=started), lambda: (
-        ctx.ui.pairs([*labelled(enforcement, "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|Condition=condition"),
+        ctx.ui.pairs([*labelled(enforcement,
+                                "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|"
+                                "Condition=condition"),
                       ("Created", format_timestamp(enforcement.get("created"))),
                       ("Resolved", format_timestamp(enforcement.get("resolved_at")) or "-")],
                      "Enforcement: %s" % enforcement.get("id")),
@@ -11061,7 +11101,8 @@ def cmd_workflow_show(ctx, args):
     workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
     def table():
-        ctx.ui.pairs([*labelled(workflow, "Reference=ref|Pack=pack_ref|Label=label"), ("Description", workflow.get("description") or "-"),
+        ctx.ui.pairs([*labelled(workflow, "Reference=ref|Pack=pack_ref|Label=label"),
+                      ("Description", workflow.get("description") or "-"),
                       ("Version", workflow.get("version")), ("Tags", cell_text(workflow.get("tags")) or "none")]
                      + timestamps(workflow), "Workflow: %s" % workflow.get("ref"))
         for title, field in (("Parameters", "param_schema"), ("Output Schema", "out_schema")):
@@ -11114,7 +11155,9 @@ def show_worker(ctx, worker, message=None):
         if message:
             ctx.ui.success(message)
         runtimes = [r for r in worker.get("supported_runtimes") or [] if isinstance(r, dict)]
-        ctx.ui.pairs([*labelled(worker, "ID=id|Name=name|Type=worker_type|Role=worker_role|Host=host?|Port=port?|Status=status?|Health=health_state"), ("Heartbeat", heartbeat_text(worker)),
+        ctx.ui.pairs([*labelled(worker,
+                                "ID=id|Name=name|Type=worker_type|Role=worker_role|Host=host?|Port=port?|"
+                                "Status=status?|Health=health_state"), ("Heartbeat", heartbeat_text(worker)),
                       ("Load", load_text(worker)), ("Cordoned", bool(worker.get("cordoned"))),
                       ("Cordon Reason", or_dash(worker.get("cordon_reason"))),
                       ("Runtimes", ", ".join("%s %s" % (r.get("name"), " ".join(map(str, r.get("versions") or [])))

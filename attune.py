@@ -3995,10 +3995,7 @@ def read_secret(ctx, what, stdin_flag, value, env_name, flag_name):
     if stdin_flag and value:
         raise UsageError("give %s either on stdin or as %s, not both" % (what, flag_name))
     if stdin_flag:
-        secret = read_input(ctx.ui.stdin, line=True).rstrip("\n")
-        if not secret:
-            raise UsageError("no %s on standard input" % what)
-        return SECRETS.add(secret)
+        return read_secret_lines(ctx, (what,))[0]
     if value:
         ctx.ui.warn("%s exposes the %s in the process list; prefer %s-stdin%s"
                     % (flag_name, what, flag_name, " or " + env_name if env_name else ""))
@@ -4012,6 +4009,19 @@ def read_secret(ctx, what, stdin_flag, value, env_name, flag_name):
             return SECRETS.add(secret)
     hint = "%s-stdin" % flag_name + (" or set %s" % env_name if env_name else "")
     raise UsageError("a %s is needed but there is no terminal to ask on; use %s" % (what, hint))
+
+
+def read_secret_lines(ctx, names):
+    """One secret a line on stdin, for each of names (known as secrets from then on); an
+    empty or missing line is a usage error before anything is sent."""
+    values = []
+    for name in names:
+        value = read_input(ctx.ui.stdin, line=True).rstrip("\n")
+        if not value:
+            raise UsageError("no %s on standard input%s" % (name, " (expected %s, one a line)" % " and ".join(names)
+                                                            if len(names) > 1 else ""))
+        values.append(SECRETS.add(value))
+    return values
 
 
 def ask(ctx, prompt):
@@ -5766,23 +5776,12 @@ def check_new_password(password, what="the new password"):
     return password
 
 
-def read_password_lines(ctx, names):
-    """One password a line on stdin, for each of names; empty lines refused (exit 2)."""
-    values = []
-    for name in names:
-        value = read_input(ctx.ui.stdin, line=True).rstrip("\n")
-        if not value:
-            raise UsageError("no %s on standard input (expected %s, one a line)" % (name, " and ".join(names)))
-        values.append(SECRETS.add(value))
-    return values
-
-
 def ask_new_password(ctx):
     """The new password typed twice on a terminal."""
     import getpass
-    first = getpass.getpass("New password: ", stream=ctx.ui.stderr)
+    first = as_given(getpass.getpass("New password: ", stream=ctx.ui.stderr))  # counted as typed, under LANG=C too
     check_new_password(first)
-    if SECRETS.add(first) != getpass.getpass("New password again: ", stream=ctx.ui.stderr):
+    if SECRETS.add(first) != as_given(getpass.getpass("New password again: ", stream=ctx.ui.stderr)):
         raise UsageError("the two new passwords differ; nothing was changed")
     return first
 
@@ -5796,10 +5795,10 @@ def ask_new_password(ctx):
                    "attune auth change-password --password-stdin --if-needed < passwords  # current, new"))
 def cmd_auth_change_password(ctx, args):
     if args.password_stdin:
-        current, new = read_password_lines(ctx, ("current password", "new password"))
+        current, new = read_secret_lines(ctx, ("current password", "new password"))
     elif can_prompt(ctx):
         import getpass
-        current = SECRETS.add(getpass.getpass("Current password: ", stream=ctx.ui.stderr))
+        current = SECRETS.add(as_given(getpass.getpass("Current password: ", stream=ctx.ui.stderr)))
         new = ask_new_password(ctx)
     else:
         raise UsageError("the passwords are needed but there is no terminal to ask on; use --password-stdin "
@@ -8899,7 +8898,7 @@ def identity_body(ctx, args):
     """The fields of identity create/update that were given; the password from stdin."""
     body = {"display_name": args.display_name}
     if args.password_stdin:
-        body["password"] = check_new_password(read_password_lines(ctx, ("password",))[0], "the password")
+        body["password"] = check_new_password(read_secret_lines(ctx, ("password",))[0], "the password")
     return {k: v for k, v in body.items() if v is not None}
 
 

@@ -7537,6 +7537,20 @@ class SensorLogTests(ResourceTestCase):
         self.fails(2, "sensor", "logs", "core.timer_sensor", "--stream", "stdin")
         self.fails(2, "sensor", "logs", "core.timer_sensor", "--tail", "0")
 
+    def test_follow_gives_up_after_five_failed_looks_in_a_row(self):
+        looks = []
+
+        def between_looks(seconds):
+            if seconds == attune.SENSOR_LOG_POLL:
+                looks.append(seconds)
+                self.assertLess(len(looks), 20, "the follow never gave up")
+        self.server.fail(self.PATH, status=503, times=None)
+        with mock.patch.object(attune.time, "sleep", side_effect=between_looks):
+            result = self.run_cli("sensor", "logs", "core.timer_sensor", "--follow")
+        self.assertEqual(result.code, 6, result)  # the server error of the sixth look
+        self.assertEqual(len(looks), attune.SENSOR_LOG_FAILURES)
+        self.assertEqual(result.out, "")
+
     def test_new_lines_are_found_after_the_overlap(self):
         self.assertEqual(attune.new_lines(["a", "b", "c"], ["b", "c", "d", "e"]), ["d", "e"])
         self.assertEqual(attune.new_lines(["a", "b", "c"], ["a", "b", "c"]), [])

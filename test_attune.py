@@ -6579,7 +6579,9 @@ class ListWatchTests(ResourceTestCase):
         stop = threading.Event()
         self.addCleanup(stop.set)
 
-        def worker():  # the list route leaves executions as they are; the server's workers do not
+        def worker():  # the server's workers move it on once the watch has asked for the stream (not before:
+            while not self.streams() and not stop.wait(0.02):  # on a loaded machine it could end unwatched)
+                pass
             while not stop.wait(0.3):
                 self.server.advance(eid)
         threading.Thread(target=worker, daemon=True).start()

@@ -4955,10 +4955,19 @@ class Completion(CommandLine):
     def kind_workers(self, prefix):
         return self.listed("/workers", "id")
 
-    def kind_executions(self, prefix):
-        """Execution ids, the most recent first."""
-        ids = self.listed("/executions", "id", {"per_page": 100})
+    def recent_ids(self, path):
+        """The ids of a list that takes per_page, the most recent first."""
+        ids = self.listed(path, "id", {"per_page": 100})
         return sorted(ids, key=lambda i: -int(i) if i.isdigit() else 0)
+
+    def kind_executions(self, prefix):
+        return self.recent_ids("/executions")
+
+    def kind_events(self, prefix):
+        return self.recent_ids("/events")
+
+    def kind_enforcements(self, prefix):
+        return self.recent_ids("/enforcements")
 
     def kind_parameters(self, prefix):
         """NAME= for each parameter of the action on the line; after NAME=, its enum's values."""
@@ -8069,6 +8078,15 @@ def cmd_execution_history(ctx, args):
     emit_history(ctx, "/executions/%d/history" % args.id, args)
 
 
+@command("execution stats", "how many executions are in each state (those you may see)",
+         examples=("attune -j execution stats",))
+def cmd_execution_stats(ctx, args):
+    stats = ctx.session().fetch("GET", "/executions/stats")
+    ctx.ui.emit(stats, lambda: ctx.ui.pairs(labelled(stats, "Total=total|Pending=pending|Running=running|"
+                                                     "Completed=completed|Failed=failed|Cancelled=cancelled|"
+                                                     "Timed out=timeout|Abandoned=abandoned"), "Executions"))
+
+
 @command("execution result", "print an execution's result", EXECUTION_ID,
          arg("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml"),
          examples=("attune execution result 42 -f json",))
@@ -10731,8 +10749,9 @@ def cmd_sensor_logs(ctx, args):
 group("event", "what triggers emitted: list and show, with the enforcements they caused")
 group("enforcement", "what rules made of events: list and show, with the executions they started")
 
-EVENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="event id (a whole number)")
-ENFORCEMENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="enforcement id (a whole number)")
+EVENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="event id (a whole number)", complete="events")
+ENFORCEMENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="enforcement id (a whole number)",
+                     complete="enforcements")
 ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", "Created"]
 
 
@@ -10747,7 +10766,7 @@ def page_query(args, **filters):
 
 @command("event list", "list events, newest first", arg("--trigger", metavar="REF", help="only this trigger's events",
                                                          complete="triggers"),
-         arg("--rule", metavar="REF", help="only events of this rule"), arg("--source", type=Number(1, MAX_ID),
+         arg("--rule", metavar="REF", help="only events of this rule", complete="rules"), arg("--source", type=Number(1, MAX_ID),
                                                                             metavar="ID", help="only this sensor's"),
          PAGE, PER_PAGE, ALL, examples=("attune event list --trigger core.webhook",))
 def cmd_event_list(ctx, args):
@@ -10775,7 +10794,7 @@ def cmd_event_show(ctx, args):
 
 
 @command("enforcement list", "list enforcements, newest first",
-         arg("--event", type=Number(1, MAX_ID), metavar="ID", help="only those of this event"),
+         arg("--event", type=Number(1, MAX_ID), metavar="ID", help="only those of this event", complete="events"),
          arg("--rule", metavar="REF", help="only this rule's", complete="rules"),
          arg("--trigger", metavar="REF", help="only this trigger's", complete="triggers"),
          arg("--status", choices=("created", "processed", "disabled"), help="created, processed or disabled"),

@@ -870,6 +870,18 @@ class FakeExecutions(FakeResources):
             rows.append({k: e[k] for k in EXECUTION_SUMMARY_FIELDS})
         return self.paginate(req, rows, "per_page", totals=q.get("include_total") == "true")
 
+    @route("GET", r"/api/v1/executions/stats")
+    def executions_stats(self, req):
+        """routes/executions.rs: counts by status, requested/scheduling/scheduled as pending,
+        canceling as cancelled."""
+        names = {"requested": "pending", "scheduling": "pending", "scheduled": "pending", "canceling": "cancelled"}
+        stats = dict.fromkeys(("total", "completed", "failed", "running", "pending", "cancelled", "timeout",
+                               "abandoned"), 0)
+        for e in self.executions.values():
+            stats["total"] += 1
+            stats[names.get(e["status"], e["status"])] += 1
+        return 200, envelope(stats)
+
     @route("POST", r"/api/v1/executions/(?P<eid>\d+)/reschedule")
     def executions_reschedule(self, req, eid):
         """routes/executions.rs: only a requested execution, at most three times (409 otherwise)."""
@@ -7506,6 +7518,20 @@ class EventChainTests(ResourceTestCase):
 
 
 class RescheduleTests(ResourceTestCase):
+    def test_stats_in_each_format(self):
+        for status in ("requested", "scheduled", "running", "failed", "failed", "canceling"):
+            self.server.executions[self.execute("core.echo", "message=x")]["status"] = status
+        self.server.requests.clear()
+        table = self.ok("execution", "stats").out
+        for label, count in (("Total", 6), ("Pending", 2), ("Running", 1), ("Completed", 0), ("Failed", 2),
+                             ("Cancelled", 1), ("Timed out", 0), ("Abandoned", 0)):
+            self.assertRegex(table, r"\n%s:\s+%d\n" % (label, count))
+        data = self.ok("execution", "stats", "-j").json()
+        self.assertEqual((data["total"], data["pending"], data["cancelled"]), (6, 2, 1))
+        self.assertIn("pending: 2\n", self.ok("execution", "stats", "-o", "yaml").out)
+        self.assertRegex(self.ok("execution", "stats", "--fields", "failed").out, r"^failed:\s+2\n$")
+        self.assertEqual(set(self.targets()), {"GET /api/v1/executions/stats"})
+
     def test_only_a_requested_execution_and_never_sent_twice(self):
         eid = self.execute("core.echo", "message=x")
         self.server.executions[eid]["status"] = "requested"
@@ -10079,6 +10105,16 @@ class CompleteTests(ResourceTestCase):
                 self.assertEqual(self.targets(), ["GET /api/v1/executions?per_page=100"])
         self.assertEqual(self.complete("execution show %s" % str(second)[:-1]),
                          [str(i) for i in (second, first) if str(i).startswith(str(second)[:-1])])
+
+    def test_event_and_enforcement_ids_the_most_recent_first(self):
+        for line, expected, path in (("event show ", ["502", "501"], "/events"),
+                                     ("enforcement list --event 50", ["502", "501"], "/events"),
+                                     ("enforcement show ", ["601"], "/enforcements"),
+                                     ("enforcement show 7", [], "/enforcements")):
+            with self.subTest(line=line):
+                self.server.requests.clear()
+                self.assertEqual(self.complete(line), expected)
+                self.assertEqual(self.targets(), ["GET /api/v1%s?per_page=100" % path])
 
     def test_the_cursor_picks_the_word(self):
         self.assertEqual(self.complete("run co extra words", "--cursor", "1"), ["core."])

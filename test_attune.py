@@ -253,15 +253,17 @@ def parse_multipart(body, content_type):
     return fields, files
 
 
-ROUTES = []  # (method, path pattern, handler name, anonymous), as @route declares them
+ROUTES = []  # (method, path pattern, handler name, anonymous, query names), as @route declares them
 
 
-def route(method, pattern, anonymous=False):
+def route(method, pattern, anonymous=False, query=""):
     """Declare the handler below as the answer to method on paths matching pattern (the whole
     path; named groups become arguments). Stack one per route. anonymous: no token needed (the
-    server's public routes under /api/v1)."""
+    server's public routes under /api/v1). query: the names of the query parameters the
+    server's route takes (its Query DTOs); a request with any other breaks the contract (the
+    server would ignore it silently), and the test that sent it fails."""
     def declare(handler):
-        ROUTES.append((method, pattern, handler.__name__, anonymous))
+        ROUTES.append((method, pattern, handler.__name__, anonymous, frozenset(query.split())))
         return handler
     return declare
 
@@ -566,7 +568,7 @@ class FakePacks(FakeResources):
                 "version": version, "tags": list(tags), "is_standard": ref == "core",
                 "created": SEED_STAMP, "updated": SEED_STAMP}
 
-    @route("GET", r"/api/v1/packs")
+    @route("GET", r"/api/v1/packs", query="page page_size q")
     def packs_list(self, req):
         return self.listed(req, self.packs)
 
@@ -707,15 +709,15 @@ class FakeActions(FakeResources):
                 "workflow_def": workflow, "timeout_seconds": None, "param_schema": schema, "out_schema": None,
                 "is_adhoc": False, "created": SEED_STAMP, "updated": SEED_STAMP}
 
-    @route("GET", r"/api/v1/actions")
+    @route("GET", r"/api/v1/actions", query="page page_size q executable_with_current_access referencing_pack_ref")
     def actions_list(self, req):
         return self.listed(req, self.actions)
 
-    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/actions")
+    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/actions", query="page page_size")
     def pack_actions(self, req, pack):
         return self.listed(req, self.actions, pack)
 
-    @route("GET", r"/api/v1/actions/search")
+    @route("GET", r"/api/v1/actions/search", query="q packs referencing_pack_ref page page_size")
     def actions_search(self, req):
         words = (req.query.get("q", [""])[0]).lower().split()
         packs = [p for p in req.query.get("packs", [""])[0].split(",") if p]
@@ -840,7 +842,7 @@ class FakeExecutions(FakeResources):
             return None, api_error(404, "Execution with ID %s not found" % eid, "NOT_FOUND")
         return execution, None
 
-    @route("GET", r"/api/v1/executions/(?P<eid>\d+)")
+    @route("GET", r"/api/v1/executions/(?P<eid>\d+)", query="include_secret_values")
     def executions_show(self, req, eid):
         execution, error = self.execution(eid)
         if error:
@@ -848,7 +850,9 @@ class FakeExecutions(FakeResources):
         self.advance(execution["id"])
         return 200, envelope(execution)
 
-    @route("GET", r"/api/v1/executions")
+    @route("GET", r"/api/v1/executions",
+           query="status action_ref pack_name rule_ref trigger_ref trace_tag executor result_contains "
+                 "enforcement parent top_level_only include_total page per_page")
     def executions_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = []
@@ -919,7 +923,7 @@ class FakeExecutions(FakeResources):
         return 200, envelope({"trace_tag": tag, "origins": ["manual"], "executions": executions, "enforcements": [],
                               "events": [], "queue_dispatches": [], "queue_items": []})
 
-    @route("GET", r"/api/v1/executions/stream")
+    @route("GET", r"/api/v1/executions/stream", query="execution_id")
     def executions_stream(self, req):
         """Every execution's status changes as they happen (the API's broadcast of the
         notifier's execution events), optionally for one execution_id; keep-alive comments
@@ -958,7 +962,7 @@ class FakeExecutions(FakeResources):
             if quiet % 10 == 0:
                 yield ": keep-alive\n\n"
 
-    @route("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream")
+    @route("GET", r"/api/v1/executions/(?P<eid>\d+)/logs/(?P<stream>[^/]+)/stream", query="offset")
     def executions_log_stream(self, req, eid, stream):
         execution, error = self.execution(eid)
         if error:
@@ -1035,7 +1039,9 @@ class FakeInquiries(FakeResources):
                 "assigned_to": assigned_to, "status": status, "response": response, "timeout_at": None,
                 "responded_by": None, "responded_at": None, "created": stamp, "updated": stamp}
 
-    @route("GET", r"/api/v1/inquiries")
+    @route("GET", r"/api/v1/inquiries",
+           query="status created_by_execution execution assigned_to workflow_action_ref workflow_pack_ref "
+                 "offset limit")
     def inquiries_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         limit, offset = max(1, min(500, int(q.get("limit", 50)))), int(q.get("offset", 0))
@@ -1146,7 +1152,7 @@ class FakeArtifacts(FakeResources):
         return (artifact, None) if artifact else (None, api_error(404, "Artifact with ID %s not found" % aid,
                                                                    "NOT_FOUND"))
 
-    @route("GET", r"/api/v1/artifacts")
+    @route("GET", r"/api/v1/artifacts", query="scope owner type visibility execution name page per_page")
     def artifacts_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = [a for _, a in sorted(self.artifacts.items())
@@ -1279,7 +1285,7 @@ class FakeIdentities(FakeResources):
                 "roles": [{"id": 31, "identity_id": 3, "role": "operators", "source": "oidc", "managed": True,
                            "created": stamp, "updated": stamp}], "direct_permissions": []}}
 
-    @route("GET", r"/api/v1/identities")
+    @route("GET", r"/api/v1/identities", query="login page page_size")
     def identities_list(self, req):
         """routes/permissions.rs: pagination only (no login filter)."""
         rows = [{"id": i["id"], "login": i["login"], "display_name": i["display_name"], "frozen": i["frozen"],
@@ -1407,7 +1413,7 @@ class FakePermissions(FakeResources):
         return (found[0], None) if found else (None, api_error(404, "Permission set '%s' not found" % ref,
                                                                  "NOT_FOUND"))
 
-    @route("GET", r"/api/v1/permissions/sets")
+    @route("GET", r"/api/v1/permissions/sets", query="pack_ref include_retired")
     def permission_sets_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         return 200, [p for _, p in sorted(self.permission_sets.items())  # a bare array, as the server sends
@@ -1419,7 +1425,7 @@ class FakePermissions(FakeResources):
         found, error = self.permission_set_by_ref(ref)
         return error or (200, envelope(found))
 
-    @route("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)")
+    @route("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)", query="dry_run")
     def permission_sets_update(self, req, sid):
         found = self.permission_sets.get(int(sid))
         if not found:
@@ -1448,7 +1454,8 @@ class FakePermissions(FakeResources):
                              "created": r["created"], "target": {"type": "role", "role": r["role"]}})
         return sorted(rows, key=lambda row: row["id"])
 
-    @route("GET", r"/api/v1/permissions/assignments")
+    @route("GET", r"/api/v1/permissions/assignments",
+           query="identity_id identity_login role permission_set_ref page page_size")
     def assignments_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = [b for b in self.bindings()
@@ -1539,7 +1546,7 @@ class FakeQueues(FakeResources):
         found = self.queues.get(ref)
         return (found, None) if found else (None, api_error(404, "Work queue '%s' not found" % ref, "NOT_FOUND"))
 
-    @route("GET", r"/api/v1/queues")
+    @route("GET", r"/api/v1/queues", query="enabled is_adhoc search referencing_pack_ref page per_page")
     def queues_list(self, req, pack=None):
         if pack is not None and pack not in self.packs:
             return api_error(404, "Pack '%s' not found" % pack, "NOT_FOUND")
@@ -1552,7 +1559,8 @@ class FakeQueues(FakeResources):
                      or q.get("referencing_pack_ref") in x["reference_allowed_pack_refs"])]
         return self.paginate(req, rows, "per_page")
 
-    @route("GET", r"/api/v1/packs/" + REF + "/queues")
+    @route("GET", r"/api/v1/packs/" + REF + "/queues",
+           query="enabled is_adhoc search referencing_pack_ref page per_page")
     def pack_queues_list(self, req, ref):
         return self.queues_list(req, ref)
 
@@ -1592,7 +1600,7 @@ class FakeQueues(FakeResources):
             "created": self.stamp(), "updated": self.stamp()})
         return 201, envelope(self.queue_items[n])
 
-    @route("GET", r"/api/v1/queues/" + REF + "/items")
+    @route("GET", r"/api/v1/queues/" + REF + "/items", query="item_key enqueue_source statuses page per_page")
     def queue_items_list(self, req, ref):
         found, error = self.queue(ref)
         if error:
@@ -1740,7 +1748,7 @@ class FakeCache(FakeResources):
             return None, None, api_error(404, "Cache generation not found", "NOT_FOUND")
         return gid, [e for _, chunk in sorted(generation["chunks"].items()) for e in chunk], None
 
-    @route("GET", r"/api/v1/cache/namespaces")
+    @route("GET", r"/api/v1/cache/namespaces", query="owner_type owner_ref namespace freshness cursor limit")
     def cache_namespaces_list(self, req):
         key, error = self.cache_scope(req, None)
         if error:
@@ -1765,7 +1773,7 @@ class FakeCache(FakeResources):
                         "variant, expected one of `reuse`, `conflict`, `parallel`"
         return 201, envelope(self.cache_namespaces[self.new_cache_namespace(*key, **policy)])
 
-    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", query="owner_type owner_ref")
     def cache_namespace_show(self, req, name):
         key, error = self.cache_scope(req, name)
         return error or (200, envelope(self.cache_namespaces[key]))
@@ -1779,7 +1787,7 @@ class FakeCache(FakeResources):
             ("max_", "freshness_"))}, updated=self.stamp())
         return 200, envelope(self.cache_namespaces[key])
 
-    @route("DELETE", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
+    @route("DELETE", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", query="owner_type owner_ref")
     def cache_namespace_delete(self, req, name):
         key, error = self.cache_scope(req, name)
         if error:
@@ -1811,7 +1819,8 @@ class FakeCache(FakeResources):
         return 200, envelope({"generation_id": gid, "items": [by_id[i] for i in wanted if i in by_id],
                               "missing_external_ids": [i for i in wanted if i not in by_id], "stale": False})
 
-    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries")
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries",
+           query="owner_type owner_ref generation cursor limit include_values")
     def cache_scan(self, req, name):
         key, error = self.cache_scope(req, name)
         q = {k: v[0] for k, v in req.query.items()}
@@ -1826,7 +1835,7 @@ class FakeCache(FakeResources):
                               "cursor_expires_at": "2026-12-01T00:00:00Z" if more else None,
                               "record_count": len(entries), "stale": False})
 
-    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations")
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations", query="owner_type owner_ref cursor limit")
     def cache_generations_list(self, req, name):
         key, error = self.cache_scope(req, name)
         if error:
@@ -1841,7 +1850,7 @@ class FakeCache(FakeResources):
             error = api_error(404, "Cache generation %s not found" % gid, "NOT_FOUND")
         return generation, error
 
-    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)")
+    @route("GET", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)", query="owner_type owner_ref")
     def cache_generation_show(self, req, name, gid):
         generation, error = self.cache_generation(req, name, gid)
         return error or (200, envelope(self.public(generation)))
@@ -1947,7 +1956,10 @@ class FakeAudit(FakeResources):
              "request_id": "0b7d9a1e-3c4f-4e5a-8b6c-7d8e9f0a1b2c", "parent_event_id": None,
              "error": "missing keys:read", "details": None}]
 
-    @route("GET", r"/api/v1/audit-events")
+    @route("GET", r"/api/v1/audit-events",
+           query="category event_type outcome actor_login actor_identity resource_type resource_id "
+                 "resource_ref http_method http_status http_path request_id created_after created_before "
+                 "page per_page")
     def audit_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = [e for e in reversed(self.audit_events)
@@ -1983,7 +1995,7 @@ class FakePolicies(FakeResources):
             "rate_limit": {"max_executions": 30, "window_seconds": 60}, "quotas": [], "tags": ["ops"],
             "created": stamp, "updated": stamp}}
 
-    @route("GET", r"/api/v1/policies")
+    @route("GET", r"/api/v1/policies", query="scope pack_ref action_ref enabled tag")
     def policies_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = [p for _, p in sorted(self.policies.items())
@@ -2049,7 +2061,7 @@ class FakeRules(FakeResources):
         rule["pack"] = pack["id"] if pack else None
         return rule
 
-    @route("GET", r"/api/v1/rules")
+    @route("GET", r"/api/v1/rules", query="page page_size pack_ref action_ref trigger_ref enabled")
     def rules_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rules = [r for r in sorted(self.rules.values(), key=lambda r: r["id"])
@@ -2122,15 +2134,15 @@ class FakeTriggersAndSensors(FakeResources):
                 "description": "Fires %s" % trigger, "enabled": True, "entrypoint": "sensor.py",
                 "runtime_ref": "core.python", "trigger_ref": trigger, "created": SEED_STAMP, "updated": SEED_STAMP}
 
-    @route("GET", r"/api/v1/triggers")
+    @route("GET", r"/api/v1/triggers", query="page page_size referencing_pack_ref")
     def triggers_list(self, req):
         return self.listed(req, self.triggers)
 
-    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/triggers")
+    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/triggers", query="page page_size")
     def pack_triggers(self, req, pack):
         return self.listed(req, self.triggers, pack)
 
-    @route("GET", r"/api/v1/triggers/" + REF)
+    @route("GET", r"/api/v1/triggers/" + REF, query="referencing_pack_ref")
     def triggers_show(self, req, ref):
         trigger, error = self.lookup(self.triggers, ref, "Trigger")
         return error or (200, envelope(trigger))
@@ -2179,7 +2191,7 @@ class FakeTriggersAndSensors(FakeResources):
     def triggers_delete(self, req, ref):
         return self.removed(self.triggers, ref, "Trigger")
 
-    @route("GET", r"/api/v1/sensors/%s/logs/(?P<stream>[^/]+)" % REF)
+    @route("GET", r"/api/v1/sensors/%s/logs/(?P<stream>[^/]+)" % REF, query="tail")
     def sensors_log(self, req, ref, stream):
         """routes/sensor_logs.rs: text/plain, the whole log or its last `tail` lines; no offset."""
         if stream not in ("stdout", "stderr"):
@@ -2196,11 +2208,11 @@ class FakeTriggersAndSensors(FakeResources):
             text = "\n".join(lines) + ("\n" if lines else "")
         return 200, Download(text.encode("utf-8"), "text/plain; charset=utf-8", "inline")
 
-    @route("GET", r"/api/v1/sensors")
+    @route("GET", r"/api/v1/sensors", query="page page_size")
     def sensors_list(self, req):
         return self.listed(req, self.sensors)
 
-    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/sensors")
+    @route("GET", r"/api/v1/packs/(?P<pack>[^/]+)/sensors", query="page page_size")
     def pack_sensors(self, req, pack):
         return self.listed(req, self.sensors, pack)
 
@@ -2240,7 +2252,7 @@ class FakeKeys(FakeResources):
             view["value"] = None
         return view
 
-    @route("GET", r"/api/v1/keys")
+    @route("GET", r"/api/v1/keys", query="owner_type owner page per_page")
     def keys_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         keys = [{k: key.get(k) for k in ("id", "ref", "owner_type", "owner", "name", "encrypted", "created")}
@@ -2248,7 +2260,7 @@ class FakeKeys(FakeResources):
                 if all(not q.get(k) or key.get(k) == q[k] for k in ("owner_type", "owner"))]
         return self.paginate(req, keys, "per_page")
 
-    @route("GET", r"/api/v1/keys/" + REF)
+    @route("GET", r"/api/v1/keys/" + REF, query="decrypt")
     def keys_show(self, req, ref):
         key, error = self.lookup(self.keys, ref, "Key")
         return error or (200, envelope(self.key_view(key, req.query.get("decrypt") == ["true"])))
@@ -2308,7 +2320,7 @@ class FakeWorkflows(FakeResources):
                 {"name": "notify", "action": "core.echo"}]},
             "created": SEED_STAMP, "updated": SEED_STAMP}
 
-    @route("GET", r"/api/v1/workflows")
+    @route("GET", r"/api/v1/workflows", query="page page_size tags search pack_ref")
     def workflows_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         tags = set(t for t in q.get("tags", "").split(",") if t)
@@ -2392,7 +2404,7 @@ class FakeWorkers(FakeResources):
         found = self.workers.get(int(wid))
         return (found, None) if found else (None, api_error(404, "Worker with ID %s not found" % wid, "NOT_FOUND"))
 
-    @route("GET", r"/api/v1/workers")
+    @route("GET", r"/api/v1/workers", query="q role status health_state cordoned page page_size")
     def workers_list(self, req):
         def wanted(w):
             q = req.query
@@ -2424,7 +2436,7 @@ class FakeWorkers(FakeResources):
                      else "busy", cordoned_by=int(req.claims["sub"]) if verb == "cordon" else None)
         return 200, found
 
-    @route("GET", r"/api/v1/(?P<kind>workers|executions)/(?P<eid>\d+)/history")
+    @route("GET", r"/api/v1/(?P<kind>workers|executions)/(?P<eid>\d+)/history", query="changed_field page page_size")
     def entity_history(self, req, kind, eid):
         field = req.query.get("changed_field", [None])[0]
         records = [r for r in self.history.get((kind[:-1], int(eid)), []) if field in (None, *r["changed_fields"])]
@@ -2448,7 +2460,7 @@ class FakeEvents(FakeResources):
                                    "payload": {"disk": "full"}, "condition": "all", "conditions": [],
                                    "created": stamp, "resolved_at": stamp}}
 
-    @route("GET", r"/api/v1/events")
+    @route("GET", r"/api/v1/events", query="trigger trigger_ref source rule_ref include_total page per_page")
     def events_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = [dict({k: e[k] for k in ("id", "trigger", "trigger_ref", "source", "source_ref", "rule", "rule_ref",
@@ -2462,7 +2474,7 @@ class FakeEvents(FakeResources):
         found = self.events.get(int(eid))
         return (200, envelope(found)) if found else api_error(404, "Event with ID %s not found" % eid, "NOT_FOUND")
 
-    @route("GET", r"/api/v1/enforcements")
+    @route("GET", r"/api/v1/enforcements", query="rule rule_ref event status trigger_ref include_total page per_page")
     def enforcements_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rows = [{k: e[k] for k in ("id", "rule", "rule_ref", "trigger_ref", "event", "status", "condition", "created")}
@@ -2511,6 +2523,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         self.prefix, self.gateway_misses = prefix, []
         self.expired_sent = []  # (path, seconds past exp) of every access token sent after its exp
         self.unauthorized = []  # paths answered 401
+        self.contract_breaks = []  # requests with a query parameter their route does not take
         self.refresh_mode, self.clock_offset, self.tls = refresh_mode, clock_offset, tls
         self.lock = threading.RLock()
         self.requests, self.faults, self.issued = [], [], []
@@ -2706,7 +2719,10 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         mine = sorted((m for m in matches if m[0][0] == req.method), key=lambda m: bool(m[1].groupdict()))
         if not mine:
             return api_error(405, "Method not allowed", "METHOD_NOT_ALLOWED")
-        (_, _, name, anonymous), match = mine[0]
+        (_, _, name, anonymous, query), match = mine[0]
+        if set(req.query) - query:
+            with self.lock:
+                self.contract_breaks.append("%s %s: %s" % (req.method, req.path, sorted(set(req.query) - query)))
         if req.path.startswith("/api/v1/") and not anonymous:
             claims, problem = self.bearer_claims(req)
             if problem:  # the auth extractor's nested shape
@@ -3171,8 +3187,14 @@ class AttuneTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.server = FakeAttune(**self.server_options).start()
         self.addCleanup(self.server.stop)
+        self.addCleanup(self.keeps_to_the_contract, self.server)
         self.config = os.path.join(self.tmp, "home", ".config", "attune", "credentials.json")
         self.env = {"HOME": os.path.join(self.tmp, "home"), "ATTUNE_CONFIG": self.config}
+
+    def keeps_to_the_contract(self, server):
+        """Every request the test made takes only the query parameters its route takes. A test
+        of `attune api`, where the user writes the query, empties contract_breaks itself."""
+        self.assertEqual(server.contract_breaks, [], "query parameters the server's routes do not take")
 
     # -- running attune ------------------------------------------------------
     def run_cli(self, *argv, env=None, stdin="", clock=None, secrets_ok=False):
@@ -3495,7 +3517,7 @@ class FakeRouteTests(unittest.TestCase):
     def test_every_handler_exists_and_every_route_is_declared_once(self):
         server = FakeAttune()
         seen = set()
-        for method, pattern, name, _ in ROUTES:
+        for method, pattern, name, _, _ in ROUTES:
             self.assertTrue(callable(getattr(server, name, None)), name)
             self.assertNotIn((method, pattern), seen)
             seen.add((method, pattern))
@@ -3504,12 +3526,23 @@ class FakeRouteTests(unittest.TestCase):
     def test_no_request_matches_two_routes_with_parameters(self):
         """A path with parameters matches no other route with parameters for the same method,
         so which handler answers never depends on the order of the classes."""
-        for method, pattern, name, _ in ROUTES:
+        for method, pattern, name, _, _ in ROUTES:
             path = self.sample(pattern)
             self.assertTrue(re.match(pattern + "$", path), (pattern, path))
-            rivals = [other for m, p, other, _ in ROUTES if m == method and other != name
+            rivals = [other for m, p, other, _, _ in ROUTES if m == method and other != name
                       and "(?P" in p and "(?P" in pattern and re.match(p + "$", path)]
             self.assertEqual(rivals, [], (method, path, name))
+
+    def test_a_query_parameter_the_route_does_not_take_breaks_the_contract(self):
+        server = FakeAttune()
+        headers = {"Authorization": "Bearer " + server.mint("admin")}
+        for target in ("/api/v1/events?page=1&per_page=5", "/api/v1/events/7", "/api/v1/workers?page_size=5"):
+            server.handle(Seen("GET", target, headers, b""))
+        self.assertEqual(server.contract_breaks, [])
+        server.handle(Seen("GET", "/api/v1/events?page=1&page_size=5", headers, b""))  # events take per_page
+        server.handle(Seen("GET", "/api/v1/events/7?tail=3", headers, b""))
+        self.assertEqual(server.contract_breaks, ["GET /api/v1/events: ['page_size']", "GET /api/v1/events/7: ['tail']"])
+        self.assertTrue(all(isinstance(query, frozenset) for *_, query in ROUTES))
 
     def test_a_route_without_parameters_wins(self):
         server = FakeAttune()
@@ -3521,9 +3554,9 @@ class FakeRouteTests(unittest.TestCase):
 
     def test_only_the_public_routes_answer_without_a_token(self):
         server = FakeAttune()
-        public = sorted(p for m, p, _, anonymous in ROUTES if anonymous)
+        public = sorted(p for m, p, _, anonymous, _ in ROUTES if anonymous)
         self.assertEqual(public, ["/api/v1/info"])
-        for method, pattern, name, anonymous in ROUTES:
+        for method, pattern, name, anonymous, _ in ROUTES:
             if pattern.startswith("/api/v1/") and not anonymous:
                 status, body = server.handle(Seen(method, self.sample(pattern), {}, b""))
                 self.assertEqual((status, body["error"]["code"]), (401, 401), (method, pattern))
@@ -4382,6 +4415,7 @@ class HttpTests(AttuneTestCase):
         self.ok("auth", "whoami")
         self.assertEqual([r.token for r in self.server.requests], [token, token])
         self.assertEqual(self.server.requests[1].target, "/auth/me?moved=1")
+        self.server.contract_breaks.clear()  # the server's own Location, followed as given
 
     def test_a_redirect_to_another_origin_is_refused(self):
         other = FakeAttune().start()

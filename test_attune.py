@@ -7542,7 +7542,9 @@ class EventChainTests(ResourceTestCase):
         doc = self.ok("enforcement", "show", "601", "-j").json()
         self.assertEqual([x["id"] for x in doc["executions"]], [eid])
         self.assertEqual(self.targets()[-1], "GET /api/v1/executions?enforcement=601&per_page=100")
-        self.assertRegex(self.ok("enforcement", "show", "601").out, r"\n%d +core.echo +" % eid)
+        shown = self.ok("enforcement", "show", "601").out
+        self.assertRegex(shown, r"\n%d +core.echo +" % eid)
+        self.assertRegex(shown, r"Condition: +all\nCreated: +\S+ \S+\nResolved: +\S+ \S+\n\nConditions\n─+\n\[\]\n")
         self.ok("execution", "show", str(eid))  # the id the chain ends with
         listed = self.ok("enforcement", "list", "--rule", "examples.on_hook", "--status", "processed", "-j").json()
         self.assertEqual([e["id"] for e in listed], [601])

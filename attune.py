@@ -10624,7 +10624,7 @@ command("trigger webhook", "a trigger's webhook: enable, disable, regenerate its
 @command("trigger webhook enable", "let the trigger's webhook receive events (prints its key once)",
          ref("trigger", "triggers"), verb="enable", examples=("attune trigger webhook enable core.webhook",))
 @command("trigger webhook disable", "stop the trigger's webhook (its key stops working)",
-         ref("trigger", "triggers"), verb="disable")
+         ref("trigger", "triggers"), verb="disable", examples=("attune trigger webhook disable core.webhook",))
 @command("trigger webhook regenerate", "give the webhook a new key (the old one stops working; printed once)",
          ref("trigger", "triggers"), verb="regenerate", examples=("attune trigger webhook regenerate core.webhook",))
 def cmd_trigger_webhook(ctx, args):
@@ -11200,7 +11200,8 @@ def cmd_worker_list(ctx, args):
                          load_text(w), bool(w.get("cordoned"))])
 
 
-@command("worker show", "show a worker: health, heartbeat, load, runtimes", WORKER_ID)
+@command("worker show", "show a worker: health, heartbeat, load, runtimes", WORKER_ID,
+         examples=("attune worker show 3",))
 def cmd_worker_show(ctx, args):
     show_worker(ctx, ctx.session().send("GET", "/workers/%d" % args.id))  # unwrapped, as the server answers
 
@@ -11216,7 +11217,8 @@ def cmd_worker_cordon(ctx, args):
                 "Worker %d cordoned" % args.id)
 
 
-@command("worker uncordon", "give a cordoned worker work again", WORKER_ID)
+@command("worker uncordon", "give a cordoned worker work again", WORKER_ID,
+         examples=("attune worker uncordon 3",))
 def cmd_worker_uncordon(ctx, args):
     show_worker(ctx, ctx.session().send("POST", "/workers/%d/uncordon" % args.id, {}), "Worker %d uncordoned" % args.id)
 

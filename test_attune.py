@@ -253,17 +253,20 @@ def parse_multipart(body, content_type):
     return fields, files
 
 
-ROUTES = []  # (method, path pattern, handler name, anonymous, query names), as @route declares them
+ROUTES = []  # (method, path pattern, handler name, anonymous, query names, body keys), as @route declares them
 
 
-def route(method, pattern, anonymous=False, query=""):
+def route(method, pattern, anonymous=False, query="", body=None):
     """Declare the handler below as the answer to method on paths matching pattern (the whole
     path; named groups become arguments). Stack one per route. anonymous: no token needed (the
     server's public routes under /api/v1). query: the names of the query parameters the
-    server's route takes (its Query DTOs); a request with any other breaks the contract (the
-    server would ignore it silently), and the test that sent it fails."""
+    server's route takes (its Query DTOs); body: the top-level keys of the JSON object its
+    request DTO takes ("" none: {} at most; "*" anything: a document the user wrote, or a
+    file upload). A request with any other breaks the contract (the server would ignore it
+    without a word), and the test that sent it fails."""
     def declare(handler):
-        ROUTES.append((method, pattern, handler.__name__, anonymous, frozenset(query.split())))
+        keys = None if body is None else frozenset(body.split())
+        ROUTES.append((method, pattern, handler.__name__, anonymous, frozenset(query.split()), keys))
         return handler
     return declare
 
@@ -354,17 +357,17 @@ class FakeAuth(FakeResources):
             return api_error(401, "Invalid login or password", "UNAUTHORIZED")
         return self.token_body(login)
 
-    @route("POST", r"/auth/login")
+    @route("POST", r"/auth/login", body="login password")
     def auth_login(self, req):
         return self.password_login(req, self.users)
 
-    @route("POST", r"/auth/ldap/login")
+    @route("POST", r"/auth/ldap/login", body="login password")
     def auth_ldap_login(self, req):
         if not self.settings.get("ldap_enabled"):
             return api_error(501, "LDAP authentication is not configured", "NOT_IMPLEMENTED")
         return self.password_login(req, self.ldap_users)
 
-    @route("POST", r"/auth/token-login")
+    @route("POST", r"/auth/token-login", body="token")
     def auth_token_login(self, req):
         token = (req.json() or {}).get("token")
         if isinstance(token, str):
@@ -375,7 +378,7 @@ class FakeAuth(FakeResources):
             return api_error(401, "Invalid token", "UNAUTHORIZED")
         return self.token_body(login)
 
-    @route("POST", r"/auth/refresh")
+    @route("POST", r"/auth/refresh", body="refresh_token")
     def auth_refresh(self, req):
         body = req.json() if req.body else None
         if not isinstance(body, dict) or "refresh_token" not in body:
@@ -406,7 +409,7 @@ class FakeAuth(FakeResources):
         self.device_codes.add(code)
         return code
 
-    @route("POST", r"/auth/oidc/device/start")
+    @route("POST", r"/auth/oidc/device/start", body="")
     def device_start(self, req):
         if not self.device["enabled"]:
             return api_error(501, "OIDC device login requires security.encryption_key on the API server",
@@ -422,7 +425,7 @@ class FakeAuth(FakeResources):
             data.update(d["start"])  # a test's bad values
         return 200, envelope(data)
 
-    @route("POST", r"/auth/oidc/device/poll")
+    @route("POST", r"/auth/oidc/device/poll", body="device_code")
     def device_poll(self, req):
         body = req.json()
         if not isinstance(body, dict) or set(body) != {"device_code"} or not isinstance(body["device_code"], str):
@@ -465,7 +468,7 @@ class FakeAuth(FakeResources):
             "effective_permissions": [{"resource": "packs", "actions": ["read", "create"]}],
             "assigned_permission_set_refs": ["core.admin"]})
 
-    @route("POST", r"/auth/change-password")
+    @route("POST", r"/auth/change-password", body="current_password new_password")
     def auth_change_password(self, req):
         """routes/auth.rs: a user access token; the new password 8..128 characters (422); a
         wrong current one is 401 in the flat shape; provider-managed or frozen identities 403."""
@@ -508,7 +511,7 @@ class FakeAuth(FakeResources):
         return 200, envelope([r for r in sorted(self.itoken_records.values(), key=lambda r: r["id"])
                               if r["identity_id"] == int(iid)])
 
-    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens")
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens", body="label description expires_at")
     def itokens_create(self, req, iid):
         body = req.json()
         if not isinstance(body, dict) or not isinstance(body.get("label"), str) or \
@@ -530,7 +533,7 @@ class FakeAuth(FakeResources):
             self.itoken_records[token] = record
         return 201, envelope({"token": token, "integration_token": record})
 
-    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)/revoke")
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/integration-tokens/(?P<tid>\d+)/revoke", body="reason")
     def itokens_revoke(self, req, iid, tid):
         record, error = self.itoken(iid, tid)
         if error:
@@ -583,7 +586,9 @@ class FakePacks(FakeResources):
                                   action_count=count(self.actions), trigger_count=count(self.triggers),
                                   rule_count=count(self.rules), sensor_count=count(self.sensors)))
 
-    @route("POST", r"/api/v1/packs")
+    @route("POST", r"/api/v1/packs",
+           body="ref label description version conf_schema config meta tags runtime_deps dependencies "
+                "is_standard")
     def packs_create(self, req):
         body = req.json() or {}
         missing = [k for k in ("ref", "label", "version") if not body.get(k)]
@@ -597,7 +602,9 @@ class FakePacks(FakeResources):
             self.packs[pack["ref"]] = pack
         return 201, envelope(pack)
 
-    @route("PUT", r"/api/v1/packs/" + REF)
+    @route("PUT", r"/api/v1/packs/" + REF,
+           body="label description version conf_schema config meta tags runtime_deps dependencies "
+                "is_standard")
     def packs_update(self, req, ref):
         pack, error = self.lookup(self.packs, ref, "Pack")
         if error:
@@ -647,7 +654,9 @@ class FakePacks(FakeResources):
                            error_message=None if outcome == "succeeded" else "2 tests failed")
         return 200, envelope({k: v for k, v in install.items() if k != "looks"})
 
-    @route("POST", r"/api/v1/packs/install")
+    @route("POST", r"/api/v1/packs/install",
+           body="source ref_spec force skip_tests skip_deps no_registry registry_id "
+                "absent_metadata_policy")
     def packs_install(self, req):
         body = req.json() or {}
         if not body.get("source"):
@@ -657,14 +666,14 @@ class FakePacks(FakeResources):
             return api_error(409, "Pack '%s' is already installed" % ref, "CONFLICT")
         return self.installed(ref, 201, bool(body.get("skip_tests")))
 
-    @route("POST", r"/api/v1/packs/register")
+    @route("POST", r"/api/v1/packs/register", body="path skip_tests force absent_metadata_policy")
     def packs_register(self, req):
         body = req.json() or {}
         if not body.get("path"):
             return api_error(422, "Validation failed: path is required", "VALIDATION_ERROR")
         return self.installed(os.path.basename(body["path"].rstrip("/")), 201, bool(body.get("skip_tests")))
 
-    @route("POST", r"/api/v1/packs/upload")
+    @route("POST", r"/api/v1/packs/upload", body="*")
     def packs_upload(self, req):
         fields, files = parse_multipart(req.body, req.headers.get("Content-Type", ""))
         if "pack" not in files:
@@ -735,7 +744,12 @@ class FakeActions(FakeResources):
         action, error = self.lookup(self.actions, ref, "Action")
         return error or (200, envelope(action))
 
-    @route("PUT", r"/api/v1/actions/" + REF)
+    @route("PUT", r"/api/v1/actions/" + REF,
+           body="label description entrypoint runtime enabled runtime_ref runtime_version_constraint "
+                "required_worker_runtimes worker_selector worker_tolerations worker_affinity param_schema "
+                "out_schema accesses_mcp default_execution_permission_set_refs reference_visibility "
+                "reference_allowed_pack_refs artifact_retention_policy artifact_retention_limit "
+                "log_retention_policy log_retention_limit timeout_seconds")
     def actions_update(self, req, ref):
         action, error = self.lookup(self.actions, ref, "Action")
         if error:
@@ -764,7 +778,9 @@ class FakeExecutions(FakeResources):
     def seed_executions(self):
         self.executions, self.plans, self.log_drops = {}, {}, {}
 
-    @route("POST", r"/api/v1/executions/execute")
+    @route("POST", r"/api/v1/executions/execute",
+           body="action_ref parameters env_vars permission_set_refs timeout_seconds worker_selector "
+                "worker_tolerations worker_affinity artifact_retention_policy artifact_retention_limit")
     def executions_execute(self, req):
         body = req.json()
         if not isinstance(body, dict) or not body.get("action_ref"):
@@ -886,7 +902,7 @@ class FakeExecutions(FakeResources):
             stats[names.get(e["status"], e["status"])] += 1
         return 200, envelope(stats)
 
-    @route("POST", r"/api/v1/executions/(?P<eid>\d+)/reschedule")
+    @route("POST", r"/api/v1/executions/(?P<eid>\d+)/reschedule", body="")
     def executions_reschedule(self, req, eid):
         """routes/executions.rs: only a requested execution, at most three times (409 otherwise)."""
         execution, error = self.execution(eid)
@@ -902,7 +918,7 @@ class FakeExecutions(FakeResources):
         return 200, envelope({"message": "Execution request republished; pending scheduling", "attempt_count": attempts,
                               "last_attempt_at": self.stamp(), "execution": execution})
 
-    @route("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel")
+    @route("POST", r"/api/v1/executions/(?P<eid>\d+)/cancel", body="")
     def executions_cancel(self, req, eid):
         execution, error = self.execution(eid)
         if error:
@@ -1064,7 +1080,7 @@ class FakeInquiries(FakeResources):
         inquiry, error = self.inquiry(iid)
         return error or (200, envelope(inquiry))
 
-    @route("POST", r"/api/v1/inquiries/(?P<iid>\d+)/respond")
+    @route("POST", r"/api/v1/inquiries/(?P<iid>\d+)/respond", body="response")
     def inquiries_respond(self, req, iid):
         inquiry, error = self.inquiry(iid)
         if error:
@@ -1085,7 +1101,7 @@ class FakeInquiries(FakeResources):
                        updated=self.stamp())
         return 200, envelope(inquiry, "Inquiry responded successfully")
 
-    @route("POST", r"/api/v1/inquiries")
+    @route("POST", r"/api/v1/inquiries", body="*")
     def inquiries_create(self, req):
         if req.claims.get("token_type") != "execution":
             return api_error(403, "Workflow inquiries must be created with an execution token", "FORBIDDEN")
@@ -1098,7 +1114,7 @@ class FakeInquiries(FakeResources):
         self.inquiries[iid] = inquiry
         return 201, envelope({"inquiry": inquiry, "response_options": []}, "Inquiry created successfully")
 
-    @route("POST", r"/api/v1/inquiries/(?P<iid>\d+)/cancel")
+    @route("POST", r"/api/v1/inquiries/(?P<iid>\d+)/cancel", body="")
     def inquiries_cancel(self, req, iid):
         inquiry, error = self.inquiry(iid)
         if error:
@@ -1172,7 +1188,9 @@ class FakeArtifacts(FakeResources):
         found = [a for a in self.artifacts.values() if a["ref"] == ref]
         return (200, envelope(found[0])) if found else api_error(404, "Artifact '%s' not found" % ref, "NOT_FOUND")
 
-    @route("POST", r"/api/v1/artifacts")
+    @route("POST", r"/api/v1/artifacts",
+           body="ref scope owner type visibility retention_policy retention_limit name description "
+                "content_type")
     def artifacts_create(self, req):
         body = req.json() or {}
         if not str(body.get("ref") or "").strip():
@@ -1214,7 +1232,7 @@ class FakeArtifacts(FakeResources):
         version, error = self.artifact_version(aid, number)
         return error or (200, envelope({k: v for k, v in version.items() if k != "content"}))
 
-    @route("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions")
+    @route("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions", body="content content_type meta created_by")
     def artifacts_version_json(self, req, aid):
         artifact, error = self.artifact(aid)
         if error:
@@ -1225,7 +1243,7 @@ class FakeArtifacts(FakeResources):
                                    body.get("meta"), body.get("content"))
         return 201, envelope({k: v for k, v in version.items() if k != "content"}, "Version created successfully")
 
-    @route("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions/upload")
+    @route("POST", r"/api/v1/artifacts/(?P<aid>\d+)/versions/upload", body="*")
     def artifacts_upload(self, req, aid):
         artifact, error = self.artifact(aid)
         if error:
@@ -1301,7 +1319,7 @@ class FakeIdentities(FakeResources):
         identity, error = self.identity(iid)
         return error or (200, envelope(identity_answer(identity)))
 
-    @route("POST", r"/api/v1/identities")
+    @route("POST", r"/api/v1/identities", body="login display_name password attributes")
     def identities_create(self, req):
         """routes/permissions.rs: login 3..255, password 8..128 (422), 201, 409 on a login
         that exists; a password given makes the identity able to log in."""
@@ -1324,7 +1342,7 @@ class FakeIdentities(FakeResources):
                 self.users[login] = {"id": iid, "password": password, "display_name": identity["display_name"]}
         return 201, envelope(identity_answer(identity))
 
-    @route("PUT", r"/api/v1/identities/(?P<iid>\d+)")
+    @route("PUT", r"/api/v1/identities/(?P<iid>\d+)", body="display_name password attributes frozen")
     def identities_update(self, req, iid):
         identity, error = self.identity(iid)
         if error:
@@ -1357,7 +1375,7 @@ class FakeIdentities(FakeResources):
             self.users.pop(identity["login"], None)
         return 200, envelope({"success": True, "message": "Identity deleted successfully"})
 
-    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/roles")
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/roles", body="role")
     def identities_add_role(self, req, iid):
         identity, error = self.identity(iid)
         if error:
@@ -1379,7 +1397,7 @@ class FakeIdentities(FakeResources):
                     return 200, {"success": True, "message": "Role assignment deleted successfully"}
         return api_error(404, "Role assignment %s not found" % aid, "NOT_FOUND")
 
-    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/(?P<action>freeze|unfreeze)")
+    @route("POST", r"/api/v1/identities/(?P<iid>\d+)/(?P<action>freeze|unfreeze)", body="")
     def identities_freeze(self, req, iid, action):
         identity, error = self.identity(iid)
         if error:
@@ -1425,7 +1443,7 @@ class FakePermissions(FakeResources):
         found, error = self.permission_set_by_ref(ref)
         return error or (200, envelope(found))
 
-    @route("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)", query="dry_run")
+    @route("PUT", r"/api/v1/permissions/sets/(?P<sid>\d+)", query="dry_run", body="label description grants")
     def permission_sets_update(self, req, sid):
         found = self.permission_sets.get(int(sid))
         if not found:
@@ -1465,7 +1483,7 @@ class FakePermissions(FakeResources):
                 and q.get("permission_set_ref") in (None, b["permission_set_ref"])]
         return self.paginate(req, rows)
 
-    @route("POST", r"/api/v1/permissions/assignments")
+    @route("POST", r"/api/v1/permissions/assignments", body="identity_id identity_login permission_set_ref")
     def assignments_create(self, req):
         body = req.json() or {}
         identity, error = self.identity(body.get("identity_id") or 0)
@@ -1488,7 +1506,7 @@ class FakePermissions(FakeResources):
                     return 200, envelope({"success": True, "message": "Permission assignment deleted successfully"})
         return api_error(404, "Permission assignment '%s' not found" % aid, "NOT_FOUND")
 
-    @route("POST", r"/api/v1/permissions/sets/(?P<sid>\d+)/roles")
+    @route("POST", r"/api/v1/permissions/sets/(?P<sid>\d+)/roles", body="role")
     def set_roles_create(self, req, sid):
         found = self.permission_sets.get(int(sid))
         if not found:
@@ -1569,7 +1587,7 @@ class FakeQueues(FakeResources):
         found, error = self.queue(ref)
         return error or (200, envelope(found))
 
-    @route("PUT", r"/api/v1/queues/" + REF)
+    @route("PUT", r"/api/v1/queues/" + REF, body="enabled trace_tag_template")
     def queues_update(self, req, ref):
         found, error = self.queue(ref)
         if error:
@@ -1581,7 +1599,7 @@ class FakeQueues(FakeResources):
         found["updated"] = self.stamp()
         return 200, envelope(found)
 
-    @route("POST", r"/api/v1/queues/" + REF + "/items")
+    @route("POST", r"/api/v1/queues/" + REF + "/items", body="payload item_key priority metadata trace_tag")
     def queue_items_create(self, req, ref):
         found, error = self.queue(ref)
         if error:
@@ -1621,7 +1639,7 @@ class FakeQueues(FakeResources):
         return item, None
 
     # one item: only PUT and DELETE (GET is 405), as in the server's routes/work_queues.rs
-    @route("PUT", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)")
+    @route("PUT", r"/api/v1/queues/" + REF + r"/items/(?P<iid>\d+)", body="priority payload metadata")
     def queue_item_update(self, req, ref, iid):
         item, error = self.queue_item(ref, iid)
         if error:
@@ -1651,7 +1669,7 @@ class FakeQueues(FakeResources):
         return body, [i for _, i in sorted(self.queue_items.items()) if i["queue_ref"] == ref
                       and i["status"] in ("queued", "retry") and (path == "$" or key in i["payload"])], None
 
-    @route("POST", r"/api/v1/queues/" + REF + "/items/query/preview")
+    @route("POST", r"/api/v1/queues/" + REF + "/items/query/preview", body="selector limit")
     def queue_items_preview(self, req, ref):
         found, error = self.queue(ref)
         body, items, error = (None, None, error) if error else self.selected_items(req, ref)
@@ -1660,7 +1678,8 @@ class FakeQueues(FakeResources):
         shown = items[:body.get("limit", 100)]
         return 200, envelope({"matched_count": len(items), "preview_count": len(shown), "items": shown})
 
-    @route("POST", r"/api/v1/queues/" + REF + "/items/query/apply")
+    @route("POST", r"/api/v1/queues/" + REF + "/items/query/apply",
+           body="selector operation payload_patch priority preview_limit")
     def queue_items_apply(self, req, ref):
         found, error = self.queue(ref)
         body, items, error = (None, None, error) if error else self.selected_items(req, ref)
@@ -1758,7 +1777,10 @@ class FakeCache(FakeResources):
                 if k[:2] == key[:2] and q.get("namespace", "").lower() in n["namespace"].lower()]
         return 200, {"namespaces": rows, "next_cursor": None}  # bare, as cache routes may answer
 
-    @route("POST", r"/api/v1/cache/namespaces")
+    @route("POST", r"/api/v1/cache/namespaces",
+           body="owner_type owner_ref namespace freshness_target_seconds max_records_per_generation "
+                "max_generation_bytes max_retained_bytes max_retained_generations max_staging_generations "
+                "refresh_concurrency")
     def cache_namespaces_create(self, req):
         body = req.json() or {}
         key, error = self.cache_scope(req, None)
@@ -1778,7 +1800,10 @@ class FakeCache(FakeResources):
         key, error = self.cache_scope(req, name)
         return error or (200, envelope(self.cache_namespaces[key]))
 
-    @route("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)")
+    @route("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)",
+           body="owner_type owner_ref freshness_target_seconds max_records_per_generation "
+                "max_generation_bytes max_retained_bytes max_retained_generations max_staging_generations "
+                "refresh_concurrency")
     def cache_namespace_update(self, req, name):
         key, error = self.cache_scope(req, name)
         if error:
@@ -1795,7 +1820,8 @@ class FakeCache(FakeResources):
         del self.cache_namespaces[key]
         return 204, None
 
-    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup")
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup",
+           body="owner_type owner_ref external_id generation_id require_fresh")
     def cache_lookup(self, req, name):
         key, error = self.cache_scope(req, name)
         body = req.json() or {}
@@ -1805,7 +1831,8 @@ class FakeCache(FakeResources):
         found = [e for e in entries if e["external_id"] == body.get("external_id")]
         return 200, envelope({"generation_id": gid, "item": found[0] if found else None, "stale": False})
 
-    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup-many")
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/entries/lookup-many",
+           body="owner_type owner_ref external_ids generation_id require_fresh")
     def cache_lookup_many(self, req, name):
         key, error = self.cache_scope(req, name)
         body = req.json() or {}
@@ -1855,7 +1882,9 @@ class FakeCache(FakeResources):
         generation, error = self.cache_generation(req, name, gid)
         return error or (200, envelope(self.public(generation)))
 
-    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations")
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations",
+           body="owner_type owner_ref client_refresh_id expected_active_generation_id "
+                "expected_chunk_count expected_record_count expected_size_bytes source_revision")
     def cache_begin(self, req, name):
         key, error = self.cache_scope(req, name)
         if error:
@@ -1882,7 +1911,8 @@ class FakeCache(FakeResources):
         self.cache_generations[gid].update(record_count=0, size_bytes=0)
         return 201, envelope(self.public(self.cache_generations[gid]))
 
-    @route("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/chunks/(?P<index>\d+)")
+    @route("PUT", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/chunks/(?P<index>\d+)",
+           body="owner_type owner_ref entries")
     def cache_upload(self, req, name, gid, index):
         generation, error = self.cache_generation(req, name, gid)
         if error:
@@ -1893,7 +1923,8 @@ class FakeCache(FakeResources):
         generation["chunks"][int(index)] = [dict(e, size_bytes=len(json.dumps(e["value"]))) for e in entries]
         return 200, envelope({"generation_id": int(gid), "chunk_index": int(index), "record_count": len(entries)})
 
-    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/seal")
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/seal",
+           body="owner_type owner_ref expected_chunk_count expected_record_count expected_size_bytes")
     def cache_seal(self, req, name, gid):
         generation, error = self.cache_generation(req, name, gid)
         if error:
@@ -1907,7 +1938,8 @@ class FakeCache(FakeResources):
                           size_bytes=sum(e["size_bytes"] for c in generation["chunks"].values() for e in c))
         return 200, envelope(self.public(generation))
 
-    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/promote")
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/promote",
+           body="owner_type owner_ref expected_active_generation_id")
     def cache_promote(self, req, name, gid):
         generation, error = self.cache_generation(req, name, gid)
         if error:
@@ -1921,7 +1953,8 @@ class FakeCache(FakeResources):
         namespace.update(active_generation=generation["generation_id"], record_count=generation["record_count"])
         return 200, envelope(self.public(generation))
 
-    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/abandon")
+    @route("POST", r"/api/v1/cache/namespaces/(?P<name>[^/]+)/generations/(?P<gid>\d+)/abandon",
+           body="owner_type owner_ref")
     def cache_abandon(self, req, name, gid):
         generation, error = self.cache_generation(req, name, gid)
         if error:
@@ -2011,7 +2044,8 @@ class FakePolicies(FakeResources):
         policy = self.policies.get(ref)
         return (200, envelope(policy)) if policy else api_error(404, "Policy '%s' not found" % ref, "NOT_FOUND")
 
-    @route("POST", r"/api/v1/policies")
+    @route("POST", r"/api/v1/policies",
+           body="ref name description enabled priority scope concurrency rate_limit quotas tags")
     def policies_create(self, req):
         body = req.json() or {}
         if body.get("ref") in self.policies:
@@ -2022,7 +2056,8 @@ class FakePolicies(FakeResources):
         self.policies[body["ref"]] = policy
         return 201, envelope(policy, "Policy created successfully")
 
-    @route("PUT", r"/api/v1/policies/" + REF)
+    @route("PUT", r"/api/v1/policies/" + REF,
+           body="name description enabled priority concurrency rate_limit quotas tags")
     def policies_update(self, req, ref):
         policy = self.policies.get(ref)
         if not policy:
@@ -2061,7 +2096,7 @@ class FakeRules(FakeResources):
         rule["pack"] = pack["id"] if pack else None
         return rule
 
-    @route("GET", r"/api/v1/rules", query="page page_size pack_ref action_ref trigger_ref enabled")
+    @route("GET", r"/api/v1/rules", query="page page_size q pack_ref action_ref trigger_ref enabled")
     def rules_list(self, req):
         q = {k: v[0] for k, v in req.query.items()}
         rules = [r for r in sorted(self.rules.values(), key=lambda r: r["id"])
@@ -2074,7 +2109,10 @@ class FakeRules(FakeResources):
         rule, error = self.lookup(self.rules, ref, "Rule")
         return error or (200, envelope(rule))
 
-    @route("POST", r"/api/v1/rules")
+    @route("POST", r"/api/v1/rules",
+           body="ref pack_ref label description action_ref trigger_ref conditions action_params "
+                "trigger_params sensor_worker_selector sensor_worker_tolerations sensor_worker_affinity "
+                "trace_tag_template permission_set_refs enabled")
     def rules_create(self, req):
         body = req.json() or {}
         missing = [k for k in ("ref", "pack_ref", "label", "trigger_ref", "action_ref") if not body.get(k)]
@@ -2090,7 +2128,10 @@ class FakeRules(FakeResources):
         self.rules[rule["ref"]] = rule
         return 201, envelope(rule)
 
-    @route("PUT", r"/api/v1/rules/" + REF)
+    @route("PUT", r"/api/v1/rules/" + REF,
+           body="label description action_ref trigger_ref conditions action_params trigger_params "
+                "sensor_worker_selector sensor_worker_tolerations sensor_worker_affinity "
+                "trace_tag_template permission_set_refs enabled")
     def rules_update(self, req, ref):
         rule, error = self.lookup(self.rules, ref, "Rule")
         if error:
@@ -2099,11 +2140,11 @@ class FakeRules(FakeResources):
         rule["updated"] = self.stamp()
         return 200, envelope(rule, "Rule updated successfully")
 
-    @route("POST", r"/api/v1/rules/%s/enable" % REF)
+    @route("POST", r"/api/v1/rules/%s/enable" % REF, body="")
     def rules_enable(self, req, ref):
         return self.toggled(self.rules, ref, "Rule", True)
 
-    @route("POST", r"/api/v1/rules/%s/disable" % REF)
+    @route("POST", r"/api/v1/rules/%s/disable" % REF, body="")
     def rules_disable(self, req, ref):
         return self.toggled(self.rules, ref, "Rule", False)
 
@@ -2147,7 +2188,8 @@ class FakeTriggersAndSensors(FakeResources):
         trigger, error = self.lookup(self.triggers, ref, "Trigger")
         return error or (200, envelope(trigger))
 
-    @route("PUT", r"/api/v1/triggers/" + REF)
+    @route("PUT", r"/api/v1/triggers/" + REF,
+           body="label description enabled reference_visibility reference_allowed_pack_refs")
     def triggers_update(self, req, ref):
         trigger, error = self.lookup(self.triggers, ref, "Trigger")
         if error:
@@ -2161,15 +2203,15 @@ class FakeTriggersAndSensors(FakeResources):
         trigger["updated"] = self.stamp()
         return 200, envelope(trigger)
 
-    @route("POST", r"/api/v1/triggers/%s/enable" % REF)
+    @route("POST", r"/api/v1/triggers/%s/enable" % REF, body="")
     def triggers_enable(self, req, ref):
         return self.toggled(self.triggers, ref, "Trigger", True)
 
-    @route("POST", r"/api/v1/triggers/%s/disable" % REF)
+    @route("POST", r"/api/v1/triggers/%s/disable" % REF, body="")
     def triggers_disable(self, req, ref):
         return self.toggled(self.triggers, ref, "Trigger", False)
 
-    @route("POST", r"/api/v1/triggers/%s/webhooks/(?P<verb>enable|disable|regenerate)" % REF)
+    @route("POST", r"/api/v1/triggers/%s/webhooks/(?P<verb>enable|disable|regenerate)" % REF, body="")
     def triggers_webhooks(self, req, ref, verb):
         """routes/webhooks.rs: the trigger in {data}; a new key when webhooks are enabled and on
         regenerate (400 while they are off); disable drops the key."""
@@ -2221,11 +2263,11 @@ class FakeTriggersAndSensors(FakeResources):
         sensor, error = self.lookup(self.sensors, ref, "Sensor")
         return error or (200, envelope(sensor))
 
-    @route("POST", r"/api/v1/sensors/%s/enable" % REF)
+    @route("POST", r"/api/v1/sensors/%s/enable" % REF, body="")
     def sensors_enable(self, req, ref):
         return self.toggled(self.sensors, ref, "Sensor", True)
 
-    @route("POST", r"/api/v1/sensors/%s/disable" % REF)
+    @route("POST", r"/api/v1/sensors/%s/disable" % REF, body="")
     def sensors_disable(self, req, ref):
         return self.toggled(self.sensors, ref, "Sensor", False)
 
@@ -2265,7 +2307,9 @@ class FakeKeys(FakeResources):
         key, error = self.lookup(self.keys, ref, "Key")
         return error or (200, envelope(self.key_view(key, req.query.get("decrypt") == ["true"])))
 
-    @route("POST", r"/api/v1/keys")
+    @route("POST", r"/api/v1/keys",
+           body="ref local_ref owner_type owner owner_identity owner_pack owner_pack_ref owner_action "
+                "owner_action_ref owner_sensor owner_sensor_ref name value encrypted")
     def keys_create(self, req):
         body = req.json() or {}
         if "local_ref" in body:  # the newer body: the server builds the ref from the owner
@@ -2287,7 +2331,7 @@ class FakeKeys(FakeResources):
         self.keys[key["ref"]] = key
         return 201, envelope(self.key_view(key))
 
-    @route("PUT", r"/api/v1/keys/" + REF)
+    @route("PUT", r"/api/v1/keys/" + REF, body="name value encrypted")
     def keys_update(self, req, ref):
         key, error = self.lookup(self.keys, ref, "Key")
         if error:
@@ -2358,7 +2402,9 @@ class FakeWorkflows(FakeResources):
         self.workflows[workflow["ref"]] = workflow
         return workflow, None
 
-    @route("POST", r"/api/v1/packs/" + REF + "/workflow-files")
+    @route("POST", r"/api/v1/packs/" + REF + "/workflow-files",
+           body="name label version pack_ref definition description enabled param_schema out_schema tags "
+                "reference_visibility reference_allowed_pack_refs")
     def workflow_files_create(self, req, ref):
         body = req.json() or {}
         if "%s.%s" % (ref, body.get("name")) in self.workflows:
@@ -2366,7 +2412,9 @@ class FakeWorkflows(FakeResources):
         workflow, error = self.workflow_file_saved(body, ref)
         return error or (201, envelope(workflow, "Workflow file saved successfully"))
 
-    @route("PUT", r"/api/v1/workflows/" + REF + "/file")
+    @route("PUT", r"/api/v1/workflows/" + REF + "/file",
+           body="name label version pack_ref definition description enabled param_schema out_schema tags "
+                "reference_visibility reference_allowed_pack_refs")
     def workflow_file_update(self, req, ref):
         existing, error = self.lookup(self.workflows, ref, "Workflow")
         if error:
@@ -2421,7 +2469,7 @@ class FakeWorkers(FakeResources):
         found, error = self.a_worker(wid)
         return error or (200, found)
 
-    @route("POST", r"/api/v1/workers/(?P<wid>\d+)/(?P<verb>cordon|uncordon)")
+    @route("POST", r"/api/v1/workers/(?P<wid>\d+)/(?P<verb>cordon|uncordon)", body="reason")
     def workers_cordon(self, req, wid, verb):
         if verb == "cordon" and "json" not in (req.headers.get("Content-Type") or ""):
             return 415, "Expected request with `Content-Type: application/json`"
@@ -2719,10 +2767,16 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         mine = sorted((m for m in matches if m[0][0] == req.method), key=lambda m: bool(m[1].groupdict()))
         if not mine:
             return api_error(405, "Method not allowed", "METHOD_NOT_ALLOWED")
-        (_, _, name, anonymous, query), match = mine[0]
-        if set(req.query) - query:
+        (_, _, name, anonymous, query, keys), match = mine[0]
+        unknown = set(req.query) - query
+        if keys is not None and "*" not in keys and req.body[:1] == b"{":
+            try:
+                unknown |= set(json.loads(req.body.decode("utf-8"))) - keys
+            except ValueError:
+                pass  # the handler says what is wrong with it
+        if unknown and len(self.contract_breaks) < 100:  # bounded: the sandbox may serve for days
             with self.lock:
-                self.contract_breaks.append("%s %s: %s" % (req.method, req.path, sorted(set(req.query) - query)))
+                self.contract_breaks.append("%s %s: %s" % (req.method, req.path, sorted(unknown)))
         if req.path.startswith("/api/v1/") and not anonymous:
             claims, problem = self.bearer_claims(req)
             if problem:  # the auth extractor's nested shape
@@ -3517,7 +3571,7 @@ class FakeRouteTests(unittest.TestCase):
     def test_every_handler_exists_and_every_route_is_declared_once(self):
         server = FakeAttune()
         seen = set()
-        for method, pattern, name, _, _ in ROUTES:
+        for method, pattern, name, *_ in ROUTES:
             self.assertTrue(callable(getattr(server, name, None)), name)
             self.assertNotIn((method, pattern), seen)
             seen.add((method, pattern))
@@ -3526,10 +3580,10 @@ class FakeRouteTests(unittest.TestCase):
     def test_no_request_matches_two_routes_with_parameters(self):
         """A path with parameters matches no other route with parameters for the same method,
         so which handler answers never depends on the order of the classes."""
-        for method, pattern, name, _, _ in ROUTES:
+        for method, pattern, name, *_ in ROUTES:
             path = self.sample(pattern)
             self.assertTrue(re.match(pattern + "$", path), (pattern, path))
-            rivals = [other for m, p, other, _, _ in ROUTES if m == method and other != name
+            rivals = [other for m, p, other, *_ in ROUTES if m == method and other != name
                       and "(?P" in p and "(?P" in pattern and re.match(p + "$", path)]
             self.assertEqual(rivals, [], (method, path, name))
 
@@ -3542,7 +3596,15 @@ class FakeRouteTests(unittest.TestCase):
         server.handle(Seen("GET", "/api/v1/events?page=1&page_size=5", headers, b""))  # events take per_page
         server.handle(Seen("GET", "/api/v1/events/7?tail=3", headers, b""))
         self.assertEqual(server.contract_breaks, ["GET /api/v1/events: ['page_size']", "GET /api/v1/events/7: ['tail']"])
-        self.assertTrue(all(isinstance(query, frozenset) for *_, query in ROUTES))
+        server.handle(Seen("POST", "/api/v1/workers/3/cordon", headers, b'{"reason": "kernel"}'))
+        server.handle(Seen("POST", "/api/v1/workers/3/cordon", headers, b'{"why": "kernel"}'))
+        server.handle(Seen("POST", "/api/v1/executions/7/reschedule", headers, b'{"force": true}'))
+        self.assertEqual(server.contract_breaks[2:], ["POST /api/v1/workers/3/cordon: ['why']",
+                                                      "POST /api/v1/executions/7/reschedule: ['force']"])
+
+    def test_every_route_that_takes_a_body_declares_its_keys(self):
+        undeclared = [(m, p) for m, p, _, _, _, keys in ROUTES if m in ("POST", "PUT", "PATCH") and keys is None]
+        self.assertEqual(undeclared, [])
 
     def test_a_route_without_parameters_wins(self):
         server = FakeAttune()
@@ -3554,9 +3616,9 @@ class FakeRouteTests(unittest.TestCase):
 
     def test_only_the_public_routes_answer_without_a_token(self):
         server = FakeAttune()
-        public = sorted(p for m, p, _, anonymous, _ in ROUTES if anonymous)
+        public = sorted(p for m, p, _, anonymous, *_ in ROUTES if anonymous)
         self.assertEqual(public, ["/api/v1/info"])
-        for method, pattern, name, anonymous, _ in ROUTES:
+        for method, pattern, name, anonymous, *_ in ROUTES:
             if pattern.startswith("/api/v1/") and not anonymous:
                 status, body = server.handle(Seen(method, self.sample(pattern), {}, b""))
                 self.assertEqual((status, body["error"]["code"]), (401, 401), (method, pattern))

@@ -7557,6 +7557,32 @@ class WorkerCommandTests(ResourceTestCase):
         self.fails(2, "worker", "history", "1", "--per-page", "1001")
 
 
+class OnCallFormatTests(ResourceTestCase):
+    """Every read command of the on-call groups in each output format: YAML says what JSON
+    says, --fields keeps the field named, ndjson is refused (cache entry scan alone has it)."""
+    COMMANDS = [("worker", "list"), ("worker", "show", "1"), ("worker", "history", "1"), ("event", "list"),
+                ("event", "show", "501"), ("enforcement", "list"), ("enforcement", "show", "601"),
+                ("execution", "stats"), ("execution", "history", "812")]
+
+    def test_each_format(self):
+        self.server.history[("execution", 812)] = [
+            {"time": SEED_STAMP, "operation": "INSERT", "entity_id": 812, "entity_ref": "core.echo",
+             "changed_fields": [], "old_values": None, "new_values": None}]
+        for argv in self.COMMANDS:
+            with self.subTest(argv=argv):
+                data = self.ok(*argv, "-j").json()
+                self.assertEqual(attune.yaml_loads(self.ok(*argv, "-o", "yaml").out), data)
+                first = data[0] if isinstance(data, list) else data
+                field = sorted(first)[0]
+                picked = self.ok(*argv, "-j", "--fields", field).json()
+                if isinstance(data, list):
+                    self.assertEqual(picked, [{field: item[field]} for item in data])
+                else:
+                    self.assertEqual(picked, {field: data[field]})
+                self.fails(2, *argv, "-o", "ndjson")
+                self.assertTrue(self.ok(*argv).out)  # a table
+
+
 class WebhookKeyTests(ResourceTestCase):
     """trigger webhook enable|disable|regenerate: a new key on the stdout of that command only;
     trigger show masks it in every output form (the suite's secret scan checks the rest)."""

@@ -10760,27 +10760,14 @@ def enforcement_row(e):
             format_timestamp(e.get("created"))]
 
 
-def show_with_what_followed(ctx, session, item, kind, spec, more_pairs, document, key, noun, parent, columns, row,
-                            empty):
-    """An event or enforcement: its fields, its document (payload or conditions), then the
-    first 100 of what it led to (GET /<noun>?<parent>=ID), ids that the next show takes."""
-    followed, more = fetch_list(session, "/" + noun, {parent: item.get("id"), "per_page": 100}, "per_page")
-    ctx.ui.emit(dict(item, **{noun: followed}), lambda: (
-        ctx.ui.pairs(labelled(item, spec) + [("Created", format_timestamp(item.get("created")))] + more_pairs,
-                     "%s: %s" % (kind, item.get("id"))),
-        show_json_section(ctx, document, item.get(key)), ctx.ui.section(noun.capitalize()),
-        ctx.ui.table(columns, [row(x) for x in followed], empty=empty)))
-    note_partial(ctx, more, len(followed), noun)
-
-
 def page_query(args, **filters):
     return dict(filters, page=args.page, per_page=args.per_page)
 
 
 @command("event list", "list events, newest first", arg("--trigger", metavar="REF", help="only this trigger's events",
                                                          complete="triggers"),
-         arg("--rule", metavar="REF", help="only events of this rule", complete="rules"), arg("--source", type=Number(1, MAX_ID),
-                                                                            metavar="ID", help="only this sensor's"),
+         arg("--rule", metavar="REF", help="only events of this rule", complete="rules"),
+         arg("--source", type=Number(1, MAX_ID), metavar="ID", help="only this sensor's"),
          PAGE, PER_PAGE, ALL, examples=("attune event list --trigger core.webhook",))
 def cmd_event_list(ctx, args):
     walk = ListWalk(ctx.session(), "/events", page_query(args, trigger_ref=args.trigger, rule_ref=args.rule,
@@ -10795,9 +10782,15 @@ def cmd_event_list(ctx, args):
 def cmd_event_show(ctx, args):
     session = ctx.session()
     event = session.fetch("GET", "/events/%d" % args.id)
-    show_with_what_followed(ctx, session, event, "Event", "ID=id|Trigger=trigger_ref|Source=source_ref?|Rule=rule_ref?",
-                            [], "Payload", "payload", "enforcements", "event", ENFORCEMENT_COLUMNS, enforcement_row,
-                            "No enforcements: no rule matched this event")
+    caused, more = fetch_list(session, "/enforcements", {"event": args.id, "per_page": 100}, "per_page")
+    ctx.ui.emit(dict(event, enforcements=caused), lambda: (
+        ctx.ui.pairs([*labelled(event, "ID=id|Trigger=trigger_ref|Source=source_ref?|Rule=rule_ref?"),
+                      ("Created", format_timestamp(event.get("created")))], "Event: %s" % event.get("id")),
+        show_json_section(ctx, "Payload", event.get("payload")),
+        ctx.ui.section("Enforcements"),
+        ctx.ui.table(ENFORCEMENT_COLUMNS, [enforcement_row(e) for e in caused], empty="No enforcements: no rule "
+                     "matched this event")))
+    note_partial(ctx, more, len(caused), "enforcements")
 
 
 @command("enforcement list", "list enforcements, newest first",
@@ -10818,12 +10811,20 @@ def cmd_enforcement_list(ctx, args):
 def cmd_enforcement_show(ctx, args):
     session = ctx.session()
     enforcement = session.fetch("GET", "/enforcements/%d" % args.id)
-    show_with_what_followed(ctx, session, enforcement, "Enforcement", "ID=id|Rule=rule_ref|Trigger=trigger_ref|"
-                            "Event=event?|Status=status|Condition=condition",
-                            [("Resolved", format_timestamp(enforcement.get("resolved_at")) or "-")], "Conditions",
-                            "conditions", "executions", "enforcement", ["ID", "Action", "Status", "Created"],
-                            lambda x: [*cells(x, "id action_ref status"), format_timestamp(x.get("created"))],
-                            "No executions")
+    started, more = fetch_list(session, "/executions", {"enforcement": args.id, "per_page": 100}, "per_page")
+    ctx.ui.emit(dict(enforcement, executions=started), lambda: (
+        ctx.ui.pairs([*labelled(enforcement,
+                                "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|"
+                                "Condition=condition"),
+                      ("Created", format_timestamp(enforcement.get("created"))),
+                      ("Resolved", format_timestamp(enforcement.get("resolved_at")) or "-")],
+                     "Enforcement: %s" % enforcement.get("id")),
+        show_json_section(ctx, "Conditions", enforcement.get("conditions")),
+        ctx.ui.section("Executions"),
+        ctx.ui.table(["ID", "Action", "Status", "Created"],
+                     [[*cells(x, "id action_ref status"), format_timestamp(x.get("created"))]
+                      for x in started], empty="No executions")))
+    note_partial(ctx, more, len(started), "executions")
 
 
 # === Commands: keys ==========================================================

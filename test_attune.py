@@ -2571,7 +2571,7 @@ class FakeAttune(FakeAuth, FakePacks, FakeActions, FakeExecutions, FakeInquiries
         self.prefix, self.gateway_misses = prefix, []
         self.expired_sent = []  # (path, seconds past exp) of every access token sent after its exp
         self.unauthorized = []  # paths answered 401
-        self.contract_breaks = []  # requests with a query parameter their route does not take
+        self.contract_breaks = []  # requests with a query parameter or body key their route does not take
         self.refresh_mode, self.clock_offset, self.tls = refresh_mode, clock_offset, tls
         self.lock = threading.RLock()
         self.requests, self.faults, self.issued = [], [], []
@@ -3246,9 +3246,9 @@ class AttuneTestCase(unittest.TestCase):
         self.env = {"HOME": os.path.join(self.tmp, "home"), "ATTUNE_CONFIG": self.config}
 
     def keeps_to_the_contract(self, server):
-        """Every request the test made takes only the query parameters its route takes. A test
-        of `attune api`, where the user writes the query, empties contract_breaks itself."""
-        self.assertEqual(server.contract_breaks, [], "query parameters the server's routes do not take")
+        """Every request the test made sends only the query parameters and body keys its route
+        takes. A test of what the user writes (`attune api`) empties contract_breaks itself."""
+        self.assertEqual(server.contract_breaks, [], "query parameters or body keys the server's routes do not take")
 
     # -- running attune ------------------------------------------------------
     def run_cli(self, *argv, env=None, stdin="", clock=None, secrets_ok=False):
@@ -6687,8 +6687,8 @@ class ListWatchTests(ResourceTestCase):
         stop = threading.Event()
         self.addCleanup(stop.set)
 
-        def worker():  # the server's workers move it on once the watch has asked for the stream (not before:
-            while not self.streams() and not stop.wait(0.02):  # on a loaded machine it could end unwatched)
+        def worker():  # the server's workers move it on, once the watch has asked for the stream: a
+            while not self.streams() and not stop.wait(0.02):  # loaded machine could let it end unwatched
                 pass
             while not stop.wait(0.3):
                 self.server.advance(eid)

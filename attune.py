@@ -4869,6 +4869,13 @@ def fit_candidate(text):
         all(c.isalnum() or c in CANDIDATE_CHARACTERS for c in text)
 
 
+# The kinds of value whose candidates one list of the server answers: "path field page-size".
+LISTED_KINDS = {"rules": "/rules ref page_size", "triggers": "/triggers ref page_size",
+                "sensors": "/sensors ref page_size", "workflows": "/workflows ref page_size",
+                "workers": "/workers id page_size", "executions": "/executions id per_page",
+                "events": "/events id per_page", "enforcements": "/enforcements id per_page"}
+
+
 class Completion(CommandLine):
     """A line being completed: the words before the one being completed, read as the parser
     reads them (CommandLine); candidates() then answers for the word itself, from the
@@ -4903,7 +4910,8 @@ class Completion(CommandLine):
             return []
         if isinstance(kind, list):
             return [choice for choice in kind if choice.startswith(prefix)]
-        return [value for value in getattr(self, "kind_" + kind)(prefix) if value.startswith(prefix)]
+        values = self.listed_kind(kind) if kind in LISTED_KINDS else getattr(self, "kind_" + kind)(prefix)
+        return [value for value in values if value.startswith(prefix)]
 
     # -- where the values come from -----------------------------------------
     def context(self):
@@ -4940,34 +4948,12 @@ class Completion(CommandLine):
             return [ref + "." for ref in self.listed("/packs")]
         return self.listed("/actions/search", query={"q": prefix, "page_size": 100})
 
-    def kind_rules(self, prefix):
-        return self.listed("/rules")
-
-    def kind_triggers(self, prefix):
-        return self.listed("/triggers")
-
-    def kind_sensors(self, prefix):
-        return self.listed("/sensors")
-
-    def kind_workflows(self, prefix):
-        return self.listed("/workflows")
-
-    def kind_workers(self, prefix):
-        return self.listed("/workers", "id")
-
-    def recent_ids(self, path):
-        """The ids of a list that takes per_page, the most recent first."""
-        ids = self.listed(path, "id", {"per_page": 100})
-        return sorted(ids, key=lambda i: -int(i) if i.isdigit() else 0)
-
-    def kind_executions(self, prefix):
-        return self.recent_ids("/executions")
-
-    def kind_events(self, prefix):
-        return self.recent_ids("/events")
-
-    def kind_enforcements(self, prefix):
-        return self.recent_ids("/enforcements")
+    def listed_kind(self, kind):
+        """The refs or ids of a kind that one list answers (LISTED_KINDS); ids the most recent
+        first."""
+        path, field, size = LISTED_KINDS[kind].split()
+        values = self.listed(path, field, {size: 100})
+        return values if field != "id" else sorted(values, key=lambda i: -int(i) if i.isdigit() else 0)
 
     def kind_parameters(self, prefix):
         """NAME= for each parameter of the action on the line; after NAME=, its enum's values."""

@@ -10230,15 +10230,16 @@ class CompleteTests(ResourceTestCase):
         self.assertEqual(self.complete("execution show %s" % str(second)[:-1]),
                          [str(i) for i in (second, first) if str(i).startswith(str(second)[:-1])])
 
-    def test_event_and_enforcement_ids_the_most_recent_first(self):
+    def test_event_enforcement_and_worker_ids_the_most_recent_first(self):
         for line, expected, path in (("event show ", ["502", "501"], "/events"),
                                      ("enforcement list --event 50", ["502", "501"], "/events"),
                                      ("enforcement show ", ["601"], "/enforcements"),
-                                     ("enforcement show 7", [], "/enforcements")):
+                                     ("enforcement show 7", [], "/enforcements"),
+                                     ("worker cordon ", ["2", "1"], "/workers?page_size=100")):
             with self.subTest(line=line):
                 self.server.requests.clear()
                 self.assertEqual(self.complete(line), expected)
-                self.assertEqual(self.targets(), ["GET /api/v1%s?per_page=100" % path])
+                self.assertEqual(self.targets(), ["GET /api/v1%s" % (path if "?" in path else path + "?per_page=100")])
 
     def test_the_cursor_picks_the_word(self):
         self.assertEqual(self.complete("run co extra words", "--cursor", "1"), ["core."])

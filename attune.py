@@ -4817,17 +4817,50 @@ def build_parser():
 
 # -- when argparse refuses a line: the one-line typo message -------------------------
 
+# The verbs of other CLIs (gh, kubectl, aws, docker) and what attune calls them, in order of
+# preference among the commands of the place: `key get` is `key show`, `pack remove` is
+# `pack uninstall`. A suggestion by spelling alone never names a DESTRUCTIVE command for a
+# word that is not nearly that command's own (a harmless typo must not lead to a deletion).
+SYNONYMS = {"get": "show", "describe": "show", "view": "show", "inspect": "show", "cat": "show", "ls": "list",
+            "rm": "delete uninstall remove revoke", "remove": "delete uninstall revoke", "del": "delete",
+            "delete": "uninstall remove revoke", "destroy": "delete", "uninstall": "delete remove",
+            "stop": "cancel", "kill": "cancel", "terminate": "cancel", "abort": "cancel", "add": "create",
+            "new": "create", "edit": "update", "modify": "update", "patch": "update", "set": "update",
+            "exec": "run execute", "log": "logs", "tail": "logs", "follow": "watch", "wait": "watch",
+            "on": "enable", "off": "disable", "signin": "login", "signout": "logout", "me": "whoami"}
+DESTRUCTIVE = frozenset(("delete", "remove", "uninstall", "revoke", "cancel", "abort", "logout", "remove-profile",
+                         "self-uninstall"))
+
+
+def suggestion(word, candidates):
+    """What to suggest for the unknown word among candidates (commands as paths, 'key show';
+    options; choices), or None: a synonym first, else the closest spelling of the word alone
+    (not of its path), a destructive command only when nothing harmless is close and the word
+    is nearly that command's name ('delte')."""
+    import difflib
+    names = {candidate.split()[-1]: candidate for candidate in candidates}
+    for verb in SYNONYMS.get(word.lower(), "").split():
+        if verb in names:
+            return names[verb]
+    close = difflib.get_close_matches(word, names, 3, 0.7)
+    harmless = [name for name in close if name not in DESTRUCTIVE]
+    if harmless:
+        return names[harmless[0]]
+    if close and difflib.SequenceMatcher(None, word, close[0]).ratio() >= 0.8:
+        return names[close[0]]
+    return None
+
+
 def usage_problem(argv):
     """One line for the first word of argv no command or option of that place takes (with
-    the closest that exists and where to look), or None when every word has its place."""
+    what it may have meant and where to look), or None when every word has its place."""
     line = CommandLine(command_table(), argv)
     if line.unknown is None:
         return None
-    import difflib
     what, word, candidates = line.unknown
     place = " ".join(("attune",) + line.path)
-    close = difflib.get_close_matches(" ".join(line.path + (word,)) if what == "command" else word, candidates, 1, 0.7)
-    hint = "; did you mean '%s'?" % close[0] if close else ""
+    close = suggestion(word, candidates)
+    hint = "; did you mean '%s'?" % close if close else ""
     return "unknown %s %s for %s%s (see: %s --help)" % (what, quoted(word, 64), place, hint, place)
 
 
@@ -9523,13 +9556,9 @@ def cmd_queue_items_reprioritize(ctx, args):
 
 @command("queue items delete", "cancel the pending items a selector matches (also: cancel)",
          *(SELECTOR + (PREVIEW_LIMIT,)))
-def cmd_queue_items_delete(ctx, args):
-    apply_to_items(ctx, args, "cancel")
-
-
 @command("queue items cancel", "cancel the pending items a selector matches (as delete)",
          *(SELECTOR + (PREVIEW_LIMIT,)))
-def cmd_queue_items_cancel(ctx, args):
+def cmd_queue_items_delete(ctx, args):
     apply_to_items(ctx, args, "cancel")
 
 

@@ -13493,12 +13493,74 @@ class ParserTests(unittest.TestCase):
                 (["--profle", "x", "pack", "list"], "unknown option '--profle' for attune; did you mean '--profile'?"),
                 (["pack", "list", "-jq"], "unknown option '-jq' for attune pack list"),
                 (["completion", "bsh"], "unknown choice 'bsh' for attune completion; did you mean 'bash'?"),
-                (["xyzzy"], "unknown command 'xyzzy' for attune (see: attune --help)")):
+                (["xyzzy"], "unknown command 'xyzzy' for attune (see: attune --help)"),
+                (["key", "get", "API_KEY"], "unknown command 'get' for attune key; did you mean 'key show'?"),
+                (["pack", "remove", "core"], "did you mean 'pack uninstall'?"),
+                (["execution", "ls"], "did you mean 'execution list'?"),
+                (["execution", "stop", "7"], "did you mean 'execution cancel'?")):
             with self.subTest(argv=argv):
                 args, err = self.parse(argv)
                 self.assertIsNone(args)
                 self.assertIn(expected, err)
                 self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_the_verbs_of_other_clis_lead_to_the_command(self):
+        """Each command named show, list, cancel, logs, create, update, delete or uninstall is
+        where the verb gh, kubectl, aws or docker would use for it leads (unless that verb is a
+        command of the same place itself): `key get` to `key show`, `pack remove` to `pack
+        uninstall`, `execution stop` to `execution cancel`."""
+        others = {"show": ("get", "describe", "view"), "list": ("ls",), "cancel": ("stop", "kill"),
+                  "logs": ("log", "tail"), "create": ("new", "add"), "update": ("edit", "modify"),
+                  "delete": ("rm", "remove", "del"), "uninstall": ("remove", "rm")}
+        checked = 0
+        for cmd in attune.COMMANDS:
+            *place, verb = cmd.path
+            siblings = {c.path[-1] for c in attune.COMMANDS if list(c.path[:-1]) == place}
+            for other in others.get(verb, ()):
+                if other in siblings or (verb == "uninstall" and "delete" in siblings):
+                    continue
+                base = []  # the words that reach the place (queue items REF)
+                for depth in range(1, len(place) + 1):
+                    above = attune.find_command(cmd.path[:depth])
+                    base += [cmd.path[depth - 1]] + ["x" for f, s in (above.arguments if above else ())
+                                                     if not f[0].startswith("-") and s.get("nargs") is None]
+                with self.subTest(place=place, typed=other):
+                    problem = attune.usage_problem(base + [other, "1"])
+                    self.assertIn("did you mean '%s'?" % " ".join(cmd.path), problem)
+                    checked += 1
+        self.assertGreater(checked, 60)
+
+    def test_a_harmless_typo_never_suggests_a_destructive_command(self):
+        """Every one-letter slip (a letter left out, doubled, swapped with the next or replaced)
+        of every command that deletes nothing: the suggestion, if any, is never delete,
+        remove, uninstall, revoke, cancel, abort or logout; the slips of those commands
+        themselves still find them."""
+        letters = "abcdeilmnorstuvy-"
+        def slips(word):
+            out = {word[:i] + word[i + 1:] for i in range(len(word))}
+            out |= {word[:i] + word[i] + word[i:] for i in range(len(word))}
+            out |= {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)}
+            out |= {word[:i] + c + word[i + 1:] for i in range(len(word)) for c in letters}
+            return sorted(out - {word, ""})
+
+        checked = found = 0
+        for cmd in attune.COMMANDS:
+            *place, verb = cmd.path
+            names = {" ".join(c.path): c.path[-1] for c in attune.COMMANDS if list(c.path[:-1]) == place}
+            for typo in sampled(slips(verb)):
+                if typo in names.values():
+                    continue
+                hint = attune.suggestion(typo, list(names))
+                if verb in attune.DESTRUCTIVE:
+                    found += hint == " ".join(cmd.path)
+                elif hint is not None:
+                    self.assertNotIn(names[hint], attune.DESTRUCTIVE, "%r (a slip of %r) led to %r" % (typo, verb, hint))
+                checked += 1
+        self.assertGreater(checked, 500)
+        self.assertGreater(found, 10)
+        for word, places in (("delte", ("key show", "key delete")), ("revok", ("auth token list", "auth token revoke")),
+                             ("cancle", ("execution show", "execution cancel"))):
+            self.assertEqual(attune.suggestion(word, list(places)), places[1])
 
     def test_every_line_argparse_takes_passes_the_check(self):
         """Each command with each of its options, spelled in full, abbreviated and attached,

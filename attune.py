@@ -5921,7 +5921,8 @@ def profile_status(ctx, name, offline, use_env):
     5 server unreachable (6 server error, 1 other API error). Online, the session
     refreshes when due and asks /auth/me who we are."""
     session = ctx.session(profile=name, use_env=use_env)
-    code = 0 if session.creds.usable(ctx.now()) else 4
+    usable_here = session.creds.usable(ctx.now())  # what is known without the server
+    code = 0 if usable_here else 4
     server = None
     if not offline and session.creds.access:
         try:
@@ -5941,6 +5942,9 @@ def profile_status(ctx, name, offline, use_env):
     if server is not None:
         status["server"] = server
     status["logged_in"] = code == 0
+    status["usable_here"] = usable_here  # the local tokens, whatever the server said or could not
+    status["state"] = {0: "logged in", 4: "login needed", 5: "server unreachable", 6: "server error"}.get(
+        code, "API error")
     return status, code
 
 
@@ -5969,8 +5973,11 @@ def status_pairs(status, now):
 
 
 def status_text(status):
-    """One word for a profile's state: an invalidated session whose access token still works
-    is usable only until that token expires, and says so."""
+    """A profile's state in words. A server that cannot be asked (down, or failing) is not a
+    login that is needed: what the local tokens allow is said beside it. An invalidated
+    session whose access token still works is usable only until that token expires."""
+    if status["state"] not in ("logged in", "login needed") and status["usable_here"]:
+        return "%s; the session stored here has not expired (no login is needed)" % status["state"]
     if not status["logged_in"]:
         return "login needed"
     if status["invalidated_at"]:

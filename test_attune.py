@@ -4303,6 +4303,33 @@ class TokenLifecycleTests(AttuneTestCase):
         self.assertIn("Status:", out)
         self.assertIn("login needed", out)
 
+    def test_status_with_the_server_down_is_not_a_login_needed(self):
+        """A server that cannot be reached (or fails) is said as such, with what the stored
+        session allows, never 'login needed' for a session with most of an hour left; the
+        exit code is the network's (5) or the server's (6) either way."""
+        for access_left, failure, code, state in (
+                (3360, {"drop": True}, 5, "server unreachable"),
+                (-100, {"drop": True}, 5, "server unreachable"),  # the refresh cannot be sent either
+                (3360, {"status": 503, "body": {"error": "busy", "code": "X"}}, 6, "server error")):
+            with self.subTest(access_left=access_left, code=code):
+                with self.server.lock:
+                    self.server.faults.clear()
+                self.seed(access_left=access_left)
+                for path in ("/auth/me", "/auth/refresh"):
+                    self.server.fail(path, times=None, **failure)
+                out = self.fails(code, "auth", "status").out
+                status = [" ".join(line.split()) for line in out.splitlines() if line.startswith("Status:")]
+                self.assertEqual(status, ["Status: %s; the session stored here has not expired (no login is needed)"
+                                          % state], out)
+                self.assertNotIn("login needed", out)
+                doc = self.fails(code, "-j", "auth", "status").json()
+                self.assertEqual((doc["state"], doc["usable_here"], doc["logged_in"], doc["server"]["reachable"]),
+                                 (state, True, False, code == 6))
+        with self.server.lock:
+            self.server.faults.clear()
+        self.seed(access_left=-100, refresh_left=-100)
+        self.assertRegex(self.fails(4, "auth", "status").out, r"Status: +login needed\n")  # nothing to ask with
+
     def test_a_rejected_refresh_retries_with_a_refresh_token_stored_meanwhile(self):
         self.seed(access_left=-100)
         newer = self.server.mint("admin", "refresh")

@@ -6336,11 +6336,12 @@ class Doctor:
     def __init__(self, ctx, repair):
         self.ctx, self.repair = ctx, repair
         self.report, self.problems, self.notes = {}, [], []
-        self.unreachable = False
+        self.unreachable, self.unwritable = False, None
 
     def run(self):
         self.check_file()
         session = self.check_profile()
+        self.check_writable(session)
         self.check_lock()
         if session is not None:
             self.check_network(session)
@@ -6362,6 +6363,7 @@ class Doctor:
             st = os.stat(ctx.choice.config_path)
         except (FileNotFoundError, NotADirectoryError):
             self.notes.append("no credential file yet; there is one implicit profile, 'default'")
+            self.unwritable = self.writable_problem(info)
             return
         except OSError as e:
             self.problems.append("cannot inspect %s: %s" % (ctx.choice.config_path, e.strerror or e))
@@ -6378,12 +6380,7 @@ class Doctor:
         try:
             doc = ctx.store.load()
             info.update(parses=True, version=doc.get("version", FILE_VERSION), profiles=sorted(doc["profiles"]))
-            try:  # the same question a refresh asks before it is sent
-                ctx.store.check_writable()
-                info["writable"] = True
-            except ConfigError as e:
-                info["writable"] = False
-                self.notes.append("%s: a refresh or login here will stop with this" % e)
+            self.unwritable = self.writable_problem(info)
         except ConfigError as e:
             info.update(parses=False, error=str(e))
             if self.repair:
@@ -6393,6 +6390,26 @@ class Doctor:
                                   % info["moved_aside_to"])
             else:
                 self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.choice.config_path)
+
+    def writable_problem(self, info):
+        """Why the next login or refresh could not store its session here (the question
+        they ask before anything is sent: the file, its directory or where it would be
+        made), or None."""
+        try:
+            self.ctx.store.check_writable()
+        except ConfigError as e:
+            info["writable"] = False
+            return str(e)
+        info["writable"] = True
+        return None
+
+    def check_writable(self, session):
+        """An unwritable credential file is a problem for a session kept in it (its refresh
+        stops) or for none at all (a login stops); beside a token from elsewhere, a note."""
+        if self.unwritable:
+            elsewhere = session is not None and session.creds.access and session.creds.source != "file"
+            (self.notes if elsewhere else self.problems).append(
+                "%s: a login or refresh here will stop with this" % self.unwritable)
 
     def move_aside(self):
         store = self.ctx.store

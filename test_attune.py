@@ -9781,9 +9781,45 @@ class WhereItLivesTests(AttuneTestCase):
         result = in_mount_namespace(self, [(directory, directory, True)], attune_argv() + ["auth", "doctor", "-j"],
                                     self.process_env())
         report = json.loads(result.out)
+        self.assertEqual(result.code, 3, result)  # what a refresh of this session would meet
         self.assertFalse(report["credential_file"]["writable"])
-        self.assertIn("it is read-only", " ".join(report["notes"]))
+        self.assertIn("it is read-only", " ".join(report["problems"]))
         self.assertTrue(json.loads(self.ok("auth", "doctor", "-j").out)["credential_file"]["writable"])
+        env = self.process_env({"ATTUNE_API_TOKEN": self.server.mint("admin"), "ATTUNE_API_URL": self.server.url})
+        result = in_mount_namespace(self, [(directory, directory, True)], attune_argv() + ["auth", "doctor", "-j"],
+                                    env)
+        self.assertEqual(result.code, 0, result)  # a token from the environment needs no file written
+        self.assertIn("it is read-only", " ".join(json.loads(result.out)["notes"]))
+
+    def test_auth_doctor_finds_a_read_only_directory_as_the_next_login_would(self):
+        """As another user, in their own credential directory made read-only (mode 555): the
+        file can be read but not replaced, and doctor says so (exit 3) as the login after it
+        does; the same before any file exists."""
+        self.seed()
+        directory = os.path.dirname(self.config)
+        for path in (self.env["HOME"], os.path.dirname(directory)):
+            os.chmod(path, 0o755)
+        give_to_nobody(directory, self.config)
+        os.chmod(directory, 0o555)
+        self.addCleanup(os.chmod, directory, 0o700)
+        env = self.process_env({"ATTUNE_PASSWORD": PASSWORD})
+        for exists in (True, False):
+            with self.subTest(file_exists=exists):
+                if not exists:
+                    os.chmod(directory, 0o755)
+                    os.remove(self.config)
+                    os.chmod(directory, 0o555)
+                result = run_unprivileged(self, ["auth", "doctor", "-j"], env)
+                self.assertEqual(result.code, 3, result)
+                report = json.loads(result.out)
+                self.assertFalse(report["credential_file"]["writable"])
+                self.assertIn("its directory %s is not writable" % directory if exists else
+                              "%s is not writable" % directory, " ".join(report["problems"]))
+                table = run_unprivileged(self, ["auth", "doctor"], env)
+                self.assertNotIn("no problems found", table.out + table.err)
+                login = run_unprivileged(self, ["auth", "login", "-u", "admin", "--url", self.server.url], env)
+                self.assertEqual(login.code, 3, login)
+                self.assertIn("not writable", login.err)
 
     @unittest.skipUnless(can_unshare_mounts(), "needs root and unshare -m")
     def test_a_file_bind_mounted_on_its_own_is_rewritten_in_place(self):

@@ -4620,11 +4620,17 @@ def children(path):
 def needs_a_command(ctx, args):
     """The function of a command that only stands above its own (`cache entry`): run alone,
     it says which there are, from their declarations."""
-    path = tuple(args.command_path)
-    words = command_words(path) + positional_names(find_command(path).arguments)
+    raise UsageError(needs_a_command_problem(tuple(args.command_path)))
+
+
+def needs_a_command_problem(path):
+    """'cache entry needs a command: get, get-many or scan (see: attune cache entry --help)',
+    for a group or a command that stands above others, named without one of them."""
+    above = find_command(path)
+    words = command_words(path) + (positional_names(above.arguments) if above else [])
     names = [name for name, _, _ in children(path)]
     listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
-    raise UsageError("%s needs a command: %s" % (" ".join(words), listed))
+    return "%s needs a command: %s (see: %s --help)" % (" ".join(words), listed, " ".join(("attune",) + path))
 
 
 class Namespace:
@@ -4871,12 +4877,25 @@ def parse_args(argv):
     try:
         return build_parser().parse_args(argv)
     except ArgumentsRefused as refused:
-        problem = usage_problem(argv)
-        if problem is not None:
-            raise UsageError(problem)
-        refused.parser.print_usage(sys.stderr)
-        say(sys.stderr, "%s: error: %s" % (refused.parser.prog, refused.message))
-        sys.exit(2)
+        raise UsageError(usage_problem(argv) or refusal(refused))
+
+
+def refusal(refused):
+    """argparse's complaint as every usage error is said: one line, what is missing or wrong,
+    for which command, and where to look; a group named alone lists its commands."""
+    path = tuple(refused.parser.prog.split()[1:])
+    message, place = refused.message, " ".join(("attune",) + path)
+    required = "the following arguments are required: "
+    if message == required + "COMMAND":
+        return needs_a_command_problem(path)
+    if message.startswith(required):
+        message = "%s needs %s" % (place, message[len(required):])
+    elif message.startswith("argument "):
+        name, _, why = message[len("argument "):].partition(": ")
+        message = "%s of %s: %s" % (name, place, why)
+    else:
+        message = "%s: %s" % (place, message)
+    return "%s (see: %s --help)" % (message, place)
 
 
 # === Shell completion: __complete and the scripts ============================

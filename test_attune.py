@@ -3312,7 +3312,7 @@ class AttuneTestCase(unittest.TestCase):
         self.assertEqual(result.code, code, result)
         self.assertNotIn("Traceback", result.err)
         if result.err:  # errors have one format; `auth status` reports on stdout instead
-            self.assertTrue(result.err.startswith(("attune: ", "usage: ")), result)
+            self.assertTrue(result.err.startswith("attune: "), result)
         return result
 
     def wait_until(self, condition, seconds=10):
@@ -8717,7 +8717,7 @@ class RuleCommandTests(ResourceTestCase):
         rule = self.server.rules["examples.on_hook"]
         self.assertEqual(result.out.splitlines(), ["✓ Rule 'examples.on_hook' created successfully",
                                                    "ℹ ID: %d" % rule["id"], "ℹ Enabled: false"])
-        self.assertIn("the following arguments are required", self.fails(2, "rule", "create", "--ref", "x").err)
+        self.assertIn("attune rule create needs -t/--trigger, -a/--action", self.fails(2, "rule", "create", "--ref", "x").err)
         bad = self.fails(2, "rule", "create", "--ref", "a.b", "--pack", "examples", "--label", "l", "--trigger",
                          "core.timer", "--action", "core.echo", "--conditions", "{nope")
         self.assertIn("--conditions is not valid JSON", bad.err)
@@ -13504,8 +13504,9 @@ class ParserTests(unittest.TestCase):
                 message = str(caught.exception)
                 self.assertTrue(message.startswith(" ".join(list(cmd.path) + positionals) + " needs a command: "),
                                 message)
-                listed = message.split(": ", 1)[1].replace(" or ", ", ").split(", ")
-                self.assertEqual(listed, names)
+                listed, see = message.split(": ", 1)[1].split(" (see: ")
+                self.assertEqual(listed.replace(" or ", ", ").split(", "), names)
+                self.assertEqual(see, "attune %s --help)" % " ".join(cmd.path))
                 self.assertEqual(caught.exception.exit_code, 2)
 
     def test_only_the_named_command_is_filled_in(self):
@@ -13526,7 +13527,7 @@ class ParserTests(unittest.TestCase):
         args, _ = self.parse(["action", "--conf", "c.json", "list", "--pack", "core"])
         self.assertEqual((args.config, args.pack), ("c.json", "core"))
         for argv, message in ((["pack", "lst"], "unknown command 'lst'"), (["--prof", "x", "pack", "lst"], "lst"),
-                              (["nope"], "unknown command 'nope'"), (["pack"], "required"),
+                              (["nope"], "unknown command 'nope'"), (["pack"], "pack needs a command: list, "),
                               (["execution", "show", "x"], "expected a whole number")):
             args, err = self.parse(argv)
             self.assertIsNone(args, argv)
@@ -13566,6 +13567,61 @@ class ParserTests(unittest.TestCase):
                 self.assertIsNone(args)
                 self.assertIn(expected, err)
                 self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_every_usage_error_is_one_line_of_one_shape(self):
+        """A missing argument, a value that is not one of the choices or not of the type, and a
+        group (or a command above others) named alone: for every command, one line 'attune:
+        error: ... (see: attune PATH --help)', exit 2, never argparse's usage block."""
+        def sample(spec):
+            kind = spec.get("type")
+            return str(spec["choices"][0]) if "choices" in spec else "1" if isinstance(kind, attune.Number) else "x"
+
+        lines = []
+        for name in attune.TOP_LEVEL:
+            if name in attune.GROUP_HELP:
+                lines.append(([name], "%s needs a command: " % name, [name]))
+        for cmd in attune.COMMANDS:
+            base, path = [], list(cmd.path)
+            for depth in range(1, len(path) + 1):  # the words that reach the command (queue items REF show)
+                above = attune.find_command(cmd.path[:depth])
+                base += [path[depth - 1]] + [sample(s) for f, s in (above.arguments if above and depth < len(path)
+                                                                     else ()) if not f[0].startswith("-")
+                                             and s.get("nargs") is None]
+            needed = [(f, s) for f, s in cmd.arguments if (not f[0].startswith("-") and s.get("nargs") in (None, "+"))
+                      or s.get("required")]
+            if needed:
+                lines.append((base, " needs ", path))
+
+            def given(bad_flags=None, bad=None):  # every needed argument given, one of them as bad
+                words = list(base)
+                for f, s in needed:
+                    words += ([f[-1]] if f[0].startswith("-") else []) + [bad if f == bad_flags else sample(s)]
+                return words
+
+            for flags, spec in cmd.arguments:
+                if "choices" not in spec and not isinstance(spec.get("type"), attune.Number):
+                    continue
+                bad = "no-such-choice" if "choices" in spec else "abc"
+                if flags in [f for f, _ in needed]:  # a positional choice is a word with no place (usage_problem)
+                    lines.append((given(flags, bad), " of attune " if flags[0].startswith("-") else "", path))
+                elif flags[0].startswith("-"):
+                    lines.append((given() + [flags[-1], bad], " of attune ", path))
+        checked = 0
+        for argv, expected, path in lines:
+            with self.subTest(argv=argv):
+                args, err = self.parse(argv)
+                self.assertIsNone(args, argv)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertIn(expected, err)
+                self.assertRegex(err, r"\(see: attune( [a-z-]+)* --help\)$")
+                self.assertNotIn("usage:", err)
+                checked += 1
+        self.assertGreater(checked, 150)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = attune.main(["execution", "show"], environ={"HOME": "/nonexistent"})
+        self.assertEqual((code, out.getvalue(), err.getvalue()),
+                         (2, "", "attune: error: attune execution show needs ID (see: attune execution show --help)\n"))
 
     def test_the_verbs_of_other_clis_lead_to_the_command(self):
         """Each command named show, list, cancel, logs, create, update, delete or uninstall is

@@ -1832,6 +1832,7 @@ class Response:
         self.headers = headers
         self.body = body
         self.stream = stream
+        self.hint = ""  # what the error should add (wrong_url_hint)
 
     @property
     def ok(self):
@@ -1901,8 +1902,8 @@ def error_context(resp):
 
 def api_error(resp, label="API error", detail=""):
     """The AttuneError for a non-2xx response, with its documented exit code (README: Exit codes)."""
-    message = "%s (%d %s%s): %s%s" % (label, resp.status, resp.reason, error_context(resp), error_message(resp),
-                                      detail)
+    message = "%s (%d %s%s): %s%s%s" % (label, resp.status, resp.reason, error_context(resp), error_message(resp),
+                                        detail, resp.hint)
     retry_after = resp.headers.get("Retry-After") if resp.status == 429 and resp.headers is not None else None
     if retry_after:
         message += " (the server asks to retry after %s s)" % retry_after
@@ -2188,6 +2189,9 @@ def network_error(url, exc, timeout, proxy=None):
         if "CERTIFICATE_VERIFY_FAILED" in text or type(reason).__name__ == "SSLCertVerificationError":
             return NetworkError("TLS certificate of %s is not trusted (%s); if it uses a private CA, "
                                 "pass --ca-bundle FILE or set ATTUNE_CA_BUNDLE" % (where, text), "tls")
+        if any(mark in text for mark in ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST",
+                                         "record layer failure")):
+            text += "; it answers without TLS: if it serves plain HTTP, the URL starts with http://"
         return NetworkError("TLS error talking to %s: %s" % (where, text), "tls")
     if isinstance(reason, ssl.CertificateError):  # Python 3.6: hostname mismatch
         return NetworkError("TLS certificate of %s does not match: %s" % (where, reason), "tls")
@@ -2223,6 +2227,21 @@ def wait_for_health(http, session):
                                % (session.api_url, http.wait_seconds, error))
         http.announce_wait(session.api_url)
         backoff.sleep()
+
+
+def wrong_url_hint(api_url, resp):
+    """What a 404 or 405 says about the API URL itself, or '': one that ends in /api/v1 (which
+    attune.py adds), or one with a path whose server answered with something else than
+    Attune's JSON (a web page: the address of the site, not of its API)."""
+    path = api_url.partition("://")[2].partition("/")[2].rstrip("/").lower()
+    if path.endswith(("api/v1", "api")):
+        return ("; the API URL %s ends in /%s, which attune.py adds itself: give the server's address alone, "
+                "such as https://attune.example.com" % (quoted(api_url), path.rsplit("/", 1)[-1] if
+                                                        path.endswith("api") else "api/v1"))
+    if path and not (resp.headers or {}).get("Content-Type", "").startswith("application/json"):
+        return ("; the server at %s answered with something else than Attune's API: is /%s part of the "
+                "API's address?" % (quoted(api_url), path))
+    return ""
 
 
 # === Choosing the profile, the URL and the credentials =======================
@@ -2829,6 +2848,8 @@ class Session:
         token = self.token() if auth and self.creds.access else None
         request = HttpRequest(method, url, data, token, content_type, stream, timeout)
         resp = self.transport.request(request)
+        if resp.status in (404, 405):
+            resp.hint = wrong_url_hint(self.api_url, resp)
         if resp.status != 401 or not token or not reactive:
             if resp.status == 401 and auth and reactive:
                 raise self.no_session()

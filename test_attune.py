@@ -4523,6 +4523,34 @@ class HttpTests(AttuneTestCase):
             f.write(TEST_CA_PEM)
         return server, ca
 
+    def test_a_wrong_api_url_is_explained_by_every_command(self):
+        """An API URL ending in /api/v1 (or /api), https:// for a plain-HTTP server, or a path
+        that serves a web page: every command's error says what is wrong with the URL, as auth
+        login's does; a URL that is right gets no such hint, even for a 404."""
+        self.seed()
+        lists = [list(cmd.path) for cmd in attune.COMMANDS if cmd.path[-1] == "list" and not any(
+            not f[0].startswith("-") or s.get("required") for f, s in cmd.arguments) and len(cmd.path) == 2
+                 and cmd.path[0] != "config"]  # the lists of the server's resources
+        self.assertGreater(len(lists), 15)
+        for suffix in ("/api/v1", "/api/v1/", "/api"):
+            for argv in sampled(lists) + [["pack", "show", "core"], ["auth", "whoami"]]:
+                with self.subTest(suffix=suffix, argv=argv):
+                    err = self.fails(1, "--api-url", self.server.url + suffix, *argv).err
+                    self.assertIn("ends in /%s, which attune.py adds itself: give the server's address alone"
+                                  % suffix.strip("/"), err)
+        self.assertIn("no Attune login at", self.fails(1, "auth", "login", "-u", "admin", "--password-stdin", "--url",
+                                                       self.server.url + "/api/v1", stdin=PASSWORD).err)
+        https = "https" + self.server.url[len("http"):]
+        for argv in (["auth", "whoami"], ["pack", "list"]):
+            err = self.fails(5, "--api-url", https, *argv, env={"ATTUNE_API_TOKEN": self.server.mint("admin")}).err
+            self.assertIn("it answers without TLS: if it serves plain HTTP, the URL starts with http://", err)
+        self.server.fail(re.compile("/site/.*"), status=404, body="<html>Not here</html>",
+                         headers={"Content-Type": "text/html"}, times=None)
+        err = self.fails(1, "--api-url", self.server.url + "/site", "pack", "list").err
+        self.assertIn("answered with something else than Attune's API: is /site part of the API's address?", err)
+        err = self.fails(1, "pack", "show", "no-such-pack").err
+        self.assertNotIn("address", err)
+
     def test_an_https_to_http_redirect_is_refused(self):
         tls, ca = self.tls_server()
         self.seed(api_url=tls.url)

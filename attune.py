@@ -11591,12 +11591,28 @@ def install_completion(ctx, shell):
         write_atomic(target, script, shared=True)
     except OSError as e:
         raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
-    ctx.ui.emit({"shell": shell, "path": target}, lambda: ctx.ui.out(
-        "Installed %s completion to %s" % (shell.title(), target)))
-    if shell == "zsh" and ctx.ui.output == "table":
-        ctx.ui.out("Add this to ~/.zshrc, then restart Zsh:")
-        ctx.ui.out("fpath=(~/.zsh/completions $fpath)")
-        ctx.ui.out("autoload -Uz compinit && compinit")
+    lines = {"zsh": ["fpath=(~/.zsh/completions $fpath)", "autoload -Uz compinit && compinit"]}.get(shell, [])
+    if shell == "bash" and not any(os.path.exists(path) for path in BASH_COMPLETION_FILES):
+        lines = [". %s" % shell_quote(target)]  # nothing here reads that directory: the shell itself must
+    rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc"}.get(shell)
+
+    def table():
+        ctx.ui.out("Installed %s completion to %s" % (shell.title(), target))
+        if shell == "bash" and lines:
+            ctx.ui.warn("bash-completion is not installed here, and it is what reads that directory")
+        if lines:
+            ctx.ui.out("Add this to %s, then start a new %s:" % (rc, shell.title()))
+            for line in lines:
+                ctx.ui.out(line)
+
+    ctx.ui.emit({"shell": shell, "path": target, "add_to": rc if lines else None, "lines": lines}, table)
+
+
+# What loads the completions of a user's directory for bash: the bash-completion package, as
+# Debian, Fedora, Arch, Alpine and Homebrew install it.
+BASH_COMPLETION_FILES = ("/usr/share/bash-completion/bash_completion", "/etc/bash_completion",
+                         "/usr/local/share/bash-completion/bash_completion",
+                         "/opt/homebrew/etc/profile.d/bash_completion.sh", "/usr/local/etc/profile.d/bash_completion.sh")
 
 
 REST_LOADED = True  # the last definition of the rest: every command is declared

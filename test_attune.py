@@ -5281,6 +5281,19 @@ class GuardTests(unittest.TestCase):
 
 
 class SandboxTests(unittest.TestCase):
+    def test_a_taken_port_is_one_line_with_what_to_do(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "serve", "--port", str(port)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=60)
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr.splitlines(), [
+            "test_attune.py serve: cannot listen on 127.0.0.1:%d: Address already in use; another program uses it "
+            "(the sandbox already running?): choose another with --port N, or --port 0 for any free one" % port])
+
     def test_serve_runs_the_sandbox(self):
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--port", "0"],
                              stdout=subprocess.PIPE, universal_newlines=True)
@@ -10121,6 +10134,33 @@ class CompletionTests(AttuneTestCase):
         self.fails(2, "completion", "bash", "zsh")
         self.assertFalse(os.path.exists(os.path.dirname(self.config)))
 
+    def test_install_for_bash_says_what_to_add_where_bash_completion_is_missing(self):
+        """The user's completion directory is read by the bash-completion package: where it is
+        missing, install says so and prints the line for ~/.bashrc, and that line alone makes
+        Tab work in a bash without the package; where it is present, nothing more is needed."""
+        present = os.path.join(self.tmp, "bash_completion")
+        with open(present, "w") as f:
+            f.write("# the package\n")
+        target = attune.completion_target("bash", self.env)
+        with mock.patch.object(attune, "BASH_COMPLETION_FILES", (os.path.join(self.tmp, "missing"), present)):
+            result = self.ok("completion", "install", "bash")
+            self.assertEqual((result.out.splitlines(), result.err), (["Installed Bash completion to %s" % target], ""))
+        with mock.patch.object(attune, "BASH_COMPLETION_FILES", (os.path.join(self.tmp, "missing"),)):
+            result = self.ok("completion", "install", "bash")
+            self.assertEqual(result.out.splitlines(), ["Installed Bash completion to %s" % target,
+                                                       "Add this to ~/.bashrc, then start a new Bash:",
+                                                       ". %s" % attune.shell_quote(target)])
+            self.assertIn("bash-completion is not installed here", result.err)
+            doc = self.ok("completion", "install", "bash", "-j").json()
+            self.assertEqual((doc["add_to"], doc["lines"]), ("~/.bashrc", [". %s" % attune.shell_quote(target)]))
+        if shutil.which("bash"):
+            line = result.out.splitlines()[-1]
+            shown = subprocess.run(["bash", "--norc", "--noprofile", "-c", line + "; complete -p attune"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True, timeout=60)
+            self.assertEqual(shown.returncode, 0, shown.stderr)
+            self.assertIn(" attune", shown.stdout)
+
     def test_install_refuses_a_symbolic_link_at_the_target(self):
         target = attune.completion_target("bash", self.env)
         os.makedirs(os.path.dirname(target))
@@ -13794,8 +13834,16 @@ def serve(argv):
     parser.add_argument("--refresh-ttl", type=int, default=7 * 86400, help="refresh token lifetime")
     parser.add_argument("--refresh-mode", choices=("reusable", "single-use"), default="reusable")
     args = parser.parse_args(argv)
-    fake = FakeAttune(access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl,
-                      refresh_mode=args.refresh_mode, admin_password="admin").start(args.port)
+    try:
+        fake = FakeAttune(access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl,
+                          refresh_mode=args.refresh_mode, admin_password="admin").start(args.port)
+    except OSError as e:  # the port taken, or one below 1024 without the right: a line, not a traceback
+        taken = e.errno == errno.EADDRINUSE
+        print("test_attune.py serve: cannot listen on 127.0.0.1:%d: %s; %s" % (
+            args.port, e.strerror or e, "another program uses it (the sandbox already running?): choose another "
+            "with --port N, or --port 0 for any free one" if taken else "choose another with --port N"),
+            file=sys.stderr)
+        return 1
     print("Attune sandbox listening on %s (user admin, password admin); Ctrl-C stops it" % fake.url, flush=True)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     try:

@@ -4942,6 +4942,8 @@ def fit_candidate(text):
         all(c.isalnum() or c in CANDIDATE_CHARACTERS for c in text)
 
 
+HELP_TOPIC_NAMES = ("global", "environment", "exit-codes")  # `help TOPIC` (HELP_TOPICS, in the help command)
+
 # The kinds of value whose candidates one list of the server answers: "path field page-size".
 LISTED_KINDS = {"rules": "/rules ref page_size", "triggers": "/triggers ref page_size",
                 "sensors": "/sensors ref page_size", "workflows": "/workflows ref page_size",
@@ -5008,6 +5010,12 @@ class Completion(CommandLine):
         body = self.get(path, dict(query or {"page_size": 100}))
         items = [] if body is None else list_items(body)
         return [str(item[field]) for item in items if type(item.get(field)) in (str, int)]
+
+    def kind_commands(self, prefix):
+        """What `help` takes next: the commands below the words given so far, and at first
+        the topics as well."""
+        below = self.table.entry(" ".join(self.positionals))["children"]
+        return below + (list(HELP_TOPIC_NAMES) if not self.positionals else [])
 
     def kind_profiles(self, prefix):
         return sorted(set(self.context().store.profiles()) | {DEFAULT_PROFILE})
@@ -11545,7 +11553,8 @@ HELP_TOPICS = {
 
 
 @command("help", "help on a command (help pack list) or a topic: " + ", ".join(HELP_TOPICS),
-         arg("topic", nargs="*", metavar="TOPIC", help="a command (pack list) or " + ", ".join(HELP_TOPICS)),
+         arg("topic", nargs="*", metavar="TOPIC", help="a command (pack list) or " + ", ".join(HELP_TOPICS),
+             complete="commands"),
          examples=("attune help global  # the options every command takes",
                    "attune help run  # the same as attune run --help"))
 def cmd_help(ctx, args):

@@ -10301,6 +10301,17 @@ class CompleteTests(ResourceTestCase):
         self.assertEqual(result.err, "")
         return result.out.splitlines()
 
+    def test_help_completes_commands_and_topics(self):
+        """help <Tab> offers what `help` takes: the top level and the topics, then the commands
+        below the words given (never file names, and no request)."""
+        self.assertEqual(self.complete("help "), attune.TOP_LEVEL + list(attune.HELP_TOPIC_NAMES))
+        self.assertEqual(sorted(attune.HELP_TOPIC_NAMES), sorted(attune.HELP_TOPICS))
+        self.assertEqual(self.complete("help ex"), ["execution", "exit-codes"])
+        self.assertEqual(self.complete("help pack "), [n for n, _, _ in attune.children(("pack",))])
+        self.assertEqual(self.complete("help queue items re"), ["reprioritize"])
+        self.assertEqual(self.complete("help pack list "), [])
+        self.assertEqual(self.server.log(), [])
+
     def test_each_place_on_the_line(self):
         table = attune.completion_table()["commands"]
         packs = "GET /api/v1/packs?page_size=100"

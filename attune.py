@@ -3133,15 +3133,22 @@ def pick_fields(data, fields):
     return [pick(item) for item in data] if isinstance(data, list) else pick(data)
 
 
-def fit_widths(widths, limit):
-    """Shrink the widest columns until the row fits in limit characters."""
+# Columns of free text: cut first when a table is too wide, so that refs, ids and names stay whole.
+FREE_TEXT_COLUMNS = frozenset(("Description", "Label", "Display name", "Prompt", "Tags", "Features", "Value",
+                               "Result", "Payload"))
+
+
+def fit_widths(widths, limit, free=()):
+    """Shrink columns until the row fits in limit characters: the free-text ones (indexes in
+    free) first, down to 10 characters, then the widest of all, down to 6."""
     widths = list(widths)
     gaps = 2 * (len(widths) - 1)
-    while sum(widths) + gaps > limit:
-        widest = max(range(len(widths)), key=lambda i: widths[i])
-        if widths[widest] <= 6:
-            break
-        widths[widest] -= 1
+    for floor, pool in ((10, free), (6, range(len(widths)))):
+        while sum(widths) + gaps > limit:
+            wide = [i for i in pool if widths[i] > floor]
+            if not wide:
+                break
+            widths[max(wide, key=lambda i: widths[i])] -= 1
     return widths
 
 
@@ -3156,7 +3163,7 @@ def render_table(columns, rows, width=None):
     cells = [[cell_text(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(columns)]
     if width:
-        widths = fit_widths(widths, width)
+        widths = fit_widths(widths, width, [i for i, name in enumerate(columns) if name in FREE_TEXT_COLUMNS])
     rule = [RULE * w for w in widths]
     return "\n".join(table_line(row, widths) for row in [list(columns), rule] + cells)
 
@@ -8256,19 +8263,26 @@ class ExecutionsView:
             self.ui.out("Press Ctrl+C to stop")
             self.ui.out("Filters: " + filter_summary(self.args))
             self.ui.out()
-            table = render_table(EXECUTION_COLUMNS, rows, self.ui.terminal_width())
-            self.widths = [len(cell) for cell in table.split("\n")[1].split("  ")]
-            if rows:
-                self.ui.out(table)
-            else:
+            if self.redraw and not rows:
                 self.ui.info("No executions found")
+            elif self.redraw:
+                self.ui.out(render_table(EXECUTION_COLUMNS, rows, self.ui.terminal_width()))
+            else:  # one header, whatever comes later: widths that a usual row fits in
+                cells = [[cell_text(v) for v in row] for row in rows]
+                self.widths = [max([least, len(name)] + [len(r[i]) for r in cells])
+                               for i, (name, least) in enumerate(zip(EXECUTION_COLUMNS, WATCH_WIDTHS))]
+                for line in [EXECUTION_COLUMNS, [RULE * w for w in self.widths]] + cells:
+                    self.ui.out(table_line(line, self.widths))
         else:
             for row in rows:
-                if self.shown.get(row[0]) != row:  # the table's columns, widened rather than cut
+                if self.shown.get(row[0]) != row:  # the header's columns, widened rather than cut
                     cells = [cell_text(v) for v in row]
                     self.ui.out(table_line(cells, [max(w, len(c)) for w, c in zip(self.widths, cells)]))
         self.ui.stdout.flush()
         self.shown = {row[0]: row for row in rows}
+
+
+WATCH_WIDTHS = (6, 24, 10, 20, 20, 9, 19)  # a list watch into a pipe: the least width of each column
 
 
 def merge_execution_update(known, data, args):

@@ -3484,6 +3484,21 @@ class TableTests(unittest.TestCase):
         self.assertIn("…", text)
         self.assertIn("short", text)
 
+    def test_free_text_is_cut_before_identifiers(self):
+        """A ref longer than its description is still whole at 60 columns: the Description and
+        Label columns give up their width first (to 10 characters), and only then the widest."""
+        rows = [["examples.deploy_service_to_production", "Deploy", "Deploys the service with a canary first"],
+                ["core.echo", "Echo", "Print a message"]]
+        for width in range(60, 100, 7):
+            with self.subTest(width=width):
+                lines = attune.render_table(["Ref", "Label", "Description"], rows, width=width).split("\n")
+                self.assertTrue(all(len(line) <= width for line in lines), lines)
+                self.assertTrue(lines[2].startswith("examples.deploy_service_to_production  "), lines)
+        lines = attune.render_table(["Ref", "Description"], [[r[0], r[2]] for r in rows], width=30).split("\n")
+        self.assertTrue(all(len(line) <= 30 for line in lines), lines)
+        self.assertEqual(len(lines[2].split("  ")[-1]), 10)  # as far as free text goes; then the ref gives
+        self.assertEqual(attune.fit_widths([40, 30], 50, free=[1]), [38, 10])
+
     def test_cells(self):
         self.assertEqual(attune.cell_text(True), "✓")
         self.assertEqual(attune.cell_text(False), "✗")
@@ -6708,12 +6723,18 @@ class ListWatchTests(ResourceTestCase):
         result = self.ok("execution", "watch", "--status", "Running", "-s", "canceling", "--top-level-only",
                          "--pack", "core", "-l", "5", "--timeout", "30")
         lines = result.out.splitlines()
-        self.assertEqual(lines[:5], [
+        self.assertEqual(lines[:4], [
             "Watching executions", "Press Ctrl+C to stop",
-            "Filters: pack=core status=running,canceling scope=top-level limit=5", "", "ℹ No executions found"])
+            "Filters: pack=core status=running,canceling scope=top-level limit=5", ""])
+        header = lines[4]  # into a pipe: the header once, even over nothing yet, and rows aligned under it
+        self.assertEqual(header.split(), ["ID", "Action", "Trace", "Tag", "Rule", "Trigger", "Status", "Created"])
+        self.assertEqual(set(lines[5].replace(" ", "")), {"─"})
         [started] = [e["id"] for e in self.server.executions.values() if e["action_ref"] == "core.sleep"]
-        self.assertEqual([line.split()[:2] + line.split()[5:6] for line in lines[5:-1]],
+        self.assertEqual([line.split()[:2] + line.split()[5:6] for line in lines[6:-1]],
                          [[str(started), "core.sleep", "running"]])
+        for line in lines[6:-1]:
+            self.assertEqual(line.index(" running") + 1, header.index("Status"), lines)
+            self.assertEqual(line.index("core.sleep"), header.index("Action"), lines)
         self.assertEqual(lines[-1], "✓ All watched executions are done")
         self.assertEqual(self.server.executions[started]["status"], "completed")
         self.assertEqual(len(self.streams()), 2)

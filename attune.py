@@ -4117,13 +4117,14 @@ COMMANDS = []      # Command, in declaration order
 
 
 class Command:
-    def __init__(self, path, help, func, arguments, defaults, examples):
+    def __init__(self, path, help, func, arguments, defaults, examples, note):
         self.path = path            # ("pack", "list")
         self.help = help
         self.func = func
         self.arguments = arguments  # arg() tuples: (flags, options)
         self.defaults = defaults    # extra attributes of the parsed arguments
         self.examples = examples    # command lines its --help shows ("attune pack list -j")
+        self.note = note            # what its --help says before them ("" for nothing)
 
 
 def group(name, help):
@@ -4132,14 +4133,15 @@ def group(name, help):
     GROUP_HELP[name] = help
 
 
-def command(path, help, *arguments, examples=(), **defaults):
+def command(path, help, *arguments, examples=(), note="", **defaults):
     """Declare the decorated function as the command path ('pack list' or 'run'); examples
-    are command lines its --help shows, each with an optional '  # what it does'."""
+    are command lines its --help shows, each with an optional '  # what it does', after the
+    note, a paragraph."""
     def register(func):
         words = tuple(path.split())
         if len(words) == 1:
             TOP_LEVEL.append(words[0])
-        COMMANDS.append(Command(words, help, func, arguments, defaults, examples))
+        COMMANDS.append(Command(words, help, func, arguments, defaults, examples, note))
         return func
     return register
 
@@ -4625,6 +4627,8 @@ def help_epilog(path, width):
     examples = list(cmd.examples) if cmd is not None and cmd.examples else [
         c.examples[0] for c in COMMANDS if c.path[:len(path)] == path and c.examples][:4]
     lines = ["examples:"] + ["  " + example for example in examples] + [""] if examples else []
+    if cmd is not None and cmd.note:
+        lines[:0] = [wrap(cmd.note, width, 0), ""]
     names = ", ".join(option_usage(flags, spec) for flags, spec in GLOBAL_OPTIONS)
     lines.append(wrap("global options (before or after the command): %s; see attune help global" % names, width, 2))
     return "\n".join(lines)
@@ -5373,6 +5377,11 @@ def exit_process(code):
 # What many of the command groups below use: lists and pages, JSON-ish arguments,
 # confirmations, timestamps, a status line and the small pieces of table layout they repeat.
 # What one group alone uses is written in that group's section.
+
+# what the --help of each command that watches one execution says about the keys
+WATCH_KEYS = ("While it watches: Ctrl+C asks the server to cancel the execution (exit 130), as the Rust CLI "
+              "does; Ctrl+D, when stdin is the terminal, stops watching and leaves it running (exit 0).")
+
 
 def update_body(pairs, body=None, hint=""):
     """The body of an update: the fields already decided (body) and each (key, value) of
@@ -7492,9 +7501,9 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
 
 
 @command("action execute", "run an action", ref("action (pack.action)", "actions"), *EXECUTE_ARGS,
-         examples=("attune action execute core.echo --param message=hello -w",))
+         examples=("attune action execute core.echo --param message=hello -w",), note=WATCH_KEYS)
 @command("run", "run an action (same as action execute)", ref("action (pack.action)", "actions"), *EXECUTE_ARGS,
-         examples=("attune run core.echo --param message=hello  # prints the execution id",
+         note=WATCH_KEYS, examples=("attune run core.echo --param message=hello  # prints the execution id",
                    "attune run core.echo --param message=hello -w  # waits; exit 0 only when it succeeds",
                    "attune run core.http --params-json '{\"url\": \"https://example.com\"}' -w --timeout 10m"))
 def cmd_action_execute(ctx, args):
@@ -8214,7 +8223,10 @@ def cmd_execution_cancel(ctx, args):
              arg("--notifier-url", metavar="URL",
                  help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))),
          examples=("attune execution watch 42",
-                   "attune execution watch --status running  # every one that starts"))
+                   "attune execution watch --status running  # every one that starts"),
+         note="With an ID: Ctrl+C asks the server to cancel that execution (exit 130), whoever started it, as "
+              "the Rust CLI does; Ctrl+D, when stdin is the terminal, stops watching and leaves it running. "
+              "Following a list, Ctrl+C only ends the watch.")
 def cmd_execution_watch(ctx, args):
     session = ctx.session()
     if args.id is None:
@@ -8479,7 +8491,7 @@ def secret_marker_paths(value, path=""):
 
 
 @command("execution rerun", "run an execution again, with changed parameters if you like",
-         EXECUTION_ID, *EXECUTE_ARGS,
+         EXECUTION_ID, *EXECUTE_ARGS, note=WATCH_KEYS,
          examples=("attune execution rerun 42 --param message=again -w",))
 def cmd_execution_rerun(ctx, args):
     original = ctx.session().fetch("GET", "/executions/%d" % args.id)
@@ -8748,6 +8760,10 @@ def download_name(resp, artifact_id, version):
 
 def download_version(ctx, args, artifact_id, version):
     """GET .../download into args.target (or the server's name), atomically."""
+    if args.target in OUTPUT_FORMATS + ("ndjson",):  # -o here is this command's own: a path
+        ctx.ui.warn("writing a file named %s: after `%s`, -o is the file to write; the output format goes "
+                    "before the command (attune -o %s %s ...)" % (quoted(args.target), " ".join(args.command_path),
+                                                                   args.target, " ".join(args.command_path)))
     if args.target not in (None, "-") and os.path.exists(args.target) and not args.force:
         raise UsageError("%s exists; add --force to replace it" % quoted(args.target))
     path = "/artifacts/%d/%s" % (artifact_id, "versions/%d/download" % version if version else "download")

@@ -7050,6 +7050,24 @@ class ArtifactCommandTests(ResourceTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), new_file_mode())
         self.assertIn("Artifact 2 has no versions", self.fails(1, "artifact", "download", "2").err)
 
+    def test_an_output_format_after_download_is_written_as_a_file_with_a_warning(self):
+        """`artifact download 1 -o json`: -o there is the download's own (a path), so the file
+        is named json, and a warning says so and where the format goes; before the command,
+        -o json is the format."""
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, os.path.dirname(os.path.abspath(ATTUNE_PY)))
+        for word, argv in (("json", ["artifact", "download", "1"]), ("yaml", ["artifact", "version", "download", "1",
+                                                                               "2"])):
+            result = self.ok(*argv + ["-o", word])
+            self.assertEqual(result.err, "attune: warning: writing a file named '%s': after `%s`, -o is the file to write; the output "
+                             "format goes before the command (attune -o %s %s ...)\n"
+                             % (word, " ".join(argv[:-1] if word == "json" else argv[:-2]), word,
+                                " ".join(argv[:-1] if word == "json" else argv[:-2])))
+            self.assertTrue(os.path.isfile(os.path.join(self.tmp, word)))
+        data = json.loads(self.ok("-o", "json", "artifact", "download", "1", "-o", "v.log").out)
+        self.assertEqual(data["path"], "v.log")
+        self.assertEqual(self.ok("artifact", "download", "1", "-o", "plain.log").err, "")
+
     def test_hostile_file_names_fall_back_to_a_safe_one(self):
         os.chdir(self.tmp)
         self.addCleanup(os.chdir, os.path.dirname(os.path.abspath(ATTUNE_PY)))
@@ -13432,6 +13450,19 @@ class HelpTests(unittest.TestCase):
                 code = e.code
         self.assertEqual((code, err.getvalue()), (0, ""), words)
         return out.getvalue()
+
+    def test_each_watching_command_says_what_ctrl_c_and_ctrl_d_do(self):
+        """Every command that can watch one execution says, in its --help, that Ctrl+C cancels
+        it on the server and Ctrl+D leaves it running; the list watch, that Ctrl+C only ends it."""
+        attune.load_rest()
+        watching = [cmd.path for cmd in attune.COMMANDS if attune.WATCH_KEYS == cmd.note]
+        self.assertEqual(sorted(watching), [("action", "execute"), ("execution", "rerun"), ("run",)])
+        for path in watching + [("execution", "watch")]:
+            text = " ".join(self.help_of(path).split())
+            self.assertIn("Ctrl+C asks the server to cancel", text, path)
+            self.assertIn("Ctrl+D, when stdin is the terminal, stops watching and leaves it running", text, path)
+        self.assertIn("Following a list, Ctrl+C only ends the watch.", " ".join(self.help_of(("execution", "watch"))
+                                                                               .split()))
 
     def every_path(self):
         attune.load_rest()

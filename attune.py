@@ -9893,9 +9893,12 @@ def cmd_cache_namespace_show(ctx, args):
     show_namespace(ctx, cache_object(cache_request(ctx, "GET", cache_path(args), query=cache_owner(args))))
 
 
-@command("cache namespace update", "change a namespace's policy", NAMESPACE, *(CACHE_OWNER + NAMESPACE_POLICY))
+@command("cache namespace update", "change a namespace's policy", NAMESPACE,
+         *(CACHE_OWNER + NAMESPACE_POLICY + (REFRESH_CONCURRENCY,)))
 def cmd_cache_namespace_update(ctx, args):
     policy = namespace_policy(args)
+    if args.refresh_concurrency is not None:
+        policy["refresh_concurrency"] = args.refresh_concurrency
     if not policy:
         raise UsageError("Provide at least one mutable policy field to update")
     show_namespace(ctx, cache_object(cache_request(ctx, "PUT", cache_path(args), dict(cache_owner(args), **policy))),
@@ -10026,10 +10029,10 @@ def cmd_cache_generation_list(ctx, args):
                                      "generations")
 
     def table():
-        ctx.ui.table(["ID", "State", "Records", "Bytes", "Source Revision", "Created"],
-                     [[*cells(g, "generation_id status record_count size_bytes"),
-                       or_dash(g.get("source_revision")), format_timestamp(g.get("created"))] for g in generations],
-                     empty="No cache generations found")
+        ctx.ui.table(["ID", "State", "Records", "Bytes", "Source Revision", "Execution", "Created"],
+                     [[*cells(g, "generation_id status record_count size_bytes"), or_dash(g.get("source_revision")),
+                       or_dash(g.get("created_by_execution")), format_timestamp(g.get("created"))]
+                      for g in generations], empty="No cache generations found")
         if cursor:
             ctx.ui.info("Next cursor: %s" % cursor)
 
@@ -10066,17 +10069,16 @@ def begin_refresh(ctx, args, owner, chunks, records=None, size=None):
         if value is not None:
             body[key] = value
     generation = cache_object(cache_request(ctx, "POST", cache_path(args, "generations"), body))
+    reused = None
     if generation.get("client_refresh_id") != body["client_refresh_id"]:
         # the namespace reuses an unpublished refresh: that one is another writer's, never this one's to continue
         gid, execution = generation.get("generation_id"), generation.get("created_by_execution")
-        raise AttuneError(
-            "the server answered with generation %s of refresh %s%s, which is still unpublished, instead of "
-            "beginning this refresh (the namespace's refresh concurrency is reuse); nothing was uploaded, sealed, "
-            "promoted or abandoned: let that refresh finish, or abandon it with attune cache refresh abort %s %s%s"
-            % (gid if is_id(gid) else "?", quoted(str(generation.get("client_refresh_id"))),
-               " begun by execution %d" % execution if is_id(execution) else "",
-               shell_quote(args.namespace), gid if is_id(gid) else "GENERATION", owner_flags(owner)))
-    return generation
+        reused = ("reused generation %s of refresh %s%s (the namespace's refresh concurrency is reuse): it is "
+                  "another producer's, still unpublished; see it with attune cache generation show %s %s%s"
+                  % (gid if is_id(gid) else "?", quoted(str(generation.get("client_refresh_id"))),
+                     ", begun by execution %d" % execution if is_id(execution) else "", shell_quote(args.namespace),
+                     gid if is_id(gid) else "GENERATION", owner_flags(owner)))
+    return generation, reused
 
 
 @command("cache refresh begin", "begin a staging generation (a retried begin with the same refresh id is one)",
@@ -10087,9 +10089,11 @@ def begin_refresh(ctx, args, owner, chunks, records=None, size=None):
              arg("--source-revision", metavar="TEXT", help="the upstream revision these records come from"))
              + EXPECTED_ACTIVE))
 def cmd_cache_refresh_begin(ctx, args):
-    generation = begin_refresh(ctx, args, cache_owner(args), args.expected_chunk_count, args.expected_count,
-                               args.expected_bytes)
-    show_generation(ctx, generation, "staging generation created")
+    generation, reused = begin_refresh(ctx, args, cache_owner(args), args.expected_chunk_count, args.expected_count,
+                                       args.expected_bytes)
+    if reused:  # the server's answer, as the Rust CLI prints it: that generation, and exit 0
+        ctx.ui.warn(reused)
+    show_generation(ctx, generation, None if reused else "staging generation created")
 
 
 def ndjson_lines(ctx, path, what):
@@ -10245,7 +10249,9 @@ def cmd_cache_refresh_apply(ctx, args):
         chunks, records = len(counted), sum(counted)
         if args.expected_chunk_count is not None and args.expected_chunk_count != chunks:
             raise UsageError("--expected-chunk-count (%d) does not match input (%d)" % (args.expected_chunk_count, chunks))
-    generation = begin_refresh(ctx, args, owner, chunks, records)
+    generation, reused = begin_refresh(ctx, args, owner, chunks, records)
+    if reused:  # another producer's refresh: nothing of it is this apply's to write, seal, promote or abort
+        raise AttuneError(reused + "; this apply uploaded, sealed and promoted nothing")
     generation_id = generation.get("generation_id")
     uploaded = 0
     for index, entries in enumerate(record_chunks(ctx, args.input, args.chunk_records)):

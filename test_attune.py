@@ -1808,8 +1808,12 @@ class FakeCache(FakeResources):
         key, error = self.cache_scope(req, name)
         if error:
             return error
-        self.cache_namespaces[key].update({k: v for k, v in (req.json() or {}).items() if k.startswith(
-            ("max_", "freshness_"))}, updated=self.stamp())
+        policy = {k: v for k, v in (req.json() or {}).items() if k.startswith(("max_", "freshness_",
+                                                                               "refresh_concurrency"))}
+        if policy.get("refresh_concurrency", "parallel") not in ("reuse", "conflict", "parallel"):
+            return 422, "Failed to deserialize the JSON body into the target type: refresh_concurrency: unknown " \
+                        "variant, expected one of `reuse`, `conflict`, `parallel`"
+        self.cache_namespaces[key].update(policy, updated=self.stamp())
         return 200, envelope(self.cache_namespaces[key])
 
     @route("DELETE", r"/api/v1/cache/namespaces/(?P<name>[^/]+)", query="owner_type owner_ref")
@@ -8527,6 +8531,21 @@ class CacheCommandTests(ResourceTestCase):
                                                                 "--input", self.tmp, "--expect-empty").err)
 
 
+    def test_namespace_update_takes_the_refresh_concurrency_alone(self):
+        """As the Rust CLI's tests: update with only --refresh-concurrency sends it flat beside
+        the owner, and the answer keeps it; nothing else is sent."""
+        for policy in ("reuse", "conflict", "parallel"):
+            doc = self.ok("-j", "cache", "namespace", "update", "users", *self.SYSTEM, "--refresh-concurrency",
+                          policy).json()
+            self.assertEqual(self.server.requests[-1].json(), {"owner_type": "system", "refresh_concurrency": policy})
+            self.assertEqual(self.server.requests[-1].method + " " + self.server.requests[-1].path,
+                             "PUT /api/v1/cache/namespaces/users")
+            self.assertEqual(doc["refresh_concurrency"], policy)
+        before = len(self.server.requests)
+        self.assertIn("invalid choice: 'wait'", self.fails(2, "cache", "namespace", "update", "users", *self.SYSTEM,
+                                                           "--refresh-concurrency", "wait").err)
+        self.assertEqual(len(self.server.requests), before)
+
     def test_refresh_concurrency_is_sent_and_shown(self):
         for policy in ("reuse", "conflict", "parallel"):
             out = self.ok("cache", "namespace", "create", "ns-" + policy, "--owner-type", "pack", "--owner-pack-ref",
@@ -8554,18 +8573,35 @@ class CacheCommandTests(ResourceTestCase):
         source = os.path.join(self.tmp, "users.ndjson")
         with open(source, "w") as f:
             f.write('{"external_id": "a", "value": 1}\n')
-        result = self.fails(1, "cache", "refresh", "apply", "users", *self.SYSTEM, "--input", source,
-                            "--expected-active", "101", "--client-refresh-id", "mine")
-        self.assertEqual(result.err, "attune: error: the server answered with generation %d of refresh 'theirs' begun "
-                         "by execution 77, which is still unpublished, instead of beginning this refresh (the "
-                         "namespace's refresh concurrency is reuse); nothing was uploaded, sealed, promoted or "
-                         "abandoned: let that refresh finish, or abandon it with attune cache refresh abort users %d "
-                         "--owner-type system\n" % (other, other))
-        self.assertEqual([t for t in self.targets() if not t.startswith("GET")],
-                         ["POST /api/v1/cache/namespaces/users/generations"])
-        self.assertEqual(self.server.cache_generations[other]["status"], "staging")
-        self.fails(1, "cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
-                   "--expect-empty")
+        for stdin in (False, True):  # as the Rust CLI's tests: from a file, and from stdin (its chunks counted)
+            with self.subTest(stdin=stdin):
+                before = len(self.server.requests)
+                result = self.fails(1, "cache", "refresh", "apply", "users", *self.SYSTEM, "--expected-active", "101",
+                                    "--client-refresh-id", "mine", *(["--input", "-", "--expected-chunk-count", "1"]
+                                                                    if stdin else ["--input", source]),
+                                    stdin='{"external_id": "a", "value": 1}\n')
+                self.assertEqual(result.err, "attune: error: reused generation %d of refresh 'theirs', begun by "
+                                 "execution 77 (the namespace's refresh concurrency is reuse): it is another "
+                                 "producer's, still unpublished; see it with attune cache generation show users %d "
+                                 "--owner-type system; this apply uploaded, sealed and promoted nothing\n"
+                                 % (other, other))
+                self.assertEqual([r.method + " " + r.path for r in self.server.requests[before:]],
+                                 ["POST /api/v1/cache/namespaces/users/generations"])
+                sent = self.server.requests[-1].json()
+                self.assertEqual((sent["client_refresh_id"], "created_by_execution" in sent), ("mine", False))
+                self.assertEqual(self.server.cache_generations[other]["status"], "staging")
+        # begin alone prints that generation and exits 0, as the Rust CLI does, with a warning
+        before = len(self.server.requests)
+        result = self.ok("-j", "cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
+                         "--expect-empty", "--client-refresh-id", "mine")
+        self.assertEqual({k: v for k, v in result.json().items()},
+                         {k: v for k, v in self.server.cache_generations[other].items() if k not in ("key", "chunks")})
+        self.assertIn("reused generation %d of refresh 'theirs', begun by execution 77" % other, result.err)
+        self.assertEqual(len(self.server.requests), before + 1)
+        table = self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
+                        "--expect-empty").out
+        self.assertIn("Created By Execution:  77\n", table)
+        self.assertNotIn("staging generation created", table)
         # the same refresh id again is this refresh's own retried begin: it goes on
         self.ok("cache", "refresh", "begin", "users", *self.SYSTEM, "--expected-chunk-count", "1",
                 "--expect-empty", "--client-refresh-id", "theirs")
@@ -8578,11 +8614,18 @@ class CacheCommandTests(ResourceTestCase):
                          "cache namespace already has an unpublished generation (generation %d, begun by execution "
                          "77)\n" % other)
 
-    def test_generation_show_says_who_began_it(self):
+    def test_generation_show_and_list_say_who_began_it(self):
         other = self.reuse_namespace("parallel")
         out = self.ok("cache", "generation", "show", "users", str(other), *self.SYSTEM).out
         self.assertIn("Created By:            1\n", out)
         self.assertIn("Created By Execution:  77\n", out)
+        lines = self.ok("cache", "generation", "list", "users", *self.SYSTEM).out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "State", "Records", "Bytes", "Source", "Revision", "Execution",
+                                            "Created"])
+        [row] = [line for line in lines[2:] if line.split()[0] == str(other)]
+        self.assertEqual(row.split()[5], "77")
+        docs = self.ok("-j", "cache", "generation", "list", "users", *self.SYSTEM).json()["generations"]
+        self.assertEqual([g["created_by_execution"] for g in docs if g["generation_id"] == other], [77])
         self.assertIn("Created By Execution:  -\n", self.ok("cache", "generation", "show", "users", "101",
                                                           *self.SYSTEM).out)
 

@@ -4987,7 +4987,10 @@ class Completion(CommandLine):
         kinds, index = entry["positionals"], len(self.positionals)
         if index < len(kinds):
             return self.values(kinds[index], current)
-        return self.values(kinds[-1], current) if kinds and entry["repeats"] else []
+        if kinds and entry["repeats"]:
+            return self.values(kinds[-1], current)
+        # all its arguments given: a new word is one of its options, as the Rust CLI offers them after an action
+        return list(self.options()) if not current and self.unknown is None else []
 
     def values(self, kind, prefix):
         """The values of one kind that start with prefix: choices, or what the credential
@@ -5067,9 +5070,22 @@ class Completion(CommandLine):
                 if isinstance(value, (str, int, float)) and value is not None]
 
 
-def complete_command(argv, env, clock=None):
+def complete_after(argv):
+    """Where the words of `attune GLOBAL-OPTIONS... __complete ...` begin (after __complete),
+    when only global options (with their values) come before it; else None."""
+    known, index = command_table().global_options, 0
+    while index < len(argv) and argv[index] != "__complete":
+        name, eq, _ = argv[index].partition("=")
+        if name not in known:
+            return None
+        index += 1 if eq or known[name] is None else 2
+    return index + 1 if index < len(argv) else None
+
+
+def complete_command(argv, env, clock=None, before=()):
     """`attune __complete [--cursor N] [--] WORDS...`: the candidates, one a line; always 0.
-    Nothing goes to stderr: a shell's completion has no place to show it."""
+    Nothing goes to stderr: a shell's completion has no place to show it. before: global
+    options given ahead of __complete, read as if they began WORDS."""
     cursor = None
     if argv[:1] == ["--cursor"] and len(argv) > 1:
         cursor, argv = parse_number(argv[1], 0, 1 << 20, True), argv[2:]
@@ -5077,7 +5093,7 @@ def complete_command(argv, env, clock=None):
             return 0
     words = argv[1:] if argv[:1] == ["--"] else list(argv)
     cursor = max(len(words) - 1, 0) if cursor is None else cursor
-    words = words[:cursor + 1] + [""] * (cursor + 1 - len(words))
+    words = list(before) + words[:cursor + 1] + [""] * (cursor + 1 - len(words))
     saved, sys.stderr = sys.stderr, open(os.devnull, "w")
     try:
         found = Completion(command_table(), words[:-1], env, clock).candidates(words[-1])
@@ -5313,8 +5329,9 @@ def main(argv=None, environ=None, clock=None):
         elif argv == ["--version"]:
             sys.stdout.write(version_text() + "\n")
             code = 0
-        elif argv[:1] == ["__complete"]:
-            code = complete_command(argv[1:], env, clock)
+        elif argv[0] == "__complete" or (argv[0].startswith("-") and "__complete" in argv and complete_after(argv)):
+            start = complete_after(argv)  # after any global options, as the Rust CLI takes them
+            code = complete_command(argv[start:], env, clock, argv[:start - 1])
         else:
             args = quick_args(argv) or parse_args(argv)
             ctx = Context(args, env, clock)

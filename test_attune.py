@@ -10397,6 +10397,9 @@ class CompleteTests(ResourceTestCase):
     def test_each_place_on_the_line(self):
         table = attune.completion_table()["commands"]
         packs = "GET /api/v1/packs?page_size=100"
+        global_options = list(attune.completion_table()["global"])
+        own = [f for flags, _ in attune.find_command(("run",)).arguments if flags[0].startswith("-") for f in flags]
+        run_options = own + [o for o in global_options if o not in own]
         for line, expected, requests in (
                 ("", attune.TOP_LEVEL, []),
                 ("pa", ["pack"], []),
@@ -10414,7 +10417,9 @@ class CompleteTests(ResourceTestCase):
                 ("completion ", ["bash", "zsh", "fish", "powershell", "install"], []),
                 ("completion install z", ["zsh"], []),
                 ("run core.echo --timeout ", [], []),
-                ("run core.echo ", [], []),
+                ("run core.echo ", run_options, []),  # its own options, then the global ones
+                ("action execute core.echo --watch ", run_options, []),
+                ("pack show core ", global_options, []),
                 ("nonsense ", [], []),
                 ("run ", ["core.", "linux.", "examples."], [packs]),
                 ("run co", ["core."], [packs]),
@@ -10473,6 +10478,24 @@ class CompleteTests(ResourceTestCase):
         for bad in ("x", "-1", ""):
             self.assertEqual(self.complete("pa", "--cursor", bad), [])
         self.assertEqual(self.ok("__complete").out.splitlines(), attune.TOP_LEVEL)
+
+    def test_global_options_may_come_before_complete(self):
+        """`attune -p NAME __complete ...` (a shell function that passes the user's options
+        first, as the Rust CLI takes them): read as if the options began the words, the cursor
+        still counting from the words after __complete."""
+        other = FakeAttune().start()
+        self.addCleanup(other.stop)
+        self.seed("elsewhere", current=False, api_url=other.url)
+        for argv in (["-p", "elsewhere", "__complete", "--", "pack", "show", "c"],
+                     ["--profile=elsewhere", "-j", "__complete", "--cursor", "2", "pack", "show", "c", "more"],
+                     ["--config", self.config, "-p", "elsewhere", "__complete", "pack", "show", "c"]):
+            with self.subTest(argv=argv):
+                before = other.count()
+                self.assertEqual(self.ok(*argv).out, "core\n")
+                self.assertEqual(other.count(), before + 1)
+        self.assertEqual(self.ok("-j", "__complete", "--", "pa").out, "pack\n")
+        self.assertEqual(self.server.count(), 0)
+        self.assertIn("unknown option '--bogus'", self.fails(2, "--bogus", "__complete", "--", "pa").err)
 
     def test_the_profile_and_url_on_the_line_choose_the_session(self):
         other = FakeAttune().start()

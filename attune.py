@@ -4558,6 +4558,7 @@ def top_help(width):
     commands = [(name, help_text) for name, help_text, _ in children(())]
     lines = ["usage: " + TOP_USAGE, "", "Command-line client for the Attune automation platform.", "", "commands:"]
     lines += help_rows(commands, width)
+    lines += ["", "examples:"] + ["  " + example for example in TOP_EXAMPLES]
     lines += ["", "global options (before or after the command):"] + help_rows(global_option_rows(), width)
     lines += ["", "exit codes:"] + exit_code_lines()
     lines += ["", "environment:"] + environment_lines()
@@ -4567,6 +4568,11 @@ def top_help(width):
 
 
 TOP_USAGE = "attune [-h] [--version] [global options] COMMAND ..."
+TOP_EXAMPLES = ("attune auth login --url https://attune.example.com -u admin  # once per server and user",
+                "attune pack list",
+                "attune run core.echo --param message=hello -w  # run an action and wait for its result",
+                "attune execution list --status failed -j  # JSON for scripts",
+                "attune -p prod auth status  # another profile, for one command")
 
 
 def exit_code_lines():

@@ -12449,6 +12449,25 @@ class ReadmeTests(AttuneTestCase):
         self.assertTrue(matches_sample(expected, actual), "%s\n--- the README shows:\n%s\n--- attune.py printed:\n%s"
                         % (what, "\n".join(expected), "\n".join(actual)))
 
+    def test_the_contents_list_every_section_and_every_link_has_its_place(self):
+        """The Contents are the README's headings (# and ##), in order; every #link in the
+        README leads to a heading, as GitHub names them (lower case, punctuation dropped,
+        spaces as hyphens)."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        headings, fenced = [], False
+        for line in text.split("\n"):
+            fenced = fenced != line.startswith("```")
+            if not fenced and re.match(r"#{1,2} ", line) and not line.startswith("```"):
+                headings.append(line.split(" ", 1)[1])
+        slug = lambda title: re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")  # noqa: E731
+        contents = text.split("**Contents:**\n\n", 1)[1].split("\n\n", 1)[0].split("\n")
+        self.assertEqual([re.match(r" *- \[(.*)\]\(#(.*)\)$", item).groups() for item in contents],
+                         [(title, slug(title)) for title in headings[1:]])
+        links = re.findall(r"\]\(#([^)]*)\)", text)
+        self.assertGreater(len(links), len(contents))
+        self.assertEqual(sorted(set(links) - {slug(title) for title in headings}), [])
+
     def test_matching_a_sample(self):
         self.assertTrue(matches_sample(["a ... c", "...", "z"], ["a b c", "x", "y", "z"]))
         self.assertTrue(matches_sample(["...", "z"], ["z"]))
@@ -13590,11 +13609,12 @@ class HelpTests(unittest.TestCase):
         it (a group's: one of its commands). The commands a user meets first show two or
         more in their group's help and one or more each; every other group shows one."""
         call = re.compile(r"(?:^|\$\(|<\()(?:sudo )?(?:python3 )?attune(?:\.py)? ([^)#<|]*)")
-        for path in self.every_path():
+        self.assertGreaterEqual(len(self.examples(self.help_of(()))), 4)  # the top level's, parsed below
+        for path in [()] + self.every_path():
             text = self.help_of(self.typed(path))
             examples = self.examples(text)
             with self.subTest(path=path):
-                group = path[0]
+                group = path[0] if path else None
                 if len(path) == 1 and attune.find_command(path) is None:
                     self.assertGreaterEqual(len(examples), 2 if group in self.FIRST_GROUPS else 1)
                 elif group in self.FIRST_GROUPS and attune.find_command(path) is not None:

@@ -4346,6 +4346,12 @@ class TokenLifecycleTests(AttuneTestCase):
                                  (state, True, False, code == 6))
         with self.server.lock:
             self.server.faults.clear()
+        stopped = FakeAttune().start()  # a server that was there and is gone: connection refused
+        stopped.stop()
+        self.seed(access_left=3360, api_url=stopped.url)
+        out = self.fails(5, "auth", "status").out
+        self.assertIn("connection refused", out)
+        self.assertRegex(out, r"Status: +server unreachable; the session stored here has not expired")
         self.seed(access_left=-100, refresh_left=-100)
         self.assertRegex(self.fails(4, "auth", "status").out, r"Status: +login needed\n")  # nothing to ask with
 

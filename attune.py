@@ -2236,8 +2236,7 @@ def wrong_url_hint(api_url, resp):
     path = api_url.partition("://")[2].partition("/")[2].rstrip("/").lower()
     if path.endswith(("api/v1", "api")):
         return ("; the API URL %s ends in /%s, which attune.py adds itself: give the server's address alone, "
-                "such as https://attune.example.com" % (quoted(api_url), path.rsplit("/", 1)[-1] if
-                                                        path.endswith("api") else "api/v1"))
+                "such as https://attune.example.com" % (quoted(api_url), "api" if path.endswith("api") else "api/v1"))
     if path and not (resp.headers or {}).get("Content-Type", "").startswith("application/json"):
         return ("; the server at %s answered with something else than Attune's API: is /%s part of the "
                 "API's address?" % (quoted(api_url), path))
@@ -11647,6 +11646,13 @@ def cmd_completion(ctx, args):
     ctx.ui.stdout.write(completion_script(args.shell))
 
 
+# What loads the completions of a user's directory for bash: the bash-completion package, as
+# Debian, Fedora, Arch, Alpine and Homebrew install it.
+BASH_COMPLETION_FILES = ("/usr/share/bash-completion/bash_completion", "/etc/bash_completion",
+                         "/usr/local/share/bash-completion/bash_completion",
+                         "/opt/homebrew/etc/profile.d/bash_completion.sh", "/usr/local/etc/profile.d/bash_completion.sh")
+
+
 def install_completion(ctx, shell):
     """Write the script atomically where the shell finds a user's completions."""
     target = completion_target(shell, ctx.env)
@@ -11669,18 +11675,11 @@ def install_completion(ctx, shell):
         if shell == "bash" and lines:
             ctx.ui.warn("bash-completion is not installed here, and it is what reads that directory")
         if lines:
-            ctx.ui.out("Add this to %s, then start a new %s:" % (rc, shell.title()))
+            ctx.ui.out("Add this to %s, then restart %s:" % (rc, shell.title()))
             for line in lines:
                 ctx.ui.out(line)
 
     ctx.ui.emit({"shell": shell, "path": target, "add_to": rc if lines else None, "lines": lines}, table)
-
-
-# What loads the completions of a user's directory for bash: the bash-completion package, as
-# Debian, Fedora, Arch, Alpine and Homebrew install it.
-BASH_COMPLETION_FILES = ("/usr/share/bash-completion/bash_completion", "/etc/bash_completion",
-                         "/usr/local/share/bash-completion/bash_completion",
-                         "/opt/homebrew/etc/profile.d/bash_completion.sh", "/usr/local/etc/profile.d/bash_completion.sh")
 
 
 REST_LOADED = True  # the last definition of the rest: every command is declared

@@ -10236,7 +10236,7 @@ class CompletionTests(AttuneTestCase):
         with mock.patch.object(attune, "BASH_COMPLETION_FILES", (os.path.join(self.tmp, "missing"),)):
             result = self.ok("completion", "install", "bash")
             self.assertEqual(result.out.splitlines(), ["Installed Bash completion to %s" % target,
-                                                       "Add this to ~/.bashrc, then start a new Bash:",
+                                                       "Add this to ~/.bashrc, then restart Bash:",
                                                        ". %s" % attune.shell_quote(target)])
             self.assertIn("bash-completion is not installed here", result.err)
             doc = self.ok("completion", "install", "bash", "-j").json()

@@ -4864,7 +4864,9 @@ def build_parser():
 # preference among the commands of the place: `key get` is `key show`, `pack remove` is
 # `pack uninstall`. A suggestion by spelling alone never names a DESTRUCTIVE command for a
 # word that is not nearly that command's own (a harmless typo must not lead to a deletion).
-SYNONYMS = {"get": "show", "describe": "show", "view": "show", "inspect": "show", "cat": "show", "ls": "list",
+SYNONYMS = {"get": "show", "describe": "show", "view": "show", "inspect": "show", "cat": "show", "info": "show status",
+            "status": "show", "ls": "list", "ps": "list", "push": "upload", "pull": "download", "fetch": "download",
+            "apply": "upload create",
             "rm": "delete uninstall remove revoke", "remove": "delete uninstall revoke", "del": "delete",
             "delete": "uninstall remove revoke", "destroy": "delete", "uninstall": "delete remove",
             "stop": "cancel", "kill": "cancel", "terminate": "cancel", "abort": "cancel", "add": "create",

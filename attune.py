@@ -11655,6 +11655,14 @@ BASH_COMPLETION_FILES = ("/usr/share/bash-completion/bash_completion", "/etc/bas
                          "/opt/homebrew/etc/profile.d/bash_completion.sh", "/usr/local/etc/profile.d/bash_completion.sh")
 
 
+def read_rc(path):
+    """A shell's start-up file as text ('' when there is none or it cannot be read)."""
+    try:
+        return read_regular_file(path, 1 << 20)[0].decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return ""
+
+
 def install_completion(ctx, shell):
     """Write the script atomically where the shell finds a user's completions."""
     target = completion_target(shell, ctx.env)
@@ -11667,7 +11675,11 @@ def install_completion(ctx, shell):
         write_atomic(target, script, shared=True)
     except OSError as e:
         raise AttuneError("cannot write %s: %s" % (quoted(target), e.strerror or e))
-    lines = {"zsh": ["fpath=(~/.zsh/completions $fpath)", "autoload -Uz compinit && compinit"]}.get(shell, [])
+    lines = []
+    if shell == "zsh":  # unless ~/.zshrc names the directory already
+        home = os.path.dirname(os.path.dirname(os.path.dirname(target)))  # target: ~/.zsh/completions/_attune
+        if ".zsh/completions" not in read_rc(os.path.join(ctx.env.get("ZDOTDIR") or home, ".zshrc")):
+            lines = ["fpath=(~/.zsh/completions $fpath)", "autoload -Uz compinit && compinit"]
     if shell == "bash" and not any(os.path.exists(path) for path in BASH_COMPLETION_FILES):
         lines = [". %s" % shell_quote(target)]  # nothing here reads that directory: the shell itself must
     rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc"}.get(shell)

@@ -10216,6 +10216,10 @@ class CompletionTests(AttuneTestCase):
                     self.assertEqual(f.read(), self.script(shell))
                 self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), new_file_mode())
         self.assertIn("fpath=(~/.zsh/completions $fpath)", self.ok("completion", "install", "zsh").out)
+        with open(os.path.join(home, ".zshrc"), "w") as f:  # what it says to add, added: nothing more to say
+            f.write("fpath=(~/.zsh/completions $fpath)\nautoload -Uz compinit && compinit\n")
+        self.assertEqual(self.ok("completion", "install", "zsh").out.splitlines(),
+                         ["Installed Zsh completion to %s" % os.path.join(home, ".zsh", "completions", "_attune")])
         self.assertEqual(self.ok("completion", "install", "fish", "-j").json()["shell"], "fish")
         self.assertIn("needs the shell", self.fails(2, "completion", "install").err)
         self.fails(2, "completion", "install", "powershell")

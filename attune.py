@@ -5079,13 +5079,15 @@ class Completion(CommandLine):
 
 def complete_after(argv):
     """Where the words of `attune GLOBAL-OPTIONS... __complete ...` begin (after __complete),
-    when only global options (with their values) come before it; else None."""
-    known, index = command_table().global_options, 0
+    when only global options (with their values) come before it; else None. From the
+    declarations alone: nothing is read, so nothing can fail."""
+    takes_value = {flag: spec.get("action") not in FLAG_ACTIONS for flags, spec in GLOBAL_OPTIONS for flag in flags}
+    index = 0
     while index < len(argv) and argv[index] != "__complete":
         name, eq, _ = argv[index].partition("=")
-        if name not in known:
+        if name not in takes_value:
             return None
-        index += 1 if eq or known[name] is None else 2
+        index += 2 if takes_value[name] and not eq else 1
     return index + 1 if index < len(argv) else None
 
 
@@ -5336,7 +5338,7 @@ def main(argv=None, environ=None, clock=None):
         elif argv == ["--version"]:
             sys.stdout.write(version_text() + "\n")
             code = 0
-        elif argv[0] == "__complete" or (argv[0].startswith("-") and "__complete" in argv and complete_after(argv)):
+        elif argv[0] == "__complete" or (argv[0].startswith("-") and complete_after(argv)):
             start = complete_after(argv)  # after any global options, as the Rust CLI takes them
             code = complete_command(argv[start:], env, clock, argv[:start - 1])
         else:

@@ -5589,13 +5589,14 @@ class SeamTests(AttuneTestCase):
         os.remove(importlib_cache(rest))
         launcher = os.path.join(prefix, "bin", "attune")
 
-        def complete(*words):
-            p = subprocess.run([launcher, "__complete", "--"] + list(words), env=self.process_env(),
+        def complete(*words, before=()):
+            p = subprocess.run([launcher] + list(before) + ["__complete", "--"] + list(words), env=self.process_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
             self.assertEqual((p.returncode, p.stderr), (0, ""))
             return p.stdout.splitlines()
 
         self.assertEqual(complete("pack", "l"), ["list"])
+        self.assertEqual(complete("pack", "show", "c", before=("-p", "default", "-j")), ["core"])
         self.assertEqual(complete("run", "core.e"), ["core.echo"])
         self.assertEqual(complete("run", "core.echo", "--param", ""), ["message=", "count="])
         self.assertEqual(complete("--output", "j"), ["json"])
@@ -5605,6 +5606,7 @@ class SeamTests(AttuneTestCase):
                 with open(table, "w", encoding="utf-8", errors="surrogateescape") as f:
                     f.write(broken)
                 self.assertEqual(complete("pack", "l"), [])  # it would load the rest, which is gone
+                self.assertEqual(complete("pack", "l", before=("-p", "default")), [])
                 os.rename(rest + ".away", rest)
                 self.assertEqual(complete("pack", "l"), ["list"])  # ... which it then does
                 os.rename(rest, rest + ".away")

@@ -2234,9 +2234,10 @@ def wrong_url_hint(api_url, resp):
     attune.py adds), or one with a path whose server answered with something else than
     Attune's JSON (a web page: the address of the site, not of its API)."""
     path = api_url.partition("://")[2].partition("/")[2].rstrip("/").lower()
-    if path.endswith(("api/v1", "api")):
+    segments = path.split("/")
+    if segments[-1] == "api" or segments[-2:] == ["api", "v1"]:
         return ("; the API URL %s ends in /%s, which attune.py adds itself: give the server's address alone, "
-                "such as https://attune.example.com" % (quoted(api_url), "api" if path.endswith("api") else "api/v1"))
+                "such as https://attune.example.com" % (quoted(api_url), "api" if segments[-1] == "api" else "api/v1"))
     if path and not (resp.headers or {}).get("Content-Type", "").startswith("application/json"):
         return ("; the server at %s answered with something else than Attune's API: is /%s part of the "
                 "API's address?" % (quoted(api_url), path))
@@ -5081,10 +5082,12 @@ def complete_after(argv):
     """Where the words of `attune GLOBAL-OPTIONS... __complete ...` begin (after __complete),
     when only global options (with their values) come before it; else None. From the
     declarations alone: nothing is read, so nothing can fail."""
-    takes_value = {flag: spec.get("action") not in FLAG_ACTIONS for flags, spec in GLOBAL_OPTIONS for flag in flags}
+    takes_value = {flag: value_completion(flags, spec) is not None for flags, spec in GLOBAL_OPTIONS for flag in flags}
     index = 0
     while index < len(argv) and argv[index] != "__complete":
         name, eq, _ = argv[index].partition("=")
+        if name not in takes_value and name[:2] in takes_value and not name.startswith("--"):
+            name, eq = name[:2], "="  # -pprod: the value attached
         if name not in takes_value:
             return None
         index += 2 if takes_value[name] and not eq else 1
@@ -5338,7 +5341,7 @@ def main(argv=None, environ=None, clock=None):
         elif argv == ["--version"]:
             sys.stdout.write(version_text() + "\n")
             code = 0
-        elif argv[0] == "__complete" or (argv[0].startswith("-") and complete_after(argv)):
+        elif argv[0] == "__complete" or (argv[0].startswith("-") and "__complete" in argv and complete_after(argv)):
             start = complete_after(argv)  # after any global options, as the Rust CLI takes them
             code = complete_command(argv[start:], env, clock, argv[:start - 1])
         else:
@@ -6091,7 +6094,8 @@ def cmd_auth_status(ctx, args):
             if not args.all:
                 raise
             status, status_code = {"profile": name, "current": name == stored_current(ctx), "error": str(e),
-                                   "logged_in": False}, e.exit_code  # one broken profile spoils no other
+                                   "logged_in": False, "usable_here": False, "state": "unusable"}, e.exit_code
+            # one broken profile spoils no other
         results.append(status)
         if status_code and code in (0, 4):
             code = status_code  # network trouble outranks a missing login
@@ -6445,9 +6449,8 @@ class Doctor:
         ctx = self.ctx
         info = {"path": ctx.choice.config_path, "source": ctx.choice.config_source, "exists": False}
         self.report["credential_file"] = info
-        if ctx.choice.config_path is None:
-            self.notes.append("HOME is not set, so there is no credential file: tokens must come from the "
-                              "environment, or choose a file with --config FILE or ATTUNE_CONFIG")
+        if ctx.choice.config_path is None:  # said by check_writable, as a login would say it
+            self.unwritable = self.writable_problem(info)
             return
         try:
             st = os.stat(ctx.choice.config_path)

@@ -4575,6 +4575,9 @@ class HttpTests(AttuneTestCase):
         self.assertIn("answered with something else than Attune's API: is /site part of the API's address?", err)
         err = self.fails(1, "pack", "show", "no-such-pack").err
         self.assertNotIn("address", err)
+        self.assertEqual(attune.wrong_url_hint("https://h/myapi", attune.Response(404, "", {"Content-Type":
+                                                                                        "application/json"}, b"")), "")
+        self.assertIn("ends in /api,", attune.wrong_url_hint("https://h/x/api/", attune.Response(404, "", {}, b"")))
 
     def test_an_https_to_http_redirect_is_refused(self):
         tls, ca = self.tls_server()
@@ -10222,6 +10225,10 @@ class CompletionTests(AttuneTestCase):
             f.write("fpath=(~/.zsh/completions $fpath)\nautoload -Uz compinit && compinit\n")
         self.assertEqual(self.ok("completion", "install", "zsh").out.splitlines(),
                          ["Installed Zsh completion to %s" % os.path.join(home, ".zsh", "completions", "_attune")])
+        zdotdir = os.path.join(self.tmp, "zdot")  # zsh reads $ZDOTDIR/.zshrc instead, when it is set
+        os.makedirs(zdotdir)
+        self.assertIn("fpath=(~/.zsh/completions $fpath)",
+                      self.ok("completion", "install", "zsh", env={"ZDOTDIR": zdotdir}).out)
         self.assertEqual(self.ok("completion", "install", "fish", "-j").json()["shell"], "fish")
         self.assertIn("needs the shell", self.fails(2, "completion", "install").err)
         self.fails(2, "completion", "install", "powershell")
@@ -10500,7 +10507,8 @@ class CompleteTests(ResourceTestCase):
         self.seed("elsewhere", current=False, api_url=other.url)
         for argv in (["-p", "elsewhere", "__complete", "--", "pack", "show", "c"],
                      ["--profile=elsewhere", "-j", "__complete", "--cursor", "2", "pack", "show", "c", "more"],
-                     ["--config", self.config, "-p", "elsewhere", "__complete", "pack", "show", "c"]):
+                     ["--config", self.config, "-p", "elsewhere", "__complete", "pack", "show", "c"],
+                     ["-pelsewhere", "__complete", "--", "pack", "show", "c"]):
             with self.subTest(argv=argv):
                 before = other.count()
                 self.assertEqual(self.ok(*argv).out, "core\n")
@@ -10703,6 +10711,11 @@ class HardeningTests(AttuneTestCase):
                           "token in ATTUNE_API_TOKEN", line)
             report = json.loads(self.run_cli("auth", "doctor", "-j", env=env).out)
             self.assertIn("HOME is not set", " ".join(report["notes"]))
+            self.assertEqual(report["problems"], [])
+            # no token either: the login that would be next cannot store its session, as doctor says
+            result = self.run_cli("auth", "doctor", "-j", env=dict(env, ATTUNE_API_TOKEN=None))
+            self.assertEqual(result.code, 3, result)
+            self.assertIn("HOME is not set", " ".join(json.loads(result.out)["problems"]))
         self.assertEqual(os.listdir(self.tmp), [])
 
     @unittest.skipUnless(IS_ROOT and os.path.exists("/usr/bin/python3"), "runs as nobody, whose home is absent")
@@ -12174,6 +12187,7 @@ class UntrustedInputTests(AttuneTestCase):
         self.assertEqual(raw_controls(result.out + result.err), [])
         statuses = self.run_cli("auth", "status", "--all", "--offline", "-j").json()
         self.assertEqual([s["logged_in"] for s in statuses], [True, False])
+        self.assertEqual([(s["state"], s["usable_here"]) for s in statuses], [("logged in", True), ("unusable", False)])
         # a login answer whose user is not an object of text keeps the name typed
         answer = {"data": {"access_token": self.token, "refresh_token": self.token, "expires_in": 3600,
                            "user": {"login": ["x"], "id": "1"}}}

@@ -1000,7 +1000,8 @@ LOCK_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEA
 
 
 class FileLock:
-    """Exclusive lock on '<credential file>.lock', held around each read-modify-write.
+    """Exclusive lock on '<credential file>.lock' (on the credential file itself where that
+    cannot be made), held around each read-modify-write.
 
     The lock file is never deleted: deleting it would let a waiter lock an unlinked
     file while a newcomer locks a fresh one. Its content (pid and command of the
@@ -1008,8 +1009,10 @@ class FileLock:
     passes, work goes on unlocked: atomic writes and compare-and-refresh keep that
     safe, the lock only saves refresh calls and lost updates."""
 
-    def __init__(self, path, timeout, command, warn, log, done_waiting=None, owner=None):
+    def __init__(self, path, timeout, command, warn, log, done_waiting=None, owner=None, instead=None):
         self.path = path
+        self.instead = instead  # the file locked where no lock file can be made (see _open_instead)
+        self.locked = None      # the path of the file whose lock is held or tried
         self.owner = owner  # (uid, gid) root gives a lock file it creates in another user's directory
         self.timeout = timeout
         self.command = command
@@ -1035,8 +1038,10 @@ class FileLock:
             if e.errno == errno.ELOOP:
                 raise ConfigError("the lock file %s is a symbolic link; remove it (attune.py does not "
                                   "write through links)" % quoted(self.path))
-            self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
-            return False
+            self.fd = self._open_instead(e)
+            if self.fd is None:
+                return False
+        self.locked = self.locked or self.path
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self.fd)
@@ -1069,6 +1074,23 @@ class FileLock:
                           % (self.timeout, self.path, self._holder(" held by ")))
                 return False
 
+    def _open_instead(self, e):
+        """Where the lock file cannot be made (a credential file mounted on its own into a
+        directory that is not ours), the credential file itself is locked: it is rewritten in
+        place there, so it stays the same file. (Should flock fail there too, lockf's lock ends
+        when this process closes any descriptor of the file: less protection, still safe.)
+        Its descriptor, or None: no lock at all."""
+        if self.instead is not None and fcntl is not None:  # msvcrt's lock would keep readers out
+            try:
+                fd = os.open(self.instead, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+                self.log("cannot open lock file %s (%s); locking %s itself" % (self.path, e, self.instead))
+                self.locked = self.instead
+                return fd
+            except OSError:
+                pass
+        self.log("cannot open lock file %s (%s); continuing without the lock" % (self.path, e))
+        return None
+
     def _try_lock(self):
         """True if locked, False if another process holds it, None if locking is unsupported."""
         if fcntl is None:
@@ -1097,6 +1119,8 @@ class FileLock:
             return False
 
     def _write_holder(self):
+        if self.locked != self.path:  # the credential file itself: its content is not ours to write
+            return
         try:
             info = ("%d %s\n" % (os.getpid(), self.command)).encode("utf-8", "replace")
             os.lseek(self.fd, 0, os.SEEK_SET)
@@ -1130,7 +1154,7 @@ class FileLock:
                     fcntl.lockf(self.fd, fcntl.LOCK_UN)
         finally:
             os.close(self.fd)
-            self.fd, self.held = None, False
+            self.fd, self.held, self.locked = None, False, None
 
 
 # === Credential file =========================================================
@@ -1345,8 +1369,9 @@ def write_atomic(path, data, shared=False, links_ok=False, keep=None):
 
 def write_in_place(path, data):
     """Rewrite the content of the regular file at path where no rename can replace it (a
-    single bind-mounted file: EBUSY or EXDEV): write, truncate, fsync. Not atomic: the
-    caller holds the lock, and a reader that meets a half-written file reads it again."""
+    single bind-mounted file: EBUSY or EXDEV; a file in a directory that is not ours to
+    write): write, truncate, fsync. Not atomic: the caller holds the lock, and a reader that
+    meets a half-written file reads it again."""
     EXIT_SIGNALS.arm()
     fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
     try:
@@ -1519,8 +1544,7 @@ class CredentialStore:
                 problem = "it is owned by uid %d, not by you (uid %d)" % (st.st_uid, os.geteuid())
             elif not os.access(target, os.W_OK):
                 problem = "it is read-only (a read-only mount or secret volume, or its mode)"
-            elif not os.access(directory, os.W_OK | os.X_OK):
-                problem = "its directory %s is not writable" % directory
+            # a writable file in a directory that is not: rewritten in place (modify_locked)
         elif self.homeless():
             problem = self.homeless()
         elif not os.access(existing_parent(directory), os.W_OK | os.X_OK):
@@ -1551,7 +1575,7 @@ class CredentialStore:
         except OSError as e:
             raise self._write_error(e)
         return FileLock(self.path + ".lock", self.deadline.cap(self.lock_timeout), self.command, self.warn,
-                        self.log, done_waiting, root_keeps_owner(self.path))
+                        self.log, done_waiting, root_keeps_owner(self.path), instead=self.path)
 
     def modify(self, change):
         """Read-modify-write under the lock; change(doc) edits the freshly read document."""
@@ -1568,13 +1592,18 @@ class CredentialStore:
         data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
         owner = root_keeps_owner(target)
         keep = owner + (stat.S_IMODE(st.st_mode) if st else 0o600,) if owner else None
-        try:
-            write_atomic(target, data, keep=keep)
-        except OSError as e:
-            if st is None or e.errno not in NOT_REPLACEABLE:
-                raise self._write_error(e)
-            self.log("%s cannot be replaced (%s: a file mounted on its own?); rewriting it in place"
-                     % (target, e.strerror or e))
+        why = None  # why the file is rewritten in place, where no rename can replace it
+        if st is not None and not os.access(os.path.dirname(target), os.W_OK | os.X_OK):
+            why = "its directory is not writable"  # docker run --user U -v creds.json:...
+        else:
+            try:
+                write_atomic(target, data, keep=keep)
+            except OSError as e:
+                if st is None or e.errno not in NOT_REPLACEABLE:
+                    raise self._write_error(e)
+                why = "%s: a file mounted on its own?" % (e.strerror or e)
+        if why:
+            self.log("%s cannot be replaced (%s); rewriting it in place" % (target, why))
             try:
                 write_in_place(target, data)
             except OSError as e:
@@ -6394,20 +6423,21 @@ def run_keeping_fresh(ctx, session, command, env):
 
 
 # -- auth doctor: everything attune.py depends on here, in one report --------------
-def lock_probe(lock_path):
+def lock_probe(lock_path, instead=None):
     """One try at the credential lock: 'refused' is what a working lock answers while held."""
-    lock = FileLock(lock_path, 0.0, "attune lock probe", lambda message: None, lambda message: None)
+    lock = FileLock(lock_path, 0.0, "attune lock probe", lambda message: None, lambda message: None,
+                    instead=instead)
     if not lock.acquire():
         return "refused"
     lock.release()
     return "acquired"
 
 
-def probe_lock_from_child(lock_path):
+def probe_lock_from_child(lock_path, instead=None):
     """lock_probe() from another process: a forked child. Where there is no fork (Windows)
     it runs here with a handle of its own, which msvcrt locks refuse as another process."""
     if not hasattr(os, "fork"):
-        return lock_probe(lock_path)
+        return lock_probe(lock_path, instead)
     import warnings
     with warnings.catch_warnings():  # 3.12+ warn about forking beside threads (a test's server)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -6415,7 +6445,7 @@ def probe_lock_from_child(lock_path):
     if pid == 0:  # the child: only the probe, then out without running anything of the parent's
         code = 2
         try:
-            code = 0 if lock_probe(lock_path) == "refused" else 1
+            code = 0 if lock_probe(lock_path, instead) == "refused" else 1
         finally:
             os._exit(code)
     status = os.waitpid(pid, 0)[1]
@@ -6536,15 +6566,17 @@ class Doctor:
         if not os.path.isdir(os.path.dirname(lock_path)):
             info["status"] = "not checked: %s does not exist yet" % os.path.dirname(lock_path)
             return
-        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.ui.log, self.ctx.ui.log)
+        lock = FileLock(lock_path, 1.0, "attune auth doctor", self.ctx.ui.log, self.ctx.ui.log,
+                        instead=self.ctx.choice.config_path)
         if not lock.acquire():
             info["status"] = "not available (the file system refuses locks, or another process holds it)"
             self.notes.append("the credential lock is not available; attune.py goes on without it (still safe)")
             lock.release()
             return
         try:
+            info["path"] = lock.locked  # the credential file itself where no lock file can be made
             info["method"] = "msvcrt" if fcntl is None else ("flock", "lockf")[lock._method]
-            outcome = probe_lock_from_child(lock_path)
+            outcome = probe_lock_from_child(lock_path, lock.instead)
         finally:
             lock.release()
         if outcome == "refused":

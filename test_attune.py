@@ -9926,9 +9926,9 @@ class WhereItLivesTests(AttuneTestCase):
         self.assertIn("it is read-only", " ".join(json.loads(result.out)["notes"]))
 
     def test_auth_doctor_finds_a_read_only_directory_as_the_next_login_would(self):
-        """As another user, in their own credential directory made read-only (mode 555): the
-        file can be read but not replaced, and doctor says so (exit 3) as the login after it
-        does; the same before any file exists."""
+        """As another user, in their own credential directory made read-only (mode 555): no
+        file can be made there, and doctor says so (exit 3) as the login after it does. A file
+        already there is the user's to write: it is rewritten in place, and doctor agrees."""
         self.seed()
         directory = os.path.dirname(self.config)
         for path in (self.env["HOME"], os.path.dirname(directory)):
@@ -9944,14 +9944,18 @@ class WhereItLivesTests(AttuneTestCase):
                     os.remove(self.config)
                     os.chmod(directory, 0o555)
                 result = run_unprivileged(self, ["auth", "doctor", "-j"], env)
-                self.assertEqual(result.code, 3, result)
+                self.assertEqual(result.code, 0 if exists else 3, result)
                 report = json.loads(result.out)
-                self.assertFalse(report["credential_file"]["writable"])
-                self.assertIn("its directory %s is not writable" % directory if exists else
-                              "%s is not writable" % directory, " ".join(report["problems"]))
+                self.assertEqual(report["credential_file"]["writable"], exists)
                 table = run_unprivileged(self, ["auth", "doctor"], env)
-                self.assertNotIn("no problems found", table.out + table.err)
                 login = run_unprivileged(self, ["auth", "login", "-u", "admin", "--url", self.server.url], env)
+                if exists:
+                    self.assertEqual(report["problems"], [])
+                    self.assertEqual(login.code, 0, login)
+                    self.assertEqual(self.profile()["username"], "admin")
+                    continue
+                self.assertIn("%s is not writable" % directory, " ".join(report["problems"]))
+                self.assertNotIn("no problems found", table.out + table.err)
                 self.assertEqual(login.code, 3, login)
                 self.assertIn("not writable", login.err)
 
@@ -9970,6 +9974,77 @@ class WhereItLivesTests(AttuneTestCase):
             stored = json.load(f)["profiles"]["default"]
         self.assertNotEqual(stored["auth_token"], old)
         self.assertEqual([n for n in os.listdir(os.path.dirname(self.config)) if n.endswith(".tmp")], [])
+
+    def mounted_into_a_root_directory(self):
+        """docker run --user 65534 -v $PWD/creds.json:~/.config/attune/credentials.json: the
+        file is the user's, the directory Docker made for the mount point is root's (0755).
+        The outside file (the user's, holding a session whose access token has expired)."""
+        self.seed(access_left=-100)
+        outside = os.path.join(self.tmp, "outside", "creds.json")
+        os.makedirs(os.path.dirname(outside))
+        shutil.move(self.config, outside)
+        give_to_nobody(os.path.dirname(outside), outside)
+        open(self.config, "w").close()  # the mount point, root's
+        for directory in (self.tmp, os.path.join(self.tmp, "home"), os.path.dirname(os.path.dirname(self.config)),
+                          os.path.dirname(self.config)):
+            os.chmod(directory, 0o755)
+        script = os.path.join(self.tmp, "attune.py")
+        shutil.copy(ATTUNE_PY, script)
+        return outside, script
+
+    @unittest.skipUnless(can_unshare_mounts() and shutil.which("setpriv") and os.path.exists("/usr/bin/python3"),
+                         "needs root, unshare -m, setpriv and /usr/bin/python3")
+    def test_a_file_mounted_into_a_directory_not_the_users_is_rewritten_in_place_under_its_own_lock(self):
+        self.server.refresh_mode = "single-use"  # a second refresh with the same token would fail
+        outside, script = self.mounted_into_a_root_directory()
+        old = self.profile_of(outside)["auth_token"]
+        runs = 6  # at once, each finding the token expired: one refresh, the others wait for the lock
+        one = "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 %s -v auth whoami" % script
+        shell = ('pids=""; for i in %s; do %s >/dev/null 2>>%s/err.$i & pids="$pids $!"; done; failed=0; '
+                 'for p in $pids; do wait $p || failed=$((failed+1)); done; echo "failed=$failed"'
+                 % (" ".join(str(i) for i in range(runs)), one, self.tmp))
+        result = in_mount_namespace(self, [(outside, self.config, False)], ["sh", "-c", shell],
+                                    self.process_env({"HOME": os.path.join(self.tmp, "home")}))
+        errors = ""
+        for i in range(runs):
+            with open(os.path.join(self.tmp, "err.%d" % i)) as f:
+                errors += f.read()
+        self.assertEqual((result.code, result.out.strip()), (0, "failed=0"), errors)
+        self.assertEqual(self.refreshes(), 1, errors)
+        self.assertIn("locking %s itself" % self.config, errors)
+        self.assertIn("(its directory is not writable); rewriting it in place", errors)
+        stored = self.profile_of(outside)
+        self.assertNotEqual(stored["auth_token"], old)
+        self.assertEqual(os.listdir(os.path.dirname(self.config)), ["credentials.json"])  # no lock, no temp file
+        self.assertEqual(os.stat(outside).st_uid, 65534 if IS_ROOT else os.getuid())
+
+    def profile_of(self, path):
+        with open(path) as f:
+            return json.load(f)["profiles"]["default"]
+
+    @unittest.skipUnless(IS_ROOT, "a directory another user may not write")
+    def test_a_writable_file_in_a_directory_not_the_users_is_rewritten_in_place(self):
+        self.seed(access_left=-100)
+        give_to_nobody(self.config)
+        for directory in (self.tmp, os.path.join(self.tmp, "home"), os.path.dirname(os.path.dirname(self.config)),
+                          os.path.dirname(self.config)):
+            os.chmod(directory, 0o755)
+        env = self.process_env()
+        old, inode = self.profile()["auth_token"], os.stat(self.config).st_ino
+        whoami = run_unprivileged(self, ["auth", "whoami"], env)
+        self.assertEqual(whoami.code, 0, whoami)
+        self.assertEqual(self.refreshes(), 1)
+        self.assertNotEqual(self.profile()["auth_token"], old)
+        changed = run_unprivileged(self, ["config", "set", "description", "in place"], env)
+        self.assertEqual(changed.code, 0, changed)
+        self.assertEqual(self.profile()["description"], "in place")
+        self.assertEqual(os.stat(self.config).st_ino, inode)  # the same file, rewritten
+        doctor = run_unprivileged(self, ["-j", "auth", "doctor"], env)
+        report = json.loads(doctor.out)
+        self.assertEqual(report["problems"], [], doctor)
+        self.assertEqual(report["lock"]["path"], self.config)  # no lock file can be made: the file itself
+        self.assertIn("works", report["lock"]["status"])
+        self.assertEqual(os.listdir(os.path.dirname(self.config)), ["credentials.json"])
 
     def test_a_rename_refused_with_ebusy_falls_back_to_an_in_place_write(self):
         self.seed(access_left=-100)

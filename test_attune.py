@@ -10767,13 +10767,18 @@ class HardeningTests(AttuneTestCase):
         env = self.process_env()
         reads = run_unprivileged(self, ["auth", "whoami"], env)
         self.assertEqual(reads.code, 0, reads)
-        before = self.snapshot()[0]
+        inode, names = os.stat(self.config).st_ino, sorted(os.listdir(directory))
+        writes = run_unprivileged(self, ["config", "set", "description", "x"], env)  # the file is theirs
+        self.assertEqual(writes.code, 0, writes)
+        self.assertEqual(self.profile()["description"], "x")
+        self.assertEqual((os.stat(self.config).st_ino, sorted(os.listdir(directory))), (inode, names))
+        os.remove(self.config)  # no file: none can be made there
         writes = run_unprivileged(self, ["config", "set", "description", "x"], env)
         self.assertEqual(writes.code, 3, writes)
         self.assertIn("cannot write credential file %s" % self.config, writes.err)
         self.assertIn("--config FILE or ATTUNE_CONFIG", writes.err)
         self.assertNotIn("Traceback", writes.err)
-        self.assertEqual(self.snapshot()[0], before)
+        self.assertEqual(os.listdir(directory), [])
 
     def test_no_home_at_all(self):
         env = {"HOME": None, "ATTUNE_CONFIG": None, "ATTUNE_API_URL": self.server.url,

@@ -9947,13 +9947,15 @@ class WhereItLivesTests(AttuneTestCase):
                 self.assertEqual(result.code, 0 if exists else 3, result)
                 report = json.loads(result.out)
                 self.assertEqual(report["credential_file"]["writable"], exists)
-                table = run_unprivileged(self, ["auth", "doctor"], env)
-                login = run_unprivileged(self, ["auth", "login", "-u", "admin", "--url", self.server.url], env)
                 if exists:
+                    before = self.profile()["auth_token"]
+                    login = run_unprivileged(self, ["auth", "login", "-u", "admin", "--url", self.server.url], env)
                     self.assertEqual(report["problems"], [])
                     self.assertEqual(login.code, 0, login)
-                    self.assertEqual(self.profile()["username"], "admin")
+                    self.assertNotEqual(self.profile()["auth_token"], before)  # stored, in place
                     continue
+                table = run_unprivileged(self, ["auth", "doctor"], env)
+                login = run_unprivileged(self, ["auth", "login", "-u", "admin", "--url", self.server.url], env)
                 self.assertIn("%s is not writable" % directory, " ".join(report["problems"]))
                 self.assertNotIn("no problems found", table.out + table.err)
                 self.assertEqual(login.code, 3, login)
@@ -10016,7 +10018,7 @@ class WhereItLivesTests(AttuneTestCase):
         stored = self.profile_of(outside)
         self.assertNotEqual(stored["auth_token"], old)
         self.assertEqual(os.listdir(os.path.dirname(self.config)), ["credentials.json"])  # no lock, no temp file
-        self.assertEqual(os.stat(outside).st_uid, 65534 if IS_ROOT else os.getuid())
+        self.assertEqual(os.stat(outside).st_uid, 65534)  # still the user's
 
     def profile_of(self, path):
         with open(path) as f:

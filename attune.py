@@ -10813,9 +10813,16 @@ command("trigger webhook", "a trigger's webhook: enable, disable, regenerate its
          ref("trigger", "triggers"), verb="regenerate", examples=("attune trigger webhook regenerate core.webhook",))
 def cmd_trigger_webhook(ctx, args):
     session = ctx.session()
+    old = None  # enable answers with the key a webhook already enabled has: not new, so masked
+    if args.verb == "enable":
+        old = session.fetch("GET", "/triggers/" + path_segment(args.ref)).get("webhook_key")
+        if isinstance(old, str):
+            SECRETS.add(old)
     trigger = session.fetch("POST", "/triggers/%s/webhooks/%s" % (path_segment(args.ref), args.verb), {})
     key = trigger.get("webhook_key") if args.verb != "disable" and isinstance(trigger.get("webhook_key"), str) else None
     done = {"enable": "enabled", "disable": "disabled", "regenerate": "given a new key"}[args.verb]
+    if key is not None and key == old:
+        key, done = None, "was enabled already; its key is unchanged (regenerate gives a new one)"
 
     def table():
         ctx.ui.success("Webhook of trigger %s %s" % (quoted(str(trigger.get("ref") or args.ref)), done))

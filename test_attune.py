@@ -7716,6 +7716,15 @@ class WebhookKeyTests(ResourceTestCase):
         self.assertIn("/api/v1/webhooks/%s" % key, enabled.out)
         self.assertIn("Copy the key now", enabled.err)
         self.assertEqual(self.sent("POST", "/api/v1/triggers/core.timer/webhooks/enable").json(), {})
+        for form in ((), ("-j",)):  # enabled already: the server answers with the same key, masked here
+            with self.subTest(again=form):
+                again = self.ok("trigger", "webhook", "enable", "core.timer", *form)  # scanned: no key
+                self.assertEqual(self.server.triggers["core.timer"]["webhook_key"], key)
+                if form:
+                    self.assertEqual(again.json()["webhook_key"], "***")
+                else:
+                    self.assertIn("was enabled already; its key is unchanged", again.out)
+                    self.assertNotIn("Copy the key now", again.err)
         for form in ((), ("-j",), ("-y",)):
             with self.subTest(form=form):
                 shown = self.ok("trigger", "show", "core.timer", *form)  # scanned: the key in no output

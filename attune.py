@@ -1582,9 +1582,11 @@ class CredentialStore:
         with self.lock():
             return self.modify_locked(change)
 
-    def modify_locked(self, change):
-        """The same, for a caller that already holds the lock (or gave up waiting for it)."""
-        self.reload()
+    def modify_locked(self, change, fresh=False):
+        """The same, for a caller that already holds the lock (or gave up waiting for it);
+        fresh starts from an empty document instead of the file (auth doctor --repair)."""
+        self._doc = empty_document() if fresh else None
+        self.load()
         target, st = self.check_writable()
         doc = self._doc
         result = change(doc)
@@ -6509,7 +6511,7 @@ class Doctor:
             if self.repair:
                 info["moved_aside_to"] = self.move_aside()
                 info["parses"] = True
-                self.notes.append("repaired: the corrupt file was moved to %s and a fresh one started"
+                self.notes.append("repaired: the corrupt file was kept as %s and a fresh one started"
                                   % info["moved_aside_to"])
             else:
                 self.problems.append("%s does not parse; run: attune auth doctor --repair" % ctx.choice.config_path)
@@ -6535,11 +6537,21 @@ class Doctor:
                 "%s: a login or refresh here will stop with this" % self.unwritable)
 
     def move_aside(self):
+        """Keep a copy of the corrupt file beside it (through a dotfiles link: beside the file
+        the link names) and start a fresh one where it is, as every write goes: the link stays
+        a link, a file mounted on its own is rewritten in place. The copy's path."""
         store = self.ctx.store
-        aside = "%s.corrupt-%s" % (store.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        target = own_link_target(store.path)[0]
+        aside = "%s.corrupt-%s" % (os.path.realpath(target), time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        owner = root_keeps_owner(target)
         with store.lock():
-            os.rename(store.path, aside)
-            store.modify_locked(lambda doc: None)
+            try:
+                write_atomic(aside, read_regular_file(target, CREDENTIAL_FILE_LIMIT)[0],
+                             keep=owner + (0o600,) if owner else None)
+            except OSError as e:
+                raise ConfigError("cannot keep a copy of the corrupt credential file as %s: %s; move it "
+                                  "aside yourself" % (aside, e.strerror or e))
+            store.modify_locked(lambda doc: None, fresh=True)
         return aside
 
     def check_profile(self):

@@ -10174,6 +10174,45 @@ class DoctorTests(AttuneTestCase):
         self.assertEqual(self.read_doc(), {"version": 1, "profiles": {}})
         self.assertEqual(stat.S_IMODE(os.stat(self.config).st_mode), 0o600)
 
+    @unittest.skipUnless(POSIX, "symbolic links")
+    def test_repair_through_a_dotfiles_link_keeps_the_link(self):
+        real = os.path.join(self.tmp, "dotfiles", "attune", "credentials.json")
+        os.makedirs(os.path.dirname(real))
+        os.makedirs(os.path.dirname(self.config))
+        with open(real, "w") as f:
+            f.write('{"profiles": ')
+        os.chmod(real, 0o600)
+        os.symlink(os.path.relpath(real, os.path.dirname(self.config)), self.config)
+        result, report = self.doctor("--repair", env={"ATTUNE_API_URL": self.server.url})
+        self.assertEqual(result.code, 0, result)
+        aside = report["credential_file"]["moved_aside_to"]
+        self.assertRegex(aside, re.escape(os.path.realpath(real)) + r"\.corrupt-\d{8}T\d{6}Z$")  # beside it
+        with open(aside) as f:
+            self.assertEqual(f.read(), '{"profiles": ')
+        self.assertTrue(os.path.islink(self.config))
+        self.assertEqual(self.read_doc(), {"version": 1, "profiles": {}})
+        self.assertEqual(stat.S_IMODE(os.stat(real).st_mode), 0o600)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.config))), ["credentials.json",
+                                                                            "credentials.json.lock"])
+
+    @unittest.skipUnless(IS_ROOT, "a directory another user may not write")
+    def test_repair_where_no_copy_can_be_kept_changes_nothing(self):
+        directory = os.path.dirname(self.config)
+        os.makedirs(directory)
+        with open(self.config, "w") as f:
+            f.write('{"profiles": ')
+        os.chmod(self.config, 0o600)
+        give_to_nobody(self.config)
+        for path in (self.tmp, self.env["HOME"], os.path.dirname(directory), directory):
+            os.chmod(path, 0o755)
+        result = run_unprivileged(self, ["auth", "doctor", "--repair"], self.process_env())
+        self.assertEqual(result.code, 3, result)
+        self.assertIn("cannot keep a copy of the corrupt credential file as %s.corrupt-" % self.config, result.err)
+        self.assertIn("move it aside yourself", result.err)
+        with open(self.config) as f:
+            self.assertEqual(f.read(), '{"profiles": ')
+        self.assertEqual(os.listdir(directory), ["credentials.json"])
+
     def test_open_permissions_and_repair(self):
         self.seed()
         os.chmod(self.config, 0o644)

@@ -1012,7 +1012,7 @@ class FileLock:
     def __init__(self, path, timeout, command, warn, log, done_waiting=None, owner=None, instead=None):
         self.path = path
         self.instead = instead  # the file locked where no lock file can be made (see _open_instead)
-        self.locked = None      # the path of the file whose lock is held or tried
+        self.locked = None      # the path of the file whose lock is held or tried (acquire)
         self.owner = owner  # (uid, gid) root gives a lock file it creates in another user's directory
         self.timeout = timeout
         self.command = command
@@ -1032,6 +1032,7 @@ class FileLock:
 
     def acquire(self):
         EXIT_SIGNALS.arm()  # a SIGTERM while it is held still releases it
+        self.locked = self.path  # _open_instead may lock the credential file instead
         try:  # never through a link: its holder line would overwrite whatever the link names
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
@@ -1041,7 +1042,6 @@ class FileLock:
             self.fd = self._open_instead(e)
             if self.fd is None:
                 return False
-        self.locked = self.locked or self.path
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self.fd)

@@ -4134,8 +4134,9 @@ def program_source():
 
 
 # === Command declarations ====================================================
-# Each command's function is declared right above it, with its flags:
-#     @command("pack list", "list installed packs", arg("-n", "--name", help=...), ALL)
+# Each command's function is declared right above it, with its flags, each written as its
+# --help shows it ("flags METAVAR: help"), through arg() where argparse needs more:
+#     @command("pack list", "list installed packs", "-n --name NAME: ...", arg("--all: ...", action="store_true"))
 # build_parser() turns the declarations into argparse parsers, only for the command
 # argv names; command_tree() reads them for shell completion; top_help() for --help.
 
@@ -4172,15 +4173,26 @@ def command(path, help, *arguments, examples=(), note="", **defaults):
         words = tuple(path.split())
         if len(words) == 1:
             TOP_LEVEL.append(words[0])
-        COMMANDS.append(Command(words, help, func, arguments, defaults, examples, note))
+        declared = tuple(arg(a) if isinstance(a, str) else a for a in arguments)
+        COMMANDS.append(Command(words, help, func, declared, defaults, examples, note))
         return func
     return register
 
 
-def arg(*flags, **options):
-    """One argument of a command, as argparse's add_argument takes it, and optionally what
-    its value completes to (complete='actions': see Shell completion)."""
-    return flags, options
+def arg(spec, **options):
+    """One argument of a command, written as its --help shows it: its flags (or its name),
+    the name of its value if it takes one, then ': ' and its help, as in "-n --name NAME: the
+    rule's name" or "ref REF: rule reference". The options are the rest of what argparse's
+    add_argument takes, and optionally what the value completes to (complete='actions': see
+    Shell completion). A command's declaration may give the spec alone, as a string."""
+    head, colon, text = spec.partition(": ")
+    words = head.split()
+    count = sum(word.startswith("-") for word in words) or 1  # a positional argument has one name
+    if colon:
+        options["help"] = text
+    if len(words) > count:
+        (options["metavar"],) = words[count:]  # one at most: more is a mistake in the declaration
+    return tuple(words[:count]), options
 
 
 def parser_spec(spec):
@@ -4199,17 +4211,15 @@ def parse_bool(text):
 
 
 def ref(what, complete=None):
-    if complete is None:
-        return arg("ref", metavar="REF", help="%s reference" % what)
-    return arg("ref", metavar="REF", help="%s reference" % what, complete=complete)
+    spec = "ref REF: %s reference" % what
+    return arg(spec) if complete is None else arg(spec, complete=complete)
 
 
-ALL = arg("--all", action="store_true", help="follow every page of the list (has_next)")
-PAGE = arg("--page", type=Number(1, MAX_ID), default=1, help="page number (default 1)")
-PER_PAGE = arg("--per-page", type=Number(1, 100), default=50, help="items per page, 1 to 100 (default 50)")
-YES = arg("--yes", action="store_true", help="do not ask for confirmation")
-EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution id (a whole number)",
-                   complete="executions")
+ALL = arg("--all: follow every page of the list (has_next)", action="store_true")
+PAGE = arg("--page: page number (default 1)", type=Number(1, MAX_ID), default=1)
+PER_PAGE = arg("--per-page: items per page, 1 to 100 (default 50)", type=Number(1, 100), default=50)
+YES = arg("--yes: do not ask for confirmation", action="store_true")
+EXECUTION_ID = arg("id ID: execution id (a whole number)", type=Number(1, MAX_ID), complete="executions")
 
 
 # === Commands: auth token, the quick path ====================================
@@ -4217,13 +4227,13 @@ EXECUTION_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="execution i
 
 group("auth", "log in and out, inspect and print tokens")
 
-MIN_TTL = arg("--min-ttl", type=Seconds(0), default=0, metavar="SECONDS",
-              help="refresh first unless the token has at least this long left")
+MIN_TTL = arg("--min-ttl SECONDS: refresh first unless the token has at least this long left", type=Seconds(0),
+              default=0)
 TOKEN_FORMATS = ("raw", "json", "env", "header")
 
 
 @command("auth token", "print the access token that would be used",
-         MIN_TTL, arg("--format", choices=TOKEN_FORMATS, help="raw (default), json, env (shell exports) or header"),
+         MIN_TTL, arg("--format: raw (default), json, env (shell exports) or header", choices=TOKEN_FORMATS),
          examples=("attune auth token --min-ttl 15m  # a token with 15 minutes left at least",
                    "curl -H \"$(attune auth token --format header)\" \"$URL/api/v1/packs\"",
                    "eval \"$(attune auth token --format env)\"  # ATTUNE_API_URL and ATTUNE_API_TOKEN"))
@@ -4484,21 +4494,20 @@ def is_number(word):
 # === Argument parser =========================================================
 
 GLOBAL_OPTIONS = (
-    arg("-p", "--profile", metavar="NAME", help="profile to use for this run (never changes the current profile)",
-        complete="profiles"),
-    arg("--api-url", metavar="URL", help="API URL for this run"),
-    arg("--config", metavar="FILE", help="credential file"),
-    arg("-o", "--output", choices=OUTPUT_FORMATS + ("ndjson",), metavar="FORMAT",
-        help="table (the default), json, yaml; ndjson: cache entry scan --all only"),
-    arg("-j", "--json", action="store_true", help="JSON output"),
-    arg("-y", "--yaml", action="store_true", help="YAML output"),
-    arg("--fields", metavar="A,B", help="only these fields of each result, in this order: a table of them, or "
-                                        "JSON/YAML holding only them (a.b for a field inside another)"),
-    arg("-v", "--verbose", action="count", help="log HTTP requests and token decisions on stderr (secrets redacted)"),
-    arg("--ca-bundle", metavar="FILE", help="PEM file of extra CA certificates to trust"),
-    arg("--insecure", action="store_true", help="do not verify TLS certificates (warns on every run)"),
-    arg("--wait-for-server", type=Seconds(0, integer=False), metavar="SECONDS",
-        help="retry until the server is up (refused, DNS, 502-504, /health) or this long has passed (exit 5)"),
+    arg("-p --profile NAME: profile to use for this run (never changes the current profile)", complete="profiles"),
+    arg("--api-url URL: API URL for this run"),
+    arg("--config FILE: credential file"),
+    arg("-o --output FORMAT: table (the default), json, yaml; ndjson: cache entry scan --all only",
+        choices=OUTPUT_FORMATS + ("ndjson",)),
+    arg("-j --json: JSON output", action="store_true"),
+    arg("-y --yaml: YAML output", action="store_true"),
+    arg("--fields A,B: only these fields of each result, in this order: a table of them, or "
+        "JSON/YAML holding only them (a.b for a field inside another)"),
+    arg("-v --verbose: log HTTP requests and token decisions on stderr (secrets redacted)", action="count"),
+    arg("--ca-bundle FILE: PEM file of extra CA certificates to trust"),
+    arg("--insecure: do not verify TLS certificates (warns on every run)", action="store_true"),
+    arg("--wait-for-server SECONDS: retry until the server is up (refused, DNS, 502-504, /health) or this long has "
+        "passed (exit 5)", type=Seconds(0, integer=False)),
 )
 FLAG_ACTIONS = ("store_true", "count")  # the options of ours that take no value
 
@@ -5624,8 +5633,8 @@ class Progress:
 
 # === Commands: auth ==========================================================
 
-LOGIN_URL = arg("--url", help="API URL to log in to (stored in the profile)")
-SAVE_PROFILE = arg("--save-profile", metavar="NAME", help="store the session in this profile")
+LOGIN_URL = arg("--url: API URL to log in to (stored in the profile)")
+SAVE_PROFILE = arg("--save-profile NAME: store the session in this profile")
 
 
 def adopt_first_profile(doc, name):
@@ -5736,13 +5745,12 @@ def usable_login(ctx, args, target, url, stored):
 
 
 @command("auth login", "log in with a username and password",
-         arg("-u", "--username", help="login name (default: the profile's stored username)"),
-         arg("--password-stdin", action="store_true", help="read the password from stdin"),
-         arg("--password", metavar="P", help="password (visible in the process list: avoid)"),
+         "-u --username: login name (default: the profile's stored username)",
+         arg("--password-stdin: read the password from stdin", action="store_true"),
+         "--password P: password (visible in the process list: avoid)",
          LOGIN_URL, SAVE_PROFILE,
-         arg("--if-needed", action="store_true",
-             help="do nothing (exit 0) when the profile already holds a usable session"),
-         arg("--sso", action="store_true", help="log in through the identity provider (as auth sso-login)"),
+         arg("--if-needed: do nothing (exit 0) when the profile already holds a usable session", action="store_true"),
+         arg("--sso: log in through the identity provider (as auth sso-login)", action="store_true"),
          creates_profile=True,
          examples=("attune auth login --url http://localhost:8080 -u admin  # asks for the password",
                    "attune auth login -u admin --password-stdin < password.txt",
@@ -5770,8 +5778,8 @@ def cmd_auth_login(ctx, args):
 
 
 @command("auth token-login", "log in with an integration token",
-         arg("--token-stdin", action="store_true", help="read the token from stdin"),
-         arg("--token", metavar="T", help="integration token (visible in the process list)"),
+         arg("--token-stdin: read the token from stdin", action="store_true"),
+         "--token T: integration token (visible in the process list)",
          LOGIN_URL, SAVE_PROFILE, creates_profile=True,
          examples=("attune auth token-login --url https://attune.example.com --token-stdin < token.txt",))
 def cmd_auth_token_login(ctx, args):
@@ -5909,8 +5917,8 @@ def device_login(ctx, target, url, timeout=None, browser=True):
 
 @command("auth sso-login", "log in through the identity provider (OIDC device flow; works over SSH)",
          LOGIN_URL, SAVE_PROFILE,
-         arg("--timeout", type=Seconds(1), metavar="SECONDS", help="give up after this long (default: the code's life)"),
-         arg("--no-browser", action="store_true", help="only print the URL and code; never open a browser"),
+         arg("--timeout SECONDS: give up after this long (default: the code's life)", type=Seconds(1)),
+         arg("--no-browser: only print the URL and code; never open a browser", action="store_true"),
          creates_profile=True,
          examples=("attune auth sso-login --url https://attune.example.com --no-browser",))
 def cmd_auth_sso_login(ctx, args):
@@ -5939,10 +5947,10 @@ def ask_new_password(ctx):
 
 
 @command("auth change-password", "change your own password (the server checks the current one)",
-         arg("--password-stdin", action="store_true",
-             help="read the current password, then the new one, from stdin (one a line)"),
-         arg("--if-needed", action="store_true",
-             help="exit 0 without a change when the new password is already the current one"),
+         arg("--password-stdin: read the current password, then the new one, from stdin (one a line)",
+             action="store_true"),
+         arg("--if-needed: exit 0 without a change when the new password is already the current one",
+             action="store_true"),
          examples=("attune auth change-password  # asks for both, the new one twice",
                    "attune auth change-password --password-stdin --if-needed < passwords  # current, new"))
 def cmd_auth_change_password(ctx, args):
@@ -5987,7 +5995,7 @@ def password_accepted(session, login, password):
 
 
 @command("auth logout", "forget the stored tokens (the server keeps no session)",
-         arg("--all", action="store_true", help="log out of every profile"),
+         arg("--all: log out of every profile", action="store_true"),
          examples=("attune auth logout",
                    "attune auth logout --all  # every profile"))
 def cmd_auth_logout(ctx, args):
@@ -6111,8 +6119,8 @@ def status_text(status):
 
 
 @command("auth status", "show each profile's login state; exit 0 only when usable",
-         arg("--offline", action="store_true", help="do not contact the server"),
-         arg("--all", action="store_true", help="every profile in the credential file"),
+         arg("--offline: do not contact the server", action="store_true"),
+         arg("--all: every profile in the credential file", action="store_true"),
          examples=("attune auth status || attune auth login -u admin",
                    "attune auth status --all --offline"))
 def cmd_auth_status(ctx, args):
@@ -6203,9 +6211,9 @@ def log_in_again(ctx, session):
 
 # -- integration tokens: long-lived machine credentials, managed per identity -------
 
-IDENTITY_ID = (arg("--identity", metavar="LOGIN", help="the identity the tokens belong to, by its login"),
-               arg("--identity-id", type=Number(1, MAX_ID), metavar="N", help="the same, by its id"))
-TOKEN_ID = arg("token_id", type=Number(1, MAX_ID), metavar="TOKEN_ID", help="integration token id")
+IDENTITY_ID = (arg("--identity LOGIN: the identity the tokens belong to, by its login"),
+               arg("--identity-id N: the same, by its id", type=Number(1, MAX_ID)))
+TOKEN_ID = arg("token_id TOKEN_ID: integration token id", type=Number(1, MAX_ID))
 
 
 def integration_tokens_path(session, args, *rest):
@@ -6223,12 +6231,12 @@ def token_hint(token):
 
 
 @command("auth token create", "create an integration token (shown once, here)", *(IDENTITY_ID + (
-         arg("--label", required=True, help="what the token is for"),
-         arg("--description", help="a longer note on what it is for"),
-         arg("--expires-at", metavar="RFC3339", help="when it stops working (default: never)"),
-         arg("--if-missing", action="store_true",
-             help="create none when the identity has an active token with this label (exit 0)"),
-         arg("--raw", action="store_true", help="print the token alone, for a pipe or a secret store"))),
+         arg("--label: what the token is for", required=True),
+         arg("--description: a longer note on what it is for"),
+         arg("--expires-at RFC3339: when it stops working (default: never)"),
+         arg("--if-missing: create none when the identity has an active token with this label (exit 0)",
+             action="store_true"),
+         arg("--raw: print the token alone, for a pipe or a secret store", action="store_true"))),
          examples=("attune auth token create --identity ci-bot --label ci --expires-at 2027-01-01T00:00:00Z",
                    "token=$(attune auth token create --identity ci-bot --label ci --if-missing --raw)"))
 def cmd_auth_token_create(ctx, args):
@@ -6272,7 +6280,7 @@ def cmd_auth_token_list(ctx, args):
 
 
 @command("auth token revoke", "revoke an integration token (it stops working at once)", *(IDENTITY_ID + (
-         TOKEN_ID, arg("--reason", help="why, for the audit trail"))),
+         TOKEN_ID, arg("--reason: why, for the audit trail"))),
          examples=("attune auth token revoke --identity-id 7 12 --reason 'leaked in a log'",))
 def cmd_auth_token_revoke(ctx, args):
     body = {"reason": args.reason} if args.reason else {}
@@ -6294,9 +6302,9 @@ def cmd_auth_token_delete(ctx, args):
 
 
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
-         MIN_TTL, arg("--keep-fresh", action="store_true",
-                      help="stay the parent and keep a token file fresh for as long as the command runs"),
-         arg("command", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run, after --"),
+         MIN_TTL, arg("--keep-fresh: stay the parent and keep a token file fresh for as long as the command runs",
+                      action="store_true"),
+         arg("command: the command to run, after --", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]"),
          examples=("attune auth exec -- ./deploy.sh  # $ATTUNE_API_TOKEN is fresh inside",
                    "attune auth exec --keep-fresh -- ./long-job.sh  # hours: reads $ATTUNE_TOKEN_FILE"))
 def cmd_auth_exec(ctx, args):
@@ -6699,8 +6707,8 @@ class Doctor:
 
 
 @command("auth doctor", "check everything attune.py depends on here, offline too",
-         arg("--repair", action="store_true",
-             help="move a corrupt credential file aside and start a fresh one; chmod 600 an open one"),
+         arg("--repair: move a corrupt credential file aside and start a fresh one; chmod 600 an open one",
+             action="store_true"),
          examples=("attune auth doctor",
                    "attune auth doctor --repair"))
 def cmd_auth_doctor(ctx, args):
@@ -6776,7 +6784,7 @@ def config_value(ctx, key):
 
 
 @command("config get", "print one setting (the tokens only as *** or (not set))",
-         arg("key", help="one of: " + ", ".join(CONFIG_KEYS + TOKEN_CONFIG_KEYS)),
+         "key: one of: " + ", ".join(CONFIG_KEYS + TOKEN_CONFIG_KEYS),
          examples=("attune config get api_url",))
 def cmd_config_get(ctx, args):
     key = config_key(args.key, readable=True)
@@ -6789,8 +6797,8 @@ def cmd_config_get(ctx, args):
     ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.out(text))
 
 
-@command("config set", "change one setting", arg("key", help="one of: " + ", ".join(CONFIG_KEYS)),
-         arg("value", help="the new value"),
+@command("config set", "change one setting", "key: one of: " + ", ".join(CONFIG_KEYS),
+         "value: the new value",
          examples=("attune config set format json",
                    "attune config set api_url https://attune.example.com"))
 def cmd_config_set(ctx, args):
@@ -6849,7 +6857,7 @@ def cmd_config_path(ctx, args):
 
 
 @command("config profiles", "list profiles, current marked",
-         arg("--names", action="store_true", help="just the names, one per line"),
+         arg("--names: just the names, one per line", action="store_true"),
          examples=("attune config profiles",
                    "attune config profiles --names"))
 def cmd_config_profiles(ctx, args):
@@ -6878,7 +6886,7 @@ def cmd_config_current(ctx, args):
     ctx.ui.emit({"profile": name, "source": source}, lambda: ctx.ui.out(name))
 
 
-@command("config use", "make a profile the current one", arg("name", help="profile name"),
+@command("config use", "make a profile the current one", "name: profile name",
          examples=("attune config use staging",))
 def cmd_config_use(ctx, args):
     ctx.choice.require_profile(args.name)
@@ -6895,8 +6903,8 @@ def cmd_config_use(ctx, args):
 
 # --api-url (required here) and --ca-bundle are the global options of the same names
 @command("config add-profile", "add a profile, or update its settings (--api-url URL "
-         "[--description D] [--ca-bundle FILE])", arg("name", help="profile name"),
-         arg("--description", help="a note on what the profile is for"),
+         "[--description D] [--ca-bundle FILE])", "name: profile name",
+         "--description: a note on what the profile is for",
          examples=("attune config add-profile staging --api-url https://staging.example.com",
                    "attune config add-profile lab --api-url https://lab.internal --ca-bundle lab-ca.pem"))
 def cmd_config_add_profile(ctx, args):
@@ -6920,7 +6928,7 @@ def cmd_config_add_profile(ctx, args):
     ctx.ui.emit(view, lambda: ctx.ui.success("Profile '%s' %s" % (args.name, "updated" if existed else "added")))
 
 
-@command("config show-profile", "show one profile (tokens masked)", arg("name", help="profile name"),
+@command("config show-profile", "show one profile (tokens masked)", "name: profile name",
          examples=("attune config show-profile staging",))
 def cmd_config_show_profile(ctx, args):
     ctx.choice.require_profile(args.name)
@@ -6942,7 +6950,7 @@ def cmd_config_show_profile(ctx, args):
     ctx.ui.emit(view, table)
 
 
-@command("config remove-profile", "remove a profile (not the current one)", arg("name", help="profile name"),
+@command("config remove-profile", "remove a profile (not the current one)", "name: profile name",
          examples=("attune config remove-profile staging",))
 def cmd_config_remove_profile(ctx, args):
     name = args.name
@@ -6995,9 +7003,9 @@ def rust_profiles(doc, where):
 
 
 @command("config import", "bring the Rust CLI's profiles (its config.yaml) into the credential file",
-         arg("path", metavar="PATH", nargs="?", help="the config.yaml (default: where the Rust CLI keeps it)"),
-         arg("--overwrite", action="store_true", help="replace profiles of the same name (default: keep ours)"),
-         arg("--dry-run", action="store_true", help="say what would change; write nothing"),
+         arg("path PATH: the config.yaml (default: where the Rust CLI keeps it)", nargs="?"),
+         arg("--overwrite: replace profiles of the same name (default: keep ours)", action="store_true"),
+         arg("--dry-run: say what would change; write nothing", action="store_true"),
          examples=("attune config import  # ~/.config/attune/config.yaml",
                    "attune config import old-config.yaml --dry-run"))
 def cmd_config_import(ctx, args):
@@ -7044,11 +7052,11 @@ def cmd_config_import(ctx, args):
 
 group("pack", "list, show, create, install, register, upload, update and uninstall packs")
 
-SKIP_TESTS = arg("--skip-tests", action="store_true", help="do not run the pack's tests")
-ABSENT_METADATA = arg("--absent-metadata-policy", choices=("remove", "disable", "retain"), default="remove",
-                      help="what happens to actions, rules, ... the new version no longer has (default remove)")
-PACK_PATH_ARGS = (arg("path", metavar="PATH", help="the pack directory (or .tar.gz archive for upload)"),
-                  arg("-f", "--force", action="store_true", help="replace a pack with the same ref"), SKIP_TESTS,
+SKIP_TESTS = arg("--skip-tests: do not run the pack's tests", action="store_true")
+ABSENT_METADATA = arg("--absent-metadata-policy: what happens to actions, rules, ... the new version no longer has "
+                      "(default remove)", choices=("remove", "disable", "retain"), default="remove")
+PACK_PATH_ARGS = (arg("path PATH: the pack directory (or .tar.gz archive for upload)"),
+                  arg("-f --force: replace a pack with the same ref", action="store_true"), SKIP_TESTS,
                   ABSENT_METADATA)
 INSTALL_POLL = 2  # seconds between looks at a pack install's tests
 INSTALL_WAIT = 300  # seconds to wait for them
@@ -7128,7 +7136,7 @@ def wait_for_pack_tests(ctx, session, install_id):
 
 
 @command("pack list", "list installed packs",
-         arg("-n", "--name", help="only packs whose ref contains this"), ALL,
+         "-n --name: only packs whose ref contains this", ALL,
          examples=("attune pack list",
                    "attune pack list --name core -j"))
 def cmd_pack_list(ctx, args):
@@ -7158,11 +7166,11 @@ def cmd_pack_show(ctx, args):
 
 
 @command("pack create", "create an empty pack",
-         arg("-r", "--ref", help="unique pack ref (required)"),
-         arg("-l", "--label", help="label (default: the ref, title-cased)"),
-         arg("-d", "--description", help="description"),
-         arg("--pack-version", default="0.1.0", metavar="VERSION", help="version (default 0.1.0)"),
-         arg("--tags", metavar="A,B", help="comma-separated tags"),
+         "-r --ref: unique pack ref (required)",
+         "-l --label: label (default: the ref, title-cased)",
+         "-d --description: description",
+         arg("--pack-version VERSION: version (default 0.1.0)", default="0.1.0"),
+         "--tags A,B: comma-separated tags",
          examples=("attune pack create -r mypack -d 'my actions'",))
 def cmd_pack_create(ctx, args):
     if not args.ref:
@@ -7188,13 +7196,13 @@ def pack_source_kind(source, no_registry):
 
 
 @command("pack install", "install a pack from a registry, git, a URL or a path",
-         arg("source", metavar="SOURCE", help="registry pack ref, git URL, archive URL or path"),
-         arg("-r", "--ref-spec", help="git branch, tag or commit"),
-         arg("--registry-id", type=Number(1, MAX_ID), metavar="N", help="install from this registry (pack index)"),
-         arg("-f", "--force", action="store_true", help="reinstall if it exists"),
+         "source SOURCE: registry pack ref, git URL, archive URL or path",
+         "-r --ref-spec: git branch, tag or commit",
+         arg("--registry-id N: install from this registry (pack index)", type=Number(1, MAX_ID)),
+         arg("-f --force: reinstall if it exists", action="store_true"),
          SKIP_TESTS,
-         arg("--skip-deps", action="store_true", help="skip dependency validation"),
-         arg("--no-registry", action="store_true", help="treat SOURCE as a URL or path"), ABSENT_METADATA,
+         arg("--skip-deps: skip dependency validation", action="store_true"),
+         arg("--no-registry: treat SOURCE as a URL or path", action="store_true"), ABSENT_METADATA,
          examples=("attune pack install https://github.com/example/attune-pack-demo.git -r v1.2.0",
                    "attune pack install demo --registry-id 1"))
 def cmd_pack_install(ctx, args):
@@ -7304,8 +7312,8 @@ def cmd_pack_upload(ctx, args):
 
 
 @command("pack update", "change a pack's label, description or version", ref("pack", "packs"),
-         arg("--label", help="new label"), arg("--description", help="new description (an empty one clears it)"),
-         arg("--version", "--pack-version", dest="pack_version", metavar="VERSION", help="the pack's new version"),
+         "--label: new label", "--description: new description (an empty one clears it)",
+         arg("--version --pack-version VERSION: the pack's new version", dest="pack_version"),
          examples=("attune pack update mypack --version 1.1.0",))
 def cmd_pack_update(ctx, args):
     body = update_body([("label", args.label), ("description", patch_op(args.description, empty_clears=True)),
@@ -7334,28 +7342,24 @@ group("action", "list, show, search, execute, enable, disable and delete actions
 
 # the options of action execute, run and execution rerun
 EXECUTE_ARGS = (
-    arg("--param", action="append", default=[], metavar="KEY=VALUE",
-        help="a parameter; the value is parsed as JSON when it parses (repeatable)", complete="parameters"),
-    arg("--params-json", metavar="JSON", help="all parameters as one JSON object"),
-    arg("--worker-selector", metavar="JSON", help="worker label selector (JSON object)"),
-    arg("--worker-tolerations", metavar="JSON", help="worker tolerations (JSON array)"),
-    arg("--worker-affinity", metavar="JSON", help="worker affinity (JSON object)"),
-    arg("--execution-timeout", type=Seconds(1), metavar="SECONDS",
-        help="timeout the server enforces on the execution"),
-    arg("--env", action="append", metavar="KEY=VALUE", help="an environment variable for the action (repeatable)"),
-    arg("--env-json", metavar="JSON", help="all environment variables as one JSON object of strings"),
-    arg("--permission-set", action="append", metavar="REF",
-        help="run with this permission set's grants (repeatable)"),
-    arg("--no-api-token", action="store_true", help="give the execution no API token (no permission sets)"),
-    arg("--artifact-retention-policy", choices=("versions", "days", "hours", "minutes"),
-        help="how the execution's artifacts are kept: versions, days, hours or minutes"),
-    arg("--artifact-retention-limit", type=Number(1, MAX_ID), metavar="N",
-        help="how many artifact versions (or days, ...) to keep"),
-    arg("-w", "--watch", action="store_true", help="wait for the execution to finish"),
-    arg("--timeout", type=Seconds(1), metavar="SECONDS",
-        help="with --watch: stop waiting after this long (default %d)" % WATCH_TIMEOUT),
-    arg("--notifier-url", metavar="URL",
-        help="with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))
+    arg("--param KEY=VALUE: a parameter; the value is parsed as JSON when it parses (repeatable)", action="append",
+        default=[], complete="parameters"),
+    arg("--params-json JSON: all parameters as one JSON object"),
+    arg("--worker-selector JSON: worker label selector (JSON object)"),
+    arg("--worker-tolerations JSON: worker tolerations (JSON array)"),
+    arg("--worker-affinity JSON: worker affinity (JSON object)"),
+    arg("--execution-timeout SECONDS: timeout the server enforces on the execution", type=Seconds(1)),
+    arg("--env KEY=VALUE: an environment variable for the action (repeatable)", action="append"),
+    arg("--env-json JSON: all environment variables as one JSON object of strings"),
+    arg("--permission-set REF: run with this permission set's grants (repeatable)", action="append"),
+    arg("--no-api-token: give the execution no API token (no permission sets)", action="store_true"),
+    arg("--artifact-retention-policy: how the execution's artifacts are kept: versions, days, hours or minutes",
+        choices=("versions", "days", "hours", "minutes")),
+    arg("--artifact-retention-limit N: how many artifact versions (or days, ...) to keep", type=Number(1, MAX_ID)),
+    arg("-w --watch: wait for the execution to finish", action="store_true"),
+    arg("--timeout SECONDS: with --watch: stop waiting after this long (default %d)" % WATCH_TIMEOUT, type=Seconds(1)),
+    arg("--notifier-url URL: with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from "
+        "the API URL)"))
 
 
 def execution_parameters(args, base=None):
@@ -7471,8 +7475,8 @@ def action_pairs(action, entry_label="Entry Point"):
             ("Runtime", runtime_text(action)), ("Enabled", action.get("enabled"))]
 
 
-@command("action list", "list actions", arg("--pack", help="only this pack's actions"),
-         arg("-n", "--name", help="only actions whose ref contains this"), ALL,
+@command("action list", "list actions", "--pack: only this pack's actions",
+         "-n --name: only actions whose ref contains this", ALL,
          examples=("attune action list --pack core",))
 def cmd_action_list(ctx, args):
     path = "/packs/%s/actions" % path_segment(args.pack) if args.pack else "/actions"
@@ -7496,9 +7500,9 @@ def cmd_action_show(ctx, args):
 
 
 @command("action search", "search actions by keywords",
-         arg("query", metavar="QUERY", nargs="?", help="keywords, all of which must match"),
-         arg("--pack", action="append", metavar="P", help="only in this pack (repeatable)"),
-         arg("--limit", type=Number(1, 100000), default=50, help="at most this many (default 50)"),
+         arg("query QUERY: keywords, all of which must match", nargs="?"),
+         arg("--pack P: only in this pack (repeatable)", action="append"),
+         arg("--limit: at most this many (default 50)", type=Number(1, 100000), default=50),
          examples=("attune action search http --pack core",))
 def cmd_action_search(ctx, args):
     query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
@@ -7512,13 +7516,13 @@ def cmd_action_search(ctx, args):
 
 
 @command("action update", "change an action (only the fields given)", ref("action", "actions"),
-         arg("--label", help="new label"),
-         arg("--description", help="new description"),
-         arg("--entrypoint", help="new entry point (the script or workflow file)"),
-         arg("--runtime", type=Number(1, MAX_ID), metavar="RUNTIME_ID", help="runtime id"),
-         arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"),
-         arg("--timeout-seconds", type=Seconds(1, MAX_SECONDS), metavar="N", help="the action's execution timeout"),
-         arg("--clear-timeout", action="store_true", help="remove the action's execution timeout"),
+         "--label: new label",
+         "--description: new description",
+         "--entrypoint: new entry point (the script or workflow file)",
+         arg("--runtime RUNTIME_ID: runtime id", type=Number(1, MAX_ID)),
+         arg("--enabled BOOL: true or false", type=parse_bool),
+         arg("--timeout-seconds N: the action's execution timeout", type=Seconds(1, MAX_SECONDS)),
+         arg("--clear-timeout: remove the action's execution timeout", action="store_true"),
          examples=("attune action update mypack.build --timeout-seconds 10m",))
 def cmd_action_update(ctx, args):
     if args.timeout_seconds is not None and args.clear_timeout:
@@ -8141,16 +8145,16 @@ STATUS_SPELLINGS = {"succeeded": "completed", "success": "completed", "canceled"
                     "cancelling": "canceling", "timed_out": "timeout", "pending": "requested"}
 EXECUTION_LIMIT = 50  # executions listed when --limit is not given
 EXECUTION_FILTERS = (
-    arg("--pack", help="only actions of this pack"),
-    arg("-a", "--action", help="action ref, or pack.* for a whole pack"),
-    arg("--rule", help="rule ref, or pack.*"),
-    arg("--trigger", help="trigger ref, or pack.*"),
-    arg("-s", "--status", action="append", help="only this status (repeatable): " + ", ".join(EXECUTION_STATUSES),
+    arg("--pack: only actions of this pack"),
+    arg("-a --action: action ref, or pack.* for a whole pack"),
+    arg("--rule: rule ref, or pack.*"),
+    arg("--trigger: trigger ref, or pack.*"),
+    arg("-s --status: only this status (repeatable): " + ", ".join(EXECUTION_STATUSES), action="append",
         complete=list(EXECUTION_STATUSES)),
-    arg("-r", "--result", metavar="TEXT", help="result contains this text (any case)"),
-    arg("--trace-tag", help="exact trace tag"),
-    arg("--top-level-only", action="store_true", help="leave out child executions"),
-    arg("-l", "--limit", type=Number(1, 100000), default=EXECUTION_LIMIT, help="at most this many (default 50)"))
+    arg("-r --result TEXT: result contains this text (any case)"),
+    arg("--trace-tag: exact trace tag"),
+    arg("--top-level-only: leave out child executions", action="store_true"),
+    arg("-l --limit: at most this many (default 50)", type=Number(1, 100000), default=EXECUTION_LIMIT))
 EXECUTION_COLUMNS = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"]
 
 
@@ -8221,9 +8225,9 @@ def cmd_execution_show(ctx, args):
     ctx.ui.emit(execution, table)
 
 
-HISTORY_ARGS = (PAGE, arg("--per-page", type=Number(1, 1000), default=50,
-                               help="records per page, 1 to 1000 (default 50)"), ALL,
-                arg("--field", metavar="NAME", help="only the records in which this field changed"))
+HISTORY_ARGS = (PAGE, arg("--per-page: records per page, 1 to 1000 (default 50)", type=Number(1, 1000),
+                          default=50), ALL,
+                arg("--field NAME: only the records in which this field changed"))
 
 
 def emit_history(ctx, path, args):
@@ -8268,7 +8272,7 @@ def cmd_execution_stats(ctx, args):
 
 
 @command("execution result", "print an execution's result", EXECUTION_ID,
-         arg("-f", "--format", choices=("json", "yaml"), help="json (default) or yaml"),
+         arg("-f --format: json (default) or yaml", choices=("json", "yaml")),
          examples=("attune execution result 42 -f json",))
 def cmd_execution_result(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
@@ -8288,13 +8292,12 @@ def cmd_execution_cancel(ctx, args):
 
 
 @command("execution watch", "wait for an execution to finish; without an id, follow a list of executions",
-         arg("id", metavar="ID", nargs="?", type=Number(1, MAX_ID), help="execution id (a whole number)",
-             complete="executions"),
+         arg("id ID: execution id (a whole number)", nargs="?", type=Number(1, MAX_ID), complete="executions"),
          *(EXECUTION_FILTERS + (
-             arg("--timeout", type=Seconds(1), default=WATCH_TIMEOUT, metavar="SECONDS",
-                 help="stop waiting after this long (default %d)" % WATCH_TIMEOUT),
-             arg("--notifier-url", metavar="URL",
-                 help="the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the API URL)"))),
+             arg("--timeout SECONDS: stop waiting after this long (default %d)" % WATCH_TIMEOUT, type=Seconds(1),
+                 default=WATCH_TIMEOUT),
+             arg("--notifier-url URL: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from the "
+                 "API URL)"))),
          examples=("attune execution watch 42",
                    "attune execution watch --status running  # every one that starts"),
          note="With an ID: Ctrl+C asks the server to cancel that execution (exit 130), whoever started it, as "
@@ -8506,7 +8509,7 @@ def poll_executions(ctx, session, args, view, executions, watched, deadline):
 
 
 @command("execution trace-report", "everything that carried one trace tag",
-         arg("tag", metavar="TAG", help="the trace tag"),
+         "tag TAG: the trace tag",
          examples=("attune execution trace-report deploy-2026-12-03",))
 def cmd_execution_trace_report(ctx, args):
     report = ctx.session().fetch("GET", "/traces/" + path_segment(args.tag))
@@ -8528,8 +8531,8 @@ def cmd_execution_trace_report(ctx, args):
 
 
 @command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
-         arg("--stderr", action="store_true", help="the stderr stream instead of stdout"),
-         arg("-f", "--follow", action="store_true", help="keep printing until the execution ends"),
+         arg("--stderr: the stderr stream instead of stdout", action="store_true"),
+         arg("-f --follow: keep printing until the execution ends", action="store_true"),
          examples=("attune execution logs 42",
                    "attune execution logs 42 --stderr -f  # follow until it ends"))
 def cmd_execution_logs(ctx, args):
@@ -8590,7 +8593,7 @@ def cmd_execution_rerun(ctx, args):
 
 group("inquiry", "list, show and answer inquiries (a workflow waiting for a person)")
 
-INQUIRY_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="inquiry id (a whole number)")
+INQUIRY_ID = arg("id ID: inquiry id (a whole number)", type=Number(1, MAX_ID))
 
 
 def compact_json(value):
@@ -8614,13 +8617,11 @@ def show_inquiry(ctx, inquiry):
 
 
 @command("inquiry list", "list inquiries (offset and limit, as the server pages them)",
-         arg("--status", choices=("pending", "responded", "timeout", "cancelled"),
-             help="only inquiries in this status"),
-         arg("--created-by-execution", type=Number(1, MAX_ID), metavar="ID",
-             help="only those this execution asked"),
-         arg("--assigned-to", type=Number(1, MAX_ID), metavar="IDENTITY_ID", help="only those assigned to this identity"),
-         arg("--offset", type=Number(0, MAX_ID), default=0, help="skip this many (default 0)"),
-         arg("--limit", type=Number(1, 500), default=50, help="at most this many, 1 to 500 (default 50)"),
+         arg("--status: only inquiries in this status", choices=("pending", "responded", "timeout", "cancelled")),
+         arg("--created-by-execution ID: only those this execution asked", type=Number(1, MAX_ID)),
+         arg("--assigned-to IDENTITY_ID: only those assigned to this identity", type=Number(1, MAX_ID)),
+         arg("--offset: skip this many (default 0)", type=Number(0, MAX_ID), default=0),
+         arg("--limit: at most this many, 1 to 500 (default 50)", type=Number(1, 500), default=50),
          examples=("attune inquiry list --status pending",))
 def cmd_inquiry_list(ctx, args):
     body = ctx.session().call("GET", "/inquiries", query={
@@ -8641,8 +8642,8 @@ def cmd_inquiry_show(ctx, args):
 
 
 @command("inquiry respond", "answer a pending inquiry with one of its options or a JSON object", INQUIRY_ID,
-         arg("--option", metavar="REF", help="the ref of one of the inquiry's response options"),
-         arg("--response-json", metavar="JSON", help="the response, a JSON object"))
+         "--option REF: the ref of one of the inquiry's response options",
+         "--response-json JSON: the response, a JSON object")
 def cmd_inquiry_respond(ctx, args):
     if (args.option is None) == (args.response_json is None):
         raise UsageError("give exactly one of --option REF and --response-json JSON")
@@ -8669,7 +8670,7 @@ command("inquiry execution", "what an execution does with its own token: create,
 
 
 @command("inquiry execution create", "create an inquiry (needs the execution token of a running workflow)",
-         arg("--request-file", metavar="PATH", required=True, help="the request, a YAML or JSON object; - for stdin"))
+         arg("--request-file PATH: the request, a YAML or JSON object; - for stdin", required=True))
 def cmd_inquiry_execution_create(ctx, args):
     request = read_document(ctx, args.request_file, "inquiry request")
     if not isinstance(request, dict):
@@ -8691,8 +8692,8 @@ def cmd_inquiry_execution_cancel(ctx, args):
 
 group("artifact", "list, show, download, upload, create and delete what executions produce")
 
-ARTIFACT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="artifact id (a whole number)")
-VERSION_NUMBER = arg("version", metavar="N", type=Number(1, MAX_ID), help="version number")
+ARTIFACT_ID = arg("id ID: artifact id (a whole number)", type=Number(1, MAX_ID))
+VERSION_NUMBER = arg("version N: version number", type=Number(1, MAX_ID))
 CONTENT_EXTENSIONS = (("text/plain", ".txt"), ("application/json", ".json"), ("application/x-yaml", ".yaml"),
                       ("application/yaml", ".yaml"), ("text/yaml", ".yaml"), ("application/xml", ".xml"),
                       ("text/xml", ".xml"), ("text/html", ".html"), ("text/css", ".css"),
@@ -8722,12 +8723,12 @@ def guess_content_type(filename):
 
 
 @command("artifact list", "list artifacts",
-         arg("--scope", help="only this owner type (action, pack, trigger, sensor, rule, identity)"),
-         arg("--owner", help="only artifacts of this owner ref"),
-         arg("--type", help="only this type (file_text, file_binary, progress, url, ...)"),
-         arg("--visibility", help="public or private"),
-         arg("--execution", type=Number(1, MAX_ID), metavar="ID", help="only what this execution produced"),
-         arg("--name", help="name contains this"),
+         "--scope: only this owner type (action, pack, trigger, sensor, rule, identity)",
+         "--owner: only artifacts of this owner ref",
+         "--type: only this type (file_text, file_binary, progress, url, ...)",
+         "--visibility: public or private",
+         arg("--execution ID: only what this execution produced", type=Number(1, MAX_ID)),
+         "--name: name contains this",
          PAGE, PER_PAGE,
          examples=("attune artifact list --execution 42",))
 def cmd_artifact_list(ctx, args):
@@ -8749,7 +8750,7 @@ def cmd_artifact_list(ctx, args):
     note_partial(ctx, pagination_of(body), len(items), "artifacts")
 
 
-@command("artifact show", "show one artifact, by id or ref", arg("ref", metavar="ID|REF", help="artifact id or ref"))
+@command("artifact show", "show one artifact, by id or ref", "ref ID|REF: artifact id or ref")
 def cmd_artifact_show(ctx, args):
     path = "/artifacts/%s" % args.ref if args.ref and set(args.ref) <= DIGITS else \
         "/artifacts/ref/" + path_segment(args.ref)
@@ -8771,17 +8772,17 @@ def cmd_artifact_show(ctx, args):
 
 
 @command("artifact create", "create an artifact (its content comes as versions)",
-         arg("--ref", required=True, help="unique artifact ref"),
-         arg("--owner", required=True, help="the ref of what owns it"),
-         arg("--scope", default="action", help="action (default), pack, trigger, sensor, rule or identity"),
-         arg("--type", default="file_text", help="file_text (default), file_binary, file_datatable, "
-                                                 "file_image, progress, url, ..."),
-         arg("--visibility", choices=("public", "private"), help="public or private (default: the server's)"),
-         arg("--retention-policy", default="versions", help="versions (default), days, hours or minutes"),
-         arg("--retention-limit", type=Number(1, MAX_ID), default=5, help="how many to keep (default 5)"),
-         arg("--name", help="display name"),
-         arg("--description", help="description"),
-         arg("--content-type", help="MIME type of its content (text/plain, ...)"))
+         arg("--ref: unique artifact ref", required=True),
+         arg("--owner: the ref of what owns it", required=True),
+         arg("--scope: action (default), pack, trigger, sensor, rule or identity", default="action"),
+         arg("--type: file_text (default), file_binary, file_datatable, "
+             "file_image, progress, url, ...", default="file_text"),
+         arg("--visibility: public or private (default: the server's)", choices=("public", "private")),
+         arg("--retention-policy: versions (default), days, hours or minutes", default="versions"),
+         arg("--retention-limit: how many to keep (default 5)", type=Number(1, MAX_ID), default=5),
+         "--name: display name",
+         "--description: description",
+         "--content-type: MIME type of its content (text/plain, ...)")
 def cmd_artifact_create(ctx, args):
     body = {"ref": args.ref, "scope": args.scope, "owner": args.owner, "type": args.type,
             "retention_policy": args.retention_policy, "retention_limit": args.retention_limit}
@@ -8806,13 +8807,12 @@ def cmd_artifact_delete(ctx, args):
 
 
 DOWNLOAD_ARGS = (
-    arg("-o", "--output", metavar="PATH", dest="target",
-        help="where to write it; - for stdout (default: the server's file name)"),
-    arg("-f", "--force", action="store_true", help="replace the file if it exists"))
+    arg("-o --output PATH: where to write it; - for stdout (default: the server's file name)", dest="target"),
+    arg("-f --force: replace the file if it exists", action="store_true"))
 
 
 @command("artifact download", "download an artifact's latest version (or -V N)", ARTIFACT_ID,
-         arg("-V", "--version", type=Number(1, MAX_ID), metavar="N", help="this version, not the latest"),
+         arg("-V --version N: this version, not the latest", type=Number(1, MAX_ID)),
          *DOWNLOAD_ARGS)
 def cmd_artifact_download(ctx, args):
     download_version(ctx, args, args.id, args.version)
@@ -8917,10 +8917,10 @@ def version_pairs(version):
 
 
 UPLOAD_ARGS = (
-    arg("file", metavar="FILE", help="the file to upload"),
-    arg("--content-type", help="its media type (default: from the file name)"),
-    arg("--created-by", help="who made it"),
-    arg("--meta", metavar="JSON", help="metadata, a JSON value"))
+    arg("file FILE: the file to upload"),
+    arg("--content-type: its media type (default: from the file name)"),
+    arg("--created-by: who made it"),
+    arg("--meta JSON: metadata, a JSON value"))
 
 
 @command("artifact upload", "upload a file as a new version", ARTIFACT_ID, *UPLOAD_ARGS)
@@ -8975,10 +8975,10 @@ def cmd_artifact_version_upload(ctx, args):
 
 
 @command("artifact version create-json", "add a version holding a JSON document", ARTIFACT_ID,
-         arg("content", metavar="CONTENT", help="the document, JSON"),
-         arg("--content-type", help="MIME type (default application/json)"),
-         arg("--created-by", help="who made this version (free text)"),
-         arg("--meta", metavar="JSON", help="metadata of the version (JSON object)"))
+         "content CONTENT: the document, JSON",
+         "--content-type: MIME type (default application/json)",
+         "--created-by: who made this version (free text)",
+         "--meta JSON: metadata of the version (JSON object)")
 def cmd_artifact_version_create_json(ctx, args):
     body = {}
     for key, text in (("content", args.content), ("meta", args.meta)):
@@ -9010,9 +9010,9 @@ def cmd_artifact_version_delete(ctx, args):
 group("identity", "identities: list, show, create, update, delete; their roles; freeze")
 
 IDENTITY_SELECTOR = (
-    arg("login", metavar="LOGIN", nargs="?", help="the identity's login"),
-    arg("--identity-id", type=Number(1, MAX_ID), metavar="N", help="the identity's id instead of its login"))
-DRY_RUN = arg("--dry-run", action="store_true", help="say what would change; change nothing")
+    arg("login LOGIN: the identity's login", nargs="?"),
+    arg("--identity-id N: the identity's id instead of its login", type=Number(1, MAX_ID)))
+DRY_RUN = arg("--dry-run: say what would change; change nothing", action="store_true")
 
 
 def selected_identity(session, args):
@@ -9059,7 +9059,7 @@ def mutation_result(ctx, operation, target, dry_run, before, after):
 
 
 @command("identity list", "list identities",
-         arg("--login", help="only this login"),
+         "--login: only this login",
          PAGE, PER_PAGE,
          examples=("attune identity list",))
 def cmd_identity_list(ctx, args):
@@ -9100,10 +9100,10 @@ def show_identity(ctx, identity):
 
 LOGIN_LENGTH = (3, 255)  # characters, the server's rule for a login
 IDENTITY_FIELDS = (
-    arg("--display-name", metavar="TEXT", help="the name shown for it"),
-    arg("--password-stdin", action="store_true", help="read its password from stdin (8 to 128 characters)"),
-    arg("--attribute", action="append", default=[], metavar="KEY=VALUE",
-        help="an attribute; the value is parsed as JSON when it parses (repeatable)"))
+    arg("--display-name TEXT: the name shown for it"),
+    arg("--password-stdin: read its password from stdin (8 to 128 characters)", action="store_true"),
+    arg("--attribute KEY=VALUE: an attribute; the value is parsed as JSON when it parses (repeatable)",
+        action="append", default=[]))
 
 
 def identity_body(ctx, args):
@@ -9119,9 +9119,9 @@ def identity_target(identity):
 
 
 @command("identity create", "create an identity (a person or a service that logs in or holds tokens)",
-         arg("login", metavar="LOGIN", help="its login, 3 to 255 characters"), *(IDENTITY_FIELDS + (
-             arg("--if-missing", action="store_true",
-                 help="when the login exists already, show that identity and exit 0 (nothing changed)"),)),
+         "login LOGIN: its login, 3 to 255 characters", *(IDENTITY_FIELDS + (
+             arg("--if-missing: when the login exists already, show that identity and exit 0 (nothing changed)",
+                 action="store_true"),)),
          examples=("attune identity create ci-bot --display-name 'CI' --if-missing",
                    "attune identity create alice --password-stdin < password.txt"))
 def cmd_identity_create(ctx, args):
@@ -9147,8 +9147,8 @@ def cmd_identity_create(ctx, args):
 
 @command("identity update", "change an identity's display name, password or attributes",
          *(IDENTITY_SELECTOR + IDENTITY_FIELDS + (
-             arg("--replace-attributes", action="store_true",
-                 help="the attributes become exactly the --attribute pairs (default: they are added)"), DRY_RUN)),
+             arg("--replace-attributes: the attributes become exactly the --attribute pairs (default: they are added)",
+                 action="store_true"), DRY_RUN)),
          examples=("attune identity update ci-bot --display-name 'CI robot'",
                    "attune identity update alice --password-stdin < new-password.txt"))
 def cmd_identity_update(ctx, args):
@@ -9206,7 +9206,7 @@ def role_argument(args):
 
 
 @command("identity role add", "give an identity a role", *(IDENTITY_SELECTOR + (
-    arg("role", metavar="ROLE", help="role name"), DRY_RUN)))
+    arg("role ROLE: role name"), DRY_RUN)))
 def cmd_identity_role_add(ctx, args):
     role = role_argument(args)
     session = ctx.session()
@@ -9222,7 +9222,7 @@ def cmd_identity_role_add(ctx, args):
 
 
 @command("identity role remove", "take a role from an identity", *(IDENTITY_SELECTOR + (
-    arg("role", metavar="ROLE", help="role name"), DRY_RUN)))
+    arg("role ROLE: role name"), DRY_RUN)))
 def cmd_identity_role_remove(ctx, args):
     role = role_argument(args)
     session = ctx.session()
@@ -9270,11 +9270,11 @@ def cmd_identity_unfreeze(ctx, args):
 
 group("permission", "permission sets and their assignments to identities and roles")
 
-PERMISSION_SET_REF = arg("ref", metavar="REF", help="the permission set's ref")
+PERMISSION_SET_REF = arg("ref REF: the permission set's ref")
 PERMISSION_TARGET = (
-    arg("--identity", metavar="LOGIN", help="an identity, by its exact login"),
-    arg("--identity-id", type=Number(1, MAX_ID), metavar="N", help="an identity, by its id"),
-    arg("--role", metavar="ROLE", help="every identity with this role"))
+    arg("--identity LOGIN: an identity, by its exact login"),
+    arg("--identity-id N: an identity, by its id", type=Number(1, MAX_ID)),
+    arg("--role ROLE: every identity with this role"))
 
 
 def permission_set(session, ref):
@@ -9316,8 +9316,8 @@ command("permission set", "permission sets: list, show, export, update")(needs_a
 
 
 @command("permission set list", "list permission sets, who owns them and the roles they are mapped to",
-         arg("--pack", metavar="PACK", help="only the sets of this pack"),
-         arg("--include-retired", action="store_true", help="also the retired sets"),
+         "--pack PACK: only the sets of this pack",
+         arg("--include-retired: also the retired sets", action="store_true"),
          examples=("attune permission set list",))
 def cmd_permission_set_list(ctx, args):
     sets = list_items(ctx.session().call("GET", "/permissions/sets", query={
@@ -9348,8 +9348,8 @@ def cmd_permission_set_export(ctx, args):
 
 @command("permission set update", "replace a set's grants from a definition file (YAML or JSON)",
          PERMISSION_SET_REF,
-         arg("--file", metavar="PATH", required=True, help="the definition {ref, label, description, grants}; - for stdin"),
-         arg("--dry-run", action="store_true", help="let the server check and preview it; change nothing"))
+         arg("--file PATH: the definition {ref, label, description, grants}; - for stdin", required=True),
+         arg("--dry-run: let the server check and preview it; change nothing", action="store_true"))
 def cmd_permission_set_update(ctx, args):
     definition = read_document(ctx, args.file, "permission set definition")
     if not isinstance(definition, dict):
@@ -9384,7 +9384,7 @@ command("permission assignment", "assignments of sets to identities and roles: l
 
 @command("permission assignment list", "list assignments (direct ones for an identity, not inherited access)",
          *(PERMISSION_TARGET + (
-             arg("--set", metavar="REF", help="only assignments of this permission set"),
+             arg("--set REF: only assignments of this permission set"),
              PAGE, PER_PAGE)))
 def cmd_permission_assignment_list(ctx, args):
     if args.role is not None and (args.identity is not None or args.identity_id is not None) \
@@ -9489,14 +9489,13 @@ def cmd_permission_revoke(ctx, args):
 
 group("queue", "work queues and their items: list, show, enable, update, enqueue")
 
-QUEUE_REF = arg("ref", metavar="REF", help="the queue's ref")
+QUEUE_REF = arg("ref REF: the queue's ref")
 QUEUE_PAGE = (PAGE, PER_PAGE)
 QUEUE_ITEM_STATUSES = ("queued", "leased", "retry", "completed", "failed", "skipped", "cancelled")
-SELECTOR = (arg("--selector", metavar="PATH", required=True,
-                help="a SQL/JSONPath selector over the items' payload, metadata and fields"),
-            arg("--vars-json", metavar="JSON", default="{}", help="the selector's variables, a JSON object"))
-PREVIEW_LIMIT = arg("--preview-limit", type=Number(1, 100), default=100, metavar="N",
-                    help="show at most N of the affected items, 1 to 100 (default 100)")
+SELECTOR = (arg("--selector PATH: a SQL/JSONPath selector over the items' payload, metadata and fields", required=True),
+            arg("--vars-json JSON: the selector's variables, a JSON object", default="{}"))
+PREVIEW_LIMIT = arg("--preview-limit N: show at most N of the affected items, 1 to 100 (default 100)",
+                    type=Number(1, 100), default=100)
 
 
 def queue_path(ref, *rest):
@@ -9547,11 +9546,11 @@ def json_object_arg(text, flag):
 
 
 @command("queue list", "list work queues (all, or a pack's)",
-         arg("--pack", metavar="PACK", help="only this pack's queues"),
-         arg("--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled (false) queues"),
-         arg("--is-adhoc", type=parse_bool, metavar="BOOL", help="only ad-hoc (true) or declared (false) queues"),
-         arg("--search", metavar="TEXT", help="ref, label or description containing this"),
-         arg("--referencing-pack-ref", metavar="PACK", help="also restricted queues this pack may target"),
+         "--pack PACK: only this pack's queues",
+         arg("--enabled BOOL: only enabled (true) or disabled (false) queues", type=parse_bool),
+         arg("--is-adhoc BOOL: only ad-hoc (true) or declared (false) queues", type=parse_bool),
+         "--search TEXT: ref, label or description containing this",
+         "--referencing-pack-ref PACK: also restricted queues this pack may target",
          *QUEUE_PAGE,
          examples=("attune queue list --pack core",))
 def cmd_queue_list(ctx, args):
@@ -9584,8 +9583,8 @@ def cmd_queue_toggle(ctx, args):
 
 
 @command("queue update", "change a queue's trace tag template", QUEUE_REF,
-         arg("--trace-tag-template", metavar="TEMPLATE", help="the trace tag of the executions it dispatches"),
-         arg("--clear-trace-tag-template", action="store_true", help="remove the trace tag template"))
+         "--trace-tag-template TEMPLATE: the trace tag of the executions it dispatches",
+         arg("--clear-trace-tag-template: remove the trace tag template", action="store_true"))
 def cmd_queue_update(ctx, args):
     if args.trace_tag_template is not None and args.clear_trace_tag_template:
         raise UsageError("give --trace-tag-template or --clear-trace-tag-template, not both")
@@ -9599,9 +9598,9 @@ ENQUEUE_FIELDS = ("payload", "item_key", "priority", "metadata", "trace_tag")
 
 
 @command("queue enqueue", "add an item to a queue",
-         QUEUE_REF, arg("--request-json", metavar="JSON", help="the item: {payload, item_key, priority, metadata, "
-                                                                "trace_tag}"),
-         arg("--request-file", metavar="PATH", help="the item as a YAML or JSON file; - for stdin"))
+         QUEUE_REF, "--request-json JSON: the item: {payload, item_key, priority, metadata, "
+                    "trace_tag}",
+         "--request-file PATH: the item as a YAML or JSON file; - for stdin")
 def cmd_queue_enqueue(ctx, args):
     if (args.request_json is None) == (args.request_file is None):
         raise UsageError("give exactly one of --request-json and --request-file")
@@ -9641,13 +9640,13 @@ def show_queue_item(ctx, item):
 
 
 command("queue items", "a queue's items: queue items REF list|show|preview|update|reprioritize|delete",
-         arg("queue_ref", metavar="REF", help="the queue's ref"))(needs_a_command)
+         "queue_ref REF: the queue's ref")(needs_a_command)
 
 
 @command("queue items list", "list a queue's items",
-         arg("--item-key", metavar="KEY", help="only the item with this key"),
-         arg("--enqueue-source", metavar="SOURCE", help="only items enqueued this way (api, execution, ...)"),
-         arg("--status", action="append", choices=QUEUE_ITEM_STATUSES, help="only items in this status (repeatable)"),
+         "--item-key KEY: only the item with this key",
+         "--enqueue-source SOURCE: only items enqueued this way (api, execution, ...)",
+         arg("--status: only items in this status (repeatable)", action="append", choices=QUEUE_ITEM_STATUSES),
          *QUEUE_PAGE)
 def cmd_queue_items_list(ctx, args):
     body = ctx.session().call("GET", queue_path(args.queue_ref, "items"), query={
@@ -9660,7 +9659,7 @@ def cmd_queue_items_list(ctx, args):
     note_partial(ctx, pagination, len(items), "items")
 
 
-@command("queue items show", "show one item", arg("item_id", metavar="ITEM_ID", type=Number(1, MAX_ID), help="item id"))
+@command("queue items show", "show one item", arg("item_id ITEM_ID: item id", type=Number(1, MAX_ID)))
 def cmd_queue_items_show(ctx, args):
     """The server routes only PUT and DELETE for one item: it is found in the queue's list."""
     def wanted(item):
@@ -9675,8 +9674,7 @@ def cmd_queue_items_show(ctx, args):
 
 
 @command("queue items preview", "the pending items a selector matches",
-         *(SELECTOR + (arg("--limit", type=Number(1, 100), default=100, metavar="N",
-                           help="show at most N, 1 to 100 (default 100)"),)))
+         *(SELECTOR + (arg("--limit N: show at most N, 1 to 100 (default 100)", type=Number(1, 100), default=100),)))
 def cmd_queue_items_preview(ctx, args):
     selector = {"path": args.selector, "vars": json_object_arg(args.vars_json, "--vars-json")}
     result = ctx.session().fetch("POST", queue_path(args.queue_ref, "items", "query", "preview"),
@@ -9715,15 +9713,15 @@ def apply_to_items(ctx, args, operation, **fields):
 
 
 @command("queue items update", "merge a JSON patch into the payload of the pending items a selector matches",
-         *(SELECTOR + (arg("--patch-json", metavar="JSON", required=True, help="a JSON Merge Patch object"),
+         *(SELECTOR + (arg("--patch-json JSON: a JSON Merge Patch object", required=True),
                        PREVIEW_LIMIT)))
 def cmd_queue_items_update(ctx, args):
     apply_to_items(ctx, args, "patch_payload", payload_patch=json_object_arg(args.patch_json, "--patch-json"))
 
 
 @command("queue items reprioritize", "set the priority of the pending items a selector matches",
-         *(SELECTOR + (arg("--priority", type=Number(-2 ** 31, 2 ** 31 - 1), required=True, metavar="N",
-                           help="the new priority of each matched item"),
+         *(SELECTOR + (arg("--priority N: the new priority of each matched item", type=Number(-2 ** 31, 2 ** 31 - 1),
+                           required=True),
                        PREVIEW_LIMIT)))
 def cmd_queue_items_reprioritize(ctx, args):
     apply_to_items(ctx, args, "reprioritize", priority=args.priority)
@@ -9756,29 +9754,29 @@ def with_options(argument, **options):
 
 
 CACHE_OWNER = (
-    arg("--owner-type", choices=CACHE_OWNER_TYPES, required=True, help="whose cache: system, identity (yours), "
-                                                                       "pack, action or sensor"),
-    arg("--owner-pack-ref", metavar="PACK", help="the pack, with --owner-type pack"),
-    arg("--owner-action-ref", metavar="ACTION", help="the action, with --owner-type action"),
-    arg("--owner-sensor-ref", metavar="SENSOR", help="the sensor, with --owner-type sensor"))
-NAMESPACE = arg("namespace", metavar="NAMESPACE", help="the namespace's name")
-GENERATION_ID = arg("generation_id", metavar="GENERATION", type=Number(0, MAX_ID), help="a generation id")
+    arg("--owner-type: whose cache: system, identity (yours), "
+        "pack, action or sensor", choices=CACHE_OWNER_TYPES, required=True),
+    arg("--owner-pack-ref PACK: the pack, with --owner-type pack"),
+    arg("--owner-action-ref ACTION: the action, with --owner-type action"),
+    arg("--owner-sensor-ref SENSOR: the sensor, with --owner-type sensor"))
+NAMESPACE = arg("namespace NAMESPACE: the namespace's name")
+GENERATION_ID = arg("generation_id GENERATION: a generation id", type=Number(0, MAX_ID))
 NAMESPACE_POLICY = tuple(
-    arg("--" + name.replace("_", "-"), dest=name, type=Number(0, MAX_ID), metavar="N", help=text)
+    arg("--%s N: %s" % (name.replace("_", "-"), text), dest=name, type=Number(0, MAX_ID))
     for name, text in (("freshness_target_seconds", "how fresh the active generation should be, in seconds"),
                        ("max_records_per_generation", "the most records one generation may hold"),
                        ("max_generation_bytes", "the most bytes one generation may hold"),
                        ("max_retained_bytes", "the most bytes kept across generations"),
                        ("max_retained_generations", "how many generations are kept"),
                        ("max_staging_generations", "how many generations may be staged at once")))
-REFRESH_CONCURRENCY = arg("--refresh-concurrency", choices=("reuse", "conflict", "parallel"),
-                          help="a begin while another refresh is unpublished: reuse answers with that one's "
-                               "generation, conflict refuses (409), parallel stages another")
-EXPECTED_ACTIVE = (arg("--expected-active", type=Number(0, MAX_ID), metavar="GENERATION",
-                       help="the active generation seen before this refresh began"),
-                   arg("--expect-empty", action="store_true", help="this is the namespace's first publication"))
-METADATA_PAGE = (arg("--limit", type=Number(1, 500), metavar="N", help="at most N, 1 to 500"),
-                 arg("--cursor", metavar="CURSOR", help="the cursor an earlier page ended with"))
+REFRESH_CONCURRENCY = arg("--refresh-concurrency: a begin while another refresh is unpublished: reuse answers with "
+                          "that one's generation, conflict refuses (409), parallel stages another",
+                          choices=("reuse", "conflict", "parallel"))
+EXPECTED_ACTIVE = (arg("--expected-active GENERATION: the active generation seen before this refresh began",
+                       type=Number(0, MAX_ID)),
+                   arg("--expect-empty: this is the namespace's first publication", action="store_true"))
+METADATA_PAGE = (arg("--limit N: at most N, 1 to 500", type=Number(1, 500)),
+                 arg("--cursor CURSOR: the cursor an earlier page ended with"))
 NDJSON_LINE_LIMIT = 1024 * 1024     # bytes in one line of an upload file
 CHUNK_BYTE_LIMIT = 4 * 1024 * 1024  # bytes of records in one uploaded chunk
 LOOKUP_LIMIT = 1000                 # external ids in one get-many
@@ -9924,9 +9922,9 @@ command("cache namespace", "cache namespaces: list, create, show, update, delete
 
 
 @command("cache namespace list", "list one owner's namespaces",
-         *(CACHE_OWNER + (arg("--namespace", dest="name_filter", metavar="TEXT", help="names containing this (any case)"),
-                          arg("--freshness", choices=("fresh", "stale", "unpopulated"),
-                              help="only namespaces in this state"),) + METADATA_PAGE),
+         *(CACHE_OWNER + (arg("--namespace TEXT: names containing this (any case)", dest="name_filter"),
+                          arg("--freshness: only namespaces in this state",
+                              choices=("fresh", "stale", "unpopulated")),) + METADATA_PAGE),
          examples=("attune cache namespace list --owner-type pack --owner-pack-ref core",))
 def cmd_cache_namespace_list(ctx, args):
     query = dict(cache_owner(args), namespace=args.name_filter, freshness=args.freshness, limit=args.limit,
@@ -9991,13 +9989,11 @@ def cmd_cache_namespace_delete(ctx, args):
 command("cache entry", "read published entries: get, get-many, scan")(needs_a_command)
 
 
-GENERATION_FLAG = arg("--generation", type=Number(0, MAX_ID), metavar="ID",
-                      help="read this retained generation, not the active one")
+GENERATION_FLAG = arg("--generation ID: read this retained generation, not the active one", type=Number(0, MAX_ID))
 
 
 @command("cache entry get", "one entry of the active (or another) generation",
-         NAMESPACE, arg("external_id", metavar="EXTERNAL_ID",
-                        help="the entry's external id"), *(CACHE_OWNER + (GENERATION_FLAG,)))
+         NAMESPACE, "external_id EXTERNAL_ID: the entry's external id", *(CACHE_OWNER + (GENERATION_FLAG,)))
 def cmd_cache_entry_get(ctx, args):
     body = dict(cache_owner(args), external_id=args.external_id, generation_id=args.generation, require_fresh=False)
     found = cache_object(cache_request(ctx, "POST", cache_path(args, "entries", "lookup"), body))
@@ -10034,8 +10030,8 @@ def external_ids(ctx, args):
 
 @command("cache entry get-many", "up to 1000 entries at once (the ids go in the body, not the URL)",
          NAMESPACE, *(CACHE_OWNER + (
-             arg("--external-id", action="append", metavar="ID", help="an external id (repeatable)"),
-             arg("--external-id-file", metavar="PATH", help="external ids, one per line; - for stdin"),
+             arg("--external-id ID: an external id (repeatable)", action="append"),
+             arg("--external-id-file PATH: external ids, one per line; - for stdin"),
              GENERATION_FLAG)))
 def cmd_cache_entry_get_many(ctx, args):
     owner = cache_owner(args)
@@ -10050,10 +10046,10 @@ def cmd_cache_entry_get_many(ctx, args):
 
 @command("cache entry scan", "a page of a generation's entries (--all with --output ndjson: every page)",
          NAMESPACE, *(CACHE_OWNER + (
-             GENERATION_FLAG, arg("--cursor", metavar="CURSOR", help="the cursor an earlier page ended with"),
-             arg("--page-size", type=Number(1, 1000), default=100, metavar="N", help="entries per page, 1 to 1000"),
-             arg("--include-values", action="store_true", help="show each entry's value in the table"),
-             arg("--all", action="store_true", help="every page, as NDJSON on stdout (needs --output ndjson)"))))
+             GENERATION_FLAG, arg("--cursor CURSOR: the cursor an earlier page ended with"),
+             arg("--page-size N: entries per page, 1 to 1000", type=Number(1, 1000), default=100),
+             arg("--include-values: show each entry's value in the table", action="store_true"),
+             arg("--all: every page, as NDJSON on stdout (needs --output ndjson)", action="store_true"))))
 def cmd_cache_entry_scan(ctx, args):
     ndjson = ctx.ui.ndjson
     if ndjson != args.all:
@@ -10122,10 +10118,9 @@ def cmd_cache_generation_show(ctx, args):
 command("cache refresh", "publish a generation: begin, upload, seal, promote, abort, or all at once with apply")(needs_a_command)
 
 
-REFRESH_ID = arg("--client-refresh-id", metavar="ID", help="your id for this refresh, so a retried begin is one "
-                                                           "(default: cli-<ms>-<pid>-<n>)")
-CHUNK_COUNT = arg("--expected-chunk-count", type=Number(0, 2 ** 31 - 1), metavar="N",
-                  help="how many chunks will be uploaded")
+REFRESH_ID = arg("--client-refresh-id ID: your id for this refresh, so a retried begin is one "
+                 "(default: cli-<ms>-<pid>-<n>)")
+CHUNK_COUNT = arg("--expected-chunk-count N: how many chunks will be uploaded", type=Number(0, 2 ** 31 - 1))
 REFRESH_SEQUENCE = []  # process state, a list used as a counter: refresh ids this process made
 
 
@@ -10157,9 +10152,9 @@ def begin_refresh(ctx, args, owner, chunks, records=None, size=None):
 @command("cache refresh begin", "begin a staging generation (a retried begin with the same refresh id is one)",
          NAMESPACE, *(CACHE_OWNER + (
              REFRESH_ID, with_options(CHUNK_COUNT, required=True),
-             arg("--expected-count", type=Number(0, MAX_ID), metavar="N", help="how many records"),
-             arg("--expected-bytes", type=Number(0, MAX_ID), metavar="N", help="how many encoded bytes"),
-             arg("--source-revision", metavar="TEXT", help="the upstream revision these records come from"))
+             arg("--expected-count N: how many records", type=Number(0, MAX_ID)),
+             arg("--expected-bytes N: how many encoded bytes", type=Number(0, MAX_ID)),
+             arg("--source-revision TEXT: the upstream revision these records come from"))
              + EXPECTED_ACTIVE))
 def cmd_cache_refresh_begin(ctx, args):
     generation, reused = begin_refresh(ctx, args, cache_owner(args), args.expected_chunk_count, args.expected_count,
@@ -10237,8 +10232,8 @@ def upload_chunk(ctx, args, owner, generation_id, index, entries):
 
 @command("cache refresh upload", "upload one chunk (an NDJSON file of at most 1000 records)",
          NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (
-             arg("--chunk-index", type=Number(0, 2 ** 31 - 1), required=True, metavar="N", help="from 0"),
-             arg("--file", metavar="PATH", required=True, help="the records, one JSON object per line; - for stdin"))))
+             arg("--chunk-index N: from 0", type=Number(0, 2 ** 31 - 1), required=True),
+             arg("--file PATH: the records, one JSON object per line; - for stdin", required=True))))
 def cmd_cache_refresh_upload(ctx, args):
     owner = cache_owner(args)
     chunks = record_chunks(ctx, args.file, 1000)
@@ -10267,10 +10262,8 @@ def seal_refresh(ctx, args, owner, generation_id, chunks, records=None, size=Non
 @command("cache refresh seal", "check a fully uploaded generation and make it ready",
          NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (
              with_options(CHUNK_COUNT, required=True),
-             arg("--expected-count", type=Number(0, MAX_ID), metavar="N",
-                 help="fail unless the generation holds this many entries"),
-             arg("--expected-bytes", type=Number(0, MAX_ID), metavar="N",
-                 help="fail unless the generation holds this many bytes"))))
+             arg("--expected-count N: fail unless the generation holds this many entries", type=Number(0, MAX_ID)),
+             arg("--expected-bytes N: fail unless the generation holds this many bytes", type=Number(0, MAX_ID)))))
 def cmd_cache_refresh_seal(ctx, args):
     generation = seal_refresh(ctx, args, cache_owner(args), args.generation_id, args.expected_chunk_count,
                               args.expected_count, args.expected_bytes)
@@ -10302,12 +10295,12 @@ def cmd_cache_refresh_abort(ctx, args):
 
 @command("cache refresh apply", "begin, upload every chunk of an NDJSON file, seal and promote",
          NAMESPACE, *(CACHE_OWNER + (
-             arg("--input", metavar="PATH", required=True, help="the records, one JSON object per line; - for stdin"),
+             arg("--input PATH: the records, one JSON object per line; - for stdin", required=True),
              REFRESH_ID,
-             arg("--chunk-records", type=Number(1, 10000), default=1000, metavar="N",
-                 help="records per upload, 1 to 10000 (default 1000)"),
+             arg("--chunk-records N: records per upload, 1 to 10000 (default 1000)", type=Number(1, 10000),
+                 default=1000),
              with_options(CHUNK_COUNT, help="how many chunks (needed with --input -: stdin is read once)"),
-             arg("--source-revision", metavar="TEXT", help="the upstream revision these records come from"))
+             arg("--source-revision TEXT: the upstream revision these records come from"))
              + EXPECTED_ACTIVE))
 def cmd_cache_refresh_apply(ctx, args):
     owner = cache_owner(args)
@@ -10358,21 +10351,20 @@ def audit_http(event):
 
 
 @command("audit list", "list audit events, newest first",
-         arg("--category", choices=("api", "auth", "rbac", "secret", "admin", "execution", "pack"),
-             help="only this category"),
-         arg("--event-type", help="only this event type (auth.login, ...)"),
-         arg("--outcome", choices=("success", "failure", "denied"), help="only this outcome"),
-         arg("--actor-login", help="only events of this login"),
-         arg("--actor-identity", type=Number(1, MAX_ID), metavar="N", help="only events of this identity id"),
-         arg("--resource-type", help="only events on this resource type (pack, action, ...)"),
-         arg("--resource-id", type=Number(0, MAX_ID), metavar="N", help="only events on this resource id"),
-         arg("--resource-ref", help="only events on this resource ref"),
-         arg("--http-method", help="only requests of this method (GET, POST, ...)"),
-         arg("--http-status", type=Number(100, 599), metavar="N", help="only requests answered with this status"),
-         arg("--http-path", help="only requests to this path"),
-         arg("--request-id", metavar="UUID", help="only events of this request"),
-         arg("--after", metavar="ISO", help="created at or after this time (ISO 8601)"),
-         arg("--before", metavar="ISO", help="created before this time (ISO 8601)"),
+         arg("--category: only this category", choices=("api", "auth", "rbac", "secret", "admin", "execution", "pack")),
+         "--event-type: only this event type (auth.login, ...)",
+         arg("--outcome: only this outcome", choices=("success", "failure", "denied")),
+         "--actor-login: only events of this login",
+         arg("--actor-identity N: only events of this identity id", type=Number(1, MAX_ID)),
+         "--resource-type: only events on this resource type (pack, action, ...)",
+         arg("--resource-id N: only events on this resource id", type=Number(0, MAX_ID)),
+         "--resource-ref: only events on this resource ref",
+         "--http-method: only requests of this method (GET, POST, ...)",
+         arg("--http-status N: only requests answered with this status", type=Number(100, 599)),
+         "--http-path: only requests to this path",
+         "--request-id UUID: only events of this request",
+         "--after ISO: created at or after this time (ISO 8601)",
+         "--before ISO: created before this time (ISO 8601)",
          PAGE, PER_PAGE,
          examples=("attune audit list --category auth --outcome failure",))
 def cmd_audit_list(ctx, args):
@@ -10389,7 +10381,7 @@ def cmd_audit_list(ctx, args):
                          audit_actor(e), audit_resource(e), audit_http(e)])
 
 
-@command("audit show", "show one audit event", arg("id", metavar="ID", type=Number(1, MAX_ID), help="audit event id"))
+@command("audit show", "show one audit event", arg("id ID: audit event id", type=Number(1, MAX_ID)))
 def cmd_audit_show(ctx, args):
     event = ctx.session().fetch("GET", "/audit-events/%d" % args.id)
 
@@ -10408,8 +10400,7 @@ def cmd_audit_show(ctx, args):
     ctx.ui.emit(event, table)
 
 
-@command("audit chain", "every audit event of one request", arg("request_id", metavar="REQUEST_ID",
-                                                                help="the request id (a UUID)"))
+@command("audit chain", "every audit event of one request", "request_id REQUEST_ID: the request id (a UUID)")
 def cmd_audit_chain(ctx, args):
     events = list_items(ctx.session().call("GET", "/audit-events/by-request/" + path_segment(args.request_id)))
 
@@ -10432,15 +10423,14 @@ group("policy", "list, show, create, update, enable, disable and delete executio
 
 
 POLICY_FEATURES = (
-    arg("--concurrency-limit", type=Number(0, MAX_ID), metavar="N", help="at most N running at once"),
-    arg("--on-concurrency", choices=("enqueue", "cancel"), help="what happens past the limit (default enqueue)"),
-    arg("--group-by", action="append", metavar="PATH", help="count concurrency per parameter value (repeatable)"),
-    arg("--rate-limit-max", type=Number(1, MAX_ID), metavar="N", help="at most N starts per window"),
-    arg("--rate-limit-window", type=Seconds(1), metavar="WINDOW", help="the window: 60s, 10m, 1h or seconds"),
-    arg("--quota-running-executions", type=Number(1, MAX_ID), metavar="N",
-        help="at most this many executions running at once"),
-    arg("--quota-executions-total", type=Number(1, MAX_ID), metavar="N", help="at most this many executions in all"),
-    arg("--tag", action="append", help="a tag (repeatable; on update, replaces the tags)"))
+    arg("--concurrency-limit N: at most N running at once", type=Number(0, MAX_ID)),
+    arg("--on-concurrency: what happens past the limit (default enqueue)", choices=("enqueue", "cancel")),
+    arg("--group-by PATH: count concurrency per parameter value (repeatable)", action="append"),
+    arg("--rate-limit-max N: at most N starts per window", type=Number(1, MAX_ID)),
+    arg("--rate-limit-window WINDOW: the window: 60s, 10m, 1h or seconds", type=Seconds(1)),
+    arg("--quota-running-executions N: at most this many executions running at once", type=Number(1, MAX_ID)),
+    arg("--quota-executions-total N: at most this many executions in all", type=Number(1, MAX_ID)),
+    arg("--tag: a tag (repeatable; on update, replaces the tags)", action="append"))
 
 
 def policy_scope_text(policy):
@@ -10517,11 +10507,11 @@ def policy_feature_fields(args):
 
 
 @command("policy list", "list execution policies",
-         arg("--scope", choices=("global", "pack", "action"), help="only policies of this scope"),
-         arg("--pack", help="only policies of this pack ref"),
-         arg("--action", help="only policies of this action ref"),
-         arg("--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled (false) policies"),
-         arg("--tag", help="only policies with this tag"), ALL,
+         arg("--scope: only policies of this scope", choices=("global", "pack", "action")),
+         "--pack: only policies of this pack ref",
+         "--action: only policies of this action ref",
+         arg("--enabled BOOL: only enabled (true) or disabled (false) policies", type=parse_bool),
+         "--tag: only policies with this tag", ALL,
          examples=("attune policy list --scope pack --pack core",))
 def cmd_policy_list(ctx, args):
     query = {"scope": args.scope, "pack_ref": args.pack, "action_ref": args.action, "tag": args.tag,
@@ -10538,14 +10528,14 @@ def cmd_policy_show(ctx, args):
 
 
 @command("policy create", "create an execution policy",
-         *((arg("--policy-ref", required=True, metavar="REF", help="unique policy ref"),
-            arg("--name", required=True, help="display name"),
-            arg("--scope", required=True, choices=("global", "pack", "action"), help="global, pack or action"),
-            arg("--description", help="description"),
-            arg("--disabled", action="store_true", help="create it disabled"),
-            arg("--priority", type=Number(-MAX_ID, MAX_ID), default=0, help="the policy's priority (default 0)"),
-            arg("--pack", help="the pack ref (scope pack or action)"),
-            arg("--action", help="the action ref (scope action)"))
+         *((arg("--policy-ref REF: unique policy ref", required=True),
+            arg("--name: display name", required=True),
+            arg("--scope: global, pack or action", required=True, choices=("global", "pack", "action")),
+            arg("--description: description"),
+            arg("--disabled: create it disabled", action="store_true"),
+            arg("--priority: the policy's priority (default 0)", type=Number(-MAX_ID, MAX_ID), default=0),
+            arg("--pack: the pack ref (scope pack or action)"),
+            arg("--action: the action ref (scope action)"))
            + POLICY_FEATURES))
 def cmd_policy_create(ctx, args):
     scope = {"type": args.scope}
@@ -10570,13 +10560,13 @@ def cmd_policy_create(ctx, args):
 
 
 @command("policy update", "change a policy (only the fields given)",
-         *((ref("policy"), arg("--name", help="new name"),
-            arg("--description", help="new description (an empty one clears it)"),
-            arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"),
-            arg("--priority", type=Number(-MAX_ID, MAX_ID), help="new priority"),
-            arg("--clear-concurrency", action="store_true", help="remove the concurrency limit"),
-            arg("--clear-rate-limit", action="store_true", help="remove the rate limit"),
-            arg("--clear-quotas", action="store_true", help="remove both quotas")) + POLICY_FEATURES))
+         *((ref("policy"), arg("--name: new name"),
+            arg("--description: new description (an empty one clears it)"),
+            arg("--enabled BOOL: true or false", type=parse_bool),
+            arg("--priority: new priority", type=Number(-MAX_ID, MAX_ID)),
+            arg("--clear-concurrency: remove the concurrency limit", action="store_true"),
+            arg("--clear-rate-limit: remove the rate limit", action="store_true"),
+            arg("--clear-quotas: remove both quotas", action="store_true")) + POLICY_FEATURES))
 def cmd_policy_update(ctx, args):
     body = policy_feature_fields(args)
     for flag, key, cleared in ((args.clear_concurrency, "concurrency", None),
@@ -10612,12 +10602,12 @@ def cmd_policy_delete(ctx, args):
 group("rule", "list, show, create, update, enable, disable and delete rules")
 
 RULE_OPTIONS = (
-    arg("-d", "--description", help="description"),
-    arg("--conditions", "--criteria", dest="conditions", metavar="JSON", help="match conditions (JSON)"),
-    arg("--action-params", metavar="JSON", help="action parameters (JSON object)"),
-    arg("--trigger-params", metavar="JSON", help="trigger parameters (JSON object)"),
-    arg("--trace-tag-template", metavar="TEMPLATE", help="the trace tag its executions get"),
-    arg("--enabled", type=parse_bool, nargs="?", const=True, metavar="BOOL", help="true (alone: true) or false"))
+    arg("-d --description: description"),
+    arg("--conditions --criteria JSON: match conditions (JSON)", dest="conditions"),
+    arg("--action-params JSON: action parameters (JSON object)"),
+    arg("--trigger-params JSON: trigger parameters (JSON object)"),
+    arg("--trace-tag-template TEMPLATE: the trace tag its executions get"),
+    arg("--enabled BOOL: true (alone: true) or false", type=parse_bool, nargs="?", const=True))
 
 
 def rule_pairs(rule):
@@ -10642,8 +10632,8 @@ def rule_fields(args):
     return body
 
 
-@command("rule list", "list rules", arg("--pack", help="only this pack's rules"),
-         arg("-e", "--enabled", type=parse_bool, metavar="BOOL", help="only enabled (true) or disabled"), ALL,
+@command("rule list", "list rules", "--pack: only this pack's rules",
+         arg("-e --enabled BOOL: only enabled (true) or disabled", type=parse_bool), ALL,
          examples=("attune rule list --pack core",))
 def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
@@ -10666,12 +10656,12 @@ def cmd_rule_show(ctx, args):
 
 
 @command("rule create", "create a rule linking a trigger to an action",
-         arg("--ref", help="rule ref (pack.name)"),
-         arg("-n", "--name", help="rule name, or pack.name (the Rust CLI's way to give the ref)"),
-         arg("-p", "--pack", help="pack ref (default: the ref's first part); after `rule create`, -p is the pack"),
-         arg("--label", help="label (default: the name)"),
-         arg("-t", "--trigger", required=True, help="trigger ref"),
-         arg("-a", "--action", required=True, help="action ref"), *RULE_OPTIONS)
+         "--ref: rule ref (pack.name)",
+         "-n --name: rule name, or pack.name (the Rust CLI's way to give the ref)",
+         "-p --pack: pack ref (default: the ref's first part); after `rule create`, -p is the pack",
+         "--label: label (default: the name)",
+         arg("-t --trigger: trigger ref", required=True),
+         arg("-a --action: action ref", required=True), *RULE_OPTIONS)
 def cmd_rule_create(ctx, args):
     """The server's body {ref, pack_ref, label, trigger_ref, action_ref, ...}, from either
     this program's flags (--ref, --pack, --label) or the Rust CLI's (-n NAME, -p PACK)."""
@@ -10695,8 +10685,8 @@ def cmd_rule_create(ctx, args):
     ctx.ui.emit(rule, table)
 
 
-@command("rule update", "change a rule", ref("rule", "rules"), arg("--label", help="new label"),
-         arg("--clear-trace-tag-template", action="store_true", help="remove the trace tag template"), *RULE_OPTIONS)
+@command("rule update", "change a rule", ref("rule", "rules"), "--label: new label",
+         arg("--clear-trace-tag-template: remove the trace tag template", action="store_true"), *RULE_OPTIONS)
 def cmd_rule_update(ctx, args):
     body = rule_fields(args)
     if args.clear_trace_tag_template:
@@ -10755,7 +10745,7 @@ def toggle_resource(ctx, args):
     ctx.ui.emit(item, table)
 
 
-@command("trigger list", "list triggers", arg("--pack", help="only this pack's triggers"), ALL,
+@command("trigger list", "list triggers", "--pack: only this pack's triggers", ALL,
          examples=("attune trigger list --pack core",))
 def cmd_trigger_list(ctx, args):
     list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
@@ -10787,12 +10777,11 @@ def cmd_trigger_show(ctx, args):
 
 
 @command("trigger update", "change a trigger (only the fields given)", ref("trigger", "triggers"),
-         arg("--label", help="new label"),
-         arg("--description", help="new description"),
-         arg("--enabled", type=parse_bool, metavar="BOOL", help="true or false"),
-         arg("--reference-visibility", choices=("public", "private", "restricted"),
-             help="which packs may use it in rules"),
-         arg("--reference-allowed-pack-refs", metavar="A,B", help="with restricted: the packs allowed"))
+         "--label: new label",
+         "--description: new description",
+         arg("--enabled BOOL: true or false", type=parse_bool),
+         arg("--reference-visibility: which packs may use it in rules", choices=("public", "private", "restricted")),
+         "--reference-allowed-pack-refs A,B: with restricted: the packs allowed")
 def cmd_trigger_update(ctx, args):
     body = update_body([("label", args.label), ("enabled", args.enabled),
                         ("reference_visibility", args.reference_visibility),
@@ -10854,7 +10843,7 @@ def sensor_trigger(sensor):
     return sensor.get("trigger_ref") or cell_text(sensor.get("trigger_types"))
 
 
-@command("sensor list", "list sensors", arg("--pack", help="only this pack's sensors"), ALL,
+@command("sensor list", "list sensors", "--pack: only this pack's sensors", ALL,
          examples=("attune sensor list",))
 def cmd_sensor_list(ctx, args):
     list_pack_scoped(ctx, args, "sensors", ["Ref", "Pack", "Label", "Trigger", "Enabled", "Description"],
@@ -10904,11 +10893,11 @@ def copy_text(resp, write):
 
 
 @command("sensor logs", "print a sensor's log, or its last lines; --follow keeps printing new ones",
-         ref("sensor", "sensors"), arg("--stream", choices=("stdout", "stderr"), default="stdout",
-                                       help="stdout (the default) or stderr"),
-         arg("--tail", type=Number(1, 10000), metavar="N", help="only the last N lines"),
-         arg("-f", "--follow", action="store_true",
-             help="look again every %d s and print what is new, until interrupted" % SENSOR_LOG_POLL),
+         ref("sensor", "sensors"), arg("--stream: stdout (the default) or stderr", choices=("stdout", "stderr"),
+                                       default="stdout"),
+         arg("--tail N: only the last N lines", type=Number(1, 10000)),
+         arg("-f --follow: look again every %d s and print what is new, until interrupted" % SENSOR_LOG_POLL,
+             action="store_true"),
          examples=("attune sensor logs core.timer_sensor --tail 50",
                    "attune sensor logs core.timer_sensor --stream stderr --follow"))
 def cmd_sensor_logs(ctx, args):
@@ -10952,9 +10941,8 @@ def cmd_sensor_logs(ctx, args):
 group("event", "what triggers emitted: list and show, with the enforcements they caused")
 group("enforcement", "what rules made of events: list and show, with the executions they started")
 
-EVENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="event id (a whole number)", complete="events")
-ENFORCEMENT_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="enforcement id (a whole number)",
-                     complete="enforcements")
+EVENT_ID = arg("id ID: event id (a whole number)", type=Number(1, MAX_ID), complete="events")
+ENFORCEMENT_ID = arg("id ID: enforcement id (a whole number)", type=Number(1, MAX_ID), complete="enforcements")
 ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", "Created"]
 
 
@@ -10967,10 +10955,10 @@ def page_query(args, **filters):
     return dict(filters, page=args.page, per_page=args.per_page)
 
 
-@command("event list", "list events, newest first", arg("--trigger", metavar="REF", help="only this trigger's events",
-                                                         complete="triggers"),
-         arg("--rule", metavar="REF", help="only events of this rule", complete="rules"),
-         arg("--source", type=Number(1, MAX_ID), metavar="ID", help="only this sensor's"),
+@command("event list", "list events, newest first", arg("--trigger REF: only this trigger's events",
+                                                        complete="triggers"),
+         arg("--rule REF: only events of this rule", complete="rules"),
+         arg("--source ID: only this sensor's", type=Number(1, MAX_ID)),
          PAGE, PER_PAGE, ALL, examples=("attune event list --trigger core.webhook",))
 def cmd_event_list(ctx, args):
     walk = ListWalk(ctx.session(), "/events", page_query(args, trigger_ref=args.trigger, rule_ref=args.rule,
@@ -10997,10 +10985,10 @@ def cmd_event_show(ctx, args):
 
 
 @command("enforcement list", "list enforcements, newest first",
-         arg("--event", type=Number(1, MAX_ID), metavar="ID", help="only those of this event", complete="events"),
-         arg("--rule", metavar="REF", help="only this rule's", complete="rules"),
-         arg("--trigger", metavar="REF", help="only this trigger's", complete="triggers"),
-         arg("--status", choices=("created", "processed", "disabled"), help="created, processed or disabled"),
+         arg("--event ID: only those of this event", type=Number(1, MAX_ID), complete="events"),
+         arg("--rule REF: only this rule's", complete="rules"),
+         arg("--trigger REF: only this trigger's", complete="triggers"),
+         arg("--status: created, processed or disabled", choices=("created", "processed", "disabled")),
          PAGE, PER_PAGE, ALL, examples=("attune enforcement list --rule monitoring.on_disk_full",))
 def cmd_enforcement_list(ctx, args):
     walk = ListWalk(ctx.session(), "/enforcements", page_query(args, event=args.event, rule_ref=args.rule,
@@ -11035,8 +11023,8 @@ def cmd_enforcement_show(ctx, args):
 group("key", "list, show, create, update and delete keys (secrets)")
 
 KEY_VALUE_ARGS = (
-    arg("--value", help="the value; parsed as JSON when it parses (visible in the process list)"),
-    arg("--value-stdin", action="store_true", help="read the value from stdin"))
+    arg("--value: the value; parsed as JSON when it parses (visible in the process list)"),
+    arg("--value-stdin: read the value from stdin", action="store_true"))
 
 
 KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
@@ -11080,9 +11068,9 @@ def key_pairs(key, last=("Created", "created")):
             ("Encrypted", key.get("encrypted")), (last[0], format_timestamp(key.get(last[1])))]
 
 
-@command("key list", "list keys (never their values)", arg("--owner-type", choices=KEY_OWNER_TYPES,
-                                                           help="only keys of this owner type"),
-         arg("--owner", help="owner identifier"),
+@command("key list", "list keys (never their values)", arg("--owner-type: only keys of this owner type",
+                                                           choices=KEY_OWNER_TYPES),
+         "--owner: owner identifier",
          PAGE, PER_PAGE, ALL,
          examples=("attune key list",
                    "attune key list --owner-type pack --owner core"))
@@ -11095,7 +11083,7 @@ def cmd_key_list(ctx, args):
 
 
 @command("key show", "show one key; its value only with --decrypt", ref("key"),
-         arg("-d", "--decrypt", action="store_true", help="ask the server to decrypt and show the value"),
+         arg("-d --decrypt: ask the server to decrypt and show the value", action="store_true"),
          examples=("attune key show db_password -d  # decrypted, on a terminal",))
 def cmd_key_show(ctx, args):
     key = ctx.session().fetch("GET", "/keys/" + path_segment(args.ref),
@@ -11127,16 +11115,16 @@ def cmd_key_show(ctx, args):
 
 
 @command("key create", "create a key: --ref REF, or --local-ref NAME and its owner (newer servers)",
-         arg("--ref", help="unique key ref"),
-         arg("--local-ref", metavar="NAME", help="the key's own name; the server builds the ref from the owner"),
-         arg("--name", required=True, help="human-readable name"), *KEY_VALUE_ARGS,
-         arg("-e", "--encrypt", action="store_true", help="store the value encrypted"),
-         arg("--owner-type", default="system", help="system (default), identity, pack, action or sensor"),
-         arg("--owner", help="owner identifier (with --ref)"),
-         arg("--owner-identity-login", metavar="LOGIN", help="owner identity's login (--owner-type identity)"),
-         arg("--owner-pack-ref", metavar="PACK", help="owner pack's ref (--owner-type pack)"),
-         arg("--owner-action-ref", metavar="ACTION", help="owner action's ref (--owner-type action)"),
-         arg("--owner-sensor-ref", metavar="SENSOR", help="owner sensor's ref (--owner-type sensor)"),
+         "--ref: unique key ref",
+         "--local-ref NAME: the key's own name; the server builds the ref from the owner",
+         arg("--name: human-readable name", required=True), *KEY_VALUE_ARGS,
+         arg("-e --encrypt: store the value encrypted", action="store_true"),
+         arg("--owner-type: system (default), identity, pack, action or sensor", default="system"),
+         "--owner: owner identifier (with --ref)",
+         "--owner-identity-login LOGIN: owner identity's login (--owner-type identity)",
+         "--owner-pack-ref PACK: owner pack's ref (--owner-type pack)",
+         "--owner-action-ref ACTION: owner action's ref (--owner-type action)",
+         "--owner-sensor-ref SENSOR: owner sensor's ref (--owner-type sensor)",
          examples=("attune key create --ref db_password --name 'DB password' --value-stdin -e < secret.txt",))
 def cmd_key_create(ctx, args):
     if args.owner_type not in KEY_OWNER_TYPES:
@@ -11177,8 +11165,8 @@ def cmd_key_create(ctx, args):
     ctx.ui.emit(key, table)
 
 
-@command("key update", "change a key's name, value or encryption", ref("key"), arg("--name", help="new name"),
-         *KEY_VALUE_ARGS, arg("--encrypted", type=parse_bool, metavar="BOOL", help="true or false"),
+@command("key update", "change a key's name, value or encryption", ref("key"), "--name: new name",
+         *KEY_VALUE_ARGS, arg("--encrypted BOOL: true or false", type=parse_bool),
          examples=("attune key update db_password --value-stdin < new-secret.txt",))
 def cmd_key_update(ctx, args):
     body = update_body([("name", args.name), ("value", key_value(ctx, args)), ("encrypted", args.encrypted)],
@@ -11239,11 +11227,11 @@ def workflow_file_path(action_file, workflow_file):
 
 
 @command("workflow upload", "upload a workflow action (its action YAML and workflow YAML) to its pack",
-         arg("action_file", metavar="ACTION_YAML",
-             help="the action YAML, directly in a pack's actions/ directory; its workflow_file field names the "
-                  "workflow YAML, relative to actions/ and under actions/workflows/ (workflow_file: "
-                  "workflows/deploy.yaml); the action's parameters and output go into the workflow"),
-         arg("-f", "--force", action="store_true", help="update the workflow if it exists"))
+         "action_file ACTION_YAML: the action YAML, directly in a pack's actions/ directory; its workflow_file field "
+         "names the "
+         "workflow YAML, relative to actions/ and under actions/workflows/ (workflow_file: "
+         "workflows/deploy.yaml); the action's parameters and output go into the workflow",
+         arg("-f --force: update the workflow if it exists", action="store_true"))
 def cmd_workflow_upload(ctx, args):
     if not os.path.exists(args.action_file):
         raise UsageError("Action YAML file not found: %s" % quoted(args.action_file))
@@ -11292,9 +11280,9 @@ def cmd_workflow_upload(ctx, args):
     ctx.ui.emit(workflow, table)
 
 
-@command("workflow list", "list workflows", arg("--pack", help="only this pack's workflows"),
-         arg("--tags", metavar="A,B", help="only workflows with these tags"),
-         arg("--search", help="text in the label or description"), ALL,
+@command("workflow list", "list workflows", "--pack: only this pack's workflows",
+         "--tags A,B: only workflows with these tags",
+         "--search: text in the label or description", ALL,
          examples=("attune workflow list --pack core",))
 def cmd_workflow_list(ctx, args):
     query = {"pack_ref": args.pack, "tags": args.tags, "search": args.search}
@@ -11353,7 +11341,7 @@ def cmd_workflow_delete(ctx, args):
 
 group("worker", "workers: list, show, cordon and uncordon, history")
 
-WORKER_ID = arg("id", metavar="ID", type=Number(1, MAX_ID), help="worker id (a whole number)", complete="workers")
+WORKER_ID = arg("id ID: worker id (a whole number)", type=Number(1, MAX_ID), complete="workers")
 WORKER_HEALTH = ("active", "busy", "cordoned", "offline", "error", "inactive")
 
 
@@ -11388,11 +11376,11 @@ def show_worker(ctx, worker, message=None):
 
 
 @command("worker list", "list workers with their health, heartbeat and load",
-         arg("-q", "--query", metavar="WORDS", help="words to match in name, host, status, type and role"),
-         arg("--role", help="only workers of this role (action, sensor, ...)"),
-         arg("--status", help="only workers with this status (active, busy, inactive, error)"),
-         arg("--health", choices=WORKER_HEALTH, help="only workers in this health state"),
-         arg("--cordoned", type=parse_bool, metavar="BOOL", help="only cordoned (true) or not (false)"),
+         "-q --query WORDS: words to match in name, host, status, type and role",
+         "--role: only workers of this role (action, sensor, ...)",
+         "--status: only workers with this status (active, busy, inactive, error)",
+         arg("--health: only workers in this health state", choices=WORKER_HEALTH),
+         arg("--cordoned BOOL: only cordoned (true) or not (false)", type=parse_bool),
          PAGE, PER_PAGE, ALL, examples=("attune worker list --health offline",))
 def cmd_worker_list(ctx, args):
     query = {"q": args.query, "role": args.role, "status": args.status, "health_state": args.health,
@@ -11411,7 +11399,7 @@ def cmd_worker_show(ctx, args):
 
 
 @command("worker cordon", "stop giving a worker new work (it finishes what it runs)", WORKER_ID,
-         arg("--reason", help="why, shown with the worker"), YES,
+         "--reason: why, shown with the worker", YES,
          examples=("attune worker cordon 3 --reason 'kernel update' --yes",))
 def cmd_worker_cordon(ctx, args):
     if not confirm(ctx, args, "cordon worker %d" % args.id, "Cordon cancelled"):
@@ -11452,12 +11440,12 @@ def api_body(ctx, args):
 
 
 @command("api", "call any API endpoint with the same auth, refresh and retry",
-         arg("method", metavar="METHOD", help="GET, POST, PUT, PATCH, DELETE, ..."),
-         arg("path", metavar="PATH", help="/packs (gets /api/v1 in front), /auth/..., /health"),
-         arg("-F", "--field", action="append", metavar="KEY=VALUE",
-             help="query parameter (GET, DELETE) or body field, parsed as JSON when it parses"),
-         arg("--data", metavar="JSON|@FILE|-", help="request body: JSON text, @file, or - for stdin"),
-         arg("--paginate", action="store_true", help="GET every page and print all items"),
+         "method METHOD: GET, POST, PUT, PATCH, DELETE, ...",
+         "path PATH: /packs (gets /api/v1 in front), /auth/..., /health",
+         arg("-F --field KEY=VALUE: query parameter (GET, DELETE) or body field, parsed as JSON when it parses",
+             action="append"),
+         "--data JSON|@FILE|-: request body: JSON text, @file, or - for stdin",
+         arg("--paginate: GET every page and print all items", action="store_true"),
          examples=("attune api GET /packs --paginate -j",
                    "attune api POST /keys --data @key.json"))
 def cmd_api(ctx, args):
@@ -11500,9 +11488,8 @@ def cmd_api(ctx, args):
 
 
 @command("health", "check that the server answers GET /health",
-         arg("--wait", type=Seconds(0, integer=False), metavar="SECONDS",
-             help="keep trying until the server is healthy or this long has passed (exit 5); "
-                  "the same as --wait-for-server"),
+         arg("--wait SECONDS: keep trying until the server is healthy or this long has passed (exit 5); "
+             "the same as --wait-for-server", type=Seconds(0, integer=False)),
          examples=("attune health --wait-for-server 2m  # until the server answers",))
 def cmd_health(ctx, args):
     session = ctx.session(use_env=False)  # no token needed: don't read a token file that may not exist
@@ -11526,7 +11513,7 @@ INFO_TIMEOUT = 10  # seconds: info is a quick look, not a wait
 
 
 @command("info", "this program's version and the server's build",
-         arg("--local", action="store_true", help="only this program; no request"),
+         arg("--local: only this program; no request", action="store_true"),
          examples=("attune info",))
 def cmd_info(ctx, args):
     local = {"binary": "attune.py", "version": __version__, "git_sha": "unknown"}
@@ -11592,9 +11579,9 @@ def launcher_text(python, libdir):
                       "exit_process(main())", ""])
 
 
-INSTALL_ARGS = (arg("--prefix", default="/usr/local", metavar="DIR",
-                    help="install under DIR: DIR/bin/attune and DIR/lib/attune/ (default /usr/local)"),
-                arg("--destdir", metavar="DIR", help="stage the files under DIR (for packaging), as make DESTDIR"))
+INSTALL_ARGS = (arg("--prefix DIR: install under DIR: DIR/bin/attune and DIR/lib/attune/ (default /usr/local)",
+                    default="/usr/local"),
+                arg("--destdir DIR: stage the files under DIR (for packaging), as make DESTDIR"))
 
 
 @command("self-install", "install this file as the command attune: compiled, isolated, fast to start",
@@ -11669,8 +11656,7 @@ HELP_TOPICS = {
 
 
 @command("help", "help on a command (help pack list) or a topic: " + ", ".join(HELP_TOPICS),
-         arg("topic", nargs="*", metavar="TOPIC", help="a command (pack list) or " + ", ".join(HELP_TOPICS),
-             complete="commands"),
+         arg("topic TOPIC: a command (pack list) or " + ", ".join(HELP_TOPICS), nargs="*", complete="commands"),
          examples=("attune help global  # the options every command takes",
                    "attune help run  # the same as attune run --help"))
 def cmd_help(ctx, args):
@@ -11688,10 +11674,10 @@ def cmd_help(ctx, args):
 # The scripts it prints and installs are written in Shell completion (before Main).
 
 @command("completion", "print a shell completion script, or install one (completion install SHELL)",
-         arg("shell", choices=("bash", "zsh", "fish", "powershell", "install"),
-             help="bash, zsh, fish or powershell: print its script; install: write it where the shell reads it"),
-         arg("install_shell", metavar="SHELL", nargs="?", choices=("bash", "zsh", "fish"),
-             help="with install: the shell (bash, zsh or fish)"),
+         arg("shell: bash, zsh, fish or powershell: print its script; install: write it where the shell reads it",
+             choices=("bash", "zsh", "fish", "powershell", "install")),
+         arg("install_shell SHELL: with install: the shell (bash, zsh or fish)", nargs="?",
+             choices=("bash", "zsh", "fish")),
          examples=("attune completion install bash",
                    "source <(attune completion bash)"))
 def cmd_completion(ctx, args):

@@ -3265,22 +3265,28 @@ class Printer:
         return stored if stored in OUTPUT_FORMATS else "table"
 
     def emit(self, data, table=None):
-        """Print a result: one JSON or YAML document, or the table rendering; with --fields,
-        only those fields of it (a table of them for a list, key and value lines for one)."""
+        """Print a result: one JSON or YAML document, or the table rendering table() draws
+        (JSON where there is none); with --fields, only those fields of it (a table of them
+        for a list, key and value lines for one)."""
+        if self.emit_unless_table(data, table is not None):
+            table()
+
+    def emit_unless_table(self, data, drawn=True):
+        """emit() for a caller that draws the table itself: print data as JSON or YAML, or
+        its --fields, and return True where the caller is to draw its table instead:
+            if ctx.ui.emit_unless_table(rule):
+                ctx.ui.pairs(...)"""
         fmt = self.output
         if self.fields is not None:
             self.fields_used = True
             data = pick_fields(data, self.fields)
             if fmt == "table" and data:  # an empty list keeps its 'No packs found'
-                table = lambda: self.fields_table(data)  # noqa: E731
-        if fmt == "json":
-            self.write_document(to_json, data)
-        elif fmt == "yaml":
-            self.write_document(to_yaml, data)
-        elif table is not None:
-            table()
-        else:
-            self.write_document(to_json, data)
+                self.fields_table(data)
+                return False
+        if fmt == "table" and drawn:
+            return True
+        self.write_document(to_yaml if fmt == "yaml" else to_json, data)
+        return False
 
     def fields_table(self, data):
         """What --fields shows in table mode: a column each, or 'field: value' lines for one object."""
@@ -3304,7 +3310,8 @@ class Printer:
         fmt = self.output
         if self.fields is not None:
             data = list(counted())
-            self.emit(data, lambda: table(data))
+            if self.emit_unless_table(data):
+                table(data)
         elif fmt == "table":
             table(counted())
         else:
@@ -4153,10 +4160,16 @@ class Command:
         self.path = path            # ("pack", "list")
         self.help = help
         self.func = func
-        self.arguments = arguments  # arg() tuples: (flags, options)
+        self.declared = arguments   # as declared: arg() tuples, (flags, options), or arg() strings
         self.defaults = defaults    # extra attributes of the parsed arguments
         self.examples = examples    # command lines its --help shows ("attune pack list -j")
         self.note = note            # what its --help says before them ("" for nothing)
+
+    @property
+    def arguments(self):
+        """Its arguments as arg() tuples, read from the strings when a run needs them (most
+        runs need one command's): not for every command as the module is defined."""
+        return tuple(arg(a) if isinstance(a, str) else a for a in self.declared)
 
 
 def group(name, help):
@@ -4173,8 +4186,7 @@ def command(path, help, *arguments, examples=(), note="", **defaults):
         words = tuple(path.split())
         if len(words) == 1:
             TOP_LEVEL.append(words[0])
-        declared = tuple(arg(a) if isinstance(a, str) else a for a in arguments)
-        COMMANDS.append(Command(words, help, func, declared, defaults, examples, note))
+        COMMANDS.append(Command(words, help, func, arguments, defaults, examples, note))
         return func
     return register
 
@@ -4186,13 +4198,12 @@ def arg(spec, **options):
     add_argument takes, and optionally what the value completes to (complete='actions': see
     Shell completion). A command's declaration may give the spec alone, as a string."""
     head, colon, text = spec.partition(": ")
-    words = head.split()
-    count = sum(word.startswith("-") for word in words) or 1  # a positional argument has one name
+    flags = head.split()
     if colon:
         options["help"] = text
-    if len(words) > count:
-        (options["metavar"],) = words[count:]  # one at most: more is a mistake in the declaration
-    return tuple(words[:count]), options
+    if len(flags) > 1 and flags[-1][0] != "-":  # the metavar (a positional argument has one name)
+        options["metavar"] = flags.pop()
+    return tuple(flags), options
 
 
 def parser_spec(spec):
@@ -5470,14 +5481,14 @@ def patch_op(value, empty_clears=False):
     return {"op": "clear"} if empty_clears and not value else {"op": "set", "value": value}
 
 
-def emit_list(ctx, items, pagination, noun, columns, row):
+def emit_list(ctx, items, pagination, noun, columns, row=None):
     """A list command's output: the array in JSON and YAML, else a table of row(item)
     ("No <noun> found" when empty); then a note when more pages remain. items may be a
     ListWalk (or a generator over one): it is printed as it is read, and pagination is then
-    the walk's (the last page's)."""
+    the walk's (the last page's). Without row, columns is 'Label=key|...' (table_of())."""
     walk = pagination if isinstance(pagination, ListWalk) else None
-    shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(columns, [row(i) for i in rows],
-                                                               empty="No %s found" % noun))
+    shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(
+        *(table_of(columns, rows) if row is None else (columns, [row(i) for i in rows])), empty="No %s found" % noun))
     note_partial(ctx, walk.pagination if walk else pagination, shown, noun)
 
 
@@ -5565,23 +5576,38 @@ def delete_resource(ctx, args, what, path, success, json_message, cancelled="Del
         return
     resp = ctx.session().request("DELETE", path)
     resp.check()
-    ctx.ui.emit({"message": json_message}, lambda: ctx.ui.success(success))
+    if ctx.ui.emit_unless_table({"message": json_message}):
+        ctx.ui.success(success)
+
+
+def cell(item, key):
+    """The value of a key of item as tables show it; after the key, '?' shows an empty value
+    as '-', '@' a timestamp as format_timestamp() does ('@?': '-' for none), '~40' the text
+    cut to 40 characters.
+    Tables are written as data (labelled(), cells(), table_of()), not as code: a copied
+    attune.py compiles every line on every run."""
+    key, _, width = key.partition("~")
+    if width:
+        return clip(item.get(key) or "", int(width))
+    name = key.rstrip("?")
+    value = format_timestamp(item.get(name[:-1])) if name[-1] == "@" else item.get(name)
+    return or_dash(value) if name != key else value
 
 
 def labelled(item, spec):
-    """(label, value) pairs for a table from 'Label=key|Other=key2?': each key's value in
-    item, '-' for an empty one where the key ends in '?'. Written as data, not as code: a
-    copied attune.py compiles every line on every run."""
-    pairs = []
-    for part in spec.split("|"):
-        label, _, key = part.partition("=")
-        pairs.append((label, or_dash(item.get(key[:-1])) if key.endswith("?") else item.get(key)))
-    return pairs
+    """(label, value) pairs for a table from 'Label=key|Other=key2?' (see cell())."""
+    return [(label, cell(item, key)) for label, _, key in (part.partition("=") for part in spec.split("|"))]
 
 
 def cells(item, keys):
-    """A table row's cells: the values of the space-separated keys of item."""
-    return [item.get(key) for key in keys.split()]
+    """A table row's cells: the values of the space-separated keys of item (see cell())."""
+    return [cell(item, key) for key in keys.split()]
+
+
+def table_of(spec, items):
+    """A table written as 'Label=key|Other=key2@' (see cell()): its headers, and a row of each item."""
+    parts = [part.partition("=") for part in spec.split("|")]
+    return [label for label, _, _ in parts], [[cell(item, key) for _, _, key in parts] for item in items]
 
 
 def format_timestamp(value):
@@ -5595,7 +5621,7 @@ def format_timestamp(value):
 
 def timestamps(obj):
     """The Created and Updated rows of a show table."""
-    return [("Created", format_timestamp(obj.get("created"))), ("Updated", format_timestamp(obj.get("updated")))]
+    return labelled(obj, "Created=created@|Updated=updated@")
 
 
 def or_dash(value):
@@ -5714,7 +5740,7 @@ def report_login(ctx, target, url, username, expires_at, already):
     result = {"profile": target, "api_url": url, "username": username,
               "expires_at": expires_at, "expires_in": expires_in, "already_logged_in": already}
 
-    def table():
+    if ctx.ui.emit_unless_table(result):
         ctx.ui.success("%s as %s" % ("Already logged in" if already else "Successfully logged in",
                                      username or "token user"))
         if expires_in is None:
@@ -5723,7 +5749,6 @@ def report_login(ctx, target, url, username, expires_at, already):
             lifetime = "expires in " + format_duration(expires_in)
             lifetime += " (%d seconds)" % expires_in if expires_in >= 60 else ""
         ctx.ui.info("Profile '%s' at %s; token %s" % (target, url, lifetime))
-    ctx.ui.emit(result, table)
 
 
 def usable_login(ctx, args, target, url, stored):
@@ -5973,15 +5998,15 @@ def cmd_auth_change_password(ctx, args):
                            reactive=False)
     if resp.status == 401:
         if args.if_needed and password_accepted(session, login, new):
-            ctx.ui.emit({"login": login, "changed": False},
-                        lambda: ctx.ui.info("The password of %s is already the new one; nothing changed"
-                                            % quoted(login)))
+            if ctx.ui.emit_unless_table({"login": login, "changed": False}):
+                ctx.ui.info("The password of %s is already the new one; nothing changed"
+                            % quoted(login))
             return
         raise AuthError("the server refused the current password of %s (%s); the password is unchanged"
                         % (quoted(login), error_message(resp)))
     resp.check()
-    ctx.ui.emit({"login": login, "changed": True},
-                lambda: ctx.ui.success("Password changed for %s" % quoted(login)))
+    if ctx.ui.emit_unless_table({"login": login, "changed": True}):
+        ctx.ui.success("Password changed for %s" % quoted(login))
 
 
 def password_accepted(session, login, password):
@@ -6013,9 +6038,9 @@ def cmd_auth_logout(ctx, args):
     for name in TOKEN_VARIABLES:
         if ctx.env.get(name):
             ctx.ui.warn("%s is still set in the environment" % name)
-    ctx.ui.emit({"message": "Successfully logged out", "profiles": names},
-                lambda: ctx.ui.success("Successfully logged out" + (
-                    " of all profiles" if args.all else " (profile '%s')" % names[0])))
+    if ctx.ui.emit_unless_table({"message": "Successfully logged out", "profiles": names}):
+        ctx.ui.success("Successfully logged out" + (
+                        " of all profiles" if args.all else " (profile '%s')" % names[0]))
 
 
 @command("auth whoami", "show the identity the server sees",
@@ -6026,9 +6051,9 @@ def cmd_auth_whoami(ctx, args):
     if not session.creds.access:
         raise session.no_session()
     me = session.fetch("GET", "/auth/me")
-    ctx.ui.emit({key: me.get(key) for key in ("id", "login", "display_name")},  # as the Rust CLI
-                lambda: ctx.ui.pairs([*labelled(me, "Login=login|Display Name=display_name"),
-                                      ("API Host", session.api_url), ("ID", me.get("id"))], "Current Identity"))
+    if ctx.ui.emit_unless_table({key: me.get(key) for key in ("id", "login", "display_name")}):
+        ctx.ui.pairs([*labelled(me, "Login=login|Display Name=display_name"),
+                      ("API Host", session.api_url), ("ID", me.get("id"))], "Current Identity")
 
 
 def token_times(creds, now):
@@ -6140,14 +6165,12 @@ def cmd_auth_status(ctx, args):
             code = status_code  # network trouble outranks a missing login
     now = ctx.now()
 
-    def table():
+    if ctx.ui.emit_unless_table(results if args.all else results[0]):
         for i, status in enumerate(results):
             if i:
                 ctx.ui.out()
             title = "Profile: %s%s" % (status["profile"], " (current)" if status["current"] else "")
             ctx.ui.pairs(status_pairs(status, now), title)
-
-    ctx.ui.emit(results if args.all else results[0], table)
     return code
 
 
@@ -6174,13 +6197,11 @@ def cmd_auth_refresh(ctx, args):
     expires_at = session.creds.access_expires_at
     expires_in = None if expires_at is None else int(expires_at - ctx.now())
 
-    def table():
+    if ctx.ui.emit_unless_table({"profile": session.profile, "api_url": session.api_url,
+                                 "expires_at": expires_at, "expires_in": expires_in}):
         ctx.ui.success("Token refreshed successfully")
         ctx.ui.info("New token expires in %s" % ("an unknown time" if expires_in is None
                                                  else "%d seconds" % expires_in))
-
-    ctx.ui.emit({"profile": session.profile, "api_url": session.api_url,
-                 "expires_at": expires_at, "expires_in": expires_in}, table)
 
 
 LOGIN_COMMANDS = {"direct": "auth login", "ldap": "auth login", "token": "auth token-login", "sso": "auth sso-login"}
@@ -6249,9 +6270,10 @@ def cmd_auth_token_create(ctx, args):
                 and t.get("label") == args.label and t.get("active")]
         if held:  # its token was shown once, when it was made: nothing to print now
             if not args.raw:
-                ctx.ui.emit({"created": False, "integration_token": held[0]}, lambda: ctx.ui.info(
-                    "Identity %d has an active integration token labelled %s (id %s, %s); none created"
-                    % (args.identity_id, quoted(args.label), held[0].get("id"), token_hint(held[0]))))
+                if ctx.ui.emit_unless_table({"created": False, "integration_token": held[0]}):
+                    ctx.ui.info(
+                        "Identity %d has an active integration token labelled %s (id %s, %s); none created"
+                        % (args.identity_id, quoted(args.label), held[0].get("id"), token_hint(held[0])))
             return
     data = session.fetch("POST", path, body)
     token = data.get("integration_token") if isinstance(data.get("integration_token"), dict) else {}
@@ -6259,12 +6281,11 @@ def cmd_auth_token_create(ctx, args):
         ctx.ui.stdout.write(check_token(data.get("token"), "the server's answer", ApiError) + "\n")
         return
 
-    def table():
+    if ctx.ui.emit_unless_table(data):
         ctx.ui.success("Integration token created")
         ctx.ui.warn("Copy this token now. It will not be shown again after this response.")
         ctx.ui.pairs([("Token", data.get("token")), *labelled(token, "ID=id|Identity ID=identity_id|Label=label"),
                       ("Expires", token.get("expires_at") or "never")])
-    ctx.ui.emit(data, table)
 
 
 @command("auth token list", "list an identity's integration tokens (prefix...suffix only)", *IDENTITY_ID,
@@ -6272,11 +6293,12 @@ def cmd_auth_token_create(ctx, args):
 def cmd_auth_token_list(ctx, args):
     session = ctx.session()
     items, _ = fetch_list(session, integration_tokens_path(session, args))
-    ctx.ui.emit(items, lambda: ctx.ui.table(
-        ["ID", "Label", "Token", "Active", "Expires", "Last Used"],
-        [[*cells(t, "id label"), token_hint(t), "true" if t.get("active") else "false",
-          t.get("expires_at") or "never", t.get("last_used_at") or "-"] for t in items],
-        empty="No integration tokens found"))
+    if ctx.ui.emit_unless_table(items):
+        ctx.ui.table(
+            ["ID", "Label", "Token", "Active", "Expires", "Last Used"],
+            [[*cells(t, "id label"), token_hint(t), "true" if t.get("active") else "false",
+              t.get("expires_at") or "never", t.get("last_used_at") or "-"] for t in items],
+            empty="No integration tokens found")
 
 
 @command("auth token revoke", "revoke an integration token (it stops working at once)", *(IDENTITY_ID + (
@@ -6286,8 +6308,10 @@ def cmd_auth_token_revoke(ctx, args):
     body = {"reason": args.reason} if args.reason else {}
     session = ctx.session()
     token = session.fetch("POST", integration_tokens_path(session, args, args.token_id, "revoke"), body)
-    ctx.ui.emit(token, lambda: (ctx.ui.success("Integration token revoked"), ctx.ui.pairs(
-        [*labelled(token, "ID=id|Label=label|Revoked At=revoked_at")])))
+    if ctx.ui.emit_unless_table(token):
+        ctx.ui.success("Integration token revoked")
+        ctx.ui.pairs(
+            [*labelled(token, "ID=id|Label=label|Revoked At=revoked_at")])
 
 
 @command("auth token delete", "delete an integration token's record", *(IDENTITY_ID + (TOKEN_ID, YES)),
@@ -6298,7 +6322,8 @@ def cmd_auth_token_delete(ctx, args):
     session = ctx.session()
     data = session.fetch("DELETE", integration_tokens_path(session, args, args.token_id))
     message = data.get("message") if isinstance(data.get("message"), str) else "Integration token deleted"
-    ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
+    if ctx.ui.emit_unless_table({"message": message}):
+        ctx.ui.success(message)
 
 
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
@@ -6769,8 +6794,9 @@ def cmd_config_list(ctx, args):
         data[key] = profile.get(key)
     data["auth_token"] = masked(profile, "auth_token")
     data["refresh_token"] = masked(profile, "refresh_token")
-    ctx.ui.emit(data, lambda: ctx.ui.pairs([(k, "(not set)" if v is None else v) for k, v in data.items()],
-                                           "Configuration"))
+    if ctx.ui.emit_unless_table(data):
+        ctx.ui.pairs([(k, "(not set)" if v is None else v) for k, v in data.items()],
+                     "Configuration")
 
 
 def config_value(ctx, key):
@@ -6794,7 +6820,8 @@ def cmd_config_get(ctx, args):
     else:
         value = config_value(ctx, key)
         text = "" if value is None else str(value)
-    ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.out(text))
+    if ctx.ui.emit_unless_table({"key": key, "value": value}):
+        ctx.ui.out(text)
 
 
 @command("config set", "change one setting", "key: one of: " + ", ".join(CONFIG_KEYS),
@@ -6831,7 +6858,8 @@ def cmd_config_set(ctx, args):
                 profile[key] = value
 
     ctx.store.modify(change)
-    ctx.ui.emit({"key": key, "value": value}, lambda: ctx.ui.success("Set %s = %s" % (key, value)))
+    if ctx.ui.emit_unless_table({"key": key, "value": value}):
+        ctx.ui.success("Set %s = %s" % (key, value))
 
 
 def point_profile(ctx, name, profile, url):
@@ -6852,8 +6880,9 @@ def point_profile(ctx, name, profile, url):
 def cmd_config_path(ctx, args):
     if ctx.choice.config_path is None:
         ctx.store.lock()  # raises: there is no place for the file
-    ctx.ui.emit({"path": ctx.choice.config_path, "source": ctx.choice.config_source, "exists": ctx.store.exists
-                 or os.path.exists(ctx.choice.config_path)}, lambda: ctx.ui.out(ctx.choice.config_path))
+    if ctx.ui.emit_unless_table({"path": ctx.choice.config_path, "source": ctx.choice.config_source,
+                                 "exists": ctx.store.exists or os.path.exists(ctx.choice.config_path)}):
+        ctx.ui.out(ctx.choice.config_path)
 
 
 @command("config profiles", "list profiles, current marked",
@@ -6873,17 +6902,19 @@ def cmd_config_profiles(ctx, args):
         rows.append({"name": name, "current": name == current, "api_url": profile.get("api_url"),
                      "username": profile.get("username"), "description": profile.get("description"),
                      "logged_in": bool(profile.get("auth_token"))})
-    ctx.ui.emit(rows, lambda: ctx.ui.table(
-        ["", "Name", "API URL", "User", "Description"],
-        [["*" if r["current"] else "", r["name"], r["api_url"], r["username"], r["description"]]
-         for r in rows]))
+    if ctx.ui.emit_unless_table(rows):
+        ctx.ui.table(
+            ["", "Name", "API URL", "User", "Description"],
+            [["*" if r["current"] else "", r["name"], r["api_url"], r["username"], r["description"]]
+             for r in rows])
 
 
 @command("config current", "print the profile in effect",
          examples=("attune config current",))
 def cmd_config_current(ctx, args):
     name, source = ctx.choice.profile_source
-    ctx.ui.emit({"profile": name, "source": source}, lambda: ctx.ui.out(name))
+    if ctx.ui.emit_unless_table({"profile": name, "source": source}):
+        ctx.ui.out(name)
 
 
 @command("config use", "make a profile the current one", "name: profile name",
@@ -6897,8 +6928,8 @@ def cmd_config_use(ctx, args):
             doc["profiles"].setdefault(DEFAULT_PROFILE, {"api_url": DEFAULT_API_URL})
 
     ctx.store.modify(change)
-    ctx.ui.emit({"current_profile": args.name},
-                lambda: ctx.ui.success("Switched to profile '%s'" % args.name))
+    if ctx.ui.emit_unless_table({"current_profile": args.name}):
+        ctx.ui.success("Switched to profile '%s'" % args.name)
 
 
 # --api-url (required here) and --ca-bundle are the global options of the same names
@@ -6925,7 +6956,8 @@ def cmd_config_add_profile(ctx, args):
         return profile_view(args.name, profile)
 
     view = ctx.store.modify(change)
-    ctx.ui.emit(view, lambda: ctx.ui.success("Profile '%s' %s" % (args.name, "updated" if existed else "added")))
+    if ctx.ui.emit_unless_table(view):
+        ctx.ui.success("Profile '%s' %s" % (args.name, "updated" if existed else "added"))
 
 
 @command("config show-profile", "show one profile (tokens masked)", "name: profile name",
@@ -6936,7 +6968,7 @@ def cmd_config_show_profile(ctx, args):
     view = profile_view(args.name, profile)
     labels = {"api_url": "API URL", "auth_token": "Auth Token", "refresh_token": "Refresh Token"}
 
-    def table():
+    if ctx.ui.emit_unless_table(view):
         now = ctx.now()
         pairs = []
         for key, value in view.items():
@@ -6946,8 +6978,6 @@ def cmd_config_show_profile(ctx, args):
                 value = describe_expiry(value, now) if key.endswith("_expires_at") else format_time(value)
             pairs.append((labels.get(key, key.replace("_", " ").title()), "" if value is None else value))
         ctx.ui.pairs(pairs, "Profile: %s" % args.name)
-
-    ctx.ui.emit(view, table)
 
 
 @command("config remove-profile", "remove a profile (not the current one)", "name: profile name",
@@ -6962,7 +6992,8 @@ def cmd_config_remove_profile(ctx, args):
     if name == DEFAULT_PROFILE:
         raise AttuneError("Cannot remove the default profile")
     ctx.store.modify(lambda doc: doc["profiles"].pop(name, None))
-    ctx.ui.emit({"removed": name}, lambda: ctx.ui.success("Profile '%s' removed" % name))
+    if ctx.ui.emit_unless_table({"removed": name}):
+        ctx.ui.success("Profile '%s' removed" % name)
 
 
 def rust_config_path(env):
@@ -7042,10 +7073,11 @@ def cmd_config_import(ctx, args):
              "tokens": "auth_token" in profile or "refresh_token" in profile,
              "result": ("would " + verbs[name]) if args.dry_run and verbs[name] != "keep" else done[verbs[name]]}
             for name, profile in imported.items()]
-    ctx.ui.emit({"source": path, "dry_run": args.dry_run, "profiles": rows}, lambda: ctx.ui.table(
-        ["Profile", "API URL", "Session", "Result"],
-        [[r["profile"], r["api_url"], "yes" if r["tokens"] else "no", r["result"]] for r in rows],
-        empty="No profiles in %s" % path))
+    if ctx.ui.emit_unless_table({"source": path, "dry_run": args.dry_run, "profiles": rows}):
+        ctx.ui.table(
+            ["Profile", "API URL", "Session", "Result"],
+            [[r["profile"], r["api_url"], "yes" if r["tokens"] else "no", r["result"]] for r in rows],
+            empty="No profiles in %s" % path)
 
 
 # === Commands: packs =========================================================
@@ -7086,7 +7118,7 @@ def pack_report(ctx, session, result, verb):
     if install:
         result = dict(result, install_status=install.get("status"), test_result=install.get("test_result"))
 
-    def table():
+    if ctx.ui.emit_unless_table(result):
         if not install or install.get("status") == "succeeded":
             ctx.ui.success("Pack '%s' %s successfully" % (pack.get("ref"), verb))
         ctx.ui.info("  Version: %s" % pack.get("version"))
@@ -7103,8 +7135,6 @@ def pack_report(ctx, session, result, verb):
             passed, total = summary.get("passed"), summary.get("total", summary.get("total_tests"))
             if isinstance(passed, int) and isinstance(total, int):
                 ctx.ui.info("  Tests: %d/%d passed" % (passed, total))
-
-    ctx.ui.emit(result, table)
     if install and install.get("status") != "succeeded":
         raise AttuneError("the pack's tests failed%s%s" % (
             " and the new pack install was rolled back" if install.get("status") == "rolled_back" else "",
@@ -7142,8 +7172,7 @@ def wait_for_pack_tests(ctx, session, install_id):
 def cmd_pack_list(ctx, args):
     walk = ListWalk(ctx.session(), "/packs", every_page=args.all)
     packs = (p for p in walk if not args.name or args.name in str(p.get("ref", "")))
-    emit_list(ctx, packs, walk, "packs", ["Ref", "Version", "Description"],
-              lambda p: [*cells(p, "ref version"), clip(p.get("description") or "", 50)])
+    emit_list(ctx, packs, walk, "packs", "Ref=ref|Version=version|Description=description~50")
 
 
 @command("pack show", "show one pack", ref("pack", "packs"),
@@ -7152,17 +7181,15 @@ def cmd_pack_show(ctx, args):
     pack = ctx.session().fetch("GET", "/packs/" + path_segment(args.ref))
     meta = pack.get("meta") if isinstance(pack.get("meta"), dict) else {}
 
-    def table():
+    if ctx.ui.emit_unless_table(pack):
         ctx.ui.pairs([*labelled(pack, "Ref=ref|Label=label|Version=version"),
                       ("Author", pack.get("author") or meta.get("author") or "Unknown"),
-                      ("Description", or_dash(pack.get("description"))),
+                      *labelled(pack, "Description=description?"),
                       ("Actions", pack.get("action_count") or 0), ("Triggers", pack.get("trigger_count") or 0),
                       ("Rules", pack.get("rule_count") or 0), ("Sensors", pack.get("sensor_count") or 0)]
                      + timestamps(pack), "Pack: %s" % pack.get("label"))
         show_list_section(ctx, "Runtime Dependencies", pack.get("runtime_deps"))
         show_list_section(ctx, "Pack Dependencies", pack.get("dependencies"))
-
-    ctx.ui.emit(pack, table)
 
 
 @command("pack create", "create an empty pack",
@@ -7180,8 +7207,9 @@ def cmd_pack_create(ctx, args):
         body["description"] = args.description
     body.update(version=args.pack_version, tags=split_list(args.tags))
     pack = ctx.session().fetch("POST", "/packs", body)
-    ctx.ui.emit(pack, lambda: ctx.ui.success("Pack '%s' created successfully (id: %s)"
-                                             % (pack.get("ref"), pack.get("id"))))
+    if ctx.ui.emit_unless_table(pack):
+        ctx.ui.success("Pack '%s' created successfully (id: %s)"
+                       % (pack.get("ref"), pack.get("id")))
 
 
 def pack_source_kind(source, no_registry):
@@ -7320,12 +7348,9 @@ def cmd_pack_update(ctx, args):
                         ("version", args.pack_version)])
     pack = ctx.session().fetch("PUT", "/packs/" + path_segment(args.ref), body)
 
-    def table():
+    if ctx.ui.emit_unless_table(pack):
         ctx.ui.success("Pack '%s' updated successfully" % pack.get("ref"))
-        ctx.ui.pairs([*labelled(pack, "Ref=ref|Label=label|Version=version|Description=description?"),
-                      ("Updated", format_timestamp(pack.get("updated")))])
-
-    ctx.ui.emit(pack, table)
+        ctx.ui.pairs(labelled(pack, "Ref=ref|Label=label|Version=version|Description=description?|Updated=updated@"))
 
 
 @command("pack uninstall", "uninstall a pack", ref("pack", "packs"), YES,
@@ -7483,8 +7508,7 @@ def cmd_action_list(ctx, args):
     walk = ListWalk(ctx.session(), path, every_page=args.all)
     actions = (a for a in walk if not args.name or args.name in str(a.get("ref", "")))
     emit_list(ctx, actions, walk, "actions", ["Ref", "Label", "Runtime", "Enabled", "Description"],
-              lambda a: [*cells(a, "ref label"), runtime_text(a), a.get("enabled"),
-                         clip(a.get("description") or "", 40)])
+              lambda a: [*cells(a, "ref label"), runtime_text(a), *cells(a, "enabled description~40")])
 
 
 @command("action show", "show one action and its parameters", ref("action", "actions"),
@@ -7492,11 +7516,9 @@ def cmd_action_list(ctx, args):
 def cmd_action_show(ctx, args):
     action = ctx.session().fetch("GET", "/actions/" + path_segment(args.ref))
 
-    def table():
+    if ctx.ui.emit_unless_table(action):
         ctx.ui.pairs(action_pairs(action) + timestamps(action), "Action: %s" % action.get("ref"))
         show_schema(ctx, "Parameters Schema", action.get("param_schema"))
-
-    ctx.ui.emit(action, table)
 
 
 @command("action search", "search actions by keywords",
@@ -7508,11 +7530,12 @@ def cmd_action_search(ctx, args):
     query = {"q": (args.query or "").strip() or None, "packs": ",".join(args.pack) if args.pack else None,
              "page_size": max(1, min(args.limit, ALL_PAGE_SIZE)), "page": 1}
     hits, _ = fetch_list(ctx.session(), "/actions/search", query)
-    ctx.ui.emit(hits, lambda: ctx.ui.table(
-        ["Ref", "Pack", "Label", "Runtime", "MCP", "Description"],
-        [[*cells(h, "ref pack_ref label"), runtime_text(h, bool(h.get("is_workflow"))),
-          "yes" if h.get("accesses_mcp") else "", clip(h.get("description") or "", 50)] for h in hits],
-        empty="No actions matched the search query"))
+    if ctx.ui.emit_unless_table(hits):
+        ctx.ui.table(
+            ["Ref", "Pack", "Label", "Runtime", "MCP", "Description"],
+            [[*cells(h, "ref pack_ref label"), runtime_text(h, bool(h.get("is_workflow"))),
+              "yes" if h.get("accesses_mcp") else "", cell(h, "description~50")] for h in hits],
+            empty="No actions matched the search query")
 
 
 @command("action update", "change an action (only the fields given)", ref("action", "actions"),
@@ -7536,11 +7559,9 @@ def cmd_action_update(ctx, args):
 def update_action(ctx, ref, body):
     action = ctx.session().fetch("PUT", "/actions/" + path_segment(ref), body)
 
-    def table():
+    if ctx.ui.emit_unless_table(action):
         ctx.ui.success("Action '%s' updated successfully" % action.get("ref"))
-        ctx.ui.pairs(action_pairs(action, "Entrypoint") + [("Updated", format_timestamp(action.get("updated")))])
-
-    ctx.ui.emit(action, table)
+        ctx.ui.pairs(action_pairs(action, "Entrypoint") + labelled(action, "Updated=updated@"))
 
 
 @command("action disable", "disable an action", ref("action", "actions"), enable=False,
@@ -7567,10 +7588,9 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     session = ctx.session()
     execution = session.fetch("POST", "/executions/execute", body)
     if not args.watch:
-        def table():
+        if ctx.ui.emit_unless_table(execution):
             ctx.ui.success(started_message % execution.get("id"))
             ctx.ui.pairs([*labelled(execution, "Execution ID=id|Action=action_ref|Status=status")] + list(extra_pairs))
-        ctx.ui.emit(execution, table)
         return
     ctx.ui.info("Waiting for execution %s to complete..." % execution.get("id"))
     timeout = args.timeout if args.timeout is not None else WATCH_TIMEOUT
@@ -7689,9 +7709,9 @@ def watch_execution(ctx, session, execution_id, timeout, notifier_url):
     except KeyboardInterrupt:
         return cancel_watched(ctx, session, execution_id)
     except Detached:
-        ctx.ui.emit({"execution_id": execution_id, "watch_status": "detached", "execution_status": None},
-                    lambda: ctx.ui.info("Detached from execution %d. No cancellation was requested."
-                                        % execution_id))
+        if ctx.ui.emit_unless_table({"execution_id": execution_id, "watch_status": "detached",
+                                     "execution_status": None}):
+            ctx.ui.info("Detached from execution %d. No cancellation was requested." % execution_id)
         return 0
     show_finished_execution(ctx, execution)
     return 0
@@ -7709,8 +7729,9 @@ def cancel_watched(ctx, session, execution_id):
             raise
         raise AttuneError("Cancellation request timed out; its server-side outcome is unknown")
     status = execution.get("status") if isinstance(execution, dict) else None
-    ctx.ui.emit({"execution_id": execution_id, "watch_status": "cancel_requested", "execution_status": status},
-                lambda: ctx.ui.info("Cancellation requested for execution %d" % execution_id))
+    if ctx.ui.emit_unless_table({"execution_id": execution_id, "watch_status": "cancel_requested",
+                                 "execution_status": status}):
+        ctx.ui.info("Cancellation requested for execution %d" % execution_id)
     return 130
 
 
@@ -7742,7 +7763,7 @@ def show_finished_execution(ctx, execution):
     """'Execution N completed', its details, stdout and result; exit 1 unless it succeeded."""
     status = str(execution.get("status") or "")
 
-    def table():
+    if ctx.ui.emit_unless_table(execution):
         result = execution.get("result")
         stdout = result.get("stdout") if isinstance(result, dict) else None
         if status.lower() in SUCCESS_STATUSES:
@@ -7756,8 +7777,6 @@ def show_finished_execution(ctx, execution):
             ctx.ui.out(stdout.rstrip("\n"))
             result = {k: v for k, v in result.items() if k != "stdout"}
         show_json_section(ctx, "Result", result)
-
-    ctx.ui.emit(execution, table)
     if status.lower() not in SUCCESS_STATUSES:
         raise AttuneError("execution finished with status '%s'" % status)
 
@@ -8159,8 +8178,7 @@ EXECUTION_COLUMNS = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "
 
 
 def execution_row(e):
-    return [*cells(e, "id action_ref"), e.get("trace_tag") or "-", e.get("rule_ref") or "-",
-            e.get("trigger_ref") or "-", e.get("status"), format_timestamp(e.get("created"))]
+    return cells(e, "id action_ref trace_tag? rule_ref? trigger_ref? status created@")
 
 
 def newest_first(executions):
@@ -8214,15 +8232,13 @@ def format_timeout_seconds(seconds):
 def cmd_execution_show(ctx, args):
     execution = ctx.session().fetch("GET", "/executions/%d" % args.id)
 
-    def table():
+    if ctx.ui.emit_unless_table(execution):
         ctx.ui.pairs([*labelled(execution, "ID=id|Action=action_ref|Status=status|Trace Tag=trace_tag?"),
                       ("Timeout", format_timeout_seconds(execution.get("timeout_seconds"))),
                       *labelled(execution, "Parent ID=parent?|Enforcement ID=enforcement?|Executor ID=executor?")]
                      + timestamps(execution), "Execution: %s" % execution.get("id"))
         show_json_section(ctx, "Configuration", execution.get("config"))
         show_json_section(ctx, "Result", execution.get("result"))
-
-    ctx.ui.emit(execution, table)
 
 
 HISTORY_ARGS = (PAGE, arg("--per-page: records per page, 1 to 1000 (default 50)", type=Number(1, 1000),
@@ -8251,9 +8267,10 @@ def cmd_execution_reschedule(ctx, args):
     resp.check()
     done = unwrap(resp)
     execution = done.get("execution") if isinstance(done.get("execution"), dict) else {}
-    ctx.ui.emit(done, lambda: (ctx.ui.success("Execution %d handed to the scheduler again" % args.id), ctx.ui.pairs(
-        [("Status", execution.get("status")), ("Attempt", done.get("attempt_count")),
-         ("Last Attempt", format_timestamp(done.get("last_attempt_at")))])))
+    if ctx.ui.emit_unless_table(done):
+        ctx.ui.success("Execution %d handed to the scheduler again" % args.id)
+        ctx.ui.pairs([("Status", execution.get("status")),
+                      *labelled(done, "Attempt=attempt_count|Last Attempt=last_attempt_at@")])
 
 
 @command("execution history", "what changed in an execution, and when (newest first)", EXECUTION_ID,
@@ -8266,9 +8283,10 @@ def cmd_execution_history(ctx, args):
          examples=("attune -j execution stats",))
 def cmd_execution_stats(ctx, args):
     stats = ctx.session().fetch("GET", "/executions/stats")
-    ctx.ui.emit(stats, lambda: ctx.ui.pairs(labelled(stats, "Total=total|Pending=pending|Running=running|"
-                                                     "Completed=completed|Failed=failed|Cancelled=cancelled|"
-                                                     "Timed out=timeout|Abandoned=abandoned"), "Executions"))
+    if ctx.ui.emit_unless_table(stats):
+        ctx.ui.pairs(labelled(stats, "Total=total|Pending=pending|Running=running|"
+                              "Completed=completed|Failed=failed|Cancelled=cancelled|"
+                              "Timed out=timeout|Abandoned=abandoned"), "Executions")
 
 
 @command("execution result", "print an execution's result", EXECUTION_ID,
@@ -8288,7 +8306,8 @@ def cmd_execution_cancel(ctx, args):
     if not confirm(ctx, args, "cancel execution %d" % args.id, "Cancellation aborted"):
         return
     execution = ctx.session().fetch("POST", "/executions/%d/cancel" % args.id, {})
-    ctx.ui.emit(execution, lambda: ctx.ui.success("Execution %d cancelled" % args.id))
+    if ctx.ui.emit_unless_table(execution):
+        ctx.ui.success("Execution %d cancelled" % args.id)
 
 
 @command("execution watch", "wait for an execution to finish; without an id, follow a list of executions",
@@ -8518,7 +8537,7 @@ def cmd_execution_trace_report(ctx, args):
         value = report.get(key)
         return len(value) if isinstance(value, list) else 0
 
-    def table():
+    if ctx.ui.emit_unless_table(report):
         origins = report.get("origins") if isinstance(report.get("origins"), list) else []
         ctx.ui.pairs([("Executions", count("executions")), ("Enforcements", count("enforcements")),
                       ("Events", count("events")), ("Queue Dispatches", count("queue_dispatches")),
@@ -8526,8 +8545,6 @@ def cmd_execution_trace_report(ctx, args):
                       ("Origins", ", ".join(cell_text(o) for o in origins) or "-")], "Trace Report: %s" % args.tag)
         ctx.ui.out()
         ctx.ui.out(to_json(report))
-
-    ctx.ui.emit(report, table)
 
 
 @command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
@@ -8607,13 +8624,14 @@ def inquiry_creator(inquiry):
 
 
 def show_inquiry(ctx, inquiry):
-    ctx.ui.emit(inquiry, lambda: ctx.ui.pairs([
-        *labelled(inquiry, "ID=id|Status=status|Prompt=prompt"),
-        ("Purpose", inquiry.get("purpose") or "-"), ("Created by", inquiry_creator(inquiry)),
-        ("Assigned to", or_dash(inquiry.get("assigned_to"))),
-        ("Response schema", compact_json(inquiry.get("response_schema"))),
-        ("Response options", compact_json(inquiry.get("response_options") or [])),
-        ("Response", compact_json(inquiry.get("response")))] + timestamps(inquiry)))
+    if ctx.ui.emit_unless_table(inquiry):
+        ctx.ui.pairs([
+            *labelled(inquiry, "ID=id|Status=status|Prompt=prompt"),
+            ("Purpose", inquiry.get("purpose") or "-"), ("Created by", inquiry_creator(inquiry)),
+            *labelled(inquiry, "Assigned to=assigned_to?"),
+            ("Response schema", compact_json(inquiry.get("response_schema"))),
+            ("Response options", compact_json(inquiry.get("response_options") or [])),
+            ("Response", compact_json(inquiry.get("response")))] + timestamps(inquiry))
 
 
 @command("inquiry list", "list inquiries (offset and limit, as the server pages them)",
@@ -8629,10 +8647,10 @@ def cmd_inquiry_list(ctx, args):
         "created_by_execution": args.created_by_execution, "assigned_to": args.assigned_to})
     items = list_items(body)
     pagination = pagination_of(body)
-    ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
-        ["ID", "Status", "Prompt", "Created by", "Assigned to", "Created"],
-        [[*cells(i, "id status"), clip(i.get("prompt") or "", 60), inquiry_creator(i),
-          or_dash(i.get("assigned_to")), format_timestamp(i.get("created"))] for i in items]))
+    if ctx.ui.emit_unless_table({"items": items, "pagination": pagination}):
+        ctx.ui.table(
+            ["ID", "Status", "Prompt", "Created by", "Assigned to", "Created"],
+            [[*cells(i, "id status prompt~60"), inquiry_creator(i), *cells(i, "assigned_to? created@")] for i in items])
     note_partial(ctx, pagination, len(items), "inquiries")
 
 
@@ -8676,7 +8694,8 @@ def cmd_inquiry_execution_create(ctx, args):
     if not isinstance(request, dict):
         raise UsageError("Inquiry create request must be a JSON object")
     created = ctx.session().fetch("POST", "/inquiries", request)
-    ctx.ui.emit(created, lambda: ctx.ui.out(to_json(created)))
+    if ctx.ui.emit_unless_table(created):
+        ctx.ui.out(to_json(created))
 
 
 @command("inquiry execution cancel", "cancel an inquiry (the execution token of the workflow that asked it)",
@@ -8741,9 +8760,8 @@ def cmd_artifact_list(ctx, args):
         if not items:
             return ctx.ui.info("No artifacts found")
         ctx.ui.table(["Ref", "Name", "Type", "Visibility", "Size", "Created", "ID"],
-                     [[a.get("ref"), or_dash(a.get("name")), *cells(a, "type visibility"),
-                       human_size(a.get("size_bytes")), format_timestamp(a.get("created")), a.get("id")]
-                      for a in items])
+                     [[*cells(a, "ref name? type visibility"), human_size(a.get("size_bytes")),
+                       *cells(a, "created@ id")] for a in items])
         ctx.ui.info("%d artifact(s)" % len(items))
 
     ctx.ui.emit(items, table)
@@ -8756,19 +8774,17 @@ def cmd_artifact_show(ctx, args):
         "/artifacts/ref/" + path_segment(args.ref)
     artifact = ctx.session().fetch("GET", path)
 
-    def table():
+    if ctx.ui.emit_unless_table(artifact):
         policy, limit = artifact.get("retention_policy"), artifact.get("retention_limit")
         pairs = [*labelled(artifact,
                            "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|Owner=owner"),
                  ("Retention", "%s (limit: %s)" % (policy, limit)),
-                 ("Content Type", or_dash(artifact.get("content_type"))), ("Size", human_size(artifact.get("size_bytes")))]
+                 *labelled(artifact, "Content Type=content_type?"), ("Size", human_size(artifact.get("size_bytes")))]
         if artifact.get("description"):
             pairs.append(("Description", artifact["description"]))
         if artifact.get("data") is not None:
             pairs.append(("Data", clip(to_json(artifact["data"]), 200)))
         ctx.ui.pairs(pairs + timestamps(artifact), "Artifact: %s" % artifact.get("ref"))
-
-    ctx.ui.emit(artifact, table)
 
 
 @command("artifact create", "create an artifact (its content comes as versions)",
@@ -8791,13 +8807,11 @@ def cmd_artifact_create(ctx, args):
                 if v is not None)
     artifact = ctx.session().fetch("POST", "/artifacts", body)
 
-    def table():
+    if ctx.ui.emit_unless_table(artifact):
         ctx.ui.success("Artifact '%s' created successfully" % artifact.get("ref"))
         ctx.ui.pairs([*labelled(artifact,
                                 "Reference=ref|ID=id|Name=name?|Type=type|Visibility=visibility|Scope=scope|"
-                                "Owner=owner"), ("Created", format_timestamp(artifact.get("created")))])
-
-    ctx.ui.emit(artifact, table)
+                                "Owner=owner|Created=created@")])
 
 
 @command("artifact delete", "delete an artifact and all its versions", ARTIFACT_ID, YES)
@@ -8857,8 +8871,8 @@ def download_version(ctx, args, artifact_id, version):
     finally:
         resp.stream.close()
     what = "version %d" % version if version else "latest version"
-    ctx.ui.emit({"artifact_id": artifact_id, "version": version, "path": target, "size_bytes": size},
-                lambda: ctx.ui.success("Downloaded %s to %s (%s)" % (what, quoted(target), human_size(size))))
+    if ctx.ui.emit_unless_table({"artifact_id": artifact_id, "version": version, "path": target, "size_bytes": size}):
+        ctx.ui.success("Downloaded %s to %s (%s)" % (what, quoted(target), human_size(size)))
 
 
 def copy_stream(resp, out, progress):
@@ -8906,14 +8920,15 @@ def upload_version(ctx, args):
                                  content_type=multipart_type)
     resp.check()
     version = unwrap(resp)
-    ctx.ui.emit(version, lambda: (ctx.ui.success("Version %s uploaded successfully" % version.get("version")),
-                                  ctx.ui.pairs(version_pairs(version))))
+    if ctx.ui.emit_unless_table(version):
+        ctx.ui.success("Version %s uploaded successfully" % version.get("version"))
+        ctx.ui.pairs(version_pairs(version))
 
 
 def version_pairs(version):
     return [*labelled(version, "Version ID=id|Version Number=version|Artifact ID=artifact|Content Type=content_type?"),
-            ("Size", human_size(version.get("size_bytes"))), ("Created By", or_dash(version.get("created_by"))),
-            ("Created", format_timestamp(version.get("created")))]
+            ("Size", human_size(version.get("size_bytes"))),
+            *labelled(version, "Created By=created_by?|Created=created@")]
 
 
 UPLOAD_ARGS = (
@@ -8935,23 +8950,20 @@ command("artifact version", "an artifact's versions: list, show, download, uploa
 def cmd_artifact_version_list(ctx, args):
     versions = list_items(ctx.session().call("GET", "/artifacts/%d/versions" % args.id))
 
-    def table():
+    if ctx.ui.emit_unless_table(versions):
         if not versions:
             return ctx.ui.info("No versions found for artifact %d" % args.id)
         ctx.ui.table(["ID", "Version", "Content Type", "Size", "File Path", "Created By", "Created"],
-                     [[v.get("id"), "v%s" % v.get("version"), or_dash(v.get("content_type")),
-                       human_size(v.get("size_bytes")), v.get("file_path") or "(db)", or_dash(v.get("created_by")),
-                       format_timestamp(v.get("created"))] for v in versions])
+                     [[v.get("id"), "v%s" % v.get("version"), cell(v, "content_type?"), human_size(v.get("size_bytes")),
+                       v.get("file_path") or "(db)", *cells(v, "created_by? created@")] for v in versions])
         ctx.ui.info("%d version(s) for artifact %d" % (len(versions), args.id))
-
-    ctx.ui.emit(versions, table)
 
 
 @command("artifact version show", "show one version", ARTIFACT_ID, VERSION_NUMBER)
 def cmd_artifact_version_show(ctx, args):
     version = ctx.session().fetch("GET", "/artifacts/%d/versions/%d" % (args.id, args.version))
 
-    def table():
+    if ctx.ui.emit_unless_table(version):
         pairs = version_pairs(version)[:5]
         pairs.append(("File Path", version["file_path"]) if version.get("file_path") else ("Storage", "Database"))
         if version.get("content_json") is not None:
@@ -8960,8 +8972,6 @@ def cmd_artifact_version_show(ctx, args):
             pairs.append(("Metadata", clip(to_json(version["meta"]), 200)))
         pairs += version_pairs(version)[5:]
         ctx.ui.pairs(pairs, "Version %d of Artifact %d" % (args.version, args.id))
-
-    ctx.ui.emit(version, table)
 
 
 @command("artifact version download", "download one version", ARTIFACT_ID, VERSION_NUMBER, *DOWNLOAD_ARGS)
@@ -8990,8 +9000,9 @@ def cmd_artifact_version_create_json(ctx, args):
     body.update((k, v) for k, v in (("content_type", args.content_type), ("created_by", args.created_by))
                 if v is not None)
     version = ctx.session().fetch("POST", "/artifacts/%d/versions" % args.id, body)
-    ctx.ui.emit(version, lambda: (ctx.ui.success("JSON version %s created successfully" % version.get("version")),
-                                  ctx.ui.pairs(version_pairs(version))))
+    if ctx.ui.emit_unless_table(version):
+        ctx.ui.success("JSON version %s created successfully" % version.get("version"))
+        ctx.ui.pairs(version_pairs(version))
 
 
 @command("artifact version delete", "delete one version", ARTIFACT_ID, VERSION_NUMBER, YES)
@@ -9055,7 +9066,8 @@ def mutation_result(ctx, operation, target, dry_run, before, after):
     result = {"operation": operation, "target": target, "dry_run": dry_run,
               "changed": not dry_run and before != after, "would_change": before != after,
               "before": before, "after": after}
-    ctx.ui.emit(result, lambda: ctx.ui.out(to_json(result)))
+    if ctx.ui.emit_unless_table(result):
+        ctx.ui.out(to_json(result))
 
 
 @command("identity list", "list identities",
@@ -9070,11 +9082,12 @@ def cmd_identity_list(ctx, args):
     else:
         body = session.call("GET", "/identities", query={"page": args.page, "page_size": args.per_page})
         items = list_items(body)
-    ctx.ui.emit(body, lambda: ctx.ui.table(
-        ["ID", "Login", "Display name", "Frozen", "Roles"],
-        [[*cells(i, "id login display_name"), "true" if i.get("frozen") else "false",
-          cell_text([r.get("role") if isinstance(r, dict) else r for r in i["roles"]]
-                    if isinstance(i.get("roles"), list) else i.get("roles"))] for i in items]))
+    if ctx.ui.emit_unless_table(body):
+        ctx.ui.table(
+            ["ID", "Login", "Display name", "Frozen", "Roles"],
+            [[*cells(i, "id login display_name"), "true" if i.get("frozen") else "false",
+              cell_text([r.get("role") if isinstance(r, dict) else r for r in i["roles"]]
+                        if isinstance(i.get("roles"), list) else i.get("roles"))] for i in items])
     note_partial(ctx, pagination_of(body), len(items), "identities")
 
 
@@ -9084,7 +9097,7 @@ def cmd_identity_show(ctx, args):
 
 
 def show_identity(ctx, identity):
-    def table():
+    if ctx.ui.emit_unless_table(identity):
         ctx.ui.pairs([*labelled(identity, "ID=id|Login=login|Display name=display_name"),
                       ("Frozen", "true" if identity.get("frozen") else "false")])
         if identity.get("attributes"):
@@ -9094,8 +9107,6 @@ def show_identity(ctx, identity):
         ctx.ui.table(["ID", "Role", "Source", "Managed"], role_rows(identity), empty="No roles")
         ctx.ui.section("Direct permissions")
         ctx.ui.out(to_yaml(identity.get("direct_permissions") or []).rstrip("\n"))
-
-    ctx.ui.emit(identity, table)
 
 
 LOGIN_LENGTH = (3, 255)  # characters, the server's rule for a login
@@ -9185,8 +9196,8 @@ def cmd_identity_delete(ctx, args):
     if not confirm(ctx, args, "delete identity %s (id %s)" % (quoted(identity.get("login")), identity.get("id"))):
         return
     session.request("DELETE", "/identities/%d" % identity["id"]).check()
-    ctx.ui.emit({"message": "Identity deleted successfully", "identity_id": identity.get("id")},
-                lambda: ctx.ui.success("Identity %s deleted" % quoted(identity.get("login"))))
+    if ctx.ui.emit_unless_table({"message": "Identity deleted successfully", "identity_id": identity.get("id")}):
+        ctx.ui.success("Identity %s deleted" % quoted(identity.get("login")))
 
 
 command("identity role", "an identity's roles: list, add, remove")(needs_a_command)
@@ -9195,8 +9206,8 @@ command("identity role", "an identity's roles: list, add, remove")(needs_a_comma
 @command("identity role list", "list an identity's roles", *IDENTITY_SELECTOR)
 def cmd_identity_role_list(ctx, args):
     identity = selected_identity(ctx.session(), args)
-    ctx.ui.emit(identity_roles(identity),
-                lambda: ctx.ui.table(["ID", "Role", "Source", "Managed"], role_rows(identity), empty="No roles"))
+    if ctx.ui.emit_unless_table(identity_roles(identity)):
+        ctx.ui.table(["ID", "Role", "Source", "Managed"], role_rows(identity), empty="No roles")
 
 
 def role_argument(args):
@@ -9322,16 +9333,18 @@ command("permission set", "permission sets: list, show, export, update")(needs_a
 def cmd_permission_set_list(ctx, args):
     sets = list_items(ctx.session().call("GET", "/permissions/sets", query={
         "include_retired": "true" if args.include_retired else "false", "pack_ref": args.pack}))
-    ctx.ui.emit(sets, lambda: ctx.ui.table(
-        ["ID", "Ref", "Pack", "Origin", "Status", "Roles"],
-        [[*cells(s, "id ref"), s.get("pack_ref") or "", s.get("management_origin") or "",
-          "retired" if s.get("retired_at") else "active",
-          ", ".join(str(r.get("role")) for r in set_roles(s))] for s in sets]))
+    if ctx.ui.emit_unless_table(sets):
+        ctx.ui.table(
+            ["ID", "Ref", "Pack", "Origin", "Status", "Roles"],
+            [[*cells(s, "id ref"), s.get("pack_ref") or "", s.get("management_origin") or "",
+              "retired" if s.get("retired_at") else "active",
+              ", ".join(str(r.get("role")) for r in set_roles(s))] for s in sets])
 
 
 def emit_yaml_in_table_mode(ctx, data):
     """show and export print YAML where other commands print a table."""
-    ctx.ui.emit(data, lambda: ctx.ui.write_document(to_yaml, data))
+    if ctx.ui.emit_unless_table(data):
+        ctx.ui.write_document(to_yaml, data)
 
 
 @command("permission set show", "show a permission set: grants, ownership and role mappings (YAML)",
@@ -9395,10 +9408,11 @@ def cmd_permission_assignment_list(ctx, args):
     body = ctx.session().call("GET", "/permissions/assignments", query=query)
     items = list_items(body)
     pagination = pagination_of(body)
-    ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
-        ["ID", "Permission set", "Target type", "Target", "Created"],
-        [[*cells(b, "id permission_set_ref")] + list(binding_target(b)) + [format_timestamp(b.get("created"))]
-         for b in items], empty="No permission assignments found"))
+    if ctx.ui.emit_unless_table({"items": items, "pagination": pagination}):
+        ctx.ui.table(
+            ["ID", "Permission set", "Target type", "Target", "Created"],
+            [[*cells(b, "id permission_set_ref"), *binding_target(b), cell(b, "created@")] for b in items],
+            empty="No permission assignments found")
     note_partial(ctx, pagination, len(items), "assignments")
 
 
@@ -9503,7 +9517,7 @@ def queue_path(ref, *rest):
 
 
 def show_queue(ctx, queue, message=None):
-    def table():
+    if ctx.ui.emit_unless_table(queue):
         if message:
             ctx.ui.success("Queue '%s' %s successfully" % (queue.get("ref"), message))
         else:
@@ -9518,8 +9532,6 @@ def show_queue(ctx, queue, message=None):
                       "Dispatch Action=dispatch_action_ref|"
                       "Trace Tag Template=trace_tag_template?")] + timestamps(queue))
 
-    ctx.ui.emit(queue, table)
-
 
 def without_lease_token(item):
     """A queue item as printed: its lease token, a secret, is *** (or null when it has none)."""
@@ -9531,7 +9543,7 @@ def without_lease_token(item):
 def queue_items_table(ctx, items, empty):
     ctx.ui.table(["ID", "Key", "Status", "Priority", "Attempts", "Payload", "Created"],
                  [[i.get("id"), i.get("item_key") or "", *cells(i, "status priority attempt_count"),
-                   clip(compact_json(i.get("payload")), 96), format_timestamp(i.get("created"))] for i in items],
+                   clip(compact_json(i.get("payload")), 96), cell(i, "created@")] for i in items],
                  empty=empty)
 
 
@@ -9562,11 +9574,10 @@ def cmd_queue_list(ctx, args):
         "page": args.page, "per_page": args.per_page})
     items = list_items(body)
     pagination = pagination_of(body)
-    ctx.ui.emit({"items": items, "pagination": pagination}, lambda: ctx.ui.table(
-        ["ID", "Ref", "Pack", "Label", "Enabled", "Accepting", "Dispatch action", "Created"],
-        [[*cells(q, "id ref"), q.get("pack_ref") or "-",
-          *cells(q, "label enabled accepting_new_items dispatch_action_ref"), format_timestamp(q.get("created"))]
-         for q in items], empty="No work queues found."))
+    if ctx.ui.emit_unless_table({"items": items, "pagination": pagination}):
+        ctx.ui.table(*table_of("ID=id|Ref=ref|Pack=pack_ref?|Label=label|Enabled=enabled|"
+                               "Accepting=accepting_new_items|Dispatch action=dispatch_action_ref|Created=created@",
+                               items), empty="No work queues found.")
     note_partial(ctx, pagination, len(items), "queues")
 
 
@@ -9626,17 +9637,19 @@ def cmd_queue_enqueue(ctx, args):
 
 
 def show_queue_item(ctx, item):
-    ctx.ui.emit(item, lambda: ctx.ui.pairs([
-        ("ID", item.get("id")), ("Queue", item.get("queue_ref", item.get("queue"))),
-        *labelled(item,
-                  "Item key=item_key?|Status=status|Priority=priority|Attempts=attempt_count|"
-                  "Enqueue source=enqueue_source?|Trace tag=trace_tag?|Requested by identity=requested_by_identity?|"
-                  "Requested by execution=requested_by_execution?|Requested by enforcement=requested_by_enforcement?|"
-                  "Leased execution=leased_execution?|Lease token=lease_token?"),
-        ("Lease expires", or_dash(format_timestamp(item.get("lease_expires_at")))),
-        ("Payload", compact_json(item.get("payload"))), ("Metadata", compact_json(item.get("metadata"))),
-        ("Last error", compact_json(item.get("last_error"))),
-        ("Acknowledgement", compact_json(item.get("ack_summary")))] + timestamps(item)))
+    if ctx.ui.emit_unless_table(item):
+        ctx.ui.pairs([
+            ("ID", item.get("id")), ("Queue", item.get("queue_ref", item.get("queue"))),
+            *labelled(item, "Item key=item_key?|Status=status|Priority=priority|Attempts=attempt_count|"
+                            "Enqueue source=enqueue_source?|Trace tag=trace_tag?|"
+                            "Requested by identity=requested_by_identity?|"
+                            "Requested by execution=requested_by_execution?|"
+                            "Requested by enforcement=requested_by_enforcement?|"
+                            "Leased execution=leased_execution?|Lease token=lease_token?|"
+                            "Lease expires=lease_expires_at@?"),
+            ("Payload", compact_json(item.get("payload"))), ("Metadata", compact_json(item.get("metadata"))),
+            ("Last error", compact_json(item.get("last_error"))),
+            ("Acknowledgement", compact_json(item.get("ack_summary")))] + timestamps(item))
 
 
 command("queue items", "a queue's items: queue items REF list|show|preview|update|reprioritize|delete",
@@ -9654,8 +9667,8 @@ def cmd_queue_items_list(ctx, args):
         "page": args.page, "per_page": args.per_page})
     items = [without_lease_token(i) for i in list_items(body)]
     pagination = pagination_of(body)
-    ctx.ui.emit({"items": items, "pagination": pagination},
-                lambda: queue_items_table(ctx, items, "No queue items found."))
+    if ctx.ui.emit_unless_table({"items": items, "pagination": pagination}):
+        queue_items_table(ctx, items, "No queue items found.")
     note_partial(ctx, pagination, len(items), "items")
 
 
@@ -9682,12 +9695,10 @@ def cmd_queue_items_preview(ctx, args):
     items = [without_lease_token(i) for i in list_items(result)] if isinstance(result.get("items"), list) else []
     result = dict(result, items=items)
 
-    def table():
+    if ctx.ui.emit_unless_table(result):
         ctx.ui.section("Queue Item Selector Preview")
         ctx.ui.pairs([*labelled(result, "Matched=matched_count|Previewed=preview_count")])
         queue_items_table(ctx, items, "No matching pending queue items.")
-
-    ctx.ui.emit(result, table)
 
 
 QUEUE_OPERATIONS = {"patch_payload": "update", "reprioritize": "reprioritize", "cancel": "delete/cancel"}
@@ -9701,15 +9712,13 @@ def apply_to_items(ctx, args, operation, **fields):
     result = dict(result, items=items)
     label = QUEUE_OPERATIONS.get(result.get("operation"), result.get("operation"))
 
-    def table():
+    if ctx.ui.emit_unless_table(result):
         ctx.ui.success("Applied %s to %s pending queue item(s)" % (label, result.get("affected_count")))
         ctx.ui.pairs([("Operation", label),
                       *labelled(result,
                                 "Matched=matched_count|Affected=affected_count|Skipped=skipped_count|"
                                 "Previewed=preview_count")])
         queue_items_table(ctx, items, "No matching pending queue items.")
-
-    ctx.ui.emit(result, table)
 
 
 @command("queue items update", "merge a JSON patch into the payload of the pending items a selector matches",
@@ -9864,7 +9873,7 @@ def namespace_owner(namespace):
 
 
 def show_namespace(ctx, namespace, done=None):
-    def table():
+    if ctx.ui.emit_unless_table(namespace):
         if done:
             ctx.ui.success("Cache namespace '%s' %s" % (namespace.get("namespace"), done))
         ctx.ui.pairs([
@@ -9877,14 +9886,11 @@ def show_namespace(ctx, namespace, done=None):
                       "Max Generation Bytes=max_generation_bytes?|Max Retained Bytes=max_retained_bytes?|"
                       "Max Retained Generations=max_retained_generations?|"
                       "Max Staging Generations=max_staging_generations?|Refresh Concurrency=refresh_concurrency?"),
-            ("Created", or_dash(format_timestamp(namespace.get("created")))),
-            ("Updated", or_dash(format_timestamp(namespace.get("updated"))))])
-
-    ctx.ui.emit(namespace, table)
+            *labelled(namespace, "Created=created@?|Updated=updated@?")])
 
 
 def show_generation(ctx, generation, done=None):
-    def table():
+    if ctx.ui.emit_unless_table(generation):
         if done:
             ctx.ui.success(done)
         ctx.ui.pairs([
@@ -9895,11 +9901,8 @@ def show_generation(ctx, generation, done=None):
                       "Expected Bytes=expected_size_bytes?|Records=record_count|Bytes=size_bytes|"
                       "Source Revision=source_revision?|Created By=created_by?|"
                       "Created By Execution=created_by_execution?")] + [
-            (label, or_dash(format_timestamp(generation.get(key))))
-            for label, key in (("Sealed", "sealed"), ("Activated", "activated"), ("Readable Until", "readable_until"))]
-            + [("Failure", or_dash(generation.get("failure_reason")))])
-
-    ctx.ui.emit(generation, table)
+            *labelled(generation, "Sealed=sealed@?|Activated=activated@?|Readable Until=readable_until@?|"
+                                  "Failure=failure_reason?")])
 
 
 def value_kind(value):
@@ -9913,8 +9916,8 @@ def value_kind(value):
 
 def entries_table(ctx, entries, full=False):
     ctx.ui.table(["External ID", "Source Updated", "Bytes", "Value"] + (["Full Value"] if full else []),
-                 [[e.get("external_id"), or_dash(format_timestamp(e.get("source_updated_at"))), e.get("size_bytes"),
-                   value_kind(e.get("value"))] + ([compact_json(e.get("value"))] if full else []) for e in entries],
+                 [[*cells(e, "external_id source_updated_at@? size_bytes"), value_kind(e.get("value"))]
+                  + ([compact_json(e.get("value"))] if full else []) for e in entries],
                  empty="No cache entries found")
 
 
@@ -9931,16 +9934,14 @@ def cmd_cache_namespace_list(ctx, args):
                  cursor=args.cursor)
     namespaces, cursor = cache_list(cache_request(ctx, "GET", "/cache/namespaces", query=query), "namespaces")
 
-    def table():
+    if ctx.ui.emit_unless_table({"namespaces": namespaces, "next_cursor": cursor}):
         ctx.ui.table(["Namespace", "Owner", "Active Gen", "Records", "Bytes", "Stale"],
                      [[n.get("namespace"), namespace_owner(n),
-                       or_dash(n.get("active_generation", n.get("active_generation_id"))), or_dash(n.get("record_count")),
-                       or_dash(n.get("size_bytes")), or_dash(n.get("stale"))] for n in namespaces],
+                       or_dash(n.get("active_generation", n.get("active_generation_id"))),
+                       *cells(n, "record_count? size_bytes? stale?")] for n in namespaces],
                      empty="No cache namespaces found")
         if cursor:
             ctx.ui.info("Next cursor: %s" % cursor)
-
-    ctx.ui.emit({"namespaces": namespaces, "next_cursor": cursor}, table)
 
 
 def namespace_policy(args):
@@ -9983,7 +9984,8 @@ def cmd_cache_namespace_delete(ctx, args):
     if confirm(ctx, args, "delete cache namespace '%s'" % args.namespace, "Operation cancelled"):
         cache_request(ctx, "DELETE", cache_path(args), query=owner)
         message = "Cache namespace '%s' deleted" % args.namespace
-        ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
+        if ctx.ui.emit_unless_table({"message": message}):
+            ctx.ui.success(message)
 
 
 command("cache entry", "read published entries: get, get-many, scan")(needs_a_command)
@@ -9999,15 +10001,13 @@ def cmd_cache_entry_get(ctx, args):
     found = cache_object(cache_request(ctx, "POST", cache_path(args, "entries", "lookup"), body))
     entry = found.get("item")
 
-    def table():
+    if ctx.ui.emit_unless_table(found):
         if not isinstance(entry, dict):
             return ctx.ui.info("No cache entry found in generation %s" % found.get("generation_id"))
         ctx.ui.info("Generation %s" % found.get("generation_id"))
         ctx.ui.pairs([("External ID", entry.get("external_id")),
-                      ("Source Updated", or_dash(format_timestamp(entry.get("source_updated_at")))),
-                      ("Bytes", entry.get("size_bytes")), ("Value", to_json(entry.get("value")))])
-
-    ctx.ui.emit(found, table)
+                      *labelled(entry, "Source Updated=source_updated_at@?|Bytes=size_bytes"),
+                      ("Value", to_json(entry.get("value")))])
 
 
 def external_ids(ctx, args):
@@ -10041,7 +10041,8 @@ def cmd_cache_entry_get_many(ctx, args):
     missing = found.get("missing_external_ids")
     if isinstance(missing, list) and missing:
         ctx.ui.warn("%d requested external ID(s) were not found" % len(missing))
-    ctx.ui.emit(found, lambda: entries_table(ctx, items))
+    if ctx.ui.emit_unless_table(found):
+        entries_table(ctx, items)
 
 
 @command("cache entry scan", "a page of a generation's entries (--all with --output ndjson: every page)",
@@ -10079,13 +10080,11 @@ def cmd_cache_entry_scan(ctx, args):
         if not cursor:
             return 0
 
-    def table():
+    if ctx.ui.emit_unless_table(page):
         entries_table(ctx, items, args.include_values)
         ctx.ui.pairs([("Pinned Generation", page.get("generation_id")),
-                      ("Cursor Expires", or_dash(format_timestamp(page.get("cursor_expires_at")))),
-                      *labelled(page, "Next Cursor=next_cursor?|Record Count=record_count?|Stale=stale")])
-
-    ctx.ui.emit(page, table)
+                      *labelled(page, "Cursor Expires=cursor_expires_at@?|Next Cursor=next_cursor?|"
+                                      "Record Count=record_count?|Stale=stale")])
 
 
 command("cache generation", "a namespace's generations: list, show")(needs_a_command)
@@ -10097,15 +10096,12 @@ def cmd_cache_generation_list(ctx, args):
     generations, cursor = cache_list(cache_request(ctx, "GET", cache_path(args, "generations"), query=query),
                                      "generations")
 
-    def table():
-        ctx.ui.table(["ID", "State", "Records", "Bytes", "Source Revision", "Execution", "Created"],
-                     [[*cells(g, "generation_id status record_count size_bytes"), or_dash(g.get("source_revision")),
-                       or_dash(g.get("created_by_execution")), format_timestamp(g.get("created"))]
-                      for g in generations], empty="No cache generations found")
+    if ctx.ui.emit_unless_table({"generations": generations, "next_cursor": cursor}):
+        ctx.ui.table(*table_of("ID=generation_id|State=status|Records=record_count|Bytes=size_bytes|"
+                               "Source Revision=source_revision?|Execution=created_by_execution?|Created=created@",
+                               generations), empty="No cache generations found")
         if cursor:
             ctx.ui.info("Next cursor: %s" % cursor)
-
-    ctx.ui.emit({"generations": generations, "next_cursor": cursor}, table)
 
 
 @command("cache generation show", "show a generation and its validation state",
@@ -10244,11 +10240,9 @@ def cmd_cache_refresh_upload(ctx, args):
         raise UsageError("Upload input exceeds one bounded chunk; split it into at most 1000 records per upload")
     answer = upload_chunk(ctx, args, owner, args.generation_id, args.chunk_index, entries)
 
-    def table():
+    if ctx.ui.emit_unless_table(answer):
         ctx.ui.success("Cache chunk uploaded")
         ctx.ui.pairs([("Response", to_json(answer))])
-
-    ctx.ui.emit(answer, table)
 
 
 def seal_refresh(ctx, args, owner, generation_id, chunks, records=None, size=None):
@@ -10290,7 +10284,8 @@ def cmd_cache_refresh_abort(ctx, args):
     if confirm(ctx, args, "abort cache generation %d" % args.generation_id, "Operation cancelled"):
         cache_request(ctx, "POST", cache_path(args, "generations", args.generation_id, "abandon"), owner)
         message = "Cache generation '%d' deleted" % args.generation_id
-        ctx.ui.emit({"message": message}, lambda: ctx.ui.success(message))
+        if ctx.ui.emit_unless_table({"message": message}):
+            ctx.ui.success(message)
 
 
 @command("cache refresh apply", "begin, upload every chunk of an NDJSON file, seal and promote",
@@ -10377,15 +10372,15 @@ def cmd_audit_list(ctx, args):
     events = list_items(body)
     emit_list(ctx, events, pagination_of(body), "audit events",
               ["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Resource", "HTTP"],
-              lambda e: [e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"),
-                         audit_actor(e), audit_resource(e), audit_http(e)])
+              lambda e: [*cells(e, "id created@ category event_type outcome"), audit_actor(e), audit_resource(e),
+                         audit_http(e)])
 
 
 @command("audit show", "show one audit event", arg("id ID: audit event id", type=Number(1, MAX_ID)))
 def cmd_audit_show(ctx, args):
     event = ctx.session().fetch("GET", "/audit-events/%d" % args.id)
 
-    def table():
+    if ctx.ui.emit_unless_table(event):
         ctx.ui.pairs([(label, format_timestamp(event.get(key)) if key == "created" else or_dash(event.get(key)))
                       for label, key in (
             ("ID", "id"), ("Created", "created"), ("Category", "category"), ("Event Type", "event_type"),
@@ -10397,22 +10392,18 @@ def cmd_audit_show(ctx, args):
             ("Error", "error"))], "Audit Event #%d" % args.id)
         show_json_section(ctx, "Details", event.get("details"))
 
-    ctx.ui.emit(event, table)
-
 
 @command("audit chain", "every audit event of one request", "request_id REQUEST_ID: the request id (a UUID)")
 def cmd_audit_chain(ctx, args):
     events = list_items(ctx.session().call("GET", "/audit-events/by-request/" + path_segment(args.request_id)))
 
-    def table():
+    if ctx.ui.emit_unless_table(events):
         if not events:
             return ctx.ui.info("No audit events found for that request id")
         ctx.ui.section("Audit chain for request %s (%d events)" % (args.request_id, len(events)))
         ctx.ui.table(["ID", "Created", "Category", "Event Type", "Outcome", "Actor", "Path"],
-                     [[e.get("id"), format_timestamp(e.get("created")), *cells(e, "category event_type outcome"),
-                       audit_actor(e), or_dash(e.get("http_path"))] for e in events])
-
-    ctx.ui.emit(events, table)
+                     [[*cells(e, "id created@ category event_type outcome"), audit_actor(e), cell(e, "http_path?")]
+                      for e in events])
 
 
 # === Commands: policies ======================================================
@@ -10458,7 +10449,7 @@ def policy_features(policy):
 
 
 def show_policy(ctx, policy, message=None):
-    def table():
+    if ctx.ui.emit_unless_table(policy):
         if message:
             ctx.ui.success(message)
         ctx.ui.pairs([*labelled(policy, "Ref=ref|Name=name|Description=description?|Enabled=enabled"),
@@ -10478,8 +10469,6 @@ def show_policy(ctx, policy, message=None):
             ctx.ui.section("Quotas")
             ctx.ui.table(["Type", "Limit"], [[*cells(q, "quota_type limit")] for q in quotas
                                              if isinstance(q, dict)])
-
-    ctx.ui.emit(policy, table)
 
 
 def policy_feature_fields(args):
@@ -10586,7 +10575,8 @@ def cmd_policy_update(ctx, args):
 @command("policy enable", "enable a policy", ref("policy"), enable=True)
 def cmd_policy_toggle(ctx, args):
     policy = ctx.session().fetch("PUT", "/policies/" + path_segment(args.ref), {"enabled": args.enable})
-    ctx.ui.emit(policy, lambda: ctx.ui.success("Policy %s %s" % (args.ref, "enabled" if args.enable else "disabled")))
+    if ctx.ui.emit_unless_table(policy):
+        ctx.ui.success("Policy %s %s" % (args.ref, "enabled" if args.enable else "disabled"))
 
 
 @command("policy delete", "delete a policy", ref("policy"), YES)
@@ -10594,7 +10584,8 @@ def cmd_policy_delete(ctx, args):
     if not confirm(ctx, args, "delete policy %s" % quoted(args.ref)):
         return
     ctx.session().request("DELETE", "/policies/" + path_segment(args.ref)).check()
-    ctx.ui.emit({"deleted": args.ref}, lambda: ctx.ui.success("Policy %s deleted" % args.ref))
+    if ctx.ui.emit_unless_table({"deleted": args.ref}):
+        ctx.ui.success("Policy %s deleted" % args.ref)
 
 
 # === Commands: rules =========================================================
@@ -10638,21 +10629,19 @@ def rule_fields(args):
 def cmd_rule_list(ctx, args):
     query = {"pack_ref": args.pack, "enabled": None if args.enabled is None else str(args.enabled).lower()}
     walk = ListWalk(ctx.session(), "/rules", query, every_page=args.all)
-    emit_list(ctx, walk, walk, "rules", ["Ref", "Pack", "Label", "Trigger", "Action", "Enabled"],
-              lambda r: [*cells(r, "ref pack_ref label trigger_ref action_ref enabled")])
+    emit_list(ctx, walk, walk, "rules",
+              "Ref=ref|Pack=pack_ref|Label=label|Trigger=trigger_ref|Action=action_ref|Enabled=enabled")
 
 
 @command("rule show", "show one rule", ref("rule", "rules"))
 def cmd_rule_show(ctx, args):
     rule = ctx.session().fetch("GET", "/rules/" + path_segment(args.ref))
 
-    def table():
+    if ctx.ui.emit_unless_table(rule):
         ctx.ui.pairs(rule_pairs(rule) + timestamps(rule), "Rule: %s" % rule.get("ref"))
         show_json_section(ctx, "Conditions", rule.get("conditions"))
         show_json_section(ctx, "Action Parameters", rule.get("action_params"))
         show_json_section(ctx, "Trigger Parameters", rule.get("trigger_params"))
-
-    ctx.ui.emit(rule, table)
 
 
 @command("rule create", "create a rule linking a trigger to an action",
@@ -10677,12 +10666,10 @@ def cmd_rule_create(ctx, args):
     body.update(rule_fields(args))
     rule = ctx.session().fetch("POST", "/rules", body)
 
-    def table():
+    if ctx.ui.emit_unless_table(rule):
         ctx.ui.success("Rule '%s' created successfully" % rule.get("ref"))
         ctx.ui.info("ID: %s" % rule.get("id"))
         ctx.ui.info("Enabled: %s" % str(rule.get("enabled")).lower())
-
-    ctx.ui.emit(rule, table)
 
 
 @command("rule update", "change a rule", ref("rule", "rules"), "--label: new label",
@@ -10696,11 +10683,9 @@ def cmd_rule_update(ctx, args):
     body = update_body([("label", args.label)], body)
     rule = ctx.session().fetch("PUT", "/rules/" + path_segment(args.ref), body)
 
-    def table():
+    if ctx.ui.emit_unless_table(rule):
         ctx.ui.success("Rule '%s' updated successfully" % rule.get("ref"))
-        ctx.ui.pairs(rule_pairs(rule) + [("Updated", format_timestamp(rule.get("updated")))])
-
-    ctx.ui.emit(rule, table)
+        ctx.ui.pairs(rule_pairs(rule) + labelled(rule, "Updated=updated@"))
 
 
 @command("rule disable", "disable a rule", ref("rule", "rules"), enable=False)
@@ -10709,7 +10694,8 @@ def cmd_rule_toggle(ctx, args):
     # the server's routes; the Rust CLI's PATCH /rules/{ref} has no route
     verb = "enabled" if args.enable else "disabled"
     rule = ctx.session().fetch("POST", "/rules/%s/%s" % (path_segment(args.ref), verb[:-1]))
-    ctx.ui.emit(rule, lambda: ctx.ui.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb)))
+    if ctx.ui.emit_unless_table(rule):
+        ctx.ui.success("Rule '%s' %s" % (rule.get("ref") or args.ref, verb))
 
 
 @command("rule delete", "delete a rule", ref("rule", "rules"), YES)
@@ -10737,12 +10723,9 @@ def toggle_resource(ctx, args):
     kind, ref, verb = args.kind, args.ref, "enabled" if args.enable else "disabled"
     item = ctx.session().fetch("POST", "/%ss/%s/%s" % (kind, path_segment(ref), verb[:-1]), {})
 
-    def table():
+    if ctx.ui.emit_unless_table(item):
         ctx.ui.success("%s '%s' %s successfully" % (kind.title(), item.get("ref") or ref, verb))
-        ctx.ui.pairs([*labelled(item, "Ref=ref|Enabled=enabled"),
-                      ("Updated", format_timestamp(item.get("updated")))])
-
-    ctx.ui.emit(item, table)
+        ctx.ui.pairs(labelled(item, "Ref=ref|Enabled=enabled|Updated=updated@"))
 
 
 @command("trigger list", "list triggers", "--pack: only this pack's triggers", ALL,
@@ -10750,7 +10733,7 @@ def toggle_resource(ctx, args):
 def cmd_trigger_list(ctx, args):
     list_pack_scoped(ctx, args, "triggers", ["Ref", "Pack", "Label", "Enabled", "Visibility", "Description"],
                      lambda t: [t.get("ref"), t.get("pack_ref") or "", *cells(t, "label enabled"),
-                                t.get("reference_visibility") or "public", clip(t.get("description") or "", 50)])
+                                t.get("reference_visibility") or "public", cell(t, "description~50")])
 
 
 @command("trigger show", "show a trigger", ref("trigger", "triggers"))
@@ -10759,7 +10742,7 @@ def cmd_trigger_show(ctx, args):
     if isinstance(trigger.get("webhook_key"), str):
         SECRETS.add(trigger["webhook_key"])  # masked in every output form
 
-    def table():
+    if ctx.ui.emit_unless_table(trigger):
         allowed = trigger.get("reference_allowed_pack_refs") or []
         ctx.ui.pairs([*labelled(trigger,
                                 "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"),
@@ -10772,8 +10755,6 @@ def cmd_trigger_show(ctx, args):
             ctx.ui.info("Key: *** (shown once, by trigger webhook enable or regenerate)")
         show_json_section(ctx, "Parameter Schema", trigger.get("param_schema"))
         show_json_section(ctx, "Output Schema", trigger.get("out_schema"))
-
-    ctx.ui.emit(trigger, table)
 
 
 @command("trigger update", "change a trigger (only the fields given)", ref("trigger", "triggers"),
@@ -10789,14 +10770,12 @@ def cmd_trigger_update(ctx, args):
                         ("reference_allowed_pack_refs", split_list(args.reference_allowed_pack_refs) or None)])
     trigger = ctx.session().fetch("PUT", "/triggers/" + path_segment(args.ref), body)
 
-    def table():
+    if ctx.ui.emit_unless_table(trigger):
         ctx.ui.success("Trigger '%s' updated successfully" % trigger.get("ref"))
         ctx.ui.pairs([*labelled(trigger,
                                 "Ref=ref|Pack=pack_ref?|Label=label|Description=description?|Enabled=enabled"),
                       ("Subscription Visibility", trigger.get("reference_visibility") or "public"),
-                      ("Updated", format_timestamp(trigger.get("updated")))])
-
-    ctx.ui.emit(trigger, table)
+                      *labelled(trigger, "Updated=updated@")])
 
 
 command("trigger enable", "enable a trigger", ref("trigger", "triggers"), kind="trigger", enable=True)(toggle_resource)
@@ -10825,12 +10804,11 @@ def cmd_trigger_webhook(ctx, args):
     if key is not None and key == old:
         key, done = None, "was enabled already; its key is unchanged (regenerate gives a new one)"
 
-    def table():
+    if ctx.ui.emit_unless_table(trigger):
         ctx.ui.success("Webhook of trigger %s %s" % (quoted(str(trigger.get("ref") or args.ref)), done))
         if key:
             ctx.ui.warn("Copy the key now: attune.py shows it only here (trigger show masks it)")
             ctx.ui.pairs([("Key", key), ("URL", "%s/api/v1/webhooks/%s" % (session.api_url, key))])
-    ctx.ui.emit(trigger, table)
 
 
 @command("trigger delete", "delete a trigger", ref("trigger", "triggers"), YES)
@@ -10848,18 +10826,19 @@ def sensor_trigger(sensor):
 def cmd_sensor_list(ctx, args):
     list_pack_scoped(ctx, args, "sensors", ["Ref", "Pack", "Label", "Trigger", "Enabled", "Description"],
                      lambda s: [s.get("ref"), s.get("pack_ref") or "", s.get("label"), sensor_trigger(s),
-                                s.get("enabled"), clip(s.get("description") or "", 50)])
+                                *cells(s, "enabled description~50")])
 
 
 @command("sensor show", "show a sensor", ref("sensor", "sensors"))
 def cmd_sensor_show(ctx, args):
     sensor = ctx.session().fetch("GET", "/sensors/" + path_segment(args.ref))
-    ctx.ui.emit(sensor, lambda: ctx.ui.pairs(
-        [*labelled(sensor, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?"),
-         ("Trigger", or_dash(sensor_trigger(sensor))),
-         ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
-         *labelled(sensor, "Runtime=runtime_ref?|Enabled=enabled")]
-        + timestamps(sensor), "Sensor: %s" % sensor.get("ref")))
+    if ctx.ui.emit_unless_table(sensor):
+        ctx.ui.pairs(
+            [*labelled(sensor, "Ref=ref|Pack=pack_ref?|Label=label|Description=description?"),
+             ("Trigger", or_dash(sensor_trigger(sensor))),
+             ("Entry Point", sensor.get("entrypoint") or sensor.get("entry_point") or "N/A"),
+             *labelled(sensor, "Runtime=runtime_ref?|Enabled=enabled")]
+            + timestamps(sensor), "Sensor: %s" % sensor.get("ref"))
 
 
 command("sensor enable", "enable a sensor", ref("sensor", "sensors"), kind="sensor", enable=True)(toggle_resource)
@@ -10947,8 +10926,7 @@ ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", 
 
 
 def enforcement_row(e):
-    return [*cells(e, "id rule_ref trigger_ref"), or_dash(e.get("event")), *cells(e, "status condition"),
-            format_timestamp(e.get("created"))]
+    return cells(e, "id rule_ref trigger_ref event? status condition created@")
 
 
 def page_query(args, **filters):
@@ -10964,8 +10942,8 @@ def cmd_event_list(ctx, args):
     walk = ListWalk(ctx.session(), "/events", page_query(args, trigger_ref=args.trigger, rule_ref=args.rule,
                                                          source=args.source), "per_page", every_page=args.all)
     emit_list(ctx, walk, walk, "events", ["ID", "Trigger", "Source", "Rule", "Payload", "Created"],
-              lambda e: [*cells(e, "id trigger_ref"), or_dash(e.get("source_ref")), or_dash(e.get("rule_ref")),
-                         bool(e.get("has_payload")), format_timestamp(e.get("created"))])
+              lambda e: [*cells(e, "id trigger_ref source_ref? rule_ref?"), bool(e.get("has_payload")),
+                         cell(e, "created@")])
 
 
 @command("event show", "show an event, its payload and the enforcements it caused", EVENT_ID,
@@ -10974,13 +10952,13 @@ def cmd_event_show(ctx, args):
     session = ctx.session()
     event = session.fetch("GET", "/events/%d" % args.id)
     caused, more = fetch_list(session, "/enforcements", {"event": args.id, "per_page": 100}, "per_page")
-    ctx.ui.emit(dict(event, enforcements=caused), lambda: (
-        ctx.ui.pairs([*labelled(event, "ID=id|Trigger=trigger_ref|Source=source_ref?|Rule=rule_ref?"),
-                      ("Created", format_timestamp(event.get("created")))], "Event: %s" % event.get("id")),
-        show_json_section(ctx, "Payload", event.get("payload")),
-        ctx.ui.section("Enforcements"),
+    if ctx.ui.emit_unless_table(dict(event, enforcements=caused)):
+        ctx.ui.pairs(labelled(event, "ID=id|Trigger=trigger_ref|Source=source_ref?|Rule=rule_ref?|Created=created@"),
+                     "Event: %s" % event.get("id"))
+        show_json_section(ctx, "Payload", event.get("payload"))
+        ctx.ui.section("Enforcements")
         ctx.ui.table(ENFORCEMENT_COLUMNS, [enforcement_row(e) for e in caused], empty="No enforcements: no rule "
-                     "matched this event")))
+                     "matched this event")
     note_partial(ctx, more, len(caused), "enforcements")
 
 
@@ -11003,18 +10981,15 @@ def cmd_enforcement_show(ctx, args):
     session = ctx.session()
     enforcement = session.fetch("GET", "/enforcements/%d" % args.id)
     started, more = fetch_list(session, "/executions", {"enforcement": args.id, "per_page": 100}, "per_page")
-    ctx.ui.emit(dict(enforcement, executions=started), lambda: (
+    if ctx.ui.emit_unless_table(dict(enforcement, executions=started)):
         ctx.ui.pairs([*labelled(enforcement,
                                 "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|"
-                                "Condition=condition"),
-                      ("Created", format_timestamp(enforcement.get("created"))),
-                      ("Resolved", format_timestamp(enforcement.get("resolved_at")) or "-")],
-                     "Enforcement: %s" % enforcement.get("id")),
-        show_json_section(ctx, "Conditions", enforcement.get("conditions")),
-        ctx.ui.section("Executions"),
-        ctx.ui.table(["ID", "Action", "Status", "Created"],
-                     [[*cells(x, "id action_ref status"), format_timestamp(x.get("created"))]
-                      for x in started], empty="No executions")))
+                                "Condition=condition|Created=created@|Resolved=resolved_at@?")],
+                     "Enforcement: %s" % enforcement.get("id"))
+        show_json_section(ctx, "Conditions", enforcement.get("conditions"))
+        ctx.ui.section("Executions")
+        ctx.ui.table(*table_of("ID=id|Action=action_ref|Status=status|Created=created@", started),
+                     empty="No executions")
     note_partial(ctx, more, len(started), "executions")
 
 
@@ -11078,8 +11053,7 @@ def cmd_key_list(ctx, args):
     query = {"page": args.page, "per_page": args.per_page, "owner_type": args.owner_type, "owner": args.owner}
     walk = ListWalk(ctx.session(), "/keys", query, "per_page", args.all)
     emit_list(ctx, walk, walk, "keys", ["Ref", "Name", "Owner", "Encrypted", "Created"],
-              lambda k: [*cells(k, "ref name"), key_owner(k), k.get("encrypted"),
-                         format_timestamp(k.get("created"))])
+              lambda k: [*cells(k, "ref name"), key_owner(k), *cells(k, "encrypted created@")])
 
 
 @command("key show", "show one key; its value only with --decrypt", ref("key"),
@@ -11093,7 +11067,7 @@ def cmd_key_show(ctx, args):
     if not args.decrypt:  # never show a value the user did not ask to reveal
         shown["value"] = "[REDACTED]" if value is None else canonical_hash(value)
 
-    def table():
+    if ctx.ui.emit_unless_table(shown):
         pairs = [*labelled(key, "Reference=ref|Name=name"), ("Owner", key_owner(key))]
         for label, field in (("Owner Pack", "owner_pack_ref"), ("Owner Action", "owner_action_ref"),
                              ("Owner Sensor", "owner_sensor_ref")):
@@ -11110,8 +11084,6 @@ def cmd_key_show(ctx, args):
             pairs.append(("", "(use --decrypt / -d to reveal the actual value)"))
         pairs += timestamps(key)
         ctx.ui.pairs(pairs, "Key: %s" % key.get("ref"))
-
-    ctx.ui.emit(shown, table)
 
 
 @command("key create", "create a key: --ref REF, or --local-ref NAME and its owner (newer servers)",
@@ -11158,11 +11130,9 @@ def cmd_key_create(ctx, args):
     key = ctx.session().fetch("POST", "/keys", body)
     key.pop("value", None)  # not echoed back, even in JSON
 
-    def table():
+    if ctx.ui.emit_unless_table(key):
         ctx.ui.success("Key '%s' created successfully" % key.get("ref"))
         ctx.ui.pairs(key_pairs(key))
-
-    ctx.ui.emit(key, table)
 
 
 @command("key update", "change a key's name, value or encryption", ref("key"), "--name: new name",
@@ -11174,11 +11144,9 @@ def cmd_key_update(ctx, args):
     key = ctx.session().fetch("PUT", "/keys/" + path_segment(args.ref), body)
     key.pop("value", None)
 
-    def table():
+    if ctx.ui.emit_unless_table(key):
         ctx.ui.success("Key '%s' updated successfully" % key.get("ref"))
         ctx.ui.pairs(key_pairs(key, ("Updated", "updated")))
-
-    ctx.ui.emit(key, table)
 
 
 @command("key delete", "delete a key", ref("key"), YES,
@@ -11271,13 +11239,11 @@ def cmd_workflow_upload(ctx, args):
     resp.check()
     workflow = unwrap(resp)
 
-    def table():
+    if ctx.ui.emit_unless_table(workflow):
         ctx.ui.out()
         ctx.ui.success("Workflow '%s' uploaded successfully" % workflow.get("ref"))
         ctx.ui.pairs([*labelled(workflow, "Reference=ref|Pack=pack_ref|Label=label|Version=version"),
                       ("Tags", cell_text(workflow.get("tags")) or "none")])
-
-    ctx.ui.emit(workflow, table)
 
 
 @command("workflow list", "list workflows", "--pack: only this pack's workflows",
@@ -11288,15 +11254,13 @@ def cmd_workflow_list(ctx, args):
     query = {"pack_ref": args.pack, "tags": args.tags, "search": args.search}
     workflows, pagination = fetch_list(ctx.session(), "/workflows", query, every_page=args.all)
 
-    def table():
+    if ctx.ui.emit_unless_table(workflows):
         ctx.ui.table(["Reference", "Pack", "Label", "Version", "Tags"],
-                     [[*cells(w, "ref pack_ref"), clip(w.get("label") or "", 30), w.get("version"),
+                     [[*cells(w, "ref pack_ref label~30 version"),
                        clip(cell_text(w.get("tags")), 25) or "-"] for w in workflows],
                      empty="No workflows found")
         if workflows:
             ctx.ui.info("%d workflow(s) found" % len(workflows))
-
-    ctx.ui.emit(workflows, table)
     note_partial(ctx, pagination, len(workflows), "workflows")
 
 
@@ -11309,7 +11273,7 @@ def task_transitions(task):
 def cmd_workflow_show(ctx, args):
     workflow = ctx.session().fetch("GET", "/workflows/" + path_segment(args.ref))
 
-    def table():
+    if ctx.ui.emit_unless_table(workflow):
         ctx.ui.pairs([*labelled(workflow, "Reference=ref|Pack=pack_ref|Label=label"),
                       ("Description", workflow.get("description") or "-"),
                       ("Version", workflow.get("version")), ("Tags", cell_text(workflow.get("tags")) or "none")]
@@ -11325,8 +11289,6 @@ def cmd_workflow_show(ctx, args):
             ctx.ui.table(["#", "Name", "Action", "Transitions"],
                          [[i, t.get("name") or "?", clip(str(t.get("action") or "-"), 35), task_transitions(t)]
                           for i, t in enumerate((t for t in tasks if isinstance(t, dict)), start=1)])
-
-    ctx.ui.emit(workflow, table)
 
 
 @command("workflow delete", "delete a workflow", ref("workflow", "workflows"), YES)
@@ -11360,7 +11322,7 @@ def load_text(worker):
 
 
 def show_worker(ctx, worker, message=None):
-    def table():
+    if ctx.ui.emit_unless_table(worker):
         if message:
             ctx.ui.success(message)
         runtimes = [r for r in worker.get("supported_runtimes") or [] if isinstance(r, dict)]
@@ -11368,11 +11330,10 @@ def show_worker(ctx, worker, message=None):
                                 "ID=id|Name=name|Type=worker_type|Role=worker_role|Host=host?|Port=port?|"
                                 "Status=status?|Health=health_state"), ("Heartbeat", heartbeat_text(worker)),
                       ("Load", load_text(worker)), ("Cordoned", bool(worker.get("cordoned"))),
-                      ("Cordon Reason", or_dash(worker.get("cordon_reason"))),
+                      *labelled(worker, "Cordon Reason=cordon_reason?"),
                       ("Runtimes", ", ".join("%s %s" % (r.get("name"), " ".join(map(str, r.get("versions") or [])))
                                              for r in runtimes).strip() or "-")]
                      + timestamps(worker), "Worker: %s" % worker.get("name"))
-    ctx.ui.emit(worker, table)
 
 
 @command("worker list", "list workers with their health, heartbeat and load",
@@ -11471,7 +11432,8 @@ def cmd_api(ctx, args):
             raise UsageError("--paginate works with GET")
         items, _ = fetch_list(session, args.path, query, page_size_param(args.path), every_page=True,
                               objects=False)
-        ctx.ui.emit(items, lambda: ctx.ui.write_document(to_json, items))
+        if ctx.ui.emit_unless_table(items):
+            ctx.ui.write_document(to_json, items)
         return
     resp = session.request(method, args.path, query=query, raw_body=raw)
     try:
@@ -11484,7 +11446,8 @@ def cmd_api(ctx, args):
     if isinstance(body, str):  # exact into a pipe, escaped on a terminal
         write_text(ctx.ui.stdout, body, raw=not ctx.ui.stdout.isatty())
     elif body is not None:
-        ctx.ui.emit(body, lambda: ctx.ui.write_document(to_json, body))
+        if ctx.ui.emit_unless_table(body):
+            ctx.ui.write_document(to_json, body)
 
 
 @command("health", "check that the server answers GET /health",
@@ -11505,8 +11468,9 @@ def cmd_health(ctx, args):
     except ApiError:
         health = None
     health = health if isinstance(health, dict) else {"status": "ok"}
-    ctx.ui.emit(health, lambda: ctx.ui.success("Server at %s is healthy (status: %s)"
-                                               % (session.api_url, health.get("status"))))
+    if ctx.ui.emit_unless_table(health):
+        ctx.ui.success("Server at %s is healthy (status: %s)"
+                       % (session.api_url, health.get("status")))
 
 
 INFO_TIMEOUT = 10  # seconds: info is a quick look, not a wait
@@ -11537,7 +11501,7 @@ def cmd_info(ctx, args):
         server = {"status": "unavailable", "profile": session.profile, "api_url": server["api_url"],
                   "error": str(e)}
 
-    def table():
+    if ctx.ui.emit_unless_table({"local": local, "server": server}):
         ctx.ui.pairs(local_pairs)
         ctx.ui.out()
         rows = [("Server profile", server["profile"]), ("Server API", server["api_url"])]
@@ -11546,8 +11510,6 @@ def cmd_info(ctx, args):
         else:
             rows.append(("Server error", server["error"]))
         ctx.ui.pairs(rows)
-
-    ctx.ui.emit({"local": local, "server": server}, table)
     if failure is not None:
         error = AttuneError("Could not fetch server build information")
         error.exit_code = failure.exit_code  # 5 when unreachable, 1 or 6 for the server's errors
@@ -11611,8 +11573,8 @@ def cmd_self_install(ctx, args):
         put(launcher, launcher_text(python, runtime_libdir).encode("utf-8"), 0o755)
     except (OSError, py_compile.PyCompileError) as e:
         raise ConfigError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", None) or e))
-    ctx.ui.emit({"launcher": launcher, "module": module, "python": python},
-                lambda: ctx.ui.success("Installed %s (runs %s -IS, module in %s)" % (launcher, python, libdir)))
+    if ctx.ui.emit_unless_table({"launcher": launcher, "module": module, "python": python}):
+        ctx.ui.success("Installed %s (runs %s -IS, module in %s)" % (launcher, python, libdir))
 
 
 @command("self-uninstall", "remove what self-install installed", *INSTALL_ARGS,
@@ -11642,7 +11604,8 @@ def cmd_self_uninstall(ctx, args):
             os.rmdir(directory)
         except OSError:
             pass  # not empty, or not there: left as it is
-    ctx.ui.emit({"removed": removed}, lambda: ctx.ui.success("Removed %s" % (", ".join(removed) or "nothing")))
+    if ctx.ui.emit_unless_table({"removed": removed}):
+        ctx.ui.success("Removed %s" % (", ".join(removed) or "nothing"))
 
 
 # === Commands: help ==========================================================
@@ -11726,7 +11689,7 @@ def install_completion(ctx, shell):
         lines = [". %s" % shell_quote(target)]  # nothing here reads that directory: the shell itself must
     rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc"}.get(shell)
 
-    def table():
+    if ctx.ui.emit_unless_table({"shell": shell, "path": target, "add_to": rc if lines else None, "lines": lines}):
         ctx.ui.out("Installed %s completion to %s" % (shell.title(), target))
         if shell == "bash" and lines:
             ctx.ui.warn("bash-completion is not installed here, and it is what reads that directory")
@@ -11734,8 +11697,6 @@ def install_completion(ctx, shell):
             ctx.ui.out("Add this to %s, then restart %s:" % (rc, shell.title()))
             for line in lines:
                 ctx.ui.out(line)
-
-    ctx.ui.emit({"shell": shell, "path": target, "add_to": rc if lines else None, "lines": lines}, table)
 
 
 REST_LOADED = True  # the last definition of the rest: every command is declared

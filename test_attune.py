@@ -3476,6 +3476,44 @@ class TableTests(unittest.TestCase):
                               (1, "inquiries", "1 inquiry"), (0, "entries", "0 entries"), (1, "items", "1 item")):
             self.assertEqual(attune.counted(n, noun), text)
 
+    def test_a_table_written_as_data(self):
+        """cell(), labelled(), cells() and table_of() read tables written as strings: '?'
+        shows an empty value as '-', '@' a timestamp, '@?' both, '~N' cuts the text; each code
+        against the function it stands for, on every kind of value a server sends."""
+        values = [None, "", "x", 0, False, True, 1.5, [], {}, "2026-11-24T12:00:00.123Z", "a" * 60, "\x1b[2J"]
+        for value in values:
+            item = {"k": value}
+            with self.subTest(value=value):
+                self.assertEqual(attune.cell(item, "k"), value)
+                self.assertEqual(attune.cell(item, "k?"), attune.or_dash(value))
+                self.assertEqual(attune.cell(item, "k@"), attune.format_timestamp(value))
+                self.assertEqual(attune.cell(item, "k@?"), attune.or_dash(attune.format_timestamp(value)))
+                self.assertEqual(attune.cell(item, "k~10"), attune.clip(value or "", 10))
+        self.assertEqual([attune.cell({}, key) for key in ("k", "k?", "k@", "k@?", "k~5")], [None, "-", "", "-", ""])
+        self.assertEqual(attune.table_of("ID=id|Created=created@|Note=note?", [{"id": 3, "created": "2026-11-24T12:00:00Z"}]),
+                         (["ID", "Created", "Note"], [[3, "2026-11-24 12:00:00", "-"]]))
+        self.assertEqual(attune.labelled({"a": 1}, "A=a|B b=b?"), [("A", 1), ("B b", "-")])
+        self.assertEqual(attune.cells({"a": 1, "b": ""}, "a b?"), [1, "-"])
+
+    def test_a_command_draws_its_table_only_in_table_form(self):
+        """emit_unless_table(): True (the caller draws its table) in table form alone; JSON,
+        YAML and --fields are printed for the caller, and an empty list under --fields is left
+        to the caller's table, which says 'No ... found'."""
+        for flags, data, turn, printed in (
+                ({}, {"a": 1, "b": 2}, True, ""),
+                ({"json": True}, {"a": 1, "b": 2}, False, '{\n  "a": 1,\n  "b": 2\n}\n'),
+                ({"yaml": True}, {"a": 1, "b": 2}, False, "a: 1\nb: 2\n"),
+                ({"output": "json", "fields": "b"}, [{"a": 1, "b": 2}], False, '[\n  {\n    "b": 2\n  }\n]\n'),
+                ({"fields": "b"}, {"a": 1, "b": 2}, False, "b:  2\n"),
+                ({"fields": "b"}, [], True, "")):
+            args = types.SimpleNamespace(**dict({"output": None, "json": False, "yaml": False, "fields": None}, **flags))
+            out = io.StringIO()
+            with self.subTest(flags=flags, data=data), contextlib.redirect_stdout(out):
+                printer = attune.Printer(args, {}, lambda: None)
+                self.assertIs(printer.emit_unless_table(data), turn)
+                self.assertEqual(out.getvalue(), printed)
+                self.assertEqual(printer.fields_used, "fields" in flags)
+
     def test_aligned_columns_with_header_and_rule(self):
         text = attune.render_table(["Ref", "Version"], [["core", "1.0.0"], ["linux", None]])
         self.assertEqual(text.split("\n"), ["Ref    Version", "─────  ───────", "core   1.0.0", "linux"])
@@ -13822,6 +13860,27 @@ class ParserTests(unittest.TestCase):
                 return None, err.getvalue()
             except attune.UsageError as e:  # a word with no place, said before argparse runs
                 return None, str(e)
+
+    def test_an_argument_is_declared_as_its_help_shows_it(self):
+        """arg('flags METAVAR: help', **options): the flags (or a positional argument's one
+        name), at most one metavar, and the help after the first ': ' (which may hold more)."""
+        for spec, options, declared in (
+                ("--all: follow every page", {"action": "store_true"},
+                 (("--all",), {"action": "store_true", "help": "follow every page"})),
+                ("-n --name NAME: the name: pack.name", {}, (("-n", "--name"), {"metavar": "NAME",
+                                                                                 "help": "the name: pack.name"})),
+                ("ref REF: rule reference", {}, (("ref",), {"metavar": "REF", "help": "rule reference"})),
+                ("--fields A,B", {}, (("--fields",), {"metavar": "A,B"})),
+                ("id", {"nargs": "?"}, (("id",), {"nargs": "?"})),
+                ("-v --verbose: ", {"action": "count"}, (("-v", "--verbose"), {"action": "count", "help": ""}))):
+            with self.subTest(spec=spec):
+                self.assertEqual(attune.arg(spec, **options), declared)
+        declared = [a for cmd in attune.COMMANDS for a in cmd.arguments] + list(attune.GLOBAL_OPTIONS)
+        self.assertEqual([a for a in declared if isinstance(a, str)], [])  # made (flags, options) as declared
+        wrong = [flags for flags, _ in declared  # a second metavar would be taken for a flag
+                 if not (len(flags) == 1 or all(flag.startswith("-") for flag in flags))]
+        self.assertEqual(wrong, [])
+        self.assertEqual(attune.arg("--name NAME MORE")[0], ("--name", "NAME"))  # what that check finds
 
     def test_every_duration_takes_a_unit_through_the_one_parser(self):
         """Each option of seconds (every SECONDS metavar, the policy window, the action

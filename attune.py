@@ -312,7 +312,7 @@ class KnownSecrets:
         if isinstance(data, dict):
             return {self.mask_data(k): self.mask_data(v) for k, v in data.items()}
         if isinstance(data, list):
-            return [self.mask_data(v) for v in data]
+            return list(map(self.mask_data, data))
         return data
 
 
@@ -440,6 +440,10 @@ class Seconds(Number):
         return "seconds (30, 30s, 5m or 1h)"
 
 
+ID_NUMBER = Number(1, MAX_ID)        # an id: a whole number from 1
+WHOLE_NUMBER = Number(0, MAX_ID)     # a count, an offset, a generation id (from 0)
+
+
 def env_seconds(env, name, default, low, high=MAX_SECONDS):
     """Seconds from the environment (30, 30s, 5m, 1h); a bad value is a configuration error (exit 3)."""
     raw = env.get(name)
@@ -538,7 +542,7 @@ def as_given_data(data):
     if isinstance(data, dict):
         return {as_given_data(k): as_given_data(v) for k, v in data.items()}
     if isinstance(data, list):
-        return [as_given_data(v) for v in data]
+        return list(map(as_given_data, data))
     return data
 
 
@@ -784,12 +788,12 @@ def time_epoch(value):
     else:
         return None  # no zone: a local time, which is nobody's
     parts, clock_parts = date.split("-"), clock.split(":")
-    if len(parts) != 3 or len(clock_parts) != 3 or not all(is_digits(p) for p in parts + clock_parts[:2]):
+    if len(parts) != 3 or len(clock_parts) != 3 or not all(map(is_digits, parts + clock_parts[:2])):
         return None
     whole, _, fraction = clock_parts[2].partition(".")
     if not is_digits(whole) or (fraction and not is_digits(fraction)):
         return None
-    (year, month, day), (hour, minute), second = (int(p) for p in parts), (int(p) for p in clock_parts[:2]), int(whole)
+    (year, month, day), (hour, minute), second = map(int, parts), map(int, clock_parts[:2]), int(whole)
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
         return None
     return epoch(days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset)
@@ -939,7 +943,7 @@ def redact(value):
     if isinstance(value, dict):
         return {k: ("***" if secret_key(k) and isinstance(v, str) else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return list(map(redact, value))
     return value
 
 
@@ -963,7 +967,6 @@ class CommandDeadline:
         if self.at is None:
             return seconds
         return max(least, min(seconds, self.at - time.monotonic()))
-
 
 
 class Backoff:
@@ -2492,7 +2495,7 @@ class ListWalk:
                 yield item
             more = isinstance(self.pagination, dict) and self.pagination.get("has_next") is True
             if not (self.every_page and more and chunk) or (
-                    self.until is not None and any(self.until(item) for item in chunk)):
+                    self.until is not None and any(map(self.until, chunk))):
                 return
             page, previous = page + 1, chunk
 
@@ -3121,7 +3124,7 @@ def cell_text(value):
     if value is True or value is False:
         return CHECK if value else CROSS
     if isinstance(value, (list, tuple)):
-        return ", ".join(cell_text(v) for v in value)
+        return ", ".join(map(cell_text, value))
     if isinstance(value, dict):
         return SECRETS.mask(json.dumps(value, ensure_ascii=False))
     return terminal_safe(SECRETS.mask(" ".join(str(value).split("\n"))), keep="")
@@ -3157,11 +3160,11 @@ def pick_fields(data, fields):
     if missing:
         names = sorted({key for item in objects for key in item})
         raise UsageError("no field %s in the answer; its fields: %s" % (
-            ", ".join(quoted(f) for f in missing), ", ".join(terminal_safe(n, keep="") for n in names)))
+            ", ".join(map(quoted, missing)), ", ".join(terminal_safe(n, keep="") for n in names)))
 
     def pick(item):
         return {f: field_of(item, f)[1] for f in fields} if isinstance(item, dict) else item
-    return [pick(item) for item in data] if isinstance(data, list) else pick(data)
+    return list(map(pick, data)) if isinstance(data, list) else pick(data)
 
 
 # Columns of free text: cut first when a table is too wide, so that refs, ids and names stay whole.
@@ -3191,7 +3194,7 @@ def clip(text, width):
 
 def render_table(columns, rows, width=None):
     """Aligned columns under a header and a rule; cut with an ellipsis to fit width."""
-    cells = [[cell_text(v) for v in row] for row in rows]
+    cells = [list(map(cell_text, row)) for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(columns)]
     if width:
         widths = fit_widths(widths, width, [i for i, name in enumerate(columns) if name in FREE_TEXT_COLUMNS])
@@ -3391,7 +3394,7 @@ def yaml_needs_quotes(s):
     """True when YAML would read the plain scalar s as something other than this string."""
     if s.lower() in YAML_WORDS or s != s.strip() or s[0] in YAML_INDICATORS:
         return True
-    if ": " in s or " #" in s or s.endswith(":") or any(is_control(c) for c in s):
+    if ": " in s or " #" in s or s.endswith(":") or any(map(is_control, s)):
         return True
     first = s[0]
     return first.isdigit() or (first in "+." and len(s) > 1) or s.lower() in (".inf", ".nan")
@@ -4206,6 +4209,11 @@ def arg(spec, **options):
     return tuple(flags), options
 
 
+def flag(spec, **options):
+    """An option that takes no value, true when given: arg(spec, action="store_true")."""
+    return arg(spec, action="store_true", **options)
+
+
 def parser_spec(spec):
     """An argument's options as argparse takes them: without our own complete=."""
     return spec if "complete" not in spec else {k: v for k, v in spec.items() if k != "complete"}
@@ -4226,11 +4234,11 @@ def ref(what, complete=None):
     return arg(spec) if complete is None else arg(spec, complete=complete)
 
 
-ALL = arg("--all: follow every page of the list (has_next)", action="store_true")
-PAGE = arg("--page: page number (default 1)", type=Number(1, MAX_ID), default=1)
+ALL = flag("--all: follow every page of the list (has_next)")
+PAGE = arg("--page: page number (default 1)", type=ID_NUMBER, default=1)
 PER_PAGE = arg("--per-page: items per page, 1 to 100 (default 50)", type=Number(1, 100), default=50)
-YES = arg("--yes: do not ask for confirmation", action="store_true")
-EXECUTION_ID = arg("id ID: execution id (a whole number)", type=Number(1, MAX_ID), complete="executions")
+YES = flag("--yes: do not ask for confirmation")
+EXECUTION_ID = arg("id ID: execution id (a whole number)", type=ID_NUMBER, complete="executions")
 
 
 # === Commands: auth token, the quick path ====================================
@@ -4292,7 +4300,7 @@ def value_completion(flags, spec):
         return None
     if "complete" in spec:
         return spec["complete"]
-    return [str(choice) for choice in spec.get("choices") or ()]
+    return list(map(str, spec.get("choices") or ()))
 
 
 def completion_table():
@@ -4350,7 +4358,7 @@ def completion_table_text(table):
     lines = ["attune.py %s" % table["version"], options(table["global"])]
     for path, entry in table["commands"].items():
         lines.append("\t".join([path, " ".join(entry["children"]), options(entry["options"]),
-                                " ".join(completion_value_text(v) for v in entry["positionals"]),
+                                " ".join(map(completion_value_text, entry["positionals"])),
                                 entry["repeats"]]))
     return "\n".join(lines) + "\n"
 
@@ -4388,7 +4396,7 @@ class CommandTable:
                 return self.NONE
             below, own, positionals, repeats = line.split("\t")
             self.parsed[path] = {"children": below.split(), "options": self.options(own), "repeats": repeats,
-                                 "positionals": [completion_value(word) for word in positionals.split()]}
+                                 "positionals": list(map(completion_value, positionals.split()))}
         return self.parsed[path]
 
 
@@ -4510,13 +4518,13 @@ GLOBAL_OPTIONS = (
     arg("--config FILE: credential file"),
     arg("-o --output FORMAT: table (the default), json, yaml; ndjson: cache entry scan --all only",
         choices=OUTPUT_FORMATS + ("ndjson",)),
-    arg("-j --json: JSON output", action="store_true"),
-    arg("-y --yaml: YAML output", action="store_true"),
+    flag("-j --json: JSON output"),
+    flag("-y --yaml: YAML output"),
     arg("--fields A,B: only these fields of each result, in this order: a table of them, or "
         "JSON/YAML holding only them (a.b for a field inside another)"),
     arg("-v --verbose: log HTTP requests and token decisions on stderr (secrets redacted)", action="count"),
     arg("--ca-bundle FILE: PEM file of extra CA certificates to trust"),
-    arg("--insecure: do not verify TLS certificates (warns on every run)", action="store_true"),
+    flag("--insecure: do not verify TLS certificates (warns on every run)"),
     arg("--wait-for-server SECONDS: retry until the server is up (refused, DNS, 502-504, /health) or this long has "
         "passed (exit 5)", type=Seconds(0, integer=False)),
 )
@@ -5488,7 +5496,7 @@ def emit_list(ctx, items, pagination, noun, columns, row=None):
     the walk's (the last page's). Without row, columns is 'Label=key|...' (table_of())."""
     walk = pagination if isinstance(pagination, ListWalk) else None
     shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(
-        *(table_of(columns, rows) if row is None else (columns, [row(i) for i in rows])), empty="No %s found" % noun))
+        *(table_of(columns, rows) if row is None else (columns, list(map(row, rows)))), empty="No %s found" % noun))
     note_partial(ctx, walk.pagination if walk else pagination, shown, noun)
 
 
@@ -5771,11 +5779,11 @@ def usable_login(ctx, args, target, url, stored):
 
 @command("auth login", "log in with a username and password",
          "-u --username: login name (default: the profile's stored username)",
-         arg("--password-stdin: read the password from stdin", action="store_true"),
+         flag("--password-stdin: read the password from stdin"),
          "--password P: password (visible in the process list: avoid)",
          LOGIN_URL, SAVE_PROFILE,
-         arg("--if-needed: do nothing (exit 0) when the profile already holds a usable session", action="store_true"),
-         arg("--sso: log in through the identity provider (as auth sso-login)", action="store_true"),
+         flag("--if-needed: do nothing (exit 0) when the profile already holds a usable session"),
+         flag("--sso: log in through the identity provider (as auth sso-login)"),
          creates_profile=True,
          examples=("attune auth login --url http://localhost:8080 -u admin  # asks for the password",
                    "attune auth login -u admin --password-stdin < password.txt",
@@ -5803,7 +5811,7 @@ def cmd_auth_login(ctx, args):
 
 
 @command("auth token-login", "log in with an integration token",
-         arg("--token-stdin: read the token from stdin", action="store_true"),
+         flag("--token-stdin: read the token from stdin"),
          "--token T: integration token (visible in the process list)",
          LOGIN_URL, SAVE_PROFILE, creates_profile=True,
          examples=("attune auth token-login --url https://attune.example.com --token-stdin < token.txt",))
@@ -5891,7 +5899,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
     if not isinstance(start, dict):
         raise ApiError("the server's answer to the SSO start is not an object")
     user_code, code = start.get("user_code"), SECRETS.add(start.get("device_code"))
-    if not isinstance(user_code, str) or not user_code.strip() or any(is_control(c) for c in user_code):
+    if not isinstance(user_code, str) or not user_code.strip() or any(map(is_control, user_code)):
         raise ApiError("Authentication server returned an invalid user code")
     if not isinstance(code, str) or not code:
         raise ApiError("Authentication server returned no device code")
@@ -5943,7 +5951,7 @@ def device_login(ctx, target, url, timeout=None, browser=True):
 @command("auth sso-login", "log in through the identity provider (OIDC device flow; works over SSH)",
          LOGIN_URL, SAVE_PROFILE,
          arg("--timeout SECONDS: give up after this long (default: the code's life)", type=Seconds(1)),
-         arg("--no-browser: only print the URL and code; never open a browser", action="store_true"),
+         flag("--no-browser: only print the URL and code; never open a browser"),
          creates_profile=True,
          examples=("attune auth sso-login --url https://attune.example.com --no-browser",))
 def cmd_auth_sso_login(ctx, args):
@@ -5972,10 +5980,8 @@ def ask_new_password(ctx):
 
 
 @command("auth change-password", "change your own password (the server checks the current one)",
-         arg("--password-stdin: read the current password, then the new one, from stdin (one a line)",
-             action="store_true"),
-         arg("--if-needed: exit 0 without a change when the new password is already the current one",
-             action="store_true"),
+         flag("--password-stdin: read the current password, then the new one, from stdin (one a line)"),
+         flag("--if-needed: exit 0 without a change when the new password is already the current one"),
          examples=("attune auth change-password  # asks for both, the new one twice",
                    "attune auth change-password --password-stdin --if-needed < passwords  # current, new"))
 def cmd_auth_change_password(ctx, args):
@@ -6020,7 +6026,7 @@ def password_accepted(session, login, password):
 
 
 @command("auth logout", "forget the stored tokens (the server keeps no session)",
-         arg("--all: log out of every profile", action="store_true"),
+         flag("--all: log out of every profile"),
          examples=("attune auth logout",
                    "attune auth logout --all  # every profile"))
 def cmd_auth_logout(ctx, args):
@@ -6144,8 +6150,8 @@ def status_text(status):
 
 
 @command("auth status", "show each profile's login state; exit 0 only when usable",
-         arg("--offline: do not contact the server", action="store_true"),
-         arg("--all: every profile in the credential file", action="store_true"),
+         flag("--offline: do not contact the server"),
+         flag("--all: every profile in the credential file"),
          examples=("attune auth status || attune auth login -u admin",
                    "attune auth status --all --offline"))
 def cmd_auth_status(ctx, args):
@@ -6233,8 +6239,8 @@ def log_in_again(ctx, session):
 # -- integration tokens: long-lived machine credentials, managed per identity -------
 
 IDENTITY_ID = (arg("--identity LOGIN: the identity the tokens belong to, by its login"),
-               arg("--identity-id N: the same, by its id", type=Number(1, MAX_ID)))
-TOKEN_ID = arg("token_id TOKEN_ID: integration token id", type=Number(1, MAX_ID))
+               arg("--identity-id N: the same, by its id", type=ID_NUMBER))
+TOKEN_ID = arg("token_id TOKEN_ID: integration token id", type=ID_NUMBER)
 
 
 def integration_tokens_path(session, args, *rest):
@@ -6243,7 +6249,7 @@ def integration_tokens_path(session, args, *rest):
         raise UsageError("name the identity by --identity LOGIN or --identity-id N (one of them)")
     if args.identity_id is None:
         args.identity_id = identity_id_of(session, args.identity)
-    return "/".join(["/identities/%d/integration-tokens" % args.identity_id] + [str(r) for r in rest])
+    return "/".join(["/identities/%d/integration-tokens" % args.identity_id] + list(map(str, rest)))
 
 
 def token_hint(token):
@@ -6255,9 +6261,8 @@ def token_hint(token):
          arg("--label: what the token is for", required=True),
          arg("--description: a longer note on what it is for"),
          arg("--expires-at RFC3339: when it stops working (default: never)"),
-         arg("--if-missing: create none when the identity has an active token with this label (exit 0)",
-             action="store_true"),
-         arg("--raw: print the token alone, for a pipe or a secret store", action="store_true"))),
+         flag("--if-missing: create none when the identity has an active token with this label (exit 0)"),
+         flag("--raw: print the token alone, for a pipe or a secret store"))),
          examples=("attune auth token create --identity ci-bot --label ci --expires-at 2027-01-01T00:00:00Z",
                    "token=$(attune auth token create --identity ci-bot --label ci --if-missing --raw)"))
 def cmd_auth_token_create(ctx, args):
@@ -6327,8 +6332,7 @@ def cmd_auth_token_delete(ctx, args):
 
 
 @command("auth exec", "run a command with ATTUNE_API_URL and a fresh ATTUNE_API_TOKEN",
-         MIN_TTL, arg("--keep-fresh: stay the parent and keep a token file fresh for as long as the command runs",
-                      action="store_true"),
+         MIN_TTL, flag("--keep-fresh: stay the parent and keep a token file fresh for as long as the command runs"),
          arg("command: the command to run, after --", nargs=REMAINDER, metavar="-- COMMAND [ARGS...]"),
          examples=("attune auth exec -- ./deploy.sh  # $ATTUNE_API_TOKEN is fresh inside",
                    "attune auth exec --keep-fresh -- ./long-job.sh  # hours: reads $ATTUNE_TOKEN_FILE"))
@@ -6732,8 +6736,7 @@ class Doctor:
 
 
 @command("auth doctor", "check everything attune.py depends on here, offline too",
-         arg("--repair: move a corrupt credential file aside and start a fresh one; chmod 600 an open one",
-             action="store_true"),
+         flag("--repair: move a corrupt credential file aside and start a fresh one; chmod 600 an open one"),
          examples=("attune auth doctor",
                    "attune auth doctor --repair"))
 def cmd_auth_doctor(ctx, args):
@@ -6868,7 +6871,7 @@ def point_profile(ctx, name, profile, url):
     old = profile.get("api_url", DEFAULT_API_URL)
     profile["api_url"] = url
     if url_origin(old if isinstance(old, str) else "") != url_origin(url) and \
-            any(profile.get(key) for key in ("auth_token", "refresh_token")):
+            any(map(profile.get, ("auth_token", "refresh_token"))):
         for key in TOKEN_KEYS:
             profile.pop(key, None)
         ctx.ui.warn("profile '%s' now points at %s: its session for %s is dropped; run: attune auth login "
@@ -6886,7 +6889,7 @@ def cmd_config_path(ctx, args):
 
 
 @command("config profiles", "list profiles, current marked",
-         arg("--names: just the names, one per line", action="store_true"),
+         flag("--names: just the names, one per line"),
          examples=("attune config profiles",
                    "attune config profiles --names"))
 def cmd_config_profiles(ctx, args):
@@ -7035,8 +7038,8 @@ def rust_profiles(doc, where):
 
 @command("config import", "bring the Rust CLI's profiles (its config.yaml) into the credential file",
          arg("path PATH: the config.yaml (default: where the Rust CLI keeps it)", nargs="?"),
-         arg("--overwrite: replace profiles of the same name (default: keep ours)", action="store_true"),
-         arg("--dry-run: say what would change; write nothing", action="store_true"),
+         flag("--overwrite: replace profiles of the same name (default: keep ours)"),
+         flag("--dry-run: say what would change; write nothing"),
          examples=("attune config import  # ~/.config/attune/config.yaml",
                    "attune config import old-config.yaml --dry-run"))
 def cmd_config_import(ctx, args):
@@ -7084,11 +7087,11 @@ def cmd_config_import(ctx, args):
 
 group("pack", "list, show, create, install, register, upload, update and uninstall packs")
 
-SKIP_TESTS = arg("--skip-tests: do not run the pack's tests", action="store_true")
+SKIP_TESTS = flag("--skip-tests: do not run the pack's tests")
 ABSENT_METADATA = arg("--absent-metadata-policy: what happens to actions, rules, ... the new version no longer has "
                       "(default remove)", choices=("remove", "disable", "retain"), default="remove")
 PACK_PATH_ARGS = (arg("path PATH: the pack directory (or .tar.gz archive for upload)"),
-                  arg("-f --force: replace a pack with the same ref", action="store_true"), SKIP_TESTS,
+                  flag("-f --force: replace a pack with the same ref"), SKIP_TESTS,
                   ABSENT_METADATA)
 INSTALL_POLL = 2  # seconds between looks at a pack install's tests
 INSTALL_WAIT = 300  # seconds to wait for them
@@ -7226,11 +7229,11 @@ def pack_source_kind(source, no_registry):
 @command("pack install", "install a pack from a registry, git, a URL or a path",
          "source SOURCE: registry pack ref, git URL, archive URL or path",
          "-r --ref-spec: git branch, tag or commit",
-         arg("--registry-id N: install from this registry (pack index)", type=Number(1, MAX_ID)),
-         arg("-f --force: reinstall if it exists", action="store_true"),
+         arg("--registry-id N: install from this registry (pack index)", type=ID_NUMBER),
+         flag("-f --force: reinstall if it exists"),
          SKIP_TESTS,
-         arg("--skip-deps: skip dependency validation", action="store_true"),
-         arg("--no-registry: treat SOURCE as a URL or path", action="store_true"), ABSENT_METADATA,
+         flag("--skip-deps: skip dependency validation"),
+         flag("--no-registry: treat SOURCE as a URL or path"), ABSENT_METADATA,
          examples=("attune pack install https://github.com/example/attune-pack-demo.git -r v1.2.0",
                    "attune pack install demo --registry-id 1"))
 def cmd_pack_install(ctx, args):
@@ -7377,11 +7380,11 @@ EXECUTE_ARGS = (
     arg("--env KEY=VALUE: an environment variable for the action (repeatable)", action="append"),
     arg("--env-json JSON: all environment variables as one JSON object of strings"),
     arg("--permission-set REF: run with this permission set's grants (repeatable)", action="append"),
-    arg("--no-api-token: give the execution no API token (no permission sets)", action="store_true"),
+    flag("--no-api-token: give the execution no API token (no permission sets)"),
     arg("--artifact-retention-policy: how the execution's artifacts are kept: versions, days, hours or minutes",
         choices=("versions", "days", "hours", "minutes")),
-    arg("--artifact-retention-limit N: how many artifact versions (or days, ...) to keep", type=Number(1, MAX_ID)),
-    arg("-w --watch: wait for the execution to finish", action="store_true"),
+    arg("--artifact-retention-limit N: how many artifact versions (or days, ...) to keep", type=ID_NUMBER),
+    flag("-w --watch: wait for the execution to finish"),
     arg("--timeout SECONDS: with --watch: stop waiting after this long (default %d)" % WATCH_TIMEOUT, type=Seconds(1)),
     arg("--notifier-url URL: with --watch: the notifier's WebSocket URL (default: ATTUNE_NOTIFIER_WS_URL, else from "
         "the API URL)"))
@@ -7542,10 +7545,10 @@ def cmd_action_search(ctx, args):
          "--label: new label",
          "--description: new description",
          "--entrypoint: new entry point (the script or workflow file)",
-         arg("--runtime RUNTIME_ID: runtime id", type=Number(1, MAX_ID)),
+         arg("--runtime RUNTIME_ID: runtime id", type=ID_NUMBER),
          arg("--enabled BOOL: true or false", type=parse_bool),
          arg("--timeout-seconds N: the action's execution timeout", type=Seconds(1, MAX_SECONDS)),
-         arg("--clear-timeout: remove the action's execution timeout", action="store_true"),
+         flag("--clear-timeout: remove the action's execution timeout"),
          examples=("attune action update mypack.build --timeout-seconds 10m",))
 def cmd_action_update(ctx, args):
     if args.timeout_seconds is not None and args.clear_timeout:
@@ -8172,7 +8175,7 @@ EXECUTION_FILTERS = (
         complete=list(EXECUTION_STATUSES)),
     arg("-r --result TEXT: result contains this text (any case)"),
     arg("--trace-tag: exact trace tag"),
-    arg("--top-level-only: leave out child executions", action="store_true"),
+    flag("--top-level-only: leave out child executions"),
     arg("-l --limit: at most this many (default 50)", type=Number(1, 100000), default=EXECUTION_LIMIT))
 EXECUTION_COLUMNS = ["ID", "Action", "Trace Tag", "Rule", "Trigger", "Status", "Created"]
 
@@ -8311,7 +8314,7 @@ def cmd_execution_cancel(ctx, args):
 
 
 @command("execution watch", "wait for an execution to finish; without an id, follow a list of executions",
-         arg("id ID: execution id (a whole number)", nargs="?", type=Number(1, MAX_ID), complete="executions"),
+         arg("id ID: execution id (a whole number)", nargs="?", type=ID_NUMBER, complete="executions"),
          *(EXECUTION_FILTERS + (
              arg("--timeout SECONDS: stop waiting after this long (default %d)" % WATCH_TIMEOUT, type=Seconds(1),
                  default=WATCH_TIMEOUT),
@@ -8362,7 +8365,7 @@ class ExecutionsView:
         self.shown = {}  # id -> the row last printed
 
     def show(self, executions):
-        rows = [execution_row(e) for e in executions]
+        rows = list(map(execution_row, executions))
         if self.redraw or self.widths is None:
             if self.redraw:
                 write_text(self.ui.stdout, "\x1b[2J\x1b[H", raw=True)
@@ -8375,7 +8378,7 @@ class ExecutionsView:
             elif self.redraw:
                 self.ui.out(render_table(EXECUTION_COLUMNS, rows, self.ui.terminal_width()))
             else:  # one header, whatever comes later: widths that a usual row fits in
-                cells = [[cell_text(v) for v in row] for row in rows]
+                cells = [list(map(cell_text, row)) for row in rows]
                 self.widths = [max([least, len(name)] + [len(r[i]) for r in cells])
                                for i, (name, least) in enumerate(zip(EXECUTION_COLUMNS, WATCH_WIDTHS))]
                 for line in [EXECUTION_COLUMNS, [RULE * w for w in self.widths]] + cells:
@@ -8383,7 +8386,7 @@ class ExecutionsView:
         else:
             for row in rows:
                 if self.shown.get(row[0]) != row:  # the header's columns, widened rather than cut
-                    cells = [cell_text(v) for v in row]
+                    cells = list(map(cell_text, row))
                     self.ui.out(table_line(cells, [max(w, len(c)) for w, c in zip(self.widths, cells)]))
         self.ui.stdout.flush()
         self.shown = {row[0]: row for row in rows}
@@ -8542,14 +8545,14 @@ def cmd_execution_trace_report(ctx, args):
         ctx.ui.pairs([("Executions", count("executions")), ("Enforcements", count("enforcements")),
                       ("Events", count("events")), ("Queue Dispatches", count("queue_dispatches")),
                       ("Queue Items", count("queue_items")),
-                      ("Origins", ", ".join(cell_text(o) for o in origins) or "-")], "Trace Report: %s" % args.tag)
+                      ("Origins", ", ".join(map(cell_text, origins)) or "-")], "Trace Report: %s" % args.tag)
         ctx.ui.out()
         ctx.ui.out(to_json(report))
 
 
 @command("execution logs", "print an execution's stdout (or stderr)", EXECUTION_ID,
-         arg("--stderr: the stderr stream instead of stdout", action="store_true"),
-         arg("-f --follow: keep printing until the execution ends", action="store_true"),
+         flag("--stderr: the stderr stream instead of stdout"),
+         flag("-f --follow: keep printing until the execution ends"),
          examples=("attune execution logs 42",
                    "attune execution logs 42 --stderr -f  # follow until it ends"))
 def cmd_execution_logs(ctx, args):
@@ -8610,7 +8613,7 @@ def cmd_execution_rerun(ctx, args):
 
 group("inquiry", "list, show and answer inquiries (a workflow waiting for a person)")
 
-INQUIRY_ID = arg("id ID: inquiry id (a whole number)", type=Number(1, MAX_ID))
+INQUIRY_ID = arg("id ID: inquiry id (a whole number)", type=ID_NUMBER)
 
 
 def compact_json(value):
@@ -8636,9 +8639,9 @@ def show_inquiry(ctx, inquiry):
 
 @command("inquiry list", "list inquiries (offset and limit, as the server pages them)",
          arg("--status: only inquiries in this status", choices=("pending", "responded", "timeout", "cancelled")),
-         arg("--created-by-execution ID: only those this execution asked", type=Number(1, MAX_ID)),
-         arg("--assigned-to IDENTITY_ID: only those assigned to this identity", type=Number(1, MAX_ID)),
-         arg("--offset: skip this many (default 0)", type=Number(0, MAX_ID), default=0),
+         arg("--created-by-execution ID: only those this execution asked", type=ID_NUMBER),
+         arg("--assigned-to IDENTITY_ID: only those assigned to this identity", type=ID_NUMBER),
+         arg("--offset: skip this many (default 0)", type=WHOLE_NUMBER, default=0),
          arg("--limit: at most this many, 1 to 500 (default 50)", type=Number(1, 500), default=50),
          examples=("attune inquiry list --status pending",))
 def cmd_inquiry_list(ctx, args):
@@ -8711,8 +8714,8 @@ def cmd_inquiry_execution_cancel(ctx, args):
 
 group("artifact", "list, show, download, upload, create and delete what executions produce")
 
-ARTIFACT_ID = arg("id ID: artifact id (a whole number)", type=Number(1, MAX_ID))
-VERSION_NUMBER = arg("version N: version number", type=Number(1, MAX_ID))
+ARTIFACT_ID = arg("id ID: artifact id (a whole number)", type=ID_NUMBER)
+VERSION_NUMBER = arg("version N: version number", type=ID_NUMBER)
 CONTENT_EXTENSIONS = (("text/plain", ".txt"), ("application/json", ".json"), ("application/x-yaml", ".yaml"),
                       ("application/yaml", ".yaml"), ("text/yaml", ".yaml"), ("application/xml", ".xml"),
                       ("text/xml", ".xml"), ("text/html", ".html"), ("text/css", ".css"),
@@ -8746,7 +8749,7 @@ def guess_content_type(filename):
          "--owner: only artifacts of this owner ref",
          "--type: only this type (file_text, file_binary, progress, url, ...)",
          "--visibility: public or private",
-         arg("--execution ID: only what this execution produced", type=Number(1, MAX_ID)),
+         arg("--execution ID: only what this execution produced", type=ID_NUMBER),
          "--name: name contains this",
          PAGE, PER_PAGE,
          examples=("attune artifact list --execution 42",))
@@ -8795,7 +8798,7 @@ def cmd_artifact_show(ctx, args):
              "file_image, progress, url, ...", default="file_text"),
          arg("--visibility: public or private (default: the server's)", choices=("public", "private")),
          arg("--retention-policy: versions (default), days, hours or minutes", default="versions"),
-         arg("--retention-limit: how many to keep (default 5)", type=Number(1, MAX_ID), default=5),
+         arg("--retention-limit: how many to keep (default 5)", type=ID_NUMBER, default=5),
          "--name: display name",
          "--description: description",
          "--content-type: MIME type of its content (text/plain, ...)")
@@ -8822,11 +8825,11 @@ def cmd_artifact_delete(ctx, args):
 
 DOWNLOAD_ARGS = (
     arg("-o --output PATH: where to write it; - for stdout (default: the server's file name)", dest="target"),
-    arg("-f --force: replace the file if it exists", action="store_true"))
+    flag("-f --force: replace the file if it exists"))
 
 
 @command("artifact download", "download an artifact's latest version (or -V N)", ARTIFACT_ID,
-         arg("-V --version N: this version, not the latest", type=Number(1, MAX_ID)),
+         arg("-V --version N: this version, not the latest", type=ID_NUMBER),
          *DOWNLOAD_ARGS)
 def cmd_artifact_download(ctx, args):
     download_version(ctx, args, args.id, args.version)
@@ -9022,8 +9025,8 @@ group("identity", "identities: list, show, create, update, delete; their roles; 
 
 IDENTITY_SELECTOR = (
     arg("login LOGIN: the identity's login", nargs="?"),
-    arg("--identity-id N: the identity's id instead of its login", type=Number(1, MAX_ID)))
-DRY_RUN = arg("--dry-run: say what would change; change nothing", action="store_true")
+    arg("--identity-id N: the identity's id instead of its login", type=ID_NUMBER))
+DRY_RUN = flag("--dry-run: say what would change; change nothing")
 
 
 def selected_identity(session, args):
@@ -9112,7 +9115,7 @@ def show_identity(ctx, identity):
 LOGIN_LENGTH = (3, 255)  # characters, the server's rule for a login
 IDENTITY_FIELDS = (
     arg("--display-name TEXT: the name shown for it"),
-    arg("--password-stdin: read its password from stdin (8 to 128 characters)", action="store_true"),
+    flag("--password-stdin: read its password from stdin (8 to 128 characters)"),
     arg("--attribute KEY=VALUE: an attribute; the value is parsed as JSON when it parses (repeatable)",
         action="append", default=[]))
 
@@ -9131,8 +9134,7 @@ def identity_target(identity):
 
 @command("identity create", "create an identity (a person or a service that logs in or holds tokens)",
          "login LOGIN: its login, 3 to 255 characters", *(IDENTITY_FIELDS + (
-             arg("--if-missing: when the login exists already, show that identity and exit 0 (nothing changed)",
-                 action="store_true"),)),
+             flag("--if-missing: when the login exists already, show that identity and exit 0 (nothing changed)"),)),
          examples=("attune identity create ci-bot --display-name 'CI' --if-missing",
                    "attune identity create alice --password-stdin < password.txt"))
 def cmd_identity_create(ctx, args):
@@ -9158,8 +9160,7 @@ def cmd_identity_create(ctx, args):
 
 @command("identity update", "change an identity's display name, password or attributes",
          *(IDENTITY_SELECTOR + IDENTITY_FIELDS + (
-             arg("--replace-attributes: the attributes become exactly the --attribute pairs (default: they are added)",
-                 action="store_true"), DRY_RUN)),
+             flag("--replace-attributes: the attributes become exactly the --attribute pairs (default: they are added)"), DRY_RUN)),
          examples=("attune identity update ci-bot --display-name 'CI robot'",
                    "attune identity update alice --password-stdin < new-password.txt"))
 def cmd_identity_update(ctx, args):
@@ -9176,7 +9177,7 @@ def cmd_identity_update(ctx, args):
         if hidden and not args.replace_attributes:  # sending *** back would overwrite the secret with it
             raise UsageError("the server shows attribute(s) %s only as ***, so they cannot be kept while others "
                              "change; give every attribute with --attribute and add --replace-attributes"
-                             % ", ".join(quoted(k) for k in hidden))
+                             % ", ".join(map(quoted, hidden)))
         body["attributes"] = {} if args.replace_attributes else dict(old)
         body["attributes"].update(pairs)
     before = {k: identity.get(k) for k in body if k != "password"}
@@ -9284,7 +9285,7 @@ group("permission", "permission sets and their assignments to identities and rol
 PERMISSION_SET_REF = arg("ref REF: the permission set's ref")
 PERMISSION_TARGET = (
     arg("--identity LOGIN: an identity, by its exact login"),
-    arg("--identity-id N: an identity, by its id", type=Number(1, MAX_ID)),
+    arg("--identity-id N: an identity, by its id", type=ID_NUMBER),
     arg("--role ROLE: every identity with this role"))
 
 
@@ -9328,7 +9329,7 @@ command("permission set", "permission sets: list, show, export, update")(needs_a
 
 @command("permission set list", "list permission sets, who owns them and the roles they are mapped to",
          "--pack PACK: only the sets of this pack",
-         arg("--include-retired: also the retired sets", action="store_true"),
+         flag("--include-retired: also the retired sets"),
          examples=("attune permission set list",))
 def cmd_permission_set_list(ctx, args):
     sets = list_items(ctx.session().call("GET", "/permissions/sets", query={
@@ -9362,7 +9363,7 @@ def cmd_permission_set_export(ctx, args):
 @command("permission set update", "replace a set's grants from a definition file (YAML or JSON)",
          PERMISSION_SET_REF,
          arg("--file PATH: the definition {ref, label, description, grants}; - for stdin", required=True),
-         arg("--dry-run: let the server check and preview it; change nothing", action="store_true"))
+         flag("--dry-run: let the server check and preview it; change nothing"))
 def cmd_permission_set_update(ctx, args):
     definition = read_document(ctx, args.file, "permission set definition")
     if not isinstance(definition, dict):
@@ -9513,7 +9514,7 @@ PREVIEW_LIMIT = arg("--preview-limit N: show at most N of the affected items, 1 
 
 
 def queue_path(ref, *rest):
-    return "/".join(["/queues", path_segment(ref)] + [path_segment(part) for part in rest])
+    return "/".join(["/queues", path_segment(ref)] + list(map(path_segment, rest)))
 
 
 def show_queue(ctx, queue, message=None):
@@ -9595,7 +9596,7 @@ def cmd_queue_toggle(ctx, args):
 
 @command("queue update", "change a queue's trace tag template", QUEUE_REF,
          "--trace-tag-template TEMPLATE: the trace tag of the executions it dispatches",
-         arg("--clear-trace-tag-template: remove the trace tag template", action="store_true"))
+         flag("--clear-trace-tag-template: remove the trace tag template"))
 def cmd_queue_update(ctx, args):
     if args.trace_tag_template is not None and args.clear_trace_tag_template:
         raise UsageError("give --trace-tag-template or --clear-trace-tag-template, not both")
@@ -9665,14 +9666,14 @@ def cmd_queue_items_list(ctx, args):
     body = ctx.session().call("GET", queue_path(args.queue_ref, "items"), query={
         "item_key": args.item_key, "enqueue_source": args.enqueue_source, "statuses": args.status,
         "page": args.page, "per_page": args.per_page})
-    items = [without_lease_token(i) for i in list_items(body)]
+    items = list(map(without_lease_token, list_items(body)))
     pagination = pagination_of(body)
     if ctx.ui.emit_unless_table({"items": items, "pagination": pagination}):
         queue_items_table(ctx, items, "No queue items found.")
     note_partial(ctx, pagination, len(items), "items")
 
 
-@command("queue items show", "show one item", arg("item_id ITEM_ID: item id", type=Number(1, MAX_ID)))
+@command("queue items show", "show one item", arg("item_id ITEM_ID: item id", type=ID_NUMBER))
 def cmd_queue_items_show(ctx, args):
     """The server routes only PUT and DELETE for one item: it is found in the queue's list."""
     def wanted(item):
@@ -9692,7 +9693,7 @@ def cmd_queue_items_preview(ctx, args):
     selector = {"path": args.selector, "vars": json_object_arg(args.vars_json, "--vars-json")}
     result = ctx.session().fetch("POST", queue_path(args.queue_ref, "items", "query", "preview"),
                                  {"selector": selector, "limit": args.limit})
-    items = [without_lease_token(i) for i in list_items(result)] if isinstance(result.get("items"), list) else []
+    items = list(map(without_lease_token, list_items(result))) if isinstance(result.get("items"), list) else []
     result = dict(result, items=items)
 
     if ctx.ui.emit_unless_table(result):
@@ -9708,7 +9709,7 @@ def apply_to_items(ctx, args, operation, **fields):
     selector = {"path": args.selector, "vars": json_object_arg(args.vars_json, "--vars-json")}
     result = ctx.session().fetch("POST", queue_path(args.queue_ref, "items", "query", "apply"), dict(
         selector=selector, operation=operation, preview_limit=args.preview_limit, **fields))
-    items = [without_lease_token(i) for i in list_items(result)] if isinstance(result.get("items"), list) else []
+    items = list(map(without_lease_token, list_items(result))) if isinstance(result.get("items"), list) else []
     result = dict(result, items=items)
     label = QUEUE_OPERATIONS.get(result.get("operation"), result.get("operation"))
 
@@ -9769,9 +9770,9 @@ CACHE_OWNER = (
     arg("--owner-action-ref ACTION: the action, with --owner-type action"),
     arg("--owner-sensor-ref SENSOR: the sensor, with --owner-type sensor"))
 NAMESPACE = arg("namespace NAMESPACE: the namespace's name")
-GENERATION_ID = arg("generation_id GENERATION: a generation id", type=Number(0, MAX_ID))
+GENERATION_ID = arg("generation_id GENERATION: a generation id", type=WHOLE_NUMBER)
 NAMESPACE_POLICY = tuple(
-    arg("--%s N: %s" % (name.replace("_", "-"), text), dest=name, type=Number(0, MAX_ID))
+    arg("--%s N: %s" % (name.replace("_", "-"), text), dest=name, type=WHOLE_NUMBER)
     for name, text in (("freshness_target_seconds", "how fresh the active generation should be, in seconds"),
                        ("max_records_per_generation", "the most records one generation may hold"),
                        ("max_generation_bytes", "the most bytes one generation may hold"),
@@ -9782,8 +9783,8 @@ REFRESH_CONCURRENCY = arg("--refresh-concurrency: a begin while another refresh 
                           "that one's generation, conflict refuses (409), parallel stages another",
                           choices=("reuse", "conflict", "parallel"))
 EXPECTED_ACTIVE = (arg("--expected-active GENERATION: the active generation seen before this refresh began",
-                       type=Number(0, MAX_ID)),
-                   arg("--expect-empty: this is the namespace's first publication", action="store_true"))
+                       type=WHOLE_NUMBER),
+                   flag("--expect-empty: this is the namespace's first publication"))
 METADATA_PAGE = (arg("--limit N: at most N, 1 to 500", type=Number(1, 500)),
                  arg("--cursor CURSOR: the cursor an earlier page ended with"))
 NDJSON_LINE_LIMIT = 1024 * 1024     # bytes in one line of an upload file
@@ -9804,7 +9805,7 @@ def cache_owner(args):
 
 
 def cache_path(args, *rest):
-    return "/".join(["/cache/namespaces", path_segment(args.namespace)] + [path_segment(part) for part in rest])
+    return "/".join(["/cache/namespaces", path_segment(args.namespace)] + list(map(path_segment, rest)))
 
 
 def cache_request(ctx, method, path, body=None, query=None):
@@ -9991,7 +9992,7 @@ def cmd_cache_namespace_delete(ctx, args):
 command("cache entry", "read published entries: get, get-many, scan")(needs_a_command)
 
 
-GENERATION_FLAG = arg("--generation ID: read this retained generation, not the active one", type=Number(0, MAX_ID))
+GENERATION_FLAG = arg("--generation ID: read this retained generation, not the active one", type=WHOLE_NUMBER)
 
 
 @command("cache entry get", "one entry of the active (or another) generation",
@@ -10049,8 +10050,8 @@ def cmd_cache_entry_get_many(ctx, args):
          NAMESPACE, *(CACHE_OWNER + (
              GENERATION_FLAG, arg("--cursor CURSOR: the cursor an earlier page ended with"),
              arg("--page-size N: entries per page, 1 to 1000", type=Number(1, 1000), default=100),
-             arg("--include-values: show each entry's value in the table", action="store_true"),
-             arg("--all: every page, as NDJSON on stdout (needs --output ndjson)", action="store_true"))))
+             flag("--include-values: show each entry's value in the table"),
+             flag("--all: every page, as NDJSON on stdout (needs --output ndjson)"))))
 def cmd_cache_entry_scan(ctx, args):
     ndjson = ctx.ui.ndjson
     if ndjson != args.all:
@@ -10148,8 +10149,8 @@ def begin_refresh(ctx, args, owner, chunks, records=None, size=None):
 @command("cache refresh begin", "begin a staging generation (a retried begin with the same refresh id is one)",
          NAMESPACE, *(CACHE_OWNER + (
              REFRESH_ID, with_options(CHUNK_COUNT, required=True),
-             arg("--expected-count N: how many records", type=Number(0, MAX_ID)),
-             arg("--expected-bytes N: how many encoded bytes", type=Number(0, MAX_ID)),
+             arg("--expected-count N: how many records", type=WHOLE_NUMBER),
+             arg("--expected-bytes N: how many encoded bytes", type=WHOLE_NUMBER),
              arg("--source-revision TEXT: the upstream revision these records come from"))
              + EXPECTED_ACTIVE))
 def cmd_cache_refresh_begin(ctx, args):
@@ -10256,8 +10257,8 @@ def seal_refresh(ctx, args, owner, generation_id, chunks, records=None, size=Non
 @command("cache refresh seal", "check a fully uploaded generation and make it ready",
          NAMESPACE, GENERATION_ID, *(CACHE_OWNER + (
              with_options(CHUNK_COUNT, required=True),
-             arg("--expected-count N: fail unless the generation holds this many entries", type=Number(0, MAX_ID)),
-             arg("--expected-bytes N: fail unless the generation holds this many bytes", type=Number(0, MAX_ID)))))
+             arg("--expected-count N: fail unless the generation holds this many entries", type=WHOLE_NUMBER),
+             arg("--expected-bytes N: fail unless the generation holds this many bytes", type=WHOLE_NUMBER))))
 def cmd_cache_refresh_seal(ctx, args):
     generation = seal_refresh(ctx, args, cache_owner(args), args.generation_id, args.expected_chunk_count,
                               args.expected_count, args.expected_bytes)
@@ -10306,7 +10307,7 @@ def cmd_cache_refresh_apply(ctx, args):
             raise UsageError("--expected-chunk-count is required with --input - because stdin cannot be replayed")
         chunks = args.expected_chunk_count
     else:  # a first pass counts, so the server can check what arrives
-        counted = [len(chunk) for chunk in record_chunks(ctx, args.input, args.chunk_records)]
+        counted = list(map(len, record_chunks(ctx, args.input, args.chunk_records)))
         chunks, records = len(counted), sum(counted)
         if args.expected_chunk_count is not None and args.expected_chunk_count != chunks:
             raise UsageError("--expected-chunk-count (%d) does not match input (%d)" % (args.expected_chunk_count, chunks))
@@ -10350,9 +10351,9 @@ def audit_http(event):
          "--event-type: only this event type (auth.login, ...)",
          arg("--outcome: only this outcome", choices=("success", "failure", "denied")),
          "--actor-login: only events of this login",
-         arg("--actor-identity N: only events of this identity id", type=Number(1, MAX_ID)),
+         arg("--actor-identity N: only events of this identity id", type=ID_NUMBER),
          "--resource-type: only events on this resource type (pack, action, ...)",
-         arg("--resource-id N: only events on this resource id", type=Number(0, MAX_ID)),
+         arg("--resource-id N: only events on this resource id", type=WHOLE_NUMBER),
          "--resource-ref: only events on this resource ref",
          "--http-method: only requests of this method (GET, POST, ...)",
          arg("--http-status N: only requests answered with this status", type=Number(100, 599)),
@@ -10376,7 +10377,7 @@ def cmd_audit_list(ctx, args):
                          audit_http(e)])
 
 
-@command("audit show", "show one audit event", arg("id ID: audit event id", type=Number(1, MAX_ID)))
+@command("audit show", "show one audit event", arg("id ID: audit event id", type=ID_NUMBER))
 def cmd_audit_show(ctx, args):
     event = ctx.session().fetch("GET", "/audit-events/%d" % args.id)
 
@@ -10414,13 +10415,13 @@ group("policy", "list, show, create, update, enable, disable and delete executio
 
 
 POLICY_FEATURES = (
-    arg("--concurrency-limit N: at most N running at once", type=Number(0, MAX_ID)),
+    arg("--concurrency-limit N: at most N running at once", type=WHOLE_NUMBER),
     arg("--on-concurrency: what happens past the limit (default enqueue)", choices=("enqueue", "cancel")),
     arg("--group-by PATH: count concurrency per parameter value (repeatable)", action="append"),
-    arg("--rate-limit-max N: at most N starts per window", type=Number(1, MAX_ID)),
+    arg("--rate-limit-max N: at most N starts per window", type=ID_NUMBER),
     arg("--rate-limit-window WINDOW: the window: 60s, 10m, 1h or seconds", type=Seconds(1)),
-    arg("--quota-running-executions N: at most this many executions running at once", type=Number(1, MAX_ID)),
-    arg("--quota-executions-total N: at most this many executions in all", type=Number(1, MAX_ID)),
+    arg("--quota-running-executions N: at most this many executions running at once", type=ID_NUMBER),
+    arg("--quota-executions-total N: at most this many executions in all", type=ID_NUMBER),
     arg("--tag: a tag (repeatable; on update, replaces the tags)", action="append"))
 
 
@@ -10521,7 +10522,7 @@ def cmd_policy_show(ctx, args):
             arg("--name: display name", required=True),
             arg("--scope: global, pack or action", required=True, choices=("global", "pack", "action")),
             arg("--description: description"),
-            arg("--disabled: create it disabled", action="store_true"),
+            flag("--disabled: create it disabled"),
             arg("--priority: the policy's priority (default 0)", type=Number(-MAX_ID, MAX_ID), default=0),
             arg("--pack: the pack ref (scope pack or action)"),
             arg("--action: the action ref (scope action)"))
@@ -10553,9 +10554,9 @@ def cmd_policy_create(ctx, args):
             arg("--description: new description (an empty one clears it)"),
             arg("--enabled BOOL: true or false", type=parse_bool),
             arg("--priority: new priority", type=Number(-MAX_ID, MAX_ID)),
-            arg("--clear-concurrency: remove the concurrency limit", action="store_true"),
-            arg("--clear-rate-limit: remove the rate limit", action="store_true"),
-            arg("--clear-quotas: remove both quotas", action="store_true")) + POLICY_FEATURES))
+            flag("--clear-concurrency: remove the concurrency limit"),
+            flag("--clear-rate-limit: remove the rate limit"),
+            flag("--clear-quotas: remove both quotas")) + POLICY_FEATURES))
 def cmd_policy_update(ctx, args):
     body = policy_feature_fields(args)
     for flag, key, cleared in ((args.clear_concurrency, "concurrency", None),
@@ -10673,7 +10674,7 @@ def cmd_rule_create(ctx, args):
 
 
 @command("rule update", "change a rule", ref("rule", "rules"), "--label: new label",
-         arg("--clear-trace-tag-template: remove the trace tag template", action="store_true"), *RULE_OPTIONS)
+         flag("--clear-trace-tag-template: remove the trace tag template"), *RULE_OPTIONS)
 def cmd_rule_update(ctx, args):
     body = rule_fields(args)
     if args.clear_trace_tag_template:
@@ -10875,8 +10876,7 @@ def copy_text(resp, write):
          ref("sensor", "sensors"), arg("--stream: stdout (the default) or stderr", choices=("stdout", "stderr"),
                                        default="stdout"),
          arg("--tail N: only the last N lines", type=Number(1, 10000)),
-         arg("-f --follow: look again every %d s and print what is new, until interrupted" % SENSOR_LOG_POLL,
-             action="store_true"),
+         flag("-f --follow: look again every %d s and print what is new, until interrupted" % SENSOR_LOG_POLL),
          examples=("attune sensor logs core.timer_sensor --tail 50",
                    "attune sensor logs core.timer_sensor --stream stderr --follow"))
 def cmd_sensor_logs(ctx, args):
@@ -10920,13 +10920,10 @@ def cmd_sensor_logs(ctx, args):
 group("event", "what triggers emitted: list and show, with the enforcements they caused")
 group("enforcement", "what rules made of events: list and show, with the executions they started")
 
-EVENT_ID = arg("id ID: event id (a whole number)", type=Number(1, MAX_ID), complete="events")
-ENFORCEMENT_ID = arg("id ID: enforcement id (a whole number)", type=Number(1, MAX_ID), complete="enforcements")
-ENFORCEMENT_COLUMNS = ["ID", "Rule", "Trigger", "Event", "Status", "Condition", "Created"]
-
-
-def enforcement_row(e):
-    return cells(e, "id rule_ref trigger_ref event? status condition created@")
+EVENT_ID = arg("id ID: event id (a whole number)", type=ID_NUMBER, complete="events")
+ENFORCEMENT_ID = arg("id ID: enforcement id (a whole number)", type=ID_NUMBER, complete="enforcements")
+ENFORCEMENT_TABLE = ("ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|Condition=condition|"
+                     "Created=created@")
 
 
 def page_query(args, **filters):
@@ -10936,7 +10933,7 @@ def page_query(args, **filters):
 @command("event list", "list events, newest first", arg("--trigger REF: only this trigger's events",
                                                         complete="triggers"),
          arg("--rule REF: only events of this rule", complete="rules"),
-         arg("--source ID: only this sensor's", type=Number(1, MAX_ID)),
+         arg("--source ID: only this sensor's", type=ID_NUMBER),
          PAGE, PER_PAGE, ALL, examples=("attune event list --trigger core.webhook",))
 def cmd_event_list(ctx, args):
     walk = ListWalk(ctx.session(), "/events", page_query(args, trigger_ref=args.trigger, rule_ref=args.rule,
@@ -10957,13 +10954,12 @@ def cmd_event_show(ctx, args):
                      "Event: %s" % event.get("id"))
         show_json_section(ctx, "Payload", event.get("payload"))
         ctx.ui.section("Enforcements")
-        ctx.ui.table(ENFORCEMENT_COLUMNS, [enforcement_row(e) for e in caused], empty="No enforcements: no rule "
-                     "matched this event")
+        ctx.ui.table(*table_of(ENFORCEMENT_TABLE, caused), empty="No enforcements: no rule matched this event")
     note_partial(ctx, more, len(caused), "enforcements")
 
 
 @command("enforcement list", "list enforcements, newest first",
-         arg("--event ID: only those of this event", type=Number(1, MAX_ID), complete="events"),
+         arg("--event ID: only those of this event", type=ID_NUMBER, complete="events"),
          arg("--rule REF: only this rule's", complete="rules"),
          arg("--trigger REF: only this trigger's", complete="triggers"),
          arg("--status: created, processed or disabled", choices=("created", "processed", "disabled")),
@@ -10972,7 +10968,7 @@ def cmd_enforcement_list(ctx, args):
     walk = ListWalk(ctx.session(), "/enforcements", page_query(args, event=args.event, rule_ref=args.rule,
                                                                trigger_ref=args.trigger, status=args.status),
                     "per_page", every_page=args.all)
-    emit_list(ctx, walk, walk, "enforcements", ENFORCEMENT_COLUMNS, enforcement_row)
+    emit_list(ctx, walk, walk, "enforcements", ENFORCEMENT_TABLE)
 
 
 @command("enforcement show", "show an enforcement and the executions it started", ENFORCEMENT_ID,
@@ -10999,7 +10995,7 @@ group("key", "list, show, create, update and delete keys (secrets)")
 
 KEY_VALUE_ARGS = (
     arg("--value: the value; parsed as JSON when it parses (visible in the process list)"),
-    arg("--value-stdin: read the value from stdin", action="store_true"))
+    flag("--value-stdin: read the value from stdin"))
 
 
 KEY_OWNER_TYPES = ("system", "identity", "pack", "action", "sensor")
@@ -11057,7 +11053,7 @@ def cmd_key_list(ctx, args):
 
 
 @command("key show", "show one key; its value only with --decrypt", ref("key"),
-         arg("-d --decrypt: ask the server to decrypt and show the value", action="store_true"),
+         flag("-d --decrypt: ask the server to decrypt and show the value"),
          examples=("attune key show db_password -d  # decrypted, on a terminal",))
 def cmd_key_show(ctx, args):
     key = ctx.session().fetch("GET", "/keys/" + path_segment(args.ref),
@@ -11090,7 +11086,7 @@ def cmd_key_show(ctx, args):
          "--ref: unique key ref",
          "--local-ref NAME: the key's own name; the server builds the ref from the owner",
          arg("--name: human-readable name", required=True), *KEY_VALUE_ARGS,
-         arg("-e --encrypt: store the value encrypted", action="store_true"),
+         flag("-e --encrypt: store the value encrypted"),
          arg("--owner-type: system (default), identity, pack, action or sensor", default="system"),
          "--owner: owner identifier (with --ref)",
          "--owner-identity-login LOGIN: owner identity's login (--owner-type identity)",
@@ -11199,7 +11195,7 @@ def workflow_file_path(action_file, workflow_file):
          "names the "
          "workflow YAML, relative to actions/ and under actions/workflows/ (workflow_file: "
          "workflows/deploy.yaml); the action's parameters and output go into the workflow",
-         arg("-f --force: update the workflow if it exists", action="store_true"))
+         flag("-f --force: update the workflow if it exists"))
 def cmd_workflow_upload(ctx, args):
     if not os.path.exists(args.action_file):
         raise UsageError("Action YAML file not found: %s" % quoted(args.action_file))
@@ -11303,7 +11299,7 @@ def cmd_workflow_delete(ctx, args):
 
 group("worker", "workers: list, show, cordon and uncordon, history")
 
-WORKER_ID = arg("id ID: worker id (a whole number)", type=Number(1, MAX_ID), complete="workers")
+WORKER_ID = arg("id ID: worker id (a whole number)", type=ID_NUMBER, complete="workers")
 WORKER_HEALTH = ("active", "busy", "cordoned", "offline", "error", "inactive")
 
 
@@ -11406,7 +11402,7 @@ def api_body(ctx, args):
          arg("-F --field KEY=VALUE: query parameter (GET, DELETE) or body field, parsed as JSON when it parses",
              action="append"),
          "--data JSON|@FILE|-: request body: JSON text, @file, or - for stdin",
-         arg("--paginate: GET every page and print all items", action="store_true"),
+         flag("--paginate: GET every page and print all items"),
          examples=("attune api GET /packs --paginate -j",
                    "attune api POST /keys --data @key.json"))
 def cmd_api(ctx, args):
@@ -11477,7 +11473,7 @@ INFO_TIMEOUT = 10  # seconds: info is a quick look, not a wait
 
 
 @command("info", "this program's version and the server's build",
-         arg("--local: only this program; no request", action="store_true"),
+         flag("--local: only this program; no request"),
          examples=("attune info",))
 def cmd_info(ctx, args):
     local = {"binary": "attune.py", "version": __version__, "git_sha": "unknown"}
@@ -11685,7 +11681,7 @@ def install_completion(ctx, shell):
         home = os.path.dirname(os.path.dirname(os.path.dirname(target)))  # target: ~/.zsh/completions/_attune
         if ".zsh/completions" not in read_rc(os.path.join(ctx.env.get("ZDOTDIR") or home, ".zshrc")):
             lines = ["fpath=(~/.zsh/completions $fpath)", "autoload -Uz compinit && compinit"]
-    if shell == "bash" and not any(os.path.exists(path) for path in BASH_COMPLETION_FILES):
+    if shell == "bash" and not any(map(os.path.exists, BASH_COMPLETION_FILES)):
         lines = [". %s" % shell_quote(target)]  # nothing here reads that directory: the shell itself must
     rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc"}.get(shell)
 

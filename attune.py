@@ -4145,8 +4145,9 @@ def program_source():
 
 # === Command declarations ====================================================
 # Each command's function is declared right above it, with its flags, each written as its
-# --help shows it ("flags METAVAR: help"), through arg() where argparse needs more:
-#     @command("pack list", "list installed packs", "-n --name NAME: ...", arg("--all: ...", action="store_true"))
+# --help shows it ("flags METAVAR: help"), through arg() where argparse needs more (flag() for
+# an option that takes no value):
+#     @command("pack list", "list installed packs", "-n --name NAME: ...", flag("--all: ..."))
 # build_parser() turns the declarations into argparse parsers, only for the command
 # argv names; command_tree() reads them for shell completion; top_help() for --help.
 

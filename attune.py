@@ -6316,8 +6316,7 @@ def cmd_auth_token_revoke(ctx, args):
     token = session.fetch("POST", integration_tokens_path(session, args, args.token_id, "revoke"), body)
     if ctx.ui.emit_unless_table(token):
         ctx.ui.success("Integration token revoked")
-        ctx.ui.pairs(
-            [*labelled(token, "ID=id|Label=label|Revoked At=revoked_at")])
+        ctx.ui.pairs(labelled(token, "ID=id|Label=label|Revoked At=revoked_at"))
 
 
 @command("auth token delete", "delete an integration token's record", *(IDENTITY_ID + (TOKEN_ID, YES)),
@@ -7594,7 +7593,7 @@ def start_execution(ctx, args, body, started_message, extra_pairs=()):
     if not args.watch:
         if ctx.ui.emit_unless_table(execution):
             ctx.ui.success(started_message % execution.get("id"))
-            ctx.ui.pairs([*labelled(execution, "Execution ID=id|Action=action_ref|Status=status")] + list(extra_pairs))
+            ctx.ui.pairs(labelled(execution, "Execution ID=id|Action=action_ref|Status=status") + list(extra_pairs))
         return
     ctx.ui.info("Waiting for execution %s to complete..." % execution.get("id"))
     timeout = args.timeout if args.timeout is not None else WATCH_TIMEOUT
@@ -9161,7 +9160,8 @@ def cmd_identity_create(ctx, args):
 
 @command("identity update", "change an identity's display name, password or attributes",
          *(IDENTITY_SELECTOR + IDENTITY_FIELDS + (
-             flag("--replace-attributes: the attributes become exactly the --attribute pairs (default: they are added)"), DRY_RUN)),
+             flag("--replace-attributes: the attributes become exactly the --attribute pairs (default: they are "
+                  "added)"), DRY_RUN)),
          examples=("attune identity update ci-bot --display-name 'CI robot'",
                    "attune identity update alice --password-stdin < new-password.txt"))
 def cmd_identity_update(ctx, args):
@@ -9699,7 +9699,7 @@ def cmd_queue_items_preview(ctx, args):
 
     if ctx.ui.emit_unless_table(result):
         ctx.ui.section("Queue Item Selector Preview")
-        ctx.ui.pairs([*labelled(result, "Matched=matched_count|Previewed=preview_count")])
+        ctx.ui.pairs(labelled(result, "Matched=matched_count|Previewed=preview_count"))
         queue_items_table(ctx, items, "No matching pending queue items.")
 
 
@@ -10466,7 +10466,7 @@ def show_policy(ctx, policy, message=None):
                           ("Group By", cell_text(group_by) or "-")])
         if isinstance(rate, dict):
             ctx.ui.section("Rate Limit")
-            ctx.ui.pairs([*labelled(rate, "Max Executions=max_executions|Window Seconds=window_seconds")])
+            ctx.ui.pairs(labelled(rate, "Max Executions=max_executions|Window Seconds=window_seconds"))
         if isinstance(quotas, list) and quotas:
             ctx.ui.section("Quotas")
             ctx.ui.table(["Type", "Limit"], [[*cells(q, "quota_type limit")] for q in quotas
@@ -10979,9 +10979,8 @@ def cmd_enforcement_show(ctx, args):
     enforcement = session.fetch("GET", "/enforcements/%d" % args.id)
     started, more = fetch_list(session, "/executions", {"enforcement": args.id, "per_page": 100}, "per_page")
     if ctx.ui.emit_unless_table(dict(enforcement, executions=started)):
-        ctx.ui.pairs([*labelled(enforcement,
-                                "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|"
-                                "Condition=condition|Created=created@|Resolved=resolved_at@?")],
+        ctx.ui.pairs(labelled(enforcement, "ID=id|Rule=rule_ref|Trigger=trigger_ref|Event=event?|Status=status|"
+                                           "Condition=condition|Created=created@|Resolved=resolved_at@?"),
                      "Enforcement: %s" % enforcement.get("id"))
         show_json_section(ctx, "Conditions", enforcement.get("conditions"))
         ctx.ui.section("Executions")

@@ -3490,7 +3490,8 @@ class TableTests(unittest.TestCase):
                 self.assertEqual(attune.cell(item, "k@?"), attune.or_dash(attune.format_timestamp(value)))
                 self.assertEqual(attune.cell(item, "k~10"), attune.clip(value or "", 10))
         self.assertEqual([attune.cell({}, key) for key in ("k", "k?", "k@", "k@?", "k~5")], [None, "-", "", "-", ""])
-        self.assertEqual(attune.table_of("ID=id|Created=created@|Note=note?", [{"id": 3, "created": "2026-11-24T12:00:00Z"}]),
+        rows = [{"id": 3, "created": "2026-11-24T12:00:00Z"}]
+        self.assertEqual(attune.table_of("ID=id|Created=created@|Note=note?", rows),
                          (["ID", "Created", "Note"], [[3, "2026-11-24 12:00:00", "-"]]))
         self.assertEqual(attune.labelled({"a": 1}, "A=a|B b=b?"), [("A", 1), ("B b", "-")])
         self.assertEqual(attune.cells({"a": 1, "b": ""}, "a b?"), [1, "-"])
@@ -3506,7 +3507,7 @@ class TableTests(unittest.TestCase):
                 ({"output": "json", "fields": "b"}, [{"a": 1, "b": 2}], False, '[\n  {\n    "b": 2\n  }\n]\n'),
                 ({"fields": "b"}, {"a": 1, "b": 2}, False, "b:  2\n"),
                 ({"fields": "b"}, [], True, "")):
-            args = types.SimpleNamespace(**dict({"output": None, "json": False, "yaml": False, "fields": None}, **flags))
+            args = types.SimpleNamespace(**dict(dict(output=None, json=False, yaml=False, fields=None), **flags))
             out = io.StringIO()
             with self.subTest(flags=flags, data=data), contextlib.redirect_stdout(out):
                 printer = attune.Printer(args, {}, lambda: None)
@@ -13875,6 +13876,7 @@ class ParserTests(unittest.TestCase):
                 ("-v --verbose: ", {"action": "count"}, (("-v", "--verbose"), {"action": "count", "help": ""}))):
             with self.subTest(spec=spec):
                 self.assertEqual(attune.arg(spec, **options), declared)
+        self.assertEqual(attune.flag("--yes: do not ask"), (("--yes",), {"action": "store_true", "help": "do not ask"}))
         declared = [a for cmd in attune.COMMANDS for a in cmd.arguments] + list(attune.GLOBAL_OPTIONS)
         self.assertEqual([a for a in declared if isinstance(a, str)], [])  # made (flags, options) as declared
         wrong = [flags for flags, _ in declared  # a second metavar would be taken for a flag

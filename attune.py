@@ -4210,9 +4210,9 @@ def arg(spec, **options):
     return tuple(flags), options
 
 
-def flag(spec, **options):
+def flag(spec):
     """An option that takes no value, true when given: arg(spec, action="store_true")."""
-    return arg(spec, action="store_true", **options)
+    return arg(spec, action="store_true")
 
 
 def parser_spec(spec):
@@ -4897,14 +4897,14 @@ def build_parser():
 
     def fill_command(parser, cmd):
         add_help(parser)
-        width = help_width() - 2
-        parser.usage = usage_line(cmd.path, cmd.arguments, children(cmd.path) and (
+        width, arguments = help_width() - 2, cmd.arguments
+        parser.usage = usage_line(cmd.path, arguments, children(cmd.path) and (
             "required" if cmd.func is needs_a_command else "optional"), width)
         parser.epilog = help_epilog(cmd.path, width)
-        add_global_args(parser, top=False, own=[flag for flags, _ in cmd.arguments for flag in flags])
+        add_global_args(parser, top=False, own=[name for flags, _ in arguments for name in flags])
         # command_path lets the lock file say 'attune auth login' without any argument values
         parser.set_defaults(func=cmd.func, command_path=list(cmd.path), **cmd.defaults)
-        for flags, spec in cmd.arguments:
+        for flags, spec in arguments:
             parser.add_argument(*flags, **parser_spec(spec))
         below = children(cmd.path)  # `auth token` runs itself, or `auth token create` ...
         if below:
@@ -5496,8 +5496,12 @@ def emit_list(ctx, items, pagination, noun, columns, row=None):
     ListWalk (or a generator over one): it is printed as it is read, and pagination is then
     the walk's (the last page's). Without row, columns is 'Label=key|...' (table_of())."""
     walk = pagination if isinstance(pagination, ListWalk) else None
-    shown = ctx.ui.emit_items(items, lambda rows: ctx.ui.table(
-        *(table_of(columns, rows) if row is None else (columns, list(map(row, rows)))), empty="No %s found" % noun))
+
+    def table(page):
+        headers, rows = table_of(columns, page) if row is None else (columns, list(map(row, page)))
+        ctx.ui.table(headers, rows, empty="No %s found" % noun)
+
+    shown = ctx.ui.emit_items(items, table)
     note_partial(ctx, walk.pagination if walk else pagination, shown, noun)
 
 
@@ -5603,20 +5607,22 @@ def cell(item, key):
     return or_dash(value) if name != key else value
 
 
+def table_of(spec, items):
+    """A table written as 'Label=key|Other=key2@' (see cell()): its headers, and a row of each item."""
+    parts = [part.partition("=") for part in spec.split("|")]
+    return [label for label, _, _ in parts], [[cell(item, key) for _, _, key in parts] for item in items]
+
+
 def labelled(item, spec):
-    """(label, value) pairs for a table from 'Label=key|Other=key2?' (see cell())."""
-    return [(label, cell(item, key)) for label, _, key in (part.partition("=") for part in spec.split("|"))]
+    """(label, value) pairs for a table from 'Label=key|Other=key2?' (see table_of())."""
+    labels, (row,) = table_of(spec, [item])
+    return list(zip(labels, row))
 
 
 def cells(item, keys):
     """A table row's cells: the values of the space-separated keys of item (see cell())."""
     return [cell(item, key) for key in keys.split()]
 
-
-def table_of(spec, items):
-    """A table written as 'Label=key|Other=key2@' (see cell()): its headers, and a row of each item."""
-    parts = [part.partition("=") for part in spec.split("|")]
-    return [label for label, _, _ in parts], [[cell(item, key) for _, _, key in parts] for item in items]
 
 
 def format_timestamp(value):
